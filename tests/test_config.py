@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from fedsec.config import (ExperimentConfig, apply_override, dump_config, from_mapping, load_config)
+from fedsec.errors import ConfigError
+
+
+def test_defaults_round_trip_through_yaml():
+    cfg = ExperimentConfig()
+    again = from_mapping(ExperimentConfig, yaml.safe_load(dump_config(cfg)))
+    assert again == cfg
+
+
+def test_quickstart_parses_and_overrides_apply():
+    cfg = load_config("experiments/quickstart.yaml", ["training.lr=1e-4", "lora.rank=4",
+                                                      "lora.target_modules=[q_proj]"])
+    assert cfg.training.lr == pytest.approx(1e-4)  # YAML 1.1 reads 1e-4 as a string
+    assert cfg.lora.rank == 4 and cfg.lora.target_modules == ("q_proj",)
+    assert cfg.model.name == "smollm2-135m-instruct"
+
+
+def test_override_creates_missing_sections_without_touching_input():
+    raw = {"training": {"lr": 0.1}}
+    out = apply_override(raw, "eval.every=3")
+    assert out["eval"] == {"every": 3} and raw == {"training": {"lr": 0.1}}
+
+
+@pytest.mark.parametrize("raw, field, words", [
+    ({"training": {"lr": -1}}, "training.lr", "(0, 1)"),
+    ({"training": {"lr": "fast"}}, "training.lr", "number"),
+    ({"lora": {"rank": 0}}, "lora.rank", ">= 1"),
+    ({"lora": {"rank": 2.5}}, "lora.rank", "integer"),
+    ({"lora": {"dropout": 1.0}}, "lora.dropout", "[0, 1)"),
+    ({"model": {"quantization": "3bit"}}, "model.quantization", "none, 8bit, 4bit"),
+    ({"federation": {"rounds": 0}}, "federation.rounds", ">= 1"),
+    ({"federation": {"clients_per_round": "all"}}, "federation.clients_per_round", "integer"),
+    ({"data": {"partition": {"scheme": "iid"}}}, "data.partition.num_clients", "needs"),
+    ({"data": {"test_fraction": 1.5}}, "data.test_fraction", "(0, 1)"),
+    ({"eval": {"clients": "yes"}}, "eval.clients", "true or false"),
+    ({"name": "a b"}, "name", "letters"),
+    ({"training": {"lrr": 0.1}}, "training.lrr", "did you mean 'lr'"),
+    ({"trainig": {}}, "trainig", "did you mean 'training'"),
+    ({"lora": [1, 2]}, "lora", "mapping"),
+])
+def test_bad_values_name_field_value_and_fix(raw, field, words):
+    with pytest.raises(ConfigError) as info:
+        from_mapping(ExperimentConfig, raw)
+    assert info.value.field == field
+    assert words in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_yaml_syntax_error_reports_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training:\n  lr: [1, 2\n")
+    with pytest.raises(ConfigError, match="line"):
+        load_config(bad)
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "fedsec", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=120)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["run", "does-not-exist.yaml"], "no such file"),
+    (["run", "experiments/quickstart.yaml", "--set", "training.lr=-3"], "training.lr = -3.0"),
+    (["run", "experiments/quickstart.yaml", "--set", "trainingLR"], "--set"),
+    (["run", "experiments/quickstart.yaml", "--set", "lora.rnk=4"], "did you mean 'rank'"),
+    (["run"], "config"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_cli_bad_input_is_one_line_exit_2(args, words):
+    proc = _cli(*args)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert words in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_cli_config_prints_annotated_resolved_config():
+    proc = _cli("config", "experiments/quickstart.yaml", "--set", "federation.rounds=7")
+    assert proc.returncode == 0
+    assert "rounds: 7  # number of federated rounds" in proc.stdout
+
+
+def test_cli_datasets_lists_the_anchor_sets():
+    out = _cli("datasets").stdout
+    for name in ("vicgalle/alpaca-gpt4", "Anthropic/hh-rlhf", "TIGER-Lab/MathInstruct",
+                 "HuggingFaceH4/ultrafeedback_binarized", "FedLLM-Bench/Fed-Aya"):
+        assert name in out
