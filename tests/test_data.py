@@ -1,0 +1,172 @@
+from __future__ import annotations
+
+import collections
+import csv
+import gzip
+import json
+
+import pytest
+
+from fedsec.config import BenchmarkConfig, DataConfig, from_mapping
+from fedsec.data import build_federated_data
+from fedsec.data.benchmark import LABELS, make_benchmark
+from fedsec.data.loaders import (KNOWN_DATASETS, read_file, spec_for, split_hh_rlhf,
+                                 to_preference_examples, to_sft_examples)
+from fedsec.errors import ConfigError
+
+from conftest import shared_file
+
+
+def test_benchmark_is_deterministic_by_seed():
+    cfg = BenchmarkConfig(num_clients=5, examples_per_client=10, canaries_per_client=1)
+    a, b, c = make_benchmark(cfg, 1), make_benchmark(cfg, 1), make_benchmark(cfg, 2)
+    assert a == b
+    assert a.clients != c.clients
+
+
+def test_benchmark_global_test_is_balanced_and_clients_are_skewed():
+    cfg = BenchmarkConfig(num_clients=8, examples_per_client=60, label_alpha=0.3, test_size=120)
+    bench = make_benchmark(cfg, 0)
+    counts = collections.Counter(ex.response for ex in bench.global_test)
+    assert counts == {label: 40 for label in LABELS}
+    sectors = collections.Counter(ex.meta["sector"] for ex in bench.global_test)
+    assert set(sectors.values()) == {15}
+    # non-IID: each client is one sector, and most have a dominant label
+    for client in bench.clients:
+        assert len({ex.meta["sector"] for ex in client.train}) == 1
+    dominant = [max(collections.Counter(e.response for e in c.train).values()) / len(c.train)
+                for c in bench.clients]
+    assert sum(d > 0.6 for d in dominant) >= 4
+    sizes = [len(c.train) for c in bench.clients]
+    assert max(sizes) > 2 * min(sizes)  # quantity skew
+
+
+def test_benchmark_extras_preference_probes_canaries():
+    cfg = BenchmarkConfig(num_clients=3, examples_per_client=8, num_probes=5,
+                          canaries_per_client=2, canary_repeats=3)
+    bench = make_benchmark(cfg, 0)
+    for client in bench.clients:
+        pairs = client.preference
+        assert pairs and all(p.chosen in LABELS and p.rejected in LABELS and p.chosen != p.rejected
+                             for p in pairs)
+        planted = [e for e in client.train if e.meta.get("canary")]
+        assert len(planted) == 2 * 3
+    assert len(bench.probes) == 5 and all(p.response.startswith("I can't") for p in bench.probes)
+    secrets = [c.secret for c in bench.canaries]
+    assert len(secrets) == 6 and all(len(s) == 6 and s.isdigit() for s in secrets)
+    assert all(c.text == f"{c.prefix} {c.secret}." for c in bench.canaries)
+
+
+def _write_rows(path, rows):
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(rows))
+    elif path.suffix == ".csv":
+        with path.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    elif path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+ALPACA_ROWS = [
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+    {"instruction": "Name a colour.", "input": "", "output": "Blue"},
+]
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".csv", ".parquet"])
+def test_local_files_map_alpaca_fields(tmp_path, suffix):
+    path = tmp_path / f"data{suffix}"
+    _write_rows(path, ALPACA_ROWS)
+    spec = spec_for("vicgalle/alpaca-gpt4", "instruction", {})
+    examples = to_sft_examples(read_file(path), spec)
+    assert examples[0].prompt == "Add the numbers.\n\n2 and 3" and examples[0].response == "5"
+    assert examples[1].prompt == "Name a colour." and examples[1].response == "Blue"
+
+
+def test_fedllm_bench_client_dict_gives_natural_split(tmp_path):
+    path = tmp_path / "fed_aya.json"
+    path.write_text(json.dumps({
+        "u7": [{"instruction": f"q{i}", "response": f"a{i}"} for i in range(5)],
+        "u9": [{"instruction": f"r{i}", "response": f"b{i}"} for i in range(4)],
+    }))
+    cfg = from_mapping(DataConfig, {"source": str(path), "fields": {"instruction": "instruction",
+                                                                    "response": "response"},
+                                    "test_fraction": 0.2, "client_test_fraction": 0.0})
+    fed = build_federated_data(cfg, seed=0)
+    assert len(fed.clients) == 2
+    seen = sorted(ex.prompt for c in fed.clients for ex in c.train) + sorted(e.prompt for e in fed.global_test)
+    assert sorted(seen) == sorted([f"q{i}" for i in range(5)] + [f"r{i}" for i in range(4)])
+    for client in fed.clients:
+        assert len({ex.meta["user"] for ex in client.train}) == 1
+
+
+def test_dirichlet_partition_of_a_file_by_label(tmp_path):
+    rows = [{"prompt": f"text {i}", "response": lab, "label": lab}
+            for i, lab in enumerate(["pos", "neg", "neu"] * 20)]
+    path = tmp_path / "d.jsonl"
+    _write_rows(path, rows)
+    cfg = from_mapping(DataConfig, {"source": str(path), "choices": ["pos", "neg", "neu"],
+                                    "partition": {"scheme": "dirichlet", "num_clients": 4,
+                                                  "alpha": 0.5, "by": "label"}})
+    fed = build_federated_data(cfg, seed=1)
+    total = len(fed.global_test) + sum(len(c.train) + len(c.test) for c in fed.clients)
+    assert total == 60 and len(fed.clients) == 4 and fed.choices == ("pos", "neg", "neu")
+
+
+def test_missing_column_is_a_config_error(tmp_path):
+    path = tmp_path / "d.jsonl"
+    _write_rows(path, [{"question": "q", "answer": "a"}] * 3)
+    cfg = from_mapping(DataConfig, {"source": str(path)})
+    with pytest.raises(ConfigError, match="no such column"):
+        build_federated_data(cfg, seed=0)
+
+
+def test_chat_messages_mapping(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
+    spec = spec_for("x.jsonl", "instruction", {"messages": "messages"})
+    (example,) = to_sft_examples(rows, spec)
+    assert [m.role for m in example.messages()] == ["user", "assistant"]
+
+
+def test_hh_rlhf_split_by_hand():
+    chosen = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Help me?\n\nAssistant: Sure, with what?"
+    rejected = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Help me?\n\nAssistant: No."
+    prompt, c, r = split_hh_rlhf(chosen, rejected)
+    assert prompt == "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Help me?\n\nAssistant:"
+    assert (c, r) == ("Sure, with what?", "No.")
+
+
+def test_hh_rlhf_mapping_on_the_real_test_split():
+    path = shared_file("hh-rlhf-harmless-base-test.jsonl.gz")
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        rows = [json.loads(line) for _, line in zip(range(300), fh)]
+    pairs = to_preference_examples(rows, KNOWN_DATASETS["Anthropic/hh-rlhf"])
+    assert len(pairs) == 300
+    for row, pair in zip(rows, pairs):
+        assert pair.prompt.endswith("\n\nAssistant:") and pair.prompt.startswith("\n\nHuman:")
+        assert row["chosen"] == pair.prompt + " " + pair.chosen or row["chosen"].startswith(pair.prompt)
+        assert "\n\nAssistant:" not in pair.chosen and "\n\nAssistant:" not in pair.rejected
+    assert sum(p.chosen != p.rejected for p in pairs) > 290
+
+
+def test_ultrafeedback_messages_mapping():
+    rows = [{"prompt": "Why?", "chosen": [{"role": "user", "content": "Why?"},
+                                          {"role": "assistant", "content": "Because."}],
+             "rejected": [{"role": "user", "content": "Why?"},
+                          {"role": "assistant", "content": "No idea."}]}]
+    (pair,) = to_preference_examples(rows, KNOWN_DATASETS["HuggingFaceH4/ultrafeedback_binarized"])
+    assert (pair.prompt, pair.chosen, pair.rejected) == ("Why?", "Because.", "No idea.")
+
+
+def test_hub_name_without_network_is_one_line_error():
+    cfg = from_mapping(DataConfig, {"source": "tatsu-lab/alpaca"})
+    with pytest.raises(ConfigError) as info:
+        build_federated_data(cfg, seed=0)
+    assert info.value.field == "data.source" and "\n" not in str(info.value)
