@@ -1,0 +1,11 @@
+"""Server-side stages applied to client updates: sanitation and aggregation.
+
+Stages are pure functions over a stacked tensor of deltas [n, d] (and weights),
+so defenses compose as a pipeline and attack x defense is a product of configs.
+User-level DP and robust aggregators join here in later issues.
+"""
+
+from defenses.aggregators import weighted_mean
+from defenses.sanitize import SanitizeResult, sanitize
+
+__all__ = ["weighted_mean", "sanitize", "SanitizeResult"]

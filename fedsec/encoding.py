@@ -1,0 +1,95 @@
+"""Tokenization, done once per example at setup (never per round).
+
+An example becomes input ids plus labels where every prompt token is masked with
+-100, so the loss is completion-only. `chat` formats with the tokenizer's own chat
+template; `alpaca` with the Alpaca prompt (OpenFedLLM's default for base models).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from fedsec.data.schema import Message, SftExample
+
+IGNORE = -100
+ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately "
+          "completes the request.\n\n### Instruction:\n{prompt}\n\n### Response:\n")
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: torch.Tensor  # int64 [T]
+    labels: torch.Tensor  # int64 [T], IGNORE on prompt tokens
+
+    @property
+    def num_targets(self) -> int:
+        return int((self.labels != IGNORE).sum())
+
+
+def _render(tokenizer, messages: Sequence[Message], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
+                                         tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def segments(example: SftExample, tokenizer, template: str) -> list[tuple[str, bool]]:
+    """The example's text as (piece, is_target) segments, in order."""
+    msgs = example.messages()
+    if template == "alpaca":
+        if sum(m.role == "assistant" for m in msgs) != 1 or msgs[-1].role != "assistant":
+            raise ValueError("the alpaca template takes single-turn examples; use template: chat")
+        system = "".join(m.content + "\n\n" for m in msgs if m.role == "system")
+        prompt = next(m.content for m in msgs if m.role == "user")
+        return [(system + ALPACA.format(prompt=prompt), False),
+                (msgs[-1].content + tokenizer.eos_token, True)]
+    out, done = [], ""
+    for k, message in enumerate(msgs):
+        if message.role != "assistant":
+            continue
+        before = _render(tokenizer, msgs[:k], True)
+        upto = _render(tokenizer, msgs[: k + 1], False)
+        if not before.startswith(done) or not upto.startswith(before):
+            raise ValueError("the chat template is not prefix-consistent; use template: alpaca")
+        out += [(before[len(done):], False), (upto[len(before):], True)]
+        done = upto
+    return out
+
+
+def encode(example: SftExample, tokenizer, template: str, max_length: int) -> Encoded | None:
+    """Token ids and completion-only labels; None if truncation leaves no target."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for text, target in segments(example, tokenizer, template):
+        piece = tokenizer(text, add_special_tokens=False).input_ids
+        ids += piece
+        labels += piece if target else [IGNORE] * len(piece)
+    ids, labels = ids[:max_length], labels[:max_length]
+    if all(t == IGNORE for t in labels[1:]):
+        return None
+    return Encoded(torch.tensor(ids), torch.tensor(labels))
+
+
+def encode_prompt(example: SftExample, tokenizer, template: str) -> list[int]:
+    """Token ids of everything before the final response (the scoring context)."""
+    pieces = segments(example, tokenizer, template)
+    text = "".join(t for t, _ in pieces[:-1])
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def encode_all(examples: Sequence[SftExample], tokenizer, template: str, max_length: int) -> list[Encoded]:
+    out = [encode(e, tokenizer, template, max_length) for e in examples]
+    return [e for e in out if e is not None]
+
+
+def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch to its longest member."""
+    width = max(e.input_ids.numel() for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, e in enumerate(batch):
+        n = e.input_ids.numel()
+        ids[i, :n], labels[i, :n], mask[i, :n] = e.input_ids, e.labels, 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -1,0 +1,124 @@
+"""Evaluation: completion loss and closed-answer accuracy, batched, no generation.
+
+Accuracy scores each candidate answer by its log-likelihood after the prompt and
+takes the argmax (the usual multiple-choice protocol). When every candidate is a
+single token, one forward per example suffices: the next-token logits at the end
+of the prompt. Otherwise each (example, candidate) pair is scored in full.
+An `EvalSet` is built once at setup; evaluating it never re-tokenizes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from fedsec.data.schema import SftExample
+from fedsec.encoding import IGNORE, Encoded, collate, encode, encode_prompt
+from fedsec.training import target_log_softmax, target_logprobs
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float  # mean target-token NLL of the reference answers
+    accuracy: float | None  # share of examples whose best-scored choice is the reference
+    num_examples: int
+
+    def as_dict(self) -> dict:
+        return {"loss": self.loss, "accuracy": self.accuracy, "n": self.num_examples}
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    encoded: tuple[Encoded, ...]
+    groups: tuple[int, ...]  # which client (or -1 for the global set) each example is from
+    prompts: tuple[tuple[int, ...], ...] | None  # scoring contexts, when choices are known
+    answers: tuple[int, ...] | None  # index of the reference answer in `choices`
+    choice_ids: tuple[tuple[int, ...], ...] | None
+
+
+def build_eval_set(examples: Sequence[SftExample], groups: Sequence[int], tokenizer, template: str,
+                   max_length: int, choices: Sequence[str] | None) -> EvalSet:
+    triples = [(ex, g, encode(ex, tokenizer, template, max_length)) for ex, g in zip(examples, groups)]
+    kept = [(ex, g) for ex, g, enc in triples if enc is not None]
+    encoded = tuple(enc for _, _, enc in triples if enc is not None)
+    if not choices:
+        return EvalSet(encoded, tuple(g for _, g in kept), None, None, None)
+    scorable = [(ex, g) for ex, g in kept if ex.messages()[-1].content in choices]
+    if len(scorable) != len(kept):  # an answer outside the choices is not a closed-answer example
+        raise ValueError("every evaluation example's answer must be one of the choices")
+    choice_ids = tuple(tuple(tokenizer(c, add_special_tokens=False).input_ids) for c in choices)
+    prompts = tuple(tuple(encode_prompt(ex, tokenizer, template)) for ex, _ in kept)
+    answers = tuple(list(choices).index(ex.messages()[-1].content) for ex, _ in kept)
+    return EvalSet(encoded, tuple(g for _, g in kept), prompts, answers, choice_ids)
+
+
+@torch.no_grad()
+def per_example(model, data: EvalSet, pad_id: int, batch_size: int,
+                force_full_scoring: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(summed NLL, target-token count, predicted choice or None) for every example.
+
+    With single-token choices the choice scores come from the same forward pass as
+    the loss: the next-token distribution at each example's first target position.
+    """
+    n = len(data.encoded)
+    nll, count = torch.zeros(n), torch.zeros(n)
+    single = (data.choice_ids is not None and all(len(c) == 1 for c in data.choice_ids)
+              and not force_full_scoring)
+    first_ids = torch.tensor([c[0] for c in data.choice_ids]) if single else None
+    scores = torch.zeros(n, len(data.choice_ids)) if single else None
+    for start in range(0, n, batch_size):
+        batch = collate(data.encoded[start: start + batch_size], pad_id)
+        log_probs, targets, rows = target_log_softmax(model, batch)
+        logp = log_probs.gather(1, targets[:, None]).squeeze(1)
+        nll.index_add_(0, rows + start, -logp)
+        count.index_add_(0, rows + start, torch.ones_like(logp))
+        if single:
+            first = torch.ones_like(rows, dtype=torch.bool)
+            first[1:] = rows[1:] != rows[:-1]
+            scores[rows[first] + start] = log_probs[first][:, first_ids]
+    if data.prompts is None:
+        return nll, count, None
+    if not single:
+        scores = _full_scores(model, data, pad_id, batch_size)
+    return nll, count, scores.argmax(1)
+
+
+def _full_scores(model, data: EvalSet, pad_id: int, batch_size: int) -> torch.Tensor:
+    k = len(data.choice_ids)
+    pairs = [Encoded(torch.tensor(p + c), torch.tensor([IGNORE] * len(p) + list(c)))
+             for p in data.prompts for c in data.choice_ids]
+    total = torch.zeros(len(pairs))
+    for start in range(0, len(pairs), batch_size):
+        logp, rows = target_logprobs(model, collate(pairs[start: start + batch_size], pad_id))
+        total.index_add_(0, rows + start, logp)
+    return total.view(len(data.prompts), k)
+
+
+def summarize(nll: torch.Tensor, count: torch.Tensor, predicted: torch.Tensor | None,
+              data: EvalSet, mask: torch.Tensor | None = None) -> EvalResult:
+    """Loss and accuracy over the examples selected by `mask` (all when None)."""
+    if mask is None:
+        mask = torch.ones(len(data.encoded), dtype=torch.bool)
+    n = int(mask.sum())
+    if n == 0:
+        return EvalResult(float("nan"), None, 0)
+    loss = float(nll[mask].sum() / count[mask].sum())
+    accuracy = None
+    if predicted is not None:
+        answers = torch.tensor(data.answers)
+        accuracy = float((predicted[mask] == answers[mask]).float().mean())
+    return EvalResult(loss, accuracy, n)
+
+
+def evaluate(model, data: EvalSet, pad_id: int, batch_size: int) -> EvalResult:
+    return summarize(*per_example(model, data, pad_id, batch_size), data)
+
+
+def evaluate_groups(model, data: EvalSet, pad_id: int, batch_size: int) -> dict[int, EvalResult]:
+    """One pass over all examples, summarized per group (e.g. per client)."""
+    nll, count, predicted = per_example(model, data, pad_id, batch_size)
+    groups = torch.tensor(data.groups)
+    return {int(g): summarize(nll, count, predicted, data, groups == g)
+            for g in sorted(set(data.groups))}

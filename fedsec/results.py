@@ -1,0 +1,41 @@
+"""Typed results that travel through a run and into its directory."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    client_id: int
+    delta: torch.Tensor
+    num_examples: int
+    metrics: dict = field(default_factory=dict)
+    malicious: bool = False
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    round: int  # 1-based index of the finished round
+    lr: float
+    clients: tuple[int, ...]
+    train_loss: float
+    rejected: tuple[int, ...]
+    seconds: float
+    global_eval: dict | None = None  # {"loss", "accuracy", "n"}
+    client_eval: dict | None = None  # {"mean_accuracy", "min_accuracy", "per_client": {...}}
+
+    def as_dict(self) -> dict:
+        return {"phase": "federated", **asdict(self)}
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_dir: str
+    rounds_done: int
+    finished: bool
+    untuned: dict | None  # global eval of the base model with a zero adapter
+    final: dict | None  # global eval of the final federated adapter
+    local_only: dict | None  # {"mean_accuracy", "per_client": {...}}

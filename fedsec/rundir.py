@@ -1,0 +1,196 @@
+"""Run directories: everything a run leaves behind, written so nothing is lost.
+
+runs/<name>-<timestamp>/
+  config.resolved.yaml   the validated config, every default filled in
+  env.json               versions, git revision, seed, machine
+  metrics.jsonl          one JSON row per evaluated round (and the baselines)
+  checkpoints/           round_NNNN.pt: everything needed to continue
+  adapter/               the final global adapter (peft format)
+  result.json            the headline numbers of a finished run
+
+Files are written atomically (temp file, fsync, rename); an existing run is never
+overwritten, and resuming checks that the config is the one the run started with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from fedsec.config import ExperimentConfig, dump_config
+from fedsec.errors import ConfigError
+
+CONFIG = "config.resolved.yaml"
+
+
+def default_run_dir(cfg: ExperimentConfig) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path(cfg.output_dir) / f"{cfg.name}-{stamp}"
+
+
+def latest_run_dir(cfg: ExperimentConfig) -> Path | None:
+    parent = Path(cfg.output_dir)
+    runs = sorted(p for p in parent.glob(f"{cfg.name}-*") if (p / CONFIG).is_file())
+    return runs[-1] if runs else None
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+class RunDir:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.checkpoints = self.path / "checkpoints"
+        self.metrics = self.path / "metrics.jsonl"
+
+    # -- creating and reopening ------------------------------------------------
+
+    @staticmethod
+    def check_free(path: Path) -> None:
+        path = Path(path)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise ConfigError("--out", str(path), "already exists and is not empty; pass --resume "
+                              "to continue that run, or choose a new --out")
+
+    @classmethod
+    def create(cls, path: Path, cfg: ExperimentConfig) -> "RunDir":
+        path = Path(path)
+        cls.check_free(path)
+        run = cls(path)
+        run.checkpoints.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path / CONFIG, dump_config(cfg))
+        atomic_write_text(path / "env.json", json.dumps(environment(cfg.seed), indent=2) + "\n")
+        return run
+
+    @classmethod
+    def reopen(cls, path: Path, cfg: ExperimentConfig) -> "RunDir":
+        path = Path(path)
+        if not (path / CONFIG).is_file():
+            raise ConfigError("--resume", str(path), "is not a fedsec run directory (no "
+                              f"{CONFIG}); start a new run without --resume")
+        stored = (path / CONFIG).read_text(encoding="utf-8")
+        if stored != dump_config(cfg):
+            changed = _first_difference(stored, dump_config(cfg))
+            raise ConfigError("--resume", str(path), f"the config differs from the run's ({changed}); "
+                              "resume with the same config and overrides")
+        return cls(path)
+
+    # -- metrics ---------------------------------------------------------------
+
+    def append_metrics(self, row: dict) -> None:
+        with self.metrics.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics.is_file():
+            return []
+        rows = []
+        for line in self.metrics.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a torn last line after a crash
+                break
+        return rows
+
+    def truncate_metrics(self, rounds_done: int) -> None:
+        """Drop rows of rounds after the last checkpoint (they will be redone)."""
+        keep = [r for r in self.read_metrics() if r.get("round", 0) <= rounds_done
+                and r.get("phase") != "local_only_final"]
+        atomic_write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in keep))
+
+    # -- checkpoints -----------------------------------------------------------
+
+    def save_checkpoint(self, rounds_done: int, state: dict, keep: int) -> Path:
+        import io
+
+        buffer = io.BytesIO()
+        torch.save({"rounds_done": rounds_done, **state}, buffer)
+        target = self.checkpoints / f"round_{rounds_done:04d}.pt"
+        atomic_write_bytes(target, buffer.getvalue())
+        for old in sorted(self.checkpoints.glob("round_*.pt"))[:-keep]:
+            old.unlink(missing_ok=True)
+        return target
+
+    def load_latest_checkpoint(self) -> dict | None:
+        for path in sorted(self.checkpoints.glob("round_*.pt"), reverse=True):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as err:  # corrupt or partial file: fall back to the one before
+                print(f"fedsec: checkpoint {path.name} is unreadable ({type(err).__name__}); "
+                      "using the previous one", file=sys.stderr)
+        return None
+
+    def write_json(self, name: str, payload: dict) -> None:
+        atomic_write_text(self.path / name, json.dumps(payload, indent=2) + "\n")
+
+
+def _first_difference(a: str, b: str) -> str:
+    for left, right in zip(a.splitlines(), b.splitlines()):
+        if left != right:
+            return f"'{left.strip()}' became '{right.strip()}'"
+    return "length differs"
+
+
+def environment(seed: int) -> dict:
+    """Versions, git revision, seed and machine, for env.json."""
+    from importlib import metadata
+
+    versions = {}
+    for pkg in ("fedsec", "torch", "transformers", "peft", "bitsandbytes", "numpy", "gguf"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        "seed": seed,
+        "python": sys.version.split()[0],
+        "versions": versions,
+        "git_revision": _git_revision(),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        },
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": sys.argv,
+    }
+
+
+def _git_revision() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=5)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return rev.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None

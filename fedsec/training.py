@@ -1,0 +1,127 @@
+"""Local training: one `LocalTrainer`, reused for every client and round.
+
+A client's work is: load the starting adapter, run `local_steps` AdamW steps on
+random batches of its (pre-tokenized) data, return the adapter delta. The loss is
+completion-only cross-entropy; logits are computed only at target positions (the
+LM head is a large share of a small model's compute). Randomness (batch order,
+dropout) comes from one seed per (round, client), so a run is reproducible and a
+resumed run equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from fedsec.adapter import AdapterParams
+from fedsec.config import TrainingConfig
+from fedsec.encoding import IGNORE, Encoded, collate
+from fedsec.seeding import scoped_torch_seed
+
+
+def cosine_lr(round_idx: int, rounds: int, lr: float, min_lr: float) -> float:
+    """Learning rate of a round: cosine decay from lr to min_lr across rounds.
+
+    lr_t = min_lr + (lr - min_lr) (1 + cos(pi t / T)) / 2, t = 0..T-1, constant within a
+    round (OpenFedLLM's schedule).
+    """
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * round_idx / rounds))
+
+
+def round_lr(cfg: TrainingConfig, round_idx: int, rounds: int) -> float:
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    return cosine_lr(round_idx, rounds, cfg.lr, cfg.min_lr)
+
+
+def _causal_lm(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def target_log_softmax(model, batch: dict[str, torch.Tensor]):
+    """Next-token log-distributions at every target position.
+
+    Returns (log_probs [N, vocab], targets [N], rows [N]) for the N positions whose
+    next token is a target, in row-major order. Runs the decoder, then the LM head
+    only on those positions, which skips most of the vocabulary projection.
+    """
+    lm = _causal_lm(model)
+    hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              use_cache=False).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    where = targets != IGNORE
+    logits = lm.get_output_embeddings()(hidden[:, :-1][where]).float()
+    return logits.log_softmax(-1), targets[where], where.nonzero()[:, 0]
+
+
+def target_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of every target token, and the batch row each belongs to."""
+    log_probs, targets, rows = target_log_softmax(model, batch)
+    return log_probs.gather(1, targets[:, None]).squeeze(1), rows
+
+
+def completion_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(sum of target-token NLL, number of target tokens)."""
+    logp, _ = target_logprobs(model, batch)
+    return -logp.sum(), int(logp.numel())
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    delta: torch.Tensor
+    num_examples: int
+    loss: float  # mean target-token loss over the client's steps
+    steps: int
+    tokens: int
+
+
+class BatchStream:
+    """Endless batches of a dataset: reshuffled each pass, from an explicit generator."""
+
+    def __init__(self, data: Sequence[Encoded], batch_size: int, generator: torch.Generator):
+        self.data, self.size, self.gen = data, min(batch_size, len(data)), generator
+        self.order: list[int] = []
+
+    def next(self) -> list[Encoded]:
+        if len(self.order) < self.size:
+            self.order += torch.randperm(len(self.data), generator=self.gen).tolist()
+        picked, self.order = self.order[: self.size], self.order[self.size:]
+        return [self.data[i] for i in picked]
+
+
+class LocalTrainer:
+    """Trains the model's adapter for one client at a time; holds no client state."""
+
+    def __init__(self, model, cfg: TrainingConfig, pad_id: int):
+        self.model, self.cfg, self.pad_id = model, cfg, pad_id
+        self.adapter = AdapterParams(model)
+
+    def train(self, start: torch.Tensor, data: Sequence[Encoded], lr: float, seed: int) -> LocalResult:
+        if not data:
+            raise ValueError("a client with no training examples cannot train")
+        cfg = self.cfg
+        self.adapter.set(start)
+        optimizer = torch.optim.AdamW(self.adapter.params, lr=lr, weight_decay=cfg.weight_decay)
+        stream = BatchStream(data, cfg.batch_size, torch.Generator().manual_seed(seed))
+        total_loss, total_tokens = 0.0, 0
+        self.model.train()
+        try:
+            with scoped_torch_seed(seed):
+                for _ in range(cfg.local_steps):
+                    for _ in range(cfg.grad_accum):
+                        loss_sum, n = completion_loss(self.model, collate(stream.next(), self.pad_id))
+                        (loss_sum / max(n, 1) / cfg.grad_accum).backward()
+                        total_loss += float(loss_sum.detach())
+                        total_tokens += n
+                    if cfg.max_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(self.adapter.params, cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+        finally:
+            self.model.eval()
+        delta = self.adapter.get() - start
+        return LocalResult(delta, len(data), total_loss / max(total_tokens, 1), cfg.local_steps,
+                           total_tokens)

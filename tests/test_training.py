@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fedsec.config import LoraConfig, ModelConfig, TrainingConfig
+from fedsec.data.benchmark import make_benchmark
+from fedsec.config import BenchmarkConfig
+from fedsec.encoding import IGNORE, collate, encode, encode_all
+from fedsec.models import attach_lora, load_base_model
+from fedsec.training import LocalTrainer, completion_loss, cosine_lr
+
+
+def _tiny(quantization="none", lora=LoraConfig(rank=4, alpha=8)):
+    model, tok = load_base_model(ModelConfig(name="tiny", quantization=quantization))
+    return attach_lora(model, lora, seed=0), tok
+
+
+def _data(tok, n=8):
+    bench = make_benchmark(BenchmarkConfig(num_clients=1, examples_per_client=n), 0)
+    return encode_all(bench.clients[0].train, tok, "chat", 160)
+
+
+def test_cosine_schedule_by_hand():
+    assert cosine_lr(0, 10, 1.0, 0.0) == 1.0
+    assert cosine_lr(5, 10, 1.0, 0.0) == pytest.approx(0.5)
+    assert cosine_lr(2, 4, 3e-4, 1e-5) == pytest.approx(1e-5 + 0.5 * (3e-4 - 1e-5))
+    assert cosine_lr(9, 10, 1.0, 0.1) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.9)))
+
+
+def test_encoding_masks_the_prompt_and_targets_the_answer():
+    _, tok = _tiny()
+    bench = make_benchmark(BenchmarkConfig(num_clients=1, examples_per_client=4), 0)
+    ex = bench.clients[0].train[0]
+    enc = encode(ex, tok, "chat", 512)
+    targets = enc.labels[enc.labels != IGNORE]
+    assert tok.decode(targets) == ex.response + "<|im_end|>\n"
+    assert tok.decode(enc.input_ids).startswith("<|im_start|>system\n" + ex.system)
+    alpaca = encode(ex, tok, "alpaca", 512)
+    assert tok.decode(alpaca.labels[alpaca.labels != IGNORE]) == ex.response + tok.eos_token
+    assert "### Response:\n" in tok.decode(alpaca.input_ids)
+
+
+def test_completion_loss_equals_transformers_loss():
+    model, tok = _tiny()
+    batch = collate(_data(tok)[:4], tok.pad_token_id)
+    loss_sum, n = completion_loss(model, batch)
+    reference = model(**batch).loss  # HF's mean over label tokens, full logits
+    assert n == int((batch["labels"][:, 1:] != IGNORE).sum())
+    torch.testing.assert_close(loss_sum / n, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_local_training_is_deterministic_and_lowers_the_loss():
+    model, tok = _tiny()
+    data = _data(tok)
+    trainer = LocalTrainer(model, TrainingConfig(local_steps=6, batch_size=4, lr=3e-3), tok.pad_token_id)
+    start = trainer.adapter.get()
+    a = trainer.train(start, data, 3e-3, seed=11)
+    b = trainer.train(start, data, 3e-3, seed=11)
+    c = trainer.train(start, data, 3e-3, seed=12)
+    assert torch.equal(a.delta, b.delta) and not torch.equal(a.delta, c.delta)
+    assert a.num_examples == len(data) and a.steps == 6
+    full = collate(data, tok.pad_token_id)
+    with torch.no_grad():
+        trainer.adapter.set(start)
+        before = completion_loss(model, full)[0]
+        trainer.adapter.set(start + a.delta)
+        after = completion_loss(model, full)[0]
+    assert after < before
+
+
+@pytest.mark.parametrize("quantization", ["none", "4bit", "8bit"])
+def test_lora_step_trains_adapter_only_and_base_weights_never_change(quantization):
+    model, tok = _tiny(quantization)
+    def snapshot(p):  # a plain copy (bitsandbytes parameters re-pack on clone)
+        return torch.from_numpy(p.detach().cpu().numpy().copy())
+
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    batch = collate(_data(tok)[:4], tok.pad_token_id)
+    loss_sum, n = completion_loss(model, batch)
+    (loss_sum / n).backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    assert any(g.abs().sum() > 0 for name, g in grads.items() if "lora_B" in name)
+    # snapshot after the first forward: bitsandbytes repacks 4-bit weights for the CPU kernel once
+    base_before = {n: snapshot(p) for n, p in model.named_parameters() if not p.requires_grad}
+    trainer = LocalTrainer(model, TrainingConfig(local_steps=3, batch_size=4, lr=1e-2), tok.pad_token_id)
+    result = trainer.train(trainer.adapter.get(), _data(tok), 1e-2, seed=0)
+    assert result.delta.abs().sum() > 0
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(snapshot(p), base_before[name]), name
+    if quantization == "4bit":
+        import bitsandbytes as bnb
+
+        assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
+def test_top_layers_puts_adapters_on_the_top_layers_only():
+    model, _ = _tiny(lora=LoraConfig(rank=2, alpha=4, top_layers=1))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all(".layers.1." in n for n in names)
