@@ -16,6 +16,7 @@ CPU. The cache lives in $FEDSEC_CACHE, else ~/.cache/fedsec.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import shutil
 import sys
@@ -36,6 +37,10 @@ CHATML = (
     "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# bitsandbytes warns on CPU that an optional hub-downloaded kernel is missing; fedsec
+# never downloads at run time, and the built-in kernel it falls back to is correct.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
