@@ -103,3 +103,18 @@ def test_top_layers_puts_adapters_on_the_top_layers_only():
     model, _ = _tiny(lora=LoraConfig(rank=2, alpha=4, top_layers=1))
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert names and all(".layers.1." in n for n in names)
+
+
+def test_multi_turn_chat_targets_every_assistant_turn():
+    from fedsec.data.schema import ChatExample, Message
+
+    _, tok = _tiny()
+    chat = ChatExample((Message("user", "hi"), Message("assistant", "hello"),
+                        Message("user", "and?"), Message("assistant", "bye")))
+    enc = encode(chat, tok, "chat", 512)
+    assert tok.decode(enc.input_ids) == tok.apply_chat_template(
+        [{"role": m.role, "content": m.content} for m in chat.turns], tokenize=False)
+    targets = tok.decode(enc.labels[enc.labels != IGNORE])
+    assert targets == "hello<|im_end|>\nbye<|im_end|>\n"
+    with pytest.raises(ValueError, match="single-turn"):
+        encode(chat, tok, "alpaca", 512)
