@@ -27,6 +27,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 TEMPLATES = ("chat", "alpaca")
 PARTITIONS = ("natural", "iid", "dirichlet", "quantity")
 TASKS = ("sft",)
+ALGORITHMS = ("fedavg", "fedavgm", "fedadagrad", "fedyogi", "fedadam", "fedprox", "scaffold")
+ADAPTIVE = ("fedadagrad", "fedyogi", "fedadam")
 LR_SCHEDULES = ("cosine", "constant")
 
 
@@ -68,6 +70,11 @@ class LoraConfig:
     dropout: float = _help("dropout on the LoRA input, in [0, 1)", 0.0)
     target_modules: tuple[str, ...] = _help(
         "names of the linear modules that get adapters", ("q_proj", "v_proj")
+    )
+    freeze_a: bool = _help(
+        "FFA-LoRA (Sun et al. 2024): keep the random A fixed and train only B, which makes "
+        "averaging B exact and halves the trained dimension",
+        False,
     )
     top_layers: int | None = _help(
         "put adapters on the top N transformer layers only (null: all layers); the "
@@ -181,7 +188,20 @@ class DataConfig:
 class FederationConfig:
     rounds: int = _help("number of federated rounds", 5)
     clients_per_round: int = _help("clients sampled uniformly without replacement per round", 4)
-    server_lr: float = _help("server learning rate applied to the averaged delta (FedAvg: 1)", 1.0)
+    algorithm: str = _help(
+        "fedavg, fedavgm (server momentum), fedadagrad, fedyogi, fedadam (adaptive server "
+        "optimizers, Reddi et al. 2021), fedprox (proximal local loss) or scaffold "
+        "(control variates, Karimireddy et al. 2020)",
+        "fedavg",
+    )
+    server_lr: float | None = _help(
+        "server learning rate on the averaged delta (null: 1.0, or 1e-3 for the adaptive ones)", None
+    )
+    server_momentum: float = _help("FedAvgM momentum beta", 0.9)
+    beta1: float = _help("adaptive server optimizers: first-moment decay", 0.9)
+    beta2: float = _help("FedYogi/FedAdam: second-moment decay", 0.99)
+    tau: float = _help("adaptive server optimizers: adaptivity (epsilon) tau", 1e-3)
+    prox_mu: float = _help("FedProx: weight mu of (mu/2)||w - w_global||^2 on the adapter", 0.01)
     local_only_clients: int = _help(
         "baseline: train this many clients (the first ones) alone for all rounds and "
         "report their accuracy beside FedAvg's (0: off, -1: every client)",
@@ -192,7 +212,16 @@ class FederationConfig:
         _require(self.rounds >= 1, "rounds", self.rounds, "must be >= 1")
         _require(self.clients_per_round >= 1, "clients_per_round", self.clients_per_round,
                  "must be >= 1")
+        _one_of("algorithm", self.algorithm, ALGORITHMS)
+        if self.server_lr is None:  # resolve the default so the run directory records it
+            object.__setattr__(self, "server_lr", 1e-3 if self.algorithm in ADAPTIVE else 1.0)
         _require(self.server_lr > 0, "server_lr", self.server_lr, "must be > 0 (FedAvg: 1.0)")
+        _require(0 <= self.server_momentum < 1, "server_momentum", self.server_momentum,
+                 "must be in [0, 1)")
+        _require(0 <= self.beta1 < 1, "beta1", self.beta1, "must be in [0, 1)")
+        _require(0 <= self.beta2 < 1, "beta2", self.beta2, "must be in [0, 1)")
+        _require(self.tau > 0, "tau", self.tau, "must be > 0 (e.g. 1e-3)")
+        _require(self.prox_mu >= 0, "prox_mu", self.prox_mu, "must be >= 0")
         _require(self.local_only_clients >= -1, "local_only_clients", self.local_only_clients,
                  "must be -1 (all), 0 (off) or a positive count")
 

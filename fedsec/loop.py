@@ -33,7 +33,8 @@ from fedsec.models import attach_lora, load_base_model
 from fedsec.results import ClientUpdate, RoundResult, RunResult
 from fedsec.rundir import RunDir, default_run_dir, latest_run_dir
 from fedsec.seeding import derive_seed, torch_generator
-from fedsec.server import FedAvgServer, sample_clients
+from fedsec.scaffold import VariateStore, client_variate, server_variate
+from fedsec.server import make_server_optimizer, sample_clients
 from fedsec.training import LocalTrainer, round_lr
 
 GLOBAL = -1  # group id of the global test set
@@ -97,9 +98,11 @@ def prepare(cfg: ExperimentConfig) -> Setup:
 
 
 def client_update(setup: Setup, start: torch.Tensor, client: int, lr: float, round_idx: int,
-                  stream: str = "client") -> ClientUpdate:
+                  stream: str = "client", prox_mu: float = 0.0,
+                  correction: torch.Tensor | None = None) -> ClientUpdate:
     result = setup.trainer.train(start, setup.train_sets[client], lr,
-                                 derive_seed(setup.cfg.seed, stream, round_idx, client))
+                                 derive_seed(setup.cfg.seed, stream, round_idx, client),
+                                 prox_mu=prox_mu, correction=correction)
     return ClientUpdate(client, result.delta, result.num_examples,
                         {"loss": result.loss, "tokens": result.tokens})
 
@@ -165,8 +168,11 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
 
     fed = cfg.federation
     dim = setup.adapter.layout.numel
-    server = FedAvgServer(fed.server_lr)
+    server = make_server_optimizer(fed)
     global_vec = setup.adapter.get()
+    variates = VariateStore(run.path / "scaffold", dim) if fed.algorithm == "scaffold" else None
+    server_variate_c = torch.zeros(dim) if variates is not None else None
+    prox_mu = fed.prox_mu if fed.algorithm == "fedprox" else 0.0
     local = {c: global_vec.clone() for c in setup.local_only}
     rounds_done = 0
     checkpoint = run.load_latest_checkpoint() if resume else None
@@ -175,6 +181,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
         global_vec = checkpoint["global"]
         server.load_state_dict(checkpoint["server"])
         local = {int(c): v for c, v in checkpoint["local_only"].items()}
+        server_variate_c = checkpoint.get("scaffold_c")
         run.truncate_metrics(rounds_done)
         log(f"resuming {run.path} after round {rounds_done}/{fed.rounds}")
     elif resume:
@@ -192,7 +199,21 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
         lr = round_lr(cfg.training, round_idx, fed.rounds)
         sampled = sample_clients(len(setup.train_sets), fed.clients_per_round,
                                  torch_generator(cfg.seed, "sample", round_idx))
-        updates = [client_update(setup, global_vec, c, lr, round_idx) for c in sampled]
+        if variates is None:
+            updates = [client_update(setup, global_vec, c, lr, round_idx, prox_mu=prox_mu)
+                       for c in sampled]
+        else:
+            updates, variate_deltas = [], []
+            for c in sampled:
+                c_i = variates.get(c, round_idx)
+                result = client_update(setup, global_vec, c, lr, round_idx,
+                                       correction=server_variate_c - c_i)
+                new_c_i = client_variate(c_i, server_variate_c, global_vec, global_vec + result.delta,
+                                         cfg.training.local_steps, lr)
+                variates.put(c, round_idx, new_c_i)
+                variate_deltas.append(new_c_i - c_i)
+                updates.append(result)
+            server_variate_c = server_variate(server_variate_c, variate_deltas, len(setup.train_sets))
         update, rejected = aggregate(updates, dim)
         global_vec = server.step(global_vec, update)
         for c in setup.local_only:
@@ -207,6 +228,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
         run.append_metrics(result.as_dict())
         run.save_checkpoint(round_idx + 1, {"global": global_vec, "server": server.state_dict(),
                                             "local_only": {str(c): v for c, v in local.items()},
+                                            "scaffold_c": server_variate_c,
                                             "rng": {"root_seed": cfg.seed}},
                             keep=cfg.keep_checkpoints)
         bar.update(1)

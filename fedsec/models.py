@@ -198,7 +198,12 @@ def attach_lora(model, cfg: LoraConfig, seed: int):
                               bias="none", task_type="CAUSAL_LM")
     try:
         with scoped_torch_seed(derive_seed(seed, "lora-init")):
-            return get_peft_model(model, peft_cfg)
+            peft_model = get_peft_model(model, peft_cfg)
     except ValueError as err:
         raise ConfigError("lora.target_modules", list(cfg.target_modules),
                           f"not found in the model ({str(err).splitlines()[0][:120]})") from None
+    if cfg.freeze_a:  # FFA-LoRA: A stays at its (seed-shared) random init
+        for name, param in peft_model.named_parameters():
+            if "lora_A" in name:
+                param.requires_grad_(False)
+    return peft_model

@@ -1,9 +1,20 @@
 """The server's side of a round: client sampling and the server optimizer.
 
-The server optimizer treats the aggregated client delta as a pseudo-gradient step
-(Reddi et al. 2021, "Adaptive Federated Optimization", Alg. 1); FedAvg is the
-plain step with server learning rate 1. Every stateful piece has
-`state_dict`/`load_state_dict` so checkpoints extend instead of being bolted on.
+The server optimizer treats the aggregated client delta Delta_t (the example-weighted
+mean of x_i - x) as a pseudo-gradient (Reddi et al. 2021, "Adaptive Federated
+Optimization", Alg. 2):
+
+    FedAvg      x <- x + eta * Delta_t                                  (eta = 1)
+    FedAvgM     m <- beta * m + Delta_t;  x <- x + eta * m               (Hsu et al. 2019)
+    FedAdagrad  m <- b1 m + (1 - b1) Delta;  v <- v + Delta^2
+    FedYogi     m <- b1 m + (1 - b1) Delta;  v <- v - (1 - b2) Delta^2 sign(v - Delta^2)
+    FedAdam     m <- b1 m + (1 - b1) Delta;  v <- b2 v + (1 - b2) Delta^2
+                (adaptive ones) x <- x + eta * m / (sqrt(v) + tau),  m_0 = 0, v_0 = tau^2
+
+Where OpenFedLLM differs: it feeds the *unweighted* mean to the adaptive
+optimizers, squares the momentum instead of Delta in FedYogi/FedAdam, and starts
+m at Delta; fedsec follows the paper. Every optimizer has state_dict /
+load_state_dict, so its state rides in the checkpoint.
 """
 
 from __future__ import annotations
@@ -19,16 +30,76 @@ def sample_clients(num_clients: int, per_round: int, generator: torch.Generator)
 
 
 class FedAvgServer:
-    """x <- x + server_lr * aggregate (FedAvg when server_lr = 1). Stateless."""
+    """x <- x + server_lr * Delta (FedAvg when server_lr = 1). Stateless."""
 
     def __init__(self, server_lr: float = 1.0):
         self.server_lr = server_lr
 
-    def step(self, params: torch.Tensor, aggregate: torch.Tensor) -> torch.Tensor:
-        return params + self.server_lr * aggregate
+    def step(self, params: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return params + self.server_lr * delta
 
     def state_dict(self) -> dict:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         del state
+
+
+class FedAvgMServer:
+    """Server momentum (Hsu et al. 2019): m <- beta m + Delta; x <- x + eta m."""
+
+    def __init__(self, server_lr: float = 1.0, momentum: float = 0.9):
+        self.server_lr, self.momentum = server_lr, momentum
+        self.m: torch.Tensor | None = None
+
+    def step(self, params: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        self.m = delta.clone() if self.m is None else self.momentum * self.m + delta
+        return params + self.server_lr * self.m
+
+    def state_dict(self) -> dict:
+        return {"m": self.m}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.m = state["m"]
+
+
+class AdaptiveServer:
+    """FedAdagrad / FedYogi / FedAdam (Reddi et al. 2021, Alg. 2)."""
+
+    def __init__(self, rule: str, server_lr: float = 1e-3, beta1: float = 0.9,
+                 beta2: float = 0.99, tau: float = 1e-3):
+        if rule not in ("adagrad", "yogi", "adam"):
+            raise ValueError(f"unknown adaptive rule {rule!r}")
+        self.rule, self.server_lr, self.beta1, self.beta2, self.tau = rule, server_lr, beta1, beta2, tau
+        self.m: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def step(self, params: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        if self.m is None:
+            self.m = torch.zeros_like(delta)
+            self.v = torch.full_like(delta, self.tau ** 2)
+        self.m = self.beta1 * self.m + (1 - self.beta1) * delta
+        square = delta * delta
+        if self.rule == "adagrad":
+            self.v = self.v + square
+        elif self.rule == "yogi":
+            self.v = self.v - (1 - self.beta2) * square * torch.sign(self.v - square)
+        else:
+            self.v = self.beta2 * self.v + (1 - self.beta2) * square
+        return params + self.server_lr * self.m / (self.v.sqrt() + self.tau)
+
+    def state_dict(self) -> dict:
+        return {"m": self.m, "v": self.v}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.m, self.v = state["m"], state["v"]
+
+
+def make_server_optimizer(fed) -> FedAvgServer | FedAvgMServer | AdaptiveServer:
+    """The server optimizer a FederationConfig names (the YAML extension point)."""
+    name = fed.algorithm
+    if name in ("fedavg", "fedprox", "scaffold"):
+        return FedAvgServer(fed.server_lr)
+    if name == "fedavgm":
+        return FedAvgMServer(fed.server_lr, fed.server_momentum)
+    return AdaptiveServer(name.removeprefix("fed"), fed.server_lr, fed.beta1, fed.beta2, fed.tau)

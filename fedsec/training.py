@@ -99,13 +99,23 @@ class LocalTrainer:
         self.model, self.cfg, self.pad_id = model, cfg, pad_id
         self.adapter = AdapterParams(model)
 
-    def train(self, start: torch.Tensor, data: Sequence[Encoded], lr: float, seed: int) -> LocalResult:
+    def train(self, start: torch.Tensor, data: Sequence[Encoded], lr: float, seed: int,
+              prox_mu: float = 0.0, correction: torch.Tensor | None = None) -> LocalResult:
+        """Train from `start` for `local_steps` steps; returns the adapter delta.
+
+        prox_mu: FedProx (Li et al. 2020, eq. 2) adds (mu/2)||w - w_start||^2 to the
+        objective; its gradient mu (w - w_start) is added to each step's gradient.
+        correction: SCAFFOLD's (c - c_i), added to each step's gradient.
+        """
         if not data:
             raise ValueError("a client with no training examples cannot train")
         cfg = self.cfg
         self.adapter.set(start)
         optimizer = torch.optim.AdamW(self.adapter.params, lr=lr, weight_decay=cfg.weight_decay)
         stream = BatchStream(data, cfg.batch_size, torch.Generator().manual_seed(seed))
+        layout = self.adapter.layout
+        anchors = list(layout.unflatten(start).values()) if prox_mu > 0 else None
+        offsets = list(layout.unflatten(correction).values()) if correction is not None else None
         total_loss, total_tokens = 0.0, 0
         self.model.train()
         try:
@@ -116,6 +126,7 @@ class LocalTrainer:
                         (loss_sum / max(n, 1) / cfg.grad_accum).backward()
                         total_loss += float(loss_sum.detach())
                         total_tokens += n
+                    self._add_to_gradients(prox_mu, anchors, offsets)
                     if cfg.max_grad_norm is not None:
                         torch.nn.utils.clip_grad_norm_(self.adapter.params, cfg.max_grad_norm)
                     optimizer.step()
@@ -125,3 +136,15 @@ class LocalTrainer:
         delta = self.adapter.get() - start
         return LocalResult(delta, len(data), total_loss / max(total_tokens, 1), cfg.local_steps,
                            total_tokens)
+
+    @torch.no_grad()
+    def _add_to_gradients(self, prox_mu: float, anchors, offsets) -> None:
+        if anchors is None and offsets is None:
+            return
+        for i, p in enumerate(self.adapter.params):
+            extra = torch.zeros_like(p)
+            if anchors is not None:
+                extra += prox_mu * (p - anchors[i].to(p.dtype))
+            if offsets is not None:
+                extra += offsets[i].to(p.dtype)
+            p.grad = extra if p.grad is None else p.grad + extra
