@@ -26,7 +26,8 @@ QUANTIZATIONS = ("none", "8bit", "4bit")
 DTYPES = ("float32", "bfloat16", "float16")
 TEMPLATES = ("chat", "alpaca")
 PARTITIONS = ("natural", "iid", "dirichlet", "quantity")
-TASKS = ("sft",)
+TASKS = ("sft", "dpo")
+REFERENCES = ("base", "initial")
 ALGORITHMS = ("fedavg", "fedavgm", "fedadagrad", "fedyogi", "fedadam", "fedprox", "scaffold")
 ADAPTIVE = ("fedadagrad", "fedyogi", "fedadam")
 LR_SCHEDULES = ("cosine", "constant")
@@ -75,6 +76,11 @@ class LoraConfig:
         "FFA-LoRA (Sun et al. 2024): keep the random A fixed and train only B, which makes "
         "averaging B exact and halves the trained dimension",
         False,
+    )
+    init_from: str | None = _help(
+        "start from a saved adapter folder (e.g. a run's adapter/, for SFT then DPO); "
+        "null: a fresh adapter with B = 0",
+        None,
     )
     top_layers: int | None = _help(
         "put adapters on the top N transformer layers only (null: all layers); the "
@@ -250,13 +256,32 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
+class DpoConfig:
+    beta: float = _help("DPO temperature beta (Rafailov et al. 2023)", 0.1)
+    reference: str = _help(
+        "reference policy: base (the base model, adapter disabled, as OpenFedLLM) or initial "
+        "(the adapter the run starts from, e.g. lora.init_from for SFT then DPO)",
+        "base",
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.beta > 0, "beta", self.beta, "must be > 0 (e.g. 0.1)")
+        _one_of("reference", self.reference, REFERENCES)
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     every: int = _help("evaluate the global model every N rounds (and after the last)", 1)
     clients: bool = _help("also evaluate on each client's own test set", True)
     batch_size: int = _help("examples per evaluation forward pass", 32)
+    refusal: bool = _help(
+        "refusal rate on the unsafe-request probes (greedy replies, keyword rule as AdvBench)", False
+    )
+    max_new_tokens: int = _help("reply length for the refusal probes", 24)
 
     def __post_init__(self) -> None:
         _require(self.every >= 1, "every", self.every, "must be >= 1")
+        _require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "must be >= 1")
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
 
 
@@ -264,7 +289,7 @@ class EvalConfig:
 class ExperimentConfig:
     name: str = _help("experiment name; the run directory is named after it", "experiment")
     seed: int = _help("root seed: every random stream derives from it", 0)
-    task: str = _help("sft (instruction tuning)", "sft")
+    task: str = _help("sft (instruction tuning) or dpo (preference alignment)", "sft")
     output_dir: str = _help("parent folder of run directories", "runs")
     keep_checkpoints: int = _help("how many round checkpoints to keep", 2)
     model: ModelConfig = _help("base model", factory=ModelConfig)
@@ -272,6 +297,7 @@ class ExperimentConfig:
     data: DataConfig = _help("data source and federation split", factory=DataConfig)
     federation: FederationConfig = _help("rounds and client sampling", factory=FederationConfig)
     training: TrainingConfig = _help("local training on each client", factory=TrainingConfig)
+    dpo: DpoConfig = _help("DPO objective (task: dpo)", factory=DpoConfig)
     eval: EvalConfig = _help("evaluation", factory=EvalConfig)
 
     def __post_init__(self) -> None:

@@ -26,10 +26,12 @@ from defenses import sanitize, weighted_mean
 from fedsec.adapter import AdapterParams
 from fedsec.config import ExperimentConfig
 from fedsec.data import FederatedData, build_federated_data
-from fedsec.encoding import Encoded, encode_all
+from fedsec.encoding import encode_all, encode_prompt
 from fedsec.errors import ConfigError
-from fedsec.evaluation import EvalSet, build_eval_set, evaluate, evaluate_groups
+from fedsec.evaluation import (EvalSet, build_eval_set, evaluate, evaluate_groups,
+                               preference_metrics, refusal_rate)
 from fedsec.models import attach_lora, load_base_model
+from fedsec.objectives import DpoObjective, PairItem, SftObjective, encode_pair, with_reference
 from fedsec.results import ClientUpdate, RoundResult, RunResult
 from fedsec.rundir import RunDir, default_run_dir, latest_run_dir
 from fedsec.seeding import derive_seed, torch_generator
@@ -49,10 +51,12 @@ class Setup:
     tokenizer: object
     trainer: LocalTrainer
     data: FederatedData
-    train_sets: list[list[Encoded]]
+    train_sets: list[list]  # per client: Encoded (sft) or PairItem (dpo), tokenized once
     global_eval: EvalSet
     client_eval: EvalSet | None
     local_only: list[int] = field(default_factory=list)
+    preference_eval: list[PairItem] = field(default_factory=list)
+    probe_prompts: list[list[int]] = field(default_factory=list)
 
     @property
     def pad_id(self) -> int:
@@ -64,7 +68,7 @@ class Setup:
 
 
 def prepare(cfg: ExperimentConfig) -> Setup:
-    data = build_federated_data(cfg.data, cfg.seed)
+    data = build_federated_data(cfg.data, cfg.seed, cfg.task)
     num_clients = len(data.clients)
     fed = cfg.federation
     if fed.clients_per_round > num_clients:
@@ -75,8 +79,13 @@ def prepare(cfg: ExperimentConfig) -> Setup:
                           f"the data has {num_clients} clients; use at most that many or -1")
     model, tokenizer = load_base_model(cfg.model)
     model = attach_lora(model, cfg.lora, cfg.seed)
-    d = cfg.data
-    train_sets = [encode_all(c.train, tokenizer, d.template, d.max_length) for c in data.clients]
+    d, pad = cfg.data, tokenizer.pad_token_id
+    if cfg.task == "dpo":
+        objective = DpoObjective(pad, cfg.dpo.beta)
+        train_sets = [_pairs(model, c.preference, tokenizer, cfg) for c in data.clients]
+    else:
+        objective = SftObjective(pad)
+        train_sets = [encode_all(c.train, tokenizer, d.template, d.max_length) for c in data.clients]
     for client, encoded in zip(data.clients, train_sets):
         if not encoded:
             raise ConfigError("data.max_length", d.max_length,
@@ -88,9 +97,23 @@ def prepare(cfg: ExperimentConfig) -> Setup:
         tests = [(ex, c.client_id) for c in data.clients for ex in c.test]
         client_eval = build_eval_set([e for e, _ in tests], [g for _, g in tests], tokenizer,
                                      d.template, d.max_length, data.choices)
+    preference_eval = _pairs(model, data.preference_test, tokenizer, cfg) if cfg.task == "dpo" else []
+    probe_prompts = ([encode_prompt(p, tokenizer, d.template) for p in data.probes]
+                     if cfg.eval.refusal else [])
     local_only = list(range(num_clients if fed.local_only_clients == -1 else fed.local_only_clients))
-    trainer = LocalTrainer(model, cfg.training, tokenizer.pad_token_id)
-    return Setup(cfg, model, tokenizer, trainer, data, train_sets, global_eval, client_eval, local_only)
+    trainer = LocalTrainer(model, cfg.training, objective)
+    return Setup(cfg, model, tokenizer, trainer, data, train_sets, global_eval, client_eval, local_only,
+                 preference_eval, probe_prompts)
+
+
+def _pairs(model, examples, tokenizer, cfg: ExperimentConfig) -> list[PairItem]:
+    """Encode preference pairs and attach the reference policy's log-probabilities."""
+    d = cfg.data
+    pairs = [p for p in (encode_pair(e, tokenizer, d.template, d.max_length) for e in examples) if p]
+    if cfg.dpo.reference == "base":
+        with model.disable_adapter():
+            return with_reference(model, pairs, tokenizer.pad_token_id, cfg.eval.batch_size)
+    return with_reference(model, pairs, tokenizer.pad_token_id, cfg.eval.batch_size)
 
 
 # ---------------------------------------------------------------------------
@@ -104,7 +127,7 @@ def client_update(setup: Setup, start: torch.Tensor, client: int, lr: float, rou
                                  derive_seed(setup.cfg.seed, stream, round_idx, client),
                                  prox_mu=prox_mu, correction=correction)
     return ClientUpdate(client, result.delta, result.num_examples,
-                        {"loss": result.loss, "tokens": result.tokens})
+                        {"loss": result.loss, "loss_terms": result.loss_terms})
 
 
 def aggregate(updates: list[ClientUpdate], dim: int) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -120,10 +143,18 @@ def aggregate(updates: list[ClientUpdate], dim: int) -> tuple[torch.Tensor, tupl
 
 
 def evaluate_model(setup: Setup, vector: torch.Tensor) -> tuple[dict, dict | None]:
-    """Global and per-client evaluation of the adapter `vector`."""
+    """Global (and alignment) evaluation and per-client evaluation of the adapter `vector`."""
     setup.adapter.set(vector)
     batch = setup.cfg.eval.batch_size
-    global_eval = evaluate(setup.model, setup.global_eval, setup.pad_id, batch).as_dict()
+    global_eval: dict = {}
+    if setup.global_eval.encoded:
+        global_eval.update(evaluate(setup.model, setup.global_eval, setup.pad_id, batch).as_dict())
+    if setup.preference_eval:
+        global_eval["preference"] = preference_metrics(setup.model, setup.preference_eval,
+                                                       setup.pad_id, batch, setup.cfg.dpo.beta)
+    if setup.probe_prompts:
+        global_eval["refusal_rate"], _ = refusal_rate(setup.model, setup.tokenizer, setup.probe_prompts,
+                                                      setup.cfg.eval.max_new_tokens, batch)
     if setup.client_eval is None:
         return global_eval, None
     per_client = evaluate_groups(setup.model, setup.client_eval, setup.pad_id, batch)
@@ -221,8 +252,8 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
 
         due = (round_idx + 1) % cfg.eval.every == 0 or round_idx + 1 == fed.rounds
         global_eval, clients_eval = evaluate_model(setup, global_vec) if due else (None, None)
-        tokens = sum(u.metrics["tokens"] for u in updates)
-        train_loss = sum(u.metrics["loss"] * u.metrics["tokens"] for u in updates) / max(tokens, 1)
+        terms = sum(u.metrics["loss_terms"] for u in updates)
+        train_loss = sum(u.metrics["loss"] * u.metrics["loss_terms"] for u in updates) / max(terms, 1)
         result = RoundResult(round_idx + 1, lr, tuple(sampled), train_loss, rejected,
                              time.perf_counter() - started, global_eval, clients_eval)
         run.append_metrics(result.as_dict())
@@ -254,10 +285,9 @@ def finish(setup: Setup, run: RunDir, global_vec: torch.Tensor, local: dict) -> 
             global_eval, own = evaluate_model(setup, vec)
             own_eval = own["per_client"].get(str(c)) if own else None
             per_client[str(c)] = {"global_eval": global_eval, "own_test": own_eval}
-        accs = [v["global_eval"]["accuracy"] for v in per_client.values()
-                if v["global_eval"]["accuracy"] is not None]
+        accs = [v["global_eval"].get("accuracy") for v in per_client.values()]
+        accs = [a for a in accs if a is not None]
         local_only = {"mean_accuracy": sum(accs) / len(accs) if accs else None,
-                      "mean_loss": sum(v["global_eval"]["loss"] for v in per_client.values()) / len(per_client),
                       "per_client": per_client}
         run.append_metrics({"phase": "local_only_final", "round": setup.cfg.federation.rounds,
                             **local_only})
@@ -282,7 +312,14 @@ def _line(done: int, total: int, result: RoundResult | None, global_eval: dict |
         if result.rejected:
             parts.append(f"rejected {list(result.rejected)}")
     if global_eval is not None:
-        parts.append(f"global acc {_fmt(global_eval['accuracy'])} loss {_fmt(global_eval['loss'])}")
+        if "accuracy" in global_eval:
+            parts.append(f"global acc {_fmt(global_eval['accuracy'])} loss {_fmt(global_eval['loss'])}")
+        if "preference" in global_eval:
+            pref = global_eval["preference"]
+            parts.append(f"pref acc {_fmt(pref['preference_accuracy'])} "
+                         f"margin {_fmt(pref['reward_margin'])}")
+        if "refusal_rate" in global_eval:
+            parts.append(f"refusal {_fmt(global_eval['refusal_rate'])}")
     if clients_eval is not None:
         parts.append(f"client acc mean {_fmt(clients_eval['mean_accuracy'])} "
                      f"min {_fmt(clients_eval['min_accuracy'])}")
@@ -294,14 +331,22 @@ def _line(done: int, total: int, result: RoundResult | None, global_eval: dict |
 def summary_lines(result: RunResult) -> list[str]:
     lines = [f"run directory: {result.run_dir}"]
     if result.untuned and result.final:
-        u, f = result.untuned["accuracy"], result.final["accuracy"]
-        if u is not None and f is not None:
-            lines.append(f"global test accuracy: untuned {u:.3f} -> FedAvg {f:.3f} ({f - u:+.3f})")
-        lines.append(f"global test loss:     untuned {result.untuned['loss']:.3f} -> FedAvg "
-                     f"{result.final['loss']:.3f}")
+        before, after = result.untuned, result.final
+        if before.get("accuracy") is not None and after.get("accuracy") is not None:
+            u, f = before["accuracy"], after["accuracy"]
+            lines.append(f"global test accuracy: untuned {u:.3f} -> federated {f:.3f} ({f - u:+.3f})")
+        if "loss" in before:
+            lines.append(f"global test loss:     untuned {before['loss']:.3f} -> federated "
+                         f"{after['loss']:.3f}")
+        if "preference" in before:
+            u, f = (before["preference"]["preference_accuracy"], after["preference"]["preference_accuracy"])
+            lines.append(f"preference accuracy:  untuned {_fmt(u)} -> federated {_fmt(f)}")
+        if "refusal_rate" in before:
+            lines.append(f"refusal rate (unsafe probes): untuned {_fmt(before['refusal_rate'])} -> "
+                         f"federated {_fmt(after['refusal_rate'])}")
     if result.local_only:
         per = result.local_only["per_client"]
-        accs = " ".join(_fmt(v["global_eval"]["accuracy"]) for v in per.values())
+        accs = " ".join(_fmt(v["global_eval"].get("accuracy")) for v in per.values())
         lines.append(f"local-only ({len(per)} clients, each trained alone): mean global accuracy "
                      f"{_fmt(result.local_only['mean_accuracy'])}  [{accs}]")
     return lines

@@ -202,8 +202,30 @@ def attach_lora(model, cfg: LoraConfig, seed: int):
     except ValueError as err:
         raise ConfigError("lora.target_modules", list(cfg.target_modules),
                           f"not found in the model ({str(err).splitlines()[0][:120]})") from None
+    if cfg.init_from is not None:
+        _load_adapter(peft_model, Path(cfg.init_from))
     if cfg.freeze_a:  # FFA-LoRA: A stays at its (seed-shared) random init
         for name, param in peft_model.named_parameters():
             if "lora_A" in name:
                 param.requires_grad_(False)
     return peft_model
+
+
+def _load_adapter(peft_model, folder: Path) -> None:
+    """Load saved LoRA weights (peft's adapter_model.safetensors) into the adapter."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise ConfigError("lora.init_from", str(folder), "has no adapter_model.safetensors; give a "
+                          "run's adapter/ folder")
+    try:
+        result = set_peft_model_state_dict(peft_model, load_file(weights))
+    except RuntimeError as err:
+        raise ConfigError("lora.init_from", str(folder), f"does not fit this adapter "
+                          f"({str(err).splitlines()[0][:120]}); use the same rank and modules") from None
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing:
+        raise ConfigError("lora.init_from", str(folder), f"lacks {len(missing)} adapter tensors "
+                          f"(e.g. {missing[0]}); use the same target modules and layers")

@@ -18,7 +18,7 @@ import torch
 
 from fedsec.adapter import AdapterParams
 from fedsec.config import TrainingConfig
-from fedsec.encoding import IGNORE, Encoded, collate
+from fedsec.encoding import IGNORE
 from fedsec.seeding import scoped_torch_seed
 
 
@@ -73,19 +73,19 @@ def completion_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
 class LocalResult:
     delta: torch.Tensor
     num_examples: int
-    loss: float  # mean target-token loss over the client's steps
+    loss: float  # mean loss per term (target token for SFT, pair for DPO) over the steps
     steps: int
-    tokens: int
+    loss_terms: int
 
 
 class BatchStream:
     """Endless batches of a dataset: reshuffled each pass, from an explicit generator."""
 
-    def __init__(self, data: Sequence[Encoded], batch_size: int, generator: torch.Generator):
+    def __init__(self, data: Sequence, batch_size: int, generator: torch.Generator):
         self.data, self.size, self.gen = data, min(batch_size, len(data)), generator
         self.order: list[int] = []
 
-    def next(self) -> list[Encoded]:
+    def next(self) -> list:
         if len(self.order) < self.size:
             self.order += torch.randperm(len(self.data), generator=self.gen).tolist()
         picked, self.order = self.order[: self.size], self.order[self.size:]
@@ -93,13 +93,17 @@ class BatchStream:
 
 
 class LocalTrainer:
-    """Trains the model's adapter for one client at a time; holds no client state."""
+    """Trains the model's adapter for one client at a time; holds no client state.
 
-    def __init__(self, model, cfg: TrainingConfig, pad_id: int):
-        self.model, self.cfg, self.pad_id = model, cfg, pad_id
+    `objective.loss(model, items) -> (summed loss, number of terms)` is the only
+    thing SFT and DPO do differently (see fedsec.objectives).
+    """
+
+    def __init__(self, model, cfg: TrainingConfig, objective):
+        self.model, self.cfg, self.objective = model, cfg, objective
         self.adapter = AdapterParams(model)
 
-    def train(self, start: torch.Tensor, data: Sequence[Encoded], lr: float, seed: int,
+    def train(self, start: torch.Tensor, data: Sequence, lr: float, seed: int,
               prox_mu: float = 0.0, correction: torch.Tensor | None = None) -> LocalResult:
         """Train from `start` for `local_steps` steps; returns the adapter delta.
 
@@ -122,7 +126,7 @@ class LocalTrainer:
             with scoped_torch_seed(seed):
                 for _ in range(cfg.local_steps):
                     for _ in range(cfg.grad_accum):
-                        loss_sum, n = completion_loss(self.model, collate(stream.next(), self.pad_id))
+                        loss_sum, n = self.objective.loss(self.model, stream.next())
                         (loss_sum / max(n, 1) / cfg.grad_accum).backward()
                         total_loss += float(loss_sum.detach())
                         total_tokens += n

@@ -12,6 +12,7 @@ from fedsec.loop import run_experiment
 from fedsec.models import attach_lora, load_base_model
 from fedsec.scaffold import VariateStore, client_variate, server_variate
 from fedsec.server import AdaptiveServer, FedAvgMServer, FedAvgServer, make_server_optimizer
+from fedsec.objectives import SftObjective
 from fedsec.training import LocalTrainer
 
 from conftest import tiny_config
@@ -101,7 +102,7 @@ def test_variate_store_reads_only_earlier_rounds(tmp_path):
 def _trainer():
     model, tok = load_base_model(ModelConfig(name="tiny"))
     model = attach_lora(model, LoraConfig(rank=2, alpha=4), seed=0)
-    return LocalTrainer(model, TrainingConfig(local_steps=1, batch_size=2), tok.pad_token_id)
+    return LocalTrainer(model, TrainingConfig(local_steps=1, batch_size=2), SftObjective(tok.pad_token_id))
 
 
 def test_prox_and_scaffold_terms_are_added_to_the_gradient():
@@ -134,7 +135,7 @@ def test_ffa_lora_trains_b_only_and_keeps_a_fixed():
     assert all(p.abs().sum() > 0 for p in a_before.values())  # random A, shared via the seed
     data = encode_all(make_benchmark(BenchmarkConfig(num_clients=1, examples_per_client=6), 0)
                       .clients[0].train, tok, "chat", 160)
-    trainer = LocalTrainer(model, TrainingConfig(local_steps=2, batch_size=3, lr=1e-2), tok.pad_token_id)
+    trainer = LocalTrainer(model, TrainingConfig(local_steps=2, batch_size=3, lr=1e-2), SftObjective(tok.pad_token_id))
     start = trainer.adapter.get()
     deltas = [trainer.train(start, data, 1e-2, seed=s).delta for s in range(3)]
     assert all(torch.equal(named[n].detach(), a) for n, a in a_before.items())

@@ -10,6 +10,7 @@ from fedsec.data.benchmark import make_benchmark
 from fedsec.config import BenchmarkConfig
 from fedsec.encoding import IGNORE, collate, encode, encode_all
 from fedsec.models import attach_lora, load_base_model
+from fedsec.objectives import SftObjective
 from fedsec.training import LocalTrainer, completion_loss, cosine_lr
 
 
@@ -55,7 +56,7 @@ def test_completion_loss_equals_transformers_loss():
 def test_local_training_is_deterministic_and_lowers_the_loss():
     model, tok = _tiny()
     data = _data(tok)
-    trainer = LocalTrainer(model, TrainingConfig(local_steps=6, batch_size=4, lr=3e-3), tok.pad_token_id)
+    trainer = LocalTrainer(model, TrainingConfig(local_steps=6, batch_size=4, lr=3e-3), SftObjective(tok.pad_token_id))
     start = trainer.adapter.get()
     a = trainer.train(start, data, 3e-3, seed=11)
     b = trainer.train(start, data, 3e-3, seed=11)
@@ -87,7 +88,7 @@ def test_lora_step_trains_adapter_only_and_base_weights_never_change(quantizatio
     assert any(g.abs().sum() > 0 for name, g in grads.items() if "lora_B" in name)
     # snapshot after the first forward: bitsandbytes repacks 4-bit weights for the CPU kernel once
     base_before = {n: snapshot(p) for n, p in model.named_parameters() if not p.requires_grad}
-    trainer = LocalTrainer(model, TrainingConfig(local_steps=3, batch_size=4, lr=1e-2), tok.pad_token_id)
+    trainer = LocalTrainer(model, TrainingConfig(local_steps=3, batch_size=4, lr=1e-2), SftObjective(tok.pad_token_id))
     result = trainer.train(trainer.adapter.get(), _data(tok), 1e-2, seed=0)
     assert result.delta.abs().sum() > 0
     for name, p in model.named_parameters():

@@ -12,7 +12,7 @@ import numpy as np
 from fedsec.config import DataConfig
 from fedsec.data import partition
 from fedsec.data.benchmark import make_benchmark
-from fedsec.data.loaders import read_records, spec_for, to_sft_examples
+from fedsec.data.loaders import read_records, spec_for, to_preference_examples, to_sft_examples
 from fedsec.data.schema import ClientData, FederatedData, SftExample
 from fedsec.errors import ConfigError
 from fedsec.seeding import numpy_generator
@@ -20,14 +20,19 @@ from fedsec.seeding import numpy_generator
 __all__ = ["build_federated_data", "split_clients", "FederatedData", "ClientData"]
 
 
-def build_federated_data(cfg: DataConfig, seed: int) -> FederatedData:
+def build_federated_data(cfg: DataConfig, seed: int, task: str = "sft") -> FederatedData:
+    """Clients, test sets and extras for `task` (sft: instruction/chat; dpo: preference)."""
     if cfg.source == "embedded":
         return make_benchmark(cfg.benchmark, seed)
-    spec = spec_for(cfg.source, "instruction", cfg.fields)
+    kind = "preference" if task == "dpo" else "instruction"
+    spec = spec_for(cfg.source, kind, cfg.fields)
+    if (spec.task == "preference") != (task == "dpo"):
+        raise ConfigError("data.source", cfg.source, f"is {spec.task} data, which task {task} "
+                          "cannot train on; choose the matching task or dataset")
     rows = read_records(cfg.source, cfg.split if cfg.split != "train" else spec.split)
     if cfg.max_examples is not None:
         rows = rows[: cfg.max_examples]
-    examples = to_sft_examples(rows, spec)
+    examples = to_preference_examples(rows, spec) if task == "dpo" else to_sft_examples(rows, spec)
     if len(examples) < 2:
         raise ConfigError("data.source", cfg.source, f"has {len(examples)} usable examples; need >= 2")
     rng = numpy_generator(seed, "global-split")
@@ -45,9 +50,14 @@ def build_federated_data(cfg: DataConfig, seed: int) -> FederatedData:
         n_local_test = int(round(cfg.client_test_fraction * len(local))) if len(local) > 1 else 0
         perm = numpy_generator(seed, "client-split", cid).permutation(len(local))
         held = set(perm[:n_local_test].tolist())
-        clients.append(ClientData(cid, f"client{cid:03d}",
-                                  tuple(e for i, e in enumerate(local) if i not in held),
-                                  tuple(e for i, e in enumerate(local) if i in held)))
+        train = tuple(e for i, e in enumerate(local) if i not in held)
+        held_out = tuple(e for i, e in enumerate(local) if i in held)
+        if task == "dpo":
+            clients.append(ClientData(cid, f"client{cid:03d}", (), (), train))
+        else:
+            clients.append(ClientData(cid, f"client{cid:03d}", train, held_out))
+    if task == "dpo":
+        return FederatedData(tuple(clients), (), None, preference_test=test)
     return FederatedData(tuple(clients), test, cfg.choices)
 
 

@@ -217,5 +217,6 @@ def make_benchmark(cfg: BenchmarkConfig, seed: int) -> FederatedData:
         headline_example(rng, SECTOR_NAMES[i % len(SECTOR_NAMES)], LABELS[(i // len(SECTOR_NAMES)) % 3])
         for i in range(cfg.test_size)
     )
+    preference_test = _preference_pairs(numpy_generator(seed, "preference-test"), global_test)
     return FederatedData(tuple(clients), global_test, LABELS,
-                              unsafe_probes(seed, cfg.num_probes), canaries)
+                         unsafe_probes(seed, cfg.num_probes), canaries, preference_test)

@@ -62,8 +62,8 @@ class Canary:
 class ClientData:
     client_id: int
     name: str
-    train: tuple[InstructionExample, ...]
-    test: tuple[InstructionExample, ...]
+    train: tuple[SftExample, ...]
+    test: tuple[SftExample, ...]
     preference: tuple[PreferenceExample, ...] = ()
 
 
@@ -76,3 +76,4 @@ class FederatedData:
     choices: tuple[str, ...] | None
     probes: tuple[InstructionExample, ...] = ()
     canaries: tuple[Canary, ...] = ()
+    preference_test: tuple[PreferenceExample, ...] = ()

@@ -1,0 +1,93 @@
+"""Training objectives: what differs between SFT and DPO, and nothing else.
+
+The local trainer and the round loop are shared; an objective turns a batch of
+pre-encoded items into (summed loss, number of loss terms).
+
+- SFT: completion-only cross-entropy, summed over target tokens.
+- DPO (Rafailov et al. 2023, "Direct Preference Optimization", eq. 7):
+      L = -log sigmoid(beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))])
+  summed over pairs. Reference log-probabilities are fixed for the whole run (the
+  base model with the adapter disabled, or the adapter the run starts from), so
+  they are computed once at setup, never per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from fedsec.data.schema import InstructionExample, PreferenceExample
+from fedsec.encoding import Encoded, collate, encode
+from fedsec.training import completion_loss, target_logprobs
+
+
+@dataclass(frozen=True)
+class PairItem:
+    chosen: Encoded
+    rejected: Encoded
+    ref_chosen: float = 0.0  # log ref(y_w | x), summed over response tokens
+    ref_rejected: float = 0.0
+
+
+def dpo_losses(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+               ref_rejected: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-pair DPO loss from sequence log-probabilities (eq. 7)."""
+    return -F.logsigmoid(beta * ((pi_chosen - ref_chosen) - (pi_rejected - ref_rejected)))
+
+
+def implicit_rewards(pi: torch.Tensor, ref: torch.Tensor, beta: float) -> torch.Tensor:
+    """DPO's implicit reward r(x, y) = beta * (log pi(y|x) - log ref(y|x))."""
+    return beta * (pi - ref)
+
+
+def sequence_logprobs(model, items: Sequence[Encoded], pad_id: int) -> torch.Tensor:
+    """Sum of target-token log-probabilities of each sequence."""
+    logp, rows = target_logprobs(model, collate(items, pad_id))
+    return torch.zeros(len(items), dtype=logp.dtype).index_add(0, rows, logp)
+
+
+def encode_pair(example: PreferenceExample, tokenizer, template: str, max_length: int) -> PairItem | None:
+    """Both completions of a preference pair, each with the prompt masked."""
+    chosen = encode(InstructionExample(example.prompt, example.chosen, example.system), tokenizer,
+                    template, max_length)
+    rejected = encode(InstructionExample(example.prompt, example.rejected, example.system), tokenizer,
+                      template, max_length)
+    if chosen is None or rejected is None:
+        return None
+    return PairItem(chosen, rejected)
+
+
+@torch.no_grad()
+def with_reference(model, pairs: Sequence[PairItem], pad_id: int, batch_size: int) -> list[PairItem]:
+    """The pairs with reference log-probabilities under the model as it is now."""
+    out = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start: start + batch_size]
+        logps = sequence_logprobs(model, [p.chosen for p in chunk] + [p.rejected for p in chunk], pad_id)
+        for i, pair in enumerate(chunk):
+            out.append(PairItem(pair.chosen, pair.rejected, float(logps[i]), float(logps[len(chunk) + i])))
+    return out
+
+
+class SftObjective:
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def loss(self, model, items: Sequence[Encoded]) -> tuple[torch.Tensor, int]:
+        return completion_loss(model, collate(items, self.pad_id))
+
+
+class DpoObjective:
+    def __init__(self, pad_id: int, beta: float):
+        self.pad_id, self.beta = pad_id, beta
+
+    def loss(self, model, items: Sequence[PairItem]) -> tuple[torch.Tensor, int]:
+        logps = sequence_logprobs(model, [p.chosen for p in items] + [p.rejected for p in items],
+                                  self.pad_id)
+        n = len(items)
+        ref_c = torch.tensor([p.ref_chosen for p in items], dtype=logps.dtype)
+        ref_r = torch.tensor([p.ref_rejected for p in items], dtype=logps.dtype)
+        return dpo_losses(logps[:n], logps[n:], ref_c, ref_r, self.beta).sum(), n

@@ -1,0 +1,134 @@
+"""Federated DPO: the loss against its formula, the reference policy, and full runs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from fedsec.config import ALGORITHMS, BenchmarkConfig, LoraConfig, ModelConfig
+from fedsec.data.benchmark import make_benchmark
+from fedsec.encoding import collate
+from fedsec.evaluation import is_refusal, refusal_rate
+from fedsec.encoding import encode_prompt
+from fedsec.loop import run_experiment
+from fedsec.models import attach_lora, load_base_model
+from fedsec.objectives import DpoObjective, dpo_losses, encode_pair, sequence_logprobs, with_reference
+
+from conftest import tiny_config
+
+DPO = {"task": "dpo", "dpo": {"beta": 0.5, "reference": "base"}}
+
+
+def test_dpo_loss_on_hand_computed_log_probabilities():
+    loss = dpo_losses(torch.tensor([-2.0, -1.0]), torch.tensor([-3.0, -1.0]),
+                      torch.tensor([-2.5, -4.0]), torch.tensor([-2.5, -1.0]), beta=0.1)
+    # pair 1: 0.1 * ((-2 + 2.5) - (-3 + 2.5)) = 0.1;  pair 2: 0.1 * ((-1 + 4) - 0) = 0.3
+    expected = torch.tensor([math.log1p(math.exp(-0.1)), math.log1p(math.exp(-0.3))])
+    torch.testing.assert_close(loss, expected)
+
+
+def _tiny():
+    model, tok = load_base_model(ModelConfig(name="tiny"))
+    return attach_lora(model, LoraConfig(rank=2, alpha=4), seed=0), tok
+
+
+def test_sequence_logprobs_equal_a_manual_sum_over_response_tokens():
+    model, tok = _tiny()
+    bench = make_benchmark(BenchmarkConfig(num_clients=1, examples_per_client=4), 0)
+    pair = encode_pair(bench.clients[0].preference[0], tok, "chat", 256)
+    with torch.no_grad():
+        ours = sequence_logprobs(model, [pair.chosen], tok.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=pair.chosen.input_ids[None]).logits[0].log_softmax(-1)
+    ids, labels = pair.chosen.input_ids, pair.chosen.labels
+    manual = sum(float(logits[t - 1, ids[t]]) for t in range(1, len(ids)) if labels[t] != -100)
+    assert abs(float(ours[0]) - manual) < 1e-4
+
+
+def test_dpo_loss_at_the_reference_is_log_2():
+    model, tok = _tiny()  # fresh adapter: B = 0, so the policy equals the base model
+    bench = make_benchmark(BenchmarkConfig(num_clients=1, examples_per_client=6), 0)
+    pairs = [encode_pair(p, tok, "chat", 256) for p in bench.clients[0].preference]
+    with model.disable_adapter():
+        pairs = with_reference(model, pairs, tok.pad_token_id, 4)
+    with torch.no_grad():
+        loss_sum, n = DpoObjective(tok.pad_token_id, beta=0.1).loss(model, pairs)
+    assert n == len(pairs)
+    assert abs(float(loss_sum) / n - math.log(2)) < 1e-5
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_every_algorithm_runs_dpo(tmp_path, algorithm):
+    cfg = tiny_config(tmp_path, federation={"rounds": 2, "clients_per_round": 2, "algorithm": algorithm},
+                      training={"local_steps": 2, "batch_size": 2, "lr": 5e-3}, **DPO)
+    result = run_experiment(cfg, out=tmp_path / "run", progress=False, log=lambda s: None)
+    before, after = result.untuned["preference"], result.final["preference"]
+    assert before["n"] == after["n"] >= 8  # of 9; pairs longer than max_length are dropped
+    assert before["reward_margin"] == 0.0  # untuned policy == reference
+    assert after["reward_margin"] != 0.0 and math.isfinite(after["reward_margin"])
+
+
+def test_local_dpo_training_raises_the_margin_on_its_pairs():
+    from fedsec.config import TrainingConfig
+    from fedsec.evaluation import preference_metrics
+    from fedsec.training import LocalTrainer
+
+    model, tok = _tiny()
+    bench = make_benchmark(BenchmarkConfig(num_clients=1, examples_per_client=12), 0)
+    pairs = [encode_pair(p, tok, "chat", 256) for p in bench.clients[0].preference]
+    with model.disable_adapter():
+        pairs = with_reference(model, pairs, tok.pad_token_id, 8)
+    objective = DpoObjective(tok.pad_token_id, beta=0.5)
+    trainer = LocalTrainer(model, TrainingConfig(local_steps=8, batch_size=4, lr=2e-2), objective)
+    start = trainer.adapter.get()
+    before = preference_metrics(model, pairs, tok.pad_token_id, 8, 0.5)
+    result = trainer.train(start, pairs, 2e-2, seed=0)
+    trainer.adapter.set(start + result.delta)
+    after = preference_metrics(model, pairs, tok.pad_token_id, 8, 0.5)
+    with torch.no_grad():
+        loss_after = float(objective.loss(model, pairs)[0]) / len(pairs)
+    assert before["reward_margin"] == 0.0 and before["preference_accuracy"] == 0.0
+    assert after["reward_margin"] > 0 and after["preference_accuracy"] > 0.5
+    assert loss_after < math.log(2)
+
+
+def test_sft_then_dpo_with_the_initial_adapter_as_reference(tmp_path):
+    sft = tiny_config(tmp_path, federation={"rounds": 1, "clients_per_round": 2},
+                      training={"local_steps": 2, "batch_size": 4, "lr": 1e-2})
+    run_experiment(sft, out=tmp_path / "sft", progress=False, log=lambda s: None)
+    dpo = tiny_config(tmp_path, task="dpo", dpo={"beta": 0.1, "reference": "initial"},
+                      lora={"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"],
+                            "init_from": str(tmp_path / "sft" / "adapter")},
+                      federation={"rounds": 1, "clients_per_round": 2})
+    result = run_experiment(dpo, out=tmp_path / "dpo", progress=False, log=lambda s: None)
+    # the run starts from the SFT adapter, which is also the reference: margin exactly 0
+    assert abs(result.untuned["preference"]["reward_margin"]) < 1e-6
+    sft_final = json.loads((tmp_path / "sft" / "result.json").read_text())["final"]
+    assert abs(result.untuned["loss"] - sft_final["loss"]) < 1e-5
+
+
+def test_dpo_on_a_local_preference_file(tmp_path):
+    rows = [{"prompt": f"Is {i} even?", "chosen": "yes" if i % 2 == 0 else "no",
+             "rejected": "no" if i % 2 == 0 else "yes", "user": f"u{i % 3}"} for i in range(30)]
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tiny_config(tmp_path, task="dpo", data={"source": str(path), "fields": {"user": "user"}},
+                      federation={"rounds": 1, "clients_per_round": 3}, eval={"clients": False})
+    result = run_experiment(cfg, out=tmp_path / "run", progress=False, log=lambda s: None)
+    assert result.final["preference"]["n"] == 3  # 10% held out
+
+
+def test_refusal_rule_and_generation():
+    assert is_refusal("I can't help with that.") and is_refusal("Sorry, no.")
+    assert not is_refusal("Sure, here is the press release:")
+    model, tok = _tiny()
+    bench = make_benchmark(BenchmarkConfig(num_clients=1, num_probes=3), 0)
+    prompts = [encode_prompt(p, tok, "chat") for p in bench.probes]
+    rate, replies = refusal_rate(model, tok, prompts, max_new_tokens=5, batch_size=2)
+    assert len(replies) == 3 and rate == sum(map(is_refusal, replies)) / 3
+    # left padding in a batch must not change a reply: compare with unbatched generation
+    alone = [refusal_rate(model, tok, [p], max_new_tokens=5, batch_size=1)[1][0] for p in prompts]
+    assert replies == alone
