@@ -1,6 +1,7 @@
 """The `fedsec` command line.
 
   fedsec run CONFIG [--set key=value ...] [--out DIR] [--resume]
+  fedsec sweep SPEC                               variants x seeds, with a results table
   fedsec config [CONFIG] [--set key=value ...]   print the resolved config, annotated
   fedsec datasets                                 list the datasets known by name
 
@@ -55,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("config", nargs="?", help="experiment YAML (default: all defaults)")
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
+    sweep = sub.add_parser("sweep", help="run named variants x seeds of one experiment",
+                           description="Expand a sweep file into runs under runs/<name>/, skip "
+                                       "finished runs, resume unfinished ones, and write "
+                                       "results.csv/json and summary.csv.")
+    sweep.add_argument("spec", help="sweep YAML, e.g. experiments/algorithms.yaml")
+    sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     sub.add_parser("datasets", help="list the datasets fedsec knows by name")
     return parser
 
@@ -67,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args)
         if args.command == "config":
             return _config(args)
+        if args.command == "sweep":
+            return _sweep(args)
         if args.command == "datasets":
             return _datasets()
         build_parser().print_help()
@@ -96,6 +106,16 @@ def _run(args) -> int:
         return 0
     for line in summary_lines(result):
         print(line)
+    return 0
+
+
+def _sweep(args) -> int:
+    from fedsec.sweep import run_sweep, summary_table
+
+    _quiet_libraries()
+    root = run_sweep(args.spec, progress=not args.no_progress)
+    print(f"sweep directory: {root}")
+    print(summary_table(root))
     return 0
 
 

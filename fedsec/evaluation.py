@@ -130,11 +130,13 @@ def evaluate_groups(model, data: EvalSet, pad_id: int, batch_size: int) -> dict[
 
 @torch.no_grad()
 def preference_metrics(model, pairs, pad_id: int, batch_size: int, beta: float) -> dict:
-    """Share of held-out pairs whose implicit reward ranks chosen above rejected,
-    and the mean reward margin (DPO's implicit reward, beta * log pi/ref)."""
+    """Share of held-out pairs whose implicit reward ranks chosen above rejected (0 for
+    the reference itself, as in TRL's rewards/accuracies), the mean reward margin
+    (DPO's implicit reward, beta * log pi/ref), and the reference-free share where the
+    policy gives the chosen reply the higher likelihood."""
     from fedsec.objectives import implicit_rewards, sequence_logprobs
 
-    margins = []
+    margins, raw = [], []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start: start + batch_size]
         logps = sequence_logprobs(model, [p.chosen for p in chunk] + [p.rejected for p in chunk], pad_id)
@@ -142,11 +144,15 @@ def preference_metrics(model, pairs, pad_id: int, batch_size: int, beta: float) 
         r_c = implicit_rewards(logps[:n], torch.tensor([p.ref_chosen for p in chunk]), beta)
         r_r = implicit_rewards(logps[n:], torch.tensor([p.ref_rejected for p in chunk]), beta)
         margins.append(r_c - r_r)
+        raw.append(logps[:n] - logps[n:])
     margin = torch.cat(margins) if margins else torch.zeros(0)
     if margin.numel() == 0:
-        return {"preference_accuracy": None, "reward_margin": None, "n": 0}
+        return {"preference_accuracy": None, "reward_margin": None, "likelihood_accuracy": None, "n": 0}
     return {"preference_accuracy": float((margin > 0).float().mean()),
-            "reward_margin": float(margin.mean()), "n": int(margin.numel())}
+            "reward_margin": float(margin.mean()),
+            # reference-free: the policy alone gives chosen the higher likelihood
+            "likelihood_accuracy": float((torch.cat(raw) > 0).float().mean()),
+            "n": int(margin.numel())}
 
 
 # Refusal markers of the AdvBench/GCG rule-based metric (Zou et al. 2023), as used by

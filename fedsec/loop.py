@@ -317,7 +317,8 @@ def _line(done: int, total: int, result: RoundResult | None, global_eval: dict |
         if "preference" in global_eval:
             pref = global_eval["preference"]
             parts.append(f"pref acc {_fmt(pref['preference_accuracy'])} "
-                         f"margin {_fmt(pref['reward_margin'])}")
+                         f"margin {_fmt(pref['reward_margin'])} "
+                         f"likelihood acc {_fmt(pref['likelihood_accuracy'])}")
         if "refusal_rate" in global_eval:
             parts.append(f"refusal {_fmt(global_eval['refusal_rate'])}")
     if clients_eval is not None:
@@ -340,7 +341,11 @@ def summary_lines(result: RunResult) -> list[str]:
                          f"{after['loss']:.3f}")
         if "preference" in before:
             u, f = (before["preference"]["preference_accuracy"], after["preference"]["preference_accuracy"])
-            lines.append(f"preference accuracy:  untuned {_fmt(u)} -> federated {_fmt(f)}")
+            lines.append(f"preference accuracy:  untuned {_fmt(u)} -> federated {_fmt(f)} "
+                         "(implicit reward of chosen > rejected)")
+            u, f = (before["preference"]["likelihood_accuracy"], after["preference"]["likelihood_accuracy"])
+            lines.append(f"likelihood accuracy:  untuned {_fmt(u)} -> federated {_fmt(f)} "
+                         "(policy prefers chosen, no reference)")
         if "refusal_rate" in before:
             lines.append(f"refusal rate (unsafe probes): untuned {_fmt(before['refusal_rate'])} -> "
                          f"federated {_fmt(after['refusal_rate'])}")

@@ -29,3 +29,27 @@ def test_cli_run_stop_and_resume_end_to_end(tmp_path):
     assert result["finished"] and result["rounds_done"] == 2
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_sweep_runs_skips_finished_and_writes_tables(tmp_path):
+    import csv
+
+    from fedsec.sweep import run_sweep
+
+    spec = tmp_path / "sweep.yaml"
+    base = {**TINY, "federation": {"rounds": 1, "clients_per_round": 2}}
+    spec.write_text(yaml.safe_dump({"name": "s", "base": base, "seeds": [0, 1],
+                                    "output_dir": str(tmp_path / "runs"),
+                                    "variants": {"avg": ["federation.algorithm=fedavg"],
+                                                 "adam": ["federation.algorithm=fedadam"]}},
+                                   sort_keys=False))
+    lines = []
+    root = run_sweep(spec, progress=False, log=lines.append)
+    rows = list(csv.DictReader((root / "results.csv").open()))
+    assert [(r["variant"], r["seed"]) for r in rows] == [("avg", "0"), ("avg", "1"), ("adam", "0"), ("adam", "1")]
+    summary = list(csv.DictReader((root / "summary.csv").open()))
+    accs = [float(r["final_accuracy"]) for r in rows[:2]]
+    assert abs(float(summary[0]["final_accuracy_mean"]) - sum(accs) / 2) < 1e-9
+    again = []
+    run_sweep(spec, progress=False, log=again.append)
+    assert sum("skipped" in line for line in again) == 4

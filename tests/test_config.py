@@ -94,3 +94,16 @@ def test_cli_datasets_lists_the_anchor_sets():
     for name in ("vicgalle/alpaca-gpt4", "Anthropic/hh-rlhf", "TIGER-Lab/MathInstruct",
                  "HuggingFaceH4/ultrafeedback_binarized", "FedLLM-Bench/Fed-Aya"):
         assert name in out
+
+
+def test_sweep_expands_variants_times_seeds_and_validates(tmp_path):
+    from fedsec.sweep import expand
+
+    root, runs, base_file, _ = expand("experiments/algorithms.yaml")
+    assert len(runs) == 7 * 3 and base_file.name == "quickstart.yaml"
+    assert runs[0].overrides[-1] == "seed=0" and "federation.local_only_clients=2" in runs[0].overrides
+    assert root.name == "algorithms"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nseeds: [0]\nvariants: {a: [lora.rank=2]}\nbse: {}\n")
+    with pytest.raises(ConfigError, match="sweep.bse"):
+        expand(bad)

@@ -1,0 +1,166 @@
+"""Sweeps: named variants of one base experiment, each over several seeds.
+
+A sweep file holds
+
+    name: algorithms
+    base: experiments/quickstart.yaml     # or an inline mapping
+    set: [federation.rounds=6]            # overrides for every run (optional)
+    seeds: [0, 1, 2]
+    variants:                             # name -> overrides
+      fedavg: [federation.algorithm=fedavg]
+      fedadam: [federation.algorithm=fedadam]
+
+and expands into one run per (variant, seed) under runs/<name>/<variant>-s<seed>/.
+Started again, a sweep skips finished runs and resumes unfinished ones. It writes
+results.csv and results.json (one row per run) and summary.csv (mean and standard
+deviation across seeds per variant), which the report builder can read.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from fedsec.config import ConfigError, load_config, read_yaml
+from fedsec.rundir import CONFIG, atomic_write_text
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    variant: str
+    seed: int
+    overrides: tuple[str, ...]
+    out: Path
+
+
+def expand(spec_path: str | Path) -> tuple[Path, list[SweepRun], Path | None, dict]:
+    """(sweep directory, runs, base config file or None, inline base mapping)."""
+    spec = read_yaml(spec_path)
+    for key in spec:
+        if key not in ("name", "base", "set", "seeds", "variants", "output_dir"):
+            raise ConfigError(f"sweep.{key}", spec[key], "unknown key; use name, base, set, seeds, "
+                              "variants, output_dir")
+    name = spec.get("name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError("sweep.name", name, "give the sweep a name")
+    base = spec.get("base", {})
+    base_file, base_raw = None, {}
+    if isinstance(base, str):
+        base_file = (Path(spec_path).parent / base) if not Path(base).exists() else Path(base)
+        if not base_file.is_file():
+            raise ConfigError("sweep.base", base, "no such file")
+    elif isinstance(base, dict):
+        base_raw = base
+    else:
+        raise ConfigError("sweep.base", base, "a YAML file path or an inline config mapping")
+    common = _overrides(spec.get("set", []), "sweep.set")
+    seeds = spec.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
+        raise ConfigError("sweep.seeds", seeds, "a non-empty list of integers >= 0")
+    variants = spec.get("variants")
+    if not isinstance(variants, dict) or not variants:
+        raise ConfigError("sweep.variants", variants, "a mapping of variant name -> list of key=value")
+    root = Path(spec.get("output_dir", "runs")) / name
+    runs = [SweepRun(str(v), seed, tuple(common + _overrides(o, f"sweep.variants.{v}") + [f"seed={seed}"]),
+                     root / f"{v}-s{seed}")
+            for v, o in variants.items() for seed in seeds]
+    return root, runs, base_file, base_raw
+
+
+def _overrides(value, field: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) and "=" in v for v in value):
+        raise ConfigError(field, value, "a list of key=value strings, e.g. [federation.rounds=6]")
+    return list(value)
+
+
+def run_sweep(spec_path: str | Path, progress: bool = True,
+              log: Callable[[str], None] = print) -> Path:
+    from tqdm import tqdm
+
+    from fedsec.config import ExperimentConfig, apply_override, from_mapping
+    from fedsec.loop import run_experiment
+
+    root, runs, base_file, base_raw = expand(spec_path)
+    configs = []
+    for run in runs:  # validate every run before starting any
+        if base_file is not None:
+            cfg = load_config(base_file, list(run.overrides))
+        else:
+            raw = base_raw
+            for assignment in run.overrides:
+                raw = apply_override(raw, assignment)
+            cfg = from_mapping(ExperimentConfig, raw)
+        configs.append(cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(runs), desc="sweep", unit="run", disable=not progress, dynamic_ncols=True)
+    for run, cfg in zip(runs, configs):
+        if (run.out / "result.json").is_file():
+            log(f"[sweep] {run.variant} seed {run.seed}: finished earlier, skipped")
+        else:
+            resume = (run.out / CONFIG).is_file()
+            log(f"[sweep] {run.variant} seed {run.seed}: {'resuming' if resume else 'starting'}")
+            run_experiment(cfg, out=run.out, resume=resume, progress=False,
+                           log=lambda line: log("    " + line))
+        bar.update(1)
+    bar.close()
+    write_tables(root, runs)
+    return root
+
+
+def write_tables(root: Path, runs: list[SweepRun]) -> None:
+    rows = []
+    for run in runs:
+        result = json.loads((run.out / "result.json").read_text(encoding="utf-8"))
+        final, untuned, local = result["final"] or {}, result["untuned"] or {}, result["local_only"]
+        pref = final.get("preference") or {}
+        rows.append({
+            "variant": run.variant, "seed": run.seed, "run_dir": str(run.out),
+            "untuned_accuracy": untuned.get("accuracy"), "final_accuracy": final.get("accuracy"),
+            "final_loss": final.get("loss"),
+            "local_only_accuracy": local["mean_accuracy"] if local else None,
+            "preference_accuracy": pref.get("preference_accuracy"),
+            "refusal_rate": final.get("refusal_rate"),
+        })
+    atomic_write_text(root / "results.json", json.dumps(rows, indent=2) + "\n")
+    _write_csv(root / "results.csv", rows)
+    summary = []
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        mine = [r for r in rows if r["variant"] == variant]
+        entry = {"variant": variant, "seeds": len(mine)}
+        for key in ("final_accuracy", "local_only_accuracy", "untuned_accuracy", "preference_accuracy"):
+            values = [r[key] for r in mine if r[key] is not None]
+            entry[f"{key}_mean"] = statistics.fmean(values) if values else None
+            entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else (0.0 if values else None)
+        summary.append(entry)
+    _write_csv(root / "summary.csv", summary)
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def summary_table(root: Path) -> str:
+    with (Path(root) / "summary.csv").open(encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+
+    def cell(row, key):
+        mean, std = row[f"{key}_mean"], row[f"{key}_std"]
+        return "" if mean == "" else f"{float(mean):.3f} ± {float(std):.3f}"
+
+    lines = ["| variant | seeds | final accuracy | local-only accuracy | untuned |", "|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['variant']} | {row['seeds']} | {cell(row, 'final_accuracy')} | "
+                     f"{cell(row, 'local_only_accuracy')} | {cell(row, 'untuned_accuracy')} |")
+    return "\n".join(lines)
