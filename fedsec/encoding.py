@@ -21,8 +21,10 @@ ALPACA = ("Below is an instruction that describes a task. Write a response that 
 
 @dataclass(frozen=True)
 class Encoded:
-    input_ids: torch.Tensor  # int64 [T]
-    labels: torch.Tensor  # int64 [T], IGNORE on prompt tokens
+    """One tokenized example, stored as int32 (half of int64's memory; batches are int64)."""
+
+    input_ids: torch.Tensor  # int32 [T]
+    labels: torch.Tensor  # int32 [T], IGNORE on prompt tokens
 
     @property
     def num_targets(self) -> int:
@@ -68,7 +70,7 @@ def encode(example: SftExample, tokenizer, template: str, max_length: int) -> En
     ids, labels = ids[:max_length], labels[:max_length]
     if all(t == IGNORE for t in labels[1:]):
         return None
-    return Encoded(torch.tensor(ids), torch.tensor(labels))
+    return Encoded(torch.tensor(ids, dtype=torch.int32), torch.tensor(labels, dtype=torch.int32))
 
 
 def encode_prompt(example: SftExample, tokenizer, template: str) -> list[int]:

@@ -130,6 +130,20 @@ def client_update(setup: Setup, start: torch.Tensor, client: int, lr: float, rou
                         {"loss": result.loss, "loss_terms": result.loss_terms})
 
 
+def scaffold_updates(setup: Setup, variates: VariateStore, c: torch.Tensor, start: torch.Tensor,
+                     sampled: list[int], lr: float, round_idx: int) -> tuple[list[ClientUpdate], torch.Tensor]:
+    """SCAFFOLD's client side for one round; returns the updates and the new server variate."""
+    updates, variate_deltas = [], []
+    for client in sampled:
+        c_i = variates.get(client, round_idx)
+        update = client_update(setup, start, client, lr, round_idx, correction=c - c_i)
+        new_c_i = client_variate(c_i, c, start, start + update.delta, setup.cfg.training.local_steps, lr)
+        variates.put(client, round_idx, new_c_i)
+        variate_deltas.append(new_c_i - c_i)
+        updates.append(update)
+    return updates, server_variate(c, variate_deltas, len(setup.train_sets))
+
+
 def aggregate(updates: list[ClientUpdate], dim: int) -> tuple[torch.Tensor, tuple[int, ...]]:
     """Sanitize, then FedAvg-weight the surviving deltas; returns (aggregate, rejected ids)."""
     checked = sanitize([u.delta for u in updates], dim)
@@ -234,17 +248,8 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
             updates = [client_update(setup, global_vec, c, lr, round_idx, prox_mu=prox_mu)
                        for c in sampled]
         else:
-            updates, variate_deltas = [], []
-            for c in sampled:
-                c_i = variates.get(c, round_idx)
-                result = client_update(setup, global_vec, c, lr, round_idx,
-                                       correction=server_variate_c - c_i)
-                new_c_i = client_variate(c_i, server_variate_c, global_vec, global_vec + result.delta,
-                                         cfg.training.local_steps, lr)
-                variates.put(c, round_idx, new_c_i)
-                variate_deltas.append(new_c_i - c_i)
-                updates.append(result)
-            server_variate_c = server_variate(server_variate_c, variate_deltas, len(setup.train_sets))
+            updates, server_variate_c = scaffold_updates(setup, variates, server_variate_c,
+                                                         global_vec, sampled, lr, round_idx)
         update, rejected = aggregate(updates, dim)
         global_vec = server.step(global_vec, update)
         for c in setup.local_only:

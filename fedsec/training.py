@@ -109,7 +109,10 @@ class LocalTrainer:
 
         prox_mu: FedProx (Li et al. 2020, eq. 2) adds (mu/2)||w - w_start||^2 to the
         objective; its gradient mu (w - w_start) is added to each step's gradient.
-        correction: SCAFFOLD's (c - c_i), added to each step's gradient.
+        correction: SCAFFOLD's (c - c_i). The update y <- y - lr (g - c_i + c) is split:
+        the optimizer takes its step on g, then y <- y - lr (c - c_i). Feeding the
+        correction through AdamW instead would let Adam's normalization rescale it,
+        and at these gradient sizes the correction would dominate the step.
         """
         if not data:
             raise ValueError("a client with no training examples cannot train")
@@ -130,11 +133,14 @@ class LocalTrainer:
                         (loss_sum / max(n, 1) / cfg.grad_accum).backward()
                         total_loss += float(loss_sum.detach())
                         total_tokens += n
-                    self._add_to_gradients(prox_mu, anchors, offsets)
+                    if anchors is not None:
+                        self._add_proximal_gradient(prox_mu, anchors)
                     if cfg.max_grad_norm is not None:
                         torch.nn.utils.clip_grad_norm_(self.adapter.params, cfg.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
+                    if offsets is not None:
+                        self._apply_correction(lr, offsets)
         finally:
             self.model.eval()
         delta = self.adapter.get() - start
@@ -142,13 +148,12 @@ class LocalTrainer:
                            total_tokens)
 
     @torch.no_grad()
-    def _add_to_gradients(self, prox_mu: float, anchors, offsets) -> None:
-        if anchors is None and offsets is None:
-            return
-        for i, p in enumerate(self.adapter.params):
-            extra = torch.zeros_like(p)
-            if anchors is not None:
-                extra += prox_mu * (p - anchors[i].to(p.dtype))
-            if offsets is not None:
-                extra += offsets[i].to(p.dtype)
+    def _add_proximal_gradient(self, prox_mu: float, anchors) -> None:
+        for p, anchor in zip(self.adapter.params, anchors):
+            extra = prox_mu * (p - anchor.to(p.dtype))
             p.grad = extra if p.grad is None else p.grad + extra
+
+    @torch.no_grad()
+    def _apply_correction(self, lr: float, offsets) -> None:
+        for p, offset in zip(self.adapter.params, offsets):
+            p.sub_(lr * offset.to(p.dtype))

@@ -105,7 +105,7 @@ def _trainer():
     return LocalTrainer(model, TrainingConfig(local_steps=1, batch_size=2), SftObjective(tok.pad_token_id))
 
 
-def test_prox_and_scaffold_terms_are_added_to_the_gradient():
+def test_prox_term_is_added_to_the_gradient():
     trainer = _trainer()
     params = trainer.adapter
     start = params.get()
@@ -113,12 +113,26 @@ def test_prox_and_scaffold_terms_are_added_to_the_gradient():
     params.set(moved)
     for p in params.params:
         p.grad = torch.zeros_like(p)
-    correction = torch.linspace(-1, 1, start.numel())
-    anchors = list(params.layout.unflatten(start).values())
-    offsets = list(params.layout.unflatten(correction).values())
-    trainer._add_to_gradients(0.2, anchors, offsets)
+    trainer._add_proximal_gradient(0.2, list(params.layout.unflatten(start).values()))
     grad = torch.cat([p.grad.reshape(-1) for p in params.params])
-    torch.testing.assert_close(grad, 0.2 * (moved - start) + correction)
+    torch.testing.assert_close(grad, 0.2 * (moved - start))
+
+
+def test_scaffold_correction_is_an_sgd_step_after_the_optimizer_step():
+    from fedsec.config import BenchmarkConfig
+    from fedsec.data.benchmark import make_benchmark
+    from fedsec.encoding import encode_all
+
+    trainer = _trainer()
+    _, tok = load_base_model(ModelConfig(name="tiny"))
+    data = encode_all(make_benchmark(BenchmarkConfig(num_clients=1, examples_per_client=4), 0)
+                      .clients[0].train, tok, "chat", 256)
+    start = trainer.adapter.get()
+    correction = torch.linspace(-1, 1, start.numel())
+    plain = trainer.train(start, data, 0.01, seed=5).delta
+    corrected = trainer.train(start, data, 0.01, seed=5, correction=correction).delta
+    # one local step: the AdamW step is the same, then y <- y - lr (c - c_i)
+    torch.testing.assert_close(corrected - plain, -0.01 * correction, rtol=0, atol=1e-6)
 
 
 def test_ffa_lora_trains_b_only_and_keeps_a_fixed():

@@ -1,0 +1,1 @@
+"""Performance benchmarks: scripts that print ratios measured in one run."""
