@@ -273,7 +273,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
         bar.refresh()
         if stop_after is not None and round_idx + 1 >= stop_after and round_idx + 1 < fed.rounds:
             bar.close()
-            return RunResult(str(run.path), round_idx + 1, False, None, None, None)
+            return RunResult(str(run.path), round_idx + 1, False, None, None, None, fed.algorithm)
     bar.close()
     return finish(setup, run, global_vec, local)
 
@@ -298,7 +298,8 @@ def finish(setup: Setup, run: RunDir, global_vec: torch.Tensor, local: dict) -> 
                             **local_only})
     setup.adapter.set(global_vec)
     setup.model.save_pretrained(run.path / "adapter")
-    result = RunResult(str(run.path), setup.cfg.federation.rounds, True, untuned, final, local_only)
+    result = RunResult(str(run.path), setup.cfg.federation.rounds, True, untuned, final, local_only,
+                       setup.cfg.federation.algorithm)
     run.write_json("result.json", asdict(result))
     return result
 
@@ -336,24 +337,25 @@ def _line(done: int, total: int, result: RoundResult | None, global_eval: dict |
 
 def summary_lines(result: RunResult) -> list[str]:
     lines = [f"run directory: {result.run_dir}"]
+    name = result.algorithm
     if result.untuned and result.final:
         before, after = result.untuned, result.final
         if before.get("accuracy") is not None and after.get("accuracy") is not None:
             u, f = before["accuracy"], after["accuracy"]
-            lines.append(f"global test accuracy: untuned {u:.3f} -> federated {f:.3f} ({f - u:+.3f})")
+            lines.append(f"global test accuracy: untuned {u:.3f} -> {name} {f:.3f} ({f - u:+.3f})")
         if "loss" in before:
-            lines.append(f"global test loss:     untuned {before['loss']:.3f} -> federated "
+            lines.append(f"global test loss:     untuned {before['loss']:.3f} -> {name} "
                          f"{after['loss']:.3f}")
         if "preference" in before:
             u, f = (before["preference"]["preference_accuracy"], after["preference"]["preference_accuracy"])
-            lines.append(f"preference accuracy:  untuned {_fmt(u)} -> federated {_fmt(f)} "
+            lines.append(f"preference accuracy:  untuned {_fmt(u)} -> {name} {_fmt(f)} "
                          "(implicit reward of chosen > rejected)")
             u, f = (before["preference"]["likelihood_accuracy"], after["preference"]["likelihood_accuracy"])
-            lines.append(f"likelihood accuracy:  untuned {_fmt(u)} -> federated {_fmt(f)} "
+            lines.append(f"likelihood accuracy:  untuned {_fmt(u)} -> {name} {_fmt(f)} "
                          "(policy prefers chosen, no reference)")
         if "refusal_rate" in before:
             lines.append(f"refusal rate (unsafe probes): untuned {_fmt(before['refusal_rate'])} -> "
-                         f"federated {_fmt(after['refusal_rate'])}")
+                         f"{name} {_fmt(after['refusal_rate'])}")
     if result.local_only:
         per = result.local_only["per_client"]
         accs = " ".join(_fmt(v["global_eval"].get("accuracy")) for v in per.values())

@@ -39,3 +39,4 @@ class RunResult:
     untuned: dict | None  # global eval of the base model with a zero adapter
     final: dict | None  # global eval of the final federated adapter
     local_only: dict | None  # {"mean_accuracy", "per_client": {...}}
+    algorithm: str = "fedavg"
