@@ -10,7 +10,6 @@ import torch
 
 from fedsec.config import ALGORITHMS, BenchmarkConfig, LoraConfig, ModelConfig
 from fedsec.data.benchmark import make_benchmark
-from fedsec.encoding import collate
 from fedsec.evaluation import is_refusal, refusal_rate
 from fedsec.encoding import encode_prompt
 from fedsec.loop import run_experiment
