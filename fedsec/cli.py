@@ -130,6 +130,8 @@ def _config(args) -> int:
 def _print_annotated(obj, cls, depth: int) -> None:
     import yaml
 
+    from fedsec.config import to_mapping
+
     pad = "  " * depth
     for f in dataclasses.fields(cls):
         value = getattr(obj, f.name)
@@ -138,8 +140,6 @@ def _print_annotated(obj, cls, depth: int) -> None:
             print(f"{pad}{f.name}:  # {help_text}")
             _print_annotated(value, type(value), depth + 1)
             continue
-        from fedsec.config import to_mapping
-
         shown = yaml.safe_dump(to_mapping(value), default_flow_style=True).strip()
         shown = shown.removesuffix("\n...").removesuffix("...").strip()
         print(f"{pad}{f.name}: {shown}  # {help_text}")

@@ -12,6 +12,7 @@ resumed from its checkpoint continues exactly as the uninterrupted run would.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -110,10 +111,9 @@ def _pairs(model, examples, tokenizer, cfg: ExperimentConfig) -> list[PairItem]:
     """Encode preference pairs and attach the reference policy's log-probabilities."""
     d = cfg.data
     pairs = [p for p in (encode_pair(e, tokenizer, d.template, d.max_length) for e in examples) if p]
-    if cfg.dpo.reference == "base":
-        with model.disable_adapter():
-            return with_reference(model, pairs, tokenizer.pad_token_id, cfg.eval.batch_size)
-    return with_reference(model, pairs, tokenizer.pad_token_id, cfg.eval.batch_size)
+    reference = model.disable_adapter() if cfg.dpo.reference == "base" else contextlib.nullcontext()
+    with reference:
+        return with_reference(model, pairs, tokenizer.pad_token_id, cfg.eval.batch_size)
 
 
 # ---------------------------------------------------------------------------
