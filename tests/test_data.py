@@ -5,16 +5,24 @@ import csv
 import gzip
 import json
 
+import numpy as np
 import pytest
+from conftest import shared_file
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedsec.config import BenchmarkConfig, DataConfig, from_mapping
 from fedsec.data import build_federated_data
-from fedsec.data.benchmark import LABELS, make_benchmark
-from fedsec.data.loaders import (KNOWN_DATASETS, read_file, spec_for, split_hh_rlhf,
-                                 to_preference_examples, to_sft_examples)
+from fedsec.data.benchmark import LABELS, balanced_label_counts, make_benchmark
+from fedsec.data.loaders import (
+    KNOWN_DATASETS,
+    read_file,
+    spec_for,
+    split_hh_rlhf,
+    to_preference_examples,
+    to_sft_examples,
+)
 from fedsec.errors import ConfigError
-
-from conftest import shared_file
 
 
 def test_benchmark_is_deterministic_by_seed():
@@ -170,3 +178,24 @@ def test_hub_name_without_network_is_one_line_error():
     with pytest.raises(ConfigError) as info:
         build_federated_data(cfg, seed=0)
     assert info.value.field == "data.source" and "\n" not in str(info.value)
+
+
+@settings(max_examples=40, deadline=None)
+@given(clients=st.integers(1, 30), alpha=st.floats(0.05, 5.0), seed=st.integers(0, 10_000))
+def test_balanced_label_counts_keep_sizes_and_balance_the_union(clients, alpha, seed):
+    rng = np.random.default_rng(seed)
+    mixes = rng.dirichlet(np.full(3, alpha), size=clients)
+    sizes = rng.integers(4, 60, size=clients).astype(float)
+    counts = balanced_label_counts(mixes, sizes)
+    assert (counts >= 0).all()
+    assert (counts.sum(1) == sizes.astype(int)).all()  # every client keeps its size
+    columns = counts.sum(0)
+    assert columns.max() - columns.min() <= clients + 1  # the union is label-balanced
+
+
+def test_benchmark_union_is_balanced_for_every_seed():
+    cfg = BenchmarkConfig(num_clients=8, examples_per_client=48, label_alpha=0.5)
+    for seed in range(5):
+        bench = make_benchmark(cfg, seed)
+        counts = collections.Counter(e.response for c in bench.clients for e in c.train)
+        assert max(counts.values()) - min(counts.values()) <= 8

@@ -5,7 +5,10 @@ eight sectors, each labelled positive, negative or neutral. The benchmark has
 
 - clients that are non-IID three ways: each client is one sector (its companies
   and events), has a skewed label mix drawn from Dirichlet(label_alpha), and a
-  size drawn from Dirichlet(size_alpha);
+  size drawn from Dirichlet(size_alpha); the mixes are then scaled (Sinkhorn) so
+  that the union of all clients' training data is label-balanced, like the global
+  test set: the skew is between clients, never a shifted prior over the whole
+  federation (which would reward predicting the majority label);
 - a balanced global test set over all sectors, and a held-out test set per client
   drawn from that client's own mix;
 - a preference split per client (prompt, chosen = the right label, rejected = a
@@ -23,8 +26,13 @@ from __future__ import annotations
 import numpy as np
 
 from fedsec.config import BenchmarkConfig
-from fedsec.data.schema import (Canary, ClientData, FederatedData, InstructionExample,
-                                PreferenceExample)
+from fedsec.data.schema import (
+    Canary,
+    ClientData,
+    FederatedData,
+    InstructionExample,
+    PreferenceExample,
+)
 from fedsec.seeding import numpy_generator
 
 LABELS = ("positive", "negative", "neutral")
@@ -152,7 +160,31 @@ def _client_sizes(rng: np.random.Generator, cfg: BenchmarkConfig) -> np.ndarray:
     return np.maximum(4, np.round(shares * total)).astype(int)
 
 
-def _draw(rng: np.random.Generator, sector: str, mix: np.ndarray, n: int) -> list[InstructionExample]:
+def balanced_label_counts(mixes: np.ndarray, sizes: np.ndarray, iters: int = 200) -> np.ndarray:
+    """Integer label counts [clients, labels] with row sums = sizes and near-equal column sums.
+
+    Sinkhorn scaling of the matrix sizes_i * mix_ik to row sums `sizes` and equal column
+    sums (which keeps each client's odds between labels), then largest-remainder
+    rounding per row. Column sums end within num_clients of equal.
+    """
+    counts = sizes[:, None] * (mixes + 1e-3)
+    column_target = sizes.sum() / mixes.shape[1]
+    for _ in range(iters):
+        counts *= column_target / counts.sum(0, keepdims=True)
+        counts *= sizes[:, None] / counts.sum(1, keepdims=True)
+    whole = np.floor(counts).astype(int)
+    for i in range(len(sizes)):
+        short = int(sizes[i] - whole[i].sum())
+        whole[i, np.argsort(whole[i] - counts[i])[:short]] += 1
+    return whole
+
+
+def _draw(rng: np.random.Generator, sector: str, counts: np.ndarray) -> list[InstructionExample]:
+    labels = rng.permutation(np.repeat(np.arange(len(LABELS)), counts))
+    return [headline_example(rng, sector, LABELS[i]) for i in labels]
+
+
+def _draw_from_mix(rng: np.random.Generator, sector: str, mix: np.ndarray, n: int) -> list[InstructionExample]:
     labels = rng.choice(len(LABELS), size=n, p=mix)
     return [headline_example(rng, sector, LABELS[i]) for i in labels]
 
@@ -200,16 +232,18 @@ def unsafe_probes(seed: int, n: int) -> tuple[InstructionExample, ...]:
 def make_benchmark(cfg: BenchmarkConfig, seed: int) -> FederatedData:
     """Generate the whole federated benchmark; the same (cfg, seed) gives the same data."""
     sizes = _client_sizes(numpy_generator(seed, "sizes"), cfg)
+    mixes = np.stack([_label_mix(numpy_generator(seed, "mix", cid), cfg.label_alpha)
+                      for cid in range(cfg.num_clients)])
+    counts = balanced_label_counts(mixes, sizes.astype(float))
     canaries = make_canaries(seed, cfg.num_clients, cfg.canaries_per_client)
     clients = []
     for cid in range(cfg.num_clients):
         rng = numpy_generator(seed, "client", cid)
         sector = SECTOR_NAMES[cid % len(SECTOR_NAMES)]
-        mix = _label_mix(rng, cfg.label_alpha)
-        train = _draw(rng, sector, mix, int(sizes[cid]))
+        train = _draw(rng, sector, counts[cid])
         for canary in (c for c in canaries if c.client_id == cid):
             train.extend([_canary_example(canary)] * cfg.canary_repeats)
-        test = tuple(_draw(rng, sector, mix, cfg.client_test_size))
+        test = tuple(_draw_from_mix(rng, sector, counts[cid] / counts[cid].sum(), cfg.client_test_size))
         clients.append(ClientData(cid, f"client{cid:03d}-{sector}", tuple(train), test,
                                   _preference_pairs(rng, tuple(train[: int(sizes[cid])]))))
     rng = numpy_generator(seed, "global-test")
