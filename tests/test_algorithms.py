@@ -6,16 +6,26 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_config
 
-from fedsec.config import ALGORITHMS, FederationConfig, LoraConfig, ModelConfig, TrainingConfig
+from fedsec.config import (
+    ALGORITHMS,
+    FederationConfig,
+    LoraConfig,
+    ModelConfig,
+    TrainingConfig,
+)
 from fedsec.loop import run_experiment
 from fedsec.models import attach_lora, load_base_model
-from fedsec.scaffold import VariateStore, client_variate, server_variate
-from fedsec.server import AdaptiveServer, FedAvgMServer, FedAvgServer, make_server_optimizer
 from fedsec.objectives import SftObjective
+from fedsec.scaffold import VariateStore, client_variate, server_variate
+from fedsec.server import (
+    AdaptiveServer,
+    FedAvgMServer,
+    FedAvgServer,
+    make_server_optimizer,
+)
 from fedsec.training import LocalTrainer
-
-from conftest import tiny_config
 
 X0 = torch.tensor([1.0, -1.0])
 D1 = torch.tensor([0.1, -0.2])

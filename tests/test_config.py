@@ -6,7 +6,13 @@ import sys
 import pytest
 import yaml
 
-from fedsec.config import (ExperimentConfig, apply_override, dump_config, from_mapping, load_config)
+from fedsec.config import (
+    ExperimentConfig,
+    apply_override,
+    dump_config,
+    from_mapping,
+    load_config,
+)
 from fedsec.errors import ConfigError
 
 

@@ -7,16 +7,21 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from fedsec.config import ALGORITHMS, BenchmarkConfig, LoraConfig, ModelConfig
 from fedsec.data.benchmark import make_benchmark
-from fedsec.evaluation import is_refusal, refusal_rate
 from fedsec.encoding import encode_prompt
+from fedsec.evaluation import is_refusal, refusal_rate
 from fedsec.loop import run_experiment
 from fedsec.models import attach_lora, load_base_model
-from fedsec.objectives import DpoObjective, dpo_losses, encode_pair, sequence_logprobs, with_reference
-
-from conftest import tiny_config
+from fedsec.objectives import (
+    DpoObjective,
+    dpo_losses,
+    encode_pair,
+    sequence_logprobs,
+    with_reference,
+)
 
 DPO = {"task": "dpo", "dpo": {"beta": 0.5, "reference": "base"}}
 

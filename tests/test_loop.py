@@ -4,21 +4,19 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from defenses import sanitize, weighted_mean
 from fedsec.adapter import AdapterParams
 from fedsec.data import build_federated_data
 from fedsec.encoding import collate, encode_all
 from fedsec.errors import ConfigError
-from fedsec.loop import run_experiment
+from fedsec.loop import aggregate, run_experiment
 from fedsec.models import attach_lora, load_base_model
 from fedsec.results import ClientUpdate
-from fedsec.loop import aggregate
 from fedsec.seeding import derive_seed, scoped_torch_seed
 from fedsec.server import sample_clients
 from fedsec.training import round_lr
-
-from conftest import tiny_config
 
 
 def _final(run_dir) -> torch.Tensor:

@@ -12,7 +12,12 @@ import numpy as np
 from fedsec.config import DataConfig
 from fedsec.data import partition
 from fedsec.data.benchmark import make_benchmark
-from fedsec.data.loaders import read_records, spec_for, to_preference_examples, to_sft_examples
+from fedsec.data.loaders import (
+    read_records,
+    spec_for,
+    to_preference_examples,
+    to_sft_examples,
+)
 from fedsec.data.schema import ClientData, FederatedData, SftExample
 from fedsec.errors import ConfigError
 from fedsec.seeding import numpy_generator

@@ -16,8 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from fedsec.data.schema import (ChatExample, InstructionExample, Message, PreferenceExample,
-                                SftExample)
+from fedsec.data.schema import (
+    ChatExample,
+    InstructionExample,
+    Message,
+    PreferenceExample,
+    SftExample,
+)
 from fedsec.errors import ConfigError
 
 
