@@ -1,5 +1,14 @@
 """Privacy accounting: per-round DP events, accountant backends, the ledger.
 
-Empty until the differential-privacy issue lands; until then fedsec prints no
-epsilon at all, because nothing could certify one.
+Each round of a user-level DP run is one Poisson-subsampled Gaussian event
+(`DpEvent`); `epsilon` turns a history of events into epsilon with Opacus' RDP or
+PRV accountant or dp-accounting's PLD accountant; `calibrate` finds the noise
+multiplier for a target epsilon; `PrivacyLedger` keeps a run's events and its
+epsilon after every round.
 """
+
+from accountants.backends import ACCOUNTANTS, DpEvent, calibrate, epsilon, gdp_epsilon
+from accountants.ledger import LedgerEntry, PrivacyLedger, PrivacyReport, epsilons
+
+__all__ = ["ACCOUNTANTS", "DpEvent", "calibrate", "epsilon", "gdp_epsilon", "epsilons",
+           "LedgerEntry", "PrivacyLedger", "PrivacyReport"]

@@ -4,6 +4,7 @@
   fedsec sweep SPEC                               variants x seeds, with a results table
   fedsec config [CONFIG] [--set key=value ...]   print the resolved config, annotated
   fedsec datasets                                 list the datasets known by name
+  fedsec privacy epsilon|calibrate ...            epsilon of a DP setting, or sigma for a target
 
 Bad input of any kind ends with one line on stderr naming the field, the value and
 the fix, and exit status 2; nothing existing is overwritten.
@@ -64,6 +65,25 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     sub.add_parser("datasets", help="list the datasets fedsec knows by name")
+
+    privacy = sub.add_parser("privacy", help="epsilon of a DP setting, or the noise for a target",
+                             description="Accounting for the Poisson-subsampled Gaussian mechanism, "
+                                         "one event per round (user-level DP-FedAvg).")
+    which = privacy.add_subparsers(dest="privacy_command", metavar="epsilon|calibrate",
+                                   parser_class=_Parser)
+    eps = which.add_parser("epsilon", help="epsilon after ROUNDS rounds at a noise multiplier")
+    eps.add_argument("--noise-multiplier", type=float, required=True, metavar="Z",
+                     help="noise std / clip norm")
+    cal = which.add_parser("calibrate", help="the smallest noise multiplier reaching a target epsilon")
+    cal.add_argument("--epsilon", type=float, required=True, help="target epsilon")
+    for p in (eps, cal):
+        p.add_argument("--sample-rate", type=float, required=True, metavar="Q",
+                       help="probability that a client takes part in a round")
+        p.add_argument("--rounds", type=int, required=True, help="number of rounds (DP events)")
+        p.add_argument("--delta", type=float, default=1e-5, help="target delta (default 1e-5)")
+        p.add_argument("--accountant", choices=("rdp", "prv", "pld"), default="rdp",
+                       help="rdp, prv (Opacus) or pld (dp-accounting); default rdp")
+        p.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
@@ -79,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _sweep(args)
         if args.command == "datasets":
             return _datasets()
+        if args.command == "privacy":
+            return _privacy(args)
         build_parser().print_help()
         return EXIT_USAGE
     except FedsecError as err:
@@ -95,7 +117,8 @@ def _run(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.stop_after is not None and args.stop_after < 1:
         raise ConfigError("--stop-after", args.stop_after, "must be >= 1")
-    from fedsec.loop import run_experiment, summary_lines
+    from fedsec.console import summary_lines
+    from fedsec.loop import run_experiment
 
     _quiet_libraries()
     result = run_experiment(cfg, out=args.out, resume=args.resume, stop_after=args.stop_after,
@@ -143,6 +166,52 @@ def _print_annotated(obj, cls, depth: int) -> None:
         shown = yaml.safe_dump(to_mapping(value), default_flow_style=True).strip()
         shown = shown.removesuffix("\n...").removesuffix("...").strip()
         print(f"{pad}{f.name}: {shown}  # {help_text}")
+
+
+def _privacy(args) -> int:
+    import json
+    import math
+
+    from accountants import DpEvent, calibrate, epsilon, gdp_epsilon
+    from fedsec.errors import ConfigError
+
+    if args.privacy_command is None:
+        raise ConfigError("fedsec privacy", None, "name a command: epsilon or calibrate")
+    if not 0 < args.sample_rate <= 1:
+        raise ConfigError("--sample-rate", args.sample_rate, "must be in (0, 1]")
+    if args.rounds < 1:
+        raise ConfigError("--rounds", args.rounds, "must be >= 1")
+    if not 0 < args.delta < 1:
+        raise ConfigError("--delta", args.delta, "must be in (0, 1), e.g. 1e-5")
+    if args.privacy_command == "calibrate":
+        if not (args.epsilon > 0 and math.isfinite(args.epsilon)):
+            raise ConfigError("--epsilon", args.epsilon, "must be a finite number > 0")
+        try:
+            sigma = calibrate(args.epsilon, args.delta, args.sample_rate, args.rounds, args.accountant)
+        except ValueError as err:
+            raise ConfigError("--epsilon", args.epsilon, str(err)) from None
+    else:
+        sigma = args.noise_multiplier
+        if not (sigma >= 0 and math.isfinite(sigma)):
+            raise ConfigError("--noise-multiplier", sigma, "must be a finite number >= 0")
+    history = [DpEvent(sigma, args.sample_rate, args.rounds)]
+    eps = epsilon(history, args.delta, args.accountant)
+    gdp = gdp_epsilon(history, args.delta)
+    if args.json:
+        print(json.dumps({"epsilon": eps, "noise_multiplier": sigma, "accountant": args.accountant,
+                          "delta": args.delta, "sample_rate": args.sample_rate, "rounds": args.rounds,
+                          "target_epsilon": getattr(args, "epsilon", None),
+                          "gdp_approximation_not_a_guarantee": gdp}))
+        return 0
+    if args.privacy_command == "calibrate":
+        print(f"noise multiplier {sigma:.4f} reaches epsilon {eps:.4f} <= {args.epsilon:g} at delta "
+              f"{args.delta:g} ({args.accountant})")
+    else:
+        print(f"epsilon {eps:.4f} at delta {args.delta:g} ({args.accountant})")
+    print(f"  Poisson-subsampled Gaussian: noise multiplier {sigma:g}, sample rate {args.sample_rate:g}, "
+          f"{args.rounds} rounds")
+    print(f"  GDP/CLT approximation {gdp:.4f} (not a guarantee: it can under-estimate epsilon)")
+    return 0
 
 
 def _datasets() -> int:

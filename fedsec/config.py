@@ -31,6 +31,9 @@ REFERENCES = ("base", "initial")
 ALGORITHMS = ("fedavg", "fedavgm", "fedadagrad", "fedyogi", "fedadam", "fedprox", "scaffold")
 ADAPTIVE = ("fedadagrad", "fedyogi", "fedadam")
 LR_SCHEDULES = ("cosine", "constant")
+SAMPLINGS = ("auto", "fixed", "poisson")
+PRIVACY_MODES = ("off", "user")
+ACCOUNTANT_NAMES = ("rdp", "prv", "pld")
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
@@ -87,6 +90,11 @@ class LoraConfig:
         "backward pass then stops at the lowest adapted layer",
         None,
     )
+    cache_frozen_layers: bool = _help(
+        "with top_layers: compute the frozen layers below the adapters once per example at "
+        "setup and reuse their output in every step and evaluation (exact; much cheaper)",
+        False,
+    )
 
     def __post_init__(self) -> None:
         _require(self.rank >= 1, "rank", self.rank, "must be an integer >= 1 (e.g. 8)")
@@ -96,6 +104,8 @@ class LoraConfig:
                  "list at least one module name, e.g. [q_proj, v_proj]")
         _require(self.top_layers is None or self.top_layers >= 1, "top_layers",
                  self.top_layers, "must be null (all layers) or an integer >= 1")
+        _require(not self.cache_frozen_layers or self.top_layers is not None, "cache_frozen_layers",
+                 self.cache_frozen_layers, "needs lora.top_layers (the layers below them are frozen)")
 
 
 @dataclass(frozen=True)
@@ -193,7 +203,15 @@ class DataConfig:
 @dataclass(frozen=True)
 class FederationConfig:
     rounds: int = _help("number of federated rounds", 5)
-    clients_per_round: int = _help("clients sampled uniformly without replacement per round", 4)
+    clients_per_round: int = _help(
+        "clients per round: the exact number (fixed sampling) or the expected number "
+        "(Poisson sampling, rate q = clients_per_round / clients)", 4)
+    sampling: str = _help(
+        "fixed (that many clients uniformly without replacement), poisson (each client "
+        "independently with rate q, what the DP accountants assume), or auto (poisson with "
+        "privacy on, fixed otherwise)",
+        "auto",
+    )
     algorithm: str = _help(
         "fedavg, fedavgm (server momentum), fedadagrad, fedyogi, fedadam (adaptive server "
         "optimizers, Reddi et al. 2021), fedprox (proximal local loss) or scaffold "
@@ -219,6 +237,7 @@ class FederationConfig:
         _require(self.clients_per_round >= 1, "clients_per_round", self.clients_per_round,
                  "must be >= 1")
         _one_of("algorithm", self.algorithm, ALGORITHMS)
+        _one_of("sampling", self.sampling, SAMPLINGS)
         if self.server_lr is None:  # resolve the default so the run directory records it
             object.__setattr__(self, "server_lr", 1e-3 if self.algorithm in ADAPTIVE else 1.0)
         _require(self.server_lr > 0, "server_lr", self.server_lr, "must be > 0 (FedAvg: 1.0)")
@@ -270,6 +289,58 @@ class DpoConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    mode: str = _help(
+        "off, or user: user-level DP-FedAvg (McMahan et al. 2018): each client's delta is "
+        "clipped to clip_norm, Gaussian noise is added to the sum, clients are Poisson-sampled, "
+        "and the accountant certifies (epsilon, delta) for any one client's whole data",
+        "off",
+    )
+    epsilon: float | None = _help(
+        "target epsilon for the whole run: the noise multiplier is calibrated to it with "
+        "`accountant` (inf: clip but add no noise, reported as not certified)", None)
+    delta: float = _help("target delta; must be below 1 / number of clients", 1e-5)
+    noise_multiplier: float | None = _help(
+        "noise std / clip_norm, set directly instead of epsilon", None)
+    clip_norm: float = _help("L2 bound C on each client's adapter delta", 0.1)
+    accountant: str = _help(
+        "accountant that calibrates the noise and is reported first: rdp or prv (Opacus), "
+        "pld (Google's dp-accounting); the ledger records all three", "rdp")
+    adaptive_clipping: bool = _help(
+        "adapt clip_norm each round towards a quantile of the delta norms (Andrew et al. "
+        "2021); its noisy count is part of the accounted mechanism", False)
+    target_quantile: float = _help("adaptive clipping: share of deltas meant to be unclipped", 0.5)
+    clip_lr: float = _help("adaptive clipping: geometric learning rate eta_C", 0.2)
+    clip_count_stddev: float | None = _help(
+        "adaptive clipping: noise std of the unclipped count (null: expected clients / 20)", None)
+
+    def __post_init__(self) -> None:
+        _one_of("mode", self.mode, PRIVACY_MODES)
+        _one_of("accountant", self.accountant, ACCOUNTANT_NAMES)
+        _require(0 < self.delta < 1, "delta", self.delta, "must be in (0, 1), e.g. 1e-5")
+        _require(self.clip_norm > 0, "clip_norm", self.clip_norm, "must be > 0, e.g. 0.1")
+        _require(self.epsilon is None or self.epsilon > 0, "epsilon", self.epsilon,
+                 "must be > 0 (or .inf for no noise)")
+        _require(self.noise_multiplier is None or self.noise_multiplier >= 0, "noise_multiplier",
+                 self.noise_multiplier, "must be >= 0")
+        _require(0 < self.target_quantile < 1, "target_quantile", self.target_quantile,
+                 "must be in (0, 1), e.g. 0.5")
+        _require(self.clip_lr > 0, "clip_lr", self.clip_lr, "must be > 0, e.g. 0.2")
+        _require(self.clip_count_stddev is None or self.clip_count_stddev > 0, "clip_count_stddev",
+                 self.clip_count_stddev, "must be null or > 0")
+        if self.mode == "off":
+            return
+        _require((self.epsilon is None) != (self.noise_multiplier is None), "epsilon",
+                 self.epsilon, "with mode: user give exactly one of epsilon and noise_multiplier")
+        noisy = (self.noise_multiplier or 0) > 0 or (self.epsilon is not None
+                                                     and self.epsilon != float("inf"))
+        _require(not noisy or self.clip_norm != float("inf"), "clip_norm", self.clip_norm,
+                 "noise needs a finite clip norm (noise std = noise_multiplier * clip_norm)")
+        _require(not (self.adaptive_clipping and self.clip_norm == float("inf")), "clip_norm",
+                 self.clip_norm, "adaptive clipping needs a finite starting clip norm")
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     every: int = _help("evaluate the global model every N rounds (and after the last)", 1)
     clients: bool = _help("also evaluate on each client's own test set", True)
@@ -298,6 +369,7 @@ class ExperimentConfig:
     federation: FederationConfig = _help("rounds and client sampling", factory=FederationConfig)
     training: TrainingConfig = _help("local training on each client", factory=TrainingConfig)
     dpo: DpoConfig = _help("DPO objective (task: dpo)", factory=DpoConfig)
+    privacy: PrivacyConfig = _help("differential privacy", factory=PrivacyConfig)
     eval: EvalConfig = _help("evaluation", factory=EvalConfig)
 
     def __post_init__(self) -> None:
@@ -307,6 +379,17 @@ class ExperimentConfig:
         _one_of("task", self.task, TASKS)
         _require(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints,
                  "must be >= 1")
+        if self.privacy.mode != "off":
+            _require(self.federation.sampling != "fixed", "federation.sampling",
+                     self.federation.sampling, "user-level DP is accounted for Poisson sampling; "
+                     "use poisson or auto")
+
+    @property
+    def sampling(self) -> str:
+        """The client sampling in force: poisson or fixed."""
+        if self.federation.sampling == "auto":
+            return "poisson" if self.privacy.mode != "off" else "fixed"
+        return self.federation.sampling
 
 
 # ---------------------------------------------------------------------------

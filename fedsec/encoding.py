@@ -25,6 +25,8 @@ class Encoded:
 
     input_ids: torch.Tensor  # int32 [T]
     labels: torch.Tensor  # int32 [T], IGNORE on prompt tokens
+    hidden: torch.Tensor | None = None  # [T, H]: cached input of layer `hidden_layer` (fedsec.prefix)
+    hidden_layer: int = 0
 
     @property
     def num_targets(self) -> int:
@@ -94,4 +96,13 @@ def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     for i, e in enumerate(batch):
         n = e.input_ids.numel()
         ids[i, :n], labels[i, :n], mask[i, :n] = e.input_ids, e.labels, 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if batch[0].hidden is not None:  # frozen-prefix states: the forward starts at hidden_layer
+        layers = {e.hidden_layer for e in batch}
+        if len(layers) != 1 or any(e.hidden is None for e in batch):
+            raise ValueError("a batch mixes examples with and without the same cached prefix")
+        hidden = torch.zeros(len(batch), width, batch[0].hidden.shape[-1], dtype=batch[0].hidden.dtype)
+        for i, e in enumerate(batch):
+            hidden[i, : e.hidden.shape[0]] = e.hidden
+        out["inputs_embeds"], out["start_layer"] = hidden, layers.pop()
+    return out

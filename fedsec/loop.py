@@ -13,7 +13,8 @@ resumed from its checkpoint continues exactly as the uninterrupted run would.
 from __future__ import annotations
 
 import contextlib
-import math
+import dataclasses
+import itertools
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,18 +27,33 @@ from tqdm import tqdm
 from defenses import sanitize, weighted_mean
 from fedsec.adapter import AdapterParams
 from fedsec.config import ExperimentConfig
+from fedsec.console import round_line
 from fedsec.data import FederatedData, build_federated_data
 from fedsec.encoding import encode_all, encode_prompt
 from fedsec.errors import ConfigError
-from fedsec.evaluation import (EvalSet, build_eval_set, evaluate, evaluate_groups,
-                               preference_metrics, refusal_rate)
+from fedsec.evaluation import (
+    EvalSet,
+    build_eval_set,
+    evaluate,
+    evaluate_groups,
+    preference_metrics,
+    refusal_rate,
+)
 from fedsec.models import attach_lora, load_base_model
-from fedsec.objectives import DpoObjective, PairItem, SftObjective, encode_pair, with_reference
+from fedsec.objectives import (
+    DpoObjective,
+    PairItem,
+    SftObjective,
+    encode_pair,
+    with_reference,
+)
+from fedsec.prefix import cache_frozen_prefix
+from fedsec.privacy import UserLevelDp, plan_privacy
 from fedsec.results import ClientUpdate, RoundResult, RunResult
 from fedsec.rundir import RunDir, default_run_dir, latest_run_dir
-from fedsec.seeding import derive_seed, torch_generator
 from fedsec.scaffold import VariateStore, client_variate, server_variate
-from fedsec.server import make_server_optimizer, sample_clients
+from fedsec.seeding import derive_seed, torch_generator
+from fedsec.server import make_server_optimizer, poisson_sample, sample_clients
 from fedsec.training import LocalTrainer, round_lr
 
 GLOBAL = -1  # group id of the global test set
@@ -101,10 +117,42 @@ def prepare(cfg: ExperimentConfig) -> Setup:
     preference_eval = _pairs(model, data.preference_test, tokenizer, cfg) if cfg.task == "dpo" else []
     probe_prompts = ([encode_prompt(p, tokenizer, d.template) for p in data.probes]
                      if cfg.eval.refusal else [])
+    if cfg.lora.cache_frozen_layers:
+        first = model.config.num_hidden_layers - cfg.lora.top_layers
+        model_key = f"{cfg.model.name}|{cfg.model.dtype}|{cfg.model.quantization}"
+        train_sets, global_eval, client_eval, preference_eval = _cache_prefix(
+            model, first, pad, cfg.eval.batch_size, model_key, train_sets, global_eval, client_eval,
+            preference_eval)
     local_only = list(range(num_clients if fed.local_only_clients == -1 else fed.local_only_clients))
     trainer = LocalTrainer(model, cfg.training, objective)
     return Setup(cfg, model, tokenizer, trainer, data, train_sets, global_eval, client_eval, local_only,
                  preference_eval, probe_prompts)
+
+
+def _cache_prefix(model, first: int, pad: int, batch_size: int, model_key: str, train_sets, *evals):
+    """Attach frozen-prefix states (fedsec.prefix) to every training and evaluation item.
+
+    Each collection is cached in one call (all clients' training items together), so a
+    later run of a sweep on the same data finds it whole in the in-process memo.
+    """
+    def encoded(items):
+        return cache_frozen_prefix(model, list(items), first, pad, batch_size, model_key)
+
+    def pairs(items):
+        flat = encoded([p.chosen for p in items] + [p.rejected for p in items])
+        n = len(items)
+        return [dataclasses.replace(p, chosen=flat[i], rejected=flat[n + i]) for i, p in enumerate(items)]
+
+    global_eval, client_eval, preference_eval = evals
+    sizes = [len(items) for items in train_sets]
+    flat = [item for items in train_sets for item in items]
+    flat = pairs(flat) if flat and isinstance(flat[0], PairItem) else encoded(flat)
+    bounds = [0, *itertools.accumulate(sizes)]
+    train_sets = [flat[bounds[k]: bounds[k + 1]] for k in range(len(sizes))]
+    global_eval = dataclasses.replace(global_eval, encoded=tuple(encoded(global_eval.encoded)))
+    if client_eval is not None:
+        client_eval = dataclasses.replace(client_eval, encoded=tuple(encoded(client_eval.encoded)))
+    return train_sets, global_eval, client_eval, pairs(preference_eval) if preference_eval else []
 
 
 def _pairs(model, examples, tokenizer, cfg: ExperimentConfig) -> list[PairItem]:
@@ -208,6 +256,8 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
         path = Path(out) if out is not None else default_run_dir(cfg)
         RunDir.check_free(path)
     setup = prepare(cfg)  # fails on bad data or model before any directory is made
+    num_clients = len(setup.train_sets)
+    dp = UserLevelDp(cfg, plan_privacy(cfg, num_clients)) if cfg.privacy.mode == "user" else None
     if not resume:
         run = RunDir.create(path, cfg)
 
@@ -227,6 +277,8 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
         server.load_state_dict(checkpoint["server"])
         local = {int(c): v for c, v in checkpoint["local_only"].items()}
         server_variate_c = checkpoint.get("scaffold_c")
+        if dp is not None:
+            dp.load_state_dict(checkpoint["privacy"], rounds_done)
         run.truncate_metrics(rounds_done)
         log(f"resuming {run.path} after round {rounds_done}/{fed.rounds}")
     elif resume:
@@ -235,22 +287,29 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
         untuned, clients_eval = evaluate_model(setup, global_vec)
         run.append_metrics({"phase": "federated", "round": 0, "global_eval": untuned,
                             "client_eval": clients_eval})
-        log(_line(0, fed.rounds, None, untuned, clients_eval))
+        log(round_line(0, fed.rounds, None, untuned, clients_eval))
 
     bar = tqdm(total=fed.rounds, initial=rounds_done, desc="rounds", unit="round", file=sys.stderr,
                disable=not progress, dynamic_ncols=True)
     for round_idx in range(rounds_done, fed.rounds):
         started = time.perf_counter()
         lr = round_lr(cfg.training, round_idx, fed.rounds)
-        sampled = sample_clients(len(setup.train_sets), fed.clients_per_round,
-                                 torch_generator(cfg.seed, "sample", round_idx))
+        sampler = torch_generator(cfg.seed, "sample", round_idx)
+        sampled = (poisson_sample(num_clients, fed.clients_per_round / num_clients, sampler)
+                   if cfg.sampling == "poisson" else
+                   sample_clients(num_clients, fed.clients_per_round, sampler))
         if variates is None:
             updates = [client_update(setup, global_vec, c, lr, round_idx, prox_mu=prox_mu)
                        for c in sampled]
         else:
             updates, server_variate_c = scaffold_updates(setup, variates, server_variate_c,
                                                          global_vec, sampled, lr, round_idx)
-        update, rejected = aggregate(updates, dim)
+        privacy = None
+        if dp is None:
+            update, rejected = aggregate(updates, dim)
+        else:
+            update, rejected, privacy = dp.aggregate(updates, dim, round_idx)
+            run.write_json("privacy_ledger.json", dp.ledger.to_dict())
         global_vec = server.step(global_vec, update)
         for c in setup.local_only:
             local[c] = local[c] + client_update(setup, local[c], c, lr, round_idx, "local").delta
@@ -260,25 +319,28 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
         terms = sum(u.metrics["loss_terms"] for u in updates)
         train_loss = sum(u.metrics["loss"] * u.metrics["loss_terms"] for u in updates) / max(terms, 1)
         result = RoundResult(round_idx + 1, lr, tuple(sampled), train_loss, rejected,
-                             time.perf_counter() - started, global_eval, clients_eval)
+                             time.perf_counter() - started, global_eval, clients_eval, privacy)
         run.append_metrics(result.as_dict())
         run.save_checkpoint(round_idx + 1, {"global": global_vec, "server": server.state_dict(),
                                             "local_only": {str(c): v for c, v in local.items()},
                                             "scaffold_c": server_variate_c,
+                                            "privacy": dp.state_dict() if dp is not None else None,
                                             "rng": {"root_seed": cfg.seed}},
                             keep=cfg.keep_checkpoints)
         bar.update(1)
         bar.clear()
-        log(_line(round_idx + 1, fed.rounds, result, global_eval, clients_eval))
+        log(round_line(round_idx + 1, fed.rounds, result, global_eval, clients_eval))
         bar.refresh()
         if stop_after is not None and round_idx + 1 >= stop_after and round_idx + 1 < fed.rounds:
             bar.close()
-            return RunResult(str(run.path), round_idx + 1, False, None, None, None, fed.algorithm)
+            return RunResult(str(run.path), round_idx + 1, False, None, None, None, fed.algorithm,
+                             dp.report() if dp is not None else None)
     bar.close()
-    return finish(setup, run, global_vec, local)
+    return finish(setup, run, global_vec, local, dp.report() if dp is not None else None)
 
 
-def finish(setup: Setup, run: RunDir, global_vec: torch.Tensor, local: dict) -> RunResult:
+def finish(setup: Setup, run: RunDir, global_vec: torch.Tensor, local: dict,
+           privacy: dict | None = None) -> RunResult:
     """Local-only evaluation, final adapter, result.json."""
     rows = run.read_metrics()
     untuned = next(r["global_eval"] for r in rows if r.get("round") == 0)
@@ -299,66 +361,6 @@ def finish(setup: Setup, run: RunDir, global_vec: torch.Tensor, local: dict) -> 
     setup.adapter.set(global_vec)
     setup.model.save_pretrained(run.path / "adapter")
     result = RunResult(str(run.path), setup.cfg.federation.rounds, True, untuned, final, local_only,
-                       setup.cfg.federation.algorithm)
+                       setup.cfg.federation.algorithm, privacy)
     run.write_json("result.json", asdict(result))
     return result
-
-
-def _fmt(value: float | None, spec: str = ".3f") -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
-
-
-def _line(done: int, total: int, result: RoundResult | None, global_eval: dict | None,
-          clients_eval: dict | None) -> str:
-    parts = [f"round {done:>3}/{total}"]
-    if result is None:
-        parts.append("untuned model")
-    else:
-        parts.append(f"lr {result.lr:.2e}  clients {list(result.clients)}  train loss {result.train_loss:.3f}")
-        if result.rejected:
-            parts.append(f"rejected {list(result.rejected)}")
-    if global_eval is not None:
-        if "accuracy" in global_eval:
-            parts.append(f"global acc {_fmt(global_eval['accuracy'])} loss {_fmt(global_eval['loss'])}")
-        if "preference" in global_eval:
-            pref = global_eval["preference"]
-            parts.append(f"pref acc {_fmt(pref['preference_accuracy'])} "
-                         f"margin {_fmt(pref['reward_margin'])} "
-                         f"likelihood acc {_fmt(pref['likelihood_accuracy'])}")
-        if "refusal_rate" in global_eval:
-            parts.append(f"refusal {_fmt(global_eval['refusal_rate'])}")
-    if clients_eval is not None:
-        parts.append(f"client acc mean {_fmt(clients_eval['mean_accuracy'])} "
-                     f"min {_fmt(clients_eval['min_accuracy'])}")
-    if result is not None:
-        parts.append(f"{result.seconds:.1f}s")
-    return "  ".join(parts)
-
-
-def summary_lines(result: RunResult) -> list[str]:
-    lines = [f"run directory: {result.run_dir}"]
-    name = result.algorithm
-    if result.untuned and result.final:
-        before, after = result.untuned, result.final
-        if before.get("accuracy") is not None and after.get("accuracy") is not None:
-            u, f = before["accuracy"], after["accuracy"]
-            lines.append(f"global test accuracy: untuned {u:.3f} -> {name} {f:.3f} ({f - u:+.3f})")
-        if "loss" in before:
-            lines.append(f"global test loss:     untuned {before['loss']:.3f} -> {name} "
-                         f"{after['loss']:.3f}")
-        if "preference" in before:
-            u, f = (before["preference"]["preference_accuracy"], after["preference"]["preference_accuracy"])
-            lines.append(f"preference accuracy:  untuned {_fmt(u)} -> {name} {_fmt(f)} "
-                         "(implicit reward of chosen > rejected)")
-            u, f = (before["preference"]["likelihood_accuracy"], after["preference"]["likelihood_accuracy"])
-            lines.append(f"likelihood accuracy:  untuned {_fmt(u)} -> {name} {_fmt(f)} "
-                         "(policy prefers chosen, no reference)")
-        if "refusal_rate" in before:
-            lines.append(f"refusal rate (unsafe probes): untuned {_fmt(before['refusal_rate'])} -> "
-                         f"{name} {_fmt(after['refusal_rate'])}")
-    if result.local_only:
-        per = result.local_only["per_client"]
-        accs = " ".join(_fmt(v["global_eval"].get("accuracy")) for v in per.values())
-        lines.append(f"local-only ({len(per)} clients, each trained alone): mean global accuracy "
-                     f"{_fmt(result.local_only['mean_accuracy'])}  [{accs}]")
-    return lines

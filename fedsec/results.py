@@ -26,6 +26,7 @@ class RoundResult:
     seconds: float
     global_eval: dict | None = None  # {"loss", "accuracy", "n"}
     client_eval: dict | None = None  # {"mean_accuracy", "min_accuracy", "per_client": {...}}
+    privacy: dict | None = None  # DP runs: clip norm, clipped count, epsilon so far per accountant
 
     def as_dict(self) -> dict:
         return {"phase": "federated", **asdict(self)}
@@ -40,3 +41,4 @@ class RunResult:
     final: dict | None  # global eval of the final federated adapter
     local_only: dict | None  # {"mean_accuracy", "per_client": {...}}
     algorithm: str = "fedavg"
+    privacy: dict | None = None  # DP runs: certified, reason, epsilon per accountant, sigma, q, C

@@ -29,6 +29,17 @@ def sample_clients(num_clients: int, per_round: int, generator: torch.Generator)
     return sorted(torch.randperm(num_clients, generator=generator)[:per_round].tolist())
 
 
+def poisson_sample(num_clients: int, rate: float, generator: torch.Generator) -> list[int]:
+    """Each client independently with probability `rate` (the DP accountants' assumption).
+
+    The number sampled varies from round to round (it may be 0); its mean is rate * N.
+    """
+    if not 0 < rate <= 1:
+        raise ValueError(f"sample rate must be in (0, 1], got {rate}")
+    draws = torch.rand(num_clients, generator=generator, dtype=torch.float64)
+    return (draws < rate).nonzero().flatten().tolist()
+
+
 class FedAvgServer:
     """x <- x + server_lr * Delta (FedAvg when server_lr = 1). Stateless."""
 

@@ -11,6 +11,10 @@ A sweep file holds
       fedadam: [federation.algorithm=fedadam]
 
 and expands into one run per (variant, seed) under runs/<name>/<variant>-s<seed>/.
+A DP sweep may list `epsilons: [0.5, 1, 2, 4, 8, .inf]` instead of (or beside)
+variants: each becomes a variant `eps<value>` with privacy.mode=user and that target
+epsilon (.inf: clipping without noise, reported as not certified); variants given
+explicitly (the non-private baseline) come first.
 Started again, a sweep skips finished runs and resumes unfinished ones. It writes
 results.csv and results.json (one row per run) and summary.csv (mean and standard
 deviation across seeds per variant), which the report builder can read.
@@ -41,9 +45,9 @@ def expand(spec_path: str | Path) -> tuple[Path, list[SweepRun], Path | None, di
     """(sweep directory, runs, base config file or None, inline base mapping)."""
     spec = read_yaml(spec_path)
     for key in spec:
-        if key not in ("name", "base", "set", "seeds", "variants", "output_dir"):
+        if key not in ("name", "base", "set", "seeds", "variants", "epsilons", "output_dir"):
             raise ConfigError(f"sweep.{key}", spec[key], "unknown key; use name, base, set, seeds, "
-                              "variants, output_dir")
+                              "variants, epsilons, output_dir")
     name = spec.get("name")
     if not isinstance(name, str) or not name:
         raise ConfigError("sweep.name", name, "give the sweep a name")
@@ -61,14 +65,27 @@ def expand(spec_path: str | Path) -> tuple[Path, list[SweepRun], Path | None, di
     seeds = spec.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
         raise ConfigError("sweep.seeds", seeds, "a non-empty list of integers >= 0")
-    variants = spec.get("variants")
-    if not isinstance(variants, dict) or not variants:
+    variants = spec.get("variants") or {}
+    if not isinstance(variants, dict):
         raise ConfigError("sweep.variants", variants, "a mapping of variant name -> list of key=value")
+    variants = {**variants, **_epsilon_variants(spec.get("epsilons"))}
+    if not variants:
+        raise ConfigError("sweep.variants", None, "give variants (name -> list of key=value) or epsilons")
     root = Path(spec.get("output_dir", "runs")) / name
     runs = [SweepRun(str(v), seed, tuple(common + _overrides(o, f"sweep.variants.{v}") + [f"seed={seed}"]),
                      root / f"{v}-s{seed}")
             for v, o in variants.items() for seed in seeds]
     return root, runs, base_file, base_raw
+
+
+def _epsilon_variants(epsilons) -> dict[str, list[str]]:
+    if epsilons is None:
+        return {}
+    if (not isinstance(epsilons, list) or not epsilons
+            or not all(isinstance(e, (int, float)) and not isinstance(e, bool) and e > 0 for e in epsilons)):
+        raise ConfigError("sweep.epsilons", epsilons, "a list of numbers > 0, e.g. [1, 4, 8, .inf]")
+    return {f"eps{e:g}": ["privacy.mode=user", f"privacy.epsilon={e!r}", "privacy.noise_multiplier=null"]
+            for e in epsilons}
 
 
 def _overrides(value, field: str) -> list[str]:
@@ -119,6 +136,7 @@ def write_tables(root: Path, runs: list[SweepRun]) -> None:
         result = json.loads((run.out / "result.json").read_text(encoding="utf-8"))
         final, untuned, local = result["final"] or {}, result["untuned"] or {}, result["local_only"]
         pref = final.get("preference") or {}
+        privacy = result.get("privacy") or {}
         rows.append({
             "variant": run.variant, "seed": run.seed, "run_dir": str(run.out),
             "untuned_accuracy": untuned.get("accuracy"), "final_accuracy": final.get("accuracy"),
@@ -126,6 +144,11 @@ def write_tables(root: Path, runs: list[SweepRun]) -> None:
             "local_only_accuracy": local["mean_accuracy"] if local else None,
             "preference_accuracy": pref.get("preference_accuracy"),
             "refusal_rate": final.get("refusal_rate"),
+            "epsilon": privacy.get("epsilon"), "delta": privacy.get("delta"),
+            "accountant": privacy.get("accountant"),
+            "certified": privacy.get("certified") if privacy else None,
+            "noise_multiplier": privacy.get("noise_multiplier"),
+            "clip_norm": privacy.get("clip_norm"), "sample_rate": privacy.get("sample_rate"),
         })
     atomic_write_text(root / "results.json", json.dumps(rows, indent=2) + "\n")
     _write_csv(root / "results.csv", rows)
@@ -133,6 +156,8 @@ def write_tables(root: Path, runs: list[SweepRun]) -> None:
     for variant in dict.fromkeys(r["variant"] for r in rows):
         mine = [r for r in rows if r["variant"] == variant]
         entry = {"variant": variant, "seeds": len(mine)}
+        for key in ("epsilon", "noise_multiplier", "certified"):  # the same for every seed
+            entry[key] = mine[0][key]
         for key in ("final_accuracy", "local_only_accuracy", "untuned_accuracy", "preference_accuracy"):
             values = [r[key] for r in mine if r[key] is not None]
             entry[f"{key}_mean"] = statistics.fmean(values) if values else None
@@ -159,8 +184,20 @@ def summary_table(root: Path) -> str:
         mean, std = row[f"{key}_mean"], row[f"{key}_std"]
         return "" if mean == "" else f"{float(mean):.3f} ± {float(std):.3f}"
 
-    lines = ["| variant | seeds | final accuracy | local-only accuracy | untuned |", "|---|---|---|---|---|"]
+    def privacy(row):
+        if row["certified"] == "":
+            return "non-private", ""
+        sigma = f"{float(row['noise_multiplier']):.3f}"
+        if row["certified"] != "True":
+            return "not certified", sigma
+        return f"{float(row['epsilon']):.2f}", sigma
+
+    dp = any(row["certified"] != "" for row in rows)
+    head = "| variant | seeds | " + ("epsilon | sigma | " if dp else "")
+    lines = [head + "final accuracy | local-only accuracy | untuned |",
+             "|---" * (5 + 2 * dp) + "|"]
     for row in rows:
-        lines.append(f"| {row['variant']} | {row['seeds']} | {cell(row, 'final_accuracy')} | "
+        eps = "{} | {} | ".format(*privacy(row)) if dp else ""
+        lines.append(f"| {row['variant']} | {row['seeds']} | {eps}{cell(row, 'final_accuracy')} | "
                      f"{cell(row, 'local_only_accuracy')} | {cell(row, 'untuned_accuracy')} |")
     return "\n".join(lines)

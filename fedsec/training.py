@@ -49,8 +49,16 @@ def target_log_softmax(model, batch: dict[str, torch.Tensor]):
     only on those positions, which skips most of the vocabulary projection.
     """
     lm = _causal_lm(model)
-    hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                              use_cache=False).last_hidden_state
+    if "inputs_embeds" in batch:  # frozen-prefix cache: run only the adapted top layers
+        from fedsec.prefix import top_layers_only
+
+        with top_layers_only(lm, batch["start_layer"]):
+            hidden = lm.get_decoder()(inputs_embeds=batch["inputs_embeds"],
+                                      attention_mask=batch["attention_mask"],
+                                      use_cache=False).last_hidden_state
+    else:
+        hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]
     where = targets != IGNORE
     logits = lm.get_output_embeddings()(hidden[:, :-1][where]).float()

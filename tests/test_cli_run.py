@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import yaml
-
 from conftest import TINY
 
 
@@ -53,3 +52,31 @@ def test_sweep_runs_skips_finished_and_writes_tables(tmp_path):
     again = []
     run_sweep(spec, progress=False, log=again.append)
     assert sum("skipped" in line for line in again) == 4
+
+
+def test_dp_sweep_over_epsilons_writes_epsilon_and_sigma(tmp_path):
+    import csv
+    import math
+
+    from accountants import DpEvent, epsilon
+    from fedsec.sweep import run_sweep, summary_table
+
+    spec = tmp_path / "dp.yaml"
+    base = {**TINY, "federation": {"rounds": 2, "clients_per_round": 2, "sampling": "poisson"},
+            "privacy": {"delta": 1e-3, "clip_norm": 0.05}}
+    spec.write_text(yaml.safe_dump({"name": "dp", "base": base, "seeds": [0],
+                                    "output_dir": str(tmp_path / "runs"),
+                                    "variants": {"non-private": []},
+                                    "epsilons": [20, 5, math.inf]}, sort_keys=False))
+    root = run_sweep(spec, progress=False, log=lambda _: None)
+    rows = {r["variant"]: r for r in csv.DictReader((root / "results.csv").open())}
+    assert list(rows) == ["non-private", "eps20", "eps5", "epsinf"]
+    assert rows["non-private"]["epsilon"] == "" and rows["non-private"]["certified"] == ""
+    for name, target in (("eps20", 20), ("eps5", 5)):
+        eps, sigma = float(rows[name]["epsilon"]), float(rows[name]["noise_multiplier"])
+        assert rows[name]["certified"] == "True" and eps <= target
+        assert eps == epsilon([DpEvent(sigma, 0.5, 2)], 1e-3, "rdp")
+    assert float(rows["eps5"]["noise_multiplier"]) > float(rows["eps20"]["noise_multiplier"])
+    assert rows["epsinf"]["certified"] == "False" and rows["epsinf"]["epsilon"] == ""
+    table = summary_table(root)
+    assert "| non-private | 1 | non-private |" in table and "| epsinf | 1 | not certified | 0.000 |" in table

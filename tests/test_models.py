@@ -7,7 +7,12 @@ import torch
 
 from fedsec.config import ModelConfig
 from fedsec.errors import ConfigError
-from fedsec.models import SMOLLM2, load_base_model, resolve_model_path, smollm2_gguf_path
+from fedsec.models import (
+    SMOLLM2,
+    load_base_model,
+    resolve_model_path,
+    smollm2_gguf_path,
+)
 
 
 def test_unknown_model_is_a_one_line_config_error():

@@ -5,9 +5,8 @@ import math
 import pytest
 import torch
 
-from fedsec.config import LoraConfig, ModelConfig, TrainingConfig
+from fedsec.config import BenchmarkConfig, LoraConfig, ModelConfig, TrainingConfig
 from fedsec.data.benchmark import make_benchmark
-from fedsec.config import BenchmarkConfig
 from fedsec.encoding import IGNORE, collate, encode, encode_all
 from fedsec.models import attach_lora, load_base_model
 from fedsec.objectives import SftObjective

@@ -1,0 +1,168 @@
+"""Accountant backends: epsilon of a composed sampled-Gaussian history, and calibration.
+
+A history is a list of `DpEvent`s, each `steps` rounds of the Poisson-subsampled
+Gaussian mechanism with noise multiplier sigma and sample rate q (the shape Opacus
+keeps in `accountant.history`). Three backends turn it into epsilon at a delta:
+
+    rdp  Opacus' RDPAccountant (Mironov 2017; subsampled RDP of Mironov et al. 2019),
+         safe and 6-14% looser than the tight value in the federated regime
+    prv  Opacus' PRVAccountant (Gopi et al. 2021), the upper end of its error bound
+    pld  Google's dp-accounting PLDAccountant (privacy loss distributions), the
+         independent cross-check; PRV and PLD agree within about 0.5%
+
+The GDP / central-limit approximation (`gdp_epsilon`) is here to be shown beside
+them, never as a guarantee: it under-estimates epsilon for FL-style q and T.
+
+Every function is pure: a history in, a number out. Nothing here reads training state.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+ACCOUNTANTS = ("rdp", "prv", "pld")
+
+
+@dataclass(frozen=True)
+class DpEvent:
+    """`steps` rounds of the Poisson-subsampled Gaussian mechanism (one round = one step)."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.noise_multiplier >= 0:
+            raise ValueError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}")
+        if not 0 < self.sample_rate <= 1:
+            raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+
+
+def compress(history: Sequence[DpEvent]) -> list[DpEvent]:
+    """Merge consecutive events with the same (sigma, q): one segment per run of rounds."""
+    out: list[DpEvent] = []
+    for e in history:
+        if e.steps == 0:
+            continue
+        if out and (out[-1].noise_multiplier, out[-1].sample_rate) == (e.noise_multiplier, e.sample_rate):
+            out[-1] = DpEvent(e.noise_multiplier, e.sample_rate, out[-1].steps + e.steps)
+        else:
+            out.append(e)
+    return out
+
+
+def epsilon(history: Sequence[DpEvent], delta: float, accountant: str = "rdp") -> float:
+    """Epsilon at `delta` after composing `history`; inf if any step had no noise."""
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"unknown accountant {accountant!r}; use one of {', '.join(ACCOUNTANTS)}")
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    segments = compress(history)
+    if not segments:
+        return 0.0
+    if any(e.noise_multiplier == 0 for e in segments):
+        return math.inf
+    return float(_BACKENDS[accountant](segments, delta))
+
+
+def _opacus(kind: str) -> Callable[[list[DpEvent], float], float]:
+    def compute(segments: list[DpEvent], delta: float) -> float:
+        from opacus.accountants import PRVAccountant, RDPAccountant
+
+        acc = RDPAccountant() if kind == "rdp" else PRVAccountant()
+        acc.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in segments]
+        # "optimal order is the largest alpha" (RDP) and log(0) inside PRV's domain search
+        # are warnings about tightness, not validity: the bound returned is still safe.
+        with warnings.catch_warnings(), np.errstate(divide="ignore"):
+            warnings.simplefilter("ignore", UserWarning)
+            return acc.get_epsilon(delta=delta)
+
+    return compute
+
+
+def _pld(segments: list[DpEvent], delta: float) -> float:
+    import dp_accounting
+    from dp_accounting.pld import pld_privacy_accountant
+
+    acc = pld_privacy_accountant.PLDAccountant()
+    for e in segments:
+        event = dp_accounting.PoissonSampledDpEvent(e.sample_rate,
+                                                    dp_accounting.GaussianDpEvent(e.noise_multiplier))
+        acc.compose(event, e.steps)
+    return acc.get_epsilon(delta)
+
+
+_BACKENDS = {"rdp": _opacus("rdp"), "prv": _opacus("prv"), "pld": _pld}
+
+
+def calibrate(target_epsilon: float, delta: float, sample_rate: float, rounds: int,
+              accountant: str = "rdp", tolerance: float = 0.01) -> float:
+    """The smallest noise multiplier (to within the bisection) whose epsilon is <= target.
+
+    Bisection as Opacus' get_noise_multiplier: grow sigma until epsilon <= target, then
+    shrink the bracket keeping the upper end, so the answer never overshoots the target.
+    Stops when the epsilon reached is within `tolerance` of the target.
+    """
+    if not target_epsilon > 0:
+        raise ValueError(f"target epsilon must be > 0, got {target_epsilon}")
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+
+    def eps(sigma: float) -> float:
+        return epsilon([DpEvent(sigma, sample_rate, rounds)], delta, accountant)
+
+    low, high = 0.0, 1.0
+    eps_high = eps(high)
+    while eps_high > target_epsilon:
+        low, high = high, 2 * high
+        if high > 1e6:
+            raise ValueError(f"epsilon {target_epsilon} at delta {delta} is out of reach for "
+                             f"q={sample_rate}, {rounds} rounds (sigma > 1e6)")
+        eps_high = eps(high)
+    while target_epsilon - eps_high > tolerance and high - low > 1e-6 * high:
+        mid = (low + high) / 2
+        eps_mid = eps(mid)
+        if eps_mid <= target_epsilon:
+            high, eps_high = mid, eps_mid
+        else:
+            low = mid
+    return high
+
+
+def gdp_epsilon(history: Sequence[DpEvent], delta: float) -> float:
+    """The Gaussian-DP / CLT approximation (Dong, Roth, Su 2019; Bu et al. 2020).
+
+    mu = q sqrt(T (e^{1/sigma^2} - 1)) for T rounds of Poisson-subsampled Gaussians,
+    then the epsilon of mu-GDP at delta. An APPROXIMATION that can under-estimate the
+    true epsilon (15-18% for q = 0.05-0.1, T = 100-200): never a guarantee.
+    """
+    segments = compress(history)
+    if any(e.noise_multiplier == 0 for e in segments):
+        return math.inf
+    mu_sq = sum(e.sample_rate ** 2 * e.steps * math.expm1(e.noise_multiplier ** -2) for e in segments)
+    if mu_sq == 0:
+        return 0.0
+    return _gdp_mu_to_epsilon(math.sqrt(mu_sq), delta)
+
+
+def _gdp_mu_to_epsilon(mu: float, delta: float) -> float:
+    """Smallest epsilon with delta(epsilon) <= delta for mu-GDP (Dong et al. 2019, Cor. 2.13)."""
+    from scipy.stats import norm
+
+    def delta_of(eps: float) -> float:
+        return norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * norm.cdf(-eps / mu - mu / 2)
+
+    low, high = 0.0, 1.0
+    while delta_of(high) > delta:
+        high *= 2
+    for _ in range(100):
+        mid = (low + high) / 2
+        low, high = (low, mid) if delta_of(mid) <= delta else (mid, high)
+    return high

@@ -1,0 +1,120 @@
+"""User-level differential privacy on the server: clip, sum, add Gaussian noise.
+
+DP-FedAvg (McMahan et al. 2018, "Learning Differentially Private Recurrent
+Language Models", arXiv 1710.06963, Alg. 1 with the fixed denominator):
+
+    each sampled client's delta is clipped to L2 norm C:  d_k * min(1, C / ||d_k||)
+    aggregate = (sum_k clipped d_k + N(0, (z C)^2 I)) / (q N)
+
+One user changes the sum by at most C, so with Poisson sampling at rate q each
+round is one sampled Gaussian mechanism with noise multiplier z (what the
+accountants compose). The denominator q N (the expected number of clients) is fixed;
+dividing by the actual count would leak it and need about twice the noise.
+
+Adaptive clipping (Andrew et al. 2021, "Differentially Private Learning with
+Adaptive Clipping", arXiv 1905.03871, Alg. 1): clients also send
+b_k = 1[||d_k|| <= C] (the UNclipped indicator); the server estimates the unclipped
+fraction b~ = (sum b_k + N(0, sigma_b^2)) / (q N) and moves C geometrically towards
+the target quantile gamma: C <- C exp(-eta_C (b~ - gamma)). The two releases together
+are one Gaussian mechanism with multiplier z when the update noise uses
+z_delta = (z^-2 - (2 sigma_b)^-2)^(-1/2) (Thm. 1), so the accounting is unchanged.
+
+Everything here is a pure function of (deltas, parameters, generator). The noise
+generator is the DP stream, separate from every training stream.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ClipResult:
+    clipped: torch.Tensor  # [n, d], every row of norm <= C
+    norms: torch.Tensor  # [n], the norms before clipping (float64)
+    unclipped: torch.Tensor  # [n] bool: ||d_k|| <= C (Andrew et al.'s b_k)
+
+
+def clip_to_norm(deltas: torch.Tensor, clip_norm: float) -> ClipResult:
+    """Scale each row of `deltas` [n, d] to L2 norm at most `clip_norm` (inf: unchanged)."""
+    if not clip_norm > 0:
+        raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
+    norms = torch.linalg.vector_norm(deltas.to(torch.float64), dim=1)
+    unclipped = norms <= clip_norm
+    if math.isinf(clip_norm) or bool(unclipped.all()):
+        return ClipResult(deltas, norms, unclipped)
+    # float64 scale, and the cast rounded down, so float32 rows never exceed C by rounding
+    scale = torch.where(unclipped, torch.ones_like(norms), clip_norm / norms)
+    clipped = (deltas.to(torch.float64) * scale[:, None]).to(deltas.dtype)
+    over = torch.linalg.vector_norm(clipped.to(torch.float64), dim=1) > clip_norm
+    if bool(over.any()):
+        clipped[over] = (clipped[over].to(torch.float64) * (1 - 1e-6)).to(deltas.dtype)
+    return ClipResult(clipped, norms, unclipped)
+
+
+def gaussian_noise(dim: int, std: float, generator: torch.Generator,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """N(0, std^2 I_dim) from `generator` (drawn in float64, returned in `dtype`)."""
+    if std == 0:
+        return torch.zeros(dim, dtype=dtype)
+    return (torch.randn(dim, generator=generator, dtype=torch.float64) * std).to(dtype)
+
+
+@dataclass(frozen=True)
+class PrivateMean:
+    aggregate: torch.Tensor  # [d]
+    noise: torch.Tensor  # [d], the noise added to the sum (before the division)
+    norms: torch.Tensor  # [n] delta norms before clipping
+    num_clipped: int
+    num_unclipped: int
+
+
+def private_mean(deltas: torch.Tensor, clip_norm: float, noise_multiplier: float,
+                 expected_clients: float, generator: torch.Generator) -> PrivateMean:
+    """(sum of clipped deltas + N(0, (z C)^2 I)) / expected_clients  (DP-FedAvg).
+
+    deltas may have zero rows (nobody sampled): the aggregate is then noise alone.
+    With z = 0 and C = inf this is the plain mean sum_k d_k / expected_clients.
+    """
+    if not expected_clients > 0:
+        raise ValueError(f"expected_clients must be > 0, got {expected_clients}")
+    if noise_multiplier < 0:
+        raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+    if noise_multiplier > 0 and math.isinf(clip_norm):
+        raise ValueError("noise needs a finite clip_norm (the noise std is z * C)")
+    n, dim = deltas.shape
+    clip = clip_to_norm(deltas, clip_norm)
+    noise = gaussian_noise(dim, noise_multiplier * clip_norm if noise_multiplier > 0 else 0.0,
+                           generator, deltas.dtype)
+    weights = torch.full((n,), 1.0 / expected_clients, dtype=torch.float64).to(deltas.dtype)
+    aggregate = weights @ clip.clipped if n else torch.zeros(dim, dtype=deltas.dtype)
+    if noise_multiplier > 0:
+        aggregate = aggregate + noise / expected_clients
+    unclipped = int(clip.unclipped.sum())
+    return PrivateMean(aggregate, noise, clip.norms, n - unclipped, unclipped)
+
+
+def adaptive_update_noise(noise_multiplier: float, count_stddev: float) -> float:
+    """z_delta = (z^-2 - (2 sigma_b)^-2)^(-1/2) (Andrew et al. 2021, Thm. 1)."""
+    if noise_multiplier == 0:
+        return 0.0
+    if 2 * count_stddev <= noise_multiplier:
+        raise ValueError(f"adaptive clipping needs 2 * clip_count_stddev ({2 * count_stddev:g}) > "
+                         f"noise_multiplier ({noise_multiplier:g})")
+    return (noise_multiplier ** -2 - (2 * count_stddev) ** -2) ** -0.5
+
+
+def adapt_clip_norm(clip_norm: float, num_unclipped: int, expected_clients: float,
+                    target_quantile: float, learning_rate: float, count_stddev: float,
+                    generator: torch.Generator) -> tuple[float, float]:
+    """One geometric update of C towards the target quantile; returns (new C, noisy b~).
+
+    b~ = (sum_k b_k + N(0, sigma_b^2)) / (q N); C <- C exp(-eta_C (b~ - gamma)).
+    If more than the target share was already under C (b~ > gamma), C shrinks.
+    """
+    noise = float(torch.randn((), generator=generator, dtype=torch.float64)) * count_stddev
+    fraction = (num_unclipped + noise) / expected_clients
+    return clip_norm * math.exp(-learning_rate * (fraction - target_quantile)), fraction

@@ -1,0 +1,89 @@
+"""What a run prints: one line per round and the closing summary."""
+
+from __future__ import annotations
+
+import math
+
+from fedsec.results import RoundResult, RunResult
+
+
+def _fmt(value: float | None, spec: str = ".3f") -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def _privacy_cell(privacy: dict) -> str:
+    clipped = f"C {privacy['clip_norm']:.3g} clipped {privacy['clipped']}/{privacy['clipped'] + privacy['unclipped']}"
+    if privacy["epsilon"] is None:
+        return f"{clipped}  epsilon not certified"
+    eps = privacy["epsilon"]
+    return f"{clipped}  eps " + " ".join(f"{a} {eps[a]:.2f}" for a in eps)
+
+
+def round_line(done: int, total: int, result: RoundResult | None, global_eval: dict | None,
+          clients_eval: dict | None) -> str:
+    parts = [f"round {done:>3}/{total}"]
+    if result is None:
+        parts.append("untuned model")
+    else:
+        clients = list(result.clients) if len(result.clients) <= 8 else f"{len(result.clients)} sampled"
+        parts.append(f"lr {result.lr:.2e}  clients {clients}  train loss {result.train_loss:.3f}")
+        if result.rejected:
+            parts.append(f"rejected {list(result.rejected)}")
+        if result.privacy is not None:
+            parts.append(_privacy_cell(result.privacy))
+    if global_eval is not None:
+        if "accuracy" in global_eval:
+            parts.append(f"global acc {_fmt(global_eval['accuracy'])} loss {_fmt(global_eval['loss'])}")
+        if "preference" in global_eval:
+            pref = global_eval["preference"]
+            parts.append(f"pref acc {_fmt(pref['preference_accuracy'])} "
+                         f"margin {_fmt(pref['reward_margin'])} "
+                         f"likelihood acc {_fmt(pref['likelihood_accuracy'])}")
+        if "refusal_rate" in global_eval:
+            parts.append(f"refusal {_fmt(global_eval['refusal_rate'])}")
+    if clients_eval is not None:
+        parts.append(f"client acc mean {_fmt(clients_eval['mean_accuracy'])} "
+                     f"min {_fmt(clients_eval['min_accuracy'])}")
+    if result is not None:
+        parts.append(f"{result.seconds:.1f}s")
+    return "  ".join(parts)
+
+
+def summary_lines(result: RunResult) -> list[str]:
+    lines = [f"run directory: {result.run_dir}"]
+    name = result.algorithm
+    if result.untuned and result.final:
+        before, after = result.untuned, result.final
+        if before.get("accuracy") is not None and after.get("accuracy") is not None:
+            u, f = before["accuracy"], after["accuracy"]
+            lines.append(f"global test accuracy: untuned {u:.3f} -> {name} {f:.3f} ({f - u:+.3f})")
+        if "loss" in before:
+            lines.append(f"global test loss:     untuned {before['loss']:.3f} -> {name} "
+                         f"{after['loss']:.3f}")
+        if "preference" in before:
+            u, f = (before["preference"]["preference_accuracy"], after["preference"]["preference_accuracy"])
+            lines.append(f"preference accuracy:  untuned {_fmt(u)} -> {name} {_fmt(f)} "
+                         "(implicit reward of chosen > rejected)")
+            u, f = (before["preference"]["likelihood_accuracy"], after["preference"]["likelihood_accuracy"])
+            lines.append(f"likelihood accuracy:  untuned {_fmt(u)} -> {name} {_fmt(f)} "
+                         "(policy prefers chosen, no reference)")
+        if "refusal_rate" in before:
+            lines.append(f"refusal rate (unsafe probes): untuned {_fmt(before['refusal_rate'])} -> "
+                         f"{name} {_fmt(after['refusal_rate'])}")
+    if result.privacy is not None:
+        p = result.privacy
+        setting = (f"noise multiplier {p['noise_multiplier']:.4g}, sample rate {p['sample_rate']:.4g}, "
+                   f"clip norm {p['clip_norm']:.4g}{' (adaptive)' if p['adaptive_clipping'] else ''}, "
+                   f"{p['rounds']} rounds")
+        if p["certified"]:
+            others = ", ".join(f"{a} {v:.3f}" for a, v in p["epsilons"].items() if a != p["accountant"])
+            lines.append(f"privacy: ({p['epsilon']:.3f}, {p['delta']:g})-DP for each client's whole "
+                         f"data ({p['accountant']}; {others}); {setting}")
+        else:
+            lines.append(f"privacy: epsilon not certified: {p['reason']}; {setting}")
+    if result.local_only:
+        per = result.local_only["per_client"]
+        accs = " ".join(_fmt(v["global_eval"].get("accuracy")) for v in per.values())
+        lines.append(f"local-only ({len(per)} clients, each trained alone): mean global accuracy "
+                     f"{_fmt(result.local_only['mean_accuracy'])}  [{accs}]")
+    return lines

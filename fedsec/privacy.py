@@ -1,0 +1,132 @@
+"""User-level DP in the round loop: the plan fixed at setup, and the per-round step.
+
+`plan_privacy` resolves the privacy section against the data once: the sample rate
+q = clients_per_round / clients, the noise multiplier (given, or calibrated to the
+target epsilon over all rounds with the chosen accountant), the split of the noise
+under adaptive clipping, and whether the run's epsilon can be certified at all.
+
+`UserLevelDp.aggregate` is one round of the server pipeline under DP:
+sanitize -> clip each delta -> sum + Gaussian noise -> / (q N) -> ledger.record,
+then (optionally) the adaptive clip-norm update. Its state (the current clip norm
+and the ledger) rides in every checkpoint, so a resumed run continues its budget.
+
+Reproducibility note: the noise is drawn from a generator derived from the run's
+seed and the round (a stream no training code touches), so a run can be repeated
+and resumed exactly. Anyone who knows the seed can regenerate the noise; a
+deployment must keep the seed secret, as it must keep the clients' updates secret.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from accountants import ACCOUNTANTS, PrivacyLedger, calibrate
+from defenses import sanitize
+from defenses.dp import adapt_clip_norm, adaptive_update_noise, private_mean
+from fedsec.config import ExperimentConfig
+from fedsec.errors import ConfigError
+from fedsec.results import ClientUpdate
+from fedsec.seeding import torch_generator
+
+
+@dataclass(frozen=True)
+class DpPlan:
+    noise_multiplier: float  # z, the accounted multiplier of each round's mechanism
+    update_noise: float  # the multiplier on the delta sum (z_delta < z with adaptive clipping)
+    sample_rate: float  # q
+    expected_clients: float  # q N, the fixed denominator
+    count_stddev: float | None  # adaptive clipping's sigma_b
+    certified: bool
+    reason: str | None
+
+
+def plan_privacy(cfg: ExperimentConfig, num_clients: int) -> DpPlan:
+    p, fed = cfg.privacy, cfg.federation
+    if p.delta >= 1 / num_clients:
+        raise ConfigError("privacy.delta", p.delta, f"must be below 1 / clients = {1 / num_clients:.3g} "
+                          f"({num_clients} clients), e.g. 1e-5")
+    q = fed.clients_per_round / num_clients
+    if p.noise_multiplier is not None:
+        z = p.noise_multiplier
+    elif math.isinf(p.epsilon):
+        z = 0.0
+    else:
+        try:
+            z = calibrate(p.epsilon, p.delta, q, fed.rounds, p.accountant)
+        except ValueError as err:
+            raise ConfigError("privacy.epsilon", p.epsilon, str(err)) from None
+    stddev = None
+    update_noise = z
+    if p.adaptive_clipping:
+        stddev = p.clip_count_stddev if p.clip_count_stddev is not None else q * num_clients / 20
+        try:
+            update_noise = adaptive_update_noise(z, stddev)
+        except ValueError as err:
+            raise ConfigError("privacy.clip_count_stddev", stddev, f"{err}; raise it or clients_per_round") \
+                from None
+    reason = None
+    if z == 0:
+        reason = "no noise (noise_multiplier 0): clipping alone gives no DP guarantee"
+    elif fed.algorithm == "scaffold":
+        reason = "SCAFFOLD's control variates reach the server without clipping or noise"
+    return DpPlan(z, update_noise, q, q * num_clients, stddev, reason is None, reason)
+
+
+class UserLevelDp:
+    """DP-FedAvg's server side for one run: current clip norm + the privacy ledger."""
+
+    def __init__(self, cfg: ExperimentConfig, plan: DpPlan):
+        self.cfg, self.plan = cfg, plan
+        self.clip_norm = cfg.privacy.clip_norm
+        self.ledger = PrivacyLedger(cfg.privacy.delta, ACCOUNTANTS, cfg.privacy.accountant,
+                                    plan.certified, plan.reason)
+
+    def aggregate(self, updates: list[ClientUpdate], dim: int, round_idx: int
+                  ) -> tuple[torch.Tensor, tuple[int, ...], dict]:
+        """One round under DP; returns (aggregate, rejected client ids, round privacy info).
+
+        A rejected update (non-finite, wrong shape) counts as a zero delta: the client
+        was sampled, so the denominator and the accounting stay as planned.
+        """
+        plan, seed = self.plan, self.cfg.seed
+        checked = sanitize([u.delta for u in updates], dim)
+        rejected = tuple(updates[i].client_id for i in checked.rejected)
+        kept = [updates[i].delta for i in checked.kept.tolist()]
+        deltas = torch.stack(kept) if kept else torch.zeros(0, dim)
+        used_clip = self.clip_norm
+        result = private_mean(deltas, used_clip, plan.update_noise, plan.expected_clients,
+                              torch_generator(seed, "dp-noise", round_idx))
+        entry = self.ledger.record(round_idx + 1, plan.noise_multiplier, plan.sample_rate, used_clip,
+                                   len(updates))
+        if self.cfg.privacy.adaptive_clipping:
+            p = self.cfg.privacy
+            self.clip_norm, _ = adapt_clip_norm(used_clip, result.num_unclipped, plan.expected_clients,
+                                                p.target_quantile, p.clip_lr, plan.count_stddev,
+                                                torch_generator(seed, "dp-clip-count", round_idx))
+        info = {"clip_norm": used_clip, "noise_multiplier": plan.noise_multiplier,
+                "clipped": result.num_clipped, "unclipped": result.num_unclipped,
+                "median_norm": float(result.norms.median()) if len(kept) else None,
+                "epsilon": entry.epsilon}
+        return result.aggregate, rejected, info
+
+    def report(self) -> dict:
+        rep = self.ledger.report()
+        last = self.ledger.entries[-1].epsilon if self.ledger.entries else None
+        return {"certified": rep.certified, "reason": rep.reason, "delta": rep.delta,
+                "accountant": rep.accountant, "epsilon": rep.epsilon, "epsilons": last,
+                "noise_multiplier": self.plan.noise_multiplier, "sample_rate": self.plan.sample_rate,
+                "clip_norm": self.cfg.privacy.clip_norm, "adaptive_clipping":
+                self.cfg.privacy.adaptive_clipping, "rounds": len(self.ledger.entries)}
+
+    def state_dict(self) -> dict:
+        return {"clip_norm": self.clip_norm, "ledger": self.ledger.to_dict()}
+
+    def load_state_dict(self, state: dict, rounds_done: int) -> None:
+        self.clip_norm = float(state["clip_norm"])
+        self.ledger = PrivacyLedger.from_dict(state["ledger"])
+        if len(self.ledger.entries) != rounds_done:
+            raise ValueError(f"checkpoint ledger has {len(self.ledger.entries)} rounds, expected "
+                             f"{rounds_done}")

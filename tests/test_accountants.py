@@ -1,0 +1,150 @@
+"""Accountants against Opacus, dp-accounting and published values (REFERENCES.md)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from accountants import (
+    DpEvent,
+    PrivacyLedger,
+    calibrate,
+    epsilon,
+    epsilons,
+    gdp_epsilon,
+)
+from accountants.backends import _gdp_mu_to_epsilon, compress
+from fedsec.cli import main
+
+
+def test_abadi_setting_matches_measured_values():
+    # q = 0.01, sigma = 4, T = 10,000, delta = 1e-5 (Abadi et al. 2016's worked example)
+    history = [DpEvent(4.0, 0.01, 10_000)]
+    assert epsilon(history, 1e-5, "rdp") == pytest.approx(1.0355, abs=1e-3)
+    assert epsilon(history, 1e-5, "prv") == pytest.approx(0.9569, abs=1e-3)
+    assert epsilon(history, 1e-5, "pld") == pytest.approx(0.9470, abs=1e-3)
+
+
+def test_full_participation_matches_the_exact_gaussian_composition():
+    # q = 1: T Gaussians of multiplier sigma compose to one of sigma / sqrt(T); its exact
+    # epsilon follows from the analytic Gaussian mechanism (mu = sqrt(T) / sigma).
+    history = [DpEvent(2.0, 1.0, 50)]
+    exact = _gdp_mu_to_epsilon(math.sqrt(50) / 2.0, 1e-5)
+    assert exact == pytest.approx(20.6755, abs=1e-3)
+    assert epsilon(history, 1e-5, "pld") == pytest.approx(exact, rel=1e-3)
+    assert epsilon(history, 1e-5, "prv") == pytest.approx(20.6863, abs=2e-3)
+    assert epsilon(history, 1e-5, "rdp") == pytest.approx(22.0199, abs=2e-3)
+    assert epsilon(history, 1e-5, "rdp") >= exact  # RDP is safe, never below the exact value
+
+
+def test_wrappers_agree_with_the_libraries_called_directly():
+    import dp_accounting
+    from dp_accounting.pld import pld_privacy_accountant
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    history = [DpEvent(1.1, 0.05, 60), DpEvent(0.9, 0.1, 40)]
+    rdp, prv = RDPAccountant(), PRVAccountant()
+    for acc in (rdp, prv):
+        acc.history = [(1.1, 0.05, 60), (0.9, 0.1, 40)]
+    pld = pld_privacy_accountant.PLDAccountant()
+    pld.compose(dp_accounting.PoissonSampledDpEvent(0.05, dp_accounting.GaussianDpEvent(1.1)), 60)
+    pld.compose(dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(0.9)), 40)
+    assert epsilon(history, 1e-5, "rdp") == pytest.approx(rdp.get_epsilon(1e-5), rel=1e-9)
+    assert epsilon(history, 1e-5, "prv") == pytest.approx(prv.get_epsilon(1e-5), rel=1e-9)
+    assert epsilon(history, 1e-5, "pld") == pytest.approx(pld.get_epsilon(1e-5), rel=1e-9)
+
+
+def test_prv_and_pld_agree_and_gdp_underestimates_in_the_fl_regime():
+    history = [DpEvent(1.0, 0.1, 100)]
+    eps = epsilons(history, 1e-5)
+    assert eps["prv"] == pytest.approx(eps["pld"], rel=0.01)
+    assert eps["pld"] <= eps["rdp"] <= 1.15 * eps["pld"]
+    assert gdp_epsilon(history, 1e-5) < 0.9 * eps["pld"]  # why GDP is never shown as a guarantee
+
+
+def test_degenerate_histories():
+    assert epsilon([], 1e-5) == 0.0
+    assert epsilon([DpEvent(0.0, 0.1, 5)], 1e-5, "pld") == math.inf
+    assert compress([DpEvent(1, 0.1), DpEvent(1, 0.1), DpEvent(2, 0.1), DpEvent(1, 0.1, 0)]) == \
+        [DpEvent(1, 0.1, 2), DpEvent(2, 0.1, 1)]
+    with pytest.raises(ValueError):
+        DpEvent(1.0, 1.5)
+    with pytest.raises(ValueError):
+        epsilon([DpEvent(1.0, 0.1)], 1e-5, "gdp")
+
+
+@settings(max_examples=12, deadline=None)
+@given(target=st.floats(0.3, 12), q=st.floats(0.005, 1.0), rounds=st.integers(1, 300))
+def test_calibrated_sigma_never_overshoots_the_target(target, q, rounds):
+    sigma = calibrate(target, 1e-5, q, rounds, "rdp")
+    reached = epsilon([DpEvent(sigma, q, rounds)], 1e-5, "rdp")
+    assert reached <= target
+    assert target - reached <= 0.01 or sigma < 1e-5  # and it is tight to the tolerance
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv", "pld"])
+def test_calibration_matches_opacus_and_never_overshoots(accountant):
+    from opacus.accountants.utils import get_noise_multiplier
+
+    sigma = calibrate(4.0, 1e-5, 0.1, 50, accountant)
+    assert epsilon([DpEvent(sigma, 0.1, 50)], 1e-5, accountant) <= 4.0
+    if accountant != "pld":
+        theirs = get_noise_multiplier(target_epsilon=4.0, target_delta=1e-5, sample_rate=0.1, steps=50,
+                                      accountant=accountant)
+        assert sigma == pytest.approx(theirs, rel=0.02)
+
+
+def test_ledger_records_epsilon_per_round_and_round_trips():
+    ledger = PrivacyLedger(1e-5, ("rdp", "pld"), "rdp")
+    for r in range(1, 4):
+        ledger.record(r, 1.2, 0.2, 0.5, 7)
+    eps = [e.epsilon["rdp"] for e in ledger.entries]
+    assert eps == sorted(eps) and eps[0] > 0
+    assert eps[-1] == pytest.approx(epsilon([DpEvent(1.2, 0.2, 3)], 1e-5, "rdp"))
+    again = PrivacyLedger.from_dict(json.loads(json.dumps(ledger.to_dict())))
+    assert again == ledger and again.report().epsilon == eps[-1]
+    with pytest.raises(ValueError):
+        ledger.record(7, 1.2, 0.2, 0.5, 7)
+    ledger.truncate(2)
+    assert [e.round for e in ledger.entries] == [1, 2]
+
+
+def test_uncertified_ledger_keeps_events_but_no_epsilon():
+    ledger = PrivacyLedger(1e-5, certified=False, reason="no noise")
+    entry = ledger.record(1, 0.0, 0.1, 1.0, 3)
+    assert entry.epsilon is None and entry.noise_multiplier == 0.0
+    report = ledger.report()
+    assert report.epsilon is None and not report.certified
+    assert "not certified (no noise)" in report.describe()
+
+
+def test_cli_epsilon_and_calibrate_json(capsys):
+    assert main(["privacy", "epsilon", "--noise-multiplier", "1.0", "--sample-rate", "0.1",
+                 "--rounds", "100", "--delta", "1e-5", "--accountant", "rdp", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["accountant"] == "rdp" and out["delta"] == 1e-5 and out["noise_multiplier"] == 1.0
+    assert out["epsilon"] == pytest.approx(epsilon([DpEvent(1.0, 0.1, 100)], 1e-5, "rdp"))
+    assert main(["privacy", "calibrate", "--epsilon", "8", "--sample-rate", "0.1", "--rounds", "100",
+                 "--delta", "1e-5", "--accountant", "prv", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["epsilon"] <= 8 and out["noise_multiplier"] > 0 and out["accountant"] == "prv"
+    assert main(["privacy", "epsilon", "--noise-multiplier", "2", "--sample-rate", "1", "--rounds", "50",
+                 "--accountant", "pld"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("epsilon 20.67") and "not a guarantee" in text
+
+
+@pytest.mark.parametrize("argv, field", [
+    (["epsilon", "--noise-multiplier", "1", "--sample-rate", "0", "--rounds", "5"], "--sample-rate"),
+    (["epsilon", "--noise-multiplier", "-1", "--sample-rate", "0.1", "--rounds", "5"], "--noise-multiplier"),
+    (["calibrate", "--epsilon", "0", "--sample-rate", "0.1", "--rounds", "5"], "--epsilon"),
+    (["calibrate", "--epsilon", "1", "--sample-rate", "0.1", "--rounds", "5", "--delta", "2"], "--delta"),
+])
+def test_cli_bad_privacy_arguments_are_one_line(capsys, argv, field):
+    assert main(["privacy", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and field in err and "Traceback" not in err

@@ -1,0 +1,214 @@
+"""User-level DP: clipping, noise, adaptive clipping, and DP runs of the loop."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import tiny_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
+from accountants import DpEvent, epsilon
+from defenses.dp import (
+    adapt_clip_norm,
+    adaptive_update_noise,
+    clip_to_norm,
+    gaussian_noise,
+    private_mean,
+)
+from fedsec.cli import main
+from fedsec.errors import ConfigError
+from fedsec.loop import run_experiment
+from fedsec.server import poisson_sample
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.lists(st.lists(st.floats(-1e3, 1e3, width=32), min_size=5, max_size=5),
+                     min_size=1, max_size=6),
+       clip=st.floats(1e-3, 1e3))
+def test_clipping_leaves_no_delta_above_c_and_small_ones_untouched(rows, clip):
+    deltas = torch.tensor(rows, dtype=torch.float32)
+    result = clip_to_norm(deltas, clip)
+    norms = torch.linalg.vector_norm(result.clipped.double(), dim=1)
+    assert bool((norms <= clip).all())
+    small = torch.linalg.vector_norm(deltas.double(), dim=1) <= clip
+    assert torch.equal(result.clipped[small], deltas[small])
+    # a clipped row keeps its direction
+    for i in (~small).nonzero().flatten().tolist():
+        cos = torch.nn.functional.cosine_similarity(result.clipped[i].double(), deltas[i].double(), dim=0)
+        assert float(cos) > 1 - 1e-6
+
+
+def test_private_mean_by_hand():
+    deltas = torch.tensor([[3.0, 4.0], [0.3, 0.4], [0.0, 0.0]])
+    out = private_mean(deltas, clip_norm=1.0, noise_multiplier=0.0, expected_clients=4.0,
+                       generator=torch.Generator().manual_seed(0))
+    # row 0 (norm 5) clipped to (0.6, 0.8); divided by the fixed denominator 4, not by 3
+    torch.testing.assert_close(out.aggregate, torch.tensor([(0.6 + 0.3) / 4, (0.8 + 0.4) / 4]))
+    assert (out.num_clipped, out.num_unclipped) == (1, 2)
+    torch.testing.assert_close(out.norms, torch.tensor([5.0, 0.5, 0.0], dtype=torch.float64))
+
+
+def test_no_noise_and_no_clipping_is_the_plain_mean():
+    deltas = torch.randn(5, 7, generator=torch.Generator().manual_seed(1))
+    out = private_mean(deltas, math.inf, 0.0, 5.0, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out.aggregate, deltas.mean(0))
+    empty = private_mean(torch.zeros(0, 7), 1.0, 0.0, 3.0, torch.Generator())
+    assert torch.equal(empty.aggregate, torch.zeros(7))
+
+
+def test_added_noise_is_gaussian_with_std_sigma_c():
+    sigma, clip, m = 1.3, 0.25, 8.0
+    deltas = torch.zeros(3, 20_000)
+    out = private_mean(deltas, clip, sigma, m, torch.Generator().manual_seed(42))
+    noise_on_sum = out.aggregate.double() * m
+    torch.testing.assert_close(noise_on_sum, out.noise.double(), rtol=1e-5, atol=1e-7)
+    assert stats.kstest(noise_on_sum.numpy(), "norm", args=(0, sigma * clip)).pvalue > 0.01
+    # and it is not the noise of another scale
+    assert stats.kstest(noise_on_sum.numpy(), "norm", args=(0, 1.2 * sigma * clip)).pvalue < 1e-6
+    # the noise is the DP stream's: same generator seed, same noise; different seed, different
+    again = gaussian_noise(20_000, sigma * clip, torch.Generator().manual_seed(42))
+    assert torch.equal(again, out.noise)
+
+
+def test_noise_needs_a_finite_clip_norm():
+    with pytest.raises(ValueError):
+        private_mean(torch.zeros(1, 3), math.inf, 1.0, 1.0, torch.Generator())
+
+
+def test_adaptive_clipping_by_hand():
+    # Andrew et al. 2021, Thm. 1: z_delta = (z^-2 - (2 sigma_b)^-2)^-1/2
+    assert adaptive_update_noise(1.0, 1.0) == pytest.approx((1 - 0.25) ** -0.5)
+    with pytest.raises(ValueError):
+        adaptive_update_noise(1.0, 0.5)
+    gen_seed = 7
+    noise = float(torch.randn((), generator=torch.Generator().manual_seed(gen_seed), dtype=torch.float64))
+    new_c, frac = adapt_clip_norm(2.0, 6, 8.0, 0.5, 0.2, 0.4, torch.Generator().manual_seed(gen_seed))
+    assert frac == pytest.approx((6 + 0.4 * noise) / 8)
+    assert new_c == pytest.approx(2.0 * math.exp(-0.2 * (frac - 0.5)))
+    # the sign: most deltas already under C (b~ > gamma) -> C shrinks; few -> C grows
+    assert adapt_clip_norm(1.0, 8, 8.0, 0.5, 0.2, 1e-9, torch.Generator())[0] < 1.0
+    assert adapt_clip_norm(1.0, 0, 8.0, 0.5, 0.2, 1e-9, torch.Generator())[0] > 1.0
+
+
+def test_adaptive_clip_norm_tracks_the_target_quantile():
+    gen = torch.Generator().manual_seed(3)
+    norms = torch.rand(2000, generator=gen) * 4  # uniform on [0, 4]: the median is 2
+    clip = 0.1
+    for t in range(300):
+        batch = norms[torch.randint(0, 2000, (50,), generator=gen)]
+        clip, _ = adapt_clip_norm(clip, int((batch <= clip).sum()), 50.0, 0.5, 0.2, 2.5,
+                                  torch.Generator().manual_seed(t))
+    assert 1.6 < clip < 2.4
+
+
+def test_poisson_sampling_rate():
+    counts = torch.zeros(20)
+    sizes = []
+    for r in range(3000):
+        picked = poisson_sample(20, 0.15, torch.Generator().manual_seed(r))
+        counts[picked] += 1
+        sizes.append(len(picked))
+    assert (counts / 3000 - 0.15).abs().max() < 0.03
+    assert len(set(sizes)) > 3 and abs(sum(sizes) / 3000 - 3.0) < 0.1  # the count varies, mean qN
+
+
+# ---------------------------------------------------------------------------
+# The loop under DP (tiny model).
+
+_EQUAL = {"benchmark": {"num_clients": 4, "examples_per_client": 8, "size_alpha": 0, "test_size": 9,
+                        "client_test_size": 2, "num_probes": 2}, "max_length": 160}
+
+
+def _final(run_dir) -> dict:
+    ckpts = sorted((run_dir / "checkpoints").glob("round_*.pt"))
+    return torch.load(ckpts[-1], weights_only=False)
+
+
+def _metrics(run_dir) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        row.pop("seconds", None)
+        row.pop("privacy", None)
+    return rows
+
+
+def test_dp_with_zero_noise_and_infinite_clip_equals_the_plain_run(tmp_path):
+    # every client every round (q = 1), equal client sizes: FedAvg's weights are 1/N, the
+    # DP denominator q N = N; with sigma = 0 and C = inf the DP path must give the same bits
+    common = dict(data=_EQUAL, federation={"rounds": 2, "clients_per_round": 4, "local_only_clients": 0})
+    plain = tiny_config(tmp_path / "a", **common)
+    dp = tiny_config(tmp_path / "b", **common,
+                     privacy={"mode": "user", "noise_multiplier": 0.0, "clip_norm": math.inf})
+    a = run_experiment(plain, out=tmp_path / "plain", progress=False, log=lambda _: None)
+    b = run_experiment(dp, out=tmp_path / "dp", progress=False, log=lambda _: None)
+    assert torch.equal(_final(tmp_path / "plain")["global"], _final(tmp_path / "dp")["global"])
+    assert _metrics(tmp_path / "plain") == _metrics(tmp_path / "dp")
+    assert a.final == b.final
+    assert b.privacy["certified"] is False and "no noise" in b.privacy["reason"]
+    assert a.privacy is None
+
+
+def test_dp_run_keeps_a_ledger_and_resumes_to_the_same_epsilon(tmp_path):
+    privacy = {"mode": "user", "epsilon": 50.0, "delta": 1e-3, "clip_norm": 0.05,
+               "adaptive_clipping": True, "clip_count_stddev": 2.0}
+    fed = {"rounds": 3, "clients_per_round": 2, "local_only_clients": 0}
+    cfg = tiny_config(tmp_path, privacy=privacy, federation=fed)
+    whole = run_experiment(cfg, out=tmp_path / "whole", progress=False, log=lambda _: None)
+    ledger = json.loads((tmp_path / "whole" / "privacy_ledger.json").read_text())
+    assert [e["round"] for e in ledger["entries"]] == [1, 2, 3]
+    z, q = whole.privacy["noise_multiplier"], whole.privacy["sample_rate"]
+    assert q == 0.5 and z > 0
+    assert whole.privacy["certified"] and whole.privacy["epsilon"] <= 50.0
+    assert whole.privacy["epsilon"] == pytest.approx(epsilon([DpEvent(z, q, 3)], 1e-3, "rdp"))
+    assert set(whole.privacy["epsilons"]) == {"rdp", "prv", "pld"}
+    clips = [e["clip_norm"] for e in ledger["entries"]]
+    assert clips[0] == 0.05 and len(set(clips)) == 3  # adaptive clipping moved C
+
+    run_experiment(cfg, out=tmp_path / "parts", stop_after=1, progress=False, log=lambda _: None)
+    resumed = run_experiment(cfg, out=tmp_path / "parts", resume=True, progress=False, log=lambda _: None)
+    assert resumed.privacy == whole.privacy
+    assert json.loads((tmp_path / "parts" / "privacy_ledger.json").read_text()) == ledger
+    assert torch.equal(_final(tmp_path / "whole")["global"], _final(tmp_path / "parts")["global"])
+
+
+def test_scaffold_under_dp_is_not_certified(tmp_path):
+    cfg = tiny_config(tmp_path, privacy={"mode": "user", "noise_multiplier": 1.0, "delta": 1e-3},
+                      federation={"rounds": 1, "clients_per_round": 2, "algorithm": "scaffold"})
+    result = run_experiment(cfg, out=tmp_path / "r", progress=False, log=lambda _: None)
+    assert not result.privacy["certified"] and "SCAFFOLD" in result.privacy["reason"]
+    assert result.privacy["epsilon"] is None
+
+
+@pytest.mark.parametrize("sets, field", [
+    (["privacy.mode=user", "privacy.epsilon=1", "federation.sampling=fixed"], "federation.sampling"),
+    (["privacy.mode=user", "privacy.epsilon=1", "privacy.noise_multiplier=1"], "privacy.epsilon"),
+    (["privacy.mode=user", "privacy.epsilon=-1"], "privacy.epsilon"),
+    (["privacy.mode=user", "privacy.epsilon=1", "privacy.delta=0.5"], "privacy.delta"),
+    (["privacy.mode=user", "privacy.noise_multiplier=1", "privacy.clip_norm=inf"], "privacy.clip_norm"),
+    (["privacy.mode=user", "privacy.epsilon=1", "privacy.clip_norm=0"], "privacy.clip_norm"),
+])
+def test_bad_privacy_config_is_one_line(tmp_path, capsys, sets, field):
+    import yaml
+    from conftest import TINY
+
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "output_dir": str(tmp_path / "runs")}))
+    argv = ["run", str(path), "--no-progress"]
+    for s in sets:
+        argv += ["--set", s]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and field in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()  # nothing was created
+
+
+def test_delta_must_be_below_one_over_clients(tmp_path):
+    cfg = tiny_config(tmp_path, privacy={"mode": "user", "epsilon": 1.0, "delta": 0.3})
+    with pytest.raises(ConfigError, match="privacy.delta"):
+        run_experiment(cfg, out=tmp_path / "r", progress=False, log=lambda _: None)
+    assert not (tmp_path / "r").exists()
