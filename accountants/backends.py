@@ -88,10 +88,21 @@ def _opacus(kind: str) -> Callable[[list[DpEvent], float], float]:
 
 
 def _pld(segments: list[DpEvent], delta: float) -> float:
+    """PLD epsilon; the grid is pessimistic, so a coarser one is a (looser) upper bound.
+
+    A grid of 1e-3 in privacy-loss space costs a tenth of the default 1e-4 and agrees
+    with it to 1e-4 at the epsilons of FL runs; below epsilon 2 (where a coarse grid's
+    slack is relatively large) the default grid is used.
+    """
+    eps = _pld_at(segments, delta, 1e-3)
+    return eps if eps >= 2 else _pld_at(segments, delta, 1e-4)
+
+
+def _pld_at(segments: list[DpEvent], delta: float, interval: float) -> float:
     import dp_accounting
     from dp_accounting.pld import pld_privacy_accountant
 
-    acc = pld_privacy_accountant.PLDAccountant()
+    acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=interval)
     for e in segments:
         event = dp_accounting.PoissonSampledDpEvent(e.sample_rate,
                                                     dp_accounting.GaussianDpEvent(e.noise_multiplier))

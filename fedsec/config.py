@@ -32,6 +32,7 @@ ALGORITHMS = ("fedavg", "fedavgm", "fedadagrad", "fedyogi", "fedadam", "fedprox"
 ADAPTIVE = ("fedadagrad", "fedyogi", "fedadam")
 LR_SCHEDULES = ("cosine", "constant")
 SAMPLINGS = ("auto", "fixed", "poisson")
+LOCAL_OPTIMIZERS = ("adamw", "sgd")
 PRIVACY_MODES = ("off", "user")
 ACCOUNTANT_NAMES = ("rdp", "prv", "pld")
 
@@ -256,7 +257,11 @@ class TrainingConfig:
     local_steps: int = _help("optimizer steps per client per round", 5)
     batch_size: int = _help("examples per micro-batch", 8)
     grad_accum: int = _help("micro-batches accumulated per optimizer step", 1)
-    lr: float = _help("peak learning rate (AdamW)", 3e-4)
+    optimizer: str = _help(
+        "local optimizer: adamw (fresh state per client and round, as OpenFedLLM) or sgd "
+        "(plain gradient steps: a client's delta is then -lr times its summed gradients, the "
+        "usual choice under DP with an adaptive server optimizer)", "adamw")
+    lr: float = _help("peak learning rate (local optimizer)", 3e-4)
     min_lr: float = _help("learning rate the cosine schedule decays to over the rounds", 1e-5)
     lr_schedule: str = _help("cosine (across rounds, as OpenFedLLM) or constant", "cosine")
     weight_decay: float = _help("AdamW weight decay", 0.0)
@@ -266,7 +271,8 @@ class TrainingConfig:
         _require(self.local_steps >= 1, "local_steps", self.local_steps, "must be >= 1")
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
         _require(self.grad_accum >= 1, "grad_accum", self.grad_accum, "must be >= 1")
-        _require(0 < self.lr < 1, "lr", self.lr, "must be in (0, 1), e.g. 3e-4")
+        _one_of("optimizer", self.optimizer, LOCAL_OPTIMIZERS)
+        _require(0 < self.lr <= 100, "lr", self.lr, "must be in (0, 100], e.g. 3e-4 for adamw")
         _require(0 <= self.min_lr <= self.lr, "min_lr", self.min_lr, "must be in [0, lr]")
         _one_of("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")

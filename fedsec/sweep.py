@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 from fedsec.config import ConfigError, load_config, read_yaml
-from fedsec.rundir import CONFIG, atomic_write_text
+from fedsec.rundir import CONFIG, RunDir, atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,14 @@ def run_sweep(spec_path: str | Path, progress: bool = True,
                 raw = apply_override(raw, assignment)
             cfg = from_mapping(ExperimentConfig, raw)
         configs.append(cfg)
+    for run, cfg in zip(runs, configs):  # a finished run counts only if it ran this config
+        if (run.out / "result.json").is_file():
+            try:
+                RunDir.reopen(run.out, cfg)
+            except ConfigError as err:
+                raise ConfigError("sweep run", str(run.out), f"finished under another config: "
+                                  f"{err.fix.split(';')[0]}; rename the sweep or move that directory") \
+                    from None
     root.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(runs), desc="sweep", unit="run", disable=not progress, dynamic_ncols=True)
     for run, cfg in zip(runs, configs):

@@ -1,6 +1,6 @@
 """Local training: one `LocalTrainer`, reused for every client and round.
 
-A client's work is: load the starting adapter, run `local_steps` AdamW steps on
+A client's work is: load the starting adapter, run `local_steps` optimizer steps (AdamW or SGD) on
 random batches of its (pre-tokenized) data, return the adapter delta. The loss is
 completion-only cross-entropy; logits are computed only at target positions (the
 LM head is a large share of a small model's compute). Randomness (batch order,
@@ -126,7 +126,10 @@ class LocalTrainer:
             raise ValueError("a client with no training examples cannot train")
         cfg = self.cfg
         self.adapter.set(start)
-        optimizer = torch.optim.AdamW(self.adapter.params, lr=lr, weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "sgd":
+            optimizer = torch.optim.SGD(self.adapter.params, lr=lr, weight_decay=cfg.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(self.adapter.params, lr=lr, weight_decay=cfg.weight_decay)
         stream = BatchStream(data, cfg.batch_size, torch.Generator().manual_seed(seed))
         layout = self.adapter.layout
         anchors = list(layout.unflatten(start).values()) if prox_mu > 0 else None

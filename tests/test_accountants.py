@@ -55,7 +55,9 @@ def test_wrappers_agree_with_the_libraries_called_directly():
     pld.compose(dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(0.9)), 40)
     assert epsilon(history, 1e-5, "rdp") == pytest.approx(rdp.get_epsilon(1e-5), rel=1e-9)
     assert epsilon(history, 1e-5, "prv") == pytest.approx(prv.get_epsilon(1e-5), rel=1e-9)
-    assert epsilon(history, 1e-5, "pld") == pytest.approx(pld.get_epsilon(1e-5), rel=1e-9)
+    # the PLD wrapper may use a coarser (pessimistic) grid: never below, and within 0.1%
+    ours, theirs = epsilon(history, 1e-5, "pld"), pld.get_epsilon(1e-5)
+    assert theirs <= ours <= theirs * 1.001
 
 
 def test_prv_and_pld_agree_and_gdp_underestimates_in_the_fl_regime():

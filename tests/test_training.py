@@ -118,3 +118,22 @@ def test_multi_turn_chat_targets_every_assistant_turn():
     assert targets == "hello<|im_end|>\nbye<|im_end|>\n"
     with pytest.raises(ValueError, match="single-turn"):
         encode(chat, tok, "alpaca", 512)
+
+
+def test_one_sgd_step_moves_the_adapter_by_minus_lr_times_the_clipped_gradient():
+    model, tok = _tiny()
+    data = _data(tok, n=4)
+    trainer = LocalTrainer(model, TrainingConfig(optimizer="sgd", local_steps=1, batch_size=4, lr=0.5,
+                                                 max_grad_norm=0.01), SftObjective(tok.pad_token_id))
+    start = trainer.adapter.get() + 0.01  # B != 0, so A's gradient is not zero either
+    result = trainer.train(start, data, 0.5, seed=0)
+    # the same gradient by hand: mean target-token loss over the whole client batch
+    trainer.adapter.set(start)
+    model.train()
+    loss_sum, n = completion_loss(model, collate(data, tok.pad_token_id))
+    grads = torch.autograd.grad(loss_sum / n, trainer.adapter.params)
+    model.eval()
+    grad = torch.cat([g.reshape(-1) for g in grads])
+    clipped = grad * min(1.0, 0.01 / float(grad.norm()))
+    torch.testing.assert_close(result.delta, -0.5 * clipped, rtol=1e-4, atol=1e-8)
+    assert float(result.delta.norm()) <= 0.5 * 0.01 * (1 + 1e-5)
