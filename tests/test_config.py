@@ -37,7 +37,7 @@ def test_override_creates_missing_sections_without_touching_input():
 
 
 @pytest.mark.parametrize("raw, field, words", [
-    ({"training": {"lr": -1}}, "training.lr", "(0, 1)"),
+    ({"training": {"lr": -1}}, "training.lr", "(0, 100]"),
     ({"training": {"lr": "fast"}}, "training.lr", "number"),
     ({"lora": {"rank": 0}}, "lora.rank", ">= 1"),
     ({"lora": {"rank": 2.5}}, "lora.rank", "integer"),

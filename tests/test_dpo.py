@@ -86,7 +86,7 @@ def test_local_dpo_training_raises_the_margin_on_its_pairs():
     with model.disable_adapter():
         pairs = with_reference(model, pairs, tok.pad_token_id, 8)
     objective = DpoObjective(tok.pad_token_id, beta=0.5)
-    trainer = LocalTrainer(model, TrainingConfig(local_steps=8, batch_size=4, lr=2e-2), objective)
+    trainer = LocalTrainer(model, TrainingConfig(local_steps=20, batch_size=4, lr=2e-2), objective)
     start = trainer.adapter.get()
     before = preference_metrics(model, pairs, tok.pad_token_id, 8, 0.5)
     result = trainer.train(start, pairs, 2e-2, seed=0)
