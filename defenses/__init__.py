@@ -6,6 +6,6 @@ User-level DP and robust aggregators join here in later issues.
 """
 
 from defenses.aggregators import weighted_mean
-from defenses.sanitize import SanitizeResult, sanitize
+from defenses.sanitize import SanitizeResult, sanitize, sanitize_updates
 
-__all__ = ["weighted_mean", "sanitize", "SanitizeResult"]
+__all__ = ["weighted_mean", "sanitize", "sanitize_updates", "SanitizeResult"]

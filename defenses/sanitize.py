@@ -23,3 +23,10 @@ def sanitize(deltas: list[torch.Tensor], dim: int) -> SanitizeResult:
           if d.ndim == 1 and d.numel() == dim and d.is_floating_point() and bool(torch.isfinite(d).all())]
     bad = tuple(i for i in range(len(deltas)) if i not in set(ok))
     return SanitizeResult(torch.tensor(ok, dtype=torch.long), bad)
+
+
+def sanitize_updates(updates: list, dim: int) -> tuple[list, tuple[int, ...]]:
+    """`sanitize` over ClientUpdates: (the accepted updates, the rejected clients' ids)."""
+    checked = sanitize([u.delta for u in updates], dim)
+    return ([updates[i] for i in checked.kept.tolist()],
+            tuple(updates[i].client_id for i in checked.rejected))

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from defenses import sanitize, weighted_mean
+from defenses import sanitize_updates, weighted_mean
 from fedsec.adapter import AdapterParams
 from fedsec.config import ExperimentConfig
 from fedsec.console import round_line
@@ -194,11 +194,9 @@ def scaffold_updates(setup: Setup, variates: VariateStore, c: torch.Tensor, star
 
 def aggregate(updates: list[ClientUpdate], dim: int) -> tuple[torch.Tensor, tuple[int, ...]]:
     """Sanitize, then FedAvg-weight the surviving deltas; returns (aggregate, rejected ids)."""
-    checked = sanitize([u.delta for u in updates], dim)
-    rejected = tuple(updates[i].client_id for i in checked.rejected)
-    if checked.kept.numel() == 0:
+    kept, rejected = sanitize_updates(updates, dim)
+    if not kept:
         return torch.zeros(dim), rejected
-    kept = [updates[i] for i in checked.kept.tolist()]
     deltas = torch.stack([u.delta for u in kept])
     weights = torch.tensor([float(u.num_examples) for u in kept])
     return weighted_mean(deltas, weights), rejected

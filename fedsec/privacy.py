@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from accountants import ACCOUNTANTS, PrivacyLedger, calibrate
-from defenses import sanitize
+from defenses import sanitize_updates
 from defenses.dp import adapt_clip_norm, adaptive_update_noise, private_mean
 from fedsec.config import ExperimentConfig
 from fedsec.errors import ConfigError
@@ -92,10 +92,8 @@ class UserLevelDp:
         was sampled, so the denominator and the accounting stay as planned.
         """
         plan, seed = self.plan, self.cfg.seed
-        checked = sanitize([u.delta for u in updates], dim)
-        rejected = tuple(updates[i].client_id for i in checked.rejected)
-        kept = [updates[i].delta for i in checked.kept.tolist()]
-        deltas = torch.stack(kept) if kept else torch.zeros(0, dim)
+        kept, rejected = sanitize_updates(updates, dim)
+        deltas = torch.stack([u.delta for u in kept]) if kept else torch.zeros(0, dim)
         used_clip = self.clip_norm
         result = private_mean(deltas, used_clip, plan.update_noise, plan.expected_clients,
                               torch_generator(seed, "dp-noise", round_idx))
