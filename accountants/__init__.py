@@ -4,11 +4,13 @@ Each round of a user-level DP run is one Poisson-subsampled Gaussian event
 (`DpEvent`); `epsilon` turns a history of events into epsilon with Opacus' RDP or
 PRV accountant or dp-accounting's PLD accountant; `calibrate` finds the noise
 multiplier for a target epsilon; `PrivacyLedger` keeps a run's events and its
-epsilon after every round.
+epsilon after every round. `RecordLedger` does the same for record-level DP-SGD
+inside clients, where each client's steps compose on their own.
 """
 
 from accountants.backends import ACCOUNTANTS, DpEvent, calibrate, epsilon, gdp_epsilon
 from accountants.ledger import LedgerEntry, PrivacyLedger, PrivacyReport, epsilons
+from accountants.record import RecordLedger, worst_record_epsilon
 
 __all__ = ["ACCOUNTANTS", "DpEvent", "calibrate", "epsilon", "gdp_epsilon", "epsilons",
-           "LedgerEntry", "PrivacyLedger", "PrivacyReport"]
+           "LedgerEntry", "PrivacyLedger", "PrivacyReport", "RecordLedger", "worst_record_epsilon"]

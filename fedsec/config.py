@@ -33,7 +33,7 @@ ADAPTIVE = ("fedadagrad", "fedyogi", "fedadam")
 LR_SCHEDULES = ("cosine", "constant")
 SAMPLINGS = ("auto", "fixed", "poisson")
 LOCAL_OPTIMIZERS = ("adamw", "sgd")
-PRIVACY_MODES = ("off", "user")
+PRIVACY_MODES = ("off", "user", "record")
 ACCOUNTANT_NAMES = ("rdp", "prv", "pld")
 
 
@@ -210,7 +210,7 @@ class FederationConfig:
     sampling: str = _help(
         "fixed (that many clients uniformly without replacement), poisson (each client "
         "independently with rate q, what the DP accountants assume), or auto (poisson with "
-        "privacy on, fixed otherwise)",
+        "user-level DP, fixed otherwise)",
         "auto",
     )
     algorithm: str = _help(
@@ -297,18 +297,23 @@ class DpoConfig:
 @dataclass(frozen=True)
 class PrivacyConfig:
     mode: str = _help(
-        "off, or user: user-level DP-FedAvg (McMahan et al. 2018): each client's delta is "
+        "off; user: user-level DP-FedAvg (McMahan et al. 2018): each client's delta is "
         "clipped to clip_norm, Gaussian noise is added to the sum, clients are Poisson-sampled, "
-        "and the accountant certifies (epsilon, delta) for any one client's whole data",
+        "and the accountant certifies (epsilon, delta) for any one client's whole data; record: "
+        "DP-SGD inside each client (Abadi et al. 2016, per-example gradients by Opacus): each "
+        "example's gradient is clipped to clip_norm, noise is added to every step, examples are "
+        "Poisson-sampled, and (epsilon, delta) holds for any one training example of any client",
         "off",
     )
     epsilon: float | None = _help(
         "target epsilon for the whole run: the noise multiplier is calibrated to it with "
         "`accountant` (inf: clip but add no noise, reported as not certified)", None)
-    delta: float = _help("target delta; must be below 1 / number of clients", 1e-5)
+    delta: float = _help("target delta; must be below 1 / number of clients (user) or 1 / the "
+                         "largest client's number of examples (record)", 1e-5)
     noise_multiplier: float | None = _help(
         "noise std / clip_norm, set directly instead of epsilon", None)
-    clip_norm: float = _help("L2 bound C on each client's adapter delta", 0.1)
+    clip_norm: float = _help("L2 bound C on each client's adapter delta (user) or on each "
+                             "example's gradient (record)", 0.1)
     accountant: str = _help(
         "accountant that calibrates the noise and is reported first: rdp or prv (Opacus), "
         "pld (Google's dp-accounting); the ledger records all three", "rdp")
@@ -337,7 +342,9 @@ class PrivacyConfig:
         if self.mode == "off":
             return
         _require((self.epsilon is None) != (self.noise_multiplier is None), "epsilon",
-                 self.epsilon, "with mode: user give exactly one of epsilon and noise_multiplier")
+                 self.epsilon, f"with mode: {self.mode} give exactly one of epsilon and noise_multiplier")
+        _require(not (self.mode == "record" and self.adaptive_clipping), "adaptive_clipping",
+                 self.adaptive_clipping, "adaptive clipping is for mode: user; set it to false")
         noisy = (self.noise_multiplier or 0) > 0 or (self.epsilon is not None
                                                      and self.epsilon != float("inf"))
         _require(not noisy or self.clip_norm != float("inf"), "clip_norm", self.clip_norm,
@@ -385,7 +392,10 @@ class ExperimentConfig:
         _one_of("task", self.task, TASKS)
         _require(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints,
                  "must be >= 1")
-        if self.privacy.mode != "off":
+        if self.privacy.mode == "record":
+            _require(self.training.grad_accum == 1, "training.grad_accum", self.training.grad_accum,
+                     "record-level DP-SGD takes one Poisson batch per step; set it to 1")
+        if self.privacy.mode == "user":
             _require(self.federation.sampling != "fixed", "federation.sampling",
                      self.federation.sampling, "user-level DP is accounted for Poisson sampling; "
                      "use poisson or auto")
@@ -394,7 +404,7 @@ class ExperimentConfig:
     def sampling(self) -> str:
         """The client sampling in force: poisson or fixed."""
         if self.federation.sampling == "auto":
-            return "poisson" if self.privacy.mode != "off" else "fixed"
+            return "poisson" if self.privacy.mode == "user" else "fixed"
         return self.federation.sampling
 
 

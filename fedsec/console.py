@@ -12,6 +12,12 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
 
 
 def _privacy_cell(privacy: dict) -> str:
+    if privacy.get("mode") == "record":
+        eps = privacy["epsilon"]
+        cell = f"DP-SGD sigma {privacy['noise_multiplier']:.3g} C {privacy['clip_norm']:.3g}"
+        if eps is None:
+            return f"{cell}  epsilon not certified"
+        return f"{cell}  worst-record eps " + " ".join(f"{a} {eps[a]:.2f}" for a in eps)
     clipped = f"C {privacy['clip_norm']:.3g} clipped {privacy['clipped']}/{privacy['clipped'] + privacy['unclipped']}"
     if privacy["epsilon"] is None:
         return f"{clipped}  epsilon not certified"
@@ -75,10 +81,15 @@ def summary_lines(result: RunResult) -> list[str]:
         setting = (f"noise multiplier {p['noise_multiplier']:.4g}, sample rate {p['sample_rate']:.4g}, "
                    f"clip norm {p['clip_norm']:.4g}{' (adaptive)' if p['adaptive_clipping'] else ''}, "
                    f"{p['rounds']} rounds")
+        if p.get("mode") == "record":
+            setting = (f"DP-SGD in every client: noise multiplier {p['noise_multiplier']:.4g}, "
+                       f"largest sample rate {p['sample_rate']:.4g}, per-example clip norm "
+                       f"{p['clip_norm']:.4g}, {p['rounds']} rounds")
+        unit = "each training example" if p.get("mode") == "record" else "each client's whole data"
         if p["certified"]:
             others = ", ".join(f"{a} {v:.3f}" for a, v in p["epsilons"].items() if a != p["accountant"])
-            lines.append(f"privacy: ({p['epsilon']:.3f}, {p['delta']:g})-DP for each client's whole "
-                         f"data ({p['accountant']}; {others}); {setting}")
+            lines.append(f"privacy: ({p['epsilon']:.3f}, {p['delta']:g})-DP for {unit} "
+                         f"({p['accountant']}; {others}); {setting}")
         else:
             lines.append(f"privacy: epsilon not certified: {p['reason']}; {setting}")
     if result.local_only:

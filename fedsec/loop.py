@@ -48,13 +48,19 @@ from fedsec.objectives import (
     with_reference,
 )
 from fedsec.prefix import cache_frozen_prefix
-from fedsec.privacy import UserLevelDp, plan_privacy
+from fedsec.privacy import (
+    RecordLevelDp,
+    RecordPlan,
+    UserLevelDp,
+    plan_privacy,
+    plan_record_privacy,
+)
 from fedsec.results import ClientUpdate, RoundResult, RunResult
 from fedsec.rundir import RunDir, default_run_dir, latest_run_dir
 from fedsec.scaffold import VariateStore, client_variate, server_variate
 from fedsec.seeding import derive_seed, torch_generator
 from fedsec.server import make_server_optimizer, poisson_sample, sample_clients
-from fedsec.training import LocalTrainer, round_lr
+from fedsec.training import LocalTrainer, RecordDp, round_lr
 
 GLOBAL = -1  # group id of the global test set
 
@@ -74,6 +80,7 @@ class Setup:
     local_only: list[int] = field(default_factory=list)
     preference_eval: list[PairItem] = field(default_factory=list)
     probe_prompts: list[list[int]] = field(default_factory=list)
+    record_plan: RecordPlan | None = None  # privacy.mode record: DP-SGD inside clients
 
     @property
     def pad_id(self) -> int:
@@ -124,9 +131,13 @@ def prepare(cfg: ExperimentConfig) -> Setup:
             model, first, pad, cfg.eval.batch_size, model_key, train_sets, global_eval, client_eval,
             preference_eval)
     local_only = list(range(num_clients if fed.local_only_clients == -1 else fed.local_only_clients))
-    trainer = LocalTrainer(model, cfg.training, objective)
+    record_plan, record_dp = None, None
+    if cfg.privacy.mode == "record":
+        record_plan = plan_record_privacy(cfg, [len(t) for t in train_sets])
+        record_dp = RecordDp(cfg.privacy.clip_norm, record_plan.noise_multiplier)
+    trainer = LocalTrainer(model, cfg.training, objective, record_dp)
     return Setup(cfg, model, tokenizer, trainer, data, train_sets, global_eval, client_eval, local_only,
-                 preference_eval, probe_prompts)
+                 preference_eval, probe_prompts, record_plan)
 
 
 def _cache_prefix(model, first: int, pad: int, batch_size: int, model_key: str, train_sets, *evals):
@@ -256,6 +267,8 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
     setup = prepare(cfg)  # fails on bad data or model before any directory is made
     num_clients = len(setup.train_sets)
     dp = UserLevelDp(cfg, plan_privacy(cfg, num_clients)) if cfg.privacy.mode == "user" else None
+    record = RecordLevelDp(cfg, setup.record_plan) if setup.record_plan is not None else None
+    private = dp if dp is not None else record  # the run's privacy state, if any
     if not resume:
         run = RunDir.create(path, cfg)
 
@@ -275,8 +288,8 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
         server.load_state_dict(checkpoint["server"])
         local = {int(c): v for c, v in checkpoint["local_only"].items()}
         server_variate_c = checkpoint.get("scaffold_c")
-        if dp is not None:
-            dp.load_state_dict(checkpoint["privacy"], rounds_done)
+        if private is not None:
+            private.load_state_dict(checkpoint["privacy"], rounds_done)
         run.truncate_metrics(rounds_done)
         log(f"resuming {run.path} after round {rounds_done}/{fed.rounds}")
     elif resume:
@@ -308,6 +321,9 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
         else:
             update, rejected, privacy = dp.aggregate(updates, dim, round_idx)
             run.write_json("privacy_ledger.json", dp.ledger.to_dict())
+        if record is not None:
+            privacy = record.record(round_idx, sampled)
+            run.write_json("privacy_ledger.json", record.ledger.to_dict())
         global_vec = server.step(global_vec, update)
         for c in setup.local_only:
             local[c] = local[c] + client_update(setup, local[c], c, lr, round_idx, "local").delta
@@ -322,7 +338,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
         run.save_checkpoint(round_idx + 1, {"global": global_vec, "server": server.state_dict(),
                                             "local_only": {str(c): v for c, v in local.items()},
                                             "scaffold_c": server_variate_c,
-                                            "privacy": dp.state_dict() if dp is not None else None,
+                                            "privacy": private.state_dict() if private is not None else None,
                                             "rng": {"root_seed": cfg.seed}},
                             keep=cfg.keep_checkpoints)
         bar.update(1)
@@ -332,9 +348,9 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
         if stop_after is not None and round_idx + 1 >= stop_after and round_idx + 1 < fed.rounds:
             bar.close()
             return RunResult(str(run.path), round_idx + 1, False, None, None, None, fed.algorithm,
-                             dp.report() if dp is not None else None)
+                             private.report() if private is not None else None)
     bar.close()
-    return finish(setup, run, global_vec, local, dp.report() if dp is not None else None)
+    return finish(setup, run, global_vec, local, private.report() if private is not None else None)
 
 
 def finish(setup: Setup, run: RunDir, global_vec: torch.Tensor, local: dict,

@@ -1,7 +1,10 @@
 """Training objectives: what differs between SFT and DPO, and nothing else.
 
 The local trainer and the round loop are shared; an objective turns a batch of
-pre-encoded items into (summed loss, number of loss terms).
+pre-encoded items into (summed loss, number of loss terms). For record-level
+DP-SGD it also gives one loss per record (an example, or a pair) and the record
+each forward row belongs to, so per-row gradients can be summed per record before
+clipping.
 
 - SFT: completion-only cross-entropy, summed over target tokens.
 - DPO (Rafailov et al. 2023, "Direct Preference Optimization", eq. 7):
@@ -79,15 +82,31 @@ class SftObjective:
     def loss(self, model, items: Sequence[Encoded]) -> tuple[torch.Tensor, int]:
         return completion_loss(model, collate(items, self.pad_id))
 
+    def record_losses(self, model, items: Sequence[Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean target-token NLL of each example [n], the record of each row = arange(n))."""
+        logp, rows = target_logprobs(model, collate(items, self.pad_id))
+        n = len(items)
+        nll = torch.zeros(n, dtype=logp.dtype).index_add(0, rows, -logp)
+        count = torch.zeros(n, dtype=logp.dtype).index_add(0, rows, torch.ones_like(logp))
+        return nll / count.clamp(min=1), torch.arange(n)
+
 
 class DpoObjective:
     def __init__(self, pad_id: int, beta: float):
         self.pad_id, self.beta = pad_id, beta
 
     def loss(self, model, items: Sequence[PairItem]) -> tuple[torch.Tensor, int]:
+        return self._pair_losses(model, items).sum(), len(items)
+
+    def record_losses(self, model, items: Sequence[PairItem]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(DPO loss of each pair [n], the pair of each row: chosen rows 0..n-1, rejected n..2n-1)."""
+        n = len(items)
+        return self._pair_losses(model, items), torch.arange(2 * n) % n
+
+    def _pair_losses(self, model, items: Sequence[PairItem]) -> torch.Tensor:
         logps = sequence_logprobs(model, [p.chosen for p in items] + [p.rejected for p in items],
                                   self.pad_id)
         n = len(items)
         ref_c = torch.tensor([p.ref_chosen for p in items], dtype=logps.dtype)
         ref_r = torch.tensor([p.ref_rejected for p in items], dtype=logps.dtype)
-        return dpo_losses(logps[:n], logps[n:], ref_c, ref_r, self.beta).sum(), n
+        return dpo_losses(logps[:n], logps[n:], ref_c, ref_r, self.beta)

@@ -1,4 +1,7 @@
-"""User-level DP in the round loop: the plan fixed at setup, and the per-round step.
+"""DP in the round loop: the plan fixed at setup, and the per-round step.
+
+User-level (mode user) first; record-level (mode record, DP-SGD inside clients) at
+the end of the file.
 
 `plan_privacy` resolves the privacy section against the data once: the sample rate
 q = clients_per_round / clients, the noise multiplier (given, or calibrated to the
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from accountants import ACCOUNTANTS, PrivacyLedger, calibrate
+from accountants import ACCOUNTANTS, PrivacyLedger, RecordLedger, calibrate
 from defenses import sanitize_updates
 from defenses.dp import adapt_clip_norm, adaptive_update_noise, private_mean
 from fedsec.config import ExperimentConfig
@@ -127,4 +130,78 @@ class UserLevelDp:
         self.ledger = PrivacyLedger.from_dict(state["ledger"])
         if len(self.ledger.entries) != rounds_done:
             raise ValueError(f"checkpoint ledger has {len(self.ledger.entries)} rounds, expected "
+                             f"{rounds_done}")
+
+
+# ---------------------------------------------------------------------------
+# Record-level DP: DP-SGD inside each client (fedsec.training.RecordDp).
+
+
+@dataclass(frozen=True)
+class RecordPlan:
+    noise_multiplier: float  # sigma of every DP-SGD step
+    sample_rates: dict[int, float]  # client -> q_k = min(1, batch_size / n_k)
+    max_steps: int  # rounds x local_steps: no client can take more
+    certified: bool
+    reason: str | None
+
+
+def plan_record_privacy(cfg: ExperimentConfig, client_sizes: list[int]) -> RecordPlan:
+    """Sample rates per client and the step noise; a target epsilon is met by the worst client.
+
+    The worst case is the largest q_k (the smallest client) taking a step in every round,
+    rounds x local_steps steps; calibrating sigma for it bounds every client's epsilon.
+    """
+    p = cfg.privacy
+    largest = max(client_sizes)
+    if p.delta >= 1 / largest:
+        raise ConfigError("privacy.delta", p.delta, f"must be below 1 / examples of the largest client = "
+                          f"{1 / largest:.3g} ({largest} examples), e.g. 1e-5")
+    rates = {k: min(1.0, cfg.training.batch_size / n) for k, n in enumerate(client_sizes)}
+    steps = cfg.federation.rounds * cfg.training.local_steps
+    if p.noise_multiplier is not None:
+        z = p.noise_multiplier
+    elif math.isinf(p.epsilon):
+        z = 0.0
+    else:
+        try:
+            z = calibrate(p.epsilon, p.delta, max(rates.values()), steps, p.accountant)
+        except ValueError as err:
+            raise ConfigError("privacy.epsilon", p.epsilon, str(err)) from None
+    reason = "no noise (noise_multiplier 0): clipping alone gives no DP guarantee" if z == 0 else None
+    return RecordPlan(z, rates, steps, reason is None, reason)
+
+
+class RecordLevelDp:
+    """The record-level ledger of one run: each client's DP-SGD steps, the worst epsilon."""
+
+    def __init__(self, cfg: ExperimentConfig, plan: RecordPlan):
+        self.cfg, self.plan = cfg, plan
+        self.ledger = RecordLedger(cfg.privacy.delta, plan.noise_multiplier, plan.sample_rates,
+                                   cfg.privacy.accountant, plan.certified, plan.reason)
+
+    def record(self, round_idx: int, clients: list[int]) -> dict:
+        """Round `round_idx` (0-based) trained `clients`, each for local_steps DP-SGD steps."""
+        eps = self.ledger.record(round_idx + 1, {c: self.cfg.training.local_steps for c in clients})
+        return {"mode": "record", "clip_norm": self.cfg.privacy.clip_norm,
+                "noise_multiplier": self.plan.noise_multiplier,
+                "epsilon": None if eps is None else {self.cfg.privacy.accountant: eps}}
+
+    def report(self) -> dict:
+        rep = self.ledger.report()
+        epsilons = ({a: self.ledger.epsilon(a) for a in ACCOUNTANTS} if rep.certified else None)
+        return {"mode": "record", "certified": rep.certified, "reason": rep.reason, "delta": rep.delta,
+                "accountant": rep.accountant, "epsilon": rep.epsilon, "epsilons": epsilons,
+                "noise_multiplier": self.plan.noise_multiplier,
+                "sample_rate": max(self.plan.sample_rates.values()),
+                "clip_norm": self.cfg.privacy.clip_norm, "adaptive_clipping": False,
+                "rounds": len(self.ledger.rounds)}
+
+    def state_dict(self) -> dict:
+        return {"ledger": self.ledger.to_dict()}
+
+    def load_state_dict(self, state: dict, rounds_done: int) -> None:
+        self.ledger = RecordLedger.from_dict(state["ledger"])
+        if len(self.ledger.rounds) != rounds_done:
+            raise ValueError(f"checkpoint ledger has {len(self.ledger.rounds)} rounds, expected "
                              f"{rounds_done}")

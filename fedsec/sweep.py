@@ -12,9 +12,10 @@ A sweep file holds
 
 and expands into one run per (variant, seed) under runs/<name>/<variant>-s<seed>/.
 A DP sweep may list `epsilons: [0.5, 1, 2, 4, 8, .inf]` instead of (or beside)
-variants: each becomes a variant `eps<value>` with privacy.mode=user and that target
-epsilon (.inf: clipping without noise, reported as not certified); variants given
-explicitly (the non-private baseline) come first.
+variants: each becomes a variant `eps<value>` with privacy.mode=user (or the sweep's
+`privacy_mode: record`) and that target epsilon (.inf: clipping without noise,
+reported as not certified); variants given explicitly (the non-private baseline)
+come first.
 Started again, a sweep skips finished runs and resumes unfinished ones. It writes
 results.csv and results.json (one row per run) and summary.csv (mean and standard
 deviation across seeds per variant), which the report builder can read.
@@ -45,9 +46,9 @@ def expand(spec_path: str | Path) -> tuple[Path, list[SweepRun], Path | None, di
     """(sweep directory, runs, base config file or None, inline base mapping)."""
     spec = read_yaml(spec_path)
     for key in spec:
-        if key not in ("name", "base", "set", "seeds", "variants", "epsilons", "output_dir"):
+        if key not in ("name", "base", "set", "seeds", "variants", "epsilons", "privacy_mode", "output_dir"):
             raise ConfigError(f"sweep.{key}", spec[key], "unknown key; use name, base, set, seeds, "
-                              "variants, epsilons, output_dir")
+                              "variants, epsilons, privacy_mode, output_dir")
     name = spec.get("name")
     if not isinstance(name, str) or not name:
         raise ConfigError("sweep.name", name, "give the sweep a name")
@@ -68,7 +69,10 @@ def expand(spec_path: str | Path) -> tuple[Path, list[SweepRun], Path | None, di
     variants = spec.get("variants") or {}
     if not isinstance(variants, dict):
         raise ConfigError("sweep.variants", variants, "a mapping of variant name -> list of key=value")
-    variants = {**variants, **_epsilon_variants(spec.get("epsilons"))}
+    mode = spec.get("privacy_mode", "user")
+    if mode not in ("user", "record"):
+        raise ConfigError("sweep.privacy_mode", mode, "user (DP-FedAvg) or record (DP-SGD in clients)")
+    variants = {**variants, **_epsilon_variants(spec.get("epsilons"), mode)}
     if not variants:
         raise ConfigError("sweep.variants", None, "give variants (name -> list of key=value) or epsilons")
     root = Path(spec.get("output_dir", "runs")) / name
@@ -78,13 +82,13 @@ def expand(spec_path: str | Path) -> tuple[Path, list[SweepRun], Path | None, di
     return root, runs, base_file, base_raw
 
 
-def _epsilon_variants(epsilons) -> dict[str, list[str]]:
+def _epsilon_variants(epsilons, mode: str = "user") -> dict[str, list[str]]:
     if epsilons is None:
         return {}
     if (not isinstance(epsilons, list) or not epsilons
             or not all(isinstance(e, (int, float)) and not isinstance(e, bool) and e > 0 for e in epsilons)):
         raise ConfigError("sweep.epsilons", epsilons, "a list of numbers > 0, e.g. [1, 4, 8, .inf]")
-    return {f"eps{e:g}": ["privacy.mode=user", f"privacy.epsilon={e!r}", "privacy.noise_multiplier=null"]
+    return {f"eps{e:g}": [f"privacy.mode={mode}", f"privacy.epsilon={e!r}", "privacy.noise_multiplier=null"]
             for e in epsilons}
 
 
@@ -143,7 +147,7 @@ def write_tables(root: Path, runs: list[SweepRun]) -> None:
     for run in runs:
         result = json.loads((run.out / "result.json").read_text(encoding="utf-8"))
         final, untuned, local = result["final"] or {}, result["untuned"] or {}, result["local_only"]
-        pref = final.get("preference") or {}
+        pref, pref_before = final.get("preference") or {}, untuned.get("preference") or {}
         privacy = result.get("privacy") or {}
         rows.append({
             "variant": run.variant, "seed": run.seed, "run_dir": str(run.out),
@@ -151,6 +155,9 @@ def write_tables(root: Path, runs: list[SweepRun]) -> None:
             "final_loss": final.get("loss"),
             "local_only_accuracy": local["mean_accuracy"] if local else None,
             "preference_accuracy": pref.get("preference_accuracy"),
+            "reward_margin": pref.get("reward_margin"),
+            "likelihood_accuracy": pref.get("likelihood_accuracy"),
+            "untuned_likelihood_accuracy": pref_before.get("likelihood_accuracy"),
             "refusal_rate": final.get("refusal_rate"),
             "epsilon": privacy.get("epsilon"), "delta": privacy.get("delta"),
             "accountant": privacy.get("accountant"),
@@ -166,7 +173,8 @@ def write_tables(root: Path, runs: list[SweepRun]) -> None:
         entry = {"variant": variant, "seeds": len(mine)}
         for key in ("epsilon", "noise_multiplier", "certified"):  # the same for every seed
             entry[key] = mine[0][key]
-        for key in ("final_accuracy", "local_only_accuracy", "untuned_accuracy", "preference_accuracy"):
+        for key in ("final_accuracy", "local_only_accuracy", "untuned_accuracy", "preference_accuracy",
+                    "likelihood_accuracy", "untuned_likelihood_accuracy"):
             values = [r[key] for r in mine if r[key] is not None]
             entry[f"{key}_mean"] = statistics.fmean(values) if values else None
             entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else (0.0 if values else None)
@@ -201,11 +209,14 @@ def summary_table(root: Path) -> str:
         return f"{float(row['epsilon']):.2f}", sigma
 
     dp = any(row["certified"] != "" for row in rows)
-    head = "| variant | seeds | " + ("epsilon | sigma | " if dp else "")
-    lines = [head + "final accuracy | local-only accuracy | untuned |",
-             "|---" * (5 + 2 * dp) + "|"]
+    pref = any(row.get("preference_accuracy_mean", "") != "" for row in rows)
+    heads = ["variant", "seeds", *(["epsilon", "sigma"] if dp else []), "final accuracy",
+             "local-only accuracy", "untuned",
+             *(["preference accuracy", "likelihood accuracy", "untuned likelihood accuracy"] if pref else [])]
+    keys = ["final_accuracy", "local_only_accuracy", "untuned_accuracy",
+            *(["preference_accuracy", "likelihood_accuracy", "untuned_likelihood_accuracy"] if pref else [])]
+    lines = ["| " + " | ".join(heads) + " |", "|---" * len(heads) + "|"]
     for row in rows:
-        eps = "{} | {} | ".format(*privacy(row)) if dp else ""
-        lines.append(f"| {row['variant']} | {row['seeds']} | {eps}{cell(row, 'final_accuracy')} | "
-                     f"{cell(row, 'local_only_accuracy')} | {cell(row, 'untuned_accuracy')} |")
+        cells = [row["variant"], row["seeds"], *(privacy(row) if dp else ()), *(cell(row, k) for k in keys)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

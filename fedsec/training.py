@@ -6,20 +6,31 @@ completion-only cross-entropy; logits are computed only at target positions (the
 LM head is a large share of a small model's compute). Randomness (batch order,
 dropout) comes from one seed per (round, client), so a run is reproducible and a
 resumed run equals an uninterrupted one.
+
+Record-level DP (`RecordDp`): each step is DP-SGD (Abadi et al. 2016, Alg. 1) on
+the adapter. Examples are Poisson-sampled with rate q = batch_size / n; Opacus'
+GradSampleModule gives each example's gradient (rows of one pair are summed into
+the pair's); each is clipped to L2 norm C; N(0, (sigma C)^2 I) from the step's own
+noise stream is added to the sum, which is divided by the expected batch q n.
+The optimizer, FedProx's term and SCAFFOLD's correction act on that noisy gradient
+(post-processing: they read no data).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
+from defenses.dp import private_mean
 from fedsec.adapter import AdapterParams
 from fedsec.config import TrainingConfig
 from fedsec.encoding import IGNORE
-from fedsec.seeding import scoped_torch_seed
+from fedsec.seeding import derive_seed, scoped_torch_seed
 
 
 def cosine_lr(round_idx: int, rounds: int, lr: float, min_lr: float) -> float:
@@ -78,6 +89,39 @@ def completion_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
 
 
 @dataclass(frozen=True)
+class RecordDp:
+    """DP-SGD inside clients: per-example clip norm C and noise multiplier sigma."""
+
+    clip_norm: float
+    noise_multiplier: float
+
+
+def poisson_batch(n: int, batch_size: int, generator: torch.Generator) -> tuple[list[int], float]:
+    """Indices of one Poisson batch (each example with q = min(1, batch/n)), and q n."""
+    q = min(1.0, batch_size / n)
+    picked = (torch.rand(n, generator=generator, dtype=torch.float64) < q).nonzero()[:, 0]
+    return picked.tolist(), q * n
+
+
+@contextlib.contextmanager
+def per_sample_gradients(model) -> Iterator[None]:
+    """Opacus hooks on the trainable modules while the block runs: each backward leaves
+    `p.grad_sample` [rows, *p.shape] on every trainable parameter."""
+    from opacus import GradSampleModule
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        module = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
+        try:
+            yield
+        finally:
+            module.remove_hooks()
+            for p in model.parameters():
+                if hasattr(p, "grad_sample"):
+                    p.grad_sample = None
+
+
+@dataclass(frozen=True)
 class LocalResult:
     delta: torch.Tensor
     num_examples: int
@@ -107,8 +151,8 @@ class LocalTrainer:
     thing SFT and DPO do differently (see fedsec.objectives).
     """
 
-    def __init__(self, model, cfg: TrainingConfig, objective):
-        self.model, self.cfg, self.objective = model, cfg, objective
+    def __init__(self, model, cfg: TrainingConfig, objective, record_dp: RecordDp | None = None):
+        self.model, self.cfg, self.objective, self.record_dp = model, cfg, objective, record_dp
         self.adapter = AdapterParams(model)
 
     def train(self, start: torch.Tensor, data: Sequence, lr: float, seed: int,
@@ -135,15 +179,18 @@ class LocalTrainer:
         anchors = list(layout.unflatten(start).values()) if prox_mu > 0 else None
         offsets = list(layout.unflatten(correction).values()) if correction is not None else None
         total_loss, total_tokens = 0.0, 0
+        dp = self.record_dp
         self.model.train()
         try:
-            with scoped_torch_seed(seed):
-                for _ in range(cfg.local_steps):
-                    for _ in range(cfg.grad_accum):
-                        loss_sum, n = self.objective.loss(self.model, stream.next())
-                        (loss_sum / max(n, 1) / cfg.grad_accum).backward()
-                        total_loss += float(loss_sum.detach())
-                        total_tokens += n
+            with scoped_torch_seed(seed), (per_sample_gradients(self.model) if dp else contextlib.nullcontext()):
+                for step in range(cfg.local_steps):
+                    if dp is None:
+                        loss_sum, n = self._accumulate_gradient(stream)
+                    else:
+                        noise = torch.Generator().manual_seed(derive_seed(seed, "record-noise", step))
+                        loss_sum, n = self._dp_sgd_gradient(data, stream.gen, noise)
+                    total_loss += loss_sum
+                    total_tokens += n
                     if anchors is not None:
                         self._add_proximal_gradient(prox_mu, anchors)
                     if cfg.max_grad_norm is not None:
@@ -157,6 +204,39 @@ class LocalTrainer:
         delta = self.adapter.get() - start
         return LocalResult(delta, len(data), total_loss / max(total_tokens, 1), cfg.local_steps,
                            total_tokens)
+
+    def _accumulate_gradient(self, stream: BatchStream) -> tuple[float, int]:
+        """Backward `grad_accum` batches (loss per term); returns (summed loss, terms)."""
+        total, terms = 0.0, 0
+        for _ in range(self.cfg.grad_accum):
+            loss_sum, n = self.objective.loss(self.model, stream.next())
+            (loss_sum / max(n, 1) / self.cfg.grad_accum).backward()
+            total += float(loss_sum.detach())
+            terms += n
+        return total, terms
+
+    def _dp_sgd_gradient(self, data: Sequence, sampler: torch.Generator,
+                         noise: torch.Generator) -> tuple[float, int]:
+        """Set each parameter's .grad to one DP-SGD step's noisy clipped mean gradient.
+
+        Returns (sum of the sampled records' losses, number of records sampled).
+        """
+        dp, params = self.record_dp, self.adapter.params
+        picked, expected = poisson_batch(len(data), self.cfg.batch_size, sampler)
+        per_record = torch.zeros(len(picked), self.adapter.layout.numel)
+        loss_sum = 0.0
+        if picked:
+            losses, row_record = self.objective.record_losses(self.model, [data[i] for i in picked])
+            losses.sum().backward()
+            rows = torch.cat([p.grad_sample.reshape(p.grad_sample.shape[0], -1).float() for p in params], 1)
+            per_record.index_add_(0, row_record, rows)
+            loss_sum = float(losses.detach().sum())
+        step = private_mean(per_record, dp.clip_norm, dp.noise_multiplier, expected, noise).aggregate
+        with torch.no_grad():
+            for p, grad in zip(params, self.adapter.layout.unflatten(step).values()):
+                p.grad = grad.to(p.dtype).clone()
+                p.grad_sample = None
+        return loss_sum, len(picked)
 
     @torch.no_grad()
     def _add_proximal_gradient(self, prox_mu: float, anchors) -> None:
