@@ -58,18 +58,20 @@ def prefix_states(model, items: Sequence[Encoded], first: int, pad_id: int,
         raise _Captured(args[0] if args else kwargs["hidden_states"])
 
     handle = decoder.layers[first].register_forward_pre_hook(capture, with_kwargs=True)
-    out: list[torch.Tensor] = []
+    # batches of similar length waste little on padding; results go back in item order
+    order = sorted(range(len(items)), key=lambda i: items[i].input_ids.numel())
+    out: list[torch.Tensor | None] = [None] * len(items)
     try:
-        for start in range(0, len(items), batch_size):
-            chunk = items[start: start + batch_size]
-            batch = collate(chunk, pad_id)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start: start + batch_size]
+            batch = collate([items[i] for i in chunk], pad_id)
             try:
                 decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                         use_cache=False)
                 raise RuntimeError("the decoder never reached the first adapted layer")
             except _Captured as hit:
-                for i, item in enumerate(chunk):
-                    out.append(hit.hidden[i, : item.input_ids.numel()].clone())
+                for row, i in enumerate(chunk):
+                    out[i] = hit.hidden[row, : items[i].input_ids.numel()].clone()
     finally:
         handle.remove()
     return out

@@ -1,4 +1,4 @@
-"""Plots and the PDF report builder; reads run directories only.
+"""Plots and (to come) the PDF report builder; they read run and sweep directories only.
 
-Empty until the reports issue lands.
+`reports.plots`: privacy-utility curves, epsilon spent per round, training curves.
 """

@@ -1,0 +1,99 @@
+"""Figures read run and sweep directories; their data are checked against the files."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from reports.plots import (
+    epsilon_by_round,
+    epsilon_over_rounds,
+    privacy_utility,
+    privacy_utility_data,
+    save,
+    sweep_rows,
+    training_curve_data,
+    training_curves,
+)
+
+
+def _row(variant, seed, acc, eps=None, certified=None, local=None, untuned=0.40):
+    return {"variant": variant, "seed": seed, "final_accuracy": acc, "epsilon": eps,
+            "certified": certified, "local_only_accuracy": local, "untuned_accuracy": untuned,
+            "noise_multiplier": None if certified is None else 1.0}
+
+
+@pytest.fixture
+def sweep_dir(tmp_path):
+    rows = [_row("non-private", 0, 0.70, local=0.35), _row("non-private", 1, 0.60, local=0.45),
+            _row("eps8", 0, 0.62, 7.99, True), _row("eps8", 1, 0.58, 7.99, True),
+            _row("eps1", 0, 0.45, 0.998, True), _row("eps1", 1, 0.47, 0.998, True),
+            _row("epsinf", 0, 0.69, None, False), _row("epsinf", 1, 0.61, None, False)]
+    (tmp_path / "results.json").write_text(json.dumps(rows))
+    return tmp_path
+
+
+def test_privacy_utility_data_by_hand(sweep_dir):
+    data = privacy_utility_data(sweep_rows(sweep_dir))
+    assert [(v, e) for v, e, _ in data.curve] == [("eps1", 0.998), ("eps8", 7.99)]  # sorted; epsinf out
+    eps8 = data.curve[1][2]
+    assert eps8.mean == pytest.approx(0.60) and eps8.std == pytest.approx(statistics.stdev([0.62, 0.58]))
+    assert data.non_private.mean == pytest.approx(0.65) and data.non_private.n == 2
+    assert data.local_only.mean == pytest.approx(0.40)
+    assert data.untuned.mean == pytest.approx(0.40) and data.untuned.std == 0
+
+
+def test_privacy_utility_figure_draws_the_means(sweep_dir):
+    fig = privacy_utility(sweep_dir)
+    ax = fig.axes[0]
+    curve = [line for line in ax.lines if line.get_marker() == "o"][0]
+    assert list(curve.get_xdata()) == [0.998, 7.99]
+    assert list(curve.get_ydata()) == pytest.approx([0.46, 0.60])
+    flat = sorted(round(line.get_ydata()[0], 6) for line in ax.lines if line.get_marker() != "o"
+                  and len(set(line.get_ydata())) == 1 and len(line.get_ydata()) == 2)
+    assert flat == pytest.approx([0.40, 0.40, 0.65])  # untuned, local-only, non-private
+    assert ax.get_xscale() == "log"
+
+
+def test_figures_skip_what_the_directory_lacks(tmp_path):
+    assert privacy_utility(tmp_path) is None
+    (tmp_path / "results.json").write_text(json.dumps([_row("fedavg", 0, 0.6)]))
+    assert privacy_utility(tmp_path) is None  # no DP run: no curve
+    assert epsilon_over_rounds(tmp_path) is None and training_curves(tmp_path) is None
+
+
+def test_epsilon_by_round_reads_both_ledger_kinds(tmp_path):
+    user = {"certified": True, "primary": "rdp", "entries": [
+        {"round": 1, "epsilon": {"rdp": 1.0, "pld": 0.8}}, {"round": 2, "epsilon": {"rdp": 1.5, "pld": 1.2}}]}
+    (tmp_path / "privacy_ledger.json").write_text(json.dumps(user))
+    assert epsilon_by_round(tmp_path) == {"rdp": [(1, 1.0), (2, 1.5)], "pld": [(1, 0.8), (2, 1.2)]}
+    fig = epsilon_over_rounds(tmp_path)
+    assert sorted(tuple(line.get_ydata()) for line in fig.axes[0].lines) == [(0.8, 1.2), (1.0, 1.5)]
+    record = {"kind": "record", "certified": True, "primary": "prv",
+              "rounds": [{"round": 1, "epsilon": 0.5}, {"round": 2, "epsilon": 0.7}]}
+    (tmp_path / "privacy_ledger.json").write_text(json.dumps(record))
+    assert epsilon_by_round(tmp_path) == {"prv": [(1, 0.5), (2, 0.7)]}
+    (tmp_path / "privacy_ledger.json").write_text(json.dumps({**user, "certified": False}))
+    assert epsilon_by_round(tmp_path) == {}  # not certified: no epsilon is drawn
+
+
+def test_training_curve_data_by_hand(tmp_path):
+    def clients(*accs):
+        return {"per_client": {str(i): {"accuracy": a, "loss": 1.0} for i, a in enumerate(accs)}}
+
+    rows = [{"phase": "federated", "round": 0, "global_eval": {"accuracy": 0.4, "loss": 4.0},
+             "client_eval": clients(0.2, 0.6)},
+            {"phase": "federated", "round": 1, "global_eval": None},
+            {"phase": "federated", "round": 2, "global_eval": {"accuracy": 0.7, "loss": 0.5},
+             "client_eval": clients(0.5, 0.8, 0.9)},
+            {"phase": "local_only_final", "round": 2, "mean_accuracy": 0.3}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    data = training_curve_data(tmp_path)
+    assert data.rounds == [0, 2] and data.accuracy == [0.4, 0.7] and data.loss == [4.0, 0.5]
+    assert data.client_min == [0.2, 0.5] and data.client_max == [0.6, 0.9]
+    assert data.client_mean == pytest.approx([0.4, 2.2 / 3])
+    paths = save(training_curves(tmp_path), tmp_path / "fig" / "training")
+    assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert paths[1].read_text().lstrip().startswith("<?xml")
