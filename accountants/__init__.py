@@ -9,8 +9,14 @@ inside clients, where each client's steps compose on their own.
 """
 
 from accountants.backends import ACCOUNTANTS, DpEvent, calibrate, epsilon, gdp_epsilon
-from accountants.ledger import LedgerEntry, PrivacyLedger, PrivacyReport, epsilons
+from accountants.ledger import (
+           LedgerEntry,
+           PrivacyLedger,
+           PrivacyReport,
+           epsilons,
+           format_epsilon,
+)
 from accountants.record import RecordLedger, worst_record_epsilon
 
-__all__ = ["ACCOUNTANTS", "DpEvent", "calibrate", "epsilon", "gdp_epsilon", "epsilons",
+__all__ = ["ACCOUNTANTS", "DpEvent", "calibrate", "epsilon", "gdp_epsilon", "epsilons", "format_epsilon",
            "LedgerEntry", "PrivacyLedger", "PrivacyReport", "RecordLedger", "worst_record_epsilon"]

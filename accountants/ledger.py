@@ -13,10 +13,21 @@ prove.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 from accountants.backends import ACCOUNTANTS, DpEvent, epsilon
+
+
+def format_epsilon(eps: float, digits: int = 3) -> str:
+    """Epsilon to `digits` significant digits, rounded UP: a printed epsilon is never below
+    the proven one (7.9931 -> "8.00", 0.99934 -> "1.00")."""
+    if eps == 0 or not math.isfinite(eps):
+        return f"{eps:g}"
+    decimals = digits - 1 - math.floor(math.log10(abs(eps)))
+    scale = 10.0 ** decimals
+    return f"{math.ceil(eps * scale - 1e-9) / scale:.{max(decimals, 0)}f}"
 
 
 @dataclass(frozen=True)
@@ -30,7 +41,7 @@ class PrivacyReport:
     def describe(self) -> str:
         if not self.certified:
             return f"epsilon not certified ({self.reason})"
-        return f"epsilon {self.epsilon:.3f} at delta {self.delta:g} ({self.accountant})"
+        return f"epsilon {format_epsilon(self.epsilon, 4)} at delta {self.delta:g} ({self.accountant})"
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@
   fedsec config [CONFIG] [--set key=value ...]   print the resolved config, annotated
   fedsec datasets                                 list the datasets known by name
   fedsec privacy epsilon|calibrate ...            epsilon of a DP setting, or sigma for a target
+  fedsec report DIR [-o report.pdf]               a PDF report of a run or sweep directory
 
 Bad input of any kind ends with one line on stderr naming the field, the value and
 the fix, and exit status 2; nothing existing is overwritten.
@@ -84,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--accountant", choices=("rdp", "prv", "pld"), default="rdp",
                        help="rdp, prv (Opacus) or pld (dp-accounting); default rdp")
         p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    report = sub.add_parser("report", help="a PDF report of a run or sweep directory",
+                            description="Build a PDF (title, findings, tables, figures, privacy "
+                                        "ledger, config) from a run or sweep directory, with the "
+                                        "figures (PNG, SVG) and tables (CSV) next to it.")
+    report.add_argument("directory", help="a run directory or a sweep directory under runs/")
+    report.add_argument("-o", "--output", help="PDF path (default: DIR/report.pdf)")
+    report.add_argument("--force", action="store_true", help="replace an existing report")
     return parser
 
 
@@ -101,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _datasets()
         if args.command == "privacy":
             return _privacy(args)
+        if args.command == "report":
+            return _report(args)
         build_parser().print_help()
         return EXIT_USAGE
     except FedsecError as err:
@@ -109,6 +120,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fedsec: interrupted; continue with --resume", file=sys.stderr)
         return 130
+
+
+def _report(args) -> int:
+    from pathlib import Path
+
+    from fedsec.config import ConfigError
+
+    directory = Path(args.directory)
+    if not directory.is_dir():
+        raise ConfigError("report DIR", args.directory, "no such directory; give a run or sweep directory")
+    from reports.pdf import build_report
+
+    out = build_report(directory, args.output, force=args.force)
+    print(f"report: {out}")
+    print(f"figures and tables: {out.parent / (out.stem + '_files')}")
+    return 0
 
 
 def _run(args) -> int:
@@ -172,7 +199,7 @@ def _privacy(args) -> int:
     import json
     import math
 
-    from accountants import DpEvent, calibrate, epsilon, gdp_epsilon
+    from accountants import DpEvent, calibrate, epsilon, format_epsilon, gdp_epsilon
     from fedsec.errors import ConfigError
 
     if args.privacy_command is None:
@@ -204,10 +231,10 @@ def _privacy(args) -> int:
                           "gdp_approximation_not_a_guarantee": gdp}))
         return 0
     if args.privacy_command == "calibrate":
-        print(f"noise multiplier {sigma:.4f} reaches epsilon {eps:.4f} <= {args.epsilon:g} at delta "
-              f"{args.delta:g} ({args.accountant})")
+        print(f"noise multiplier {sigma:.10g} reaches epsilon {format_epsilon(eps, 5)} <= {args.epsilon:g} "
+              f"at delta {args.delta:g} ({args.accountant})")
     else:
-        print(f"epsilon {eps:.4f} at delta {args.delta:g} ({args.accountant})")
+        print(f"epsilon {format_epsilon(eps, 5)} at delta {args.delta:g} ({args.accountant})")
     print(f"  Poisson-subsampled Gaussian: noise multiplier {sigma:g}, sample rate {args.sample_rate:g}, "
           f"{args.rounds} rounds")
     print(f"  GDP/CLT approximation {gdp:.4f} (not a guarantee: it can under-estimate epsilon)")

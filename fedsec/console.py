@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from accountants import format_epsilon
 from fedsec.results import RoundResult, RunResult
 
 
@@ -17,12 +18,12 @@ def _privacy_cell(privacy: dict) -> str:
         cell = f"DP-SGD sigma {privacy['noise_multiplier']:.3g} C {privacy['clip_norm']:.3g}"
         if eps is None:
             return f"{cell}  epsilon not certified"
-        return f"{cell}  worst-record eps " + " ".join(f"{a} {eps[a]:.2f}" for a in eps)
+        return f"{cell}  worst-record eps " + " ".join(f"{a} {format_epsilon(eps[a])}" for a in eps)
     clipped = f"C {privacy['clip_norm']:.3g} clipped {privacy['clipped']}/{privacy['clipped'] + privacy['unclipped']}"
     if privacy["epsilon"] is None:
         return f"{clipped}  epsilon not certified"
     eps = privacy["epsilon"]
-    return f"{clipped}  eps " + " ".join(f"{a} {eps[a]:.2f}" for a in eps)
+    return f"{clipped}  eps " + " ".join(f"{a} {format_epsilon(eps[a])}" for a in eps)
 
 
 def round_line(done: int, total: int, result: RoundResult | None, global_eval: dict | None,
@@ -87,8 +88,9 @@ def summary_lines(result: RunResult) -> list[str]:
                        f"{p['clip_norm']:.4g}, {p['rounds']} rounds")
         unit = "each training example" if p.get("mode") == "record" else "each client's whole data"
         if p["certified"]:
-            others = ", ".join(f"{a} {v:.3f}" for a, v in p["epsilons"].items() if a != p["accountant"])
-            lines.append(f"privacy: ({p['epsilon']:.3f}, {p['delta']:g})-DP for {unit} "
+            others = ", ".join(f"{a} {format_epsilon(v, 4)}" for a, v in p["epsilons"].items()
+                               if a != p["accountant"])
+            lines.append(f"privacy: ({format_epsilon(p['epsilon'], 4)}, {p['delta']:g})-DP for {unit} "
                          f"({p['accountant']}; {others}); {setting}")
         else:
             lines.append(f"privacy: epsilon not certified: {p['reason']}; {setting}")

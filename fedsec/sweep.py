@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from accountants import format_epsilon
 from fedsec.config import ConfigError, load_config, read_yaml
 from fedsec.rundir import CONFIG, RunDir, atomic_write_text
 
@@ -206,7 +207,7 @@ def summary_table(root: Path) -> str:
         sigma = f"{float(row['noise_multiplier']):.3f}"
         if row["certified"] != "True":
             return "not certified", sigma
-        return f"{float(row['epsilon']):.2f}", sigma
+        return format_epsilon(float(row["epsilon"])), sigma
 
     dp = any(row["certified"] != "" for row in rows)
     pref = any(row.get("preference_accuracy_mean", "") != "" for row in rows)

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import matplotlib
 
+from accountants import format_epsilon
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import matplotlib.ticker  # noqa: E402
@@ -122,7 +124,7 @@ def privacy_utility(sweep_dir: Path, metric: str = "final_accuracy"):
             if stat.std > 0:
                 ax.axhspan(stat.mean - stat.std, stat.mean + stat.std, color=color, alpha=0.12)
     ax.set_xscale("log")
-    ax.set_xticks(eps, [f"{e:.3g}" for e in eps])
+    ax.set_xticks(eps, [format_epsilon(e) for e in eps])
     ax.minorticks_off()
     ax.set_xlabel("epsilon (log scale)")
     ax.set_ylabel(METRIC_LABELS.get(metric, metric))

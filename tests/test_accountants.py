@@ -150,3 +150,13 @@ def test_cli_bad_privacy_arguments_are_one_line(capsys, argv, field):
     assert main(["privacy", *argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and field in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("eps, digits, shown", [
+    (7.9931, 3, "8.00"), (0.99934, 3, "1.000"), (3.9992717, 3, "4.00"), (12.345, 3, "12.4"),
+    (8.0, 3, "8.00"), (7.8993, 5, "7.8993"), (0.0123451, 3, "0.0124"), (1234.5, 3, "1240")])
+def test_printed_epsilon_is_rounded_up(eps, digits, shown):
+    from accountants import format_epsilon
+
+    assert format_epsilon(eps, digits) == shown
+    assert float(shown) >= eps

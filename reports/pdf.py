@@ -1,0 +1,352 @@
+"""`fedsec report DIR`: a PDF of a run or a sweep, built from its directory alone.
+
+The report holds a title page (experiment, date, fedsec version, git revision,
+model, dataset, clients, rounds), a summary of findings computed from the run
+files, the config, one table row per run, the figures of reports.plots and the
+privacy ledger. Every number in it is read from a file in the directory: each
+run's result.json, config.resolved.yaml, env.json, metrics.jsonl and
+privacy_ledger.json. Next to the PDF go the figures (PNG and SVG) and the tables
+(CSV), in `<name>_files/`.
+
+Layout is reportlab's platypus; text uses DejaVu (shipped with matplotlib),
+embedded as a TrueType subset, so the PDF renders the same everywhere.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from accountants import format_epsilon
+from fedsec.errors import ConfigError
+from reports import plots
+
+RESULT, CONFIG, ENV, LEDGER = "result.json", "config.resolved.yaml", "env.json", "privacy_ledger.json"
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """One run directory as the report sees it (any file may be missing)."""
+
+    path: Path
+    variant: str
+    seed: int | None
+    result: dict | None
+    config: dict
+    env: dict
+
+    @property
+    def privacy(self) -> dict:
+        return (self.result or {}).get("privacy") or {}
+
+
+def _read(path: Path, kind: str):
+    if not path.is_file():
+        return None
+    text = path.read_text(encoding="utf-8")
+    return yaml.safe_load(text) if kind == "yaml" else plots.json.loads(text)
+
+
+def load_run(path: Path, variant: str | None = None, seed: int | None = None) -> RunFiles:
+    config = _read(path / CONFIG, "yaml") or {}
+    return RunFiles(path, variant or path.name, seed if seed is not None else config.get("seed"),
+                    _read(path / RESULT, "json"), config, _read(path / ENV, "json") or {})
+
+
+def collect(directory: Path) -> tuple[str, list[RunFiles]]:
+    """("sweep" | "run", the runs) of a sweep directory (results.json) or one run directory."""
+    directory = Path(directory)
+    rows = plots.sweep_rows(directory)
+    if rows:
+        return "sweep", [load_run(directory / f"{r['variant']}-s{r['seed']}", r["variant"], r["seed"])
+                         for r in rows]
+    if (directory / CONFIG).is_file():
+        return "run", [load_run(directory)]
+    raise ConfigError("report DIR", str(directory), "is neither a sweep directory (results.json) nor "
+                      f"a run directory ({CONFIG}); give a directory under runs/")
+
+
+# ---------------------------------------------------------------------------
+# What the report says: tables and findings, pure functions of the run files.
+
+
+def _acc(block: dict | None) -> float | None:
+    return (block or {}).get("accuracy")
+
+
+def run_table(runs: list[RunFiles]) -> list[dict]:
+    """One row per run; every value is read from that run's files."""
+    rows = []
+    for run in runs:
+        res, p = run.result or {}, run.privacy
+        local = res.get("local_only") or {}
+        rows.append({
+            "variant": run.variant, "seed": run.seed,
+            "algorithm": res.get("algorithm") or run.config.get("federation", {}).get("algorithm"),
+            "rounds": res.get("rounds_done"),
+            "privacy": p.get("mode", "user") if p else "off",
+            "epsilon": format_epsilon(p["epsilon"]) if p.get("certified") else None,
+            "delta": p.get("delta"), "sigma": p.get("noise_multiplier"), "clip_norm": p.get("clip_norm"),
+            "sample_rate": p.get("sample_rate"),
+            "certified": p.get("certified") if p else None,
+            "untuned_accuracy": _acc(res.get("untuned")), "final_accuracy": _acc(res.get("final")),
+            "local_only_accuracy": local.get("mean_accuracy"),
+            "finished": res.get("finished", False),
+        })
+    return rows
+
+
+def _mean(values) -> float | None:
+    stat = plots.aggregate(values)
+    return stat.mean if stat else None
+
+
+def findings(rows: list[dict]) -> list[str]:
+    """Sentences of the summary, each computed from the table rows."""
+    out: list[str] = []
+    unfinished = [r for r in rows if not r["finished"]]
+    done = [r for r in rows if r["finished"]]
+    by_variant: dict[str, list[dict]] = {}
+    for r in done:
+        by_variant.setdefault(r["variant"], []).append(r)
+    untuned = _mean(r["untuned_accuracy"] for r in done)
+    plain = [r for r in done if r["certified"] is None]
+    plain_acc = _mean(r["final_accuracy"] for r in plain)
+    local = _mean(r["local_only_accuracy"] for r in done)
+    private = sorted(((_mean(r["epsilon"] for r in mine), v, mine) for v, mine in by_variant.items()
+                      if mine[0]["certified"]), key=lambda t: t[0])
+    seeds = max((len(m) for m in by_variant.values()), default=0)
+    if done:
+        out.append(f"{len(done)} finished run(s) in {len(by_variant)} variant(s), up to {seeds} seed(s) "
+                   "each; accuracies are means over seeds on the global test set.")
+    if private and plain_acc is not None:
+        for eps, variant, mine in private:
+            acc = _mean(r["final_accuracy"] for r in mine)
+            if acc is None:
+                continue
+            gap = plain_acc - acc
+            text = (f"At epsilon {format_epsilon(eps)} (delta {mine[0]['delta']:g}, {variant}) the global accuracy is "
+                    f"{acc:.3f}, {abs(gap):.3f} {'below' if gap >= 0 else 'above'} non-private "
+                    f"({plain_acc:.3f})")
+            if untuned is not None and plain_acc - untuned > 0:
+                text += f"; it keeps {(acc - untuned) / (plain_acc - untuned):.0%} of the non-private gain"
+                text += f" over the untuned model ({untuned:.3f})"
+            out.append(text + ".")
+    elif len(by_variant) > 0:
+        ranked = sorted(((_mean(r["final_accuracy"] for r in mine), v) for v, mine in by_variant.items()),
+                        key=lambda t: -(t[0] if t[0] is not None else -math.inf))
+        best_acc, best = ranked[0]
+        if best_acc is not None:
+            text = f"The best variant is {best} with global accuracy {best_acc:.3f}"
+            if len(ranked) > 1 and ranked[-1][0] is not None:
+                text += f"; the weakest is {ranked[-1][1]} with {ranked[-1][0]:.3f}"
+            out.append(text + ".")
+    if local is not None:
+        text = f"Clients training alone (local-only) reach {local:.3f}"
+        if plain_acc is not None:
+            where = "below" if plain_acc >= local else "above"
+            text += f", {abs(plain_acc - local):.3f} {where} the non-private federated runs"
+        out.append(text + ".")
+    if untuned is not None:
+        out.append(f"The untuned model scores {untuned:.3f}.")
+    skipped = [r for r in done if r["certified"] is False]
+    if skipped:
+        out.append(f"{len(skipped)} run(s) carry no epsilon: their privacy is not certified "
+                   "(see the table); no epsilon is claimed for them.")
+    if unfinished:
+        out.append(f"{len(unfinished)} run(s) are unfinished and left out of these numbers.")
+    return out
+
+
+def ledger_rows(run: RunFiles) -> list[dict]:
+    """The run's privacy ledger as table rows (empty without one)."""
+    ledger = _read(run.path / LEDGER, "json")
+    if not ledger:
+        return []
+    if ledger.get("kind") == "record":
+        return [{"round": r["round"], "clients": r["clients"],
+                 f"worst epsilon ({ledger['primary']})": r["epsilon"]} for r in ledger["rounds"]]
+    rows = []
+    for e in ledger["entries"]:
+        row = {"round": e["round"], "sigma": e["noise_multiplier"], "q": e["sample_rate"], "C": e["clip_norm"],
+               "clients": e["clients_sampled"]}
+        for name, eps in (e["epsilon"] or {}).items():
+            row[f"epsilon {name}"] = eps
+        rows.append(row)
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    path.write_text(buffer.getvalue(), encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------
+# The PDF.
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if value != 0 and abs(value) < 0.01:
+            return f"{value:.3g}"
+        return f"{value:.3f}" if abs(value) < 1 else f"{value:.3g}"
+    return str(value)
+
+
+def _styles():
+    from reportlab.lib.styles import ParagraphStyle, getSampleStyleSheet
+    from reportlab.pdfbase import pdfmetrics
+    from reportlab.pdfbase.ttfonts import TTFont
+
+    fonts = Path(plots.matplotlib.get_data_path()) / "fonts" / "ttf"
+    for name, file in (("DejaVu", "DejaVuSans.ttf"), ("DejaVu-Bold", "DejaVuSans-Bold.ttf"),
+                       ("DejaVuMono", "DejaVuSansMono.ttf")):
+        if name not in pdfmetrics.getRegisteredFontNames():
+            pdfmetrics.registerFont(TTFont(name, str(fonts / file)))
+    base = getSampleStyleSheet()
+    return {
+        "title": ParagraphStyle("t", parent=base["Title"], fontName="DejaVu-Bold", fontSize=20),
+        "h": ParagraphStyle("h", parent=base["Heading2"], fontName="DejaVu-Bold"),
+        "body": ParagraphStyle("b", parent=base["BodyText"], fontName="DejaVu", fontSize=10, leading=14),
+        "mono": ParagraphStyle("m", parent=base["Code"], fontName="DejaVuMono", fontSize=7, leading=8.5),
+        "cell": ParagraphStyle("c", parent=base["BodyText"], fontName="DejaVu", fontSize=7, leading=8.5),
+    }
+
+
+HEADERS = {"sample_rate": "q", "clip_norm": "C", "sigma": "sigma", "final_accuracy": "final acc",
+           "local_only_accuracy": "local-only acc", "untuned_accuracy": "untuned acc",
+           "certified": "certified", "algorithm": "algorithm"}
+
+
+def _table(rows: list[dict], styles, columns: list[str] | None = None, width: float | None = None):
+    from reportlab.lib import colors
+    from reportlab.platypus import Paragraph, Table, TableStyle
+
+    columns = columns or list(rows[0])
+    def show(column: str, value) -> str:
+        if "epsilon" in column and isinstance(value, float):
+            return format_epsilon(value, 4)  # rounded up: never below the proven value
+        return _fmt(value)
+
+    cells = [[show(c, r.get(c)) for c in columns] for r in rows]
+    heads = [HEADERS.get(c, c) for c in columns]
+    widths = None
+    if width is not None:  # the longest word or value of each column, in points, + cell padding
+        from reportlab.pdfbase.pdfmetrics import stringWidth
+
+        size = styles["cell"].fontSize
+        need = [max([stringWidth(w, "DejaVu-Bold", size) for w in h.split()] +
+                    [stringWidth(row[i], "DejaVu", size) for row in cells]) + 1
+                for i, h in enumerate(heads)]
+        scale = min(1.0, (width - 7 * len(need)) / sum(need))
+        widths = [n * scale + 7 for n in need]
+    data = [[Paragraph(f"<b>{h}</b>", styles["cell"]) for h in heads]]
+    data += [[Paragraph(v, styles["cell"]) for v in row] for row in cells]
+    table = Table(data, colWidths=widths, repeatRows=1)
+    table.setStyle(TableStyle([("GRID", (0, 0), (-1, -1), 0.4, colors.black),
+                               ("BACKGROUND", (0, 0), (-1, 0), colors.HexColor("#dddddd")),
+                               ("LEFTPADDING", (0, 0), (-1, -1), 3),
+                               ("RIGHTPADDING", (0, 0), (-1, -1), 3),
+                               ("VALIGN", (0, 0), (-1, -1), "TOP")]))
+    return table
+
+
+def build_report(directory: Path, out: Path | None = None, force: bool = False) -> Path:
+    """Write the PDF (default DIR/report.pdf) and its figures and tables; returns its path."""
+    from reportlab.lib.pagesizes import A4
+    from reportlab.lib.units import cm
+    from reportlab.platypus import (
+        Image,
+        PageBreak,
+        Paragraph,
+        Preformatted,
+        SimpleDocTemplate,
+        Spacer,
+    )
+
+    directory = Path(directory)
+    kind, runs = collect(directory)
+    out = Path(out) if out is not None else directory / "report.pdf"
+    if out.exists() and not force:
+        raise ConfigError("-o", str(out), "already exists; choose another path or pass --force")
+    files = out.parent / f"{out.stem}_files"
+    files.mkdir(parents=True, exist_ok=True)
+    styles = _styles()
+    table = run_table(runs)
+    write_csv(files / "runs.csv", table)
+
+    first = runs[0]
+    cfg, env = first.config, first.env
+    data_cfg = cfg.get("data", {})
+    bench = data_cfg.get("benchmark", {})
+    clients = bench.get("num_clients") if data_cfg.get("source", "embedded") == "embedded" else None
+    name = directory.name if kind == "sweep" else cfg.get("name", directory.name)
+    story = [Paragraph(f"fedsec report: {name}", styles["title"]), Spacer(1, 0.4 * cm)]
+    facts = [("directory", str(directory)), ("kind", f"{kind} of {len(runs)} run(s)" if kind == "sweep" else kind),
+             ("report date", time.strftime("%Y-%m-%d %H:%M %Z")),
+             ("fedsec version", (env.get("versions") or {}).get("fedsec", "-")),
+             ("git revision", env.get("git_revision", "-")), ("run started", env.get("started", "-")),
+             ("model", cfg.get("model", {}).get("name", "-")),
+             ("task", cfg.get("task", "-")), ("dataset", data_cfg.get("source", "-")),
+             ("clients", clients if clients is not None else "see config"),
+             ("rounds", cfg.get("federation", {}).get("rounds", "-")),
+             ("clients per round", cfg.get("federation", {}).get("clients_per_round", "-"))]
+    story.append(_table([{"field": k, "value": v} for k, v in facts], styles))
+    story += [Spacer(1, 0.5 * cm), Paragraph("Summary", styles["h"])]
+    story += [Paragraph(sentence, styles["body"]) for sentence in findings(table)]
+    story += [PageBreak(), Paragraph("Runs", styles["h"])]
+    columns = ["variant", "seed", "algorithm", "rounds", "privacy", "epsilon", "sigma", "clip_norm",
+               "sample_rate", "certified", "final_accuracy", "local_only_accuracy", "untuned_accuracy"]
+    story.append(_table(table, styles, columns, width=17.4 * cm))
+
+    figures = []
+    if kind == "sweep":
+        figures.append(("privacy_utility", plots.privacy_utility(directory)))
+    done = [r for r in runs if r.result and r.result.get("finished")]
+    seen = set()
+    for run in done:  # one training curve per variant (its first seed)
+        if run.variant not in seen:
+            seen.add(run.variant)
+            figures.append((f"training_{run.variant}", plots.training_curves(run.path)))
+    private = next((r for r in done if r.privacy.get("certified")), None)
+    if private is not None:
+        figures.append((f"epsilon_{private.variant}", plots.epsilon_over_rounds(private.path)))
+    figures = [(n, f) for n, f in figures if f is not None]
+    if figures:
+        story += [PageBreak(), Paragraph("Figures", styles["h"])]
+    for fig_name, fig in figures:
+        width, height = fig.get_size_inches()
+        png, _ = plots.save(fig, files / fig_name)
+        w = 16 * cm
+        story += [Image(str(png), width=w, height=w * height / width), Spacer(1, 0.3 * cm)]
+
+    if private is not None:
+        ledger = ledger_rows(private)
+        write_csv(files / f"ledger_{private.variant}.csv", ledger)
+        story += [PageBreak(), Paragraph(f"Privacy ledger: {private.variant}", styles["h"]),
+                  Paragraph(f"{private.privacy.get('accountant', '')} is the accountant of record; "
+                            "the others are cross-checks.", styles["body"]),
+                  _table(ledger, styles, width=17.4 * cm)]
+    story += [PageBreak(), Paragraph("Config (first run)", styles["h"]),
+              Preformatted(yaml.safe_dump(cfg, sort_keys=False), styles["mono"])]
+
+    tmp = out.with_name(out.name + ".tmp")
+    SimpleDocTemplate(str(tmp), pagesize=A4, title=f"fedsec report: {name}", author="fedsec",
+                      leftMargin=1.8 * cm, rightMargin=1.8 * cm).build(story)
+    tmp.replace(out)
+    return out

@@ -1,0 +1,130 @@
+"""`fedsec report`: the PDF's text and tables match the run files; missing pieces are skipped."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import yaml
+
+from fedsec.cli import main
+from reports.pdf import build_report, findings, run_table
+
+pypdf = pytest.importorskip("pypdf")
+
+
+def _write_run(path, seed, final, untuned=0.44, privacy=None, local=None, ledger=None, finished=True):
+    path.mkdir(parents=True)
+    cfg = {"name": "fx", "seed": seed, "task": "sft", "model": {"name": "tiny"},
+           "data": {"source": "embedded", "benchmark": {"num_clients": 16}},
+           "federation": {"rounds": 2, "clients_per_round": 4, "algorithm": "fedavg"}}
+    (path / "config.resolved.yaml").write_text(yaml.safe_dump(cfg))
+    (path / "env.json").write_text(json.dumps({"versions": {"fedsec": "0.1.0"}, "git_revision": "abc123",
+                                               "started": "2026-11-22T08:00:00+0000"}))
+    rows = [{"phase": "federated", "round": 0, "global_eval": {"accuracy": untuned, "loss": 4.0}},
+            {"phase": "federated", "round": 2, "global_eval": {"accuracy": final, "loss": 0.5}}]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if ledger is not None:
+        (path / "privacy_ledger.json").write_text(json.dumps(ledger))
+    result = {"run_dir": str(path), "rounds_done": 2, "finished": finished,
+              "untuned": {"accuracy": untuned, "loss": 4.0}, "final": {"accuracy": final, "loss": 0.5},
+              "local_only": {"mean_accuracy": local, "per_client": {}} if local is not None else None,
+              "algorithm": "fedavg", "privacy": privacy}
+    (path / "result.json").write_text(json.dumps(result))
+
+
+def _privacy(eps, sigma, certified=True):
+    return {"certified": certified, "reason": None if certified else "no noise", "delta": 1e-5,
+            "accountant": "rdp", "epsilon": eps if certified else None,
+            "epsilons": {"rdp": eps, "prv": eps * 0.9, "pld": eps * 0.89} if certified else None,
+            "noise_multiplier": sigma, "sample_rate": 0.25, "clip_norm": 1.0, "adaptive_clipping": False,
+            "rounds": 2}
+
+
+def _ledger(eps):
+    return {"delta": 1e-5, "accountants": ["rdp", "prv", "pld"], "primary": "rdp", "certified": True,
+            "reason": None, "entries": [
+                {"round": r, "noise_multiplier": 1.1, "sample_rate": 0.25, "clip_norm": 1.0,
+                 "clients_sampled": 3 + r, "epsilon": {"rdp": eps * r / 2, "prv": eps * r / 2.2,
+                                                      "pld": eps * r / 2.25}} for r in (1, 2)]}
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    root = tmp_path / "sweep"
+    _write_run(root / "non-private-s0", 0, 0.70, local=0.40)
+    _write_run(root / "non-private-s1", 1, 0.66, local=0.36)
+    _write_run(root / "eps4-s0", 0, 0.60, privacy=_privacy(3.9931, 1.1), ledger=_ledger(3.9931))
+    _write_run(root / "eps4-s1", 1, 0.56, privacy=_privacy(3.9931, 1.1), ledger=_ledger(3.9931))
+    _write_run(root / "epsinf-s0", 0, 0.69, privacy=_privacy(None, 0.0, certified=False))
+    rows = [{"variant": v, "seed": s, "run_dir": str(root / f"{v}-s{s}")}
+            for v, s in (("non-private", 0), ("non-private", 1), ("eps4", 0), ("eps4", 1), ("epsinf", 0))]
+    for row in rows:
+        result = json.loads((root / f"{row['variant']}-s{row['seed']}" / "result.json").read_text())
+        p = result["privacy"] or {}
+        row.update({"final_accuracy": result["final"]["accuracy"], "untuned_accuracy": 0.44,
+                    "local_only_accuracy": (result["local_only"] or {}).get("mean_accuracy"),
+                    "epsilon": p.get("epsilon"), "certified": p.get("certified") if p else None,
+                    "noise_multiplier": p.get("noise_multiplier")})
+    (root / "results.json").write_text(json.dumps(rows))
+    return root
+
+
+def _text(pdf_path) -> str:
+    reader = pypdf.PdfReader(str(pdf_path))
+    return "\n".join(page.extract_text() for page in reader.pages)
+
+
+def test_findings_are_computed_from_the_runs(sweep):
+    from reports.pdf import collect
+
+    _, runs = collect(sweep)
+    table = run_table(runs)
+    assert [r["epsilon"] for r in table] == [None, None, "4.00", "4.00", None]  # rounded up, never down
+    text = " ".join(findings(table))
+    # eps4 mean 0.58, non-private mean 0.68, untuned 0.44: 0.100 below, keeps (0.58-0.44)/(0.68-0.44) = 58%
+    assert "At epsilon 4.00 (delta 1e-05, eps4) the global accuracy is 0.580, 0.100 below non-private " \
+           "(0.680); it keeps 58% of the non-private gain over the untuned model (0.440)." in text
+    assert "local-only) reach 0.380, 0.300 below the non-private federated runs" in text
+    assert "1 run(s) carry no epsilon" in text
+
+
+def test_report_pdf_holds_the_summary_tables_and_figures(sweep, tmp_path, capsys):
+    out = tmp_path / "out" / "report.pdf"
+    assert main(["report", str(sweep), "-o", str(out)]) == 0
+    text = _text(out)
+    assert "fedsec report: sweep" in text and "abc123" in text and "tiny" in text
+    assert "it keeps 58% of the non-private gain" in text
+    for value in ("0.700", "0.660", "0.600", "0.560", "0.690", "1.1"):  # every run's row
+        assert value in text
+    assert "not certified" not in text or "no epsilon" in text
+    ledger_csv = list(csv.DictReader((out.parent / "report_files" / "ledger_eps4.csv").open()))
+    assert [float(r["epsilon rdp"]) for r in ledger_csv] == pytest.approx([3.9931 / 2, 3.9931])
+    assert "1.997" in text and "3.994" in text  # the ledger: epsilon after rounds 1, 2 (rounded up)
+    figures = sorted(p.name for p in (out.parent / "report_files").glob("*.png"))
+    assert figures == ["epsilon_eps4.png", "privacy_utility.png", "training_eps4.png",
+                       "training_epsinf.png", "training_non-private.png"]
+    assert all((out.parent / "report_files" / f.replace(".png", ".svg")).is_file() for f in figures)
+    assert len(pypdf.PdfReader(str(out)).pages) >= 5
+    # never overwritten without --force
+    assert main(["report", str(sweep), "-o", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_report_of_one_run_with_missing_pieces(tmp_path):
+    run = tmp_path / "run"
+    _write_run(run, 0, 0.5, finished=False)
+    (run / "metrics.jsonl").unlink()
+    (run / "env.json").unlink()
+    out = build_report(run)
+    assert out == run / "report.pdf"
+    text = _text(out)
+    assert "1 run(s) are unfinished" in text and "git revision" in text
+    assert not list((run / "report_files").glob("*.png"))  # nothing to draw, nothing drawn
+
+
+def test_report_refuses_a_directory_that_is_not_a_run(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fedsec: error: report DIR = ")
