@@ -106,7 +106,7 @@ def prepare(cfg: ExperimentConfig) -> Setup:
     d, pad = cfg.data, tokenizer.pad_token_id
     if cfg.task == "dpo":
         objective = DpoObjective(pad, cfg.dpo.beta)
-        train_sets = [_pairs(model, c.preference, tokenizer, cfg) for c in data.clients]
+        train_sets = [_pairs(c.preference, tokenizer, cfg) for c in data.clients]
     else:
         objective = SftObjective(pad)
         train_sets = [encode_all(c.train, tokenizer, d.template, d.max_length) for c in data.clients]
@@ -121,7 +121,7 @@ def prepare(cfg: ExperimentConfig) -> Setup:
         tests = [(ex, c.client_id) for c in data.clients for ex in c.test]
         client_eval = build_eval_set([e for e, _ in tests], [g for _, g in tests], tokenizer,
                                      d.template, d.max_length, data.choices)
-    preference_eval = _pairs(model, data.preference_test, tokenizer, cfg) if cfg.task == "dpo" else []
+    preference_eval = _pairs(data.preference_test, tokenizer, cfg) if cfg.task == "dpo" else []
     probe_prompts = ([encode_prompt(p, tokenizer, d.template) for p in data.probes]
                      if cfg.eval.refusal else [])
     if cfg.lora.cache_frozen_layers:
@@ -130,6 +130,9 @@ def prepare(cfg: ExperimentConfig) -> Setup:
         train_sets, global_eval, client_eval, preference_eval = _cache_prefix(
             model, first, pad, cfg.eval.batch_size, model_key, train_sets, global_eval, client_eval,
             preference_eval)
+    if cfg.task == "dpo":  # after the cache, so reference and policy share one computation path
+        train_sets = [_with_reference(model, pairs, pad, cfg) for pairs in train_sets]
+        preference_eval = _with_reference(model, preference_eval, pad, cfg)
     local_only = list(range(num_clients if fed.local_only_clients == -1 else fed.local_only_clients))
     record_plan, record_dp = None, None
     if cfg.privacy.mode == "record":
@@ -166,13 +169,18 @@ def _cache_prefix(model, first: int, pad: int, batch_size: int, model_key: str, 
     return train_sets, global_eval, client_eval, pairs(preference_eval) if preference_eval else []
 
 
-def _pairs(model, examples, tokenizer, cfg: ExperimentConfig) -> list[PairItem]:
-    """Encode preference pairs and attach the reference policy's log-probabilities."""
+def _pairs(examples, tokenizer, cfg: ExperimentConfig) -> list[PairItem]:
+    """Encode preference pairs (those whose both replies fit max_length)."""
     d = cfg.data
-    pairs = [p for p in (encode_pair(e, tokenizer, d.template, d.max_length) for e in examples) if p]
+    return [p for p in (encode_pair(e, tokenizer, d.template, d.max_length) for e in examples) if p]
+
+
+def _with_reference(model, pairs: list[PairItem], pad: int, cfg: ExperimentConfig) -> list[PairItem]:
+    """The pairs with the reference policy's log-probabilities: the base model with the
+    adapter disabled, or the adapter the run starts from."""
     reference = model.disable_adapter() if cfg.dpo.reference == "base" else contextlib.nullcontext()
     with reference:
-        return with_reference(model, pairs, tokenizer.pad_token_id, cfg.eval.batch_size)
+        return with_reference(model, pairs, pad, cfg.eval.batch_size)
 
 
 # ---------------------------------------------------------------------------

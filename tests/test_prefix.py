@@ -62,3 +62,15 @@ def test_a_run_with_the_cache_matches_the_run_without(tmp_path):
     torch.testing.assert_close(ga, gb, rtol=1e-3, atol=1e-6)
     assert abs(a.final["loss"] - b.final["loss"]) < 1e-4
     assert a.final["accuracy"] == b.final["accuracy"]
+
+
+def test_dpo_reference_uses_the_cached_path_so_the_untuned_margin_is_zero(tmp_path):
+    """Reference and policy log-probabilities come from the same computation: at round 0
+    the policy is the reference, so every margin is exactly 0 (no pair counted as won)."""
+    cfg = tiny_config(tmp_path, task="dpo", lora={"rank": 4, "alpha": 8, "target_modules": ["q_proj"],
+                                                   "top_layers": 1, "cache_frozen_layers": True},
+                      federation={"rounds": 1, "clients_per_round": 2, "local_only_clients": 0})
+    result = run_experiment(cfg, out=tmp_path / "run", progress=False, log=lambda _: None)
+    before = result.untuned["preference"]
+    assert before["preference_accuracy"] == 0.0 and before["reward_margin"] == 0.0
+    assert before["n"] > 0
