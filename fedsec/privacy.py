@@ -46,21 +46,26 @@ class DpPlan:
     reason: str | None
 
 
+def _noise_multiplier(p, sample_rate: float, steps: int) -> float:
+    """The given noise multiplier, 0 for epsilon = inf, or sigma calibrated to the target
+    epsilon over `steps` sampled-Gaussian events at `sample_rate`."""
+    if p.noise_multiplier is not None:
+        return p.noise_multiplier
+    if math.isinf(p.epsilon):
+        return 0.0
+    try:
+        return calibrate(p.epsilon, p.delta, sample_rate, steps, p.accountant)
+    except ValueError as err:
+        raise ConfigError("privacy.epsilon", p.epsilon, str(err)) from None
+
+
 def plan_privacy(cfg: ExperimentConfig, num_clients: int) -> DpPlan:
     p, fed = cfg.privacy, cfg.federation
     if p.delta >= 1 / num_clients:
         raise ConfigError("privacy.delta", p.delta, f"must be below 1 / clients = {1 / num_clients:.3g} "
                           f"({num_clients} clients), e.g. 1e-5")
     q = fed.clients_per_round / num_clients
-    if p.noise_multiplier is not None:
-        z = p.noise_multiplier
-    elif math.isinf(p.epsilon):
-        z = 0.0
-    else:
-        try:
-            z = calibrate(p.epsilon, p.delta, q, fed.rounds, p.accountant)
-        except ValueError as err:
-            raise ConfigError("privacy.epsilon", p.epsilon, str(err)) from None
+    z = _noise_multiplier(p, q, fed.rounds)
     stddev = None
     update_noise = z
     if p.adaptive_clipping:
@@ -159,15 +164,7 @@ def plan_record_privacy(cfg: ExperimentConfig, client_sizes: list[int]) -> Recor
                           f"{1 / largest:.3g} ({largest} examples), e.g. 1e-5")
     rates = {k: min(1.0, cfg.training.batch_size / n) for k, n in enumerate(client_sizes)}
     steps = cfg.federation.rounds * cfg.training.local_steps
-    if p.noise_multiplier is not None:
-        z = p.noise_multiplier
-    elif math.isinf(p.epsilon):
-        z = 0.0
-    else:
-        try:
-            z = calibrate(p.epsilon, p.delta, max(rates.values()), steps, p.accountant)
-        except ValueError as err:
-            raise ConfigError("privacy.epsilon", p.epsilon, str(err)) from None
+    z = _noise_multiplier(p, max(rates.values()), steps)
     reason = "no noise (noise_multiplier 0): clipping alone gives no DP guarantee" if z == 0 else None
     return RecordPlan(z, rates, steps, reason is None, reason)
 
