@@ -197,6 +197,16 @@ def client_update(setup: Setup, start: torch.Tensor, client: int, lr: float, rou
                         {"loss": result.loss, "loss_terms": result.loss_terms})
 
 
+def client_updates(setup: Setup, start: torch.Tensor, clients: list[int], lr: float, round_idx: int,
+                   prox_mu: float = 0.0) -> list[ClientUpdate]:
+    """The round's client updates from the global adapter (batched when each is one SGD step)."""
+    seeds = [derive_seed(setup.cfg.seed, "client", round_idx, c) for c in clients]
+    results = setup.trainer.train_clients(start, [setup.train_sets[c] for c in clients], lr, seeds,
+                                          prox_mu=prox_mu)
+    return [ClientUpdate(c, r.delta, r.num_examples, {"loss": r.loss, "loss_terms": r.loss_terms})
+            for c, r in zip(clients, results)]
+
+
 def scaffold_updates(setup: Setup, variates: VariateStore, c: torch.Tensor, start: torch.Tensor,
                      sampled: list[int], lr: float, round_idx: int) -> tuple[list[ClientUpdate], torch.Tensor]:
     """SCAFFOLD's client side for one round; returns the updates and the new server variate."""
@@ -318,8 +328,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
                    if cfg.sampling == "poisson" else
                    sample_clients(num_clients, fed.clients_per_round, sampler))
         if variates is None:
-            updates = [client_update(setup, global_vec, c, lr, round_idx, prox_mu=prox_mu)
-                       for c in sampled]
+            updates = client_updates(setup, global_vec, sampled, lr, round_idx, prox_mu)
         else:
             updates, server_variate_c = scaffold_updates(setup, variates, server_variate_c,
                                                          global_vec, sampled, lr, round_idx)

@@ -1,10 +1,11 @@
 """Training objectives: what differs between SFT and DPO, and nothing else.
 
 The local trainer and the round loop are shared; an objective turns a batch of
-pre-encoded items into (summed loss, number of loss terms). For record-level
-DP-SGD it also gives one loss per record (an example, or a pair) and the record
-each forward row belongs to, so per-row gradients can be summed per record before
-clipping.
+pre-encoded items into (summed loss, number of loss terms). For per-record
+gradients (record-level DP-SGD, and one batched step for many clients) it also
+gives each record's (an example's, or a pair's) summed loss and number of terms,
+and the record each forward row belongs to, so per-row gradients can be summed
+per record.
 
 - SFT: completion-only cross-entropy, summed over target tokens.
 - DPO (Rafailov et al. 2023, "Direct Preference Optimization", eq. 7):
@@ -75,33 +76,42 @@ def with_reference(model, pairs: Sequence[PairItem], pad_id: int, batch_size: in
     return out
 
 
-class SftObjective:
+class _Objective:
+    def record_losses(self, model, items) -> tuple[torch.Tensor, torch.Tensor]:
+        """(each record's loss per term [n], the record of each forward row)."""
+        sums, terms, row_record = self.record_terms(model, items)
+        return sums / terms.clamp(min=1), row_record
+
+
+class SftObjective(_Objective):
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
 
     def loss(self, model, items: Sequence[Encoded]) -> tuple[torch.Tensor, int]:
         return completion_loss(model, collate(items, self.pad_id))
 
-    def record_losses(self, model, items: Sequence[Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean target-token NLL of each example [n], the record of each row = arange(n))."""
+    def record_terms(self, model, items: Sequence[Encoded]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(summed target-token NLL of each example [n], its target tokens [n], arange(n))."""
         logp, rows = target_logprobs(model, collate(items, self.pad_id))
         n = len(items)
         nll = torch.zeros(n, dtype=logp.dtype).index_add(0, rows, -logp)
         count = torch.zeros(n, dtype=logp.dtype).index_add(0, rows, torch.ones_like(logp))
-        return nll / count.clamp(min=1), torch.arange(n)
+        return nll, count, torch.arange(n)
 
 
-class DpoObjective:
+class DpoObjective(_Objective):
     def __init__(self, pad_id: int, beta: float):
         self.pad_id, self.beta = pad_id, beta
 
     def loss(self, model, items: Sequence[PairItem]) -> tuple[torch.Tensor, int]:
         return self._pair_losses(model, items).sum(), len(items)
 
-    def record_losses(self, model, items: Sequence[PairItem]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(DPO loss of each pair [n], the pair of each row: chosen rows 0..n-1, rejected n..2n-1)."""
+    def record_terms(self, model, items: Sequence[PairItem]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(DPO loss of each pair [n], ones [n], the pair of each row: chosen rows 0..n-1,
+        rejected n..2n-1)."""
         n = len(items)
-        return self._pair_losses(model, items), torch.arange(2 * n) % n
+        losses = self._pair_losses(model, items)
+        return losses, torch.ones_like(losses), torch.arange(2 * n) % n
 
     def _pair_losses(self, model, items: Sequence[PairItem]) -> torch.Tensor:
         logps = sequence_logprobs(model, [p.chosen for p in items] + [p.rejected for p in items],
