@@ -128,3 +128,23 @@ def test_report_refuses_a_directory_that_is_not_a_run(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fedsec: error: report DIR = ")
+
+
+def test_report_pages_render_and_none_is_blank(sweep, tmp_path):
+    """Render every page (pypdfium2, the PDFium engine of Chrome) and look: ink on each
+    page, and the figure pages carry a large drawn area."""
+    pdfium = pytest.importorskip("pypdfium2")
+    import numpy as np
+
+    out = build_report(sweep, tmp_path / "report.pdf")
+    document, pages = pdfium.PdfDocument(str(out)), pypdf.PdfReader(str(out)).pages
+    assert len(document) == len(pages)
+    with_figure = [i for i, page in enumerate(pages) if page.images]
+    assert len(with_figure) >= 3  # privacy-utility, epsilon over rounds, training curves
+    inked = []
+    for i in range(len(document)):
+        image = document[i].render(scale=0.5).to_pil().convert("L")  # as printed in black and white
+        image.save(tmp_path / f"page{i + 1}.png")
+        inked.append(float((np.asarray(image) < 200).mean()))
+    assert min(inked) > 0.002, inked  # every page has text or drawing on it
+    assert all(inked[i] > 0.01 for i in with_figure), inked  # figures drew lines, markers, labels
