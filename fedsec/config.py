@@ -124,6 +124,7 @@ class BenchmarkConfig:
     num_probes: int = _help("unsafe-request probes (the aligned reply is a refusal)", 20)
     canaries_per_client: int = _help("canary secrets inserted into each client's data", 0)
     canary_repeats: int = _help("how many times each canary is repeated in its client", 1)
+    root_size: int = _help("examples in the server's own clean root set (used by FLTrust only)", 16)
 
     def __post_init__(self) -> None:
         _require(self.num_clients >= 1, "num_clients", self.num_clients, "must be >= 1")
@@ -139,6 +140,7 @@ class BenchmarkConfig:
         _require(self.canaries_per_client >= 0, "canaries_per_client",
                  self.canaries_per_client, "must be >= 0")
         _require(self.canary_repeats >= 1, "canary_repeats", self.canary_repeats, "must be >= 1")
+        _require(self.root_size >= 1, "root_size", self.root_size, "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -354,6 +356,42 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class DefenseConfig:
+    aggregator: str = _help(
+        "server aggregation rule (defenses/registry.py): mean, median, trimmed_mean, krum, bulyan, "
+        "geometric_median, norm_bound, centered_clip, fltrust, flame, foolsgold", "mean")
+    f: int = _help("attackers per round the rule must tolerate; checked against its assumption "
+                   "(e.g. krum: clients_per_round >= 2f + 3)", 0)
+    params: Mapping[str, Any] = _help(
+        "the rule's own parameters, e.g. {beta: 0.2} for trimmed_mean, {m: 5} for krum (Multi-Krum), "
+        "{max_norm: 1.0} for norm_bound, {tau: 1.0} for centered_clip", factory=dict)
+    max_update_norm: float | None = _help(
+        "sanitation: reject a client delta whose L2 norm exceeds this (null: no bound)", 1000.0)
+
+    def __post_init__(self) -> None:
+        from defenses.registry import AGGREGATORS
+
+        _one_of("aggregator", self.aggregator, tuple(AGGREGATORS))
+        _require(self.f >= 0, "f", self.f, "must be an integer >= 0")
+        _require(self.max_update_norm is None or self.max_update_norm > 0, "max_update_norm",
+                 self.max_update_norm, "must be null or > 0")
+        self.rule  # noqa: B018 - builds (and so validates) the rule's parameters
+
+    @property
+    def rule(self):
+        """The aggregator object (defenses.registry) with its parameters."""
+        from defenses.registry import AGGREGATORS
+
+        try:
+            return from_mapping(AGGREGATORS[self.aggregator], self.params, "params")
+        except ConfigError:
+            raise
+        except ValueError as err:  # the rule's own validation: "field: what is wrong"
+            name, _, fix = str(err).partition(": ")
+            raise ConfigError(f"params.{name}", self.params.get(name.split(",")[0]), fix) from None
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     every: int = _help("evaluate the global model every N rounds (and after the last)", 1)
     clients: bool = _help("also evaluate on each client's own test set", True)
@@ -383,6 +421,8 @@ class ExperimentConfig:
     training: TrainingConfig = _help("local training on each client", factory=TrainingConfig)
     dpo: DpoConfig = _help("DPO objective (task: dpo)", factory=DpoConfig)
     privacy: PrivacyConfig = _help("differential privacy", factory=PrivacyConfig)
+    defense: DefenseConfig = _help("server defenses: update sanitation and the aggregation rule",
+                                   factory=DefenseConfig)
     eval: EvalConfig = _help("evaluation", factory=EvalConfig)
 
     def __post_init__(self) -> None:
@@ -395,6 +435,9 @@ class ExperimentConfig:
         if self.privacy.mode == "record":
             _require(self.training.grad_accum == 1, "training.grad_accum", self.training.grad_accum,
                      "record-level DP-SGD takes one Poisson batch per step; set it to 1")
+        violation = self.defense.rule.check(self.federation.clients_per_round, self.defense.f)
+        _require(violation is None, "defense.f", self.defense.f,
+                 f"{self.defense.aggregator} {violation}, n = federation.clients_per_round")
         if self.privacy.mode == "user":
             _require(self.federation.sampling != "fixed", "federation.sampling",
                      self.federation.sampling, "user-level DP is accounted for Poisson sampling; "

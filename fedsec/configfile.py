@@ -49,6 +49,8 @@ def _join(path: str, name: str) -> str:
 
 
 def _coerce(tp: Any, value: Any, path: str):
+    if tp is Any:  # free-form (e.g. an aggregator's parameters, validated by their own class)
+        return value
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):

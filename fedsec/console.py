@@ -36,6 +36,10 @@ def round_line(done: int, total: int, result: RoundResult | None, global_eval: d
         parts.append(f"lr {result.lr:.2e}  clients {clients}  train loss {result.train_loss:.3f}")
         if result.rejected:
             parts.append(f"rejected {list(result.rejected)}")
+        if result.defense is not None:
+            d = result.defense
+            parts.append(f"{d['aggregator']} skipped: {d['skipped']}" if "skipped" in d else
+                         f"{d['aggregator']} excluded {len(d.get('excluded', []))}")
         if result.privacy is not None:
             parts.append(_privacy_cell(result.privacy))
     if global_eval is not None:

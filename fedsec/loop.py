@@ -1,8 +1,8 @@
 """The federated round loop, top to bottom.
 
     setup (once): model + LoRA, data, tokenization, evaluation sets
-    round t:  sample clients -> local training -> sanitize -> weighted mean
-              -> server step -> (local-only baseline clients train alone)
+    round t:  sample clients -> local training -> sanitize -> aggregate (weighted mean
+              or a robust rule; DP: clip, aggregate, noise) -> server step -> (local-only baseline clients train alone)
               -> evaluate -> metrics.jsonl -> checkpoint
     end:      local-only evaluation, final adapter, result.json
 
@@ -24,11 +24,12 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from defenses import sanitize_updates, weighted_mean
+from defenses import sanitize_updates
 from fedsec.adapter import AdapterParams
 from fedsec.config import ExperimentConfig
 from fedsec.console import round_line
 from fedsec.data import FederatedData, build_federated_data
+from fedsec.defense import ServerDefense
 from fedsec.encoding import encode_all, encode_prompt
 from fedsec.errors import ConfigError
 from fedsec.evaluation import (
@@ -81,6 +82,7 @@ class Setup:
     preference_eval: list[PairItem] = field(default_factory=list)
     probe_prompts: list[list[int]] = field(default_factory=list)
     record_plan: RecordPlan | None = None  # privacy.mode record: DP-SGD inside clients
+    server_root: list = field(default_factory=list)  # FLTrust: the server's clean root set, encoded
 
     @property
     def pad_id(self) -> int:
@@ -110,6 +112,18 @@ def prepare(cfg: ExperimentConfig) -> Setup:
     else:
         objective = SftObjective(pad)
         train_sets = [encode_all(c.train, tokenizer, d.template, d.max_length) for c in data.clients]
+    needs_root = cfg.defense.rule.needs_reference
+    if needs_root and data.server_root is None:
+        raise ConfigError("defense.aggregator", cfg.defense.aggregator,
+                          "FLTrust needs a server root set; the embedded benchmark has one "
+                          "(data.benchmark.root_size), file datasets do not yet")
+    if needs_root:  # encoded and cached with the clients, then split off
+        root = data.server_root
+        train_sets.append(_pairs(root.preference, tokenizer, cfg) if cfg.task == "dpo" else
+                          encode_all(root.train, tokenizer, d.template, d.max_length))
+        if not train_sets[-1]:
+            raise ConfigError("data.benchmark.root_size", cfg.data.benchmark.root_size,
+                              "the server root set is empty; raise it")
     for client, encoded in zip(data.clients, train_sets):
         if not encoded:
             raise ConfigError("data.max_length", d.max_length,
@@ -133,6 +147,7 @@ def prepare(cfg: ExperimentConfig) -> Setup:
     if cfg.task == "dpo":  # after the cache, so reference and policy share one computation path
         train_sets = [_with_reference(model, pairs, pad, cfg) for pairs in train_sets]
         preference_eval = _with_reference(model, preference_eval, pad, cfg)
+    server_root = train_sets.pop() if needs_root else []
     local_only = list(range(num_clients if fed.local_only_clients == -1 else fed.local_only_clients))
     record_plan, record_dp = None, None
     if cfg.privacy.mode == "record":
@@ -140,7 +155,7 @@ def prepare(cfg: ExperimentConfig) -> Setup:
         record_dp = RecordDp(cfg.privacy.clip_norm, record_plan.noise_multiplier)
     trainer = LocalTrainer(model, cfg.training, objective, record_dp)
     return Setup(cfg, model, tokenizer, trainer, data, train_sets, global_eval, client_eval, local_only,
-                 preference_eval, probe_prompts, record_plan)
+                 preference_eval, probe_prompts, record_plan, server_root)
 
 
 def _cache_prefix(model, first: int, pad: int, batch_size: int, model_key: str, train_sets, *evals):
@@ -221,14 +236,24 @@ def scaffold_updates(setup: Setup, variates: VariateStore, c: torch.Tensor, star
     return updates, server_variate(c, variate_deltas, len(setup.train_sets))
 
 
-def aggregate(updates: list[ClientUpdate], dim: int) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """Sanitize, then FedAvg-weight the surviving deltas; returns (aggregate, rejected ids)."""
-    kept, rejected = sanitize_updates(updates, dim)
-    if not kept:
-        return torch.zeros(dim), rejected
-    deltas = torch.stack([u.delta for u in kept])
+def aggregate(updates: list[ClientUpdate], dim: int, defense: ServerDefense, round_idx: int,
+              reference: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, ...], dict | None]:
+    """Sanitize, then the configured rule over the surviving deltas, FedAvg-weighted by
+    example counts; returns (aggregate, rejected ids, the rule's diagnostics or None for
+    the plain mean)."""
+    kept, rejected = sanitize_updates(updates, dim, defense.cfg.defense.max_update_norm)
+    deltas = torch.stack([u.delta for u in kept]) if kept else torch.zeros(0, dim)
     weights = torch.tensor([float(u.num_examples) for u in kept])
-    return weighted_mean(deltas, weights), rejected
+    update, info = defense.combine(deltas, weights, [u.client_id for u in kept], round_idx, reference)
+    return update, rejected, (info if defense.name != "mean" else None)
+
+
+def server_reference(setup: Setup, start: torch.Tensor, lr: float, round_idx: int) -> torch.Tensor | None:
+    """FLTrust's g0: the server's own update on its root set, from the global adapter."""
+    if not setup.server_root:
+        return None
+    return setup.trainer.train(start, setup.server_root, lr,
+                               derive_seed(setup.cfg.seed, "server-root", round_idx)).delta
 
 
 def evaluate_model(setup: Setup, vector: torch.Tensor) -> tuple[dict, dict | None]:
@@ -289,6 +314,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
     private = dp if dp is not None else record  # the run's privacy state, if any
     if not resume:
         run = RunDir.create(path, cfg)
+    defense = ServerDefense(cfg, run.path, setup.adapter.layout.numel)
 
     fed = cfg.federation
     dim = setup.adapter.layout.numel
@@ -306,6 +332,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
         server.load_state_dict(checkpoint["server"])
         local = {int(c): v for c, v in checkpoint["local_only"].items()}
         server_variate_c = checkpoint.get("scaffold_c")
+        defense.load_state_dict(checkpoint.get("defense"))
         if private is not None:
             private.load_state_dict(checkpoint["privacy"], rounds_done)
         run.truncate_metrics(rounds_done)
@@ -332,11 +359,13 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
         else:
             updates, server_variate_c = scaffold_updates(setup, variates, server_variate_c,
                                                          global_vec, sampled, lr, round_idx)
-        privacy = None
+        privacy, defended = None, None
+        reference = server_reference(setup, global_vec, lr, round_idx)
         if dp is None:
-            update, rejected = aggregate(updates, dim)
+            update, rejected, defended = aggregate(updates, dim, defense, round_idx, reference)
         else:
-            update, rejected, privacy = dp.aggregate(updates, dim, round_idx)
+            update, rejected, privacy = dp.aggregate(updates, dim, round_idx, defense, reference)
+            defended = privacy.pop("defense", None)
             run.write_json("privacy_ledger.json", dp.ledger.to_dict())
         if record is not None:
             privacy = record.record(round_idx, sampled)
@@ -350,11 +379,12 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
         terms = sum(u.metrics["loss_terms"] for u in updates)
         train_loss = sum(u.metrics["loss"] * u.metrics["loss_terms"] for u in updates) / max(terms, 1)
         result = RoundResult(round_idx + 1, lr, tuple(sampled), train_loss, rejected,
-                             time.perf_counter() - started, global_eval, clients_eval, privacy)
+                             time.perf_counter() - started, global_eval, clients_eval, privacy, defended)
         run.append_metrics(result.as_dict())
         run.save_checkpoint(round_idx + 1, {"global": global_vec, "server": server.state_dict(),
                                             "local_only": {str(c): v for c, v in local.items()},
                                             "scaffold_c": server_variate_c,
+                                            "defense": defense.state_dict(),
                                             "privacy": private.state_dict() if private is not None else None,
                                             "rng": {"root_seed": cfg.seed}},
                             keep=cfg.keep_checkpoints)

@@ -10,7 +10,10 @@ under adaptive clipping, and whether the run's epsilon can be certified at all.
 
 `UserLevelDp.aggregate` is one round of the server pipeline under DP:
 sanitize -> clip each delta -> sum + Gaussian noise -> / (q N) -> ledger.record,
-then (optionally) the adaptive clip-norm update. Its state (the current clip norm
+then (optionally) the adaptive clip-norm update. With a robust aggregator the order
+is sanitize -> clip -> the rule over the clipped deltas -> + noise / (q N); only the
+mean and norm bounding (clipping to min(C, M)) have a proven sensitivity, so any
+other rule makes the run "not certified". Its state (the current clip norm
 and the ledger) rides in every checkpoint, so a resumed run continues its budget.
 
 Reproducibility note: the noise is drawn from a generator derived from the run's
@@ -28,7 +31,8 @@ import torch
 
 from accountants import ACCOUNTANTS, PrivacyLedger, RecordLedger, calibrate
 from defenses import sanitize_updates
-from defenses.dp import adapt_clip_norm, adaptive_update_noise, private_mean
+from defenses.dp import adapt_clip_norm, adaptive_update_noise, clip_to_norm, gaussian_noise, private_mean
+from defenses.registry import NormBound
 from fedsec.config import ExperimentConfig
 from fedsec.errors import ConfigError
 from fedsec.results import ClientUpdate
@@ -80,6 +84,9 @@ def plan_privacy(cfg: ExperimentConfig, num_clients: int) -> DpPlan:
         reason = "no noise (noise_multiplier 0): clipping alone gives no DP guarantee"
     elif fed.algorithm == "scaffold":
         reason = "SCAFFOLD's control variates reach the server without clipping or noise"
+    elif not cfg.defense.rule.dp_certified:
+        reason = (f"aggregator {cfg.defense.aggregator} has no proven sensitivity bound under DP "
+                  "(only mean and norm_bound do)")
     return DpPlan(z, update_noise, q, q * num_clients, stddev, reason is None, reason)
 
 
@@ -92,31 +99,49 @@ class UserLevelDp:
         self.ledger = PrivacyLedger(cfg.privacy.delta, ACCOUNTANTS, cfg.privacy.accountant,
                                     plan.certified, plan.reason)
 
-    def aggregate(self, updates: list[ClientUpdate], dim: int, round_idx: int
-                  ) -> tuple[torch.Tensor, tuple[int, ...], dict]:
+    def aggregate(self, updates: list[ClientUpdate], dim: int, round_idx: int, defense=None,
+                  reference: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, ...], dict]:
         """One round under DP; returns (aggregate, rejected client ids, round privacy info).
 
-        A rejected update (non-finite, wrong shape) counts as a zero delta: the client
-        was sampled, so the denominator and the accounting stay as planned.
+        A rejected update (non-finite, wrong shape, absurd norm) counts as a zero delta:
+        the client was sampled, so the denominator and the accounting stay as planned.
+        `defense` (fedsec.defense.ServerDefense) applies a robust rule to the clipped deltas.
         """
         plan, seed = self.plan, self.cfg.seed
-        kept, rejected = sanitize_updates(updates, dim)
+        kept, rejected = sanitize_updates(updates, dim, self.cfg.defense.max_update_norm)
         deltas = torch.stack([u.delta for u in kept]) if kept else torch.zeros(0, dim)
         used_clip = self.clip_norm
-        result = private_mean(deltas, used_clip, plan.update_noise, plan.expected_clients,
-                              torch_generator(seed, "dp-noise", round_idx))
+        rule = self.cfg.defense.rule
+        if isinstance(rule, NormBound):  # norm bounding is clipping: the tighter bound wins
+            used_clip = min(used_clip, rule.max_norm)
+        noise_gen = torch_generator(seed, "dp-noise", round_idx)
+        defense_info = None
+        if defense is None or rule.dp_certified:
+            result = private_mean(deltas, used_clip, plan.update_noise, plan.expected_clients, noise_gen)
+            aggregate, norms = result.aggregate, result.norms
+            clipped, unclipped = result.num_clipped, result.num_unclipped
+        else:
+            clip = clip_to_norm(deltas, used_clip)
+            combined, defense_info = defense.combine(clip.clipped, torch.ones(len(kept)),
+                                                     [u.client_id for u in kept], round_idx, reference)
+            noise = gaussian_noise(dim, plan.update_noise * used_clip, noise_gen) if plan.update_noise else 0
+            aggregate = combined + noise / plan.expected_clients
+            norms, unclipped = clip.norms, int(clip.unclipped.sum())
+            clipped = len(kept) - unclipped
         entry = self.ledger.record(round_idx + 1, plan.noise_multiplier, plan.sample_rate, used_clip,
                                    len(updates))
         if self.cfg.privacy.adaptive_clipping:
             p = self.cfg.privacy
-            self.clip_norm, _ = adapt_clip_norm(used_clip, result.num_unclipped, plan.expected_clients,
+            self.clip_norm, _ = adapt_clip_norm(self.clip_norm, unclipped, plan.expected_clients,
                                                 p.target_quantile, p.clip_lr, plan.count_stddev,
                                                 torch_generator(seed, "dp-clip-count", round_idx))
         info = {"clip_norm": used_clip, "noise_multiplier": plan.noise_multiplier,
-                "clipped": result.num_clipped, "unclipped": result.num_unclipped,
-                "median_norm": float(result.norms.median()) if len(kept) else None,
+                "clipped": clipped, "unclipped": unclipped,
+                "median_norm": float(norms.median()) if len(kept) else None,
                 "epsilon": entry.epsilon}
-        return result.aggregate, rejected, info
+        if defense_info is not None:
+            info["defense"] = defense_info
+        return aggregate, rejected, info
 
     def report(self) -> dict:
         rep = self.ledger.report()

@@ -27,6 +27,7 @@ class RoundResult:
     global_eval: dict | None = None  # {"loss", "accuracy", "n"}
     client_eval: dict | None = None  # {"mean_accuracy", "min_accuracy", "per_client": {...}}
     privacy: dict | None = None  # DP runs: clip norm, clipped count, epsilon so far per accountant
+    defense: dict | None = None  # robust aggregator: its name, excluded clients, diagnostics
 
     def as_dict(self) -> dict:
         return {"phase": "federated", **asdict(self)}

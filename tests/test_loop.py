@@ -24,24 +24,38 @@ def _final(run_dir) -> torch.Tensor:
     return torch.load(ckpts[-1], weights_only=True)["global"]
 
 
-def test_fedavg_of_known_deltas_is_the_weighted_mean():
+def _mean_defense(tmp_path, dim=3, **defense):
+    from fedsec.defense import ServerDefense
+
+    return ServerDefense(tiny_config(tmp_path, defense=defense), tmp_path, dim)
+
+
+def test_fedavg_of_known_deltas_is_the_weighted_mean(tmp_path):
     deltas = torch.tensor([[1.0, 0.0, 2.0], [3.0, 4.0, -2.0], [0.0, 8.0, 1.0]])
     weights = torch.tensor([1.0, 3.0, 4.0])
     expected = torch.tensor([(1 + 9 + 0) / 8, (0 + 12 + 32) / 8, (2 - 6 + 4) / 8])
     torch.testing.assert_close(weighted_mean(deltas, weights), expected)
     updates = [ClientUpdate(i, d, int(w)) for i, (d, w) in enumerate(zip(deltas, weights))]
-    agg, rejected = aggregate(updates, 3)
+    agg, rejected, info = aggregate(updates, 3, _mean_defense(tmp_path), 0)
     torch.testing.assert_close(agg, expected)
-    assert rejected == ()
+    assert rejected == () and info is None
 
 
-def test_sanitize_rejects_nonfinite_and_misshapen_updates():
+def test_sanitize_rejects_nonfinite_misshapen_and_absurd_updates(tmp_path):
     good = torch.ones(3)
     updates = [good, torch.tensor([1.0, float("nan"), 0.0]), torch.tensor([float("inf"), 0, 0]),
                torch.ones(4), good * 3]
     assert sanitize(updates, 3).rejected == (1, 2, 3)
-    agg, rejected = aggregate([ClientUpdate(i, d, 1) for i, d in enumerate(updates)], 3)
+    agg, rejected, _ = aggregate([ClientUpdate(i, d, 1) for i, d in enumerate(updates)], 3,
+                                 _mean_defense(tmp_path), 0)
     assert rejected == (1, 2, 3)
+    torch.testing.assert_close(agg, torch.full((3,), 2.0))
+    # norms 1.73, 5.2 and 1e4 * 1.73 against a bound of 10: the huge one is rejected
+    huge = [good, good * 3, good * 1e4, good.double(), good.long()]
+    assert sanitize(huge, 3, max_norm=10.0).rejected == (2, 4)  # and an integer tensor
+    agg, rejected, _ = aggregate([ClientUpdate(i, d, 1) for i, d in enumerate(huge[:3])], 3,
+                                 _mean_defense(tmp_path, max_update_norm=10.0), 0)
+    assert rejected == (2,)
     torch.testing.assert_close(agg, torch.full((3,), 2.0))
 
 

@@ -252,5 +252,10 @@ def make_benchmark(cfg: BenchmarkConfig, seed: int) -> FederatedData:
         for i in range(cfg.test_size)
     )
     preference_test = _preference_pairs(numpy_generator(seed, "preference-test"), global_test)
-    return FederatedData(tuple(clients), global_test, LABELS,
-                         unsafe_probes(seed, cfg.num_probes), canaries, preference_test)
+    # the server's clean root set (FLTrust): balanced over sectors and labels, its own stream
+    rng = numpy_generator(seed, "server-root")
+    root = tuple(headline_example(rng, SECTOR_NAMES[i % len(SECTOR_NAMES)], LABELS[i % 3])
+                 for i in range(cfg.root_size))
+    server_root = ClientData(-1, "server-root", root, (), _preference_pairs(rng, root))
+    return FederatedData(tuple(clients), global_test, LABELS, unsafe_probes(seed, cfg.num_probes),
+                         canaries, preference_test, server_root)

@@ -77,3 +77,4 @@ class FederatedData:
     probes: tuple[InstructionExample, ...] = ()
     canaries: tuple[Canary, ...] = ()
     preference_test: tuple[PreferenceExample, ...] = ()
+    server_root: ClientData | None = None  # the server's own small clean set (FLTrust)
