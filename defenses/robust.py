@@ -90,17 +90,20 @@ def cosine_similarities(vectors: torch.Tensor) -> torch.Tensor:
     """cos(x_i, x_j) [n, n] (float64; a zero vector has cosine 0 with everything)."""
     g = torch.zeros(vectors.shape[0], vectors.shape[0], dtype=torch.float64)
     for start in range(0, vectors.shape[1], CHUNK):
-        block = vectors[:, start: start + CHUNK].double()
-        g += block @ block.T
+        block = vectors[:, start: start + CHUNK]
+        g += (block @ block.T).double()
     norms = g.diagonal().sqrt()
     return g / torch.outer(norms, norms).clamp(min=1e-300)
 
 
-def distances_to(deltas: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
-    """||x_i - point|| [n] (float64), column chunk by column chunk."""
+def distances_to(deltas: torch.Tensor, point: torch.Tensor | None = None) -> torch.Tensor:
+    """||x_i - point|| [n] (float64; point None: the norms), column chunk by column chunk."""
     total = torch.zeros(deltas.shape[0], dtype=torch.float64)
     for start in range(0, deltas.shape[1], CHUNK):
-        total += ((deltas[:, start: start + CHUNK] - point[start: start + CHUNK]).double() ** 2).sum(1)
+        block = deltas[:, start: start + CHUNK]
+        if point is not None:
+            block = block - point[start: start + CHUNK]
+        total += torch.linalg.vector_norm(block, dim=1, dtype=torch.float64) ** 2
     return total.sqrt()
 
 
@@ -127,10 +130,9 @@ def median(deltas: torch.Tensor, weights: torch.Tensor | None = None) -> Aggrega
     out = torch.empty(d, dtype=deltas.dtype)
     share = torch.zeros(n, dtype=torch.float64)
     for start in range(0, d, CHUNK):
-        block = deltas[:, start: start + CHUNK]
-        order = block.argsort(0)
+        values, order = deltas[:, start: start + CHUNK].sort(0)
         middle = order[n // 2: n // 2 + 1] if n % 2 else order[n // 2 - 1: n // 2 + 1]
-        out[start: start + CHUNK] = _median_columns(block)
+        out[start: start + CHUNK] = values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2
         share.index_add_(0, middle.reshape(-1), torch.full((middle.numel(),), 1.0 / middle.shape[0],
                                                           dtype=torch.float64))
     return Aggregated(out, share / d)
@@ -245,7 +247,7 @@ def norm_bound(deltas: torch.Tensor, weights: torch.Tensor | None = None, max_no
     w = _check(deltas, weights)
     if not max_norm > 0:
         raise ValueError(f"norm_bound needs max_norm > 0, got {max_norm}")
-    scale = _clip_factors(distances_to(deltas, torch.zeros(deltas.shape[1], dtype=deltas.dtype)), max_norm)
+    scale = _clip_factors(distances_to(deltas), max_norm)
     coef = w / w.sum() * scale
     return Aggregated(_combine(deltas, coef), coef, {"clipped": int((scale < 1).sum())})
 
@@ -277,7 +279,7 @@ def fltrust(deltas: torch.Tensor, weights: torch.Tensor | None = None,
         raise ValueError("fltrust needs the server's reference update g0 of the deltas' size")
     both = cosine_similarities(torch.cat([reference[None], deltas]))
     trust = both[0, 1:].clamp(min=0)
-    norms = distances_to(deltas, torch.zeros_like(reference))
+    norms = distances_to(deltas)
     ref_norm = float(reference.double().norm())
     if float(trust.sum()) == 0:
         return Aggregated(torch.zeros_like(reference), trust, {"trust": trust.tolist()})
@@ -300,11 +302,11 @@ def flame(deltas: torch.Tensor, weights: torch.Tensor | None = None,
         admitted = torch.ones(n, dtype=torch.bool)
     else:
         labels = HDBSCAN(min_cluster_size=n // 2 + 1, min_samples=1, metric="precomputed",
-                         allow_single_cluster=True).fit(distance).labels_
+                         allow_single_cluster=True, copy=True).fit(distance).labels_
         labels = torch.as_tensor(labels)
         counts = torch.bincount(labels[labels >= 0]) if bool((labels >= 0).any()) else torch.zeros(1)
         admitted = labels == int(counts.argmax()) if bool((labels >= 0).any()) else torch.ones(n, dtype=torch.bool)
-    norms = distances_to(deltas, torch.zeros(deltas.shape[1], dtype=deltas.dtype))
+    norms = distances_to(deltas)
     bound = float(norms.median()) if n % 2 else float(norms.sort().values[n // 2 - 1: n // 2 + 1].mean())
     coef = torch.where(admitted, _clip_factors(norms, bound), torch.zeros_like(norms)) / int(admitted.sum())
     out = _combine(deltas, coef)
