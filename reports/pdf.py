@@ -134,9 +134,12 @@ def findings(rows: list[dict]) -> list[str]:
             text = (f"At epsilon {format_epsilon(eps)} (delta {mine[0]['delta']:g}, {variant}) the global accuracy is "
                     f"{acc:.3f}, {abs(gap):.3f} {'below' if gap >= 0 else 'above'} non-private "
                     f"({plain_acc:.3f})")
-            if untuned is not None and plain_acc - untuned > 0:
+            if untuned is not None and plain_acc - untuned > 0 and acc >= untuned:
                 text += f"; it keeps {(acc - untuned) / (plain_acc - untuned):.0%} of the non-private gain"
                 text += f" over the untuned model ({untuned:.3f})"
+            elif untuned is not None and acc < untuned:
+                text += (f", and {untuned - acc:.3f} below the untuned model ({untuned:.3f}): at this epsilon "
+                         "the noise costs more than federated training gains")
             out.append(text + ".")
     elif len(by_variant) > 0:
         ranked = sorted(((_mean(r["final_accuracy"] for r in mine), v) for v, mine in by_variant.items()),

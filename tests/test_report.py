@@ -148,3 +148,20 @@ def test_report_pages_render_and_none_is_blank(sweep, tmp_path):
         inked.append(float((np.asarray(image) < 200).mean()))
     assert min(inked) > 0.002, inked  # every page has text or drawing on it
     assert all(inked[i] > 0.01 for i in with_figure), inked  # figures drew lines, markers, labels
+
+
+def test_findings_say_when_dp_falls_below_the_untuned_model(sweep):
+    from reports.pdf import collect
+
+    _write_run(sweep / "eps1-s0", 0, 0.40, privacy=_privacy(0.9993, 2.6), ledger=_ledger(0.9993))
+    rows = json.loads((sweep / "results.json").read_text())
+    rows.append({"variant": "eps1", "seed": 0, "run_dir": str(sweep / "eps1-s0"), "final_accuracy": 0.40,
+                 "untuned_accuracy": 0.44, "local_only_accuracy": None, "epsilon": 0.9993,
+                 "certified": True, "noise_multiplier": 2.6})
+    (sweep / "results.json").write_text(json.dumps(rows))
+    text = " ".join(findings(run_table(collect(sweep)[1])))
+    # non-private mean 0.68; 0.40 is 0.280 below it and 0.040 below the untuned 0.44
+    assert "At epsilon 1.00 (delta 1e-05, eps1) the global accuracy is 0.400, 0.280 below non-private " \
+           "(0.680), and 0.040 below the untuned model (0.440): at this epsilon the noise costs more " \
+           "than federated training gains." in text
+    assert "keeps -" not in text
