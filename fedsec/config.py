@@ -392,6 +392,46 @@ class DefenseConfig:
 
 
 @dataclass(frozen=True)
+class AttackConfig:
+    kind: str = _help(
+        "none, or an update attack (attacks/clients.py): sign_flip, gaussian, scaling (model "
+        "replacement), alie, ipm, min_max, min_sum", "none")
+    malicious: int = _help("number of malicious clients (fixed identities, drawn once from the seed)", 0)
+    fraction: float | None = _help("or the fraction of all clients that are malicious (replaces malicious)",
+                                   None)
+    params: Mapping[str, Any] = _help(
+        "the attack's parameters: sign_flip {scale}, gaussian {std}, scaling {factor; null: n / "
+        "server_lr}, ipm {epsilon}, min_max and min_sum {direction: unit, std or sign}", factory=dict)
+
+    def __post_init__(self) -> None:
+        import difflib
+
+        from attacks.clients import PARAMS, UPDATE_ATTACKS
+
+        _one_of("kind", self.kind, ("none", *UPDATE_ATTACKS))
+        _require(self.malicious >= 0, "malicious", self.malicious, "must be an integer >= 0")
+        _require(self.fraction is None or 0 <= self.fraction <= 1, "fraction", self.fraction,
+                 "must be null or in [0, 1]")
+        known = PARAMS.get(self.kind, {})
+        for key, value in self.params.items():
+            near = difflib.get_close_matches(key, list(known), n=1)
+            _require(key in known, f"params.{key}", value,
+                     f"unknown for {self.kind}; " + (f"did you mean '{near[0]}'?" if near else
+                                                     f"known: {', '.join(known) or 'none'}"))
+        direction = self.params.get("direction", "unit")
+        _require(direction in ("unit", "std", "sign"), "params.direction", direction,
+                 "must be unit, std or sign")
+        for key in ("scale", "std", "epsilon", "factor"):
+            value = self.params.get(key)
+            _require(value is None or (isinstance(value, (int, float)) and value > 0), f"params.{key}",
+                     value, "must be a number > 0")
+
+    def count(self, num_clients: int) -> int:
+        """How many of `num_clients` clients are malicious."""
+        return round(self.fraction * num_clients) if self.fraction is not None else self.malicious
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     every: int = _help("evaluate the global model every N rounds (and after the last)", 1)
     clients: bool = _help("also evaluate on each client's own test set", True)
@@ -423,6 +463,7 @@ class ExperimentConfig:
     privacy: PrivacyConfig = _help("differential privacy", factory=PrivacyConfig)
     defense: DefenseConfig = _help("server defenses: update sanitation and the aggregation rule",
                                    factory=DefenseConfig)
+    attack: AttackConfig = _help("malicious clients: how many, and what they send", factory=AttackConfig)
     eval: EvalConfig = _help("evaluation", factory=EvalConfig)
 
     def __post_init__(self) -> None:

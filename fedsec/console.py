@@ -40,6 +40,10 @@ def round_line(done: int, total: int, result: RoundResult | None, global_eval: d
             d = result.defense
             parts.append(f"{d['aggregator']} skipped: {d['skipped']}" if "skipped" in d else
                          f"{d['aggregator']} excluded {len(d.get('excluded', []))}")
+        if result.attack is not None:
+            a = result.attack
+            parts.append(f"malicious {a['malicious']} caught {len(a['true_positives'])} "
+                         f"false+ {len(a['false_positives'])}")
         if result.privacy is not None:
             parts.append(_privacy_cell(result.privacy))
     if global_eval is not None:

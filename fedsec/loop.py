@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from defenses import sanitize_updates
+from attacks.clients import attack_round, detection, malicious_clients
 from fedsec.adapter import AdapterParams
 from fedsec.config import ExperimentConfig
 from fedsec.console import round_line
@@ -309,6 +310,11 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
         RunDir.check_free(path)
     setup = prepare(cfg)  # fails on bad data or model before any directory is made
     num_clients = len(setup.train_sets)
+    count = cfg.attack.count(num_clients)
+    if count > num_clients:
+        raise ConfigError("attack.malicious", count, f"the data has {num_clients} clients; use at most that many")
+    malicious = malicious_clients(num_clients, count, cfg.seed)
+    attack_summary = {"kind": cfg.attack.kind, "malicious": list(malicious)} if malicious else None
     dp = UserLevelDp(cfg, plan_privacy(cfg, num_clients)) if cfg.privacy.mode == "user" else None
     record = RecordLevelDp(cfg, setup.record_plan) if setup.record_plan is not None else None
     private = dp if dp is not None else record  # the run's privacy state, if any
@@ -359,6 +365,11 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
         else:
             updates, server_variate_c = scaffold_updates(setup, variates, server_variate_c,
                                                          global_vec, sampled, lr, round_idx)
+        outcome = None
+        if malicious:
+            outcome = attack_round(cfg.attack.kind, cfg.attack.params, updates, set(malicious),
+                                   torch_generator(cfg.seed, "attack", round_idx), fed.server_lr)
+            updates = outcome.updates
         privacy, defended = None, None
         reference = server_reference(setup, global_vec, lr, round_idx)
         if dp is None:
@@ -370,6 +381,11 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
         if record is not None:
             privacy = record.record(round_idx, sampled)
             run.write_json("privacy_ledger.json", record.ledger.to_dict())
+        attacked = None
+        if outcome is not None:
+            attacked = detection(outcome.malicious, tuple(sampled), rejected, (defended or {}).get("excluded"))
+            if outcome.note:
+                attacked["note"] = outcome.note
         global_vec = server.step(global_vec, update)
         for c in setup.local_only:
             local[c] = local[c] + client_update(setup, local[c], c, lr, round_idx, "local").delta
@@ -379,7 +395,8 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
         terms = sum(u.metrics["loss_terms"] for u in updates)
         train_loss = sum(u.metrics["loss"] * u.metrics["loss_terms"] for u in updates) / max(terms, 1)
         result = RoundResult(round_idx + 1, lr, tuple(sampled), train_loss, rejected,
-                             time.perf_counter() - started, global_eval, clients_eval, privacy, defended)
+                             time.perf_counter() - started, global_eval, clients_eval, privacy, defended,
+                             attacked)
         run.append_metrics(result.as_dict())
         run.save_checkpoint(round_idx + 1, {"global": global_vec, "server": server.state_dict(),
                                             "local_only": {str(c): v for c, v in local.items()},
@@ -395,13 +412,14 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
         if stop_after is not None and round_idx + 1 >= stop_after and round_idx + 1 < fed.rounds:
             bar.close()
             return RunResult(str(run.path), round_idx + 1, False, None, None, None, fed.algorithm,
-                             private.report() if private is not None else None)
+                             private.report() if private is not None else None, attack_summary)
     bar.close()
-    return finish(setup, run, global_vec, local, private.report() if private is not None else None)
+    return finish(setup, run, global_vec, local, private.report() if private is not None else None,
+                  attack_summary)
 
 
 def finish(setup: Setup, run: RunDir, global_vec: torch.Tensor, local: dict,
-           privacy: dict | None = None) -> RunResult:
+           privacy: dict | None = None, attack: dict | None = None) -> RunResult:
     """Local-only evaluation, final adapter, result.json."""
     rows = run.read_metrics()
     untuned = next(r["global_eval"] for r in rows if r.get("round") == 0)
@@ -422,6 +440,6 @@ def finish(setup: Setup, run: RunDir, global_vec: torch.Tensor, local: dict,
     setup.adapter.set(global_vec)
     setup.model.save_pretrained(run.path / "adapter")
     result = RunResult(str(run.path), setup.cfg.federation.rounds, True, untuned, final, local_only,
-                       setup.cfg.federation.algorithm, privacy)
+                       setup.cfg.federation.algorithm, privacy, attack)
     run.write_json("result.json", asdict(result))
     return result

@@ -28,6 +28,7 @@ class RoundResult:
     client_eval: dict | None = None  # {"mean_accuracy", "min_accuracy", "per_client": {...}}
     privacy: dict | None = None  # DP runs: clip norm, clipped count, epsilon so far per accountant
     defense: dict | None = None  # robust aggregator: its name, excluded clients, diagnostics
+    attack: dict | None = None  # malicious clients sampled; the defense's true/false positives
 
     def as_dict(self) -> dict:
         return {"phase": "federated", **asdict(self)}
@@ -43,3 +44,4 @@ class RunResult:
     local_only: dict | None  # {"mean_accuracy", "per_client": {...}}
     algorithm: str = "fedavg"
     privacy: dict | None = None  # DP runs: certified, reason, epsilon per accountant, sigma, q, C
+    attack: dict | None = None  # runs with malicious clients: the attack and their identities

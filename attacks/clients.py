@@ -1,0 +1,94 @@
+"""Malicious clients in the round loop: who they are, and what they send.
+
+Identities are fixed for the whole run (a seeded draw of `count` clients out of N),
+so "3 of 10 clients are malicious" means the same 3 every round they are sampled.
+A malicious client first trains like any other (its own delta is what sign flip and
+scaling transform); then `attack_round` replaces its delta with the attack's
+vector, computed where the attack needs it from the round's honest deltas (the
+omniscient attacker of the papers). The updates keep `malicious=True`, so the
+round's metrics can score the defense against the known identities.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from attacks import updates as attack
+from fedsec.results import ClientUpdate
+
+UPDATE_ATTACKS = ("sign_flip", "gaussian", "scaling", "alie", "ipm", "min_max", "min_sum")
+# parameter name -> default, per attack (scaling's factor None: n / eta, model replacement)
+PARAMS: dict[str, dict[str, Any]] = {
+    "sign_flip": {"scale": 1.0},
+    "gaussian": {"std": 1.0},
+    "scaling": {"factor": None},
+    "alie": {},
+    "ipm": {"epsilon": 0.1},
+    "min_max": {"direction": "unit"},
+    "min_sum": {"direction": "unit"},
+}
+
+
+def malicious_clients(num_clients: int, count: int, seed: int) -> tuple[int, ...]:
+    """The fixed malicious identities: `count` clients drawn once from the run's seed."""
+    rng = np.random.default_rng([seed, 0x6D616C])  # its own stream ("mal")
+    return tuple(sorted(int(c) for c in rng.permutation(num_clients)[:count]))
+
+
+@dataclass(frozen=True)
+class AttackOutcome:
+    updates: list[ClientUpdate]
+    malicious: tuple[int, ...]  # sampled malicious clients this round
+    note: str | None = None  # why the attack could not run this round (it sent honest deltas)
+
+
+def attack_round(kind: str, params: Mapping[str, Any], updates: list[ClientUpdate], malicious: set[int],
+                 generator: torch.Generator, server_lr: float) -> AttackOutcome:
+    """Replace the malicious clients' deltas in `updates` with the attack's vectors."""
+    bad = [i for i, u in enumerate(updates) if u.client_id in malicious]
+    ids = tuple(updates[i].client_id for i in bad)
+    if kind == "none" or not bad:
+        return AttackOutcome(updates, ids)
+    p = {**PARAMS[kind], **params}
+    honest = [u.delta for u in updates if u.client_id not in malicious]
+    n, f = len(updates), len(bad)
+    shared = None  # the omniscient attacks send one vector from every attacker
+    if kind in ("alie", "ipm", "min_max", "min_sum"):
+        if len(honest) < 2:
+            return AttackOutcome([dataclasses.replace(updates[i], malicious=i in bad) for i in range(n)], ids,
+                                 f"{kind} needs >= 2 honest updates in the round; attackers sent their own")
+        stack = torch.stack(honest)
+        shared = {"alie": lambda: attack.alie(stack, n, f), "ipm": lambda: attack.ipm(stack, p["epsilon"]),
+                  "min_max": lambda: attack.min_max(stack, p["direction"]),
+                  "min_sum": lambda: attack.min_sum(stack, p["direction"])}[kind]()
+    out = list(updates)
+    for i in bad:
+        own = updates[i].delta
+        if shared is not None:
+            delta = shared
+        elif kind == "sign_flip":
+            delta = attack.sign_flip(own, p["scale"])
+        elif kind == "gaussian":
+            delta = attack.gaussian(own.numel(), p["std"], generator)
+        else:  # scaling: model replacement boosts by n / eta unless a factor is given
+            delta = attack.scaling(own, p["factor"] if p["factor"] is not None else n / server_lr)
+        out[i] = dataclasses.replace(updates[i], delta=delta.to(own.dtype), malicious=True)
+    return AttackOutcome(out, ids)
+
+
+def detection(malicious: tuple[int, ...], sampled: tuple[int, ...], rejected: tuple[int, ...],
+              excluded: list[int] | None) -> dict:
+    """The defense scored against the known identities: which sampled clients it dropped
+    (sanitation or the rule), true and false positives."""
+    dropped = set(rejected) | set(excluded or [])
+    bad = set(malicious)
+    return {"malicious": list(malicious),
+            "true_positives": sorted(dropped & bad),
+            "false_positives": sorted(dropped - bad),
+            "missed": sorted(bad - dropped),
+            "honest": len(set(sampled) - bad)}
