@@ -1,5 +1,7 @@
-"""Malicious clients: poisoned data, Byzantine updates, memorization probes.
+"""Malicious clients: Byzantine updates so far (poisoned data and memorization probes next).
 
-Empty until the attack issues land; the package exists so the layout of
-DESIGN.md installs as one distribution.
+- `attacks.updates`: the update attacks as pure functions of the attacker's own delta
+  or the round's honest deltas.
+- `attacks.clients`: fixed malicious identities, the round's attack, and the defense
+  scored against the known identities.
 """
