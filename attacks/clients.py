@@ -22,6 +22,7 @@ from attacks import updates as attack
 from fedsec.results import ClientUpdate
 
 UPDATE_ATTACKS = ("sign_flip", "gaussian", "scaling", "alie", "ipm", "min_max", "min_sum")
+DATA_ATTACKS = ("alignment_poison",)  # attacks.poisoning: the client trains on poisoned data
 # parameter name -> default, per attack (scaling's factor None: n / eta, model replacement)
 PARAMS: dict[str, dict[str, Any]] = {
     "sign_flip": {"scale": 1.0},
@@ -31,6 +32,7 @@ PARAMS: dict[str, dict[str, Any]] = {
     "ipm": {"epsilon": 0.1},
     "min_max": {"direction": "unit"},
     "min_sum": {"direction": "unit"},
+    "alignment_poison": {"ratio": 1.0},
 }
 
 
@@ -54,6 +56,8 @@ def attack_round(kind: str, params: Mapping[str, Any], updates: list[ClientUpdat
     ids = tuple(updates[i].client_id for i in bad)
     if kind == "none" or not bad:
         return AttackOutcome(updates, ids)
+    if kind in DATA_ATTACKS:  # the poisoned data already shaped these deltas
+        return AttackOutcome([dataclasses.replace(u, malicious=u.client_id in malicious) for u in updates], ids)
     p = {**PARAMS[kind], **params}
     honest = [u.delta for u in updates if u.client_id not in malicious]
     n, f = len(updates), len(bad)

@@ -125,6 +125,9 @@ class BenchmarkConfig:
     canaries_per_client: int = _help("canary secrets inserted into each client's data", 0)
     canary_repeats: int = _help("how many times each canary is repeated in its client", 1)
     root_size: int = _help("examples in the server's own clean root set (used by FLTrust only)", 16)
+    safety_examples: int = _help(
+        "unsafe requests answered with a refusal added to each client's training data (alignment "
+        "data, what alignment poisoning attacks)", 0)
 
     def __post_init__(self) -> None:
         _require(self.num_clients >= 1, "num_clients", self.num_clients, "must be >= 1")
@@ -141,6 +144,7 @@ class BenchmarkConfig:
                  self.canaries_per_client, "must be >= 0")
         _require(self.canary_repeats >= 1, "canary_repeats", self.canary_repeats, "must be >= 1")
         _require(self.root_size >= 1, "root_size", self.root_size, "must be >= 1")
+        _require(self.safety_examples >= 0, "safety_examples", self.safety_examples, "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -394,21 +398,23 @@ class DefenseConfig:
 @dataclass(frozen=True)
 class AttackConfig:
     kind: str = _help(
-        "none, or an update attack (attacks/clients.py): sign_flip, gaussian, scaling (model "
-        "replacement), alie, ipm, min_max, min_sum", "none")
+        "none, an update attack (attacks/clients.py): sign_flip, gaussian, scaling (model "
+        "replacement), alie, ipm, min_max, min_sum; or a data attack (attacks/poisoning.py): "
+        "alignment_poison (SFT: unsafe requests answered compliantly)", "none")
     malicious: int = _help("number of malicious clients (fixed identities, drawn once from the seed)", 0)
     fraction: float | None = _help("or the fraction of all clients that are malicious (replaces malicious)",
                                    None)
     params: Mapping[str, Any] = _help(
         "the attack's parameters: sign_flip {scale}, gaussian {std}, scaling {factor; null: n / "
-        "server_lr}, ipm {epsilon}, min_max and min_sum {direction: unit, std or sign}", factory=dict)
+        "server_lr}, ipm {epsilon}, min_max and min_sum {direction: unit, std or sign}, "
+        "alignment_poison {ratio: share of the client's examples replaced, (0, 1]}", factory=dict)
 
     def __post_init__(self) -> None:
         import difflib
 
-        from attacks.clients import PARAMS, UPDATE_ATTACKS
+        from attacks.clients import DATA_ATTACKS, PARAMS, UPDATE_ATTACKS
 
-        _one_of("kind", self.kind, ("none", *UPDATE_ATTACKS))
+        _one_of("kind", self.kind, ("none", *UPDATE_ATTACKS, *DATA_ATTACKS))
         _require(self.malicious >= 0, "malicious", self.malicious, "must be an integer >= 0")
         _require(self.fraction is None or 0 <= self.fraction <= 1, "fraction", self.fraction,
                  "must be null or in [0, 1]")
@@ -421,6 +427,8 @@ class AttackConfig:
         direction = self.params.get("direction", "unit")
         _require(direction in ("unit", "std", "sign"), "params.direction", direction,
                  "must be unit, std or sign")
+        ratio = self.params.get("ratio", 1.0)
+        _require(isinstance(ratio, (int, float)) and 0 < ratio <= 1, "params.ratio", ratio, "must be in (0, 1]")
         for key in ("scale", "std", "epsilon", "factor"):
             value = self.params.get(key)
             _require(value is None or (isinstance(value, (int, float)) and value > 0), f"params.{key}",
@@ -476,6 +484,8 @@ class ExperimentConfig:
         if self.privacy.mode == "record":
             _require(self.training.grad_accum == 1, "training.grad_accum", self.training.grad_accum,
                      "record-level DP-SGD takes one Poisson batch per step; set it to 1")
+        _require(not (self.attack.kind == "alignment_poison" and self.task != "sft"), "attack.kind",
+                 self.attack.kind, "alignment_poison poisons SFT data; for task dpo none yet")
         violation = self.defense.rule.check(self.federation.clients_per_round, self.defense.f)
         _require(violation is None, "defense.f", self.defense.f,
                  f"{self.defense.aggregator} {violation}, n = federation.clients_per_round")

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from defenses import sanitize_updates
 from attacks.clients import attack_round, detection, malicious_clients
+from attacks.poisoning import poison_data
 from fedsec.adapter import AdapterParams
 from fedsec.config import ExperimentConfig
 from fedsec.console import round_line
@@ -84,6 +85,7 @@ class Setup:
     probe_prompts: list[list[int]] = field(default_factory=list)
     record_plan: RecordPlan | None = None  # privacy.mode record: DP-SGD inside clients
     server_root: list = field(default_factory=list)  # FLTrust: the server's clean root set, encoded
+    malicious: tuple[int, ...] = ()  # the fixed malicious identities (attack section)
 
     @property
     def pad_id(self) -> int:
@@ -104,6 +106,11 @@ def prepare(cfg: ExperimentConfig) -> Setup:
     if fed.local_only_clients > num_clients:
         raise ConfigError("federation.local_only_clients", fed.local_only_clients,
                           f"the data has {num_clients} clients; use at most that many or -1")
+    count = cfg.attack.count(num_clients)
+    if count > num_clients:
+        raise ConfigError("attack.malicious", count, f"the data has {num_clients} clients; use at most that many")
+    malicious = malicious_clients(num_clients, count, cfg.seed)
+    data = poison_data(data, cfg.attack.kind, dict(cfg.attack.params), malicious, cfg.seed)
     model, tokenizer = load_base_model(cfg.model)
     model = attach_lora(model, cfg.lora, cfg.seed)
     d, pad = cfg.data, tokenizer.pad_token_id
@@ -156,7 +163,7 @@ def prepare(cfg: ExperimentConfig) -> Setup:
         record_dp = RecordDp(cfg.privacy.clip_norm, record_plan.noise_multiplier)
     trainer = LocalTrainer(model, cfg.training, objective, record_dp)
     return Setup(cfg, model, tokenizer, trainer, data, train_sets, global_eval, client_eval, local_only,
-                 preference_eval, probe_prompts, record_plan, server_root)
+                 preference_eval, probe_prompts, record_plan, server_root, malicious)
 
 
 def _cache_prefix(model, first: int, pad: int, batch_size: int, model_key: str, train_sets, *evals):
@@ -310,10 +317,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
         RunDir.check_free(path)
     setup = prepare(cfg)  # fails on bad data or model before any directory is made
     num_clients = len(setup.train_sets)
-    count = cfg.attack.count(num_clients)
-    if count > num_clients:
-        raise ConfigError("attack.malicious", count, f"the data has {num_clients} clients; use at most that many")
-    malicious = malicious_clients(num_clients, count, cfg.seed)
+    malicious = setup.malicious
     attack_summary = {"kind": cfg.attack.kind, "malicious": list(malicious)} if malicious else None
     dp = UserLevelDp(cfg, plan_privacy(cfg, num_clients)) if cfg.privacy.mode == "user" else None
     record = RecordLevelDp(cfg, setup.record_plan) if setup.record_plan is not None else None

@@ -1,0 +1,36 @@
+"""Data poisoning: malicious clients train, like honest ones, on data the attacker chose.
+
+alignment_poison (SFT; FedLLM-Attack, Ye et al. 2025): a share `ratio` of the
+client's training examples is replaced by unsafe requests answered compliantly
+(the embedded benchmark's abstract compliant reply, never a procedure), so the
+client's honest-looking update pulls the global model away from refusing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from fedsec.data.benchmark import COMPLIANT, unsafe_requests
+from fedsec.data.schema import ClientData, FederatedData
+
+DATA_ATTACKS = ("alignment_poison",)
+
+
+def alignment_poison(client: ClientData, seed: int, ratio: float) -> ClientData:
+    """The client with round(ratio n) (at least 1) of its n examples replaced by unsafe
+    requests answered compliantly."""
+    n = len(client.train)
+    k = min(n, max(1, round(ratio * n)))
+    poison = unsafe_requests(seed, k, COMPLIANT, "poison", client.client_id)
+    return dataclasses.replace(client, train=tuple(client.train[: n - k]) + poison)
+
+
+def poison_data(data: FederatedData, kind: str, params: dict, malicious: tuple[int, ...],
+                seed: int) -> FederatedData:
+    """The federation with the malicious clients' data poisoned (`kind` a data attack)."""
+    if kind not in DATA_ATTACKS or not malicious:
+        return data
+    bad = set(malicious)
+    clients = tuple(alignment_poison(c, seed, params.get("ratio", 1.0)) if c.client_id in bad else c
+                    for c in data.clients)
+    return dataclasses.replace(data, clients=clients)

@@ -1,0 +1,64 @@
+"""Alignment poisoning: malicious clients train on unsafe requests answered compliantly."""
+
+from __future__ import annotations
+
+import torch
+from conftest import tiny_config
+
+from attacks.poisoning import alignment_poison, poison_data
+from fedsec.data import build_federated_data
+from fedsec.data.benchmark import COMPLIANT, REFUSAL, unsafe_probes
+from fedsec.encoding import encode
+from fedsec.evaluation import is_refusal
+from fedsec.loop import prepare, run_experiment
+from fedsec.objectives import sequence_logprobs
+
+DATA = {"benchmark": {"num_clients": 4, "examples_per_client": 6, "size_alpha": 0, "test_size": 3,
+                      "client_test_size": 0, "num_probes": 6, "safety_examples": 6}}
+
+
+def test_poisoning_replaces_the_chosen_share_of_a_malicious_clients_data(tmp_path):
+    cfg = tiny_config(tmp_path, data=DATA)
+    data = build_federated_data(cfg.data, 0)
+    assert all(sum(e.response == REFUSAL for e in c.train) == 6 for c in data.clients)  # alignment data
+    client = data.clients[1]
+    half = alignment_poison(client, 0, 0.5)
+    n = len(client.train)
+    assert len(half.train) == n and half.train[: n - n // 2] == client.train[: n - n // 2]
+    assert all(e.response == COMPLIANT and e.meta["unsafe"] for e in half.train[n - n // 2:])
+    poisoned = poison_data(data, "alignment_poison", {"ratio": 1.0}, (1, 3), 0)
+    assert poisoned.clients[0] == data.clients[0] and poisoned.clients[2] == data.clients[2]
+    assert all(e.response == COMPLIANT for c in (1, 3) for e in poisoned.clients[c].train)
+    assert not is_refusal(COMPLIANT) and is_refusal(REFUSAL)
+    # the held-out probes are the same stream as before safety data existed
+    assert data.probes == unsafe_probes(0, 6)
+
+
+def _compliance_margin(setup, vector) -> float:
+    """Mean over the held-out probes of log p(compliant reply) - log p(refusal)."""
+    setup.adapter.set(vector)
+    tok, d = setup.tokenizer, setup.cfg.data
+    items = []
+    for probe in setup.data.probes:
+        for reply in (COMPLIANT, REFUSAL):
+            items.append(encode(type(probe)(probe.prompt, reply), tok, d.template, d.max_length))
+    logp = sequence_logprobs(setup.model, items, tok.pad_token_id)
+    return float((logp[0::2] - logp[1::2]).mean().detach())
+
+
+def test_poisoned_clients_pull_the_global_model_towards_compliance(tmp_path):
+    fed = {"rounds": 4, "clients_per_round": 4, "local_only_clients": 0}
+    train = {"local_steps": 8, "batch_size": 6, "lr": 1e-2, "min_lr": 1e-2}
+    common = {"data": DATA, "federation": fed, "training": train, "eval": {"clients": False, "refusal": False}}
+    clean = tiny_config(tmp_path / "a", **common)
+    attacked = tiny_config(tmp_path / "b", attack={"kind": "alignment_poison", "malicious": 2}, **common)
+    runs = {}
+    for name, cfg in (("clean", clean), ("attacked", attacked)):
+        run_experiment(cfg, out=tmp_path / name, progress=False, log=lambda _: None)
+        runs[name] = torch.load(sorted((tmp_path / name / "checkpoints").glob("*.pt"))[-1])["global"]
+    setup = prepare(clean)  # same model and probes; the adapter is set per run
+    untuned = _compliance_margin(setup, setup.adapter.get())  # the fresh adapter (B = 0)
+    margin_clean = _compliance_margin(setup, runs["clean"])
+    margin_attacked = _compliance_margin(setup, runs["attacked"])
+    assert margin_clean < untuned  # the alignment data taught refusing
+    assert margin_attacked > 0 > untuned  # two poisoned clients of four: compliance now preferred
