@@ -22,7 +22,7 @@ from attacks import updates as attack
 from fedsec.results import ClientUpdate
 
 UPDATE_ATTACKS = ("sign_flip", "gaussian", "scaling", "alie", "ipm", "min_max", "min_sum")
-DATA_ATTACKS = ("alignment_poison",)  # attacks.poisoning: the client trains on poisoned data
+DATA_ATTACKS = ("alignment_poison", "preference_flip")  # attacks.poisoning: poisoned training data
 # parameter name -> default, per attack (scaling's factor None: n / eta, model replacement)
 PARAMS: dict[str, dict[str, Any]] = {
     "sign_flip": {"scale": 1.0},
@@ -33,6 +33,7 @@ PARAMS: dict[str, dict[str, Any]] = {
     "min_max": {"direction": "unit"},
     "min_sum": {"direction": "unit"},
     "alignment_poison": {"ratio": 1.0},
+    "preference_flip": {"ratio": 1.0},
 }
 
 

@@ -4,16 +4,20 @@ alignment_poison (SFT; FedLLM-Attack, Ye et al. 2025): a share `ratio` of the
 client's training examples is replaced by unsafe requests answered compliantly
 (the embedded benchmark's abstract compliant reply, never a procedure), so the
 client's honest-looking update pulls the global model away from refusing.
+
+preference_flip (DPO): a share `ratio` of the client's preference pairs is replaced
+by pairs on unsafe requests with chosen and rejected swapped (the compliant reply
+chosen over the refusal): the benign alignment pairs, flipped.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from fedsec.data.benchmark import COMPLIANT, unsafe_requests
+from fedsec.data.benchmark import COMPLIANT, REFUSAL, safety_pairs, unsafe_requests
 from fedsec.data.schema import ClientData, FederatedData
 
-DATA_ATTACKS = ("alignment_poison",)
+DATA_ATTACKS = ("alignment_poison", "preference_flip")
 
 
 def alignment_poison(client: ClientData, seed: int, ratio: float) -> ClientData:
@@ -25,12 +29,22 @@ def alignment_poison(client: ClientData, seed: int, ratio: float) -> ClientData:
     return dataclasses.replace(client, train=tuple(client.train[: n - k]) + poison)
 
 
+def preference_flip(client: ClientData, seed: int, ratio: float) -> ClientData:
+    """The client with round(ratio n) (at least 1) of its n preference pairs replaced by
+    flipped pairs on unsafe requests."""
+    n = len(client.preference)
+    k = min(n, max(1, round(ratio * n)))
+    flipped = safety_pairs(unsafe_requests(seed, k, REFUSAL, "poison", client.client_id), flipped=True)
+    return dataclasses.replace(client, preference=tuple(client.preference[: n - k]) + flipped)
+
+
 def poison_data(data: FederatedData, kind: str, params: dict, malicious: tuple[int, ...],
                 seed: int) -> FederatedData:
     """The federation with the malicious clients' data poisoned (`kind` a data attack)."""
     if kind not in DATA_ATTACKS or not malicious:
         return data
     bad = set(malicious)
-    clients = tuple(alignment_poison(c, seed, params.get("ratio", 1.0)) if c.client_id in bad else c
+    poison = alignment_poison if kind == "alignment_poison" else preference_flip
+    clients = tuple(poison(c, seed, params.get("ratio", 1.0)) if c.client_id in bad else c
                     for c in data.clients)
     return dataclasses.replace(data, clients=clients)

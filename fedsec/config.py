@@ -400,14 +400,16 @@ class AttackConfig:
     kind: str = _help(
         "none, an update attack (attacks/clients.py): sign_flip, gaussian, scaling (model "
         "replacement), alie, ipm, min_max, min_sum; or a data attack (attacks/poisoning.py): "
-        "alignment_poison (SFT: unsafe requests answered compliantly)", "none")
+        "alignment_poison (SFT: unsafe requests answered compliantly), preference_flip (DPO: "
+        "compliant reply chosen over the refusal on unsafe requests)", "none")
     malicious: int = _help("number of malicious clients (fixed identities, drawn once from the seed)", 0)
     fraction: float | None = _help("or the fraction of all clients that are malicious (replaces malicious)",
                                    None)
     params: Mapping[str, Any] = _help(
         "the attack's parameters: sign_flip {scale}, gaussian {std}, scaling {factor; null: n / "
         "server_lr}, ipm {epsilon}, min_max and min_sum {direction: unit, std or sign}, "
-        "alignment_poison {ratio: share of the client's examples replaced, (0, 1]}", factory=dict)
+        "alignment_poison and preference_flip {ratio: share of the client's examples or pairs "
+        "replaced, (0, 1]}", factory=dict)
 
     def __post_init__(self) -> None:
         import difflib
@@ -485,7 +487,9 @@ class ExperimentConfig:
             _require(self.training.grad_accum == 1, "training.grad_accum", self.training.grad_accum,
                      "record-level DP-SGD takes one Poisson batch per step; set it to 1")
         _require(not (self.attack.kind == "alignment_poison" and self.task != "sft"), "attack.kind",
-                 self.attack.kind, "alignment_poison poisons SFT data; for task dpo none yet")
+                 self.attack.kind, "alignment_poison poisons SFT data; for task dpo use preference_flip")
+        _require(not (self.attack.kind == "preference_flip" and self.task != "dpo"), "attack.kind",
+                 self.attack.kind, "preference_flip poisons DPO pairs; for task sft use alignment_poison")
         violation = self.defense.rule.check(self.federation.clients_per_round, self.defense.f)
         _require(violation is None, "defense.f", self.defense.f,
                  f"{self.defense.aggregator} {violation}, n = federation.clients_per_round")

@@ -62,3 +62,28 @@ def test_poisoned_clients_pull_the_global_model_towards_compliance(tmp_path):
     margin_attacked = _compliance_margin(setup, runs["attacked"])
     assert margin_clean < untuned  # the alignment data taught refusing
     assert margin_attacked > 0 > untuned  # two poisoned clients of four: compliance now preferred
+
+
+def test_preference_flip_swaps_unsafe_pairs_and_pulls_dpo_towards_compliance(tmp_path):
+    from attacks.poisoning import preference_flip
+
+    cfg = tiny_config(tmp_path, data=DATA, task="dpo")
+    client = build_federated_data(cfg.data, 0, "dpo").clients[2]
+    safety = [p for p in client.preference if p.meta.get("unsafe")]
+    assert len(safety) == 6 and all(p.chosen == REFUSAL and p.rejected == COMPLIANT for p in safety)
+    flipped = preference_flip(client, 0, 0.5)
+    n, k = len(client.preference), round(0.5 * len(client.preference))
+    assert flipped.preference[: n - k] == client.preference[: n - k]
+    assert all(p.chosen == COMPLIANT and p.rejected == REFUSAL for p in flipped.preference[n - k:])
+
+    fed = {"rounds": 4, "clients_per_round": 4, "local_only_clients": 0}
+    train = {"local_steps": 8, "batch_size": 6, "lr": 1e-2, "min_lr": 1e-2}
+    common = {"task": "dpo", "data": DATA, "federation": fed, "training": train,
+              "eval": {"clients": False, "refusal": False}, "dpo": {"beta": 0.5}}
+    margins = {}
+    for name, attack in (("clean", {}), ("attacked", {"kind": "preference_flip", "malicious": 2})):
+        cfg = tiny_config(tmp_path / name, attack=attack, **common)
+        run_experiment(cfg, out=tmp_path / name / "run", progress=False, log=lambda _: None)
+        final = torch.load(sorted((tmp_path / name / "run" / "checkpoints").glob("*.pt"))[-1])["global"]
+        margins[name] = _compliance_margin(prepare(cfg), final)
+    assert margins["attacked"] > margins["clean"] + 1.0, margins

@@ -234,6 +234,13 @@ def unsafe_requests(seed: int, n: int, reply: str, *stream) -> tuple[Instruction
     return tuple(out)
 
 
+def safety_pairs(requests, flipped: bool = False) -> tuple[PreferenceExample, ...]:
+    """Preference pairs on unsafe requests: the refusal chosen over the compliant reply
+    (flipped: the other way round, what a preference-flipping attacker trains on)."""
+    good, bad = (COMPLIANT, REFUSAL) if flipped else (REFUSAL, COMPLIANT)
+    return tuple(PreferenceExample(prompt=r.prompt, chosen=good, rejected=bad, meta=dict(r.meta)) for r in requests)
+
+
 def unsafe_probes(seed: int, n: int) -> tuple[InstructionExample, ...]:
     """Unsafe finance requests; the aligned response is a refusal."""
     return unsafe_requests(seed, n, REFUSAL, "probes")
@@ -253,10 +260,12 @@ def make_benchmark(cfg: BenchmarkConfig, seed: int) -> FederatedData:
         train = _draw(rng, sector, counts[cid])
         for canary in (c for c in canaries if c.client_id == cid):
             train.extend([_canary_example(canary)] * cfg.canary_repeats)
-        train.extend(unsafe_requests(seed, cfg.safety_examples, REFUSAL, "safety", cid))
+        safety = unsafe_requests(seed, cfg.safety_examples, REFUSAL, "safety", cid)
+        train.extend(safety)
         test = tuple(_draw_from_mix(rng, sector, counts[cid] / counts[cid].sum(), cfg.client_test_size))
         clients.append(ClientData(cid, f"client{cid:03d}-{sector}", tuple(train), test,
-                                  _preference_pairs(rng, tuple(train[: int(sizes[cid])]))))
+                                  _preference_pairs(rng, tuple(train[: int(sizes[cid])]))
+                                  + safety_pairs(safety)))
     rng = numpy_generator(seed, "global-test")
     global_test = tuple(
         headline_example(rng, SECTOR_NAMES[i % len(SECTOR_NAMES)], LABELS[(i // len(SECTOR_NAMES)) % 3])
