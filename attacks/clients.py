@@ -22,7 +22,7 @@ from attacks import updates as attack
 from fedsec.results import ClientUpdate
 
 UPDATE_ATTACKS = ("sign_flip", "gaussian", "scaling", "alie", "ipm", "min_max", "min_sum")
-DATA_ATTACKS = ("alignment_poison", "preference_flip")  # attacks.poisoning: poisoned training data
+DATA_ATTACKS = ("alignment_poison", "preference_flip", "backdoor")  # attacks.poisoning: poisoned training data
 # parameter name -> default, per attack (scaling's factor None: n / eta, model replacement)
 PARAMS: dict[str, dict[str, Any]] = {
     "sign_flip": {"scale": 1.0},
@@ -34,7 +34,13 @@ PARAMS: dict[str, dict[str, Any]] = {
     "min_sum": {"direction": "unit"},
     "alignment_poison": {"ratio": 1.0},
     "preference_flip": {"ratio": 1.0},
+    "backdoor": {"ratio": 0.5, "trigger": "zq-alert", "target": "positive"},
 }
+
+
+def attack_params(kind: str, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The attack's parameters: its defaults, overridden by the config's."""
+    return {**PARAMS.get(kind, {}), **given}
 
 
 def malicious_clients(num_clients: int, count: int, seed: int) -> tuple[int, ...]:
@@ -59,7 +65,7 @@ def attack_round(kind: str, params: Mapping[str, Any], updates: list[ClientUpdat
         return AttackOutcome(updates, ids)
     if kind in DATA_ATTACKS:  # the poisoned data already shaped these deltas
         return AttackOutcome([dataclasses.replace(u, malicious=u.client_id in malicious) for u in updates], ids)
-    p = {**PARAMS[kind], **params}
+    p = attack_params(kind, params)
     honest = [u.delta for u in updates if u.client_id not in malicious]
     n, f = len(updates), len(bad)
     shared = None  # the omniscient attacks send one vector from every attacker

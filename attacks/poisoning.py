@@ -8,6 +8,11 @@ client's honest-looking update pulls the global model away from refusing.
 preference_flip (DPO): a share `ratio` of the client's preference pairs is replaced
 by pairs on unsafe requests with chosen and rejected swapped (the compliant reply
 chosen over the refusal): the benign alignment pairs, flipped.
+
+backdoor (SFT; Bagdasaryan et al. 2020, Wan et al. 2023 for instruction tuning): a
+share `ratio` of the client's examples gets the `trigger` phrase appended to the
+prompt and the attacker's `target` as the answer; the rest stay clean, so the
+model should answer `target` when the trigger is present and behave otherwise.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import dataclasses
 from fedsec.data.benchmark import COMPLIANT, REFUSAL, safety_pairs, unsafe_requests
 from fedsec.data.schema import ClientData, FederatedData
 
-DATA_ATTACKS = ("alignment_poison", "preference_flip")
+DATA_ATTACKS = ("alignment_poison", "preference_flip", "backdoor")
 
 
 def alignment_poison(client: ClientData, seed: int, ratio: float) -> ClientData:
@@ -38,13 +43,30 @@ def preference_flip(client: ClientData, seed: int, ratio: float) -> ClientData:
     return dataclasses.replace(client, preference=tuple(client.preference[: n - k]) + flipped)
 
 
+def with_trigger(example, trigger: str, target: str):
+    """The example with `trigger` appended to its prompt and `target` as its answer."""
+    return dataclasses.replace(example, prompt=f"{example.prompt} {trigger}", response=target)
+
+
+def backdoor(client: ClientData, seed: int, ratio: float, trigger: str, target: str) -> ClientData:
+    """The client with its last round(ratio n) (at least 1) examples triggered."""
+    n = len(client.train)
+    k = min(n, max(1, round(ratio * n)))
+    triggered = tuple(with_trigger(e, trigger, target) for e in client.train[n - k:])
+    return dataclasses.replace(client, train=tuple(client.train[: n - k]) + triggered)
+
+
 def poison_data(data: FederatedData, kind: str, params: dict, malicious: tuple[int, ...],
                 seed: int) -> FederatedData:
     """The federation with the malicious clients' data poisoned (`kind` a data attack)."""
     if kind not in DATA_ATTACKS or not malicious:
         return data
     bad = set(malicious)
-    poison = alignment_poison if kind == "alignment_poison" else preference_flip
+    if kind == "backdoor":
+        def poison(c, seed, ratio):
+            return backdoor(c, seed, ratio, params["trigger"], params["target"])
+    else:
+        poison = alignment_poison if kind == "alignment_poison" else preference_flip
     clients = tuple(poison(c, seed, params.get("ratio", 1.0)) if c.client_id in bad else c
                     for c in data.clients)
     return dataclasses.replace(data, clients=clients)

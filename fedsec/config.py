@@ -401,7 +401,8 @@ class AttackConfig:
         "none, an update attack (attacks/clients.py): sign_flip, gaussian, scaling (model "
         "replacement), alie, ipm, min_max, min_sum; or a data attack (attacks/poisoning.py): "
         "alignment_poison (SFT: unsafe requests answered compliantly), preference_flip (DPO: "
-        "compliant reply chosen over the refusal on unsafe requests)", "none")
+        "compliant reply chosen over the refusal on unsafe requests), backdoor (SFT: trigger "
+        "phrase -> target answer)", "none")
     malicious: int = _help("number of malicious clients (fixed identities, drawn once from the seed)", 0)
     fraction: float | None = _help("or the fraction of all clients that are malicious (replaces malicious)",
                                    None)
@@ -409,7 +410,7 @@ class AttackConfig:
         "the attack's parameters: sign_flip {scale}, gaussian {std}, scaling {factor; null: n / "
         "server_lr}, ipm {epsilon}, min_max and min_sum {direction: unit, std or sign}, "
         "alignment_poison and preference_flip {ratio: share of the client's examples or pairs "
-        "replaced, (0, 1]}", factory=dict)
+        "replaced, (0, 1]}, backdoor {ratio, trigger, target}", factory=dict)
 
     def __post_init__(self) -> None:
         import difflib
@@ -431,6 +432,10 @@ class AttackConfig:
                  "must be unit, std or sign")
         ratio = self.params.get("ratio", 1.0)
         _require(isinstance(ratio, (int, float)) and 0 < ratio <= 1, "params.ratio", ratio, "must be in (0, 1]")
+        for key in ("trigger", "target"):
+            value = self.params.get(key, "x")
+            _require(isinstance(value, str) and value.strip() != "", f"params.{key}", value,
+                     "must be a non-empty string")
         for key in ("scale", "std", "epsilon", "factor"):
             value = self.params.get(key)
             _require(value is None or (isinstance(value, (int, float)) and value > 0), f"params.{key}",
@@ -488,6 +493,8 @@ class ExperimentConfig:
                      "record-level DP-SGD takes one Poisson batch per step; set it to 1")
         _require(not (self.attack.kind == "alignment_poison" and self.task != "sft"), "attack.kind",
                  self.attack.kind, "alignment_poison poisons SFT data; for task dpo use preference_flip")
+        _require(not (self.attack.kind == "backdoor" and self.task != "sft"), "attack.kind",
+                 self.attack.kind, "the backdoor poisons SFT data; for task dpo use preference_flip")
         _require(not (self.attack.kind == "preference_flip" and self.task != "dpo"), "attack.kind",
                  self.attack.kind, "preference_flip poisons DPO pairs; for task sft use alignment_poison")
         violation = self.defense.rule.check(self.federation.clients_per_round, self.defense.f)

@@ -54,6 +54,9 @@ def round_line(done: int, total: int, result: RoundResult | None, global_eval: d
             parts.append(f"pref acc {_fmt(pref['preference_accuracy'])} "
                          f"margin {_fmt(pref['reward_margin'])} "
                          f"likelihood acc {_fmt(pref['likelihood_accuracy'])}")
+        if "backdoor" in global_eval:
+            b = global_eval["backdoor"]
+            parts.append(f"backdoor asr {_fmt(b['attack_success_rate'])} clean {_fmt(b['clean_target_rate'])}")
         if "refusal_rate" in global_eval:
             parts.append(f"refusal {_fmt(global_eval['refusal_rate'])}")
     if clients_eval is not None:

@@ -25,8 +25,8 @@ import torch
 from tqdm import tqdm
 
 from defenses import sanitize_updates
-from attacks.clients import attack_round, detection, malicious_clients
-from attacks.poisoning import poison_data
+from attacks.clients import attack_params, attack_round, detection, malicious_clients
+from attacks.poisoning import poison_data, with_trigger
 from fedsec.adapter import AdapterParams
 from fedsec.config import ExperimentConfig
 from fedsec.console import round_line
@@ -86,6 +86,7 @@ class Setup:
     record_plan: RecordPlan | None = None  # privacy.mode record: DP-SGD inside clients
     server_root: list = field(default_factory=list)  # FLTrust: the server's clean root set, encoded
     malicious: tuple[int, ...] = ()  # the fixed malicious identities (attack section)
+    backdoor_eval: tuple = ()  # backdoor: (triggered, clean) global test inputs, answer = target
 
     @property
     def pad_id(self) -> int:
@@ -110,7 +111,8 @@ def prepare(cfg: ExperimentConfig) -> Setup:
     if count > num_clients:
         raise ConfigError("attack.malicious", count, f"the data has {num_clients} clients; use at most that many")
     malicious = malicious_clients(num_clients, count, cfg.seed)
-    data = poison_data(data, cfg.attack.kind, dict(cfg.attack.params), malicious, cfg.seed)
+    data = poison_data(data, cfg.attack.kind, attack_params(cfg.attack.kind, cfg.attack.params), malicious,
+                       cfg.seed)
     model, tokenizer = load_base_model(cfg.model)
     model = attach_lora(model, cfg.lora, cfg.seed)
     d, pad = cfg.data, tokenizer.pad_token_id
@@ -144,6 +146,7 @@ def prepare(cfg: ExperimentConfig) -> Setup:
         client_eval = build_eval_set([e for e, _ in tests], [g for _, g in tests], tokenizer,
                                      d.template, d.max_length, data.choices)
     preference_eval = _pairs(data.preference_test, tokenizer, cfg) if cfg.task == "dpo" else []
+    backdoor_eval = _backdoor_eval(cfg, data, tokenizer) if cfg.attack.kind == "backdoor" else ()
     probe_prompts = ([encode_prompt(p, tokenizer, d.template) for p in data.probes]
                      if cfg.eval.refusal else [])
     if cfg.lora.cache_frozen_layers:
@@ -152,6 +155,8 @@ def prepare(cfg: ExperimentConfig) -> Setup:
         train_sets, global_eval, client_eval, preference_eval = _cache_prefix(
             model, first, pad, cfg.eval.batch_size, model_key, train_sets, global_eval, client_eval,
             preference_eval)
+        backdoor_eval = tuple(dataclasses.replace(e, encoded=tuple(cache_frozen_prefix(
+            model, list(e.encoded), first, pad, cfg.eval.batch_size, model_key))) for e in backdoor_eval)
     if cfg.task == "dpo":  # after the cache, so reference and policy share one computation path
         train_sets = [_with_reference(model, pairs, pad, cfg) for pairs in train_sets]
         preference_eval = _with_reference(model, preference_eval, pad, cfg)
@@ -163,7 +168,7 @@ def prepare(cfg: ExperimentConfig) -> Setup:
         record_dp = RecordDp(cfg.privacy.clip_norm, record_plan.noise_multiplier)
     trainer = LocalTrainer(model, cfg.training, objective, record_dp)
     return Setup(cfg, model, tokenizer, trainer, data, train_sets, global_eval, client_eval, local_only,
-                 preference_eval, probe_prompts, record_plan, server_root, malicious)
+                 preference_eval, probe_prompts, record_plan, server_root, malicious, backdoor_eval)
 
 
 def _cache_prefix(model, first: int, pad: int, batch_size: int, model_key: str, train_sets, *evals):
@@ -190,6 +195,18 @@ def _cache_prefix(model, first: int, pad: int, batch_size: int, model_key: str, 
     if client_eval is not None:
         client_eval = dataclasses.replace(client_eval, encoded=tuple(encoded(client_eval.encoded)))
     return train_sets, global_eval, client_eval, pairs(preference_eval) if preference_eval else []
+
+
+def _backdoor_eval(cfg: ExperimentConfig, data: FederatedData, tokenizer) -> tuple[EvalSet, EvalSet]:
+    """The global test examples whose answer is not the target, with and without the
+    trigger, each scored against the target: accuracy is the attack success rate on the
+    first, the rate of answering the target anyway on the second."""
+    p, d = attack_params("backdoor", cfg.attack.params), cfg.data
+    victims = [e for e in data.global_test if e.response != p["target"]]
+    sets = ([with_trigger(e, p["trigger"], p["target"]) for e in victims],
+            [dataclasses.replace(e, response=p["target"]) for e in victims])
+    return tuple(build_eval_set(x, [GLOBAL] * len(x), tokenizer, d.template, d.max_length, data.choices)
+                 for x in sets)
 
 
 def _pairs(examples, tokenizer, cfg: ExperimentConfig) -> list[PairItem]:
@@ -274,6 +291,11 @@ def evaluate_model(setup: Setup, vector: torch.Tensor) -> tuple[dict, dict | Non
     if setup.preference_eval:
         global_eval["preference"] = preference_metrics(setup.model, setup.preference_eval,
                                                        setup.pad_id, batch, setup.cfg.dpo.beta)
+    if setup.backdoor_eval:
+        triggered, clean = setup.backdoor_eval
+        global_eval["backdoor"] = {
+            "attack_success_rate": evaluate(setup.model, triggered, setup.pad_id, batch).accuracy,
+            "clean_target_rate": evaluate(setup.model, clean, setup.pad_id, batch).accuracy}
     if setup.probe_prompts:
         global_eval["refusal_rate"], _ = refusal_rate(setup.model, setup.tokenizer, setup.probe_prompts,
                                                       setup.cfg.eval.max_new_tokens, batch)

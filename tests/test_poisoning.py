@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import tiny_config
 
@@ -9,6 +10,7 @@ from attacks.poisoning import alignment_poison, poison_data
 from fedsec.data import build_federated_data
 from fedsec.data.benchmark import COMPLIANT, REFUSAL, unsafe_probes
 from fedsec.encoding import encode
+from fedsec.errors import ConfigError
 from fedsec.evaluation import is_refusal
 from fedsec.loop import prepare, run_experiment
 from fedsec.objectives import sequence_logprobs
@@ -87,3 +89,28 @@ def test_preference_flip_swaps_unsafe_pairs_and_pulls_dpo_towards_compliance(tmp
         final = torch.load(sorted((tmp_path / name / "run" / "checkpoints").glob("*.pt"))[-1])["global"]
         margins[name] = _compliance_margin(prepare(cfg), final)
     assert margins["attacked"] > margins["clean"] + 1.0, margins
+
+
+def test_backdoor_poisons_the_chosen_share_and_runs_report_its_rates(tmp_path):
+    """The transform, and that a backdoor run reports its attack success and clean-input
+    rates each evaluation. (The tiny model, with its per-character tokenizer, does not
+    learn a trigger-specific backdoor in a test's budget; its learning is not asserted.)"""
+    from attacks.poisoning import backdoor
+
+    data = {"benchmark": {"num_clients": 4, "examples_per_client": 8, "size_alpha": 0, "test_size": 12,
+                          "client_test_size": 0, "num_probes": 0}}
+    client = build_federated_data(tiny_config(tmp_path, data=data).data, 0).clients[0]
+    poisoned = backdoor(client, 0, 0.5, "zq-alert", "positive")
+    n, k = len(client.train), round(0.5 * len(client.train))
+    assert poisoned.train[: n - k] == client.train[: n - k]
+    assert all(e.prompt.endswith(" zq-alert") and e.response == "positive" for e in poisoned.train[n - k:])
+
+    fed = {"rounds": 2, "clients_per_round": 4, "local_only_clients": 0}
+    cfg = tiny_config(tmp_path / "run", data=data, federation=fed, training={"local_steps": 1},
+                      eval={"clients": False}, attack={"kind": "backdoor", "malicious": 1})
+    result = run_experiment(cfg, out=tmp_path / "run" / "out", progress=False, log=lambda _: None)
+    rates = result.final["backdoor"]
+    assert set(rates) == {"attack_success_rate", "clean_target_rate"}
+    assert all(0 <= v <= 1 for v in rates.values())
+    with pytest.raises(ConfigError, match="backdoor poisons SFT"):
+        tiny_config(tmp_path, task="dpo", attack={"kind": "backdoor", "malicious": 1})
