@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from attacks import updates as attack
+from attacks.poisoning import DATA_ATTACKS
 from fedsec.results import ClientUpdate
 
 UPDATE_ATTACKS = ("sign_flip", "gaussian", "scaling", "alie", "ipm", "min_max", "min_sum")
-DATA_ATTACKS = ("alignment_poison", "preference_flip", "backdoor")  # attacks.poisoning: poisoned training data
 # parameter name -> default, per attack (scaling's factor None: n / eta, model replacement)
 PARAMS: dict[str, dict[str, Any]] = {
     "sign_flip": {"scale": 1.0},
