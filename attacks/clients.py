@@ -103,3 +103,15 @@ def detection(malicious: tuple[int, ...], sampled: tuple[int, ...], rejected: tu
             "false_positives": sorted(dropped - bad),
             "missed": sorted(bad - dropped),
             "honest": len(set(sampled) - bad)}
+
+
+def detection_rates(rounds: list[dict]) -> dict:
+    """Over a run's rounds (each a `detection` result): the share of sampled malicious
+    updates the defense dropped and the share of honest ones it dropped (None where the
+    run never sampled one)."""
+    bad = sum(len(r["malicious"]) for r in rounds)
+    honest = sum(r["honest"] for r in rounds)
+    caught = sum(len(r["true_positives"]) for r in rounds)
+    wrong = sum(len(r["false_positives"]) for r in rounds)
+    return {"true_positive_rate": caught / bad if bad else None,
+            "false_positive_rate": wrong / honest if honest else None}

@@ -16,6 +16,17 @@ variants: each becomes a variant `eps<value>` with privacy.mode=user (or the swe
 `privacy_mode: record`) and that target epsilon (.inf: clipping without noise,
 reported as not certified); variants given explicitly (the non-private baseline)
 come first.
+A grid crosses named axes into cells, each cell a variant named by its levels:
+
+    grid:                                 # axis -> level -> overrides, crossed in order
+      attack:  {sign_flip: [attack.kind=sign_flip], alie: [attack.kind=alie]}
+      fraction: {"0": [attack.kind=none, attack.fraction=0], "0.3": [attack.fraction=0.3]}
+      defense: {mean: [defense.aggregator=mean], krum: [defense.aggregator=krum, defense.f=2]}
+
+gives cells sign_flip-0-mean, sign_flip-0-krum, ..., alie-0.3-krum (later axes'
+overrides win, so the "0" level above makes every attack's 0% cell the clean run).
+Cells that resolve to the same experiment share one run, so the clean run is trained
+once per defense and seed however many attacks the grid holds.
 Started again, a sweep skips finished runs and resumes unfinished ones. It writes
 results.csv and results.json (one row per run) and summary.csv (mean and standard
 deviation across seeds per variant), which the report builder can read.
@@ -41,15 +52,17 @@ class SweepRun:
     seed: int
     overrides: tuple[str, ...]
     out: Path
+    cell: tuple[tuple[str, str], ...] = ()  # grid sweeps: (axis, level) per axis
 
 
 def expand(spec_path: str | Path) -> tuple[Path, list[SweepRun], Path | None, dict]:
     """(sweep directory, runs, base config file or None, inline base mapping)."""
     spec = read_yaml(spec_path)
     for key in spec:
-        if key not in ("name", "base", "set", "seeds", "variants", "epsilons", "privacy_mode", "output_dir"):
+        if key not in ("name", "base", "set", "seeds", "variants", "epsilons", "grid", "privacy_mode",
+                       "output_dir"):
             raise ConfigError(f"sweep.{key}", spec[key], "unknown key; use name, base, set, seeds, "
-                              "variants, epsilons, privacy_mode, output_dir")
+                              "variants, epsilons, grid, privacy_mode, output_dir")
     name = spec.get("name")
     if not isinstance(name, str) or not name:
         raise ConfigError("sweep.name", name, "give the sweep a name")
@@ -73,14 +86,46 @@ def expand(spec_path: str | Path) -> tuple[Path, list[SweepRun], Path | None, di
     mode = spec.get("privacy_mode", "user")
     if mode not in ("user", "record"):
         raise ConfigError("sweep.privacy_mode", mode, "user (DP-FedAvg) or record (DP-SGD in clients)")
-    variants = {**variants, **_epsilon_variants(spec.get("epsilons"), mode)}
+    variants = {str(v): (_overrides(o, f"sweep.variants.{v}"), ()) for v, o in variants.items()}
+    variants.update((v, (o, ())) for v, o in _epsilon_variants(spec.get("epsilons"), mode).items())
+    for v, cell in _grid_cells(spec.get("grid")):
+        if v in variants:
+            raise ConfigError("sweep.grid", v, "a cell has the name of a variant; rename one of them")
+        variants[v] = ([o for _, _, level in cell for o in level], tuple((a, l) for a, l, _ in cell))
     if not variants:
-        raise ConfigError("sweep.variants", None, "give variants (name -> list of key=value) or epsilons")
+        raise ConfigError("sweep.variants", None, "give variants (name -> list of key=value), epsilons "
+                          "or a grid")
     root = Path(spec.get("output_dir", "runs")) / name
-    runs = [SweepRun(str(v), seed, tuple(common + _overrides(o, f"sweep.variants.{v}") + [f"seed={seed}"]),
-                     root / f"{v}-s{seed}")
-            for v, o in variants.items() for seed in seeds]
+    runs = [SweepRun(v, seed, tuple(common + o + [f"seed={seed}"]), root / f"{v}-s{seed}", cell)
+            for v, (o, cell) in variants.items() for seed in seeds]
     return root, runs, base_file, base_raw
+
+
+def _grid_cells(grid) -> list[tuple[str, list[tuple[str, str, list[str]]]]]:
+    """[(cell name, [(axis, level, overrides) per axis])], the axes crossed in order."""
+    import itertools
+    import re
+
+    if grid is None:
+        return []
+    if not isinstance(grid, dict) or not grid:
+        raise ConfigError("sweep.grid", grid, "a mapping of axis -> {level: [key=value, ...]}")
+    axes = []
+    for axis, levels in grid.items():
+        if not isinstance(levels, dict) or not levels:
+            raise ConfigError(f"sweep.grid.{axis}", levels, "a mapping of level name -> list of key=value")
+        if str(axis) in RESERVED or str(axis) in METRICS:
+            raise ConfigError("sweep.grid", axis, f"'{axis}' names a column of the results table; "
+                              "call the axis something else")
+        named = []
+        for level, overrides in levels.items():
+            level = format(level, "g") if isinstance(level, float) else str(level)
+            if not re.fullmatch(r"[A-Za-z0-9_.+]+", level):
+                raise ConfigError(f"sweep.grid.{axis}", level, "level names go into directory names: "
+                                  "use letters, digits, _ . +")
+            named.append((str(axis), level, _overrides(overrides, f"sweep.grid.{axis}.{level}")))
+        axes.append(named)
+    return [("-".join(level for _, level, _ in cell), list(cell)) for cell in itertools.product(*axes)]
 
 
 def _epsilon_variants(epsilons, mode: str = "user") -> dict[str, list[str]]:
@@ -119,6 +164,7 @@ def run_sweep(spec_path: str | Path, progress: bool = True,
                 raw = apply_override(raw, assignment)
             cfg = from_mapping(ExperimentConfig, raw)
         configs.append(cfg)
+    runs = _share_identical(runs, configs)
     for run, cfg in zip(runs, configs):  # a finished run counts only if it ran this config
         if (run.out / "result.json").is_file():
             try:
@@ -130,7 +176,9 @@ def run_sweep(spec_path: str | Path, progress: bool = True,
     root.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(runs), desc="sweep", unit="run", disable=not progress, dynamic_ncols=True)
     for run, cfg in zip(runs, configs):
-        if (run.out / "result.json").is_file():
+        if run.out.name != f"{run.variant}-s{run.seed}":
+            log(f"[sweep] {run.variant} seed {run.seed}: the same experiment as {run.out.name}, shared")
+        elif (run.out / "result.json").is_file():
             log(f"[sweep] {run.variant} seed {run.seed}: finished earlier, skipped")
         else:
             resume = (run.out / CONFIG).is_file()
@@ -143,15 +191,50 @@ def run_sweep(spec_path: str | Path, progress: bool = True,
     return root
 
 
+def _share_identical(runs: list[SweepRun], configs: list) -> list[SweepRun]:
+    """Runs whose configs are equal point to the first one's directory (a grid's clean
+    cells, repeated across attacks)."""
+    import dataclasses
+
+    from fedsec.config import dump_config
+
+    first: dict[str, Path] = {}
+    return [dataclasses.replace(run, out=first.setdefault(dump_config(cfg), run.out))
+            for run, cfg in zip(runs, configs)]
+
+
+# columns of the results tables besides the metrics (a grid axis may not take these names)
+RESERVED = ("variant", "seed", "seeds", "run_dir", "attack_kind", "malicious_count", "num_clients",
+            "aggregator", "final_loss", "reward_margin", "epsilon", "delta", "accountant", "certified",
+            "noise_multiplier", "clip_norm", "sample_rate")
+METRICS = ("final_accuracy", "local_only_accuracy", "untuned_accuracy", "preference_accuracy",
+           "likelihood_accuracy", "untuned_likelihood_accuracy", "refusal_rate", "untuned_refusal_rate",
+           "attack_success_rate", "clean_target_rate", "true_positive_rate", "false_positive_rate")
+
+
 def write_tables(root: Path, runs: list[SweepRun]) -> None:
+    """results.csv/json: one row per run (variant x seed); summary.csv: one row per variant
+    (a grid's cell), each metric's mean and standard deviation over the seeds."""
+    from attacks.clients import detection_rates
+    from fedsec.config import read_yaml
+
+    axes = list(dict.fromkeys(axis for run in runs for axis, _ in run.cell))
     rows = []
     for run in runs:
         result = json.loads((run.out / "result.json").read_text(encoding="utf-8"))
         final, untuned, local = result["final"] or {}, result["untuned"] or {}, result["local_only"]
         pref, pref_before = final.get("preference") or {}, untuned.get("preference") or {}
+        backdoor = final.get("backdoor") or {}
         privacy = result.get("privacy") or {}
+        cfg = read_yaml(run.out / CONFIG)
+        rounds = [r.get("attack") for r in RunDir(run.out).read_metrics() if r.get("phase") == "federated"]
+        detected = detection_rates([a for a in rounds if a])
         rows.append({
-            "variant": run.variant, "seed": run.seed, "run_dir": str(run.out),
+            "variant": run.variant, **{a: dict(run.cell).get(a) for a in axes}, "seed": run.seed,
+            "run_dir": str(run.out), "attack_kind": cfg["attack"]["kind"],
+            "malicious_count": len((result.get("attack") or {}).get("malicious", [])),
+            "num_clients": cfg["data"]["benchmark"]["num_clients"] if cfg["data"]["source"] == "embedded" else None,
+            "aggregator": cfg["defense"]["aggregator"],
             "untuned_accuracy": untuned.get("accuracy"), "final_accuracy": final.get("accuracy"),
             "final_loss": final.get("loss"),
             "local_only_accuracy": local["mean_accuracy"] if local else None,
@@ -159,7 +242,11 @@ def write_tables(root: Path, runs: list[SweepRun]) -> None:
             "reward_margin": pref.get("reward_margin"),
             "likelihood_accuracy": pref.get("likelihood_accuracy"),
             "untuned_likelihood_accuracy": pref_before.get("likelihood_accuracy"),
-            "refusal_rate": final.get("refusal_rate"),
+            "refusal_rate": final.get("refusal_rate"), "untuned_refusal_rate": untuned.get("refusal_rate"),
+            "attack_success_rate": backdoor.get("attack_success_rate"),
+            "clean_target_rate": backdoor.get("clean_target_rate"),
+            "true_positive_rate": detected["true_positive_rate"],
+            "false_positive_rate": detected["false_positive_rate"],
             "epsilon": privacy.get("epsilon"), "delta": privacy.get("delta"),
             "accountant": privacy.get("accountant"),
             "certified": privacy.get("certified") if privacy else None,
@@ -171,11 +258,11 @@ def write_tables(root: Path, runs: list[SweepRun]) -> None:
     summary = []
     for variant in dict.fromkeys(r["variant"] for r in rows):
         mine = [r for r in rows if r["variant"] == variant]
-        entry = {"variant": variant, "seeds": len(mine)}
-        for key in ("epsilon", "noise_multiplier", "certified"):  # the same for every seed
+        entry = {"variant": variant, **{axis: mine[0][axis] for axis in axes}, "seeds": len(mine)}
+        for key in ("attack_kind", "malicious_count", "num_clients", "aggregator", "epsilon",
+                    "noise_multiplier", "certified"):  # the same for every seed
             entry[key] = mine[0][key]
-        for key in ("final_accuracy", "local_only_accuracy", "untuned_accuracy", "preference_accuracy",
-                    "likelihood_accuracy", "untuned_likelihood_accuracy"):
+        for key in METRICS:
             values = [r[key] for r in mine if r[key] is not None]
             entry[f"{key}_mean"] = statistics.fmean(values) if values else None
             entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else (0.0 if values else None)
@@ -193,9 +280,22 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
+HEADINGS = {"final_accuracy": "final accuracy", "local_only_accuracy": "local-only accuracy",
+            "untuned_accuracy": "untuned", "preference_accuracy": "preference accuracy",
+            "likelihood_accuracy": "likelihood accuracy",
+            "untuned_likelihood_accuracy": "untuned likelihood accuracy",
+            "refusal_rate": "harmless rate", "untuned_refusal_rate": "untuned harmless rate",
+            "attack_success_rate": "backdoor success", "clean_target_rate": "target on clean inputs",
+            "true_positive_rate": "malicious dropped", "false_positive_rate": "honest dropped"}
+
+
 def summary_table(root: Path) -> str:
+    """summary.csv as a Markdown table: mean ± std over seeds of each metric the sweep
+    measured, one row per variant (grid cell), its axes first."""
     with (Path(root) / "summary.csv").open(encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
+        reader = csv.DictReader(fh)
+        rows, fields = list(reader), reader.fieldnames or []
+    axes = fields[1:fields.index("seeds")]
 
     def cell(row, key):
         mean, std = row[f"{key}_mean"], row[f"{key}_std"]
@@ -210,14 +310,11 @@ def summary_table(root: Path) -> str:
         return format_epsilon(float(row["epsilon"])), sigma
 
     dp = any(row["certified"] != "" for row in rows)
-    pref = any(row.get("preference_accuracy_mean", "") != "" for row in rows)
-    heads = ["variant", "seeds", *(["epsilon", "sigma"] if dp else []), "final accuracy",
-             "local-only accuracy", "untuned",
-             *(["preference accuracy", "likelihood accuracy", "untuned likelihood accuracy"] if pref else [])]
-    keys = ["final_accuracy", "local_only_accuracy", "untuned_accuracy",
-            *(["preference_accuracy", "likelihood_accuracy", "untuned_likelihood_accuracy"] if pref else [])]
+    keys = [k for k in METRICS if any(row.get(f"{k}_mean", "") != "" for row in rows)]
+    heads = ["variant", *axes, "seeds", *(["epsilon", "sigma"] if dp else []), *(HEADINGS[k] for k in keys)]
     lines = ["| " + " | ".join(heads) + " |", "|---" * len(heads) + "|"]
     for row in rows:
-        cells = [row["variant"], row["seeds"], *(privacy(row) if dp else ()), *(cell(row, k) for k in keys)]
+        cells = [row["variant"], *(row[a] for a in axes), row["seeds"], *(privacy(row) if dp else ()),
+                 *(cell(row, k) for k in keys)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

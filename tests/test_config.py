@@ -113,3 +113,23 @@ def test_sweep_expands_variants_times_seeds_and_validates(tmp_path):
     bad.write_text("name: x\nseeds: [0]\nvariants: {a: [lora.rank=2]}\nbse: {}\n")
     with pytest.raises(ConfigError, match="sweep.bse"):
         expand(bad)
+
+
+def test_every_shipped_experiment_and_sweep_validates():
+    """Each file in experiments/ is a config or a sweep whose every run's config loads."""
+    from pathlib import Path
+
+    from fedsec.sweep import expand
+
+    checked = 0
+    for path in sorted(Path("experiments").glob("*.yaml")):
+        spec = yaml.safe_load(path.read_text())
+        if "variants" in spec or "grid" in spec or "epsilons" in spec:
+            _, runs, base_file, _ = expand(path)
+            for run in runs:
+                load_config(base_file, list(run.overrides))
+                checked += 1
+        else:
+            load_config(path)
+            checked += 1
+    assert checked > 50  # the grids alone hold 35 runs

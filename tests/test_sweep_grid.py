@@ -1,0 +1,163 @@
+"""Grid sweeps: attack x fraction x defense cells, shared clean runs, one row per cell."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import yaml
+from conftest import TINY
+
+from attacks.clients import detection_rates
+from fedsec.errors import ConfigError
+from fedsec.sweep import expand, run_sweep, summary_table
+
+GRID = {
+    "attack": {"sign_flip": ["attack.kind=sign_flip", "attack.params={scale: 20}"],
+               "gaussian": ["attack.kind=gaussian", "attack.params={std: 1}"]},
+    "fraction": {0: ["attack.kind=none", "attack.fraction=0", "attack.params={}"],
+                 0.33: ["attack.fraction=0.33"]},
+    "defense": {"mean": ["defense.aggregator=mean"],
+                "krum": ["defense.aggregator=krum", "defense.f=1"]},
+}
+
+
+def _spec(tmp_path, **extra):
+    bench = {**TINY["data"]["benchmark"], "num_clients": 6, "num_probes": 0}
+    base = {**TINY, "data": {**TINY["data"], "benchmark": bench},
+            "federation": {"rounds": 2, "clients_per_round": 6, "local_only_clients": 0},
+            "training": {**TINY["training"], "local_steps": 1}, "eval": {"clients": False}}
+    spec = tmp_path / "grid.yaml"
+    spec.write_text(yaml.safe_dump({"name": "g", "base": base, "seeds": [0], "output_dir": str(tmp_path / "runs"),
+                                    "grid": GRID, **extra}, sort_keys=False))
+    return spec
+
+
+def test_grid_expands_to_the_product_of_its_axes_in_order(tmp_path):
+    root, runs, _, _ = expand(_spec(tmp_path, seeds=[0, 1]))
+    names = list(dict.fromkeys(r.variant for r in runs))
+    assert names == ["sign_flip-0-mean", "sign_flip-0-krum", "sign_flip-0.33-mean", "sign_flip-0.33-krum",
+                     "gaussian-0-mean", "gaussian-0-krum", "gaussian-0.33-mean", "gaussian-0.33-krum"]
+    assert len(runs) == 16
+    run = next(r for r in runs if r.variant == "gaussian-0-krum" and r.seed == 1)
+    assert run.cell == (("attack", "gaussian"), ("fraction", "0"), ("defense", "krum"))
+    assert run.overrides == ("attack.kind=gaussian", "attack.params={std: 1}", "attack.kind=none",
+                             "attack.fraction=0", "attack.params={}", "defense.aggregator=krum",
+                             "defense.f=1", "seed=1")
+    assert run.out == root / "gaussian-0-krum-s1"
+
+
+@pytest.mark.parametrize("grid, field", [
+    ({"seed": {"a": []}}, "sweep.grid"),                       # a column of the table
+    ({"attack": {"a/b": []}}, "sweep.grid.attack"),             # not a directory name
+    ({"attack": []}, "sweep.grid.attack"),                      # levels must be a mapping
+    ({"attack": {"a": "attack.kind=gaussian"}}, "sweep.grid.attack.a"),  # overrides must be a list
+])
+def test_bad_grids_name_the_field(tmp_path, grid, field):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(yaml.safe_dump({"name": "g", "base": TINY, "grid": grid}))
+    with pytest.raises(ConfigError) as err:
+        expand(spec)
+    assert err.value.field == field
+
+
+def test_detection_rates_by_hand():
+    rounds = [{"malicious": [1, 4], "true_positives": [4], "false_positives": [], "honest": 3},
+              {"malicious": [1], "true_positives": [1], "false_positives": [0, 2], "honest": 4},
+              {"malicious": [], "true_positives": [], "false_positives": [], "honest": 5}]
+    assert detection_rates(rounds) == {"true_positive_rate": 2 / 3, "false_positive_rate": 2 / 12}
+    assert detection_rates([]) == {"true_positive_rate": None, "false_positive_rate": None}
+
+
+def test_grid_sweep_shares_clean_runs_resumes_and_has_one_row_per_cell(tmp_path):
+    spec = _spec(tmp_path)
+    lines = []
+    root = run_sweep(spec, progress=False, log=lines.append)
+    # the gaussian column's 0% cells are the sign_flip column's: the same experiment
+    assert sum("starting" in line for line in lines) == 6
+    assert sum("shared" in line for line in lines) == 2
+    assert not (root / "gaussian-0-mean-s0").exists()
+    summary = list(csv.DictReader((root / "summary.csv").open()))
+    assert [(r["attack"], r["fraction"], r["defense"]) for r in summary] == [
+        (a, f, d) for a in ("sign_flip", "gaussian") for f in ("0", "0.33") for d in ("mean", "krum")]
+    rows = {r["variant"]: r for r in json.loads((root / "results.json").read_text())}
+    assert rows["gaussian-0-mean"]["run_dir"] == rows["sign_flip-0-mean"]["run_dir"]
+    assert rows["gaussian-0-mean"]["final_accuracy"] == rows["sign_flip-0-mean"]["final_accuracy"]
+    for name, row in rows.items():
+        attacked = "-0.33-" in name
+        assert row["malicious_count"] == (2 if attacked else 0) and row["num_clients"] == 6
+        assert row["attack_kind"] == (name.split("-")[0] if attacked else "none")
+        assert row["aggregator"] == name.split("-")[-1]
+        # the mean drops nobody; the table's rates are the rounds' detections, recounted
+        metrics = [json.loads(x) for x in open(f"{row['run_dir']}/metrics.jsonl")]
+        detected = detection_rates([m["attack"] for m in metrics if m.get("attack")])
+        assert row["true_positive_rate"] == detected["true_positive_rate"]
+        if attacked and name.endswith("mean"):
+            assert row["true_positive_rate"] == 0.0 and row["false_positive_rate"] == 0.0
+        if not attacked:
+            assert row["true_positive_rate"] is None
+    assert rows["sign_flip-0.33-krum"]["true_positive_rate"] > 0  # x20 sign flips stand out
+    table = summary_table(root)
+    assert table.splitlines()[0].startswith("| variant | attack | fraction | defense | seeds | final accuracy")
+    assert "malicious dropped" in table and len(table.splitlines()) == 2 + 8
+
+    # an interrupted run resumes from its checkpoint, the others are skipped; same table
+    before = (root / "results.csv").read_text()
+    (root / "gaussian-0.33-krum-s0" / "result.json").unlink()
+    again = []
+    run_sweep(spec, progress=False, log=again.append)
+    assert [line for line in again if line.startswith("[sweep]") and "resuming" in line] == [
+        "[sweep] gaussian-0.33-krum seed 0: resuming"]
+    assert sum("finished earlier" in line for line in again) == 5
+    assert (root / "results.csv").read_text() == before
+
+    # the report reads the grid: one table row per cell, heatmaps and fraction curves
+    from reports.pdf import build_report
+    pdf = build_report(root)
+    files = root / "report_files"
+    grid = list(csv.DictReader((files / "grid.csv").open()))
+    assert [g["cell"] for g in grid] == [r["variant"] for r in summary]
+    assert grid[2]["malicious"] == "2 of 6" and grid[0]["malicious"] == "0 of 6"
+    assert (files / "attack_grid.png").is_file() and (files / "attack_fractions.svg").is_file()
+    import pypdfium2
+    text = "".join(page.get_textpage().get_text_range() for page in pypdfium2.PdfDocument(pdf))
+    assert "Malicious-client grid" in text and "sign_flip at 33% malicious clients" in text
+
+
+def _row(seed, kind, count, aggregator, acc, run_dir, refusal=None):
+    return {"variant": f"{kind}-{count}-{aggregator}", "seed": seed, "run_dir": run_dir, "attack_kind": kind,
+            "malicious_count": count, "num_clients": 10, "aggregator": aggregator, "final_accuracy": acc,
+            "refusal_rate": refusal, "true_positive_rate": None if count == 0 else 0.5}
+
+
+def test_attack_grid_data_counts_clean_runs_once_per_attack():
+    from reports.plots import attack_grid_data
+
+    rows = [
+        # the clean run of each defense, listed under two attacks' 0% cells (one directory)
+        _row(0, "none", 0, "mean", 0.6, "c-mean", 0.9), _row(0, "none", 0, "mean", 0.6, "c-mean", 0.9),
+        _row(0, "none", 0, "median", 0.5, "c-med", 0.8), _row(0, "none", 0, "median", 0.5, "c-med", 0.8),
+        _row(0, "alie", 3, "mean", 0.2, "a1"), _row(1, "alie", 3, "mean", 0.4, "a2"),
+        _row(0, "alie", 3, "median", 0.45, "a3"),
+        _row(0, "alignment_poison", 3, "mean", 0.58, "p1", refusal=0.1),
+        _row(0, "alignment_poison", 3, "median", 0.57, "p2", refusal=0.2),
+    ]
+    data = attack_grid_data(rows)
+    assert data.attacks == ["alie", "alignment_poison"] and data.defenses == ["mean", "median"]
+    assert data.fractions == [0.0, 0.3]
+    clean = data.get("final_accuracy", "alie", "mean", 0.0)
+    assert (clean.mean, clean.n) == (0.6, 1)
+    assert data.get("final_accuracy", "alignment_poison", "median", 0.0).mean == 0.5
+    two_seeds = data.get("final_accuracy", "alie", "mean", 0.3)
+    assert two_seeds.n == 2 and abs(two_seeds.mean - 0.3) < 1e-12 and abs(two_seeds.std - 0.1414213562) < 1e-9
+    assert data.get("refusal_rate", "alignment_poison", "median", 0.3).mean == 0.2
+    assert data.get("refusal_rate", "alie", "mean", 0.3) is None
+    assert attack_grid_data([_row(0, "none", 0, "mean", 0.6, "c")]) is None
+
+    from reports.pdf import grid_findings
+    lines = grid_findings(data)
+    assert lines[0] == ("alie at 30% malicious clients: global test accuracy 0.300 under mean against 0.600 "
+                        "without attackers; median holds it at 0.450 (its clean run: 0.500).")
+    assert lines[1] == ("alignment_poison at 30% malicious clients: harmless (refusal) rate 0.100 under mean "
+                        "against 0.900 without attackers; median holds it at 0.200 (its clean run: 0.800).")
