@@ -64,7 +64,8 @@ def collect(directory: Path) -> tuple[str, list[RunFiles]]:
     directory = Path(directory)
     rows = plots.sweep_rows(directory)
     if rows:
-        return "sweep", [load_run(directory / f"{r['variant']}-s{r['seed']}", r["variant"], r["seed"])
+        # cells of a grid that are one experiment share a run directory (its name is in run_dir)
+        return "sweep", [load_run(directory / Path(r["run_dir"]).name, r["variant"], r["seed"])
                          for r in rows]
     if (directory / CONFIG).is_file():
         return "run", [load_run(directory)]
@@ -164,6 +165,65 @@ def findings(rows: list[dict]) -> list[str]:
                    "(see the table); no epsilon is claimed for them.")
     if unfinished:
         out.append(f"{len(unfinished)} run(s) are unfinished and left out of these numbers.")
+    return out
+
+
+GRID_COLUMNS = {"final_accuracy": "accuracy", "refusal_rate": "harmless rate",
+                "attack_success_rate": "backdoor success", "clean_target_rate": "target on clean",
+                "true_positive_rate": "malicious dropped", "false_positive_rate": "honest dropped"}
+
+
+def grid_table(directory: Path) -> list[dict]:
+    """A malicious-client sweep's summary.csv, one row per cell: its axes, the attack's
+    size and each metric as mean ± std over seeds ([] when no run had malicious clients)."""
+    path = Path(directory) / "summary.csv"
+    if not path.is_file():
+        return []
+    with path.open(encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        rows, fields = list(reader), reader.fieldnames or []
+    if not any(r.get("malicious_count") not in (None, "", "0") for r in rows):
+        return []
+    axes = fields[1:fields.index("seeds")]
+    out = []
+    for r in rows:
+        row = {"cell": r["variant"], **{a: r[a] for a in axes},
+               "malicious": f"{r['malicious_count']} of {r['num_clients']}", "seeds": r["seeds"]}
+        for key, head in GRID_COLUMNS.items():
+            if any(x.get(f"{key}_mean") for x in rows):
+                mean, std = r.get(f"{key}_mean"), r.get(f"{key}_std")
+                row[head] = f"{float(mean):.3f} ± {float(std):.3f}" if mean else None
+        out.append(row)
+    return out
+
+
+def grid_findings(data: "plots.AttackGrid | None") -> list[str]:
+    """Per attack at the largest fraction: what it does to the plain mean against the clean
+    run, and the defense that holds up best, each on the metric the attack targets."""
+    if data is None or 0.0 not in data.fractions:
+        return []
+    top, out = data.fractions[-1], []
+    for attack in data.attacks:
+        metric = next((m for m in ("attack_success_rate", "refusal_rate", "final_accuracy")
+                       if data.get(m, attack, data.defenses[0], top) is not None
+                       and (m != "attack_success_rate" or attack == "backdoor")
+                       and (m != "refusal_rate" or attack in ("alignment_poison", "preference_flip"))), None)
+        if metric is None:
+            continue
+        label = plots.METRIC_LABELS[metric]
+        worse_up = metric == "attack_success_rate"  # higher is the attacker's win
+        scores = {d: (data.get(metric, attack, d, top), data.get(metric, attack, d, 0.0)) for d in data.defenses}
+        scores = {d: (a.mean, c.mean) for d, (a, c) in scores.items() if a is not None and c is not None}
+        if not scores:
+            continue
+        first = data.defenses[0] if data.defenses[0] in scores else next(iter(scores))
+        attacked, clean = scores[first]
+        text = (f"{attack} at {top:.0%} malicious clients: {label} {attacked:.3f} under {first} "
+                f"against {clean:.3f} without attackers")
+        best = (min if worse_up else max)(scores, key=lambda d: scores[d][0])
+        if best != first:
+            text += f"; {best} holds it at {scores[best][0]:.3f} (its clean run: {scores[best][1]:.3f})"
+        out.append(text + ".")
     return out
 
 
@@ -311,20 +371,33 @@ def build_report(directory: Path, out: Path | None = None, force: bool = False) 
              ("clients per round", cfg.get("federation", {}).get("clients_per_round", "-"))]
     story.append(_table([{"field": k, "value": v} for k, v in facts], styles))
     story += [Spacer(1, 0.5 * cm), Paragraph("Summary", styles["h"])]
+    grid = grid_table(directory) if kind == "sweep" else []
     story += [Paragraph(sentence, styles["body"]) for sentence in findings(table)]
+    if grid:
+        story += [Paragraph(sentence, styles["body"])
+                  for sentence in grid_findings(plots.attack_grid_data(plots.sweep_rows(directory)))]
     story += [PageBreak(), Paragraph("Runs", styles["h"])]
     columns = ["variant", "seed", "algorithm", "rounds", "privacy", "epsilon", "sigma", "clip_norm",
                "sample_rate", "certified", "final_accuracy", "local_only_accuracy", "untuned_accuracy"]
     story.append(_table(table, styles, columns, width=17.4 * cm))
+    if grid:
+        write_csv(files / "grid.csv", grid)
+        story += [PageBreak(), Paragraph("Malicious-client grid", styles["h"]),
+                  Paragraph("One row per cell, mean ± standard deviation over seeds. Dropped: the share "
+                            "of sampled malicious (honest) updates the defense excluded, scored against "
+                            "the known identities.", styles["body"]),
+                  _table(grid, styles, width=17.4 * cm)]
 
     figures = []
     if kind == "sweep":
         figures.append(("privacy_utility", plots.privacy_utility(directory)))
+        figures.append(("attack_grid", plots.attack_grid(directory)))
+        figures.append(("attack_fractions", plots.attack_fractions(directory)))
     done = [r for r in runs if r.result and r.result.get("finished")]
     seen = set()
-    for run in done:  # one training curve per variant (its first seed)
-        if run.variant not in seen:
-            seen.add(run.variant)
+    for run in done:  # one training curve per experiment (its first seed), up to 8
+        if run.path not in seen and len(seen) < 8:
+            seen.add(run.path)
             figures.append((f"training_{run.variant}", plots.training_curves(run.path)))
     private = next((r for r in done if r.privacy.get("certified")), None)
     if private is not None:

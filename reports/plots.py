@@ -13,6 +13,10 @@ and line style as well as colour.
     epsilon_over_rounds(run_dir)  epsilon spent after each round, per accountant
     training_curves(run_dir)      global test accuracy and loss per round, and the
                                   spread over clients' own test sets
+    attack_grid(sweep_dir)        malicious-client grids: attack x defense heatmaps at
+                                  the largest fraction of malicious clients
+    attack_fractions(sweep_dir)   each metric over the fraction of malicious clients,
+                                  one curve per defense, one panel per attack
     save(fig, stem)               stem.png and stem.svg
 """
 
@@ -34,7 +38,11 @@ import matplotlib.ticker  # noqa: E402
 
 STYLES = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-"), ("P", "--")]
 METRIC_LABELS = {"final_accuracy": "global test accuracy", "preference_accuracy": "preference accuracy",
-                 "likelihood_accuracy": "likelihood accuracy", "refusal_rate": "refusal rate"}
+                 "likelihood_accuracy": "likelihood accuracy", "refusal_rate": "harmless (refusal) rate",
+                 "attack_success_rate": "backdoor attack success", "true_positive_rate": "malicious updates dropped",
+                 "false_positive_rate": "honest updates dropped"}
+# what a malicious-client grid shows, in this order, where the sweep measured it
+GRID_METRICS = ("final_accuracy", "refusal_rate", "attack_success_rate", "true_positive_rate")
 
 
 def read_json(path: Path):
@@ -224,6 +232,113 @@ def training_curves(run_dir: Path):
     bottom.set_xlabel("round (0 = untuned model)")
     bottom.grid(alpha=0.3)
     top.set_title(f"Training: {Path(run_dir).name}")
+    fig.tight_layout()
+    return fig
+
+
+@dataclass(frozen=True)
+class AttackGrid:
+    """A malicious-client sweep, from its results rows: metric -> (attack, defense, fraction)
+    -> the metric over seeds. Runs without malicious clients are every attack's 0 point."""
+
+    attacks: list[str]
+    defenses: list[str]
+    fractions: list[float]  # of all clients, ascending, 0 first when the sweep has clean runs
+    cells: dict[str, dict[tuple[str, str, float], Stat]]
+
+    def get(self, metric: str, attack: str, defense: str, fraction: float) -> Stat | None:
+        return self.cells.get(metric, {}).get((attack, defense, fraction))
+
+
+def attack_grid_data(rows: list[dict]) -> AttackGrid | None:
+    """None when no run of the sweep had malicious clients."""
+    rows = [r for r in rows if r.get("malicious_count") is not None and r.get("num_clients")]
+    attacked = [r for r in rows if r["malicious_count"] > 0]
+    if not attacked:
+        return None
+    attacks = list(dict.fromkeys(r["attack_kind"] for r in attacked))
+    defenses = list(dict.fromkeys(r["aggregator"] for r in rows))
+    groups: dict[tuple[str, str, float], list[dict]] = {}
+    seen: set[tuple[str, int, str]] = set()
+    for r in rows:
+        fraction = round(r["malicious_count"] / r["num_clients"], 6)
+        kinds = attacks if r["malicious_count"] == 0 else [r["attack_kind"]]
+        for kind in kinds:  # a clean run is the 0 point of every attack, counted once per seed
+            key = (kind, r["aggregator"], fraction)
+            if (str(key), r["seed"], r["run_dir"]) not in seen:
+                seen.add((str(key), r["seed"], r["run_dir"]))
+                groups.setdefault(key, []).append(r)
+    cells = {}
+    for metric in GRID_METRICS:
+        cells[metric] = {k: st for k, mine in groups.items() if (st := aggregate(r.get(metric) for r in mine))}
+    fractions = sorted({k[2] for k in groups})
+    return AttackGrid(attacks, defenses, fractions, {m: c for m, c in cells.items() if c})
+
+
+def attack_grid(sweep_dir: Path):
+    """Attack (rows, with the clean runs on top) x defense (columns) heatmaps of each
+    metric at the largest fraction of malicious clients, each cell annotated."""
+    data = attack_grid_data(sweep_rows(sweep_dir))
+    if data is None:
+        return None
+    top = data.fractions[-1]
+    metrics = [m for m in GRID_METRICS if m in data.cells]
+    clean = 0.0 in data.fractions
+    labels = (["no attack"] if clean else []) + data.attacks
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics) + 1, 0.5 * len(labels) + 2.2),
+                             squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        grid = []
+        for label in labels:
+            attack, fraction = (data.attacks[0], 0.0) if label == "no attack" else (label, top)
+            grid.append([(st.mean if (st := data.get(metric, attack, d, fraction)) else math.nan)
+                         for d in data.defenses])
+        image = ax.imshow(grid, cmap="Greys", vmin=0, vmax=1, aspect="auto")
+        for i, row in enumerate(grid):
+            for j, value in enumerate(row):
+                text = "-" if math.isnan(value) else f"{value:.2f}"
+                ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                        color="white" if not math.isnan(value) and value > 0.55 else "black")
+        ax.set_xticks(range(len(data.defenses)), data.defenses, rotation=30, ha="right", fontsize=8)
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        ax.set_title(METRIC_LABELS.get(metric, metric), fontsize=9)
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    fig.suptitle(f"{Path(sweep_dir).name}: attack x defense at {top:.0%} malicious clients", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def attack_fractions(sweep_dir: Path, metric: str | None = None):
+    """The metric (default: the first the sweep measured of accuracy, harmless rate, attack
+    success) over the fraction of malicious clients; one panel per attack, one curve per
+    defense, mean and standard deviation over seeds."""
+    data = attack_grid_data(sweep_rows(sweep_dir))
+    if data is None or len(data.fractions) < 2:
+        return None
+    metrics = [metric] if metric else [m for m in GRID_METRICS[:3] if m in data.cells]
+    fig, axes = plt.subplots(len(metrics), len(data.attacks), figsize=(3.2 * len(data.attacks) + 0.6,
+                                                                      2.6 * len(metrics) + 0.6),
+                             squeeze=False, sharex=True)
+    for i, m in enumerate(metrics):
+        for j, attack in enumerate(data.attacks):
+            ax = axes[i][j]
+            for k, defense in enumerate(data.defenses):
+                points = [(f, st) for f in data.fractions if (st := data.get(m, attack, defense, f))]
+                if not points:
+                    continue
+                marker, style = STYLES[k % len(STYLES)]
+                ax.errorbar([100 * f for f, _ in points], [st.mean for _, st in points],
+                            yerr=[st.std for _, st in points], marker=marker, linestyle=style,
+                            capsize=3, label=defense)
+            ax.set_ylim(-0.05, 1.05)
+            ax.grid(alpha=0.3)
+            if i == 0:
+                ax.set_title(attack, fontsize=9)
+            if j == 0:
+                ax.set_ylabel(METRIC_LABELS.get(m, m), fontsize=8)
+            if i == len(metrics) - 1:
+                ax.set_xlabel("malicious clients (%)", fontsize=8)
+    axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     return fig
 
