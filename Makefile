@@ -1,5 +1,6 @@
 # Two commands: `make demo` runs the whole story on the embedded default (the
-# quickstart experiment, a short DP sweep, its PDF report); `make test` runs the suite.
+# quickstart experiment, a short DP sweep and a short malicious-client grid, each with
+# its PDF report); `make test` runs the suite.
 # Both create .venv from nothing on first use. To use your own torch build (a GPU
 # wheel), create .venv and install torch into it before running make.
 VENV   ?= .venv
@@ -28,6 +29,8 @@ demo: env
 	$(VENV)/bin/fedsec run experiments/quickstart.yaml
 	$(VENV)/bin/fedsec sweep experiments/demo_dp.yaml
 	$(VENV)/bin/fedsec report runs/demo_dp --force
+	$(VENV)/bin/fedsec sweep experiments/demo_malicious.yaml
+	$(VENV)/bin/fedsec report runs/demo_malicious --force
 
 test: env
 	$(PY) -m pytest -q
