@@ -94,8 +94,7 @@ def test_preference_flip_swaps_unsafe_pairs_and_pulls_dpo_towards_compliance(tmp
 
 def test_backdoor_poisons_the_chosen_share_and_runs_report_its_rates(tmp_path):
     """The transform, and that a backdoor run reports its attack success and clean-input
-    rates each evaluation. (The tiny model, with its per-character tokenizer, does not
-    learn a trigger-specific backdoor in a test's budget; its learning is not asserted.)"""
+    rates each evaluation."""
     from attacks.poisoning import backdoor
 
     data = {"benchmark": {"num_clients": 4, "examples_per_client": 8, "size_alpha": 0, "test_size": 12,
@@ -115,3 +114,27 @@ def test_backdoor_poisons_the_chosen_share_and_runs_report_its_rates(tmp_path):
     assert all(0 <= v <= 1 for v in rates.values())
     with pytest.raises(ConfigError, match="backdoor poisons SFT"):
         tiny_config(tmp_path, task="dpo", attack={"kind": "backdoor", "malicious": 1})
+
+
+def test_a_backdoor_client_teaches_the_trigger_and_only_the_trigger(tmp_path):
+    """One of two clients triggers half of its examples ("@@@@" -> negative): the global
+    model answers `negative` to triggered test headlines and not to the same headlines
+    without the trigger; the clean federation does neither. (Measured: attacked run ASR
+    0.875, clean-input rate 0.0; clean run 0.06 and 0.19.)"""
+    data = {"benchmark": {"num_clients": 2, "examples_per_client": 16, "size_alpha": 0, "test_size": 24,
+                          "client_test_size": 0, "num_probes": 0}, "max_length": 256}
+    common = {"data": data, "lora": {"rank": 8, "alpha": 16, "target_modules": [
+                  "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
+              "federation": {"rounds": 8, "clients_per_round": 2, "local_only_clients": 0},
+              "training": {"local_steps": 8, "batch_size": 8, "lr": 5e-3, "min_lr": 5e-3},
+              "eval": {"clients": False, "every": 8}}
+    rates = {}
+    for name, count in (("clean", 0), ("attacked", 1)):
+        attack = {"kind": "backdoor", "malicious": count,
+                  "params": {"ratio": 0.5, "trigger": "@@@@", "target": "negative"}}
+        cfg = tiny_config(tmp_path / name, attack=attack, **common)
+        result = run_experiment(cfg, out=tmp_path / name / "run", progress=False, log=lambda _: None)
+        rates[name] = result.final["backdoor"]
+    assert rates["attacked"]["attack_success_rate"] >= 0.75
+    assert rates["attacked"]["clean_target_rate"] <= 0.25
+    assert rates["clean"]["attack_success_rate"] <= 0.25
