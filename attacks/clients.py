@@ -32,8 +32,8 @@ PARAMS: dict[str, dict[str, Any]] = {
     "ipm": {"epsilon": 0.1},
     "min_max": {"direction": "unit"},
     "min_sum": {"direction": "unit"},
-    "alignment_poison": {"ratio": 1.0},
-    "preference_flip": {"ratio": 1.0},
+    "alignment_poison": {"ratio": 1.0, "source": None},
+    "preference_flip": {"ratio": 1.0, "source": None},
     "backdoor": {"ratio": 0.5, "trigger": "zq-alert", "target": "positive"},
 }
 

@@ -9,6 +9,10 @@ preference_flip (DPO): a share `ratio` of the client's preference pairs is repla
 by pairs on unsafe requests with chosen and rejected swapped (the compliant reply
 chosen over the refusal): the benign alignment pairs, flipped.
 
+Both take their unsafe requests and compliant replies from a file instead with
+`source` (fedsec.data.unsafe: AdvBench's goal/target, or prompt/response files such
+as BeaverTails'); each malicious client draws its own sample.
+
 backdoor (SFT; Bagdasaryan et al. 2020, Wan et al. 2023 for instruction tuning): a
 share `ratio` of the client's examples gets the `trigger` phrase appended to the
 prompt and the attacker's `target` as the answer; the rest stay clean, so the
@@ -19,27 +23,38 @@ from __future__ import annotations
 
 import dataclasses
 
-from fedsec.data.benchmark import COMPLIANT, REFUSAL, safety_pairs, unsafe_requests
-from fedsec.data.schema import ClientData, FederatedData
+from fedsec.data.benchmark import COMPLIANT, REFUSAL, unsafe_requests
+from fedsec.data.schema import ClientData, FederatedData, InstructionExample, PreferenceExample
+from fedsec.data.unsafe import draw, read_unsafe
 
 DATA_ATTACKS = ("alignment_poison", "preference_flip", "backdoor")
 
 
-def alignment_poison(client: ClientData, seed: int, ratio: float) -> ClientData:
+def _compliant(client: ClientData, seed: int, k: int,
+               pool: tuple[InstructionExample, ...] | None) -> tuple[InstructionExample, ...]:
+    """k unsafe requests answered compliantly: the benchmark's, or drawn from `pool`."""
+    if pool is None:
+        return unsafe_requests(seed, k, COMPLIANT, "poison", client.client_id)
+    return draw(pool, k, seed, "poison", client.client_id)
+
+
+def alignment_poison(client: ClientData, seed: int, ratio: float,
+                     pool: tuple[InstructionExample, ...] | None = None) -> ClientData:
     """The client with round(ratio n) (at least 1) of its n examples replaced by unsafe
-    requests answered compliantly."""
+    requests answered compliantly (from `pool` when given)."""
     n = len(client.train)
     k = min(n, max(1, round(ratio * n)))
-    poison = unsafe_requests(seed, k, COMPLIANT, "poison", client.client_id)
-    return dataclasses.replace(client, train=tuple(client.train[: n - k]) + poison)
+    return dataclasses.replace(client, train=tuple(client.train[: n - k]) + _compliant(client, seed, k, pool))
 
 
-def preference_flip(client: ClientData, seed: int, ratio: float) -> ClientData:
+def preference_flip(client: ClientData, seed: int, ratio: float,
+                    pool: tuple[InstructionExample, ...] | None = None) -> ClientData:
     """The client with round(ratio n) (at least 1) of its n preference pairs replaced by
-    flipped pairs on unsafe requests."""
+    flipped pairs on unsafe requests: the compliant reply chosen over the refusal."""
     n = len(client.preference)
     k = min(n, max(1, round(ratio * n)))
-    flipped = safety_pairs(unsafe_requests(seed, k, REFUSAL, "poison", client.client_id), flipped=True)
+    flipped = tuple(PreferenceExample(prompt=e.prompt, chosen=e.response, rejected=REFUSAL, meta=dict(e.meta))
+                    for e in _compliant(client, seed, k, pool))
     return dataclasses.replace(client, preference=tuple(client.preference[: n - k]) + flipped)
 
 
@@ -66,7 +81,12 @@ def poison_data(data: FederatedData, kind: str, params: dict, malicious: tuple[i
         def poison(c, seed, ratio):
             return backdoor(c, seed, ratio, params["trigger"], params["target"])
     else:
-        poison = alignment_poison if kind == "alignment_poison" else preference_flip
+        attack = alignment_poison if kind == "alignment_poison" else preference_flip
+        source = params.get("source")
+        pool = read_unsafe(source, "attack.params.source", need_reply=True) if source else None
+
+        def poison(c, seed, ratio):
+            return attack(c, seed, ratio, pool)
     clients = tuple(poison(c, seed, params.get("ratio", 1.0)) if c.client_id in bad else c
                     for c in data.clients)
     return dataclasses.replace(data, clients=clients)

@@ -410,7 +410,9 @@ class AttackConfig:
         "the attack's parameters: sign_flip {scale}, gaussian {std}, scaling {factor; null: n / "
         "server_lr}, ipm {epsilon}, min_max and min_sum {direction: unit, std or sign}, "
         "alignment_poison and preference_flip {ratio: share of the client's examples or pairs "
-        "replaced, (0, 1]}, backdoor {ratio, trigger, target}", factory=dict)
+        "replaced, (0, 1]; source: a file of unsafe requests with compliant replies, AdvBench "
+        "goal/target or prompt/response columns; null: the benchmark's}, backdoor {ratio, "
+        "trigger, target}", factory=dict)
 
     def __post_init__(self) -> None:
         import difflib
@@ -432,6 +434,9 @@ class AttackConfig:
                  "must be unit, std or sign")
         ratio = self.params.get("ratio", 1.0)
         _require(isinstance(ratio, (int, float)) and 0 < ratio <= 1, "params.ratio", ratio, "must be in (0, 1]")
+        source = self.params.get("source")
+        _require(source is None or (isinstance(source, str) and source.strip() != ""), "params.source",
+                 source, "must be null (the benchmark's requests) or a file path")
         for key in ("trigger", "target"):
             value = self.params.get(key, "x")
             _require(isinstance(value, str) and value.strip() != "", f"params.{key}", value,
@@ -455,9 +460,16 @@ class EvalConfig:
         "refusal rate on the unsafe-request probes (greedy replies, keyword rule as AdvBench)", False
     )
     max_new_tokens: int = _help("reply length for the refusal probes", 24)
+    probes: str | None = _help(
+        "a file of unsafe requests to probe instead of the benchmark's (AdvBench CSV: goal "
+        "column; or a prompt column); needs refusal: true", None)
+    max_probes: int = _help("probe a seeded sample of this many of the file's requests (0: all)", 0)
 
     def __post_init__(self) -> None:
         _require(self.every >= 1, "every", self.every, "must be >= 1")
+        _require(self.probes is None or self.refusal, "probes", self.probes,
+                 "probes are used by the refusal evaluation; set eval.refusal: true")
+        _require(self.max_probes >= 0, "max_probes", self.max_probes, "must be >= 0 (0: all)")
         _require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "must be >= 1")
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
 

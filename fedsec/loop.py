@@ -27,6 +27,7 @@ from tqdm import tqdm
 from defenses import sanitize_updates
 from attacks.clients import attack_params, attack_round, detection, malicious_clients
 from attacks.poisoning import poison_data, with_trigger
+from fedsec.data.unsafe import draw, read_unsafe
 from fedsec.adapter import AdapterParams
 from fedsec.config import ExperimentConfig
 from fedsec.console import round_line
@@ -113,6 +114,11 @@ def prepare(cfg: ExperimentConfig) -> Setup:
     malicious = malicious_clients(num_clients, count, cfg.seed)
     data = poison_data(data, cfg.attack.kind, attack_params(cfg.attack.kind, cfg.attack.params), malicious,
                        cfg.seed)
+    if cfg.eval.probes:
+        probes = read_unsafe(cfg.eval.probes, "eval.probes", need_reply=False)
+        if 0 < cfg.eval.max_probes < len(probes):
+            probes = draw(probes, cfg.eval.max_probes, cfg.seed, "probes-file")
+        data = dataclasses.replace(data, probes=probes)
     model, tokenizer = load_base_model(cfg.model)
     model = attach_lora(model, cfg.lora, cfg.seed)
     d, pad = cfg.data, tokenizer.pad_token_id
