@@ -223,6 +223,9 @@ def grid_findings(data: "plots.AttackGrid | None") -> list[str]:
         best = (min if worse_up else max)(scores, key=lambda d: scores[d][0])
         if best != first:
             text += f"; {best} holds it at {scores[best][0]:.3f} (its clean run: {scores[best][1]:.3f})"
+        elif len(scores) > 1:
+            others = ", ".join(f"{d} {scores[d][0]:.3f}" for d in scores if d != first)
+            text += f"; no other defense does better ({others})"
         out.append(text + ".")
     return out
 
@@ -386,7 +389,8 @@ def build_report(directory: Path, out: Path | None = None, force: bool = False) 
                   Paragraph("One row per cell, mean ± standard deviation over seeds. Dropped: the share "
                             "of sampled malicious (honest) updates the defense excluded, scored against "
                             "the known identities.", styles["body"]),
-                  _table(grid, styles, width=17.4 * cm)]
+                  _table(grid, styles, [c for c in grid[0] if c != "cell" or list(grid[0])[1] == "malicious"],
+                         width=17.4 * cm)]  # a grid's axes name its cells
 
     figures = []
     if kind == "sweep":

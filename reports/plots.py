@@ -347,7 +347,8 @@ def save(fig, stem: Path) -> list[Path]:
     """Write stem.png (150 dpi) and stem.svg; returns the paths."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
+    # not with_suffix: a grid cell's name ("alie-0.3-mean") has dots of its own
+    paths = [stem.parent / f"{stem.name}.png", stem.parent / f"{stem.name}.svg"]
     fig.savefig(paths[0], dpi=150)
     fig.savefig(paths[1])
     plt.close(fig)

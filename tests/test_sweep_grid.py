@@ -120,6 +120,7 @@ def test_grid_sweep_shares_clean_runs_resumes_and_has_one_row_per_cell(tmp_path)
     assert [g["cell"] for g in grid] == [r["variant"] for r in summary]
     assert grid[2]["malicious"] == "2 of 6" and grid[0]["malicious"] == "0 of 6"
     assert (files / "attack_grid.png").is_file() and (files / "attack_fractions.svg").is_file()
+    assert (files / "training_sign_flip-0.33-mean.png").is_file()  # dots in cell names survive
     import pypdfium2
     text = "".join(page.get_textpage().get_text_range() for page in pypdfium2.PdfDocument(pdf))
     assert "Malicious-client grid" in text and "sign_flip at 33% malicious clients" in text
