@@ -6,6 +6,8 @@
   fedsec datasets                                 list the datasets known by name
   fedsec privacy epsilon|calibrate ...            epsilon of a DP setting, or sigma for a target
   fedsec report DIR [-o report.pdf]               a PDF report of a run or sweep directory
+  fedsec audit bound --canaries M --guesses R --correct V --delta D
+                                                  empirical epsilon lower bound (one-run audit)
 
 Bad input of any kind ends with one line on stderr naming the field, the value and
 the fix, and exit status 2; nothing existing is overwritten.
@@ -86,6 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="rdp, prv (Opacus) or pld (dp-accounting); default rdp")
         p.add_argument("--json", action="store_true", help="print one JSON object")
 
+    audit = sub.add_parser("audit", help="empirical lower bounds on epsilon from an attack's success",
+                           description="Privacy auditing: turn an attack's success into a lower "
+                                       "bound on epsilon that holds with a chosen confidence.")
+    audits = audit.add_subparsers(dest="audit_command", metavar="bound", parser_class=_Parser)
+    bound = audits.add_parser("bound", help="the one-run bound of Steinke, Nasr & Jagielski (2023)",
+                              description="M canaries, each included with probability 1/2; the "
+                                          "auditor made R guesses (in or out), V of them right.")
+    bound.add_argument("--canaries", type=int, required=True, metavar="M", help="canaries, m")
+    bound.add_argument("--guesses", type=int, required=True, metavar="R", help="guesses made, r <= m")
+    bound.add_argument("--correct", type=int, required=True, metavar="V", help="correct guesses, v <= r")
+    bound.add_argument("--delta", type=float, required=True, metavar="D", help="the DP delta, in [0, 1)")
+    bound.add_argument("--confidence", type=float, default=0.95, help="confidence of the bound (default 0.95)")
+    bound.add_argument("--json", action="store_true", help="print one JSON object")
+
     report = sub.add_parser("report", help="a PDF report of a run or sweep directory",
                             description="Build a PDF (title, findings, tables, figures, privacy "
                                         "ledger, config) from a run or sweep directory, with the "
@@ -112,6 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _privacy(args)
         if args.command == "report":
             return _report(args)
+        if args.command == "audit":
+            return _audit(args)
         build_parser().print_help()
         return EXIT_USAGE
     except FedsecError as err:
@@ -120,6 +138,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fedsec: interrupted; continue with --resume", file=sys.stderr)
         return 130
+
+
+def _audit(args) -> int:
+    import json
+
+    from accountants.audit import one_run_bound
+    from fedsec.errors import ConfigError
+
+    if args.audit_command is None:
+        raise ConfigError("fedsec audit", None, "name a command: bound")
+    if args.canaries < 1:
+        raise ConfigError("--canaries", args.canaries, "must be >= 1")
+    if not 1 <= args.guesses <= args.canaries:
+        raise ConfigError("--guesses", args.guesses, f"must be in [1, --canaries = {args.canaries}]")
+    if not 0 <= args.correct <= args.guesses:
+        raise ConfigError("--correct", args.correct, f"must be in [0, --guesses = {args.guesses}]")
+    if not 0 <= args.delta < 1:
+        raise ConfigError("--delta", args.delta, "must be in [0, 1), e.g. 1e-5")
+    if not 0 < args.confidence < 1:
+        raise ConfigError("--confidence", args.confidence, "must be in (0, 1), e.g. 0.95")
+    result = one_run_bound(args.canaries, args.guesses, args.correct, args.delta, args.confidence)
+    if args.json:
+        print(json.dumps(result.as_dict()))
+        return 0
+    print(f"epsilon >= {result.epsilon_lower_bound:.4f} with confidence {args.confidence:g} "
+          f"({args.correct} of {args.guesses} guesses right on {args.canaries} canaries, delta {args.delta:g})")
+    return 0
 
 
 def _report(args) -> int:

@@ -1,0 +1,97 @@
+"""Empirical epsilon lower bounds, checked by hand, by closed forms and by brute force."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+from scipy import stats
+
+from accountants.audit import clopper_pearson_upper, many_runs_bound, one_run_bound, one_run_p_value
+
+
+def test_reference_value():
+    # REFERENCES.md: m = 1000, r = 100, v = 100, delta = 0 gives 3.493
+    assert round(one_run_bound(1000, 100, 100, 0.0).epsilon_lower_bound, 3) == 3.493
+
+
+@pytest.mark.parametrize("r", [1, 10, 50, 400])
+def test_all_guesses_right_without_delta_has_a_closed_form(r):
+    # p(eps) = q^r, so the bound solves q^r = 0.05: q = 0.05^(1/r), eps = ln(q / (1 - q))
+    q = 0.05 ** (1 / r)
+    expected = max(0.0, math.log(q / (1 - q)))
+    assert abs(one_run_bound(10_000, r, r, 0.0).epsilon_lower_bound - expected) < 1e-5
+
+
+def _p_value_by_brute_force(m, r, v, eps, delta):
+    q = math.exp(eps) / (1 + math.exp(eps))
+    pmf = [math.comb(r, k) * q ** k * (1 - q) ** (r - k) for k in range(r + 1)]
+    beta = sum(pmf[v:])
+    alpha = max(sum(pmf[v - i: v]) / i for i in range(1, v + 1))
+    return min(1.0, beta + 2 * m * delta * alpha)
+
+
+@pytest.mark.parametrize("m, r, v, eps, delta", [(100, 20, 15, 0.7, 1e-3), (50, 30, 30, 2.0, 1e-4),
+                                                 (1000, 12, 7, 0.1, 0.0), (10, 8, 8, 5.0, 0.01)])
+def test_p_value_equals_the_formula_summed_by_hand(m, r, v, eps, delta):
+    assert abs(one_run_p_value(m, r, v, eps, delta) - _p_value_by_brute_force(m, r, v, eps, delta)) < 1e-12
+
+
+def test_the_bound_sits_where_the_p_value_crosses_the_level():
+    b = one_run_bound(1000, 200, 170, 1e-5, confidence=0.95).epsilon_lower_bound
+    assert one_run_p_value(1000, 200, 170, b, 1e-5) < 0.05 <= one_run_p_value(1000, 200, 170, b + 1e-4, 1e-5)
+
+
+def test_monotone_in_correct_guesses_and_in_delta():
+    bounds = [one_run_bound(1000, 100, v, 1e-5).epsilon_lower_bound for v in range(40, 101)]
+    assert all(a <= b for a, b in zip(bounds, bounds[1:])) and bounds[-1] > bounds[20] > 0
+    assert bounds[0] == 0.0  # 40 of 100 is no evidence against any epsilon
+    by_delta = [one_run_bound(1000, 100, 95, d).epsilon_lower_bound for d in (0.0, 1e-6, 1e-4, 1e-3)]
+    assert all(a >= b for a, b in zip(by_delta, by_delta[1:])) and by_delta[0] > by_delta[-1]
+    # higher confidence, weaker claim
+    assert one_run_bound(1000, 100, 95, 0.0, 0.99).epsilon_lower_bound < by_delta[0]
+
+
+def test_bad_counts_are_refused():
+    for args in ((10, 11, 5, 0.0), (10, 5, 6, 0.0), (10, 5, 5, 1.0), (0, 1, 1, 0.0)):
+        with pytest.raises(ValueError):
+            one_run_bound(*args)
+
+
+def test_clopper_pearson_upper_bound():
+    # k = 0 has a closed form: 1 - (1 - c)^(1/n)
+    assert abs(clopper_pearson_upper(0, 200, 0.95) - (1 - 0.05 ** (1 / 200))) < 1e-12
+    # in general the bound u is where seeing k or fewer becomes a 1 - c event
+    u = clopper_pearson_upper(7, 60, 0.975)
+    assert abs(stats.binom.cdf(7, 60, u) - 0.025) < 1e-9
+    assert clopper_pearson_upper(5, 5, 0.95) == 1.0
+
+
+def test_many_runs_bound_by_hand():
+    # no errors in 1000 + 1000 trials: both rates <= 1 - 0.025^(1/1000)
+    u = 1 - 0.025 ** (1 / 1000)
+    assert abs(many_runs_bound(0, 1000, 0, 1000, 1e-5) - math.log((1 - 1e-5 - u) / u)) < 1e-9
+    # a coin-flip test proves nothing
+    assert many_runs_bound(500, 1000, 500, 1000, 1e-5) == 0.0
+    # asymmetric errors: the larger of the two ratios
+    fpr, fnr = clopper_pearson_upper(10, 500, 0.975), clopper_pearson_upper(200, 500, 0.975)
+    assert abs(many_runs_bound(10, 500, 200, 500, 0.0) - math.log((1 - fnr) / fpr)) < 1e-12
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "fedsec", "audit", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli_prints_the_bound_and_refuses_bad_counts():
+    out = _cli("bound", "--canaries", "1000", "--guesses", "100", "--correct", "100", "--delta", "0", "--json")
+    assert out.returncode == 0
+    assert round(json.loads(out.stdout)["epsilon_lower_bound"], 3) == 3.493
+    text = _cli("bound", "--canaries", "1000", "--guesses", "100", "--correct", "100", "--delta", "0")
+    assert text.stdout.startswith("epsilon >= 3.4930 with confidence 0.95")
+    bad = _cli("bound", "--canaries", "10", "--guesses", "5", "--correct", "6", "--delta", "0")
+    assert bad.returncode == 2 and bad.stderr.strip() == "fedsec: error: --correct = 6: must be in [0, --guesses = 5]"
+    assert "Traceback" not in bad.stderr
