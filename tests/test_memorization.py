@@ -1,0 +1,82 @@
+"""Exposure and membership-inference metrics on hand-built and synthetic scores."""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from attacks.memorization import (
+    exposure_exact,
+    exposure_extrapolated,
+    loss_score,
+    mia_metrics,
+    min_k_score,
+    reference_score,
+    tpr_at_fpr,
+    zlib_score,
+)
+
+
+def test_exposure_by_hand():
+    # a space of 8 candidates (the secret among them)
+    others = [5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0]
+    assert exposure_exact(1.0, others) == 3.0  # the secret is the model's favourite: log2 8
+    assert exposure_exact(20.0, others) == 0.0  # its least favourite: log2 8 - log2 8
+    assert exposure_exact(6.5, others) == 3.0 - math.log2(3)  # two candidates beat it
+    # the secret's own score may be in the list: counted once
+    assert exposure_exact(6.5, others + [6.5]) == 3.0 - math.log2(3)
+
+
+def test_extrapolated_exposure_matches_the_exact_one_on_a_large_space():
+    rng = np.random.default_rng(0)
+    space = rng.normal(10.0, 1.0, size=2 ** 16)
+    secret = 6.5  # 3.5 standard deviations below the mean
+    exact = exposure_exact(secret, space)
+    sample = rng.choice(space, size=4000, replace=False)
+    assert abs(exposure_extrapolated(secret, sample) - exact) < 0.6
+    # and the Gaussian tail it estimates: -log2 Phi(-3.5) = 14.2
+    assert abs(exposure_extrapolated(secret, sample) + stats.norm.logcdf(-3.5) / math.log(2)) < 0.6
+
+
+def test_scores_by_hand():
+    logps = [-0.1, -2.0, -0.5, -4.0, -0.2]
+    assert loss_score(logps) == pytest.approx(-1.36)
+    assert min_k_score(logps, k=0.2) == -4.0  # ceil(0.2 * 5) = 1 lowest
+    assert min_k_score(logps, k=0.4) == -3.0  # the two lowest
+    assert zlib_score(logps, "abcabc") == pytest.approx(-1.36 / len(zlib.compress(b"abcabc")))
+    assert reference_score(logps, [-1.0] * 5) == pytest.approx(-0.36)
+
+
+def test_auc_by_counting_pairs():
+    members, non_members = [0.9, 0.8, 0.3], [0.7, 0.2, 0.1, 0.85]
+    pairs = sum((m > n) + 0.5 * (m == n) for m in members for n in non_members)
+    assert mia_metrics(members, non_members).auc == pytest.approx(pairs / 12)
+    perfect = mia_metrics([2.0, 3.0], [0.0, 1.0])
+    assert perfect.auc == 1.0 and perfect.tpr_at_1pct_fpr == 1.0
+
+
+def test_tpr_at_low_fpr_by_hand():
+    non_members = np.arange(100.0)  # 0..99
+    members = np.array([99.5, 120.0, 98.5, 50.0])
+    # threshold above 99 (no false positive): members 99.5 and 120 -> 0.5
+    assert tpr_at_fpr(members, non_members, 0.0) == 0.5
+    # one false positive allowed (1%): threshold above 98 also takes 98.5 -> 0.75
+    assert tpr_at_fpr(members, non_members, 0.01) == 0.75
+
+
+def test_gaussian_scores_have_the_known_auc():
+    # members ~ N(d, 1), non-members ~ N(0, 1): AUC = Phi(d / sqrt 2)
+    rng = np.random.default_rng(1)
+    d = 1.0
+    result = mia_metrics(rng.normal(d, 1, 20_000), rng.normal(0, 1, 20_000))
+    assert abs(result.auc - stats.norm.cdf(d / math.sqrt(2))) < 0.01
+    # TPR at 1% FPR: P[N(d, 1) > z_0.99] = 1 - Phi(2.326 - d)
+    assert abs(result.tpr_at_1pct_fpr - (1 - stats.norm.cdf(stats.norm.ppf(0.99) - d))) < 0.02
+    chance = mia_metrics(rng.normal(0, 1, 5000), rng.normal(0, 1, 5000))
+    assert abs(chance.auc - 0.5) < 0.02
+    with pytest.raises(ValueError):
+        mia_metrics([], [1.0])
