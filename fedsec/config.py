@@ -464,12 +464,17 @@ class EvalConfig:
         "a file of unsafe requests to probe instead of the benchmark's (AdvBench CSV: goal "
         "column; or a prompt column); needs refusal: true", None)
     max_probes: int = _help("probe a seeded sample of this many of the file's requests (0: all)", 0)
+    canaries: bool = _help("exposure and extraction of the planted canaries (data.benchmark."
+                           "canaries_per_client) at each evaluation", False)
+    canary_candidates: int = _help("random PINs each canary is ranked against (exposure)", 1000)
 
     def __post_init__(self) -> None:
         _require(self.every >= 1, "every", self.every, "must be >= 1")
         _require(self.probes is None or self.refusal, "probes", self.probes,
                  "probes are used by the refusal evaluation; set eval.refusal: true")
         _require(self.max_probes >= 0, "max_probes", self.max_probes, "must be >= 0 (0: all)")
+        _require(self.canary_candidates >= 100, "canary_candidates", self.canary_candidates,
+                 "must be >= 100 (the skew-normal fit needs a sample)")
         _require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "must be >= 1")
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
 

@@ -28,6 +28,7 @@ from defenses import sanitize_updates
 from attacks.clients import attack_params, attack_round, detection, malicious_clients
 from attacks.poisoning import poison_data, with_trigger
 from fedsec.data.unsafe import draw, read_unsafe
+from fedsec.memorization import memorization_metrics
 from fedsec.adapter import AdapterParams
 from fedsec.config import ExperimentConfig
 from fedsec.console import round_line
@@ -114,6 +115,9 @@ def prepare(cfg: ExperimentConfig) -> Setup:
     malicious = malicious_clients(num_clients, count, cfg.seed)
     data = poison_data(data, cfg.attack.kind, attack_params(cfg.attack.kind, cfg.attack.params), malicious,
                        cfg.seed)
+    if cfg.eval.canaries and not data.canaries:
+        raise ConfigError("eval.canaries", True, "no canaries are planted; set "
+                          "data.benchmark.canaries_per_client >= 1 (embedded benchmark)")
     if cfg.eval.probes:
         probes = read_unsafe(cfg.eval.probes, "eval.probes", need_reply=False)
         if 0 < cfg.eval.max_probes < len(probes):
@@ -302,6 +306,11 @@ def evaluate_model(setup: Setup, vector: torch.Tensor) -> tuple[dict, dict | Non
         global_eval["backdoor"] = {
             "attack_success_rate": evaluate(setup.model, triggered, setup.pad_id, batch).accuracy,
             "clean_target_rate": evaluate(setup.model, clean, setup.pad_id, batch).accuracy}
+    if setup.cfg.eval.canaries:
+        e = setup.cfg.eval
+        global_eval["memorization"] = memorization_metrics(
+            setup.model, setup.tokenizer, setup.data.canaries, setup.cfg.data.template, e.canary_candidates,
+            setup.cfg.seed, batch)
     if setup.probe_prompts:
         global_eval["refusal_rate"], _ = refusal_rate(setup.model, setup.tokenizer, setup.probe_prompts,
                                                       setup.cfg.eval.max_new_tokens, batch)

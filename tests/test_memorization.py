@@ -80,3 +80,50 @@ def test_gaussian_scores_have_the_known_auc():
     assert abs(chance.auc - 0.5) < 0.02
     with pytest.raises(ValueError):
         mia_metrics([], [1.0])
+
+
+def _canary_run(tmp_path, privacy):
+    import json
+
+    from conftest import tiny_config
+
+    from fedsec.loop import run_experiment
+
+    data = {"benchmark": {"num_clients": 4, "examples_per_client": 8, "size_alpha": 0, "test_size": 6,
+                          "client_test_size": 0, "num_probes": 0, "canaries_per_client": 1, "canary_repeats": 8},
+            "max_length": 256}
+    lora = {"rank": 8, "alpha": 16,
+            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+    cfg = tiny_config(tmp_path, data=data, lora=lora, privacy=privacy,
+                      federation={"rounds": 8, "clients_per_round": 4, "local_only_clients": 0},
+                      training={"local_steps": 4, "batch_size": 8, "lr": 5e-3, "min_lr": 5e-3},
+                      eval={"clients": False, "canaries": True, "every": 8, "canary_candidates": 300})
+    run_experiment(cfg, out=tmp_path / "run", progress=False, log=lambda _: None)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["global_eval"]["memorization"] for r in rows if r.get("global_eval")]
+    return evals[0], evals[-1]  # untuned, final
+
+
+def test_canaries_are_exposed_without_dp_and_not_under_strong_dp(tmp_path):
+    """One canary per client, 8 copies each. Measured: untuned exposure 2.6 bits, 12.9
+    after 8 non-private rounds, 1.4 under user-level DP (sigma 1, C 0.1). The tiny model
+    does not extract any PIN by greedy decoding, private or not (it continues with
+    letters), so extraction is only checked to stay at zero under DP."""
+    untuned, plain = _canary_run(tmp_path / "plain", {})
+    _, private = _canary_run(tmp_path / "dp", {"mode": "user", "noise_multiplier": 1.0, "clip_norm": 0.1,
+                                                "delta": 1e-3})
+    assert untuned["canaries"] == plain["canaries"] == 4
+    assert untuned["exposure_mean"] < 4
+    assert plain["exposure_mean"] > untuned["exposure_mean"] + 6
+    assert private["exposure_mean"] < untuned["exposure_mean"] + 1
+    assert private["extraction_rate"] == 0.0
+
+
+def test_canary_evaluation_needs_planted_canaries(tmp_path):
+    from conftest import tiny_config
+
+    from fedsec.errors import ConfigError
+    from fedsec.loop import prepare
+
+    with pytest.raises(ConfigError, match="eval.canaries.*canaries_per_client"):
+        prepare(tiny_config(tmp_path, eval={"canaries": True}))
