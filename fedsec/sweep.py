@@ -209,7 +209,8 @@ RESERVED = ("variant", "seed", "seeds", "run_dir", "attack_kind", "malicious_cou
             "noise_multiplier", "clip_norm", "sample_rate")
 METRICS = ("final_accuracy", "local_only_accuracy", "untuned_accuracy", "preference_accuracy",
            "likelihood_accuracy", "untuned_likelihood_accuracy", "refusal_rate", "untuned_refusal_rate",
-           "attack_success_rate", "clean_target_rate", "true_positive_rate", "false_positive_rate")
+           "attack_success_rate", "clean_target_rate", "true_positive_rate", "false_positive_rate",
+           "exposure", "untuned_exposure", "extraction_rate")
 
 
 def write_tables(root: Path, runs: list[SweepRun]) -> None:
@@ -245,6 +246,9 @@ def write_tables(root: Path, runs: list[SweepRun]) -> None:
             "refusal_rate": final.get("refusal_rate"), "untuned_refusal_rate": untuned.get("refusal_rate"),
             "attack_success_rate": backdoor.get("attack_success_rate"),
             "clean_target_rate": backdoor.get("clean_target_rate"),
+            "exposure": (final.get("memorization") or {}).get("exposure_mean"),
+            "untuned_exposure": (untuned.get("memorization") or {}).get("exposure_mean"),
+            "extraction_rate": (final.get("memorization") or {}).get("extraction_rate"),
             "true_positive_rate": detected["true_positive_rate"],
             "false_positive_rate": detected["false_positive_rate"],
             "epsilon": privacy.get("epsilon"), "delta": privacy.get("delta"),
@@ -286,7 +290,9 @@ HEADINGS = {"final_accuracy": "final accuracy", "local_only_accuracy": "local-on
             "untuned_likelihood_accuracy": "untuned likelihood accuracy",
             "refusal_rate": "harmless rate", "untuned_refusal_rate": "untuned harmless rate",
             "attack_success_rate": "backdoor success", "clean_target_rate": "target on clean inputs",
-            "true_positive_rate": "malicious dropped", "false_positive_rate": "honest dropped"}
+            "true_positive_rate": "malicious dropped", "false_positive_rate": "honest dropped",
+            "exposure": "exposure (bits)", "untuned_exposure": "untuned exposure",
+            "extraction_rate": "extracted"}
 
 
 def summary_table(root: Path) -> str:

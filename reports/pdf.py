@@ -395,6 +395,7 @@ def build_report(directory: Path, out: Path | None = None, force: bool = False) 
     figures = []
     if kind == "sweep":
         figures.append(("privacy_utility", plots.privacy_utility(directory)))
+        figures.append(("privacy_exposure", plots.privacy_utility(directory, "exposure")))
         figures.append(("attack_grid", plots.attack_grid(directory)))
         figures.append(("attack_fractions", plots.attack_fractions(directory)))
     done = [r for r in runs if r.result and r.result.get("finished")]

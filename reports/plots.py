@@ -10,6 +10,8 @@ and line style as well as colour.
 
     privacy_utility(sweep_dir)    epsilon (log) vs a utility metric, with the
                                   non-private, local-only and untuned references
+                                  (metric="exposure" or "extraction_rate": the
+                                  canaries' memorization against epsilon)
     epsilon_over_rounds(run_dir)  epsilon spent after each round, per accountant
     training_curves(run_dir)      global test accuracy and loss per round, and the
                                   spread over clients' own test sets
@@ -40,7 +42,8 @@ STYLES = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-"), ("P", "-
 METRIC_LABELS = {"final_accuracy": "global test accuracy", "preference_accuracy": "preference accuracy",
                  "likelihood_accuracy": "likelihood accuracy", "refusal_rate": "harmless (refusal) rate",
                  "attack_success_rate": "backdoor attack success", "true_positive_rate": "malicious updates dropped",
-                 "false_positive_rate": "honest updates dropped"}
+                 "false_positive_rate": "honest updates dropped",
+                 "exposure": "canary exposure (bits)", "extraction_rate": "canaries extracted"}
 # what a malicious-client grid shows, in this order, where the sweep measured it
 GRID_METRICS = ("final_accuracy", "refusal_rate", "attack_success_rate", "true_positive_rate")
 
@@ -136,7 +139,8 @@ def privacy_utility(sweep_dir: Path, metric: str = "final_accuracy"):
     ax.minorticks_off()
     ax.set_xlabel("epsilon (log scale)")
     ax.set_ylabel(METRIC_LABELS.get(metric, metric))
-    ax.set_title(f"Privacy-utility: {Path(sweep_dir).name}")
+    kind = "Memorization" if metric in ("exposure", "extraction_rate") else "Privacy-utility"
+    ax.set_title(f"{kind}: {Path(sweep_dir).name}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

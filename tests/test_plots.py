@@ -97,3 +97,20 @@ def test_training_curve_data_by_hand(tmp_path):
     paths = save(training_curves(tmp_path), tmp_path / "fig" / "training")
     assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert paths[1].read_text().lstrip().startswith("<?xml")
+
+
+def test_exposure_against_epsilon_uses_the_same_curve_machinery(tmp_path):
+    rows = []
+    for variant, eps, certified, exposure in (("non-private", None, None, 14.0), ("eps8", 8.0, True, 5.0),
+                                              ("eps1", 1.0, True, 2.5)):
+        for seed, shift in ((0, -0.5), (1, 0.5)):
+            rows.append({**_row(variant, seed, 0.5, eps, certified), "exposure": exposure + shift,
+                         "untuned_exposure": 2.0})
+    (tmp_path / "results.json").write_text(json.dumps(rows))
+    data = privacy_utility_data(sweep_rows(tmp_path), "exposure")
+    assert [(v, e, s.mean) for v, e, s in data.curve] == [("eps1", 1.0, 2.5), ("eps8", 8.0, 5.0)]
+    assert data.non_private.mean == 14.0 and abs(data.non_private.std - 2 ** 0.5 / 2) < 1e-12
+    assert data.untuned.mean == 2.0 and data.local_only is None
+    fig = privacy_utility(tmp_path, "exposure")
+    assert fig.axes[0].get_title() == f"Memorization: {tmp_path.name}"
+    assert fig.axes[0].get_ylabel() == "canary exposure (bits)"
