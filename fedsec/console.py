@@ -59,6 +59,9 @@ def round_line(done: int, total: int, result: RoundResult | None, global_eval: d
             parts.append(f"backdoor asr {_fmt(b['attack_success_rate'])} clean {_fmt(b['clean_target_rate'])}")
         if "refusal_rate" in global_eval:
             parts.append(f"refusal {_fmt(global_eval['refusal_rate'])}")
+        if "memorization" in global_eval:
+            m = global_eval["memorization"]
+            parts.append(f"exposure {m['exposure_mean']:.1f} bits extracted {_fmt(m['extraction_rate'])}")
     if clients_eval is not None:
         parts.append(f"client acc mean {_fmt(clients_eval['mean_accuracy'])} "
                      f"min {_fmt(clients_eval['min_accuracy'])}")
@@ -85,6 +88,10 @@ def summary_lines(result: RunResult) -> list[str]:
             u, f = (before["preference"]["likelihood_accuracy"], after["preference"]["likelihood_accuracy"])
             lines.append(f"likelihood accuracy:  untuned {_fmt(u)} -> {name} {_fmt(f)} "
                          "(policy prefers chosen, no reference)")
+        if "memorization" in before and "memorization" in after:
+            lines.append(f"canary exposure (bits):      untuned {before['memorization']['exposure_mean']:.1f} -> "
+                         f"{name} {after['memorization']['exposure_mean']:.1f}; extracted "
+                         f"{_fmt(after['memorization']['extraction_rate'])}")
         if "refusal_rate" in before:
             lines.append(f"refusal rate (unsafe probes): untuned {_fmt(before['refusal_rate'])} -> "
                          f"{name} {_fmt(after['refusal_rate'])}")

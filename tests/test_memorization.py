@@ -127,3 +127,18 @@ def test_canary_evaluation_needs_planted_canaries(tmp_path):
 
     with pytest.raises(ConfigError, match="eval.canaries.*canaries_per_client"):
         prepare(tiny_config(tmp_path, eval={"canaries": True}))
+
+
+def test_console_shows_exposure_per_evaluation_and_in_the_summary():
+    from fedsec.console import round_line, summary_lines
+    from fedsec.results import RoundResult, RunResult
+
+    mem = {"exposure_mean": 12.94, "exposure_max": 17.3, "extraction_rate": 0.25, "canaries": 4}
+    ev = {"accuracy": 0.5, "loss": 1.0, "memorization": mem}
+    line = round_line(3, 8, RoundResult(3, 1e-3, (0, 1), 0.5, (), 1.0, global_eval=ev), ev, None)
+    assert "exposure 12.9 bits extracted 0.250" in line
+    untuned = {"accuracy": 0.4, "loss": 2.0, "n": 6, "memorization": {**mem, "exposure_mean": 2.6}}
+    result = RunResult("runs/x", 8, True, untuned, {"accuracy": 0.5, "loss": 1.0, "n": 6, "memorization": mem},
+                       None)
+    assert any(s.startswith("canary exposure (bits):      untuned 2.6 -> fedavg 12.9; extracted 0.250")
+               for s in summary_lines(result))
