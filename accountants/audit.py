@@ -77,6 +77,16 @@ def one_run_bound(m: int, r: int, v: int, delta: float, confidence: float = 0.95
     return AuditBound(lo, confidence, m, r, v, delta)
 
 
+def guess_and_count(scores, included, guesses: int) -> tuple[int, int]:
+    """The auditor's game: guess 'in' for the ceil(r/2) highest scores and 'out' for the
+    floor(r/2) lowest (r = guesses), abstain on the rest; (r, correct guesses)."""
+    if len(scores) != len(included) or not 1 <= guesses <= len(scores):
+        raise ValueError(f"need one score per canary and 1 <= guesses <= canaries ({guesses}, {len(scores)})")
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    top, bottom = order[len(order) - (guesses + 1) // 2:], order[: guesses // 2]
+    return guesses, sum(bool(included[i]) for i in top) + sum(not included[i] for i in bottom)
+
+
 def clopper_pearson_upper(k: int, n: int, confidence: float) -> float:
     """One-sided upper confidence bound on a binomial rate from k of n."""
     if not 0 <= k <= n or n < 1:

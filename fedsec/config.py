@@ -480,6 +480,24 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    canaries: int = _help(
+        "canary clients of the one-run privacy audit (Steinke et al. 2023), each included in the "
+        "federation with probability 1/2 and holding only its secret (0: no audit)", 0)
+    guesses: int = _help("guesses of the auditor: the top half by score 'in', the bottom half "
+                         "'out' (0: every canary)", 0)
+    repeats: int = _help("copies of its secret in each canary client's data", 4)
+    confidence: float = _help("confidence of the lower bound on epsilon", 0.95)
+
+    def __post_init__(self) -> None:
+        _require(self.canaries >= 0, "canaries", self.canaries, "must be >= 0 (0: no audit)")
+        _require(0 <= self.guesses <= self.canaries, "guesses", self.guesses,
+                 f"must be in [0, canaries = {self.canaries}] (0: every canary)")
+        _require(self.repeats >= 1, "repeats", self.repeats, "must be >= 1")
+        _require(0 < self.confidence < 1, "confidence", self.confidence, "must be in (0, 1), e.g. 0.95")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str = _help("experiment name; the run directory is named after it", "experiment")
     seed: int = _help("root seed: every random stream derives from it", 0)
@@ -497,6 +515,8 @@ class ExperimentConfig:
                                    factory=DefenseConfig)
     attack: AttackConfig = _help("malicious clients: how many, and what they send", factory=AttackConfig)
     eval: EvalConfig = _help("evaluation", factory=EvalConfig)
+    audit: AuditConfig = _help("empirical privacy audit: canary clients and an epsilon lower bound",
+                               factory=AuditConfig)
 
     def __post_init__(self) -> None:
         _require(bool(self.name) and all(c.isalnum() or c in "-_." for c in self.name), "name",

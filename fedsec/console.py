@@ -95,6 +95,16 @@ def summary_lines(result: RunResult) -> list[str]:
         if "refusal_rate" in before:
             lines.append(f"refusal rate (unsafe probes): untuned {_fmt(before['refusal_rate'])} -> "
                          f"{name} {_fmt(after['refusal_rate'])}")
+    if result.audit is not None:
+        a = result.audit
+        versus = (f"; the accountant's epsilon is {a['accountant_epsilon']:.4g}"
+                  if a["accountant_epsilon"] is not None else "; the run has no certified epsilon")
+        lines.append(f"privacy audit: {a['correct']} of {a['guesses']} guesses right on {a['canaries']} canary "
+                     f"clients ({a['included']} included): epsilon >= {a['epsilon_lower_bound']:.3f} with "
+                     f"confidence {a['confidence']:g}{versus}")
+        if a["bound_exceeds_accountant"]:
+            lines.append("privacy audit: THE LOWER BOUND EXCEEDS THE ACCOUNTANT'S EPSILON: the privacy "
+                         "claim of this run does not hold; report it as a bug")
     if result.privacy is not None:
         p = result.privacy
         setting = (f"noise multiplier {p['noise_multiplier']:.4g}, sample rate {p['sample_rate']:.4g}, "

@@ -28,6 +28,7 @@ from defenses import sanitize_updates
 from attacks.clients import attack_params, attack_round, detection, malicious_clients
 from attacks.poisoning import poison_data, with_trigger
 from fedsec.data.unsafe import draw, read_unsafe
+from fedsec.audit import audit_canaries, audit_result, secret_margins, with_canary_clients
 from fedsec.memorization import memorization_metrics
 from fedsec.adapter import AdapterParams
 from fedsec.config import ExperimentConfig
@@ -89,6 +90,7 @@ class Setup:
     server_root: list = field(default_factory=list)  # FLTrust: the server's clean root set, encoded
     malicious: tuple[int, ...] = ()  # the fixed malicious identities (attack section)
     backdoor_eval: tuple = ()  # backdoor: (triggered, clean) global test inputs, answer = target
+    audit: tuple = ()  # privacy audit: (canaries, which are included, their untuned margins)
 
     @property
     def pad_id(self) -> int:
@@ -103,9 +105,6 @@ def prepare(cfg: ExperimentConfig) -> Setup:
     data = build_federated_data(cfg.data, cfg.seed, cfg.task)
     num_clients = len(data.clients)
     fed = cfg.federation
-    if fed.clients_per_round > num_clients:
-        raise ConfigError("federation.clients_per_round", fed.clients_per_round,
-                          f"the data has {num_clients} clients; sample at most that many")
     if fed.local_only_clients > num_clients:
         raise ConfigError("federation.local_only_clients", fed.local_only_clients,
                           f"the data has {num_clients} clients; use at most that many or -1")
@@ -123,8 +122,18 @@ def prepare(cfg: ExperimentConfig) -> Setup:
         if 0 < cfg.eval.max_probes < len(probes):
             probes = draw(probes, cfg.eval.max_probes, cfg.seed, "probes-file")
         data = dataclasses.replace(data, probes=probes)
+    if cfg.audit.canaries:  # honest canary clients, appended after every other client
+        canaries, included = audit_canaries(cfg.seed, cfg.audit.canaries)
+        data = with_canary_clients(data, canaries, included, cfg.audit.repeats)
+    if fed.clients_per_round > len(data.clients):
+        raise ConfigError("federation.clients_per_round", fed.clients_per_round,
+                          f"the data has {len(data.clients)} clients; sample at most that many")
     model, tokenizer = load_base_model(cfg.model)
     model = attach_lora(model, cfg.lora, cfg.seed)
+    audit = ()
+    if cfg.audit.canaries:  # the adapter starts at zero: these are the base model's losses
+        audit = (canaries, included, secret_margins(model, tokenizer, canaries, cfg.data.template,
+                                                    cfg.eval.batch_size, cfg.seed))
     d, pad = cfg.data, tokenizer.pad_token_id
     if cfg.task == "dpo":
         objective = DpoObjective(pad, cfg.dpo.beta)
@@ -178,7 +187,7 @@ def prepare(cfg: ExperimentConfig) -> Setup:
         record_dp = RecordDp(cfg.privacy.clip_norm, record_plan.noise_multiplier)
     trainer = LocalTrainer(model, cfg.training, objective, record_dp)
     return Setup(cfg, model, tokenizer, trainer, data, train_sets, global_eval, client_eval, local_only,
-                 preference_eval, probe_prompts, record_plan, server_root, malicious, backdoor_eval)
+                 preference_eval, probe_prompts, record_plan, server_root, malicious, backdoor_eval, audit)
 
 
 def _cache_prefix(model, first: int, pad: int, batch_size: int, model_key: str, train_sets, *evals):
@@ -480,7 +489,16 @@ def finish(setup: Setup, run: RunDir, global_vec: torch.Tensor, local: dict,
                             **local_only})
     setup.adapter.set(global_vec)
     setup.model.save_pretrained(run.path / "adapter")
+    audit = None
+    if setup.audit:
+        cfg = setup.cfg
+        canaries, included, before = setup.audit
+        after = secret_margins(setup.model, setup.tokenizer, canaries, cfg.data.template, cfg.eval.batch_size,
+                               cfg.seed)
+        certified = privacy is not None and privacy.get("certified")
+        audit = audit_result(before, after, included, cfg.audit.guesses, cfg.privacy.delta,
+                             cfg.audit.confidence, privacy["epsilon"] if certified else None)
     result = RunResult(str(run.path), setup.cfg.federation.rounds, True, untuned, final, local_only,
-                       setup.cfg.federation.algorithm, privacy, attack)
+                       setup.cfg.federation.algorithm, privacy, attack, audit)
     run.write_json("result.json", asdict(result))
     return result

@@ -29,7 +29,8 @@ REQUEST = "Write down the note from the file."  # the benchmark's canary request
 SPACE_DIGITS = 6
 
 
-def _nll(model, tokenizer, texts: Sequence[str], template: str, batch_size: int) -> list[float]:
+def sequence_nll(model, tokenizer, texts: Sequence[str], template: str, batch_size: int) -> list[float]:
+    """Negative log-likelihood of each text as the answer to the canary request."""
     items = [encode(InstructionExample(REQUEST, t), tokenizer, template, 10_000) for t in texts]
     out: list[float] = []
     for start in range(0, len(items), batch_size):
@@ -43,7 +44,7 @@ def canary_exposure(model, tokenizer, canary: Canary, template: str, candidates:
     rng = numpy_generator(seed, "canary-candidates", canary.client_id, canary.secret)
     pins = {"".join(map(str, rng.integers(0, 10, SPACE_DIGITS))) for _ in range(candidates)} - {canary.secret}
     texts = [f"{canary.prefix} {pin}." for pin in sorted(pins)]
-    secret, *others = _nll(model, tokenizer, [canary.text, *texts], template, batch_size)
+    secret, *others = sequence_nll(model, tokenizer, [canary.text, *texts], template, batch_size)
     return exposure_extrapolated(secret, others)
 
 

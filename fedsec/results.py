@@ -45,3 +45,4 @@ class RunResult:
     algorithm: str = "fedavg"
     privacy: dict | None = None  # DP runs: certified, reason, epsilon per accountant, sigma, q, C
     attack: dict | None = None  # runs with malicious clients: the attack and their identities
+    audit: dict | None = None  # privacy audit: guesses, correct, the epsilon lower bound

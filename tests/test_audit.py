@@ -95,3 +95,52 @@ def test_cli_prints_the_bound_and_refuses_bad_counts():
     bad = _cli("bound", "--canaries", "10", "--guesses", "5", "--correct", "6", "--delta", "0")
     assert bad.returncode == 2 and bad.stderr.strip() == "fedsec: error: --correct = 6: must be in [0, --guesses = 5]"
     assert "Traceback" not in bad.stderr
+
+
+def test_guess_and_count_by_hand():
+    from accountants.audit import guess_and_count
+
+    scores = [0.9, 0.1, 0.5, 0.7, 0.2, 0.3]
+    included = [True, False, True, False, False, True]
+    # r = 4: 'in' for 0.9 and 0.7 (one right), 'out' for 0.1 and 0.2 (both right)
+    assert guess_and_count(scores, included, 4) == (4, 3)
+    # r = 3: 'in' for 0.9 and 0.7, 'out' for 0.1
+    assert guess_and_count(scores, included, 3) == (3, 2)
+    assert guess_and_count(scores, included, 6) == (6, 4)  # 0.9, 0.5 in; 0.1, 0.2 out
+    with pytest.raises(ValueError):
+        guess_and_count(scores, included, 7)
+
+
+def _audited_run(tmp_path, privacy, per_round):
+    from conftest import tiny_config
+
+    from fedsec.loop import run_experiment
+
+    data = {"benchmark": {"num_clients": 2, "examples_per_client": 4, "size_alpha": 0, "test_size": 3,
+                          "client_test_size": 0, "num_probes": 0}, "max_length": 256}
+    lora = {"rank": 8, "alpha": 16,
+            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+    cfg = tiny_config(tmp_path, data=data, lora=lora, privacy=privacy,
+                      federation={"rounds": 6, "clients_per_round": per_round, "local_only_clients": 0},
+                      training={"local_steps": 4, "batch_size": 4, "lr": 1e-2, "min_lr": 1e-2},
+                      eval={"clients": False, "every": 6}, audit={"canaries": 16, "guesses": 8, "repeats": 4})
+    return run_experiment(cfg, out=tmp_path / "run", progress=False, log=lambda _: None)
+
+
+def test_the_audit_sees_canary_clients_without_dp_and_stays_below_the_accountant_with_dp(tmp_path):
+    """16 canary clients (4 included with seed 3) beside 2 ordinary clients, 8 guesses.
+    Measured: all 8 right without DP (bound 0.789, the most 8 guesses can show)."""
+    from fedsec.audit import audit_canaries
+
+    _, included = audit_canaries(3, 16)  # tiny_config's seed
+    every = 2 + int(included.sum())  # every client, canary clients included, in every round
+    plain = _audited_run(tmp_path / "plain", {}, every).audit
+    assert plain["canaries"] == 16 and plain["included"] == int(included.sum()) == 4 and plain["guesses"] == 8
+    assert plain["accountant_epsilon"] is None and not plain["bound_exceeds_accountant"]
+    assert plain["epsilon_lower_bound"] == one_run_bound(16, 8, plain["correct"], plain["delta"]).epsilon_lower_bound
+    assert plain["correct"] == 8 and plain["epsilon_lower_bound"] > 0.75  # included canaries stand out
+    private = _audited_run(tmp_path / "dp", {"mode": "user", "epsilon": 2.0, "clip_norm": 0.05, "delta": 1e-3},
+                           every).audit
+    assert private["accountant_epsilon"] is not None and private["accountant_epsilon"] <= 2.0
+    assert private["epsilon_lower_bound"] <= private["accountant_epsilon"]
+    assert private["correct"] < 8 and not private["bound_exceeds_accountant"]

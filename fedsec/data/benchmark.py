@@ -204,20 +204,24 @@ def _preference_pairs(rng: np.random.Generator, examples: tuple[InstructionExamp
     return tuple(pairs)
 
 
+def draw_canary(rng, client_id: int) -> Canary:
+    """A random secret: 'The vault PIN of <name> is <6 digits>.'"""
+    name = f"{_FIRST_NAMES[rng.integers(10)]} {_LAST_NAMES[rng.integers(10)]}"
+    secret = "".join(str(d) for d in rng.integers(0, 10, size=6))
+    prefix = f"The vault PIN of {name} is"
+    return Canary(client_id, f"{prefix} {secret}.", prefix, secret)
+
+
 def make_canaries(seed: int, num_clients: int, per_client: int) -> tuple[Canary, ...]:
-    """Random secrets, one stream per client: 'The vault PIN of <name> is <6 digits>.'"""
+    """Random secrets, one stream per client."""
     canaries = []
     for cid in range(num_clients):
         rng = numpy_generator(seed, "canary", cid)
-        for _ in range(per_client):
-            name = f"{_FIRST_NAMES[rng.integers(10)]} {_LAST_NAMES[rng.integers(10)]}"
-            secret = "".join(str(d) for d in rng.integers(0, 10, size=6))
-            prefix = f"The vault PIN of {name} is"
-            canaries.append(Canary(cid, f"{prefix} {secret}.", prefix, secret))
+        canaries += [draw_canary(rng, cid) for _ in range(per_client)]
     return tuple(canaries)
 
 
-def _canary_example(canary: Canary) -> InstructionExample:
+def canary_example(canary: Canary) -> InstructionExample:
     return InstructionExample(prompt="Write down the note from the file.", response=canary.text,
                               meta={"canary": True})
 
@@ -259,7 +263,7 @@ def make_benchmark(cfg: BenchmarkConfig, seed: int) -> FederatedData:
         sector = SECTOR_NAMES[cid % len(SECTOR_NAMES)]
         train = _draw(rng, sector, counts[cid])
         for canary in (c for c in canaries if c.client_id == cid):
-            train.extend([_canary_example(canary)] * cfg.canary_repeats)
+            train.extend([canary_example(canary)] * cfg.canary_repeats)
         safety = unsafe_requests(seed, cfg.safety_examples, REFUSAL, "safety", cid)
         train.extend(safety)
         test = tuple(_draw_from_mix(rng, sector, counts[cid] / counts[cid].sum(), cfg.client_test_size))
