@@ -91,7 +91,7 @@ class RunDir:
             raise ConfigError("--resume", str(path), "is not a fedsec run directory (no "
                               f"{CONFIG}); start a new run without --resume")
         stored = (path / CONFIG).read_text(encoding="utf-8")
-        if stored != dump_config(cfg):
+        if stored != dump_config(cfg) and not _same_experiment(stored, cfg):
             changed = _first_difference(stored, dump_config(cfg))
             raise ConfigError("--resume", str(path), f"the config differs from the run's ({changed}); "
                               "resume with the same config and overrides")
@@ -146,6 +146,19 @@ class RunDir:
 
     def write_json(self, name: str, payload: dict) -> None:
         atomic_write_text(self.path / name, json.dumps(payload, indent=2) + "\n")
+
+
+def _same_experiment(stored: str, cfg: ExperimentConfig) -> bool:
+    """A run written before a config field existed stores no value for it: it is the same
+    experiment when its config, with today's defaults filled in, resolves to `cfg`."""
+    import yaml
+
+    from fedsec.config import from_mapping
+
+    try:
+        return dump_config(from_mapping(ExperimentConfig, yaml.safe_load(stored))) == dump_config(cfg)
+    except (ConfigError, yaml.YAMLError, TypeError, ValueError):
+        return False
 
 
 def _first_difference(a: str, b: str) -> str:

@@ -158,6 +158,24 @@ def test_resume_refuses_a_changed_config(tmp_path):
         run_experiment(changed, out=tmp_path / "run", resume=True, progress=False, log=lambda s: None)
 
 
+def test_a_run_from_before_a_new_config_field_still_resumes(tmp_path):
+    """A stored config without a field added later (here the whole audit section and
+    eval.canaries) is the same experiment when that field is at its default."""
+    import yaml
+
+    from fedsec.rundir import CONFIG, RunDir
+
+    cfg = tiny_config(tmp_path, federation={"rounds": 2, "clients_per_round": 2})
+    run_experiment(cfg, out=tmp_path / "run", stop_after=1, progress=False, log=lambda s: None)
+    stored = yaml.safe_load((tmp_path / "run" / CONFIG).read_text())
+    del stored["audit"], stored["eval"]["canaries"]
+    (tmp_path / "run" / CONFIG).write_text(yaml.safe_dump(stored, sort_keys=False))
+    RunDir.reopen(tmp_path / "run", cfg)  # accepted
+    with pytest.raises(ConfigError, match="differs"):  # a value that is not the default still counts
+        RunDir.reopen(tmp_path / "run", tiny_config(tmp_path, federation={"rounds": 2, "clients_per_round": 2},
+                                                    audit={"canaries": 4}))
+
+
 def test_bad_data_leaves_no_run_directory(tmp_path):
     cfg = tiny_config(tmp_path, federation={"rounds": 1, "clients_per_round": 9})
     with pytest.raises(ConfigError, match="clients_per_round"):
