@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from accountants.audit import guess_and_count, one_run_bound
-from fedsec.data.benchmark import canary_example, draw_canary
+from fedsec.data.benchmark import canary_example, draw_canary, random_pin
 from fedsec.data.schema import Canary, ClientData, FederatedData
 from fedsec.memorization import sequence_nll
 from fedsec.seeding import numpy_generator
@@ -56,7 +56,7 @@ def secret_margins(model, tokenizer, canaries: Sequence[Canary], template: str, 
     texts = []
     for c in canaries:
         rng = numpy_generator(seed, "audit-alternatives", c.client_id)
-        texts += [c.text] + [f"{c.prefix} {''.join(map(str, rng.integers(0, 10, 6)))}." for _ in range(ALTERNATIVES)]
+        texts += [c.text] + [f"{c.prefix} {random_pin(rng)}." for _ in range(ALTERNATIVES)]
     nll = np.array(sequence_nll(model, tokenizer, texts, template, batch_size)).reshape(len(canaries), -1)
     return (nll[:, 1:].mean(1) - nll[:, 0]).tolist()
 

@@ -20,13 +20,13 @@ from typing import Sequence
 import torch
 
 from attacks.memorization import exposure_extrapolated
+from fedsec.data.benchmark import random_pin
 from fedsec.data.schema import Canary, InstructionExample
 from fedsec.encoding import encode, encode_prompt
 from fedsec.objectives import sequence_logprobs
 from fedsec.seeding import numpy_generator
 
 REQUEST = "Write down the note from the file."  # the benchmark's canary request
-SPACE_DIGITS = 6
 
 
 def sequence_nll(model, tokenizer, texts: Sequence[str], template: str, batch_size: int) -> list[float]:
@@ -42,7 +42,7 @@ def sequence_nll(model, tokenizer, texts: Sequence[str], template: str, batch_si
 def canary_exposure(model, tokenizer, canary: Canary, template: str, candidates: int, seed: int,
                     batch_size: int) -> float:
     rng = numpy_generator(seed, "canary-candidates", canary.client_id, canary.secret)
-    pins = {"".join(map(str, rng.integers(0, 10, SPACE_DIGITS))) for _ in range(candidates)} - {canary.secret}
+    pins = {random_pin(rng) for _ in range(candidates)} - {canary.secret}
     texts = [f"{canary.prefix} {pin}." for pin in sorted(pins)]
     secret, *others = sequence_nll(model, tokenizer, [canary.text, *texts], template, batch_size)
     return exposure_extrapolated(secret, others)

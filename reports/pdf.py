@@ -197,6 +197,18 @@ def grid_table(directory: Path) -> list[dict]:
     return out
 
 
+# the metric each attack aims at (update attacks: the clean utility)
+TARGETED = {"backdoor": "attack_success_rate", "alignment_poison": "refusal_rate",
+            "preference_flip": "refusal_rate"}
+
+
+def _grid_columns(grid: list[dict]) -> list[str]:
+    """A grid's axes name its cells, so the cell column is left out where there are axes."""
+    columns = list(grid[0])
+    has_axes = columns[1] != "malicious"
+    return [c for c in columns if c != "cell" or not has_axes]
+
+
 def grid_findings(data: "plots.AttackGrid | None") -> list[str]:
     """Per attack at the largest fraction: what it does to the plain mean against the clean
     run, and the defense that holds up best, each on the metric the attack targets."""
@@ -204,12 +216,9 @@ def grid_findings(data: "plots.AttackGrid | None") -> list[str]:
         return []
     top, out = data.fractions[-1], []
     for attack in data.attacks:
-        metric = next((m for m in ("attack_success_rate", "refusal_rate", "final_accuracy")
-                       if data.get(m, attack, data.defenses[0], top) is not None
-                       and (m != "attack_success_rate" or attack == "backdoor")
-                       and (m != "refusal_rate" or attack in ("alignment_poison", "preference_flip"))), None)
-        if metric is None:
-            continue
+        metric = TARGETED.get(attack, "final_accuracy")
+        if metric not in data.cells:
+            metric = "final_accuracy"
         label = plots.METRIC_LABELS[metric]
         worse_up = metric == "attack_success_rate"  # higher is the attacker's win
         scores = {d: (data.get(metric, attack, d, top), data.get(metric, attack, d, 0.0)) for d in data.defenses}
@@ -389,8 +398,7 @@ def build_report(directory: Path, out: Path | None = None, force: bool = False) 
                   Paragraph("One row per cell, mean ± standard deviation over seeds. Dropped: the share "
                             "of sampled malicious (honest) updates the defense excluded, scored against "
                             "the known identities.", styles["body"]),
-                  _table(grid, styles, [c for c in grid[0] if c != "cell" or list(grid[0])[1] == "malicious"],
-                         width=17.4 * cm)]  # a grid's axes name its cells
+                  _table(grid, styles, _grid_columns(grid), width=17.4 * cm)]
 
     figures = []
     if kind == "sweep":

@@ -263,14 +263,14 @@ def attack_grid_data(rows: list[dict]) -> AttackGrid | None:
     attacks = list(dict.fromkeys(r["attack_kind"] for r in attacked))
     defenses = list(dict.fromkeys(r["aggregator"] for r in rows))
     groups: dict[tuple[str, str, float], list[dict]] = {}
-    seen: set[tuple[str, int, str]] = set()
+    seen: set[tuple] = set()
     for r in rows:
         fraction = round(r["malicious_count"] / r["num_clients"], 6)
         kinds = attacks if r["malicious_count"] == 0 else [r["attack_kind"]]
         for kind in kinds:  # a clean run is the 0 point of every attack, counted once per seed
             key = (kind, r["aggregator"], fraction)
-            if (str(key), r["seed"], r["run_dir"]) not in seen:
-                seen.add((str(key), r["seed"], r["run_dir"]))
+            if (key, r["seed"], r["run_dir"]) not in seen:
+                seen.add((key, r["seed"], r["run_dir"]))
                 groups.setdefault(key, []).append(r)
     cells = {}
     for metric in GRID_METRICS:

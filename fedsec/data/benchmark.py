@@ -204,10 +204,17 @@ def _preference_pairs(rng: np.random.Generator, examples: tuple[InstructionExamp
     return tuple(pairs)
 
 
+PIN_DIGITS = 6  # a canary's secret space: 10^6 PINs
+
+
+def random_pin(rng) -> str:
+    return "".join(str(d) for d in rng.integers(0, 10, size=PIN_DIGITS))
+
+
 def draw_canary(rng, client_id: int) -> Canary:
     """A random secret: 'The vault PIN of <name> is <6 digits>.'"""
     name = f"{_FIRST_NAMES[rng.integers(10)]} {_LAST_NAMES[rng.integers(10)]}"
-    secret = "".join(str(d) for d in rng.integers(0, 10, size=6))
+    secret = random_pin(rng)
     prefix = f"The vault PIN of {name} is"
     return Canary(client_id, f"{prefix} {secret}.", prefix, secret)
 
