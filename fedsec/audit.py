@@ -11,11 +11,22 @@ the auditor guesses "in" for the highest scores and "out" for the lowest, and
 accountants.audit turns the correct guesses into a lower bound on epsilon, reported
 beside the accountant's epsilon. Without DP the bound measures how visible a client
 is; with DP it must stay below the accountant's epsilon, or something is wrong.
+
+That is audit.kind secret: the attacker sees only the final model, and the canaries
+are data. audit.kind update is the strongest attacker the accountant covers (Andrew
+et al. 2024, "One-shot empirical privacy estimation for federated learning"): a
+canary client sends no training result but a fixed random direction of norm C
+(privacy.clip_norm) whenever it is sampled, and the attacker sees every round's
+released aggregate (after the noise, before the server optimizer), scoring each
+canary by the largest inner product of its direction with a round's aggregate. The
+directions are independent of everything else, so an absent canary's score is noise.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -25,7 +36,8 @@ from accountants.audit import guess_and_count, one_run_bound
 from fedsec.data.benchmark import canary_example, draw_canary, random_pin
 from fedsec.data.schema import Canary, ClientData, FederatedData
 from fedsec.memorization import sequence_nll
-from fedsec.seeding import numpy_generator
+from fedsec.results import ClientUpdate
+from fedsec.seeding import numpy_generator, torch_generator
 
 
 def audit_canaries(seed: int, m: int) -> tuple[tuple[Canary, ...], np.ndarray]:
@@ -61,6 +73,68 @@ def secret_margins(model, tokenizer, canaries: Sequence[Canary], template: str, 
     return (nll[:, 1:].mean(1) - nll[:, 0]).tolist()
 
 
+def canary_direction(seed: int, index: int, dim: int) -> torch.Tensor:
+    """Canary `index`'s update direction: a seeded uniformly random unit vector."""
+    v = torch.randn(dim, generator=torch_generator(seed, "audit-direction", index))
+    return v / v.norm()
+
+
+@dataclass
+class UpdateCanaries:
+    """audit.kind update: the crafted canary updates, and every canary's running score (the
+    largest inner product of its direction with a released aggregate so far)."""
+
+    seed: int
+    members: dict[int, int]  # client id of an included canary -> its index among all canaries
+    norm: float
+    examples: int  # the example count a canary update reports (FedAvg weights by it)
+    scores: torch.Tensor  # [canaries], -inf until the first round
+    _directions: torch.Tensor | None = field(default=None, repr=False)
+
+    def trained(self, sampled: Sequence[int]) -> list[int]:
+        """The sampled clients that train (every one but the canaries)."""
+        return [c for c in sampled if c not in self.members]
+
+    def insert(self, updates: Sequence[ClientUpdate], sampled: Sequence[int], dim: int) -> list[ClientUpdate]:
+        """The trained clients' updates with the sampled canaries' crafted ones, in sampled order."""
+        by_client = {u.client_id: u for u in updates}
+        for c in sampled:
+            if c in self.members:
+                delta = self.norm * canary_direction(self.seed, self.members[c], dim)
+                by_client[c] = ClientUpdate(c, delta, self.examples, {"loss": 0.0, "loss_terms": 0})
+        return [by_client[c] for c in sampled]
+
+    def observe(self, aggregate: torch.Tensor) -> None:
+        """Score every canary, in or out, against one round's released aggregate."""
+        if self._directions is None:  # [canaries, d] floats, made once
+            self._directions = torch.stack([canary_direction(self.seed, k, aggregate.numel())
+                                            for k in range(len(self.scores))])
+        self.scores = torch.maximum(self.scores, self._directions @ aggregate)
+
+
+@dataclass
+class AuditState:
+    """A run's audit: the canaries, which are in, and what their scores start from."""
+
+    canaries: tuple[Canary, ...]
+    included: np.ndarray
+    untuned: list[float] | None = None  # kind secret: the base model's margins
+    updates: UpdateCanaries | None = None  # kind update: the crafted updates and running scores
+
+
+def start_audit(cfg, canaries: tuple[Canary, ...], included: np.ndarray, first_client: int, model,
+                tokenizer) -> AuditState:
+    """The audit of config `cfg`, whose included canaries are clients first_client, ..."""
+    if cfg.audit.kind == "update":
+        members = {first_client + j: int(k) for j, k in enumerate(np.flatnonzero(included))}
+        scores = torch.full((len(canaries),), -math.inf)
+        return AuditState(canaries, included, updates=UpdateCanaries(cfg.seed, members, cfg.privacy.clip_norm,
+                                                                     cfg.audit.repeats, scores))
+    # the adapter starts at zero: these are the base model's margins
+    return AuditState(canaries, included, secret_margins(model, tokenizer, canaries, cfg.data.template,
+                                                         cfg.eval.batch_size, cfg.seed))
+
+
 def audit_result(untuned: Sequence[float], final: Sequence[float], included: np.ndarray, guesses: int,
                  delta: float, confidence: float, accountant_epsilon: float | None) -> dict:
     """The score of a canary is how much training raised its margin; then the game."""
@@ -69,6 +143,7 @@ def audit_result(untuned: Sequence[float], final: Sequence[float], included: np.
     bound = one_run_bound(len(scores), r, v, delta, confidence)
     return {"canaries": len(scores), "included": int(np.sum(included)), "guesses": r, "correct": v,
             "delta": delta, "confidence": confidence, "epsilon_lower_bound": bound.epsilon_lower_bound,
+            "scores": [float(x) for x in scores], "included_canaries": [bool(x) for x in included],
             "accountant_epsilon": accountant_epsilon,
             "bound_exceeds_accountant": (accountant_epsilon is not None
                                          and bound.epsilon_lower_bound > accountant_epsilon)}

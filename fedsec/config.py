@@ -32,6 +32,7 @@ ALGORITHMS = ("fedavg", "fedavgm", "fedadagrad", "fedyogi", "fedadam", "fedprox"
 ADAPTIVE = ("fedadagrad", "fedyogi", "fedadam")
 LR_SCHEDULES = ("cosine", "constant")
 SAMPLINGS = ("auto", "fixed", "poisson")
+AUDIT_KINDS = ("secret", "update")
 LOCAL_OPTIMIZERS = ("adamw", "sgd")
 PRIVACY_MODES = ("off", "user", "record")
 ACCOUNTANT_NAMES = ("rdp", "prv", "pld")
@@ -124,6 +125,7 @@ class BenchmarkConfig:
     num_probes: int = _help("unsafe-request probes (the aligned reply is a refusal)", 20)
     canaries_per_client: int = _help("canary secrets inserted into each client's data", 0)
     canary_repeats: int = _help("how many times each canary is repeated in its client", 1)
+    canary_clients: int = _help("only the first N clients hold canaries (0: every client)", 0)
     root_size: int = _help("examples in the server's own clean root set (used by FLTrust only)", 16)
     safety_examples: int = _help(
         "unsafe requests answered with a refusal added to each client's training data (alignment "
@@ -143,6 +145,8 @@ class BenchmarkConfig:
         _require(self.canaries_per_client >= 0, "canaries_per_client",
                  self.canaries_per_client, "must be >= 0")
         _require(self.canary_repeats >= 1, "canary_repeats", self.canary_repeats, "must be >= 1")
+        _require(0 <= self.canary_clients <= self.num_clients, "canary_clients", self.canary_clients,
+                 f"must be in [0, num_clients = {self.num_clients}] (0: every client)")
         _require(self.root_size >= 1, "root_size", self.root_size, "must be >= 1")
         _require(self.safety_examples >= 0, "safety_examples", self.safety_examples, "must be >= 0")
 
@@ -467,6 +471,10 @@ class EvalConfig:
     canaries: bool = _help("exposure and extraction of the planted canaries (data.benchmark."
                            "canaries_per_client) at each evaluation", False)
     canary_candidates: int = _help("random PINs each canary is ranked against (exposure)", 1000)
+    mia: bool = _help("membership inference on the final model: clients' training examples against "
+                      "held-out ones (loss, Min-K%, zlib, base-model reference; AUC, TPR at low FPR)",
+                      False)
+    mia_examples: int = _help("members and non-members each, at most (a seeded sample)", 200)
 
     def __post_init__(self) -> None:
         _require(self.every >= 1, "every", self.every, "must be >= 1")
@@ -476,6 +484,7 @@ class EvalConfig:
         _require(self.canary_candidates >= 100, "canary_candidates", self.canary_candidates,
                  "must be >= 100 (the skew-normal fit needs a sample)")
         _require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "must be >= 1")
+        _require(self.mia_examples >= 10, "mia_examples", self.mia_examples, "must be >= 10")
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
 
 
@@ -483,13 +492,20 @@ class EvalConfig:
 class AuditConfig:
     canaries: int = _help(
         "canary clients of the one-run privacy audit (Steinke et al. 2023), each included in the "
-        "federation with probability 1/2 and holding only its secret (0: no audit)", 0)
+        "federation with probability 1/2 (0: no audit)", 0)
+    kind: str = _help(
+        "secret (each canary client holds a secret sentence; scored on the final model by how much "
+        "it prefers the secret) or update (each sends a random direction of norm privacy.clip_norm; "
+        "scored on every round's released aggregate, the strongest attacker the accountant covers)",
+        "secret")
     guesses: int = _help("guesses of the auditor: the top half by score 'in', the bottom half "
                          "'out' (0: every canary)", 0)
-    repeats: int = _help("copies of its secret in each canary client's data", 4)
+    repeats: int = _help("copies of its secret in each canary client's data (kind update: the example "
+                         "count its update reports)", 4)
     confidence: float = _help("confidence of the lower bound on epsilon", 0.95)
 
     def __post_init__(self) -> None:
+        _require(self.kind in AUDIT_KINDS, "kind", self.kind, f"use one of {', '.join(AUDIT_KINDS)}")
         _require(self.canaries >= 0, "canaries", self.canaries, "must be >= 0 (0: no audit)")
         _require(0 <= self.guesses <= self.canaries, "guesses", self.guesses,
                  f"must be in [0, canaries = {self.canaries}] (0: every canary)")

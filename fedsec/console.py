@@ -99,12 +99,23 @@ def summary_lines(result: RunResult) -> list[str]:
         a = result.audit
         versus = (f"; the accountant's epsilon is {a['accountant_epsilon']:.4g}"
                   if a["accountant_epsilon"] is not None else "; the run has no certified epsilon")
-        lines.append(f"privacy audit: {a['correct']} of {a['guesses']} guesses right on {a['canaries']} canary "
+        lines.append(f"privacy audit ({a.get('kind', 'secret')} canaries): {a['correct']} of {a['guesses']} "
+                     f"guesses right on {a['canaries']} canary "
                      f"clients ({a['included']} included): epsilon >= {a['epsilon_lower_bound']:.3f} with "
                      f"confidence {a['confidence']:g}{versus}")
         if a["bound_exceeds_accountant"]:
             lines.append("privacy audit: THE LOWER BOUND EXCEEDS THE ACCOUNTANT'S EPSILON: the privacy "
                          "claim of this run does not hold; report it as a bug")
+    if result.membership is not None:
+        attacks = {name: m for name, m in result.membership.items() if "auc" in m}
+        scores = ", ".join(f"{name} {m['auc']:.3f}" for name, m in attacks.items())
+        first = next(iter(attacks.values()))
+        lines.append(f"membership inference AUC ({first['members']} members vs {first['non_members']} "
+                     f"held out): {scores}")
+        if "answer_extraction" in result.membership:
+            e = result.membership["answer_extraction"]
+            lines.append(f"greedy replies reproduce {_fmt(e['members'])} of training answers, "
+                         f"{_fmt(e['non_members'])} of held-out ones")
     if result.privacy is not None:
         p = result.privacy
         setting = (f"noise multiplier {p['noise_multiplier']:.4g}, sample rate {p['sample_rate']:.4g}, "

@@ -171,9 +171,9 @@ def is_refusal(reply: str) -> bool:
 
 
 @torch.no_grad()
-def refusal_rate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 batch_size: int) -> tuple[float, list[str]]:
-    """Greedy short replies to the unsafe probes; the share that refuse."""
+def greedy_replies(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                   batch_size: int) -> list[str]:
+    """The greedy reply to each encoded prompt (batched, left-padded), special tokens dropped."""
     replies: list[str] = []
     pad = tokenizer.pad_token_id
     for start in range(0, len(prompts), batch_size):
@@ -187,6 +187,13 @@ def refusal_rate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tok
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=pad)
         replies += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    return replies
+
+
+def refusal_rate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 batch_size: int) -> tuple[float, list[str]]:
+    """Greedy short replies to the unsafe probes; the share that refuse."""
+    replies = greedy_replies(model, tokenizer, prompts, max_new_tokens, batch_size)
     if not replies:
         return float("nan"), replies
     return sum(map(is_refusal, replies)) / len(replies), replies

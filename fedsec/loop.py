@@ -28,8 +28,8 @@ from defenses import sanitize_updates
 from attacks.clients import attack_params, attack_round, detection, malicious_clients
 from attacks.poisoning import poison_data, with_trigger
 from fedsec.data.unsafe import draw, read_unsafe
-from fedsec.audit import audit_canaries, audit_result, secret_margins, with_canary_clients
-from fedsec.memorization import memorization_metrics
+from fedsec.audit import AuditState, audit_canaries, audit_result, secret_margins, start_audit, with_canary_clients
+from fedsec.memorization import answer_extraction, membership_inference, memorization_metrics, mia_candidates, mia_sample
 from fedsec.adapter import AdapterParams
 from fedsec.config import ExperimentConfig
 from fedsec.console import round_line
@@ -90,7 +90,13 @@ class Setup:
     server_root: list = field(default_factory=list)  # FLTrust: the server's clean root set, encoded
     malicious: tuple[int, ...] = ()  # the fixed malicious identities (attack section)
     backdoor_eval: tuple = ()  # backdoor: (triggered, clean) global test inputs, answer = target
-    audit: tuple = ()  # privacy audit: (canaries, which are included, their untuned margins)
+    audit: AuditState | None = None  # the privacy audit (audit section)
+    population: int = 0  # clients the sampling rate is defined over (audit canaries in or out)
+
+    @property
+    def federation_clients(self) -> int:
+        """Clients of the federation proper (the audit's canary clients come after them)."""
+        return self.population - self.cfg.audit.canaries
 
     @property
     def pad_id(self) -> int:
@@ -122,7 +128,8 @@ def prepare(cfg: ExperimentConfig) -> Setup:
         if 0 < cfg.eval.max_probes < len(probes):
             probes = draw(probes, cfg.eval.max_probes, cfg.seed, "probes-file")
         data = dataclasses.replace(data, probes=probes)
-    if cfg.audit.canaries:  # honest canary clients, appended after every other client
+    population = len(data.clients) + cfg.audit.canaries
+    if cfg.audit.canaries:  # canary clients, appended after every other client
         canaries, included = audit_canaries(cfg.seed, cfg.audit.canaries)
         data = with_canary_clients(data, canaries, included, cfg.audit.repeats)
     if fed.clients_per_round > len(data.clients):
@@ -130,10 +137,9 @@ def prepare(cfg: ExperimentConfig) -> Setup:
                           f"the data has {len(data.clients)} clients; sample at most that many")
     model, tokenizer = load_base_model(cfg.model)
     model = attach_lora(model, cfg.lora, cfg.seed)
-    audit = ()
-    if cfg.audit.canaries:  # the adapter starts at zero: these are the base model's losses
-        audit = (canaries, included, secret_margins(model, tokenizer, canaries, cfg.data.template,
-                                                    cfg.eval.batch_size, cfg.seed))
+    audit = None
+    if cfg.audit.canaries:
+        audit = start_audit(cfg, canaries, included, population - cfg.audit.canaries, model, tokenizer)
     d, pad = cfg.data, tokenizer.pad_token_id
     if cfg.task == "dpo":
         objective = DpoObjective(pad, cfg.dpo.beta)
@@ -169,8 +175,7 @@ def prepare(cfg: ExperimentConfig) -> Setup:
     probe_prompts = ([encode_prompt(p, tokenizer, d.template) for p in data.probes]
                      if cfg.eval.refusal else [])
     if cfg.lora.cache_frozen_layers:
-        first = model.config.num_hidden_layers - cfg.lora.top_layers
-        model_key = f"{cfg.model.name}|{cfg.model.dtype}|{cfg.model.quantization}"
+        first, model_key = _prefix_args(model, cfg)
         train_sets, global_eval, client_eval, preference_eval = _cache_prefix(
             model, first, pad, cfg.eval.batch_size, model_key, train_sets, global_eval, client_eval,
             preference_eval)
@@ -187,7 +192,14 @@ def prepare(cfg: ExperimentConfig) -> Setup:
         record_dp = RecordDp(cfg.privacy.clip_norm, record_plan.noise_multiplier)
     trainer = LocalTrainer(model, cfg.training, objective, record_dp)
     return Setup(cfg, model, tokenizer, trainer, data, train_sets, global_eval, client_eval, local_only,
-                 preference_eval, probe_prompts, record_plan, server_root, malicious, backdoor_eval, audit)
+                 preference_eval, probe_prompts, record_plan, server_root, malicious, backdoor_eval, audit,
+                 population)
+
+
+def _prefix_args(model, cfg: ExperimentConfig) -> tuple[int, str]:
+    """The first adapted layer and the memo key of the frozen-prefix cache."""
+    return (model.config.num_hidden_layers - cfg.lora.top_layers,
+            f"{cfg.model.name}|{cfg.model.dtype}|{cfg.model.quantization}")
 
 
 def _cache_prefix(model, first: int, pad: int, batch_size: int, model_key: str, train_sets, *evals):
@@ -365,7 +377,9 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
     num_clients = len(setup.train_sets)
     malicious = setup.malicious
     attack_summary = {"kind": cfg.attack.kind, "malicious": list(malicious)} if malicious else None
-    dp = UserLevelDp(cfg, plan_privacy(cfg, num_clients)) if cfg.privacy.mode == "user" else None
+    # the sampling rate q = clients_per_round / population does not depend on which audit
+    # canaries are in, so the mechanism (and its accounting) is the same in both worlds
+    dp = UserLevelDp(cfg, plan_privacy(cfg, setup.population)) if cfg.privacy.mode == "user" else None
     record = RecordLevelDp(cfg, setup.record_plan) if setup.record_plan is not None else None
     private = dp if dp is not None else record  # the run's privacy state, if any
     if not resume:
@@ -378,6 +392,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
     global_vec = setup.adapter.get()
     variates = VariateStore(run.path / "scaffold", dim) if fed.algorithm == "scaffold" else None
     server_variate_c = torch.zeros(dim) if variates is not None else None
+    crafted = setup.audit.updates if setup.audit is not None else None  # audit.kind update
     prox_mu = fed.prox_mu if fed.algorithm == "fedprox" else 0.0
     local = {c: global_vec.clone() for c in setup.local_only}
     rounds_done = 0
@@ -391,6 +406,8 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
         defense.load_state_dict(checkpoint.get("defense"))
         if private is not None:
             private.load_state_dict(checkpoint["privacy"], rounds_done)
+        if crafted is not None:
+            crafted.scores = checkpoint["audit_scores"]
         run.truncate_metrics(rounds_done)
         log(f"resuming {run.path} after round {rounds_done}/{fed.rounds}")
     elif resume:
@@ -407,14 +424,17 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
         started = time.perf_counter()
         lr = round_lr(cfg.training, round_idx, fed.rounds)
         sampler = torch_generator(cfg.seed, "sample", round_idx)
-        sampled = (poisson_sample(num_clients, fed.clients_per_round / num_clients, sampler)
+        sampled = (poisson_sample(num_clients, fed.clients_per_round / setup.population, sampler)
                    if cfg.sampling == "poisson" else
                    sample_clients(num_clients, fed.clients_per_round, sampler))
+        trained = crafted.trained(sampled) if crafted is not None else sampled
         if variates is None:
-            updates = client_updates(setup, global_vec, sampled, lr, round_idx, prox_mu)
+            updates = client_updates(setup, global_vec, trained, lr, round_idx, prox_mu)
         else:
             updates, server_variate_c = scaffold_updates(setup, variates, server_variate_c,
-                                                         global_vec, sampled, lr, round_idx)
+                                                         global_vec, trained, lr, round_idx)
+        if crafted is not None:
+            updates = crafted.insert(updates, sampled, dim)
         outcome = None
         if malicious:
             outcome = attack_round(cfg.attack.kind, cfg.attack.params, updates, set(malicious),
@@ -436,6 +456,8 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
             attacked = detection(outcome.malicious, tuple(sampled), rejected, (defended or {}).get("excluded"))
             if outcome.note:
                 attacked["note"] = outcome.note
+        if crafted is not None:  # the audit's attacker sees every released aggregate
+            crafted.observe(update)
         global_vec = server.step(global_vec, update)
         for c in setup.local_only:
             local[c] = local[c] + client_update(setup, local[c], c, lr, round_idx, "local").delta
@@ -453,6 +475,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
                                             "scaffold_c": server_variate_c,
                                             "defense": defense.state_dict(),
                                             "privacy": private.state_dict() if private is not None else None,
+                                            "audit_scores": crafted.scores if crafted is not None else None,
                                             "rng": {"root_seed": cfg.seed}},
                             keep=cfg.keep_checkpoints)
         bar.update(1)
@@ -466,6 +489,40 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
     bar.close()
     return finish(setup, run, global_vec, local, private.report() if private is not None else None,
                   attack_summary)
+
+
+def membership_attack(setup: Setup) -> dict:
+    """eval.mia on the model as it stands: a sample of the federation's training examples
+    against as many held-out ones, encoded (and prefix-cached) like the training data."""
+    cfg = setup.cfg
+    sample = mia_sample(*mia_candidates(setup.data, setup.federation_clients, cfg.task), cfg.eval.mia_examples,
+                        cfg.seed)
+    encoded = [encode_all(examples, setup.tokenizer, cfg.data.template, cfg.data.max_length)
+               for examples in sample]
+    if cfg.lora.cache_frozen_layers:
+        first, model_key = _prefix_args(setup.model, cfg)
+        encoded = [cache_frozen_prefix(setup.model, items, first, setup.pad_id, cfg.eval.batch_size, model_key)
+                   for items in encoded]
+    membership = membership_inference(setup.model, setup.tokenizer, *encoded, cfg.eval.batch_size)
+    extraction = {side: answer_extraction(setup.model, setup.tokenizer, examples, cfg.data.template,
+                                          cfg.eval.batch_size)
+                  for side, examples in zip(("members", "non_members"), sample)}
+    return {**membership, "answer_extraction": extraction}
+
+
+def audit_outcome(setup: Setup, privacy: dict | None) -> dict:
+    """The audit's game on the finished run, beside the accountant's epsilon (if certified)."""
+    cfg, state = setup.cfg, setup.audit
+    if state.updates is not None:
+        before, after = [0.0] * len(state.canaries), state.updates.scores.tolist()
+    else:
+        before = state.untuned
+        after = secret_margins(setup.model, setup.tokenizer, state.canaries, cfg.data.template,
+                               cfg.eval.batch_size, cfg.seed)
+    certified = privacy is not None and privacy.get("certified")
+    return {"kind": cfg.audit.kind,
+            **audit_result(before, after, state.included, cfg.audit.guesses, cfg.privacy.delta,
+                           cfg.audit.confidence, privacy["epsilon"] if certified else None)}
 
 
 def finish(setup: Setup, run: RunDir, global_vec: torch.Tensor, local: dict,
@@ -490,15 +547,12 @@ def finish(setup: Setup, run: RunDir, global_vec: torch.Tensor, local: dict,
     setup.adapter.set(global_vec)
     setup.model.save_pretrained(run.path / "adapter")
     audit = None
-    if setup.audit:
-        cfg = setup.cfg
-        canaries, included, before = setup.audit
-        after = secret_margins(setup.model, setup.tokenizer, canaries, cfg.data.template, cfg.eval.batch_size,
-                               cfg.seed)
-        certified = privacy is not None and privacy.get("certified")
-        audit = audit_result(before, after, included, cfg.audit.guesses, cfg.privacy.delta,
-                             cfg.audit.confidence, privacy["epsilon"] if certified else None)
+    if setup.audit is not None:
+        audit = audit_outcome(setup, privacy)
+    membership = None
+    if setup.cfg.eval.mia:
+        membership = membership_attack(setup)
     result = RunResult(str(run.path), setup.cfg.federation.rounds, True, untuned, final, local_only,
-                       setup.cfg.federation.algorithm, privacy, attack, audit)
+                       setup.cfg.federation.algorithm, privacy, attack, audit, membership)
     run.write_json("result.json", asdict(result))
     return result

@@ -7,24 +7,38 @@ evaluation:
 
 - exposure (attacks.memorization): the planted PIN ranked by log-perplexity among
   `candidates` random PINs of the same space (10^6), extrapolated with a skew-normal
-  fit, so up to log2(10^6) = 19.9 bits;
+  fit and capped at log2(10^6) = 19.9 bits (rank 1);
 - extraction: greedy decoding after the request and the canary's prefix; extracted
   when the reply starts with the PIN.
+
+With eval.mia the final model is also attacked by membership inference: training
+examples of the federation's clients (members) against held-out examples of the same
+distribution (the global test set), scored on the answer tokens (what training fits)
+by loss, Min-K% prob, zlib ratio and the loss calibrated by the base model (the
+adapter disabled); ROC AUC and TPR at 1% and 0.1% FPR per score. Beside them, the
+extraction of training answers: the share of members (and, for comparison, of
+held-out examples) whose greedy reply to the prompt starts with the reference answer.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import statistics
 from typing import Sequence
 
 import torch
 
-from attacks.memorization import exposure_extrapolated
-from fedsec.data.benchmark import random_pin
+import numpy as np
+
+from attacks.memorization import (exposure_extrapolated, loss_score, mia_metrics, min_k_score, reference_score,
+                                  zlib_score)
+from fedsec.data.benchmark import PIN_DIGITS, random_pin
 from fedsec.data.schema import Canary, InstructionExample
-from fedsec.encoding import encode, encode_prompt
+from fedsec.encoding import IGNORE, Encoded, collate, encode, encode_prompt
 from fedsec.objectives import sequence_logprobs
 from fedsec.seeding import numpy_generator
+from fedsec.training import target_logprobs
 
 REQUEST = "Write down the note from the file."  # the benchmark's canary request
 
@@ -45,7 +59,8 @@ def canary_exposure(model, tokenizer, canary: Canary, template: str, candidates:
     pins = {random_pin(rng) for _ in range(candidates)} - {canary.secret}
     texts = [f"{canary.prefix} {pin}." for pin in sorted(pins)]
     secret, *others = sequence_nll(model, tokenizer, [canary.text, *texts], template, batch_size)
-    return exposure_extrapolated(secret, others)
+    # the fit's tail may reach past the space itself: no secret is rarer than 1 in |R|
+    return min(exposure_extrapolated(secret, others), PIN_DIGITS * math.log2(10))
 
 
 @torch.no_grad()
@@ -66,3 +81,72 @@ def memorization_metrics(model, tokenizer, canaries: Sequence[Canary], template:
     hits = [extracted(model, tokenizer, c, template) for c in canaries]
     return {"exposure_mean": statistics.fmean(exposures), "exposure_max": max(exposures),
             "extraction_rate": sum(hits) / len(hits), "canaries": len(canaries)}
+
+
+@torch.no_grad()
+def token_logprobs(model, items: Sequence[Encoded], pad_id: int, batch_size: int) -> list[np.ndarray]:
+    """Each item's answer-token log-probabilities, in order."""
+    out: list[np.ndarray] = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start: start + batch_size]
+        logp, rows = target_logprobs(model, collate(chunk, pad_id))
+        out += [logp[rows == i].numpy() for i in range(len(chunk))]
+    return out
+
+
+def membership_inference(model, tokenizer, members: Sequence[Encoded], non_members: Sequence[Encoded],
+                         batch_size: int) -> dict:
+    """Loss, Min-K% (k = 20%), zlib and base-model-calibrated scores of members against
+    non-members, each as {auc, tpr_at_1pct_fpr, tpr_at_01pct_fpr, members, non_members}."""
+    items = [*members, *non_members]
+    pad = tokenizer.pad_token_id
+    target = token_logprobs(model, items, pad, batch_size)
+    with model.disable_adapter():
+        reference = token_logprobs(model, items, pad, batch_size)
+    texts = [tokenizer.decode(e.labels[e.labels != IGNORE].tolist(), skip_special_tokens=True) for e in items]
+    scores = {"loss": [loss_score(t) for t in target],
+              "min_k": [min_k_score(t, 0.2) for t in target],
+              "zlib": [zlib_score(t, text) for t, text in zip(target, texts)],
+              "reference": [reference_score(t, r) for t, r in zip(target, reference)]}
+    m = len(members)
+    return {name: dataclasses.asdict(mia_metrics(s[:m], s[m:])) for name, s in scores.items()}
+
+
+def mia_sample(members: Sequence, non_members: Sequence, limit: int, seed: int) -> tuple[list, list]:
+    """As many of each (at most `limit`), each a seeded sample without replacement, in order."""
+    n = min(limit, len(members), len(non_members))
+    rng = numpy_generator(seed, "mia")
+
+    def pick(xs: Sequence) -> list:
+        return [xs[i] for i in sorted(rng.choice(len(xs), n, replace=False))]
+
+    return pick(members), pick(non_members)
+
+
+def mia_candidates(data, clients: int, task: str) -> tuple[list[InstructionExample], list[InstructionExample]]:
+    """Training examples of the first `clients` clients (planted canaries left out: they are
+    measured by exposure, and would make members differ from non-members in kind) and the
+    held-out test examples; for DPO, each preference pair's chosen reply."""
+    def chosen(pairs) -> list[InstructionExample]:
+        return [InstructionExample(p.prompt, p.chosen, p.system) for p in pairs]
+
+    if task == "dpo":
+        return chosen(p for c in data.clients[:clients] for p in c.preference), chosen(data.preference_test)
+    planted = {c.text for c in data.canaries}
+    members = [e for c in data.clients[:clients] for e in c.train if e.messages()[-1].content not in planted]
+    return members, list(data.global_test)
+
+
+def answer_extraction(model, tokenizer, examples: Sequence[InstructionExample], template: str,
+                      batch_size: int, max_new_tokens: int = 64) -> float:
+    """The share of examples whose greedy reply to the prompt reproduces the answer (its
+    start, whitespace aside), each reply as long as the answer in tokens plus one."""
+    from fedsec.evaluation import greedy_replies
+
+    if not examples:
+        return float("nan")
+    answers = [e.messages()[-1].content.strip() for e in examples]
+    longest = max(len(tokenizer(a, add_special_tokens=False).input_ids) for a in answers)
+    prompts = [encode_prompt(e, tokenizer, template) for e in examples]
+    replies = greedy_replies(model, tokenizer, prompts, min(max_new_tokens, longest + 1), batch_size)
+    return sum(r.strip().startswith(a) for r, a in zip(replies, answers)) / len(examples)

@@ -46,3 +46,4 @@ class RunResult:
     privacy: dict | None = None  # DP runs: certified, reason, epsilon per accountant, sigma, q, C
     attack: dict | None = None  # runs with malicious clients: the attack and their identities
     audit: dict | None = None  # privacy audit: guesses, correct, the epsilon lower bound
+    membership: dict | None = None  # eval.mia: per score, AUC and TPR at low FPR

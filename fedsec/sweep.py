@@ -210,7 +210,8 @@ RESERVED = ("variant", "seed", "seeds", "run_dir", "attack_kind", "malicious_cou
 METRICS = ("final_accuracy", "local_only_accuracy", "untuned_accuracy", "preference_accuracy",
            "likelihood_accuracy", "untuned_likelihood_accuracy", "refusal_rate", "untuned_refusal_rate",
            "attack_success_rate", "clean_target_rate", "true_positive_rate", "false_positive_rate",
-           "exposure", "untuned_exposure", "extraction_rate")
+           "exposure", "untuned_exposure", "extraction_rate", "audit_bound", "mia_auc", "mia_reference_auc",
+           "answer_extraction", "held_out_answer_extraction")
 
 
 def write_tables(root: Path, runs: list[SweepRun]) -> None:
@@ -249,6 +250,12 @@ def write_tables(root: Path, runs: list[SweepRun]) -> None:
             "exposure": (final.get("memorization") or {}).get("exposure_mean"),
             "untuned_exposure": (untuned.get("memorization") or {}).get("exposure_mean"),
             "extraction_rate": (final.get("memorization") or {}).get("extraction_rate"),
+            "audit_bound": (result.get("audit") or {}).get("epsilon_lower_bound"),
+            "mia_auc": ((result.get("membership") or {}).get("loss") or {}).get("auc"),
+            "mia_reference_auc": ((result.get("membership") or {}).get("reference") or {}).get("auc"),
+            "answer_extraction": ((result.get("membership") or {}).get("answer_extraction") or {}).get("members"),
+            "held_out_answer_extraction": ((result.get("membership") or {}).get("answer_extraction")
+                                           or {}).get("non_members"),
             "true_positive_rate": detected["true_positive_rate"],
             "false_positive_rate": detected["false_positive_rate"],
             "epsilon": privacy.get("epsilon"), "delta": privacy.get("delta"),
@@ -292,7 +299,9 @@ HEADINGS = {"final_accuracy": "final accuracy", "local_only_accuracy": "local-on
             "attack_success_rate": "backdoor success", "clean_target_rate": "target on clean inputs",
             "true_positive_rate": "malicious dropped", "false_positive_rate": "honest dropped",
             "exposure": "exposure (bits)", "untuned_exposure": "untuned exposure",
-            "extraction_rate": "extracted"}
+            "extraction_rate": "extracted", "audit_bound": "audit epsilon >=",
+            "mia_auc": "MIA AUC (loss)", "mia_reference_auc": "MIA AUC (reference)",
+            "answer_extraction": "training answers extracted", "held_out_answer_extraction": "held-out reproduced"}
 
 
 def summary_table(root: Path) -> str:

@@ -90,33 +90,33 @@ def _canary_run(tmp_path, privacy):
     from fedsec.loop import run_experiment
 
     data = {"benchmark": {"num_clients": 4, "examples_per_client": 8, "size_alpha": 0, "test_size": 6,
-                          "client_test_size": 0, "num_probes": 0, "canaries_per_client": 1, "canary_repeats": 8},
+                          "client_test_size": 0, "num_probes": 0, "canaries_per_client": 1, "canary_repeats": 32,
+                          "canary_clients": 1},
             "max_length": 256}
     lora = {"rank": 8, "alpha": 16,
             "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
     cfg = tiny_config(tmp_path, data=data, lora=lora, privacy=privacy,
-                      federation={"rounds": 8, "clients_per_round": 4, "local_only_clients": 0},
-                      training={"local_steps": 4, "batch_size": 8, "lr": 5e-3, "min_lr": 5e-3},
-                      eval={"clients": False, "canaries": True, "every": 8, "canary_candidates": 300})
+                      federation={"rounds": 16, "clients_per_round": 4, "local_only_clients": 0},
+                      training={"local_steps": 4, "batch_size": 8, "lr": 1e-2, "min_lr": 1e-2},
+                      eval={"clients": False, "canaries": True, "every": 16, "canary_candidates": 300})
     run_experiment(cfg, out=tmp_path / "run", progress=False, log=lambda _: None)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r["global_eval"]["memorization"] for r in rows if r.get("global_eval")]
     return evals[0], evals[-1]  # untuned, final
 
 
-def test_canaries_are_exposed_without_dp_and_not_under_strong_dp(tmp_path):
-    """One canary per client, 8 copies each. Measured: untuned exposure 2.6 bits, 12.9
-    after 8 non-private rounds, 1.4 under user-level DP (sigma 1, C 0.1). The tiny model
-    does not extract any PIN by greedy decoding, private or not (it continues with
-    letters), so extraction is only checked to stay at zero under DP."""
+def test_a_canary_is_exposed_and_extracted_without_dp_and_neither_under_strong_dp(tmp_path):
+    """One client holds one canary 32 times beside its 8 examples; 16 rounds. Measured:
+    without DP the PIN ranks first among the 300 sampled (exposure capped at log2 10^6 =
+    19.9 bits) and greedy decoding after the prefix writes it; under user-level DP
+    (sigma 1, C 0.1) exposure 0.5 bits and nothing extracted."""
     untuned, plain = _canary_run(tmp_path / "plain", {})
     _, private = _canary_run(tmp_path / "dp", {"mode": "user", "noise_multiplier": 1.0, "clip_norm": 0.1,
                                                 "delta": 1e-3})
-    assert untuned["canaries"] == plain["canaries"] == 4
-    assert untuned["exposure_mean"] < 4
-    assert plain["exposure_mean"] > untuned["exposure_mean"] + 6
-    assert private["exposure_mean"] < untuned["exposure_mean"] + 1
-    assert private["extraction_rate"] == 0.0
+    assert untuned["canaries"] == plain["canaries"] == 1
+    assert untuned["exposure_mean"] < 4 and untuned["extraction_rate"] == 0.0
+    assert plain["exposure_mean"] > 15 and plain["extraction_rate"] == 1.0
+    assert private["exposure_mean"] < untuned["exposure_mean"] + 2 and private["extraction_rate"] == 0.0
 
 
 def test_canary_evaluation_needs_planted_canaries(tmp_path):
@@ -142,3 +142,87 @@ def test_console_shows_exposure_per_evaluation_and_in_the_summary():
                        None)
     assert any(s.startswith("canary exposure (bits):      untuned 2.6 -> fedavg 12.9; extracted 0.250")
                for s in summary_lines(result))
+
+
+def test_mia_candidates_leave_planted_canaries_out_and_the_sample_is_even_and_seeded():
+    from fedsec.config import BenchmarkConfig, DataConfig
+    from fedsec.data import build_federated_data
+    from fedsec.memorization import mia_candidates, mia_sample
+
+    cfg = DataConfig(benchmark=BenchmarkConfig(num_clients=6, examples_per_client=8, size_alpha=0, test_size=9,
+                                               client_test_size=0, num_probes=0, canaries_per_client=1,
+                                               canary_repeats=3, canary_clients=2))
+    data = build_federated_data(cfg, 0, "sft")
+    assert [c.client_id for c in data.canaries] == [0, 1]  # only the first 2 clients hold one
+    members, held_out = mia_candidates(data, 4, "sft")  # the first 4 clients are the federation
+    assert len(members) == 4 * 8 and held_out == list(data.global_test)
+    assert not any("vault PIN" in e.response for e in members)
+    first, again = mia_sample(members, held_out, 100, 5), mia_sample(members, held_out, 100, 5)
+    assert first == again and len(first[0]) == len(first[1]) == 9  # as many of each: the test set's 9
+    assert len(set(map(id, first[0]))) == 9 and all(e in members for e in first[0])
+    small = mia_sample(members, held_out, 4, 5)
+    assert len(small[0]) == len(small[1]) == 4
+
+
+def test_membership_scores_of_the_untuned_model_match_the_evaluator_and_the_reference_ties(tmp_path):
+    """With the adapter's output at zero (LoRA's B = 0) the target is the reference: every calibrated score is 0
+    (AUC exactly 0.5), and the loss attack's AUC equals the one computed by hand from the
+    evaluator's per-example losses."""
+    from conftest import tiny_config
+    from sklearn.metrics import roc_auc_score
+
+    from fedsec.encoding import encode_all
+    from fedsec.evaluation import EvalSet, per_example
+    from fedsec.loop import prepare
+    from fedsec.memorization import membership_inference, mia_candidates, mia_sample
+
+    setup = prepare(tiny_config(tmp_path))
+    cfg = setup.cfg
+    members, held_out = mia_sample(*mia_candidates(setup.data, len(setup.data.clients), "sft"), 50, 0)
+    encoded = [encode_all(x, setup.tokenizer, cfg.data.template, cfg.data.max_length) for x in (members, held_out)]
+    result = membership_inference(setup.model, setup.tokenizer, *encoded, batch_size=8)
+    assert result["reference"]["auc"] == 0.5 and result["loss"]["members"] == len(encoded[0])
+    items = tuple(encoded[0] + encoded[1])
+    nll, count, _ = per_example(setup.model, EvalSet(items, (0,) * len(items), None, None, None), setup.pad_id, 8)
+    labels = [1] * len(encoded[0]) + [0] * len(encoded[1])
+    assert result["loss"]["auc"] == pytest.approx(roc_auc_score(labels, (-nll / count).numpy()), abs=1e-9)
+    assert set(result) == {"loss", "min_k", "zlib", "reference"}
+
+
+def test_console_summary_names_each_membership_score():
+    from fedsec.console import summary_lines
+    from fedsec.results import RunResult
+
+    auc = {"tpr_at_1pct_fpr": 0.0, "tpr_at_01pct_fpr": 0.0, "members": 200, "non_members": 120}
+    membership = {"loss": {**auc, "auc": 0.5071}, "reference": {**auc, "auc": 0.5}}
+    result = RunResult("runs/x", 8, True, {"accuracy": 0.4, "loss": 2.0, "n": 6},
+                       {"accuracy": 0.5, "loss": 1.0, "n": 6}, None, membership=membership)
+    assert "membership inference AUC (200 members vs 120 held out): loss 0.507, reference 0.500" in \
+        summary_lines(result)
+
+
+def test_answer_extraction_counts_replies_that_start_with_the_answer():
+    import torch
+
+    from fedsec.data.schema import InstructionExample
+    from fedsec.memorization import answer_extraction
+    from fedsec.models import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    said = tok(" positive and more", add_special_tokens=False).input_ids
+
+    class Parrot:  # a model stub: every greedy reply is " positive and more", cut to the length asked
+        asked: list[int] = []
+
+        def generate(self, input_ids, attention_mask, max_new_tokens, do_sample, pad_token_id):
+            self.asked.append(max_new_tokens)
+            reply = torch.tensor(said[:max_new_tokens]).expand(len(input_ids), -1)
+            return torch.cat([input_ids, reply], dim=1)
+
+    examples = [InstructionExample("q1", "positive"), InstructionExample("q2", "negative"),
+                InstructionExample("q3", " positive "), InstructionExample("q4", "positive and more than that")]
+    parrot = Parrot()
+    assert answer_extraction(parrot, tok, examples, "chat", batch_size=3) == 0.5
+    longest = len(tok("positive and more than that", add_special_tokens=False).input_ids)
+    assert parrot.asked == [longest + 1, longest + 1]  # two batches, the longest answer plus one
+    assert math.isnan(answer_extraction(parrot, tok, [], "chat", batch_size=3))

@@ -114,3 +114,23 @@ def test_exposure_against_epsilon_uses_the_same_curve_machinery(tmp_path):
     fig = privacy_utility(tmp_path, "exposure")
     assert fig.axes[0].get_title() == f"Memorization: {tmp_path.name}"
     assert fig.axes[0].get_ylabel() == "canary exposure (bits)"
+
+
+def test_audit_bounds_by_hand_and_the_figure_draws_y_equals_x(tmp_path):
+    from reports.plots import audit_bounds, audit_bounds_data
+
+    rows = [{**_row("non-private", 0, 0.5), "audit_bound": 0.6}, {**_row("non-private", 1, 0.5), "audit_bound": 0.8},
+            {**_row("eps8", 0, 0.5, 8.0, True), "audit_bound": 0.2},
+            {**_row("eps8", 1, 0.5, 8.0, True), "audit_bound": 0.0},
+            {**_row("eps1", 0, 0.5, 1.0, True), "audit_bound": 0.0},
+            {**_row("epsinf", 0, 0.5, None, False), "audit_bound": 3.0},  # not certified: neither
+            {**_row("unaudited", 0, 0.5, 2.0, True), "audit_bound": None}]
+    (tmp_path / "results.json").write_text(json.dumps(rows))
+    data = audit_bounds_data(sweep_rows(tmp_path))
+    assert [(v, e, s.mean) for v, e, s in data.points] == [("eps1", 1.0, 0.0), ("eps8", 8.0, 0.1)]
+    assert abs(data.non_private.mean - 0.7) < 1e-12 and data.non_private.n == 2
+    ax = audit_bounds(tmp_path).axes[0]
+    diagonal = ax.get_lines()[0]
+    assert list(diagonal.get_xdata()) == list(diagonal.get_ydata())  # y = x
+    assert ax.get_xlabel() == "accountant's epsilon"
+    assert audit_bounds_data([_row("eps8", 0, 0.5, 8.0, True)]) is None

@@ -14,7 +14,8 @@ from reports.pdf import build_report, findings, run_table
 pypdf = pytest.importorskip("pypdf")
 
 
-def _write_run(path, seed, final, untuned=0.44, privacy=None, local=None, ledger=None, finished=True):
+def _write_run(path, seed, final, untuned=0.44, privacy=None, local=None, ledger=None, finished=True,
+               audit=None):
     path.mkdir(parents=True)
     cfg = {"name": "fx", "seed": seed, "task": "sft", "model": {"name": "tiny"},
            "data": {"source": "embedded", "benchmark": {"num_clients": 16}},
@@ -30,7 +31,7 @@ def _write_run(path, seed, final, untuned=0.44, privacy=None, local=None, ledger
     result = {"run_dir": str(path), "rounds_done": 2, "finished": finished,
               "untuned": {"accuracy": untuned, "loss": 4.0}, "final": {"accuracy": final, "loss": 0.5},
               "local_only": {"mean_accuracy": local, "per_client": {}} if local is not None else None,
-              "algorithm": "fedavg", "privacy": privacy}
+              "algorithm": "fedavg", "privacy": privacy, "audit": audit}
     (path / "result.json").write_text(json.dumps(result))
 
 
@@ -165,3 +166,34 @@ def test_findings_say_when_dp_falls_below_the_untuned_model(sweep):
            "(0.680), and 0.040 below the untuned model (0.440): at this epsilon the noise costs more " \
            "than federated training gains." in text
     assert "keeps -" not in text
+
+
+def _audit(correct, bound, accountant):
+    return {"kind": "update", "canaries": 200, "included": 101, "guesses": 80, "correct": correct,
+            "delta": 1e-5, "confidence": 0.95, "epsilon_lower_bound": bound, "accountant_epsilon": accountant,
+            "bound_exceeds_accountant": accountant is not None and bound > accountant}
+
+
+def test_audit_findings_and_columns_come_from_the_runs_and_a_violation_is_named(tmp_path):
+    from reports.pdf import audit_findings, collect
+
+    root = tmp_path / "audited"
+    _write_run(root / "plain", 0, 0.6, audit=_audit(60, 0.653, None))
+    _write_run(root / "eps8", 0, 0.6, privacy=_privacy(8.0, 0.74), audit=_audit(47, 0.0, 8.0))
+    _write_run(root / "eps2", 0, 0.6, privacy=_privacy(2.0, 1.5), audit=_audit(52, 0.3, 2.0))
+    runs = [collect(root / name)[1][0] for name in ("plain", "eps8", "eps2")]
+    assert audit_findings(runs) == [
+        "Privacy audit (update canaries, 200 per run): runs without a certified epsilon show epsilon >= 0.653.",
+        "On all 2 DP run(s) the audit's bound stays below the accountant's epsilon; closest: epsilon >= 0.300 "
+        "against 2.00 (eps2)."]
+    table = run_table(runs)
+    assert [(r["audit"], r["audit_bound"]) for r in table] == [("60/80 update", 0.653), ("47/80 update", 0.0),
+                                                               ("52/80 update", 0.3)]
+    _write_run(root / "broken", 0, 0.6, privacy=_privacy(1.0, 2.3), audit=_audit(80, 1.2, 1.0))
+    broken = collect(root / "broken")[1]
+    assert audit_findings(broken)[-1] == ("AUDIT VIOLATION in broken (seed 0): the lower bound 1.200 exceeds the "
+                                          "accountant's epsilon 1.00; its privacy claim does not hold.")
+    assert audit_findings(runs[1:2]) == ["On all 1 DP run(s) the audit's bound is 0: under the noise the guesses "
+                                         "are too close to chance to prove any epsilon."]
+    _write_run(root / "unaudited", 0, 0.6)
+    assert audit_findings(collect(root / "unaudited")[1]) == []

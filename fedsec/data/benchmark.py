@@ -220,7 +220,7 @@ def draw_canary(rng, client_id: int) -> Canary:
 
 
 def make_canaries(seed: int, num_clients: int, per_client: int) -> tuple[Canary, ...]:
-    """Random secrets, one stream per client."""
+    """Random secrets for clients 0 .. num_clients - 1, one stream per client."""
     canaries = []
     for cid in range(num_clients):
         rng = numpy_generator(seed, "canary", cid)
@@ -263,7 +263,7 @@ def make_benchmark(cfg: BenchmarkConfig, seed: int) -> FederatedData:
     mixes = np.stack([_label_mix(numpy_generator(seed, "mix", cid), cfg.label_alpha)
                       for cid in range(cfg.num_clients)])
     counts = balanced_label_counts(mixes, sizes.astype(float))
-    canaries = make_canaries(seed, cfg.num_clients, cfg.canaries_per_client)
+    canaries = make_canaries(seed, cfg.canary_clients or cfg.num_clients, cfg.canaries_per_client)
     clients = []
     for cid in range(cfg.num_clients):
         rng = numpy_generator(seed, "client", cid)
