@@ -98,9 +98,46 @@ def run_table(runs: list[RunFiles]) -> list[dict]:
             "certified": p.get("certified") if p else None,
             "untuned_accuracy": _acc(res.get("untuned")), "final_accuracy": _acc(res.get("final")),
             "local_only_accuracy": local.get("mean_accuracy"),
+            "audit_bound": (res.get("audit") or {}).get("epsilon_lower_bound"),
+            "audit": _audit_cell(res.get("audit")),
             "finished": res.get("finished", False),
         })
     return rows
+
+
+def _audit_cell(audit: dict | None) -> str | None:
+    """'v/r <kind>': the audit's correct guesses out of its guesses."""
+    return f"{audit['correct']}/{audit['guesses']} {audit.get('kind', 'secret')}" if audit else None
+
+
+def audit_findings(runs: list[RunFiles]) -> list[str]:
+    """The privacy audit against the accountant, run by run; a bound above the accountant's
+    epsilon is reported as the bug it is."""
+    audited = [(r, r.result["audit"]) for r in runs if r.result and (r.result.get("audit") or {})]
+    if not audited:
+        return []
+    out = []
+    plain = [a["epsilon_lower_bound"] for r, a in audited if a["accountant_epsilon"] is None]
+    kind = audited[0][1].get("kind", "secret")
+    if plain:
+        out.append(f"Privacy audit ({kind} canaries, {audited[0][1]['canaries']} per run): runs without a "
+                   f"certified epsilon show epsilon >= {min(plain):.3f}"
+                   + (f" to {max(plain):.3f}" if max(plain) > min(plain) else "") + ".")
+    certified = [(r, a) for r, a in audited if a["accountant_epsilon"] is not None]
+    broken = [(r, a) for r, a in certified if a["bound_exceeds_accountant"]]
+    for r, a in broken:
+        out.append(f"AUDIT VIOLATION in {r.variant} (seed {r.seed}): the lower bound "
+                   f"{a['epsilon_lower_bound']:.3f} exceeds the accountant's epsilon "
+                   f"{format_epsilon(a['accountant_epsilon'])}; its privacy claim does not hold.")
+    if certified and not broken and max(a["epsilon_lower_bound"] for _, a in certified) == 0:
+        out.append(f"On all {len(certified)} DP run(s) the audit's bound is 0: under the noise the guesses "
+                   "are too close to chance to prove any epsilon.")
+    elif certified and not broken:
+        r, a = max(certified, key=lambda ra: ra[1]["epsilon_lower_bound"] / ra[1]["accountant_epsilon"])
+        out.append(f"On all {len(certified)} DP run(s) the audit's bound stays below the accountant's epsilon; "
+                   f"closest: epsilon >= {a['epsilon_lower_bound']:.3f} against "
+                   f"{format_epsilon(a['accountant_epsilon'])} ({r.variant}).")
+    return out
 
 
 def _mean(values) -> float | None:
@@ -305,6 +342,7 @@ def _styles():
 
 HEADERS = {"sample_rate": "q", "clip_norm": "C", "sigma": "sigma", "final_accuracy": "final acc",
            "local_only_accuracy": "local-only acc", "untuned_accuracy": "untuned acc",
+           "audit": "audit guesses", "audit_bound": "audit eps >=",
            "certified": "certified", "algorithm": "algorithm"}
 
 
@@ -385,12 +423,16 @@ def build_report(directory: Path, out: Path | None = None, force: bool = False) 
     story += [Spacer(1, 0.5 * cm), Paragraph("Summary", styles["h"])]
     grid = grid_table(directory) if kind == "sweep" else []
     story += [Paragraph(sentence, styles["body"]) for sentence in findings(table)]
+    story += [Paragraph(sentence, styles["body"]) for sentence in audit_findings(runs)]
     if grid:
         story += [Paragraph(sentence, styles["body"])
                   for sentence in grid_findings(plots.attack_grid_data(plots.sweep_rows(directory)))]
     story += [PageBreak(), Paragraph("Runs", styles["h"])]
     columns = ["variant", "seed", "algorithm", "rounds", "privacy", "epsilon", "sigma", "clip_norm",
                "sample_rate", "certified", "final_accuracy", "local_only_accuracy", "untuned_accuracy"]
+    if any(row["audit"] for row in table):  # room for them: the local-only column goes when empty
+        columns = [c for c in columns if c != "local_only_accuracy" or any(r[c] is not None for r in table)]
+        columns += ["audit", "audit_bound"]
     story.append(_table(table, styles, columns, width=17.4 * cm))
     if grid:
         write_csv(files / "grid.csv", grid)
@@ -404,6 +446,9 @@ def build_report(directory: Path, out: Path | None = None, force: bool = False) 
     if kind == "sweep":
         figures.append(("privacy_utility", plots.privacy_utility(directory)))
         figures.append(("privacy_exposure", plots.privacy_utility(directory, "exposure")))
+        figures.append(("privacy_extraction", plots.privacy_utility(directory, "extraction_rate")))
+        figures.append(("privacy_mia", plots.privacy_utility(directory, "mia_reference_auc")))
+        figures.append(("audit_bounds", plots.audit_bounds(directory)))
         figures.append(("attack_grid", plots.attack_grid(directory)))
         figures.append(("attack_fractions", plots.attack_fractions(directory)))
     done = [r for r in runs if r.result and r.result.get("finished")]

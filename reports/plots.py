@@ -19,6 +19,9 @@ and line style as well as colour.
                                   the largest fraction of malicious clients
     attack_fractions(sweep_dir)   each metric over the fraction of malicious clients,
                                   one curve per defense, one panel per attack
+    audit_bounds(sweep_dir)       the privacy audit's empirical lower bound on epsilon
+                                  against the accountant's epsilon, with y = x (a point
+                                  above it would refute the privacy claim)
     save(fig, stem)               stem.png and stem.svg
 """
 
@@ -43,7 +46,9 @@ METRIC_LABELS = {"final_accuracy": "global test accuracy", "preference_accuracy"
                  "likelihood_accuracy": "likelihood accuracy", "refusal_rate": "harmless (refusal) rate",
                  "attack_success_rate": "backdoor attack success", "true_positive_rate": "malicious updates dropped",
                  "false_positive_rate": "honest updates dropped",
-                 "exposure": "canary exposure (bits)", "extraction_rate": "canaries extracted"}
+                 "exposure": "canary exposure (bits)", "extraction_rate": "canaries extracted",
+                 "mia_auc": "membership inference AUC (loss)",
+                 "mia_reference_auc": "membership inference AUC (reference-calibrated)"}
 # what a malicious-client grid shows, in this order, where the sweep measured it
 GRID_METRICS = ("final_accuracy", "refusal_rate", "attack_success_rate", "true_positive_rate")
 
@@ -139,7 +144,8 @@ def privacy_utility(sweep_dir: Path, metric: str = "final_accuracy"):
     ax.minorticks_off()
     ax.set_xlabel("epsilon (log scale)")
     ax.set_ylabel(METRIC_LABELS.get(metric, metric))
-    kind = "Memorization" if metric in ("exposure", "extraction_rate") else "Privacy-utility"
+    kind = "Memorization" if metric in ("exposure", "extraction_rate") else (
+        "Membership inference" if metric.startswith("mia_") else "Privacy-utility")
     ax.set_title(f"{kind}: {Path(sweep_dir).name}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -343,6 +349,57 @@ def attack_fractions(sweep_dir: Path, metric: str | None = None):
             if i == len(metrics) - 1:
                 ax.set_xlabel("malicious clients (%)", fontsize=8)
     axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+@dataclass(frozen=True)
+class AuditBounds:
+    points: list[tuple[str, float, Stat]]  # (variant, accountant epsilon, bound over seeds), by epsilon
+    non_private: Stat | None  # the bound where no epsilon is claimed
+
+
+def audit_bounds_data(rows: list[dict]) -> AuditBounds | None:
+    """None when no run of the sweep was audited."""
+    audited = [r for r in rows if r.get("audit_bound") is not None]
+    if not audited:
+        return None
+    points, plain = [], []
+    for variant in dict.fromkeys(r["variant"] for r in audited):
+        mine = [r for r in audited if r["variant"] == variant]
+        if mine[0].get("certified") is True:
+            points.append((variant, aggregate(r["epsilon"] for r in mine).mean,
+                           aggregate(r["audit_bound"] for r in mine)))
+        elif mine[0].get("certified") is None:
+            plain.extend(mine)
+    points.sort(key=lambda p: p[1])
+    return AuditBounds(points, aggregate(r["audit_bound"] for r in plain))
+
+
+def audit_bounds(sweep_dir: Path):
+    """Accountant epsilon (x) vs the audit's lower bound (y), mean and spread over seeds,
+    the line y = x, and the non-private runs' bound as a reference line."""
+    data = audit_bounds_data(sweep_rows(sweep_dir))
+    if data is None:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 4.2))
+    top = max([p[1] for p in data.points] + [p[2].mean + p[2].std for p in data.points]
+              + ([data.non_private.mean] if data.non_private else []) + [1.0]) * 1.1
+    ax.plot([0, top], [0, top], color="gray", linestyle=":", label="y = x (the accountant's claim)")
+    if data.points:
+        ax.errorbar([p[1] for p in data.points], [p[2].mean for p in data.points],
+                    yerr=[p[2].std for p in data.points], marker="o", linestyle="-", color="black",
+                    capsize=3, label=f"DP runs ({max(p[2].n for p in data.points)} seed(s))")
+    if data.non_private is not None:
+        ax.axhline(data.non_private.mean, linestyle="--", color="tab:blue",
+                   label=f"non-private ({data.non_private.mean:.2f})")
+    ax.set_xlim(0, top)
+    ax.set_ylim(-0.03 * top, top)  # a bound of 0 stays visible
+    ax.set_xlabel("accountant's epsilon")
+    ax.set_ylabel("empirical lower bound on epsilon")
+    ax.set_title(f"Privacy audit: {Path(sweep_dir).name}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
