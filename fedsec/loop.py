@@ -28,8 +28,10 @@ from defenses import sanitize_updates
 from attacks.clients import attack_params, attack_round, detection, malicious_clients
 from attacks.poisoning import poison_data, with_trigger
 from fedsec.data.unsafe import draw, read_unsafe
-from fedsec.audit import AuditState, audit_canaries, audit_result, secret_margins, start_audit, with_canary_clients
-from fedsec.memorization import answer_extraction, membership_inference, memorization_metrics, mia_candidates, mia_sample
+from fedsec.audit import (AuditState, audit_canaries, audit_result, secret_margins, start_audit,
+                          with_canary_clients)
+from fedsec.memorization import (answer_extraction, membership_inference, memorization_metrics, mia_candidates,
+                                 mia_sample)
 from fedsec.adapter import AdapterParams
 from fedsec.config import ExperimentConfig
 from fedsec.console import round_line
@@ -139,7 +141,8 @@ def prepare(cfg: ExperimentConfig) -> Setup:
     model = attach_lora(model, cfg.lora, cfg.seed)
     audit = None
     if cfg.audit.canaries:
-        audit = start_audit(cfg, canaries, included, population - cfg.audit.canaries, model, tokenizer)
+        first_canary = population - cfg.audit.canaries  # the clients before them
+        audit = start_audit(cfg, canaries, included, first_canary, model, tokenizer)
     d, pad = cfg.data, tokenizer.pad_token_id
     if cfg.task == "dpo":
         objective = DpoObjective(pad, cfg.dpo.beta)
