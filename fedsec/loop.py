@@ -125,6 +125,9 @@ def prepare(cfg: ExperimentConfig) -> Setup:
     if cfg.eval.canaries and not data.canaries:
         raise ConfigError("eval.canaries", True, "no canaries are planted; set "
                           "data.benchmark.canaries_per_client >= 1 (embedded benchmark)")
+    if cfg.eval.mia and not (data.preference_test if cfg.task == "dpo" else data.global_test):
+        raise ConfigError("eval.mia", True, "membership inference needs held-out examples and the data has "
+                          "no test set; give the dataset a test split or set eval.mia: false")
     if cfg.eval.probes:
         probes = read_unsafe(cfg.eval.probes, "eval.probes", need_reply=False)
         if 0 < cfg.eval.max_probes < len(probes):

@@ -63,22 +63,22 @@ def canary_exposure(model, tokenizer, canary: Canary, template: str, candidates:
     return min(exposure_extrapolated(secret, others), PIN_DIGITS * math.log2(10))
 
 
-@torch.no_grad()
-def extracted(model, tokenizer, canary: Canary, template: str) -> bool:
-    prompt = encode_prompt(InstructionExample(REQUEST, canary.text), tokenizer, template)
-    prompt += tokenizer(canary.prefix, add_special_tokens=False).input_ids
-    ids = torch.tensor([prompt])
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
-                         do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    reply = tokenizer.decode(out[0, len(prompt):], skip_special_tokens=True)
-    return reply.strip().startswith(canary.secret)
+def extracted(model, tokenizer, canaries: Sequence[Canary], template: str, batch_size: int) -> list[bool]:
+    """Per canary: does greedy decoding after the request and the canary's prefix start
+    with its PIN?"""
+    from fedsec.evaluation import greedy_replies
+
+    prompts = [encode_prompt(InstructionExample(REQUEST, c.text), tokenizer, template)
+               + tokenizer(c.prefix, add_special_tokens=False).input_ids for c in canaries]
+    replies = greedy_replies(model, tokenizer, prompts, 12, batch_size)
+    return [reply.strip().startswith(c.secret) for reply, c in zip(replies, canaries)]
 
 
 def memorization_metrics(model, tokenizer, canaries: Sequence[Canary], template: str, candidates: int,
                          seed: int, batch_size: int) -> dict:
     """Mean and largest exposure and the extraction rate over the canaries."""
     exposures = [canary_exposure(model, tokenizer, c, template, candidates, seed, batch_size) for c in canaries]
-    hits = [extracted(model, tokenizer, c, template) for c in canaries]
+    hits = extracted(model, tokenizer, canaries, template, batch_size)
     return {"exposure_mean": statistics.fmean(exposures), "exposure_max": max(exposures),
             "extraction_rate": sum(hits) / len(hits), "canaries": len(canaries)}
 

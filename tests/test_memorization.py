@@ -226,3 +226,18 @@ def test_answer_extraction_counts_replies_that_start_with_the_answer():
     longest = len(tok("positive and more than that", add_special_tokens=False).input_ids)
     assert parrot.asked == [longest + 1, longest + 1]  # two batches, the longest answer plus one
     assert math.isnan(answer_extraction(parrot, tok, [], "chat", batch_size=3))
+
+
+def test_membership_inference_without_held_out_examples_is_refused_before_training(tmp_path, monkeypatch):
+    import dataclasses
+
+    from conftest import tiny_config
+
+    import fedsec.loop
+    from fedsec.errors import ConfigError
+
+    build = fedsec.loop.build_federated_data
+    monkeypatch.setattr(fedsec.loop, "build_federated_data",
+                        lambda *a: dataclasses.replace(build(*a), global_test=()))
+    with pytest.raises(ConfigError, match="eval.mia.*no test set"):
+        fedsec.loop.prepare(tiny_config(tmp_path, eval={"mia": True}))
