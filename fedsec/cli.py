@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 import sys
 from typing import Sequence
@@ -55,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stop-after", type=int, metavar="N",
                      help="stop after round N, leaving a checkpoint to --resume from")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--engine", choices=("inprocess", "flower"),
+                     help="where clients train (overrides the config's engine): inprocess, or flower "
+                          "(a local Flower deployment, or flower.superlink)")
 
     show = sub.add_parser("config", help="print a resolved config with every field explained")
     show.add_argument("config", nargs="?", help="experiment YAML (default: all defaults)")
@@ -186,15 +190,24 @@ def _report(args) -> int:
 def _run(args) -> int:
     from fedsec.config import ConfigError, load_config
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides) + ([f"engine={args.engine}"] if args.engine else [])
+    cfg = load_config(args.config, overrides)
     if args.stop_after is not None and args.stop_after < 1:
         raise ConfigError("--stop-after", args.stop_after, "must be >= 1")
     from fedsec.console import summary_lines
-    from fedsec.loop import run_experiment
 
     _quiet_libraries()
-    result = run_experiment(cfg, out=args.out, resume=args.resume, stop_after=args.stop_after,
-                            progress=not args.no_progress)
+    if cfg.engine == "flower":
+        if importlib.util.find_spec("flwr") is None:
+            raise ConfigError("engine", "flower", "Flower is not installed; pip install 'fedsec[flower]'")
+        from fedsec.engine.deploy import run_on_flower
+
+        result = run_on_flower(cfg, out=args.out, resume=args.resume, stop_after=args.stop_after)
+    else:
+        from fedsec.loop import run_experiment
+
+        result = run_experiment(cfg, out=args.out, resume=args.resume, stop_after=args.stop_after,
+                                progress=not args.no_progress)
     if not result.finished:
         print(f"stopped after round {result.rounds_done}; continue with: fedsec run {args.config} "
               f"--out {result.run_dir} --resume")

@@ -36,6 +36,7 @@ AUDIT_KINDS = ("secret", "update")
 LOCAL_OPTIMIZERS = ("adamw", "sgd")
 PRIVACY_MODES = ("off", "user", "record")
 ACCOUNTANT_NAMES = ("rdp", "prv", "pld")
+ENGINES = ("inprocess", "flower")
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
@@ -514,6 +515,31 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class FlowerConfig:
+    supernodes: int = _help(
+        "engine flower without a superlink address: SuperNodes of the local deployment on 127.0.0.1; "
+        "SuperNode k hosts the clients c with c mod supernodes = k", 2)
+    superlink: str = _help(
+        "address host:port of a running SuperLink to submit the run to (empty: start a local "
+        "deployment of one SuperLink and `supernodes` SuperNodes, stopped afterwards)", "")
+    root_certificates: str = _help(
+        "CA certificate (PEM) of a SuperLink that runs with TLS (empty: an insecure connection, "
+        "only for 127.0.0.1)", "")
+    round_timeout: float = _help(
+        "seconds the server waits for a round's updates; clients that have not answered by then "
+        "count as failed for that round", 600.0)
+    start_timeout: float = _help(
+        "seconds the server waits for SuperNodes that together host every client before round 1", 300.0)
+
+    def __post_init__(self) -> None:
+        _require(self.supernodes >= 1, "supernodes", self.supernodes, "must be >= 1")
+        _require(self.round_timeout > 0, "round_timeout", self.round_timeout, "must be > 0 seconds")
+        _require(self.start_timeout > 0, "start_timeout", self.start_timeout, "must be > 0 seconds")
+        _require(self.superlink == "" or (":" in self.superlink and self.superlink.rsplit(":", 1)[1].isdigit()),
+                 "superlink", self.superlink, "give host:port, e.g. superlink.example.org:9093, or leave it empty")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str = _help("experiment name; the run directory is named after it", "experiment")
     seed: int = _help("root seed: every random stream derives from it", 0)
@@ -533,12 +559,23 @@ class ExperimentConfig:
     eval: EvalConfig = _help("evaluation", factory=EvalConfig)
     audit: AuditConfig = _help("empirical privacy audit: canary clients and an epsilon lower bound",
                                factory=AuditConfig)
+    engine: str = _help("inprocess (every client simulated in this process) or flower (clients train "
+                        "on Flower SuperNodes; the server pipeline runs in a Flower ServerApp)", "inprocess")
+    flower: FlowerConfig = _help("the Flower deployment (engine: flower)", factory=FlowerConfig)
 
     def __post_init__(self) -> None:
         _require(bool(self.name) and all(c.isalnum() or c in "-_." for c in self.name), "name",
                  self.name, "use letters, digits, '-', '_' or '.' only")
         _require(self.seed >= 0, "seed", self.seed, "must be an integer >= 0")
         _one_of("task", self.task, TASKS)
+        _one_of("engine", self.engine, ENGINES)
+        if self.engine == "flower":
+            _require(self.federation.algorithm != "scaffold", "federation.algorithm", "scaffold",
+                     "SCAFFOLD keeps per-client state that the flower engine does not carry yet; "
+                     "use another algorithm or engine: inprocess")
+            _require(self.federation.local_only_clients == 0, "federation.local_only_clients",
+                     self.federation.local_only_clients, "the local-only baseline is an in-process "
+                     "simulation; set it to 0 with engine: flower")
         _require(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints,
                  "must be >= 1")
         if self.privacy.mode == "record":

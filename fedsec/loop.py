@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from tqdm import tqdm
@@ -109,7 +109,20 @@ class Setup:
         return self.trainer.adapter
 
 
-def prepare(cfg: ExperimentConfig) -> Setup:
+@dataclass(frozen=True)
+class Federation:
+    """The federation's data as every party builds it from the config: clients (poisoned
+    where the attack says, audit canary clients appended), the malicious identities, and
+    the population the sampling rate is defined over."""
+
+    data: FederatedData
+    malicious: tuple[int, ...]
+    population: int
+    canaries: tuple = ()  # the audit's canaries, in or out
+    included: object = None  # which canaries are in (numpy bool array), None without an audit
+
+
+def build_federation(cfg: ExperimentConfig) -> Federation:
     data = build_federated_data(cfg.data, cfg.seed, cfg.task)
     num_clients = len(data.clients)
     fed = cfg.federation
@@ -134,12 +147,33 @@ def prepare(cfg: ExperimentConfig) -> Setup:
             probes = draw(probes, cfg.eval.max_probes, cfg.seed, "probes-file")
         data = dataclasses.replace(data, probes=probes)
     population = len(data.clients) + cfg.audit.canaries
+    canaries, included = (), None
     if cfg.audit.canaries:  # canary clients, appended after every other client
         canaries, included = audit_canaries(cfg.seed, cfg.audit.canaries)
         data = with_canary_clients(data, canaries, included, cfg.audit.repeats)
     if fed.clients_per_round > len(data.clients):
         raise ConfigError("federation.clients_per_round", fed.clients_per_round,
                           f"the data has {len(data.clients)} clients; sample at most that many")
+    return Federation(data, tuple(malicious), population, canaries, included)
+
+
+def _objective(cfg: ExperimentConfig, pad: int):
+    return DpoObjective(pad, cfg.dpo.beta) if cfg.task == "dpo" else SftObjective(pad)
+
+
+def _train_set(client, tokenizer, cfg: ExperimentConfig) -> list:
+    """One client's training items: encoded examples (sft) or preference pairs (dpo)."""
+    if cfg.task == "dpo":
+        return _pairs(client.preference, tokenizer, cfg)
+    return encode_all(client.train, tokenizer, cfg.data.template, cfg.data.max_length)
+
+
+def prepare(cfg: ExperimentConfig) -> Setup:
+    federation = build_federation(cfg)
+    data, malicious, population = federation.data, federation.malicious, federation.population
+    canaries, included = federation.canaries, federation.included
+    num_clients = len(data.clients) - int(included.sum() if included is not None else 0)
+    fed = cfg.federation
     model, tokenizer = load_base_model(cfg.model)
     model = attach_lora(model, cfg.lora, cfg.seed)
     audit = None
@@ -147,12 +181,8 @@ def prepare(cfg: ExperimentConfig) -> Setup:
         first_canary = population - cfg.audit.canaries  # the clients before them
         audit = start_audit(cfg, canaries, included, first_canary, model, tokenizer)
     d, pad = cfg.data, tokenizer.pad_token_id
-    if cfg.task == "dpo":
-        objective = DpoObjective(pad, cfg.dpo.beta)
-        train_sets = [_pairs(c.preference, tokenizer, cfg) for c in data.clients]
-    else:
-        objective = SftObjective(pad)
-        train_sets = [encode_all(c.train, tokenizer, d.template, d.max_length) for c in data.clients]
+    objective = _objective(cfg, pad)
+    train_sets = [_train_set(c, tokenizer, cfg) for c in data.clients]
     needs_root = cfg.defense.rule.needs_reference
     if needs_root and data.server_root is None:
         raise ConfigError("defense.aggregator", cfg.defense.aggregator,
@@ -217,21 +247,33 @@ def _cache_prefix(model, first: int, pad: int, batch_size: int, model_key: str, 
     def encoded(items):
         return cache_frozen_prefix(model, list(items), first, pad, batch_size, model_key)
 
-    def pairs(items):
-        flat = encoded([p.chosen for p in items] + [p.rejected for p in items])
-        n = len(items)
-        return [dataclasses.replace(p, chosen=flat[i], rejected=flat[n + i]) for i, p in enumerate(items)]
-
     global_eval, client_eval, preference_eval = evals
-    sizes = [len(items) for items in train_sets]
-    flat = [item for items in train_sets for item in items]
-    flat = pairs(flat) if flat and isinstance(flat[0], PairItem) else encoded(flat)
-    bounds = [0, *itertools.accumulate(sizes)]
-    train_sets = [flat[bounds[k]: bounds[k + 1]] for k in range(len(sizes))]
+    train_sets = _cache_train_sets(model, first, pad, batch_size, model_key, train_sets)
     global_eval = dataclasses.replace(global_eval, encoded=tuple(encoded(global_eval.encoded)))
     if client_eval is not None:
         client_eval = dataclasses.replace(client_eval, encoded=tuple(encoded(client_eval.encoded)))
-    return train_sets, global_eval, client_eval, pairs(preference_eval) if preference_eval else []
+    if preference_eval:
+        preference_eval = _cache_pairs(model, first, pad, batch_size, model_key, preference_eval)
+    return train_sets, global_eval, client_eval, preference_eval
+
+
+def _cache_pairs(model, first: int, pad: int, batch_size: int, model_key: str, items: list) -> list:
+    flat = cache_frozen_prefix(model, [p.chosen for p in items] + [p.rejected for p in items], first, pad,
+                               batch_size, model_key)
+    n = len(items)
+    return [dataclasses.replace(p, chosen=flat[i], rejected=flat[n + i]) for i, p in enumerate(items)]
+
+
+def _cache_train_sets(model, first: int, pad: int, batch_size: int, model_key: str, train_sets) -> list:
+    """Every client's training items with their frozen-prefix states, cached in one call."""
+    sizes = [len(items) for items in train_sets]
+    flat = [item for items in train_sets for item in items]
+    if flat and isinstance(flat[0], PairItem):
+        flat = _cache_pairs(model, first, pad, batch_size, model_key, flat)
+    else:
+        flat = cache_frozen_prefix(model, flat, first, pad, batch_size, model_key)
+    bounds = [0, *itertools.accumulate(sizes)]
+    return [flat[bounds[k]: bounds[k + 1]] for k in range(len(sizes))]
 
 
 def _backdoor_eval(cfg: ExperimentConfig, data: FederatedData, tokenizer) -> tuple[EvalSet, EvalSet]:
@@ -296,6 +338,60 @@ def scaffold_updates(setup: Setup, variates: VariateStore, c: torch.Tensor, star
         variate_deltas.append(new_c_i - c_i)
         updates.append(update)
     return updates, server_variate(c, variate_deltas, len(setup.train_sets))
+
+
+class ClientRunner(Protocol):
+    """Where the sampled clients train: `updates` returns their updates (in the order of
+    `clients`) and the ids of the clients that never answered (a crashed machine)."""
+
+    def start(self, setup: Setup, log: Callable[[str], None]) -> None: ...
+
+    def updates(self, setup: Setup, start: torch.Tensor, clients: list[int], lr: float, round_idx: int,
+                prox_mu: float) -> tuple[list[ClientUpdate], tuple[int, ...]]: ...
+
+
+class InProcessClients:
+    """Every client simulated here, on the Setup's model."""
+
+    def start(self, setup: Setup, log: Callable[[str], None]) -> None:
+        pass
+
+    def updates(self, setup: Setup, start: torch.Tensor, clients: list[int], lr: float, round_idx: int,
+                prox_mu: float) -> tuple[list[ClientUpdate], tuple[int, ...]]:
+        return client_updates(setup, start, clients, lr, round_idx, prox_mu), ()
+
+
+@dataclass
+class ClientSide:
+    """What one machine needs to train some of the federation's clients: the model with
+    its adapter, and those clients' training items (tokenized as `prepare` does)."""
+
+    cfg: ExperimentConfig
+    trainer: LocalTrainer
+    train_sets: dict[int, list]
+    population: int
+
+
+def prepare_clients(cfg: ExperimentConfig, hosted: Callable[[int], bool], record_noise: float | None = None,
+                    only: set[int] | None = None) -> ClientSide:
+    """The client side of a deployment: the federation's clients that `hosted` accepts
+    (and, if given, that are in `only`), ready to train. The frozen-prefix states and DPO
+    reference log-probabilities are computed over these clients alone, so they can
+    differ from `prepare`'s in the last float bits (other batch shapes)."""
+    federation = build_federation(cfg)
+    model, tokenizer = load_base_model(cfg.model)
+    model = attach_lora(model, cfg.lora, cfg.seed)
+    pad = tokenizer.pad_token_id
+    ids = [c for c in range(len(federation.data.clients)) if hosted(c) and (only is None or c in only)]
+    sets = [_train_set(federation.data.clients[c], tokenizer, cfg) for c in ids]
+    if cfg.lora.cache_frozen_layers and sets:
+        first, model_key = _prefix_args(model, cfg)
+        sets = _cache_train_sets(model, first, pad, cfg.eval.batch_size, model_key, sets)
+    if cfg.task == "dpo":
+        sets = [_with_reference(model, pairs, pad, cfg) for pairs in sets]
+    record_dp = RecordDp(cfg.privacy.clip_norm, record_noise) if record_noise is not None else None
+    trainer = LocalTrainer(model, cfg.training, _objective(cfg, pad), record_dp)
+    return ClientSide(cfg, trainer, dict(zip(ids, sets)), federation.population)
 
 
 def aggregate(updates: list[ClientUpdate], dim: int, defense: ServerDefense, round_idx: int,
@@ -364,12 +460,14 @@ def client_summary(per_client: dict) -> dict:
 
 def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume: bool = False,
                    stop_after: int | None = None, progress: bool = True,
-                   log: Callable[[str], None] = print) -> RunResult:
+                   log: Callable[[str], None] = print, clients: ClientRunner | None = None) -> RunResult:
     """Run (or resume) one federated experiment; returns its headline numbers.
 
     `stop_after` ends the run after that many rounds (as a crash would), leaving a
-    checkpoint that `resume=True` continues from.
+    checkpoint that `resume=True` continues from. `clients` trains the sampled clients
+    (default: here, in this process; fedsec.engine.flower: on Flower SuperNodes).
     """
+    clients = clients if clients is not None else InProcessClients()
     if resume:
         path = Path(out) if out is not None else latest_run_dir(cfg)
         if path is None:
@@ -418,6 +516,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
         log(f"resuming {run.path} after round {rounds_done}/{fed.rounds}")
     elif resume:
         run.truncate_metrics(0)
+    clients.start(setup, log)
     if rounds_done == 0 and not any(r.get("round") == 0 for r in run.read_metrics()):
         untuned, clients_eval = evaluate_model(setup, global_vec)
         run.append_metrics({"phase": "federated", "round": 0, "global_eval": untuned,
@@ -434,8 +533,9 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
                    if cfg.sampling == "poisson" else
                    sample_clients(num_clients, fed.clients_per_round, sampler))
         trained = crafted.trained(sampled) if crafted is not None else sampled
+        failed: tuple[int, ...] = ()
         if variates is None:
-            updates = client_updates(setup, global_vec, trained, lr, round_idx, prox_mu)
+            updates, failed = clients.updates(setup, global_vec, trained, lr, round_idx, prox_mu)
         else:
             updates, server_variate_c = scaffold_updates(setup, variates, server_variate_c,
                                                          global_vec, trained, lr, round_idx)
@@ -451,7 +551,8 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
         if dp is None:
             update, rejected, defended = aggregate(updates, dim, defense, round_idx, reference)
         else:
-            update, rejected, privacy = dp.aggregate(updates, dim, round_idx, defense, reference)
+            update, rejected, privacy = dp.aggregate(updates, dim, round_idx, defense, reference,
+                                                       len(sampled))
             defended = privacy.pop("defense", None)
             run.write_json("privacy_ledger.json", dp.ledger.to_dict())
         if record is not None:
@@ -474,7 +575,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
         train_loss = sum(u.metrics["loss"] * u.metrics["loss_terms"] for u in updates) / max(terms, 1)
         result = RoundResult(round_idx + 1, lr, tuple(sampled), train_loss, rejected,
                              time.perf_counter() - started, global_eval, clients_eval, privacy, defended,
-                             attacked)
+                             attacked, failed)
         run.append_metrics(result.as_dict())
         run.save_checkpoint(round_idx + 1, {"global": global_vec, "server": server.state_dict(),
                                             "local_only": {str(c): v for c, v in local.items()},

@@ -100,11 +100,14 @@ class UserLevelDp:
                                     plan.certified, plan.reason)
 
     def aggregate(self, updates: list[ClientUpdate], dim: int, round_idx: int, defense=None,
-                  reference: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, ...], dict]:
+                  reference: torch.Tensor | None = None,
+                  sampled: int | None = None) -> tuple[torch.Tensor, tuple[int, ...], dict]:
         """One round under DP; returns (aggregate, rejected client ids, round privacy info).
 
         A rejected update (non-finite, wrong shape, absurd norm) counts as a zero delta:
-        the client was sampled, so the denominator and the accounting stay as planned.
+        the client was sampled, so the denominator and the accounting stay as planned; so
+        does a sampled client whose update never came (`sampled` counts it; default: the
+        number of updates).
         `defense` (fedsec.defense.ServerDefense) applies a robust rule to the clipped deltas.
         """
         plan, seed = self.plan, self.cfg.seed
@@ -129,7 +132,7 @@ class UserLevelDp:
             norms, unclipped = clip.norms, int(clip.unclipped.sum())
             clipped = len(kept) - unclipped
         entry = self.ledger.record(round_idx + 1, plan.noise_multiplier, plan.sample_rate, used_clip,
-                                   len(updates))
+                                   len(updates) if sampled is None else sampled)
         if self.cfg.privacy.adaptive_clipping:
             p = self.cfg.privacy
             self.clip_norm, _ = adapt_clip_norm(self.clip_norm, unclipped, plan.expected_clients,

@@ -29,6 +29,7 @@ class RoundResult:
     privacy: dict | None = None  # DP runs: clip norm, clipped count, epsilon so far per accountant
     defense: dict | None = None  # robust aggregator: its name, excluded clients, diagnostics
     attack: dict | None = None  # malicious clients sampled; the defense's true/false positives
+    failed: tuple[int, ...] = ()  # sampled clients whose update never came (a SuperNode down or late)
 
     def as_dict(self) -> dict:
         return {"phase": "federated", **asdict(self)}

@@ -183,8 +183,13 @@ def run_sweep(spec_path: str | Path, progress: bool = True,
         else:
             resume = (run.out / CONFIG).is_file()
             log(f"[sweep] {run.variant} seed {run.seed}: {'resuming' if resume else 'starting'}")
-            run_experiment(cfg, out=run.out, resume=resume, progress=False,
-                           log=lambda line: log("    " + line))
+            if cfg.engine == "flower":  # each run on its own local deployment (or flower.superlink)
+                from fedsec.engine.deploy import run_on_flower
+
+                run_on_flower(cfg, out=run.out, resume=resume, echo=lambda line: log("    " + line))
+            else:
+                run_experiment(cfg, out=run.out, resume=resume, progress=False,
+                               log=lambda line: log("    " + line))
         bar.update(1)
     bar.close()
     write_tables(root, runs)
