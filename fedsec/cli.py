@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("datasets", help="list the datasets fedsec knows by name")
 
+    cache = sub.add_parser("cache-model", help="convert and cache a base model once (e.g. on a SuperNode)",
+                           description="Build the model's cached copy (SmolLM2: de-quantize the GGUF, about "
+                                       "80 s) under $FEDSEC_CACHE, so later loads, and Flower ClientApps, only "
+                                       "read it.")
+    cache.add_argument("model", nargs="?", default="smollm2-135m-instruct",
+                       help="model name (default smollm2-135m-instruct)")
+
     privacy = sub.add_parser("privacy", help="epsilon of a DP setting, or the noise for a target",
                              description="Accounting for the Poisson-subsampled Gaussian mechanism, "
                                          "one event per round (user-level DP-FedAvg).")
@@ -128,6 +135,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _sweep(args)
         if args.command == "datasets":
             return _datasets()
+        if args.command == "cache-model":
+            from fedsec.models import resolve_model_path
+
+            print(f"cached: {resolve_model_path(args.model)}")
+            return 0
         if args.command == "privacy":
             return _privacy(args)
         if args.command == "report":

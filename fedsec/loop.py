@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import io
 import itertools
+import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,11 +36,11 @@ from fedsec.audit import (AuditState, audit_canaries, audit_result, secret_margi
 from fedsec.memorization import (answer_extraction, membership_inference, memorization_metrics, mia_candidates,
                                  mia_sample)
 from fedsec.adapter import AdapterParams
-from fedsec.config import ExperimentConfig
+from fedsec.config import ExperimentConfig, to_mapping
 from fedsec.console import round_line
 from fedsec.data import FederatedData, build_federated_data
 from fedsec.defense import ServerDefense
-from fedsec.encoding import encode_all, encode_prompt
+from fedsec.encoding import Encoded, encode_all, encode_prompt
 from fedsec.errors import ConfigError
 from fedsec.evaluation import (
     EvalSet,
@@ -64,7 +67,7 @@ from fedsec.privacy import (
     plan_record_privacy,
 )
 from fedsec.results import ClientUpdate, RoundResult, RunResult
-from fedsec.rundir import RunDir, default_run_dir, latest_run_dir
+from fedsec.rundir import RunDir, atomic_write_bytes, default_run_dir, latest_run_dir
 from fedsec.scaffold import VariateStore, client_variate, server_variate
 from fedsec.seeding import derive_seed, torch_generator
 from fedsec.server import make_server_optimizer, poisson_sample, sample_clients
@@ -373,25 +376,67 @@ class ClientSide:
 
 
 def prepare_clients(cfg: ExperimentConfig, hosted: Callable[[int], bool], record_noise: float | None = None,
-                    only: set[int] | None = None) -> ClientSide:
+                    only: set[int] | None = None, cache: Path | None = None) -> ClientSide:
     """The client side of a deployment: the federation's clients that `hosted` accepts
-    (and, if given, that are in `only`), ready to train. The frozen-prefix states and DPO
-    reference log-probabilities are computed over these clients alone, so they can
-    differ from `prepare`'s in the last float bits (other batch shapes)."""
+    (and, if given, that are in `only`), ready to train.
+
+    Each client's items (tokens, frozen-prefix states, DPO reference log-probabilities)
+    are computed from that client alone, so they do not depend on which clients a
+    message asks for; with `cache` they are stored there and read back by later
+    messages (a Flower ClientApp is a new process each round). Computed per client,
+    they can differ from `prepare`'s, which batches all clients together, in the last
+    float bits.
+    """
     federation = build_federation(cfg)
     model, tokenizer = load_base_model(cfg.model)
     model = attach_lora(model, cfg.lora, cfg.seed)
     pad = tokenizer.pad_token_id
     ids = [c for c in range(len(federation.data.clients)) if hosted(c) and (only is None or c in only)]
-    sets = [_train_set(federation.data.clients[c], tokenizer, cfg) for c in ids]
-    if cfg.lora.cache_frozen_layers and sets:
-        first, model_key = _prefix_args(model, cfg)
-        sets = _cache_train_sets(model, first, pad, cfg.eval.batch_size, model_key, sets)
-    if cfg.task == "dpo":
-        sets = [_with_reference(model, pairs, pad, cfg) for pairs in sets]
+    sets = {}
+    for c in ids:
+        path = cache / f"client-{c}.pt" if cache is not None else None
+        if path is not None and path.is_file():
+            sets[c] = [_item_from_dict(d) for d in torch.load(path, weights_only=True)]
+            continue
+        items = _train_set(federation.data.clients[c], tokenizer, cfg)
+        if cfg.lora.cache_frozen_layers and items:
+            first, model_key = _prefix_args(model, cfg)
+            items = _cache_train_sets(model, first, pad, cfg.eval.batch_size, model_key, [items])[0]
+        if cfg.task == "dpo":
+            items = _with_reference(model, items, pad, cfg)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            buffer = io.BytesIO()
+            torch.save([_item_to_dict(item) for item in items], buffer)
+            atomic_write_bytes(path, buffer.getvalue())
+        sets[c] = items
     record_dp = RecordDp(cfg.privacy.clip_norm, record_noise) if record_noise is not None else None
     trainer = LocalTrainer(model, cfg.training, _objective(cfg, pad), record_dp)
-    return ClientSide(cfg, trainer, dict(zip(ids, sets)), federation.population)
+    return ClientSide(cfg, trainer, sets, federation.population)
+
+
+def client_cache_key(cfg: ExperimentConfig) -> str:
+    """What a client's prepared items depend on: the config without the sections that
+    only steer the rounds (federation, training, privacy, defense, engine, names)."""
+    steering = ("name", "output_dir", "keep_checkpoints", "federation", "training", "privacy", "defense",
+                "engine", "flower")
+    kept = {k: v for k, v in to_mapping(cfg).items() if k not in steering}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _item_to_dict(item) -> dict:
+    if isinstance(item, PairItem):
+        return {"chosen": _item_to_dict(item.chosen), "rejected": _item_to_dict(item.rejected),
+                "ref_chosen": item.ref_chosen, "ref_rejected": item.ref_rejected}
+    return {"input_ids": item.input_ids, "labels": item.labels, "hidden": item.hidden,
+            "hidden_layer": item.hidden_layer}
+
+
+def _item_from_dict(d: dict):
+    if "chosen" in d:
+        return PairItem(_item_from_dict(d["chosen"]), _item_from_dict(d["rejected"]), d["ref_chosen"],
+                        d["ref_rejected"])
+    return Encoded(d["input_ids"], d["labels"], d["hidden"], d["hidden_layer"])
 
 
 def aggregate(updates: list[ClientUpdate], dim: int, defense: ServerDefense, round_idx: int,

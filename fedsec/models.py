@@ -85,8 +85,21 @@ def resolve_model_path(name: str) -> str:
     if name == TINY:
         return str(_cached(cache_dir() / "models" / "tiny-v2", _build_tiny))
     if name == SMOLLM2:
-        return str(_cached(cache_dir() / "models" / f"{SMOLLM2}-q4_1", _convert_smollm2))
+        return str(_cached(smollm2_cache(), _convert_smollm2))
     return name
+
+
+def smollm2_cache() -> Path:
+    """Where the de-quantized SmolLM2 checkpoint lives (safetensors, memory-mapped on load)."""
+    return cache_dir() / "models" / f"{SMOLLM2}-q4_1"
+
+
+def require_converted(name: str) -> None:
+    """Refuse to convert SmolLM2's GGUF here (a Flower ClientApp: one process per message)."""
+    if name == SMOLLM2 and not (smollm2_cache() / "config.json").is_file():
+        raise ConfigError("model.name", name, f"this machine's cache ({smollm2_cache()}) has no converted "
+                          "copy and a ClientApp does not convert (80 s per message); run `fedsec cache-model` "
+                          "once on this machine, with the same FEDSEC_CACHE as the SuperNode")
 
 
 def _cached(target: Path, build) -> Path:

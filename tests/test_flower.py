@@ -58,7 +58,7 @@ def test_flower_run_equals_inprocess_run_with_tls_and_authentication(tmp_path):
         for k in range(3):
             private, public = make_node_key(tmp_path / "keys", f"node-{k}")
             deployment.register(public)
-            deployment.start_supernode(k, 3, key=private)
+            deployment.start_supernode(k, 3, key=private, threads=1)
         stranger, _ = make_node_key(tmp_path / "keys", "stranger")
         deployment.start_supernode(0, 1, key=stranger, name="unregistered")
         lines: list[str] = []
@@ -118,3 +118,24 @@ def test_killed_supernode_fails_its_clients_and_a_restarted_one_rejoins(tmp_path
     planned = run_experiment(dataclasses.replace(cfg, engine="inprocess"), out=tmp_path / "inprocess",
                              progress=False, log=lambda _: None)
     assert result.privacy["epsilons"] == planned.privacy["epsilons"]
+
+
+def test_a_bad_setting_found_by_the_server_app_is_one_line_and_exit_status_2(tmp_path, capsys):
+    """The config passes the launcher's checks but the data has no canaries: the
+    ServerApp's error comes back as the CLI's one line, no run directory is left, and
+    the local deployment is gone."""
+    import yaml
+
+    from conftest import TINY
+    from fedsec.cli import main
+
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(yaml.safe_dump({**TINY, "engine": "flower", "eval": {"canaries": True},
+                                    "federation": {"rounds": 1, "clients_per_round": 2},
+                                    "flower": {"supernodes": 1, "start_timeout": 60}}))
+    status = main(["run", str(spec), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2
+    assert err[-1].startswith("fedsec: error: eval.canaries = True: no canaries are planted")
+    assert "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "run").exists()

@@ -59,6 +59,7 @@ out = ""
 workdir = ""
 resume = false
 stop-after = 0
+error-file = ""
 """
 APP_MODULE = ("from fedsec.engine import flower\n\n"
               "server_app = flower.server_app\n"
@@ -173,13 +174,16 @@ class LocalDeployment:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, argv: list[str], threads: int | None = None) -> subprocess.Popen:
         home = self.home / name
         home.mkdir(exist_ok=True)
+        env = flower_env(home)
+        if threads is not None:  # what the ClientApps it starts use for torch
+            env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         log = open(self.home / f"{name}.log", "ab")
         try:
             process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       env=flower_env(home), cwd=home, start_new_session=True)
+                                       env=env, cwd=home, start_new_session=True)
         finally:
             log.close()
         self.processes[name] = process
@@ -218,14 +222,16 @@ class LocalDeployment:
         return done.stdout
 
     def start_supernode(self, partition: int, partitions: int, key: Path | None = None,
-                        name: str | None = None, extra_config: str = "") -> str:
+                        name: str | None = None, extra_config: str = "", threads: int | None = None) -> str:
+        """Start SuperNode `partition` of `partitions`; `threads` caps torch's threads in its
+        ClientApps (SuperNodes sharing one machine should split its cores)."""
         name = name or f"supernode-{partition}"
         argv = [_tool("flower-supernode"), "--superlink", self.address, "--port", str(free_port()),
                 "--node-config", f"partition-id={partition} num-partitions={partitions} {extra_config}".strip()]
         argv += ["--root-certificates", str(self.tls.ca)] if self.tls else ["--insecure"]
         if key is not None:
             argv += ["--auth-supernode-private-key", str(key)]
-        self._spawn(name, argv)
+        self._spawn(name, argv, threads)
         return name
 
     def kill(self, name: str) -> None:
@@ -361,7 +367,7 @@ def write_app(folder: Path) -> Path:
 
 def write_run_config(path: Path, cfg: ExperimentConfig, out: Path, resume: bool, stop_after: int | None) -> Path:
     values = {"config": dump_config(cfg), "out": str(out), "workdir": os.getcwd(), "resume": resume,
-              "stop-after": stop_after or 0}
+              "stop-after": stop_after or 0, "error-file": str(path.parent / "error.txt")}
     path.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in values.items()), encoding="utf-8")
     return path
 
@@ -381,17 +387,25 @@ def run_on_flower(cfg: ExperimentConfig, out: str | Path | None = None, resume: 
     deployment of cfg.flower.supernodes SuperNodes started and stopped here."""
     from fedsec.models import resolve_model_path
 
-    if resume:
+    remote = deployment is None and bool(cfg.flower.superlink)
+    if remote:  # the run directory lives on the SuperLink's machine, which checks it
+        if out is None:
+            raise ConfigError("--out", None, "with flower.superlink give the run directory, a path on the "
+                              "SuperLink's machine")
+        path = Path(out)
+    elif resume:
         path = Path(out) if out is not None else latest_run_dir(cfg)
         if path is None:
             raise ConfigError("--resume", cfg.name, f"no earlier run of it under {cfg.output_dir}/; "
                               "start one without --resume")
         RunDir.reopen(path, cfg)
+        path = path.resolve()
     else:
         path = Path(out) if out is not None else default_run_dir(cfg)
         RunDir.check_free(path)
-    path = path.resolve()
-    resolve_model_path(cfg.model.name)  # convert once here, so the ClientApps only read the cache
+        path = path.resolve()
+    if not remote:
+        resolve_model_path(cfg.model.name)  # convert once here, so the ClientApps only read the cache
     own = deployment is None and not cfg.flower.superlink
     home = Path(tempfile.mkdtemp(prefix="fedsec-flower-")) if deployment is None else deployment.home
     try:
@@ -400,8 +414,9 @@ def run_on_flower(cfg: ExperimentConfig, out: str | Path | None = None, resume: 
                  f"(logs in {home})")
             deployment = LocalDeployment(home)
             deployment.start_superlink()
+            threads = max(1, (os.cpu_count() or 1) // cfg.flower.supernodes)
             for k in range(cfg.flower.supernodes):
-                deployment.start_supernode(k, cfg.flower.supernodes)
+                deployment.start_supernode(k, cfg.flower.supernodes, threads=threads)
         app = write_app(home)
         run_config = write_run_config(home / "run.toml", cfg, path, resume, stop_after)
         if deployment is not None:
@@ -416,11 +431,16 @@ def run_on_flower(cfg: ExperimentConfig, out: str | Path | None = None, resume: 
             _keep_logs(home, path)
     errors = [line[line.index("fedsec: error: ") + len("fedsec: error: "):] for line in lines
               if "fedsec: error: " in line]
+    if (home / "error.txt").exists():
+        errors.append((home / "error.txt").read_text(encoding="utf-8").strip())
     if errors:
         raise FedsecError(errors[-1])
+    finished = any("fedsec: run finished" in x for x in lines)
     result = path / "result.json"
-    if result.exists() and (stop_after is None or any("fedsec: run finished" in x for x in lines)):
+    if result.exists() and (stop_after is None or finished):
         return RunResult(**json.loads(result.read_text()))
+    if remote and finished:  # the numbers are in the run directory on the SuperLink's machine
+        return RunResult(str(path), cfg.federation.rounds, True, None, None, None, cfg.federation.algorithm)
     rows = RunDir.reopen(path, cfg).read_metrics() if (path / "metrics.jsonl").exists() else []
     done = max((r["round"] for r in rows if r.get("phase") == "federated"), default=0)
     if stop_after is not None and done >= stop_after:

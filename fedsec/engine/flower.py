@@ -218,8 +218,10 @@ def _read_updates(reply: Message) -> list[ClientUpdate]:
 @server_app.main()
 def serve(grid: Grid, context: Context) -> None:
     """The whole run, as `fedsec run` does it in-process, with clients on the grid."""
+    from fedsec.cli import _quiet_libraries
     from fedsec.loop import run_experiment
 
+    _quiet_libraries()
     run_config = context.run_config
     if os.path.isdir(str(run_config["workdir"])):
         os.chdir(str(run_config["workdir"]))  # relative paths in the config mean what they meant there
@@ -229,9 +231,13 @@ def serve(grid: Grid, context: Context) -> None:
         run_experiment(cfg, out=str(run_config["out"]), resume=bool(run_config["resume"]), stop_after=stop_after,
                        progress=False, log=lambda line: print(line, flush=True),
                        clients=FlowerClients(grid, cfg.flower))
-    except FedsecError as err:
+    except FedsecError as err:  # one line, to the log and (same machine) to the launcher's file
         print(f"fedsec: error: {err}", flush=True)
-        raise SystemExit(2) from None
+        error_file = str(run_config.get("error-file", ""))
+        if error_file and os.path.isdir(os.path.dirname(error_file)):
+            with open(error_file, "w", encoding="utf-8") as f:
+                f.write(str(err))
+        return  # a normal end, so Flower delivers the log
     print("fedsec: run finished", flush=True)
 
 
@@ -253,13 +259,15 @@ def describe(message: Message, context: Context) -> Message:
 @client_app.train()
 def train(message: Message, context: Context) -> Message:
     """Train the asked clients (those this node hosts) from the global adapter."""
-    from fedsec.loop import client_updates, prepare_clients
+    from fedsec.loop import client_cache_key, client_updates, prepare_clients
+    from fedsec.models import cache_dir
 
     cfg, (p, count) = _node_setup(context)
     ask = message.content["fedsec"]
     clients = [int(c) for c in ask["clients"] if int(c) % count == p]
     noise = float(ask["record_noise"])
-    side = prepare_clients(cfg, lambda c: c % count == p, noise if noise >= 0 else None, only=set(clients))
+    side = prepare_clients(cfg, lambda c: c % count == p, noise if noise >= 0 else None, only=set(clients),
+                           cache=cache_dir() / "flower-clients" / client_cache_key(cfg))
     start = message.content["global"].to_torch_state_dict()["adapter"]
     updates = client_updates(side, start, clients, float(ask["lr"]), int(ask["round"]), float(ask["prox_mu"]))
     deltas = torch.stack([u.delta for u in updates]) if updates else torch.zeros(0, start.numel())
@@ -273,6 +281,10 @@ def train(message: Message, context: Context) -> Message:
 
 
 def _node_setup(context: Context) -> tuple[ExperimentConfig, tuple[int, int]]:
+    from fedsec.cli import _quiet_libraries
+    from fedsec.models import require_converted
+
+    _quiet_libraries()
     run_config = context.run_config
     if os.path.isdir(str(run_config["workdir"])):
         os.chdir(str(run_config["workdir"]))
@@ -283,4 +295,5 @@ def _node_setup(context: Context) -> tuple[ExperimentConfig, tuple[int, int]]:
     if data_path:  # this organisation's own copy of the data (same clients, its partition)
         from fedsec.config import apply_override, to_mapping
         cfg = from_mapping(ExperimentConfig, apply_override(to_mapping(cfg), f"data.path={data_path}"))
+    require_converted(cfg.model.name)
     return cfg, partition(context.node_config)
