@@ -396,8 +396,12 @@ def prepare_clients(cfg: ExperimentConfig, hosted: Callable[[int], bool], record
     for c in ids:
         path = cache / f"client-{c}.pt" if cache is not None else None
         if path is not None and path.is_file():
-            sets[c] = [_item_from_dict(d) for d in torch.load(path, weights_only=True)]
-            continue
+            try:
+                sets[c] = [_item_from_dict(d) for d in torch.load(path, weights_only=True)]
+                continue
+            except Exception as err:  # a damaged file is computed again and replaced
+                print(f"fedsec: {path} is unreadable ({type(err).__name__}); preparing client {c} again",
+                      file=sys.stderr)
         items = _train_set(federation.data.clients[c], tokenizer, cfg)
         if cfg.lora.cache_frozen_layers and items:
             first, model_key = _prefix_args(model, cfg)

@@ -35,6 +35,10 @@ def test_a_node_trains_its_partition_exactly_as_the_inprocess_loop(tmp_path):
         assert all(_same_items(a, b) for a, b in zip(setup.train_sets[c], node.train_sets[c], strict=True))
     for c in (3, 5):
         assert all(_same_items(a, b) for a, b in zip(node.train_sets[c], again.train_sets[c], strict=True))
+    (cache / "client-5.pt").write_bytes(b"half a file")  # damaged: prepared again and replaced
+    mended = prepare_clients(cfg, lambda c: c == 5, cache=cache)
+    assert all(_same_items(a, b) for a, b in zip(node.train_sets[5], mended.train_sets[5], strict=True))
+    assert (cache / "client-5.pt").stat().st_size > 100
     here = client_updates(setup, start, [3, 5], 1e-3, 2)
     there = client_updates(again, start, [3, 5], 1e-3, 2)
     for u, v in zip(here, there, strict=True):

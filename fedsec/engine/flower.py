@@ -118,8 +118,16 @@ class FlowerClients:
                 self.log(f"flower: round {round_idx + 1}: SuperNode {node} failed "
                          f"({reply.error.reason.strip()[:300]}); clients {_ids(by_node[node])} failed")
                 continue
-            for update in _read_updates(reply):
-                received[update.client_id] = update
+            try:
+                updates = _read_updates(reply)
+            except (KeyError, TypeError, ValueError, IndexError) as err:
+                self.log(f"flower: round {round_idx + 1}: SuperNode {node} sent a malformed reply "
+                         f"({type(err).__name__}); clients {_ids(by_node[node])} failed")
+                continue
+            asked = set(by_node[node])
+            for update in updates:  # a node speaks only for the clients it was asked to train
+                if update.client_id in asked and update.client_id not in received:
+                    received[update.client_id] = update
         failed = tuple(c for c in clients if c not in received)
         return [received[c] for c in clients if c in received], failed
 

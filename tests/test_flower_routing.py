@@ -1,0 +1,153 @@
+"""FlowerClients, the server side of the flower engine, against a fake Grid: routing by
+partition, silent and lying SuperNodes, malformed replies, a restarted node taking
+its partition over. No processes: the Grid's three calls are played by a dict."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict  # noqa: E402
+
+from fedsec.config import FlowerConfig  # noqa: E402
+from fedsec.engine.flower import QUERY, FlowerClients  # noqa: E402
+
+DIM = 3
+
+
+@pytest.fixture(autouse=True)
+def _inside_a_run(monkeypatch):
+    """Flower's Message needs the run id a ServerApp process has."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+def _delta(client: int, round_idx: int) -> torch.Tensor:
+    return torch.full((DIM,), float(100 * round_idx + client))
+
+
+class FakeGrid:
+    """Nodes answer at once ("ok"), never ("silent"), for clients they were not asked
+    ("liar") or with an empty content ("malformed")."""
+
+    def __init__(self, nodes: dict[int, tuple[int, int, str]], clients: int):
+        self.nodes, self.clients, self.sent, self.replies = nodes, clients, {}, {}
+        self.counts: dict[int, int] = {}  # a node that builds another number of clients
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            mid = f"m{len(self.sent)}"
+            self.sent[mid] = m
+            ids.append(mid)
+            reply = self._answer(m)
+            if reply is not None:
+                reply.metadata = SimpleNamespace(reply_to_message_id=mid)
+                self.replies[mid] = reply
+        return ids
+
+    def pull_messages(self, ids):
+        return [self.replies.pop(i) for i in list(ids) if i in self.replies]
+
+    def _answer(self, message):
+        p, count, mode = self.nodes[message.metadata.dst_node_id]
+        if mode == "silent":
+            return None
+        if mode == "malformed":
+            return _reply(RecordDict({}))
+        ask = message.content["fedsec"]
+        if message.metadata.message_type == QUERY:
+            seen = self.counts.get(message.metadata.dst_node_id, self.clients)
+            return _reply(RecordDict({"fedsec": ConfigRecord({"partition": p, "partitions": count,
+                                                              "clients": seen})}))
+        clients = [int(c) for c in ask["clients"]] + ([2] if mode == "liar" else [])
+        deltas = torch.stack([_delta(c, int(ask["round"])) for c in clients])
+        if mode == "liar":
+            deltas[-1] = 1e6  # a forged update for client 2, which node 11 hosts
+        info = ConfigRecord({"clients": clients, "num_examples": [8] * len(clients), "loss": [1.0] * len(clients),
+                             "loss_terms": [8] * len(clients), "partition": p, "partitions": count})
+        return _reply(RecordDict({"updates": ArrayRecord({"deltas": deltas}), "fedsec": info}))
+
+
+def _reply(content: RecordDict):
+    return SimpleNamespace(content=content, has_error=lambda: False, error=None)
+
+
+def _runner(grid, lines):
+    runner = FlowerClients(grid, FlowerConfig(round_timeout=0.3, start_timeout=5), poll_seconds=0.01)
+    runner.start(SimpleNamespace(train_sets=[[]] * grid.clients), lines.append)
+    return runner
+
+
+def _round(runner, clients, round_idx):
+    setup = SimpleNamespace(train_sets=[[]] * 6, record_plan=None)
+    return runner.updates(setup, torch.zeros(DIM), clients, 1e-3, round_idx, 0.0)
+
+
+def test_each_client_is_trained_by_the_node_hosting_it_in_the_sampled_order():
+    lines: list[str] = []
+    grid = FakeGrid({11: (0, 2, "ok"), 12: (1, 2, "ok")}, clients=6)
+    runner = _runner(grid, lines)
+    updates, failed = _round(runner, [5, 0, 3, 2], round_idx=1)
+    assert failed == () and [u.client_id for u in updates] == [5, 0, 3, 2]
+    assert all(torch.equal(u.delta, _delta(u.client_id, 1)) for u in updates)
+    asked = {m.metadata.dst_node_id: list(m.content["fedsec"]["clients"]) for m in grid.sent.values()
+             if m.metadata.message_type == "train"}
+    assert asked == {11: [0, 2], 12: [5, 3]}
+    assert "flower: 2 SuperNode(s) host all 6 clients" in lines
+
+
+def test_a_silent_node_fails_its_clients_and_a_restarted_one_takes_its_partition():
+    lines: list[str] = []
+    grid = FakeGrid({11: (0, 2, "ok"), 12: (1, 2, "ok")}, clients=6)
+    runner = _runner(grid, lines)
+    grid.nodes[12] = (1, 2, "silent")  # the machine died
+    updates, failed = _round(runner, [0, 1, 3, 4], round_idx=2)
+    assert [u.client_id for u in updates] == [0, 4] and failed == (1, 3)
+    assert any("SuperNode 12 did not answer" in x for x in lines)
+    updates, failed = _round(runner, [1, 2], round_idx=3)  # nobody hosts partition 1 now
+    assert [u.client_id for u in updates] == [2] and failed == (1,)
+    grid.nodes[13] = (1, 2, "ok")  # restarted: a new node id
+    updates, failed = _round(runner, [1, 2], round_idx=4)
+    assert [u.client_id for u in updates] == [1, 2] and failed == ()
+    assert any("SuperNode 13 joins, hosting partition 1 of 2" in x for x in lines)
+
+
+def test_forged_and_malformed_replies_never_reach_the_aggregate():
+    lines: list[str] = []
+    grid = FakeGrid({11: (0, 2, "ok"), 12: (1, 2, "liar")}, clients=6)
+    runner = _runner(grid, lines)
+    updates, failed = _round(runner, [1, 2], round_idx=1)  # the liar's reply is read first
+    by_id = {u.client_id: u for u in updates}
+    assert sorted(by_id) == [1, 2] and failed == ()
+    assert torch.equal(by_id[1].delta, _delta(1, 1)) and torch.equal(by_id[2].delta, _delta(2, 1))
+    grid.nodes[12] = (1, 2, "malformed")
+    updates, failed = _round(runner, [1, 2], round_idx=2)
+    assert [u.client_id for u in updates] == [2] and failed == (1,)
+    assert any("SuperNode 12 sent a malformed reply" in x for x in lines)
+
+
+def test_a_node_building_other_data_is_left_out_and_the_start_waits_for_coverage():
+    lines: list[str] = []
+    grid = FakeGrid({11: (0, 2, "ok")}, clients=6)
+    runner = FlowerClients(grid, FlowerConfig(round_timeout=0.3, start_timeout=1.5), poll_seconds=0.01)
+    from fedsec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="flower.start_timeout .* no SuperNode hosts clients 1, 3, 5"):
+        runner.start(SimpleNamespace(train_sets=[[]] * 6), lines.append)
+    odd = FakeGrid({11: (0, 2, "ok"), 12: (1, 2, "ok")}, clients=6)
+    odd.counts[12] = 7  # node 12's data gives 7 clients
+    runner = FlowerClients(odd, FlowerConfig(round_timeout=0.3, start_timeout=1.5), poll_seconds=0.01)
+    with pytest.raises(ConfigError):
+        runner.start(SimpleNamespace(train_sets=[[]] * 6), lines.append)
+    assert any("builds 7 clients from its data, the server 6" in x for x in lines)
