@@ -1,0 +1,179 @@
+"""Federated overhead and training efficiency, measured in one process.
+
+overhead  wall time of a fedsec round (sampling, client training, sanitize, aggregate,
+          server step, metrics, checkpoint; no evaluation that round) divided by the
+          time of the same local training steps in a bare PEFT loop: the same model
+          with the same LoRA layers, the same clients, batches (same examples, same
+          padding), optimizer (AdamW) and steps, written the plain way: the model's own
+          forward with `labels` (SFT) or log-softmax over all logits (DPO), loss,
+          backward, step. A round is timed between the loop's consecutive round lines
+          (log callback after the checkpoint), the median over the rounds without
+          evaluation.
+flops     achieved FLOP/s of one local training step (forward and backward as run,
+          counted by torch.utils.flop_counter) over the FLOP/s of a 2048 x 2048 fp32
+          matrix product measured in the same run (the machine's practical peak).
+
+    python -m benchmarks.overhead [--models tiny,smollm2] [--tasks sft,dpo]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from fedsec.config import load_config
+from fedsec.encoding import IGNORE, collate
+from fedsec.loop import prepare, run_experiment
+from fedsec.seeding import derive_seed
+from fedsec.training import BatchStream
+
+RESULTS = Path(__file__).with_name("results.json")
+MODELS = {"tiny": "tiny", "smollm2": "smollm2-135m-instruct"}
+
+
+def shape(model: str, task: str, out: str) -> list[str]:
+    """Four clients, every one every round, two AdamW steps of batch 8 each; adapters on
+    q and v of every layer (no frozen-prefix cache: both sides run the whole model)."""
+    return [f"name=overhead-{model}-{task}", f"model.name={MODELS[model]}", f"task={task}", f"output_dir={out}",
+            "lora.rank=8", "lora.alpha=16", "lora.target_modules=[q_proj,v_proj]",
+            "data.benchmark.num_clients=4", "data.benchmark.examples_per_client=24", "data.benchmark.size_alpha=0",
+            "data.benchmark.test_size=12", "data.benchmark.client_test_size=0", "eval.clients=false",
+            "eval.every=1000", "federation.rounds=4", "federation.clients_per_round=4",
+            "training.local_steps=2", "training.batch_size=8", "training.lr=1e-4", "training.min_lr=1e-4",
+            "keep_checkpoints=1"]
+
+
+def fedsec_round_seconds(cfg, out: Path) -> float:
+    stamps: list[float] = []
+    run_experiment(cfg, out=out, progress=False, log=lambda _line: stamps.append(time.perf_counter()))
+    rounds = [b - a for a, b in zip(stamps, stamps[1:])][:-1]  # the last round evaluates
+    return statistics.median(rounds)
+
+
+def bare_peft_seconds(cfg, setup, repeats: int = 2) -> float:
+    """The round's client work as a plain PEFT loop on the Setup's model and data."""
+    model, pad = setup.model, setup.pad_id
+    params = [p for p in model.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in params]
+    t = cfg.training
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        model.train()
+        for client in range(len(setup.train_sets)):
+            with torch.no_grad():
+                for p, s in zip(params, start):
+                    p.copy_(s)
+            optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+            stream = BatchStream(setup.train_sets[client], t.batch_size,
+                                 torch.Generator().manual_seed(derive_seed(cfg.seed, "client", 0, client)))
+            for _step in range(t.local_steps):
+                batch = stream.next()
+                loss = _dpo_loss(model, batch, pad, cfg.dpo.beta) if cfg.task == "dpo" else _sft_loss(model, batch, pad)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        model.eval()
+        times.append(time.perf_counter() - began)
+    with torch.no_grad():
+        for p, s in zip(params, start):
+            p.copy_(s)
+    return min(times)
+
+
+def _sft_loss(model, items, pad: int) -> torch.Tensor:
+    b = collate(items, pad)
+    return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+
+
+def _sequence_logps(model, items, pad: int) -> torch.Tensor:
+    b = collate(items, pad)
+    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+    labels = b["labels"][:, 1:]
+    mask = labels != IGNORE
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (logp * mask).sum(-1)
+
+
+def _dpo_loss(model, pairs, pad: int, beta: float) -> torch.Tensor:
+    n = len(pairs)
+    logps = _sequence_logps(model, [p.chosen for p in pairs] + [p.rejected for p in pairs], pad)
+    ref = torch.tensor([p.ref_chosen for p in pairs] + [p.ref_rejected for p in pairs])
+    margin = (logps[:n] - ref[:n]) - (logps[n:] - ref[n:])
+    return -torch.nn.functional.logsigmoid(beta * margin).mean()
+
+
+def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - began)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+def step_flops(cfg, setup) -> tuple[float, float]:
+    """(FLOPs of one local step, its median seconds) for client 0."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    trainer = setup.trainer
+    trainer.cfg = dataclasses.replace(cfg.training, local_steps=1)
+    start = setup.adapter.get()
+    seed = derive_seed(cfg.seed, "client", 0, 0)
+    with FlopCounterMode(display=False) as counter:
+        trainer.train(start, setup.train_sets[0], cfg.training.lr, seed)
+    times = []
+    for _ in range(3):
+        began = time.perf_counter()
+        trainer.train(start, setup.train_sets[0], cfg.training.lr, seed)
+        times.append(time.perf_counter() - began)
+    trainer.cfg = cfg.training
+    return float(counter.get_total_flops()), statistics.median(times)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="tiny,smollm2")
+    parser.add_argument("--tasks", default="sft,dpo")
+    parser.add_argument("--out", default="/tmp/fedsec-bench-overhead")
+    args = parser.parse_args(argv)
+    today = datetime.date.today().isoformat()
+    results: dict = {}
+    peak = matmul_peak()
+    print(f"fp32 matmul peak (2048^3): {peak / 1e9:.1f} GFLOP/s")
+    for model in args.models.split(","):
+        for task in args.tasks.split(","):
+            cfg = load_config(None, shape(model, task, args.out))
+            stamp = datetime.datetime.now().strftime("%H%M%S%f")
+            fed = fedsec_round_seconds(cfg, Path(args.out) / f"{model}-{task}-{stamp}")
+            setup = prepare(cfg)
+            bare = bare_peft_seconds(cfg, setup)
+            ratio = fed / bare
+            row = {"value": ratio, "fedsec_round_seconds": fed, "bare_peft_seconds": bare, "date": today}
+            key = f"overhead_ratio_{model}" + ("" if task == "sft" else "_dpo")
+            results[key] = row
+            print(f"{model} {task}: fedsec round {fed:.2f} s, bare PEFT loop {bare:.2f} s, ratio {ratio:.3f}")
+            if model == "smollm2" and task == "sft":
+                flops, seconds = step_flops(cfg, setup)
+                fraction = flops / seconds / peak
+                results["flops_fraction_smollm2"] = {"value": fraction, "step_flops": flops,
+                                                     "step_seconds": seconds, "peak_flops": peak, "date": today}
+                print(f"smollm2 sft step: {flops / 1e9:.1f} GFLOP in {seconds:.2f} s = "
+                      f"{flops / seconds / 1e9:.1f} GFLOP/s, {fraction:.2f} of the matmul peak")
+    stored = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    stored.update(results)
+    RESULTS.write_text(json.dumps(stored, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
