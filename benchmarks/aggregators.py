@@ -19,6 +19,26 @@ import torch
 from defenses import robust
 
 
+def rules(x: torch.Tensor, w: torch.Tensor, f: int, reference: torch.Tensor) -> dict:
+    """Every rule on the deltas x [n, d] with weights w, as a zero-argument call."""
+    n = x.shape[0]
+    return {
+        "mean": lambda: robust.mean(x, w),
+        "gram (pairwise distances)": lambda: robust.pairwise_sq_distances(x),
+        "krum": lambda: robust.multi_krum(x, w, f, 1),
+        "multi_krum (m = n - f)": lambda: robust.multi_krum(x, w, f, n - f),
+        "bulyan": lambda: robust.bulyan(x, w, f),
+        "median": lambda: robust.median(x, w),
+        "trimmed_mean (beta 0.1)": lambda: robust.trimmed_mean(x, w, 0.1),
+        "geometric_median": lambda: robust.geometric_median(x, w),
+        "norm_bound": lambda: robust.norm_bound(x, w, 1.0),
+        "centered_clip (3 iters)": lambda: robust.centered_clip(x, w, 1.0, 3),
+        "fltrust": lambda: robust.fltrust(x, w, reference),
+        "flame": lambda: robust.flame(x, w, torch.Generator().manual_seed(1)),
+        "foolsgold": lambda: robust.foolsgold(x, w, x),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=100)
@@ -30,24 +50,10 @@ def main() -> None:
     x[: args.f] *= 10
     w = torch.ones(args.n)
     reference = x[args.f:].mean(0)
-    rules = {
-        "mean": lambda: robust.mean(x, w),
-        "gram (pairwise distances)": lambda: robust.pairwise_sq_distances(x),
-        "krum": lambda: robust.multi_krum(x, w, args.f, 1),
-        "multi_krum (m = n - f)": lambda: robust.multi_krum(x, w, args.f, args.n - args.f),
-        "bulyan": lambda: robust.bulyan(x, w, args.f),
-        "median": lambda: robust.median(x, w),
-        "trimmed_mean (beta 0.1)": lambda: robust.trimmed_mean(x, w, 0.1),
-        "geometric_median": lambda: robust.geometric_median(x, w),
-        "norm_bound": lambda: robust.norm_bound(x, w, 1.0),
-        "centered_clip (3 iters)": lambda: robust.centered_clip(x, w, 1.0, 3),
-        "fltrust": lambda: robust.fltrust(x, w, reference),
-        "flame": lambda: robust.flame(x, w, torch.Generator().manual_seed(1)),
-        "foolsgold": lambda: robust.foolsgold(x, w, x),
-    }
+    rules_by_name = rules(x, w, args.f, reference)
     robust.pairwise_sq_distances(x)  # warm-up
     times = {}
-    for name, rule in rules.items():
+    for name, rule in rules_by_name.items():
         started = time.perf_counter()
         rule()
         times[name] = round(time.perf_counter() - started, 2)

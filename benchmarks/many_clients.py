@@ -21,8 +21,10 @@ the tiny model: tests/test_cohort.py, tests/test_prefix.py).
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -45,12 +47,12 @@ def _timed(fn) -> tuple[float, object]:
     return time.perf_counter() - started, out
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=128, help="clients in the round")
     parser.add_argument("--plain-clients", type=int, default=16,
                         help="clients timed on the (slow) full-model path")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     n = args.clients
     shape = [*SWEEP_SHAPE, f"data.benchmark.num_clients={n}", f"federation.clients_per_round={n}"]
     plain = prepare(load_config(None, shape))
@@ -69,14 +71,20 @@ def main() -> None:
     rates = {"plain": few_examples / t_plain, "cached": examples / t_cached, "batched": examples / t_batched}
     diff = max(float((a.delta - b.delta).abs().max()) for a, b in zip(one, many))
     scale = max(float(a.delta.abs().max()) for a in one)
-    print(json.dumps({
+    row = {
         "clients": n, "examples": examples, "threads": torch.get_num_threads(),
         "examples_per_second": {k: round(v, 1) for k, v in rates.items()},
         "speedup_cached_over_plain": round(rates["cached"] / rates["plain"], 2),
         "speedup_batched_over_cached": round(rates["batched"] / rates["cached"], 2),
         "speedup_batched_over_plain": round(rates["batched"] / rates["plain"], 2),
         "max_abs_delta_difference": diff, "max_abs_delta": scale,
-    }, indent=2))
+    }
+    print(json.dumps(row, indent=2))
+    results = Path(__file__).with_name("results.json")
+    stored = json.loads(results.read_text()) if results.is_file() else {}
+    stored["many_clients_speedup"] = {"value": row["speedup_batched_over_plain"], **row,
+                                      "date": datetime.date.today().isoformat()}
+    results.write_text(json.dumps(stored, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,90 @@
+"""Every benchmark, one after the other, each in a fresh process: `python -m benchmarks`.
+
+Each writes its figures into benchmarks/results.json (with the date measured); this
+runner then prints the headline ratios and rewrites the "Latest run" table at the top
+of benchmarks/RESULTS.md (the analysis below it is kept). About 15 minutes on a
+2-core CPU.
+
+    python -m benchmarks [--only overhead,accounting]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ORDER = ("accounting", "overhead", "many_clients", "memory_clients", "server_pipeline")
+ARGS = {"memory_clients": ["--clients", "10", "1000", "10000"]}
+HEADLINES = (  # key, what it is, target
+    ("overhead_ratio_tiny", "fedsec round / bare PEFT loop, tiny, SFT", "<= 1.05"),
+    ("overhead_ratio_tiny_dpo", "fedsec round / bare PEFT loop, tiny, DPO", "<= 1.05"),
+    ("overhead_ratio_smollm2", "fedsec round / bare PEFT loop, SmolLM2, SFT", "<= 1.05"),
+    ("overhead_ratio_smollm2_dpo", "fedsec round / bare PEFT loop, SmolLM2, DPO", "<= 1.05"),
+    ("flops_fraction_smollm2", "achieved FLOP/s of a SmolLM2 step / fp32 matmul peak", ">= 0.5"),
+    ("many_clients_speedup", "examples/s, batched cached clients / plain path", "-"),
+    ("memory_ratio_10_to_10000_clients", "peak RSS, 10,000 / 10 total clients", "<= 1.1"),
+)
+BEGIN, END = "<!-- latest run: written by python -m benchmarks -->", "<!-- end of latest run -->"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", help=f"comma-separated subset of {', '.join(ORDER)}")
+    args = parser.parse_args(argv)
+    chosen = args.only.split(",") if args.only else list(ORDER)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    began = time.perf_counter()
+    for k, name in enumerate(chosen, 1):
+        print(f"[{k}/{len(chosen)}] benchmarks.{name}", flush=True)
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *ARGS.get(name, [])],
+                              cwd=HERE.parent, env=env)
+        if done.returncode != 0:
+            print(f"benchmarks.{name} failed (exit {done.returncode})", file=sys.stderr)
+            return done.returncode
+        print(f"[{k}/{len(chosen)}] {name}: {time.perf_counter() - started:.0f} s", flush=True)
+    results = json.loads((HERE / "results.json").read_text())
+    table = latest_table(results, time.perf_counter() - began, chosen)
+    print(table)
+    write_latest(HERE / "RESULTS.md", table)
+    return 0
+
+
+def latest_table(results: dict, seconds: float, chosen: list[str]) -> str:
+    rows = ["| figure | value | target | measured |", "|---|---|---|---|"]
+    for key, what, target in HEADLINES:
+        if key in results:
+            rows.append(f"| {what} (`{key}`) | {results[key]['value']:.3f} | {target} | {results[key]['date']} |")
+    server = results.get("server_seconds_n100_d4m")
+    if server:
+        for rule, s in server["value"].items():
+            rows.append(f"| server pipeline, {rule}, n 100, d 4M (`server_seconds_n100_d4m`) | {s:.2f} s "
+                        f"({server['passes'][rule]:.0f} passes) | - | {server['date']} |")
+    for key in sorted(k for k in results if k.startswith("calibration_seconds_")):
+        rows.append(f"| {key.replace('_', ' ')} (`{key}`) | {results[key]['value']:.2f} s | - | "
+                    f"{results[key]['date']} |")
+    stamp = datetime.date.today().isoformat()
+    which = "" if list(chosen) == list(ORDER) else f" --only {','.join(chosen)}"
+    return (f"{BEGIN}\n## Latest run\n\n`python -m benchmarks{which}` on {stamp}, {os.cpu_count()} CPU cores, "
+            f"{seconds / 60:.1f} min; each row's date says when it was measured.\n\n" + "\n".join(rows) + f"\n{END}")
+
+
+def write_latest(path: Path, table: str) -> None:
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + table + text[text.index(END) + len(END):]
+    else:
+        head, _, rest = text.partition("\n## ")
+        text = f"{head}\n{table}\n\n## {rest}" if rest else f"{text}\n{table}\n"
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
