@@ -12,14 +12,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import time
-from pathlib import Path
 
 from accountants.backends import calibrate
-
-RESULTS = Path(__file__).with_name("results.json")
-
+from benchmarks import store
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -38,9 +34,7 @@ def main(argv=None) -> dict:
             "target_epsilon": args.epsilon, "date": today}
         print(f"{accountant}: sigma {sigma:.4f} for epsilon {args.epsilon} at {args.rounds} rounds, "
               f"q {args.sample_rate}: {seconds:.2f} s")
-    stored = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    stored.update(results)
-    RESULTS.write_text(json.dumps(stored, indent=2) + "\n")
+    store(results)
     return results
 
 

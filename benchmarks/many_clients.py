@@ -24,10 +24,10 @@ import argparse
 import datetime
 import json
 import time
-from pathlib import Path
 
 import torch
 
+from benchmarks import store
 from fedsec.config import load_config
 from fedsec.loop import client_update, client_updates, prepare
 
@@ -80,11 +80,8 @@ def main(argv=None) -> None:
         "max_abs_delta_difference": diff, "max_abs_delta": scale,
     }
     print(json.dumps(row, indent=2))
-    results = Path(__file__).with_name("results.json")
-    stored = json.loads(results.read_text()) if results.is_file() else {}
-    stored["many_clients_speedup"] = {"value": row["speedup_batched_over_plain"], **row,
-                                      "date": datetime.date.today().isoformat()}
-    results.write_text(json.dumps(stored, indent=2) + "\n")
+    store({"many_clients_speedup": {"value": row["speedup_batched_over_plain"], **row,
+                                    "date": datetime.date.today().isoformat()}})
 
 
 if __name__ == "__main__":

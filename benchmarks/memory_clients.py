@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import store
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -67,12 +69,9 @@ def main() -> None:
                   f"({rows[-1]['seconds']:.0f} s)")
     ratio = rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]
     print(f"memory ratio {rows[0]['clients']} -> {rows[-1]['clients']} clients: {ratio:.3f}")
-    results = HERE / "results.json"
-    data = json.loads(results.read_text()) if results.is_file() else {}
     key = f"memory_ratio_{rows[0]['clients']}_to_{rows[-1]['clients']}_clients"
-    data[key] = {"value": ratio, "rows": rows, "model": args.model,
-                 "date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPU cores"}
-    results.write_text(json.dumps(data, indent=2) + "\n")
+    store({key: {"value": ratio, "rows": rows, "model": args.model, "date": time.strftime("%Y-%m-%d"),
+                 "machine": f"{os.cpu_count()} CPU cores"}})
 
 
 if __name__ == "__main__":

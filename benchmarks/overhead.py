@@ -21,20 +21,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks import store
 from fedsec.config import load_config
 from fedsec.encoding import IGNORE, collate
 from fedsec.loop import prepare, run_experiment
 from fedsec.seeding import derive_seed
 from fedsec.training import BatchStream
 
-RESULTS = Path(__file__).with_name("results.json")
 MODELS = {"tiny": "tiny", "smollm2": "smollm2-135m-instruct"}
 
 
@@ -170,9 +169,7 @@ def main(argv=None) -> dict:
                                                      "step_seconds": seconds, "peak_flops": peak, "date": today}
                 print(f"smollm2 sft step: {flops / 1e9:.1f} GFLOP in {seconds:.2f} s = "
                       f"{flops / seconds / 1e9:.1f} GFLOP/s, {fraction:.2f} of the matmul peak")
-    stored = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    stored.update(results)
-    RESULTS.write_text(json.dumps(stored, indent=2) + "\n")
+    store(results)
     return results
 
 

@@ -14,20 +14,16 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from benchmarks import store
 from benchmarks.aggregators import rules
 from defenses import sanitize_updates
 from defenses.dp import clip_to_norm, gaussian_noise
 from fedsec.results import ClientUpdate
-
-RESULTS = Path(__file__).with_name("results.json")
-
 
 def one_pass_seconds(x: torch.Tensor) -> float:
     x.sum(0)
@@ -80,9 +76,7 @@ def main(argv=None) -> dict:
             results[key] = {"value": seconds, "one_pass_seconds": base,
                             "passes": {k: v / base for k, v in seconds.items()}, "date": today}
             del x, updates
-    stored = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    stored.update(results)
-    RESULTS.write_text(json.dumps(stored, indent=2) + "\n")
+    store(results)
     return results
 
 
