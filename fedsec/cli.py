@@ -77,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Build the model's cached copy (SmolLM2: de-quantize the GGUF, about "
                                        "80 s) under $FEDSEC_CACHE, so later loads, and Flower ClientApps, only "
                                        "read it.")
-    cache.add_argument("model", nargs="?", default="smollm2-135m-instruct",
-                       help="model name (default smollm2-135m-instruct)")
+    cache.add_argument("model", nargs="?", default="smollm2-135m-instruct", choices=("smollm2-135m-instruct", "tiny"),
+                       help="the models fedsec builds itself (default smollm2-135m-instruct); hub ids and folders "
+                            "are loaded by transformers as they are")
 
     privacy = sub.add_parser("privacy", help="epsilon of a DP setting, or the noise for a target",
                              description="Accounting for the Poisson-subsampled Gaussian mechanism, "

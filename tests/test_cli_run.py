@@ -80,3 +80,21 @@ def test_dp_sweep_over_epsilons_writes_epsilon_and_sigma(tmp_path):
     assert rows["epsinf"]["certified"] == "False" and rows["epsinf"]["epsilon"] == ""
     table = summary_table(root)
     assert "| non-private | 1 | non-private |" in table and "| epsinf | 1 | not certified | 0.000 |" in table
+
+
+def test_cache_model_builds_what_it_names_and_refuses_other_names(tmp_path, capsys, monkeypatch):
+    from pathlib import Path
+
+    import pytest
+
+    from fedsec.cli import main
+
+    monkeypatch.setenv("FEDSEC_CACHE", str(tmp_path / "cache"))
+    assert main(["cache-model", "tiny"]) == 0
+    path = Path(capsys.readouterr().out.strip().removeprefix("cached: "))
+    assert (tmp_path / "cache") in path.parents and (path / "config.json").is_file()
+    with pytest.raises(SystemExit) as stop:  # argparse's one-line usage error
+        main(["cache-model", "some/hub-id"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "invalid choice: 'some/hub-id'" in err[0] and "tiny" in err[0]
