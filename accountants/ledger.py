@@ -62,6 +62,9 @@ class PrivacyLedger:
     certified: bool = True
     reason: str | None = None
     entries: list[LedgerEntry] = field(default_factory=list)
+    # rounds whose results were released and then computed again with fresh noise (a
+    # resume from an older checkpoint): each release is one more mechanism, charged here
+    released_again: list[LedgerEntry] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         unknown = [a for a in (*self.accountants, self.primary) if a not in ACCOUNTANTS]
@@ -72,7 +75,18 @@ class PrivacyLedger:
 
     @property
     def history(self) -> list[DpEvent]:
-        return [DpEvent(e.noise_multiplier, e.sample_rate) for e in self.entries]
+        return [DpEvent(e.noise_multiplier, e.sample_rate) for e in self.entries + self.released_again]
+
+    def epsilon_after(self, noise_multiplier: float, sample_rate: float) -> float | None:
+        """Epsilon (primary accountant) if one more round ran with these parameters."""
+        if not self.certified:
+            return None
+        return epsilon(self.history + [DpEvent(noise_multiplier, sample_rate)], self.delta, self.primary)
+
+    def charge_released(self, entry: LedgerEntry) -> None:
+        """Count a round whose result was released once already (it is about to be redone
+        with fresh noise, a second release of the same data)."""
+        self.released_again.append(entry)
 
     def record(self, round_idx: int, noise_multiplier: float, sample_rate: float, clip_norm: float,
                clients_sampled: int) -> LedgerEntry:
@@ -89,8 +103,17 @@ class PrivacyLedger:
         accountant = accountant or self.primary
         if not self.certified:
             return PrivacyReport(None, self.delta, accountant, False, self.reason)
-        eps = self.entries[-1].epsilon[accountant] if self.entries else 0.0
-        return PrivacyReport(eps, self.delta, accountant, True)
+        return PrivacyReport(self.epsilons_now()[accountant], self.delta, accountant, True)
+
+    def epsilons_now(self) -> dict[str, float] | None:
+        """Epsilon so far per accountant (None: not certified), charged releases included."""
+        if not self.certified:
+            return None
+        if not self.entries:
+            return {a: 0.0 for a in self.accountants}
+        if not self.released_again:
+            return dict(self.entries[-1].epsilon)
+        return {a: epsilon(self.history, self.delta, a) for a in self.accountants}
 
     def truncate(self, rounds: int) -> None:
         """Keep the first `rounds` rounds (a resume from the checkpoint after that round)."""
@@ -99,13 +122,15 @@ class PrivacyLedger:
     def to_dict(self) -> dict:
         return {"delta": self.delta, "accountants": list(self.accountants), "primary": self.primary,
                 "certified": self.certified, "reason": self.reason,
-                "entries": [asdict(e) for e in self.entries]}
+                "entries": [asdict(e) for e in self.entries],
+                "released_again": [asdict(e) for e in self.released_again]}
 
     @classmethod
     def from_dict(cls, data: dict) -> "PrivacyLedger":
         entries = [LedgerEntry(**e) for e in data.get("entries", [])]
+        again = [LedgerEntry(**e) for e in data.get("released_again", [])]
         return cls(float(data["delta"]), tuple(data["accountants"]), data["primary"],
-                   bool(data["certified"]), data.get("reason"), entries)
+                   bool(data["certified"]), data.get("reason"), entries, again)
 
 
 def epsilons(history: Sequence[DpEvent], delta: float,

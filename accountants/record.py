@@ -53,6 +53,7 @@ class RecordLedger:
     reason: str | None = None
     steps: dict[int, int] = field(default_factory=dict)  # client -> DP-SGD steps so far
     rounds: list[dict] = field(default_factory=list)  # per round: clients, epsilon (primary)
+    released_again: list[dict] = field(default_factory=list)  # rounds released, then redone (charged)
 
     def __post_init__(self) -> None:
         if self.primary not in ACCOUNTANTS:
@@ -68,6 +69,22 @@ class RecordLedger:
         self.rounds.append({"round": round_idx, "clients": len(client_steps), "epsilon": eps})
         return eps
 
+    def epsilon_after(self, client_steps: dict[int, int]) -> float | None:
+        """The worst record's epsilon (primary accountant) if these clients took these steps."""
+        if not self.certified:
+            return None
+        steps = dict(self.steps)
+        for client, n in client_steps.items():
+            steps[client] = steps.get(client, 0) + n
+        return worst_record_epsilon(self.noise_multiplier, self.sample_rates, steps, self.delta, self.primary)
+
+    def charge_released(self, round_idx: int, client_steps: dict[int, int]) -> None:
+        """Count the steps of a round whose result was released once already and is about
+        to be redone with fresh noise (a second release of the same records)."""
+        for client, n in client_steps.items():
+            self.steps[client] = self.steps.get(client, 0) + n
+        self.released_again.append({"round": round_idx, "clients": len(client_steps)})
+
     def epsilon(self, accountant: str) -> float:
         return worst_record_epsilon(self.noise_multiplier, self.sample_rates, self.steps, self.delta,
                                     accountant)
@@ -82,11 +99,13 @@ class RecordLedger:
         return {"kind": "record", "delta": self.delta, "noise_multiplier": self.noise_multiplier,
                 "primary": self.primary, "certified": self.certified, "reason": self.reason,
                 "sample_rates": {str(k): q for k, q in self.sample_rates.items()},
-                "steps": {str(k): s for k, s in self.steps.items()}, "rounds": list(self.rounds)}
+                "steps": {str(k): s for k, s in self.steps.items()}, "rounds": list(self.rounds),
+                "released_again": list(self.released_again)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "RecordLedger":
         return cls(float(data["delta"]), float(data["noise_multiplier"]),
                    {int(k): float(q) for k, q in data["sample_rates"].items()}, data["primary"],
                    bool(data["certified"]), data.get("reason"),
-                   {int(k): int(s) for k, s in data["steps"].items()}, list(data["rounds"]))
+                   {int(k): int(s) for k, s in data["steps"].items()}, list(data["rounds"]),
+                   list(data.get("released_again", [])))

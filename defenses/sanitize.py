@@ -1,15 +1,21 @@
 """Update sanitation: reject deltas that cannot be aggregated safely.
 
-A delta with NaN or Inf, of the wrong size or dtype, or with an absurd L2 norm
-(above `max_norm`) never reaches the aggregate; the stage reports which clients it
-dropped.
+A delta that is not a dense CPU float32 1-D tensor of the adapter's length, holds
+NaN or Inf, or has an absurd L2 norm (above `max_norm`) never reaches the
+aggregate; neither does an update whose example count is not a positive integer
+(FedAvg weights by it). The stage reports which clients it dropped. fp32 is what
+every fedsec client sends (the adapter's flat vector); another dtype would change
+the aggregate's precision, or promote the whole round to float64.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+DTYPE = torch.float32  # the dtype of every adapter vector (fedsec.adapter.AdapterParams.get)
 
 
 @dataclass(frozen=True)
@@ -18,22 +24,31 @@ class SanitizeResult:
     rejected: tuple[int, ...]  # indices of the rejected rows
 
 
-def _acceptable(d: torch.Tensor, dim: int, max_norm: float | None) -> bool:
-    if not (d.ndim == 1 and d.numel() == dim and d.is_floating_point() and bool(torch.isfinite(d).all())):
+def acceptable(d: object, dim: int, max_norm: float | None = None) -> bool:
+    """Whether `d` is a finite float32 dense CPU vector of length `dim` with norm <= max_norm."""
+    if not (isinstance(d, torch.Tensor) and d.layout == torch.strided and d.device.type == "cpu"
+            and d.dtype == DTYPE and d.ndim == 1 and d.numel() == dim):
         return False
-    return max_norm is None or float(torch.linalg.vector_norm(d.double())) <= max_norm
+    norm = float(torch.linalg.vector_norm(d.double()))  # inf or nan for any non-finite entry
+    return math.isfinite(norm) and (max_norm is None or norm <= max_norm)
 
 
-def sanitize(deltas: list[torch.Tensor], dim: int, max_norm: float | None = None) -> SanitizeResult:
-    """Accept the deltas that are finite floating 1-D tensors of length `dim` with L2 norm
+def sanitize(deltas: list, dim: int, max_norm: float | None = None) -> SanitizeResult:
+    """Accept the deltas that are finite float32 1-D tensors of length `dim` with L2 norm
     at most `max_norm` (None: any norm)."""
-    ok = [i for i, d in enumerate(deltas) if _acceptable(d, dim, max_norm)]
-    bad = tuple(i for i in range(len(deltas)) if i not in set(ok))
+    ok = [i for i, d in enumerate(deltas) if acceptable(d, dim, max_norm)]
+    bad = tuple(sorted(set(range(len(deltas))) - set(ok)))
     return SanitizeResult(torch.tensor(ok, dtype=torch.long), bad)
 
 
+def _counted(n: object) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 1
+
+
 def sanitize_updates(updates: list, dim: int, max_norm: float | None = None) -> tuple[list, tuple[int, ...]]:
-    """`sanitize` over ClientUpdates: (the accepted updates, the rejected clients' ids)."""
+    """`sanitize` over ClientUpdates, also rejecting example counts that are not integers
+    >= 1: (the accepted updates, the rejected clients' ids)."""
     checked = sanitize([u.delta for u in updates], dim, max_norm)
-    return ([updates[i] for i in checked.kept.tolist()],
-            tuple(updates[i].client_id for i in checked.rejected))
+    good = [i for i in checked.kept.tolist() if _counted(updates[i].num_examples)]
+    return ([updates[i] for i in good],
+            tuple(u.client_id for i, u in enumerate(updates) if i not in set(good)))

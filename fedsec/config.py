@@ -37,6 +37,7 @@ LOCAL_OPTIMIZERS = ("adamw", "sgd")
 PRIVACY_MODES = ("off", "user", "record")
 ACCOUNTANT_NAMES = ("rdp", "prv", "pld")
 ENGINES = ("inprocess", "flower")
+ON_BUDGET = ("stop", "warn")
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
@@ -335,6 +336,16 @@ class PrivacyConfig:
     clip_lr: float = _help("adaptive clipping: geometric learning rate eta_C", 0.2)
     clip_count_stddev: float | None = _help(
         "adaptive clipping: noise std of the unclipped count (null: expected clients / 20)", None)
+    reproducible: bool = _help(
+        "draw the DP randomness (the noise, and the Poisson sampling it is accounted for) from `seed`, so a "
+        "run can be repeated exactly; anyone who holds the seed (config.resolved.yaml records it) can then "
+        "recompute the noise and subtract it, so the epsilon holds only while the seed stays secret. "
+        "false: fresh entropy from the operating system, never stored", False)
+    epsilon_budget: float | None = _help(
+        "the most epsilon this run may spend (primary accountant); before a round that would exceed it "
+        "the run stops or warns (on_budget). null: no budget", None)
+    on_budget: str = _help("stop (end the run before the round, saving its adapter and results) or warn "
+                           "(say so once and go on)", "stop")
 
     def __post_init__(self) -> None:
         _one_of("mode", self.mode, PRIVACY_MODES)
@@ -350,6 +361,11 @@ class PrivacyConfig:
         _require(self.clip_lr > 0, "clip_lr", self.clip_lr, "must be > 0, e.g. 0.2")
         _require(self.clip_count_stddev is None or self.clip_count_stddev > 0, "clip_count_stddev",
                  self.clip_count_stddev, "must be null or > 0")
+        _require(self.epsilon_budget is None or self.epsilon_budget > 0, "epsilon_budget", self.epsilon_budget,
+                 "must be null (no budget) or > 0, e.g. 8")
+        _one_of("on_budget", self.on_budget, ON_BUDGET)
+        _require(self.epsilon_budget is None or self.mode != "off", "epsilon_budget", self.epsilon_budget,
+                 "a budget needs privacy.mode user or record; set it to null")
         if self.mode == "off":
             return
         _require((self.epsilon is None) != (self.noise_multiplier is None), "epsilon",

@@ -59,12 +59,15 @@ from fedsec.objectives import (
     with_reference,
 )
 from fedsec.prefix import cache_frozen_prefix
+from accountants.ledger import format_epsilon
 from fedsec.privacy import (
     RecordLevelDp,
     RecordPlan,
     UserLevelDp,
+    dp_seed,
     plan_privacy,
     plan_record_privacy,
+    reproducible_warning,
 )
 from fedsec.results import ClientUpdate, RoundResult, RunResult
 from fedsec.rundir import RunDir, atomic_write_bytes, default_run_dir, latest_run_dir
@@ -228,11 +231,16 @@ def prepare(cfg: ExperimentConfig) -> Setup:
     record_plan, record_dp = None, None
     if cfg.privacy.mode == "record":
         record_plan = plan_record_privacy(cfg, [len(t) for t in train_sets])
-        record_dp = RecordDp(cfg.privacy.clip_norm, record_plan.noise_multiplier)
+        record_dp = RecordDp(cfg.privacy.clip_norm, record_plan.noise_multiplier, record_secret(cfg))
     trainer = LocalTrainer(model, cfg.training, objective, record_dp)
     return Setup(cfg, model, tokenizer, trainer, data, train_sets, global_eval, client_eval, local_only,
                  preference_eval, probe_prompts, record_plan, server_root, malicious, backdoor_eval, audit,
                  population)
+
+
+def record_secret(cfg: ExperimentConfig) -> int | None:
+    """The root of DP-SGD's batches and noise inside clients (None: from the training seed)."""
+    return None if cfg.privacy.reproducible else dp_seed(cfg)
 
 
 def _prefix_args(model, cfg: ExperimentConfig) -> tuple[int, str]:
@@ -414,7 +422,8 @@ def prepare_clients(cfg: ExperimentConfig, hosted: Callable[[int], bool], record
             torch.save([_item_to_dict(item) for item in items], buffer)
             atomic_write_bytes(path, buffer.getvalue())
         sets[c] = items
-    record_dp = RecordDp(cfg.privacy.clip_norm, record_noise) if record_noise is not None else None
+    record_dp = (RecordDp(cfg.privacy.clip_norm, record_noise, record_secret(cfg)) if record_noise is not None
+                 else None)
     trainer = LocalTrainer(model, cfg.training, _objective(cfg, pad), record_dp)
     return ClientSide(cfg, trainer, sets, federation.population)
 
@@ -515,28 +524,48 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
     `stop_after` ends the run after that many rounds (as a crash would), leaving a
     checkpoint that `resume=True` continues from. `clients` trains the sampled clients
     (default: here, in this process; fedsec.engine.flower: on Flower SuperNodes).
+
+    Crash safety: each round ends with its checkpoint (written atomically), and only
+    then its metrics row and ledger are written out; the checkpoint carries the row, so
+    a resume restores a row a crash kept from being written. A run killed at any moment
+    resumes to the same results.
     """
     clients = clients if clients is not None else InProcessClients()
+    run = None
     if resume:
         path = Path(out) if out is not None else latest_run_dir(cfg)
         if path is None:
             raise ConfigError("--resume", cfg.name, f"no earlier run of it under {cfg.output_dir}/; "
                               "start one without --resume")
         run = RunDir.reopen(path, cfg)
+        run.acquire()
     else:
         path = Path(out) if out is not None else default_run_dir(cfg)
         RunDir.check_free(path)
-    setup = prepare(cfg)  # fails on bad data or model before any directory is made
+    try:
+        setup = prepare(cfg)  # fails on bad data or model before any directory is made
+        # the sampling rate q = clients_per_round / population does not depend on which audit
+        # canaries are in, so the mechanism (and its accounting) is the same in both worlds
+        dp = UserLevelDp(cfg, plan_privacy(cfg, setup.population)) if cfg.privacy.mode == "user" else None
+        record = RecordLevelDp(cfg, setup.record_plan) if setup.record_plan is not None else None
+        if run is None:
+            run = RunDir.create(path, cfg)
+        return _rounds(setup, run, dp, record, resume, stop_after, progress, log, clients)
+    finally:
+        if run is not None:
+            run.close()
+
+
+def _rounds(setup: Setup, run: RunDir, dp: UserLevelDp | None, record: RecordLevelDp | None, resume: bool,
+            stop_after: int | None, progress: bool, log: Callable[[str], None], clients: ClientRunner) -> RunResult:
+    """The rounds of `run_experiment`, from its checkpoint when resuming, then `finish`."""
+    cfg = setup.cfg
     num_clients = len(setup.train_sets)
     malicious = setup.malicious
     attack_summary = {"kind": cfg.attack.kind, "malicious": list(malicious)} if malicious else None
-    # the sampling rate q = clients_per_round / population does not depend on which audit
-    # canaries are in, so the mechanism (and its accounting) is the same in both worlds
-    dp = UserLevelDp(cfg, plan_privacy(cfg, setup.population)) if cfg.privacy.mode == "user" else None
-    record = RecordLevelDp(cfg, setup.record_plan) if setup.record_plan is not None else None
     private = dp if dp is not None else record  # the run's privacy state, if any
-    if not resume:
-        run = RunDir.create(path, cfg)
+    if private is not None and cfg.privacy.reproducible:
+        log(reproducible_warning(cfg))
     defense = ServerDefense(cfg, run.path, setup.adapter.layout.numel)
 
     fed = cfg.federation
@@ -548,6 +577,8 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
     crafted = setup.audit.updates if setup.audit is not None else None  # audit.kind update
     prox_mu = fed.prox_mu if fed.algorithm == "fedprox" else 0.0
     local = {c: global_vec.clone() for c in setup.local_only}
+    # under user-level DP the Poisson sample is part of the mechanism: its randomness is the DP stream's
+    sample_root = dp.root if dp is not None else cfg.seed
     rounds_done = 0
     checkpoint = run.load_latest_checkpoint() if resume else None
     if checkpoint is not None:
@@ -559,9 +590,16 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
         defense.load_state_dict(checkpoint.get("defense"))
         if private is not None:
             private.load_state_dict(checkpoint["privacy"], rounds_done)
+            _charge_lost_rounds(run, private, rounds_done, log)
         if crafted is not None:
             crafted.scores = checkpoint["audit_scores"]
         run.truncate_metrics(rounds_done)
+        row = checkpoint.get("row")
+        if row is not None and not any(r.get("phase") == "federated" and r.get("round") == rounds_done
+                                       for r in run.read_metrics()):
+            run.append_metrics(row)  # the crash came between the checkpoint and its row
+        if private is not None:
+            run.write_json("privacy_ledger.json", private.ledger.to_dict())
         log(f"resuming {run.path} after round {rounds_done}/{fed.rounds}")
     elif resume:
         run.truncate_metrics(0)
@@ -572,15 +610,20 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
                             "client_eval": clients_eval})
         log(round_line(0, fed.rounds, None, untuned, clients_eval))
 
+    budget = Budget(cfg, log)
     bar = tqdm(total=fed.rounds, initial=rounds_done, desc="rounds", unit="round", file=sys.stderr,
                disable=not progress, dynamic_ncols=True)
     for round_idx in range(rounds_done, fed.rounds):
         started = time.perf_counter()
         lr = round_lr(cfg.training, round_idx, fed.rounds)
-        sampler = torch_generator(cfg.seed, "sample", round_idx)
+        sampler = torch_generator(sample_root, "sample", round_idx)
         sampled = (poisson_sample(num_clients, fed.clients_per_round / setup.population, sampler)
                    if cfg.sampling == "poisson" else
                    sample_clients(num_clients, fed.clients_per_round, sampler))
+        if private is not None and budget.exceeded(round_idx, private, sampled):
+            bar.close()
+            return finish(setup, run, global_vec, local, private.report(), attack_summary,
+                          rounds_done=round_idx, stopped=budget.stopped)
         trained = crafted.trained(sampled) if crafted is not None else sampled
         failed: tuple[int, ...] = ()
         if variates is None:
@@ -603,10 +646,8 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
             update, rejected, privacy = dp.aggregate(updates, dim, round_idx, defense, reference,
                                                        len(sampled))
             defended = privacy.pop("defense", None)
-            run.write_json("privacy_ledger.json", dp.ledger.to_dict())
         if record is not None:
             privacy = record.record(round_idx, sampled)
-            run.write_json("privacy_ledger.json", record.ledger.to_dict())
         attacked = None
         if outcome is not None:
             attacked = detection(outcome.malicious, tuple(sampled), rejected, (defended or {}).get("excluded"))
@@ -620,20 +661,25 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
 
         due = (round_idx + 1) % cfg.eval.every == 0 or round_idx + 1 == fed.rounds
         global_eval, clients_eval = evaluate_model(setup, global_vec) if due else (None, None)
-        terms = sum(u.metrics["loss_terms"] for u in updates)
-        train_loss = sum(u.metrics["loss"] * u.metrics["loss_terms"] for u in updates) / max(terms, 1)
+        kept = [u for u in updates if u.client_id not in set(rejected)]
+        terms = sum(u.metrics["loss_terms"] for u in kept)
+        train_loss = sum(u.metrics["loss"] * u.metrics["loss_terms"] for u in kept) / max(terms, 1)
         result = RoundResult(round_idx + 1, lr, tuple(sampled), train_loss, rejected,
                              time.perf_counter() - started, global_eval, clients_eval, privacy, defended,
                              attacked, failed)
-        run.append_metrics(result.as_dict())
+        row = result.as_dict()
+        # the checkpoint first: nothing computed from this round leaves the process before it is durable
         run.save_checkpoint(round_idx + 1, {"global": global_vec, "server": server.state_dict(),
                                             "local_only": {str(c): v for c, v in local.items()},
                                             "scaffold_c": server_variate_c,
                                             "defense": defense.state_dict(),
                                             "privacy": private.state_dict() if private is not None else None,
                                             "audit_scores": crafted.scores if crafted is not None else None,
-                                            "rng": {"root_seed": cfg.seed}},
+                                            "rng": {"root_seed": cfg.seed}, "row": row},
                             keep=cfg.keep_checkpoints)
+        run.append_metrics(row)
+        if private is not None:
+            run.write_json("privacy_ledger.json", private.ledger.to_dict())
         bar.update(1)
         bar.clear()
         log(round_line(round_idx + 1, fed.rounds, result, global_eval, clients_eval))
@@ -645,6 +691,51 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
     bar.close()
     return finish(setup, run, global_vec, local, private.report() if private is not None else None,
                   attack_summary)
+
+
+def _charge_lost_rounds(run: RunDir, private, rounds_done: int, log: Callable[[str], None]) -> None:
+    """Rounds written out after the checkpoint we resume from were released; the checkpoint
+    that followed them is lost (unreadable). With reproducible noise the redone rounds
+    release the same values again; with fresh noise each is a second release, charged."""
+    lost = [r for r in run.read_metrics() if r.get("phase") == "federated" and r.get("round", 0) > rounds_done
+            and r.get("privacy")]
+    if not lost or private.cfg.privacy.reproducible:
+        return
+    for row in lost:
+        private.charge_released(row)
+    log(f"fedsec: rounds {', '.join(str(r['round']) for r in lost)} were written out before their checkpoint "
+        "was lost; redone with fresh noise, each is charged to the privacy ledger a second time")
+
+
+class Budget:
+    """privacy.epsilon_budget: before each round, would it take epsilon over the budget?"""
+
+    def __init__(self, cfg: ExperimentConfig, log: Callable[[str], None]):
+        self.limit, self.action, self.log = cfg.privacy.epsilon_budget, cfg.privacy.on_budget, log
+        self.warned = False
+        self.stopped: str | None = None
+
+    def exceeded(self, round_idx: int, private, sampled: list[int]) -> bool:
+        """True when the run must stop before round `round_idx` (0-based); warns once otherwise."""
+        if self.limit is None or self.warned:
+            return False
+        after = private.epsilon_after(sampled)
+        if after is None:
+            self.log(f"fedsec: warning: privacy.epsilon_budget {self.limit:g} cannot be checked: the run's epsilon "
+                     f"is not certified ({private.report()['reason']})")
+            self.warned = True
+            return False
+        if after <= self.limit:
+            return False
+        what = (f"round {round_idx + 1} would take epsilon to {format_epsilon(after)} > privacy.epsilon_budget "
+                f"{self.limit:g}")
+        if self.action == "stop":
+            self.stopped = what
+            self.log(f"fedsec: stopping before {what}; the run ends after round {round_idx}")
+            return True
+        self.log(f"fedsec: warning: {what}; going on (privacy.on_budget: warn)")
+        self.warned = True
+        return False
 
 
 def membership_attack(setup: Setup) -> dict:
@@ -682,11 +773,18 @@ def audit_outcome(setup: Setup, privacy: dict | None) -> dict:
 
 
 def finish(setup: Setup, run: RunDir, global_vec: torch.Tensor, local: dict,
-           privacy: dict | None = None, attack: dict | None = None) -> RunResult:
-    """Local-only evaluation, final adapter, result.json."""
+           privacy: dict | None = None, attack: dict | None = None, rounds_done: int | None = None,
+           stopped: str | None = None) -> RunResult:
+    """Local-only evaluation, final adapter, result.json. `stopped`: why the run ended after
+    `rounds_done` rounds, before the planned ones (the epsilon budget)."""
+    rounds_done = setup.cfg.federation.rounds if rounds_done is None else rounds_done
     rows = run.read_metrics()
     untuned = next(r["global_eval"] for r in rows if r.get("round") == 0)
-    final = next(r["global_eval"] for r in reversed(rows) if r.get("global_eval"))
+    last = [r for r in rows if r.get("phase") == "federated" and r.get("round") == rounds_done]
+    if stopped is not None and not (last and last[-1].get("global_eval")):
+        final, _ = evaluate_model(setup, global_vec)  # the adapter the run ends with, evaluated
+    else:
+        final = next(r["global_eval"] for r in reversed(rows) if r.get("global_eval"))
     local_only = None
     if local:
         per_client = {}
@@ -698,8 +796,7 @@ def finish(setup: Setup, run: RunDir, global_vec: torch.Tensor, local: dict,
         accs = [a for a in accs if a is not None]
         local_only = {"mean_accuracy": sum(accs) / len(accs) if accs else None,
                       "per_client": per_client}
-        run.append_metrics({"phase": "local_only_final", "round": setup.cfg.federation.rounds,
-                            **local_only})
+        run.append_metrics({"phase": "local_only_final", "round": rounds_done, **local_only})
     setup.adapter.set(global_vec)
     setup.model.save_pretrained(run.path / "adapter")
     audit = None
@@ -708,7 +805,7 @@ def finish(setup: Setup, run: RunDir, global_vec: torch.Tensor, local: dict,
     membership = None
     if setup.cfg.eval.mia:
         membership = membership_attack(setup)
-    result = RunResult(str(run.path), setup.cfg.federation.rounds, True, untuned, final, local_only,
-                       setup.cfg.federation.algorithm, privacy, attack, audit, membership)
+    result = RunResult(str(run.path), rounds_done, True, untuned, final, local_only,
+                       setup.cfg.federation.algorithm, privacy, attack, audit, membership, stopped)
     run.write_json("result.json", asdict(result))
     return result

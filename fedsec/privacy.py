@@ -16,20 +16,29 @@ mean and norm bounding (clipping to min(C, M)) have a proven sensitivity, so any
 other rule makes the run "not certified". Its state (the current clip norm
 and the ledger) rides in every checkpoint, so a resumed run continues its budget.
 
-Reproducibility note: the noise is drawn from a generator derived from the run's
-seed and the round (a stream no training code touches), so a run can be repeated
-and resumed exactly. Anyone who knows the seed can regenerate the noise; a
-deployment must keep the seed secret, as it must keep the clients' updates secret.
+Where the DP randomness comes from (`dp_seed`): by default fresh entropy from the
+operating system, drawn when a process starts and never stored, so nobody can
+recompute the noise from anything the run leaves behind. With privacy.reproducible
+it derives from the run's seed and the round instead (streams no training code
+touches), so a run can be repeated and resumed exactly, at the price that anyone who
+holds the seed can regenerate the noise and subtract it; the run says so when it
+starts. Both ways, nothing computed from a round's noise is written before that
+round's checkpoint (fedsec.loop), so a crash never releases a round that a resumed
+run then computes again with other noise; if it happens anyway (the newest
+checkpoint lost after its round was written out), `charge_released` counts the
+released round as one more mechanism.
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import dataclass
 
 import torch
 
 from accountants import ACCOUNTANTS, PrivacyLedger, RecordLedger, calibrate
+from accountants.ledger import LedgerEntry
 from defenses import sanitize_updates
 from defenses.dp import adapt_clip_norm, adaptive_update_noise, clip_to_norm, gaussian_noise, private_mean
 from defenses.registry import NormBound
@@ -37,6 +46,28 @@ from fedsec.config import ExperimentConfig
 from fedsec.errors import ConfigError
 from fedsec.results import ClientUpdate
 from fedsec.seeding import torch_generator
+
+
+def dp_seed(cfg: ExperimentConfig) -> int:
+    """The root of a run's DP streams: the config's seed with privacy.reproducible, else
+    63 bits from the operating system (a new draw in every process, never stored)."""
+    return cfg.seed if cfg.privacy.reproducible else secrets.randbits(63)
+
+
+def reproducible_warning(cfg: ExperimentConfig) -> str:
+    return (f"fedsec: warning: privacy.reproducible is true: the DP noise and sampling derive from seed "
+            f"{cfg.seed}, which config.resolved.yaml records; anyone who holds it can recompute the noise and "
+            "subtract it, so the epsilon holds only while the seed stays secret (for tests and debugging)")
+
+
+def _same(field: str, recorded, now) -> None:
+    """A resumed run's privacy parameter must be the one its ledger recorded."""
+    same = (math.isclose(recorded, now, rel_tol=1e-12, abs_tol=0.0) if isinstance(now, float)
+            else recorded == now)
+    if not same:
+        raise ConfigError(field, now, f"the run's privacy ledger recorded {recorded!r}; a run's privacy "
+                          "parameters cannot change midway (its epsilon would no longer hold): resume with "
+                          "the original settings or start a new run")
 
 
 @dataclass(frozen=True)
@@ -93,11 +124,22 @@ def plan_privacy(cfg: ExperimentConfig, num_clients: int) -> DpPlan:
 class UserLevelDp:
     """DP-FedAvg's server side for one run: current clip norm + the privacy ledger."""
 
-    def __init__(self, cfg: ExperimentConfig, plan: DpPlan):
+    def __init__(self, cfg: ExperimentConfig, plan: DpPlan, root: int | None = None):
         self.cfg, self.plan = cfg, plan
+        self.root = dp_seed(cfg) if root is None else root  # the DP streams' root (noise, sampling)
         self.clip_norm = cfg.privacy.clip_norm
         self.ledger = PrivacyLedger(cfg.privacy.delta, ACCOUNTANTS, cfg.privacy.accountant,
                                     plan.certified, plan.reason)
+
+    def epsilon_after(self, sampled: list[int]) -> float | None:
+        """Epsilon after one more round (None: not certified)."""
+        return self.ledger.epsilon_after(self.plan.noise_multiplier, self.plan.sample_rate)
+
+    def charge_released(self, row: dict) -> None:
+        """Count the round of metrics row `row` again (see the module note)."""
+        p = row["privacy"]
+        self.ledger.charge_released(LedgerEntry(row["round"], p["noise_multiplier"], self.plan.sample_rate,
+                                                p["clip_norm"], len(row["clients"]), None))
 
     def aggregate(self, updates: list[ClientUpdate], dim: int, round_idx: int, defense=None,
                   reference: torch.Tensor | None = None,
@@ -110,13 +152,11 @@ class UserLevelDp:
         number of updates).
         `defense` (fedsec.defense.ServerDefense) applies a robust rule to the clipped deltas.
         """
-        plan, seed = self.plan, self.cfg.seed
+        plan, seed = self.plan, self.root
         kept, rejected = sanitize_updates(updates, dim, self.cfg.defense.max_update_norm)
         deltas = torch.stack([u.delta for u in kept]) if kept else torch.zeros(0, dim)
-        used_clip = self.clip_norm
+        used_clip = self._clip_for(self.clip_norm)
         rule = self.cfg.defense.rule
-        if isinstance(rule, NormBound):  # norm bounding is clipping: the tighter bound wins
-            used_clip = min(used_clip, rule.max_norm)
         noise_gen = torch_generator(seed, "dp-noise", round_idx)
         defense_info = None
         if defense is None or rule.dp_certified:
@@ -146,24 +186,45 @@ class UserLevelDp:
             info["defense"] = defense_info
         return aggregate, rejected, info
 
+    def _clip_for(self, clip_norm: float) -> float:
+        """The clip norm in force: norm bounding is clipping too, and the tighter bound wins."""
+        rule = self.cfg.defense.rule
+        return min(clip_norm, rule.max_norm) if isinstance(rule, NormBound) else clip_norm
+
     def report(self) -> dict:
         rep = self.ledger.report()
-        last = self.ledger.entries[-1].epsilon if self.ledger.entries else None
         return {"certified": rep.certified, "reason": rep.reason, "delta": rep.delta,
-                "accountant": rep.accountant, "epsilon": rep.epsilon, "epsilons": last,
+                "accountant": rep.accountant, "epsilon": rep.epsilon, "epsilons": self.ledger.epsilons_now(),
                 "noise_multiplier": self.plan.noise_multiplier, "sample_rate": self.plan.sample_rate,
                 "clip_norm": self.cfg.privacy.clip_norm, "adaptive_clipping":
-                self.cfg.privacy.adaptive_clipping, "rounds": len(self.ledger.entries)}
+                self.cfg.privacy.adaptive_clipping, "rounds": len(self.ledger.entries),
+                "noise": noise_source(self.cfg), "released_again": len(self.ledger.released_again)}
 
     def state_dict(self) -> dict:
         return {"clip_norm": self.clip_norm, "ledger": self.ledger.to_dict()}
 
     def load_state_dict(self, state: dict, rounds_done: int) -> None:
+        """Continue from a checkpoint's state; refuses (ConfigError) a config whose privacy
+        parameters differ from the ones the ledger recorded."""
+        ledger = PrivacyLedger.from_dict(state["ledger"])
+        p, plan = self.cfg.privacy, self.plan
+        _same("privacy.delta", ledger.delta, p.delta)
+        _same("privacy.accountant", ledger.primary, p.accountant)
+        for e in ledger.entries:
+            _same("privacy.noise_multiplier", e.noise_multiplier, plan.noise_multiplier)
+            _same("federation.clients_per_round (sample rate)", e.sample_rate, plan.sample_rate)
+            if not p.adaptive_clipping:
+                _same("privacy.clip_norm", e.clip_norm, self._clip_for(p.clip_norm))
         self.clip_norm = float(state["clip_norm"])
-        self.ledger = PrivacyLedger.from_dict(state["ledger"])
+        self.ledger = ledger
         if len(self.ledger.entries) != rounds_done:
             raise ValueError(f"checkpoint ledger has {len(self.ledger.entries)} rounds, expected "
                              f"{rounds_done}")
+
+
+def noise_source(cfg: ExperimentConfig) -> str:
+    """'os' (fresh entropy, never stored) or 'seed' (privacy.reproducible)."""
+    return "seed" if cfg.privacy.reproducible else "os"
 
 
 # ---------------------------------------------------------------------------
@@ -205,6 +266,13 @@ class RecordLevelDp:
         self.ledger = RecordLedger(cfg.privacy.delta, plan.noise_multiplier, plan.sample_rates,
                                    cfg.privacy.accountant, plan.certified, plan.reason)
 
+    def epsilon_after(self, sampled: list[int]) -> float | None:
+        """The worst record's epsilon after `sampled` take one more round of steps."""
+        return self.ledger.epsilon_after({c: self.cfg.training.local_steps for c in sampled})
+
+    def charge_released(self, row: dict) -> None:
+        self.ledger.charge_released(row["round"], {c: self.cfg.training.local_steps for c in row["clients"]})
+
     def record(self, round_idx: int, clients: list[int]) -> dict:
         """Round `round_idx` (0-based) trained `clients`, each for local_steps DP-SGD steps."""
         eps = self.ledger.record(round_idx + 1, {c: self.cfg.training.local_steps for c in clients})
@@ -220,13 +288,21 @@ class RecordLevelDp:
                 "noise_multiplier": self.plan.noise_multiplier,
                 "sample_rate": max(self.plan.sample_rates.values()),
                 "clip_norm": self.cfg.privacy.clip_norm, "adaptive_clipping": False,
-                "rounds": len(self.ledger.rounds)}
+                "rounds": len(self.ledger.rounds), "noise": noise_source(self.cfg),
+                "released_again": len(self.ledger.released_again)}
 
     def state_dict(self) -> dict:
         return {"ledger": self.ledger.to_dict()}
 
     def load_state_dict(self, state: dict, rounds_done: int) -> None:
-        self.ledger = RecordLedger.from_dict(state["ledger"])
+        """As UserLevelDp.load_state_dict: the recorded privacy parameters must be today's."""
+        ledger = RecordLedger.from_dict(state["ledger"])
+        _same("privacy.delta", ledger.delta, self.cfg.privacy.delta)
+        _same("privacy.accountant", ledger.primary, self.cfg.privacy.accountant)
+        _same("privacy.noise_multiplier", ledger.noise_multiplier, self.plan.noise_multiplier)
+        for client, q in ledger.sample_rates.items():
+            _same("training.batch_size (record sample rate)", q, self.plan.sample_rates.get(client, -1.0))
+        self.ledger = ledger
         if len(self.ledger.rounds) != rounds_done:
             raise ValueError(f"checkpoint ledger has {len(self.ledger.rounds)} rounds, expected "
                              f"{rounds_done}")

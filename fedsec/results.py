@@ -48,3 +48,4 @@ class RunResult:
     attack: dict | None = None  # runs with malicious clients: the attack and their identities
     audit: dict | None = None  # privacy audit: guesses, correct, the epsilon lower bound
     membership: dict | None = None  # eval.mia: per score, AUC and TPR at low FPR
+    stopped: str | None = None  # why the run ended before its planned rounds (privacy.epsilon_budget)

@@ -10,12 +10,18 @@ runs/<name>-<timestamp>/
 
 Files are written atomically (temp file, fsync, rename); an existing run is never
 overwritten, and resuming checks that the config is the one the run started with.
+A run directory appears whole (it is built under a temporary name and renamed into
+place, which fails if another run got there first), and a running process holds an
+exclusive lock on it (`.lock`, released by the kernel even on SIGKILL), so two runs
+never write into the same directory.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
 import platform
 import subprocess
 import sys
@@ -29,11 +35,17 @@ from fedsec.config import ExperimentConfig, dump_config
 from fedsec.errors import ConfigError
 
 CONFIG = "config.resolved.yaml"
+LOCK = ".lock"
 
 
 def default_run_dir(cfg: ExperimentConfig) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path(cfg.output_dir) / f"{cfg.name}-{stamp}"
+    """<output_dir>/<name>-<timestamp>, with -2, -3, ... if a run started in the same second."""
+    base = Path(cfg.output_dir) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, k = base, 1
+    while path.exists():
+        k += 1
+        path = base.with_name(f"{base.name}-{k}")
+    return path
 
 
 def latest_run_dir(cfg: ExperimentConfig) -> Path | None:
@@ -60,10 +72,17 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 class RunDir:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, lock: int | None = None):
         self.path = Path(path)
         self.checkpoints = self.path / "checkpoints"
         self.metrics = self.path / "metrics.jsonl"
+        self._lock = lock  # the open, flock'ed .lock file while this process runs in it
+
+    def close(self) -> None:
+        """Release the run's lock (the kernel also does when the process ends)."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     # -- creating and reopening ------------------------------------------------
 
@@ -75,14 +94,29 @@ class RunDir:
                               "to continue that run, or choose a new --out")
 
     @classmethod
-    def create(cls, path: Path, cfg: ExperimentConfig) -> "RunDir":
+    def create(cls, path: Path, cfg: ExperimentConfig, env: dict | None = None) -> "RunDir":
+        """The new run directory `path`, locked by this process. It is built under a
+        temporary name and renamed into place: a crash leaves no half-made run, and a run
+        that got there first (the rename fails) is never written into."""
         path = Path(path)
         cls.check_free(path)
-        run = cls(path)
-        run.checkpoints.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path / CONFIG, dump_config(cfg))
-        atomic_write_text(path / "env.json", json.dumps(environment(cfg.seed), indent=2) + "\n")
-        return run
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".creating", dir=path.parent))
+        try:
+            (staging / "checkpoints").mkdir()
+            atomic_write_text(staging / CONFIG, dump_config(cfg))
+            atomic_write_text(staging / "env.json", json.dumps(env or environment(cfg.seed), indent=2) + "\n")
+            lock = _lock(staging / LOCK, path)
+            try:
+                os.rename(staging, path)  # fails unless path is absent or an empty folder
+            except OSError:
+                os.close(lock)
+                raise ConfigError("--out", str(path), "another run created it first; choose a new --out") \
+                    from None
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        return cls(path, lock)
 
     @classmethod
     def reopen(cls, path: Path, cfg: ExperimentConfig) -> "RunDir":
@@ -96,6 +130,15 @@ class RunDir:
             raise ConfigError("--resume", str(path), f"the config differs from the run's ({changed}); "
                               "resume with the same config and overrides")
         return cls(path)
+
+    def acquire(self) -> None:
+        """Lock the run for this process (to continue it) and drop the temporary files of
+        atomic writes a crash interrupted (never read, safe to remove)."""
+        if self._lock is None:
+            self._lock = _lock(self.path / LOCK, self.path)
+        for folder in (self.path, self.checkpoints):
+            for tmp in folder.glob("*.tmp"):
+                tmp.unlink(missing_ok=True)
 
     # -- metrics ---------------------------------------------------------------
 
@@ -146,6 +189,20 @@ class RunDir:
 
     def write_json(self, name: str, payload: dict) -> None:
         atomic_write_text(self.path / name, json.dumps(payload, indent=2) + "\n")
+
+
+def _lock(file: Path, run: Path) -> int:
+    """An exclusive lock on `file` for this process (the fd; closing it releases the lock)."""
+    fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError("--out", str(run), "another fedsec process is running in this run directory; "
+                          "wait for it to end or choose another --out") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
 
 
 def _same_experiment(stored: str, cfg: ExperimentConfig) -> bool:

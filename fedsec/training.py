@@ -99,10 +99,15 @@ def completion_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
 
 @dataclass(frozen=True)
 class RecordDp:
-    """DP-SGD inside clients: per-example clip norm C and noise multiplier sigma."""
+    """DP-SGD inside clients: per-example clip norm C and noise multiplier sigma.
+
+    `secret`: the root of the steps' Poisson batches and noise (fedsec.privacy.dp_seed:
+    OS entropy by default); None: they derive from the client's training seed (privacy.
+    reproducible), so anyone who holds the run's seed can recompute them."""
 
     clip_norm: float
     noise_multiplier: float
+    secret: int | None = None
 
 
 def poisson_batch(n: int, batch_size: int, generator: torch.Generator) -> tuple[list[int], float]:
@@ -219,6 +224,9 @@ class LocalTrainer:
         offsets = list(layout.unflatten(correction).values()) if correction is not None else None
         total_loss, total_tokens = 0.0, 0
         dp = self.record_dp
+        sampler = stream.gen  # reproducible DP-SGD: the batch order's stream also draws the Poisson batches
+        if dp is not None and dp.secret is not None:
+            sampler = torch.Generator().manual_seed(derive_seed(dp.secret, seed, "record-batches"))
         self.model.train()
         try:
             with scoped_torch_seed(seed), (per_sample_gradients(self.model) if dp else contextlib.nullcontext()):
@@ -226,8 +234,9 @@ class LocalTrainer:
                     if dp is None:
                         loss_sum, n = self._accumulate_gradient(stream)
                     else:
-                        noise = torch.Generator().manual_seed(derive_seed(seed, "record-noise", step))
-                        loss_sum, n = self._dp_sgd_gradient(data, stream.gen, noise)
+                        noise_root = (seed,) if dp.secret is None else (dp.secret, seed)
+                        noise = torch.Generator().manual_seed(derive_seed(*noise_root, "record-noise", step))
+                        loss_sum, n = self._dp_sgd_gradient(data, sampler, noise)
                     total_loss += loss_sum
                     total_tokens += n
                     if anchors is not None:

@@ -203,8 +203,8 @@ def test_an_update_audit_resumed_after_a_crash_ends_with_the_same_scores(tmp_pat
 
     from fedsec.loop import run_experiment
 
-    cfg = tiny_config(tmp_path, privacy={"mode": "user", "noise_multiplier": 0.5, "clip_norm": 0.05,
-                                         "delta": 1e-3},
+    cfg = tiny_config(tmp_path, privacy={"mode": "user", "reproducible": True, "noise_multiplier": 0.5,
+                                         "clip_norm": 0.05, "delta": 1e-3},
                       federation={"rounds": 3, "clients_per_round": 4, "local_only_clients": 0},
                       eval={"clients": False, "every": 3}, audit={"canaries": 8, "kind": "update"})
     whole = run_experiment(cfg, out=tmp_path / "whole", progress=False, log=lambda _: None)

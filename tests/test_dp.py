@@ -154,7 +154,7 @@ def test_dp_with_zero_noise_and_infinite_clip_equals_the_plain_run(tmp_path):
 
 
 def test_dp_run_keeps_a_ledger_and_resumes_to_the_same_epsilon(tmp_path):
-    privacy = {"mode": "user", "epsilon": 50.0, "delta": 1e-3, "clip_norm": 0.05,
+    privacy = {"mode": "user", "reproducible": True, "epsilon": 50.0, "delta": 1e-3, "clip_norm": 0.05,
                "adaptive_clipping": True, "clip_count_stddev": 2.0}
     fed = {"rounds": 3, "clients_per_round": 2, "local_only_clients": 0}
     cfg = tiny_config(tmp_path, privacy=privacy, federation=fed)

@@ -134,7 +134,7 @@ def test_record_ledger_counts_each_clients_steps():
 
 
 def _record_cfg(tmp_path, **extra):
-    privacy = {"mode": "record", "epsilon": 3.0, "clip_norm": 1.0, **extra.pop("privacy", {})}
+    privacy = {"mode": "record", "reproducible": True, "epsilon": 3.0, "clip_norm": 1.0, **extra.pop("privacy", {})}
     return tiny_config(tmp_path, privacy=privacy, **extra)
 
 

@@ -23,7 +23,7 @@ from fedsec.loop import run_experiment  # noqa: E402
 
 DATA = {"benchmark": {"num_clients": 6, "examples_per_client": 8, "test_size": 9, "client_test_size": 2,
                       "num_probes": 2}}
-DP = {"mode": "user", "noise_multiplier": 0.5, "clip_norm": 0.1}
+DP = {"mode": "user", "noise_multiplier": 0.5, "clip_norm": 0.1, "reproducible": True}
 
 
 def _config(tmp_path, rounds: int, clients_per_round: int, timeout: float):

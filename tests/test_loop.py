@@ -52,7 +52,7 @@ def test_sanitize_rejects_nonfinite_misshapen_and_absurd_updates(tmp_path):
     torch.testing.assert_close(agg, torch.full((3,), 2.0))
     # norms 1.73, 5.2 and 1e4 * 1.73 against a bound of 10: the huge one is rejected
     huge = [good, good * 3, good * 1e4, good.double(), good.long()]
-    assert sanitize(huge, 3, max_norm=10.0).rejected == (2, 4)  # and an integer tensor
+    assert sanitize(huge, 3, max_norm=10.0).rejected == (2, 3, 4)  # and the float64 and integer tensors
     agg, rejected, _ = aggregate([ClientUpdate(i, d, 1) for i, d in enumerate(huge[:3])], 3,
                                  _mean_defense(tmp_path, max_update_norm=10.0), 0)
     assert rejected == (2,)
