@@ -80,6 +80,9 @@ USER_KEY = "__user__"  # column added when a FedLLM-Bench {client: [records]} fi
 # Raw records.
 
 
+MAX_LINE = 16 << 20  # characters in one line of a JSONL file or one CSV field
+
+
 def is_local_file(source: str) -> bool:
     return source.endswith(FILE_SUFFIXES) or os.path.exists(source)
 
@@ -99,10 +102,17 @@ def read_file(path: Path) -> list[dict[str, Any]]:
         if name.endswith((".jsonl", ".jsonl.gz")):
             return [_row(json.loads(line), path) for line in _lines(path) if line.strip()]
         if name.endswith((".json", ".json.gz")):
-            return _json_rows(json.loads("".join(_lines(path))), path)
+            opener = gzip.open if name.endswith(".gz") else open
+            with opener(path, "rt", encoding="utf-8") as fh:  # one document: often a single line
+                return _json_rows(json.load(fh), path)
         if name.endswith(".csv"):
+            csv.field_size_limit(MAX_LINE)
             with path.open(encoding="utf-8", newline="") as fh:
-                return list(csv.DictReader(fh))
+                try:
+                    return list(csv.DictReader(fh))
+                except csv.Error as err:
+                    raise ConfigError("data.source", str(path), f"a field is longer than {MAX_LINE} characters or "
+                                      f"the CSV is malformed ({err}); check the file") from None
         if name.endswith(".parquet"):
             try:
                 import pyarrow.parquet as pq
@@ -119,9 +129,16 @@ def read_file(path: Path) -> list[dict[str, Any]]:
 
 
 def _lines(path: Path) -> Iterable[str]:
+    """The file's lines; a line longer than MAX_LINE characters is an error, not a record."""
     opener = gzip.open if path.name.endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8") as fh:
-        yield from fh
+        number = 0
+        while line := fh.readline(MAX_LINE + 1):
+            number += 1
+            if len(line) > MAX_LINE:
+                raise ConfigError("data.source", str(path), f"line {number} is longer than {MAX_LINE} characters; "
+                                  "one record per line is expected (a file that size is not instruction data)")
+            yield line
 
 
 def _row(obj: Any, path: Path) -> dict[str, Any]:
