@@ -29,8 +29,10 @@ def acceptable(d: object, dim: int, max_norm: float | None = None) -> bool:
     if not (isinstance(d, torch.Tensor) and d.layout == torch.strided and d.device.type == "cpu"
             and d.dtype == DTYPE and d.ndim == 1 and d.numel() == dim):
         return False
+    if max_norm is None:
+        return bool(torch.isfinite(d).all())
     norm = float(torch.linalg.vector_norm(d.double()))  # inf or nan for any non-finite entry
-    return math.isfinite(norm) and (max_norm is None or norm <= max_norm)
+    return math.isfinite(norm) and norm <= max_norm
 
 
 def sanitize(deltas: list, dim: int, max_norm: float | None = None) -> SanitizeResult:

@@ -101,6 +101,7 @@ def run_table(runs: list[RunFiles]) -> list[dict]:
             "audit_bound": (res.get("audit") or {}).get("epsilon_lower_bound"),
             "audit": _audit_cell(res.get("audit")),
             "finished": res.get("finished", False),
+            "noise": p.get("noise") if p else None, "stopped": res.get("stopped"),
         })
     return rows
 
@@ -200,6 +201,14 @@ def findings(rows: list[dict]) -> list[str]:
     if skipped:
         out.append(f"{len(skipped)} run(s) carry no epsilon: their privacy is not certified "
                    "(see the table); no epsilon is claimed for them.")
+    seeded = [r for r in done if r["certified"] and r["noise"] == "seed"]
+    if seeded:
+        out.append(f"{len(seeded)} DP run(s) drew their noise from the seed (privacy.reproducible): their epsilon "
+                   "holds only while that seed stays secret.")
+    for r in done:
+        if r["stopped"]:
+            out.append(f"{r['variant']} (seed {r['seed']}) ended after round {r['rounds']}, at its epsilon budget: "
+                       f"{r['stopped']}.")
     if unfinished:
         out.append(f"{len(unfinished)} run(s) are unfinished and left out of these numbers.")
     return out

@@ -140,7 +140,8 @@ def test_the_audit_sees_canary_clients_without_dp_and_stays_below_the_accountant
     assert plain["accountant_epsilon"] is None and not plain["bound_exceeds_accountant"]
     assert plain["epsilon_lower_bound"] == one_run_bound(16, 8, plain["correct"], plain["delta"]).epsilon_lower_bound
     assert plain["correct"] == 8 and plain["epsilon_lower_bound"] > 0.75  # included canaries stand out
-    private = _audited_run(tmp_path / "dp", {"mode": "user", "epsilon": 2.0, "clip_norm": 0.05, "delta": 1e-3},
+    private = _audited_run(tmp_path / "dp", {"mode": "user", "epsilon": 2.0, "clip_norm": 0.05, "delta": 1e-3,
+                                             "reproducible": True},
                            every).audit
     assert private["accountant_epsilon"] is not None and private["accountant_epsilon"] <= 2.0
     assert private["epsilon_lower_bound"] <= private["accountant_epsilon"]
@@ -190,7 +191,8 @@ def test_update_canaries_are_seen_without_dp_and_the_bound_stays_below_the_accou
     scores = plain["scores"]
     assert min(s for s, inc in zip(scores, plain["included_canaries"]) if inc) > \
         max(s for s, inc in zip(scores, plain["included_canaries"]) if not inc)
-    private = _audited_run(tmp_path / "dp", {"mode": "user", "epsilon": 2.0, "clip_norm": 0.05, "delta": 1e-3},
+    private = _audited_run(tmp_path / "dp", {"mode": "user", "epsilon": 2.0, "clip_norm": 0.05, "delta": 1e-3,
+                                             "reproducible": True},
                            every, "update").audit
     assert private["accountant_epsilon"] <= 2.0 and private["epsilon_lower_bound"] <= private["accountant_epsilon"]
     assert not private["bound_exceeds_accountant"]

@@ -83,6 +83,11 @@ def test_the_epsilon_budget_stops_before_the_round_that_would_exceed_it(tmp_path
     assert [e["round"] for e in ledger["entries"]] == [1, 2]
     assert (tmp_path / "stop" / "adapter" / "adapter_model.safetensors").is_file()
     assert any(line.startswith("fedsec: stopping before round 3") for line in lines)
+    from reports.pdf import collect, findings, run_table
+
+    said = " ".join(findings(run_table(collect(tmp_path / "stop")[1])))
+    assert "ended after round 2, at its epsilon budget: round 3 would take epsilon to" in said
+    assert "drew their noise from the seed" not in said  # OS noise here
     # warn: the run goes on, and says so once
     warn = tiny_config(tmp_path, privacy={**DP, "epsilon_budget": budget, "on_budget": "warn"}, federation=FED)
     result, lines = _run(warn, tmp_path / "warn")
