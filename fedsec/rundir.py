@@ -36,6 +36,7 @@ from fedsec.errors import ConfigError
 
 CONFIG = "config.resolved.yaml"
 LOCK = ".lock"
+STAGING = ".creating"  # suffix of the hidden folder a new run is built in
 
 
 def default_run_dir(cfg: ExperimentConfig) -> Path:
@@ -101,18 +102,23 @@ class RunDir:
         path = Path(path)
         cls.check_free(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".creating", dir=path.parent))
+        _remove_stale_staging(path)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=STAGING, dir=path.parent))
+        lock = None
         try:
+            lock = _lock(staging / LOCK, path)  # first: a staging folder without a held lock is a dead one's
             (staging / "checkpoints").mkdir()
             atomic_write_text(staging / CONFIG, dump_config(cfg))
             atomic_write_text(staging / "env.json", json.dumps(env or environment(cfg.seed), indent=2) + "\n")
-            lock = _lock(staging / LOCK, path)
             try:
                 os.rename(staging, path)  # fails unless path is absent or an empty folder
             except OSError:
-                os.close(lock)
                 raise ConfigError("--out", str(path), "another run created it first; choose a new --out") \
                     from None
+        except BaseException:
+            if lock is not None:
+                os.close(lock)
+            raise
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
@@ -189,6 +195,24 @@ class RunDir:
 
     def write_json(self, name: str, payload: dict) -> None:
         atomic_write_text(self.path / name, json.dumps(payload, indent=2) + "\n")
+
+
+def _remove_stale_staging(path: Path) -> None:
+    """Remove the staging folders of `path` whose creator died (killed while creating the
+    run): their lock is free, or they never got one and are older than a minute."""
+    for folder in path.parent.glob(f".{path.name}.*{STAGING}"):
+        lock = folder / LOCK
+        if lock.exists():
+            fd = os.open(lock, os.O_RDWR)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # being created right now
+            finally:
+                os.close(fd)
+        elif time.time() - folder.stat().st_mtime < 60:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _lock(file: Path, run: Path) -> int:
