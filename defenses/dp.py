@@ -38,20 +38,45 @@ class ClipResult:
     unclipped: torch.Tensor  # [n] bool: ||d_k|| <= C (Andrew et al.'s b_k)
 
 
+# The fast path scales a float32 row by s = fl32(C / ||d|| * (1 - MARGIN)) in float32. Each of the
+# d products rounds by at most 2^-24 relative, the cast of s by 2^-24, and the float64 norm is off
+# by at most d 2^-53 <= 1.2e-7 for rows up to 10^9 long, so the clipped norm is at most
+# C (1 - 1e-6)(1 + 2^-24)^2 (1 + 1.2e-7) < C (1 - 7e-7): no row can exceed C, with no second pass.
+# Products in float32's subnormal range round by an absolute 2^-150 instead, negligible against
+# 1e-6 C unless C is below ~1e-30, which takes the float64 path.
+MARGIN = 1e-6
+_FAST_MIN_CLIP = 1e-30
+
+
+def row_norms(deltas: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of each row in float64, one row at a time (no float64 copy of the matrix)."""
+    if deltas.dtype == torch.float64:
+        return torch.linalg.vector_norm(deltas, dim=1)
+    return torch.stack([torch.linalg.vector_norm(row.to(torch.float64)) for row in deltas]) if len(deltas) else \
+        torch.zeros(0, dtype=torch.float64)
+
+
 def clip_to_norm(deltas: torch.Tensor, clip_norm: float) -> ClipResult:
-    """Scale each row of `deltas` [n, d] to L2 norm at most `clip_norm` (inf: unchanged)."""
+    """Scale each row of `deltas` [n, d] to L2 norm at most `clip_norm` (inf: unchanged).
+
+    Rows with norm <= C are returned unchanged; a longer row is scaled to norm just below C
+    (by the factor 1 - MARGIN, so rounding can never take it above C; see the note above).
+    """
     if not clip_norm > 0:
         raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
-    norms = torch.linalg.vector_norm(deltas.to(torch.float64), dim=1)
+    norms = row_norms(deltas)
     unclipped = norms <= clip_norm
     if math.isinf(clip_norm) or bool(unclipped.all()):
         return ClipResult(deltas, norms, unclipped)
-    # float64 scale, and the cast rounded down, so float32 rows never exceed C by rounding
-    scale = torch.where(unclipped, torch.ones_like(norms), clip_norm / norms)
+    scale = torch.where(unclipped, torch.ones_like(norms), clip_norm / norms * (1 - MARGIN))
+    if deltas.dtype in (torch.float32, torch.float64) and clip_norm >= _FAST_MIN_CLIP:
+        return ClipResult(deltas * scale.to(deltas.dtype)[:, None], norms, unclipped)
+    # half precisions and absurdly small C: scale in float64, cast, and shrink any row rounding pushed over
     clipped = (deltas.to(torch.float64) * scale[:, None]).to(deltas.dtype)
     over = torch.linalg.vector_norm(clipped.to(torch.float64), dim=1) > clip_norm
-    if bool(over.any()):
-        clipped[over] = (clipped[over].to(torch.float64) * (1 - 1e-6)).to(deltas.dtype)
+    while bool(over.any()):  # halving ends: a subnormal halved rounds to 0
+        clipped[over] = (clipped[over].to(torch.float64) * 0.5).to(deltas.dtype)
+        over = torch.linalg.vector_norm(clipped.to(torch.float64), dim=1) > clip_norm
     return ClipResult(clipped, norms, unclipped)
 
 

@@ -43,6 +43,23 @@ def test_clipping_leaves_no_delta_above_c_and_small_ones_untouched(rows, clip):
         assert float(cos) > 1 - 1e-6
 
 
+@settings(max_examples=200, deadline=None)
+@given(rows=st.lists(st.lists(st.one_of(st.floats(width=32, allow_nan=False, allow_infinity=False),
+                                        st.floats(-2.0 ** -133, 2.0 ** -133, width=32, allow_subnormal=True)),
+                              min_size=3, max_size=40), min_size=1, max_size=5).filter(
+                                  lambda rows: len({len(r) for r in rows}) == 1),
+       clip=st.one_of(st.floats(1e-30, 1e30), st.floats(1e-45, 1e-30)),
+       dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+def test_clipping_holds_for_extreme_magnitudes_and_every_path(rows, clip, dtype):
+    """The fast float32/64 path's proof (defenses/dp.py) and the float64 fallback (tiny C, bfloat16)."""
+    deltas = torch.tensor(rows, dtype=torch.float32).to(dtype)
+    result = clip_to_norm(deltas, clip)
+    assert result.clipped.dtype == dtype and torch.isfinite(result.clipped).all()
+    assert bool((torch.linalg.vector_norm(result.clipped.double(), dim=1) <= clip).all())
+    small = result.norms <= clip
+    assert torch.equal(result.clipped[small], deltas[small])
+
+
 def test_private_mean_by_hand():
     deltas = torch.tensor([[3.0, 4.0], [0.3, 0.4], [0.0, 0.0]])
     out = private_mean(deltas, clip_norm=1.0, noise_multiplier=0.0, expected_clients=4.0,
