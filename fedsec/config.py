@@ -472,6 +472,35 @@ class AttackConfig:
         return round(self.fraction * num_clients) if self.fraction is not None else self.malicious
 
 
+BENCHMARK_NAMES = ("fpb", "fiqa_sa", "tfns", "nwgi", "mmlu", "choice", "gsm8k", "humaneval", "mbpp")
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    name: str = _help(
+        "fpb, fiqa_sa, tfns, nwgi (finance sentiment: accuracy, macro-F1), mmlu (multiple choice), "
+        "choice (any file of prompt/choices/answer), gsm8k (exact match of the final number), humaneval, "
+        "mbpp (pass@1, the generated code run in a sandbox)", "fpb")
+    source: str = _help("a local file in the benchmark's published schema (.jsonl/.json/.csv/.parquet); "
+                        "empty: the dataset by name from the Hugging Face hub (needs network and the hub extra)",
+                        "")
+    split: str = _help("split of the dataset by name (empty: the one the benchmark is reported on)", "")
+    fields: Mapping[str, str] = _help("choice: prompt/choices/answer -> the file's columns", factory=dict)
+    max_items: int = _help("evaluate a seeded sample of this many items (0: all)", 0)
+    every: int = _help("run every N rounds, and before the first and after the last (0: only those two)", 0)
+    max_new_tokens: int = _help("reply length of generation benchmarks (gsm8k, humaneval, mbpp)", 256)
+    timeout: float = _help("seconds each generated program may run (humaneval, mbpp)", 10.0)
+    memory_mb: int = _help("address-space limit of each generated program, MiB", 1024)
+
+    def __post_init__(self) -> None:
+        _one_of("name", self.name, BENCHMARK_NAMES)
+        _require(self.max_items >= 0, "max_items", self.max_items, "must be >= 0 (0: all)")
+        _require(self.every >= 0, "every", self.every, "must be >= 0 (0: first and last only)")
+        _require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "must be >= 1")
+        _require(self.timeout > 0, "timeout", self.timeout, "must be > 0 seconds")
+        _require(self.memory_mb >= 64, "memory_mb", self.memory_mb, "must be >= 64")
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     every: int = _help("evaluate the global model every N rounds (and after the last)", 1)
@@ -492,6 +521,9 @@ class EvalConfig:
                       "held-out ones (loss, Min-K%, zlib, base-model reference; AUC, TPR at low FPR)",
                       False)
     mia_examples: int = _help("members and non-members each, at most (a seeded sample)", 200)
+    benchmarks: tuple[BenchmarkSpec, ...] = _help(
+        "benchmarks to evaluate the global model on, e.g. [{name: fpb, source: fpb.parquet, every: 5}]; "
+        "results go into metrics.jsonl under global_eval.benchmarks", ())
 
     def __post_init__(self) -> None:
         _require(self.every >= 1, "every", self.every, "must be >= 1")
@@ -503,6 +535,8 @@ class EvalConfig:
         _require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "must be >= 1")
         _require(self.mia_examples >= 10, "mia_examples", self.mia_examples, "must be >= 10")
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        names = [b.name for b in self.benchmarks]
+        _require(len(names) == len(set(names)), "benchmarks", names, "list each benchmark once")
 
 
 @dataclass(frozen=True)

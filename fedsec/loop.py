@@ -41,6 +41,7 @@ from fedsec.console import round_line
 from fedsec.data import FederatedData, build_federated_data
 from fedsec.defense import ServerDefense
 from fedsec.encoding import Encoded, encode_all, encode_prompt
+from fedsec.evalsuite.runner import PeftModelLM, load_tasks, run_task
 from fedsec.errors import ConfigError
 from fedsec.evaluation import (
     EvalSet,
@@ -100,6 +101,7 @@ class Setup:
     backdoor_eval: tuple = ()  # backdoor: (triggered, clean) global test inputs, answer = target
     audit: AuditState | None = None  # the privacy audit (audit section)
     population: int = 0  # clients the sampling rate is defined over (audit canaries in or out)
+    tasks: tuple = ()  # eval.benchmarks, loaded (fedsec.evalsuite.Task)
 
     @property
     def federation_clients(self) -> int:
@@ -176,6 +178,7 @@ def _train_set(client, tokenizer, cfg: ExperimentConfig) -> list:
 
 def prepare(cfg: ExperimentConfig) -> Setup:
     federation = build_federation(cfg)
+    tasks = load_tasks(cfg)
     data, malicious, population = federation.data, federation.malicious, federation.population
     canaries, included = federation.canaries, federation.included
     num_clients = len(data.clients) - int(included.sum() if included is not None else 0)
@@ -235,7 +238,7 @@ def prepare(cfg: ExperimentConfig) -> Setup:
     trainer = LocalTrainer(model, cfg.training, objective, record_dp)
     return Setup(cfg, model, tokenizer, trainer, data, train_sets, global_eval, client_eval, local_only,
                  preference_eval, probe_prompts, record_plan, server_root, malicious, backdoor_eval, audit,
-                 population)
+                 population, tasks)
 
 
 def record_secret(cfg: ExperimentConfig) -> int | None:
@@ -472,8 +475,9 @@ def server_reference(setup: Setup, start: torch.Tensor, lr: float, round_idx: in
                                derive_seed(setup.cfg.seed, "server-root", round_idx)).delta
 
 
-def evaluate_model(setup: Setup, vector: torch.Tensor) -> tuple[dict, dict | None]:
-    """Global (and alignment) evaluation and per-client evaluation of the adapter `vector`."""
+def evaluate_model(setup: Setup, vector: torch.Tensor, round_done: int | None = None) -> tuple[dict, dict | None]:
+    """Global (and alignment) evaluation and per-client evaluation of the adapter `vector`;
+    with `round_done`, also the eval.benchmarks due after that round."""
     setup.adapter.set(vector)
     batch = setup.cfg.eval.batch_size
     global_eval: dict = {}
@@ -495,6 +499,10 @@ def evaluate_model(setup: Setup, vector: torch.Tensor) -> tuple[dict, dict | Non
     if setup.probe_prompts:
         global_eval["refusal_rate"], _ = refusal_rate(setup.model, setup.tokenizer, setup.probe_prompts,
                                                       setup.cfg.eval.max_new_tokens, batch)
+    due = [t for t in setup.tasks if round_done is not None and t.due(round_done, setup.cfg.federation.rounds)]
+    if due:
+        lm = PeftModelLM(setup.model, setup.tokenizer, setup.cfg.data.template, batch)
+        global_eval["benchmarks"] = {t.name: run_task(t, lm) for t in due}
     if setup.client_eval is None:
         return global_eval, None
     per_client = evaluate_groups(setup.model, setup.client_eval, setup.pad_id, batch)
@@ -605,7 +613,7 @@ def _rounds(setup: Setup, run: RunDir, dp: UserLevelDp | None, record: RecordLev
         run.truncate_metrics(0)
     clients.start(setup, log)
     if rounds_done == 0 and not any(r.get("round") == 0 for r in run.read_metrics()):
-        untuned, clients_eval = evaluate_model(setup, global_vec)
+        untuned, clients_eval = evaluate_model(setup, global_vec, 0)
         run.append_metrics({"phase": "federated", "round": 0, "global_eval": untuned,
                             "client_eval": clients_eval})
         log(round_line(0, fed.rounds, None, untuned, clients_eval))
@@ -659,8 +667,9 @@ def _rounds(setup: Setup, run: RunDir, dp: UserLevelDp | None, record: RecordLev
         for c in setup.local_only:
             local[c] = local[c] + client_update(setup, local[c], c, lr, round_idx, "local").delta
 
-        due = (round_idx + 1) % cfg.eval.every == 0 or round_idx + 1 == fed.rounds
-        global_eval, clients_eval = evaluate_model(setup, global_vec) if due else (None, None)
+        due = ((round_idx + 1) % cfg.eval.every == 0 or round_idx + 1 == fed.rounds
+               or any(t.due(round_idx + 1, fed.rounds) for t in setup.tasks))
+        global_eval, clients_eval = evaluate_model(setup, global_vec, round_idx + 1) if due else (None, None)
         kept = [u for u in updates if u.client_id not in set(rejected)]
         terms = sum(u.metrics["loss_terms"] for u in kept)
         train_loss = sum(u.metrics["loss"] * u.metrics["loss_terms"] for u in kept) / max(terms, 1)

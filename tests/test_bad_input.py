@@ -107,6 +107,11 @@ CONFIG_CASES = [
     ("data-giant-csv-field", lambda tmp: {**FILE_DATA, "data.source": _data_file(
         tmp, "giant.csv", b"prompt,response,uid\n" + b"y" * (17 << 20) + b",a,0\n")},
      "data.source", "longer than"),
+    ("benchmark-unknown", {"eval.benchmarks": [{"name": "mmmlu"}]}, "eval.benchmarks[0].name", "one of"),
+    ("benchmark-missing-file", {"eval.benchmarks": [{"name": "fpb", "source": "/nonexistent/fpb.jsonl"}]},
+     "eval.benchmarks[fpb].source", "no such file"),
+    ("benchmark-wrong-schema", lambda tmp: {"eval.benchmarks": [{"name": "tfns", "source": _data_file(
+        tmp, "tfns.jsonl", b'{"tweet": "up", "label": 1}\n')}]}, "eval.benchmarks[tfns]", "no column 'text'"),
     ("data-partition-unknown-field", lambda tmp: {**FILE_DATA, "data.partition": {"scheme": "natural", "by": "user"},
                                                   "data.source": _data_file(tmp, "rows2.jsonl", GOOD_ROWS)},
      "data.partition.by", ""),

@@ -1,0 +1,158 @@
+"""Running the benchmarks on the global model: one evaluator for every kind of item.
+
+A `Task` is a benchmark's items plus how often to run it. `run_task` asks a
+`LanguageModel` for what the items need (a choice per closed-answer item, a reply per
+generation or code item) and scores it (fedsec.evalsuite.scorers; code through the
+sandbox, never in this process). `PeftModelLM` is the language model of a run: base
++ adapter, prompts in the run's template; closed answers are chosen by label
+log-likelihood: one forward per item when every label is a single token (the
+next-token distribution after the prompt), the full label sequence otherwise.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+
+from fedsec.data.schema import InstructionExample
+from fedsec.encoding import IGNORE, Encoded, collate, encode_prompt
+from fedsec.evalsuite import scorers
+from fedsec.evalsuite.sandbox import run_program
+from fedsec.evalsuite.tasks import ChoiceItem, CodeItem, GenerationItem
+from fedsec.evaluation import greedy_replies
+from fedsec.training import target_logprobs
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    items: tuple
+    every: int  # run every `every` rounds (and after the last; 0: only before the first and after the last)
+    max_new_tokens: int = 256
+    timeout: float = 10.0
+    memory_mb: int = 1024
+
+    def due(self, round_done: int, rounds: int) -> bool:
+        return round_done in (0, rounds) or (self.every > 0 and round_done % self.every == 0)
+
+
+class LanguageModel(Protocol):
+    def choose(self, items: Sequence[ChoiceItem]) -> list[int]: ...
+
+    def complete(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]: ...
+
+
+def run_task(task: Task, lm: LanguageModel) -> dict:
+    """The task's metrics (accuracy and macro-F1, exact match, or pass@1) and its item count."""
+    items = task.items
+    if not items:
+        return {"n": 0}
+    if isinstance(items[0], ChoiceItem):
+        labels = max(len(it.choices) for it in items)
+        return scorers.classification(lm.choose(items), [it.answer for it in items], labels)
+    replies = lm.complete([it.prompt for it in items], task.max_new_tokens)
+    if isinstance(items[0], GenerationItem):
+        return scorers.exact_match(replies, [it.reference for it in items])
+    runs = [run_program(program(it, reply), task.timeout, task.memory_mb) for it, reply in zip(items, replies)]
+    return {**scorers.pass_at_1([r.passed for r in runs]),
+            "timeouts": sum(r.status == "timeout" for r in runs)}
+
+
+_FENCE = re.compile(r"```(?:python|py)?\n(.*?)(?:```|$)", re.S)
+
+
+def program(item: CodeItem, reply: str) -> str:
+    """The program a reply makes with the item's tests: the code in its first fenced block
+    (or the whole reply); a reply that defines functions stands alone (with the prefix's
+    imports), one that does not continues the prefix (HumanEval's completion style)."""
+    fenced = _FENCE.search(reply)
+    code = fenced.group(1) if fenced else reply
+    if re.search(r"^\s*def \w+", code, re.M):
+        imports = "\n".join(line for line in item.prefix.splitlines() if line.startswith(("import ", "from ")))
+        body = imports + "\n" + code
+    else:
+        body = item.prefix + code
+    return body + "\n\n" + item.tests
+
+
+class PeftModelLM:
+    """The run's model as a LanguageModel (greedy decoding, the run's prompt template)."""
+
+    def __init__(self, model, tokenizer, template: str, batch_size: int):
+        self.model, self.tokenizer, self.template, self.batch_size = model, tokenizer, template, batch_size
+
+    def _prompt(self, text: str) -> list[int]:
+        return encode_prompt(InstructionExample(text, ""), self.tokenizer, self.template)
+
+    @torch.no_grad()
+    def choose(self, items: Sequence[ChoiceItem]) -> list[int]:
+        self.model.eval()
+        prompts = [self._prompt(it.prompt) for it in items]
+        options = [[self.tokenizer(c, add_special_tokens=False).input_ids for c in it.choices] for it in items]
+        if all(len(ids) == 1 for opts in options for ids in opts):
+            return self._choose_first_token(prompts, options)
+        pairs = [(k, Encoded(torch.tensor(p + c), torch.tensor([IGNORE] * len(p) + c)))
+                 for k, (p, opts) in enumerate(zip(prompts, options)) for c in opts]
+        totals = torch.zeros(len(pairs))
+        for start in range(0, len(pairs), self.batch_size):
+            chunk = [e for _, e in pairs[start: start + self.batch_size]]
+            logp, rows = target_logprobs(self.model, collate(chunk, self.tokenizer.pad_token_id))
+            totals.index_add_(0, rows + start, logp.float())
+        picks, at = [], 0
+        for opts in options:
+            picks.append(int(totals[at: at + len(opts)].argmax()))
+            at += len(opts)
+        return picks
+
+    def _choose_first_token(self, prompts: list[list[int]], options: list[list[list[int]]]) -> list[int]:
+        picks = []
+        pad = self.tokenizer.pad_token_id
+        for start in range(0, len(prompts), self.batch_size):
+            chunk = prompts[start: start + self.batch_size]
+            width = max(map(len, chunk))
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, p in enumerate(chunk):  # right padding: position len(p) - 1 predicts the label
+                ids[i, : len(p)] = torch.tensor(p)
+                mask[i, : len(p)] = 1
+            logits = self.model(input_ids=ids, attention_mask=mask).logits
+            for i, p in enumerate(chunk):
+                candidates = [opt[0] for opt in options[start + i]]
+                picks.append(int(logits[i, len(p) - 1, candidates].argmax()))
+        return picks
+
+    def complete(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+        self.model.eval()
+        return greedy_replies(self.model, self.tokenizer, [self._prompt(p) for p in prompts], max_new_tokens,
+                              self.batch_size)
+
+
+def load_tasks(cfg) -> tuple[Task, ...]:
+    """The config's eval.benchmarks, read and (with max_items) sampled once at setup."""
+    from fedsec.data.loaders import read_records
+    from fedsec.errors import ConfigError
+    from fedsec.evalsuite.tasks import HUB, LOADERS
+    from fedsec.seeding import numpy_generator
+
+    tasks = []
+    for b in cfg.eval.benchmarks:
+        hub_name, hub_split = HUB.get(b.name, ("", "test"))
+        source = b.source or hub_name
+        if not source:
+            raise ConfigError(f"eval.benchmarks[{b.name}].source", b.source, "give a local file in the schema "
+                              "(this benchmark has no dataset by name)")
+        try:
+            rows = read_records(source, b.split or hub_split)
+        except ConfigError as err:  # the data loader names data.source; this is the benchmark's
+            raise ConfigError(f"eval.benchmarks[{b.name}].source", err.value, err.fix) from None
+        items = LOADERS[b.name](rows, b.fields)
+        if not items:
+            raise ConfigError(f"eval.benchmarks[{b.name}].source", source, "has no items; check the file")
+        if 0 < b.max_items < len(items):
+            keep = numpy_generator(cfg.seed, "benchmark", b.name).choice(len(items), b.max_items, replace=False)
+            items = [items[i] for i in sorted(keep.tolist())]
+        tasks.append(Task(b.name, tuple(items), b.every, b.max_new_tokens, b.timeout, b.memory_mb))
+    return tuple(tasks)

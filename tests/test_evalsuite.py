@@ -1,0 +1,242 @@
+"""The benchmark evaluation: scorers with known answers, the sandbox's limits, the loaders
+on local files in each published schema, the runner with a stub model whose outputs are
+fixed, label scoring on the tiny model against a brute-force computation, and a run."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from fedsec.errors import ConfigError
+from fedsec.evalsuite import tasks
+from fedsec.evalsuite.runner import PeftModelLM, Task, program, run_task
+from fedsec.evalsuite.sandbox import run_program
+from fedsec.evalsuite.scorers import classification, exact_match, final_number, pass_at_1
+from fedsec.evalsuite.tasks import ChoiceItem, CodeItem, GenerationItem
+
+# ---------------------------------------------------------------------------
+# Scorers, by hand.
+
+
+def test_accuracy_and_macro_f1_by_hand():
+    # class 0: tp 1, fn 1 -> P 1, R 1/2, F1 2/3; class 1: tp 1, fp 2 -> P 1/3, R 1, F1 1/2; class 2: F1 0
+    got = classification([0, 1, 1, 1], [0, 0, 1, 2], 3)
+    assert got["accuracy"] == 0.5 and got["n"] == 4
+    assert got["macro_f1"] == pytest.approx((2 / 3 + 1 / 2 + 0) / 3)
+    assert classification([2, 2], [2, 2], 3)["macro_f1"] == pytest.approx(1 / 3)  # absent labels count as 0
+    with pytest.raises(ValueError):
+        classification([0], [0, 1], 2)
+
+
+@pytest.mark.parametrize("text, number", [
+    ("Natalia sold 48/2 = 24 clips in May.\n#### 72", "72"), ("so the answer is 1,234.", "1234"),
+    ("She has 3.50 dollars", "3.5"), ("-7 degrees", "-7"), ("5.0", "5"), ("no number here", None),
+    ("first 3 then 4", "4")])
+def test_the_final_number_of_an_answer(text, number):
+    assert final_number(text) == number
+
+
+def test_exact_match_and_pass_at_1_by_hand():
+    got = exact_match(["The answer is 72.", "It is 10", "none"], ["... #### 72", "#### 11", "#### 3"])
+    assert got == {"exact_match": pytest.approx(1 / 3), "n": 3}
+    assert pass_at_1([True, False, True, True]) == {"pass_at_1": 0.75, "n": 4}
+
+
+# ---------------------------------------------------------------------------
+# The sandbox.
+
+
+def test_a_passing_and_a_failing_program():
+    assert run_program("assert sum([1, 2]) == 3\n").status == "passed"
+    failed = run_program("assert 1 + 1 == 3, 'wrong sum'\n")
+    assert not failed.passed and failed.status == "failed" and "wrong sum" in failed.stderr_tail
+
+
+def test_a_program_that_loops_forever_is_stopped():
+    started = time.perf_counter()
+    result = run_program("while True:\n    pass\n", timeout=1.0)
+    assert result.status == "timeout" and not result.passed
+    assert time.perf_counter() - started < 10
+
+
+def test_memory_and_network_are_denied():
+    hog = run_program("x = bytearray(2 * 1024 ** 3)\n", memory_mb=256)
+    assert not hog.passed and hog.status in ("killed", "failed") and "MemoryError" in hog.stderr_tail
+    net = run_program("import socket\nsocket.create_connection(('127.0.0.1', 9))\n")
+    assert not net.passed and "network access is disabled" in net.stderr_tail
+    env = run_program("import os\nassert 'HOME' not in os.environ and os.listdir('.') == ['program.py']\n")
+    assert env.passed
+
+
+# ---------------------------------------------------------------------------
+# Loaders on local files in each published schema.
+
+
+def _write(tmp_path, name, rows):
+    path = tmp_path / name
+    if name.endswith(".jsonl"):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif name.endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        import csv
+
+        with path.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return str(path)
+
+
+def _load(name, source, fields=None):
+    from fedsec.data.loaders import read_records
+
+    return tasks.LOADERS[name](read_records(source), fields or {})
+
+
+def test_finance_loaders_map_each_datasets_labels(tmp_path):
+    fpb = _load("fpb", _write(tmp_path, "fpb.parquet", [{"sentence": "Profit fell.", "label": 0},
+                                                          {"sentence": "Sales rose.", "label": 2},
+                                                          {"sentence": "It met.", "label": 1}]))
+    assert [it.answer for it in fpb] == [0, 2, 1] and fpb[0].choices == ("negative", "neutral", "positive")
+    assert fpb[1].prompt.endswith("\nSales rose.") and "news" in fpb[1].prompt
+    # TFNS: 0 bearish, 1 bullish, 2 neutral (not the FPB order)
+    tfns = _load("tfns", _write(tmp_path, "tfns.csv", [{"text": "$X down", "label": 0}, {"text": "$Y up", "label": 1},
+                                                        {"text": "$Z flat", "label": 2}]))
+    assert [tasks.SENTIMENT[it.answer] for it in tfns] == ["negative", "positive", "neutral"]
+    assert "tweet" in tfns[0].prompt
+    nwgi = _load("nwgi", _write(tmp_path, "nwgi.jsonl", [{"news": n, "label": lab} for n, lab in [
+        ("a", "strong negative"), ("b", "moderately negative"), ("c", "mildly negative"), ("d", "neutral"),
+        ("e", "mildly positive"), ("f", "moderately positive"), ("g", "strong positive")]]))
+    assert [tasks.SENTIMENT[it.answer] for it in nwgi] == ["negative", "negative", "neutral", "neutral", "neutral",
+                                                           "positive", "positive"]
+    fiqa = _load("fiqa_sa", _write(tmp_path, "fiqa.jsonl", [
+        {"sentence": "s", "sentiment_score": score, "format": fmt, "snippets": "", "target": "T", "aspects": ""}
+        for score, fmt in [(-0.5, "post"), (-0.1, "headline"), (0.099, "post"), (0.1, "headline")]]))
+    assert [tasks.SENTIMENT[it.answer] for it in fiqa] == ["negative", "neutral", "neutral", "positive"]
+    assert "tweet" in fiqa[0].prompt and "news" in fiqa[1].prompt
+
+
+def test_multiple_choice_generation_and_code_loaders(tmp_path):
+    mmlu = _load("mmlu", _write(tmp_path, "mmlu.jsonl", [{"question": "2+2?", "subject": "math",
+                                                           "choices": ["3", "4", "5", "6"], "answer": 1}]))
+    assert mmlu[0].choices == ("A", "B", "C", "D") and mmlu[0].answer == 1 and "B. 4" in mmlu[0].prompt
+    generic = _load("choice", _write(tmp_path, "c.jsonl", [{"q": "Sky?", "opts": ["blue", "green"], "gold": "blue"}]),
+                    {"prompt": "q", "choices": "opts", "answer": "gold"})
+    assert generic == [ChoiceItem("Sky?", ("blue", "green"), 0)]
+    gsm = _load("gsm8k", _write(tmp_path, "gsm.jsonl", [{"question": "1+1?", "answer": "1+1=2\n#### 2"}]))
+    assert gsm[0].reference.endswith("#### 2")
+    he = _load("humaneval", _write(tmp_path, "he.jsonl", [{
+        "task_id": "HumanEval/0", "prompt": "def add(a, b):\n    \"\"\"Sum.\"\"\"\n",
+        "canonical_solution": "    return a + b\n",
+        "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n", "entry_point": "add"}]))
+    assert run_program(program(he[0], "    return a + b\n")).passed  # HumanEval's completion style
+    assert run_program(program(he[0], "```python\ndef add(a, b):\n    return a + b\n```")).passed  # a chat reply
+    assert not run_program(program(he[0], "    return a - b\n")).passed
+    mb = _load("mbpp", _write(tmp_path, "mbpp.jsonl", [{"task_id": 2, "text": "Write a function to double x.",
+                                                         "code": "def double(x):\n    return 2 * x",
+                                                         "test_list": ["assert double(2) == 4"],
+                                                         "test_setup_code": ""}]))
+    assert run_program(program(mb[0], "def double(x):\n    return 2 * x")).passed
+    with pytest.raises(ConfigError, match="has no column 'sentence'"):
+        _load("fpb", _write(tmp_path, "wrong.jsonl", [{"text": "x", "label": 0}]))
+    with pytest.raises(ConfigError, match="unknown label"):
+        _load("nwgi", _write(tmp_path, "bad.jsonl", [{"news": "x", "label": "very good"}]))
+
+
+# ---------------------------------------------------------------------------
+# The runner with a stub model whose outputs are fixed.
+
+
+class StubLM:
+    def __init__(self, picks=(), replies=()):
+        self.picks, self.replies = list(picks), list(replies)
+
+    def choose(self, items):
+        return self.picks[: len(items)]
+
+    def complete(self, prompts, max_new_tokens):
+        return self.replies[: len(prompts)]
+
+
+def test_the_runner_scores_fixed_outputs():
+    items = tuple(ChoiceItem(f"p{i}", tasks.SENTIMENT, a) for i, a in enumerate([0, 0, 1, 2]))
+    got = run_task(Task("fpb", items, 0), StubLM(picks=[0, 1, 1, 1]))
+    assert got["accuracy"] == 0.5 and got["macro_f1"] == pytest.approx((2 / 3 + 1 / 2) / 3)
+    gen = (GenerationItem("q1", "#### 4"), GenerationItem("q2", "#### 9"))
+    assert run_task(Task("gsm8k", gen, 0), StubLM(replies=["so 4", "so 8"]))["exact_match"] == 0.5
+    code = tuple(CodeItem("p", "def f(x):\n", "assert f(1) == 2\n") for _ in range(3))
+    got = run_task(Task("humaneval", code, 0, timeout=1.0),
+                   StubLM(replies=["    return x + 1\n", "    return x\n", "    while True:\n        pass\n"]))
+    assert got == {"pass_at_1": pytest.approx(1 / 3), "n": 3, "timeouts": 1}
+
+
+def test_a_task_is_due_before_the_first_round_every_k_rounds_and_after_the_last():
+    assert [r for r in range(6) if Task("x", (), 2).due(r, 5)] == [0, 2, 4, 5]
+    assert [r for r in range(6) if Task("x", (), 0).due(r, 5)] == [0, 5]
+
+
+# ---------------------------------------------------------------------------
+# Label scoring on the tiny model against a brute-force computation.
+
+
+def _brute_force(model, tokenizer, lm, item) -> int:
+    """Sum of each label's token log-probabilities after the prompt, one sequence at a time."""
+    prompt = lm._prompt(item.prompt)
+    scores = []
+    for choice in item.choices:
+        ids = tokenizer(choice, add_special_tokens=False).input_ids
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + ids])).logits[0].double()
+        logp = torch.log_softmax(logits, -1)
+        scores.append(sum(float(logp[len(prompt) - 1 + k, t]) for k, t in enumerate(ids)))
+    return max(range(len(scores)), key=scores.__getitem__)
+
+
+def test_label_scoring_equals_brute_force_on_the_tiny_model(tmp_path):
+    from fedsec.models import attach_lora, load_base_model
+
+    cfg = tiny_config(tmp_path)
+    model, tokenizer = load_base_model(cfg.model)
+    model = attach_lora(model, cfg.lora, cfg.seed)
+    with torch.no_grad():  # a non-zero adapter, so the scores are not the base model's
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.3)
+    lm = PeftModelLM(model, tokenizer, cfg.data.template, batch_size=3)
+    single = [ChoiceItem(f"Headline {i}: shares moved.", ("A", "B", "C"), 0) for i in range(7)]
+    multi = [ChoiceItem(f"Question {i}?", ("negative", "neutral outlook", "positive news today"), 0)
+             for i in range(5)]
+    assert all(len(tokenizer(c, add_special_tokens=False).input_ids) == 1 for c in single[0].choices)
+    assert any(len(tokenizer(c, add_special_tokens=False).input_ids) > 1 for c in multi[0].choices)
+    for items in (single, multi):
+        assert lm.choose(items) == [_brute_force(model, tokenizer, lm, it) for it in items]
+
+
+def test_benchmarks_run_in_a_federated_run_every_k_rounds(tmp_path):
+    fpb = _write(tmp_path, "fpb.jsonl", [{"sentence": f"Item {i} moved.", "label": i % 3} for i in range(9)])
+    gsm = _write(tmp_path, "gsm.jsonl", [{"question": f"{i}+1?", "answer": f"#### {i + 1}"} for i in range(2)])
+    he = _write(tmp_path, "he.jsonl", [{"task_id": "t", "prompt": "def one():\n", "canonical_solution": "",
+                                        "test": "def check(f):\n    assert f() == 1\n", "entry_point": "one"}])
+    cfg = tiny_config(tmp_path, federation={"rounds": 3, "clients_per_round": 2},
+                      eval={"batch_size": 16, "every": 3, "benchmarks": [
+                          {"name": "fpb", "source": fpb, "every": 2, "max_items": 6},
+                          {"name": "gsm8k", "source": gsm, "max_new_tokens": 4},
+                          {"name": "humaneval", "source": he, "max_new_tokens": 8, "timeout": 5}]})
+    from fedsec.loop import run_experiment
+
+    run_experiment(cfg, out=tmp_path / "run", progress=False, log=lambda _: None)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    got = {r["round"]: sorted((r.get("global_eval") or {}).get("benchmarks", {})) for r in rows}
+    assert got == {0: ["fpb", "gsm8k", "humaneval"], 1: [], 2: ["fpb"], 3: ["fpb", "gsm8k", "humaneval"]}
+    final = rows[-1]["global_eval"]["benchmarks"]
+    assert final["fpb"]["n"] == 6 and 0 <= final["fpb"]["accuracy"] <= 1 and not math.isnan(final["fpb"]["macro_f1"])
+    assert final["gsm8k"]["n"] == 2 and final["humaneval"]["n"] == 1
