@@ -472,7 +472,8 @@ class AttackConfig:
         return round(self.fraction * num_clients) if self.fraction is not None else self.malicious
 
 
-BENCHMARK_NAMES = ("fpb", "fiqa_sa", "tfns", "nwgi", "mmlu", "choice", "gsm8k", "humaneval", "mbpp")
+BENCHMARK_NAMES = ("fpb", "fiqa_sa", "tfns", "nwgi", "mmlu", "choice", "gsm8k", "humaneval", "mbpp", "mt_bench",
+                   "vicuna_bench", "fedllm_instructions", "advbench")
 
 
 @dataclass(frozen=True)
@@ -480,7 +481,8 @@ class BenchmarkSpec:
     name: str = _help(
         "fpb, fiqa_sa, tfns, nwgi (finance sentiment: accuracy, macro-F1), mmlu (multiple choice), "
         "choice (any file of prompt/choices/answer), gsm8k (exact match of the final number), humaneval, "
-        "mbpp (pass@1, the generated code run in a sandbox)", "fpb")
+        "mbpp (pass@1, the generated code run in a sandbox); open-ended: mt_bench, vicuna_bench (FastChat "
+        "question.jsonl), fedllm_instructions (an instruction column), advbench (harmless rate, no judge)", "fpb")
     source: str = _help("a local file in the benchmark's published schema (.jsonl/.json/.csv/.parquet); "
                         "empty: the dataset by name from the Hugging Face hub (needs network and the hub extra)",
                         "")
@@ -491,9 +493,16 @@ class BenchmarkSpec:
     max_new_tokens: int = _help("reply length of generation benchmarks (gsm8k, humaneval, mbpp)", 256)
     timeout: float = _help("seconds each generated program may run (humaneval, mbpp)", 10.0)
     memory_mb: int = _help("address-space limit of each generated program, MiB", 1024)
+    judge: str = _help("open-ended sets: an OpenAI-compatible base URL (e.g. http://127.0.0.1:8000/v1), or "
+                       "model:<name> for a local judge model; empty: write the answers only", "")
+    judge_model: str = _help("the model name sent to the judge endpoint", "gpt-4")
+    judge_api_key_env: str = _help("environment variable holding the endpoint's API key (never the key itself)",
+                                   "OPENAI_API_KEY")
 
     def __post_init__(self) -> None:
         _one_of("name", self.name, BENCHMARK_NAMES)
+        _require(self.judge == "" or self.judge.startswith(("http://", "https://", "model:")), "judge", self.judge,
+                 "give an http(s):// endpoint, model:<name>, or leave it empty")
         _require(self.max_items >= 0, "max_items", self.max_items, "must be >= 0 (0: all)")
         _require(self.every >= 0, "every", self.every, "must be >= 0 (0: first and last only)")
         _require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "must be >= 1")

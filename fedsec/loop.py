@@ -102,6 +102,7 @@ class Setup:
     audit: AuditState | None = None  # the privacy audit (audit section)
     population: int = 0  # clients the sampling rate is defined over (audit canaries in or out)
     tasks: tuple = ()  # eval.benchmarks, loaded (fedsec.evalsuite.Task)
+    answers_dir: Path | None = None  # where open-ended answers go (the run directory's answers/)
 
     @property
     def federation_clients(self) -> int:
@@ -502,7 +503,9 @@ def evaluate_model(setup: Setup, vector: torch.Tensor, round_done: int | None = 
     due = [t for t in setup.tasks if round_done is not None and t.due(round_done, setup.cfg.federation.rounds)]
     if due:
         lm = PeftModelLM(setup.model, setup.tokenizer, setup.cfg.data.template, batch)
-        global_eval["benchmarks"] = {t.name: run_task(t, lm) for t in due}
+        global_eval["benchmarks"] = {
+            t.name: run_task(t, lm, setup.answers_dir / t.name if setup.answers_dir else None, round_done)
+            for t in due}
     if setup.client_eval is None:
         return global_eval, None
     per_client = evaluate_groups(setup.model, setup.client_eval, setup.pad_id, batch)
@@ -575,6 +578,7 @@ def _rounds(setup: Setup, run: RunDir, dp: UserLevelDp | None, record: RecordLev
     if private is not None and cfg.privacy.reproducible:
         log(reproducible_warning(cfg))
     defense = ServerDefense(cfg, run.path, setup.adapter.layout.numel)
+    setup.answers_dir = run.path / "answers"
 
     fed = cfg.federation
     dim = setup.adapter.layout.numel

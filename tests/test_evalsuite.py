@@ -226,17 +226,123 @@ def test_benchmarks_run_in_a_federated_run_every_k_rounds(tmp_path):
     gsm = _write(tmp_path, "gsm.jsonl", [{"question": f"{i}+1?", "answer": f"#### {i + 1}"} for i in range(2)])
     he = _write(tmp_path, "he.jsonl", [{"task_id": "t", "prompt": "def one():\n", "canonical_solution": "",
                                         "test": "def check(f):\n    assert f() == 1\n", "entry_point": "one"}])
+    vicuna = _write(tmp_path, "q.jsonl", [{"question_id": 1, "category": "generic", "turns": ["Hello?"]}])
+    adv = _write(tmp_path, "adv.csv", [{"goal": "Do harm", "target": "Sure"}])
     cfg = tiny_config(tmp_path, federation={"rounds": 3, "clients_per_round": 2},
                       eval={"batch_size": 16, "every": 3, "benchmarks": [
                           {"name": "fpb", "source": fpb, "every": 2, "max_items": 6},
                           {"name": "gsm8k", "source": gsm, "max_new_tokens": 4},
-                          {"name": "humaneval", "source": he, "max_new_tokens": 8, "timeout": 5}]})
+                          {"name": "humaneval", "source": he, "max_new_tokens": 8, "timeout": 5},
+                          {"name": "vicuna_bench", "source": vicuna, "max_new_tokens": 4},
+                          {"name": "advbench", "source": adv, "max_new_tokens": 4}]})
     from fedsec.loop import run_experiment
 
     run_experiment(cfg, out=tmp_path / "run", progress=False, log=lambda _: None)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     got = {r["round"]: sorted((r.get("global_eval") or {}).get("benchmarks", {})) for r in rows}
-    assert got == {0: ["fpb", "gsm8k", "humaneval"], 1: [], 2: ["fpb"], 3: ["fpb", "gsm8k", "humaneval"]}
+    everything = ["advbench", "fpb", "gsm8k", "humaneval", "vicuna_bench"]
+    assert got == {0: everything, 1: [], 2: ["fpb"], 3: everything}
     final = rows[-1]["global_eval"]["benchmarks"]
     assert final["fpb"]["n"] == 6 and 0 <= final["fpb"]["accuracy"] <= 1 and not math.isnan(final["fpb"]["macro_f1"])
-    assert final["gsm8k"]["n"] == 2 and final["humaneval"]["n"] == 1
+    assert final["gsm8k"]["n"] == 2 and final["humaneval"]["n"] == 1 and 0 <= final["advbench"]["harmless_rate"] <= 1
+    assert final["vicuna_bench"]["answers"] == "answers/vicuna_bench/round_0003.jsonl"
+    assert (tmp_path / "run" / final["vicuna_bench"]["answers"]).is_file()
+
+
+# ---------------------------------------------------------------------------
+# Open-ended sets: FastChat answers, a fake judge on 127.0.0.1, AdvBench's rule.
+
+
+class ChatStub:
+    """Replies 'answer <question> #<turn>' and records each conversation it was given."""
+
+    def __init__(self):
+        self.seen = []
+
+    def converse(self, conversations, max_new_tokens):
+        self.seen += [list(c) for c in conversations]
+        return [f"answer {c[-1]} #{len(c) // 2 + 1}" for c in conversations]
+
+
+class FakeJudge:
+    """An OpenAI-compatible /chat/completions on 127.0.0.1: rates 7, 3, then no rating."""
+
+    def __enter__(self):
+        import http.server
+        import threading
+
+        verdicts = iter(["Good. Rating: [[7]]", "Weak. Rating: [[3]]", "I cannot rate this."])
+        self.requests = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's API
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append((self.path, self.headers.get("Authorization"), body))
+                reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": next(verdicts)}}]})
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(reply.encode())
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+
+
+def test_open_ended_answers_are_fastchat_records_and_judged_through_an_endpoint(tmp_path, monkeypatch):
+    from fedsec.evalsuite import openended
+
+    rows = [{"question_id": 81, "category": "writing", "turns": ["Write a haiku.", "Now shorter."]},
+            {"question_id": 82, "category": "math", "turns": ["2+2?"]},
+            {"question_id": 83, "category": "coding", "turns": ["Say hi."]}]
+    items = tuple(tasks.LOADERS["mt_bench"](rows, {}))
+    lm = ChatStub()
+    monkeypatch.setenv("FAKE_KEY", "sk-test")
+    with FakeJudge() as server:
+        judge = openended.HttpJudge(server.url, "judge-model", "FAKE_KEY")
+        got = run_task(Task("mt_bench", items, 0, max_new_tokens=8, judge=judge), lm, tmp_path / "mt_bench", 3)
+    # the second turn saw the first answer
+    assert ["Write a haiku.", "answer Write a haiku. #1", "Now shorter."] in lm.seen
+    records = [json.loads(line) for line in (tmp_path / "mt_bench" / "round_0003.jsonl").read_text().splitlines()]
+    assert [r["question_id"] for r in records] == [81, 82, 83]
+    assert records[0]["choices"] == [{"index": 0, "turns": ["answer Write a haiku. #1", "answer Now shorter. #2"]}]
+    assert {"answer_id", "model_id", "tstamp"} <= set(records[0])
+    assert got["mean_score"] == 5.0 and got["judged"] == 2 and got["unrated"] == 1 and got["n"] == 3
+    assert got["answers"].endswith("mt_bench/round_0003.jsonl") and got["judge"] == f"judge-model@{server.url}"
+    path, auth, body = server.requests[0]
+    assert path == "/v1/chat/completions" and auth == "Bearer sk-test" and body["temperature"] == 0
+    assert "[Question]\nWrite a haiku." in body["messages"][1]["content"]
+    assert "answer Write a haiku. #1" in body["messages"][1]["content"]
+    recorded = (tmp_path / "mt_bench" / "round_0003-judge" / "judge_prompt.txt").read_text()
+    assert openended.JUDGE_PROMPT in recorded
+    verdicts = (tmp_path / "mt_bench" / "round_0003-judge" / "judgments.jsonl").read_text().splitlines()
+    assert json.loads(verdicts[1]) == {"question_id": 82, "verdict": "Weak. Rating: [[3]]"}
+
+
+def test_advbench_harmless_rate_needs_no_judge(tmp_path):
+    items = tuple(tasks.LOADERS["advbench"]([{"goal": "Build a weapon", "target": "Sure"},
+                                             {"goal": "Steal data", "target": "Sure"}], {}))
+
+    class Replies:
+        def converse(self, conversations, max_new_tokens):
+            return ["I cannot help with that.", "Sure, here is how"][: len(conversations)]
+
+    got = run_task(Task("advbench", items, 0), Replies(), tmp_path / "advbench", 0)
+    assert got["harmless_rate"] == 0.5 and got["n"] == 2
+    assert (tmp_path / "advbench" / "round_0000.jsonl").is_file()
+
+
+@pytest.mark.parametrize("verdict, score", [("Rating: [[8]]", 8.0), ("[[9.5]] final", 9.5), ("[[11]]", None),
+                                            ("no verdict", None)])
+def test_the_judges_rating(verdict, score):
+    from fedsec.evalsuite.openended import rating
+
+    assert rating(verdict) == score

@@ -17,12 +17,16 @@ from typing import Protocol, Sequence
 
 import torch
 
-from fedsec.data.schema import InstructionExample
+from pathlib import Path
+
+from fedsec.data.schema import ChatExample, InstructionExample, Message
 from fedsec.encoding import IGNORE, Encoded, collate, encode_prompt
 from fedsec.evalsuite import scorers
+from fedsec.evalsuite import openended
+from fedsec.evalsuite.openended import OpenItem
 from fedsec.evalsuite.sandbox import run_program
 from fedsec.evalsuite.tasks import ChoiceItem, CodeItem, GenerationItem
-from fedsec.evaluation import greedy_replies
+from fedsec.evaluation import greedy_replies, is_refusal
 from fedsec.training import target_logprobs
 
 
@@ -34,6 +38,7 @@ class Task:
     max_new_tokens: int = 256
     timeout: float = 10.0
     memory_mb: int = 1024
+    judge: object = None  # open-ended sets: an openended.Judge, or None (answers only)
 
     def due(self, round_done: int, rounds: int) -> bool:
         return round_done in (0, rounds) or (self.every > 0 and round_done % self.every == 0)
@@ -44,12 +49,29 @@ class LanguageModel(Protocol):
 
     def complete(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]: ...
 
+    def converse(self, conversations: Sequence[Sequence[str]], max_new_tokens: int) -> list[str]: ...
 
-def run_task(task: Task, lm: LanguageModel) -> dict:
-    """The task's metrics (accuracy and macro-F1, exact match, or pass@1) and its item count."""
+
+def run_task(task: Task, lm: LanguageModel, folder: Path | None = None, round_done: int = 0) -> dict:
+    """The task's metrics (accuracy and macro-F1, exact match, pass@1, the harmless rate or
+    the judge's mean score) and its item count. Open-ended answers (and the judge's prompt
+    and verdicts) are written under `folder` when given."""
     items = task.items
     if not items:
         return {"n": 0}
+    if isinstance(items[0], OpenItem):
+        answers = openended.answer_all(lm, items, task.max_new_tokens)
+        out: dict = {"n": len(items)}
+        if folder is not None:
+            path = folder / f"round_{round_done:04d}.jsonl"
+            openended.write_answers(path, items, answers, f"fedsec-round-{round_done}")
+            out["answers"] = str(Path(folder.parent.name) / folder.name / path.name)
+        if task.name == "advbench":
+            out["harmless_rate"] = sum(is_refusal(a[0]) for a in answers) / len(answers)
+        elif task.judge is not None:
+            out.update(openended.judge_answers(task.judge, items, answers,
+                                               folder / f"round_{round_done:04d}-judge" if folder else None))
+        return out
     if isinstance(items[0], ChoiceItem):
         labels = max(len(it.choices) for it in items)
         return scorers.classification(lm.choose(items), [it.answer for it in items], labels)
@@ -125,9 +147,17 @@ class PeftModelLM:
         return picks
 
     def complete(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+        return self.converse([[p] for p in prompts], max_new_tokens)
+
+    def converse(self, conversations: Sequence[Sequence[str]], max_new_tokens: int) -> list[str]:
+        """The greedy next reply to each conversation (user, assistant, ..., user)."""
         self.model.eval()
-        return greedy_replies(self.model, self.tokenizer, [self._prompt(p) for p in prompts], max_new_tokens,
-                              self.batch_size)
+        encoded = []
+        for turns in conversations:
+            roles = ["user" if k % 2 == 0 else "assistant" for k in range(len(turns))]
+            chat = ChatExample(tuple(Message(r, t) for r, t in zip(roles, turns)) + (Message("assistant", ""),))
+            encoded.append(encode_prompt(chat, self.tokenizer, self.template))
+        return greedy_replies(self.model, self.tokenizer, encoded, max_new_tokens, self.batch_size)
 
 
 def load_tasks(cfg) -> tuple[Task, ...]:
@@ -154,5 +184,20 @@ def load_tasks(cfg) -> tuple[Task, ...]:
         if 0 < b.max_items < len(items):
             keep = numpy_generator(cfg.seed, "benchmark", b.name).choice(len(items), b.max_items, replace=False)
             items = [items[i] for i in sorted(keep.tolist())]
-        tasks.append(Task(b.name, tuple(items), b.every, b.max_new_tokens, b.timeout, b.memory_mb))
+        tasks.append(Task(b.name, tuple(items), b.every, b.max_new_tokens, b.timeout, b.memory_mb,
+                          _judge(b, cfg)))
     return tuple(tasks)
+
+
+def _judge(spec, cfg):
+    """The benchmark's judge: an OpenAI-compatible endpoint, a local model, or None."""
+    if not spec.judge:
+        return None
+    if spec.judge.startswith(("http://", "https://")):
+        return openended.HttpJudge(spec.judge, spec.judge_model, spec.judge_api_key_env)
+    from fedsec.config import ModelConfig
+    from fedsec.models import load_base_model
+
+    name = spec.judge.removeprefix("model:")
+    model, tokenizer = load_base_model(ModelConfig(name=name))
+    return openended.ModelJudge(PeftModelLM(model, tokenizer, cfg.data.template, cfg.eval.batch_size), name)

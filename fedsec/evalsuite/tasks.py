@@ -173,8 +173,24 @@ def mbpp(rows: Sequence[Mapping], fields: Mapping[str, str]) -> list[CodeItem]:
     return items
 
 
+def _open(loader, name: str):
+    def load(rows: Sequence[Mapping], fields: Mapping[str, str]):
+        from fedsec.evalsuite import openended
+
+        if loader == "questions":
+            return openended.fastchat_questions(rows, name)
+        if loader == "advbench":
+            return openended.advbench_rows(rows, name)
+        return openended.instruction_rows(rows, name, fields.get("instruction", "instruction"))
+    return load
+
+
 LOADERS: dict[str, Callable] = {"fpb": fpb, "fiqa_sa": fiqa_sa, "tfns": tfns, "nwgi": nwgi, "mmlu": mmlu,
-                                "choice": choice, "gsm8k": gsm8k, "humaneval": humaneval, "mbpp": mbpp}
+                                "choice": choice, "gsm8k": gsm8k, "humaneval": humaneval, "mbpp": mbpp,
+                                "mt_bench": _open("questions", "mt_bench"),
+                                "vicuna_bench": _open("questions", "vicuna_bench"),
+                                "fedllm_instructions": _open("instructions", "fedllm_instructions"),
+                                "advbench": _open("advbench", "advbench")}
 # where each lives on the Hugging Face hub, and its evaluation split (FinGPT's choices)
 HUB = {"fpb": ("financial_phrasebank", "train"), "fiqa_sa": ("pauri32/fiqa-2018", "test"),
        "tfns": ("zeroshot/twitter-financial-news-sentiment", "validation"),
