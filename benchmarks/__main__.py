@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ("accounting", "overhead", "many_clients", "memory_clients", "server_pipeline")
+ORDER = ("accounting", "overhead", "many_clients", "memory_clients", "evaluation", "server_pipeline")
 ARGS = {"memory_clients": ["--clients", "10", "1000", "10000"]}
 HEADLINES = (  # key, what it is, target
     ("overhead_ratio_tiny", "fedsec round / bare PEFT loop, tiny, SFT", "<= 1.05"),
@@ -30,6 +30,7 @@ HEADLINES = (  # key, what it is, target
     ("flops_fraction_smollm2", "achieved FLOP/s of a SmolLM2 step / fp32 matmul peak", ">= 0.5"),
     ("many_clients_speedup", "examples/s, batched cached clients / plain path", "-"),
     ("memory_ratio_10_to_10000_clients", "peak RSS, 10,000 / 10 total clients", "<= 1.1"),
+    ("eval_cost_fraction", "evaluation every eval.every rounds / round time, SmolLM2 quickstart", "<= 0.1"),
 )
 BEGIN, END = "<!-- latest run: written by python -m benchmarks -->", "<!-- end of latest run -->"
 
