@@ -106,6 +106,32 @@ def run_table(runs: list[RunFiles]) -> list[dict]:
     return rows
 
 
+HEADLINE_METRICS = ("accuracy", "macro_f1", "exact_match", "pass_at_1", "harmless_rate", "mean_score")
+
+
+def benchmark_rows(runs: list[RunFiles]) -> list[dict]:
+    """eval.benchmarks of each finished run: per benchmark and metric, the untuned model's
+    value (before round 1) and the final one, read from metrics.jsonl ([] when none ran)."""
+    rows = []
+    for run in runs:
+        path = run.path / "metrics.jsonl"
+        if not (run.result or {}).get("finished") or not path.is_file():
+            continue
+        seen: dict[str, list[tuple[int, dict]]] = {}
+        for line in path.read_text(encoding="utf-8").splitlines():
+            row = plots.json.loads(line)
+            for name, metrics in ((row.get("global_eval") or {}).get("benchmarks") or {}).items():
+                seen.setdefault(name, []).append((row.get("round", 0), metrics))
+        for name, evals in seen.items():
+            first, last = evals[0], evals[-1]
+            for metric in HEADLINE_METRICS:
+                if metric in last[1]:
+                    rows.append({"variant": run.variant, "seed": run.seed, "benchmark": name, "metric": metric,
+                                 "untuned": first[1].get(metric) if first[0] == 0 else None,
+                                 "final": last[1][metric], "round": last[0], "n": last[1].get("n")})
+    return rows
+
+
 def _audit_cell(audit: dict | None) -> str | None:
     """'v/r <kind>': the audit's correct guesses out of its guesses."""
     return f"{audit['correct']}/{audit['guesses']} {audit.get('kind', 'secret')}" if audit else None
@@ -443,6 +469,13 @@ def build_report(directory: Path, out: Path | None = None, force: bool = False) 
         columns = [c for c in columns if c != "local_only_accuracy" or any(r[c] is not None for r in table)]
         columns += ["audit", "audit_bound"]
     story.append(_table(table, styles, columns, width=17.4 * cm))
+    benchmarks = benchmark_rows(runs)
+    if benchmarks:
+        write_csv(files / "benchmarks.csv", benchmarks)
+        story += [Spacer(1, 0.5 * cm), Paragraph("Benchmarks", styles["h"]),
+                  Paragraph("eval.benchmarks of each run: the untuned model (before round 1) and the final "
+                            "global adapter, from metrics.jsonl.", styles["body"]),
+                  _table(benchmarks, styles, width=17.4 * cm)]
     if grid:
         write_csv(files / "grid.csv", grid)
         story += [PageBreak(), Paragraph("Malicious-client grid", styles["h"]),

@@ -247,6 +247,17 @@ def test_benchmarks_run_in_a_federated_run_every_k_rounds(tmp_path):
     assert final["gsm8k"]["n"] == 2 and final["humaneval"]["n"] == 1 and 0 <= final["advbench"]["harmless_rate"] <= 1
     assert final["vicuna_bench"]["answers"] == "answers/vicuna_bench/round_0003.jsonl"
     assert (tmp_path / "run" / final["vicuna_bench"]["answers"]).is_file()
+    # the report shows whichever benchmark metrics the run has
+    from reports.pdf import benchmark_rows, build_report, collect
+
+    table = benchmark_rows(collect(tmp_path / "run")[1])
+    got = {(r["benchmark"], r["metric"]): r for r in table}
+    assert set(got) == {("fpb", "accuracy"), ("fpb", "macro_f1"), ("gsm8k", "exact_match"),
+                        ("humaneval", "pass_at_1"), ("advbench", "harmless_rate")}
+    assert got[("fpb", "accuracy")]["final"] == final["fpb"]["accuracy"]
+    assert got[("fpb", "accuracy")]["untuned"] == rows[0]["global_eval"]["benchmarks"]["fpb"]["accuracy"]
+    pdf = build_report(tmp_path / "run")
+    assert (pdf.parent / (pdf.stem + "_files") / "benchmarks.csv").is_file()
 
 
 # ---------------------------------------------------------------------------
