@@ -201,16 +201,23 @@ def _brute_force(model, tokenizer, lm, item) -> int:
     return max(range(len(scores)), key=scores.__getitem__)
 
 
-def test_label_scoring_equals_brute_force_on_the_tiny_model(tmp_path):
+def _perturbed_tiny(tmp_path, seed: int):
+    """The tiny model with a random non-zero adapter (so scores are not the base model's)."""
     from fedsec.models import attach_lora, load_base_model
 
     cfg = tiny_config(tmp_path)
     model, tokenizer = load_base_model(cfg.model)
     model = attach_lora(model, cfg.lora, cfg.seed)
-    with torch.no_grad():  # a non-zero adapter, so the scores are not the base model's
+    with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.3)
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) * 0.3)
+    return model, tokenizer
+
+
+def test_label_scoring_equals_brute_force_on_the_tiny_model(tmp_path):
+    cfg = tiny_config(tmp_path)
+    model, tokenizer = _perturbed_tiny(tmp_path, 1)
     lm = PeftModelLM(model, tokenizer, cfg.data.template, batch_size=3)
     single = [ChoiceItem(f"Headline {i}: shares moved.", ("A", "B", "C"), 0) for i in range(7)]
     multi = [ChoiceItem(f"Question {i}?", ("negative", "neutral outlook", "positive news today"), 0)
@@ -363,35 +370,34 @@ def test_the_judges_rating(verdict, score):
 # lm-evaluation-harness: a local task on the tiny model, against fedsec's own scorer.
 
 
+def _local_task(tmp_path, name: str, rows: list[dict]) -> str:
+    """An lm-eval multiple-choice task over a local JSONL file; returns its folder."""
+    data = _write(tmp_path, f"{name}.jsonl", rows)
+    folder = tmp_path / "tasks"
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {data}\ntest_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{{{question}}}}\"\n"
+        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{answer}}\"\nmetric_list:\n  - metric: acc\n")
+    return str(folder)
+
+
 def test_lm_eval_on_a_local_task_equals_fedsecs_own_scorer(tmp_path, monkeypatch):
     pytest.importorskip("lm_eval")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     from fedsec.evalsuite.lmeval import evaluate_tasks
     from fedsec.evalsuite.scorers import classification
-    from fedsec.models import attach_lora, load_base_model
 
     rows = [{"question": f"Item {i}: the market", "choices": ["rose", "fell", "held steady"], "answer": i % 3}
             for i in range(12)]
-    data = _write(tmp_path, "items.jsonl", rows)
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "local.yaml").write_text(
-        "task: fedsec_local_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-        f"    test: {data}\ntest_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{{{question}}}}\"\n"
-        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{answer}}\"\nmetric_list:\n  - metric: acc\n")
-    cfg = tiny_config(tmp_path)
-    model, tokenizer = load_base_model(cfg.model)
-    model = attach_lora(model, cfg.lora, cfg.seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) * 0.3)
-    got = evaluate_tasks(model, tokenizer, ["fedsec_local_mc"], include_path=str(tmp_path / "tasks"))
+    folder = _local_task(tmp_path, "fedsec_local_mc", rows)
+    model, tokenizer = _perturbed_tiny(tmp_path, 2)
+    got = evaluate_tasks(model, tokenizer, ["fedsec_local_mc"], include_path=folder)
     items = tasks.LOADERS["choice"](rows, {"prompt": "question"})
     mine = classification(PeftModelLM(model, tokenizer, "chat", 4, raw=True).choose(items),
                           [it.answer for it in items], 3)
     assert got["fedsec_local_mc"]["acc,none"] == pytest.approx(mine["accuracy"], abs=1e-12)
     assert 0 < mine["accuracy"] < 1  # not a degenerate agreement
-
 
 
 def test_fedsec_lm_eval_scores_a_finished_runs_adapter(tmp_path, capsys):
@@ -400,16 +406,11 @@ def test_fedsec_lm_eval_scores_a_finished_runs_adapter(tmp_path, capsys):
     from fedsec.loop import run_experiment
 
     rows = [{"question": f"Item {i}: the market", "choices": ["rose", "fell"], "answer": i % 2} for i in range(6)]
-    data = _write(tmp_path, "items.jsonl", rows)
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "local.yaml").write_text(
-        "task: fedsec_local_two\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-        f"    test: {data}\ntest_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{{{question}}}}\"\n"
-        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{answer}}\"\nmetric_list:\n  - metric: acc\n")
+    folder = _local_task(tmp_path, "fedsec_local_two", rows)
     cfg = tiny_config(tmp_path, federation={"rounds": 1, "clients_per_round": 2})
     run_experiment(cfg, out=tmp_path / "run", progress=False, log=lambda _: None)
     capsys.readouterr()
-    argv = ["lm-eval", str(tmp_path / "run"), "fedsec_local_two", "--include-path", str(tmp_path / "tasks")]
+    argv = ["lm-eval", str(tmp_path / "run"), "fedsec_local_two", "--include-path", folder]
     assert main(argv) == 0
     printed = json.loads(capsys.readouterr().out)
     assert json.loads((tmp_path / "run" / "lm_eval.json").read_text()) == printed
