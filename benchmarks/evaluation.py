@@ -8,7 +8,7 @@ adapters on the top 6 layers over the cached frozen prefix) times, in one proces
   eval       the run's evaluation (global test set of 120 and each client's test set,
              label log-likelihood, frozen prefix reused), run every eval.every = 2 rounds;
   benchmark  the same 120 global test items as an eval.benchmarks `choice` benchmark
-             (fedsec.evalsuite: full prompts through the whole model, no prefix cache).
+             (fedsec.evalsuite; its scoring sequences get the frozen-prefix states at setup).
 
 Prints each and the share of a round they cost when run every k rounds.
 

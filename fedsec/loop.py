@@ -42,6 +42,7 @@ from fedsec.data import FederatedData, build_federated_data
 from fedsec.defense import ServerDefense
 from fedsec.encoding import Encoded, encode_all, encode_prompt
 from fedsec.evalsuite.runner import PeftModelLM, load_tasks, run_task
+from fedsec.evalsuite.tasks import ChoiceItem
 from fedsec.errors import ConfigError
 from fedsec.evaluation import (
     EvalSet,
@@ -227,6 +228,7 @@ def prepare(cfg: ExperimentConfig) -> Setup:
             preference_eval)
         backdoor_eval = tuple(dataclasses.replace(e, encoded=tuple(cache_frozen_prefix(
             model, list(e.encoded), first, pad, cfg.eval.batch_size, model_key))) for e in backdoor_eval)
+        tasks = _cache_task_prefix(model, tokenizer, cfg, first, model_key, tasks)
     if cfg.task == "dpo":  # after the cache, so reference and policy share one computation path
         train_sets = [_with_reference(model, pairs, pad, cfg) for pairs in train_sets]
         preference_eval = _with_reference(model, preference_eval, pad, cfg)
@@ -245,6 +247,21 @@ def prepare(cfg: ExperimentConfig) -> Setup:
 def record_secret(cfg: ExperimentConfig) -> int | None:
     """The root of DP-SGD's batches and noise inside clients (None: from the training seed)."""
     return None if cfg.privacy.reproducible else dp_seed(cfg)
+
+
+def _cache_task_prefix(model, tokenizer, cfg: ExperimentConfig, first: int, model_key: str, tasks: tuple) -> tuple:
+    """The closed-answer benchmarks' scoring sequences, encoded once with their frozen-prefix
+    states (exact; each evaluation then runs only the adapted top layers)."""
+    lm = PeftModelLM(model, tokenizer, cfg.data.template, cfg.eval.batch_size)
+    out = []
+    for task in tasks:
+        if task.items and isinstance(task.items[0], ChoiceItem):
+            batch = lm.encode_choices(task.items)
+            cached = cache_frozen_prefix(model, list(batch.sequences), first, tokenizer.pad_token_id,
+                                         cfg.eval.batch_size, model_key)
+            task = dataclasses.replace(task, encoded=dataclasses.replace(batch, sequences=tuple(cached)))
+        out.append(task)
+    return tuple(out)
 
 
 def _prefix_args(model, cfg: ExperimentConfig) -> tuple[int, str]:

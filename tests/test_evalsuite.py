@@ -416,3 +416,31 @@ def test_fedsec_lm_eval_scores_a_finished_runs_adapter(tmp_path, capsys):
     assert json.loads((tmp_path / "run" / "lm_eval.json").read_text()) == printed
     assert 0 <= printed["fedsec_local_two"]["acc,none"] <= 1
     assert main(argv) == 2 and "pass --force" in capsys.readouterr().err  # nothing overwritten
+
+
+def test_benchmark_items_with_cached_frozen_prefix_score_as_the_full_model(tmp_path):
+    """With lora.cache_frozen_layers the closed-answer items are encoded once at setup with
+    the frozen layers' output; the picks equal scoring each full prompt through the model."""
+    from fedsec.loop import prepare
+
+    fpb = _write(tmp_path, "fpb.jsonl", [{"sentence": f"Item {i} moved {'up' if i % 2 else 'down'}.",
+                                          "label": i % 3} for i in range(10)])
+    phrases = _write(tmp_path, "mc.jsonl", [{"prompt": f"Shares {i}?", "answer": 1,
+                                             "choices": ["held steady today", "fell sharply", "rose on news"]}
+                                            for i in range(9)])
+    cfg = tiny_config(tmp_path, lora={"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "top_layers": 1,
+                                      "cache_frozen_layers": True},
+                      eval={"batch_size": 4, "benchmarks": [{"name": "fpb", "source": fpb},
+                                                            {"name": "choice", "source": phrases}]})
+    setup = prepare(cfg)
+    with torch.no_grad():
+        for p in setup.model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.5)
+    lm = PeftModelLM(setup.model, setup.tokenizer, cfg.data.template, 4)
+    kinds = set()
+    for task in setup.tasks:
+        assert task.encoded is not None and all(s.hidden is not None for s in task.encoded.sequences)
+        kinds.add(task.encoded.first_tokens is not None)
+        assert lm.choose(task.items, task.encoded) == lm.choose(task.items)
+    assert kinds == {True, False}  # both the single-token and the full-sequence path

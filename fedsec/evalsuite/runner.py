@@ -27,7 +27,16 @@ from fedsec.evalsuite.openended import OpenItem
 from fedsec.evalsuite.sandbox import run_program
 from fedsec.evalsuite.tasks import ChoiceItem, CodeItem, GenerationItem
 from fedsec.evaluation import greedy_replies, is_refusal
-from fedsec.training import target_logprobs
+from fedsec.training import target_log_softmax, target_logprobs
+
+
+@dataclass(frozen=True)
+class ChoiceBatch:
+    """Closed-answer items as scoring sequences (PeftModelLM.encode_choices)."""
+
+    sequences: tuple[Encoded, ...]
+    first_tokens: tuple[tuple[int, ...], ...] | None  # per item, its labels' token ids (single-token labels)
+    sizes: tuple[int, ...]  # labels per item
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,7 @@ class Task:
     timeout: float = 10.0
     memory_mb: int = 1024
     judge: object = None  # open-ended sets: an openended.Judge, or None (answers only)
+    encoded: ChoiceBatch | None = None  # closed-answer items encoded once at setup (frozen-prefix states)
 
     def due(self, round_done: int, rounds: int) -> bool:
         return round_done in (0, rounds) or (self.every > 0 and round_done % self.every == 0)
@@ -74,7 +84,8 @@ def run_task(task: Task, lm: LanguageModel, folder: Path | None = None, round_do
         return out
     if isinstance(items[0], ChoiceItem):
         labels = max(len(it.choices) for it in items)
-        return scorers.classification(lm.choose(items), [it.answer for it in items], labels)
+        picks = lm.choose(items) if task.encoded is None else lm.choose(items, task.encoded)
+        return scorers.classification(picks, [it.answer for it in items], labels)
     replies = lm.complete([it.prompt for it in items], task.max_new_tokens)
     if isinstance(items[0], GenerationItem):
         return scorers.exact_match(replies, [it.reference for it in items])
@@ -119,41 +130,43 @@ class PeftModelLM:
             return split_tokens(self.tokenizer, prompt, " " + choice)[1]
         return self.tokenizer(choice, add_special_tokens=False).input_ids
 
-    @torch.no_grad()
-    def choose(self, items: Sequence[ChoiceItem]) -> list[int]:
-        self.model.eval()
+    def encode_choices(self, items: Sequence[ChoiceItem]) -> "ChoiceBatch":
+        """The sequences that score the items' labels: when every label is one token, one
+        sequence per item (the prompt and a label token: the log-distribution at that
+        position scores every label); otherwise one per (item, label)."""
         prompts = [self._prompt(it.prompt) for it in items]
         options = [[self._option(it.prompt, c) for c in it.choices] for it in items]
         if all(len(ids) == 1 for opts in options for ids in opts):
-            return self._choose_first_token(prompts, options)
-        pairs = [(k, Encoded(torch.tensor(p + c), torch.tensor([IGNORE] * len(p) + c)))
-                 for k, (p, opts) in enumerate(zip(prompts, options)) for c in opts]
-        totals = torch.zeros(len(pairs))
-        for start in range(0, len(pairs), self.batch_size):
-            chunk = [e for _, e in pairs[start: start + self.batch_size]]
-            logp, rows = target_logprobs(self.model, collate(chunk, self.tokenizer.pad_token_id))
+            seqs = [Encoded(torch.tensor(p + opts[0]), torch.tensor([IGNORE] * len(p) + opts[0]))
+                    for p, opts in zip(prompts, options)]
+            return ChoiceBatch(tuple(seqs), tuple(tuple(o[0] for o in opts) for opts in options),
+                               tuple(map(len, options)))
+        seqs = [Encoded(torch.tensor(p + c), torch.tensor([IGNORE] * len(p) + c))
+                for p, opts in zip(prompts, options) for c in opts]
+        return ChoiceBatch(tuple(seqs), None, tuple(map(len, options)))
+
+    @torch.no_grad()
+    def choose(self, items: Sequence[ChoiceItem], encoded: "ChoiceBatch | None" = None) -> list[int]:
+        """The label each item's prompt makes most likely. `encoded`: the items' sequences
+        from `encode_choices`, e.g. with frozen-prefix states attached at setup."""
+        self.model.eval()
+        batch = encoded if encoded is not None else self.encode_choices(items)
+        seqs, pad = batch.sequences, self.tokenizer.pad_token_id
+        if batch.first_tokens is not None:
+            picks = []
+            for start in range(0, len(seqs), self.batch_size):
+                log_probs, _, rows = target_log_softmax(self.model, collate(seqs[start: start + self.batch_size], pad))
+                for row, lp in zip(rows.tolist(), log_probs):
+                    picks.append(int(lp[list(batch.first_tokens[start + row])].argmax()))
+            return picks
+        totals = torch.zeros(len(seqs))
+        for start in range(0, len(seqs), self.batch_size):
+            logp, rows = target_logprobs(self.model, collate(seqs[start: start + self.batch_size], pad))
             totals.index_add_(0, rows + start, logp.float())
         picks, at = [], 0
-        for opts in options:
-            picks.append(int(totals[at: at + len(opts)].argmax()))
-            at += len(opts)
-        return picks
-
-    def _choose_first_token(self, prompts: list[list[int]], options: list[list[list[int]]]) -> list[int]:
-        picks = []
-        pad = self.tokenizer.pad_token_id
-        for start in range(0, len(prompts), self.batch_size):
-            chunk = prompts[start: start + self.batch_size]
-            width = max(map(len, chunk))
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, p in enumerate(chunk):  # right padding: position len(p) - 1 predicts the label
-                ids[i, : len(p)] = torch.tensor(p)
-                mask[i, : len(p)] = 1
-            logits = self.model(input_ids=ids, attention_mask=mask).logits
-            for i, p in enumerate(chunk):
-                candidates = [opt[0] for opt in options[start + i]]
-                picks.append(int(logits[i, len(p) - 1, candidates].argmax()))
+        for k in batch.sizes:
+            picks.append(int(totals[at: at + k].argmax()))
+            at += k
         return picks
 
     def complete(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
