@@ -86,14 +86,19 @@ def per_example(model, data: EvalSet, pad_id: int, batch_size: int,
 
 
 def _full_scores(model, data: EvalSet, pad_id: int, batch_size: int) -> torch.Tensor:
-    k = len(data.choice_ids)
     pairs = [Encoded(torch.tensor(p + c), torch.tensor([IGNORE] * len(p) + list(c)))
              for p in data.prompts for c in data.choice_ids]
-    total = torch.zeros(len(pairs))
-    for start in range(0, len(pairs), batch_size):
-        logp, rows = target_logprobs(model, collate(pairs[start: start + batch_size], pad_id))
-        total.index_add_(0, rows + start, logp)
-    return total.view(len(data.prompts), k)
+    return summed_logprobs(model, pairs, pad_id, batch_size).view(len(data.prompts), len(data.choice_ids))
+
+
+@torch.no_grad()
+def summed_logprobs(model, items: Sequence[Encoded], pad_id: int, batch_size: int) -> torch.Tensor:
+    """Each item's summed log-probability of its target tokens (a label's score after its prompt)."""
+    total = torch.zeros(len(items))
+    for start in range(0, len(items), batch_size):
+        logp, rows = target_logprobs(model, collate(items[start: start + batch_size], pad_id))
+        total.index_add_(0, rows + start, logp.float())
+    return total
 
 
 def summarize(nll: torch.Tensor, count: torch.Tensor, predicted: torch.Tensor | None,

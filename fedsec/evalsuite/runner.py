@@ -26,8 +26,8 @@ from fedsec.evalsuite import openended
 from fedsec.evalsuite.openended import OpenItem
 from fedsec.evalsuite.sandbox import run_program
 from fedsec.evalsuite.tasks import ChoiceItem, CodeItem, GenerationItem
-from fedsec.evaluation import greedy_replies, is_refusal
-from fedsec.training import target_log_softmax, target_logprobs
+from fedsec.evaluation import greedy_replies, is_refusal, summed_logprobs
+from fedsec.training import target_log_softmax
 
 
 @dataclass(frozen=True)
@@ -159,10 +159,7 @@ class PeftModelLM:
                 for row, lp in zip(rows.tolist(), log_probs):
                     picks.append(int(lp[list(batch.first_tokens[start + row])].argmax()))
             return picks
-        totals = torch.zeros(len(seqs))
-        for start in range(0, len(seqs), self.batch_size):
-            logp, rows = target_logprobs(self.model, collate(seqs[start: start + self.batch_size], pad))
-            totals.index_add_(0, rows + start, logp.float())
+        totals = summed_logprobs(self.model, seqs, pad, self.batch_size)
         picks, at = [], 0
         for k in batch.sizes:
             picks.append(int(totals[at: at + k].argmax()))
