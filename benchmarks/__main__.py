@@ -2,7 +2,7 @@
 
 Each writes its figures into benchmarks/results.json (with the date measured); this
 runner then prints the headline ratios and rewrites the "Latest run" table at the top
-of benchmarks/RESULTS.md (the analysis below it is kept). About 15 minutes on a
+of benchmarks/RESULTS.md (the analysis below it is kept). About 14 minutes on a
 2-core CPU.
 
     python -m benchmarks [--only overhead,accounting]
