@@ -69,14 +69,23 @@ def _combine(deltas: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     return coef.to(deltas.dtype) @ deltas
 
 
-def gram(deltas: torch.Tensor) -> torch.Tensor:
-    """G = X_c X_c^T (float64) of the centred deltas, one matrix product per column chunk."""
-    mean = deltas.mean(0)
-    g = torch.zeros(deltas.shape[0], deltas.shape[0], dtype=torch.float64)
-    for start in range(0, deltas.shape[1], CHUNK):
-        block = deltas[:, start: start + CHUNK] - mean[start: start + CHUNK]
+def _inner_products(vectors: torch.Tensor, center: torch.Tensor | None = None) -> torch.Tensor:
+    """X X^T (float64) of the rows (minus `center`), one matrix product per column chunk.
+
+    Symmetrized: a BLAS may round (i, j) and (j, i) differently (seen on an AMD EPYC),
+    and HDBSCAN refuses an asymmetric distance matrix."""
+    g = torch.zeros(vectors.shape[0], vectors.shape[0], dtype=torch.float64)
+    for start in range(0, vectors.shape[1], CHUNK):
+        block = vectors[:, start: start + CHUNK]
+        if center is not None:
+            block = block - center[start: start + CHUNK]
         g += (block @ block.T).double()
-    return g
+    return (g + g.T) / 2
+
+
+def gram(deltas: torch.Tensor) -> torch.Tensor:
+    """G = X_c X_c^T (float64) of the centred deltas."""
+    return _inner_products(deltas, deltas.mean(0))
 
 
 def pairwise_sq_distances(deltas: torch.Tensor) -> torch.Tensor:
@@ -88,10 +97,7 @@ def pairwise_sq_distances(deltas: torch.Tensor) -> torch.Tensor:
 
 def cosine_similarities(vectors: torch.Tensor) -> torch.Tensor:
     """cos(x_i, x_j) [n, n] (float64; a zero vector has cosine 0 with everything)."""
-    g = torch.zeros(vectors.shape[0], vectors.shape[0], dtype=torch.float64)
-    for start in range(0, vectors.shape[1], CHUNK):
-        block = vectors[:, start: start + CHUNK]
-        g += (block @ block.T).double()
+    g = _inner_products(vectors)
     norms = g.diagonal().sqrt()
     return g / torch.outer(norms, norms).clamp(min=1e-300)
 

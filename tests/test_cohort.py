@@ -47,7 +47,9 @@ def test_batched_one_step_clients_equal_one_client_at_a_time(tmp_path, monkeypat
     batched = trainer.train_clients(start, datasets, 0.5, seeds)
     assert len(batched) == len(datasets)
     for a, b in zip(plain, batched):
-        torch.testing.assert_close(b.delta, a.delta, rtol=1e-4, atol=1e-7)
+        # batched sums round differently: entries near zero after cancellation (DPO's most)
+        # differ by up to 1e-5 of the largest entry on an AMD EPYC; a wrong delta is off by ~1e-1
+        torch.testing.assert_close(b.delta, a.delta, rtol=1e-4, atol=1e-4 * float(a.delta.abs().max()))
         assert b.num_examples == a.num_examples and b.loss_terms == a.loss_terms and b.steps == 1
         assert b.loss == pytest.approx(a.loss, rel=1e-5)
     assert all(float(b.delta.norm()) <= 0.5 * float(norms.median()) * (1 + 1e-5) for b in batched)

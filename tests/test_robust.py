@@ -75,7 +75,9 @@ def test_permuting_clients_changes_nothing(name):
     a = WITH_HISTORY[name](x, w, reference=ref)
     b = WITH_HISTORY[name](x[perm], w[perm], reference=ref)
     torch.testing.assert_close(a.vector, b.vector, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(a.weights[perm], b.weights, rtol=1e-5, atol=1e-8)
+    # FoolsGold's logit amplifies the float32 Gram's rounding, which depends on the row order
+    # (2e-6 on an AMD EPYC); the other rules' weights agree to 1e-8
+    torch.testing.assert_close(a.weights[perm], b.weights, rtol=1e-5, atol=1e-5 if name == "foolsgold" else 1e-8)
     assert a.vector.shape == (40,) and bool(torch.isfinite(a.vector).all())
 
 
