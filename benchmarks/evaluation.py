@@ -6,9 +6,11 @@ adapters on the top 6 layers over the cached frozen prefix) times, in one proces
 
   round      the 8 clients' local training from the global adapter (what a round is);
   eval       the run's evaluation (global test set of 120 and each client's test set,
-             label log-likelihood, frozen prefix reused), run every eval.every = 2 rounds;
+             label log-likelihood, frozen prefix reused, items packed behind their shared
+             opening), run every eval.every = 2 rounds;
   benchmark  the same 120 global test items as an eval.benchmarks `choice` benchmark
-             (fedsec.evalsuite; its scoring sequences get the frozen-prefix states at setup).
+             (fedsec.evalsuite; its scoring sequences get the frozen-prefix states at setup
+             and are packed the same way).
 
 Prints each and the share of a round they cost when run every k rounds.
 

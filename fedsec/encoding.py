@@ -106,3 +106,69 @@ def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
             hidden[i, : e.hidden.shape[0]] = e.hidden
         out["inputs_embeds"], out["start_layer"] = hidden, layers.pop()
     return out
+
+
+def shared_prefix_length(items: Sequence[Encoded]) -> int:
+    """How many leading tokens all items share and none predicts a target from.
+
+    The hidden state at position t predicts the label at t + 1; the prefix stops
+    before any such position, so every target is predicted inside an item's own
+    suffix. 0 for fewer than two items.
+    """
+    if len(items) < 2:
+        return 0
+    first = items[0].input_ids
+    width = min(e.input_ids.numel() for e in items)
+    same = torch.ones(width, dtype=torch.bool)
+    for e in items[1:]:
+        same &= e.input_ids[:width] == first[:width]
+    common = int(same.cumprod(0).sum())
+    first_target = min(int((e.labels != IGNORE).nonzero()[0, 0]) for e in items)
+    return max(0, min(common, first_target - 1))
+
+
+def collate_packed(batch: Sequence[Encoded], shared: int) -> dict[str, torch.Tensor]:
+    """The items as one sequence: their shared first `shared` tokens once, then each
+    item's own suffix, which attends to the shared tokens and causally to itself only
+    (a [1, 1, L, L] boolean mask) at its own positions. Exactly the computation of the
+    items run one by one, with the shared tokens computed once instead of per item.
+
+    `owner` gives each position's item; `labels` are laid out so that position k
+    predicts labels[k + 1] within one item, as in `collate`.
+    """
+    suffixes = [e.input_ids.numel() - shared for e in batch]
+    head = batch[0].input_ids[:shared]
+    if shared < 1 or min(suffixes) < 1 or any(not torch.equal(e.input_ids[:shared], head) for e in batch):
+        raise ValueError("collate_packed needs items that share their first `shared` tokens, and more")
+    if any((e.labels[: shared + 1] != IGNORE).any() for e in batch):
+        raise ValueError("a target inside the shared prefix (see shared_prefix_length)")
+    total = shared + sum(suffixes)
+    ids = torch.empty(total, dtype=torch.long)
+    labels = torch.full((total,), IGNORE, dtype=torch.long)
+    owner = torch.full((total,), -1, dtype=torch.long)
+    positions = torch.empty(total, dtype=torch.long)
+    allowed = torch.zeros(total, total, dtype=torch.bool)
+    ids[:shared], positions[:shared] = batch[0].input_ids[:shared], torch.arange(shared)
+    allowed[:shared, :shared] = torch.ones(shared, shared, dtype=torch.bool).tril()
+    hidden = None
+    if batch[0].hidden is not None:
+        if len({e.hidden_layer for e in batch}) != 1 or any(e.hidden is None for e in batch):
+            raise ValueError("a batch mixes examples with and without the same cached prefix")
+        hidden = torch.empty(total, batch[0].hidden.shape[-1], dtype=batch[0].hidden.dtype)
+        hidden[:shared] = batch[0].hidden[:shared]
+    at = shared
+    for i, (e, n) in enumerate(zip(batch, suffixes)):
+        end = at + n
+        ids[at:end], owner[at:end] = e.input_ids[shared:], i
+        labels[at + 1: end] = e.labels[shared + 1:]  # the suffix's first label is predicted from the prefix
+        positions[at:end] = torch.arange(shared, shared + n)
+        allowed[at:end, :shared] = True
+        allowed[at:end, at:end] = torch.ones(n, n, dtype=torch.bool).tril()
+        if hidden is not None:
+            hidden[at:end] = e.hidden[shared:]
+        at = end
+    out = {"input_ids": ids[None], "labels": labels[None], "attention_mask": allowed[None, None],
+           "position_ids": positions[None], "owner": owner[None]}
+    if hidden is not None:
+        out["inputs_embeds"], out["start_layer"] = hidden[None], batch[0].hidden_layer
+    return out

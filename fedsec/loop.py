@@ -50,7 +50,9 @@ from fedsec.evaluation import (
     evaluate,
     evaluate_groups,
     preference_metrics,
+    packable_prefix,
     refusal_rate,
+    share_prefix,
 )
 from fedsec.models import attach_lora, load_base_model
 from fedsec.objectives import (
@@ -228,7 +230,12 @@ def prepare(cfg: ExperimentConfig) -> Setup:
             preference_eval)
         backdoor_eval = tuple(dataclasses.replace(e, encoded=tuple(cache_frozen_prefix(
             model, list(e.encoded), first, pad, cfg.eval.batch_size, model_key))) for e in backdoor_eval)
-        tasks = _cache_task_prefix(model, tokenizer, cfg, first, model_key, tasks)
+    tasks = _encode_tasks(model, tokenizer, cfg, tasks,
+                          _prefix_args(model, cfg) if cfg.lora.cache_frozen_layers else None)
+    # the evaluation items' common opening (system prompt, instruction) computed once per forward
+    global_eval = share_prefix(model, global_eval, pad)
+    client_eval = share_prefix(model, client_eval, pad) if client_eval is not None else None
+    backdoor_eval = tuple(share_prefix(model, e, pad) for e in backdoor_eval)
     if cfg.task == "dpo":  # after the cache, so reference and policy share one computation path
         train_sets = [_with_reference(model, pairs, pad, cfg) for pairs in train_sets]
         preference_eval = _with_reference(model, preference_eval, pad, cfg)
@@ -249,17 +256,22 @@ def record_secret(cfg: ExperimentConfig) -> int | None:
     return None if cfg.privacy.reproducible else dp_seed(cfg)
 
 
-def _cache_task_prefix(model, tokenizer, cfg: ExperimentConfig, first: int, model_key: str, tasks: tuple) -> tuple:
-    """The closed-answer benchmarks' scoring sequences, encoded once with their frozen-prefix
-    states (exact; each evaluation then runs only the adapted top layers)."""
+def _encode_tasks(model, tokenizer, cfg: ExperimentConfig, tasks: tuple,
+                  prefix: tuple[int, str] | None) -> tuple:
+    """The closed-answer benchmarks' scoring sequences, encoded once at setup: with
+    `prefix` (first adapted layer, memo key) their frozen-prefix states attached (exact;
+    each evaluation then runs only the adapted top layers), and their shared opening
+    computed once per forward where that is exact on this model."""
     lm = PeftModelLM(model, tokenizer, cfg.data.template, cfg.eval.batch_size)
-    out = []
+    pad, out = tokenizer.pad_token_id, []
     for task in tasks:
         if task.items and isinstance(task.items[0], ChoiceItem):
             batch = lm.encode_choices(task.items)
-            cached = cache_frozen_prefix(model, list(batch.sequences), first, tokenizer.pad_token_id,
-                                         cfg.eval.batch_size, model_key)
-            task = dataclasses.replace(task, encoded=dataclasses.replace(batch, sequences=tuple(cached)))
+            sequences = list(batch.sequences)
+            if prefix is not None:
+                sequences = cache_frozen_prefix(model, sequences, prefix[0], pad, cfg.eval.batch_size, prefix[1])
+            task = dataclasses.replace(task, encoded=dataclasses.replace(
+                batch, sequences=tuple(sequences), shared=packable_prefix(model, sequences, pad)))
         out.append(task)
     return tuple(out)
 

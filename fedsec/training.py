@@ -66,23 +66,31 @@ def target_log_softmax(model, batch: dict[str, torch.Tensor]):
 
     Returns (log_probs [N, vocab], targets [N], rows [N]) for the N positions whose
     next token is a target, in row-major order. Runs the decoder, then the LM head
-    only on those positions, which skips most of the vocabulary projection.
+    only on those positions, which skips most of the vocabulary projection. A packed
+    batch (encoding.collate_packed: one sequence, a [1, 1, L, L] mask, each item at its
+    own positions) gives `rows` as each position's item.
     """
     lm = _causal_lm(model)
+    mask = batch["attention_mask"]
+    extra = {}
+    if mask.dim() == 4:  # packed items (encoding.collate_packed): an additive mask, their own positions
+        dtype = batch["inputs_embeds"].dtype if "inputs_embeds" in batch else lm.get_input_embeddings().weight.dtype
+        mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+        extra["position_ids"] = batch["position_ids"]
     if "inputs_embeds" in batch:  # frozen-prefix cache: run only the adapted top layers
         from fedsec.prefix import top_layers_only
 
         with top_layers_only(lm, batch["start_layer"]):
-            hidden = lm.get_decoder()(inputs_embeds=batch["inputs_embeds"],
-                                      attention_mask=batch["attention_mask"],
-                                      use_cache=False).last_hidden_state
+            hidden = lm.get_decoder()(inputs_embeds=batch["inputs_embeds"], attention_mask=mask,
+                                      use_cache=False, **extra).last_hidden_state
     else:
-        hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                  use_cache=False).last_hidden_state
+        hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=mask,
+                                  use_cache=False, **extra).last_hidden_state
     targets = batch["labels"][:, 1:]
     where = targets != IGNORE
     logits = lm.get_output_embeddings()(hidden[:, :-1][where]).float()
-    return logits.log_softmax(-1), targets[where], where.nonzero()[:, 0]
+    rows = batch["owner"][:, 1:][where] if "owner" in batch else where.nonzero()[:, 0]
+    return logits.log_softmax(-1), targets[where], rows
 
 
 def target_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

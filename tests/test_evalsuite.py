@@ -420,7 +420,8 @@ def test_fedsec_lm_eval_scores_a_finished_runs_adapter(tmp_path, capsys):
 
 def test_benchmark_items_with_cached_frozen_prefix_score_as_the_full_model(tmp_path):
     """With lora.cache_frozen_layers the closed-answer items are encoded once at setup with
-    the frozen layers' output; the picks equal scoring each full prompt through the model."""
+    the frozen layers' output and packed behind their shared opening; the picks equal
+    scoring each full prompt through the model in plain batches."""
     from fedsec.loop import prepare
 
     fpb = _write(tmp_path, "fpb.jsonl", [{"sentence": f"Item {i} moved {'up' if i % 2 else 'down'}.",
@@ -441,6 +442,7 @@ def test_benchmark_items_with_cached_frozen_prefix_score_as_the_full_model(tmp_p
     kinds = set()
     for task in setup.tasks:
         assert task.encoded is not None and all(s.hidden is not None for s in task.encoded.sequences)
+        assert task.encoded.shared > 0  # and packed behind the template's opening
         kinds.add(task.encoded.first_tokens is not None)
         assert lm.choose(task.items, task.encoded) == lm.choose(task.items)
     assert kinds == {True, False}  # both the single-token and the full-sequence path

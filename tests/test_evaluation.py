@@ -1,11 +1,17 @@
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
 import torch
 
+from fedsec import evaluation
 from fedsec.config import LoraConfig, ModelConfig
 from fedsec.data.schema import InstructionExample
-from fedsec.evaluation import build_eval_set, evaluate, per_example, summarize
+from fedsec.encoding import IGNORE, Encoded, collate_packed, shared_prefix_length
+from fedsec.evaluation import build_eval_set, evaluate, per_example, share_prefix, summarize
 from fedsec.models import attach_lora, load_base_model
+from fedsec.prefix import cache_frozen_prefix
 
 
 def _model():
@@ -40,3 +46,96 @@ def test_accuracy_and_loss_by_hand():
     g1 = summarize(nll, count, predicted, data, torch.tensor(data.groups) == 1)
     assert g1.num_examples == 3
     assert g1.accuracy == float((predicted[1::2] == answers[1::2]).float().mean())
+
+
+# --- the shared prefix computed once per forward (encoding.collate_packed) ----------------
+
+
+def _perturbed(model, scale=1.0):
+    """Non-zero adapter weights, so the adapted layers' attention over the packed prefix matters."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * scale)
+    return model
+
+
+def _varied(choices):
+    """Prompts of different lengths and words behind one chat template (system turn included)."""
+    words = "market rose fell bank bond yield tech oil gold rate".split()
+    return [InstructionExample(" ".join(words[i * k % 10] for k in range(1 + 3 * i % 7)) + "?",
+                               choices[i % len(choices)], system="Answer with one of the labels.")
+            for i in range(11)]
+
+
+def test_shared_prefix_length_by_hand():
+    def item(ids, first_target):
+        return Encoded(torch.tensor(ids), torch.tensor([IGNORE] * first_target + ids[first_target:]))
+
+    a, b = item([1, 2, 3, 4, 5], 3), item([1, 2, 3, 9, 9, 9], 4)
+    assert shared_prefix_length([a, b]) == 2  # 3 tokens in common, but position 2 predicts a's first target
+    assert shared_prefix_length([item([1, 2, 3, 4], 3), b]) == 2
+    assert shared_prefix_length([item([1, 2, 3, 4], 3), item([1, 2, 3, 4], 3)]) == 2
+    assert shared_prefix_length([item([5, 2, 3], 2), b]) == 0
+    assert shared_prefix_length([b]) == 0
+
+
+def test_collate_packed_layout_by_hand():
+    a = Encoded(torch.tensor([1, 2, 3, 4]), torch.tensor([IGNORE, IGNORE, IGNORE, 4]))
+    b = Encoded(torch.tensor([1, 2, 7, 8, 9]), torch.tensor([IGNORE, IGNORE, IGNORE, 8, 9]))
+    batch = collate_packed([a, b], 2)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 7, 8, 9]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2, 3, 4]]
+    assert batch["owner"].tolist() == [[-1, -1, 0, 0, 1, 1, 1]]
+    assert batch["labels"].tolist() == [[IGNORE, IGNORE, IGNORE, 4, IGNORE, 8, 9]]
+    seen = batch["attention_mask"][0, 0]
+    assert [seen[row].nonzero().flatten().tolist() for row in range(7)] == [
+        [0], [0, 1], [0, 1, 2], [0, 1, 2, 3], [0, 1, 4], [0, 1, 4, 5], [0, 1, 4, 5, 6]]
+    with pytest.raises(ValueError):  # the prefix would hide b's first target
+        collate_packed([a, b], 3)
+
+
+@pytest.mark.parametrize("top_layers", [None, 1])
+@pytest.mark.parametrize("choices", [("a", "b", "c"), ("rose", "fell", "flat")])
+def test_packed_evaluation_equals_plain_batches(monkeypatch, top_layers, choices):
+    """Loss, counts and picks with the shared prefix packed equal plain padded batches, on
+    the full model and over the frozen-prefix cache, for single- and multi-token labels,
+    with packs cut by PACK_TOKENS and by the batch size."""
+    model, tok = load_base_model(ModelConfig(name="tiny"))
+    model = _perturbed(attach_lora(model, LoraConfig(rank=4, alpha=8, top_layers=top_layers), seed=0))
+    data = build_eval_set(_varied(choices), [i % 3 for i in range(11)], tok, "chat", 160, choices)
+    if top_layers:
+        first = model.config.num_hidden_layers - top_layers
+        data = dataclasses.replace(data, encoded=tuple(cache_frozen_prefix(model, data.encoded, first,
+                                                                           tok.pad_token_id)))
+    packed = share_prefix(model, data, tok.pad_token_id)
+    assert packed.shared > 10  # the template's system turn and user header
+    pad = tok.pad_token_id
+    plain, plain_full = per_example(model, data, pad, 4), evaluation._full_scores(model, data, pad, 4)
+    assert len(choices[0]) > 1 or len(set(plain[2].tolist())) > 1  # not one label picked for all
+    longest = max(e.input_ids.numel() for e in data.encoded)
+    for cap, batch in ((longest, 32), (3 * longest, 4), (512, 32)):
+        monkeypatch.setattr(evaluation, "PACK_TOKENS", cap)
+        nll, count, picks = per_example(model, packed, pad, batch)
+        torch.testing.assert_close(nll, plain[0], rtol=1e-5, atol=1e-4)
+        assert torch.equal(count, plain[1]) and torch.equal(picks, plain[2])
+        # the full-sequence label scores (the multi-token path), packed too
+        torch.testing.assert_close(evaluation._full_scores(model, packed, pad, batch), plain_full,
+                                   rtol=1e-5, atol=1e-4)
+
+
+def test_packing_is_refused_where_it_would_change_the_numbers(monkeypatch):
+    """An architecture that ignored the items' own positions (here: positions counted along
+    the packed sequence) gives other log-probabilities; the check keeps plain batches."""
+    model, tok = load_base_model(ModelConfig(name="tiny"))
+    model = _perturbed(attach_lora(model, LoraConfig(rank=4, alpha=8), seed=0))
+    data = build_eval_set(_varied(("a", "b")), [0] * 11, tok, "chat", 160, ("a", "b"))
+    assert share_prefix(model, data, tok.pad_token_id).shared > 0
+
+    def contiguous_positions(batch, shared):
+        out = collate_packed(batch, shared)
+        out["position_ids"] = torch.arange(out["input_ids"].shape[1])[None]
+        return out
+
+    monkeypatch.setattr(evaluation, "collate_packed", contiguous_positions)
+    assert share_prefix(model, data, tok.pad_token_id).shared == 0

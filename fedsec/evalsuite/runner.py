@@ -20,14 +20,13 @@ import torch
 from pathlib import Path
 
 from fedsec.data.schema import ChatExample, InstructionExample, Message
-from fedsec.encoding import IGNORE, Encoded, collate, encode_prompt
+from fedsec.encoding import IGNORE, Encoded, encode_prompt
 from fedsec.evalsuite import scorers
 from fedsec.evalsuite import openended
 from fedsec.evalsuite.openended import OpenItem
 from fedsec.evalsuite.sandbox import run_program
 from fedsec.evalsuite.tasks import ChoiceItem, CodeItem, GenerationItem
-from fedsec.evaluation import greedy_replies, is_refusal, summed_logprobs
-from fedsec.training import target_log_softmax
+from fedsec.evaluation import first_target_mask, greedy_replies, is_refusal, summed_logprobs, target_batches
 
 
 @dataclass(frozen=True)
@@ -37,6 +36,7 @@ class ChoiceBatch:
     sequences: tuple[Encoded, ...]
     first_tokens: tuple[tuple[int, ...], ...] | None  # per item, its labels' token ids (single-token labels)
     sizes: tuple[int, ...]  # labels per item
+    shared: int = 0  # leading tokens all sequences share, computed once per forward (0: plain batches)
 
 
 @dataclass(frozen=True)
@@ -153,13 +153,13 @@ class PeftModelLM:
         batch = encoded if encoded is not None else self.encode_choices(items)
         seqs, pad = batch.sequences, self.tokenizer.pad_token_id
         if batch.first_tokens is not None:
-            picks = []
-            for start in range(0, len(seqs), self.batch_size):
-                log_probs, _, rows = target_log_softmax(self.model, collate(seqs[start: start + self.batch_size], pad))
-                for row, lp in zip(rows.tolist(), log_probs):
-                    picks.append(int(lp[list(batch.first_tokens[start + row])].argmax()))
+            picks = [0] * len(seqs)
+            for start, log_probs, _, rows in target_batches(self.model, seqs, pad, self.batch_size, batch.shared):
+                first = first_target_mask(rows)
+                for row, lp in zip(rows[first].tolist(), log_probs[first]):
+                    picks[start + row] = int(lp[list(batch.first_tokens[start + row])].argmax())
             return picks
-        totals = summed_logprobs(self.model, seqs, pad, self.batch_size)
+        totals = summed_logprobs(self.model, seqs, pad, self.batch_size, batch.shared)
         picks, at = [], 0
         for k in batch.sizes:
             picks.append(int(totals[at: at + k].argmax()))
