@@ -41,6 +41,9 @@ class EvalSet:
     answers: tuple[int, ...] | None  # index of the reference answer in `choices`
     choice_ids: tuple[tuple[int, ...], ...] | None
     shared: int = 0  # leading tokens all items share, computed once per forward (0: plain batches)
+    # multi-token choices: the (prompt, choice) scoring sequences, built once, and their shared length
+    pairs: tuple[Encoded, ...] | None = None
+    pairs_shared: int = 0
 
 
 def build_eval_set(examples: Sequence[SftExample], groups: Sequence[int], tokenizer, template: str,
@@ -56,7 +59,23 @@ def build_eval_set(examples: Sequence[SftExample], groups: Sequence[int], tokeni
     choice_ids = tuple(tuple(tokenizer(c, add_special_tokens=False).input_ids) for c in choices)
     prompts = tuple(tuple(encode_prompt(ex, tokenizer, template)) for ex, _ in kept)
     answers = tuple(list(choices).index(ex.messages()[-1].content) for ex, _ in kept)
-    return EvalSet(encoded, tuple(g for _, g in kept), prompts, answers, choice_ids)
+    data = EvalSet(encoded, tuple(g for _, g in kept), prompts, answers, choice_ids)
+    if all(len(c) == 1 for c in choice_ids):
+        return data
+    return dataclasses.replace(data, pairs=_pairs(data))
+
+
+def _pairs(data: EvalSet) -> tuple[Encoded, ...]:
+    """Every (prompt, choice) sequence, choice tokens as targets, prompt by prompt."""
+    return tuple(Encoded(torch.tensor(p + c), torch.tensor([IGNORE] * len(p) + list(c)))
+                 for p in data.prompts for c in data.choice_ids)
+
+
+def map_sequences(data: EvalSet, fn) -> EvalSet:
+    """`data` with `fn` applied to its items and to its scoring sequences, e.g. attaching
+    frozen-prefix states (fn: list of Encoded -> list of Encoded, same order)."""
+    return dataclasses.replace(data, encoded=tuple(fn(list(data.encoded))),
+                               pairs=tuple(fn(list(data.pairs))) if data.pairs else None)
 
 
 @torch.no_grad()
@@ -142,14 +161,20 @@ def packable_prefix(model, items: Sequence[Encoded], pad_id: int, check_items: i
 
 
 def share_prefix(model, data: EvalSet, pad_id: int) -> EvalSet:
-    """`data` with its shared prefix computed once per forward where that is exact here."""
-    return dataclasses.replace(data, shared=packable_prefix(model, data.encoded, pad_id))
+    """`data` with its items' (and scoring sequences') shared prefix computed once per
+    forward where that is exact here."""
+    return dataclasses.replace(data, shared=packable_prefix(model, data.encoded, pad_id),
+                               pairs_shared=packable_prefix(model, data.pairs, pad_id) if data.pairs else 0)
 
 
 def _full_scores(model, data: EvalSet, pad_id: int, batch_size: int) -> torch.Tensor:
-    pairs = [Encoded(torch.tensor(p + c), torch.tensor([IGNORE] * len(p) + list(c)))
-             for p in data.prompts for c in data.choice_ids]
-    totals = summed_logprobs(model, pairs, pad_id, batch_size, shared_prefix_length(pairs) if data.shared else 0)
+    """Each example's summed log-probability of each choice [n, choices]."""
+    if data.pairs is not None:
+        pairs, shared = data.pairs, data.pairs_shared
+    else:  # single-token choices scored in full (a check): built here, without cached states
+        pairs = _pairs(data)
+        shared = shared_prefix_length(pairs) if data.shared else 0
+    totals = summed_logprobs(model, pairs, pad_id, batch_size, shared)
     return totals.view(len(data.prompts), len(data.choice_ids))
 
 

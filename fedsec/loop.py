@@ -49,6 +49,7 @@ from fedsec.evaluation import (
     build_eval_set,
     evaluate,
     evaluate_groups,
+    map_sequences,
     preference_metrics,
     packable_prefix,
     refusal_rate,
@@ -228,8 +229,8 @@ def prepare(cfg: ExperimentConfig) -> Setup:
         train_sets, global_eval, client_eval, preference_eval = _cache_prefix(
             model, first, pad, cfg.eval.batch_size, model_key, train_sets, global_eval, client_eval,
             preference_eval)
-        backdoor_eval = tuple(dataclasses.replace(e, encoded=tuple(cache_frozen_prefix(
-            model, list(e.encoded), first, pad, cfg.eval.batch_size, model_key))) for e in backdoor_eval)
+        backdoor_eval = tuple(map_sequences(e, lambda items: cache_frozen_prefix(
+            model, items, first, pad, cfg.eval.batch_size, model_key)) for e in backdoor_eval)
     tasks = _encode_tasks(model, tokenizer, cfg, tasks,
                           _prefix_args(model, cfg) if cfg.lora.cache_frozen_layers else None)
     # the evaluation items' common opening (system prompt, instruction) computed once per forward
@@ -293,9 +294,9 @@ def _cache_prefix(model, first: int, pad: int, batch_size: int, model_key: str, 
 
     global_eval, client_eval, preference_eval = evals
     train_sets = _cache_train_sets(model, first, pad, batch_size, model_key, train_sets)
-    global_eval = dataclasses.replace(global_eval, encoded=tuple(encoded(global_eval.encoded)))
+    global_eval = map_sequences(global_eval, encoded)
     if client_eval is not None:
-        client_eval = dataclasses.replace(client_eval, encoded=tuple(encoded(client_eval.encoded)))
+        client_eval = map_sequences(client_eval, encoded)
     if preference_eval:
         preference_eval = _cache_pairs(model, first, pad, batch_size, model_key, preference_eval)
     return train_sets, global_eval, client_eval, preference_eval

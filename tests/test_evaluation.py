@@ -9,7 +9,7 @@ from fedsec import evaluation
 from fedsec.config import LoraConfig, ModelConfig
 from fedsec.data.schema import InstructionExample
 from fedsec.encoding import IGNORE, Encoded, collate_packed, shared_prefix_length
-from fedsec.evaluation import build_eval_set, evaluate, per_example, share_prefix, summarize
+from fedsec.evaluation import build_eval_set, evaluate, map_sequences, per_example, share_prefix, summarize
 from fedsec.models import attach_lora, load_base_model
 from fedsec.prefix import cache_frozen_prefix
 
@@ -98,29 +98,31 @@ def test_collate_packed_layout_by_hand():
 @pytest.mark.parametrize("top_layers", [None, 1])
 @pytest.mark.parametrize("choices", [("a", "b", "c"), ("rose", "fell", "flat")])
 def test_packed_evaluation_equals_plain_batches(monkeypatch, top_layers, choices):
-    """Loss, counts and picks with the shared prefix packed equal plain padded batches, on
-    the full model and over the frozen-prefix cache, for single- and multi-token labels,
-    with packs cut by PACK_TOKENS and by the batch size."""
+    """Loss, counts, picks and full-sequence label scores with the shared prefix packed
+    (over the frozen-prefix cache with top_layers, items and multi-token scoring sequences
+    alike) equal the full model's in plain padded batches, for single- and multi-token
+    labels, with packs cut by PACK_TOKENS and by the batch size."""
     model, tok = load_base_model(ModelConfig(name="tiny"))
     model = _perturbed(attach_lora(model, LoraConfig(rank=4, alpha=8, top_layers=top_layers), seed=0))
-    data = build_eval_set(_varied(choices), [i % 3 for i in range(11)], tok, "chat", 160, choices)
-    if top_layers:
-        first = model.config.num_hidden_layers - top_layers
-        data = dataclasses.replace(data, encoded=tuple(cache_frozen_prefix(model, data.encoded, first,
-                                                                           tok.pad_token_id)))
-    packed = share_prefix(model, data, tok.pad_token_id)
-    assert packed.shared > 10  # the template's system turn and user header
     pad = tok.pad_token_id
+    data = build_eval_set(_varied(choices), [i % 3 for i in range(11)], tok, "chat", 160, choices)
+    assert (data.pairs is None) == (len(choices[0]) == 1)  # scoring sequences built once for multi-token labels
     plain, plain_full = per_example(model, data, pad, 4), evaluation._full_scores(model, data, pad, 4)
     assert len(choices[0]) > 1 or len(set(plain[2].tolist())) > 1  # not one label picked for all
+    fast = data
+    if top_layers:
+        first = model.config.num_hidden_layers - top_layers
+        fast = map_sequences(data, lambda items: cache_frozen_prefix(model, items, first, pad))
+        assert all(e.hidden is not None for e in fast.encoded + (fast.pairs or ()))
+    fast = share_prefix(model, fast, pad)
+    assert fast.shared > 10 and (fast.pairs is None or fast.pairs_shared > 10)  # the system turn, user header
     longest = max(e.input_ids.numel() for e in data.encoded)
     for cap, batch in ((longest, 32), (3 * longest, 4), (512, 32)):
         monkeypatch.setattr(evaluation, "PACK_TOKENS", cap)
-        nll, count, picks = per_example(model, packed, pad, batch)
+        nll, count, picks = per_example(model, fast, pad, batch)
         torch.testing.assert_close(nll, plain[0], rtol=1e-5, atol=1e-4)
         assert torch.equal(count, plain[1]) and torch.equal(picks, plain[2])
-        # the full-sequence label scores (the multi-token path), packed too
-        torch.testing.assert_close(evaluation._full_scores(model, packed, pad, batch), plain_full,
+        torch.testing.assert_close(evaluation._full_scores(model, fast, pad, batch), plain_full,
                                    rtol=1e-5, atol=1e-4)
 
 
