@@ -15,6 +15,9 @@ class ConfigError(FedsecError, ValueError):
     """A configuration value is invalid: says which field, what value, what fix."""
 
     def __init__(self, field: str, value: object, fix: str):
+        # a field named by the input (an unknown key) may hold a newline: escaped, the
+        # message stays one line
+        field = "".join(c if c.isprintable() else repr(c)[1:-1] for c in field)
         self.field, self.value, self.fix = field, value, fix
         super().__init__(f"{field} = {_show(value)}: {fix}")
 

@@ -238,6 +238,16 @@ def _near_configs(draw):
     return raw
 
 
+@pytest.mark.parametrize("key", ["name\n", "na\tme", "name\x00", "\u2028name"])
+def test_an_unknown_key_with_control_characters_is_named_on_one_line(key):
+    """Found by the property below in CI: a key "name\n" made a two-line message."""
+    with pytest.raises(ConfigError) as caught:
+        from_mapping(ExperimentConfig, {"name": "x", "model": {"name": "tiny", key: None}})
+    err = caught.value
+    assert err.field == "model." + key.encode("unicode_escape").decode()
+    assert str(err).splitlines() == [str(err)] and "unknown key" in str(err)
+
+
 @settings(max_examples=400, deadline=None)
 @given(_near_configs())
 def test_the_parser_returns_a_valid_config_or_one_config_error_naming_a_field(raw):
