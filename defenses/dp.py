@@ -42,6 +42,8 @@ class ClipResult:
 # d products rounds by at most 2^-24 relative, the cast of s by 2^-24, and the float64 norm is off
 # by at most d 2^-53 <= 1.2e-7 for rows up to 10^9 long, so the clipped norm is at most
 # C (1 - 1e-6)(1 + 2^-24)^2 (1 + 1.2e-7) < C (1 - 7e-7): no row can exceed C, with no second pass.
+# The cast of s is that close only while s is a normal number: a huge row against a tiny C
+# (2e9 against 1e-30 gives s = 5e-40, subnormal in float32) takes the float64 path.
 # Products in float32's subnormal range round by an absolute 2^-150 instead, negligible against
 # 1e-6 C unless C is below ~1e-30, which takes the float64 path.
 MARGIN = 1e-6
@@ -69,9 +71,10 @@ def clip_to_norm(deltas: torch.Tensor, clip_norm: float) -> ClipResult:
     if math.isinf(clip_norm) or bool(unclipped.all()):
         return ClipResult(deltas, norms, unclipped)
     scale = torch.where(unclipped, torch.ones_like(norms), clip_norm / norms * (1 - MARGIN))
-    if deltas.dtype in (torch.float32, torch.float64) and clip_norm >= _FAST_MIN_CLIP:
+    if (deltas.dtype in (torch.float32, torch.float64) and clip_norm >= _FAST_MIN_CLIP
+            and float(scale.min()) >= torch.finfo(deltas.dtype).tiny):
         return ClipResult(deltas * scale.to(deltas.dtype)[:, None], norms, unclipped)
-    # half precisions and absurdly small C: scale in float64, cast, and shrink any row rounding pushed over
+    # half precisions, absurdly small C or scale: scale in float64, cast, and shrink any row rounding pushed over
     clipped = (deltas.to(torch.float64) * scale[:, None]).to(deltas.dtype)
     over = torch.linalg.vector_norm(clipped.to(torch.float64), dim=1) > clip_norm
     while bool(over.any()):  # halving ends: a subnormal halved rounds to 0
