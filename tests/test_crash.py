@@ -99,7 +99,9 @@ def test_sigkill_at_random_moments_and_inside_checkpoint_writes_resumes_to_the_s
     # by --resume (which starts up again), until round 5 is checkpointed
     reached = 0
     for _ in range(5):
-        proc = subprocess.Popen([sys.executable, "-m", "fedsec", *_cli(config, cut)], env=env,
+        # --stop-after 5: a resumed start-up faster than the first one (warm caches) cannot
+        # carry an attempt past round 5, which the kills inside checkpoint writes need
+        proc = subprocess.Popen([sys.executable, "-m", "fedsec", *_cli(config, cut), "--stop-after", "5"], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             proc.wait(timeout=rng.uniform(0.5 * startup, startup + 5 * per_round))
@@ -107,7 +109,7 @@ def test_sigkill_at_random_moments_and_inside_checkpoint_writes_resumes_to_the_s
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             kills += 1
-        assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
+        assert proc.returncode in (-signal.SIGKILL, 0), proc.stderr.read().decode()
         proc.stderr.close()
         reached = max([int(p.stem[6:]) for p in cut.glob("checkpoints/round_*.pt")], default=0)
         if reached >= 5:
