@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from conftest import tiny_config
-from hypothesis import example, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
@@ -56,6 +56,7 @@ def test_clipping_holds_for_extreme_magnitudes_and_every_path(rows, clip, dtype)
     """The fast float32/64 path's proof (defenses/dp.py) and the float64 fallback (tiny C or
     scale, bfloat16)."""
     deltas = torch.tensor(rows, dtype=torch.float32).to(dtype)
+    assume(bool(torch.isfinite(deltas).all()))  # 3.4e38 is inf in bfloat16; the sanitizer rejects that upstream
     result = clip_to_norm(deltas, clip)
     assert result.clipped.dtype == dtype and torch.isfinite(result.clipped).all()
     assert bool((torch.linalg.vector_norm(result.clipped.double(), dim=1) <= clip).all())
