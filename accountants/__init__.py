@@ -15,8 +15,9 @@ from accountants.ledger import (
            PrivacyReport,
            epsilons,
            format_epsilon,
+           format_lower_bound,
 )
 from accountants.record import RecordLedger, worst_record_epsilon
 
-__all__ = ["ACCOUNTANTS", "DpEvent", "calibrate", "epsilon", "gdp_epsilon", "epsilons", "format_epsilon",
+__all__ = ["ACCOUNTANTS", "DpEvent", "calibrate", "epsilon", "gdp_epsilon", "epsilons", "format_epsilon", "format_lower_bound",
            "LedgerEntry", "PrivacyLedger", "PrivacyReport", "RecordLedger", "worst_record_epsilon"]

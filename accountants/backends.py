@@ -58,18 +58,34 @@ def compress(history: Sequence[DpEvent]) -> list[DpEvent]:
     return out
 
 
+MAX_DELTA = 0.5  # at delta >= 1/2 an (epsilon, delta) guarantee says nothing (and backends go negative)
+
+
 def epsilon(history: Sequence[DpEvent], delta: float, accountant: str = "rdp") -> float:
-    """Epsilon at `delta` after composing `history`; inf if any step had no noise."""
+    """Epsilon at `delta` after composing `history`; inf if any step had no noise.
+
+    Raises ValueError, with the reason, where the backend cannot give a sound number
+    (delta outside (0, 1/2), a grid too large for memory, a numerical failure, or a
+    negative or NaN result): fedsec prints no epsilon it cannot prove.
+    """
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"unknown accountant {accountant!r}; use one of {', '.join(ACCOUNTANTS)}")
-    if not 0 < delta < 1:
-        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    if not 0 < delta < MAX_DELTA:
+        raise ValueError(f"delta must be in (0, {MAX_DELTA:g}), got {delta}: at delta >= 1/2 a guarantee "
+                         "means nothing")
     segments = compress(history)
     if not segments:
         return 0.0
     if any(e.noise_multiplier == 0 for e in segments):
         return math.inf
-    return float(_BACKENDS[accountant](segments, delta))
+    try:
+        eps = float(_BACKENDS[accountant](segments, delta))
+    except (RuntimeError, ArithmeticError, MemoryError) as err:  # the backend's own failure
+        raise ValueError(f"the {accountant} accountant failed here ({type(err).__name__}: {err})") from None
+    if math.isnan(eps) or eps < 0:
+        raise ValueError(f"the {accountant} accountant returned epsilon {eps:g} at delta {delta:g}, which no "
+                         "mechanism has: numerically unreliable here; use another accountant")
+    return eps
 
 
 def _opacus(kind: str) -> Callable[[list[DpEvent], float], float]:
@@ -78,6 +94,8 @@ def _opacus(kind: str) -> Callable[[list[DpEvent], float], float]:
 
         acc = RDPAccountant() if kind == "rdp" else PRVAccountant()
         acc.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in segments]
+        if kind == "prv":
+            _check_prv_grid(segments, delta)
         # "optimal order is the largest alpha" (RDP) and log(0) inside PRV's domain search
         # are warnings about tightness, not validity: the bound returned is still safe.
         with warnings.catch_warnings(), np.errstate(divide="ignore"):
@@ -85,6 +103,31 @@ def _opacus(kind: str) -> Callable[[list[DpEvent], float], float]:
             return acc.get_epsilon(delta=delta)
 
     return compute
+
+
+# The PRV grid holds 2 L / mesh points (float64, a few arrays of it): past this many the
+# accountant would need gigabytes (sigma 0.3, q 0.01, 100,000 rounds: 4.7e8 points, 23 GB)
+MAX_PRV_POINTS = 3e7
+
+
+def prv_grid_points(segments: list[DpEvent], delta: float, eps_error: float = 0.01) -> float:
+    """The size of the grid Opacus' PRVAccountant.get_epsilon would build (its defaults)."""
+    from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV, compute_safe_domain_size
+
+    delta_error = delta / 1000
+    prvs = [PoissonSubsampledGaussianPRV(e.sample_rate, e.noise_multiplier) for e in segments]
+    size = compute_safe_domain_size(prvs=prvs, max_self_compositions=[e.steps for e in segments],
+                                    eps_error=eps_error, delta_error=delta_error)
+    total = sum(e.steps for e in segments)
+    mesh = eps_error / math.sqrt(total * math.log(12 / delta_error) / 2)
+    return 2 * size / mesh
+
+
+def _check_prv_grid(segments: list[DpEvent], delta: float) -> None:
+    points = prv_grid_points(segments, delta)
+    if points > MAX_PRV_POINTS:
+        raise ValueError(f"the prv accountant would build a grid of {points:.3g} points (about "
+                         f"{points * 48 / 2 ** 30:.0f} GiB) for this history; use rdp or pld")
 
 
 def _pld(segments: list[DpEvent], delta: float) -> float:
@@ -134,8 +177,7 @@ def calibrate(target_epsilon: float, delta: float, sample_rate: float, rounds: i
     while eps_high > target_epsilon:
         low, high = high, 2 * high
         if high > 1e6:
-            raise ValueError(f"epsilon {target_epsilon} at delta {delta} is out of reach for "
-                             f"q={sample_rate}, {rounds} rounds (sigma > 1e6)")
+            raise ValueError(_unreachable(target_epsilon, delta, sample_rate, rounds, accountant, eps_high))
         eps_high = eps(high)
     while target_epsilon - eps_high > tolerance and high - low > 1e-6 * high:
         mid = (low + high) / 2
@@ -145,6 +187,19 @@ def calibrate(target_epsilon: float, delta: float, sample_rate: float, rounds: i
         else:
             low = mid
     return high
+
+
+def _unreachable(target: float, delta: float, sample_rate: float, rounds: int, accountant: str,
+                 floor: float) -> str:
+    """Why no noise multiplier reaches `target`: the accountant's own floor, not the noise."""
+    why = f"no noise multiplier reaches epsilon {target:g} at delta {delta:g} with the {accountant} accountant " \
+          f"(q {sample_rate:g}, {rounds} rounds): even sigma near 1e6 gives epsilon {floor:.3g}"
+    if accountant == "rdp":
+        why += (", the smallest this accountant can prove at this delta (its largest RDP order bounds "
+                "epsilon below by about log(1/delta) / order); use accountant prv or pld, or a larger epsilon")
+    else:
+        why += "; use a larger epsilon"
+    return why
 
 
 def gdp_epsilon(history: Sequence[DpEvent], delta: float) -> float:
@@ -168,11 +223,14 @@ def _gdp_mu_to_epsilon(mu: float, delta: float) -> float:
     from scipy.stats import norm
 
     def delta_of(eps: float) -> float:
-        return norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * norm.cdf(-eps / mu - mu / 2)
+        # e^eps Phi(-eps/mu - mu/2) in log space: e^eps alone overflows for large mu
+        return norm.cdf(-eps / mu + mu / 2) - math.exp(min(eps + norm.logcdf(-eps / mu - mu / 2), 0.0))
 
     low, high = 0.0, 1.0
     while delta_of(high) > delta:
         high *= 2
+        if high > 1e12:
+            return math.inf
     for _ in range(100):
         mid = (low + high) / 2
         low, high = (low, mid) if delta_of(mid) <= delta else (mid, high)

@@ -1,6 +1,6 @@
 """The privacy ledger of a run: one DP event per round, and epsilon so far.
 
-The ledger keeps the events themselves (sigma, q, C, clients sampled), so every
+The ledger keeps the events themselves (sigma, q, C, the noise split), so every
 epsilon in it can be recomputed by anyone with any accountant. It is saved to the
 run directory (privacy_ledger.json) and inside every checkpoint, so a resumed run
 continues its budget instead of starting a fresh one.
@@ -17,17 +17,30 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+
 from accountants.backends import ACCOUNTANTS, DpEvent, epsilon
+
+
+def _significant(value: float, digits: int, rounding: str) -> str:
+    """`value` to `digits` significant digits, rounded in the exact decimal value of the float."""
+    if value == 0 or not math.isfinite(value):
+        return f"{value:g}"
+    exact = Decimal(value)  # the float's exact value: no slack, no double rounding
+    decimals = digits - 1 - exact.adjusted()
+    out = exact.quantize(Decimal(1).scaleb(-decimals), rounding=rounding)
+    return f"{out:f}"
 
 
 def format_epsilon(eps: float, digits: int = 3) -> str:
     """Epsilon to `digits` significant digits, rounded UP: a printed epsilon is never below
-    the proven one (7.9931 -> "8.00", 0.99934 -> "1.00")."""
-    if eps == 0 or not math.isfinite(eps):
-        return f"{eps:g}"
-    decimals = digits - 1 - math.floor(math.log10(abs(eps)))
-    scale = 10.0 ** decimals
-    return f"{math.ceil(eps * scale - 1e-9) / scale:.{max(decimals, 0)}f}"
+    the proven one (7.9931 -> "8.00", 0.99934 -> "1.00", 7.9990000000004 -> "8.00")."""
+    return _significant(eps, digits, ROUND_CEILING)
+
+
+def format_lower_bound(eps: float, digits: int = 3) -> str:
+    """An audit's lower bound on epsilon, rounded DOWN: never above the proven bound."""
+    return _significant(eps, digits, ROUND_FLOOR)
 
 
 @dataclass(frozen=True)
@@ -46,12 +59,31 @@ class PrivacyReport:
 
 @dataclass(frozen=True)
 class LedgerEntry:
+    """One round's mechanism, as released: nothing here depends on who was sampled.
+
+    `noise_multiplier` is the accounted z of the round's Gaussian mechanism. Under
+    adaptive clipping it is made of two releases, the update sum with multiplier
+    `update_noise_multiplier` and the clip count with std `count_stddev` at sensitivity
+    `count_sensitivity`: (update^-2 + (count_stddev / count_sensitivity)^-2)^(-1/2) == z.
+    Without adaptive clipping the update carries all of z and the count fields are None.
+    (The realised number of clients sampled is not recorded: the fixed denominator
+    q N exists so that it stays hidden.)
+    """
+
     round: int
     noise_multiplier: float
     sample_rate: float
     clip_norm: float
-    clients_sampled: int
     epsilon: dict[str, float] | None  # accountant -> epsilon after this round; None if not certified
+    update_noise_multiplier: float | None = None
+    count_stddev: float | None = None
+    count_sensitivity: float | None = None
+    unavailable: dict[str, str] | None = None  # accountant -> why it gave no epsilon this round
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LedgerEntry":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})  # older ledgers: clients_sampled dropped
 
 
 @dataclass
@@ -89,15 +121,34 @@ class PrivacyLedger:
         self.released_again.append(entry)
 
     def record(self, round_idx: int, noise_multiplier: float, sample_rate: float, clip_norm: float,
-               clients_sampled: int) -> LedgerEntry:
-        """Add the event of finished round `round_idx` (1-based) and the epsilon so far."""
+               update_noise_multiplier: float | None = None, count_stddev: float | None = None,
+               count_sensitivity: float | None = None) -> LedgerEntry:
+        """Add the event of finished round `round_idx` (1-based) and the epsilon so far.
+
+        A secondary accountant that fails (a numerical limit of its backend) is recorded as
+        unavailable with the reason and the round goes on; the primary's failure raises
+        (planning has already computed the primary at the run's horizon).
+        """
         if self.entries and round_idx != self.entries[-1].round + 1:
             raise ValueError(f"ledger has round {self.entries[-1].round}; cannot record round {round_idx}")
         events = self.history + [DpEvent(noise_multiplier, sample_rate)]
-        eps = ({a: epsilon(events, self.delta, a) for a in self.accountants} if self.certified else None)
-        entry = LedgerEntry(round_idx, noise_multiplier, sample_rate, clip_norm, clients_sampled, eps)
+        eps, unavailable = self._epsilons(events) if self.certified else (None, None)
+        entry = LedgerEntry(round_idx, noise_multiplier, sample_rate, clip_norm, eps,
+                            noise_multiplier if update_noise_multiplier is None else update_noise_multiplier,
+                            count_stddev, count_sensitivity, unavailable)
         self.entries.append(entry)
         return entry
+
+    def _epsilons(self, events: list[DpEvent]) -> tuple[dict[str, float], dict[str, str] | None]:
+        eps, unavailable = {}, {}
+        for a in self.accountants:
+            try:
+                eps[a] = epsilon(events, self.delta, a)
+            except (ValueError, ArithmeticError, MemoryError, RuntimeError) as err:
+                if a == self.primary:
+                    raise
+                unavailable[a] = f"{type(err).__name__}: {err}"
+        return eps, unavailable or None
 
     def report(self, accountant: str | None = None) -> PrivacyReport:
         accountant = accountant or self.primary
@@ -113,7 +164,7 @@ class PrivacyLedger:
             return {a: 0.0 for a in self.accountants}
         if not self.released_again:
             return dict(self.entries[-1].epsilon)
-        return {a: epsilon(self.history, self.delta, a) for a in self.accountants}
+        return self._epsilons(self.history)[0]
 
     def truncate(self, rounds: int) -> None:
         """Keep the first `rounds` rounds (a resume from the checkpoint after that round)."""
@@ -127,8 +178,8 @@ class PrivacyLedger:
 
     @classmethod
     def from_dict(cls, data: dict) -> "PrivacyLedger":
-        entries = [LedgerEntry(**e) for e in data.get("entries", [])]
-        again = [LedgerEntry(**e) for e in data.get("released_again", [])]
+        entries = [LedgerEntry.from_dict(e) for e in data.get("entries", [])]
+        again = [LedgerEntry.from_dict(e) for e in data.get("released_again", [])]
         return cls(float(data["delta"]), tuple(data["accountants"]), data["primary"],
                    bool(data["certified"]), data.get("reason"), entries, again)
 

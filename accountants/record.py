@@ -102,6 +102,15 @@ class RecordLedger:
                 "steps": {str(k): s for k, s in self.steps.items()}, "rounds": list(self.rounds),
                 "released_again": list(self.released_again)}
 
+    def public_dict(self) -> dict:
+        """What may be published beside the model: the mechanism and the worst epsilon per
+        round, without the per-client step counts (which say who trained when)."""
+        return {"kind": "record", "delta": self.delta, "noise_multiplier": self.noise_multiplier,
+                "primary": self.primary, "certified": self.certified, "reason": self.reason,
+                "sample_rates": {str(k): q for k, q in self.sample_rates.items()},
+                "rounds": [{"round": r["round"], "epsilon": r["epsilon"]} for r in self.rounds],
+                "released_again": [{"round": r["round"]} for r in self.released_again]}
+
     @classmethod
     def from_dict(cls, data: dict) -> "RecordLedger":
         return cls(float(data["delta"]), float(data["noise_multiplier"]),

@@ -12,12 +12,19 @@ accountants compose). The denominator q N (the expected number of clients) is fi
 dividing by the actual count would leak it and need about twice the noise.
 
 Adaptive clipping (Andrew et al. 2021, "Differentially Private Learning with
-Adaptive Clipping", arXiv 1905.03871, Alg. 1): clients also send
-b_k = 1[||d_k|| <= C] (the UNclipped indicator); the server estimates the unclipped
-fraction b~ = (sum b_k + N(0, sigma_b^2)) / (q N) and moves C geometrically towards
-the target quantile gamma: C <- C exp(-eta_C (b~ - gamma)). The two releases together
-are one Gaussian mechanism with multiplier z when the update noise uses
-z_delta = (z^-2 - (2 sigma_b)^-2)^(-1/2) (Thm. 1), so the accounting is unchanged.
+Adaptive Clipping", arXiv 1905.03871, Alg. 1): clients also send the CENTRED
+indicator b_k - 1/2 with b_k = 1[||d_k|| <= C] (unclipped), so one client moves the
+count's sum by at most 1/2 (its sensitivity); the server releases
+s~ = sum_k (b_k - 1/2) + N(0, sigma_b^2), estimates the unclipped fraction
+b~ = s~ / (q N) + 1/2, and moves C geometrically towards the target quantile gamma:
+C <- C exp(-eta_C (b~ - gamma)). The count is then a Gaussian mechanism with
+multiplier sigma_b / (1/2) = 2 sigma_b, and the two releases together are one
+Gaussian mechanism with multiplier (z_delta^-2 + (2 sigma_b)^-2)^(-1/2), which is z
+when the update noise uses z_delta = (z^-2 - (2 sigma_b)^-2)^(-1/2) (Thm. 1).
+(An UNcentred count, sensitivity 1, would give (z_delta^-2 + sigma_b^-2)^(-1/2) < z:
+the epsilon accounted at z would be understated. TensorFlow Privacy's quantile
+estimator centres the same way.) A client whose update was rejected or never came
+contributes 0 to the count, inside the same bound.
 
 Everything here is a pure function of (deltas, parameters, generator). The noise
 generator is the DP stream, separate from every training stream.
@@ -125,8 +132,21 @@ def private_mean(deltas: torch.Tensor, clip_norm: float, noise_multiplier: float
     return PrivateMean(aggregate, noise, clip.norms, n - unclipped, unclipped)
 
 
+COUNT_SENSITIVITY = 0.5  # one client's b_k - 1/2 is +-1/2
+
+
+def joint_noise_multiplier(update_noise: float, count_stddev: float,
+                           count_sensitivity: float = COUNT_SENSITIVITY) -> float:
+    """The multiplier of the update and the count released together:
+    (z_delta^-2 + (sigma_b / s_b)^-2)^(-1/2), the Gaussian mechanism both make up."""
+    if update_noise == 0 or count_stddev == 0:
+        return 0.0
+    return (update_noise ** -2 + (count_stddev / count_sensitivity) ** -2) ** -0.5
+
+
 def adaptive_update_noise(noise_multiplier: float, count_stddev: float) -> float:
-    """z_delta = (z^-2 - (2 sigma_b)^-2)^(-1/2) (Andrew et al. 2021, Thm. 1)."""
+    """z_delta = (z^-2 - (2 sigma_b)^-2)^(-1/2) (Andrew et al. 2021, Thm. 1), for the centred
+    count (sensitivity 1/2): joint_noise_multiplier(z_delta, sigma_b) == z."""
     if noise_multiplier == 0:
         return 0.0
     if 2 * count_stddev <= noise_multiplier:
@@ -135,14 +155,21 @@ def adaptive_update_noise(noise_multiplier: float, count_stddev: float) -> float
     return (noise_multiplier ** -2 - (2 * count_stddev) ** -2) ** -0.5
 
 
-def adapt_clip_norm(clip_norm: float, num_unclipped: int, expected_clients: float,
+def noisy_centred_count(num_unclipped: int, num_clipped: int, count_stddev: float,
+                        generator: torch.Generator) -> float:
+    """The released count s~ = sum_k (b_k - 1/2) + N(0, sigma_b^2) (sensitivity 1/2)."""
+    noise = float(torch.randn((), generator=generator, dtype=torch.float64)) * count_stddev
+    return (num_unclipped - num_clipped) / 2 + noise
+
+
+def adapt_clip_norm(clip_norm: float, num_unclipped: int, num_clipped: int, expected_clients: float,
                     target_quantile: float, learning_rate: float, count_stddev: float,
                     generator: torch.Generator) -> tuple[float, float]:
     """One geometric update of C towards the target quantile; returns (new C, noisy b~).
 
-    b~ = (sum_k b_k + N(0, sigma_b^2)) / (q N); C <- C exp(-eta_C (b~ - gamma)).
+    b~ = (sum_k (b_k - 1/2) + N(0, sigma_b^2)) / (q N) + 1/2; C <- C exp(-eta_C (b~ - gamma)).
     If more than the target share was already under C (b~ > gamma), C shrinks.
     """
-    noise = float(torch.randn((), generator=generator, dtype=torch.float64)) * count_stddev
-    fraction = (num_unclipped + noise) / expected_clients
+    released = noisy_centred_count(num_unclipped, num_clipped, count_stddev, generator)
+    fraction = released / expected_clients + 0.5
     return clip_norm * math.exp(-learning_rate * (fraction - target_quantile)), fraction

@@ -174,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _audit(args) -> int:
     import json
 
+    from accountants import format_lower_bound
     from accountants.audit import one_run_bound
     from fedsec.errors import ConfigError
 
@@ -193,7 +194,7 @@ def _audit(args) -> int:
     if args.json:
         print(json.dumps(result.as_dict()))
         return 0
-    print(f"epsilon >= {result.epsilon_lower_bound:.4f} with confidence {args.confidence:g} "
+    print(f"epsilon >= {format_lower_bound(result.epsilon_lower_bound, 4)} with confidence {args.confidence:g} "
           f"({args.correct} of {args.guesses} guesses right on {args.canaries} canaries, delta {args.delta:g})")
     return 0
 
@@ -282,6 +283,12 @@ def _sweep(args) -> int:
     root = run_sweep(args.spec, progress=not args.no_progress)
     print(f"sweep directory: {root}")
     print(summary_table(root))
+    from fedsec.disclosure import UNCOVERED
+
+    if (root / UNCOVERED / "summary.csv").is_file():
+        print(f"\nNOT COVERED BY THE DP GUARANTEE ({root / UNCOVERED}): the DP runs' local-only baselines, "
+              "detection rates, canary exposure and membership inference")
+        print(summary_table(root / UNCOVERED))
     return 0
 
 
@@ -324,8 +331,9 @@ def _privacy(args) -> int:
         raise ConfigError("--sample-rate", args.sample_rate, "must be in (0, 1]")
     if args.rounds < 1:
         raise ConfigError("--rounds", args.rounds, "must be >= 1")
-    if not 0 < args.delta < 1:
-        raise ConfigError("--delta", args.delta, "must be in (0, 1), e.g. 1e-5")
+    if not 0 < args.delta < 0.5:
+        raise ConfigError("--delta", args.delta, "must be in (0, 0.5) (at delta >= 1/2 a guarantee means "
+                          "nothing), e.g. 1e-5")
     if args.privacy_command == "calibrate":
         if not (args.epsilon > 0 and math.isfinite(args.epsilon)):
             raise ConfigError("--epsilon", args.epsilon, "must be a finite number > 0")
@@ -338,7 +346,10 @@ def _privacy(args) -> int:
         if not (sigma >= 0 and math.isfinite(sigma)):
             raise ConfigError("--noise-multiplier", sigma, "must be a finite number >= 0")
     history = [DpEvent(sigma, args.sample_rate, args.rounds)]
-    eps = epsilon(history, args.delta, args.accountant)
+    try:
+        eps = epsilon(history, args.delta, args.accountant)
+    except ValueError as err:
+        raise ConfigError("--accountant", args.accountant, f"{err}") from None
     gdp = gdp_epsilon(history, args.delta)
     if args.json:
         print(json.dumps({"epsilon": eps, "noise_multiplier": sigma, "accountant": args.accountant,

@@ -350,7 +350,8 @@ class PrivacyConfig:
     def __post_init__(self) -> None:
         _one_of("mode", self.mode, PRIVACY_MODES)
         _one_of("accountant", self.accountant, ACCOUNTANT_NAMES)
-        _require(0 < self.delta < 1, "delta", self.delta, "must be in (0, 1), e.g. 1e-5")
+        _require(0 < self.delta < 0.5, "delta", self.delta, "must be in (0, 0.5) (at delta >= 1/2 a guarantee "
+                 "means nothing), e.g. 1e-5")
         _require(self.clip_norm > 0, "clip_norm", self.clip_norm, "must be > 0, e.g. 0.1")
         _require(self.epsilon is None or self.epsilon > 0, "epsilon", self.epsilon,
                  "must be > 0 (or .inf for no noise)")
@@ -637,6 +638,10 @@ class ExperimentConfig:
                      "simulation; set it to 0 with engine: flower")
         _require(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints,
                  "must be >= 1")
+        _require(not (self.audit.canaries and self.privacy.mode == "record"), "audit.canaries",
+                 self.audit.canaries, "the audit's canaries are whole clients (a client-level game), and "
+                 "privacy.mode record certifies single training examples, not clients: audit a run with "
+                 "privacy.mode user (or off), or set audit.canaries to 0")
         if self.privacy.mode == "record":
             _require(self.training.grad_accum == 1, "training.grad_accum", self.training.grad_accum,
                      "record-level DP-SGD takes one Poisson batch per step; set it to 1")

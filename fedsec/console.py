@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 
-from accountants import format_epsilon
+from accountants import format_epsilon, format_lower_bound
+from fedsec.disclosure import UNCOVERED
 from fedsec.results import RoundResult, RunResult
 
 
@@ -19,16 +20,29 @@ def _privacy_cell(privacy: dict) -> str:
         if eps is None:
             return f"{cell}  epsilon not certified"
         return f"{cell}  worst-record eps " + " ".join(f"{a} {format_epsilon(eps[a])}" for a in eps)
-    clipped = f"C {privacy['clip_norm']:.3g} clipped {privacy['clipped']}/{privacy['clipped'] + privacy['unclipped']}"
+    clip = f"C {privacy['clip_norm']:.3g}"
     if privacy["epsilon"] is None:
-        return f"{clipped}  epsilon not certified"
+        return f"{clip}  epsilon not certified"
     eps = privacy["epsilon"]
-    return f"{clipped}  eps " + " ".join(f"{a} {format_epsilon(eps[a])}" for a in eps)
+    return f"{clip}  eps " + " ".join(f"{a} {format_epsilon(eps[a])}" for a in eps)
 
 
 def round_line(done: int, total: int, result: RoundResult | None, global_eval: dict | None,
-          clients_eval: dict | None) -> str:
+               clients_eval: dict | None, private: bool = False) -> str:
+    """One round's progress line. `private` (a DP run): only what the mechanism releases,
+    the schedule, the privacy cell and the global evaluation without canary exposure (the
+    rest is in the run's not_covered_by_dp_guarantee/ folder)."""
     parts = [f"round {done:>3}/{total}"]
+    if private:
+        if result is None:
+            parts.append("untuned model")
+        else:
+            parts.append(f"lr {result.lr:.2e}")
+            if result.privacy is not None:
+                parts.append(_privacy_cell(result.privacy))
+        if global_eval is not None:
+            parts += _global_parts({k: v for k, v in global_eval.items() if k != "memorization"})
+        return "  ".join(parts)
     if result is None:
         parts.append("untuned model")
     else:
@@ -47,21 +61,7 @@ def round_line(done: int, total: int, result: RoundResult | None, global_eval: d
         if result.privacy is not None:
             parts.append(_privacy_cell(result.privacy))
     if global_eval is not None:
-        if "accuracy" in global_eval:
-            parts.append(f"global acc {_fmt(global_eval['accuracy'])} loss {_fmt(global_eval['loss'])}")
-        if "preference" in global_eval:
-            pref = global_eval["preference"]
-            parts.append(f"pref acc {_fmt(pref['preference_accuracy'])} "
-                         f"margin {_fmt(pref['reward_margin'])} "
-                         f"likelihood acc {_fmt(pref['likelihood_accuracy'])}")
-        if "backdoor" in global_eval:
-            b = global_eval["backdoor"]
-            parts.append(f"backdoor asr {_fmt(b['attack_success_rate'])} clean {_fmt(b['clean_target_rate'])}")
-        if "refusal_rate" in global_eval:
-            parts.append(f"refusal {_fmt(global_eval['refusal_rate'])}")
-        if "memorization" in global_eval:
-            m = global_eval["memorization"]
-            parts.append(f"exposure {m['exposure_mean']:.1f} bits extracted {_fmt(m['extraction_rate'])}")
+        parts += _global_parts(global_eval)
     if clients_eval is not None:
         parts.append(f"client acc mean {_fmt(clients_eval['mean_accuracy'])} "
                      f"min {_fmt(clients_eval['min_accuracy'])}")
@@ -70,9 +70,42 @@ def round_line(done: int, total: int, result: RoundResult | None, global_eval: d
     return "  ".join(parts)
 
 
+def _global_parts(global_eval: dict) -> list[str]:
+    parts = []
+    if "accuracy" in global_eval:
+        parts.append(f"global acc {_fmt(global_eval['accuracy'])} loss {_fmt(global_eval['loss'])}")
+    if "preference" in global_eval:
+        pref = global_eval["preference"]
+        parts.append(f"pref acc {_fmt(pref['preference_accuracy'])} "
+                     f"margin {_fmt(pref['reward_margin'])} "
+                     f"likelihood acc {_fmt(pref['likelihood_accuracy'])}")
+    if "backdoor" in global_eval:
+        b = global_eval["backdoor"]
+        parts.append(f"backdoor asr {_fmt(b['attack_success_rate'])} clean {_fmt(b['clean_target_rate'])}")
+    if "refusal_rate" in global_eval:
+        parts.append(f"refusal {_fmt(global_eval['refusal_rate'])}")
+    if "memorization" in global_eval:
+        m = global_eval["memorization"]
+        parts.append(f"exposure {m['exposure_mean']:.1f} bits extracted {_fmt(m['extraction_rate'])}")
+    return parts
+
+
+def audit_exceedance(confidence: float) -> str:
+    """What a lower bound above the accountant's epsilon means, with its confidence."""
+    chance = 1 - confidence
+    return (f"privacy audit: the lower bound exceeds the accountant's epsilon. The bound holds with confidence "
+            f"{confidence:g}: a correct implementation shows this in at most {chance:.0%} of runs, so this run "
+            f"is evidence of a broken privacy claim, not proof; rerun with another seed (a correct one exceeds "
+            f"twice with probability at most {chance ** 2:.2g}) and report it as a bug if it holds")
+
+
 def summary_lines(result: RunResult) -> list[str]:
+    """The closing summary. Under DP, what the guarantee does not cover (canary exposure,
+    membership inference, local-only baselines) is named, not printed: it is in the run's
+    not_covered_by_dp_guarantee/ folder."""
     lines = [f"run directory: {result.run_dir}"]
     name = result.algorithm
+    private = result.privacy is not None
     if result.untuned and result.final:
         before, after = result.untuned, result.final
         if before.get("accuracy") is not None and after.get("accuracy") is not None:
@@ -88,7 +121,7 @@ def summary_lines(result: RunResult) -> list[str]:
             u, f = (before["preference"]["likelihood_accuracy"], after["preference"]["likelihood_accuracy"])
             lines.append(f"likelihood accuracy:  untuned {_fmt(u)} -> {name} {_fmt(f)} "
                          "(policy prefers chosen, no reference)")
-        if "memorization" in before and "memorization" in after:
+        if "memorization" in before and "memorization" in after and not private:
             lines.append(f"canary exposure (bits):      untuned {before['memorization']['exposure_mean']:.1f} -> "
                          f"{name} {after['memorization']['exposure_mean']:.1f}; extracted "
                          f"{_fmt(after['memorization']['extraction_rate'])}")
@@ -97,16 +130,21 @@ def summary_lines(result: RunResult) -> list[str]:
                          f"{name} {_fmt(after['refusal_rate'])}")
     if result.audit is not None:
         a = result.audit
-        versus = (f"; the accountant's epsilon is {a['accountant_epsilon']:.4g}"
+        versus = (f"; the accountant's epsilon is {format_epsilon(a['accountant_epsilon'], 4)}"
                   if a["accountant_epsilon"] is not None else "; the run has no certified epsilon")
         lines.append(f"privacy audit ({a.get('kind', 'secret')} canaries): {a['correct']} of {a['guesses']} "
                      f"guesses right on {a['canaries']} canary "
-                     f"clients ({a['included']} included): epsilon >= {a['epsilon_lower_bound']:.3f} with "
+                     f"clients ({a['included']} included): epsilon >= {format_lower_bound(a['epsilon_lower_bound'])} with "
                      f"confidence {a['confidence']:g}{versus}")
         if a["bound_exceeds_accountant"]:
-            lines.append("privacy audit: THE LOWER BOUND EXCEEDS THE ACCOUNTANT'S EPSILON: the privacy "
-                         "claim of this run does not hold; report it as a bug")
-    if result.membership is not None:
+            lines.append(audit_exceedance(a["confidence"]))
+    if private:
+        hidden = [what for what, there in (("canary exposure", "memorization" in (result.final or {})),
+                                           ("membership inference", result.membership is not None),
+                                           ("local-only baselines", bool(result.local_only))) if there]
+        lines.append(f"not covered by the DP guarantee: {', '.join(hidden + ['per-round client ids and counts'])}"
+                     f": in {result.run_dir}/{UNCOVERED}/ (never publish it beside the model)")
+    if result.membership is not None and not private:
         attacks = {name: m for name, m in result.membership.items() if "auc" in m}
         scores = ", ".join(f"{name} {m['auc']:.3f}" for name, m in attacks.items())
         first = next(iter(attacks.values()))
@@ -133,7 +171,7 @@ def summary_lines(result: RunResult) -> list[str]:
                          f"({p['accountant']}; {others}); {setting}")
         else:
             lines.append(f"privacy: epsilon not certified: {p['reason']}; {setting}")
-    if result.local_only:
+    if result.local_only and not private:
         per = result.local_only["per_client"]
         accs = " ".join(_fmt(v["global_eval"].get("accuracy")) for v in per.values())
         lines.append(f"local-only ({len(per)} clients, each trained alone): mean global accuracy "

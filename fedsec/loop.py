@@ -39,6 +39,7 @@ from fedsec.adapter import AdapterParams
 from fedsec.config import ExperimentConfig, to_mapping
 from fedsec.console import round_line
 from fedsec.data import FederatedData, build_federated_data
+from fedsec.disclosure import split_result
 from fedsec.defense import ServerDefense
 from fedsec.encoding import Encoded, encode_all, encode_prompt
 from fedsec.evalsuite.runner import PeftModelLM, load_tasks, run_task
@@ -519,9 +520,11 @@ def evaluate_model(setup: Setup, vector: torch.Tensor, round_done: int | None = 
                                                        setup.pad_id, batch, setup.cfg.dpo.beta)
     if setup.backdoor_eval:
         triggered, clean = setup.backdoor_eval
-        global_eval["backdoor"] = {
-            "attack_success_rate": evaluate(setup.model, triggered, setup.pad_id, batch).accuracy,
-            "clean_target_rate": evaluate(setup.model, clean, setup.pad_id, batch).accuracy}
+        on, off = (evaluate(setup.model, e, setup.pad_id, batch) for e in (triggered, clean))
+        # the rates are arg-max shares; the losses (mean NLL of the target answer with and
+        # without the trigger) are the margin behind them, and do not flip on a near tie
+        global_eval["backdoor"] = {"attack_success_rate": on.accuracy, "clean_target_rate": off.accuracy,
+                                   "triggered_target_loss": on.loss, "clean_target_loss": off.loss}
     if setup.cfg.eval.canaries:
         e = setup.cfg.eval
         global_eval["memorization"] = memorization_metrics(
@@ -638,19 +641,19 @@ def _rounds(setup: Setup, run: RunDir, dp: UserLevelDp | None, record: RecordLev
         run.truncate_metrics(rounds_done)
         row = checkpoint.get("row")
         if row is not None and not any(r.get("phase") == "federated" and r.get("round") == rounds_done
-                                       for r in run.read_metrics()):
+                                       for r in run.read_covered_metrics()):
             run.append_metrics(row)  # the crash came between the checkpoint and its row
         if private is not None:
-            run.write_json("privacy_ledger.json", private.ledger.to_dict())
+            _write_ledger(run, private)
         log(f"resuming {run.path} after round {rounds_done}/{fed.rounds}")
     elif resume:
         run.truncate_metrics(0)
     clients.start(setup, log)
-    if rounds_done == 0 and not any(r.get("round") == 0 for r in run.read_metrics()):
+    if rounds_done == 0 and not any(r.get("round") == 0 for r in run.read_covered_metrics()):
         untuned, clients_eval = evaluate_model(setup, global_vec, 0)
         run.append_metrics({"phase": "federated", "round": 0, "global_eval": untuned,
                             "client_eval": clients_eval})
-        log(round_line(0, fed.rounds, None, untuned, clients_eval))
+        log(round_line(0, fed.rounds, None, untuned, clients_eval, private is not None))
 
     budget = Budget(cfg, log)
     bar = tqdm(total=fed.rounds, initial=rounds_done, desc="rounds", unit="round", file=sys.stderr,
@@ -685,8 +688,7 @@ def _rounds(setup: Setup, run: RunDir, dp: UserLevelDp | None, record: RecordLev
         if dp is None:
             update, rejected, defended = aggregate(updates, dim, defense, round_idx, reference)
         else:
-            update, rejected, privacy = dp.aggregate(updates, dim, round_idx, defense, reference,
-                                                       len(sampled))
+            update, rejected, privacy = dp.aggregate(updates, dim, round_idx, defense, reference)
             defended = privacy.pop("defense", None)
         if record is not None:
             privacy = record.record(round_idx, sampled)
@@ -722,10 +724,10 @@ def _rounds(setup: Setup, run: RunDir, dp: UserLevelDp | None, record: RecordLev
                             keep=cfg.keep_checkpoints)
         run.append_metrics(row)
         if private is not None:
-            run.write_json("privacy_ledger.json", private.ledger.to_dict())
+            _write_ledger(run, private)
         bar.update(1)
         bar.clear()
-        log(round_line(round_idx + 1, fed.rounds, result, global_eval, clients_eval))
+        log(round_line(round_idx + 1, fed.rounds, result, global_eval, clients_eval, private is not None))
         bar.refresh()
         if stop_after is not None and round_idx + 1 >= stop_after and round_idx + 1 < fed.rounds:
             bar.close()
@@ -736,18 +738,28 @@ def _rounds(setup: Setup, run: RunDir, dp: UserLevelDp | None, record: RecordLev
                   attack_summary)
 
 
+def _write_ledger(run: RunDir, private) -> None:
+    """privacy_ledger.json: the mechanism's rounds (the record ledger's per-client step counts,
+    which say who trained, go to the not-covered place)."""
+    run.write_json("privacy_ledger.json", private.public_ledger())
+    if isinstance(private, RecordLevelDp):
+        run.write_uncovered_json("record_ledger_steps.json", private.ledger.to_dict())
+
+
 def _charge_lost_rounds(run: RunDir, private, rounds_done: int, log: Callable[[str], None]) -> None:
     """Rounds written out after the checkpoint we resume from were released; the checkpoint
-    that followed them is lost (unreadable). With reproducible noise the redone rounds
-    release the same values again; with fresh noise each is a second release, charged."""
+    that followed them is lost (unreadable), and they are computed again. Each redo is a
+    second release of the same data, charged: with fresh noise plainly so, and with
+    privacy.reproducible too, since nothing verifies that a redo is bit-identical to the
+    release (another machine, thread count or library version can change the bits)."""
     lost = [r for r in run.read_metrics() if r.get("phase") == "federated" and r.get("round", 0) > rounds_done
             and r.get("privacy")]
-    if not lost or private.cfg.privacy.reproducible:
+    if not lost:
         return
     for row in lost:
         private.charge_released(row)
     log(f"fedsec: rounds {', '.join(str(r['round']) for r in lost)} were written out before their checkpoint "
-        "was lost; redone with fresh noise, each is charged to the privacy ledger a second time")
+        "was lost; each is computed again and charged to the privacy ledger a second time")
 
 
 class Budget:
@@ -850,5 +862,10 @@ def finish(setup: Setup, run: RunDir, global_vec: torch.Tensor, local: dict,
         membership = membership_attack(setup)
     result = RunResult(str(run.path), rounds_done, True, untuned, final, local_only,
                        setup.cfg.federation.algorithm, privacy, attack, audit, membership, stopped)
-    run.write_json("result.json", asdict(result))
+    if run.guarded:
+        covered, hidden = split_result(asdict(result))
+        run.write_uncovered_json("result.json", hidden)
+        run.write_json("result.json", covered)
+    else:
+        run.write_json("result.json", asdict(result))
     return result

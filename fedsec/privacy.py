@@ -37,10 +37,11 @@ from dataclasses import dataclass
 
 import torch
 
-from accountants import ACCOUNTANTS, PrivacyLedger, RecordLedger, calibrate
+from accountants import ACCOUNTANTS, DpEvent, PrivacyLedger, RecordLedger, calibrate, epsilon
 from accountants.ledger import LedgerEntry
 from defenses import sanitize_updates
-from defenses.dp import adapt_clip_norm, adaptive_update_noise, clip_to_norm, gaussian_noise, private_mean
+from defenses.dp import (COUNT_SENSITIVITY, adapt_clip_norm, adaptive_update_noise, clip_to_norm, gaussian_noise,
+                         private_mean)
 from defenses.registry import NormBound
 from fedsec.config import ExperimentConfig
 from fedsec.errors import ConfigError
@@ -94,6 +95,18 @@ def _noise_multiplier(p, sample_rate: float, steps: int) -> float:
         raise ConfigError("privacy.epsilon", p.epsilon, str(err)) from None
 
 
+def _check_horizon(p, z: float, sample_rate: float, steps: int) -> None:
+    """The primary accountant must be able to certify the whole planned run: a backend
+    that fails there (a grid too large, a delta too small for its floats) is refused now,
+    in one line, not after the noise of round 1 is drawn."""
+    if z == 0:
+        return
+    try:
+        epsilon([DpEvent(z, sample_rate, steps)], p.delta, p.accountant)
+    except ValueError as err:
+        raise ConfigError("privacy.accountant", p.accountant, f"{err}") from None
+
+
 def plan_privacy(cfg: ExperimentConfig, num_clients: int) -> DpPlan:
     p, fed = cfg.privacy, cfg.federation
     if p.delta >= 1 / num_clients:
@@ -101,6 +114,7 @@ def plan_privacy(cfg: ExperimentConfig, num_clients: int) -> DpPlan:
                           f"({num_clients} clients), e.g. 1e-5")
     q = fed.clients_per_round / num_clients
     z = _noise_multiplier(p, q, fed.rounds)
+    _check_horizon(p, z, q, fed.rounds)
     stddev = None
     update_noise = z
     if p.adaptive_clipping:
@@ -139,17 +153,15 @@ class UserLevelDp:
         """Count the round of metrics row `row` again (see the module note)."""
         p = row["privacy"]
         self.ledger.charge_released(LedgerEntry(row["round"], p["noise_multiplier"], self.plan.sample_rate,
-                                                p["clip_norm"], len(row["clients"]), None))
+                                                p["clip_norm"], None))
 
     def aggregate(self, updates: list[ClientUpdate], dim: int, round_idx: int, defense=None,
-                  reference: torch.Tensor | None = None,
-                  sampled: int | None = None) -> tuple[torch.Tensor, tuple[int, ...], dict]:
+                  reference: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, ...], dict]:
         """One round under DP; returns (aggregate, rejected client ids, round privacy info).
 
         A rejected update (non-finite, wrong shape, absurd norm) counts as a zero delta:
         the client was sampled, so the denominator and the accounting stay as planned; so
-        does a sampled client whose update never came (`sampled` counts it; default: the
-        number of updates).
+        does a sampled client whose update never came. Neither moves the adaptive count.
         `defense` (fedsec.defense.ServerDefense) applies a robust rule to the clipped deltas.
         """
         plan, seed = self.plan, self.root
@@ -171,17 +183,20 @@ class UserLevelDp:
             aggregate = combined + noise / plan.expected_clients
             norms, unclipped = clip.norms, int(clip.unclipped.sum())
             clipped = len(kept) - unclipped
+        adaptive = self.cfg.privacy.adaptive_clipping
         entry = self.ledger.record(round_idx + 1, plan.noise_multiplier, plan.sample_rate, used_clip,
-                                   len(updates) if sampled is None else sampled)
-        if self.cfg.privacy.adaptive_clipping:
+                                   plan.update_noise, plan.count_stddev if adaptive else None,
+                                   COUNT_SENSITIVITY if adaptive else None)
+        if adaptive:
             p = self.cfg.privacy
-            self.clip_norm, _ = adapt_clip_norm(self.clip_norm, unclipped, plan.expected_clients,
+            self.clip_norm, _ = adapt_clip_norm(self.clip_norm, unclipped, clipped, plan.expected_clients,
                                                 p.target_quantile, p.clip_lr, plan.count_stddev,
                                                 torch_generator(seed, "dp-clip-count", round_idx))
-        info = {"clip_norm": used_clip, "noise_multiplier": plan.noise_multiplier,
-                "clipped": clipped, "unclipped": unclipped,
-                "median_norm": float(norms.median()) if len(kept) else None,
-                "epsilon": entry.epsilon}
+        # what the mechanism releases (clip norm, noise, epsilon) and, under "hidden", what it
+        # does not: the exact counts and norms, which go to the run's not-covered place only
+        info = {"clip_norm": used_clip, "noise_multiplier": plan.noise_multiplier, "epsilon": entry.epsilon,
+                "hidden": {"clipped": clipped, "unclipped": unclipped,
+                           "median_norm": float(norms.median()) if len(kept) else None}}
         if defense_info is not None:
             info["defense"] = defense_info
         return aggregate, rejected, info
@@ -198,7 +213,11 @@ class UserLevelDp:
                 "noise_multiplier": self.plan.noise_multiplier, "sample_rate": self.plan.sample_rate,
                 "clip_norm": self.cfg.privacy.clip_norm, "adaptive_clipping":
                 self.cfg.privacy.adaptive_clipping, "rounds": len(self.ledger.entries),
-                "noise": noise_source(self.cfg), "released_again": len(self.ledger.released_again)}
+                "noise": noise_source(self.cfg), "released_again": len(self.ledger.released_again),
+                "unavailable": self.ledger.entries[-1].unavailable if self.ledger.entries else None}
+
+    def public_ledger(self) -> dict:
+        return self.ledger.to_dict()
 
     def state_dict(self) -> dict:
         return {"clip_norm": self.clip_norm, "ledger": self.ledger.to_dict()}
@@ -254,6 +273,7 @@ def plan_record_privacy(cfg: ExperimentConfig, client_sizes: list[int]) -> Recor
     rates = {k: min(1.0, cfg.training.batch_size / n) for k, n in enumerate(client_sizes)}
     steps = cfg.federation.rounds * cfg.training.local_steps
     z = _noise_multiplier(p, max(rates.values()), steps)
+    _check_horizon(p, z, max(rates.values()), steps)
     reason = "no noise (noise_multiplier 0): clipping alone gives no DP guarantee" if z == 0 else None
     return RecordPlan(z, rates, steps, reason is None, reason)
 
@@ -290,6 +310,10 @@ class RecordLevelDp:
                 "clip_norm": self.cfg.privacy.clip_norm, "adaptive_clipping": False,
                 "rounds": len(self.ledger.rounds), "noise": noise_source(self.cfg),
                 "released_again": len(self.ledger.released_again)}
+
+    def public_ledger(self) -> dict:
+        """The ledger without per-client step counts or per-round client counts (who trained)."""
+        return self.ledger.public_dict()
 
     def state_dict(self) -> dict:
         return {"ledger": self.ledger.to_dict()}

@@ -7,6 +7,10 @@ runs/<name>-<timestamp>/
   checkpoints/           round_NNNN.pt: everything needed to continue
   adapter/               the final global adapter (peft format)
   result.json            the headline numbers of a finished run
+  privacy_ledger.json    DP runs: one mechanism per round, epsilon so far
+  not_covered_by_dp_guarantee/
+                         DP runs: what the guarantee does not cover (fedsec.disclosure):
+                         metrics.jsonl and result.json parts, a README saying so
 
 Files are written atomically (temp file, fsync, rename); an existing run is never
 overwritten, and resuming checks that the config is the one the run started with.
@@ -32,6 +36,7 @@ from pathlib import Path
 import torch
 
 from fedsec.config import ExperimentConfig, dump_config
+from fedsec.disclosure import HEADER, UNCOVERED, merge_rows, split_row
 from fedsec.errors import ConfigError
 
 CONFIG = "config.resolved.yaml"
@@ -73,10 +78,15 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 class RunDir:
-    def __init__(self, path: Path, lock: int | None = None):
+    """One run's directory. `guarded` (a DP run): each metrics row is split into what the
+    guarantee covers (metrics.jsonl) and what it does not (UNCOVERED/metrics.jsonl)."""
+
+    def __init__(self, path: Path, lock: int | None = None, guarded: bool = False):
         self.path = Path(path)
         self.checkpoints = self.path / "checkpoints"
         self.metrics = self.path / "metrics.jsonl"
+        self.uncovered = self.path / UNCOVERED
+        self.guarded = guarded
         self._lock = lock  # the open, flock'ed .lock file while this process runs in it
 
     def close(self) -> None:
@@ -122,7 +132,7 @@ class RunDir:
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
-        return cls(path, lock)
+        return cls(path, lock, _guarded(cfg))
 
     @classmethod
     def reopen(cls, path: Path, cfg: ExperimentConfig) -> "RunDir":
@@ -135,41 +145,55 @@ class RunDir:
             changed = _first_difference(stored, dump_config(cfg))
             raise ConfigError("--resume", str(path), f"the config differs from the run's ({changed}); "
                               "resume with the same config and overrides")
-        return cls(path)
+        return cls(path, guarded=_guarded(cfg))
 
     def acquire(self) -> None:
         """Lock the run for this process (to continue it) and drop the temporary files of
         atomic writes a crash interrupted (never read, safe to remove)."""
         if self._lock is None:
             self._lock = _lock(self.path / LOCK, self.path)
-        for folder in (self.path, self.checkpoints):
+        for folder in (self.path, self.checkpoints, self.uncovered):
             for tmp in folder.glob("*.tmp"):
                 tmp.unlink(missing_ok=True)
 
     # -- metrics ---------------------------------------------------------------
 
     def append_metrics(self, row: dict) -> None:
-        with self.metrics.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        """Append one row; in a guarded run its uncovered part goes to UNCOVERED/metrics.jsonl."""
+        if not self.guarded:
+            _append_line(self.metrics, row)
+            return
+        covered, hidden = split_row(row)
+        if hidden is not None:
+            self._uncovered_dir()
+            _append_line(self.uncovered / "metrics.jsonl", hidden)
+        if covered:
+            _append_line(self.metrics, covered)
 
     def read_metrics(self) -> list[dict]:
-        if not self.metrics.is_file():
-            return []
-        rows = []
-        for line in self.metrics.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a torn last line after a crash
-                break
-        return rows
+        """The rows as the run computed them (a guarded run's two files merged)."""
+        return merge_rows(_read_rows(self.metrics), _read_rows(self.uncovered / "metrics.jsonl"))
+
+    def read_covered_metrics(self) -> list[dict]:
+        """metrics.jsonl alone: in a DP run, what the guarantee covers."""
+        return _read_rows(self.metrics)
 
     def truncate_metrics(self, rounds_done: int) -> None:
         """Drop rows of rounds after the last checkpoint (they will be redone)."""
-        keep = [r for r in self.read_metrics() if r.get("round", 0) <= rounds_done
-                and r.get("phase") != "local_only_final"]
-        atomic_write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in keep))
+        for path in (self.metrics, self.uncovered / "metrics.jsonl"):
+            if path.is_file() or path == self.metrics:
+                keep = [r for r in _read_rows(path) if r.get("round", 0) <= rounds_done
+                        and r.get("phase") != "local_only_final"]
+                atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+
+    def write_uncovered_json(self, name: str, payload: dict) -> None:
+        self._uncovered_dir()
+        atomic_write_text(self.uncovered / name, json.dumps(payload, indent=2) + "\n")
+
+    def _uncovered_dir(self) -> None:
+        if not self.uncovered.is_dir():
+            self.uncovered.mkdir()
+            atomic_write_text(self.uncovered / "README.txt", HEADER + "\n")
 
     # -- checkpoints -----------------------------------------------------------
 
@@ -195,6 +219,44 @@ class RunDir:
 
     def write_json(self, name: str, payload: dict) -> None:
         atomic_write_text(self.path / name, json.dumps(payload, indent=2) + "\n")
+
+
+def read_result(run_dir: Path) -> dict:
+    """A run's result.json with, for a DP run, its not-covered part merged back in: the
+    whole result, as the run computed it."""
+    result = json.loads((Path(run_dir) / "result.json").read_text(encoding="utf-8"))
+    extra = Path(run_dir) / UNCOVERED / "result.json"
+    if extra.is_file():
+        hidden = json.loads(extra.read_text(encoding="utf-8"))
+        for key, value in hidden.items():
+            if key in ("untuned", "final") and result.get(key) is not None:
+                result[key] = {**result[key], **(value or {})}
+            else:
+                result[key] = value
+    return result
+
+
+def _guarded(cfg: ExperimentConfig) -> bool:
+    return cfg.privacy.mode != "off"
+
+
+def _append_line(path: Path, row: dict) -> None:
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a torn last line after a crash
+            break
+    return rows
 
 
 def _remove_stale_staging(path: Path) -> None:

@@ -43,7 +43,8 @@ from typing import Callable
 
 from accountants import format_epsilon
 from fedsec.config import ConfigError, load_config, read_yaml
-from fedsec.rundir import CONFIG, RunDir, atomic_write_text
+from fedsec.disclosure import HEADER, UNCOVERED
+from fedsec.rundir import CONFIG, RunDir, atomic_write_text, read_result
 
 
 @dataclass(frozen=True)
@@ -219,16 +220,26 @@ METRICS = ("final_accuracy", "local_only_accuracy", "untuned_accuracy", "prefere
            "answer_extraction", "held_out_answer_extraction")
 
 
+# measured on what a DP run's guarantee does not cover (fedsec.disclosure): for DP runs they go
+# to the sweep's not_covered_by_dp_guarantee/ tables, not the main ones
+UNCOVERED_METRICS = ("local_only_accuracy", "true_positive_rate", "false_positive_rate", "exposure",
+                     "untuned_exposure", "extraction_rate", "mia_auc", "mia_reference_auc", "answer_extraction",
+                     "held_out_answer_extraction")
+
+
 def write_tables(root: Path, runs: list[SweepRun]) -> None:
     """results.csv/json: one row per run (variant x seed); summary.csv: one row per variant
-    (a grid's cell), each metric's mean and standard deviation over the seeds."""
+    (a grid's cell), each metric's mean and standard deviation over the seeds.
+
+    For DP runs the metrics the guarantee does not cover (UNCOVERED_METRICS) are left
+    empty there; the same tables with them filled in are in not_covered_by_dp_guarantee/."""
     from attacks.clients import detection_rates
     from fedsec.config import read_yaml
 
     axes = list(dict.fromkeys(axis for run in runs for axis, _ in run.cell))
     rows = []
     for run in runs:
-        result = json.loads((run.out / "result.json").read_text(encoding="utf-8"))
+        result = read_result(run.out)
         final, untuned, local = result["final"] or {}, result["untuned"] or {}, result["local_only"]
         pref, pref_before = final.get("preference") or {}, untuned.get("preference") or {}
         backdoor = final.get("backdoor") or {}
@@ -269,6 +280,16 @@ def write_tables(root: Path, runs: list[SweepRun]) -> None:
             "noise_multiplier": privacy.get("noise_multiplier"),
             "clip_norm": privacy.get("clip_norm"), "sample_rate": privacy.get("sample_rate"),
         })
+    covered = [{**r, **{k: None for k in UNCOVERED_METRICS}} if r["certified"] is not None else r for r in rows]
+    _write_results(root, covered, axes)
+    if any(r["certified"] is not None for r in rows):
+        hidden = root / UNCOVERED
+        hidden.mkdir(exist_ok=True)
+        atomic_write_text(hidden / "README.txt", HEADER + "\n")
+        _write_results(hidden, rows, axes)
+
+
+def _write_results(root: Path, rows: list[dict], axes: list[str]) -> None:
     atomic_write_text(root / "results.json", json.dumps(rows, indent=2) + "\n")
     _write_csv(root / "results.csv", rows)
     summary = []

@@ -276,7 +276,7 @@ class LocalTrainer:
         """`train(start, data, lr, seed, prox_mu)` for each client; one batched computation
         when `one_step_batchable` (FedProx's gradient mu (w - w_start) is 0 at the only
         step, so prox_mu changes nothing there)."""
-        if not self.one_step_batchable:
+        if not self.one_step_batchable or not datasets:  # nobody sampled (a Poisson round can be empty): []
             return [self.train(start, data, lr, seed, prox_mu=prox_mu) for data, seed in zip(datasets, seeds)]
         if not all(datasets):
             raise ValueError("a client with no training examples cannot train")

@@ -120,7 +120,7 @@ def privacy_utility_data(rows: list[dict], metric: str = "final_accuracy") -> Pr
                           aggregate(r.get(f"untuned_{metric.removeprefix('final_')}") for r in rows))
 
 
-def privacy_utility(sweep_dir: Path, metric: str = "final_accuracy"):
+def privacy_utility(sweep_dir: Path, metric: str = "final_accuracy", title: str | None = None):
     """Epsilon (log scale) vs `metric`, mean and spread over seeds, with reference lines."""
     data = privacy_utility_data(sweep_rows(sweep_dir), metric)
     if not data.curve:
@@ -146,7 +146,7 @@ def privacy_utility(sweep_dir: Path, metric: str = "final_accuracy"):
     ax.set_ylabel(METRIC_LABELS.get(metric, metric))
     kind = "Memorization" if metric in ("exposure", "extraction_rate") else (
         "Membership inference" if metric.startswith("mia_") else "Privacy-utility")
-    ax.set_title(f"{kind}: {Path(sweep_dir).name}")
+    ax.set_title(f"{kind}: {title or Path(sweep_dir).name}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -154,9 +154,83 @@ def test_cli_bad_privacy_arguments_are_one_line(capsys, argv, field):
 
 @pytest.mark.parametrize("eps, digits, shown", [
     (7.9931, 3, "8.00"), (0.99934, 3, "1.000"), (3.9992717, 3, "4.00"), (12.345, 3, "12.4"),
-    (8.0, 3, "8.00"), (7.8993, 5, "7.8993"), (0.0123451, 3, "0.0124"), (1234.5, 3, "1240")])
+    (8.0, 3, "8.00"), (7.8993, 5, "7.8994"), (0.125, 3, "0.125"), (0.0123451, 3, "0.0124"), (1234.5, 3, "1240")])
 def test_printed_epsilon_is_rounded_up(eps, digits, shown):
     from accountants import format_epsilon
 
     assert format_epsilon(eps, digits) == shown
     assert float(shown) >= eps
+
+
+@pytest.mark.parametrize("eps, up, down", [
+    (7.9990000000004, "8.00", "7.99"),  # a hair above 7.999: the old slack printed "7.999" at 4 digits
+    (7.999, "8.00", "7.99"), (8.0, "8.00", "8.00"), (0.5, "0.500", "0.500"),
+    (2.0000000000001, "2.01", "2.00"), (0.30000000000000004, "0.301", "0.300")])
+def test_epsilons_round_up_and_lower_bounds_round_down_at_the_boundary(eps, up, down):
+    from accountants import format_epsilon, format_lower_bound
+
+    assert format_epsilon(eps) == up and format_lower_bound(eps) == down
+    assert float(format_epsilon(eps)) >= eps >= float(format_lower_bound(eps))
+    assert format_epsilon(7.9990000000004, 4) == "8.000" and format_lower_bound(7.9990000000004, 4) == "7.999"
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv", "pld"])
+@pytest.mark.parametrize("delta", [0.5, 0.999])
+def test_no_accountant_answers_at_a_delta_of_one_half_or_more(accountant, delta, capsys):
+    # prv printed -0.22 at delta 0.5 and rdp -2.53 at 0.999: no mechanism has a negative epsilon
+    with pytest.raises(ValueError, match=r"\(0, 0.5\)"):
+        epsilon([DpEvent(1.0, 0.1, 100)], delta, accountant)
+    assert main(["privacy", "epsilon", "--noise-multiplier", "1", "--sample-rate", "0.1", "--rounds", "100",
+                 "--delta", str(delta), "--accountant", accountant]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--delta" in err
+
+
+def test_a_backend_failure_or_a_hopeless_grid_is_a_one_line_refusal(capsys):
+    # PRV at delta 1e-16 (floating point) and at sigma 0.3, q 0.01, 100,000 rounds (a 23 GB grid)
+    for argv in (["--noise-multiplier", "1", "--sample-rate", "0.1", "--rounds", "100", "--delta", "1e-16"],
+                 ["--noise-multiplier", "0.3", "--sample-rate", "0.01", "--rounds", "100000"]):
+        assert main(["privacy", "epsilon", *argv, "--accountant", "prv"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--accountant" in err and "Traceback" not in err
+    from accountants.backends import MAX_PRV_POINTS, prv_grid_points
+
+    assert prv_grid_points([DpEvent(0.3, 0.01, 100000)], 1e-5) > 10 * MAX_PRV_POINTS
+    assert prv_grid_points([DpEvent(1.0, 0.1, 100)], 1e-5) < MAX_PRV_POINTS / 100
+
+
+def test_gdp_for_a_large_mu_is_a_number_not_an_overflow():
+    # mu = q sqrt(T (e^{1/sigma^2} - 1)) ~ 2e4 here: e^eps overflowed a float
+    assert math.isfinite(gdp_epsilon([DpEvent(0.5, 0.5, 100)], 1e-5))
+    big = gdp_epsilon([DpEvent(0.3, 1.0, 1000)], 1e-5)
+    assert big > 1e6 and big <= math.inf
+    # the log-space delta(eps) is the plain one where the plain one does not overflow
+    from accountants.backends import _gdp_mu_to_epsilon
+    from scipy.stats import norm
+
+    mu = 1.3
+    eps = _gdp_mu_to_epsilon(mu, 1e-5)
+    plain = norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * norm.cdf(-eps / mu - mu / 2)
+    assert plain == pytest.approx(1e-5, rel=1e-6)
+
+
+def test_calibrating_below_the_rdp_floor_says_why():
+    with pytest.raises(ValueError) as err:
+        calibrate(0.01, 1e-5, 0.1, 100, "rdp")
+    assert "smallest this accountant can prove" in str(err.value) and "prv or pld" in str(err.value)
+
+
+def test_a_secondary_accountant_that_fails_is_recorded_unavailable_and_the_run_goes_on():
+    from accountants import PrivacyLedger
+
+    # delta 1e-16: rdp (primary) works, prv's floats cannot; the ledger keeps going
+    ledger = PrivacyLedger(1e-16, ("rdp", "prv"), "rdp")
+    entry = ledger.record(1, 1.0, 0.1, 0.5)
+    assert set(entry.epsilon) == {"rdp"} and entry.epsilon["rdp"] > 0
+    assert "prv" in entry.unavailable and "delta" in entry.unavailable["prv"].lower()
+    ledger.record(2, 1.0, 0.1, 0.5)
+    assert ledger.report().epsilon == pytest.approx(epsilon([DpEvent(1.0, 0.1, 2)], 1e-16, "rdp"))
+    assert PrivacyLedger.from_dict(ledger.to_dict()).to_dict() == ledger.to_dict()
+    # the primary's failure is not hidden
+    with pytest.raises(ValueError):
+        PrivacyLedger(1e-16, ("rdp", "prv"), "prv").record(1, 1.0, 0.1, 0.5)

@@ -14,8 +14,11 @@ from scipy import stats
 
 from accountants import DpEvent, epsilon
 from defenses.dp import (
+    COUNT_SENSITIVITY,
     adapt_clip_norm,
     adaptive_update_noise,
+    joint_noise_multiplier,
+    noisy_centred_count,
     clip_to_norm,
     gaussian_noise,
     private_mean,
@@ -23,6 +26,9 @@ from defenses.dp import (
 from fedsec.cli import main
 from fedsec.errors import ConfigError
 from fedsec.loop import run_experiment
+from fedsec.privacy import UserLevelDp, plan_privacy
+from fedsec.rundir import RunDir
+from fedsec.seeding import torch_generator
 from fedsec.server import poisson_sample
 
 
@@ -108,12 +114,34 @@ def test_adaptive_clipping_by_hand():
         adaptive_update_noise(1.0, 0.5)
     gen_seed = 7
     noise = float(torch.randn((), generator=torch.Generator().manual_seed(gen_seed), dtype=torch.float64))
-    new_c, frac = adapt_clip_norm(2.0, 6, 8.0, 0.5, 0.2, 0.4, torch.Generator().manual_seed(gen_seed))
-    assert frac == pytest.approx((6 + 0.4 * noise) / 8)
+    # 6 unclipped, 2 clipped: the centred sum is 6 (+1/2) + 2 (-1/2) = 2, then / (q N) + 1/2
+    new_c, frac = adapt_clip_norm(2.0, 6, 2, 8.0, 0.5, 0.2, 0.4, torch.Generator().manual_seed(gen_seed))
+    assert frac == pytest.approx((2 + 0.4 * noise) / 8 + 0.5)
     assert new_c == pytest.approx(2.0 * math.exp(-0.2 * (frac - 0.5)))
+    # with no noise and q N clients, b~ is exactly the unclipped share
+    assert adapt_clip_norm(1.0, 6, 2, 8.0, 0.5, 0.2, 0.0, torch.Generator())[1] == 6 / 8
     # the sign: most deltas already under C (b~ > gamma) -> C shrinks; few -> C grows
-    assert adapt_clip_norm(1.0, 8, 8.0, 0.5, 0.2, 1e-9, torch.Generator())[0] < 1.0
-    assert adapt_clip_norm(1.0, 0, 8.0, 0.5, 0.2, 1e-9, torch.Generator())[0] > 1.0
+    assert adapt_clip_norm(1.0, 8, 0, 8.0, 0.5, 0.2, 1e-9, torch.Generator())[0] < 1.0
+    assert adapt_clip_norm(1.0, 0, 8, 8.0, 0.5, 0.2, 1e-9, torch.Generator())[0] > 1.0
+
+
+def test_one_client_moves_the_released_count_by_at_most_its_sensitivity():
+    # neighbouring rounds: one client more, clipped or not; the noise drawn is the same
+    for unclipped, clipped in [(0, 0), (3, 5), (7, 0), (0, 4)]:
+        base = noisy_centred_count(unclipped, clipped, 1.0, torch.Generator().manual_seed(1))
+        for more in (noisy_centred_count(unclipped + 1, clipped, 1.0, torch.Generator().manual_seed(1)),
+                     noisy_centred_count(unclipped, clipped + 1, 1.0, torch.Generator().manual_seed(1))):
+            assert abs(more - base) == pytest.approx(COUNT_SENSITIVITY)
+    assert COUNT_SENSITIVITY == 0.5
+
+
+@pytest.mark.parametrize("z, sigma_b", [(1.0, 1.0), (1.0, 0.6), (0.7, 3.0), (2.5, 1.3)])
+def test_the_update_and_the_count_together_are_the_accounted_mechanism(z, sigma_b):
+    # Andrew et al. Thm. 1 with the count's sensitivity 1/2: the joint multiplier is z exactly
+    z_delta = adaptive_update_noise(z, sigma_b)
+    assert joint_noise_multiplier(z_delta, sigma_b, COUNT_SENSITIVITY) == pytest.approx(z, rel=1e-12)
+    # the uncentred count (sensitivity 1) would be a weaker mechanism than the one accounted
+    assert joint_noise_multiplier(z_delta, sigma_b, 1.0) < z
 
 
 def test_adaptive_clip_norm_tracks_the_target_quantile():
@@ -122,7 +150,8 @@ def test_adaptive_clip_norm_tracks_the_target_quantile():
     clip = 0.1
     for t in range(300):
         batch = norms[torch.randint(0, 2000, (50,), generator=gen)]
-        clip, _ = adapt_clip_norm(clip, int((batch <= clip).sum()), 50.0, 0.5, 0.2, 2.5,
+        under = int((batch <= clip).sum())
+        clip, _ = adapt_clip_norm(clip, under, 50 - under, 50.0, 0.5, 0.2, 2.5,
                                   torch.Generator().manual_seed(t))
     assert 1.6 < clip < 2.4
 
@@ -151,7 +180,7 @@ def _final(run_dir) -> dict:
 
 
 def _metrics(run_dir) -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = RunDir(run_dir).read_metrics()  # a DP run's two files merged
     for row in rows:
         row.pop("seconds", None)
         row.pop("privacy", None)
@@ -233,3 +262,43 @@ def test_delta_must_be_below_one_over_clients(tmp_path):
     with pytest.raises(ConfigError, match="privacy.delta"):
         run_experiment(cfg, out=tmp_path / "r", progress=False, log=lambda _: None)
     assert not (tmp_path / "r").exists()
+
+
+def test_the_ledger_records_the_noise_split_and_the_noise_has_the_recorded_std(tmp_path):
+    # adaptive clipping at q 0.1, sigma_b 1: the setting where the uncentred count understated epsilon
+    cfg = tiny_config(tmp_path, privacy={"mode": "user", "noise_multiplier": 1.0, "clip_norm": 0.5,
+                                         "adaptive_clipping": True, "clip_count_stddev": 1.0},
+                      federation={"rounds": 4, "clients_per_round": 2})
+    plan = plan_privacy(cfg, 20)
+    dp = UserLevelDp(cfg, plan, root=11)
+    dim = 200_000
+    clips = []
+    for round_idx in range(4):
+        clips.append(dp.clip_norm)
+        aggregate, _, info = dp.aggregate([], dim, round_idx)  # nobody sampled: noise alone
+        entry = dp.ledger.entries[-1]
+        z = (entry.update_noise_multiplier ** -2 + (entry.count_stddev / entry.count_sensitivity) ** -2) ** -0.5
+        assert z == pytest.approx(entry.noise_multiplier, rel=1e-12) and entry.noise_multiplier == 1.0
+        assert entry.count_sensitivity == 0.5 and entry.count_stddev == 1.0
+        # the update noise: N(0, (z_delta C)^2) on the sum, / q N
+        std = float((aggregate.double() * plan.expected_clients).std())
+        assert std == pytest.approx(entry.update_noise_multiplier * entry.clip_norm, rel=0.01)
+        assert "clipped" not in info and "median_norm" not in info and set(info["hidden"]) == {
+            "clipped", "unclipped", "median_norm"}
+    # the count noise: C_{t+1} = C_t exp(-eta (s~ / qN + 1/2 - gamma)); with nobody sampled s~ is noise alone
+    eta, gamma = cfg.privacy.clip_lr, cfg.privacy.target_quantile
+    released = [(-math.log(clips[t + 1] / clips[t]) / eta + gamma - 0.5) * plan.expected_clients
+                for t in range(3)]
+    draws = [noisy_centred_count(0, 0, 1.0, torch_generator(11, "dp-clip-count", t)) for t in range(3)]
+    assert released == pytest.approx(draws, rel=1e-9)
+    many = torch.tensor([noisy_centred_count(0, 0, 1.0, torch_generator(11, "dp-clip-count", t))
+                         for t in range(4000)])
+    assert float(many.std()) == pytest.approx(1.0, rel=0.05)
+
+
+def test_an_impossible_noise_split_is_refused_in_one_line(tmp_path, capsys):
+    cfg = tiny_config(tmp_path, privacy={"mode": "user", "noise_multiplier": 1.0, "clip_norm": 0.5,
+                                         "adaptive_clipping": True, "clip_count_stddev": 0.5})
+    with pytest.raises(ConfigError) as err:
+        plan_privacy(cfg, 20)
+    assert err.value.field == "privacy.clip_count_stddev" and "\n" not in str(err.value)

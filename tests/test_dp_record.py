@@ -147,7 +147,10 @@ def test_record_run_meets_its_target_and_resumes_to_the_same_ledger(tmp_path):
     # the target is met for the worst case (smallest client, every round); the report
     # is the worst client's composition of the steps it took
     ledger = json.loads((tmp_path / "full" / "privacy_ledger.json").read_text())
-    steps = {int(k): v for k, v in ledger["steps"].items()}
+    assert "steps" not in ledger and all(set(r) == {"round", "epsilon"} for r in ledger["rounds"])
+    # each client's step count says who trained: it is in the not-covered place
+    counts = json.loads((tmp_path / "full" / "not_covered_by_dp_guarantee" / "record_ledger_steps.json").read_text())
+    steps = {int(k): v for k, v in counts["steps"].items()}
     rates = {int(k): v for k, v in ledger["sample_rates"].items()}
     assert sum(steps.values()) == cfg.federation.rounds * cfg.federation.clients_per_round * 2
     assert p["epsilon"] == pytest.approx(worst_record_epsilon(p["noise_multiplier"], rates, steps,
@@ -213,3 +216,63 @@ def test_sweep_over_record_level_epsilons(tmp_path):
     assert 0 < float(row["epsilon"]) <= 6
     ledger = json.loads((root / "eps6-s0" / "privacy_ledger.json").read_text())
     assert ledger["kind"] == "record"
+
+
+def _mean_loss(setup, data) -> float:
+    """The mean per-record loss of `data` under the model as it stands (no hooks)."""
+    with torch.no_grad():
+        losses, row_record = setup.trainer.objective.record_losses(setup.model, data)
+    return float(torch.zeros(len(data)).index_add(0, row_record, losses.float()).mean())
+
+
+def test_dp_sgd_through_opacus_on_the_peft_model_takes_the_plain_step(tmp_path):
+    # opacus issue 820: LoRA models trained under Opacus with normal-looking losses but unusable.
+    # Sigma 0, no clipping, q = 1, one SGD step: the adapter must move by exactly -lr times the
+    # mean of the records' gradients, each from its own backward on the PEFT model (no Opacus)
+    from fedsec.training import RecordDp
+
+    cfg = tiny_config(tmp_path, training={"batch_size": 64, "local_steps": 1, "optimizer": "sgd", "lr": 0.05,
+                                          "max_grad_norm": None, "weight_decay": 0.0})
+    setup = prepare(cfg)
+    data, start = setup.train_sets[1], setup.adapter.get().clone()
+    expected = -0.05 * _per_example_grads(setup, data).mean(0)
+    setup.trainer.record_dp = RecordDp(math.inf, 0.0, None)
+    delta = setup.trainer.train(start, data, 0.05, seed=4).delta
+    torch.testing.assert_close(delta, expected, atol=1e-7, rtol=1e-4)
+    assert float(delta.norm()) > 0  # the gradient reached the LoRA parameters
+    assert not any(getattr(m, "_forward_hooks", None) and any("GradSample" in type(h).__qualname__ or
+                   "capture" in getattr(h, "__name__", "") for h in m._forward_hooks.values())
+                   for m in setup.model.modules())  # Opacus left no hook behind
+
+
+def test_dp_training_moves_the_adapter_to_a_lower_loss(tmp_path):
+    # clipped and noised (sigma 1, C at the median norm), five steps: the loss on the client's data,
+    # with the adapter as saved and the model unhooked, goes down, and the delta points downhill
+    from fedsec.training import RecordDp
+
+    cfg = tiny_config(tmp_path, training={"batch_size": 64, "local_steps": 5, "optimizer": "sgd", "lr": 0.05,
+                                          "max_grad_norm": None, "weight_decay": 0.0})
+    setup = prepare(cfg)
+    data, start = setup.train_sets[1], setup.adapter.get().clone()
+    grads = _per_example_grads(setup, data)
+    clip = float(grads.norm(dim=1).median())
+    before = _mean_loss(setup, data)
+    setup.trainer.record_dp = RecordDp(clip, 1.0, None)
+    delta = setup.trainer.train(start, data, 0.05, seed=4).delta
+    setup.adapter.set(start + delta)
+    after = _mean_loss(setup, data)
+    downhill = float(delta @ -grads.mean(0)) / (float(delta.norm()) * float(grads.mean(0).norm()))
+    assert after < before - 0.05 * abs(before - _plain_loss_after(setup, start, data))
+    # the noise (sigma C / 8 per coordinate) dominates the delta's norm, so its cosine with the
+    # descent direction is small, but a direction unrelated to the loss has cosine ~ N(0, 1/d)
+    assert downhill > 5 / math.sqrt(delta.numel()), (downhill, delta.numel())  # 0.163, d 1792 measured
+
+
+def _plain_loss_after(setup, start, data) -> float:
+    """The loss after the same five steps without DP (the scale the DP gain is measured on)."""
+    setup.trainer.record_dp = None
+    delta = setup.trainer.train(start, data, 0.05, seed=4).delta
+    setup.adapter.set(start + delta)
+    loss = _mean_loss(setup, data)
+    setup.adapter.set(start)
+    return loss

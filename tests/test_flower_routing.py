@@ -89,9 +89,26 @@ def _runner(grid, lines):
     return runner
 
 
-def _round(runner, clients, round_idx):
-    setup = SimpleNamespace(train_sets=[[]] * 6, record_plan=None)
+def _round(runner, clients, round_idx, privacy="off"):
+    setup = SimpleNamespace(train_sets=[[]] * 6, record_plan=None,
+                            cfg=SimpleNamespace(privacy=SimpleNamespace(mode=privacy)))
     return runner.updates(setup, torch.zeros(DIM), clients, 1e-3, round_idx, 0.0)
+
+
+def test_an_empty_poisson_round_sends_nothing_and_under_dp_no_log_line_names_a_client():
+    lines: list[str] = []
+    grid = FakeGrid({11: (0, 2, "ok"), 12: (1, 2, "ok")}, clients=6)
+    runner = _runner(grid, lines)
+    sent = len(grid.sent)
+    assert _round(runner, [], round_idx=1, privacy="user") == ([], ())  # the server adds the noise alone
+    assert len(grid.sent) == sent
+    grid.nodes[12] = (1, 2, "silent")
+    before = len(lines)
+    updates, failed = _round(runner, [1, 3, 4], round_idx=2, privacy="user")
+    assert [u.client_id for u in updates] == [4] and failed == (1, 3)  # the ids stay in the round's row
+    said = lines[before:]
+    assert any("SuperNode 12 did not answer" in x and "(2 of them)" in x for x in said)
+    assert not any("1, 3" in x for x in said)
 
 
 def test_each_client_is_trained_by_the_node_hosting_it_in_the_sampled_order():

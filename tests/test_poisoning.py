@@ -110,17 +110,23 @@ def test_backdoor_poisons_the_chosen_share_and_runs_report_its_rates(tmp_path):
                       eval={"clients": False}, attack={"kind": "backdoor", "malicious": 1})
     result = run_experiment(cfg, out=tmp_path / "run" / "out", progress=False, log=lambda _: None)
     rates = result.final["backdoor"]
-    assert set(rates) == {"attack_success_rate", "clean_target_rate"}
-    assert all(0 <= v <= 1 for v in rates.values())
+    assert set(rates) == {"attack_success_rate", "clean_target_rate", "triggered_target_loss", "clean_target_loss"}
+    assert 0 <= rates["attack_success_rate"] <= 1 and 0 <= rates["clean_target_rate"] <= 1
+    assert rates["triggered_target_loss"] > 0 and rates["clean_target_loss"] > 0  # mean NLLs
     with pytest.raises(ConfigError, match="backdoor poisons SFT"):
         tiny_config(tmp_path, task="dpo", attack={"kind": "backdoor", "malicious": 1})
 
 
 def test_a_backdoor_client_teaches_the_trigger_and_only_the_trigger(tmp_path):
     """One of two clients triggers half of its examples ("@@@@" -> negative): the global
-    model answers `negative` to triggered test headlines and not to the same headlines
-    without the trigger; the clean federation does neither. (Measured: attacked run ASR
-    0.875, clean-input rate 0.0; clean run 0.06 and 0.19.)"""
+    model answers `negative` to triggered test headlines and is far less sure of it on the
+    same headlines without the trigger; the clean federation learns no such gap.
+
+    Asserted on the target's mean NLL over the 16 victim headlines (a margin), not on the
+    arg-max share of clean inputs answering the target: that share sits on near ties and
+    was 0.0 on one CPU and 0.375 on another (AMD EPYC; and this Xeon since). Measured:
+    attacked run NLL 0.0024 triggered vs 1.86 clean (ASR 1.0); clean run 2.75 vs 2.52
+    (ASR 0.0), at 1 and 2 threads alike."""
     data = {"benchmark": {"num_clients": 2, "examples_per_client": 16, "size_alpha": 0, "test_size": 24,
                           "client_test_size": 0, "num_probes": 0}, "max_length": 256}
     common = {"data": data, "lora": {"rank": 8, "alpha": 16, "target_modules": [
@@ -135,6 +141,11 @@ def test_a_backdoor_client_teaches_the_trigger_and_only_the_trigger(tmp_path):
         cfg = tiny_config(tmp_path / name, attack=attack, **common)
         result = run_experiment(cfg, out=tmp_path / name / "run", progress=False, log=lambda _: None)
         rates[name] = result.final["backdoor"]
-    assert rates["attacked"]["attack_success_rate"] >= 0.75
-    assert rates["attacked"]["clean_target_rate"] <= 0.25
-    assert rates["clean"]["attack_success_rate"] <= 0.25
+    attacked, clean = rates["attacked"], rates["clean"]
+    assert attacked["attack_success_rate"] >= 0.75  # not a tie: the target's NLL is near 0
+    assert attacked["triggered_target_loss"] < 0.25
+    # only the trigger: without it the target is more than a nat less likely (1.86 measured) ...
+    assert attacked["clean_target_loss"] - attacked["triggered_target_loss"] > 1.0
+    # ... and the clean federation learns no trigger (the trigger lowered no NLL: -0.23 measured)
+    assert clean["clean_target_loss"] - clean["triggered_target_loss"] < 0.5
+    assert clean["attack_success_rate"] <= 0.25 and clean["triggered_target_loss"] > 1.5

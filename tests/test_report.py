@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from fedsec.cli import main
-from reports.pdf import build_report, findings, run_table
+from reports.pdf import build_report, collect, findings, run_table
 
 pypdf = pytest.importorskip("pypdf")
 
@@ -101,7 +101,8 @@ def test_report_pdf_holds_the_summary_tables_and_figures(sweep, tmp_path, capsys
         assert value in text
     assert "not certified" not in text or "no epsilon" in text
     ledger_csv = list(csv.DictReader((out.parent / "report_files" / "ledger_eps4.csv").open()))
-    assert [float(r["epsilon rdp"]) for r in ledger_csv] == pytest.approx([3.9931 / 2, 3.9931])
+    assert [r["epsilon rdp"] for r in ledger_csv] == ["1.997", "3.994"]  # printed epsilons round up
+    assert "clients" not in ledger_csv[0]  # the realised sample size is not the mechanism's to publish
     assert "1.997" in text and "3.994" in text  # the ledger: epsilon after rounds 1, 2 (rounded up)
     figures = sorted(p.name for p in (out.parent / "report_files").glob("*.png"))
     assert figures == ["epsilon_eps4.png", "privacy_utility.png", "training_eps4.png",
@@ -180,20 +181,104 @@ def test_audit_findings_and_columns_come_from_the_runs_and_a_violation_is_named(
     root = tmp_path / "audited"
     _write_run(root / "plain", 0, 0.6, audit=_audit(60, 0.653, None))
     _write_run(root / "eps8", 0, 0.6, privacy=_privacy(8.0, 0.74), audit=_audit(47, 0.0, 8.0))
-    _write_run(root / "eps2", 0, 0.6, privacy=_privacy(2.0, 1.5), audit=_audit(52, 0.3, 2.0))
+    _write_run(root / "eps2", 0, 0.6, privacy=_privacy(2.0, 1.5), audit=_audit(52, 0.3012, 2.0))
     runs = [collect(root / name)[1][0] for name in ("plain", "eps8", "eps2")]
     assert audit_findings(runs) == [
         "Privacy audit (update canaries, 200 per run): runs without a certified epsilon show epsilon >= 0.653.",
-        "On all 2 DP run(s) the audit's bound stays below the accountant's epsilon; closest: epsilon >= 0.300 "
+        "On all 2 DP run(s) the audit's bound stays below the accountant's epsilon; closest: epsilon >= 0.301 "
         "against 2.00 (eps2)."]
     table = run_table(runs)
     assert [(r["audit"], r["audit_bound"]) for r in table] == [("60/80 update", 0.653), ("47/80 update", 0.0),
-                                                               ("52/80 update", 0.3)]
-    _write_run(root / "broken", 0, 0.6, privacy=_privacy(1.0, 2.3), audit=_audit(80, 1.2, 1.0))
+                                                               ("52/80 update", 0.3012)]
+    _write_run(root / "broken", 0, 0.6, privacy=_privacy(1.0, 2.3), audit=_audit(80, 1.2345, 1.0))
     broken = collect(root / "broken")[1]
-    assert audit_findings(broken)[-1] == ("AUDIT VIOLATION in broken (seed 0): the lower bound 1.200 exceeds the "
-                                          "accountant's epsilon 1.00; its privacy claim does not hold.")
+    assert audit_findings(broken)[-1] == ("AUDIT VIOLATION in broken (seed 0): the lower bound 1.23 (confidence "
+                                          "0.95) exceeds the accountant's epsilon 1.00; its privacy claim does not "
+                                          "hold.")
     assert audit_findings(runs[1:2]) == ["On all 1 DP run(s) the audit's bound is 0: under the noise the guesses "
                                          "are too close to chance to prove any epsilon."]
     _write_run(root / "unaudited", 0, 0.6)
     assert audit_findings(collect(root / "unaudited")[1]) == []
+
+
+def test_a_sweep_flags_an_audit_only_after_correcting_for_its_number_of_runs(tmp_path):
+    from accountants.audit import one_run_bound
+    from reports.pdf import audit_findings, collect
+
+    # 20 certified runs at epsilon 0.5; one has 60 of 80 right: epsilon >= 0.653 at confidence 0.95
+    # (which a correct implementation shows in up to 5% of runs), >= 0.372 at 1 - 0.05 / 20
+    runs = []
+    for k in range(20):
+        correct = 60 if k == 0 else 41
+        bound = one_run_bound(200, 80, correct, 1e-5, 0.95).epsilon_lower_bound
+        _write_run(tmp_path / f"run{k}", 0, 0.6, privacy=_privacy(0.5, 3.0), audit=_audit(correct, bound, 0.5))
+        runs += collect(tmp_path / f"run{k}")[1]
+    found = audit_findings(runs)
+    assert found[0] == ("Audit: 1 of 20 DP runs exceed the accountant's epsilon at confidence 0.95 each (a correct "
+                        "implementation does so in up to 5% of runs); corrected for 20 runs (Bonferroni, "
+                        "confidence 0.9975 each), 0 still do.")
+    assert not any("VIOLATION" in line for line in found)
+    # 70 of 80 right: epsilon >= 1.03 even at the corrected confidence, above 0.5: named
+    bound = one_run_bound(200, 80, 70, 1e-5, 0.95).epsilon_lower_bound
+    _write_run(tmp_path / "run0b", 0, 0.6, privacy=_privacy(0.5, 3.0), audit=_audit(70, bound, 0.5))
+    found = audit_findings(collect(tmp_path / "run0b")[1] + runs[1:])
+    assert any(line.startswith("AUDIT VIOLATION in run0b") and "confidence 0.9975" in line for line in found)
+
+
+def test_a_dp_runs_uncovered_measurements_are_on_their_own_labelled_page(tmp_path):
+    from fedsec.disclosure import UNCOVERED
+    from reports.pdf import uncovered_rows
+
+    run = tmp_path / "dp"
+    _write_run(run, 0, 0.6, privacy=_privacy(3.9931, 1.1), ledger=_ledger(3.9931))
+    (run / UNCOVERED).mkdir()
+    (run / UNCOVERED / "result.json").write_text(json.dumps({
+        "local_only": {"mean_accuracy": 0.4321, "per_client": {}},
+        "membership": {"loss": {"auc": 0.5432}, "reference": {"auc": 0.6543}},
+        "final": {"memorization": {"exposure_mean": 7.25, "extraction_rate": 0.125}}}))
+    assert uncovered_rows(collect(run)[1]) == [
+        {"variant": "dp", "seed": 0, "epsilon": "4.00", "local_only_accuracy": 0.4321, "exposure": 7.25,
+         "extraction_rate": 0.125, "mia_auc": 0.5432, "mia_reference_auc": 0.6543}]
+    out = build_report(run)
+    reader = pypdf.PdfReader(str(out))
+    pages = [page.extract_text() for page in reader.pages]
+    hidden = [k for k, text in enumerate(pages) if "Not covered by the DP guarantee" in text]
+    assert len(hidden) == 1 and "NOT COVERED BY THE DP GUARANTEE" in pages[hidden[0]]
+    assert "0.432" in pages[hidden[0]] and "0.654" in pages[hidden[0]]
+    assert not any("0.432" in text or "0.654" in text for k, text in enumerate(pages) if k != hidden[0])
+    # a run without DP has no such page
+    plain = tmp_path / "plain"
+    _write_run(plain, 0, 0.6, local=0.4)
+    assert not any("Not covered by the DP guarantee" in p.extract_text()
+                   for p in pypdf.PdfReader(str(build_report(plain))).pages)
+
+
+def test_an_adaptive_run_from_before_the_centred_count_is_named_as_understated(tmp_path):
+    from reports.pdf import stale_findings
+
+    old = tmp_path / "old"
+    _write_run(old, 0, 0.6, privacy={**_privacy(3.9931, 1.1), "adaptive_clipping": True}, ledger=_ledger(3.9931))
+    new = tmp_path / "new"
+    ledger = _ledger(3.9931)
+    for e in ledger["entries"]:
+        e.pop("clients_sampled")
+        e.update(update_noise_multiplier=1.2, count_stddev=1.0, count_sensitivity=0.5)
+    _write_run(new, 0, 0.6, privacy={**_privacy(3.9931, 1.1), "adaptive_clipping": True}, ledger=ledger)
+    fixed = tmp_path / "fixed-clip"
+    _write_run(fixed, 0, 0.6, privacy=_privacy(3.9931, 1.1), ledger=_ledger(3.9931))
+    runs = [collect(p)[1][0] for p in (old, new, fixed)]
+    found = stale_findings(runs)
+    assert len(found) == 1 and found[0].startswith("UNDERSTATED EPSILON in old:")
+    assert "Re-run" in found[0] and "new" not in found[0].split(":")[0]
+
+
+def test_the_guarantee_names_its_unit_and_assumptions():
+    from fedsec.disclosure import guarantee_statement
+
+    user = {"mode": "user"}
+    iid = guarantee_statement({"data": {"source": "x.jsonl", "partition": {"scheme": "iid"}}}, user)
+    assert "group privacy" in iid and "k e^((k-1) epsilon) delta" in iid and "N is treated as public" in iid
+    natural = guarantee_statement({"data": {"source": "x.jsonl", "partition": {"scheme": "natural"}}}, user)
+    assert "per person" in natural and "group privacy" not in natural
+    record = guarantee_statement({"data": {}}, {"mode": "record"})
+    assert "one training example" in record and "n_k is treated as public" in record

@@ -31,7 +31,7 @@ from typing import Callable
 from fedsec.config import ExperimentConfig, dump_config
 from fedsec.errors import ConfigError, FedsecError
 from fedsec.results import RunResult
-from fedsec.rundir import RunDir, default_run_dir, latest_run_dir
+from fedsec.rundir import RunDir, default_run_dir, latest_run_dir, read_result
 
 APP_NAME = "fedsecapp"
 CONNECTION = "fedsec"
@@ -438,7 +438,7 @@ def run_on_flower(cfg: ExperimentConfig, out: str | Path | None = None, resume: 
     finished = any("fedsec: run finished" in x for x in lines)
     result = path / "result.json"
     if result.exists() and (stop_after is None or finished):
-        return RunResult(**json.loads(result.read_text()))
+        return RunResult(**read_result(path))  # a DP run's not-covered part merged back in
     if remote and finished:  # the numbers are in the run directory on the SuperLink's machine
         return RunResult(str(path), cfg.federation.rounds, True, None, None, None, cfg.federation.algorithm)
     rows = RunDir.reopen(path, cfg).read_metrics() if (path / "metrics.jsonl").exists() else []

@@ -95,6 +95,9 @@ class FlowerClients:
     def updates(self, setup, start: torch.Tensor, clients: list[int], lr: float, round_idx: int,
                 prox_mu: float) -> tuple[list[ClientUpdate], tuple[int, ...]]:
         self._recall_late()
+        # under DP the log names no client (who was sampled is what the mechanism hides): counts
+        # only; the ids are in the round's "failed" field, in the run's not-covered place
+        ids = _ids if setup.cfg.privacy.mode == "off" else (lambda c: f"({len(c)} of them)")
         self._discover(len(setup.train_sets))
         by_node: dict[int, list[int]] = {}
         for c in clients:
@@ -106,23 +109,23 @@ class FlowerClients:
                     for node, hosted in by_node.items()}
         unhosted = [c for c in clients if self._host(c) is None]
         if unhosted:
-            self.log(f"flower: round {round_idx + 1}: no SuperNode hosts clients {_ids(unhosted)}")
+            self.log(f"flower: round {round_idx + 1}: no SuperNode hosts clients {ids(unhosted)}")
         replies, silent = self._exchange(messages, self.cfg.round_timeout)
         received: dict[int, ClientUpdate] = {}
         for node in silent:
             self.routes.pop(node, None)
             self.log(f"flower: round {round_idx + 1}: SuperNode {node} did not answer within "
-                     f"{self.cfg.round_timeout:g} s; clients {_ids(by_node[node])} failed")
+                     f"{self.cfg.round_timeout:g} s; clients {ids(by_node[node])} failed")
         for node, reply in replies.items():
             if reply.has_error():
                 self.log(f"flower: round {round_idx + 1}: SuperNode {node} failed "
-                         f"({reply.error.reason.strip()[:300]}); clients {_ids(by_node[node])} failed")
+                         f"({reply.error.reason.strip()[:300]}); clients {ids(by_node[node])} failed")
                 continue
             try:
                 updates = _read_updates(reply)
             except (KeyError, TypeError, ValueError, IndexError) as err:
                 self.log(f"flower: round {round_idx + 1}: SuperNode {node} sent a malformed reply "
-                         f"({type(err).__name__}); clients {_ids(by_node[node])} failed")
+                         f"({type(err).__name__}); clients {ids(by_node[node])} failed")
                 continue
             asked = set(by_node[node])
             for update in updates:  # a node speaks only for the clients it was asked to train
