@@ -283,9 +283,14 @@ def _sweep(args) -> int:
     root = run_sweep(args.spec, progress=not args.no_progress)
     print(f"sweep directory: {root}")
     print(summary_table(root))
-    from fedsec.disclosure import UNCOVERED
+    import json
 
-    if (root / UNCOVERED / "summary.csv").is_file():
+    from fedsec.disclosure import UNCOVERED
+    from fedsec.sweep import UNCOVERED_METRICS
+
+    hidden = root / UNCOVERED / "results.json"
+    rows = json.loads(hidden.read_text(encoding="utf-8")) if hidden.is_file() else []
+    if any(r["certified"] is not None and any(r.get(k) is not None for k in UNCOVERED_METRICS) for r in rows):
         print(f"\nNOT COVERED BY THE DP GUARANTEE ({root / UNCOVERED}): the DP runs' local-only baselines, "
               "detection rates, canary exposure and membership inference")
         print(summary_table(root / UNCOVERED))

@@ -361,7 +361,7 @@ def uncovered_rows(runs: list[RunFiles]) -> list[dict]:
                      "extraction_rate": (final.get("memorization") or {}).get("extraction_rate"),
                      "mia_auc": (membership.get("loss") or {}).get("auc"),
                      "mia_reference_auc": (membership.get("reference") or {}).get("auc")})
-    return rows
+    return [r for r in rows if any(v is not None for k, v in r.items() if k not in ("variant", "seed", "epsilon"))]
 
 
 def _uncovered_page(directory: Path, kind: str, runs: list[RunFiles], files: Path, styles) -> list:
@@ -371,7 +371,14 @@ def _uncovered_page(directory: Path, kind: str, runs: list[RunFiles], files: Pat
 
     rows = uncovered_rows(runs)
     hidden_sweep = directory / UNCOVERED if kind == "sweep" else None
-    if not rows and not (hidden_sweep is not None and hidden_sweep.is_dir()):
+    figures = []
+    if hidden_sweep is not None and hidden_sweep.is_dir():
+        for name, metric in (("exposure", "exposure"), ("extraction", "extraction_rate"),
+                             ("mia", "mia_reference_auc")):
+            fig = plots.privacy_utility(hidden_sweep, metric, title=directory.name)
+            if fig is not None:
+                figures.append((name, fig))
+    if not rows and not figures:
         return []
     story = [PageBreak(), Paragraph("Not covered by the DP guarantee", styles["h"]),
              Paragraph(HEADER + " Read from each DP run's " + UNCOVERED + "/ folder.", styles["body"])]
@@ -381,16 +388,11 @@ def _uncovered_page(directory: Path, kind: str, runs: list[RunFiles], files: Pat
                                                                 "mia_auc", "mia_reference_auc")
                                                      if any(r[c] is not None for r in rows)]
         story.append(_table(rows, styles, columns, width=17.4 * cm))
-    if hidden_sweep is not None and hidden_sweep.is_dir():
-        for name, metric in (("exposure", "exposure"), ("extraction", "extraction_rate"),
-                             ("mia", "mia_reference_auc")):
-            fig = plots.privacy_utility(hidden_sweep, metric, title=directory.name)
-            if fig is None:
-                continue
-            width, height = fig.get_size_inches()
-            png, _ = plots.save(fig, files / f"privacy_{name}")
-            w = 16 * cm
-            story += [Spacer(1, 0.3 * cm), Image(str(png), width=w, height=w * height / width)]
+    for name, fig in figures:
+        width, height = fig.get_size_inches()
+        png, _ = plots.save(fig, files / f"privacy_{name}")
+        w = 16 * cm
+        story += [Spacer(1, 0.3 * cm), Image(str(png), width=w, height=w * height / width)]
     return story
 
 

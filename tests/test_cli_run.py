@@ -62,7 +62,8 @@ def test_dp_sweep_over_epsilons_writes_epsilon_and_sigma(tmp_path):
     from fedsec.sweep import run_sweep, summary_table
 
     spec = tmp_path / "dp.yaml"
-    base = {**TINY, "federation": {"rounds": 2, "clients_per_round": 2, "sampling": "poisson"},
+    base = {**TINY, "federation": {"rounds": 2, "clients_per_round": 2, "sampling": "poisson",
+                                   "local_only_clients": 1},
             "privacy": {"delta": 1e-3, "clip_norm": 0.05}}
     spec.write_text(yaml.safe_dump({"name": "dp", "base": base, "seeds": [0],
                                     "output_dir": str(tmp_path / "runs"),
@@ -80,6 +81,14 @@ def test_dp_sweep_over_epsilons_writes_epsilon_and_sigma(tmp_path):
     assert rows["epsinf"]["certified"] == "False" and rows["epsinf"]["epsilon"] == ""
     table = summary_table(root)
     assert "| non-private | 1 | non-private |" in table and "| epsinf | 1 | not certified | 0.000 |" in table
+    # a DP run's local-only baseline is not covered by its guarantee: only in the not-covered tables
+    from fedsec.disclosure import HEADER, UNCOVERED
+
+    assert rows["non-private"]["local_only_accuracy"] != "" and rows["eps5"]["local_only_accuracy"] == ""
+    hidden = {r["variant"]: r for r in csv.DictReader((root / UNCOVERED / "results.csv").open())}
+    assert hidden["eps5"]["local_only_accuracy"] != "" and hidden["eps5"]["final_accuracy"] == rows["eps5"][
+        "final_accuracy"]
+    assert (root / UNCOVERED / "README.txt").read_text().strip() == HEADER
 
 
 def test_cache_model_builds_what_it_names_and_refuses_other_names(tmp_path, capsys, monkeypatch):

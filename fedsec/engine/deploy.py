@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from fedsec.config import ExperimentConfig, dump_config
+from fedsec.disclosure import UNCOVERED
 from fedsec.errors import ConfigError, FedsecError
 from fedsec.results import RunResult
 from fedsec.rundir import RunDir, default_run_dir, latest_run_dir, read_result
@@ -428,7 +429,7 @@ def run_on_flower(cfg: ExperimentConfig, out: str | Path | None = None, resume: 
     finally:
         if own and deployment is not None:
             deployment.stop()
-            _keep_logs(home, path)
+            _keep_logs(home, path, private=cfg.privacy.mode != "off")
     errors = [line[line.index("fedsec: error: ") + len("fedsec: error: "):] for line in lines
               if "fedsec: error: " in line]
     if (home / "error.txt").exists():
@@ -459,11 +460,13 @@ def _server_lines(echo: Callable[[str], None]) -> Callable[[str], None]:
     return show
 
 
-def _keep_logs(home: Path, run: Path) -> None:
-    """Copy the deployment's logs into the run directory (flower/), when it exists."""
+def _keep_logs(home: Path, run: Path, private: bool = False) -> None:
+    """Copy the deployment's logs into the run directory (flower/), when it exists. Under
+    DP they go to the not-covered folder: Flower's own lines say which SuperNodes got
+    messages each round, and so something of who was sampled."""
     if not run.is_dir():
         return
-    target = run / "flower"
-    target.mkdir(exist_ok=True)
+    target = run / UNCOVERED / "flower" if private else run / "flower"
+    target.mkdir(parents=True, exist_ok=True)
     for log in home.glob("*.log"):
         shutil.copyfile(log, target / log.name)
