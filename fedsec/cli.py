@@ -231,42 +231,26 @@ def _lm_eval(args) -> int:
 
 
 def _report(args) -> int:
-    from pathlib import Path
+    from fedsec.api import report
 
-    from fedsec.config import ConfigError
-
-    directory = Path(args.directory)
-    if not directory.is_dir():
-        raise ConfigError("report DIR", args.directory, "no such directory; give a run or sweep directory")
-    from reports.pdf import build_report
-
-    out = build_report(directory, args.output, force=args.force)
+    out = report(args.directory, args.output, force=args.force)
     print(f"report: {out}")
     print(f"figures and tables: {out.parent / (out.stem + '_files')}")
     return 0
 
 
 def _run(args) -> int:
-    from fedsec.config import ConfigError, load_config
+    from fedsec.api import load_config, run
+    from fedsec.console import summary_lines
+    from fedsec.errors import ConfigError
 
     overrides = list(args.overrides) + ([f"engine={args.engine}"] if args.engine else [])
     cfg = load_config(args.config, overrides)
     if args.stop_after is not None and args.stop_after < 1:
         raise ConfigError("--stop-after", args.stop_after, "must be >= 1")
-    from fedsec.console import summary_lines
-
     _quiet_libraries()
-    if cfg.engine == "flower":
-        if importlib.util.find_spec("flwr") is None:
-            raise ConfigError("engine", "flower", "Flower is not installed; pip install 'fedsec[flower]'")
-        from fedsec.engine.deploy import run_on_flower
-
-        result = run_on_flower(cfg, out=args.out, resume=args.resume, stop_after=args.stop_after)
-    else:
-        from fedsec.loop import run_experiment
-
-        result = run_experiment(cfg, out=args.out, resume=args.resume, stop_after=args.stop_after,
-                                progress=not args.no_progress)
+    result = run(cfg, out=args.out, resume=args.resume, stop_after=args.stop_after,
+                 progress=not args.no_progress)
     if not result.finished:
         print(f"stopped after round {result.rounds_done}; continue with: fedsec run {args.config} "
               f"--out {result.run_dir} --resume")
@@ -277,10 +261,11 @@ def _run(args) -> int:
 
 
 def _sweep(args) -> int:
-    from fedsec.sweep import run_sweep, summary_table
+    from fedsec.api import sweep
+    from fedsec.sweep import summary_table
 
     _quiet_libraries()
-    root = run_sweep(args.spec, progress=not args.no_progress)
+    root = sweep(args.spec, progress=not args.no_progress)
     print(f"sweep directory: {root}")
     print(summary_table(root))
     import json

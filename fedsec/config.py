@@ -619,6 +619,9 @@ class ExperimentConfig:
     eval: EvalConfig = _help("evaluation", factory=EvalConfig)
     audit: AuditConfig = _help("empirical privacy audit: canary clients and an epsilon lower bound",
                                factory=AuditConfig)
+    plugins: tuple[str, ...] = _help(
+        "modules to import before the config is checked, whose @fedsec.register entries (e.g. an "
+        "aggregator) this experiment may name; see docs/extending.md", ())
     engine: str = _help("inprocess (every client simulated in this process) or flower (clients train "
                         "on Flower SuperNodes; the server pipeline runs in a Flower ServerApp)", "inprocess")
     flower: FlowerConfig = _help("the Flower deployment (engine: flower)", factory=FlowerConfig)
@@ -676,6 +679,16 @@ def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | lis
     raw = read_yaml(path) if path is not None else {}
     for assignment in overrides:
         raw = apply_override(raw, assignment)
+    return from_raw(raw)
+
+
+def from_raw(raw: dict) -> ExperimentConfig:
+    """Validate a raw experiment mapping, its plugins imported first (their names are then
+    known to the checks)."""
+    from fedsec.registry import load_plugins
+
+    plugins = raw.get("plugins") if isinstance(raw, dict) else None
+    load_plugins(plugins if isinstance(plugins, (list, tuple)) else ([plugins] if plugins else []))
     return from_mapping(ExperimentConfig, raw)
 
 

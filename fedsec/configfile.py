@@ -155,8 +155,9 @@ def read_yaml(path: str | Path) -> dict:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or "invalid YAML"
         raise ConfigError("config", str(path), f"YAML syntax error{where}: {problem}") from None
-    if raw is None:
-        return {}
+    if raw is None:  # empty, or only comments: a run of every default is never what was meant
+        raise ConfigError("config", str(path), "is empty (or holds only comments); give at least one section, "
+                          "e.g. `model: {name: tiny}`, or start from experiments/quickstart.yaml")
     if not isinstance(raw, dict):
         raise ConfigError("config", str(path), "the top level must be a mapping of sections")
     return raw

@@ -296,10 +296,10 @@ def _same_experiment(stored: str, cfg: ExperimentConfig) -> bool:
     experiment when its config, with today's defaults filled in, resolves to `cfg`."""
     import yaml
 
-    from fedsec.config import from_mapping
+    from fedsec.config import from_raw
 
     try:
-        return dump_config(from_mapping(ExperimentConfig, yaml.safe_load(stored))) == dump_config(cfg)
+        return dump_config(from_raw(yaml.safe_load(stored))) == dump_config(cfg)
     except (ConfigError, yaml.YAMLError, TypeError, ValueError):
         return False
 

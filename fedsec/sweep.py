@@ -151,8 +151,8 @@ def run_sweep(spec_path: str | Path, progress: bool = True,
               log: Callable[[str], None] = print) -> Path:
     from tqdm import tqdm
 
-    from fedsec.config import ExperimentConfig, apply_override, from_mapping
-    from fedsec.loop import run_experiment
+    from fedsec.api import run as run_one
+    from fedsec.config import apply_override, from_raw
 
     root, runs, base_file, base_raw = expand(spec_path)
     configs = []
@@ -163,7 +163,7 @@ def run_sweep(spec_path: str | Path, progress: bool = True,
             raw = base_raw
             for assignment in run.overrides:
                 raw = apply_override(raw, assignment)
-            cfg = from_mapping(ExperimentConfig, raw)
+            cfg = from_raw(raw)
         configs.append(cfg)
     runs = _share_identical(runs, configs)
     for run, cfg in zip(runs, configs):  # a finished run counts only if it ran this config
@@ -184,13 +184,8 @@ def run_sweep(spec_path: str | Path, progress: bool = True,
         else:
             resume = (run.out / CONFIG).is_file()
             log(f"[sweep] {run.variant} seed {run.seed}: {'resuming' if resume else 'starting'}")
-            if cfg.engine == "flower":  # each run on its own local deployment (or flower.superlink)
-                from fedsec.engine.deploy import run_on_flower
-
-                run_on_flower(cfg, out=run.out, resume=resume, echo=lambda line: log("    " + line))
-            else:
-                run_experiment(cfg, out=run.out, resume=resume, progress=False,
-                               log=lambda line: log("    " + line))
+            # on its engine: here, or each run on its own local Flower deployment (or flower.superlink)
+            run_one(cfg, out=run.out, resume=resume, progress=False, log=lambda line: log("    " + line))
         bar.update(1)
     bar.close()
     write_tables(root, runs)

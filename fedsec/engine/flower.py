@@ -37,7 +37,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedsec.config import ExperimentConfig, FlowerConfig, from_mapping
+from fedsec.config import ExperimentConfig, FlowerConfig, from_mapping, from_raw
 from fedsec.errors import ConfigError, FedsecError
 from fedsec.results import ClientUpdate
 
@@ -48,7 +48,7 @@ client_app = ClientApp()
 
 
 def config_from_text(text: str) -> ExperimentConfig:
-    return from_mapping(ExperimentConfig, yaml.safe_load(text))
+    return from_raw(yaml.safe_load(text))
 
 
 def partition(node_config) -> tuple[int, int]:

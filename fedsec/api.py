@@ -1,0 +1,82 @@
+"""fedsec from Python: the four calls the CLI and the sweep are built on.
+
+    import fedsec
+
+    cfg = fedsec.load_config("experiments/quickstart.yaml", ["federation.rounds=3"])
+    result = fedsec.run(cfg, out="runs/x")          # or fedsec.run("exp.yaml", overrides=[...])
+    result.run_dir, result.final["accuracy"], result.privacy
+    root = fedsec.sweep("experiments/demo_dp.yaml")  # the sweep directory
+    pdf = fedsec.report(root)                         # its report.pdf
+
+`run` runs on the configured engine (`engine: inprocess` here, `engine: flower` on
+Flower SuperNodes) and returns the typed `fedsec.results.RunResult`. Bad input
+raises `fedsec.errors.ConfigError` naming the field, the value and the fix (the CLI
+prints it as its one line). Heavy modules load on first use, so `import fedsec` is
+quick.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Callable, Sequence
+
+from fedsec.config import ExperimentConfig
+from fedsec.config import load_config as _load_config
+from fedsec.errors import ConfigError
+from fedsec.results import RunResult
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """The validated, frozen experiment of a YAML file with `key=value` overrides applied
+    (no path: every default)."""
+    return _load_config(path, list(overrides))
+
+
+def run(config: str | Path | ExperimentConfig, overrides: Sequence[str] = (), out: str | Path | None = None,
+        resume: bool = False, stop_after: int | None = None, progress: bool = True,
+        log: Callable[[str], None] = print) -> RunResult:
+    """Run (or with `resume`, continue) one experiment on its engine; returns its result.
+
+    `config` is a YAML path or an ExperimentConfig (then `overrides` must be empty).
+    `out` is the run directory (default: <output_dir>/<name>-<timestamp>); `stop_after`
+    ends after that many rounds, leaving a checkpoint `resume=True` continues; `log`
+    receives the round lines (and, on Flower, the server's log).
+    """
+    if isinstance(config, ExperimentConfig):
+        if overrides:
+            raise ConfigError("overrides", list(overrides), "apply overrides to a YAML path, or build the "
+                              "config with dataclasses.replace")
+        cfg = config
+    else:
+        cfg = load_config(config, overrides)
+    if stop_after is not None and stop_after < 1:
+        raise ConfigError("stop_after", stop_after, "must be >= 1")
+    if cfg.engine == "flower":
+        if importlib.util.find_spec("flwr") is None:
+            raise ConfigError("engine", "flower", "Flower is not installed; pip install 'fedsec[flower]'")
+        from fedsec.engine.deploy import run_on_flower
+
+        return run_on_flower(cfg, out=out, resume=resume, stop_after=stop_after, echo=log)
+    from fedsec.loop import run_experiment
+
+    return run_experiment(cfg, out=out, resume=resume, stop_after=stop_after, progress=progress, log=log)
+
+
+def sweep(spec: str | Path, progress: bool = True, log: Callable[[str], None] = print) -> Path:
+    """Run every run of a sweep file (skipping finished ones), write its tables; returns
+    the sweep directory."""
+    from fedsec.sweep import run_sweep
+
+    return run_sweep(spec, progress=progress, log=log)
+
+
+def report(directory: str | Path, out: str | Path | None = None, force: bool = False) -> Path:
+    """Build the PDF report of a run or sweep directory; returns the PDF's path (an
+    existing one is kept unless `force`)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ConfigError("report DIR", str(directory), "no such directory; give a run or sweep directory")
+    from reports.pdf import build_report
+
+    return build_report(directory, Path(out) if out is not None else None, force=force)

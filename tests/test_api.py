@@ -1,0 +1,133 @@
+"""fedsec from Python: fedsec.run / load_config / sweep / report, and the CLI on top of them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from conftest import TINY
+
+import fedsec
+from fedsec.cli import main
+
+
+def _yaml(tmp_path, name="exp.yaml", **extra):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump({**TINY, "output_dir": str(tmp_path / "runs"), **extra}, sort_keys=False))
+    return path
+
+
+def test_a_notebook_runs_an_experiment_with_overrides_and_gets_a_typed_result(tmp_path):
+    spec = _yaml(tmp_path)
+    result = fedsec.run(spec, overrides=["federation.rounds=1"], out=tmp_path / "x", progress=False,
+                        log=lambda _: None)
+    assert isinstance(result, fedsec.RunResult) and result.finished and result.rounds_done == 1
+    assert result.run_dir == str(tmp_path / "x")
+    written = json.loads((tmp_path / "x" / "result.json").read_text())
+    assert written["final"] == result.final and written["rounds_done"] == 1
+    # the CLI's run of the same experiment gives the same numbers (same machine, same seed)
+    assert main(["run", str(spec), "--set", "federation.rounds=1", "--out", str(tmp_path / "cli"),
+                 "--no-progress"]) == 0
+    assert json.loads((tmp_path / "cli" / "result.json").read_text())["final"] == result.final
+    cfg = fedsec.load_config(spec, ["federation.rounds=1"])
+    assert cfg.federation.rounds == 1 and cfg.model.name == "tiny"
+    pdf = fedsec.report(tmp_path / "x")
+    assert pdf == tmp_path / "x" / "report.pdf" and pdf.is_file()
+    with pytest.raises(fedsec.ConfigError, match="already exists"):
+        fedsec.report(tmp_path / "x")
+
+
+def test_the_cli_runs_through_fedsec_run(tmp_path, monkeypatch):
+    import fedsec.api
+
+    calls = []
+    monkeypatch.setattr(fedsec.api, "run", lambda cfg, **kw: calls.append((cfg, kw)) or fedsec.RunResult(
+        str(tmp_path), 1, False, None, None, None))
+    assert main(["run", str(_yaml(tmp_path)), "--set", "federation.rounds=2", "--no-progress"]) == 0
+    (cfg, kw), = calls
+    assert cfg.federation.rounds == 2 and kw["progress"] is False
+
+
+def test_bad_api_input_raises_the_one_line_config_error(tmp_path):
+    cfg = fedsec.load_config(_yaml(tmp_path))
+    with pytest.raises(fedsec.ConfigError) as err:
+        fedsec.run(cfg, overrides=["federation.rounds=1"])
+    assert err.value.field == "overrides"
+    with pytest.raises(fedsec.ConfigError) as err:
+        fedsec.report(tmp_path / "nowhere")
+    assert err.value.field == "report DIR"
+    with pytest.raises(fedsec.ConfigError) as err:
+        fedsec.run(cfg, stop_after=0)
+    assert err.value.field == "stop_after"
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n# and another\n"])
+def test_an_empty_experiment_file_is_refused_in_one_line(tmp_path, capsys, text):
+    # it used to start a full default run of SmolLM2 (30 layers, no prefix cache)
+    spec = tmp_path / "empty.yaml"
+    spec.write_text(text)
+    assert main(["run", str(spec), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "config = " in err and "is empty" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+PLUGIN = '''
+import torch
+
+import fedsec
+
+CALLS = []
+
+
+@fedsec.register("aggregator", "scaled_mean")
+def scaled_mean(deltas, weights, *, scale: float = 1.0):
+    """The weighted mean times `scale` (a test plugin)."""
+    out = scale * (weights[:, None] * deltas).sum(0) / weights.sum()
+    CALLS.append((deltas.clone(), weights.clone(), out.clone()))
+    return out
+'''
+
+
+def test_a_plugin_aggregator_outside_the_repo_is_named_from_yaml_and_its_output_is_applied(tmp_path, monkeypatch):
+    import importlib
+    import sys
+
+    import torch
+
+    (tmp_path / "plugs").mkdir()
+    (tmp_path / "plugs" / "my_rules.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path / "plugs"))
+    spec = _yaml(tmp_path, plugins=["my_rules"], keep_checkpoints=5,
+                 federation={"rounds": 2, "clients_per_round": 2, "local_only_clients": 0},
+                 defense={"aggregator": "scaled_mean", "params": {"scale": 0.5}})
+    result = fedsec.run(spec, out=tmp_path / "run", progress=False, log=lambda _: None)
+    calls = importlib.import_module("my_rules").CALLS
+    assert result.finished and len(calls) == 2
+    for deltas, weights, out in calls:  # the round's accepted deltas, one row per sampled client
+        assert deltas.shape[0] == 2 and deltas.shape[1] == out.shape[0] and weights.shape == (2,)
+        torch.testing.assert_close(out, 0.5 * (weights[:, None] * deltas).sum(0) / weights.sum())
+    # what the server applied is the plugin's output (FedAvg, server lr 1: w_t = w_{t-1} + aggregate)
+    ckpts = sorted((tmp_path / "run" / "checkpoints").glob("round_*.pt"))
+    g1, g2 = (torch.load(p, weights_only=True)["global"] for p in ckpts[-2:])
+    torch.testing.assert_close(g2 - g1, calls[1][2], rtol=0, atol=1e-7)
+    # its name is checked and suggested like a built-in's, and under DP it is not certified
+    with pytest.raises(fedsec.ConfigError, match="did you mean|scaled_mean"):
+        fedsec.load_config(spec, ["defense.aggregator=scaled_men"])
+    with pytest.raises(fedsec.ConfigError) as err:
+        fedsec.load_config(spec, ["defense.params.scale=big"])
+    assert err.value.field.endswith("scale")
+    from fedsec.privacy import plan_privacy
+
+    dp = fedsec.load_config(spec, ["privacy.mode=user", "privacy.noise_multiplier=1.0"])
+    plan = plan_privacy(dp, 4)
+    assert not plan.certified and "scaled_mean" in plan.reason
+    sys.modules.pop("my_rules", None)
+
+
+def test_a_plugin_that_cannot_be_imported_is_one_line(tmp_path, capsys):
+    spec = _yaml(tmp_path, plugins=["no_such_plugin_module"])
+    assert main(["run", str(spec), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "plugins = 'no_such_plugin_module'" in err and "PYTHONPATH" in err
