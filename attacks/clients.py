@@ -23,6 +23,8 @@ from attacks.poisoning import DATA_ATTACKS
 from fedsec.results import ClientUpdate
 
 UPDATE_ATTACKS = ("sign_flip", "gaussian", "scaling", "alie", "ipm", "min_max", "min_sum")
+# plugins' update attacks (fedsec.register("update_attack", name)): name -> fn(own, honest, generator, **params)
+PLUGIN_ATTACKS: dict[str, Any] = {}
 # parameter name -> default, per attack (scaling's factor None: n / eta, model replacement)
 PARAMS: dict[str, dict[str, Any]] = {
     "sign_flip": {"scale": 1.0},
@@ -78,6 +80,17 @@ def attack_round(kind: str, params: Mapping[str, Any], updates: list[ClientUpdat
                   "min_max": lambda: attack.min_max(stack, p["direction"]),
                   "min_sum": lambda: attack.min_sum(stack, p["direction"])}[kind]()
     out = list(updates)
+    plugin = PLUGIN_ATTACKS.get(kind)
+    if plugin is not None:  # the attacker sees its own delta and the round's honest ones (omniscient)
+        stack = torch.stack(honest) if honest else torch.zeros(0, updates[bad[0]].delta.numel())
+        for i in bad:
+            own = updates[i].delta
+            delta = plugin(own, stack, generator, **p)
+            if not (isinstance(delta, torch.Tensor) and delta.shape == own.shape):
+                raise ValueError(f"update attack {kind} returned {type(delta).__name__} "
+                                 f"{tuple(getattr(delta, 'shape', ()))}, not a tensor of shape {tuple(own.shape)}")
+            out[i] = dataclasses.replace(updates[i], delta=delta.to(own.dtype), malicious=True)
+        return AttackOutcome(out, ids)
     for i in bad:
         own = updates[i].delta
         if shared is not None:

@@ -439,9 +439,9 @@ class AttackConfig:
     def __post_init__(self) -> None:
         import difflib
 
-        from attacks.clients import DATA_ATTACKS, PARAMS, UPDATE_ATTACKS
+        from attacks.clients import DATA_ATTACKS, PARAMS, PLUGIN_ATTACKS, UPDATE_ATTACKS
 
-        _one_of("kind", self.kind, ("none", *UPDATE_ATTACKS, *DATA_ATTACKS))
+        _one_of("kind", self.kind, ("none", *UPDATE_ATTACKS, *DATA_ATTACKS, *PLUGIN_ATTACKS))
         _require(self.malicious >= 0, "malicious", self.malicious, "must be an integer >= 0")
         _require(self.fraction is None or 0 <= self.fraction <= 1, "fraction", self.fraction,
                  "must be null or in [0, 1]")

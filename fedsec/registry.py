@@ -22,9 +22,12 @@ under user-level DP it makes the run "not certified" unless it is registered wit
 `dp_certified=True` (its author then claims a sensitivity of C for the clipped
 deltas, as the mean has).
 
-Only aggregators take plugins yet; the other extension points (attacks,
-accountants, server optimizers, metrics, benchmarks) are named tables inside
-fedsec that issue 24 moves here.
+An update attack is `fn(own, honest, generator, **params) -> delta`: a malicious
+client's own trained delta [d], the round's honest deltas [h, d] (the omniscient
+attacker of the papers) and the round's attack generator; its keyword parameters
+(with defaults) become `attack.params`. Aggregators and update attacks take plugins
+so far; the other extension points (data attacks, accountants, server optimizers,
+metrics, benchmarks) are named tables inside fedsec that issue 24 moves here.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import importlib
 import inspect
 from typing import Callable, Iterable
 
-KINDS = ("aggregator",)
+KINDS = ("aggregator", "update_attack")
 ENTRY_POINTS = "fedsec.plugins"
 _entry_points_loaded = False
 
@@ -45,17 +48,45 @@ def register(kind: str, name: str, *, dp_certified: bool = False) -> Callable:
         raise ValueError(f"unknown extension point {kind!r}; plugins can register: {', '.join(KINDS)}")
 
     def add(fn: Callable) -> Callable:
+        if kind == "update_attack":
+            _add_update_attack(name, fn)
+            return fn
         from defenses.registry import AGGREGATORS
 
         taken = AGGREGATORS.get(name)
-        same = getattr(taken, "plugin", None)
-        if taken is not None and not (same is not None and (same.__module__, same.__qualname__) ==
-                                      (fn.__module__, fn.__qualname__)):  # a module imported again may
+        if taken is not None and not _same_function(getattr(taken, "plugin", None), fn):
             raise ValueError(f"aggregator {name!r} is taken ({taken.__name__}); register another name")
         AGGREGATORS[name] = _aggregator_rule(name, fn, dp_certified)
         return fn
 
     return add
+
+
+def _same_function(a: Callable | None, b: Callable) -> bool:
+    """`b` is `a` again (its module imported a second time), not another function."""
+    return a is not None and (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
+
+
+def _keyword_defaults(kind: str, name: str, fn: Callable, skip: int) -> dict:
+    """fn's parameters after the first `skip`, each with its default (they become params)."""
+    out = {}
+    for p in list(inspect.signature(fn).parameters.values())[skip:]:
+        if p.kind not in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) or p.default is p.empty:
+            raise ValueError(f"{kind} {name!r}: parameter {p.name!r} needs a default (it becomes a param)")
+        out[p.name] = p.default
+    return out
+
+
+def _add_update_attack(name: str, fn: Callable) -> None:
+    """fn(own [d], honest [h, d], generator, **params) -> the malicious delta [d]."""
+    from attacks.clients import PARAMS, PLUGIN_ATTACKS, UPDATE_ATTACKS
+    from attacks.poisoning import DATA_ATTACKS
+
+    if name in (*UPDATE_ATTACKS, *DATA_ATTACKS, "none") or (
+            name in PLUGIN_ATTACKS and not _same_function(PLUGIN_ATTACKS[name], fn)):
+        raise ValueError(f"attack {name!r} is taken; register another name")
+    PARAMS[name] = _keyword_defaults("update_attack", name, fn, 3)
+    PLUGIN_ATTACKS[name] = fn
 
 
 def _aggregator_rule(name: str, fn: Callable, dp_certified: bool) -> type:

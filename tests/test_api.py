@@ -81,6 +81,17 @@ import fedsec
 CALLS = []
 
 
+ATTACKS = []
+
+
+@fedsec.register("update_attack", "push")
+def push(own, honest, generator, *, offset: float = 1.0):
+    """Each attacker sends the honest mean plus `offset` in every coordinate (a test plugin)."""
+    out = honest.mean(0) + offset
+    ATTACKS.append((own.clone(), honest.clone(), out.clone()))
+    return out
+
+
 @fedsec.register("aggregator", "scaled_mean")
 def scaled_mean(deltas, weights, *, scale: float = 1.0):
     """The weighted mean times `scale` (a test plugin)."""
@@ -123,6 +134,35 @@ def test_a_plugin_aggregator_outside_the_repo_is_named_from_yaml_and_its_output_
     dp = fedsec.load_config(spec, ["privacy.mode=user", "privacy.noise_multiplier=1.0"])
     plan = plan_privacy(dp, 4)
     assert not plan.certified and "scaled_mean" in plan.reason
+    sys.modules.pop("my_rules", None)
+
+
+def test_a_plugin_update_attack_and_aggregator_run_together_from_yaml(tmp_path, monkeypatch):
+    import importlib
+    import sys
+
+    import torch
+
+    (tmp_path / "plugs").mkdir()
+    (tmp_path / "plugs" / "my_rules.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path / "plugs"))
+    sys.modules.pop("my_rules", None)
+    spec = _yaml(tmp_path, plugins=["my_rules"],
+                 federation={"rounds": 1, "clients_per_round": 4, "local_only_clients": 0},
+                 attack={"kind": "push", "malicious": 1, "params": {"offset": 0.25}},
+                 defense={"aggregator": "scaled_mean", "params": {"scale": 1.0}})
+    result = fedsec.run(spec, out=tmp_path / "run", progress=False, log=lambda _: None)
+    plugin = importlib.import_module("my_rules")
+    assert result.finished and len(plugin.ATTACKS) == 1 and len(plugin.CALLS) == 1
+    own, honest, sent = plugin.ATTACKS[0]
+    deltas = plugin.CALLS[0][0]
+    assert honest.shape[0] == 3 and deltas.shape[0] == 4  # every client sampled, one of them malicious
+    torch.testing.assert_close(sent, honest.mean(0) + 0.25)
+    # the aggregator saw the attacker's vector, and the three honest deltas unchanged
+    assert sum(bool(torch.equal(row, sent)) for row in deltas) == 1
+    assert all(any(torch.equal(row, h) for row in deltas) for h in honest)
+    with pytest.raises(fedsec.ConfigError, match="did you mean 'offset'"):
+        fedsec.load_config(spec, ["attack.params.ofset=1"])
     sys.modules.pop("my_rules", None)
 
 
