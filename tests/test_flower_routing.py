@@ -168,3 +168,25 @@ def test_a_node_building_other_data_is_left_out_and_the_start_waits_for_coverage
     with pytest.raises(ConfigError):
         runner.start(SimpleNamespace(train_sets=[[]] * 6), lines.append)
     assert any("builds 7 clients from its data, the server 6" in x for x in lines)
+
+
+def test_a_supernodes_data_path_replaces_the_experiments_data_source(tmp_path, monkeypatch):
+    # the documented node option used to override data.path, a field that does not exist
+    import yaml
+    from conftest import TINY
+
+    from fedsec.config import ExperimentConfig, dump_config, from_mapping
+    from fedsec.engine.flower import _node_setup
+
+    rows = "".join('{"prompt": "q%d", "response": "a%d", "user": "u%d"}\n' % (k, k, k % 3) for k in range(30))
+    own = tmp_path / "org1.jsonl"
+    own.write_text(rows)
+    cfg = from_mapping(ExperimentConfig, {**TINY, "data": {"source": str(tmp_path / "shared.jsonl"),
+                                                             "partition": {"scheme": "natural", "by": "user"}}})
+    context = SimpleNamespace(run_config={"workdir": str(tmp_path), "config": dump_config(cfg)},
+                              node_config={"partition-id": 1, "num-partitions": 3, "data-path": str(own)})
+    monkeypatch.chdir(tmp_path)  # _node_setup moves into the run's workdir; the test's cwd comes back after
+    mine, (p, count) = _node_setup(context)
+    assert mine.data.source == str(own) and (p, count) == (1, 3)
+    assert mine.data.partition == cfg.data.partition  # everything else as the experiment says
+    assert yaml.safe_load(dump_config(mine))["data"]["source"] == str(own)

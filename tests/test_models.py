@@ -34,7 +34,10 @@ def test_smollm2_conversion_matches_the_gguf_model():
     from transformers import AutoModelForCausalLM
 
     model, tok = load_base_model(ModelConfig(name=SMOLLM2))
-    assert (resolve_model_path(SMOLLM2) + "/model.safetensors").endswith("model.safetensors")
+    from pathlib import Path
+
+    converted = Path(resolve_model_path(SMOLLM2))
+    assert (converted / "model.safetensors").is_file() and (converted / "config.json").is_file()  # the cache
     gguf = smollm2_gguf_path()
     reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],

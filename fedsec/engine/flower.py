@@ -37,7 +37,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedsec.config import ExperimentConfig, FlowerConfig, from_mapping, from_raw
+from fedsec.config import ExperimentConfig, FlowerConfig, from_raw
 from fedsec.errors import ConfigError, FedsecError
 from fedsec.results import ClientUpdate
 
@@ -303,8 +303,9 @@ def _node_setup(context: Context) -> tuple[ExperimentConfig, tuple[int, int]]:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     data_path = context.node_config.get("data-path")
     cfg = config_from_text(str(run_config["config"]))
-    if data_path:  # this organisation's own copy of the data (same clients, its partition)
-        from fedsec.config import apply_override, to_mapping
-        cfg = from_mapping(ExperimentConfig, apply_override(to_mapping(cfg), f"data.path={data_path}"))
+    if data_path:  # this organisation's own copy of the data (same clients, its partition): data.source
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=str(data_path)))
     require_converted(cfg.model.name)
     return cfg, partition(context.node_config)
