@@ -94,8 +94,10 @@ def _opacus(kind: str) -> Callable[[list[DpEvent], float], float]:
 
         acc = RDPAccountant() if kind == "rdp" else PRVAccountant()
         acc.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in segments]
-        if kind == "prv":
-            _check_prv_grid(segments, delta)
+        if kind == "prv":  # size the grid once, refuse a hopeless one, and let get_epsilon reuse it
+            domain = _prv_domain(acc, delta)
+            _check_prv_grid(domain.size)
+            acc._get_domain = lambda **_: domain
         # "optimal order is the largest alpha" (RDP) and log(0) inside PRV's domain search
         # are warnings about tightness, not validity: the bound returned is still safe.
         with warnings.catch_warnings(), np.errstate(divide="ignore"):
@@ -110,21 +112,30 @@ def _opacus(kind: str) -> Callable[[list[DpEvent], float], float]:
 MAX_PRV_POINTS = 3e7
 
 
-def prv_grid_points(segments: list[DpEvent], delta: float, eps_error: float = 0.01) -> float:
-    """The size of the grid Opacus' PRVAccountant.get_epsilon would build (its defaults)."""
-    from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV, compute_safe_domain_size
-
-    delta_error = delta / 1000
-    prvs = [PoissonSubsampledGaussianPRV(e.sample_rate, e.noise_multiplier) for e in segments]
-    size = compute_safe_domain_size(prvs=prvs, max_self_compositions=[e.steps for e in segments],
-                                    eps_error=eps_error, delta_error=delta_error)
-    total = sum(e.steps for e in segments)
-    mesh = eps_error / math.sqrt(total * math.log(12 / delta_error) / 2)
-    return 2 * size / mesh
+# Opacus' PRVAccountant.get_epsilon defaults: the epsilon error, and delta's error as a share of delta
+PRV_EPS_ERROR, PRV_DELTA_ERROR = 0.01, 1e-3
 
 
-def _check_prv_grid(segments: list[DpEvent], delta: float) -> None:
-    points = prv_grid_points(segments, delta)
+def _prv_domain(acc, delta: float):
+    """The grid Opacus' PRVAccountant.get_epsilon builds for its history (its own sizing;
+    the Domain only records the size, nothing is allocated)."""
+    from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
+
+    prvs = [PoissonSubsampledGaussianPRV(q, sigma) for sigma, q, _ in acc.history]
+    return acc._get_domain(prvs=prvs, num_self_compositions=[steps for _, _, steps in acc.history],
+                           eps_error=PRV_EPS_ERROR, delta_error=delta * PRV_DELTA_ERROR)
+
+
+def prv_grid_points(segments: list[DpEvent], delta: float) -> int:
+    """The number of points of the grid the PRV accountant would build for `segments`."""
+    from opacus.accountants import PRVAccountant
+
+    acc = PRVAccountant()
+    acc.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in segments]
+    return _prv_domain(acc, delta).size
+
+
+def _check_prv_grid(points: int) -> None:
     if points > MAX_PRV_POINTS:
         raise ValueError(f"the prv accountant would build a grid of {points:.3g} points (about "
                          f"{points * 48 / 2 ** 30:.0f} GiB) for this history; use rdp or pld")

@@ -87,6 +87,17 @@ def split_result(result: dict) -> tuple[dict, dict]:
     return covered, hidden
 
 
+def merge_result(covered: dict, hidden: dict) -> dict:
+    """The inverse of split_result: result.json's dict with its uncovered part put back."""
+    out = dict(covered)
+    for key, value in hidden.items():
+        if key in ("untuned", "final") and out.get(key) is not None:
+            out[key] = {**out[key], **(value or {})}
+        else:
+            out[key] = value
+    return out
+
+
 def merge_rows(covered: list[dict], hidden: list[dict]) -> list[dict]:
     """The rows as the run computed them: each covered row with its uncovered part (same
     phase and round), and the wholly uncovered rows (baselines) after them."""

@@ -94,14 +94,9 @@ def _aggregator_rule(name: str, fn: Callable, dp_certified: bool) -> type:
     from defenses.registry import Context, _Rule
     from defenses.robust import Aggregated
 
-    params = list(inspect.signature(fn).parameters.values())[2:]
     hints = inspect.get_annotations(fn, eval_str=True)
-    fields = []
-    for p in params:
-        if p.kind not in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) or p.default is p.empty:
-            raise ValueError(f"aggregator {name!r}: parameter {p.name!r} needs a default (it becomes "
-                             "defense.params." + p.name + ")")
-        fields.append((p.name, hints.get(p.name, type(p.default)), dataclasses.field(default=p.default)))
+    fields = [(key, hints.get(key, type(default)), dataclasses.field(default=default))
+              for key, default in _keyword_defaults("aggregator", name, fn, 2).items()]
 
     def __call__(self, deltas, weights, ctx: Context, f: int) -> Aggregated:
         out = fn(deltas, weights, **{fld.name: getattr(self, fld.name) for fld in dataclasses.fields(self)})

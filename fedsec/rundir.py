@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from fedsec.config import ExperimentConfig, dump_config
-from fedsec.disclosure import HEADER, UNCOVERED, merge_rows, split_row
+from fedsec.disclosure import HEADER, UNCOVERED, merge_result, merge_rows, split_row
 from fedsec.errors import ConfigError
 
 CONFIG = "config.resolved.yaml"
@@ -226,14 +226,7 @@ def read_result(run_dir: Path) -> dict:
     whole result, as the run computed it."""
     result = json.loads((Path(run_dir) / "result.json").read_text(encoding="utf-8"))
     extra = Path(run_dir) / UNCOVERED / "result.json"
-    if extra.is_file():
-        hidden = json.loads(extra.read_text(encoding="utf-8"))
-        for key, value in hidden.items():
-            if key in ("untuned", "final") and result.get(key) is not None:
-                result[key] = {**result[key], **(value or {})}
-            else:
-                result[key] = value
-    return result
+    return merge_result(result, json.loads(extra.read_text(encoding="utf-8"))) if extra.is_file() else result
 
 
 def _guarded(cfg: ExperimentConfig) -> bool:

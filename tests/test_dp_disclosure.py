@@ -74,8 +74,13 @@ def test_a_dp_run_publishes_only_what_the_mechanism_releases(tmp_path, mode):
         assert all(set(r["privacy"]) == {"clipped", "unclipped", "median_norm"} for r in federated)
     else:
         assert "steps" in json.loads((hidden / "record_ledger_steps.json").read_text())
-    # the Python result keeps everything (the researcher's own process), and the merged rows are whole
+    # the Python result keeps everything (the researcher's own process); merged, the files give it back
     assert result.local_only is not None and result.membership is not None
+    from dataclasses import asdict
+
+    from fedsec.rundir import read_result
+
+    assert read_result(run) == json.loads(json.dumps(asdict(result)))
     merged = RunDir(run).read_metrics()
     assert all("clients" in r for r in merged if r["phase"] == "federated" and r["round"] >= 1)
 
