@@ -8,8 +8,8 @@ epsilon after every round. `RecordLedger` does the same for record-level DP-SGD
 inside clients, where each client's steps compose on their own.
 """
 
-from accountants.backends import ACCOUNTANTS, DpEvent, calibrate, epsilon, gdp_epsilon
-from accountants.ledger import (
+from fedsec.accountants.backends import ACCOUNTANTS, DpEvent, calibrate, epsilon, gdp_epsilon
+from fedsec.accountants.ledger import (
            LedgerEntry,
            PrivacyLedger,
            PrivacyReport,
@@ -17,7 +17,7 @@ from accountants.ledger import (
            format_epsilon,
            format_lower_bound,
 )
-from accountants.record import RecordLedger, worst_record_epsilon
+from fedsec.accountants.record import RecordLedger, worst_record_epsilon
 
 __all__ = ["ACCOUNTANTS", "DpEvent", "calibrate", "epsilon", "gdp_epsilon", "epsilons", "format_epsilon", "format_lower_bound",
            "LedgerEntry", "PrivacyLedger", "PrivacyReport", "RecordLedger", "worst_record_epsilon"]

@@ -19,7 +19,7 @@ from typing import Sequence
 
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 
-from accountants.backends import ACCOUNTANTS, DpEvent, epsilon
+from fedsec.accountants.backends import ACCOUNTANTS, DpEvent, epsilon
 
 
 def _significant(value: float, digits: int, rounding: str) -> str:

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from accountants.backends import ACCOUNTANTS, DpEvent, epsilon
-from accountants.ledger import PrivacyReport
+from fedsec.accountants.backends import ACCOUNTANTS, DpEvent, epsilon
+from fedsec.accountants.ledger import PrivacyReport
 
 
 def pareto_front(pairs: set[tuple[float, int]]) -> list[tuple[float, int]]:

@@ -18,8 +18,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from attacks import updates as attack
-from attacks.poisoning import DATA_ATTACKS
+from fedsec.attacks import updates as attack
+from fedsec.attacks.poisoning import DATA_ATTACKS
 from fedsec.results import ClientUpdate
 
 UPDATE_ATTACKS = ("sign_flip", "gaussian", "scaling", "alie", "ipm", "min_max", "min_sum")

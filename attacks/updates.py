@@ -28,7 +28,7 @@ from statistics import NormalDist
 
 import torch
 
-from defenses.robust import pairwise_sq_distances
+from fedsec.defenses.robust import pairwise_sq_distances
 
 
 def sign_flip(own: torch.Tensor, scale: float = 1.0) -> torch.Tensor:

@@ -2,7 +2,7 @@
 10,000 rounds with each accountant (Opacus RDP and PRV, dp-accounting PLD).
 
 One DP event per round (Poisson-subsampled Gaussian, q = 0.01), target epsilon 4 at
-delta 1e-5; the same bisection for every accountant (accountants.backends.calibrate),
+delta 1e-5; the same bisection for every accountant (fedsec.accountants.backends.calibrate),
 so the time is the accountant's epsilon evaluations.
 
     python -m benchmarks.accounting [--rounds 10000]
@@ -14,7 +14,7 @@ import argparse
 import datetime
 import time
 
-from accountants.backends import calibrate
+from fedsec.accountants.backends import calibrate
 from benchmarks import store
 
 def main(argv=None) -> dict:

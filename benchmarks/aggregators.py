@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from defenses import robust
+from fedsec.defenses import robust
 
 
 def rules(x: torch.Tensor, w: torch.Tensor, f: int, reference: torch.Tensor) -> dict:

@@ -21,8 +21,8 @@ import torch
 
 from benchmarks import store
 from benchmarks.aggregators import rules
-from defenses import sanitize_updates
-from defenses.dp import clip_to_norm, gaussian_noise
+from fedsec.defenses import sanitize_updates
+from fedsec.defenses.dp import clip_to_norm, gaussian_noise
 from fedsec.results import ClientUpdate
 
 def one_pass_seconds(x: torch.Tensor) -> float:

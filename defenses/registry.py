@@ -2,7 +2,7 @@
 
 Each entry is a frozen dataclass of the rule's parameters that validates them,
 states its assumption on f (the attackers per round it must tolerate) in
-`check(n, f)`, and calls the pure function in `defenses.robust`:
+`check(n, f)`, and calls the pure function in `fedsec.defenses.robust`:
 
     defense:
       aggregator: trimmed_mean
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from defenses import robust
-from defenses.robust import Aggregated
+from fedsec.defenses import robust
+from fedsec.defenses.robust import Aggregated
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,6 @@ def report(directory: str | Path, out: str | Path | None = None, force: bool = F
     directory = Path(directory)
     if not directory.is_dir():
         raise ConfigError("report DIR", str(directory), "no such directory; give a run or sweep directory")
-    from reports.pdf import build_report
+    from fedsec.reports.pdf import build_report
 
     return build_report(directory, Path(out) if out is not None else None, force=force)

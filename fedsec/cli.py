@@ -174,8 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _audit(args) -> int:
     import json
 
-    from accountants import format_lower_bound
-    from accountants.audit import one_run_bound
+    from fedsec.accountants import format_lower_bound
+    from fedsec.accountants.audit import one_run_bound
     from fedsec.errors import ConfigError
 
     if args.audit_command is None:
@@ -312,7 +312,7 @@ def _privacy(args) -> int:
     import json
     import math
 
-    from accountants import DpEvent, calibrate, epsilon, format_epsilon, gdp_epsilon
+    from fedsec.accountants import DpEvent, calibrate, epsilon, format_epsilon, gdp_epsilon
     from fedsec.errors import ConfigError
 
     if args.privacy_command is None:

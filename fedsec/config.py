@@ -395,7 +395,7 @@ class DefenseConfig:
         "sanitation: reject a client delta whose L2 norm exceeds this (null: no bound)", 1000.0)
 
     def __post_init__(self) -> None:
-        from defenses.registry import AGGREGATORS
+        from fedsec.defenses.registry import AGGREGATORS
 
         _one_of("aggregator", self.aggregator, tuple(AGGREGATORS))
         _require(self.f >= 0, "f", self.f, "must be an integer >= 0")
@@ -405,8 +405,8 @@ class DefenseConfig:
 
     @property
     def rule(self):
-        """The aggregator object (defenses.registry) with its parameters."""
-        from defenses.registry import AGGREGATORS
+        """The aggregator object (fedsec.defenses.registry) with its parameters."""
+        from fedsec.defenses.registry import AGGREGATORS
 
         try:
             return from_mapping(AGGREGATORS[self.aggregator], self.params, "params")
@@ -439,7 +439,7 @@ class AttackConfig:
     def __post_init__(self) -> None:
         import difflib
 
-        from attacks.clients import DATA_ATTACKS, PARAMS, PLUGIN_ATTACKS, UPDATE_ATTACKS
+        from fedsec.attacks.clients import DATA_ATTACKS, PARAMS, PLUGIN_ATTACKS, UPDATE_ATTACKS
 
         _one_of("kind", self.kind, ("none", *UPDATE_ATTACKS, *DATA_ATTACKS, *PLUGIN_ATTACKS))
         _require(self.malicious >= 0, "malicious", self.malicious, "must be an integer >= 0")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from accountants import format_epsilon, format_lower_bound
+from fedsec.accountants import format_epsilon, format_lower_bound
 from fedsec.disclosure import UNCOVERED
 from fedsec.results import RoundResult, RunResult
 

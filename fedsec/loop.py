@@ -27,20 +27,20 @@ from typing import Callable, Protocol
 import torch
 from tqdm import tqdm
 
-from defenses import sanitize_updates
-from attacks.clients import attack_params, attack_round, detection, malicious_clients
-from attacks.poisoning import poison_data, with_trigger
+from fedsec.defenses import sanitize_updates
+from fedsec.attacks.clients import attack_params, attack_round, detection, malicious_clients
+from fedsec.attacks.poisoning import poison_data, with_trigger
 from fedsec.data.unsafe import draw, read_unsafe
-from fedsec.audit import (AuditState, audit_canaries, audit_result, secret_margins, start_audit,
+from fedsec.canaries import (AuditState, audit_canaries, audit_result, secret_margins, start_audit,
                           with_canary_clients)
-from fedsec.memorization import (answer_extraction, membership_inference, memorization_metrics, mia_candidates,
+from fedsec.leakage import (answer_extraction, membership_inference, memorization_metrics, mia_candidates,
                                  mia_sample)
 from fedsec.adapter import AdapterParams
 from fedsec.config import ExperimentConfig, to_mapping
 from fedsec.console import round_line
 from fedsec.data import FederatedData, build_federated_data
 from fedsec.disclosure import split_result
-from fedsec.defense import ServerDefense
+from fedsec.aggregation import ServerDefense
 from fedsec.encoding import Encoded, encode_all, encode_prompt
 from fedsec.evalsuite.runner import PeftModelLM, load_tasks, run_task
 from fedsec.evalsuite.tasks import ChoiceItem
@@ -65,7 +65,7 @@ from fedsec.objectives import (
     with_reference,
 )
 from fedsec.prefix import cache_frozen_prefix
-from accountants.ledger import format_epsilon
+from fedsec.accountants.ledger import format_epsilon
 from fedsec.privacy import (
     RecordLevelDp,
     RecordPlan,

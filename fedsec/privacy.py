@@ -37,12 +37,12 @@ from dataclasses import dataclass
 
 import torch
 
-from accountants import ACCOUNTANTS, DpEvent, PrivacyLedger, RecordLedger, calibrate, epsilon
-from accountants.ledger import LedgerEntry
-from defenses import sanitize_updates
-from defenses.dp import (COUNT_SENSITIVITY, adapt_clip_norm, adaptive_update_noise, clip_to_norm, gaussian_noise,
+from fedsec.accountants import ACCOUNTANTS, DpEvent, PrivacyLedger, RecordLedger, calibrate, epsilon
+from fedsec.accountants.ledger import LedgerEntry
+from fedsec.defenses import sanitize_updates
+from fedsec.defenses.dp import (COUNT_SENSITIVITY, adapt_clip_norm, adaptive_update_noise, clip_to_norm, gaussian_noise,
                          private_mean)
-from defenses.registry import NormBound
+from fedsec.defenses.registry import NormBound
 from fedsec.config import ExperimentConfig
 from fedsec.errors import ConfigError
 from fedsec.results import ClientUpdate
@@ -163,7 +163,7 @@ class UserLevelDp:
         A rejected update (non-finite, wrong shape, absurd norm) counts as a zero delta:
         the client was sampled, so the denominator and the accounting stay as planned; so
         does a sampled client whose update never came. Neither moves the adaptive count.
-        `defense` (fedsec.defense.ServerDefense) applies a robust rule to the clipped deltas.
+        `defense` (fedsec.aggregation.ServerDefense) applies a robust rule to the clipped deltas.
         """
         plan, seed = self.plan, self.root
         kept, rejected = sanitize_updates(updates, dim, self.cfg.defense.max_update_norm)

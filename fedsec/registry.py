@@ -15,7 +15,7 @@
 `plugins` modules are imported before the config is validated (and so are the
 modules of the entry-point group `fedsec.plugins`), so a plugin's names are
 checked, suggested on a typo ("did you mean") and documented like the built-ins,
-which sit in the same tables (`defenses.registry.AGGREGATORS`). A plugin rule's
+which sit in the same tables (`fedsec.defenses.registry.AGGREGATORS`). A plugin rule's
 keyword parameters become its `defense.params`, typed and defaulted from its
 signature. It runs after fedsec's sanitation, sees only the accepted deltas, and
 under user-level DP it makes the run "not certified" unless it is registered with
@@ -51,7 +51,7 @@ def register(kind: str, name: str, *, dp_certified: bool = False) -> Callable:
         if kind == "update_attack":
             _add_update_attack(name, fn)
             return fn
-        from defenses.registry import AGGREGATORS
+        from fedsec.defenses.registry import AGGREGATORS
 
         taken = AGGREGATORS.get(name)
         if taken is not None and not _same_function(getattr(taken, "plugin", None), fn):
@@ -79,8 +79,8 @@ def _keyword_defaults(kind: str, name: str, fn: Callable, skip: int) -> dict:
 
 def _add_update_attack(name: str, fn: Callable) -> None:
     """fn(own [d], honest [h, d], generator, **params) -> the malicious delta [d]."""
-    from attacks.clients import PARAMS, PLUGIN_ATTACKS, UPDATE_ATTACKS
-    from attacks.poisoning import DATA_ATTACKS
+    from fedsec.attacks.clients import PARAMS, PLUGIN_ATTACKS, UPDATE_ATTACKS
+    from fedsec.attacks.poisoning import DATA_ATTACKS
 
     if name in (*UPDATE_ATTACKS, *DATA_ATTACKS, "none") or (
             name in PLUGIN_ATTACKS and not _same_function(PLUGIN_ATTACKS[name], fn)):
@@ -91,8 +91,8 @@ def _add_update_attack(name: str, fn: Callable) -> None:
 
 def _aggregator_rule(name: str, fn: Callable, dp_certified: bool) -> type:
     """A frozen dataclass of `fn`'s keyword parameters that calls fn(deltas, weights, **params)."""
-    from defenses.registry import Context, _Rule
-    from defenses.robust import Aggregated
+    from fedsec.defenses.registry import Context, _Rule
+    from fedsec.defenses.robust import Aggregated
 
     hints = inspect.get_annotations(fn, eval_str=True)
     fields = [(key, hints.get(key, type(default)), dataclasses.field(default=default))

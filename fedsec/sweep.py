@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from accountants import format_epsilon
+from fedsec.accountants import format_epsilon
 from fedsec.config import ConfigError, load_config, read_yaml
 from fedsec.disclosure import HEADER, UNCOVERED
 from fedsec.rundir import CONFIG, RunDir, atomic_write_text, read_result
@@ -228,7 +228,7 @@ def write_tables(root: Path, runs: list[SweepRun]) -> None:
 
     For DP runs the metrics the guarantee does not cover (UNCOVERED_METRICS) are left
     empty there; the same tables with them filled in are in not_covered_by_dp_guarantee/."""
-    from attacks.clients import detection_rates
+    from fedsec.attacks.clients import detection_rates
     from fedsec.config import read_yaml
 
     axes = list(dict.fromkeys(axis for run in runs for axis, _ in run.cell))

@@ -35,7 +35,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from defenses.dp import private_mean
+from fedsec.defenses.dp import private_mean
 from fedsec.adapter import AdapterParams
 from fedsec.config import TrainingConfig
 from fedsec.encoding import IGNORE

@@ -2,7 +2,7 @@
 
 The report holds a title page (experiment, date, fedsec version, git revision,
 model, dataset, clients, rounds), a summary of findings computed from the run
-files, the config, one table row per run, the figures of reports.plots and the
+files, the config, one table row per run, the figures of fedsec.reports.plots and the
 privacy ledger. Every number in it is read from a file in the directory: each
 run's result.json, config.resolved.yaml, env.json, metrics.jsonl and
 privacy_ledger.json. Next to the PDF go the figures (PNG and SVG) and the tables
@@ -23,10 +23,10 @@ from pathlib import Path
 
 import yaml
 
-from accountants import format_epsilon, format_lower_bound
+from fedsec.accountants import format_epsilon, format_lower_bound
 from fedsec.disclosure import HEADER, UNCOVERED, guarantee_statement, predates_centred_count
 from fedsec.errors import ConfigError
-from reports import plots
+from fedsec.reports import plots
 
 RESULT, CONFIG, ENV, LEDGER = "result.json", "config.resolved.yaml", "env.json", "privacy_ledger.json"
 
@@ -180,7 +180,7 @@ def audit_findings(runs: list[RunFiles]) -> list[str]:
 
 def corrected_bound(audit: dict, runs: int) -> float:
     """The run's lower bound at confidence 1 - (1 - c) / runs (Bonferroni over `runs` audited runs)."""
-    from accountants.audit import one_run_bound
+    from fedsec.accountants.audit import one_run_bound
 
     if runs <= 1:
         return audit["epsilon_lower_bound"]

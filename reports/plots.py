@@ -35,7 +35,7 @@ from pathlib import Path
 
 import matplotlib
 
-from accountants import format_epsilon
+from fedsec.accountants import format_epsilon
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)

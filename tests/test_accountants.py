@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from accountants import (
+from fedsec.accountants import (
     DpEvent,
     PrivacyLedger,
     calibrate,
@@ -17,7 +17,7 @@ from accountants import (
     epsilons,
     gdp_epsilon,
 )
-from accountants.backends import _gdp_mu_to_epsilon, compress
+from fedsec.accountants.backends import _gdp_mu_to_epsilon, compress
 from fedsec.cli import main
 
 
@@ -156,7 +156,7 @@ def test_cli_bad_privacy_arguments_are_one_line(capsys, argv, field):
     (7.9931, 3, "8.00"), (0.99934, 3, "1.000"), (3.9992717, 3, "4.00"), (12.345, 3, "12.4"),
     (8.0, 3, "8.00"), (7.8993, 5, "7.8994"), (0.125, 3, "0.125"), (0.0123451, 3, "0.0124"), (1234.5, 3, "1240")])
 def test_printed_epsilon_is_rounded_up(eps, digits, shown):
-    from accountants import format_epsilon
+    from fedsec.accountants import format_epsilon
 
     assert format_epsilon(eps, digits) == shown
     assert float(shown) >= eps
@@ -167,7 +167,7 @@ def test_printed_epsilon_is_rounded_up(eps, digits, shown):
     (7.999, "8.00", "7.99"), (8.0, "8.00", "8.00"), (0.5, "0.500", "0.500"),
     (2.0000000000001, "2.01", "2.00"), (0.30000000000000004, "0.301", "0.300")])
 def test_epsilons_round_up_and_lower_bounds_round_down_at_the_boundary(eps, up, down):
-    from accountants import format_epsilon, format_lower_bound
+    from fedsec.accountants import format_epsilon, format_lower_bound
 
     assert format_epsilon(eps) == up and format_lower_bound(eps) == down
     assert float(format_epsilon(eps)) >= eps >= float(format_lower_bound(eps))
@@ -193,7 +193,7 @@ def test_a_backend_failure_or_a_hopeless_grid_is_a_one_line_refusal(capsys):
         assert main(["privacy", "epsilon", *argv, "--accountant", "prv"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "--accountant" in err and "Traceback" not in err
-    from accountants.backends import MAX_PRV_POINTS, prv_grid_points
+    from fedsec.accountants.backends import MAX_PRV_POINTS, prv_grid_points
 
     assert prv_grid_points([DpEvent(0.3, 0.01, 100000)], 1e-5) > 10 * MAX_PRV_POINTS
     assert prv_grid_points([DpEvent(1.0, 0.1, 100)], 1e-5) < MAX_PRV_POINTS / 100
@@ -205,7 +205,7 @@ def test_gdp_for_a_large_mu_is_a_number_not_an_overflow():
     big = gdp_epsilon([DpEvent(0.3, 1.0, 1000)], 1e-5)
     assert big > 1e6 and big <= math.inf
     # the log-space delta(eps) is the plain one where the plain one does not overflow
-    from accountants.backends import _gdp_mu_to_epsilon
+    from fedsec.accountants.backends import _gdp_mu_to_epsilon
     from scipy.stats import norm
 
     mu = 1.3
@@ -221,7 +221,7 @@ def test_calibrating_below_the_rdp_floor_says_why():
 
 
 def test_a_secondary_accountant_that_fails_is_recorded_unavailable_and_the_run_goes_on():
-    from accountants import PrivacyLedger
+    from fedsec.accountants import PrivacyLedger
 
     # delta 1e-16: rdp (primary) works, prv's floats cannot; the ledger keeps going
     ledger = PrivacyLedger(1e-16, ("rdp", "prv"), "rdp")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from attacks.clients import detection, malicious_clients
+from fedsec.attacks.clients import detection, malicious_clients
 from fedsec.errors import ConfigError
 from fedsec.loop import run_experiment
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from scipy import stats
 
-from attacks import updates as attack
-from defenses import robust
+from fedsec.attacks import updates as attack
+from fedsec.defenses import robust
 
 
 def _gen(seed=0):

@@ -10,7 +10,7 @@ import sys
 import pytest
 from scipy import stats
 
-from accountants.audit import clopper_pearson_upper, many_runs_bound, one_run_bound, one_run_p_value
+from fedsec.accountants.audit import clopper_pearson_upper, many_runs_bound, one_run_bound, one_run_p_value
 
 
 def test_reference_value():
@@ -98,7 +98,7 @@ def test_cli_prints_the_bound_and_refuses_bad_counts():
 
 
 def test_guess_and_count_by_hand():
-    from accountants.audit import guess_and_count
+    from fedsec.accountants.audit import guess_and_count
 
     scores = [0.9, 0.1, 0.5, 0.7, 0.2, 0.3]
     included = [True, False, True, False, False, True]
@@ -131,7 +131,7 @@ def _audited_run(tmp_path, privacy, per_round, kind="secret"):
 def test_the_audit_sees_canary_clients_without_dp_and_stays_below_the_accountant_with_dp(tmp_path):
     """16 canary clients (4 included with seed 3) beside 2 ordinary clients, 8 guesses.
     Measured: all 8 right without DP (bound 0.789, the most 8 guesses can show)."""
-    from fedsec.audit import audit_canaries
+    from fedsec.canaries import audit_canaries
 
     _, included = audit_canaries(3, 16)  # tiny_config's seed
     every = 2 + int(included.sum())  # every client, canary clients included, in every round
@@ -153,7 +153,7 @@ def test_update_canaries_are_unit_directions_inserted_in_sampled_order_and_score
 
     import torch
 
-    from fedsec.audit import UpdateCanaries, canary_direction
+    from fedsec.canaries import UpdateCanaries, canary_direction
     from fedsec.results import ClientUpdate
 
     dim = 50
@@ -180,7 +180,7 @@ def test_update_canaries_are_seen_without_dp_and_the_bound_stays_below_the_accou
     """The same federation with crafted canary updates (norm C = privacy.clip_norm) scored on
     every round's released aggregate. Measured: without DP (canary norm 1) 8 of 8 right;
     under DP (C = 0.05, epsilon 2) the bound stays below the accountant's epsilon."""
-    from fedsec.audit import audit_canaries
+    from fedsec.canaries import audit_canaries
 
     _, included = audit_canaries(3, 16)
     every = 2 + int(included.sum())

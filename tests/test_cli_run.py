@@ -58,7 +58,7 @@ def test_dp_sweep_over_epsilons_writes_epsilon_and_sigma(tmp_path):
     import csv
     import math
 
-    from accountants import DpEvent, epsilon
+    from fedsec.accountants import DpEvent, epsilon
     from fedsec.sweep import run_sweep, summary_table
 
     spec = tmp_path / "dp.yaml"

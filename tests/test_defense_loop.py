@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from defenses.registry import AGGREGATORS
+from fedsec.defenses.registry import AGGREGATORS
 from fedsec.errors import ConfigError
 from fedsec.loop import run_experiment
 from fedsec.rundir import RunDir

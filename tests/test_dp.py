@@ -12,8 +12,8 @@ from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from accountants import DpEvent, epsilon
-from defenses.dp import (
+from fedsec.accountants import DpEvent, epsilon
+from fedsec.defenses.dp import (
     COUNT_SENSITIVITY,
     adapt_clip_norm,
     adaptive_update_noise,

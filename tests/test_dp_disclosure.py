@@ -12,7 +12,7 @@ import math
 import pytest
 from conftest import tiny_config
 
-from accountants.backends import DpEvent, epsilon
+from fedsec.accountants.backends import DpEvent, epsilon
 from fedsec.disclosure import COVERED_PRIVACY, COVERED_ROW, HEADER, UNCOVERED
 from fedsec.loop import run_experiment
 from fedsec.rundir import RunDir

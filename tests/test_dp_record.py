@@ -10,9 +10,9 @@ import torch
 from conftest import tiny_config
 from scipy import stats
 
-from accountants import DpEvent, RecordLedger, epsilon, worst_record_epsilon
-from accountants.record import pareto_front
-from defenses.dp import clip_to_norm
+from fedsec.accountants import DpEvent, RecordLedger, epsilon, worst_record_epsilon
+from fedsec.accountants.record import pareto_front
+from fedsec.defenses.dp import clip_to_norm
 from fedsec.cli import main
 from fedsec.loop import prepare, run_experiment
 from fedsec.training import per_sample_gradients, poisson_batch

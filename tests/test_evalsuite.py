@@ -255,7 +255,7 @@ def test_benchmarks_run_in_a_federated_run_every_k_rounds(tmp_path):
     assert final["vicuna_bench"]["answers"] == "answers/vicuna_bench/round_0003.jsonl"
     assert (tmp_path / "run" / final["vicuna_bench"]["answers"]).is_file()
     # the report shows whichever benchmark metrics the run has
-    from reports.pdf import benchmark_rows, build_report, collect
+    from fedsec.reports.pdf import benchmark_rows, build_report, collect
 
     table = benchmark_rows(collect(tmp_path / "run")[1])
     got = {(r["benchmark"], r["metric"]): r for r in table}

@@ -15,8 +15,8 @@ from conftest import tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from defenses.sanitize import sanitize
-from fedsec.defense import ServerDefense
+from fedsec.defenses.sanitize import sanitize
+from fedsec.aggregation import ServerDefense
 from fedsec.rundir import RunDir
 from fedsec.loop import InProcessClients, aggregate, run_experiment
 from fedsec.privacy import UserLevelDp, plan_privacy

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from defenses import sanitize, weighted_mean
+from fedsec.defenses import sanitize, weighted_mean
 from fedsec.adapter import AdapterParams
 from fedsec.data import build_federated_data
 from fedsec.encoding import collate, encode_all
@@ -25,7 +25,7 @@ def _final(run_dir) -> torch.Tensor:
 
 
 def _mean_defense(tmp_path, dim=3, **defense):
-    from fedsec.defense import ServerDefense
+    from fedsec.aggregation import ServerDefense
 
     return ServerDefense(tiny_config(tmp_path, defense=defense), tmp_path, dim)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from attacks.memorization import (
+from fedsec.attacks.memorization import (
     exposure_exact,
     exposure_extrapolated,
     loss_score,
@@ -151,7 +151,7 @@ def test_console_shows_exposure_per_evaluation_and_in_the_summary():
 def test_mia_candidates_leave_planted_canaries_out_and_the_sample_is_even_and_seeded():
     from fedsec.config import BenchmarkConfig, DataConfig
     from fedsec.data import build_federated_data
-    from fedsec.memorization import mia_candidates, mia_sample
+    from fedsec.leakage import mia_candidates, mia_sample
 
     cfg = DataConfig(benchmark=BenchmarkConfig(num_clients=6, examples_per_client=8, size_alpha=0, test_size=9,
                                                client_test_size=0, num_probes=0, canaries_per_client=1,
@@ -178,7 +178,7 @@ def test_membership_scores_of_the_untuned_model_match_the_evaluator_and_the_refe
     from fedsec.encoding import encode_all
     from fedsec.evaluation import EvalSet, per_example
     from fedsec.loop import prepare
-    from fedsec.memorization import membership_inference, mia_candidates, mia_sample
+    from fedsec.leakage import membership_inference, mia_candidates, mia_sample
 
     setup = prepare(tiny_config(tmp_path))
     cfg = setup.cfg
@@ -209,7 +209,7 @@ def test_answer_extraction_counts_replies_that_start_with_the_answer():
     import torch
 
     from fedsec.data.schema import InstructionExample
-    from fedsec.memorization import answer_extraction
+    from fedsec.leakage import answer_extraction
     from fedsec.models import tiny_tokenizer
 
     tok = tiny_tokenizer()

@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from reports.plots import (
+from fedsec.reports.plots import (
     epsilon_by_round,
     epsilon_over_rounds,
     privacy_utility,
@@ -117,7 +117,7 @@ def test_exposure_against_epsilon_uses_the_same_curve_machinery(tmp_path):
 
 
 def test_audit_bounds_by_hand_and_the_figure_draws_y_equals_x(tmp_path):
-    from reports.plots import audit_bounds, audit_bounds_data
+    from fedsec.reports.plots import audit_bounds, audit_bounds_data
 
     rows = [{**_row("non-private", 0, 0.5), "audit_bound": 0.6}, {**_row("non-private", 1, 0.5), "audit_bound": 0.8},
             {**_row("eps8", 0, 0.5, 8.0, True), "audit_bound": 0.2},

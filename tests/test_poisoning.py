@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from attacks.poisoning import alignment_poison, poison_data
+from fedsec.attacks.poisoning import alignment_poison, poison_data
 from fedsec.data import build_federated_data
 from fedsec.data.benchmark import COMPLIANT, REFUSAL, unsafe_probes
 from fedsec.encoding import encode
@@ -68,7 +68,7 @@ def test_poisoned_clients_pull_the_global_model_towards_compliance(tmp_path):
 
 
 def test_preference_flip_swaps_unsafe_pairs_and_pulls_dpo_towards_compliance(tmp_path):
-    from attacks.poisoning import preference_flip
+    from fedsec.attacks.poisoning import preference_flip
 
     cfg = tiny_config(tmp_path, data=DATA, task="dpo")
     client = build_federated_data(cfg.data, 0, "dpo").clients[2]
@@ -95,7 +95,7 @@ def test_preference_flip_swaps_unsafe_pairs_and_pulls_dpo_towards_compliance(tmp
 def test_backdoor_poisons_the_chosen_share_and_runs_report_its_rates(tmp_path):
     """The transform, and that a backdoor run reports its attack success and clean-input
     rates each evaluation."""
-    from attacks.poisoning import backdoor
+    from fedsec.attacks.poisoning import backdoor
 
     data = {"benchmark": {"num_clients": 4, "examples_per_client": 8, "size_alpha": 0, "test_size": 12,
                           "client_test_size": 0, "num_probes": 0}}

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from accountants.backends import DpEvent, epsilon
+from fedsec.accountants.backends import DpEvent, epsilon
 from fedsec.errors import ConfigError
 from fedsec.loop import run_experiment
 
@@ -83,7 +83,7 @@ def test_the_epsilon_budget_stops_before_the_round_that_would_exceed_it(tmp_path
     assert [e["round"] for e in ledger["entries"]] == [1, 2]
     assert (tmp_path / "stop" / "adapter" / "adapter_model.safetensors").is_file()
     assert any(line.startswith("fedsec: stopping before round 3") for line in lines)
-    from reports.pdf import collect, findings, run_table
+    from fedsec.reports.pdf import collect, findings, run_table
 
     said = " ".join(findings(run_table(collect(tmp_path / "stop")[1])))
     assert "ended after round 2, at its epsilon budget: round 3 would take epsilon to" in said

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from fedsec.cli import main
-from reports.pdf import build_report, collect, findings, run_table
+from fedsec.reports.pdf import build_report, collect, findings, run_table
 
 pypdf = pytest.importorskip("pypdf")
 
@@ -78,7 +78,7 @@ def _text(pdf_path) -> str:
 
 
 def test_findings_are_computed_from_the_runs(sweep):
-    from reports.pdf import collect
+    from fedsec.reports.pdf import collect
 
     _, runs = collect(sweep)
     table = run_table(runs)
@@ -153,7 +153,7 @@ def test_report_pages_render_and_none_is_blank(sweep, tmp_path):
 
 
 def test_findings_say_when_dp_falls_below_the_untuned_model(sweep):
-    from reports.pdf import collect
+    from fedsec.reports.pdf import collect
 
     _write_run(sweep / "eps1-s0", 0, 0.40, privacy=_privacy(0.9993, 2.6), ledger=_ledger(0.9993))
     rows = json.loads((sweep / "results.json").read_text())
@@ -176,7 +176,7 @@ def _audit(correct, bound, accountant):
 
 
 def test_audit_findings_and_columns_come_from_the_runs_and_a_violation_is_named(tmp_path):
-    from reports.pdf import audit_findings, collect
+    from fedsec.reports.pdf import audit_findings, collect
 
     root = tmp_path / "audited"
     _write_run(root / "plain", 0, 0.6, audit=_audit(60, 0.653, None))
@@ -202,8 +202,8 @@ def test_audit_findings_and_columns_come_from_the_runs_and_a_violation_is_named(
 
 
 def test_a_sweep_flags_an_audit_only_after_correcting_for_its_number_of_runs(tmp_path):
-    from accountants.audit import one_run_bound
-    from reports.pdf import audit_findings, collect
+    from fedsec.accountants.audit import one_run_bound
+    from fedsec.reports.pdf import audit_findings, collect
 
     # 20 certified runs at epsilon 0.5; one has 60 of 80 right: epsilon >= 0.653 at confidence 0.95
     # (which a correct implementation shows in up to 5% of runs), >= 0.372 at 1 - 0.05 / 20
@@ -227,7 +227,7 @@ def test_a_sweep_flags_an_audit_only_after_correcting_for_its_number_of_runs(tmp
 
 def test_a_dp_runs_uncovered_measurements_are_on_their_own_labelled_page(tmp_path):
     from fedsec.disclosure import UNCOVERED
-    from reports.pdf import uncovered_rows
+    from fedsec.reports.pdf import uncovered_rows
 
     run = tmp_path / "dp"
     _write_run(run, 0, 0.6, privacy=_privacy(3.9931, 1.1), ledger=_ledger(3.9931))
@@ -254,7 +254,7 @@ def test_a_dp_runs_uncovered_measurements_are_on_their_own_labelled_page(tmp_pat
 
 
 def test_an_adaptive_run_from_before_the_centred_count_is_named_as_understated(tmp_path):
-    from reports.pdf import stale_findings
+    from fedsec.reports.pdf import stale_findings
 
     old = tmp_path / "old"
     _write_run(old, 0, 0.6, privacy={**_privacy(3.9931, 1.1), "adaptive_clipping": True}, ledger=_ledger(3.9931))

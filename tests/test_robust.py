@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from defenses import robust
-from defenses.robust import (
+from fedsec.defenses import robust
+from fedsec.defenses.robust import (
     bulyan,
     centered_clip,
     flame,

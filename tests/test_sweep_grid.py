@@ -9,7 +9,7 @@ import pytest
 import yaml
 from conftest import TINY
 
-from attacks.clients import detection_rates
+from fedsec.attacks.clients import detection_rates
 from fedsec.errors import ConfigError
 from fedsec.sweep import expand, run_sweep, summary_table
 
@@ -113,7 +113,7 @@ def test_grid_sweep_shares_clean_runs_resumes_and_has_one_row_per_cell(tmp_path)
     assert (root / "results.csv").read_text() == before
 
     # the report reads the grid: one table row per cell, heatmaps and fraction curves
-    from reports.pdf import build_report
+    from fedsec.reports.pdf import build_report
     pdf = build_report(root)
     files = root / "report_files"
     grid = list(csv.DictReader((files / "grid.csv").open()))
@@ -133,7 +133,7 @@ def _row(seed, kind, count, aggregator, acc, run_dir, refusal=None):
 
 
 def test_attack_grid_data_counts_clean_runs_once_per_attack():
-    from reports.plots import attack_grid_data
+    from fedsec.reports.plots import attack_grid_data
 
     rows = [
         # the clean run of each defense, listed under two attacks' 0% cells (one directory)
@@ -156,7 +156,7 @@ def test_attack_grid_data_counts_clean_runs_once_per_attack():
     assert data.get("refusal_rate", "alie", "mean", 0.3) is None
     assert attack_grid_data([_row(0, "none", 0, "mean", 0.6, "c")]) is None
 
-    from reports.pdf import grid_findings
+    from fedsec.reports.pdf import grid_findings
     lines = grid_findings(data)
     assert lines[0] == ("alie at 30% malicious clients: global test accuracy 0.300 under mean against 0.600 "
                         "without attackers; median holds it at 0.450 (its clean run: 0.500).")

@@ -5,7 +5,7 @@ canaries_per_client, canary_repeats): "The vault PIN of <name> is <6 digits>." a
 answer to a fixed request. With eval.canaries the global model is measured at each
 evaluation:
 
-- exposure (attacks.memorization): the planted PIN ranked by log-perplexity among
+- exposure (fedsec.attacks.memorization): the planted PIN ranked by log-perplexity among
   `candidates` random PINs of the same space (10^6), extrapolated with a skew-normal
   fit and capped at log2(10^6) = 19.9 bits (rank 1);
 - extraction: greedy decoding after the request and the canary's prefix; extracted
@@ -31,7 +31,7 @@ import torch
 
 import numpy as np
 
-from attacks.memorization import (exposure_extrapolated, loss_score, mia_metrics, min_k_score, reference_score,
+from fedsec.attacks.memorization import (exposure_extrapolated, loss_score, mia_metrics, min_k_score, reference_score,
                                   zlib_score)
 from fedsec.data.benchmark import PIN_DIGITS, random_pin
 from fedsec.data.schema import Canary, InstructionExample

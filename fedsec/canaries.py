@@ -8,7 +8,7 @@ others. After the last round every canary, in or out, is scored by how much trai
 raised the model's preference for its PIN over random PINs after the same sentence
 (the loss margin, final minus untuned; the sentence itself is shared, so it cancels);
 the auditor guesses "in" for the highest scores and "out" for the lowest, and
-accountants.audit turns the correct guesses into a lower bound on epsilon, reported
+fedsec.accountants.audit turns the correct guesses into a lower bound on epsilon, reported
 beside the accountant's epsilon. Without DP the bound measures how visible a client
 is; with DP it must stay below the accountant's epsilon, or something is wrong.
 
@@ -32,10 +32,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from accountants.audit import guess_and_count, one_run_bound
+from fedsec.accountants.audit import guess_and_count, one_run_bound
 from fedsec.data.benchmark import canary_example, draw_canary, random_pin
 from fedsec.data.schema import Canary, ClientData, FederatedData
-from fedsec.memorization import sequence_nll
+from fedsec.leakage import sequence_nll
 from fedsec.results import ClientUpdate
 from fedsec.seeding import numpy_generator, torch_generator
 

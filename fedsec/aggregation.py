@@ -1,6 +1,6 @@
 """The server's aggregation rule in the round loop, with the state some rules keep.
 
-`ServerDefense.combine` runs the configured rule (defenses.registry) over the
+`ServerDefense.combine` runs the configured rule (fedsec.defenses.registry) over the
 round's accepted deltas:
 
 - FoolsGold's per-client update histories live on disk, one file per client and
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from defenses.registry import Context
+from fedsec.defenses.registry import Context
 from fedsec.config import ExperimentConfig
 from fedsec.scaffold import VariateStore
 from fedsec.seeding import torch_generator
