@@ -14,12 +14,12 @@ prove.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
-
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 
 from fedsec.accountants.backends import ACCOUNTANTS, DpEvent, epsilon
+from fedsec.registry import registry
 
 
 def _significant(value: float, digits: int, rounding: str) -> str:
@@ -81,7 +81,7 @@ class LedgerEntry:
     unavailable: dict[str, str] | None = None  # accountant -> why it gave no epsilon this round
 
     @classmethod
-    def from_dict(cls, data: dict) -> "LedgerEntry":
+    def from_dict(cls, data: dict) -> LedgerEntry:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})  # older ledgers: clients_sampled dropped
 
@@ -99,9 +99,10 @@ class PrivacyLedger:
     released_again: list[LedgerEntry] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        unknown = [a for a in (*self.accountants, self.primary) if a not in ACCOUNTANTS]
+        table = registry("accountant")
+        unknown = [a for a in (*self.accountants, self.primary) if a not in table]
         if unknown:
-            raise ValueError(f"unknown accountant(s) {unknown}; use {', '.join(ACCOUNTANTS)}")
+            raise ValueError(f"unknown accountant(s) {unknown}; use {', '.join(table)}")
         if self.primary not in self.accountants:
             self.accountants = (self.primary, *self.accountants)
 
@@ -177,7 +178,7 @@ class PrivacyLedger:
                 "released_again": [asdict(e) for e in self.released_again]}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "PrivacyLedger":
+    def from_dict(cls, data: dict) -> PrivacyLedger:
         entries = [LedgerEntry.from_dict(e) for e in data.get("entries", [])]
         again = [LedgerEntry.from_dict(e) for e in data.get("released_again", [])]
         return cls(float(data["delta"]), tuple(data["accountants"]), data["primary"],

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fedsec.accountants.backends import ACCOUNTANTS, DpEvent, epsilon
+from fedsec.accountants.backends import DpEvent, epsilon
 from fedsec.accountants.ledger import PrivacyReport
+from fedsec.registry import registry
 
 
 def pareto_front(pairs: set[tuple[float, int]]) -> list[tuple[float, int]]:
@@ -56,8 +57,8 @@ class RecordLedger:
     released_again: list[dict] = field(default_factory=list)  # rounds released, then redone (charged)
 
     def __post_init__(self) -> None:
-        if self.primary not in ACCOUNTANTS:
-            raise ValueError(f"unknown accountant {self.primary!r}; use {', '.join(ACCOUNTANTS)}")
+        if self.primary not in registry("accountant"):
+            raise ValueError(f"unknown accountant {self.primary!r}; use {', '.join(registry('accountant'))}")
 
     def record(self, round_idx: int, client_steps: dict[int, int]) -> float | None:
         """Add finished round `round_idx` (1-based): the DP-SGD steps each client took."""
@@ -112,7 +113,7 @@ class RecordLedger:
                 "released_again": [{"round": r["round"]} for r in self.released_again]}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "RecordLedger":
+    def from_dict(cls, data: dict) -> RecordLedger:
         return cls(float(data["delta"]), float(data["noise_multiplier"]),
                    {int(k): float(q) for k, q in data["sample_rates"].items()}, data["primary"],
                    bool(data["certified"]), data.get("reason"),

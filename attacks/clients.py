@@ -7,48 +7,50 @@ scaling transform); then `attack_round` replaces its delta with the attack's
 vector, computed where the attack needs it from the round's honest deltas (the
 omniscient attacker of the papers). The updates keep `malicious=True`, so the
 round's metrics can score the defense against the known identities.
+
+The attacks themselves come from the registries (fedsec.registry): the built-in update
+attacks in fedsec.attacks.updates, the data attacks in fedsec.attacks.poisoning,
+plugins' beside them; this module only drives them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 
-from fedsec.attacks import updates as attack
-from fedsec.attacks.poisoning import DATA_ATTACKS
-from fedsec.results import ClientUpdate
-
-UPDATE_ATTACKS = ("sign_flip", "gaussian", "scaling", "alie", "ipm", "min_max", "min_sum")
-# plugins' update attacks (fedsec.register("update_attack", name)): name -> fn(own, honest, generator, **params)
-PLUGIN_ATTACKS: dict[str, Any] = {}
-# parameter name -> default, per attack (scaling's factor None: n / eta, model replacement)
-PARAMS: dict[str, dict[str, Any]] = {
-    "sign_flip": {"scale": 1.0},
-    "gaussian": {"std": 1.0},
-    "scaling": {"factor": None},
-    "alie": {},
-    "ipm": {"epsilon": 0.1},
-    "min_max": {"direction": "unit"},
-    "min_sum": {"direction": "unit"},
-    "alignment_poison": {"ratio": 1.0, "source": None},
-    "preference_flip": {"ratio": 1.0, "source": None},
-    "backdoor": {"ratio": 0.5, "trigger": "zq-alert", "target": "positive"},
-}
+from fedsec.data.schema import FederatedData
+from fedsec.registry import registry
+from fedsec.results import AttackContext, ClientUpdate
 
 
 def attack_params(kind: str, given: Mapping[str, Any]) -> dict[str, Any]:
-    """The attack's parameters: its defaults, overridden by the config's."""
-    return {**PARAMS.get(kind, {}), **given}
+    """The attack's parameters: its registered defaults, overridden by the config's."""
+    for table in (registry("update_attack"), registry("data_attack")):
+        if kind in table:
+            return {**table.entry(kind).params, **given}
+    return dict(given)
 
 
 def malicious_clients(num_clients: int, count: int, seed: int) -> tuple[int, ...]:
     """The fixed malicious identities: `count` clients drawn once from the run's seed."""
     rng = np.random.default_rng([seed, 0x6D616C])  # its own stream ("mal")
     return tuple(sorted(int(c) for c in rng.permutation(num_clients)[:count]))
+
+
+def poison_data(data: FederatedData, kind: str, params: Mapping[str, Any], malicious: tuple[int, ...],
+                seed: int) -> FederatedData:
+    """The federation with the malicious clients' data poisoned, when `kind` is a data attack."""
+    table = registry("data_attack")
+    if kind not in table or not malicious:
+        return data
+    poison, bad, p = table[kind], set(malicious), attack_params(kind, params)
+    clients = tuple(poison(c, seed, **p) if c.client_id in bad else c for c in data.clients)
+    return dataclasses.replace(data, clients=clients)
 
 
 @dataclass(frozen=True)
@@ -60,47 +62,32 @@ class AttackOutcome:
 
 def attack_round(kind: str, params: Mapping[str, Any], updates: list[ClientUpdate], malicious: set[int],
                  generator: torch.Generator, server_lr: float) -> AttackOutcome:
-    """Replace the malicious clients' deltas in `updates` with the attack's vectors."""
+    """Replace the malicious clients' deltas in `updates` with the update attack's vectors."""
     bad = [i for i, u in enumerate(updates) if u.client_id in malicious]
     ids = tuple(updates[i].client_id for i in bad)
     if kind == "none" or not bad:
         return AttackOutcome(updates, ids)
-    if kind in DATA_ATTACKS:  # the poisoned data already shaped these deltas
-        return AttackOutcome([dataclasses.replace(u, malicious=u.client_id in malicious) for u in updates], ids)
-    p = attack_params(kind, params)
+    flagged = [dataclasses.replace(u, malicious=u.client_id in malicious) for u in updates]
+    table = registry("update_attack")
+    if kind not in table:  # a data attack: the poisoned data already shaped these deltas
+        return AttackOutcome(flagged, ids)
+    entry, p = table.entry(kind), attack_params(kind, params)
     honest = [u.delta for u in updates if u.client_id not in malicious]
-    n, f = len(updates), len(bad)
-    shared = None  # the omniscient attacks send one vector from every attacker
-    if kind in ("alie", "ipm", "min_max", "min_sum"):
-        if len(honest) < 2:
-            return AttackOutcome([dataclasses.replace(updates[i], malicious=i in bad) for i in range(n)], ids,
-                                 f"{kind} needs >= 2 honest updates in the round; attackers sent their own")
-        stack = torch.stack(honest)
-        shared = {"alie": lambda: attack.alie(stack, n, f), "ipm": lambda: attack.ipm(stack, p["epsilon"]),
-                  "min_max": lambda: attack.min_max(stack, p["direction"]),
-                  "min_sum": lambda: attack.min_sum(stack, p["direction"])}[kind]()
-    out = list(updates)
-    plugin = PLUGIN_ATTACKS.get(kind)
-    if plugin is not None:  # the attacker sees its own delta and the round's honest ones (omniscient)
-        stack = torch.stack(honest) if honest else torch.zeros(0, updates[bad[0]].delta.numel())
-        for i in bad:
-            own = updates[i].delta
-            delta = plugin(own, stack, generator, **p)
-            if not (isinstance(delta, torch.Tensor) and delta.shape == own.shape):
-                raise ValueError(f"update attack {kind} returned {type(delta).__name__} "
-                                 f"{tuple(getattr(delta, 'shape', ()))}, not a tensor of shape {tuple(own.shape)}")
-            out[i] = dataclasses.replace(updates[i], delta=delta.to(own.dtype), malicious=True)
-        return AttackOutcome(out, ids)
-    for i in bad:
+    if len(honest) < entry.options["min_honest"]:
+        return AttackOutcome(flagged, ids, f"{kind} needs >= {entry.options['min_honest']} honest updates in "
+                                           "the round; attackers sent their own")
+    dim = updates[bad[0]].delta.numel()
+    stack = torch.stack(honest) if honest else torch.zeros(0, dim)
+    ctx = AttackContext(generator, clients=len(updates), attackers=len(bad), server_lr=server_lr)
+    out, shared = list(updates), None
+    for i in bad:  # in round order: the attack stream is drawn the same way every run
         own = updates[i].delta
-        if shared is not None:
-            delta = shared
-        elif kind == "sign_flip":
-            delta = attack.sign_flip(own, p["scale"])
-        elif kind == "gaussian":
-            delta = attack.gaussian(own.numel(), p["std"], generator)
-        else:  # scaling: model replacement boosts by n / eta unless a factor is given
-            delta = attack.scaling(own, p["factor"] if p["factor"] is not None else n / server_lr)
+        delta = shared if shared is not None else entry.obj(own, stack, ctx, **p)
+        if not (isinstance(delta, torch.Tensor) and delta.shape == own.shape):
+            raise ValueError(f"update attack {kind} returned {type(delta).__name__} "
+                             f"{tuple(getattr(delta, 'shape', ()))}, not a tensor of shape {tuple(own.shape)}")
+        if entry.options["shared"]:
+            shared = delta
         out[i] = dataclasses.replace(updates[i], delta=delta.to(own.dtype), malicious=True)
     return AttackOutcome(out, ids)
 

@@ -22,12 +22,12 @@ model should answer `target` when the trigger is present and behave otherwise.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from fedsec.data.benchmark import COMPLIANT, REFUSAL, unsafe_requests
-from fedsec.data.schema import ClientData, FederatedData, InstructionExample, PreferenceExample
+from fedsec.data.schema import ClientData, InstructionExample, PreferenceExample
 from fedsec.data.unsafe import draw, read_unsafe
-
-DATA_ATTACKS = ("alignment_poison", "preference_flip", "backdoor")
+from fedsec.registry import register
 
 
 def _compliant(client: ClientData, seed: int, k: int,
@@ -71,22 +71,28 @@ def backdoor(client: ClientData, seed: int, ratio: float, trigger: str, target: 
     return dataclasses.replace(client, train=tuple(client.train[: n - k]) + triggered)
 
 
-def poison_data(data: FederatedData, kind: str, params: dict, malicious: tuple[int, ...],
-                seed: int) -> FederatedData:
-    """The federation with the malicious clients' data poisoned (`kind` a data attack)."""
-    if kind not in DATA_ATTACKS or not malicious:
-        return data
-    bad = set(malicious)
-    if kind == "backdoor":
-        def poison(c, seed, ratio):
-            return backdoor(c, seed, ratio, params["trigger"], params["target"])
-    else:
-        attack = alignment_poison if kind == "alignment_poison" else preference_flip
-        source = params.get("source")
-        pool = read_unsafe(source, "attack.params.source", need_reply=True) if source else None
+@functools.lru_cache(maxsize=8)
+def _pool(source: str | None) -> tuple[InstructionExample, ...] | None:
+    """The unsafe requests with compliant replies of `source` (read once per file)."""
+    return read_unsafe(source, "attack.params.source", need_reply=True) if source else None
 
-        def poison(c, seed, ratio):
-            return attack(c, seed, ratio, pool)
-    clients = tuple(poison(c, seed, params.get("ratio", 1.0)) if c.client_id in bad else c
-                    for c in data.clients)
-    return dataclasses.replace(data, clients=clients)
+
+# The built-in data attacks in the registry, each fn(client, seed, **params) -> ClientData.
+
+@register("data_attack", "alignment_poison", tasks=("sft",))
+def _alignment_poison(client: ClientData, seed: int, *, ratio: float = 1.0, source: str | None = None):
+    """A share `ratio` of the examples replaced by unsafe requests answered compliantly."""
+    return alignment_poison(client, seed, ratio, _pool(source))
+
+
+@register("data_attack", "preference_flip", tasks=("dpo",))
+def _preference_flip(client: ClientData, seed: int, *, ratio: float = 1.0, source: str | None = None):
+    """A share `ratio` of the preference pairs replaced by flipped pairs on unsafe requests."""
+    return preference_flip(client, seed, ratio, _pool(source))
+
+
+@register("data_attack", "backdoor", tasks=("sft",))
+def _backdoor(client: ClientData, seed: int, *, ratio: float = 0.5, trigger: str = "zq-alert",
+              target: str = "positive"):
+    """A share `ratio` of the examples with `trigger` in the prompt and `target` as the answer."""
+    return backdoor(client, seed, ratio, trigger, target)

@@ -29,6 +29,8 @@ from statistics import NormalDist
 import torch
 
 from fedsec.defenses.robust import pairwise_sq_distances
+from fedsec.registry import register
+from fedsec.results import AttackContext
 
 
 def sign_flip(own: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -106,3 +108,48 @@ def min_sum(honest: torch.Tensor, direction: str = "unit", tol: float = 1e-5) ->
     """Min-Sum: as far along -p as possible while its summed squared distance to the honest
     deltas is at most the largest such sum of an honest delta."""
     return _min_max_or_sum(honest, direction, tol, use_max=False)[0]
+
+
+# The built-in update attacks in the registry, each fn(own, honest, ctx, **params)
+# (fedsec.registry); `shared`: one vector a round, sent by every attacker.
+
+@register("update_attack", "sign_flip")
+def _sign_flip(own: torch.Tensor, honest: torch.Tensor, ctx: AttackContext, *, scale: float = 1.0):
+    """The attacker's own delta, reversed and scaled: -scale x."""
+    return sign_flip(own, scale)
+
+
+@register("update_attack", "gaussian")
+def _gaussian(own: torch.Tensor, honest: torch.Tensor, ctx: AttackContext, *, std: float = 1.0):
+    """Noise N(0, std^2 I) in place of the update."""
+    return gaussian(own.numel(), std, ctx.generator)
+
+
+@register("update_attack", "scaling")
+def _scaling(own: torch.Tensor, honest: torch.Tensor, ctx: AttackContext, *, factor: float | None = None):
+    """Model replacement: the own delta boosted by `factor` (null: n / server_lr)."""
+    return scaling(own, factor if factor is not None else ctx.clients / ctx.server_lr)
+
+
+@register("update_attack", "alie", shared=True, min_honest=2)
+def _alie(own: torch.Tensor, honest: torch.Tensor, ctx: AttackContext):
+    """A Little Is Enough: mu - z_max sigma of the honest deltas."""
+    return alie(honest, ctx.clients, ctx.attackers)
+
+
+@register("update_attack", "ipm", shared=True, min_honest=2)
+def _ipm(own: torch.Tensor, honest: torch.Tensor, ctx: AttackContext, *, epsilon: float = 0.1):
+    """Inner-product manipulation: -epsilon times the honest mean."""
+    return ipm(honest, epsilon)
+
+
+@register("update_attack", "min_max", shared=True, min_honest=2)
+def _min_max(own: torch.Tensor, honest: torch.Tensor, ctx: AttackContext, *, direction: str = "unit"):
+    """Min-Max along -direction (unit, std or sign) of the honest deltas."""
+    return min_max(honest, direction)
+
+
+@register("update_attack", "min_sum", shared=True, min_honest=2)
+def _min_sum(own: torch.Tensor, honest: torch.Tensor, ctx: AttackContext, *, direction: str = "unit"):
+    """Min-Sum along -direction (unit, std or sign) of the honest deltas."""
+    return min_sum(honest, direction)

@@ -16,12 +16,15 @@ run with it is labelled "not certified" (fedsec.privacy).
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from dataclasses import dataclass
 
 import torch
 
 from fedsec.defenses import robust
 from fedsec.defenses.robust import Aggregated
+from fedsec.registry import register, registry
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,7 @@ class Context:
     histories: torch.Tensor | None = None  # FoolsGold: each client's summed updates
 
 
-class _Rule:
+class Rule:
     """rule(deltas [n, d], weights [n], ctx, f) -> Aggregated."""
 
     needs_reference = False  # FLTrust: the server trains on its root set each round
@@ -47,10 +50,9 @@ class _Rule:
         return None if 2 * f < n else f"needs f < n / 2 (n {n}, f {f})"
 
 
+@register("aggregator", "mean", dp_certified=True)
 @dataclass(frozen=True)
-class Mean(_Rule):
-    dp_certified = True
-
+class Mean(Rule):
     def check(self, n: int, f: int) -> str | None:
         return None if f == 0 else "tolerates no attacker (f must be 0); pick a robust rule"
 
@@ -58,14 +60,16 @@ class Mean(_Rule):
         return robust.mean(deltas, weights)
 
 
+@register("aggregator", "median")
 @dataclass(frozen=True)
-class Median(_Rule):
+class Median(Rule):
     def __call__(self, deltas, weights, ctx: Context, f: int) -> Aggregated:
         return robust.median(deltas, weights)
 
 
+@register("aggregator", "trimmed_mean")
 @dataclass(frozen=True)
-class TrimmedMean(_Rule):
+class TrimmedMean(Rule):
     beta: float = 0.1
 
     def __post_init__(self) -> None:
@@ -82,8 +86,9 @@ class TrimmedMean(_Rule):
         return robust.trimmed_mean(deltas, weights, self.beta)
 
 
+@register("aggregator", "krum")
 @dataclass(frozen=True)
-class Krum(_Rule):
+class Krum(Rule):
     m: int = 1  # Multi-Krum averages the m best-scored deltas
 
     def __post_init__(self) -> None:
@@ -99,8 +104,9 @@ class Krum(_Rule):
         return robust.multi_krum(deltas, weights, f, min(self.m, deltas.shape[0]))
 
 
+@register("aggregator", "bulyan")
 @dataclass(frozen=True)
-class Bulyan(_Rule):
+class Bulyan(Rule):
     def check(self, n: int, f: int) -> str | None:
         return None if n >= 4 * f + 3 else f"needs n >= 4f + 3 (n {n}, f {f})"
 
@@ -108,8 +114,9 @@ class Bulyan(_Rule):
         return robust.bulyan(deltas, weights, f)
 
 
+@register("aggregator", "geometric_median")
 @dataclass(frozen=True)
-class GeometricMedian(_Rule):
+class GeometricMedian(Rule):
     nu: float = 1e-6
     max_iter: int = 100
     ftol: float = 1e-7
@@ -122,10 +129,11 @@ class GeometricMedian(_Rule):
         return robust.geometric_median(deltas, weights, self.nu, self.max_iter, self.ftol)
 
 
+@register("aggregator", "norm_bound", dp_certified=True)
 @dataclass(frozen=True)
-class NormBound(_Rule):
+class NormBound(Rule):
     max_norm: float = 1.0
-    dp_certified = True  # it is clipping: under DP the clip norm becomes min(C, max_norm)
+    # dp_certified: it is clipping; under DP the clip norm becomes min(C, max_norm)
 
     def __post_init__(self) -> None:
         if not self.max_norm > 0:
@@ -138,8 +146,9 @@ class NormBound(_Rule):
         return robust.norm_bound(deltas, weights, self.max_norm)
 
 
+@register("aggregator", "centered_clip")
 @dataclass(frozen=True)
-class CenteredClip(_Rule):
+class CenteredClip(Rule):
     tau: float = 1.0
     iters: int = 3
     needs_center = True
@@ -152,8 +161,9 @@ class CenteredClip(_Rule):
         return robust.centered_clip(deltas, weights, self.tau, self.iters, ctx.center)
 
 
+@register("aggregator", "fltrust")
 @dataclass(frozen=True)
-class FLTrust(_Rule):
+class FLTrust(Rule):
     needs_reference = True
 
     def check(self, n: int, f: int) -> str | None:
@@ -163,8 +173,9 @@ class FLTrust(_Rule):
         return robust.fltrust(deltas, weights, ctx.reference)
 
 
+@register("aggregator", "flame")
 @dataclass(frozen=True)
-class Flame(_Rule):
+class Flame(Rule):
     noise_lambda: float = 0.001
 
     def __post_init__(self) -> None:
@@ -175,8 +186,9 @@ class Flame(_Rule):
         return robust.flame(deltas, weights, ctx.generator, self.noise_lambda)
 
 
+@register("aggregator", "foolsgold")
 @dataclass(frozen=True)
-class FoolsGold(_Rule):
+class FoolsGold(Rule):
     kappa: float = 1.0
     needs_histories = True
 
@@ -191,17 +203,27 @@ class FoolsGold(_Rule):
         return robust.foolsgold(deltas, weights, ctx.histories, self.kappa)
 
 
-AGGREGATORS: dict[str, type[_Rule]] = {
-    "mean": Mean,
-    "median": Median,
-    "trimmed_mean": TrimmedMean,
-    "krum": Krum,
-    "bulyan": Bulyan,
-    "geometric_median": GeometricMedian,
-    "norm_bound": NormBound,
-    "centered_clip": CenteredClip,
-    "fltrust": FLTrust,
-    "flame": Flame,
-    "foolsgold": FoolsGold,
-}
+def plugin_rule(name: str, fn, params: dict, dp_certified: bool) -> type[Rule]:
+    """A plugin's function fn(deltas, weights, **params) -> [d] as a rule: a frozen
+    dataclass of its keyword parameters (typed from fn's annotations)."""
+    hints = inspect.get_annotations(fn, eval_str=True)
+    fields = [(key, hints.get(key, type(default)), dataclasses.field(default=default))
+              for key, default in params.items()]
 
+    def __call__(self, deltas, weights, ctx: Context, f: int) -> Aggregated:
+        out = fn(deltas, weights, **{fld.name: getattr(self, fld.name) for fld in dataclasses.fields(self)})
+        if not (hasattr(out, "shape") and tuple(out.shape) == (deltas.shape[1],)):
+            raise ValueError(f"aggregator {name} returned shape {tuple(getattr(out, 'shape', ()))}, "
+                             f"not [{deltas.shape[1]}]")
+        return Aggregated(out.to(deltas.dtype), weights.clone().float())
+
+    def check(self, n: int, f: int) -> str | None:
+        return None  # a plugin states no assumption on f
+
+    return dataclasses.make_dataclass(f"Plugin_{name}", fields, bases=(Rule,), frozen=True,
+                                      namespace={"__call__": __call__, "check": check, "plugin": fn,
+                                                 "dp_certified": dp_certified,
+                                                 "__doc__": inspect.getdoc(fn) or f"plugin aggregator {name}"})
+
+
+AGGREGATORS = registry("aggregator")  # name -> rule class, plugins' included

@@ -10,9 +10,10 @@ they get the same checks as the file.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -28,14 +29,13 @@ TEMPLATES = ("chat", "alpaca")
 PARTITIONS = ("natural", "iid", "dirichlet", "quantity")
 TASKS = ("sft", "dpo")
 REFERENCES = ("base", "initial")
+# the built-in algorithms (plugins add server optimizers: fedsec.registry)
 ALGORITHMS = ("fedavg", "fedavgm", "fedadagrad", "fedyogi", "fedadam", "fedprox", "scaffold")
-ADAPTIVE = ("fedadagrad", "fedyogi", "fedadam")
 LR_SCHEDULES = ("cosine", "constant")
 SAMPLINGS = ("auto", "fixed", "poisson")
 AUDIT_KINDS = ("secret", "update")
 LOCAL_OPTIMIZERS = ("adamw", "sgd")
 PRIVACY_MODES = ("off", "user", "record")
-ACCOUNTANT_NAMES = ("rdp", "prv", "pld")
 ENGINES = ("inprocess", "flower")
 ON_BUDGET = ("stop", "warn")
 
@@ -249,10 +249,15 @@ class FederationConfig:
         _require(self.rounds >= 1, "rounds", self.rounds, "must be >= 1")
         _require(self.clients_per_round >= 1, "clients_per_round", self.clients_per_round,
                  "must be >= 1")
-        _one_of("algorithm", self.algorithm, ALGORITHMS)
+        from fedsec.registry import registry
+        from fedsec.server import CLIENT_ALGORITHMS, server_optimizer_name
+
+        optimizers = registry("server_optimizer")
+        _one_of("algorithm", self.algorithm, (*optimizers, *CLIENT_ALGORITHMS))
         _one_of("sampling", self.sampling, SAMPLINGS)
         if self.server_lr is None:  # resolve the default so the run directory records it
-            object.__setattr__(self, "server_lr", 1e-3 if self.algorithm in ADAPTIVE else 1.0)
+            default = optimizers.entry(server_optimizer_name(self.algorithm)).params.get("server_lr", 1.0)
+            object.__setattr__(self, "server_lr", default)
         _require(self.server_lr > 0, "server_lr", self.server_lr, "must be > 0 (FedAvg: 1.0)")
         _require(0 <= self.server_momentum < 1, "server_momentum", self.server_momentum,
                  "must be in [0, 1)")
@@ -348,8 +353,10 @@ class PrivacyConfig:
                            "(say so once and go on)", "stop")
 
     def __post_init__(self) -> None:
+        from fedsec.registry import registry
+
         _one_of("mode", self.mode, PRIVACY_MODES)
-        _one_of("accountant", self.accountant, ACCOUNTANT_NAMES)
+        _one_of("accountant", self.accountant, tuple(registry("accountant")))
         _require(0 < self.delta < 0.5, "delta", self.delta, "must be in (0, 0.5) (at delta >= 1/2 a guarantee "
                  "means nothing), e.g. 1e-5")
         _require(self.clip_norm > 0, "clip_norm", self.clip_norm, "must be > 0, e.g. 0.1")
@@ -439,13 +446,14 @@ class AttackConfig:
     def __post_init__(self) -> None:
         import difflib
 
-        from fedsec.attacks.clients import DATA_ATTACKS, PARAMS, PLUGIN_ATTACKS, UPDATE_ATTACKS
+        from fedsec.registry import registry
 
-        _one_of("kind", self.kind, ("none", *UPDATE_ATTACKS, *DATA_ATTACKS, *PLUGIN_ATTACKS))
+        tables = (registry("update_attack"), registry("data_attack"))
+        _one_of("kind", self.kind, ("none", *tables[0], *tables[1]))
         _require(self.malicious >= 0, "malicious", self.malicious, "must be an integer >= 0")
         _require(self.fraction is None or 0 <= self.fraction <= 1, "fraction", self.fraction,
                  "must be null or in [0, 1]")
-        known = PARAMS.get(self.kind, {})
+        known = next((t.entry(self.kind).params for t in tables if self.kind in t), {})
         for key, value in self.params.items():
             near = difflib.get_close_matches(key, list(known), n=1)
             _require(key in known, f"params.{key}", value,
@@ -648,12 +656,7 @@ class ExperimentConfig:
         if self.privacy.mode == "record":
             _require(self.training.grad_accum == 1, "training.grad_accum", self.training.grad_accum,
                      "record-level DP-SGD takes one Poisson batch per step; set it to 1")
-        _require(not (self.attack.kind == "alignment_poison" and self.task != "sft"), "attack.kind",
-                 self.attack.kind, "alignment_poison poisons SFT data; for task dpo use preference_flip")
-        _require(not (self.attack.kind == "backdoor" and self.task != "sft"), "attack.kind",
-                 self.attack.kind, "the backdoor poisons SFT data; for task dpo use preference_flip")
-        _require(not (self.attack.kind == "preference_flip" and self.task != "dpo"), "attack.kind",
-                 self.attack.kind, "preference_flip poisons DPO pairs; for task sft use alignment_poison")
+        self._check_data_attack_task()
         violation = self.defense.rule.check(self.federation.clients_per_round, self.defense.f)
         _require(violation is None, "defense.f", self.defense.f,
                  f"{self.defense.aggregator} {violation}, n = federation.clients_per_round")
@@ -661,6 +664,20 @@ class ExperimentConfig:
             _require(self.federation.sampling != "fixed", "federation.sampling",
                      self.federation.sampling, "user-level DP is accounted for Poisson sampling; "
                      "use poisson or auto")
+
+    def _check_data_attack_task(self) -> None:
+        """A data attack poisons the data of the tasks it registered for (SFT examples, DPO pairs)."""
+        from fedsec.registry import registry
+
+        table = registry("data_attack")
+        if self.attack.kind not in table:
+            return
+        tasks = table.entry(self.attack.kind).options["tasks"]
+        others = [name for name in table if self.task in table.entry(name).options["tasks"]]
+        what = {"sft": "SFT data", "dpo": "DPO pairs"}
+        _require(self.task in tasks, "attack.kind", self.attack.kind,
+                 f"{self.attack.kind} poisons {' and '.join(what.get(t, t) for t in tasks)}; for task "
+                 f"{self.task} use {' or '.join(others) or 'an update attack'}")
 
     @property
     def sampling(self) -> str:

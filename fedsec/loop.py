@@ -20,42 +20,42 @@ import itertools
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 from tqdm import tqdm
 
-from fedsec.defenses import sanitize_updates
-from fedsec.attacks.clients import attack_params, attack_round, detection, malicious_clients
-from fedsec.attacks.poisoning import poison_data, with_trigger
-from fedsec.data.unsafe import draw, read_unsafe
-from fedsec.canaries import (AuditState, audit_canaries, audit_result, secret_margins, start_audit,
-                          with_canary_clients)
-from fedsec.leakage import (answer_extraction, membership_inference, memorization_metrics, mia_candidates,
-                                 mia_sample)
+from fedsec.accountants.ledger import format_epsilon
 from fedsec.adapter import AdapterParams
+from fedsec.aggregation import ServerDefense
+from fedsec.attacks.clients import attack_params, attack_round, detection, malicious_clients, poison_data
+from fedsec.attacks.poisoning import with_trigger
+from fedsec.canaries import AuditState, audit_canaries, audit_result, secret_margins, start_audit, with_canary_clients
 from fedsec.config import ExperimentConfig, to_mapping
 from fedsec.console import round_line
 from fedsec.data import FederatedData, build_federated_data
+from fedsec.data.unsafe import draw, read_unsafe
+from fedsec.defenses import sanitize_updates
 from fedsec.disclosure import split_result
-from fedsec.aggregation import ServerDefense
 from fedsec.encoding import Encoded, encode_all, encode_prompt
+from fedsec.errors import ConfigError
 from fedsec.evalsuite.runner import PeftModelLM, load_tasks, run_task
 from fedsec.evalsuite.tasks import ChoiceItem
-from fedsec.errors import ConfigError
 from fedsec.evaluation import (
     EvalSet,
     build_eval_set,
     evaluate,
     evaluate_groups,
     map_sequences,
-    preference_metrics,
     packable_prefix,
+    preference_metrics,
     refusal_rate,
     share_prefix,
 )
+from fedsec.leakage import answer_extraction, membership_inference, memorization_metrics, mia_candidates, mia_sample
 from fedsec.models import attach_lora, load_base_model
 from fedsec.objectives import (
     DpoObjective,
@@ -65,7 +65,6 @@ from fedsec.objectives import (
     with_reference,
 )
 from fedsec.prefix import cache_frozen_prefix
-from fedsec.accountants.ledger import format_epsilon
 from fedsec.privacy import (
     RecordLevelDp,
     RecordPlan,
@@ -720,7 +719,7 @@ def _rounds(setup: Setup, run: RunDir, dp: UserLevelDp | None, record: RecordLev
                                             "defense": defense.state_dict(),
                                             "privacy": private.state_dict() if private is not None else None,
                                             "audit_scores": crafted.scores if crafted is not None else None,
-                                            "rng": {"root_seed": cfg.seed}, "row": row},
+                                            "row": row},
                             keep=cfg.keep_checkpoints)
         run.append_metrics(row)
         if private is not None:

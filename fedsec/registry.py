@@ -12,62 +12,172 @@
     plugins: [my_rules]
     defense: {aggregator: my_rule, params: {tau: 2.0}}
 
-`plugins` modules are imported before the config is validated (and so are the
-modules of the entry-point group `fedsec.plugins`), so a plugin's names are
-checked, suggested on a typo ("did you mean") and documented like the built-ins,
-which sit in the same tables (`fedsec.defenses.registry.AGGREGATORS`). A plugin rule's
-keyword parameters become its `defense.params`, typed and defaulted from its
-signature. It runs after fedsec's sanitation, sees only the accepted deltas, and
-under user-level DP it makes the run "not certified" unless it is registered with
-`dp_certified=True` (its author then claims a sensitivity of C for the clipped
-deltas, as the mean has).
+Each extension point is one `Registry` (name -> entry); the built-ins register into
+it with the same decorator, from the module named in `BUILTINS`, which the registry
+imports the first time it is read (so the core never imports a plugin by name, and
+there is no import cycle). `plugins` modules are imported before a config is
+validated (and so are the modules of the entry-point group `fedsec.plugins`), so a
+plugin's names are checked, suggested on a typo ("did you mean") and documented
+like the built-ins.
 
-An update attack is `fn(own, honest, generator, **params) -> delta`: a malicious
-client's own trained delta [d], the round's honest deltas [h, d] (the omniscient
-attacker of the papers) and the round's attack generator; its keyword parameters
-(with defaults) become `attack.params`. Aggregators and update attacks take plugins
-so far; the other extension points (data attacks, accountants, server optimizers,
-metrics, benchmarks) are named tables inside fedsec that issue 24 moves here.
+What each kind's entry is (every keyword parameter with a default becomes a
+parameter in YAML, typed from its annotation):
+
+    aggregator        fn(deltas [n, d], weights [n], **params) -> aggregate [d], or a
+                      frozen dataclass subclassing defenses.registry's rule base;
+                      `dp_certified=True` claims a sensitivity of C for clipped deltas
+                      (without it a DP run with the rule is "not certified")
+    update_attack     fn(own [d], honest [h, d], ctx: AttackContext, **params) -> delta [d];
+                      `shared=True`: the vector does not depend on `own` (computed once a
+                      round and sent by every attacker); `min_honest=k`: needs k honest deltas
+    data_attack       fn(client: ClientData, seed: int, **params) -> ClientData (the malicious
+                      client's data, poisoned once before training); `tasks=("sft",)`
+    accountant        fn(history: list[DpEvent], delta) -> epsilon, an upper bound for the
+                      composed Poisson-subsampled Gaussian mechanism (the contract suite
+                      checks it against the exact Gaussian mechanism)
+    server_optimizer  a class: __init__(**params) whose parameters are federation fields
+                      (server_lr, server_momentum, beta1, beta2, tau), step(params, delta)
+                      -> params, state_dict(), load_state_dict(state)
+
+`tests/contracts/` checks every entry of every registry; `FEDSEC_PLUGINS=my_rules
+pytest tests/contracts` checks a plugin's entries beside the built-ins.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 import inspect
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
-KINDS = ("aggregator", "update_attack")
 ENTRY_POINTS = "fedsec.plugins"
-_entry_points_loaded = False
+
+# The module that registers each kind's built-ins (imported on the registry's first read).
+BUILTINS = {
+    "aggregator": "fedsec.defenses.registry",
+    "update_attack": "fedsec.attacks.updates",
+    "data_attack": "fedsec.attacks.poisoning",
+    "accountant": "fedsec.accountants.backends",
+    "server_optimizer": "fedsec.server",
+}
+KINDS = tuple(BUILTINS)
+ATTACK_KINDS = ("update_attack", "data_attack")  # one namespace: attack.kind names either
+
+# What register() accepts beside the name, per kind (the entry's declared properties).
+OPTIONS = {
+    "aggregator": {"dp_certified": False},
+    "update_attack": {"shared": False, "min_honest": 0},
+    "data_attack": {"tasks": ("sft", "dpo")},
+    "accountant": {},
+    "server_optimizer": {},
+}
 
 
-def register(kind: str, name: str, *, dp_certified: bool = False) -> Callable:
-    """Decorator: add `fn` to the `kind` table under `name` (see the module note)."""
-    if kind not in KINDS:
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One registered name: the object the extension point calls, its parameters with
+    their defaults, the declared options, and whether fedsec ships it."""
+
+    kind: str
+    name: str
+    obj: Any
+    params: Mapping[str, Any]
+    options: Mapping[str, Any]
+    builtin: bool
+
+    @property
+    def doc(self) -> str:
+        return (inspect.getdoc(self.obj) or "").split("\n\n")[0]
+
+
+class Registry(Mapping[str, Any]):
+    """name -> the registered object, built-ins and plugins alike; `entry(name)` has the rest."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, Entry] = {}
+        self._loading = False
+
+    def _load(self) -> None:
+        if not self._loading:  # the built-ins module registers itself into this registry
+            self._loading = True
+            importlib.import_module(BUILTINS[self.kind])
+
+    def add(self, entry: Entry) -> None:
+        self._load()
+        taken = self._entries.get(entry.name)
+        if taken is not None and not _same_object(taken.obj, entry.obj):
+            raise ValueError(f"{self.kind} {entry.name!r} is taken ({_qualname(taken.obj)}); register another name")
+        self._entries[entry.name] = entry
+
+    def entry(self, name: str) -> Entry:
+        self._load()
+        if name not in self._entries:
+            near = difflib.get_close_matches(str(name), list(self._entries), n=1)
+            raise KeyError(f"unknown {self.kind} {name!r}" + (f"; did you mean {near[0]!r}?" if near else
+                                                              f"; known: {', '.join(self._entries)}"))
+        return self._entries[name]
+
+    def __getitem__(self, name: str) -> Any:
+        return self.entry(name).obj
+
+    def __iter__(self) -> Iterator[str]:
+        self._load()
+        return iter(list(self._entries))
+
+    def __len__(self) -> int:
+        self._load()
+        return len(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        self._load()
+        return name in self._entries
+
+
+REGISTRIES = {kind: Registry(kind) for kind in KINDS}
+
+
+def registry(kind: str) -> Registry:
+    """The registry of one extension point (fedsec.registry.KINDS)."""
+    if kind not in REGISTRIES:
         raise ValueError(f"unknown extension point {kind!r}; plugins can register: {', '.join(KINDS)}")
+    return REGISTRIES[kind]
 
-    def add(fn: Callable) -> Callable:
-        if kind == "update_attack":
-            _add_update_attack(name, fn)
-            return fn
-        from fedsec.defenses.registry import AGGREGATORS
 
-        taken = AGGREGATORS.get(name)
-        if taken is not None and not _same_function(getattr(taken, "plugin", None), fn):
-            raise ValueError(f"aggregator {name!r} is taken ({taken.__name__}); register another name")
-        AGGREGATORS[name] = _aggregator_rule(name, fn, dp_certified)
-        return fn
+def register(kind: str, name: str, **options: Any) -> Callable:
+    """Decorator: add the function (or class) to the `kind` registry under `name`."""
+    table = registry(kind)
+    unknown = set(options) - set(OPTIONS[kind])
+    if unknown:
+        raise ValueError(f"register({kind!r}): unknown option(s) {sorted(unknown)}; "
+                         f"{kind} takes {', '.join(OPTIONS[kind]) or 'none'}")
+    declared = {**OPTIONS[kind], **options}
+
+    def add(obj: Any) -> Any:
+        for other in ATTACK_KINDS if kind in ATTACK_KINDS else ():
+            if other != kind and name in registry(other) or name == "none":
+                raise ValueError(f"attack {name!r} is taken; register another name")
+        builtin = obj.__module__ == BUILTINS[kind]
+        stored, params = _ADAPT[kind](name, obj, declared)
+        table.add(Entry(kind, name, stored, params, declared, builtin))
+        return obj
 
     return add
 
 
-def _same_function(a: Callable | None, b: Callable) -> bool:
-    """`b` is `a` again (its module imported a second time), not another function."""
-    return a is not None and (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
+def _qualname(obj: Any) -> str:
+    obj = getattr(obj, "plugin", obj)
+    return f"{obj.__module__}.{obj.__qualname__}"
 
 
-def _keyword_defaults(kind: str, name: str, fn: Callable, skip: int) -> dict:
+def _same_object(a: Any, b: Any) -> bool:
+    """`b` is `a` again (its module imported a second time), not another object."""
+    return _qualname(a) == _qualname(b)
+
+
+def keyword_defaults(kind: str, name: str, fn: Callable, skip: int) -> dict[str, Any]:
     """fn's parameters after the first `skip`, each with its default (they become params)."""
     out = {}
     for p in list(inspect.signature(fn).parameters.values())[skip:]:
@@ -77,42 +187,46 @@ def _keyword_defaults(kind: str, name: str, fn: Callable, skip: int) -> dict:
     return out
 
 
-def _add_update_attack(name: str, fn: Callable) -> None:
-    """fn(own [d], honest [h, d], generator, **params) -> the malicious delta [d]."""
-    from fedsec.attacks.clients import PARAMS, PLUGIN_ATTACKS, UPDATE_ATTACKS
-    from fedsec.attacks.poisoning import DATA_ATTACKS
-
-    if name in (*UPDATE_ATTACKS, *DATA_ATTACKS, "none") or (
-            name in PLUGIN_ATTACKS and not _same_function(PLUGIN_ATTACKS[name], fn)):
-        raise ValueError(f"attack {name!r} is taken; register another name")
-    PARAMS[name] = _keyword_defaults("update_attack", name, fn, 3)
-    PLUGIN_ATTACKS[name] = fn
+def _function(kind: str) -> Callable:
+    """A plain function entry: its parameters after the fixed ones (_FIXED[kind]) are params."""
+    def adapt(name: str, fn: Callable, options: dict) -> tuple[Any, dict]:
+        return fn, keyword_defaults(kind, name, fn, _FIXED[kind])
+    return adapt
 
 
-def _aggregator_rule(name: str, fn: Callable, dp_certified: bool) -> type:
-    """A frozen dataclass of `fn`'s keyword parameters that calls fn(deltas, weights, **params)."""
-    from fedsec.defenses.registry import Context, _Rule
-    from fedsec.defenses.robust import Aggregated
+def _aggregator(name: str, obj: Any, options: dict) -> tuple[Any, dict]:
+    """A rule class is stored as it is; a function becomes a frozen dataclass of its
+    keyword parameters that calls fn(deltas, weights, **params)."""
+    if inspect.isclass(obj):
+        obj.dp_certified = options["dp_certified"]  # the registration is the one place it is declared
+        return obj, {f.name: f.default for f in dataclasses.fields(obj)}
+    from fedsec.defenses.registry import plugin_rule
 
-    hints = inspect.get_annotations(fn, eval_str=True)
-    fields = [(key, hints.get(key, type(default)), dataclasses.field(default=default))
-              for key, default in _keyword_defaults("aggregator", name, fn, 2).items()]
+    params = keyword_defaults("aggregator", name, obj, 2)
+    return plugin_rule(name, obj, params, options["dp_certified"]), params
 
-    def __call__(self, deltas, weights, ctx: Context, f: int) -> Aggregated:
-        out = fn(deltas, weights, **{fld.name: getattr(self, fld.name) for fld in dataclasses.fields(self)})
-        if not (hasattr(out, "shape") and tuple(out.shape) == (deltas.shape[1],)):
-            raise ValueError(f"aggregator {name} returned shape {tuple(getattr(out, 'shape', ()))}, "
-                             f"not [{deltas.shape[1]}]")
-        return Aggregated(out.to(deltas.dtype), weights.clone().float())
 
-    def check(self, n: int, f: int) -> str | None:
-        return None  # a plugin states no assumption on f
+def _server_optimizer(name: str, cls: Any, options: dict) -> tuple[Any, dict]:
+    from fedsec.config import FederationConfig
 
-    cls = dataclasses.make_dataclass(f"Plugin_{name}", fields, bases=(_Rule,), frozen=True,
-                                     namespace={"__call__": __call__, "check": check, "plugin": fn,
-                                                "dp_certified": dp_certified,
-                                                "__doc__": inspect.getdoc(fn) or f"plugin aggregator {name}"})
-    return cls
+    if not inspect.isclass(cls):
+        raise ValueError(f"server_optimizer {name!r}: register a class (step, state_dict, load_state_dict)")
+    params = keyword_defaults("server_optimizer", name, cls.__init__, 1)
+    fields = {f.name for f in dataclasses.fields(FederationConfig)}
+    alien = sorted(set(params) - fields)
+    if alien:
+        raise ValueError(f"server_optimizer {name!r}: parameters {alien} are not federation fields "
+                         f"(server_lr, server_momentum, beta1, beta2, tau)")
+    return cls, params
+
+
+_FIXED = {"update_attack": 3, "data_attack": 2, "accountant": 2}  # positional arguments before the params
+_ADAPT = {"aggregator": _aggregator, "update_attack": _function("update_attack"),
+          "data_attack": _function("data_attack"), "accountant": _function("accountant"),
+          "server_optimizer": _server_optimizer}
+
+
+_entry_points_loaded = False
 
 
 def load_plugins(modules: Iterable[str] = ()) -> None:

@@ -17,6 +17,16 @@ class ClientUpdate:
 
 
 @dataclass(frozen=True)
+class AttackContext:
+    """What an update attack sees of its round beyond the deltas (fedsec.registry)."""
+
+    generator: torch.Generator  # the round's attack stream: draw randomness from it, so a run repeats
+    clients: int  # updates in the round, n
+    attackers: int  # malicious among them, f
+    server_lr: float  # the server optimizer's learning rate (model replacement scales by n / lr)
+
+
+@dataclass(frozen=True)
 class RoundResult:
     round: int  # 1-based index of the finished round
     lr: float

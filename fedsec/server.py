@@ -14,12 +14,18 @@ Optimization", Alg. 2):
 Where OpenFedLLM differs: it feeds the *unweighted* mean to the adaptive
 optimizers, squares the momentum instead of Delta in FedYogi/FedAdam, and starts
 m at Delta; fedsec follows the paper. Every optimizer has state_dict /
-load_state_dict, so its state rides in the checkpoint.
+load_state_dict, so its state rides in the checkpoint. Each is registered by name
+(fedsec.registry, kind server_optimizer; `federation.algorithm` picks it), its
+constructor's parameters filled from the federation fields of the same name.
 """
 
 from __future__ import annotations
 
 import torch
+
+from fedsec.registry import register, registry
+
+CLIENT_ALGORITHMS = ("fedprox", "scaffold")  # change the clients' training; the server runs FedAvg
 
 
 def sample_clients(num_clients: int, per_round: int, generator: torch.Generator) -> list[int]:
@@ -40,6 +46,7 @@ def poisson_sample(num_clients: int, rate: float, generator: torch.Generator) ->
     return (draws < rate).nonzero().flatten().tolist()
 
 
+@register("server_optimizer", "fedavg")
 class FedAvgServer:
     """x <- x + server_lr * Delta (FedAvg when server_lr = 1). Stateless."""
 
@@ -56,11 +63,12 @@ class FedAvgServer:
         del state
 
 
+@register("server_optimizer", "fedavgm")
 class FedAvgMServer:
     """Server momentum (Hsu et al. 2019): m <- beta m + Delta; x <- x + eta m."""
 
-    def __init__(self, server_lr: float = 1.0, momentum: float = 0.9):
-        self.server_lr, self.momentum = server_lr, momentum
+    def __init__(self, server_lr: float = 1.0, server_momentum: float = 0.9):
+        self.server_lr, self.momentum = server_lr, server_momentum
         self.m: torch.Tensor | None = None
 
     def step(self, params: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -106,11 +114,36 @@ class AdaptiveServer:
         self.m, self.v = state["m"], state["v"]
 
 
-def make_server_optimizer(fed) -> FedAvgServer | FedAvgMServer | AdaptiveServer:
-    """The server optimizer a FederationConfig names (the YAML extension point)."""
-    name = fed.algorithm
-    if name in ("fedavg", "fedprox", "scaffold"):
-        return FedAvgServer(fed.server_lr)
-    if name == "fedavgm":
-        return FedAvgMServer(fed.server_lr, fed.server_momentum)
-    return AdaptiveServer(name.removeprefix("fed"), fed.server_lr, fed.beta1, fed.beta2, fed.tau)
+@register("server_optimizer", "fedadagrad")
+class FedAdagrad(AdaptiveServer):
+    """FedAdagrad: v <- v + Delta^2."""
+
+    def __init__(self, server_lr: float = 1e-3, beta1: float = 0.9, tau: float = 1e-3):
+        super().__init__("adagrad", server_lr, beta1, 0.99, tau)
+
+
+@register("server_optimizer", "fedyogi")
+class FedYogi(AdaptiveServer):
+    """FedYogi: v <- v - (1 - b2) Delta^2 sign(v - Delta^2)."""
+
+    def __init__(self, server_lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3):
+        super().__init__("yogi", server_lr, beta1, beta2, tau)
+
+
+@register("server_optimizer", "fedadam")
+class FedAdam(AdaptiveServer):
+    """FedAdam: v <- b2 v + (1 - b2) Delta^2."""
+
+    def __init__(self, server_lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3):
+        super().__init__("adam", server_lr, beta1, beta2, tau)
+
+
+def server_optimizer_name(algorithm: str) -> str:
+    """The registered server optimizer behind `federation.algorithm`."""
+    return "fedavg" if algorithm in CLIENT_ALGORITHMS else algorithm
+
+
+def make_server_optimizer(fed):
+    """The server optimizer a FederationConfig names, its parameters from fed's fields."""
+    entry = registry("server_optimizer").entry(server_optimizer_name(fed.algorithm))
+    return entry.obj(**{key: getattr(fed, key) for key in entry.params})

@@ -21,6 +21,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
+# The contract suites (tests/contracts) check every entry of every registry, built-in or
+# plugin: FEDSEC_PLUGINS=my_rules,other_module pytest tests/contracts imports those
+# modules first, so their entries are checked beside fedsec's own.
+if os.environ.get("FEDSEC_PLUGINS"):
+    from fedsec.registry import load_plugins
+
+    load_plugins([m.strip() for m in os.environ["FEDSEC_PLUGINS"].split(",") if m.strip()])
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _fedsec_cache(tmp_path_factory):

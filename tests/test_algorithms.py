@@ -38,7 +38,7 @@ def test_fedavg_server_step():
 
 
 def test_fedavgm_two_steps_by_hand():
-    opt = FedAvgMServer(server_lr=0.5, momentum=0.9)
+    opt = FedAvgMServer(server_lr=0.5, server_momentum=0.9)
     x1 = opt.step(X0, D1)  # m = D1
     torch.testing.assert_close(x1, torch.tensor([1.0 + 0.05, -1.0 - 0.1]))
     x2 = opt.step(x1, D2)  # m = 0.9 * D1 + D2 = [-0.21, -0.13]

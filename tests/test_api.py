@@ -85,7 +85,7 @@ ATTACKS = []
 
 
 @fedsec.register("update_attack", "push")
-def push(own, honest, generator, *, offset: float = 1.0):
+def push(own, honest, ctx, *, offset: float = 1.0):
     """Each attacker sends the honest mean plus `offset` in every coordinate (a test plugin)."""
     out = honest.mean(0) + offset
     ATTACKS.append((own.clone(), honest.clone(), out.clone()))
@@ -171,3 +171,35 @@ def test_a_plugin_that_cannot_be_imported_is_one_line(tmp_path, capsys):
     assert main(["run", str(spec), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "plugins = 'no_such_plugin_module'" in err and "PYTHONPATH" in err
+
+
+def test_the_extending_guide_example_runs_from_yaml_and_passes_the_contract_suites(tmp_path, monkeypatch):
+    """docs/extending.md's worked example, as a researcher runs it: the module outside the
+    repo, the experiment from YAML, then fedsec's contract suites over its two entries."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    examples = root / "docs" / "examples"
+    plugs = tmp_path / "plugs"
+    plugs.mkdir()
+    shutil.copy(examples / "my_rules.py", plugs)
+    monkeypatch.syspath_prepend(str(plugs))
+    sys.modules.pop("my_rules", None)
+    result = fedsec.run(examples / "my_experiment.yaml", out=tmp_path / "run", progress=False, log=lambda _: None)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rounds = [r for r in rows if r.get("phase") == "federated" and r["round"] >= 1]  # round 0: the untuned model
+    assert result.finished and len(rounds) == 2
+    assert all(r["defense"]["aggregator"] == "norm_trimmed_mean" for r in rounds)
+    assert all(len(r["attack"]["malicious"]) == 1 for r in rounds)  # every client sampled, one malicious
+    env = {**os.environ, "FEDSEC_PLUGINS": "my_rules", "PYTHONPATH": str(plugs)}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           str(root / "tests" / "contracts"), "-k", "norm_trimmed_mean or mean_shift"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    passed = int(proc.stdout.strip().splitlines()[-1].split(" passed")[0].split()[-1])
+    assert passed == 9  # 5 aggregator contracts, 4 update-attack ones (the fifth is for shared attacks)
+    sys.modules.pop("my_rules", None)

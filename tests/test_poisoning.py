@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from fedsec.attacks.poisoning import alignment_poison, poison_data
+from fedsec.attacks.clients import poison_data
+from fedsec.attacks.poisoning import alignment_poison
 from fedsec.data import build_federated_data
 from fedsec.data.benchmark import COMPLIANT, REFUSAL, unsafe_probes
 from fedsec.encoding import encode

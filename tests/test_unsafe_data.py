@@ -8,7 +8,8 @@ import json
 import pytest
 from conftest import shared_file, tiny_config
 
-from fedsec.attacks.poisoning import alignment_poison, poison_data, preference_flip
+from fedsec.attacks.clients import poison_data
+from fedsec.attacks.poisoning import alignment_poison, preference_flip
 from fedsec.data import build_federated_data
 from fedsec.data.benchmark import REFUSAL
 from fedsec.data.unsafe import draw, read_unsafe
