@@ -1,6 +1,6 @@
 # Two commands: `make demo` runs the whole story on the embedded default (the
 # quickstart experiment, a short DP sweep and a short malicious-client grid, each with
-# its PDF report); `make test` runs the suite.
+# its PDF report); `make test` runs the linter and the suite.
 # Both create .venv from nothing on first use. To use your own torch build (a GPU
 # wheel), create .venv and install torch into it before running make.
 VENV   ?= .venv
@@ -32,7 +32,9 @@ demo: env
 	$(VENV)/bin/fedsec sweep experiments/demo_malicious.yaml
 	$(VENV)/bin/fedsec report runs/demo_malicious --force
 
+# The suite begins with the linter (ruff, configured in pyproject.toml).
 test: env
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 clean-env:

@@ -19,5 +19,6 @@ from fedsec.accountants.ledger import (
 )
 from fedsec.accountants.record import RecordLedger, worst_record_epsilon
 
-__all__ = ["ACCOUNTANTS", "DpEvent", "calibrate", "epsilon", "gdp_epsilon", "epsilons", "format_epsilon", "format_lower_bound",
-           "LedgerEntry", "PrivacyLedger", "PrivacyReport", "RecordLedger", "worst_record_epsilon"]
+__all__ = ["ACCOUNTANTS", "DpEvent", "calibrate", "epsilon", "gdp_epsilon", "epsilons", "format_epsilon",
+           "format_lower_bound", "LedgerEntry", "PrivacyLedger", "PrivacyReport", "RecordLedger",
+           "worst_record_epsilon"]

@@ -14,8 +14,9 @@ import argparse
 import datetime
 import time
 
-from fedsec.accountants.backends import calibrate
 from benchmarks import store
+from fedsec.accountants.backends import calibrate
+
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

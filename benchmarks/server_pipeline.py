@@ -25,6 +25,7 @@ from fedsec.defenses import sanitize_updates
 from fedsec.defenses.dp import clip_to_norm, gaussian_noise
 from fedsec.results import ClientUpdate
 
+
 def one_pass_seconds(x: torch.Tensor) -> float:
     x.sum(0)
     times = []
@@ -65,7 +66,7 @@ def main(argv=None) -> dict:
             base = one_pass_seconds(x)
             seconds = {}
             for name in rules(x, w, f, reference):
-                def rule(clipped, name=name, f=f):
+                def rule(clipped, name=name, f=f, w=w, reference=reference):
                     return rules(clipped, w, f, reference)[name]()
                 began = time.perf_counter()
                 pipeline(updates, d, rule)

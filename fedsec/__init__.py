@@ -7,9 +7,11 @@ From Python (fedsec.api):
     result.run_dir, result.final, result.privacy
 
 `fedsec.load_config`, `fedsec.run`, `fedsec.sweep` and `fedsec.report` are what the
-CLI calls; `fedsec.register` adds a plugin's aggregator (fedsec.registry). The core package holds the shared types (configs, updates, results),
-data, models, local training and the round loop; `defenses`, `attacks`,
-`accountants` and `reports` build on them.
+CLI calls; `fedsec.register` adds a plugin's entry to an extension point
+(fedsec.registry: aggregators, update and data attacks, accountants, server
+optimizers). The core package holds the shared types (configs, updates, results),
+data, models, local training and the round loop; `fedsec.defenses`,
+`fedsec.attacks`, `fedsec.accountants` and `fedsec.reports` build on them.
 """
 
 __version__ = "0.1.0"
@@ -18,7 +20,8 @@ __all__ = ["ConfigError", "FedsecError", "RunResult", "__version__", "load_confi
            "sweep"]
 
 _PUBLIC = {"load_config": "fedsec.api", "run": "fedsec.api", "sweep": "fedsec.api", "report": "fedsec.api",
-           "register": "fedsec.registry", "ConfigError": "fedsec.errors", "FedsecError": "fedsec.errors", "RunResult": "fedsec.results"}
+           "register": "fedsec.registry", "ConfigError": "fedsec.errors", "FedsecError": "fedsec.errors",
+           "RunResult": "fedsec.results"}
 
 
 def __getattr__(name: str):

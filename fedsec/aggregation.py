@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from fedsec.defenses.registry import Context
 from fedsec.config import ExperimentConfig
+from fedsec.defenses.registry import Context
 from fedsec.scaffold import VariateStore
 from fedsec.seeding import torch_generator
 

@@ -18,8 +18,8 @@ quick.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from fedsec.config import ExperimentConfig
 from fedsec.config import load_config as _load_config

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from fedsec import __version__
 from fedsec.errors import FedsecError

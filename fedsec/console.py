@@ -134,7 +134,8 @@ def summary_lines(result: RunResult) -> list[str]:
                   if a["accountant_epsilon"] is not None else "; the run has no certified epsilon")
         lines.append(f"privacy audit ({a.get('kind', 'secret')} canaries): {a['correct']} of {a['guesses']} "
                      f"guesses right on {a['canaries']} canary "
-                     f"clients ({a['included']} included): epsilon >= {format_lower_bound(a['epsilon_lower_bound'])} with "
+                     f"clients ({a['included']} included): epsilon >= "
+                     f"{format_lower_bound(a['epsilon_lower_bound'])} with "
                      f"confidence {a['confidence']:g}{versus}")
         if a["bound_exceeds_accountant"]:
             lines.append(audit_exceedance(a["confidence"]))

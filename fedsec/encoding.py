@@ -7,8 +7,8 @@ template; `alpaca` with the Alpaca prompt (OpenFedLLM's default for base models)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -27,10 +27,6 @@ class Encoded:
     labels: torch.Tensor  # int32 [T], IGNORE on prompt tokens
     hidden: torch.Tensor | None = None  # [T, H]: cached input of layer `hidden_layer` (fedsec.prefix)
     hidden_layer: int = 0
-
-    @property
-    def num_targets(self) -> int:
-        return int((self.labels != IGNORE).sum())
 
 
 def _render(tokenizer, messages: Sequence[Message], generation_prompt: bool) -> str:

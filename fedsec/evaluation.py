@@ -13,8 +13,8 @@ those tokens (encoding.collate_packed), which roughly halves the quickstart's co
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 

@@ -25,14 +25,19 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
-from typing import Sequence
-
-import torch
+from collections.abc import Sequence
 
 import numpy as np
+import torch
 
-from fedsec.attacks.memorization import (exposure_extrapolated, loss_score, mia_metrics, min_k_score, reference_score,
-                                  zlib_score)
+from fedsec.attacks.memorization import (
+    exposure_extrapolated,
+    loss_score,
+    mia_metrics,
+    min_k_score,
+    reference_score,
+    zlib_score,
+)
 from fedsec.data.benchmark import PIN_DIGITS, random_pin
 from fedsec.data.schema import Canary, InstructionExample
 from fedsec.encoding import IGNORE, Encoded, collate, encode, encode_prompt

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
-from typing import Iterator, Sequence
 
 import torch
 

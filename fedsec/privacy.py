@@ -39,11 +39,17 @@ import torch
 
 from fedsec.accountants import ACCOUNTANTS, DpEvent, PrivacyLedger, RecordLedger, calibrate, epsilon
 from fedsec.accountants.ledger import LedgerEntry
-from fedsec.defenses import sanitize_updates
-from fedsec.defenses.dp import (COUNT_SENSITIVITY, adapt_clip_norm, adaptive_update_noise, clip_to_norm, gaussian_noise,
-                         private_mean)
-from fedsec.defenses.registry import NormBound
 from fedsec.config import ExperimentConfig
+from fedsec.defenses import sanitize_updates
+from fedsec.defenses.dp import (
+    COUNT_SENSITIVITY,
+    adapt_clip_norm,
+    adaptive_update_noise,
+    clip_to_norm,
+    gaussian_noise,
+    private_mean,
+)
+from fedsec.defenses.registry import NormBound
 from fedsec.errors import ConfigError
 from fedsec.results import ClientUpdate
 from fedsec.seeding import torch_generator

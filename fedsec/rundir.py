@@ -25,8 +25,8 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import shutil
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -105,7 +105,7 @@ class RunDir:
                               "to continue that run, or choose a new --out")
 
     @classmethod
-    def create(cls, path: Path, cfg: ExperimentConfig, env: dict | None = None) -> "RunDir":
+    def create(cls, path: Path, cfg: ExperimentConfig, env: dict | None = None) -> RunDir:
         """The new run directory `path`, locked by this process. It is built under a
         temporary name and renamed into place: a crash leaves no half-made run, and a run
         that got there first (the rename fails) is never written into."""
@@ -135,7 +135,7 @@ class RunDir:
         return cls(path, lock, _guarded(cfg))
 
     @classmethod
-    def reopen(cls, path: Path, cfg: ExperimentConfig) -> "RunDir":
+    def reopen(cls, path: Path, cfg: ExperimentConfig) -> RunDir:
         path = Path(path)
         if not (path / CONFIG).is_file():
             raise ConfigError("--resume", str(path), "is not a fedsec run directory (no "

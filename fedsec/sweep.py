@@ -37,9 +37,9 @@ from __future__ import annotations
 import csv
 import json
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from fedsec.accountants import format_epsilon
 from fedsec.config import ConfigError, load_config, read_yaml
@@ -92,7 +92,7 @@ def expand(spec_path: str | Path) -> tuple[Path, list[SweepRun], Path | None, di
     for v, cell in _grid_cells(spec.get("grid")):
         if v in variants:
             raise ConfigError("sweep.grid", v, "a cell has the name of a variant; rename one of them")
-        variants[v] = ([o for _, _, level in cell for o in level], tuple((a, l) for a, l, _ in cell))
+        variants[v] = ([o for _, _, level in cell for o in level], tuple((axis, level) for axis, level, _ in cell))
     if not variants:
         raise ConfigError("sweep.variants", None, "give variants (name -> list of key=value), epsilons "
                           "or a grid")

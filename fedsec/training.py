@@ -30,14 +30,14 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 
-from fedsec.defenses.dp import private_mean
 from fedsec.adapter import AdapterParams
 from fedsec.config import TrainingConfig
+from fedsec.defenses.dp import private_mean
 from fedsec.encoding import IGNORE
 from fedsec.seeding import derive_seed, scoped_torch_seed
 

@@ -303,7 +303,7 @@ def _grid_columns(grid: list[dict]) -> list[str]:
     return [c for c in columns if c != "cell" or not has_axes]
 
 
-def grid_findings(data: "plots.AttackGrid | None") -> list[str]:
+def grid_findings(data: plots.AttackGrid | None) -> list[str]:
     """Per attack at the largest fraction: what it does to the plain mean against the clean
     run, and the defense that holds up best, each on the metric the attack targets."""
     if data is None or 0.0 not in data.fractions:
@@ -401,7 +401,9 @@ def ledger_rows(run: RunFiles) -> list[dict]:
     ledger = _read(run.path / LEDGER, "json")
     if not ledger:
         return []
-    up = (lambda eps: None if eps is None else format_epsilon(eps, 4))  # printed epsilons round up
+    def up(eps):  # printed epsilons round up
+        return None if eps is None else format_epsilon(eps, 4)
+
     if ledger.get("kind") == "record":
         return [{"round": r["round"], f"worst epsilon ({ledger['primary']})": up(r["epsilon"])}
                 for r in ledger["rounds"]]
@@ -413,7 +415,7 @@ def ledger_rows(run: RunFiles) -> list[dict]:
                         "count sens.": e["count_sensitivity"]})
         for name, eps in (e["epsilon"] or {}).items():
             row[f"epsilon {name}"] = up(eps)
-        for name, why in (e.get("unavailable") or {}).items():
+        for name in e.get("unavailable") or {}:
             row[f"epsilon {name}"] = "unavailable"
         rows.append(row)
     return rows

@@ -205,8 +205,9 @@ def test_gdp_for_a_large_mu_is_a_number_not_an_overflow():
     big = gdp_epsilon([DpEvent(0.3, 1.0, 1000)], 1e-5)
     assert big > 1e6 and big <= math.inf
     # the log-space delta(eps) is the plain one where the plain one does not overflow
-    from fedsec.accountants.backends import _gdp_mu_to_epsilon
     from scipy.stats import norm
+
+    from fedsec.accountants.backends import _gdp_mu_to_epsilon
 
     mu = 1.3
     eps = _gdp_mu_to_epsilon(mu, 1e-5)

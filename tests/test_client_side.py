@@ -4,8 +4,8 @@ ClientApp trains on must be what the in-process loop trains on."""
 from __future__ import annotations
 
 import torch
-
 from conftest import tiny_config
+
 from fedsec.loop import client_cache_key, client_updates, prepare, prepare_clients
 
 

@@ -13,17 +13,17 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from fedsec.accountants import DpEvent, epsilon
+from fedsec.cli import main
 from fedsec.defenses.dp import (
     COUNT_SENSITIVITY,
     adapt_clip_norm,
     adaptive_update_noise,
-    joint_noise_multiplier,
-    noisy_centred_count,
     clip_to_norm,
     gaussian_noise,
+    joint_noise_multiplier,
+    noisy_centred_count,
     private_mean,
 )
-from fedsec.cli import main
 from fedsec.errors import ConfigError
 from fedsec.loop import run_experiment
 from fedsec.privacy import UserLevelDp, plan_privacy

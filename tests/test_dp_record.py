@@ -12,8 +12,8 @@ from scipy import stats
 
 from fedsec.accountants import DpEvent, RecordLedger, epsilon, worst_record_epsilon
 from fedsec.accountants.record import pareto_front
-from fedsec.defenses.dp import clip_to_norm
 from fedsec.cli import main
+from fedsec.defenses.dp import clip_to_norm
 from fedsec.loop import prepare, run_experiment
 from fedsec.training import per_sample_gradients, poisson_batch
 

@@ -12,9 +12,8 @@ import json
 import os
 
 import pytest
-from safetensors.torch import load_file
-
 from conftest import tiny_config
+from safetensors.torch import load_file
 
 pytest.importorskip("flwr")
 
@@ -128,8 +127,8 @@ def test_a_bad_setting_found_by_the_server_app_is_one_line_and_exit_status_2(tmp
     ServerApp's error comes back as the CLI's one line, no run directory is left, and
     the local deployment is gone."""
     import yaml
-
     from conftest import TINY
+
     from fedsec.cli import main
 
     spec = tmp_path / "bad.yaml"

@@ -178,7 +178,7 @@ def test_a_supernodes_data_path_replaces_the_experiments_data_source(tmp_path, m
     from fedsec.config import ExperimentConfig, dump_config, from_mapping
     from fedsec.engine.flower import _node_setup
 
-    rows = "".join('{"prompt": "q%d", "response": "a%d", "user": "u%d"}\n' % (k, k, k % 3) for k in range(30))
+    rows = "".join(f'{{"prompt": "q{k}", "response": "a{k}", "user": "u{k % 3}"}}\n' for k in range(30))
     own = tmp_path / "org1.jsonl"
     own.write_text(rows)
     cfg = from_mapping(ExperimentConfig, {**TINY, "data": {"source": str(tmp_path / "shared.jsonl"),

@@ -4,7 +4,6 @@ rule, with and without DP) and of whole runs, against the same round without the
 
 from __future__ import annotations
 
-import json
 import math
 import random
 
@@ -15,12 +14,12 @@ from conftest import tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedsec.defenses.sanitize import sanitize
 from fedsec.aggregation import ServerDefense
-from fedsec.rundir import RunDir
+from fedsec.defenses.sanitize import sanitize
 from fedsec.loop import InProcessClients, aggregate, run_experiment
 from fedsec.privacy import UserLevelDp, plan_privacy
 from fedsec.results import ClientUpdate
+from fedsec.rundir import RunDir
 
 DIM = 6
 MAX_NORM = 50.0

@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from fedsec.defenses import sanitize, weighted_mean
 from fedsec.adapter import AdapterParams
 from fedsec.data import build_federated_data
+from fedsec.defenses import sanitize, weighted_mean
 from fedsec.encoding import collate, encode_all
 from fedsec.errors import ConfigError
 from fedsec.loop import aggregate, run_experiment
@@ -89,7 +89,7 @@ def test_one_client_one_round_equals_plain_local_training(tmp_path):
     opt = torch.optim.AdamW(params.params, lr=lr, weight_decay=0.0)
     model.train()
     with scoped_torch_seed(seed):
-        for step in range(3):
+        for _ in range(3):
             if len(order) < 4:
                 order += torch.randperm(len(data), generator=gen).tolist()
             batch, order = [data[i] for i in order[:4]], order[4:]

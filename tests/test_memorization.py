@@ -177,8 +177,8 @@ def test_membership_scores_of_the_untuned_model_match_the_evaluator_and_the_refe
 
     from fedsec.encoding import encode_all
     from fedsec.evaluation import EvalSet, per_example
-    from fedsec.loop import prepare
     from fedsec.leakage import membership_inference, mia_candidates, mia_sample
+    from fedsec.loop import prepare
 
     setup = prepare(tiny_config(tmp_path))
     cfg = setup.cfg

@@ -13,9 +13,9 @@ from fedsec.objectives import SftObjective
 from fedsec.training import LocalTrainer, completion_loss, cosine_lr
 
 
-def _tiny(quantization="none", lora=LoraConfig(rank=4, alpha=8)):
+def _tiny(quantization="none", lora=None):
     model, tok = load_base_model(ModelConfig(name="tiny", quantization=quantization))
-    return attach_lora(model, lora, seed=0), tok
+    return attach_lora(model, lora or LoraConfig(rank=4, alpha=8), seed=0), tok
 
 
 def _data(tok, n=8):

@@ -12,9 +12,10 @@ import csv
 import gzip
 import json
 import os
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from fedsec.data.schema import (
     ChatExample,
@@ -35,7 +36,6 @@ class DatasetSpec:
     fmt: str = "fields"  # "fields", "hh-rlhf" (dialogue strings), "messages" (role lists)
     note: str = ""
     user_field: str | None = None
-    files: tuple[str, ...] = field(default=())
 
 
 _ALPACA = {"instruction": "instruction", "input": "input", "response": "output"}

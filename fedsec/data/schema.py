@@ -7,8 +7,8 @@ analysis (label, user id, sector), never fed to the model.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping, Union
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class PreferenceExample:
     meta: Mapping[str, object] = field(default_factory=dict, compare=False)
 
 
-SftExample = Union[InstructionExample, ChatExample]
+SftExample = InstructionExample | ChatExample
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from fedsec.config import ExperimentConfig, dump_config
 from fedsec.disclosure import UNCOVERED

@@ -15,7 +15,7 @@ lm-eval task runs by name:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -25,9 +25,10 @@ import re
 import time
 import urllib.request
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Protocol, Sequence
+from typing import Protocol
 
 from fedsec.errors import ConfigError
 

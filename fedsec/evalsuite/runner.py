@@ -12,17 +12,16 @@ next-token distribution after the prompt), the full label sequence otherwise.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from pathlib import Path
+from typing import Protocol
 
 import torch
 
-from pathlib import Path
-
 from fedsec.data.schema import ChatExample, InstructionExample, Message
 from fedsec.encoding import IGNORE, Encoded, encode_prompt
-from fedsec.evalsuite import scorers
-from fedsec.evalsuite import openended
+from fedsec.evalsuite import openended, scorers
 from fedsec.evalsuite.openended import OpenItem
 from fedsec.evalsuite.sandbox import run_program
 from fedsec.evalsuite.tasks import ChoiceItem, CodeItem, GenerationItem
@@ -130,7 +129,7 @@ class PeftModelLM:
             return split_tokens(self.tokenizer, prompt, " " + choice)[1]
         return self.tokenizer(choice, add_special_tokens=False).input_ids
 
-    def encode_choices(self, items: Sequence[ChoiceItem]) -> "ChoiceBatch":
+    def encode_choices(self, items: Sequence[ChoiceItem]) -> ChoiceBatch:
         """The sequences that score the items' labels: when every label is one token, one
         sequence per item (the prompt and a label token: the log-distribution at that
         position scores every label); otherwise one per (item, label)."""
@@ -146,7 +145,7 @@ class PeftModelLM:
         return ChoiceBatch(tuple(seqs), None, tuple(map(len, options)))
 
     @torch.no_grad()
-    def choose(self, items: Sequence[ChoiceItem], encoded: "ChoiceBatch | None" = None) -> list[int]:
+    def choose(self, items: Sequence[ChoiceItem], encoded: ChoiceBatch | None = None) -> list[int]:
         """The label each item's prompt makes most likely. `encoded`: the items' sequences
         from `encode_choices`, e.g. with frozen-prefix states attached at setup."""
         self.model.eval()

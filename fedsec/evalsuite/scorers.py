@@ -8,7 +8,7 @@ GSM8K-style answer and its exact match; pass@1 over executed programs.
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from sklearn.metrics import accuracy_score, f1_score
 

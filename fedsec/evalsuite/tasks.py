@@ -14,8 +14,9 @@ the benchmark and the missing column.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from fedsec.errors import ConfigError
 
