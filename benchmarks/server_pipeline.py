@@ -2,8 +2,8 @@
 deltas of d parameters, against one pass over the n x d floats (the memory-bandwidth
 limit: summing them once).
 
-This is what the round loop runs under DP with a robust rule (fedsec.privacy.UserLevelDp:
-sanitize_updates, stack, clip_to_norm, the rule, Gaussian noise). Random fp32 deltas with
+This is what the round loop runs under DP with a robust rule: fedsec.pipeline's
+Sanitize and Clip stages, the rule over the clipped deltas, and the noise draw. Random fp32 deltas with
 f = 2 scaled attackers (1 at n = 10, for Bulyan's n >= 4f + 3). Sizes whose n x d exceeds
 --max-floats are skipped (500 x 4M is 8 GB before the copies the pipeline makes).
 
@@ -21,8 +21,8 @@ import torch
 
 from benchmarks import store
 from benchmarks.aggregators import rules
-from fedsec.defenses import sanitize_updates
-from fedsec.defenses.dp import clip_to_norm, gaussian_noise
+from fedsec.defenses.dp import gaussian_noise
+from fedsec.pipeline import Batch, Clip, Sanitize
 from fedsec.results import ClientUpdate
 
 
@@ -37,10 +37,8 @@ def one_pass_seconds(x: torch.Tensor) -> float:
 
 
 def pipeline(updates: list, d: int, rule, clip: float = 1.0) -> None:
-    kept, _ = sanitize_updates(updates, d, None)
-    deltas = torch.stack([u.delta for u in kept])
-    clipped = clip_to_norm(deltas, clip).clipped
-    rule(clipped)
+    batch = Clip(lambda: clip)(Sanitize(None)(Batch(0, d, tuple(updates))))
+    rule(batch.deltas)
     gaussian_noise(d, clip, torch.Generator().manual_seed(0))
 
 

@@ -43,7 +43,8 @@ class Rule:
     needs_reference = False  # FLTrust: the server trains on its root set each round
     needs_histories = False  # FoolsGold: per-client update histories (kept on disk)
     needs_center = False  # centered clipping: the previous aggregate
-    dp_certified = False  # a proven sensitivity bound under user-level DP
+    dp_certified = False  # a proven sensitivity bound under user-level DP (set by the registration)
+    diagnostics = True  # the round row reports the rule's output (who it excluded, its scores)
 
     def check(self, n: int, f: int) -> str | None:
         """Why n clients per round with f attackers violate the rule's assumption, or None."""
@@ -53,6 +54,8 @@ class Rule:
 @register("aggregator", "mean", dp_certified=True)
 @dataclass(frozen=True)
 class Mean(Rule):
+    diagnostics = False  # FedAvg's mean excludes nobody: its rows carry no defense field
+
     def check(self, n: int, f: int) -> str | None:
         return None if f == 0 else "tolerates no attacker (f must be 0); pick a robust rule"
 

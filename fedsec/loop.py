@@ -30,7 +30,6 @@ from tqdm import tqdm
 
 from fedsec.accountants.ledger import format_epsilon
 from fedsec.adapter import AdapterParams
-from fedsec.aggregation import ServerDefense
 from fedsec.attacks.clients import attack_params, attack_round, detection, malicious_clients, poison_data
 from fedsec.attacks.poisoning import with_trigger
 from fedsec.canaries import AuditState, audit_canaries, audit_result, secret_margins, start_audit, with_canary_clients
@@ -38,7 +37,6 @@ from fedsec.config import ExperimentConfig, to_mapping
 from fedsec.console import round_line
 from fedsec.data import FederatedData, build_federated_data
 from fedsec.data.unsafe import draw, read_unsafe
-from fedsec.defenses import sanitize_updates
 from fedsec.disclosure import split_result
 from fedsec.encoding import Encoded, encode_all, encode_prompt
 from fedsec.errors import ConfigError
@@ -64,6 +62,7 @@ from fedsec.objectives import (
     encode_pair,
     with_reference,
 )
+from fedsec.pipeline import build_pipeline
 from fedsec.prefix import cache_frozen_prefix
 from fedsec.privacy import (
     RecordLevelDp,
@@ -486,18 +485,6 @@ def _item_from_dict(d: dict):
     return Encoded(d["input_ids"], d["labels"], d["hidden"], d["hidden_layer"])
 
 
-def aggregate(updates: list[ClientUpdate], dim: int, defense: ServerDefense, round_idx: int,
-              reference: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, ...], dict | None]:
-    """Sanitize, then the configured rule over the surviving deltas, FedAvg-weighted by
-    example counts; returns (aggregate, rejected ids, the rule's diagnostics or None for
-    the plain mean)."""
-    kept, rejected = sanitize_updates(updates, dim, defense.cfg.defense.max_update_norm)
-    deltas = torch.stack([u.delta for u in kept]) if kept else torch.zeros(0, dim)
-    weights = torch.tensor([float(u.num_examples) for u in kept])
-    update, info = defense.combine(deltas, weights, [u.client_id for u in kept], round_idx, reference)
-    return update, rejected, (info if defense.name != "mean" else None)
-
-
 def server_reference(setup: Setup, start: torch.Tensor, lr: float, round_idx: int) -> torch.Tensor | None:
     """FLTrust's g0: the server's own update on its root set, from the global adapter."""
     if not setup.server_root:
@@ -609,11 +596,11 @@ def _rounds(setup: Setup, run: RunDir, dp: UserLevelDp | None, record: RecordLev
     private = dp if dp is not None else record  # the run's privacy state, if any
     if private is not None and cfg.privacy.reproducible:
         log(reproducible_warning(cfg))
-    defense = ServerDefense(cfg, run.path, setup.adapter.layout.numel)
     setup.answers_dir = run.path / "answers"
 
     fed = cfg.federation
     dim = setup.adapter.layout.numel
+    pipeline = build_pipeline(cfg, run.path, dim, dp)  # sanitize -> (clip) -> rule -> (noise)
     server = make_server_optimizer(fed)
     global_vec = setup.adapter.get()
     variates = VariateStore(run.path / "scaffold", dim) if fed.algorithm == "scaffold" else None
@@ -631,7 +618,7 @@ def _rounds(setup: Setup, run: RunDir, dp: UserLevelDp | None, record: RecordLev
         server.load_state_dict(checkpoint["server"])
         local = {int(c): v for c, v in checkpoint["local_only"].items()}
         server_variate_c = checkpoint.get("scaffold_c")
-        defense.load_state_dict(checkpoint.get("defense"))
+        pipeline.rule.load_state_dict(checkpoint.get("defense"))
         if private is not None:
             private.load_state_dict(checkpoint["privacy"], rounds_done)
             _charge_lost_rounds(run, private, rounds_done, log)
@@ -682,13 +669,12 @@ def _rounds(setup: Setup, run: RunDir, dp: UserLevelDp | None, record: RecordLev
             outcome = attack_round(cfg.attack.kind, cfg.attack.params, updates, set(malicious),
                                    torch_generator(cfg.seed, "attack", round_idx), fed.server_lr)
             updates = outcome.updates
-        privacy, defended = None, None
-        reference = server_reference(setup, global_vec, lr, round_idx)
-        if dp is None:
-            update, rejected, defended = aggregate(updates, dim, defense, round_idx, reference)
-        else:
-            update, rejected, privacy = dp.aggregate(updates, dim, round_idx, defense, reference)
-            defended = privacy.pop("defense", None)
+        batch = pipeline(updates, round_idx, server_reference(setup, global_vec, lr, round_idx))
+        update, rejected = batch.aggregate, batch.rejected
+        defended = batch.info.get("rule")  # the robust rule's report: who it excluded, its scores
+        privacy = None
+        if dp is not None:
+            privacy = dp.record(batch)  # the round's DP release onto the ledger: epsilon so far
         if record is not None:
             privacy = record.record(round_idx, sampled)
         attacked = None
@@ -716,7 +702,7 @@ def _rounds(setup: Setup, run: RunDir, dp: UserLevelDp | None, record: RecordLev
         run.save_checkpoint(round_idx + 1, {"global": global_vec, "server": server.state_dict(),
                                             "local_only": {str(c): v for c, v in local.items()},
                                             "scaffold_c": server_variate_c,
-                                            "defense": defense.state_dict(),
+                                            "defense": pipeline.rule.state_dict(),
                                             "privacy": private.state_dict() if private is not None else None,
                                             "audit_scores": crafted.scores if crafted is not None else None,
                                             "row": row},

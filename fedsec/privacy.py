@@ -8,13 +8,13 @@ q = clients_per_round / clients, the noise multiplier (given, or calibrated to t
 target epsilon over all rounds with the chosen accountant), the split of the noise
 under adaptive clipping, and whether the run's epsilon can be certified at all.
 
-`UserLevelDp.aggregate` is one round of the server pipeline under DP:
-sanitize -> clip each delta -> sum + Gaussian noise -> / (q N) -> ledger.record,
-then (optionally) the adaptive clip-norm update. With a robust aggregator the order
-is sanitize -> clip -> the rule over the clipped deltas -> + noise / (q N); only the
-mean and norm bounding (clipping to min(C, M)) have a proven sensitivity, so any
-other rule makes the run "not certified". Its state (the current clip norm
-and the ledger) rides in every checkpoint, so a resumed run continues its budget.
+`UserLevelDp` holds a run's DP state: the plan, the DP streams' root, the clip norm in
+force and the ledger. The server pipeline (fedsec.pipeline) clips with its clip norm
+and draws the noise from its stream; `UserLevelDp.record` then puts the round's
+release on the ledger and (optionally) moves the clip norm. Only the mean and norm
+bounding (clipping to min(C, M)) have a proven sensitivity, so any other rule makes
+the run "not certified". Its state (the current clip norm and the ledger) rides in
+every checkpoint, so a resumed run continues its budget.
 
 Where the DP randomness comes from (`dp_seed`): by default fresh entropy from the
 operating system, drawn when a process starts and never stored, so nobody can
@@ -35,23 +35,16 @@ import math
 import secrets
 from dataclasses import dataclass
 
-import torch
-
 from fedsec.accountants import ACCOUNTANTS, DpEvent, PrivacyLedger, RecordLedger, calibrate, epsilon
 from fedsec.accountants.ledger import LedgerEntry
 from fedsec.config import ExperimentConfig
-from fedsec.defenses import sanitize_updates
 from fedsec.defenses.dp import (
     COUNT_SENSITIVITY,
     adapt_clip_norm,
     adaptive_update_noise,
-    clip_to_norm,
-    gaussian_noise,
-    private_mean,
 )
 from fedsec.defenses.registry import NormBound
 from fedsec.errors import ConfigError
-from fedsec.results import ClientUpdate
 from fedsec.seeding import torch_generator
 
 
@@ -149,6 +142,7 @@ class UserLevelDp:
         self.cfg, self.plan = cfg, plan
         self.root = dp_seed(cfg) if root is None else root  # the DP streams' root (noise, sampling)
         self.clip_norm = cfg.privacy.clip_norm
+        self.count_sensitivity = COUNT_SENSITIVITY  # adaptive clipping's centred count, b_k - 1/2
         self.ledger = PrivacyLedger(cfg.privacy.delta, ACCOUNTANTS, cfg.privacy.accountant,
                                     plan.certified, plan.reason)
 
@@ -162,51 +156,31 @@ class UserLevelDp:
         self.ledger.charge_released(LedgerEntry(row["round"], p["noise_multiplier"], self.plan.sample_rate,
                                                 p["clip_norm"], None))
 
-    def aggregate(self, updates: list[ClientUpdate], dim: int, round_idx: int, defense=None,
-                  reference: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, ...], dict]:
-        """One round under DP; returns (aggregate, rejected client ids, round privacy info).
+    def clip_in_force(self) -> float:
+        """The clip norm C of the coming round (fedsec.pipeline's Clip and Noise stages)."""
+        return self._clip_for(self.clip_norm)
 
-        A rejected update (non-finite, wrong shape, absurd norm) counts as a zero delta:
+    def record(self, batch) -> dict:
+        """The round's DP release (`batch.release`, from the pipeline's noise stage) onto the
+        ledger, then the adaptive clip-norm update; returns the round's privacy row.
+
+        A rejected update (non-finite, wrong shape, absurd norm) counted as a zero delta:
         the client was sampled, so the denominator and the accounting stay as planned; so
         does a sampled client whose update never came. Neither moves the adaptive count.
-        `defense` (fedsec.aggregation.ServerDefense) applies a robust rule to the clipped deltas.
         """
-        plan, seed = self.plan, self.root
-        kept, rejected = sanitize_updates(updates, dim, self.cfg.defense.max_update_norm)
-        deltas = torch.stack([u.delta for u in kept]) if kept else torch.zeros(0, dim)
-        used_clip = self._clip_for(self.clip_norm)
-        rule = self.cfg.defense.rule
-        noise_gen = torch_generator(seed, "dp-noise", round_idx)
-        defense_info = None
-        if defense is None or rule.dp_certified:
-            result = private_mean(deltas, used_clip, plan.update_noise, plan.expected_clients, noise_gen)
-            aggregate, norms = result.aggregate, result.norms
-            clipped, unclipped = result.num_clipped, result.num_unclipped
-        else:
-            clip = clip_to_norm(deltas, used_clip)
-            combined, defense_info = defense.combine(clip.clipped, torch.ones(len(kept)),
-                                                     [u.client_id for u in kept], round_idx, reference)
-            noise = gaussian_noise(dim, plan.update_noise * used_clip, noise_gen) if plan.update_noise else 0
-            aggregate = combined + noise / plan.expected_clients
-            norms, unclipped = clip.norms, int(clip.unclipped.sum())
-            clipped = len(kept) - unclipped
-        adaptive = self.cfg.privacy.adaptive_clipping
-        entry = self.ledger.record(round_idx + 1, plan.noise_multiplier, plan.sample_rate, used_clip,
-                                   plan.update_noise, plan.count_stddev if adaptive else None,
-                                   COUNT_SENSITIVITY if adaptive else None)
-        if adaptive:
+        e, clip = batch.release, batch.info["clip"]
+        entry = self.ledger.record(batch.round_idx + 1, e.noise_multiplier, e.sample_rate, e.clip_norm,
+                                   e.update_noise, e.count_stddev, e.count_sensitivity)
+        if self.cfg.privacy.adaptive_clipping:
             p = self.cfg.privacy
-            self.clip_norm, _ = adapt_clip_norm(self.clip_norm, unclipped, clipped, plan.expected_clients,
-                                                p.target_quantile, p.clip_lr, plan.count_stddev,
-                                                torch_generator(seed, "dp-clip-count", round_idx))
+            self.clip_norm, _ = adapt_clip_norm(self.clip_norm, clip["unclipped"], clip["clipped"],
+                                                self.plan.expected_clients, p.target_quantile, p.clip_lr,
+                                                self.plan.count_stddev,
+                                                torch_generator(self.root, "dp-clip-count", batch.round_idx))
         # what the mechanism releases (clip norm, noise, epsilon) and, under "hidden", what it
         # does not: the exact counts and norms, which go to the run's not-covered place only
-        info = {"clip_norm": used_clip, "noise_multiplier": plan.noise_multiplier, "epsilon": entry.epsilon,
-                "hidden": {"clipped": clipped, "unclipped": unclipped,
-                           "median_norm": float(norms.median()) if len(kept) else None}}
-        if defense_info is not None:
-            info["defense"] = defense_info
-        return aggregate, rejected, info
+        return {"clip_norm": e.clip_norm, "noise_multiplier": e.noise_multiplier, "epsilon": entry.epsilon,
+                "hidden": {k: clip[k] for k in ("clipped", "unclipped", "median_norm")}}
 
     def _clip_for(self, clip_norm: float) -> float:
         """The clip norm in force: norm bounding is clipping too, and the tighter bound wins."""

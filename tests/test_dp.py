@@ -26,6 +26,7 @@ from fedsec.defenses.dp import (
 )
 from fedsec.errors import ConfigError
 from fedsec.loop import run_experiment
+from fedsec.pipeline import build_pipeline
 from fedsec.privacy import UserLevelDp, plan_privacy
 from fedsec.rundir import RunDir
 from fedsec.seeding import torch_generator
@@ -275,7 +276,8 @@ def test_the_ledger_records_the_noise_split_and_the_noise_has_the_recorded_std(t
     clips = []
     for round_idx in range(4):
         clips.append(dp.clip_norm)
-        aggregate, _, info = dp.aggregate([], dim, round_idx)  # nobody sampled: noise alone
+        batch = build_pipeline(cfg, tmp_path, dim, dp)([], round_idx)  # nobody sampled: noise alone
+        aggregate, info = batch.aggregate, dp.record(batch)
         entry = dp.ledger.entries[-1]
         z = (entry.update_noise_multiplier ** -2 + (entry.count_stddev / entry.count_sensitivity) ** -2) ** -0.5
         assert z == pytest.approx(entry.noise_multiplier, rel=1e-12) and entry.noise_multiplier == 1.0

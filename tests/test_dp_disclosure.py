@@ -114,13 +114,15 @@ def test_an_empty_poisson_round_releases_noise_alone_and_is_charged(tmp_path):
 def test_an_empty_round_aggregate_is_the_noise_alone(tmp_path):
     import torch
 
+    from fedsec.pipeline import build_pipeline
     from fedsec.privacy import UserLevelDp, plan_privacy
     from fedsec.seeding import torch_generator
 
     cfg = tiny_config(tmp_path, privacy={"mode": "user", "noise_multiplier": 1.0, "clip_norm": 0.5})
     plan = plan_privacy(cfg, 4)
     dp = UserLevelDp(cfg, plan, root=5)
-    aggregate, rejected, info = dp.aggregate([], 1000, 0)
+    batch = build_pipeline(cfg, tmp_path, 1000, dp)([], 0)
+    aggregate, rejected, info = batch.aggregate, batch.rejected, dp.record(batch)
     noise = torch.randn(1000, generator=torch_generator(5, "dp-noise", 0), dtype=torch.float64) * 0.5
     assert torch.allclose(aggregate.double(), noise / plan.expected_clients, rtol=1e-6)
     assert rejected == () and len(dp.ledger.entries) == 1 and info["hidden"]["median_norm"] is None

@@ -14,9 +14,9 @@ from conftest import tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedsec.aggregation import ServerDefense
 from fedsec.defenses.sanitize import sanitize
-from fedsec.loop import InProcessClients, aggregate, run_experiment
+from fedsec.loop import InProcessClients, run_experiment
+from fedsec.pipeline import Rule, build_pipeline
 from fedsec.privacy import UserLevelDp, plan_privacy
 from fedsec.results import ClientUpdate
 from fedsec.rundir import RunDir
@@ -83,7 +83,7 @@ def test_fuzzed_hostile_updates_leave_the_aggregate_the_rule_makes_of_the_honest
                                          "max_update_norm": MAX_NORM},
                       federation={"rounds": 3, "clients_per_round": 7})
     rng = random.Random(hash((aggregator, f, str(params))) % 1000)
-    mixed_rule, honest_rule = (ServerDefense(cfg, tmp_path / name, DIM) for name in ("mixed", "honest"))
+    mixed_pipeline, honest_rule = build_pipeline(cfg, tmp_path / "mixed", DIM), Rule(cfg, tmp_path / "honest", DIM)
     for round_idx in range(3):  # stateful rules (centered clipping, FoolsGold) carry state across rounds
         honest = [ClientUpdate(c, torch.randn(DIM, generator=torch.Generator().manual_seed(100 * round_idx + c)) * 0.1,
                                rng.randint(1, 9)) for c in range(7)]
@@ -93,7 +93,8 @@ def test_fuzzed_hostile_updates_leave_the_aggregate_the_rule_makes_of_the_honest
             delta, count = _hostile(rng, DIM)
             hostile_ids.append(100 + k)
             mixed.insert(rng.randrange(len(mixed) + 1), ClientUpdate(100 + k, delta, count))
-        got, rejected, _ = aggregate(mixed, DIM, mixed_rule, round_idx)
+        batch = mixed_pipeline(mixed, round_idx)
+        got, rejected = batch.aggregate, batch.rejected
         want, _ = honest_rule.combine(torch.stack([u.delta for u in honest]),
                                       torch.tensor([float(u.num_examples) for u in honest]),
                                       [u.client_id for u in honest], round_idx)
@@ -111,8 +112,11 @@ def test_under_dp_a_rejected_update_counts_as_a_zero_update(tmp_path):
     for round_idx in range(3):
         honest = [ClientUpdate(c, torch.randn(DIM) * 0.3, 5) for c in range(3)]
         mixed = honest + [ClientUpdate(100 + k, *_hostile(rng, DIM)) for k in range(3)]
-        got, rejected, info = mixed_dp.aggregate(mixed, DIM, round_idx)
-        want, _, _ = honest_dp.aggregate(honest, DIM, round_idx)
+        got_batch = build_pipeline(cfg, tmp_path, DIM, mixed_dp)(mixed, round_idx)
+        want_batch = build_pipeline(cfg, tmp_path, DIM, honest_dp)(honest, round_idx)
+        mixed_dp.record(got_batch)  # each round's release onto its ledger
+        honest_dp.record(want_batch)
+        got, rejected, want = got_batch.aggregate, got_batch.rejected, want_batch.aggregate
         assert rejected == (100, 101, 102) and torch.isfinite(got).all() and torch.equal(got, want)
     # the ledger holds the mechanism alone: the same rounds whatever was rejected
     assert mixed_dp.ledger.to_dict() == honest_dp.ledger.to_dict()

@@ -11,7 +11,7 @@ from fedsec.data import build_federated_data
 from fedsec.defenses import sanitize, weighted_mean
 from fedsec.encoding import collate, encode_all
 from fedsec.errors import ConfigError
-from fedsec.loop import aggregate, run_experiment
+from fedsec.loop import run_experiment
 from fedsec.models import attach_lora, load_base_model
 from fedsec.results import ClientUpdate
 from fedsec.seeding import derive_seed, scoped_torch_seed
@@ -24,10 +24,12 @@ def _final(run_dir) -> torch.Tensor:
     return torch.load(ckpts[-1], weights_only=True)["global"]
 
 
-def _mean_defense(tmp_path, dim=3, **defense):
-    from fedsec.aggregation import ServerDefense
+def aggregate(updates, dim, tmp_path, **defense):
+    """The server pipeline without DP (sanitize -> rule): (aggregate, rejected, the rule's report)."""
+    from fedsec.pipeline import build_pipeline
 
-    return ServerDefense(tiny_config(tmp_path, defense=defense), tmp_path, dim)
+    batch = build_pipeline(tiny_config(tmp_path, defense=defense), tmp_path, dim)(updates, 0)
+    return batch.aggregate, batch.rejected, batch.info.get("rule")
 
 
 def test_fedavg_of_known_deltas_is_the_weighted_mean(tmp_path):
@@ -36,7 +38,7 @@ def test_fedavg_of_known_deltas_is_the_weighted_mean(tmp_path):
     expected = torch.tensor([(1 + 9 + 0) / 8, (0 + 12 + 32) / 8, (2 - 6 + 4) / 8])
     torch.testing.assert_close(weighted_mean(deltas, weights), expected)
     updates = [ClientUpdate(i, d, int(w)) for i, (d, w) in enumerate(zip(deltas, weights))]
-    agg, rejected, info = aggregate(updates, 3, _mean_defense(tmp_path), 0)
+    agg, rejected, info = aggregate(updates, 3, tmp_path)
     torch.testing.assert_close(agg, expected)
     assert rejected == () and info is None
 
@@ -46,15 +48,14 @@ def test_sanitize_rejects_nonfinite_misshapen_and_absurd_updates(tmp_path):
     updates = [good, torch.tensor([1.0, float("nan"), 0.0]), torch.tensor([float("inf"), 0, 0]),
                torch.ones(4), good * 3]
     assert sanitize(updates, 3).rejected == (1, 2, 3)
-    agg, rejected, _ = aggregate([ClientUpdate(i, d, 1) for i, d in enumerate(updates)], 3,
-                                 _mean_defense(tmp_path), 0)
+    agg, rejected, _ = aggregate([ClientUpdate(i, d, 1) for i, d in enumerate(updates)], 3, tmp_path)
     assert rejected == (1, 2, 3)
     torch.testing.assert_close(agg, torch.full((3,), 2.0))
     # norms 1.73, 5.2 and 1e4 * 1.73 against a bound of 10: the huge one is rejected
     huge = [good, good * 3, good * 1e4, good.double(), good.long()]
     assert sanitize(huge, 3, max_norm=10.0).rejected == (2, 3, 4)  # and the float64 and integer tensors
-    agg, rejected, _ = aggregate([ClientUpdate(i, d, 1) for i, d in enumerate(huge[:3])], 3,
-                                 _mean_defense(tmp_path, max_update_norm=10.0), 0)
+    agg, rejected, _ = aggregate([ClientUpdate(i, d, 1) for i, d in enumerate(huge[:3])], 3, tmp_path,
+                                 max_update_norm=10.0)
     assert rejected == (2,)
     torch.testing.assert_close(agg, torch.full((3,), 2.0))
 

@@ -1,0 +1,235 @@
+"""The server's side of a round: one pipeline of stages, built once from the config.
+
+    no DP:           Sanitize -> Rule
+    user-level DP:   Sanitize -> Clip -> Rule or FixedDenominatorMean -> Noise
+
+Every stage is `stage(batch) -> batch` over one `Batch` (the round's updates, the
+stacked deltas and their weights, the aggregate, each stage's diagnostics); each calls
+the pure functions of fedsec.defenses. The noise stage puts the round's DP release on
+the batch (`batch.release`: noise multiplier, sample rate, clip norm, the noise split
+under adaptive clipping), and the loop records it on the privacy ledger itself
+(`UserLevelDp.record`), where a reader of the loop sees it.
+
+Weighting: without DP each accepted delta weighs its example count (FedAvg). Under
+user-level DP each client is one unit (its clipped delta, weight 1), and the certified
+rules (mean, norm bounding, which is clipping) become DP-FedAvg's fixed-denominator
+mean sum_k d_k / (q N) (McMahan et al. 2018): one user moves it by at most C / (q N),
+the sensitivity the noise is scaled to. Any other rule runs over the clipped deltas and
+makes the run "not certified" (fedsec.privacy.plan_privacy says why).
+
+The Rule stage keeps what some rules need across rounds: FoolsGold's per-client
+histories on disk (one file per client and round, so a redone round reads the rounds
+before it), centered clipping's previous aggregate (checkpointed), FLTrust's reference
+(computed by the loop, on the batch), FLAME's noise from its own stream. When a
+round's sample is too small for the rule's assumption (Poisson sampling varies the
+count), the rule raises; the round then applies no update and says why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fedsec.config import ExperimentConfig
+from fedsec.defenses import sanitize_updates
+from fedsec.defenses.dp import clip_to_norm, gaussian_noise
+from fedsec.defenses.registry import Context
+from fedsec.results import ClientUpdate
+from fedsec.scaffold import VariateStore
+from fedsec.seeding import torch_generator
+
+
+@dataclass(frozen=True)
+class DpRelease:
+    """What the noise stage released this round: the event the ledger records."""
+
+    noise_multiplier: float  # z, the accounted multiplier of the round's mechanism
+    sample_rate: float  # q (Poisson)
+    clip_norm: float  # C in force this round
+    update_noise: float  # the multiplier on the delta sum (z_delta < z with adaptive clipping)
+    count_stddev: float | None = None  # adaptive clipping: the count's noise sigma_b
+    count_sensitivity: float | None = None  # and its sensitivity (1/2, the centred count)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One round on its way through the stages."""
+
+    round_idx: int  # 0-based
+    dim: int  # the adapter's length
+    updates: tuple[ClientUpdate, ...]  # as the clients (or attackers) sent them
+    reference: torch.Tensor | None = None  # FLTrust: the server's update on its root set
+    deltas: torch.Tensor | None = None  # [n, d]: the accepted deltas (clipped, after Clip)
+    weights: torch.Tensor | None = None  # [n]: each row's weight in the rule
+    clients: tuple[int, ...] = ()  # the client id of each row
+    rejected: tuple[int, ...] = ()  # ids whose update sanitation refused
+    aggregate: torch.Tensor | None = None  # [d]: the rule's output (plus the noise, after Noise)
+    release: DpRelease | None = None  # the noise stage's DP event
+    info: dict = field(default_factory=dict)  # stage name -> its diagnostics
+
+    def with_info(self, stage: str, diagnostics: dict, **changes) -> Batch:
+        return dataclasses.replace(self, info={**self.info, stage: diagnostics}, **changes)
+
+
+Stage = Callable[[Batch], Batch]
+
+
+class Sanitize:
+    """Drop malformed updates (non-finite, the wrong shape, a norm above the bound);
+    stack the rest with their example counts as weights (fedsec.defenses.sanitize)."""
+
+    def __init__(self, max_update_norm: float | None):
+        self.max_update_norm = max_update_norm
+
+    def __call__(self, b: Batch) -> Batch:
+        kept, rejected = sanitize_updates(list(b.updates), b.dim, self.max_update_norm)
+        deltas = torch.stack([u.delta for u in kept]) if kept else torch.zeros(0, b.dim)
+        weights = torch.tensor([float(u.num_examples) for u in kept])
+        return dataclasses.replace(b, deltas=deltas, weights=weights, clients=tuple(u.client_id for u in kept),
+                                   rejected=rejected)
+
+
+class Clip:
+    """User-level DP: each client's delta clipped to L2 norm C (float64 norms, never above
+    C), each client one unit (weight 1). `clip_norm()` is the C in force (adaptive)."""
+
+    def __init__(self, clip_norm: Callable[[], float]):
+        self.clip_norm = clip_norm
+
+    def __call__(self, b: Batch) -> Batch:
+        c = self.clip_norm()
+        clip = clip_to_norm(b.deltas, c)
+        unclipped = int(clip.unclipped.sum())
+        n = len(b.clients)
+        # released: C; hidden (not covered by the guarantee): the exact counts and norms
+        return b.with_info("clip", {"clip_norm": c, "clipped": n - unclipped, "unclipped": unclipped,
+                                    "median_norm": float(clip.norms.median()) if n else None},
+                           deltas=clip.clipped, weights=torch.ones(n))
+
+
+class FixedDenominatorMean:
+    """DP-FedAvg's mean: sum_k d_k / (q N), a fixed denominator (dividing by the actual
+    count would leak it and need about twice the noise)."""
+
+    def __init__(self, expected_clients: float):
+        if not expected_clients > 0:
+            raise ValueError(f"expected_clients must be > 0, got {expected_clients}")
+        self.expected_clients = expected_clients
+
+    def __call__(self, b: Batch) -> Batch:
+        n = b.deltas.shape[0]
+        w = torch.full((n,), 1.0 / self.expected_clients, dtype=torch.float64).to(b.deltas.dtype)
+        aggregate = w @ b.deltas if n else torch.zeros(b.dim, dtype=b.deltas.dtype)
+        return dataclasses.replace(b, aggregate=aggregate)
+
+
+class Rule:
+    """The configured aggregator (fedsec.defenses.registry) over the batch's deltas and
+    weights, with the state some rules keep (see the module note)."""
+
+    def __init__(self, cfg: ExperimentConfig, folder: Path, dim: int):
+        self.cfg, self.dim = cfg, dim
+        self.rule = cfg.defense.rule
+        self.histories = VariateStore(folder / "foolsgold", dim) if self.rule.needs_histories else None
+        self.center: torch.Tensor | None = None
+
+    @property
+    def name(self) -> str:
+        return self.cfg.defense.aggregator
+
+    def __call__(self, b: Batch) -> Batch:
+        vector, info = self.combine(b.deltas, b.weights, list(b.clients), b.round_idx, b.reference)
+        if not self.rule.diagnostics:  # FedAvg's mean: nothing to report
+            return dataclasses.replace(b, aggregate=vector)
+        return b.with_info("rule", info, aggregate=vector)
+
+    def combine(self, deltas: torch.Tensor, weights: torch.Tensor, clients: list[int], round_idx: int,
+                reference: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """(aggregate [d], diagnostics) of the accepted deltas [n, d] of `clients`."""
+        if deltas.shape[0] == 0:
+            return torch.zeros(self.dim), {"aggregator": self.name, "skipped": "no accepted update"}
+        histories = None
+        if self.histories is not None:
+            rows = []
+            for client, delta in zip(clients, deltas):
+                history = self.histories.get(client, round_idx) + delta
+                self.histories.put(client, round_idx, history)
+                rows.append(history)
+            histories = torch.stack(rows)
+        ctx = Context(torch_generator(self.cfg.seed, "defense-noise", round_idx), reference,
+                      self.center, histories)
+        try:
+            out = self.rule(deltas, weights, ctx, self.cfg.defense.f)
+        except ValueError as err:
+            return torch.zeros(self.dim), {"aggregator": self.name, "skipped": str(err)}
+        if self.rule.needs_center:
+            self.center = out.vector.clone()
+        info = {"aggregator": self.name,
+                "excluded": [c for c, w in zip(clients, out.weights.tolist()) if w == 0]}
+        info.update({k: v for k, v in out.info.items() if isinstance(v, (int, float, str))})
+        return out.vector, info
+
+    def state_dict(self) -> dict:
+        return {"center": self.center}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        self.center = (state or {}).get("center")
+
+
+class Noise:
+    """User-level DP: + N(0, (z_delta C)^2 I) / (q N) from the DP noise stream, and the
+    round's release for the ledger. `dp` is the run's UserLevelDp (its plan and stream)."""
+
+    def __init__(self, dp):
+        self.dp = dp
+
+    def __call__(self, b: Batch) -> Batch:
+        plan, c = self.dp.plan, b.info["clip"]["clip_norm"]
+        aggregate = b.aggregate
+        if plan.update_noise > 0:
+            noise = gaussian_noise(b.dim, plan.update_noise * c, torch_generator(self.dp.root, "dp-noise", b.round_idx),
+                                   aggregate.dtype)
+            aggregate = aggregate + noise / plan.expected_clients
+        adaptive = self.dp.cfg.privacy.adaptive_clipping
+        release = DpRelease(plan.noise_multiplier, plan.sample_rate, c, plan.update_noise,
+                            plan.count_stddev if adaptive else None, self.dp.count_sensitivity if adaptive else None)
+        return dataclasses.replace(b, aggregate=aggregate, release=release)
+
+
+class ServerPipeline:
+    """The stages in order; `pipeline(updates, round_idx, reference)` runs one round."""
+
+    def __init__(self, stages: Sequence[Stage], dim: int):
+        self.stages, self.dim = tuple(stages), dim
+
+    def __call__(self, updates: Sequence[ClientUpdate], round_idx: int,
+                 reference: torch.Tensor | None = None) -> Batch:
+        batch = Batch(round_idx, self.dim, tuple(updates), reference)
+        for stage in self.stages:
+            batch = stage(batch)
+        return batch
+
+    @property
+    def rule(self) -> Rule:
+        """The Rule stage (its state rides in the checkpoint); one is always built."""
+        return self._rule
+
+    def __repr__(self) -> str:
+        return " -> ".join(type(s).__name__ for s in self.stages)
+
+
+def build_pipeline(cfg: ExperimentConfig, folder: Path, dim: int, dp=None) -> ServerPipeline:
+    """The run's server pipeline; `dp` the run's UserLevelDp (None: no user-level DP)."""
+    rule = Rule(cfg, folder, dim)
+    if dp is None:
+        stages = [Sanitize(cfg.defense.max_update_norm), rule]
+    else:
+        combine = FixedDenominatorMean(dp.plan.expected_clients) if rule.rule.dp_certified else rule
+        stages = [Sanitize(cfg.defense.max_update_norm), Clip(dp.clip_in_force), combine, Noise(dp)]
+    pipeline = ServerPipeline(stages, dim)
+    pipeline._rule = rule
+    return pipeline
