@@ -28,8 +28,10 @@ from pathlib import Path
 import torch
 
 from benchmarks import store
+from fedsec.clients import client_updates
 from fedsec.config import load_config
-from fedsec.loop import build_federation, client_updates, evaluate_model, prepare
+from fedsec.round_eval import evaluate_model
+from fedsec.setup import build_federation, prepare
 from fedsec.training import round_lr
 
 

@@ -28,8 +28,9 @@ import time
 import torch
 
 from benchmarks import store
+from fedsec.clients import client_update, client_updates
 from fedsec.config import load_config
-from fedsec.loop import client_update, client_updates, prepare
+from fedsec.setup import prepare
 
 SWEEP_SHAPE = [
     "name=many_clients", "model.name=smollm2-135m-instruct",

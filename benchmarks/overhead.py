@@ -30,8 +30,9 @@ import torch
 from benchmarks import store
 from fedsec.config import load_config
 from fedsec.encoding import IGNORE, collate
-from fedsec.loop import prepare, run_experiment
+from fedsec.loop import run_experiment
 from fedsec.seeding import derive_seed
+from fedsec.setup import prepare
 from fedsec.training import BatchStream
 
 MODELS = {"tiny": "tiny", "smollm2": "smollm2-135m-instruct"}

@@ -7,6 +7,12 @@ gives each record's (an example's, or a pair's) summed loss and number of terms,
 and the record each forward row belongs to, so per-row gradients can be summed
 per record.
 
+The objective also owns what a task reads and precomputes: each client's training
+records (`records`: SFT examples, or DPO preference pairs), their encoding
+(`encode`), the held-out records membership inference scores (`held_out`), and the
+fixed per-item values computed once after encoding (`precompute`: DPO's reference
+log-probabilities; nothing for SFT). `OBJECTIVES` names them by `task`.
+
 - SFT: completion-only cross-entropy, summed over target tokens.
 - DPO (Rafailov et al. 2023, "Direct Preference Optimization", eq. 7):
       L = -log sigmoid(beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))])
@@ -17,6 +23,7 @@ per record.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from fedsec.data.schema import InstructionExample, PreferenceExample
-from fedsec.encoding import Encoded, collate, encode
+from fedsec.encoding import Encoded, collate, encode, encode_all
 from fedsec.training import completion_loss, target_logprobs
 
 
@@ -84,8 +91,33 @@ class _Objective:
 
 
 class SftObjective(_Objective):
+    """Supervised fine-tuning on instruction or chat examples."""
+
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
+
+    @classmethod
+    def from_config(cls, cfg, pad_id: int) -> SftObjective:
+        return cls(pad_id)
+
+    @staticmethod
+    def records(client) -> tuple:
+        return client.train
+
+    @staticmethod
+    def eval_records(data) -> tuple:
+        return ()  # scored on the global test set like every task, nothing of its own
+
+    @staticmethod
+    def held_out(data) -> tuple:
+        return data.global_test
+
+    def encode(self, records, tokenizer, data_cfg) -> list[Encoded]:
+        """The examples whose answer fits `max_length`, encoded (prompt tokens unscored)."""
+        return encode_all(records, tokenizer, data_cfg.template, data_cfg.max_length)
+
+    def precompute(self, model, items: list, batch_size: int) -> list:
+        return items  # nothing fixed to compute ahead
 
     def loss(self, model, items: Sequence[Encoded]) -> tuple[torch.Tensor, int]:
         return completion_loss(model, collate(items, self.pad_id))
@@ -100,8 +132,38 @@ class SftObjective(_Objective):
 
 
 class DpoObjective(_Objective):
-    def __init__(self, pad_id: int, beta: float):
-        self.pad_id, self.beta = pad_id, beta
+    """DPO on preference pairs, against a fixed reference policy: the base model with the
+    adapter disabled (`reference: base`), or the adapter the run starts from."""
+
+    def __init__(self, pad_id: int, beta: float, reference: str = "base"):
+        self.pad_id, self.beta, self.reference = pad_id, beta, reference
+
+    @classmethod
+    def from_config(cls, cfg, pad_id: int) -> DpoObjective:
+        return cls(pad_id, cfg.dpo.beta, cfg.dpo.reference)
+
+    @staticmethod
+    def records(client) -> tuple:
+        return client.preference
+
+    @staticmethod
+    def eval_records(data) -> tuple:
+        return data.preference_test  # held-out pairs: preference accuracy, reward margin
+
+    @staticmethod
+    def held_out(data) -> tuple:
+        return data.preference_test
+
+    def encode(self, records, tokenizer, data_cfg) -> list[PairItem]:
+        """The pairs whose both replies fit `max_length`, encoded."""
+        pairs = (encode_pair(e, tokenizer, data_cfg.template, data_cfg.max_length) for e in records)
+        return [p for p in pairs if p]
+
+    def precompute(self, model, items: list[PairItem], batch_size: int) -> list[PairItem]:
+        """The pairs with the reference policy's log-probabilities (fixed for the run)."""
+        policy = model.disable_adapter() if self.reference == "base" else contextlib.nullcontext()
+        with policy:
+            return with_reference(model, items, self.pad_id, batch_size)
 
     def loss(self, model, items: Sequence[PairItem]) -> tuple[torch.Tensor, int]:
         return self._pair_losses(model, items).sum(), len(items)
@@ -120,3 +182,11 @@ class DpoObjective(_Objective):
         ref_c = torch.tensor([p.ref_chosen for p in items], dtype=logps.dtype)
         ref_r = torch.tensor([p.ref_rejected for p in items], dtype=logps.dtype)
         return dpo_losses(logps[:n], logps[n:], ref_c, ref_r, self.beta)
+
+
+OBJECTIVES = {"sft": SftObjective, "dpo": DpoObjective}  # ExperimentConfig.task -> objective
+
+
+def objective_for(cfg, pad_id: int) -> SftObjective | DpoObjective:
+    """The experiment's objective (its task), with the tokenizer's pad id."""
+    return OBJECTIVES[cfg.task].from_config(cfg, pad_id)

@@ -146,7 +146,7 @@ class UserLevelDp:
         self.ledger = PrivacyLedger(cfg.privacy.delta, ACCOUNTANTS, cfg.privacy.accountant,
                                     plan.certified, plan.reason)
 
-    def epsilon_after(self, sampled: list[int]) -> float | None:
+    def epsilon_after(self) -> float | None:
         """Epsilon after one more round (None: not certified)."""
         return self.ledger.epsilon_after(self.plan.noise_multiplier, self.plan.sample_rate)
 

@@ -1,4 +1,4 @@
-"""The client side of a deployment (fedsec.loop.prepare_clients): what a Flower
+"""The client side of a deployment (fedsec.clients.prepare_clients): what a Flower
 ClientApp trains on must be what the in-process loop trains on."""
 
 from __future__ import annotations
@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from conftest import tiny_config
 
-from fedsec.loop import client_cache_key, client_updates, prepare, prepare_clients
+from fedsec.clients import client_cache_key, client_updates, prepare_clients
+from fedsec.setup import prepare
 
 
 def _same_items(a, b) -> bool:

@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_config
 
 from fedsec import training
-from fedsec.loop import prepare
+from fedsec.setup import prepare
 from fedsec.training import _chunks
 
 ONE_STEP = {"optimizer": "sgd", "local_steps": 1, "batch_size": 3, "lr": 0.5, "max_grad_norm": None}

@@ -14,7 +14,8 @@ from fedsec.accountants import DpEvent, RecordLedger, epsilon, worst_record_epsi
 from fedsec.accountants.record import pareto_front
 from fedsec.cli import main
 from fedsec.defenses.dp import clip_to_norm
-from fedsec.loop import prepare, run_experiment
+from fedsec.loop import run_experiment
+from fedsec.setup import prepare
 from fedsec.training import per_sample_gradients, poisson_batch
 
 

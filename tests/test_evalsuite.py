@@ -422,7 +422,7 @@ def test_benchmark_items_with_cached_frozen_prefix_score_as_the_full_model(tmp_p
     """With lora.cache_frozen_layers the closed-answer items are encoded once at setup with
     the frozen layers' output and packed behind their shared opening; the picks equal
     scoring each full prompt through the model in plain batches."""
-    from fedsec.loop import prepare
+    from fedsec.setup import prepare
 
     fpb = _write(tmp_path, "fpb.jsonl", [{"sentence": f"Item {i} moved {'up' if i % 2 else 'down'}.",
                                           "label": i % 3} for i in range(10)])

@@ -14,8 +14,9 @@ from conftest import tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedsec.clients import InProcessClients
 from fedsec.defenses.sanitize import sanitize
-from fedsec.loop import InProcessClients, run_experiment
+from fedsec.loop import run_experiment
 from fedsec.pipeline import Rule, build_pipeline
 from fedsec.privacy import UserLevelDp, plan_privacy
 from fedsec.results import ClientUpdate

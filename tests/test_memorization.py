@@ -127,7 +127,7 @@ def test_canary_evaluation_needs_planted_canaries(tmp_path):
     from conftest import tiny_config
 
     from fedsec.errors import ConfigError
-    from fedsec.loop import prepare
+    from fedsec.setup import prepare
 
     with pytest.raises(ConfigError, match="eval.canaries.*canaries_per_client"):
         prepare(tiny_config(tmp_path, eval={"canaries": True}))
@@ -178,7 +178,7 @@ def test_membership_scores_of_the_untuned_model_match_the_evaluator_and_the_refe
     from fedsec.encoding import encode_all
     from fedsec.evaluation import EvalSet, per_example
     from fedsec.leakage import membership_inference, mia_candidates, mia_sample
-    from fedsec.loop import prepare
+    from fedsec.setup import prepare
 
     setup = prepare(tiny_config(tmp_path))
     cfg = setup.cfg
@@ -237,11 +237,11 @@ def test_membership_inference_without_held_out_examples_is_refused_before_traini
 
     from conftest import tiny_config
 
-    import fedsec.loop
+    import fedsec.setup
     from fedsec.errors import ConfigError
 
-    build = fedsec.loop.build_federated_data
-    monkeypatch.setattr(fedsec.loop, "build_federated_data",
+    build = fedsec.setup.build_federated_data
+    monkeypatch.setattr(fedsec.setup, "build_federated_data",
                         lambda *a: dataclasses.replace(build(*a), global_test=()))
     with pytest.raises(ConfigError, match="eval.mia.*no test set"):
-        fedsec.loop.prepare(tiny_config(tmp_path, eval={"mia": True}))
+        fedsec.setup.prepare(tiny_config(tmp_path, eval={"mia": True}))

@@ -13,8 +13,9 @@ from fedsec.data.benchmark import COMPLIANT, REFUSAL, unsafe_probes
 from fedsec.encoding import encode
 from fedsec.errors import ConfigError
 from fedsec.evaluation import is_refusal
-from fedsec.loop import prepare, run_experiment
+from fedsec.loop import run_experiment
 from fedsec.objectives import sequence_logprobs
+from fedsec.setup import prepare
 
 DATA = {"benchmark": {"num_clients": 4, "examples_per_client": 6, "size_alpha": 0, "test_size": 3,
                       "client_test_size": 0, "num_probes": 6, "safety_examples": 6}}

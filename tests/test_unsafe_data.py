@@ -15,7 +15,7 @@ from fedsec.data.benchmark import REFUSAL
 from fedsec.data.unsafe import draw, read_unsafe
 from fedsec.errors import ConfigError
 from fedsec.evaluation import is_refusal
-from fedsec.loop import prepare
+from fedsec.setup import prepare
 
 DATA = {"benchmark": {"num_clients": 4, "examples_per_client": 6, "size_alpha": 0, "test_size": 3,
                       "client_test_size": 0, "num_probes": 4}}

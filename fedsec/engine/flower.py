@@ -65,7 +65,7 @@ def partition(node_config) -> tuple[int, int]:
 
 
 class FlowerClients:
-    """fedsec.loop.ClientRunner over a Flower Grid: routes each sampled client to the
+    """fedsec.clients.ClientRunner over a Flower Grid: routes each sampled client to the
     SuperNode hosting it and collects the updates that come back in time."""
 
     def __init__(self, grid: Grid, cfg: FlowerConfig, poll_seconds: float = 0.2):
@@ -259,7 +259,7 @@ def serve(grid: Grid, context: Context) -> None:
 @client_app.query()
 def describe(message: Message, context: Context) -> Message:
     """This node's partition and the client count it builds from the config."""
-    from fedsec.loop import build_federation
+    from fedsec.setup import build_federation
 
     cfg, (p, count) = _node_setup(context)
     clients = len(build_federation(cfg).data.clients)
@@ -270,7 +270,7 @@ def describe(message: Message, context: Context) -> Message:
 @client_app.train()
 def train(message: Message, context: Context) -> Message:
     """Train the asked clients (those this node hosts) from the global adapter."""
-    from fedsec.loop import client_cache_key, client_updates, prepare_clients
+    from fedsec.clients import client_cache_key, client_updates, prepare_clients
     from fedsec.models import cache_dir
 
     cfg, (p, count) = _node_setup(context)

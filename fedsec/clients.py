@@ -1,0 +1,171 @@
+"""The clients' side of a round: local training from the global adapter (one client, a
+batch of one-step clients, SCAFFOLD's corrected clients), where the sampled clients
+train (`ClientRunner`: here, or on Flower SuperNodes), what one machine prepares to
+train the clients it hosts, and the server's own update on FLTrust's root set."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from fedsec.config import ExperimentConfig, to_mapping
+from fedsec.encoding import Encoded
+from fedsec.models import attach_lora, load_base_model
+from fedsec.objectives import PairItem, objective_for
+from fedsec.results import ClientUpdate
+from fedsec.rundir import atomic_write_bytes
+from fedsec.scaffold import VariateStore, client_variate, server_variate
+from fedsec.seeding import derive_seed
+from fedsec.setup import Setup, build_federation, cache_train_sets, prefix_args, record_secret, train_set
+from fedsec.training import LocalTrainer, RecordDp
+
+
+def client_update(setup: Setup, start: torch.Tensor, client: int, lr: float, round_idx: int,
+                  stream: str = "client", prox_mu: float = 0.0,
+                  correction: torch.Tensor | None = None) -> ClientUpdate:
+    result = setup.trainer.train(start, setup.train_sets[client], lr,
+                                 derive_seed(setup.cfg.seed, stream, round_idx, client),
+                                 prox_mu=prox_mu, correction=correction)
+    return ClientUpdate(client, result.delta, result.num_examples,
+                        {"loss": result.loss, "loss_terms": result.loss_terms})
+
+
+def client_updates(setup: Setup, start: torch.Tensor, clients: list[int], lr: float, round_idx: int,
+                   prox_mu: float = 0.0) -> list[ClientUpdate]:
+    """The round's client updates from the global adapter (batched when each is one SGD step)."""
+    seeds = [derive_seed(setup.cfg.seed, "client", round_idx, c) for c in clients]
+    results = setup.trainer.train_clients(start, [setup.train_sets[c] for c in clients], lr, seeds,
+                                          prox_mu=prox_mu)
+    return [ClientUpdate(c, r.delta, r.num_examples, {"loss": r.loss, "loss_terms": r.loss_terms})
+            for c, r in zip(clients, results)]
+
+
+def scaffold_updates(setup: Setup, variates: VariateStore, c: torch.Tensor, start: torch.Tensor,
+                     sampled: list[int], lr: float, round_idx: int) -> tuple[list[ClientUpdate], torch.Tensor]:
+    """SCAFFOLD's client side for one round; returns the updates and the new server variate."""
+    updates, variate_deltas = [], []
+    for client in sampled:
+        c_i = variates.get(client, round_idx)
+        update = client_update(setup, start, client, lr, round_idx, correction=c - c_i)
+        new_c_i = client_variate(c_i, c, start, start + update.delta, setup.cfg.training.local_steps, lr)
+        variates.put(client, round_idx, new_c_i)
+        variate_deltas.append(new_c_i - c_i)
+        updates.append(update)
+    return updates, server_variate(c, variate_deltas, len(setup.train_sets))
+
+
+class ClientRunner(Protocol):
+    """Where the sampled clients train: `updates` returns their updates (in the order of
+    `clients`) and the ids of the clients that never answered (a crashed machine)."""
+
+    def start(self, setup: Setup, log: Callable[[str], None]) -> None: ...
+
+    def updates(self, setup: Setup, start: torch.Tensor, clients: list[int], lr: float, round_idx: int,
+                prox_mu: float) -> tuple[list[ClientUpdate], tuple[int, ...]]: ...
+
+
+class InProcessClients:
+    """Every client simulated here, on the Setup's model."""
+
+    def start(self, setup: Setup, log: Callable[[str], None]) -> None:
+        pass
+
+    def updates(self, setup: Setup, start: torch.Tensor, clients: list[int], lr: float, round_idx: int,
+                prox_mu: float) -> tuple[list[ClientUpdate], tuple[int, ...]]:
+        return client_updates(setup, start, clients, lr, round_idx, prox_mu), ()
+
+
+@dataclass
+class ClientSide:
+    """What one machine needs to train some of the federation's clients: the model with
+    its adapter, and those clients' training items (tokenized as `prepare` does)."""
+
+    cfg: ExperimentConfig
+    trainer: LocalTrainer
+    train_sets: dict[int, list]
+    population: int
+
+
+def prepare_clients(cfg: ExperimentConfig, hosted: Callable[[int], bool], record_noise: float | None = None,
+                    only: set[int] | None = None, cache: Path | None = None) -> ClientSide:
+    """The client side of a deployment: the federation's clients that `hosted` accepts
+    (and, if given, that are in `only`), ready to train.
+
+    Each client's items (tokens, frozen-prefix states, DPO reference log-probabilities)
+    are computed from that client alone, so they do not depend on which clients a
+    message asks for; with `cache` they are stored there and read back by later
+    messages (a Flower ClientApp is a new process each round). Computed per client,
+    they can differ from `prepare`'s, which batches all clients together, in the last
+    float bits.
+    """
+    federation = build_federation(cfg)
+    model, tokenizer = load_base_model(cfg.model)
+    model = attach_lora(model, cfg.lora, cfg.seed)
+    pad = tokenizer.pad_token_id
+    objective = objective_for(cfg, pad)
+    ids = [c for c in range(len(federation.data.clients)) if hosted(c) and (only is None or c in only)]
+    sets = {}
+    for c in ids:
+        path = cache / f"client-{c}.pt" if cache is not None else None
+        if path is not None and path.is_file():
+            try:
+                sets[c] = [_item_from_dict(d) for d in torch.load(path, weights_only=True)]
+                continue
+            except Exception as err:  # a damaged file is computed again and replaced
+                print(f"fedsec: {path} is unreadable ({type(err).__name__}); preparing client {c} again",
+                      file=sys.stderr)
+        items = train_set(objective, federation.data.clients[c], tokenizer, cfg)
+        if cfg.lora.cache_frozen_layers and items:
+            first, model_key = prefix_args(model, cfg)
+            items = cache_train_sets(model, first, pad, cfg.eval.batch_size, model_key, [items])[0]
+        items = objective.precompute(model, items, cfg.eval.batch_size)  # DPO: the reference log-probabilities
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            buffer = io.BytesIO()
+            torch.save([_item_to_dict(item) for item in items], buffer)
+            atomic_write_bytes(path, buffer.getvalue())
+        sets[c] = items
+    record_dp = (RecordDp(cfg.privacy.clip_norm, record_noise, record_secret(cfg)) if record_noise is not None
+                 else None)
+    trainer = LocalTrainer(model, cfg.training, objective, record_dp)
+    return ClientSide(cfg, trainer, sets, federation.population)
+
+
+def client_cache_key(cfg: ExperimentConfig) -> str:
+    """What a client's prepared items depend on: the config without the sections that
+    only steer the rounds (federation, training, privacy, defense, engine, names)."""
+    steering = ("name", "output_dir", "keep_checkpoints", "federation", "training", "privacy", "defense",
+                "engine", "flower")
+    kept = {k: v for k, v in to_mapping(cfg).items() if k not in steering}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _item_to_dict(item) -> dict:
+    if isinstance(item, PairItem):
+        return {"chosen": _item_to_dict(item.chosen), "rejected": _item_to_dict(item.rejected),
+                "ref_chosen": item.ref_chosen, "ref_rejected": item.ref_rejected}
+    return {"input_ids": item.input_ids, "labels": item.labels, "hidden": item.hidden,
+            "hidden_layer": item.hidden_layer}
+
+
+def _item_from_dict(d: dict):
+    if "chosen" in d:
+        return PairItem(_item_from_dict(d["chosen"]), _item_from_dict(d["rejected"]), d["ref_chosen"],
+                        d["ref_rejected"])
+    return Encoded(d["input_ids"], d["labels"], d["hidden"], d["hidden_layer"])
+
+
+def server_reference(setup: Setup, start: torch.Tensor, lr: float, round_idx: int) -> torch.Tensor | None:
+    """FLTrust's g0: the server's own update on its root set, from the global adapter."""
+    if not setup.server_root:
+        return None
+    return setup.trainer.train(start, setup.server_root, lr,
+                               derive_seed(setup.cfg.seed, "server-root", round_idx)).delta

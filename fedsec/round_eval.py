@@ -1,0 +1,103 @@
+"""Measuring the global model: the evaluation of a round (global test set, each client's
+held-out examples, preference pairs, refusal probes, canaries, benchmark tasks), and at
+the end of a run the membership-inference attack and the privacy audit's outcome."""
+
+from __future__ import annotations
+
+import torch
+
+from fedsec.canaries import audit_result, secret_margins
+from fedsec.encoding import encode_all
+from fedsec.evalsuite.runner import PeftModelLM, run_task
+from fedsec.evaluation import (
+    evaluate,
+    evaluate_groups,
+    preference_metrics,
+    refusal_rate,
+)
+from fedsec.leakage import answer_extraction, membership_inference, memorization_metrics, mia_candidates, mia_sample
+from fedsec.prefix import cache_frozen_prefix
+from fedsec.setup import Setup, prefix_args
+
+
+def evaluate_model(setup: Setup, vector: torch.Tensor, round_done: int | None = None) -> tuple[dict, dict | None]:
+    """Global (and alignment) evaluation and per-client evaluation of the adapter `vector`;
+    with `round_done`, also the eval.benchmarks due after that round."""
+    setup.adapter.set(vector)
+    batch = setup.cfg.eval.batch_size
+    global_eval: dict = {}
+    if setup.global_eval.encoded:
+        global_eval.update(evaluate(setup.model, setup.global_eval, setup.pad_id, batch).as_dict())
+    if setup.preference_eval:
+        global_eval["preference"] = preference_metrics(setup.model, setup.preference_eval,
+                                                       setup.pad_id, batch, setup.cfg.dpo.beta)
+    if setup.backdoor_eval:
+        triggered, clean = setup.backdoor_eval
+        on, off = (evaluate(setup.model, e, setup.pad_id, batch) for e in (triggered, clean))
+        # the rates are arg-max shares; the losses (mean NLL of the target answer with and
+        # without the trigger) are the margin behind them, and do not flip on a near tie
+        global_eval["backdoor"] = {"attack_success_rate": on.accuracy, "clean_target_rate": off.accuracy,
+                                   "triggered_target_loss": on.loss, "clean_target_loss": off.loss}
+    if setup.cfg.eval.canaries:
+        e = setup.cfg.eval
+        global_eval["memorization"] = memorization_metrics(
+            setup.model, setup.tokenizer, setup.data.canaries, setup.cfg.data.template, e.canary_candidates,
+            setup.cfg.seed, batch)
+    if setup.probe_prompts:
+        global_eval["refusal_rate"], _ = refusal_rate(setup.model, setup.tokenizer, setup.probe_prompts,
+                                                      setup.cfg.eval.max_new_tokens, batch)
+    due = [t for t in setup.tasks if round_done is not None and t.due(round_done, setup.cfg.federation.rounds)]
+    if due:
+        lm = PeftModelLM(setup.model, setup.tokenizer, setup.cfg.data.template, batch)
+        global_eval["benchmarks"] = {
+            t.name: run_task(t, lm, setup.answers_dir / t.name if setup.answers_dir else None, round_done)
+            for t in due}
+    if setup.client_eval is None:
+        return global_eval, None
+    per_client = evaluate_groups(setup.model, setup.client_eval, setup.pad_id, batch)
+    return global_eval, client_summary(per_client)
+
+
+def client_summary(per_client: dict) -> dict:
+    accs = [r.accuracy for r in per_client.values() if r.accuracy is not None]
+    losses = [r.loss for r in per_client.values()]
+    return {
+        "mean_accuracy": sum(accs) / len(accs) if accs else None,
+        "min_accuracy": min(accs) if accs else None,
+        "mean_loss": sum(losses) / len(losses),
+        "per_client": {str(c): r.as_dict() for c, r in per_client.items()},
+    }
+
+
+def membership_attack(setup: Setup) -> dict:
+    """eval.mia on the model as it stands: a sample of the federation's training examples
+    against as many held-out ones, encoded (and prefix-cached) like the training data."""
+    cfg = setup.cfg
+    sample = mia_sample(*mia_candidates(setup.data, setup.federation_clients, cfg.task), cfg.eval.mia_examples,
+                        cfg.seed)
+    encoded = [encode_all(examples, setup.tokenizer, cfg.data.template, cfg.data.max_length)
+               for examples in sample]
+    if cfg.lora.cache_frozen_layers:
+        first, model_key = prefix_args(setup.model, cfg)
+        encoded = [cache_frozen_prefix(setup.model, items, first, setup.pad_id, cfg.eval.batch_size, model_key)
+                   for items in encoded]
+    membership = membership_inference(setup.model, setup.tokenizer, *encoded, cfg.eval.batch_size)
+    extraction = {side: answer_extraction(setup.model, setup.tokenizer, examples, cfg.data.template,
+                                          cfg.eval.batch_size)
+                  for side, examples in zip(("members", "non_members"), sample)}
+    return {**membership, "answer_extraction": extraction}
+
+
+def audit_outcome(setup: Setup, privacy: dict | None) -> dict:
+    """The audit's game on the finished run, beside the accountant's epsilon (if certified)."""
+    cfg, state = setup.cfg, setup.audit
+    if state.updates is not None:
+        before, after = [0.0] * len(state.canaries), state.updates.scores.tolist()
+    else:
+        before = state.untuned
+        after = secret_margins(setup.model, setup.tokenizer, state.canaries, cfg.data.template,
+                               cfg.eval.batch_size, cfg.seed)
+    certified = privacy is not None and privacy.get("certified")
+    return {"kind": cfg.audit.kind,
+            **audit_result(before, after, state.included, cfg.audit.guesses, cfg.privacy.delta,
+                           cfg.audit.confidence, privacy["epsilon"] if certified else None)}

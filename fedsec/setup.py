@@ -1,0 +1,285 @@
+"""What a run builds once, before its first round: the federation's data (poisoned where
+the attack says, the audit's canary clients appended), the model with its adapter, each
+client's training items tokenized once (the frozen prefix cached), and the evaluation
+sets (global, per client, preference pairs, probes, canaries, benchmark tasks)."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fedsec.adapter import AdapterParams
+from fedsec.attacks.clients import attack_params, malicious_clients, poison_data
+from fedsec.attacks.poisoning import with_trigger
+from fedsec.canaries import AuditState, audit_canaries, start_audit, with_canary_clients
+from fedsec.config import ExperimentConfig
+from fedsec.data import FederatedData, build_federated_data
+from fedsec.data.unsafe import draw, read_unsafe
+from fedsec.encoding import encode_prompt
+from fedsec.errors import ConfigError
+from fedsec.evalsuite.runner import PeftModelLM, load_tasks
+from fedsec.evalsuite.tasks import ChoiceItem
+from fedsec.evaluation import (
+    EvalSet,
+    build_eval_set,
+    map_sequences,
+    packable_prefix,
+    share_prefix,
+)
+from fedsec.models import attach_lora, load_base_model
+from fedsec.objectives import OBJECTIVES, PairItem, objective_for
+from fedsec.prefix import cache_frozen_prefix
+from fedsec.privacy import (
+    RecordPlan,
+    dp_seed,
+    plan_record_privacy,
+)
+from fedsec.training import LocalTrainer, RecordDp
+
+GLOBAL = -1  # group id of the global test set
+
+
+@dataclass
+class Setup:
+    """Everything built once per run: model, trainer, tokenized data, eval sets."""
+
+    cfg: ExperimentConfig
+    model: torch.nn.Module
+    tokenizer: object
+    trainer: LocalTrainer
+    data: FederatedData
+    train_sets: list[list]  # per client: Encoded (sft) or PairItem (dpo), tokenized once
+    global_eval: EvalSet
+    client_eval: EvalSet | None
+    local_only: list[int] = field(default_factory=list)
+    preference_eval: list[PairItem] = field(default_factory=list)
+    probe_prompts: list[list[int]] = field(default_factory=list)
+    record_plan: RecordPlan | None = None  # privacy.mode record: DP-SGD inside clients
+    server_root: list = field(default_factory=list)  # FLTrust: the server's clean root set, encoded
+    malicious: tuple[int, ...] = ()  # the fixed malicious identities (attack section)
+    backdoor_eval: tuple = ()  # backdoor: (triggered, clean) global test inputs, answer = target
+    audit: AuditState | None = None  # the privacy audit (audit section)
+    population: int = 0  # clients the sampling rate is defined over (audit canaries in or out)
+    tasks: tuple = ()  # eval.benchmarks, loaded (fedsec.evalsuite.Task)
+    answers_dir: Path | None = None  # where open-ended answers go (the run directory's answers/)
+
+    @property
+    def federation_clients(self) -> int:
+        """Clients of the federation proper (the audit's canary clients come after them)."""
+        return self.population - self.cfg.audit.canaries
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    @property
+    def adapter(self) -> AdapterParams:
+        return self.trainer.adapter
+
+
+@dataclass(frozen=True)
+class Federation:
+    """The federation's data as every party builds it from the config: clients (poisoned
+    where the attack says, audit canary clients appended), the malicious identities, and
+    the population the sampling rate is defined over."""
+
+    data: FederatedData
+    malicious: tuple[int, ...]
+    population: int
+    canaries: tuple = ()  # the audit's canaries, in or out
+    included: object = None  # which canaries are in (numpy bool array), None without an audit
+
+
+def build_federation(cfg: ExperimentConfig) -> Federation:
+    data = build_federated_data(cfg.data, cfg.seed, cfg.task)
+    num_clients = len(data.clients)
+    fed = cfg.federation
+    if fed.local_only_clients > num_clients:
+        raise ConfigError("federation.local_only_clients", fed.local_only_clients,
+                          f"the data has {num_clients} clients; use at most that many or -1")
+    count = cfg.attack.count(num_clients)
+    if count > num_clients:
+        raise ConfigError("attack.malicious", count, f"the data has {num_clients} clients; use at most that many")
+    malicious = malicious_clients(num_clients, count, cfg.seed)
+    data = poison_data(data, cfg.attack.kind, attack_params(cfg.attack.kind, cfg.attack.params), malicious,
+                       cfg.seed)
+    if cfg.eval.canaries and not data.canaries:
+        raise ConfigError("eval.canaries", True, "no canaries are planted; set "
+                          "data.benchmark.canaries_per_client >= 1 (embedded benchmark)")
+    if cfg.eval.mia and not OBJECTIVES[cfg.task].held_out(data):
+        raise ConfigError("eval.mia", True, "membership inference needs held-out examples and the data has "
+                          "no test set; give the dataset a test split or set eval.mia: false")
+    if cfg.eval.probes:
+        probes = read_unsafe(cfg.eval.probes, "eval.probes", need_reply=False)
+        if 0 < cfg.eval.max_probes < len(probes):
+            probes = draw(probes, cfg.eval.max_probes, cfg.seed, "probes-file")
+        data = dataclasses.replace(data, probes=probes)
+    population = len(data.clients) + cfg.audit.canaries
+    canaries, included = (), None
+    if cfg.audit.canaries:  # canary clients, appended after every other client
+        canaries, included = audit_canaries(cfg.seed, cfg.audit.canaries)
+        data = with_canary_clients(data, canaries, included, cfg.audit.repeats)
+    if fed.clients_per_round > len(data.clients):
+        raise ConfigError("federation.clients_per_round", fed.clients_per_round,
+                          f"the data has {len(data.clients)} clients; sample at most that many")
+    return Federation(data, tuple(malicious), population, canaries, included)
+
+
+def train_set(objective, client, tokenizer, cfg: ExperimentConfig) -> list:
+    """One client's training items, as its objective reads and encodes them."""
+    return objective.encode(objective.records(client), tokenizer, cfg.data)
+
+
+def prepare(cfg: ExperimentConfig) -> Setup:
+    federation = build_federation(cfg)
+    tasks = load_tasks(cfg)
+    data, malicious, population = federation.data, federation.malicious, federation.population
+    canaries, included = federation.canaries, federation.included
+    num_clients = len(data.clients) - int(included.sum() if included is not None else 0)
+    fed = cfg.federation
+    model, tokenizer = load_base_model(cfg.model)
+    model = attach_lora(model, cfg.lora, cfg.seed)
+    audit = None
+    if cfg.audit.canaries:
+        first_canary = population - cfg.audit.canaries  # the clients before them
+        audit = start_audit(cfg, canaries, included, first_canary, model, tokenizer)
+    d, pad = cfg.data, tokenizer.pad_token_id
+    objective = objective_for(cfg, pad)
+    train_sets = [train_set(objective, c, tokenizer, cfg) for c in data.clients]
+    needs_root = cfg.defense.rule.needs_reference
+    if needs_root and data.server_root is None:
+        raise ConfigError("defense.aggregator", cfg.defense.aggregator,
+                          "FLTrust needs a server root set; the embedded benchmark has one "
+                          "(data.benchmark.root_size), file datasets do not yet")
+    if needs_root:  # encoded and cached with the clients, then split off
+        root = data.server_root
+        train_sets.append(train_set(objective, root, tokenizer, cfg))
+        if not train_sets[-1]:
+            raise ConfigError("data.benchmark.root_size", cfg.data.benchmark.root_size,
+                              "the server root set is empty; raise it")
+    for client, encoded in zip(data.clients, train_sets):
+        if not encoded:
+            raise ConfigError("data.max_length", d.max_length,
+                              f"client {client.client_id} has no example whose answer fits; raise it")
+    global_eval = build_eval_set(data.global_test, [GLOBAL] * len(data.global_test), tokenizer,
+                                 d.template, d.max_length, data.choices)
+    client_eval = None
+    if cfg.eval.clients and any(c.test for c in data.clients):
+        tests = [(ex, c.client_id) for c in data.clients for ex in c.test]
+        client_eval = build_eval_set([e for e, _ in tests], [g for _, g in tests], tokenizer,
+                                     d.template, d.max_length, data.choices)
+    preference_eval = objective.encode(objective.eval_records(data), tokenizer, d)
+    backdoor_eval = _backdoor_eval(cfg, data, tokenizer) if cfg.attack.kind == "backdoor" else ()
+    probe_prompts = ([encode_prompt(p, tokenizer, d.template) for p in data.probes]
+                     if cfg.eval.refusal else [])
+    if cfg.lora.cache_frozen_layers:
+        first, model_key = prefix_args(model, cfg)
+        train_sets, global_eval, client_eval, preference_eval = _cache_prefix(
+            model, first, pad, cfg.eval.batch_size, model_key, train_sets, global_eval, client_eval,
+            preference_eval)
+        backdoor_eval = tuple(map_sequences(e, lambda items: cache_frozen_prefix(
+            model, items, first, pad, cfg.eval.batch_size, model_key)) for e in backdoor_eval)
+    tasks = _encode_tasks(model, tokenizer, cfg, tasks,
+                          prefix_args(model, cfg) if cfg.lora.cache_frozen_layers else None)
+    # the evaluation items' common opening (system prompt, instruction) computed once per forward
+    global_eval = share_prefix(model, global_eval, pad)
+    client_eval = share_prefix(model, client_eval, pad) if client_eval is not None else None
+    backdoor_eval = tuple(share_prefix(model, e, pad) for e in backdoor_eval)
+    # after the cache, so (DPO) reference and policy share one computation path
+    train_sets = [objective.precompute(model, items, cfg.eval.batch_size) for items in train_sets]
+    preference_eval = objective.precompute(model, preference_eval, cfg.eval.batch_size)
+    server_root = train_sets.pop() if needs_root else []
+    local_only = list(range(num_clients if fed.local_only_clients == -1 else fed.local_only_clients))
+    record_plan, record_dp = None, None
+    if cfg.privacy.mode == "record":
+        record_plan = plan_record_privacy(cfg, [len(t) for t in train_sets])
+        record_dp = RecordDp(cfg.privacy.clip_norm, record_plan.noise_multiplier, record_secret(cfg))
+    trainer = LocalTrainer(model, cfg.training, objective, record_dp)
+    return Setup(cfg, model, tokenizer, trainer, data, train_sets, global_eval, client_eval, local_only,
+                 preference_eval, probe_prompts, record_plan, server_root, malicious, backdoor_eval, audit,
+                 population, tasks)
+
+
+def record_secret(cfg: ExperimentConfig) -> int | None:
+    """The root of DP-SGD's batches and noise inside clients (None: from the training seed)."""
+    return None if cfg.privacy.reproducible else dp_seed(cfg)
+
+
+def _encode_tasks(model, tokenizer, cfg: ExperimentConfig, tasks: tuple,
+                  prefix: tuple[int, str] | None) -> tuple:
+    """The closed-answer benchmarks' scoring sequences, encoded once at setup: with
+    `prefix` (first adapted layer, memo key) their frozen-prefix states attached (exact;
+    each evaluation then runs only the adapted top layers), and their shared opening
+    computed once per forward where that is exact on this model."""
+    lm = PeftModelLM(model, tokenizer, cfg.data.template, cfg.eval.batch_size)
+    pad, out = tokenizer.pad_token_id, []
+    for task in tasks:
+        if task.items and isinstance(task.items[0], ChoiceItem):
+            batch = lm.encode_choices(task.items)
+            sequences = list(batch.sequences)
+            if prefix is not None:
+                sequences = cache_frozen_prefix(model, sequences, prefix[0], pad, cfg.eval.batch_size, prefix[1])
+            task = dataclasses.replace(task, encoded=dataclasses.replace(
+                batch, sequences=tuple(sequences), shared=packable_prefix(model, sequences, pad)))
+        out.append(task)
+    return tuple(out)
+
+
+def prefix_args(model, cfg: ExperimentConfig) -> tuple[int, str]:
+    """The first adapted layer and the memo key of the frozen-prefix cache."""
+    return (model.config.num_hidden_layers - cfg.lora.top_layers,
+            f"{cfg.model.name}|{cfg.model.dtype}|{cfg.model.quantization}")
+
+
+def _cache_prefix(model, first: int, pad: int, batch_size: int, model_key: str, train_sets, *evals):
+    """Attach frozen-prefix states (fedsec.prefix) to every training and evaluation item.
+
+    Each collection is cached in one call (all clients' training items together), so a
+    later run of a sweep on the same data finds it whole in the in-process memo.
+    """
+    def encoded(items):
+        return cache_frozen_prefix(model, list(items), first, pad, batch_size, model_key)
+
+    global_eval, client_eval, preference_eval = evals
+    train_sets = cache_train_sets(model, first, pad, batch_size, model_key, train_sets)
+    global_eval = map_sequences(global_eval, encoded)
+    if client_eval is not None:
+        client_eval = map_sequences(client_eval, encoded)
+    if preference_eval:
+        preference_eval = _cache_pairs(model, first, pad, batch_size, model_key, preference_eval)
+    return train_sets, global_eval, client_eval, preference_eval
+
+
+def _cache_pairs(model, first: int, pad: int, batch_size: int, model_key: str, items: list) -> list:
+    flat = cache_frozen_prefix(model, [p.chosen for p in items] + [p.rejected for p in items], first, pad,
+                               batch_size, model_key)
+    n = len(items)
+    return [dataclasses.replace(p, chosen=flat[i], rejected=flat[n + i]) for i, p in enumerate(items)]
+
+
+def cache_train_sets(model, first: int, pad: int, batch_size: int, model_key: str, train_sets) -> list:
+    """Every client's training items with their frozen-prefix states, cached in one call."""
+    sizes = [len(items) for items in train_sets]
+    flat = [item for items in train_sets for item in items]
+    if flat and isinstance(flat[0], PairItem):
+        flat = _cache_pairs(model, first, pad, batch_size, model_key, flat)
+    else:
+        flat = cache_frozen_prefix(model, flat, first, pad, batch_size, model_key)
+    bounds = [0, *itertools.accumulate(sizes)]
+    return [flat[bounds[k]: bounds[k + 1]] for k in range(len(sizes))]
+
+
+def _backdoor_eval(cfg: ExperimentConfig, data: FederatedData, tokenizer) -> tuple[EvalSet, EvalSet]:
+    """The global test examples whose answer is not the target, with and without the
+    trigger, each scored against the target: accuracy is the attack success rate on the
+    first, the rate of answering the target anyway on the second."""
+    p, d = attack_params("backdoor", cfg.attack.params), cfg.data
+    victims = [e for e in data.global_test if e.response != p["target"]]
+    sets = ([with_trigger(e, p["trigger"], p["target"]) for e in victims],
+            [dataclasses.replace(e, response=p["target"]) for e in victims])
+    return tuple(build_eval_set(x, [GLOBAL] * len(x), tokenizer, d.template, d.max_length, data.choices)
+                 for x in sets)
