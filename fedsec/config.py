@@ -481,10 +481,6 @@ class AttackConfig:
         return round(self.fraction * num_clients) if self.fraction is not None else self.malicious
 
 
-BENCHMARK_NAMES = ("fpb", "fiqa_sa", "tfns", "nwgi", "mmlu", "choice", "gsm8k", "humaneval", "mbpp", "mt_bench",
-                   "vicuna_bench", "fedllm_instructions", "advbench")
-
-
 @dataclass(frozen=True)
 class BenchmarkSpec:
     name: str = _help(
@@ -509,7 +505,9 @@ class BenchmarkSpec:
                                    "OPENAI_API_KEY")
 
     def __post_init__(self) -> None:
-        _one_of("name", self.name, BENCHMARK_NAMES)
+        from fedsec.registry import registry
+
+        _one_of("name", self.name, tuple(registry("benchmark")))
         _require(self.judge == "" or self.judge.startswith(("http://", "https://", "model:")), "judge", self.judge,
                  "give an http(s):// endpoint, model:<name>, or leave it empty")
         _require(self.max_items >= 0, "max_items", self.max_items, "must be >= 0 (0: all)")

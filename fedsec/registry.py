@@ -38,6 +38,9 @@ parameter in YAML, typed from its annotation):
     server_optimizer  a class: __init__(**params) whose parameters are federation fields
                       (server_lr, server_momentum, beta1, beta2, tau), step(params, delta)
                       -> params, state_dict(), load_state_dict(state)
+    benchmark         fn(rows, fields) -> items (fedsec.evalsuite.tasks: ChoiceItem, GenerationItem,
+                      CodeItem, or fedsec.evalsuite.openended's OpenItem), the rows read from
+                      eval.benchmarks[].source; `hub=("dataset", "split")`: its default source
 
 `tests/contracts/` checks every entry of every registry; `FEDSEC_PLUGINS=my_rules
 pytest tests/contracts` checks a plugin's entries beside the built-ins.
@@ -61,6 +64,7 @@ BUILTINS = {
     "data_attack": "fedsec.attacks.poisoning",
     "accountant": "fedsec.accountants.backends",
     "server_optimizer": "fedsec.server",
+    "benchmark": "fedsec.evalsuite.tasks",
 }
 KINDS = tuple(BUILTINS)
 ATTACK_KINDS = ("update_attack", "data_attack")  # one namespace: attack.kind names either
@@ -72,6 +76,7 @@ OPTIONS = {
     "data_attack": {"tasks": ("sft", "dpo")},
     "accountant": {},
     "server_optimizer": {},
+    "benchmark": {"hub": None},
 }
 
 
@@ -220,10 +225,10 @@ def _server_optimizer(name: str, cls: Any, options: dict) -> tuple[Any, dict]:
     return cls, params
 
 
-_FIXED = {"update_attack": 3, "data_attack": 2, "accountant": 2}  # positional arguments before the params
+_FIXED = {"update_attack": 3, "data_attack": 2, "accountant": 2, "benchmark": 2}  # arguments before the params
 _ADAPT = {"aggregator": _aggregator, "update_attack": _function("update_attack"),
           "data_attack": _function("data_attack"), "accountant": _function("accountant"),
-          "server_optimizer": _server_optimizer}
+          "server_optimizer": _server_optimizer, "benchmark": _function("benchmark")}
 
 
 _entry_points_loaded = False

@@ -183,12 +183,13 @@ def load_tasks(cfg) -> tuple[Task, ...]:
     """The config's eval.benchmarks, read and (with max_items) sampled once at setup."""
     from fedsec.data.loaders import read_records
     from fedsec.errors import ConfigError
-    from fedsec.evalsuite.tasks import HUB, LOADERS
+    from fedsec.registry import registry
     from fedsec.seeding import numpy_generator
 
     tasks = []
     for b in cfg.eval.benchmarks:
-        hub_name, hub_split = HUB.get(b.name, ("", "test"))
+        entry = registry("benchmark").entry(b.name)
+        hub_name, hub_split = entry.options["hub"] or ("", "test")
         source = b.source or hub_name
         if not source:
             raise ConfigError(f"eval.benchmarks[{b.name}].source", b.source, "give a local file in the schema "
@@ -197,7 +198,7 @@ def load_tasks(cfg) -> tuple[Task, ...]:
             rows = read_records(source, b.split or hub_split)
         except ConfigError as err:  # the data loader names data.source; this is the benchmark's
             raise ConfigError(f"eval.benchmarks[{b.name}].source", err.value, err.fix) from None
-        items = LOADERS[b.name](rows, b.fields)
+        items = entry.obj(rows, b.fields)
         if not items:
             raise ConfigError(f"eval.benchmarks[{b.name}].source", source, "has no items; check the file")
         if 0 < b.max_items < len(items):

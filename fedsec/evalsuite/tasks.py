@@ -14,11 +14,12 @@ the benchmark and the missing column.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from fedsec.errors import ConfigError
+from fedsec.registry import register, registry
 
 SENTIMENT = ("negative", "neutral", "positive")
 NEWS_PROMPT = "What is the sentiment of this news? Please choose an answer from {negative/neutral/positive}."
@@ -174,26 +175,50 @@ def mbpp(rows: Sequence[Mapping], fields: Mapping[str, str]) -> list[CodeItem]:
     return items
 
 
-def _open(loader, name: str):
-    def load(rows: Sequence[Mapping], fields: Mapping[str, str]):
-        from fedsec.evalsuite import openended
+# The built-in benchmarks in the registry (fedsec.registry, kind benchmark), each
+# fn(rows, fields) -> items; `hub`: where it lives on the Hugging Face hub and the split
+# it is reported on (FinGPT's choices), used when eval.benchmarks[].source is empty.
+register("benchmark", "fpb", hub=("financial_phrasebank", "train"))(fpb)
+register("benchmark", "fiqa_sa", hub=("pauri32/fiqa-2018", "test"))(fiqa_sa)
+register("benchmark", "tfns", hub=("zeroshot/twitter-financial-news-sentiment", "validation"))(tfns)
+register("benchmark", "nwgi", hub=("oliverwang15/news_with_gpt_instructions", "test"))(nwgi)
+register("benchmark", "mmlu", hub=("cais/mmlu", "test"))(mmlu)
+register("benchmark", "choice")(choice)
+register("benchmark", "gsm8k", hub=("openai/gsm8k", "test"))(gsm8k)
+register("benchmark", "humaneval", hub=("openai_humaneval", "test"))(humaneval)
+register("benchmark", "mbpp", hub=("mbpp", "test"))(mbpp)
 
-        if loader == "questions":
-            return openended.fastchat_questions(rows, name)
-        if loader == "advbench":
-            return openended.advbench_rows(rows, name)
-        return openended.instruction_rows(rows, name, fields.get("instruction", "instruction"))
-    return load
+
+@register("benchmark", "mt_bench")
+def mt_bench(rows: Sequence[Mapping], fields: Mapping[str, str]):
+    """MT-Bench: FastChat's question.jsonl (turns; answers judged, or written only)."""
+    from fedsec.evalsuite import openended
+
+    return openended.fastchat_questions(rows, "mt_bench")
 
 
-LOADERS: dict[str, Callable] = {"fpb": fpb, "fiqa_sa": fiqa_sa, "tfns": tfns, "nwgi": nwgi, "mmlu": mmlu,
-                                "choice": choice, "gsm8k": gsm8k, "humaneval": humaneval, "mbpp": mbpp,
-                                "mt_bench": _open("questions", "mt_bench"),
-                                "vicuna_bench": _open("questions", "vicuna_bench"),
-                                "fedllm_instructions": _open("instructions", "fedllm_instructions"),
-                                "advbench": _open("advbench", "advbench")}
-# where each lives on the Hugging Face hub, and its evaluation split (FinGPT's choices)
-HUB = {"fpb": ("financial_phrasebank", "train"), "fiqa_sa": ("pauri32/fiqa-2018", "test"),
-       "tfns": ("zeroshot/twitter-financial-news-sentiment", "validation"),
-       "nwgi": ("oliverwang15/news_with_gpt_instructions", "test"), "mmlu": ("cais/mmlu", "test"),
-       "gsm8k": ("openai/gsm8k", "test"), "humaneval": ("openai_humaneval", "test"), "mbpp": ("mbpp", "test")}
+@register("benchmark", "vicuna_bench")
+def vicuna_bench(rows: Sequence[Mapping], fields: Mapping[str, str]):
+    """Vicuna-Bench: FastChat's question.jsonl."""
+    from fedsec.evalsuite import openended
+
+    return openended.fastchat_questions(rows, "vicuna_bench")
+
+
+@register("benchmark", "fedllm_instructions")
+def fedllm_instructions(rows: Sequence[Mapping], fields: Mapping[str, str]):
+    """Open-ended instructions (an instruction column, `fields.instruction`)."""
+    from fedsec.evalsuite import openended
+
+    return openended.instruction_rows(rows, "fedllm_instructions", fields.get("instruction", "instruction"))
+
+
+@register("benchmark", "advbench")
+def advbench(rows: Sequence[Mapping], fields: Mapping[str, str]):
+    """AdvBench's harmful behaviours (goal, target): the harmless rate of the replies."""
+    from fedsec.evalsuite import openended
+
+    return openended.advbench_rows(rows, "advbench")
+
+
+LOADERS = registry("benchmark")  # name -> fn(rows, fields), plugins' included
