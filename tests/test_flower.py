@@ -141,3 +141,34 @@ def test_a_bad_setting_found_by_the_server_app_is_one_line_and_exit_status_2(tmp
     assert err[-1].startswith("fedsec: error: eval.canaries = True: no canaries are planted")
     assert "Traceback" not in "\n".join(err)
     assert not (tmp_path / "run").exists()
+
+
+def test_each_supernode_trains_on_its_own_copy_of_the_data_named_by_data_path(tmp_path):
+    """Two SuperNodes started with `data-path` pointing at their organisation's file: the
+    clients train on those rows, not on the server's copy. The nodes' file has the same
+    users (so the same clients) with other answers, so the adapter equals the in-process
+    run on the nodes' file, bit for bit, and differs from the one on the server's."""
+    def rows(answer: str) -> str:
+        return "".join(f'{{"prompt": "q{k}?", "response": "{answer}{k}", "user": "u{k % 4}"}}\n' for k in range(32))
+
+    (tmp_path / "server.jsonl").write_text(rows("server answer "))
+    (tmp_path / "org.jsonl").write_text(rows("the organisation's answer "))
+    data = {"source": str(tmp_path / "server.jsonl"), "partition": {"scheme": "natural", "by": "user"},
+            "test_fraction": 0.125}
+    cfg = tiny_config(tmp_path, data=data, engine="flower", eval={"every": 2, "clients": False},
+                      federation={"rounds": 2, "clients_per_round": 4},
+                      flower={"round_timeout": 300, "start_timeout": 120})
+    with LocalDeployment(tmp_path / "flower") as deployment:
+        for k in range(2):
+            deployment.start_supernode(k, 2, threads=1, extra_config=f"data-path='{tmp_path / 'org.jsonl'}'")
+        flower = run_on_flower(cfg, out=tmp_path / "flower-run", echo=lambda _: None, deployment=deployment)
+    _all_stopped(deployment)
+    assert flower.finished
+    on = {}
+    for name in ("org", "server"):
+        local_cfg = dataclasses.replace(cfg, engine="inprocess", data=dataclasses.replace(
+            cfg.data, source=str(tmp_path / f"{name}.jsonl")))
+        on[name] = _adapter(run_experiment(local_cfg, out=tmp_path / name, progress=False, log=lambda _: None).run_dir)
+    got = _adapter(flower.run_dir)
+    assert all(bool((got[k] == on["org"][k]).all()) for k in got)
+    assert any(not bool((got[k] == on["server"][k]).all()) for k in got if "lora_B" in k)
