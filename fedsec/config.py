@@ -540,8 +540,25 @@ class EvalConfig:
     benchmarks: tuple[BenchmarkSpec, ...] = _help(
         "benchmarks to evaluate the global model on, e.g. [{name: fpb, source: fpb.parquet, every: 5}]; "
         "results go into metrics.jsonl under global_eval.benchmarks", ())
+    metrics: Mapping[str, Mapping[str, Any]] = _help(
+        "registered metrics (a plugin's fedsec.register('metric', name)) measured at each evaluation: "
+        "name -> its params, e.g. {answer_length: {max_new_tokens: 16}}; results under global_eval.metrics "
+        "(docs/extending.md)", factory=dict)
 
     def __post_init__(self) -> None:
+        import difflib
+
+        from fedsec.registry import registry
+
+        table = registry("metric")
+        for name, params in self.metrics.items():
+            _one_of(f"metrics.{name}", name, tuple(table))
+            known = table.entry(name).params
+            for key, value in params.items():
+                near = difflib.get_close_matches(key, list(known), n=1)
+                _require(key in known, f"metrics.{name}.{key}", value,
+                         f"unknown for {name}; " + (f"did you mean '{near[0]}'?" if near else
+                                                    f"known: {', '.join(known) or 'none'}"))
         _require(self.every >= 1, "every", self.every, "must be >= 1")
         _require(self.probes is None or self.refusal, "probes", self.probes,
                  "probes are used by the refusal evaluation; set eval.refusal: true")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from fedsec.accountants import format_epsilon, format_lower_bound
-from fedsec.disclosure import UNCOVERED
+from fedsec.disclosure import COVERED_GLOBAL_EVAL_DROP, UNCOVERED
 from fedsec.results import RoundResult, RunResult
 
 
@@ -41,7 +41,7 @@ def round_line(done: int, total: int, result: RoundResult | None, global_eval: d
             if result.privacy is not None:
                 parts.append(_privacy_cell(result.privacy))
         if global_eval is not None:
-            parts += _global_parts({k: v for k, v in global_eval.items() if k != "memorization"})
+            parts += _global_parts({k: v for k, v in global_eval.items() if k not in COVERED_GLOBAL_EVAL_DROP})
         return "  ".join(parts)
     if result is None:
         parts.append("untuned model")
@@ -87,6 +87,10 @@ def _global_parts(global_eval: dict) -> list[str]:
     if "memorization" in global_eval:
         m = global_eval["memorization"]
         parts.append(f"exposure {m['exposure_mean']:.1f} bits extracted {_fmt(m['extraction_rate'])}")
+    for block in ("metrics", "metrics_uncovered"):  # plugins' metrics, a number or a few per metric
+        for name, value in global_eval.get(block, {}).items():
+            values = value if isinstance(value, dict) else {"": value}
+            parts.append(f"{name} " + " ".join(f"{k} {v:.4g}".strip() for k, v in values.items()))
     return parts
 
 

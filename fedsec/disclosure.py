@@ -41,7 +41,8 @@ HEADER = ("NOT COVERED BY THE DP GUARANTEE. This folder holds what a DP run comp
 
 # a federated round row: the keys the guarantee covers (everything else is uncovered)
 COVERED_ROW = ("phase", "round", "lr", "global_eval", "privacy")
-COVERED_GLOBAL_EVAL_DROP = ("memorization",)  # canaries planted in clients' training data
+# canaries planted in clients' training data; metrics that may read the clients' data (fedsec.metrics)
+COVERED_GLOBAL_EVAL_DROP = ("memorization", "metrics_uncovered")
 COVERED_PRIVACY = ("mode", "clip_norm", "noise_multiplier", "epsilon")
 UNCOVERED_RESULT = ("local_only", "membership")
 

@@ -41,6 +41,10 @@ parameter in YAML, typed from its annotation):
     benchmark         fn(rows, fields) -> items (fedsec.evalsuite.tasks: ChoiceItem, GenerationItem,
                       CodeItem, or fedsec.evalsuite.openended's OpenItem), the rows read from
                       eval.benchmarks[].source; `hub=("dataset", "split")`: its default source
+    metric            fn(ctx: fedsec.metrics.MetricContext, **params) -> float or {name: float}, the
+                      global model measured at each evaluation (eval.metrics: {name: {params}});
+                      `covered=True` claims it reads only the released model and data outside the
+                      clients' (under DP it is then published; otherwise it goes to the not-covered place)
 
 `tests/contracts/` checks every entry of every registry; `FEDSEC_PLUGINS=my_rules
 pytest tests/contracts` checks a plugin's entries beside the built-ins.
@@ -65,6 +69,7 @@ BUILTINS = {
     "accountant": "fedsec.accountants.backends",
     "server_optimizer": "fedsec.server",
     "benchmark": "fedsec.evalsuite.tasks",
+    "metric": "fedsec.metrics",
 }
 KINDS = tuple(BUILTINS)
 ATTACK_KINDS = ("update_attack", "data_attack")  # one namespace: attack.kind names either
@@ -77,6 +82,7 @@ OPTIONS = {
     "accountant": {},
     "server_optimizer": {},
     "benchmark": {"hub": None},
+    "metric": {"covered": False},
 }
 
 
@@ -225,10 +231,12 @@ def _server_optimizer(name: str, cls: Any, options: dict) -> tuple[Any, dict]:
     return cls, params
 
 
-_FIXED = {"update_attack": 3, "data_attack": 2, "accountant": 2, "benchmark": 2}  # arguments before the params
+_FIXED = {"update_attack": 3, "data_attack": 2, "accountant": 2, "benchmark": 2,
+          "metric": 1}  # the positional arguments before the params
 _ADAPT = {"aggregator": _aggregator, "update_attack": _function("update_attack"),
           "data_attack": _function("data_attack"), "accountant": _function("accountant"),
-          "server_optimizer": _server_optimizer, "benchmark": _function("benchmark")}
+          "server_optimizer": _server_optimizer, "benchmark": _function("benchmark"),
+          "metric": _function("metric")}
 
 
 _entry_points_loaded = False

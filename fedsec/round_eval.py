@@ -16,6 +16,7 @@ from fedsec.evaluation import (
     refusal_rate,
 )
 from fedsec.leakage import answer_extraction, membership_inference, memorization_metrics, mia_candidates, mia_sample
+from fedsec.metrics import MetricContext, measure
 from fedsec.prefix import cache_frozen_prefix
 from fedsec.setup import Setup, prefix_args
 
@@ -46,6 +47,10 @@ def evaluate_model(setup: Setup, vector: torch.Tensor, round_done: int | None = 
     if setup.probe_prompts:
         global_eval["refusal_rate"], _ = refusal_rate(setup.model, setup.tokenizer, setup.probe_prompts,
                                                       setup.cfg.eval.max_new_tokens, batch)
+    if setup.cfg.eval.metrics:  # plugins' metrics; the uncovered ones leave a DP run's main files
+        ctx = MetricContext(setup.model, setup.tokenizer, setup.data, setup.cfg, round_done)
+        covered, uncovered = measure(ctx, setup.cfg.eval.metrics)
+        global_eval.update({k: v for k, v in (("metrics", covered), ("metrics_uncovered", uncovered)) if v})
     due = [t for t in setup.tasks if round_done is not None and t.due(round_done, setup.cfg.federation.rounds)]
     if due:
         lm = PeftModelLM(setup.model, setup.tokenizer, setup.cfg.data.template, batch)

@@ -195,11 +195,57 @@ def test_the_extending_guide_example_runs_from_yaml_and_passes_the_contract_suit
     assert result.finished and len(rounds) == 2
     assert all(r["defense"]["aggregator"] == "norm_trimmed_mean" for r in rounds)
     assert all(len(r["attack"]["malicious"]) == 1 for r in rounds)  # every client sampled, one malicious
+    # the metric at the last evaluation is the norm of the adapter the run saved
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    norm = sum(float(v.double().pow(2).sum()) for k, v in saved.items() if "lora_B" in k) ** 0.5
+    assert norm > 0 and rounds[-1]["global_eval"]["metrics"]["lora_norm"] == pytest.approx(norm, rel=1e-6)
+    assert rows[0]["global_eval"]["metrics"]["lora_norm"] == 0.0  # the untuned adapter: B starts at zero
     env = {**os.environ, "FEDSEC_PLUGINS": "my_rules", "PYTHONPATH": str(plugs)}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           str(root / "tests" / "contracts"), "-k", "norm_trimmed_mean or mean_shift"],
+                           str(root / "tests" / "contracts"), "-k", "norm_trimmed_mean or mean_shift or lora_norm"],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:]
     passed = int(proc.stdout.strip().splitlines()[-1].split(" passed")[0].split()[-1])
-    assert passed == 9  # 5 aggregator contracts, 4 update-attack ones (the fifth is for shared attacks)
+    # 5 aggregator contracts, 4 update-attack ones (the fifth is for shared attacks), 3 metric ones
+    assert passed == 12
     sys.modules.pop("my_rules", None)
+
+
+def test_under_dp_a_plugin_metric_is_published_only_if_it_is_covered(tmp_path, monkeypatch):
+    import sys
+
+    from fedsec.disclosure import UNCOVERED
+    from fedsec.rundir import RunDir
+
+    (tmp_path / "plugs").mkdir()
+    (tmp_path / "plugs" / "peek.py").write_text('''
+import fedsec
+
+
+@fedsec.register("metric", "peek_clients")
+def peek_clients(ctx):
+    """The clients' training examples, counted: it reads client data, so it is not covered."""
+    return sum(len(c.train) for c in ctx.data.clients)
+''')
+    monkeypatch.syspath_prepend(str(tmp_path / "plugs"))
+    sys.modules.pop("peek", None)
+    spec = _yaml(tmp_path, plugins=["peek"], federation={"rounds": 2, "clients_per_round": 2},
+                 privacy={"mode": "user", "noise_multiplier": 1.0, "clip_norm": 0.5},
+                 eval={"metrics": {"adapter_norm": {}, "peek_clients": {}}})
+    lines: list[str] = []
+    fedsec.run(spec, out=tmp_path / "run", progress=False, log=lines.append)
+    published = (tmp_path / "run" / "metrics.jsonl").read_text()
+    rows = [json.loads(line) for line in published.splitlines()]
+    assert all("adapter_norm" in r["global_eval"]["metrics"] for r in rows if r.get("global_eval"))
+    assert "peek_clients" not in published and not any("peek_clients" in line for line in lines)
+    assert any("adapter_norm" in line for line in lines)
+    hidden = (tmp_path / "run" / UNCOVERED / "metrics.jsonl").read_text()
+    merged = RunDir(tmp_path / "run").read_metrics()
+    total = sum(1 for line in hidden.splitlines() if "peek_clients" in line)
+    assert total == len([r for r in merged if r.get("global_eval")]) == 3  # rounds 0, 1 and 2
+    assert all(r["global_eval"]["metrics_uncovered"]["peek_clients"] > 0 for r in merged if r.get("global_eval"))
+    with pytest.raises(fedsec.ConfigError, match="eval.metrics.peek_client .*peek_clients"):
+        fedsec.load_config(spec, ["eval.metrics={peek_client: {}}"])
+    sys.modules.pop("peek", None)

@@ -1,6 +1,6 @@
-"""A plugin module of the kind docs/extending.md walks through: one aggregator and one
-update attack, registered by name, used from YAML (my_experiment.yaml) and checked with
-fedsec's contract suites (FEDSEC_PLUGINS=my_rules pytest tests/contracts)."""
+"""A plugin module of the kind docs/extending.md walks through: an aggregator, an update
+attack and an evaluation metric, registered by name, used from YAML (my_experiment.yaml)
+and checked with fedsec's contract suites (FEDSEC_PLUGINS=my_rules pytest tests/contracts)."""
 
 import torch
 
@@ -22,3 +22,12 @@ def mean_shift(own: torch.Tensor, honest: torch.Tensor, ctx, *, offset: float = 
     where it sees no honest one)."""
     base = honest.mean(0) if honest.shape[0] else own
     return base + offset
+
+
+@fedsec.register("metric", "lora_norm", covered=True)
+def lora_norm(ctx, *, which: str = "B") -> float:
+    """The L2 norm of the adapter's lora_<which> matrices: it reads the released model
+    only, so under DP it is published (covered=True)."""
+    squares = sum(float(p.detach().double().pow(2).sum()) for name, p in ctx.model.named_parameters()
+                  if f"lora_{which}" in name)
+    return squares ** 0.5
