@@ -128,18 +128,15 @@ def mia_sample(members: Sequence, non_members: Sequence, limit: int, seed: int) 
     return pick(members), pick(non_members)
 
 
-def mia_candidates(data, clients: int, task: str) -> tuple[list[InstructionExample], list[InstructionExample]]:
+def mia_candidates(data, clients: int, objective) -> tuple[list, list[InstructionExample]]:
     """Training examples of the first `clients` clients (planted canaries left out: they are
     measured by exposure, and would make members differ from non-members in kind) and the
-    held-out test examples; for DPO, each preference pair's chosen reply."""
-    def chosen(pairs) -> list[InstructionExample]:
-        return [InstructionExample(p.prompt, p.chosen, p.system) for p in pairs]
-
-    if task == "dpo":
-        return chosen(p for c in data.clients[:clients] for p in c.preference), chosen(data.preference_test)
+    held-out examples, as the objective (fedsec.objectives) reads them: for DPO, each
+    preference pair's chosen reply."""
     planted = {c.text for c in data.canaries}
-    members = [e for c in data.clients[:clients] for e in c.train if e.messages()[-1].content not in planted]
-    return members, list(data.global_test)
+    members = [e for c in data.clients[:clients] for e in objective.as_examples(objective.records(c))
+               if e.messages()[-1].content not in planted]
+    return members, list(objective.as_examples(objective.held_out(data)))
 
 
 def answer_extraction(model, tokenizer, examples: Sequence[InstructionExample], template: str,

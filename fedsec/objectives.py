@@ -109,6 +109,10 @@ class SftObjective(_Objective):
         return ()  # scored on the global test set like every task, nothing of its own
 
     @staticmethod
+    def as_examples(records) -> list:
+        return list(records)  # its records are prompt-answer examples already
+
+    @staticmethod
     def held_out(data) -> tuple:
         return data.global_test
 
@@ -149,6 +153,11 @@ class DpoObjective(_Objective):
     @staticmethod
     def eval_records(data) -> tuple:
         return data.preference_test  # held-out pairs: preference accuracy, reward margin
+
+    @staticmethod
+    def as_examples(records) -> list[InstructionExample]:
+        """Each pair as the example its chosen reply answers (what membership inference scores)."""
+        return [InstructionExample(p.prompt, p.chosen, p.system) for p in records]
 
     @staticmethod
     def held_out(data) -> tuple:

@@ -17,6 +17,7 @@ from fedsec.evaluation import (
 )
 from fedsec.leakage import answer_extraction, membership_inference, memorization_metrics, mia_candidates, mia_sample
 from fedsec.metrics import MetricContext, measure
+from fedsec.objectives import OBJECTIVES
 from fedsec.prefix import cache_frozen_prefix
 from fedsec.setup import Setup, prefix_args
 
@@ -78,8 +79,8 @@ def membership_attack(setup: Setup) -> dict:
     """eval.mia on the model as it stands: a sample of the federation's training examples
     against as many held-out ones, encoded (and prefix-cached) like the training data."""
     cfg = setup.cfg
-    sample = mia_sample(*mia_candidates(setup.data, setup.federation_clients, cfg.task), cfg.eval.mia_examples,
-                        cfg.seed)
+    sample = mia_sample(*mia_candidates(setup.data, setup.federation_clients, OBJECTIVES[cfg.task]),
+                        cfg.eval.mia_examples, cfg.seed)
     encoded = [encode_all(examples, setup.tokenizer, cfg.data.template, cfg.data.max_length)
                for examples in sample]
     if cfg.lora.cache_frozen_layers:

@@ -152,13 +152,14 @@ def test_mia_candidates_leave_planted_canaries_out_and_the_sample_is_even_and_se
     from fedsec.config import BenchmarkConfig, DataConfig
     from fedsec.data import build_federated_data
     from fedsec.leakage import mia_candidates, mia_sample
+    from fedsec.objectives import SftObjective
 
     cfg = DataConfig(benchmark=BenchmarkConfig(num_clients=6, examples_per_client=8, size_alpha=0, test_size=9,
                                                client_test_size=0, num_probes=0, canaries_per_client=1,
                                                canary_repeats=3, canary_clients=2))
     data = build_federated_data(cfg, 0, "sft")
     assert [c.client_id for c in data.canaries] == [0, 1]  # only the first 2 clients hold one
-    members, held_out = mia_candidates(data, 4, "sft")  # the first 4 clients are the federation
+    members, held_out = mia_candidates(data, 4, SftObjective)  # the first 4 clients are the federation
     assert len(members) == 4 * 8 and held_out == list(data.global_test)
     assert not any("vault PIN" in e.response for e in members)
     first, again = mia_sample(members, held_out, 100, 5), mia_sample(members, held_out, 100, 5)
@@ -178,11 +179,12 @@ def test_membership_scores_of_the_untuned_model_match_the_evaluator_and_the_refe
     from fedsec.encoding import encode_all
     from fedsec.evaluation import EvalSet, per_example
     from fedsec.leakage import membership_inference, mia_candidates, mia_sample
+    from fedsec.objectives import SftObjective
     from fedsec.setup import prepare
 
     setup = prepare(tiny_config(tmp_path))
     cfg = setup.cfg
-    members, held_out = mia_sample(*mia_candidates(setup.data, len(setup.data.clients), "sft"), 50, 0)
+    members, held_out = mia_sample(*mia_candidates(setup.data, len(setup.data.clients), SftObjective), 50, 0)
     encoded = [encode_all(x, setup.tokenizer, cfg.data.template, cfg.data.max_length) for x in (members, held_out)]
     result = membership_inference(setup.model, setup.tokenizer, *encoded, batch_size=8)
     assert result["reference"]["auc"] == 0.5 and result["loss"]["members"] == len(encoded[0])
