@@ -15,6 +15,7 @@ from its checkpoint continues exactly as the uninterrupted run would.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from collections.abc import Callable
@@ -130,7 +131,7 @@ def _rounds(setup: Setup, run: RunDir, dp: UserLevelDp | None, record: RecordLev
     """The rounds of `run_experiment`, from its checkpoint when resuming, then `finish`."""
     cfg, fed = setup.cfg, setup.cfg.federation
     attack = {"kind": cfg.attack.kind, "malicious": list(setup.malicious)} if setup.malicious else None
-    setup.answers_dir = run.path / "answers"
+    setup = dataclasses.replace(setup, answers_dir=run.path / "answers")
     state = RunState(setup, run, dp, record)
     if state.private is not None and cfg.privacy.reproducible:
         log(reproducible_warning(cfg))

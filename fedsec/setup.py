@@ -43,9 +43,10 @@ from fedsec.training import LocalTrainer, RecordDp
 GLOBAL = -1  # group id of the global test set
 
 
-@dataclass
+@dataclass(frozen=True)
 class Setup:
-    """Everything built once per run: model, trainer, tokenized data, eval sets."""
+    """Everything built once per run: model, trainer, tokenized data, eval sets (frozen:
+    what changes from round to round is the loop's RunState)."""
 
     cfg: ExperimentConfig
     model: torch.nn.Module
