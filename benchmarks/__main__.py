@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ("accounting", "overhead", "many_clients", "memory_clients", "evaluation", "server_pipeline")
+ORDER = ("accounting", "overhead", "many_clients", "memory_clients", "evaluation", "server_pipeline",
+         "prefix_batching")
 ARGS = {"memory_clients": ["--clients", "10", "1000", "10000"]}
 HEADLINES = (  # key, what it is, target
     ("overhead_ratio_tiny", "fedsec round / bare PEFT loop, tiny, SFT", "<= 1.05"),

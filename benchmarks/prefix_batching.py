@@ -1,0 +1,65 @@
+"""The frozen-prefix states batched across clients (in-process `prepare`) against one
+client at a time (what a Flower SuperNode computes for the clients it hosts).
+
+The DP sweep's shape (experiments/dp_base.yaml: SmolLM2-135M-Instruct, 4 examples per
+client, the 28 frozen layers below the top 2) on `--clients` clients. Prints both times,
+their ratio, and how many of the states are bit-identical between the two (float
+matrix products batched differently differ in the last bits, and the layers carry the
+difference on).
+
+    python -m benchmarks.prefix_batching [--clients 160]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import time
+
+import torch
+
+from benchmarks import store
+from fedsec.config import load_config
+from fedsec.data import build_federated_data
+from fedsec.models import attach_lora, load_base_model
+from fedsec.objectives import objective_for
+from fedsec.prefix import prefix_states
+from fedsec.setup import prefix_args, train_set
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=160)
+    args = parser.parse_args(argv)
+    cfg = load_config("experiments/dp_base.yaml", [f"data.benchmark.num_clients={args.clients}"])
+    data = build_federated_data(cfg.data, cfg.seed, cfg.task)
+    model, tokenizer = load_base_model(cfg.model)
+    model = attach_lora(model, cfg.lora, cfg.seed)
+    pad, batch = tokenizer.pad_token_id, cfg.eval.batch_size
+    objective = objective_for(cfg, pad)
+    sets = [train_set(objective, c, tokenizer, cfg) for c in data.clients]
+    first, _ = prefix_args(model, cfg)
+    flat = [item for items in sets for item in items]
+    with torch.inference_mode():
+        prefix_states(model, flat[:batch], first, pad, batch)  # warm up
+        began = time.perf_counter()
+        together = prefix_states(model, flat, first, pad, batch)
+        batched = time.perf_counter() - began
+        began = time.perf_counter()
+        alone = [h for items in sets for h in prefix_states(model, items, first, pad, batch)]
+        per_client = time.perf_counter() - began
+    same = sum(bool(torch.equal(a, b)) for a, b in zip(together, alone))
+    worst = max(float((a - b).abs().max()) for a, b in zip(together, alone))
+    print(f"{len(flat)} examples of {len(sets)} clients, batch {batch}: batched {batched:.1f} s, "
+          f"per client {per_client:.1f} s ({per_client / batched:.2f}x); bit-identical states "
+          f"{same}/{len(flat)}, largest difference {worst:.2e}")
+    today = datetime.date.today().isoformat()
+    results = {"prefix_per_client_over_batched": {"value": per_client / batched, "date": today,
+                                                  "examples": len(flat), "identical_states": same,
+                                                  "largest_difference": worst}}
+    store(results)
+    return results
+
+
+if __name__ == "__main__":
+    main()
