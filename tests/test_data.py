@@ -17,6 +17,7 @@ from fedsec.data.benchmark import LABELS, balanced_label_counts, make_benchmark
 from fedsec.data.loaders import (
     KNOWN_DATASETS,
     read_file,
+    read_records,
     spec_for,
     split_hh_rlhf,
     to_preference_examples,
@@ -199,3 +200,27 @@ def test_benchmark_union_is_balanced_for_every_seed():
         bench = make_benchmark(cfg, seed)
         counts = collections.Counter(e.response for c in bench.clients for e in c.train)
         assert max(counts.values()) - min(counts.values()) <= 8
+
+
+def test_broken_jsonl_is_reported_at_its_line_in_the_file(tmp_path):
+    path = tmp_path / "train.jsonl"
+    good = [json.dumps({"instruction": f"q{k}", "output": f"a{k}"}) for k in range(60)]
+    good[51] = '{"instruction": "q51", "output": '  # line 52, cut short
+    path.write_text("\n".join(good[:30]) + "\n\n" + "\n".join(good[30:]) + "\n")  # a blank line before it
+    with pytest.raises(ConfigError, match="invalid JSON at line 53, column"):
+        read_records(str(path))
+    path.write_text(good[0] + "\n[1, 2]\n")
+    with pytest.raises(ConfigError, match="line 2 is not a JSON object"):
+        read_records(str(path))
+
+
+@pytest.mark.parametrize("row, got", [("q,a,x,y,z,w", 6), ("only one", 1)])
+def test_a_csv_row_with_more_or_fewer_fields_than_the_header_is_refused_with_its_line(tmp_path, row, got):
+    path = tmp_path / "train.csv"
+    lines = ["instruction,input,output,user"] + [f"q{k},,a{k},u{k % 2}" for k in range(38)] + [row, "q,,a,u0"]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match=f"line 40 has {got} fields, the header 4"):
+        read_records(str(path))
+    quoted = ["instruction,input,output,user", '"q, with a comma",,a,u0']
+    path.write_text("\n".join(quoted) + "\n")
+    assert read_records(str(path))[0]["instruction"] == "q, with a comma"  # a quoted comma is one field

@@ -100,7 +100,7 @@ def read_file(path: Path) -> list[dict[str, Any]]:
     name = path.name
     try:
         if name.endswith((".jsonl", ".jsonl.gz")):
-            return [_row(json.loads(line), path) for line in _lines(path) if line.strip()]
+            return _jsonl_rows(path)
         if name.endswith((".json", ".json.gz")):
             opener = gzip.open if name.endswith(".gz") else open
             with opener(path, "rt", encoding="utf-8") as fh:  # one document: often a single line
@@ -109,7 +109,7 @@ def read_file(path: Path) -> list[dict[str, Any]]:
             csv.field_size_limit(MAX_LINE)
             with path.open(encoding="utf-8", newline="") as fh:
                 try:
-                    return list(csv.DictReader(fh))
+                    return _csv_rows(csv.DictReader(fh), path)
                 except csv.Error as err:
                     raise ConfigError("data.source", str(path), f"a field is longer than {MAX_LINE} characters or "
                                       f"the CSV is malformed ({err}); check the file") from None
@@ -126,6 +126,38 @@ def read_file(path: Path) -> list[dict[str, Any]]:
         raise ConfigError("data.source", str(path),
                           f"invalid JSON at line {err.lineno}: {err.msg}") from None
     raise ConfigError("data.source", str(path), f"unknown file type; use one of {', '.join(FILE_SUFFIXES)}")
+
+
+def _jsonl_rows(path: Path) -> list[dict[str, Any]]:
+    """One JSON object per line; an error names the file's line, not the line's own."""
+    rows = []
+    for number, line in enumerate(_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError("data.source", str(path), f"invalid JSON at line {number}, column {err.colno}: "
+                              f"{err.msg}") from None
+        if not isinstance(obj, dict):
+            raise ConfigError("data.source", str(path), f"line {number} is not a JSON object; every record "
+                              "must be one")
+        rows.append(obj)
+    return rows
+
+
+def _csv_rows(reader: csv.DictReader, path: Path) -> list[dict[str, Any]]:
+    """The rows under the header; a row with more or fewer fields than the header is refused
+    with its line (csv would file the extras under None, or fill the gap with None)."""
+    rows = []
+    for row in reader:
+        width = len(reader.fieldnames or ())
+        if None in row or any(v is None for v in row.values()):
+            got = width + len(row.get(None) or ()) if None in row else sum(v is not None for v in row.values())
+            raise ConfigError("data.source", str(path), f"line {reader.line_num} has {got} fields, the header "
+                              f"{width}; quote fields that hold commas, or fix the row")
+        rows.append(row)
+    return rows
 
 
 def _lines(path: Path) -> Iterable[str]:
