@@ -170,6 +170,10 @@ class PartitionConfig:
         if self.scheme != "natural":
             _require(self.num_clients is not None and self.num_clients >= 1, "num_clients",
                      self.num_clients, f"scheme {self.scheme} needs num_clients >= 1")
+        else:  # one client per user value: a count given here would be silently ignored
+            _require(self.num_clients is None, "num_clients", self.num_clients,
+                     "scheme natural makes one client per user; remove num_clients, or choose iid, "
+                     "dirichlet or quantity")
         _require(self.alpha > 0, "alpha", self.alpha, "must be > 0")
         _require(self.min_size >= 0, "min_size", self.min_size, "must be >= 0")
 

@@ -224,3 +224,9 @@ def test_a_csv_row_with_more_or_fewer_fields_than_the_header_is_refused_with_its
     quoted = ["instruction,input,output,user", '"q, with a comma",,a,u0']
     path.write_text("\n".join(quoted) + "\n")
     assert read_records(str(path))[0]["instruction"] == "q, with a comma"  # a quoted comma is one field
+
+
+def test_num_clients_under_the_natural_scheme_is_refused_not_ignored():
+    with pytest.raises(ConfigError) as err:
+        from_mapping(DataConfig, {"source": "x.jsonl", "partition": {"scheme": "natural", "num_clients": 5}})
+    assert err.value.field == "partition.num_clients" and "one client per user" in str(err.value)
