@@ -108,6 +108,11 @@ def build_federation(cfg: ExperimentConfig) -> Federation:
     malicious = malicious_clients(num_clients, count, cfg.seed)
     data = poison_data(data, cfg.attack.kind, attack_params(cfg.attack.kind, cfg.attack.params), malicious,
                        cfg.seed)
+    # the checks that need only the data, before the model is loaded and anything is encoded
+    if cfg.defense.rule.needs_reference and data.server_root is None:
+        raise ConfigError("defense.aggregator", cfg.defense.aggregator,
+                          "FLTrust needs a server root set; the embedded benchmark has one "
+                          "(data.benchmark.root_size), file datasets do not yet")
     if cfg.eval.canaries and not data.canaries:
         raise ConfigError("eval.canaries", True, "no canaries are planted; set "
                           "data.benchmark.canaries_per_client >= 1 (embedded benchmark)")
@@ -152,10 +157,6 @@ def prepare(cfg: ExperimentConfig) -> Setup:
     objective = objective_for(cfg, pad)
     train_sets = [train_set(objective, c, tokenizer, cfg) for c in data.clients]
     needs_root = cfg.defense.rule.needs_reference
-    if needs_root and data.server_root is None:
-        raise ConfigError("defense.aggregator", cfg.defense.aggregator,
-                          "FLTrust needs a server root set; the embedded benchmark has one "
-                          "(data.benchmark.root_size), file datasets do not yet")
     if needs_root:  # encoded and cached with the clients, then split off
         root = data.server_root
         train_sets.append(train_set(objective, root, tokenizer, cfg))
