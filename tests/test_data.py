@@ -230,3 +230,19 @@ def test_num_clients_under_the_natural_scheme_is_refused_not_ignored():
     with pytest.raises(ConfigError) as err:
         from_mapping(DataConfig, {"source": "x.jsonl", "partition": {"scheme": "natural", "num_clients": 5}})
     assert err.value.field == "partition.num_clients" and "one client per user" in str(err.value)
+
+
+def test_fltrust_without_a_root_set_is_refused_before_the_model_is_loaded(tmp_path, monkeypatch):
+    from conftest import tiny_config
+
+    import fedsec.setup
+
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q{k}", "response": f"a{k}", "user": f"u{k % 4}"}) + "\n"
+                            for k in range(40)))
+    cfg = tiny_config(tmp_path, data={"source": str(path), "partition": {"scheme": "natural", "by": "user"}},
+                      defense={"aggregator": "fltrust"})
+    monkeypatch.setattr(fedsec.setup, "load_base_model", lambda *_: pytest.fail("the model was loaded first"))
+    with pytest.raises(ConfigError) as err:
+        fedsec.setup.prepare(cfg)
+    assert err.value.field == "defense.aggregator" and "root set" in str(err.value)
