@@ -238,6 +238,19 @@ def _report(args) -> int:
     return 0
 
 
+def _resume_command(args, run_dir: str) -> str:
+    """The command that continues this run: the same config and overrides (a resumed run
+    must have the config it started with), its directory, --resume; quoted for a shell."""
+    import shlex
+
+    words = ["fedsec", "run", str(args.config)]
+    for assignment in args.overrides:
+        words += ["--set", assignment]
+    if args.engine:
+        words += ["--engine", args.engine]
+    return shlex.join([*words, "--out", str(run_dir), "--resume"])
+
+
 def _run(args) -> int:
     from fedsec.api import load_config, run
     from fedsec.console import summary_lines
@@ -251,8 +264,7 @@ def _run(args) -> int:
     result = run(cfg, out=args.out, resume=args.resume, stop_after=args.stop_after,
                  progress=not args.no_progress)
     if not result.finished:
-        print(f"stopped after round {result.rounds_done}; continue with: fedsec run {args.config} "
-              f"--out {result.run_dir} --resume")
+        print(f"stopped after round {result.rounds_done}; continue with: {_resume_command(args, result.run_dir)}")
         return 0
     for line in summary_lines(result):
         print(line)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 
@@ -11,14 +12,19 @@ from conftest import TINY
 def test_cli_run_stop_and_resume_end_to_end(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({**TINY, "output_dir": str(tmp_path / "runs"),
-                                      "federation": {"rounds": 2, "clients_per_round": 2,
+                                      "federation": {"rounds": 3, "clients_per_round": 2,
                                                      "local_only_clients": 2}}))
     out = tmp_path / "runs" / "one"
-    cmd = [sys.executable, "-m", "fedsec", "run", str(config), "--out", str(out), "--no-progress"]
+    cmd = [sys.executable, "-m", "fedsec", "run", str(config), "--set", "federation.rounds=2", "--out", str(out),
+           "--no-progress"]
     first = subprocess.run(cmd + ["--stop-after", "1"], capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
     assert "round   1/2" in first.stdout and "--resume" in first.stdout
-    second = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
+    # the printed hint, run as printed (it keeps the --set the run was started with)
+    hint = shlex.split(first.stdout.split("continue with: ")[1].strip().splitlines()[0])
+    assert hint[:2] == ["fedsec", "run"] and "federation.rounds=2" in hint and hint[-1] == "--resume"
+    second = subprocess.run([sys.executable, "-m", "fedsec", *hint[1:]], capture_output=True, text=True,
+                            timeout=300)
     assert second.returncode == 0, second.stderr
     assert "resuming" in second.stdout and "round   2/2" in second.stdout
     assert f"run directory: {out}" in second.stdout
