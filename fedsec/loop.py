@@ -39,6 +39,7 @@ from fedsec.privacy import (
     plan_privacy,
     reproducible_warning,
 )
+from fedsec.progress import showing as progress_bars
 from fedsec.results import RoundResult, RunResult
 from fedsec.round_eval import audit_outcome, evaluate_model, membership_attack
 from fedsec.rundir import RunDir, default_run_dir, latest_run_dir
@@ -76,7 +77,8 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
         path = Path(out) if out is not None else default_run_dir(cfg)
         RunDir.check_free(path)
     try:
-        setup = prepare(cfg)  # fails on bad data or model before any directory is made
+        with progress_bars(progress):  # tokenizing, the frozen prefix, DPO's reference pass
+            setup = prepare(cfg)  # fails on bad data or model before any directory is made
         # the sampling rate q = clients_per_round / population does not depend on which audit
         # canaries are in, so the mechanism (and its accounting) is the same in both worlds
         dp = UserLevelDp(cfg, plan_privacy(cfg, setup.population)) if cfg.privacy.mode == "user" else None

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fedsec import progress
 from fedsec.data.schema import InstructionExample, PreferenceExample
 from fedsec.encoding import Encoded, collate, encode, encode_all
 from fedsec.training import completion_loss, target_logprobs
@@ -75,11 +76,13 @@ def encode_pair(example: PreferenceExample, tokenizer, template: str, max_length
 def with_reference(model, pairs: Sequence[PairItem], pad_id: int, batch_size: int) -> list[PairItem]:
     """The pairs with reference log-probabilities under the model as it is now."""
     out = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start: start + batch_size]
-        logps = sequence_logprobs(model, [p.chosen for p in chunk] + [p.rejected for p in chunk], pad_id)
-        for i, pair in enumerate(chunk):
-            out.append(PairItem(pair.chosen, pair.rejected, float(logps[i]), float(logps[len(chunk) + i])))
+    with progress.bar(len(pairs), "DPO reference", "pair") as shown:
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start: start + batch_size]
+            logps = sequence_logprobs(model, [p.chosen for p in chunk] + [p.rejected for p in chunk], pad_id)
+            for i, pair in enumerate(chunk):
+                out.append(PairItem(pair.chosen, pair.rejected, float(logps[i]), float(logps[len(chunk) + i])))
+            shown.update(len(chunk))
     return out
 
 

@@ -23,6 +23,7 @@ from dataclasses import replace
 
 import torch
 
+from fedsec import progress
 from fedsec.encoding import Encoded, collate
 
 
@@ -61,6 +62,7 @@ def prefix_states(model, items: Sequence[Encoded], first: int, pad_id: int,
     # batches of similar length waste little on padding; results go back in item order
     order = sorted(range(len(items)), key=lambda i: items[i].input_ids.numel())
     out: list[torch.Tensor | None] = [None] * len(items)
+    shown = progress.bar(len(items), "frozen prefix", "example")
     try:
         for start in range(0, len(order), batch_size):
             chunk = order[start: start + batch_size]
@@ -72,8 +74,10 @@ def prefix_states(model, items: Sequence[Encoded], first: int, pad_id: int,
             except _Captured as hit:
                 for row, i in enumerate(chunk):
                     out[i] = hit.hidden[row, : items[i].input_ids.numel()].clone()
+            shown.update(len(chunk))
     finally:
         handle.remove()
+        shown.close()
     return out
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from fedsec import progress
 from fedsec.adapter import AdapterParams
 from fedsec.attacks.clients import attack_params, malicious_clients, poison_data
 from fedsec.attacks.poisoning import with_trigger
@@ -155,7 +156,11 @@ def prepare(cfg: ExperimentConfig) -> Setup:
         audit = start_audit(cfg, canaries, included, first_canary, model, tokenizer)
     d, pad = cfg.data, tokenizer.pad_token_id
     objective = objective_for(cfg, pad)
-    train_sets = [train_set(objective, c, tokenizer, cfg) for c in data.clients]
+    with progress.bar(len(data.clients), "tokenizing", "client") as shown:
+        train_sets = []
+        for client in data.clients:
+            train_sets.append(train_set(objective, client, tokenizer, cfg))
+            shown.update(1)
     needs_root = cfg.defense.rule.needs_reference
     if needs_root:  # encoded and cached with the clients, then split off
         root = data.server_root

@@ -74,3 +74,23 @@ def test_dpo_reference_uses_the_cached_path_so_the_untuned_margin_is_zero(tmp_pa
     before = result.untuned["preference"]
     assert before["preference_accuracy"] == 0.0 and before["reward_margin"] == 0.0
     assert before["n"] > 0
+
+
+def test_setup_shows_its_progress_with_counts_only_when_the_run_does(tmp_path, capsys, monkeypatch):
+    from conftest import tiny_config
+
+    import fedsec.prefix
+    from fedsec.loop import run_experiment
+
+    monkeypatch.setattr(fedsec.prefix, "_MEMO", {})  # states earlier tests computed in this process
+
+    cfg = tiny_config(tmp_path, lora={"cache_frozen_layers": True, "top_layers": 1},
+                      federation={"rounds": 1, "clients_per_round": 2})
+    import re
+
+    run_experiment(cfg, out=tmp_path / "shown", progress=True, log=lambda _: None)
+    err = capsys.readouterr().err.replace("\r", "\n")
+    assert re.search(r"tokenizing: .* \d+/4 ", err)  # the 4 clients, counted
+    assert re.search(r"frozen prefix: .* \d+/\d+ ", err)  # examples done of all
+    run_experiment(cfg, out=tmp_path / "quiet", progress=False, log=lambda _: None)
+    assert "tokenizing" not in capsys.readouterr().err
