@@ -42,7 +42,7 @@ from fedsec.privacy import (
 from fedsec.progress import showing as progress_bars
 from fedsec.results import RoundResult, RunResult
 from fedsec.round_eval import audit_outcome, evaluate_model, membership_attack
-from fedsec.rundir import RunDir, default_run_dir, latest_run_dir
+from fedsec.rundir import RunDir, claimed, default_run_dir, latest_run_dir
 from fedsec.scaffold import VariateStore
 from fedsec.seeding import torch_generator
 from fedsec.server import make_server_optimizer, poisson_sample, sample_clients
@@ -65,30 +65,30 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
     resumes to the same results.
     """
     clients = clients if clients is not None else InProcessClients()
-    run = None
-    if resume:
-        path = Path(out) if out is not None else latest_run_dir(cfg)
-        if path is None:
-            raise ConfigError("--resume", cfg.name, f"no earlier run of it under {cfg.output_dir}/; "
-                              "start one without --resume")
-        run = RunDir.reopen(path, cfg)
-        run.acquire()
-    else:
-        path = Path(out) if out is not None else default_run_dir(cfg)
-        RunDir.check_free(path)
-    try:
-        with progress_bars(progress):  # tokenizing, the frozen prefix, DPO's reference pass
-            setup = prepare(cfg)  # fails on bad data or model before any directory is made
-        # the sampling rate q = clients_per_round / population does not depend on which audit
-        # canaries are in, so the mechanism (and its accounting) is the same in both worlds
-        dp = UserLevelDp(cfg, plan_privacy(cfg, setup.population)) if cfg.privacy.mode == "user" else None
-        record = RecordLevelDp(cfg, setup.record_plan) if setup.record_plan is not None else None
-        if run is None:
-            run = RunDir.create(path, cfg)
-        return _rounds(setup, run, dp, record, resume, stop_after, progress, log, clients)
-    finally:
-        if run is not None:
-            run.close()
+    path = Path(out) if out is not None else (latest_run_dir(cfg) if resume else default_run_dir(cfg))
+    if path is None:
+        raise ConfigError("--resume", cfg.name, f"no earlier run of it under {cfg.output_dir}/; "
+                          "start one without --resume")
+    with claimed(path):  # from here on a second run with this --out fails at once
+        run = None
+        if resume:
+            run = RunDir.reopen(path, cfg)
+            run.acquire()
+        else:
+            RunDir.check_free(path)
+        try:
+            with progress_bars(progress):  # tokenizing, the frozen prefix, DPO's reference pass
+                setup = prepare(cfg)  # fails on bad data or model before any directory is made
+            # the sampling rate q = clients_per_round / population does not depend on which audit
+            # canaries are in, so the mechanism (and its accounting) is the same in both worlds
+            dp = UserLevelDp(cfg, plan_privacy(cfg, setup.population)) if cfg.privacy.mode == "user" else None
+            record = RecordLevelDp(cfg, setup.record_plan) if setup.record_plan is not None else None
+            if run is None:
+                run = RunDir.create(path, cfg)
+            return _rounds(setup, run, dp, record, resume, stop_after, progress, log, clients)
+        finally:
+            if run is not None:
+                run.close()
 
 
 class RunState:

@@ -22,7 +22,9 @@ never write into the same directory.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import platform
@@ -31,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -268,6 +271,29 @@ def _remove_stale_staging(path: Path) -> None:
         elif time.time() - folder.stat().st_mtime < 60:
             continue
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def claimed(path: Path) -> Iterator[None]:
+    """Hold the claim on run directory `path` from before a run's setup to its end, so a
+    second run with the same --out fails at once rather than after minutes of setup. The
+    claim is a lock in the system's temp folder (keyed by the absolute path), so nothing
+    is written beside the run before its setup has succeeded; the kernel drops it when
+    the process ends, however it ends."""
+    key = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:24]
+    folder = Path(tempfile.gettempdir()) / "fedsec-claims"
+    folder.mkdir(exist_ok=True)
+    fd = os.open(folder / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError("--out", str(path), "another fedsec run is setting up or running in this run "
+                          "directory; wait for it to end or choose another --out") from None
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 def _lock(file: Path, run: Path) -> int:

@@ -186,3 +186,20 @@ def test_two_runs_never_share_a_directory(tmp_path, monkeypatch):
     (dead / ".lock").write_text("12345\n")  # nobody holds it
     RunDir.create(tmp_path / "fresh", cfg).close()
     assert not dead.exists() and (tmp_path / "fresh" / "config.resolved.yaml").is_file()
+
+
+def test_a_second_run_with_the_same_out_fails_at_once_not_after_its_setup(tmp_path, monkeypatch):
+    from conftest import tiny_config
+
+    import fedsec.loop
+    from fedsec.errors import ConfigError
+    from fedsec.rundir import claimed
+
+    cfg = tiny_config(tmp_path)
+    out = tmp_path / "runs" / "shared"
+    monkeypatch.setattr(fedsec.loop, "prepare", lambda _: pytest.fail("the loser of the race set up first"))
+    with claimed(out):  # the first run, still in its setup
+        with pytest.raises(ConfigError) as err:
+            fedsec.loop.run_experiment(cfg, out=out, progress=False, log=lambda _: None)
+    assert err.value.field == "--out" and "setting up or running" in str(err.value)
+    assert not out.exists() and not (tmp_path / "runs").exists()  # and nothing was written
