@@ -1,6 +1,8 @@
 """Progress bars for the long steps of a run's setup (tokenizing, the frozen prefix, DPO's
-reference pass), shown on stderr while `showing(True)` is in force: counts, rate and the
-time left, as tqdm prints them. Off by default, so library calls and tests stay quiet."""
+reference pass), shown on stderr while `showing(True)` is in force and stderr is a
+terminal: counts, rate and the time left, as tqdm prints them. A bar is cleared when its
+step ends, so a setup that fails on bad input still ends with its one error line (into
+a file or pipe no bar is written at all). Off by default: library calls stay quiet."""
 
 from __future__ import annotations
 
@@ -27,4 +29,4 @@ def showing(enabled: bool) -> Iterator[None]:
 def bar(total: int, desc: str, unit: str) -> tqdm:
     """A bar of `total` `unit`s, or a silent one when progress is off or the step is tiny."""
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=False,
-                disable=not _SHOW.get() or total < 2)
+                disable=not _SHOW.get() or total < 2 or not sys.stderr.isatty())

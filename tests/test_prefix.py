@@ -83,6 +83,9 @@ def test_setup_shows_its_progress_with_counts_only_when_the_run_does(tmp_path, c
     from fedsec.loop import run_experiment
 
     monkeypatch.setattr(fedsec.prefix, "_MEMO", {})  # states earlier tests computed in this process
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # as on a terminal (bars go to terminals only)
 
     cfg = tiny_config(tmp_path, lora={"cache_frozen_layers": True, "top_layers": 1},
                       federation={"rounds": 1, "clients_per_round": 2})
@@ -93,4 +96,7 @@ def test_setup_shows_its_progress_with_counts_only_when_the_run_does(tmp_path, c
     assert re.search(r"tokenizing: .* \d+/4 ", err)  # the 4 clients, counted
     assert re.search(r"frozen prefix: .* \d+/\d+ ", err)  # examples done of all
     run_experiment(cfg, out=tmp_path / "quiet", progress=False, log=lambda _: None)
+    assert "tokenizing" not in capsys.readouterr().err
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)  # into a file or pipe: no bar, the error stays one line
+    run_experiment(cfg, out=tmp_path / "piped", progress=True, log=lambda _: None)
     assert "tokenizing" not in capsys.readouterr().err
