@@ -138,6 +138,7 @@ def _rounds(setup: Setup, run: RunDir, dp: UserLevelDp | None, record: RecordLev
     if state.private is not None and cfg.privacy.reproducible:
         log(reproducible_warning(cfg))
     _start(setup, run, state, resume, log)
+    _write_federation(setup, run)
     clients.start(setup, log)
     if state.rounds_done == 0 and not any(r.get("round") == 0 for r in run.read_covered_metrics()):
         untuned, clients_eval = evaluate_model(setup, state.global_vec, 0)
@@ -269,6 +270,23 @@ def _save_round(run: RunDir, state: RunState, result: RoundResult, keep: int) ->
     run.append_metrics(row)
     if state.private is not None:
         _write_ledger(run, state.private)
+
+
+def _write_federation(setup: Setup, run: RunDir) -> None:
+    """federation.json: the number of clients (the population N the sampling rate and the
+    guarantee assume public); clients.json: each client's id, name, sizes and the user
+    values its examples carry (data-derived: under DP it goes to the not-covered place)."""
+    clients = setup.data.clients[: setup.federation_clients]
+    run.write_json("federation.json", {"num_clients": len(clients), "source": setup.cfg.data.source})
+    detail = {"clients": [{"client_id": c.client_id, "name": c.name, "train_examples": len(c.train),
+                           "test_examples": len(c.test), "preference_pairs": len(c.preference),
+                           "users": sorted({str(e.meta["user"]) for e in (*c.train, *c.test, *c.preference)
+                                            if e.meta.get("user") is not None})}
+                          for c in clients]}
+    if run.guarded:
+        run.write_uncovered_json("clients.json", detail)
+    else:
+        run.write_json("clients.json", detail)
 
 
 def _write_ledger(run: RunDir, private) -> None:

@@ -222,6 +222,16 @@ UNCOVERED_METRICS = ("local_only_accuracy", "true_positive_rate", "false_positiv
                      "held_out_answer_extraction")
 
 
+def federation_size(run_dir: Path, cfg: dict) -> int | None:
+    """The run's number of clients: federation.json (written by every run since it was
+    added), else, for older runs, the embedded benchmark's configured count."""
+    path = Path(run_dir) / "federation.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))["num_clients"]
+    data = cfg.get("data", {})
+    return data.get("benchmark", {}).get("num_clients") if data.get("source", "embedded") == "embedded" else None
+
+
 def write_tables(root: Path, runs: list[SweepRun]) -> None:
     """results.csv/json: one row per run (variant x seed); summary.csv: one row per variant
     (a grid's cell), each metric's mean and standard deviation over the seeds.
@@ -246,7 +256,7 @@ def write_tables(root: Path, runs: list[SweepRun]) -> None:
             "variant": run.variant, **{a: dict(run.cell).get(a) for a in axes}, "seed": run.seed,
             "run_dir": str(run.out), "attack_kind": cfg["attack"]["kind"],
             "malicious_count": len((result.get("attack") or {}).get("malicious", [])),
-            "num_clients": cfg["data"]["benchmark"]["num_clients"] if cfg["data"]["source"] == "embedded" else None,
+            "num_clients": federation_size(run.out, cfg),
             "aggregator": cfg["defense"]["aggregator"],
             "untuned_accuracy": untuned.get("accuracy"), "final_accuracy": final.get("accuracy"),
             "final_loss": final.get("loss"),

@@ -533,8 +533,9 @@ def build_report(directory: Path, out: Path | None = None, force: bool = False) 
     first = runs[0]
     cfg, env = first.config, first.env
     data_cfg = cfg.get("data", {})
-    bench = data_cfg.get("benchmark", {})
-    clients = bench.get("num_clients") if data_cfg.get("source", "embedded") == "embedded" else None
+    from fedsec.sweep import federation_size
+
+    clients = federation_size(first.path, cfg)
     name = directory.name if kind == "sweep" else cfg.get("name", directory.name)
     story = [Paragraph(f"fedsec report: {name}", styles["title"]), Spacer(1, 0.4 * cm)]
     facts = [("directory", str(directory)), ("kind", f"{kind} of {len(runs)} run(s)" if kind == "sweep" else kind),

@@ -162,3 +162,36 @@ def test_attack_grid_data_counts_clean_runs_once_per_attack():
                         "without attackers; median holds it at 0.450 (its clean run: 0.500).")
     assert lines[1] == ("alignment_poison at 30% malicious clients: harmless (refusal) rate 0.100 under mean "
                         "against 0.900 without attackers; median holds it at 0.200 (its clean run: 0.800).")
+
+
+def test_a_grid_over_a_file_dataset_knows_its_clients_and_keeps_its_cells(tmp_path):
+    """Attack grids on a researcher's own file: the true client count comes from the run
+    (federation.json), so the table's count, the fractions and the grid's cells are there."""
+    from fedsec.reports.plots import attack_grid_data
+
+    data = tmp_path / "own.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{k}?", "response": f"a{k}", "user": f"u{k % 6}"}) + "\n"
+                            for k in range(48)))
+    base = {**TINY, "data": {"source": str(data), "partition": {"scheme": "natural", "by": "user"},
+                             "max_length": 160},
+            "federation": {"rounds": 1, "clients_per_round": 6, "local_only_clients": 0},
+            "training": {**TINY["training"], "local_steps": 1}, "eval": {"clients": False}}
+    grid = {"attack": {"sign_flip": ["attack.kind=sign_flip"]},
+            "fraction": {0: ["attack.kind=none", "attack.fraction=0"], 0.34: ["attack.fraction=0.34"]},
+            "defense": {"mean": ["defense.aggregator=mean"]}}
+    spec = tmp_path / "grid.yaml"
+    spec.write_text(yaml.safe_dump({"name": "own", "base": base, "seeds": [0], "output_dir": str(tmp_path / "runs"),
+                                    "grid": grid}, sort_keys=False))
+    root = run_sweep(spec, progress=False, log=lambda _: None)
+    rows = list(csv.DictReader((root / "results.csv").open()))
+    assert {r["num_clients"] for r in rows} == {"6"} and {r["malicious_count"] for r in rows} == {"0", "2"}
+    run = root / rows[-1]["run_dir"].split("/")[-1]
+    assert json.loads((run / "federation.json").read_text())["num_clients"] == 6
+    clients = json.loads((run / "clients.json").read_text())["clients"]
+    assert sorted(u for c in clients for u in c["users"]) == [f"u{k}" for k in range(6)]
+    assert sum(c["train_examples"] + c["test_examples"] for c in clients) < 48  # the global test split is held out
+    grid = attack_grid_data(json.loads((root / "results.json").read_text()))
+    assert grid is not None and grid.fractions == [0.0, round(2 / 6, 6)]  # the rows are no longer dropped
+    # the defense's detection is scored on file data too (no accuracy here: utility heatmaps on
+    # the loss are issue 25's next step)
+    assert grid.get("true_positive_rate", "sign_flip", "mean", round(2 / 6, 6)) is not None
