@@ -199,7 +199,8 @@ def play_round(setup: Setup, state: RunState, clients: ClientRunner, round_idx: 
     for c in setup.local_only:
         state.local[c] = state.local[c] + client_update(setup, state.local[c], c, lr, round_idx, "local").delta
     global_eval, clients_eval = _evaluate_if_due(setup, state.global_vec, round_idx + 1)
-    kept = [u for u in updates if u.client_id not in set(batch.rejected)]
+    rejected = set(batch.rejected)
+    kept = [u for u in updates if u.client_id not in rejected]
     terms = sum(u.metrics["loss_terms"] for u in kept)
     train_loss = sum(u.metrics["loss"] * u.metrics["loss_terms"] for u in kept) / max(terms, 1)
     return RoundResult(round_idx + 1, lr, tuple(sampled), train_loss, batch.rejected, time.perf_counter() - started,

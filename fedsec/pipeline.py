@@ -36,7 +36,7 @@ import torch
 
 from fedsec.config import ExperimentConfig
 from fedsec.defenses import sanitize_updates
-from fedsec.defenses.dp import clip_to_norm, gaussian_noise
+from fedsec.defenses.dp import COUNT_SENSITIVITY, clip_to_norm, gaussian_noise
 from fedsec.defenses.registry import Context
 from fedsec.results import ClientUpdate
 from fedsec.scaffold import VariateStore
@@ -196,15 +196,16 @@ class Noise:
             aggregate = aggregate + noise / plan.expected_clients
         adaptive = self.dp.cfg.privacy.adaptive_clipping
         release = DpRelease(plan.noise_multiplier, plan.sample_rate, c, plan.update_noise,
-                            plan.count_stddev if adaptive else None, self.dp.count_sensitivity if adaptive else None)
+                            plan.count_stddev if adaptive else None, COUNT_SENSITIVITY if adaptive else None)
         return dataclasses.replace(b, aggregate=aggregate, release=release)
 
 
 class ServerPipeline:
     """The stages in order; `pipeline(updates, round_idx, reference)` runs one round."""
 
-    def __init__(self, stages: Sequence[Stage], dim: int):
+    def __init__(self, stages: Sequence[Stage], dim: int, rule: Rule):
         self.stages, self.dim = tuple(stages), dim
+        self.rule = rule  # the Rule stage (its state rides in the checkpoint); one is always built
 
     def __call__(self, updates: Sequence[ClientUpdate], round_idx: int,
                  reference: torch.Tensor | None = None) -> Batch:
@@ -212,11 +213,6 @@ class ServerPipeline:
         for stage in self.stages:
             batch = stage(batch)
         return batch
-
-    @property
-    def rule(self) -> Rule:
-        """The Rule stage (its state rides in the checkpoint); one is always built."""
-        return self._rule
 
     def __repr__(self) -> str:
         return " -> ".join(type(s).__name__ for s in self.stages)
@@ -230,6 +226,4 @@ def build_pipeline(cfg: ExperimentConfig, folder: Path, dim: int, dp=None) -> Se
     else:
         combine = FixedDenominatorMean(dp.plan.expected_clients) if rule.rule.dp_certified else rule
         stages = [Sanitize(cfg.defense.max_update_norm), Clip(dp.clip_in_force), combine, Noise(dp)]
-    pipeline = ServerPipeline(stages, dim)
-    pipeline._rule = rule
-    return pipeline
+    return ServerPipeline(stages, dim, rule)

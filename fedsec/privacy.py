@@ -39,7 +39,6 @@ from fedsec.accountants import ACCOUNTANTS, DpEvent, PrivacyLedger, RecordLedger
 from fedsec.accountants.ledger import LedgerEntry
 from fedsec.config import ExperimentConfig
 from fedsec.defenses.dp import (
-    COUNT_SENSITIVITY,
     adapt_clip_norm,
     adaptive_update_noise,
 )
@@ -142,7 +141,6 @@ class UserLevelDp:
         self.cfg, self.plan = cfg, plan
         self.root = dp_seed(cfg) if root is None else root  # the DP streams' root (noise, sampling)
         self.clip_norm = cfg.privacy.clip_norm
-        self.count_sensitivity = COUNT_SENSITIVITY  # adaptive clipping's centred count, b_k - 1/2
         self.ledger = PrivacyLedger(cfg.privacy.delta, ACCOUNTANTS, cfg.privacy.accountant,
                                     plan.certified, plan.reason)
 

@@ -283,28 +283,22 @@ def claimed(path: Path) -> Iterator[None]:
     key = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:24]
     folder = Path(tempfile.gettempdir()) / "fedsec-claims"
     folder.mkdir(exist_ok=True)
-    fd = os.open(folder / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise ConfigError("--out", str(path), "another fedsec run is setting up or running in this run "
-                          "directory; wait for it to end or choose another --out") from None
+    fd = _lock(folder / f"{key}.lock", path, "another fedsec run is setting up or running in this run directory")
     try:
         yield
     finally:
         os.close(fd)
 
 
-def _lock(file: Path, run: Path) -> int:
-    """An exclusive lock on `file` for this process (the fd; closing it releases the lock)."""
+def _lock(file: Path, run: Path, busy: str = "another fedsec process is running in this run directory") -> int:
+    """An exclusive lock on `file` for this process (the fd, holding our pid; closing it
+    releases the lock). Held by another: a ConfigError on --out saying `busy`."""
     fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise ConfigError("--out", str(run), "another fedsec process is running in this run directory; "
-                          "wait for it to end or choose another --out") from None
+        raise ConfigError("--out", str(run), f"{busy}; wait for it to end or choose another --out") from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
