@@ -63,8 +63,11 @@ def round_line(done: int, total: int, result: RoundResult | None, global_eval: d
     if global_eval is not None:
         parts += _global_parts(global_eval)
     if clients_eval is not None:
-        parts.append(f"client acc mean {_fmt(clients_eval['mean_accuracy'])} "
-                     f"min {_fmt(clients_eval['min_accuracy'])}")
+        if clients_eval["mean_accuracy"] is not None:
+            parts.append(f"client acc mean {_fmt(clients_eval['mean_accuracy'])} "
+                         f"min {_fmt(clients_eval['min_accuracy'])}")
+        else:
+            parts.append(f"client loss mean {_fmt(clients_eval['mean_loss'])}")
     if result is not None:
         parts.append(f"{result.seconds:.1f}s")
     return "  ".join(parts)
@@ -72,8 +75,10 @@ def round_line(done: int, total: int, result: RoundResult | None, global_eval: d
 
 def _global_parts(global_eval: dict) -> list[str]:
     parts = []
-    if "accuracy" in global_eval:
+    if global_eval.get("accuracy") is not None:
         parts.append(f"global acc {_fmt(global_eval['accuracy'])} loss {_fmt(global_eval['loss'])}")
+    elif global_eval.get("loss") is not None:  # free-text answers: the loss and its perplexity
+        parts.append(f"global loss {_fmt(global_eval['loss'])} ppl {math.exp(min(global_eval['loss'], 700)):.4g}")
     if "preference" in global_eval:
         pref = global_eval["preference"]
         parts.append(f"pref acc {_fmt(pref['preference_accuracy'])} "
@@ -115,7 +120,7 @@ def summary_lines(result: RunResult) -> list[str]:
         if before.get("accuracy") is not None and after.get("accuracy") is not None:
             u, f = before["accuracy"], after["accuracy"]
             lines.append(f"global test accuracy: untuned {u:.3f} -> {name} {f:.3f} ({f - u:+.3f})")
-        if "loss" in before:
+        if before.get("loss") is not None:
             lines.append(f"global test loss:     untuned {before['loss']:.3f} -> {name} "
                          f"{after['loss']:.3f}")
         if "preference" in before:
@@ -178,7 +183,9 @@ def summary_lines(result: RunResult) -> list[str]:
             lines.append(f"privacy: epsilon not certified: {p['reason']}; {setting}")
     if result.local_only and not private:
         per = result.local_only["per_client"]
-        accs = " ".join(_fmt(v["global_eval"].get("accuracy")) for v in per.values())
-        lines.append(f"local-only ({len(per)} clients, each trained alone): mean global accuracy "
-                     f"{_fmt(result.local_only['mean_accuracy'])}  [{accs}]")
+        key, mean = (("accuracy", result.local_only["mean_accuracy"]) if result.local_only["mean_accuracy"] is not None
+                     else ("loss", result.local_only.get("mean_loss")))
+        values = " ".join(_fmt(v["global_eval"].get(key)) for v in per.values())
+        lines.append(f"local-only ({len(per)} clients, each trained alone): mean global {key} "
+                     f"{_fmt(mean)}  [{values}]")
     return lines

@@ -368,7 +368,9 @@ def finish(setup: Setup, run: RunDir, global_vec: torch.Tensor, local: dict,
             per_client[str(c)] = {"global_eval": global_eval, "own_test": own_eval}
         accs = [v["global_eval"].get("accuracy") for v in per_client.values()]
         accs = [a for a in accs if a is not None]
+        losses = [v["global_eval"]["loss"] for v in per_client.values() if v["global_eval"].get("loss") is not None]
         local_only = {"mean_accuracy": sum(accs) / len(accs) if accs else None,
+                      "mean_loss": sum(losses) / len(losses) if losses else None,
                       "per_client": per_client}
         run.append_metrics({"phase": "local_only_final", "round": rounds_done, **local_only})
     setup.adapter.set(global_vec)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from fedsec.accountants import format_epsilon
 from fedsec.config import ConfigError, load_config, read_yaml
 from fedsec.disclosure import HEADER, UNCOVERED
 from fedsec.rundir import CONFIG, RunDir, atomic_write_text, read_result
+from fedsec.utility import describe, evaluation_values
 
 
 @dataclass(frozen=True)
@@ -206,9 +208,12 @@ def _share_identical(runs: list[SweepRun], configs: list) -> list[SweepRun]:
 
 # columns of the results tables besides the metrics (a grid axis may not take these names)
 RESERVED = ("variant", "seed", "seeds", "run_dir", "attack_kind", "malicious_count", "num_clients",
-            "aggregator", "final_loss", "reward_margin", "epsilon", "delta", "accountant", "certified",
+            "aggregator", "reward_margin", "epsilon", "delta", "accountant", "certified",
             "noise_multiplier", "clip_norm", "sample_rate")
-METRICS = ("final_accuracy", "local_only_accuracy", "untuned_accuracy", "preference_accuracy",
+# the fixed metric columns; eval.benchmarks' and eval.metrics' columns (fedsec.utility) join them
+METRICS = ("final_accuracy", "local_only_accuracy", "untuned_accuracy", "final_loss", "untuned_loss",
+           "local_only_loss", "final_perplexity", "untuned_perplexity", "local_only_perplexity",
+           "preference_accuracy",
            "likelihood_accuracy", "untuned_likelihood_accuracy", "refusal_rate", "untuned_refusal_rate",
            "attack_success_rate", "clean_target_rate", "true_positive_rate", "false_positive_rate",
            "exposure", "untuned_exposure", "extraction_rate", "audit_bound", "mia_auc", "mia_reference_auc",
@@ -217,7 +222,8 @@ METRICS = ("final_accuracy", "local_only_accuracy", "untuned_accuracy", "prefere
 
 # measured on what a DP run's guarantee does not cover (fedsec.disclosure): for DP runs they go
 # to the sweep's not_covered_by_dp_guarantee/ tables, not the main ones
-UNCOVERED_METRICS = ("local_only_accuracy", "true_positive_rate", "false_positive_rate", "exposure",
+UNCOVERED_METRICS = ("local_only_accuracy", "local_only_loss", "local_only_perplexity",
+                     "true_positive_rate", "false_positive_rate", "exposure",
                      "untuned_exposure", "extraction_rate", "mia_auc", "mia_reference_auc", "answer_extraction",
                      "held_out_answer_extraction")
 
@@ -258,9 +264,7 @@ def write_tables(root: Path, runs: list[SweepRun]) -> None:
             "malicious_count": len((result.get("attack") or {}).get("malicious", [])),
             "num_clients": federation_size(run.out, cfg),
             "aggregator": cfg["defense"]["aggregator"],
-            "untuned_accuracy": untuned.get("accuracy"), "final_accuracy": final.get("accuracy"),
-            "final_loss": final.get("loss"),
-            "local_only_accuracy": local["mean_accuracy"] if local else None,
+            **utility_columns(final, untuned, local),
             "preference_accuracy": pref.get("preference_accuracy"),
             "reward_margin": pref.get("reward_margin"),
             "likelihood_accuracy": pref.get("likelihood_accuracy"),
@@ -285,6 +289,8 @@ def write_tables(root: Path, runs: list[SweepRun]) -> None:
             "noise_multiplier": privacy.get("noise_multiplier"),
             "clip_norm": privacy.get("clip_norm"), "sample_rate": privacy.get("sample_rate"),
         })
+    extra = list(dict.fromkeys(k for r in rows for k in r if k.startswith(EXTRA)))  # every row has each column
+    rows = [{**r, **{k: r.get(k) for k in extra}} for r in rows]
     covered = [{**r, **{k: None for k in UNCOVERED_METRICS}} if r["certified"] is not None else r for r in rows]
     _write_results(root, covered, axes)
     if any(r["certified"] is not None for r in rows):
@@ -292,6 +298,32 @@ def write_tables(root: Path, runs: list[SweepRun]) -> None:
         hidden.mkdir(exist_ok=True)
         atomic_write_text(hidden / "README.txt", HEADER + "\n")
         _write_results(hidden, rows, axes)
+
+
+# the columns of eval.benchmarks and eval.metrics (fedsec.utility), final and untuned
+EXTRA = ("benchmark:", "metric:", "untuned_benchmark:", "untuned_metric:")
+
+
+def utility_columns(final: dict, untuned: dict, local: dict | None) -> dict:
+    """The run's utility columns (fedsec.utility): the final model's, the untuned model's
+    (`untuned_` + column) and the local-only clients' mean accuracy, loss and perplexity."""
+    after, before = evaluation_values(final), evaluation_values(untuned)
+    local_loss = (local or {}).get("mean_loss")
+    out = {"untuned_accuracy": before.get("final_accuracy"), "final_accuracy": after.get("final_accuracy"),
+           "final_loss": after.get("final_loss"), "untuned_loss": before.get("final_loss"),
+           "final_perplexity": after.get("final_perplexity"), "untuned_perplexity": before.get("final_perplexity"),
+           "local_only_accuracy": (local or {}).get("mean_accuracy"), "local_only_loss": local_loss,
+           "local_only_perplexity": math.exp(min(local_loss, 700.0)) if local_loss is not None else None}
+    for key, value in after.items():
+        if key.startswith(EXTRA):
+            out[key] = value
+            out["untuned_" + key] = before.get(key)
+    return out
+
+
+def metric_columns(rows: list[dict]) -> list[str]:
+    """The metric columns of these rows: the fixed ones, then benchmarks' and plugins'."""
+    return [*METRICS, *dict.fromkeys(k for r in rows for k in r if k.startswith(EXTRA))]
 
 
 def _write_results(root: Path, rows: list[dict], axes: list[str]) -> None:
@@ -304,7 +336,7 @@ def _write_results(root: Path, rows: list[dict], axes: list[str]) -> None:
         for key in ("attack_kind", "malicious_count", "num_clients", "aggregator", "epsilon",
                     "noise_multiplier", "certified"):  # the same for every seed
             entry[key] = mine[0][key]
-        for key in METRICS:
+        for key in metric_columns(rows):
             values = [r[key] for r in mine if r[key] is not None]
             entry[f"{key}_mean"] = statistics.fmean(values) if values else None
             entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else (0.0 if values else None)
@@ -323,7 +355,10 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 
 HEADINGS = {"final_accuracy": "final accuracy", "local_only_accuracy": "local-only accuracy",
-            "untuned_accuracy": "untuned", "preference_accuracy": "preference accuracy",
+            "untuned_accuracy": "untuned", "final_loss": "held-out loss", "untuned_loss": "untuned loss",
+            "local_only_loss": "local-only loss", "final_perplexity": "perplexity",
+            "untuned_perplexity": "untuned perplexity", "local_only_perplexity": "local-only perplexity",
+            "preference_accuracy": "preference accuracy",
             "likelihood_accuracy": "likelihood accuracy",
             "untuned_likelihood_accuracy": "untuned likelihood accuracy",
             "refusal_rate": "harmless rate", "untuned_refusal_rate": "untuned harmless rate",
@@ -333,6 +368,18 @@ HEADINGS = {"final_accuracy": "final accuracy", "local_only_accuracy": "local-on
             "extraction_rate": "extracted", "audit_bound": "audit epsilon >=",
             "mia_auc": "MIA AUC (loss)", "mia_reference_auc": "MIA AUC (reference)",
             "answer_extraction": "training answers extracted", "held_out_answer_extraction": "held-out reproduced"}
+
+
+LOSS_DETAIL = ("untuned_loss", "local_only_loss", "final_perplexity", "untuned_perplexity",
+               "local_only_perplexity")
+
+
+def heading(key: str) -> str:
+    """A metric column's table heading."""
+    if key in HEADINGS:
+        return HEADINGS[key]
+    untuned = key.startswith("untuned_")
+    return ("untuned " if untuned else "") + describe(key.removeprefix("untuned_")).label
 
 
 def summary_table(root: Path) -> str:
@@ -356,8 +403,11 @@ def summary_table(root: Path) -> str:
         return format_epsilon(float(row["epsilon"])), sigma
 
     dp = any(row["certified"] != "" for row in rows)
-    keys = [k for k in METRICS if any(row.get(f"{k}_mean", "") != "" for row in rows)]
-    heads = ["variant", *axes, "seeds", *(["epsilon", "sigma"] if dp else []), *(HEADINGS[k] for k in keys)]
+    extra = [f.removesuffix("_mean") for f in fields if f.startswith(EXTRA) and f.endswith("_mean")]
+    keys = [k for k in [*METRICS, *extra] if any(row.get(f"{k}_mean", "") != "" for row in rows)]
+    if "final_accuracy" in keys:  # the loss beside accuracy; its references and perplexity stay in summary.csv
+        keys = [k for k in keys if k not in LOSS_DETAIL]
+    heads = ["variant", *axes, "seeds", *(["epsilon", "sigma"] if dp else []), *(heading(k) for k in keys)]
     lines = ["| " + " | ".join(heads) + " |", "|---" * len(heads) + "|"]
     for row in rows:
         cells = [row["variant"], *(row[a] for a in axes), row["seeds"], *(privacy(row) if dp else ()),

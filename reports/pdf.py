@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from fedsec import utility
 from fedsec.accountants import format_epsilon, format_lower_bound
 from fedsec.disclosure import HEADER, UNCOVERED, guarantee_statement, predates_centred_count
 from fedsec.errors import ConfigError
 from fedsec.reports import plots
+from fedsec.sweep import utility_columns
 
 RESULT, CONFIG, ENV, LEDGER = "result.json", "config.resolved.yaml", "env.json", "privacy_ledger.json"
 
@@ -78,12 +79,10 @@ def collect(directory: Path) -> tuple[str, list[RunFiles]]:
 # What the report says: tables and findings, pure functions of the run files.
 
 
-def _acc(block: dict | None) -> float | None:
-    return (block or {}).get("accuracy")
-
-
 def run_table(runs: list[RunFiles]) -> list[dict]:
-    """One row per run; every value is read from that run's files."""
+    """One row per run; every value is read from that run's files. Its utility columns
+    are those of the sweep tables (fedsec.sweep.utility_columns: final, untuned and
+    local-only accuracy, loss and perplexity, benchmarks' and plugins' metrics)."""
     rows = []
     for run in runs:
         res, p = run.result or {}, run.privacy
@@ -97,8 +96,7 @@ def run_table(runs: list[RunFiles]) -> list[dict]:
             "delta": p.get("delta"), "sigma": p.get("noise_multiplier"), "clip_norm": p.get("clip_norm"),
             "sample_rate": p.get("sample_rate"),
             "certified": p.get("certified") if p else None,
-            "untuned_accuracy": _acc(res.get("untuned")), "final_accuracy": _acc(res.get("final")),
-            "local_only_accuracy": local.get("mean_accuracy"),
+            **utility_columns(res.get("final") or {}, res.get("untuned") or {}, local or None),
             "audit_bound": (res.get("audit") or {}).get("epsilon_lower_bound"),
             "audit": _audit_cell(res.get("audit")),
             "finished": res.get("finished", False),
@@ -195,56 +193,71 @@ def _mean(values) -> float | None:
 
 
 def findings(rows: list[dict]) -> list[str]:
-    """Sentences of the summary, each computed from the table rows."""
+    """Sentences of the summary, each computed from the table rows, on the runs' headline
+    utility (fedsec.utility.headline: accuracy where the data has closed answers, else
+    the held-out loss)."""
     out: list[str] = []
     unfinished = [r for r in rows if not r["finished"]]
     done = [r for r in rows if r["finished"]]
     by_variant: dict[str, list[dict]] = {}
     for r in done:
         by_variant.setdefault(r["variant"], []).append(r)
-    untuned = _mean(r["untuned_accuracy"] for r in done)
-    plain = [r for r in done if r["certified"] is None]
-    plain_acc = _mean(r["final_accuracy"] for r in plain)
-    local = _mean(r["local_only_accuracy"] for r in done)
-    private = sorted(((_mean(r["epsilon"] for r in mine), v, mine) for v, mine in by_variant.items()
-                      if mine[0]["certified"]), key=lambda t: t[0])
+    head = utility.headline(done)
     seeds = max((len(m) for m in by_variant.values()), default=0)
     if done:
-        out.append(f"{len(done)} finished run(s) in {len(by_variant)} variant(s), up to {seeds} seed(s) "
-                   "each; accuracies are means over seeds on the global test set.")
-    if private and plain_acc is not None:
+        out.append(f"{len(done)} finished run(s) in {len(by_variant)} variant(s), up to {seeds} seed(s) each"
+                   + (f"; {head.label} values are means over seeds." if head else "."))
+    if head is None:
+        return out + _notes(done, unfinished)
+    name, key = head.label, head.key
+    untuned = _mean(r.get(head.untuned) for r in done)
+    plain = [r for r in done if r["certified"] is None]
+    plain_value = _mean(r.get(key) for r in plain)
+    local = _mean(r.get(head.local_only) for r in done)
+    private = sorted(((_mean(r["epsilon"] for r in mine), v, mine) for v, mine in by_variant.items()
+                      if mine[0]["certified"]), key=lambda t: t[0])
+    sign = 1.0 if head.higher_is_better else -1.0  # a gain is a rise in accuracy, a fall in loss
+    if private and plain_value is not None:
         for eps, variant, mine in private:
-            acc = _mean(r["final_accuracy"] for r in mine)
-            if acc is None:
+            value = _mean(r.get(key) for r in mine)
+            if value is None:
                 continue
-            gap = plain_acc - acc
-            text = (f"At epsilon {format_epsilon(eps)} (delta {mine[0]['delta']:g}, {variant}) the global accuracy is "
-                    f"{acc:.3f}, {abs(gap):.3f} {'below' if gap >= 0 else 'above'} non-private "
-                    f"({plain_acc:.3f})")
-            if untuned is not None and plain_acc - untuned > 0 and acc >= untuned:
-                text += f"; it keeps {(acc - untuned) / (plain_acc - untuned):.0%} of the non-private gain"
+            gap = plain_value - value
+            text = (f"At epsilon {format_epsilon(eps)} (delta {mine[0]['delta']:g}, {variant}) the {name} is "
+                    f"{value:.3f}, {abs(gap):.3f} {'below' if gap >= 0 else 'above'} non-private "
+                    f"({plain_value:.3f})")
+            gain = sign * (plain_value - untuned) if untuned is not None else None
+            if gain is not None and gain > 0 and sign * (value - untuned) >= 0:
+                text += f"; it keeps {sign * (value - untuned) / gain:.0%} of the non-private gain"
                 text += f" over the untuned model ({untuned:.3f})"
-            elif untuned is not None and acc < untuned:
-                text += (f", and {untuned - acc:.3f} below the untuned model ({untuned:.3f}): at this epsilon "
-                         "the noise costs more than federated training gains")
+            elif untuned is not None and sign * (value - untuned) < 0:
+                text += (f", and {abs(untuned - value):.3f} {'below' if value < untuned else 'above'} the "
+                         f"untuned model ({untuned:.3f}): "
+                         "at this epsilon the noise costs more than federated training gains")
             out.append(text + ".")
     elif len(by_variant) > 0:
-        ranked = sorted(((_mean(r["final_accuracy"] for r in mine), v) for v, mine in by_variant.items()),
-                        key=lambda t: -(t[0] if t[0] is not None else -math.inf))
-        best_acc, best = ranked[0]
-        if best_acc is not None:
-            text = f"The best variant is {best} with global accuracy {best_acc:.3f}"
-            if len(ranked) > 1 and ranked[-1][0] is not None:
-                text += f"; the weakest is {ranked[-1][1]} with {ranked[-1][0]:.3f}"
+        scored = [(_mean(r.get(key) for r in mine), v) for v, mine in by_variant.items()]
+        scored = sorted([t for t in scored if t[0] is not None], key=lambda t: -sign * t[0])
+        if scored:
+            best_value, best = scored[0]
+            text = f"The best variant is {best} with {name} {best_value:.3f}"
+            if len(scored) > 1:
+                text += f"; the weakest is {scored[-1][1]} with {scored[-1][0]:.3f}"
             out.append(text + ".")
     if local is not None:
         text = f"Clients training alone (local-only) reach {local:.3f}"
-        if plain_acc is not None:
-            where = "below" if plain_acc >= local else "above"
-            text += f", {abs(plain_acc - local):.3f} {where} the non-private federated runs"
+        if plain_value is not None:
+            where = "below" if plain_value >= local else "above"
+            text += f", {abs(plain_value - local):.3f} {where} the non-private federated runs"
         out.append(text + ".")
     if untuned is not None:
         out.append(f"The untuned model scores {untuned:.3f}.")
+    return out + _notes(done, unfinished)
+
+
+def _notes(done: list[dict], unfinished: list[dict]) -> list[str]:
+    """What the summary says of certification, seeded noise, budgets and unfinished runs."""
+    out: list[str] = []
     skipped = [r for r in done if r["certified"] is False]
     if skipped:
         out.append(f"{len(skipped)} run(s) carry no epsilon: their privacy is not certified "
@@ -262,7 +275,7 @@ def findings(rows: list[dict]) -> list[str]:
     return out
 
 
-GRID_COLUMNS = {"final_accuracy": "accuracy", "refusal_rate": "harmless rate",
+GRID_COLUMNS = {"refusal_rate": "harmless rate",
                 "attack_success_rate": "backdoor success", "clean_target_rate": "target on clean",
                 "true_positive_rate": "malicious dropped", "false_positive_rate": "honest dropped"}
 
@@ -279,11 +292,15 @@ def grid_table(directory: Path) -> list[dict]:
     if not any(r.get("malicious_count") not in (None, "", "0") for r in rows):
         return []
     axes = fields[1:fields.index("seeds")]
+    best = utility.headline({k.removesuffix("_mean"): (v or None) for k, v in r.items() if k.endswith("_mean")}
+                            for r in rows)
+    columns = ({best.key: best.short} if best else {}) | GRID_COLUMNS
     out = []
     for r in rows:
+        count = r["num_clients"] or "?"
         row = {"cell": r["variant"], **{a: r[a] for a in axes},
-               "malicious": f"{r['malicious_count']} of {r['num_clients']}", "seeds": r["seeds"]}
-        for key, head in GRID_COLUMNS.items():
+               "malicious": f"{r['malicious_count']} of {count}", "seeds": r["seeds"]}
+        for key, head in columns.items():
             if any(x.get(f"{key}_mean") for x in rows):
                 mean, std = r.get(f"{key}_mean"), r.get(f"{key}_std")
                 row[head] = f"{float(mean):.3f} ± {float(std):.3f}" if mean else None
@@ -310,11 +327,15 @@ def grid_findings(data: plots.AttackGrid | None) -> list[str]:
         return []
     top, out = data.fractions[-1], []
     for attack in data.attacks:
-        metric = TARGETED.get(attack, "final_accuracy")
+        metric = TARGETED.get(attack)
         if metric not in data.cells:
-            metric = "final_accuracy"
-        label = plots.METRIC_LABELS[metric]
-        worse_up = metric == "attack_success_rate"  # higher is the attacker's win
+            metric = next((m for m in data.metrics if m not in plots.GRID_METRICS), None)  # the headline
+        if metric is None:
+            continue
+        label = plots.label(metric)
+        # higher is the attacker's win for the backdoor's success, and a loss
+        worse_up = metric == "attack_success_rate" or (
+            metric not in plots.BOUNDED and utility.describe(metric).higher_is_better is False)
         scores = {d: (data.get(metric, attack, d, top), data.get(metric, attack, d, 0.0)) for d in data.defenses}
         scores = {d: (a.mean, c.mean) for d, (a, c) in scores.items() if a is not None and c is not None}
         if not scores:
@@ -357,6 +378,7 @@ def uncovered_rows(runs: list[RunFiles]) -> list[dict]:
         rows.append({"variant": run.variant, "seed": run.seed,
                      "epsilon": format_epsilon(run.privacy["epsilon"]) if run.privacy.get("certified") else None,
                      "local_only_accuracy": (hidden.get("local_only") or {}).get("mean_accuracy"),
+                     "local_only_loss": (hidden.get("local_only") or {}).get("mean_loss"),
                      "exposure": (final.get("memorization") or {}).get("exposure_mean"),
                      "extraction_rate": (final.get("memorization") or {}).get("extraction_rate"),
                      "mia_auc": (membership.get("loss") or {}).get("auc"),
@@ -384,8 +406,8 @@ def _uncovered_page(directory: Path, kind: str, runs: list[RunFiles], files: Pat
              Paragraph(HEADER + " Read from each DP run's " + UNCOVERED + "/ folder.", styles["body"])]
     if rows:
         write_csv(files / "not_covered_by_dp_guarantee.csv", rows)
-        columns = ["variant", "seed", "epsilon"] + [c for c in ("local_only_accuracy", "exposure", "extraction_rate",
-                                                                "mia_auc", "mia_reference_auc")
+        columns = ["variant", "seed", "epsilon"] + [c for c in ("local_only_accuracy", "local_only_loss", "exposure",
+                                                                "extraction_rate", "mia_auc", "mia_reference_auc")
                                                      if any(r[c] is not None for r in rows)]
         story.append(_table(rows, styles, columns, width=17.4 * cm))
     for name, fig in figures:
@@ -473,7 +495,8 @@ HEADERS = {"sample_rate": "q", "clip_norm": "C", "sigma": "sigma", "final_accura
            "certified": "certified", "algorithm": "algorithm"}
 
 
-def _table(rows: list[dict], styles, columns: list[str] | None = None, width: float | None = None):
+def _table(rows: list[dict], styles, columns: list[str] | None = None, width: float | None = None,
+           headers: dict[str, str] | None = None):
     from reportlab.lib import colors
     from reportlab.platypus import Paragraph, Table, TableStyle
 
@@ -484,7 +507,7 @@ def _table(rows: list[dict], styles, columns: list[str] | None = None, width: fl
         return _fmt(value)
 
     cells = [[show(c, r.get(c)) for c in columns] for r in rows]
-    heads = [HEADERS.get(c, c) for c in columns]
+    heads = [(headers or {}).get(c) or HEADERS.get(c, c) for c in columns]
     widths = None
     if width is not None:  # the longest word or value of each column, in points, + cell padding
         from reportlab.pdfbase.pdfmetrics import stringWidth
@@ -557,12 +580,15 @@ def build_report(directory: Path, out: Path | None = None, force: bool = False) 
         story += [Paragraph(sentence, styles["body"])
                   for sentence in grid_findings(plots.attack_grid_data(plots.sweep_rows(directory)))]
     story += [PageBreak(), Paragraph("Runs", styles["h"])]
+    head = utility.headline(table)
+    shown = [head.key, head.local_only, head.untuned] if head else []
+    headers = dict(zip(shown, (f"{w} {head.short}" for w in ("final", "local-only", "untuned")))) if head else {}
     columns = ["variant", "seed", "algorithm", "rounds", "privacy", "epsilon", "sigma", "clip_norm",
-               "sample_rate", "certified", "final_accuracy", "local_only_accuracy", "untuned_accuracy"]
-    if any(row["audit"] for row in table):  # room for them: the local-only column goes when empty
-        columns = [c for c in columns if c != "local_only_accuracy" or any(r[c] is not None for r in table)]
+               "sample_rate", "certified", *shown]
+    columns = [c for c in columns if not c.startswith("local_only") or any(r.get(c) is not None for r in table)]
+    if any(row["audit"] for row in table):
         columns += ["audit", "audit_bound"]
-    story.append(_table(table, styles, columns, width=17.4 * cm))
+    story.append(_table(table, styles, columns, width=17.4 * cm, headers=headers))
     benchmarks = benchmark_rows(runs)
     if benchmarks:
         write_csv(files / "benchmarks.csv", benchmarks)
@@ -581,6 +607,9 @@ def build_report(directory: Path, out: Path | None = None, force: bool = False) 
     figures = []
     if kind == "sweep":
         figures.append(("privacy_utility", plots.privacy_utility(directory)))
+        if head is not None and head.key != "final_loss":  # the loss always, beside the headline
+            figures.append(("privacy_utility_loss", plots.privacy_utility(directory, "final_loss")))
+        figures.append(("variants_by_round", plots.variant_curves(directory)))
         figures.append(("audit_bounds", plots.audit_bounds(directory)))
         figures.append(("attack_grid", plots.attack_grid(directory)))
         figures.append(("attack_fractions", plots.attack_fractions(directory)))

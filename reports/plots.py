@@ -8,13 +8,17 @@ no epsilon curve). Seeds are aggregated as mean and standard deviation. The
 figures are meant to survive black-and-white printing: curves differ by marker
 and line style as well as colour.
 
-    privacy_utility(sweep_dir)    epsilon (log) vs a utility metric, with the
-                                  non-private, local-only and untuned references
-                                  (metric="exposure" or "extraction_rate": the
-                                  canaries' memorization against epsilon)
+    privacy_utility(sweep_dir)    epsilon (log) vs a utility metric (default: the
+                                  sweep's headline, fedsec.utility: accuracy where the
+                                  data has closed answers, else the held-out loss),
+                                  with the non-private, local-only and untuned
+                                  references (metric="exposure" or "extraction_rate":
+                                  the canaries' memorization against epsilon)
     epsilon_over_rounds(run_dir)  epsilon spent after each round, per accountant
-    training_curves(run_dir)      global test accuracy and loss per round, and the
-                                  spread over clients' own test sets
+    training_curves(run_dir)      global test accuracy (where measured) and loss per
+                                  round, and the spread over clients' own test sets
+    variant_curves(sweep_dir)     a utility per round, one curve per variant (mean
+                                  and spread over seeds), all on one figure
     attack_grid(sweep_dir)        malicious-client grids: attack x defense heatmaps at
                                   the largest fraction of malicious clients
     attack_fractions(sweep_dir)   each metric over the fraction of malicious clients,
@@ -35,6 +39,7 @@ from pathlib import Path
 
 import matplotlib
 
+from fedsec import utility
 from fedsec.accountants import format_epsilon
 
 matplotlib.use("Agg")
@@ -49,8 +54,36 @@ METRIC_LABELS = {"final_accuracy": "global test accuracy", "preference_accuracy"
                  "exposure": "canary exposure (bits)", "extraction_rate": "canaries extracted",
                  "mia_auc": "membership inference AUC (loss)",
                  "mia_reference_auc": "membership inference AUC (reference-calibrated)"}
-# what a malicious-client grid shows, in this order, where the sweep measured it
-GRID_METRICS = ("final_accuracy", "refusal_rate", "attack_success_rate", "true_positive_rate")
+# what a malicious-client grid shows besides the sweep's headline utility, where measured
+GRID_METRICS = ("refusal_rate", "attack_success_rate", "true_positive_rate")
+BOUNDED = ("refusal_rate", "attack_success_rate", "clean_target_rate", "true_positive_rate",
+           "false_positive_rate", "extraction_rate", "mia_auc", "mia_reference_auc")
+
+
+def label(metric: str) -> str:
+    """A metric's axis label."""
+    if metric in METRIC_LABELS:
+        return METRIC_LABELS[metric]
+    try:
+        return utility.describe(metric).label
+    except KeyError:
+        return metric
+
+
+def bounded(metric: str) -> bool:
+    """Whether the metric is a share, drawn on a 0..1 axis."""
+    if metric in BOUNDED:
+        return True
+    try:
+        return utility.describe(metric).bounded
+    except KeyError:
+        return False
+
+
+def headline_metric(rows: list[dict]) -> str | None:
+    """The results column a sweep's figures speak of (fedsec.utility.headline)."""
+    best = utility.headline(rows)
+    return best.key if best else None
 
 
 def read_json(path: Path):
@@ -95,12 +128,14 @@ class PrivacyUtility:
     untuned: Stat | None
 
 
-def privacy_utility_data(rows: list[dict], metric: str = "final_accuracy") -> PrivacyUtility:
+def privacy_utility_data(rows: list[dict], metric: str | None = None) -> PrivacyUtility:
     """Certified DP runs become the curve; runs without privacy give the references.
+    `metric` defaults to the rows' headline utility.
 
     Runs marked not certified (no noise, SCAFFOLD) have no epsilon and are left out of
     the curve: fedsec never places a run at an epsilon it cannot prove.
     """
+    metric = metric or headline_metric(rows) or "final_loss"
     by_variant: dict[str, list[dict]] = {}
     for row in rows:
         by_variant.setdefault(row["variant"], []).append(row)
@@ -114,15 +149,20 @@ def privacy_utility_data(rows: list[dict], metric: str = "final_accuracy") -> Pr
         elif mine[0].get("certified") is None:
             plain.extend(mine)
     curve.sort(key=lambda c: c[1])
+    local = f"local_only_{metric.removeprefix('final_')}" if metric.startswith("final_") else None
     return PrivacyUtility(curve, aggregate(r.get(metric) for r in plain),
-                          aggregate(r.get("local_only_accuracy") for r in rows)
-                          if metric == "final_accuracy" else None,
+                          aggregate(r.get(local) for r in rows) if local else None,
                           aggregate(r.get(f"untuned_{metric.removeprefix('final_')}") for r in rows))
 
 
-def privacy_utility(sweep_dir: Path, metric: str = "final_accuracy", title: str | None = None):
-    """Epsilon (log scale) vs `metric`, mean and spread over seeds, with reference lines."""
-    data = privacy_utility_data(sweep_rows(sweep_dir), metric)
+def privacy_utility(sweep_dir: Path, metric: str | None = None, title: str | None = None):
+    """Epsilon (log scale) vs `metric` (default: the sweep's headline utility), mean and
+    spread over seeds, with reference lines."""
+    rows = sweep_rows(sweep_dir)
+    metric = metric or headline_metric(rows)
+    if metric is None:
+        return None
+    data = privacy_utility_data(rows, metric)
     if not data.curve:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -134,16 +174,16 @@ def privacy_utility(sweep_dir: Path, metric: str = "final_accuracy", title: str 
     refs = [(data.non_private, "non-private FL", "--", "tab:blue"),
             (data.local_only, "local-only", ":", "tab:orange"),
             (data.untuned, "untuned model", "-.", "tab:gray")]
-    for stat, label, style, color in refs:
+    for stat, name, style, color in refs:
         if stat is not None:
-            ax.axhline(stat.mean, linestyle=style, color=color, label=f"{label} ({stat.mean:.3f})")
+            ax.axhline(stat.mean, linestyle=style, color=color, label=f"{name} ({stat.mean:.3f})")
             if stat.std > 0:
                 ax.axhspan(stat.mean - stat.std, stat.mean + stat.std, color=color, alpha=0.12)
     ax.set_xscale("log")
     ax.set_xticks(eps, [format_epsilon(e) for e in eps])
     ax.minorticks_off()
     ax.set_xlabel("epsilon (log scale)")
-    ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+    ax.set_ylabel(label(metric))
     kind = "Memorization" if metric in ("exposure", "extraction_rate") else (
         "Membership inference" if metric.startswith("mia_") else "Privacy-utility")
     ax.set_title(f"{kind}: {title or Path(sweep_dir).name}")
@@ -194,10 +234,11 @@ class Curves:
     rounds: list[int]
     accuracy: list[float | None]
     loss: list[float | None]
-    client_rounds: list[int]
-    client_min: list[float]
+    client_rounds: list[int]  # rounds with clients' own test sets scored, and their spread:
+    client_min: list[float]  # of accuracy where measured, else of loss
     client_mean: list[float]
     client_max: list[float]
+    client_metric: str = "accuracy"
 
 
 def training_curve_data(run_dir: Path) -> Curves:
@@ -205,43 +246,112 @@ def training_curve_data(run_dir: Path) -> Curves:
     rounds = [r["round"] for r in rows]
     acc = [r["global_eval"].get("accuracy") for r in rows]
     loss = [r["global_eval"].get("loss") for r in rows]
+    per_round = [((r.get("client_eval") or {}).get("per_client") or {}) for r in rows]
+    key = "accuracy" if any(v.get("accuracy") is not None for per in per_round for v in per.values()) else "loss"
     c_rounds, c_min, c_mean, c_max = [], [], [], []
-    for r in rows:
-        per = (r.get("client_eval") or {}).get("per_client") or {}
-        accs = [v["accuracy"] for v in per.values() if v.get("accuracy") is not None]
-        if accs:
+    for r, per in zip(rows, per_round):
+        values = [v[key] for v in per.values() if v.get(key) is not None and math.isfinite(v[key])]
+        if values:
             c_rounds.append(r["round"])
-            c_min.append(min(accs))
-            c_mean.append(statistics.fmean(accs))
-            c_max.append(max(accs))
-    return Curves(rounds, acc, loss, c_rounds, c_min, c_mean, c_max)
+            c_min.append(min(values))
+            c_mean.append(statistics.fmean(values))
+            c_max.append(max(values))
+    return Curves(rounds, acc, loss, c_rounds, c_min, c_mean, c_max, key)
+
+
+def _loss_axis(ax, values: list[float]) -> None:
+    """Log scale where the values span more than a decade, with labelled ticks either way."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if finite and min(finite) > 0 and max(finite) / min(finite) > 10:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
+        ax.yaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2.0, 5.0)))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
 
 
 def training_curves(run_dir: Path):
+    """Accuracy (where the data has closed answers) and loss per round, the clients' own
+    test sets as a min-max band; a run without accuracy gets the loss panel alone."""
     data = training_curve_data(run_dir)
     if not data.rounds:
         return None
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5.5), sharex=True)
-    if any(a is not None for a in data.accuracy):
+    has_accuracy = any(a is not None for a in data.accuracy)
+    if has_accuracy:
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5.5), sharex=True)
+    else:
+        fig, bottom = plt.subplots(figsize=(6, 3.6))
+        top = bottom
+    if has_accuracy:
         top.plot(data.rounds, [math.nan if a is None else a for a in data.accuracy], marker="o",
                  color="black", label="global test set")
-    if data.client_rounds:
-        top.fill_between(data.client_rounds, data.client_min, data.client_max, color="tab:blue",
-                         alpha=0.2, label="clients' own test sets (min-max)")
-        top.plot(data.client_rounds, data.client_mean, marker="s", linestyle="--", color="tab:blue",
-                 label="clients' mean")
-    top.set_ylabel("accuracy")
-    top.grid(alpha=0.3)
-    top.legend(fontsize=8)
+        top.set_ylabel("accuracy")
+        top.grid(alpha=0.3)
     bottom.plot(data.rounds, [math.nan if v is None else v for v in data.loss], marker="o",
-                color="black")
-    bottom.set_yscale("log")
-    bottom.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
-    bottom.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    bottom.set_ylabel("global test loss (log)")
+                color="black", label="global test set")
+    if data.client_rounds:
+        band = top if data.client_metric == "accuracy" else bottom
+        band.fill_between(data.client_rounds, data.client_min, data.client_max, color="tab:blue",
+                          alpha=0.2, label="clients' own test sets (min-max)")
+        band.plot(data.client_rounds, data.client_mean, marker="s", linestyle="--", color="tab:blue",
+                  label="clients' mean")
+    if has_accuracy:
+        top.legend(fontsize=8)
+    elif data.client_rounds:
+        bottom.legend(fontsize=8)
+    _loss_axis(bottom, data.loss + (data.client_max if data.client_metric == "loss" else []))
+    bottom.set_ylabel("held-out loss (mean token NLL)")
     bottom.set_xlabel("round (0 = untuned model)")
+    bottom.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     bottom.grid(alpha=0.3)
     top.set_title(f"Training: {Path(run_dir).name}")
+    fig.tight_layout()
+    return fig
+
+
+def variant_curve_data(sweep_dir: Path, metric: str) -> dict[str, list[tuple[int, Stat]]]:
+    """variant -> [(round, the metric over its seeds)] from each run's metrics.jsonl."""
+    series: dict[str, dict[int, list[float]]] = {}
+    seen = set()
+    for row in sweep_rows(sweep_dir):
+        run = Path(sweep_dir) / Path(row["run_dir"]).name
+        if (row["variant"], run) in seen:
+            continue
+        seen.add((row["variant"], run))
+        for r in read_metrics(run):
+            if r.get("phase") == "federated" and r.get("global_eval"):
+                value = utility.evaluation_values(r["global_eval"]).get(metric)
+                if value is not None:
+                    series.setdefault(row["variant"], {}).setdefault(r["round"], []).append(value)
+    return {v: [(k, aggregate(vals)) for k, vals in sorted(by_round.items())] for v, by_round in series.items()}
+
+
+def variant_curves(sweep_dir: Path, metric: str | None = None):
+    """`metric` (default: the sweep's headline utility) per round, one curve per variant,
+    mean over seeds with a band of one standard deviation; None for fewer than 2 variants."""
+    metric = metric or headline_metric(sweep_rows(sweep_dir))
+    data = variant_curve_data(sweep_dir, metric) if metric else {}
+    if len(data) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, (variant, points) in enumerate(data.items()):
+        marker, style = STYLES[k % len(STYLES)]
+        rounds = [p[0] for p in points]
+        means = [p[1].mean for p in points]
+        color = colors[k % len(colors)]
+        ax.plot(rounds, means, marker=marker, linestyle=style, color=color, markersize=4,
+                label=f"{variant} ({max(p[1].n for p in points)} seed(s))")
+        if any(p[1].std > 0 for p in points):
+            ax.fill_between(rounds, [p[1].mean - p[1].std for p in points],
+                            [p[1].mean + p[1].std for p in points], color=color, alpha=0.12)
+    if not bounded(metric):
+        _loss_axis(ax, [p[1].mean for points in data.values() for p in points])
+    ax.set_xlabel("round (0 = untuned model)")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_ylabel(label(metric))
+    ax.set_title(f"{label(metric)} by round: {Path(sweep_dir).name}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 
@@ -255,6 +365,7 @@ class AttackGrid:
     defenses: list[str]
     fractions: list[float]  # of all clients, ascending, 0 first when the sweep has clean runs
     cells: dict[str, dict[tuple[str, str, float], Stat]]
+    metrics: tuple[str, ...] = ()  # the measured ones, the headline utility first
 
     def get(self, metric: str, attack: str, defense: str, fraction: float) -> Stat | None:
         return self.cells.get(metric, {}).get((attack, defense, fraction))
@@ -279,10 +390,12 @@ def attack_grid_data(rows: list[dict]) -> AttackGrid | None:
                 seen.add((key, r["seed"], r["run_dir"]))
                 groups.setdefault(key, []).append(r)
     cells = {}
-    for metric in GRID_METRICS:
+    head = headline_metric(rows)
+    for metric in ([head] if head else []) + list(GRID_METRICS):
         cells[metric] = {k: st for k, mine in groups.items() if (st := aggregate(r.get(metric) for r in mine))}
     fractions = sorted({k[2] for k in groups})
-    return AttackGrid(attacks, defenses, fractions, {m: c for m, c in cells.items() if c})
+    cells = {m: c for m, c in cells.items() if c}
+    return AttackGrid(attacks, defenses, fractions, cells, tuple(cells))
 
 
 def attack_grid(sweep_dir: Path):
@@ -292,26 +405,29 @@ def attack_grid(sweep_dir: Path):
     if data is None:
         return None
     top = data.fractions[-1]
-    metrics = [m for m in GRID_METRICS if m in data.cells]
+    metrics = list(data.metrics)
     clean = 0.0 in data.fractions
-    labels = (["no attack"] if clean else []) + data.attacks
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics) + 1, 0.5 * len(labels) + 2.2),
+    rows = (["no attack"] if clean else []) + data.attacks
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics) + 1, 0.5 * len(rows) + 2.2),
                              squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         grid = []
-        for label in labels:
-            attack, fraction = (data.attacks[0], 0.0) if label == "no attack" else (label, top)
+        for name in rows:
+            attack, fraction = (data.attacks[0], 0.0) if name == "no attack" else (name, top)
             grid.append([(st.mean if (st := data.get(metric, attack, d, fraction)) else math.nan)
                          for d in data.defenses])
-        image = ax.imshow(grid, cmap="Greys", vmin=0, vmax=1, aspect="auto")
+        finite = [v for row in grid for v in row if not math.isnan(v)]
+        low, high = (0.0, 1.0) if bounded(metric) else (min(finite), max(finite))
+        high = high if high > low else low + 1.0
+        image = ax.imshow(grid, cmap="Greys", vmin=low, vmax=high, aspect="auto")
         for i, row in enumerate(grid):
             for j, value in enumerate(row):
-                text = "-" if math.isnan(value) else f"{value:.2f}"
-                ax.text(j, i, text, ha="center", va="center", fontsize=8,
-                        color="white" if not math.isnan(value) and value > 0.55 else "black")
+                text = "-" if math.isnan(value) else (f"{value:.2f}" if bounded(metric) else f"{value:.3g}")
+                dark = not math.isnan(value) and (value - low) / (high - low) > 0.55
+                ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if dark else "black")
         ax.set_xticks(range(len(data.defenses)), data.defenses, rotation=30, ha="right", fontsize=8)
-        ax.set_yticks(range(len(labels)), labels, fontsize=8)
-        ax.set_title(METRIC_LABELS.get(metric, metric), fontsize=9)
+        ax.set_yticks(range(len(rows)), rows, fontsize=8)
+        ax.set_title(label(metric), fontsize=9)
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     fig.suptitle(f"{Path(sweep_dir).name}: attack x defense at {top:.0%} malicious clients", fontsize=10)
     fig.tight_layout()
@@ -319,13 +435,13 @@ def attack_grid(sweep_dir: Path):
 
 
 def attack_fractions(sweep_dir: Path, metric: str | None = None):
-    """The metric (default: the first the sweep measured of accuracy, harmless rate, attack
-    success) over the fraction of malicious clients; one panel per attack, one curve per
+    """The metric (default: the headline utility, the harmless rate and the attack success,
+    where measured) over the fraction of malicious clients; one panel per attack, one curve per
     defense, mean and standard deviation over seeds."""
     data = attack_grid_data(sweep_rows(sweep_dir))
     if data is None or len(data.fractions) < 2:
         return None
-    metrics = [metric] if metric else [m for m in GRID_METRICS[:3] if m in data.cells]
+    metrics = [metric] if metric else [m for m in data.metrics if m != "true_positive_rate"]
     fig, axes = plt.subplots(len(metrics), len(data.attacks), figsize=(3.2 * len(data.attacks) + 0.6,
                                                                       2.6 * len(metrics) + 0.6),
                              squeeze=False, sharex=True)
@@ -340,12 +456,13 @@ def attack_fractions(sweep_dir: Path, metric: str | None = None):
                 ax.errorbar([100 * f for f, _ in points], [st.mean for _, st in points],
                             yerr=[st.std for _, st in points], marker=marker, linestyle=style,
                             capsize=3, label=defense)
-            ax.set_ylim(-0.05, 1.05)
+            if bounded(m):
+                ax.set_ylim(-0.05, 1.05)
             ax.grid(alpha=0.3)
             if i == 0:
                 ax.set_title(attack, fontsize=9)
             if j == 0:
-                ax.set_ylabel(METRIC_LABELS.get(m, m), fontsize=8)
+                ax.set_ylabel(label(m), fontsize=8)
             if i == len(metrics) - 1:
                 ax.set_xlabel("malicious clients (%)", fontsize=8)
     axes[0][-1].legend(fontsize=7)

@@ -131,10 +131,26 @@ def test_dirichlet_partition_of_a_file_by_label(tmp_path):
 
 def test_missing_column_is_a_config_error(tmp_path):
     path = tmp_path / "d.jsonl"
-    _write_rows(path, [{"question": "q", "answer": "a"}] * 3)
+    _write_rows(path, [{"q": "q", "a": "a"}] * 3)  # no layout fedsec reads without data.fields
     cfg = from_mapping(DataConfig, {"source": str(path)})
     with pytest.raises(ConfigError, match="no such column"):
         build_federated_data(cfg, seed=0)
+
+
+@pytest.mark.parametrize("row, prompt, response, system", [
+    ({"instruction": "Sum", "input": "2 and 3", "output": "5"}, "Sum\n\n2 and 3", "5", None),  # Alpaca
+    ({"instruction": "Sum", "input": "", "output": "5"}, "Sum", "5", None),  # an empty input adds nothing
+    ({"instruction": "Sum", "response": "5", "system": "Be brief."}, "Sum", "5", "Be brief."),  # FedLLM-Bench
+    ({"prompt": "Sum", "completion": "5"}, "Sum", "5", None),
+    ({"question": "Sum", "answer": "5"}, "Sum", "5", None),
+    ({"prompt": "Sum", "response": "5", "instruction": "ignored"}, "Sum", "5", None),  # the first layout wins
+])
+def test_common_column_layouts_are_read_without_a_field_map(tmp_path, row, prompt, response, system):
+    path = tmp_path / "d.jsonl"
+    _write_rows(path, [row] * 4)
+    cfg = {"source": str(path), "partition": {"scheme": "iid", "num_clients": 1}}
+    example = build_federated_data(from_mapping(DataConfig, cfg), seed=0).global_test[0]
+    assert (example.prompt, example.response, example.system) == (prompt, response, system)
 
 
 def test_chat_messages_mapping(tmp_path):

@@ -106,7 +106,7 @@ def test_report_pdf_holds_the_summary_tables_and_figures(sweep, tmp_path, capsys
     assert "1.997" in text and "3.994" in text  # the ledger: epsilon after rounds 1, 2 (rounded up)
     figures = sorted(p.name for p in (out.parent / "report_files").glob("*.png"))
     assert figures == ["epsilon_eps4.png", "privacy_utility.png", "training_eps4.png",
-                       "training_epsinf.png", "training_non-private.png"]
+                       "training_epsinf.png", "training_non-private.png", "variants_by_round.png"]
     assert all((out.parent / "report_files" / f.replace(".png", ".svg")).is_file() for f in figures)
     assert len(pypdf.PdfReader(str(out)).pages) >= 5
     # never overwritten without --force
@@ -233,11 +233,12 @@ def test_a_dp_runs_uncovered_measurements_are_on_their_own_labelled_page(tmp_pat
     _write_run(run, 0, 0.6, privacy=_privacy(3.9931, 1.1), ledger=_ledger(3.9931))
     (run / UNCOVERED).mkdir()
     (run / UNCOVERED / "result.json").write_text(json.dumps({
-        "local_only": {"mean_accuracy": 0.4321, "per_client": {}},
+        "local_only": {"mean_accuracy": 0.4321, "mean_loss": 1.2345, "per_client": {}},
         "membership": {"loss": {"auc": 0.5432}, "reference": {"auc": 0.6543}},
         "final": {"memorization": {"exposure_mean": 7.25, "extraction_rate": 0.125}}}))
     assert uncovered_rows(collect(run)[1]) == [
-        {"variant": "dp", "seed": 0, "epsilon": "4.00", "local_only_accuracy": 0.4321, "exposure": 7.25,
+        {"variant": "dp", "seed": 0, "epsilon": "4.00", "local_only_accuracy": 0.4321, "local_only_loss": 1.2345,
+         "exposure": 7.25,
          "extraction_rate": 0.125, "mia_auc": 0.5432, "mia_reference_auc": 0.6543}]
     out = build_report(run)
     reader = pypdf.PdfReader(str(out))

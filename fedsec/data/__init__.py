@@ -13,6 +13,8 @@ from fedsec.config import DataConfig
 from fedsec.data import partition
 from fedsec.data.benchmark import make_benchmark
 from fedsec.data.loaders import (
+    KNOWN_DATASETS,
+    infer_fields,
     read_records,
     spec_for,
     to_preference_examples,
@@ -37,6 +39,10 @@ def build_federated_data(cfg: DataConfig, seed: int, task: str = "sft") -> Feder
     rows = read_records(cfg.source, cfg.split if cfg.split != "train" else spec.split)
     if cfg.max_examples is not None:
         rows = rows[: cfg.max_examples]
+    if kind == "instruction" and not cfg.fields and cfg.source not in KNOWN_DATASETS and rows:
+        inferred = infer_fields(rows[0])  # Alpaca's instruction/input/output and the other common layouts
+        if inferred is not None:
+            spec = spec_for(cfg.source, kind, inferred)
     examples = to_preference_examples(rows, spec) if task == "dpo" else to_sft_examples(rows, spec)
     if len(examples) < 2:
         raise ConfigError("data.source", cfg.source, f"has {len(examples)} usable examples; need >= 2")

@@ -207,6 +207,30 @@ def _read_hub(name: str, split: str) -> list[dict[str, Any]]:
 # Mapping rows to the schema.
 
 
+# The column layouts a file of instruction data is read by when data.fields is not
+# given: the first whose columns the first record has wins (docs/configuration.md).
+LAYOUTS = (
+    ("prompt/response", {"prompt": "prompt", "response": "response"}),
+    ("Alpaca", {"instruction": "instruction", "input": "input", "response": "output"}),
+    ("FedLLM-Bench", {"instruction": "instruction", "response": "response"}),
+    ("prompt/completion", {"prompt": "prompt", "response": "completion"}),
+    ("question/answer", {"prompt": "question", "response": "answer"}),
+    ("chat messages", {"messages": "messages"}),
+)
+OPTIONAL = ("input", "system")  # read where present
+
+
+def infer_fields(row: Mapping[str, Any]) -> dict[str, str] | None:
+    """The field map of the first layout (LAYOUTS) the record fits, None if none does."""
+    for _, layout in LAYOUTS:
+        if all(column in row for key, column in layout.items() if key not in OPTIONAL):
+            mapping = {k: c for k, c in layout.items() if k not in OPTIONAL or c in row}
+            if "system" in row and "messages" not in mapping:
+                mapping["system"] = "system"
+            return mapping
+    return None
+
+
 def spec_for(source: str, task: str, fields: Mapping[str, str]) -> DatasetSpec:
     """The known spec for a dataset name, or one built from the config's field map."""
     known = KNOWN_DATASETS.get(source)

@@ -1,0 +1,100 @@
+"""A researcher's own free-text data end to end: a DP sweep and a malicious-client grid
+over a small generated instruction file (natural split by user, no closed answers, so
+no accuracy), and what their tables, figures and report make of it."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pypdf
+import pytest
+import yaml
+from conftest import TINY
+
+from fedsec.reports import plots
+from fedsec.reports.pdf import build_report
+from fedsec.sweep import run_sweep, summary_table
+
+USERS = ("ana", "ben", "chen", "dara", "eli", "fay")
+TOPICS = ("a recipe", "a poem", "a letter", "a summary")
+
+
+@pytest.fixture(scope="module")
+def instruction_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("own") / "instructions.jsonl"
+    rows = [{"instruction": f"Write {TOPICS[k % 4]} about item {k}.", "input": "",
+             "output": f"Here is {TOPICS[k % 4]} about item {k}: it is short and plain.", "user": USERS[k % 6]}
+            for k in range(72)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _base(path) -> dict:
+    return {**{k: v for k, v in TINY.items() if k != "data"},
+            "data": {"source": str(path), "partition": {"scheme": "natural", "by": "user"},
+                     "test_fraction": 0.2, "client_test_fraction": 0.0, "max_length": 96},
+            "federation": {"rounds": 2, "clients_per_round": 6, "local_only_clients": 0},
+            "training": {**TINY["training"], "local_steps": 1}, "eval": {"clients": False}}
+
+
+def _pdf_text(path) -> str:
+    return " ".join(" ".join(page.extract_text().split()) for page in pypdf.PdfReader(str(path)).pages)
+
+
+def test_a_dp_sweep_on_free_text_reports_the_loss(tmp_path, instruction_file):
+    base = {**_base(instruction_file), "privacy": {"delta": 1e-3, "clip_norm": 0.05}}
+    base["federation"] = {**base["federation"], "clients_per_round": 3, "sampling": "poisson"}
+    spec = tmp_path / "dp.yaml"
+    spec.write_text(yaml.safe_dump({"name": "own_dp", "base": base, "seeds": [0, 1],
+                                    "output_dir": str(tmp_path / "runs"), "variants": {"non-private": []},
+                                    "epsilons": [20]}, sort_keys=False))
+    root = run_sweep(spec, progress=False, log=lambda _: None)
+    rows = list(csv.DictReader((root / "results.csv").open()))
+    assert all(r["final_accuracy"] == "" for r in rows)  # free text: nothing to be accurate about
+    for r in rows:  # the loss and its perplexity, final and untuned, in every row
+        assert math.isclose(float(r["final_perplexity"]), math.exp(float(r["final_loss"])), rel_tol=1e-9)
+        assert math.isclose(float(r["untuned_perplexity"]), math.exp(float(r["untuned_loss"])), rel_tol=1e-9)
+    summary = {r["variant"]: r for r in csv.DictReader((root / "summary.csv").open())}
+    losses = [float(r["final_loss"]) for r in rows if r["variant"] == "non-private"]
+    assert math.isclose(float(summary["non-private"]["final_loss_mean"]), sum(losses) / 2, rel_tol=1e-12)
+    table = summary_table(root)
+    assert "held-out loss" in table and "perplexity" in table and "accuracy" not in table
+    assert plots.headline_metric(plots.sweep_rows(root)) == "final_loss"
+    data = plots.privacy_utility_data(plots.sweep_rows(root))
+    assert [c[0] for c in data.curve] == ["eps20"] and data.untuned is not None
+    assert data.non_private.mean == pytest.approx(sum(losses) / 2)
+    assert plots.privacy_utility(root) is not None
+    rounds = plots.variant_curve_data(root, "final_loss")
+    assert list(rounds) == ["non-private", "eps20"] and [k for k, _ in rounds["eps20"]] == [0, 1, 2]
+    report = build_report(root, tmp_path / "dp.pdf")
+    text = _pdf_text(report)
+    assert "held-out loss values are means over seeds" in text and "At epsilon" in text
+    assert "accura" not in text.lower()  # no sentence, header or axis speaks of accuracy
+    files = {p.name for p in (tmp_path / "dp_files").glob("*.png")}
+    assert {"privacy_utility.png", "variants_by_round.png"} <= files
+
+
+def test_a_malicious_grid_on_free_text_draws_its_heatmaps_with_the_true_client_count(tmp_path, instruction_file):
+    grid = {"attack": {"gaussian": ["attack.kind=gaussian", "attack.params={std: 1}"]},
+            "fraction": {"0": ["attack.kind=none", "attack.fraction=0", "attack.params={}"],
+                         "0.34": ["attack.fraction=0.34"]},
+            "defense": {"mean": ["defense.aggregator=mean"], "median": ["defense.aggregator=median"]}}
+    spec = tmp_path / "grid.yaml"
+    spec.write_text(yaml.safe_dump({"name": "own_grid", "base": _base(instruction_file), "seeds": [0],
+                                    "output_dir": str(tmp_path / "runs"), "grid": grid}, sort_keys=False))
+    root = run_sweep(spec, progress=False, log=lambda _: None)
+    rows = plots.sweep_rows(root)
+    assert {r["num_clients"] for r in rows} == {6}  # from the run's federation.json, not the benchmark
+    data = plots.attack_grid_data(rows)
+    assert data.fractions == [0.0, pytest.approx(2 / 6)] and data.metrics[0] == "final_loss"
+    attacked = next(r for r in rows if r["variant"] == "gaussian-0.34-mean")
+    assert data.get("final_loss", "gaussian", "mean", data.fractions[1]).mean == attacked["final_loss"]
+    assert plots.attack_grid(root) is not None and plots.attack_fractions(root) is not None
+    report = build_report(root, tmp_path / "grid.pdf")
+    text = _pdf_text(report)
+    assert "2 of 6" in text and "gaussian at 33% malicious clients: held-out loss" in text
+    assert "accura" not in text.lower()
+    grid_csv = list(csv.DictReader((tmp_path / "grid_files" / "grid.csv").open()))
+    assert "loss" in grid_csv[0] and grid_csv[0]["malicious"] == "0 of 6"
