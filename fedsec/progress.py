@@ -30,3 +30,9 @@ def bar(total: int, desc: str, unit: str) -> tqdm:
     """A bar of `total` `unit`s, or a silent one when progress is off or the step is tiny."""
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=False,
                 disable=not _SHOW.get() or total < 2 or not sys.stderr.isatty())
+
+
+def note(text: str) -> None:
+    """One line on stderr while progress is shown (a run's setup facts: what a cache holds)."""
+    if _SHOW.get():
+        print(text, file=sys.stderr)

@@ -83,6 +83,7 @@ def test_setup_shows_its_progress_with_counts_only_when_the_run_does(tmp_path, c
     from fedsec.loop import run_experiment
 
     monkeypatch.setattr(fedsec.prefix, "_MEMO", {})  # states earlier tests computed in this process
+    monkeypatch.setattr(fedsec.prefix, "prefix_cache_dir", lambda: tmp_path / "prefix")  # and stored
     import sys
 
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # as on a terminal (bars go to terminals only)
@@ -100,3 +101,58 @@ def test_setup_shows_its_progress_with_counts_only_when_the_run_does(tmp_path, c
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)  # into a file or pipe: no bar, the error stays one line
     run_experiment(cfg, out=tmp_path / "piped", progress=True, log=lambda _: None)
     assert "tokenizing" not in capsys.readouterr().err
+
+
+def test_the_prefix_cache_on_disk_is_reused_by_a_later_run_and_keyed_by_what_the_states_depend_on(
+        tmp_path, capsys, monkeypatch):
+    import fedsec.prefix
+    from fedsec import progress
+    from fedsec.setup import prepare
+
+    monkeypatch.setattr(fedsec.prefix, "prefix_cache_dir", lambda: tmp_path / "prefix")
+    calls = []
+    computed = fedsec.prefix.prefix_states
+    monkeypatch.setattr(fedsec.prefix, "prefix_states", lambda *a, **k: calls.append(len(a[1])) or computed(*a, **k))
+    cfg = tiny_config(tmp_path, lora={"cache_frozen_layers": True, "top_layers": 1},
+                      federation={"rounds": 1, "clients_per_round": 2})
+    monkeypatch.setattr(fedsec.prefix, "_MEMO", {})
+    with progress.showing(True):
+        first = prepare(cfg)
+    assert calls and "cached in" in capsys.readouterr().err
+    stored = sorted((tmp_path / "prefix").glob("*.pt"))
+    assert len(stored) == len(calls)  # one file per collection: training items, each evaluation set
+    monkeypatch.setattr(fedsec.prefix, "_MEMO", {})  # a new process: only the disk remains
+    calls.clear()
+    with progress.showing(True):
+        second = prepare(cfg)
+    err = capsys.readouterr().err
+    assert calls == [] and "read from" in err and "KiB" in err  # the setup skipped the prefix pass
+    for a, b in zip(first.train_sets[0], second.train_sets[0]):
+        assert torch.equal(a.hidden, b.hidden) and a.hidden_layer == b.hidden_layer == 1
+    # another template changes the token ids, another first layer the states: new entries
+    monkeypatch.setattr(fedsec.prefix, "_MEMO", {})
+    prepare(tiny_config(tmp_path, lora={"cache_frozen_layers": True, "top_layers": 1},
+                        data={"template": "alpaca", "max_length": 400},
+                        federation={"rounds": 1, "clients_per_round": 2}))
+    assert calls and len(list((tmp_path / "prefix").glob("*.pt"))) == 2 * len(stored)
+    # a damaged entry is computed again and replaced, not trusted
+    stored[0].write_bytes(b"not a tensor file")
+    monkeypatch.setattr(fedsec.prefix, "_MEMO", {})
+    calls.clear()
+    with progress.showing(True):
+        prepare(cfg)
+    assert len(calls) == 1 and "unreadable" in capsys.readouterr().err
+    assert torch.load(stored[0], weights_only=True)[0].shape[-1] == first.train_sets[0][0].hidden.shape[-1]
+
+
+def test_the_frozen_fingerprint_follows_the_weights_not_the_name(tmp_path):
+    from fedsec.models import load_base_model
+    from fedsec.prefix import frozen_fingerprint
+
+    cfg = tiny_config(tmp_path)
+    model, _ = load_base_model(cfg.model)
+    again, _ = load_base_model(cfg.model)
+    assert frozen_fingerprint(model, 1) == frozen_fingerprint(again, 1) != frozen_fingerprint(model, 2)
+    with torch.no_grad():
+        again.get_decoder().layers[0].mlp.up_proj.weight[0, 0] += 1e-3
+    assert frozen_fingerprint(again, 2) != frozen_fingerprint(model, 2)  # one weight below layer 2 moved
