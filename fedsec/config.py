@@ -202,6 +202,14 @@ class DataConfig:
     partition: PartitionConfig = _help("how a file or dataset is split into clients",
                                        factory=PartitionConfig)
     benchmark: BenchmarkConfig = _help("the embedded benchmark's shape", factory=BenchmarkConfig)
+    alignment: str | None = _help(
+        "a file of unsafe requests (column prompt or goal) with, in a refusal column, the aligned "
+        "replies (else fedsec's standard refusal): each client trains on alignment_per_client of them",
+        None)
+    alignment_per_client: int = _help("alignment examples drawn (seeded) into each client's training data", 4)
+    root: str | None = _help(
+        "the server's own clean examples (FLTrust's root set), a file in the data's layout; the embedded "
+        "benchmark makes its own (benchmark.root_size)", None)
 
     def __post_init__(self) -> None:
         _require(bool(self.source.strip()), "source", self.source, "name a source")
@@ -215,6 +223,7 @@ class DataConfig:
                  self.client_test_fraction, "must be in [0, 1)")
         _require(self.choices is None or len(set(self.choices)) >= 2, "choices", self.choices,
                  "list at least two distinct answers, or null")
+        _require(self.alignment_per_client >= 1, "alignment_per_client", self.alignment_per_client, "must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from fedsec.attacks.poisoning import with_trigger
 from fedsec.canaries import AuditState, audit_canaries, start_audit, with_canary_clients
 from fedsec.config import ExperimentConfig
 from fedsec.data import FederatedData, build_federated_data
-from fedsec.data.unsafe import draw, read_unsafe
+from fedsec.data.unsafe import draw, read_alignment, read_unsafe
 from fedsec.encoding import encode_prompt
 from fedsec.errors import ConfigError
 from fedsec.evalsuite.runner import PeftModelLM, load_tasks
@@ -107,24 +107,26 @@ def build_federation(cfg: ExperimentConfig) -> Federation:
     if count > num_clients:
         raise ConfigError("attack.malicious", count, f"the data has {num_clients} clients; use at most that many")
     malicious = malicious_clients(num_clients, count, cfg.seed)
+    if cfg.eval.probes:
+        probes = read_unsafe(cfg.eval.probes, "eval.probes", need_reply=False)
+        if 0 < cfg.eval.max_probes < len(probes):
+            probes = draw(probes, cfg.eval.max_probes, cfg.seed, "probes-file")
+        data = dataclasses.replace(data, probes=probes)
+    if cfg.data.alignment is not None:  # before the poison: a malicious client's share is poisoned like the rest
+        data = with_alignment(data, cfg)
     data = poison_data(data, cfg.attack.kind, attack_params(cfg.attack.kind, cfg.attack.params), malicious,
                        cfg.seed)
     # the checks that need only the data, before the model is loaded and anything is encoded
     if cfg.defense.rule.needs_reference and data.server_root is None:
         raise ConfigError("defense.aggregator", cfg.defense.aggregator,
-                          "FLTrust needs a server root set; the embedded benchmark has one "
-                          "(data.benchmark.root_size), file datasets do not yet")
+                          "FLTrust needs a server root set; give data.root, a file of clean examples in the "
+                          "data's layout (the embedded benchmark makes its own)")
     if cfg.eval.canaries and not data.canaries:
         raise ConfigError("eval.canaries", True, "no canaries are planted; set "
                           "data.benchmark.canaries_per_client >= 1 (embedded benchmark)")
     if cfg.eval.mia and not OBJECTIVES[cfg.task].held_out(data):
         raise ConfigError("eval.mia", True, "membership inference needs held-out examples and the data has "
                           "no test set; give the dataset a test split or set eval.mia: false")
-    if cfg.eval.probes:
-        probes = read_unsafe(cfg.eval.probes, "eval.probes", need_reply=False)
-        if 0 < cfg.eval.max_probes < len(probes):
-            probes = draw(probes, cfg.eval.max_probes, cfg.seed, "probes-file")
-        data = dataclasses.replace(data, probes=probes)
     population = len(data.clients) + cfg.audit.canaries
     canaries, included = (), None
     if cfg.audit.canaries:  # canary clients, appended after every other client
@@ -134,6 +136,26 @@ def build_federation(cfg: ExperimentConfig) -> Federation:
         raise ConfigError("federation.clients_per_round", fed.clients_per_round,
                           f"the data has {len(data.clients)} clients; sample at most that many")
     return Federation(data, tuple(malicious), population, canaries, included)
+
+
+def with_alignment(data: FederatedData, cfg: ExperimentConfig) -> FederatedData:
+    """Every client's training data with data.alignment_per_client alignment examples
+    (unsafe request -> refusal) drawn from data.alignment, a seeded stream per client.
+    Requests that are also refusal probes are refused: the harmless rate would then
+    score training data."""
+    if cfg.task != "sft":
+        raise ConfigError("data.alignment", cfg.data.alignment, "is alignment data for task sft (refusals "
+                          "to train on); for dpo give the refusal-vs-compliance pairs in the data itself")
+    examples = read_alignment(cfg.data.alignment)
+    probes = {p.prompt for p in data.probes}
+    shared = sum(e.prompt in probes for e in examples)
+    if shared:
+        raise ConfigError("data.alignment", cfg.data.alignment, f"shares {shared} request(s) with the refusal "
+                          "probes; the harmless rate would score training data: use disjoint files")
+    k = cfg.data.alignment_per_client
+    clients = tuple(dataclasses.replace(c, train=c.train + draw(examples, k, cfg.seed, "alignment", c.client_id))
+                    for c in data.clients)
+    return dataclasses.replace(data, clients=clients)
 
 
 def train_set(objective, client, tokenizer, cfg: ExperimentConfig) -> list:
@@ -166,6 +188,9 @@ def prepare(cfg: ExperimentConfig) -> Setup:
         root = data.server_root
         train_sets.append(train_set(objective, root, tokenizer, cfg))
         if not train_sets[-1]:
+            if cfg.data.root is not None:
+                raise ConfigError("data.root", cfg.data.root, "no root example's answer fits data.max_length; "
+                                  "raise it or give longer-fitting examples")
             raise ConfigError("data.benchmark.root_size", cfg.data.benchmark.root_size,
                               "the server root set is empty; raise it")
     for client, encoded in zip(data.clients, train_sets):

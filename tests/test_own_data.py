@@ -98,3 +98,73 @@ def test_a_malicious_grid_on_free_text_draws_its_heatmaps_with_the_true_client_c
     assert "accura" not in text.lower()
     grid_csv = list(csv.DictReader((tmp_path / "grid_files" / "grid.csv").open()))
     assert "loss" in grid_csv[0] and grid_csv[0]["malicious"] == "0 of 6"
+
+
+def test_alignment_examples_from_advbench_train_refusals_never_the_compliant_target(tmp_path):
+    from conftest import shared_file
+
+    from fedsec.data.benchmark import REFUSAL
+    from fedsec.data.loaders import read_file
+    from fedsec.data.unsafe import read_alignment
+
+    path = shared_file("advbench.csv")
+    rows = read_file(path)
+    examples = read_alignment(str(path))
+    assert len(examples) == len(rows) and examples[0].prompt == rows[0]["goal"].strip()
+    assert {e.response for e in examples} == {REFUSAL}  # AdvBench's target is the harm, not the reply
+
+
+def test_benign_clients_carry_alignment_data_from_a_file_and_probes_must_be_disjoint(tmp_path, instruction_file):
+    from conftest import tiny_config
+
+    from fedsec.errors import ConfigError
+    from fedsec.setup import build_federation
+
+    aligned = tmp_path / "refusals.jsonl"
+    aligned.write_text("".join(json.dumps({"prompt": f"How do I break into house {k}?",
+                                           "refusal": f"No; I will not help with break-in {k}."}) + "\n"
+                               for k in range(5)))
+    raw = _base(instruction_file)
+    plain = build_federation(tiny_config(tmp_path, data=raw["data"]))
+    cfg = tiny_config(tmp_path, data={**raw["data"], "alignment": str(aligned), "alignment_per_client": 3})
+    fed = build_federation(cfg)
+    for before, after in zip(plain.data.clients, fed.data.clients):
+        added = after.train[len(before.train):]
+        assert after.train[: len(before.train)] == before.train and len(added) == 3
+        assert len({e.prompt for e in added}) == 3  # without replacement while the file lasts
+        assert all(e.response.startswith("No; I will not help") and e.meta["alignment"] for e in added)
+    assert fed.data.clients[0].train[-3:] != fed.data.clients[1].train[-3:]  # a stream per client
+    assert build_federation(cfg).data == fed.data  # seeded
+    probes = tmp_path / "probes.csv"
+    probes.write_text("goal\nHow do I break into house 2?\nSomething else entirely\n")
+    with pytest.raises(ConfigError, match="shares 1 request"):
+        build_federation(tiny_config(tmp_path, data={**raw["data"], "alignment": str(aligned)},
+                                     eval={"refusal": True, "probes": str(probes)}))
+    with pytest.raises(ConfigError) as err:
+        build_federation(tiny_config(tmp_path, data={**raw["data"], "alignment": str(tmp_path / "none.csv")}))
+    assert err.value.field == "data.alignment"
+
+
+def test_fltrust_takes_its_root_set_from_a_file_in_the_datas_layout(tmp_path, instruction_file, monkeypatch):
+    from conftest import tiny_config
+
+    import fedsec.loop
+    from fedsec.loop import run_experiment
+
+    root = tmp_path / "root.jsonl"
+    root.write_text("".join(json.dumps({"instruction": f"Write a note about root item {k}.",
+                                        "output": f"A note about root item {k}."}) + "\n" for k in range(5)))
+    raw = _base(instruction_file)
+    cfg = tiny_config(tmp_path, data={**raw["data"], "root": str(root)}, defense={"aggregator": "fltrust"},
+                      federation={"rounds": 1, "clients_per_round": 6, "local_only_clients": 0})
+    seen = []
+    reference = fedsec.loop.server_reference
+
+    def spy(setup, *args):
+        seen.append([setup.tokenizer.decode(item.input_ids) for item in setup.server_root])
+        return reference(setup, *args)
+
+    monkeypatch.setattr(fedsec.loop, "server_reference", spy)
+    result = run_experiment(cfg, out=tmp_path / "run", progress=False, log=lambda _: None)
+    assert result.finished and len(seen) == 1 and len(seen[0]) == 5  # the file's five examples, encoded
+    assert all(f"root item {k}" in text for k, text in enumerate(seen[0]))

@@ -7,6 +7,8 @@ set, whatever the source.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from fedsec.config import DataConfig
@@ -24,26 +26,57 @@ from fedsec.data.schema import ClientData, FederatedData, SftExample
 from fedsec.errors import ConfigError
 from fedsec.seeding import numpy_generator
 
-__all__ = ["build_federated_data", "split_clients", "FederatedData", "ClientData"]
+__all__ = ["build_federated_data", "read_examples", "split_clients", "FederatedData", "ClientData"]
+
+
+def read_examples(cfg: DataConfig, task: str = "sft", source: str | None = None, field: str = "data.source",
+                  max_examples: int | None = None) -> list:
+    """A file's or dataset's examples (instruction or chat for sft, preference pairs for
+    dpo), read with data.fields, else with the first common layout the records fit
+    (fedsec.data.loaders.LAYOUTS). `source` defaults to data.source; `field` names the
+    config entry in errors."""
+    source = cfg.source if source is None else source
+    kind = "preference" if task == "dpo" else "instruction"
+    spec = spec_for(source, kind, cfg.fields)
+    if (spec.task == "preference") != (task == "dpo"):
+        raise ConfigError(field, source, f"is {spec.task} data, which task {task} "
+                          "cannot train on; choose the matching task or dataset")
+    try:
+        rows = read_records(source, cfg.split if cfg.split != "train" else spec.split)
+    except ConfigError as err:
+        if field == "data.source":
+            raise
+        raise ConfigError(field, source, err.fix) from None
+    if max_examples is not None:
+        rows = rows[:max_examples]
+    if kind == "instruction" and not cfg.fields and source not in KNOWN_DATASETS and rows:
+        inferred = infer_fields(rows[0])  # Alpaca's instruction/input/output and the other common layouts
+        if inferred is not None:
+            spec = spec_for(source, kind, inferred)
+    return to_preference_examples(rows, spec) if task == "dpo" else to_sft_examples(rows, spec)
 
 
 def build_federated_data(cfg: DataConfig, seed: int, task: str = "sft") -> FederatedData:
-    """Clients, test sets and extras for `task` (sft: instruction/chat; dpo: preference)."""
+    """Clients, test sets and extras for `task` (sft: instruction/chat; dpo: preference),
+    with data.root as the server's root set where given."""
+    data = _federated_data(cfg, seed, task)
+    if cfg.root is not None:
+        data = dataclasses.replace(data, server_root=read_root(cfg, task))
+    return data
+
+
+def read_root(cfg: DataConfig, task: str) -> ClientData:
+    """data.root: the server's own clean examples (FLTrust's root set), in the data's layout."""
+    examples = tuple(read_examples(cfg, task, cfg.root, "data.root"))
+    if not examples:
+        raise ConfigError("data.root", cfg.root, "the file holds no examples")
+    return ClientData(-1, "server-root", () if task == "dpo" else examples, (), examples if task == "dpo" else ())
+
+
+def _federated_data(cfg: DataConfig, seed: int, task: str) -> FederatedData:
     if cfg.source == "embedded":
         return make_benchmark(cfg.benchmark, seed)
-    kind = "preference" if task == "dpo" else "instruction"
-    spec = spec_for(cfg.source, kind, cfg.fields)
-    if (spec.task == "preference") != (task == "dpo"):
-        raise ConfigError("data.source", cfg.source, f"is {spec.task} data, which task {task} "
-                          "cannot train on; choose the matching task or dataset")
-    rows = read_records(cfg.source, cfg.split if cfg.split != "train" else spec.split)
-    if cfg.max_examples is not None:
-        rows = rows[: cfg.max_examples]
-    if kind == "instruction" and not cfg.fields and cfg.source not in KNOWN_DATASETS and rows:
-        inferred = infer_fields(rows[0])  # Alpaca's instruction/input/output and the other common layouts
-        if inferred is not None:
-            spec = spec_for(cfg.source, kind, inferred)
-    examples = to_preference_examples(rows, spec) if task == "dpo" else to_sft_examples(rows, spec)
+    examples = read_examples(cfg, task, max_examples=cfg.max_examples)
     if len(examples) < 2:
         raise ConfigError("data.source", cfg.source, f"has {len(examples)} usable examples; need >= 2")
     rng = numpy_generator(seed, "global-split")

@@ -1,4 +1,5 @@
-"""Unsafe-request files: refusal probes for the harmless rate, and an attacker's poison.
+"""Unsafe-request files: refusal probes for the harmless rate, an attacker's poison, and
+benign clients' alignment data (read_alignment: unsafe requests with their refusals).
 
 The embedded benchmark generates its own unsafe requests; these readers let a
 researcher use real ones in the same schema (an unsafe request and, for poisoning,
@@ -61,4 +62,33 @@ def draw(examples: tuple[InstructionExample, ...], n: int, seed: int, *stream) -
     out: list[InstructionExample] = []
     while len(out) < n:
         out += [examples[i] for i in rng.permutation(len(examples))[: n - len(out)]]
+    return tuple(out)
+
+
+ALIGNMENT_REQUESTS = ("prompt", "goal")
+
+
+def read_alignment(path: str, field: str = "data.alignment") -> tuple[InstructionExample, ...]:
+    """Alignment examples: each unsafe request (column prompt, or AdvBench's goal) with
+    its aligned reply, the row's `refusal` column where the file has one, else fedsec's
+    standard refusal. A compliant reply column (response, target) is never trained on:
+    in AdvBench and BeaverTails it is the harm, not the alignment."""
+    from fedsec.data.benchmark import REFUSAL
+
+    try:
+        rows = read_file(Path(path))
+    except ConfigError as err:
+        raise ConfigError(field, path, err.fix) from None
+    if not rows:
+        raise ConfigError(field, path, "the file holds no rows")
+    request = next((c for c in ALIGNMENT_REQUESTS if c in rows[0]), None)
+    if request is None:
+        raise ConfigError(field, path, f"no column {' or '.join(ALIGNMENT_REQUESTS)} holding the unsafe requests "
+                          f"(it has: {', '.join(sorted(rows[0])[:8])})")
+    out = []
+    for i, row in enumerate(rows):
+        text, reply = row.get(request), row.get("refusal", REFUSAL)
+        if not isinstance(text, str) or not text.strip() or not isinstance(reply, str) or not reply.strip():
+            raise ConfigError(field, path, f"row {i} has an empty or non-text {request} or refusal")
+        out.append(InstructionExample(prompt=text.strip(), response=reply.strip(), meta={"alignment": True}))
     return tuple(out)
