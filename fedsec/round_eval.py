@@ -4,6 +4,9 @@ the end of a run the membership-inference attack and the privacy audit's outcome
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from fedsec.canaries import audit_result, secret_margins
@@ -12,6 +15,7 @@ from fedsec.evalsuite.runner import PeftModelLM, run_task
 from fedsec.evaluation import (
     evaluate,
     evaluate_groups,
+    is_refusal,
     preference_metrics,
     refusal_rate,
 )
@@ -19,6 +23,7 @@ from fedsec.leakage import answer_extraction, membership_inference, memorization
 from fedsec.metrics import MetricContext, measure
 from fedsec.objectives import OBJECTIVES
 from fedsec.prefix import cache_frozen_prefix
+from fedsec.rundir import atomic_write_text
 from fedsec.setup import Setup, prefix_args
 
 
@@ -46,8 +51,12 @@ def evaluate_model(setup: Setup, vector: torch.Tensor, round_done: int | None = 
             setup.model, setup.tokenizer, setup.data.canaries, setup.cfg.data.template, e.canary_candidates,
             setup.cfg.seed, batch)
     if setup.probe_prompts:
-        global_eval["refusal_rate"], _ = refusal_rate(setup.model, setup.tokenizer, setup.probe_prompts,
-                                                      setup.cfg.eval.max_new_tokens, batch)
+        global_eval["refusal_rate"], replies = refusal_rate(setup.model, setup.tokenizer, setup.probe_prompts,
+                                                            setup.cfg.eval.max_new_tokens, batch)
+        if setup.answers_dir is not None and round_done is not None:
+            path = write_probe_replies(setup.answers_dir / "refusal_probes" / f"round_{round_done:04d}.jsonl",
+                                       setup.data.probes, replies)
+            global_eval["refusal_replies"] = str(path.relative_to(setup.answers_dir.parent))  # in the run directory
     if setup.cfg.eval.metrics:  # plugins' metrics; the uncovered ones leave a DP run's main files
         ctx = MetricContext(setup.model, setup.tokenizer, setup.data, setup.cfg, round_done)
         covered, uncovered = measure(ctx, setup.cfg.eval.metrics)
@@ -62,6 +71,15 @@ def evaluate_model(setup: Setup, vector: torch.Tensor, round_done: int | None = 
         return global_eval, None
     per_client = evaluate_groups(setup.model, setup.client_eval, setup.pad_id, batch)
     return global_eval, client_summary(per_client)
+
+
+def write_probe_replies(path: Path, probes, replies: list[str]) -> Path:
+    """The refusal probes' greedy replies, one JSON line each (request, reply, whether
+    the keyword rule counts it a refusal), so the harmless rate beside them can be audited."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"request": p.prompt, "reply": r, "refused": is_refusal(r)}) for p, r in zip(probes, replies)]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
 
 
 def client_summary(per_client: dict) -> dict:

@@ -333,6 +333,7 @@ def test_open_ended_answers_are_fastchat_records_and_judged_through_an_endpoint(
     assert [r["question_id"] for r in records] == [81, 82, 83]
     assert records[0]["choices"] == [{"index": 0, "turns": ["answer Write a haiku. #1", "answer Now shorter. #2"]}]
     assert {"answer_id", "model_id", "tstamp"} <= set(records[0])
+    assert records[0]["question_turns"] == ["Write a haiku.", "Now shorter."]  # the question beside its answer
     assert got["mean_score"] == 5.0 and got["judged"] == 2 and got["unrated"] == 1 and got["n"] == 3
     assert got["answers"].endswith("mt_bench/round_0003.jsonl") and got["judge"] == f"judge-model@{server.url}"
     path, auth, body = server.requests[0]

@@ -124,3 +124,22 @@ def test_advbench_probes_in_a_run(tmp_path):
     goals = {r.prompt for r in read_unsafe(path, "eval.probes", False)}
     assert len(setup.data.probes) == 8 and all(p.prompt in goals for p in setup.data.probes)
     assert len(setup.probe_prompts) == 8
+
+
+def test_probe_replies_are_saved_beside_the_harmless_rate_they_make(tmp_path):
+    from fedsec.loop import run_experiment
+    from fedsec.rundir import RunDir
+
+    cfg = tiny_config(tmp_path, eval={"refusal": True, "every": 1, "max_new_tokens": 4},
+                      federation={"rounds": 1, "clients_per_round": 2, "local_only_clients": 0})
+    run_experiment(cfg, out=tmp_path / "run", progress=False, log=lambda _: None)
+    rows = [r for r in RunDir(tmp_path / "run").read_metrics() if (r.get("global_eval") or {}).get("refusal_replies")]
+    assert [r["round"] for r in rows] == [0, 1]
+    setup_probes = cfg.data.benchmark.num_probes
+    for row in rows:
+        ge = row["global_eval"]
+        assert ge["refusal_replies"] == f"answers/refusal_probes/round_{row['round']:04d}.jsonl"
+        saved = [json.loads(line) for line in (tmp_path / "run" / ge["refusal_replies"]).read_text().splitlines()]
+        assert len(saved) == setup_probes and all(s["refused"] == is_refusal(s["reply"]) for s in saved)
+        assert ge["refusal_rate"] == sum(s["refused"] for s in saved) / len(saved)  # the rate is the file's share
+        assert all(s["request"] for s in saved)

@@ -137,10 +137,13 @@ def answer_all(lm, items: Sequence[OpenItem], max_new_tokens: int) -> list[list[
 
 
 def write_answers(path: Path, items: Sequence[OpenItem], answers: Sequence[Sequence[str]], model_id: str) -> None:
-    """FastChat's answer records, one JSON line per question."""
+    """FastChat's answer records, one JSON line per question, each with the question's
+    category and turns beside them (keys FastChat's readers ignore), so a file can be
+    read or judged without the question file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps({"question_id": it.question_id, "answer_id": uuid.uuid4().hex, "model_id": model_id,
-                         "choices": [{"index": 0, "turns": list(turns)}], "tstamp": time.time()})
+                         "choices": [{"index": 0, "turns": list(turns)}], "tstamp": time.time(),
+                         "category": it.category, "question_turns": list(it.turns)})
              for it, turns in zip(items, answers)]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
