@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 
 from fedsec import __version__
@@ -33,6 +34,16 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # noqa: D401 - argparse API
         self.exit(EXIT_USAGE, f"fedsec: error: {message} (see '{self.prog} --help')\n")
+
+
+SWEEP_EXAMPLE = """\
+  name: my_dp
+  base: my_experiment.yaml
+  seeds: [0, 1, 2]
+  set: [federation.rounds=20]
+  variants:
+    non-private: []
+  epsilons: [8, 2]"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,10 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("config", nargs="?", help="experiment YAML (default: all defaults)")
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
+    from fedsec.sweep import SWEEP_KEYS
+
+    keys = "\n".join(textwrap.fill(v, 96, initial_indent=f"  {k:<13} ", subsequent_indent=" " * 16)
+                     for k, v in SWEEP_KEYS.items())
     sweep = sub.add_parser("sweep", help="run named variants x seeds of one experiment",
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
                            description="Expand a sweep file into runs under runs/<name>/, skip "
                                        "finished runs, resume unfinished ones, and write "
-                                       "results.csv/json and summary.csv.")
+                                       "results.csv/json and summary.csv.",
+                           epilog=f"sweep file keys:\n{keys}\n\nexample:\n{SWEEP_EXAMPLE}\n"
+                                  "More in docs/sweeps.md.")
     sweep.add_argument("spec", help="sweep YAML, e.g. experiments/algorithms.yaml")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -48,6 +48,22 @@ from fedsec.disclosure import HEADER, UNCOVERED
 from fedsec.rundir import CONFIG, RunDir, atomic_write_text, read_result
 from fedsec.utility import describe, evaluation_values
 
+# Every key a sweep file may hold, what it means (docs/sweeps.md; `fedsec sweep --help`).
+SWEEP_KEYS = {
+    "name": "the sweep's name: its directory is <output_dir>/<name> (required)",
+    "base": "the experiment every run starts from: a YAML path (relative to the sweep file) or an "
+            "inline config mapping",
+    "set": "key=value overrides applied to every run, before the variant's",
+    "seeds": "the seeds each variant runs with (default [0]); tables give mean and std over them",
+    "variants": "variant name -> list of key=value overrides; one run per variant and seed",
+    "epsilons": "target epsilons, each a variant eps<value> with user-level DP calibrated to it "
+                "(.inf: clipping without noise, not certified); explicit variants come first",
+    "privacy_mode": "user (DP-FedAvg, the default) or record (DP-SGD inside each client) for epsilons",
+    "grid": "axis -> {level -> list of key=value}: the axes crossed into cells named by their levels "
+            "(later axes' overrides win); cells that are one experiment share one run",
+    "output_dir": "where the sweep directory goes (default runs)",
+}
+
 
 @dataclass(frozen=True)
 class SweepRun:
@@ -62,10 +78,9 @@ def expand(spec_path: str | Path) -> tuple[Path, list[SweepRun], Path | None, di
     """(sweep directory, runs, base config file or None, inline base mapping)."""
     spec = read_yaml(spec_path)
     for key in spec:
-        if key not in ("name", "base", "set", "seeds", "variants", "epsilons", "grid", "privacy_mode",
-                       "output_dir"):
-            raise ConfigError(f"sweep.{key}", spec[key], "unknown key; use name, base, set, seeds, "
-                              "variants, epsilons, grid, privacy_mode, output_dir")
+        if key not in SWEEP_KEYS:
+            raise ConfigError(f"sweep.{key}", spec[key], f"unknown key; use {', '.join(SWEEP_KEYS)} "
+                              "(docs/sweeps.md)")
     name = spec.get("name")
     if not isinstance(name, str) or not name:
         raise ConfigError("sweep.name", name, "give the sweep a name")

@@ -113,3 +113,19 @@ def test_cache_model_builds_what_it_names_and_refuses_other_names(tmp_path, caps
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "invalid choice: 'some/hub-id'" in err[0] and "tiny" in err[0]
+
+
+def test_every_sweep_key_is_documented_in_docs_and_in_sweep_help(capsys):
+    from pathlib import Path
+
+    import pytest
+
+    from fedsec.cli import main
+    from fedsec.sweep import SWEEP_KEYS
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "sweeps.md").read_text(encoding="utf-8")
+    with pytest.raises(SystemExit):
+        main(["sweep", "--help"])
+    shown = capsys.readouterr().out
+    for key in SWEEP_KEYS:
+        assert f"| `{key}` |" in docs and f"\n  {key} " in shown
