@@ -168,3 +168,47 @@ def test_fltrust_takes_its_root_set_from_a_file_in_the_datas_layout(tmp_path, in
     result = run_experiment(cfg, out=tmp_path / "run", progress=False, log=lambda _: None)
     assert result.finished and len(seen) == 1 and len(seen[0]) == 5  # the file's five examples, encoded
     assert all(f"root item {k}" in text for k, text in enumerate(seen[0]))
+
+
+def _example(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "examples" / "own_data" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_self_instruct_converter_writes_one_alpaca_row_per_instance_with_its_app_as_user(tmp_path):
+    from fedsec.config import DataConfig, from_mapping
+    from fedsec.data import build_federated_data
+
+    source = tmp_path / "user_oriented_instructions.jsonl"
+    tasks = [{"id": f"t{k}", "motivation_app": ("Gmail", "Netflix", "IMDB")[k % 3], "instruction": f"Task {k}.",
+              "instances": [{"input": f"in {k}" if k % 2 else "", "output": f"out {k}"}]} for k in range(12)]
+    source.write_text("".join(json.dumps(t) + "\n" for t in tasks))
+    out = tmp_path / "data" / "self_instruct.jsonl"
+    assert _example("self_instruct").convert(source, out) == 12
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[1] == {"instruction": "Task 1.", "input": "in 1", "output": "out 1", "user": "Netflix"}
+    data = build_federated_data(from_mapping(DataConfig, {"source": str(out), "test_fraction": 0.25}), seed=0)
+    assert len(data.clients) == 3  # natural split by user (the default): one client per app
+    assert {e.meta["user"] for c in data.clients for e in c.train + c.test} == {"Gmail", "Netflix", "IMDB"}
+
+
+def test_the_advbench_split_gives_three_disjoint_files_fedsec_reads(tmp_path):
+    from conftest import shared_file
+
+    from fedsec.data.unsafe import read_alignment, read_unsafe
+
+    counts = _example("advbench_split").split(shared_file("advbench.csv"), tmp_path)
+    assert counts == {"poison": 173, "alignment": 173, "probes": 174}
+    poison = read_unsafe(str(tmp_path / "advbench_poison.csv"), "attack.params.source", need_reply=True)
+    aligned = read_alignment(str(tmp_path / "advbench_alignment.csv"))
+    probes = read_unsafe(str(tmp_path / "advbench_probes.csv"), "eval.probes", need_reply=False)
+    sets = [{e.prompt for e in part} for part in (poison, aligned, probes)]
+    assert [len(s) for s in sets] == [173, 173, 174] and not (sets[0] & sets[1] or sets[0] & sets[2]
+                                                               or sets[1] & sets[2])
+    assert all(e.response.startswith("Sure, here") for e in poison)  # the compliant target, for the attacker
