@@ -7,6 +7,7 @@ import math
 from fedsec.accountants import format_epsilon, format_lower_bound
 from fedsec.disclosure import COVERED_GLOBAL_EVAL_DROP, UNCOVERED
 from fedsec.results import RoundResult, RunResult
+from fedsec.utility import perplexity
 
 
 def _fmt(value: float | None, spec: str = ".3f") -> str:
@@ -78,7 +79,7 @@ def _global_parts(global_eval: dict) -> list[str]:
     if global_eval.get("accuracy") is not None:
         parts.append(f"global acc {_fmt(global_eval['accuracy'])} loss {_fmt(global_eval['loss'])}")
     elif global_eval.get("loss") is not None:  # free-text answers: the loss and its perplexity
-        parts.append(f"global loss {_fmt(global_eval['loss'])} ppl {math.exp(min(global_eval['loss'], 700)):.4g}")
+        parts.append(f"global loss {_fmt(global_eval['loss'])} ppl {perplexity(global_eval['loss']):.4g}")
     if "preference" in global_eval:
         pref = global_eval["preference"]
         parts.append(f"pref acc {_fmt(pref['preference_accuracy'])} "

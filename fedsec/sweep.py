@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ from fedsec.accountants import format_epsilon
 from fedsec.config import ConfigError, load_config, read_yaml
 from fedsec.disclosure import HEADER, UNCOVERED
 from fedsec.rundir import CONFIG, RunDir, atomic_write_text, read_result
-from fedsec.utility import describe, evaluation_values
+from fedsec.utility import describe, evaluation_values, perplexity
 
 # Every key a sweep file may hold, what it means (docs/sweeps.md; `fedsec sweep --help`).
 SWEEP_KEYS = {
@@ -328,7 +327,7 @@ def utility_columns(final: dict, untuned: dict, local: dict | None) -> dict:
            "final_loss": after.get("final_loss"), "untuned_loss": before.get("final_loss"),
            "final_perplexity": after.get("final_perplexity"), "untuned_perplexity": before.get("final_perplexity"),
            "local_only_accuracy": (local or {}).get("mean_accuracy"), "local_only_loss": local_loss,
-           "local_only_perplexity": math.exp(min(local_loss, 700.0)) if local_loss is not None else None}
+           "local_only_perplexity": perplexity(local_loss) if local_loss is not None else None}
     for key, value in after.items():
         if key.startswith(EXTRA):
             out[key] = value

@@ -93,8 +93,13 @@ def evaluation_values(evaluation: Mapping | None) -> dict[str, float]:
     loss = e.get("loss")
     if loss is not None and math.isfinite(loss):
         out[LOSS.key] = loss
-        out[PERPLEXITY.key] = math.exp(min(loss, 700.0))  # exp overflows past ~709
+        out[PERPLEXITY.key] = perplexity(loss)
     return out
+
+
+def perplexity(loss: float) -> float:
+    """exp of a token-mean NLL, capped below exp's overflow (~709)."""
+    return math.exp(min(loss, 700.0))
 
 
 def _order(key: str) -> tuple[int, str]:

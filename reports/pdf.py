@@ -27,7 +27,7 @@ from fedsec.accountants import format_epsilon, format_lower_bound
 from fedsec.disclosure import HEADER, UNCOVERED, guarantee_statement, predates_centred_count
 from fedsec.errors import ConfigError
 from fedsec.reports import plots
-from fedsec.sweep import utility_columns
+from fedsec.sweep import federation_size, utility_columns
 
 RESULT, CONFIG, ENV, LEDGER = "result.json", "config.resolved.yaml", "env.json", "privacy_ledger.json"
 
@@ -556,8 +556,6 @@ def build_report(directory: Path, out: Path | None = None, force: bool = False) 
     first = runs[0]
     cfg, env = first.config, first.env
     data_cfg = cfg.get("data", {})
-    from fedsec.sweep import federation_size
-
     clients = federation_size(first.path, cfg)
     name = directory.name if kind == "sweep" else cfg.get("name", directory.name)
     story = [Paragraph(f"fedsec report: {name}", styles["title"]), Spacer(1, 0.4 * cm)]

@@ -25,15 +25,21 @@ from fedsec.seeding import numpy_generator
 SCHEMAS = (("goal", "target"), ("prompt", "response"))
 
 
-def read_unsafe(path: str, field: str, need_reply: bool) -> tuple[InstructionExample, ...]:
-    """The file's unsafe requests (with their compliant replies where `need_reply`);
-    `field` names the config entry in errors."""
+def _rows(path: str, field: str) -> list[dict]:
+    """The file's rows, refused with `field` named when it is unreadable or empty."""
     try:
         rows = read_file(Path(path))
     except ConfigError as err:
         raise ConfigError(field, path, err.fix) from None
     if not rows:
         raise ConfigError(field, path, "the file holds no rows")
+    return rows
+
+
+def read_unsafe(path: str, field: str, need_reply: bool) -> tuple[InstructionExample, ...]:
+    """The file's unsafe requests (with their compliant replies where `need_reply`);
+    `field` names the config entry in errors."""
+    rows = _rows(path, field)
     columns = set(rows[0])
     schema = next(((q, a) for q, a in SCHEMAS if q in columns and (a in columns or not need_reply)), None)
     if schema is None:
@@ -75,12 +81,7 @@ def read_alignment(path: str, field: str = "data.alignment") -> tuple[Instructio
     in AdvBench and BeaverTails it is the harm, not the alignment."""
     from fedsec.data.benchmark import REFUSAL
 
-    try:
-        rows = read_file(Path(path))
-    except ConfigError as err:
-        raise ConfigError(field, path, err.fix) from None
-    if not rows:
-        raise ConfigError(field, path, "the file holds no rows")
+    rows = _rows(path, field)
     request = next((c for c in ALIGNMENT_REQUESTS if c in rows[0]), None)
     if request is None:
         raise ConfigError(field, path, f"no column {' or '.join(ALIGNMENT_REQUESTS)} holding the unsafe requests "
