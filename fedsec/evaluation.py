@@ -188,6 +188,21 @@ def summed_logprobs(model, items: Sequence[Encoded], pad_id: int, batch_size: in
     return total
 
 
+@torch.no_grad()
+def greedy_match_rate(model, data: EvalSet, pad_id: int, batch_size: int) -> float | None:
+    """Share of examples whose whole reference answer is the model's greedy reply: every
+    target token the arg-max after the ones before it (teacher-forced, which is what
+    greedy decoding produces for those positions). The rate of "says exactly this" for
+    free-text answers, where there are no choices to score; None for no examples."""
+    n = len(data.encoded)
+    if n == 0:
+        return None
+    missed = torch.zeros(n, dtype=torch.bool)
+    for start, log_probs, targets, rows in target_batches(model, data.encoded, pad_id, batch_size, data.shared):
+        missed[rows[log_probs.argmax(1) != targets] + start] = True
+    return float((~missed).float().mean())
+
+
 def summarize(nll: torch.Tensor, count: torch.Tensor, predicted: torch.Tensor | None,
               data: EvalSet, mask: torch.Tensor | None = None) -> EvalResult:
     """Loss and accuracy over the examples selected by `mask` (all when None)."""

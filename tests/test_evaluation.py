@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -139,3 +141,37 @@ def test_packing_is_refused_where_it_would_change_the_numbers(monkeypatch):
 
     monkeypatch.setattr(evaluation, "collate_packed", contiguous_positions)
     assert share_prefix(model, data, tok.pad_token_id).shared == 0
+
+
+def test_greedy_match_rate_counts_the_answers_the_model_would_say_exactly():
+    """Degenerate cases: answers set to the model's own arg-max tokens match (rate 1);
+    changing one target token of one example makes exactly that example miss."""
+    model, tok = _model()
+    data = build_eval_set(_examples(("some free text", "another reply")), [-1] * 7, tok, "chat", 128, None)
+    own = list(data.encoded)
+    # each target token set to the model's arg-max there; a changed token changes the
+    # context of the ones after it, so repeat until nothing changes
+    for _ in range(64):
+        changed = False
+        for k, item in enumerate(own):
+            with torch.no_grad():
+                logits = model(input_ids=item.input_ids[None]).logits[0]
+            at = (item.labels != IGNORE).nonzero().squeeze(1)
+            best = logits[at - 1].argmax(-1).to(item.labels.dtype)
+            if not torch.equal(best, item.labels[at]):
+                ids, labels = item.input_ids.clone(), item.labels.clone()
+                ids[at], labels[at] = best.to(ids.dtype), best
+                own[k], changed = Encoded(ids, labels), True
+        if not changed:
+            break
+    assert not changed
+    exact = dataclasses.replace(data, encoded=tuple(own))
+    assert evaluation.greedy_match_rate(model, exact, tok.pad_token_id, 3) == 1.0
+    first = own[2]
+    at = int((first.labels != IGNORE).nonzero()[1])  # the second target token of example 2
+    ids, labels = first.input_ids.clone(), first.labels.clone()
+    labels[at] = (labels[at] + 1) % model.config.vocab_size
+    ids[at] = labels[at].to(ids.dtype)
+    one_off = dataclasses.replace(exact, encoded=(*own[:2], Encoded(ids, labels), *own[3:]))
+    assert evaluation.greedy_match_rate(model, one_off, tok.pad_token_id, 3) == pytest.approx(6 / 7)
+    assert evaluation.greedy_match_rate(model, dataclasses.replace(data, encoded=()), tok.pad_token_id, 3) is None
