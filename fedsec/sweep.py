@@ -398,7 +398,8 @@ def heading(key: str) -> str:
 
 def summary_table(root: Path) -> str:
     """summary.csv as a Markdown table: mean ± std over seeds of each metric the sweep
-    measured, one row per variant (grid cell), its axes first."""
+    measured (the value alone for a single seed: one run has no spread to show), one
+    row per variant (grid cell), its axes first."""
     with (Path(root) / "summary.csv").open(encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         rows, fields = list(reader), reader.fieldnames or []
@@ -406,7 +407,9 @@ def summary_table(root: Path) -> str:
 
     def cell(row, key):
         mean, std = row[f"{key}_mean"], row[f"{key}_std"]
-        return "" if mean == "" else f"{float(mean):.3f} ± {float(std):.3f}"
+        if mean == "":
+            return ""
+        return f"{float(mean):.3f}" if row["seeds"] == "1" else f"{float(mean):.3f} ± {float(std):.3f}"
 
     def privacy(row):
         if row["certified"] == "":

@@ -422,7 +422,8 @@ def attack_grid(sweep_dir: Path):
         image = ax.imshow(grid, cmap="Greys", vmin=low, vmax=high, aspect="auto")
         for i, row in enumerate(grid):
             for j, value in enumerate(row):
-                text = "-" if math.isnan(value) else (f"{value:.2f}" if bounded(metric) else f"{value:.3g}")
+                wide = not bounded(metric) and abs(value) >= 100  # a loss keeps two decimals
+                text = "-" if math.isnan(value) else (f"{value:.3g}" if wide else f"{value:.2f}")
                 dark = not math.isnan(value) and (value - low) / (high - low) > 0.55
                 ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if dark else "black")
         ax.set_xticks(range(len(data.defenses)), data.defenses, rotation=30, ha="right", fontsize=8)

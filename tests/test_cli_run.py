@@ -87,6 +87,8 @@ def test_dp_sweep_over_epsilons_writes_epsilon_and_sigma(tmp_path):
     assert rows["epsinf"]["certified"] == "False" and rows["epsinf"]["epsilon"] == ""
     table = summary_table(root)
     assert "| non-private | 1 | non-private |" in table and "| epsinf | 1 | not certified | 0.000 |" in table
+    # one seed: each value alone, no "± 0.000" spread that one run cannot have
+    assert "±" not in table and f"| {float(rows['eps20']['final_loss']):.3f} |" in table
     # a DP run's local-only baseline is not covered by its guarantee: only in the not-covered tables
     from fedsec.disclosure import HEADER, UNCOVERED
 
