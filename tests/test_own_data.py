@@ -61,6 +61,7 @@ def test_a_dp_sweep_on_free_text_reports_the_loss(tmp_path, instruction_file):
     assert math.isclose(float(summary["non-private"]["final_loss_mean"]), sum(losses) / 2, rel_tol=1e-12)
     table = summary_table(root)
     assert "held-out loss" in table and "perplexity" in table and "accuracy" not in table
+    assert f"{sum(losses) / 2:.3f} ± " in table  # two seeds: mean and spread
     assert plots.headline_metric(plots.sweep_rows(root)) == "final_loss"
     data = plots.privacy_utility_data(plots.sweep_rows(root))
     assert [c[0] for c in data.curve] == ["eps20"] and data.untuned is not None
@@ -212,3 +213,33 @@ def test_the_advbench_split_gives_three_disjoint_files_fedsec_reads(tmp_path):
     assert [len(s) for s in sets] == [173, 173, 174] and not (sets[0] & sets[1] or sets[0] & sets[2]
                                                                or sets[1] & sets[2])
     assert all(e.response.startswith("Sure, here") for e in poison)  # the compliant target, for the attacker
+
+
+def test_the_t0_converter_keeps_short_templates_strips_gpt3_endings_and_names_each_template_the_user(tmp_path):
+    from fedsec.config import DataConfig, from_mapping
+    from fedsec.data import build_federated_data
+
+    source = tmp_path / "data_per_template"
+    source.mkdir()
+
+    def template(name, rows):
+        (source / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    template("sentiment", [{"prompt": f"Review {k}. Positive or negative?\n",
+                            "completion": ("positive" if k % 2 else "negative") + "<|endoftext|>"} for k in range(8)])
+    template("topic", [{"prompt": f"Headline {k}. Topic?\n", "completion": "" if k < 3 else "sports<|endoftext|>"}
+                       for k in range(9)])  # 3 empty completions dropped: 6 usable rows
+    template("too_few", [{"prompt": "Q?", "completion": "A"}] * 3)
+    template("long_prompt", [{"prompt": "x" * 500, "completion": "y"}] * 8)
+    template("long_reply", [{"prompt": "Story?", "completion": "z" * 500}] * 8)
+    out = tmp_path / "t0.jsonl"
+    converter = _example("t0_templates")
+    assert converter.convert(source, out, rows_per_template=3, min_rows=5, max_prompt=100, max_output=100) == (6, 2)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    # rows spread evenly over each file (every len // 3-th), prompt stripped, GPT-3's end marker gone
+    assert rows[:3] == [{"instruction": f"Review {k}. Positive or negative?",
+                         "output": "positive" if k % 2 else "negative", "user": "sentiment"} for k in (0, 2, 4)]
+    assert [r["instruction"] for r in rows[3:]] == ["Headline 3. Topic?", "Headline 5. Topic?", "Headline 7. Topic?"]
+    assert all(r["output"] == "sports" and r["user"] == "topic" for r in rows[3:])
+    data = build_federated_data(from_mapping(DataConfig, {"source": str(out), "test_fraction": 0.2}), seed=0)
+    assert len(data.clients) == 2  # natural split by user (the default): one client per template
