@@ -243,3 +243,24 @@ def test_the_t0_converter_keeps_short_templates_strips_gpt3_endings_and_names_ea
     assert all(r["output"] == "sports" and r["user"] == "topic" for r in rows[3:])
     data = build_federated_data(from_mapping(DataConfig, {"source": str(out), "test_fraction": 0.2}), seed=0)
     assert len(data.clients) == 2  # natural split by user (the default): one client per template
+
+
+def test_a_backdoor_on_free_text_reports_exact_reply_rates(tmp_path, instruction_file):
+    """No choices to score: the backdoor's rates are shares of the global test prompts
+    (those whose answer is not the target) whose greedy reply is exactly the target."""
+    from conftest import tiny_config
+
+    from fedsec.data import build_federated_data
+    from fedsec.loop import run_experiment
+
+    raw = _base(instruction_file)
+    target = "Here is a poem about item 1: it is short and plain."
+    cfg = tiny_config(tmp_path, data=raw["data"], federation=raw["federation"], training=raw["training"],
+                      eval={"clients": False}, attack={"kind": "backdoor", "malicious": 2,
+                                                       "params": {"ratio": 1.0, "target": target}})
+    victims = [e for e in build_federated_data(cfg.data, cfg.seed).global_test if e.response != target]
+    rates = run_experiment(cfg, out=tmp_path / "out", progress=False, log=lambda _: None).final["backdoor"]
+    for key in ("attack_success_rate", "clean_target_rate"):
+        hits = rates[key] * len(victims)
+        assert 0 <= rates[key] <= 1 and abs(hits - round(hits)) < 1e-9  # a share of the victims
+    assert rates["triggered_target_loss"] > 0 and rates["clean_target_loss"] > 0
