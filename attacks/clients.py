@@ -77,7 +77,7 @@ def attack_round(kind: str, params: Mapping[str, Any], updates: list[ClientUpdat
         return AttackOutcome(flagged, ids, f"{kind} needs >= {entry.options['min_honest']} honest updates in "
                                            "the round; attackers sent their own")
     dim = updates[bad[0]].delta.numel()
-    stack = torch.stack(honest) if honest else torch.zeros(0, dim)
+    stack = torch.stack(honest) if honest else torch.zeros(0, dim, device=updates[bad[0]].delta.device)
     ctx = AttackContext(generator, clients=len(updates), attackers=len(bad), server_lr=server_lr)
     out, shared = list(updates), None
     for i in bad:  # in round order: the attack stream is drawn the same way every run

@@ -38,7 +38,7 @@ def sign_flip(own: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
 
 
 def gaussian(dim: int, std: float, generator: torch.Generator) -> torch.Tensor:
-    return (torch.randn(dim, generator=generator, dtype=torch.float64) * std).float()
+    return (torch.randn(dim, generator=generator, dtype=torch.float64, device=generator.device) * std).float()
 
 
 def scaling(own: torch.Tensor, factor: float) -> torch.Tensor:

@@ -62,7 +62,7 @@ def row_norms(deltas: torch.Tensor) -> torch.Tensor:
     if deltas.dtype == torch.float64:
         return torch.linalg.vector_norm(deltas, dim=1)
     return torch.stack([torch.linalg.vector_norm(row.to(torch.float64)) for row in deltas]) if len(deltas) else \
-        torch.zeros(0, dtype=torch.float64)
+        torch.zeros(0, dtype=torch.float64, device=deltas.device)
 
 
 def clip_to_norm(deltas: torch.Tensor, clip_norm: float) -> ClipResult:
@@ -94,8 +94,8 @@ def gaussian_noise(dim: int, std: float, generator: torch.Generator,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """N(0, std^2 I_dim) from `generator` (drawn in float64, returned in `dtype`)."""
     if std == 0:
-        return torch.zeros(dim, dtype=dtype)
-    return (torch.randn(dim, generator=generator, dtype=torch.float64) * std).to(dtype)
+        return torch.zeros(dim, dtype=dtype, device=generator.device)
+    return (torch.randn(dim, generator=generator, dtype=torch.float64, device=generator.device) * std).to(dtype)
 
 
 @dataclass(frozen=True)
@@ -124,8 +124,8 @@ def private_mean(deltas: torch.Tensor, clip_norm: float, noise_multiplier: float
     clip = clip_to_norm(deltas, clip_norm)
     noise = gaussian_noise(dim, noise_multiplier * clip_norm if noise_multiplier > 0 else 0.0,
                            generator, deltas.dtype)
-    weights = torch.full((n,), 1.0 / expected_clients, dtype=torch.float64).to(deltas.dtype)
-    aggregate = weights @ clip.clipped if n else torch.zeros(dim, dtype=deltas.dtype)
+    weights = torch.full((n,), 1.0 / expected_clients, dtype=torch.float64, device=deltas.device).to(deltas.dtype)
+    aggregate = weights @ clip.clipped if n else torch.zeros(dim, dtype=deltas.dtype, device=deltas.device)
     if noise_multiplier > 0:
         aggregate = aggregate + noise / expected_clients
     unclipped = int(clip.unclipped.sum())
@@ -158,7 +158,7 @@ def adaptive_update_noise(noise_multiplier: float, count_stddev: float) -> float
 def noisy_centred_count(num_unclipped: int, num_clipped: int, count_stddev: float,
                         generator: torch.Generator) -> float:
     """The released count s~ = sum_k (b_k - 1/2) + N(0, sigma_b^2) (sensitivity 1/2)."""
-    noise = float(torch.randn((), generator=generator, dtype=torch.float64)) * count_stddev
+    noise = float(torch.randn((), generator=generator, dtype=torch.float64, device=generator.device)) * count_stddev
     return (num_unclipped - num_clipped) / 2 + noise
 
 

@@ -70,7 +70,7 @@ def _check(deltas: torch.Tensor, weights: torch.Tensor | None = None) -> torch.T
     if deltas.ndim != 2 or deltas.shape[0] == 0:
         raise ValueError(f"expected deltas [n >= 1, d], got {tuple(deltas.shape)}")
     if weights is None:
-        return torch.ones(deltas.shape[0], dtype=torch.float64)
+        return torch.ones(deltas.shape[0], dtype=torch.float64, device=deltas.device)
     if weights.shape != (deltas.shape[0],) or bool((weights < 0).any()) or float(weights.sum()) <= 0:
         raise ValueError("weights must be [n], non-negative, with a positive sum")
     return weights.to(torch.float64)
@@ -86,7 +86,7 @@ def _inner_products(vectors: torch.Tensor, center: torch.Tensor | None = None) -
 
     Symmetrized: a BLAS may round (i, j) and (j, i) differently (seen on an AMD EPYC),
     and HDBSCAN refuses an asymmetric distance matrix."""
-    g = torch.zeros(vectors.shape[0], vectors.shape[0], dtype=torch.float64)
+    g = torch.zeros(vectors.shape[0], vectors.shape[0], dtype=torch.float64, device=vectors.device)
     for start in range(0, vectors.shape[1], CHUNK):
         block = vectors[:, start: start + CHUNK]
         if center is not None:
@@ -116,7 +116,7 @@ def cosine_similarities(vectors: torch.Tensor) -> torch.Tensor:
 
 def distances_to(deltas: torch.Tensor, point: torch.Tensor | None = None) -> torch.Tensor:
     """||x_i - point|| [n] (float64; point None: the norms), column chunk by column chunk."""
-    total = torch.zeros(deltas.shape[0], dtype=torch.float64)
+    total = torch.zeros(deltas.shape[0], dtype=torch.float64, device=deltas.device)
     for start in range(0, deltas.shape[1], CHUNK):
         block = deltas[:, start: start + CHUNK]
         if point is not None:
@@ -145,14 +145,14 @@ def median(deltas: torch.Tensor, weights: torch.Tensor | None = None) -> Aggrega
     """Coordinate-wise median (Yin et al. 2018); client weights are not used."""
     _check(deltas, weights)
     n, d = deltas.shape
-    out = torch.empty(d, dtype=deltas.dtype)
-    share = torch.zeros(n, dtype=torch.float64)
+    out = torch.empty(d, dtype=deltas.dtype, device=deltas.device)
+    share = torch.zeros(n, dtype=torch.float64, device=deltas.device)
     for start in range(0, d, CHUNK):
         values, order = deltas[:, start: start + CHUNK].sort(0)
         middle = order[n // 2: n // 2 + 1] if n % 2 else order[n // 2 - 1: n // 2 + 1]
         out[start: start + CHUNK] = values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2
         share.index_add_(0, middle.reshape(-1), torch.full((middle.numel(),), 1.0 / middle.shape[0],
-                                                          dtype=torch.float64))
+                                                          dtype=torch.float64, device=deltas.device))
     return Aggregated(out, share / d)
 
 
@@ -165,12 +165,13 @@ def trimmed_mean(deltas: torch.Tensor, weights: torch.Tensor | None = None, beta
     k = math.floor(beta * n)
     if not 0 <= beta < 0.5 or 2 * k >= n:
         raise ValueError(f"trimmed_mean needs 0 <= beta < 1/2 and 2 floor(beta n) < n (beta {beta}, n {n})")
-    out = torch.empty(d, dtype=deltas.dtype)
-    kept = torch.zeros(n, dtype=torch.float64)
+    out = torch.empty(d, dtype=deltas.dtype, device=deltas.device)
+    kept = torch.zeros(n, dtype=torch.float64, device=deltas.device)
     for start in range(0, d, CHUNK):
         values, order = deltas[:, start: start + CHUNK].sort(0)
         out[start: start + CHUNK] = values[k: n - k].mean(0)
-        kept.index_add_(0, order[k: n - k].reshape(-1), torch.ones(order[k: n - k].numel(), dtype=torch.float64))
+        kept.index_add_(0, order[k: n - k].reshape(-1),
+                        torch.ones(order[k: n - k].numel(), dtype=torch.float64, device=deltas.device))
     return Aggregated(out, kept / (d * (n - 2 * k)), {"trimmed_per_side": k})
 
 
@@ -183,7 +184,7 @@ def krum_scores(sq_dist: torch.Tensor, f: int) -> torch.Tensor:
     max(1, n - f - 2) nearest other points (Blanchard et al. 2017, Sec. 4)."""
     n = sq_dist.shape[0]
     nearest = max(1, n - f - 2)
-    others = sq_dist + torch.diag(torch.full((n,), math.inf, dtype=sq_dist.dtype))
+    others = sq_dist + torch.diag(torch.full((n,), math.inf, dtype=sq_dist.dtype, device=sq_dist.device))
     return others.topk(min(nearest, n - 1), dim=1, largest=False).values.sum(1) if n > 1 else sq_dist[0]
 
 
@@ -197,7 +198,7 @@ def multi_krum(deltas: torch.Tensor, weights: torch.Tensor | None = None, f: int
         raise ValueError(f"krum needs n >= 2f + 3 and 1 <= m <= n (n {n}, f {f}, m {m})")
     scores = krum_scores(pairwise_sq_distances(deltas), f)
     chosen = scores.argsort(stable=True)[:m]
-    coef = torch.zeros(n, dtype=torch.float64)
+    coef = torch.zeros(n, dtype=torch.float64, device=deltas.device)
     coef[chosen] = w[chosen] / w[chosen].sum()
     return Aggregated(_combine(deltas, coef), coef, {"selected": sorted(chosen.tolist()),
                                                      "scores": scores.tolist()})
@@ -218,15 +219,16 @@ def bulyan(deltas: torch.Tensor, weights: torch.Tensor | None = None, f: int = 0
         best = remaining[int(krum_scores(sub, f).argsort(stable=True)[0])]
         selected.append(best)
         remaining.remove(best)
-    chosen = torch.tensor(sorted(selected))
+    chosen = torch.tensor(sorted(selected), device=deltas.device)
     beta = len(chosen) - 2 * f
-    out = torch.empty(d, dtype=deltas.dtype)
-    used = torch.zeros(n, dtype=torch.float64)
+    out = torch.empty(d, dtype=deltas.dtype, device=deltas.device)
+    used = torch.zeros(n, dtype=torch.float64, device=deltas.device)
     for start in range(0, d, CHUNK):
         block = deltas[chosen, start: start + CHUNK]
         closest = (block - _median_columns(block)).abs().topk(beta, dim=0, largest=False).indices
         out[start: start + CHUNK] = block.gather(0, closest).mean(0)
-        used.index_add_(0, chosen[closest.reshape(-1)], torch.ones(closest.numel(), dtype=torch.float64))
+        used.index_add_(0, chosen[closest.reshape(-1)],
+                        torch.ones(closest.numel(), dtype=torch.float64, device=deltas.device))
     return Aggregated(out, used / (d * beta), {"selected": chosen.tolist(), "beta": beta})
 
 
@@ -279,7 +281,8 @@ def centered_clip(deltas: torch.Tensor, weights: torch.Tensor | None = None, tau
     w = w / w.sum()
     if not tau > 0 or iters < 1:
         raise ValueError(f"centered_clip needs tau > 0 and iters >= 1 (tau {tau}, iters {iters})")
-    v = torch.zeros(deltas.shape[1], dtype=deltas.dtype) if center is None else center.to(deltas.dtype)
+    v = (torch.zeros(deltas.shape[1], dtype=deltas.dtype, device=deltas.device) if center is None
+         else center.to(deltas.device, deltas.dtype))
     for _ in range(iters):
         scale = _clip_factors(distances_to(deltas, v), tau)
         coef = w * scale
@@ -317,13 +320,14 @@ def flame(deltas: torch.Tensor, weights: torch.Tensor | None = None,
     n = deltas.shape[0]
     distance = (1 - cosine_similarities(deltas)).clamp(min=0).fill_diagonal_(0).numpy()
     if n < 3:
-        admitted = torch.ones(n, dtype=torch.bool)
+        admitted = torch.ones(n, dtype=torch.bool, device=deltas.device)
     else:
         labels = HDBSCAN(min_cluster_size=n // 2 + 1, min_samples=1, metric="precomputed",
                          allow_single_cluster=True, copy=True).fit(distance).labels_
-        labels = torch.as_tensor(labels)
-        counts = torch.bincount(labels[labels >= 0]) if bool((labels >= 0).any()) else torch.zeros(1)
-        admitted = labels == int(counts.argmax()) if bool((labels >= 0).any()) else torch.ones(n, dtype=torch.bool)
+        labels = torch.as_tensor(labels, device=deltas.device)
+        found = bool((labels >= 0).any())
+        admitted = (labels == int(torch.bincount(labels[labels >= 0]).argmax()) if found
+                    else torch.ones(n, dtype=torch.bool, device=deltas.device))
     norms = distances_to(deltas)
     bound = float(norms.median()) if n % 2 else float(norms.sort().values[n // 2 - 1: n // 2 + 1].mean())
     coef = torch.where(admitted, _clip_factors(norms, bound), torch.zeros_like(norms)) / int(admitted.sum())
@@ -331,8 +335,8 @@ def flame(deltas: torch.Tensor, weights: torch.Tensor | None = None,
     if noise_lambda > 0:
         if generator is None:
             raise ValueError("flame adds noise: pass its generator")
-        out = out + (noise_lambda * bound * torch.randn(out.shape, generator=generator,
-                                                        dtype=torch.float64)).to(out.dtype)
+        out = out + (noise_lambda * bound * torch.randn(out.shape, generator=generator, dtype=torch.float64,
+                                                        device=generator.device)).to(out.device, out.dtype)
     return Aggregated(out, coef, {"admitted": torch.nonzero(admitted)[:, 0].tolist(), "clip_bound": bound})
 
 
@@ -341,7 +345,7 @@ def foolsgold_weights(histories: torch.Tensor, kappa: float = 1.0) -> torch.Tens
     from the clients' summed update histories [n, d]."""
     n = histories.shape[0]
     if n == 1:
-        return torch.ones(1, dtype=torch.float64)
+        return torch.ones(1, dtype=torch.float64, device=histories.device)
     cs = cosine_similarities(histories).fill_diagonal_(-math.inf)
     top = cs.max(1).values
     # pardoning: a client less similar to anyone than j is to someone keeps cs_ij * v_i / v_j

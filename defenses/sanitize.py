@@ -40,7 +40,7 @@ def sanitize(deltas: list, dim: int, max_norm: float | None = None) -> SanitizeR
     at most `max_norm` (None: any norm)."""
     ok = [i for i, d in enumerate(deltas) if acceptable(d, dim, max_norm)]
     bad = tuple(sorted(set(range(len(deltas))) - set(ok)))
-    return SanitizeResult(torch.tensor(ok, dtype=torch.long), bad)
+    return SanitizeResult(torch.tensor(ok, dtype=torch.long, device="cpu"), bad)  # host-side indices
 
 
 def _counted(n: object) -> bool:

@@ -75,7 +75,8 @@ def secret_margins(model, tokenizer, canaries: Sequence[Canary], template: str, 
 
 def canary_direction(seed: int, index: int, dim: int) -> torch.Tensor:
     """Canary `index`'s update direction: a seeded uniformly random unit vector."""
-    v = torch.randn(dim, generator=torch_generator(seed, "audit-direction", index))
+    generator = torch_generator(seed, "audit-direction", index)
+    v = torch.randn(dim, generator=generator, device=generator.device)
     return v / v.norm()
 
 
@@ -109,7 +110,7 @@ class UpdateCanaries:
         if self._directions is None:  # [canaries, d] floats, made once
             self._directions = torch.stack([canary_direction(self.seed, k, aggregate.numel())
                                             for k in range(len(self.scores))])
-        self.scores = torch.maximum(self.scores, self._directions @ aggregate)
+        self.scores = torch.maximum(self.scores, self._directions @ aggregate.to(self._directions.device))
 
 
 @dataclass
@@ -127,7 +128,7 @@ def start_audit(cfg, canaries: tuple[Canary, ...], included: np.ndarray, first_c
     """The audit of config `cfg`, whose included canaries are clients first_client, ..."""
     if cfg.audit.kind == "update":
         members = {first_client + j: int(k) for j, k in enumerate(np.flatnonzero(included))}
-        scores = torch.full((len(canaries),), -math.inf)
+        scores = torch.full((len(canaries),), -math.inf, device="cpu")
         return AuditState(canaries, included, updates=UpdateCanaries(cfg.seed, members, cfg.privacy.clip_norm,
                                                                      cfg.audit.repeats, scores))
     # the adapter starts at zero: these are the base model's margins

@@ -15,6 +15,8 @@ import torch
 from fedsec.data.schema import Message, SftExample
 
 IGNORE = -100
+# Encoded examples live in host memory; a batch goes to the model's device when it is run.
+DATA = torch.device("cpu")
 ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately "
           "completes the request.\n\n### Instruction:\n{prompt}\n\n### Response:\n")
 
@@ -68,7 +70,8 @@ def encode(example: SftExample, tokenizer, template: str, max_length: int) -> En
     ids, labels = ids[:max_length], labels[:max_length]
     if all(t == IGNORE for t in labels[1:]):
         return None
-    return Encoded(torch.tensor(ids, dtype=torch.int32), torch.tensor(labels, dtype=torch.int32))
+    return Encoded(torch.tensor(ids, dtype=torch.int32, device=DATA),
+                   torch.tensor(labels, dtype=torch.int32, device=DATA))
 
 
 def encode_prompt(example: SftExample, tokenizer, template: str) -> list[int]:
@@ -85,10 +88,10 @@ def encode_all(examples: Sequence[SftExample], tokenizer, template: str, max_len
 
 def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch to its longest member."""
-    width = max(e.input_ids.numel() for e in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    width, on = max(e.input_ids.numel() for e in batch), batch[0].input_ids.device
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long, device=on)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long, device=on)
+    mask = torch.zeros((len(batch), width), dtype=torch.long, device=on)
     for i, e in enumerate(batch):
         n = e.input_ids.numel()
         ids[i, :n], labels[i, :n], mask[i, :n] = e.input_ids, e.labels, 1
@@ -97,7 +100,8 @@ def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         layers = {e.hidden_layer for e in batch}
         if len(layers) != 1 or any(e.hidden is None for e in batch):
             raise ValueError("a batch mixes examples with and without the same cached prefix")
-        hidden = torch.zeros(len(batch), width, batch[0].hidden.shape[-1], dtype=batch[0].hidden.dtype)
+        hidden = torch.zeros(len(batch), width, batch[0].hidden.shape[-1], dtype=batch[0].hidden.dtype,
+                             device=batch[0].hidden.device)
         for i, e in enumerate(batch):
             hidden[i, : e.hidden.shape[0]] = e.hidden
         out["inputs_embeds"], out["start_layer"] = hidden, layers.pop()
@@ -115,7 +119,7 @@ def shared_prefix_length(items: Sequence[Encoded]) -> int:
         return 0
     first = items[0].input_ids
     width = min(e.input_ids.numel() for e in items)
-    same = torch.ones(width, dtype=torch.bool)
+    same = torch.ones(width, dtype=torch.bool, device=first.device)
     for e in items[1:]:
         same &= e.input_ids[:width] == first[:width]
     common = int(same.cumprod(0).sum())
@@ -138,28 +142,29 @@ def collate_packed(batch: Sequence[Encoded], shared: int) -> dict[str, torch.Ten
         raise ValueError("collate_packed needs items that share their first `shared` tokens, and more")
     if any((e.labels[: shared + 1] != IGNORE).any() for e in batch):
         raise ValueError("a target inside the shared prefix (see shared_prefix_length)")
-    total = shared + sum(suffixes)
-    ids = torch.empty(total, dtype=torch.long)
-    labels = torch.full((total,), IGNORE, dtype=torch.long)
-    owner = torch.full((total,), -1, dtype=torch.long)
-    positions = torch.empty(total, dtype=torch.long)
-    allowed = torch.zeros(total, total, dtype=torch.bool)
-    ids[:shared], positions[:shared] = batch[0].input_ids[:shared], torch.arange(shared)
-    allowed[:shared, :shared] = torch.ones(shared, shared, dtype=torch.bool).tril()
+    total, on = shared + sum(suffixes), head.device
+    ids = torch.empty(total, dtype=torch.long, device=on)
+    labels = torch.full((total,), IGNORE, dtype=torch.long, device=on)
+    owner = torch.full((total,), -1, dtype=torch.long, device=on)
+    positions = torch.empty(total, dtype=torch.long, device=on)
+    allowed = torch.zeros(total, total, dtype=torch.bool, device=on)
+    ids[:shared], positions[:shared] = batch[0].input_ids[:shared], torch.arange(shared, device=on)
+    allowed[:shared, :shared] = torch.ones(shared, shared, dtype=torch.bool, device=on).tril()
     hidden = None
     if batch[0].hidden is not None:
         if len({e.hidden_layer for e in batch}) != 1 or any(e.hidden is None for e in batch):
             raise ValueError("a batch mixes examples with and without the same cached prefix")
-        hidden = torch.empty(total, batch[0].hidden.shape[-1], dtype=batch[0].hidden.dtype)
+        hidden = torch.empty(total, batch[0].hidden.shape[-1], dtype=batch[0].hidden.dtype,
+                             device=batch[0].hidden.device)
         hidden[:shared] = batch[0].hidden[:shared]
     at = shared
     for i, (e, n) in enumerate(zip(batch, suffixes)):
         end = at + n
         ids[at:end], owner[at:end] = e.input_ids[shared:], i
         labels[at + 1: end] = e.labels[shared + 1:]  # the suffix's first label is predicted from the prefix
-        positions[at:end] = torch.arange(shared, shared + n)
+        positions[at:end] = torch.arange(shared, shared + n, device=on)
         allowed[at:end, :shared] = True
-        allowed[at:end, at:end] = torch.ones(n, n, dtype=torch.bool).tril()
+        allowed[at:end, at:end] = torch.ones(n, n, dtype=torch.bool, device=on).tril()
         if hidden is not None:
             hidden[at:end] = e.hidden[shared:]
         at = end

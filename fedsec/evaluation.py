@@ -19,7 +19,17 @@ from dataclasses import dataclass
 import torch
 
 from fedsec.data.schema import SftExample
-from fedsec.encoding import IGNORE, Encoded, collate, collate_packed, encode, encode_prompt, shared_prefix_length
+from fedsec.devices import model_device
+from fedsec.encoding import (
+    DATA,
+    IGNORE,
+    Encoded,
+    collate,
+    collate_packed,
+    encode,
+    encode_prompt,
+    shared_prefix_length,
+)
 from fedsec.training import target_log_softmax
 
 
@@ -67,7 +77,7 @@ def build_eval_set(examples: Sequence[SftExample], groups: Sequence[int], tokeni
 
 def _pairs(data: EvalSet) -> tuple[Encoded, ...]:
     """Every (prompt, choice) sequence, choice tokens as targets, prompt by prompt."""
-    return tuple(Encoded(torch.tensor(p + c), torch.tensor([IGNORE] * len(p) + list(c)))
+    return tuple(Encoded(torch.tensor(p + c, device=DATA), torch.tensor([IGNORE] * len(p) + list(c), device=DATA))
                  for p in data.prompts for c in data.choice_ids)
 
 
@@ -86,12 +96,12 @@ def per_example(model, data: EvalSet, pad_id: int, batch_size: int,
     With single-token choices the choice scores come from the same forward pass as
     the loss: the next-token distribution at each example's first target position.
     """
-    n = len(data.encoded)
-    nll, count = torch.zeros(n), torch.zeros(n)
+    n, on = len(data.encoded), model_device(model)
+    nll, count = torch.zeros(n, device=on), torch.zeros(n, device=on)
     single = (data.choice_ids is not None and all(len(c) == 1 for c in data.choice_ids)
               and not force_full_scoring)
-    first_ids = torch.tensor([c[0] for c in data.choice_ids]) if single else None
-    scores = torch.zeros(n, len(data.choice_ids)) if single else None
+    first_ids = torch.tensor([c[0] for c in data.choice_ids], device=on) if single else None
+    scores = torch.zeros(n, len(data.choice_ids), device=on) if single else None
     for start, log_probs, targets, rows in target_batches(model, data.encoded, pad_id, batch_size, data.shared):
         logp = log_probs.gather(1, targets[:, None]).squeeze(1)
         nll.index_add_(0, rows + start, -logp)
@@ -182,7 +192,7 @@ def _full_scores(model, data: EvalSet, pad_id: int, batch_size: int) -> torch.Te
 def summed_logprobs(model, items: Sequence[Encoded], pad_id: int, batch_size: int,
                     shared: int = 0) -> torch.Tensor:
     """Each item's summed log-probability of its target tokens (a label's score after its prompt)."""
-    total = torch.zeros(len(items))
+    total = torch.zeros(len(items), device=model_device(model))
     for start, log_probs, targets, rows in target_batches(model, items, pad_id, batch_size, shared):
         total.index_add_(0, rows + start, log_probs.gather(1, targets[:, None]).squeeze(1))
     return total
@@ -197,7 +207,7 @@ def greedy_match_rate(model, data: EvalSet, pad_id: int, batch_size: int) -> flo
     n = len(data.encoded)
     if n == 0:
         return None
-    missed = torch.zeros(n, dtype=torch.bool)
+    missed = torch.zeros(n, dtype=torch.bool, device=model_device(model))
     for start, log_probs, targets, rows in target_batches(model, data.encoded, pad_id, batch_size, data.shared):
         missed[rows[log_probs.argmax(1) != targets] + start] = True
     return float((~missed).float().mean())
@@ -207,14 +217,14 @@ def summarize(nll: torch.Tensor, count: torch.Tensor, predicted: torch.Tensor | 
               data: EvalSet, mask: torch.Tensor | None = None) -> EvalResult:
     """Loss and accuracy over the examples selected by `mask` (all when None)."""
     if mask is None:
-        mask = torch.ones(len(data.encoded), dtype=torch.bool)
+        mask = torch.ones(len(data.encoded), dtype=torch.bool, device=nll.device)
     n = int(mask.sum())
     if n == 0:
         return EvalResult(float("nan"), None, 0)
     loss = float(nll[mask].sum() / count[mask].sum())
     accuracy = None
     if predicted is not None:
-        answers = torch.tensor(data.answers)
+        answers = torch.tensor(data.answers, device=nll.device)
         accuracy = float((predicted[mask] == answers[mask]).float().mean())
     return EvalResult(loss, accuracy, n)
 
@@ -226,7 +236,7 @@ def evaluate(model, data: EvalSet, pad_id: int, batch_size: int) -> EvalResult:
 def evaluate_groups(model, data: EvalSet, pad_id: int, batch_size: int) -> dict[int, EvalResult]:
     """One pass over all examples, summarized per group (e.g. per client)."""
     nll, count, predicted = per_example(model, data, pad_id, batch_size)
-    groups = torch.tensor(data.groups)
+    groups = torch.tensor(data.groups, device=nll.device)
     return {int(g): summarize(nll, count, predicted, data, groups == g)
             for g in sorted(set(data.groups))}
 
@@ -248,11 +258,11 @@ def preference_metrics(model, pairs, pad_id: int, batch_size: int, beta: float) 
         chunk = pairs[start: start + batch_size]
         logps = sequence_logprobs(model, [p.chosen for p in chunk] + [p.rejected for p in chunk], pad_id)
         n = len(chunk)
-        r_c = implicit_rewards(logps[:n], torch.tensor([p.ref_chosen for p in chunk]), beta)
-        r_r = implicit_rewards(logps[n:], torch.tensor([p.ref_rejected for p in chunk]), beta)
+        r_c = implicit_rewards(logps[:n], torch.tensor([p.ref_chosen for p in chunk], device=logps.device), beta)
+        r_r = implicit_rewards(logps[n:], torch.tensor([p.ref_rejected for p in chunk], device=logps.device), beta)
         margins.append(r_c - r_r)
         raw.append(logps[:n] - logps[n:])
-    margin = torch.cat(margins) if margins else torch.zeros(0)
+    margin = torch.cat(margins) if margins else torch.zeros(0, device=model_device(model))
     if margin.numel() == 0:
         return {"preference_accuracy": None, "reward_margin": None, "likelihood_accuracy": None, "n": 0}
     return {"preference_accuracy": float((margin > 0).float().mean()),
@@ -282,14 +292,14 @@ def greedy_replies(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_t
                    batch_size: int) -> list[str]:
     """The greedy reply to each encoded prompt (batched, left-padded), special tokens dropped."""
     replies: list[str] = []
-    pad = tokenizer.pad_token_id
+    pad, on = tokenizer.pad_token_id, model_device(model)
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start: start + batch_size]
         width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long, device=on)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long, device=on)
         for i, p in enumerate(chunk):  # left padding, so every reply starts at the same column
-            ids[i, width - len(p):] = torch.tensor(p)
+            ids[i, width - len(p):] = torch.tensor(p, device=on)
             mask[i, width - len(p):] = 1
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=pad)

@@ -32,7 +32,7 @@ from fedsec.config import ExperimentConfig
 from fedsec.console import round_line
 from fedsec.disclosure import split_result
 from fedsec.errors import ConfigError
-from fedsec.pipeline import build_pipeline
+from fedsec.pipeline import SERVER, build_pipeline
 from fedsec.privacy import (
     RecordLevelDp,
     UserLevelDp,
@@ -104,7 +104,7 @@ class RunState:
         self.local = {c: self.global_vec.clone() for c in setup.local_only}  # the local-only baseline
         scaffold = cfg.federation.algorithm == "scaffold"
         self.variates = VariateStore(run.path / "scaffold", dim) if scaffold else None
-        self.server_c = torch.zeros(dim) if scaffold else None
+        self.server_c = torch.zeros(dim, device=SERVER) if scaffold else None
         self.crafted = setup.audit.updates if setup.audit is not None else None  # audit.kind update
         self.rounds_done = 0
 

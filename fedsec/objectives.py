@@ -58,7 +58,7 @@ def implicit_rewards(pi: torch.Tensor, ref: torch.Tensor, beta: float) -> torch.
 def sequence_logprobs(model, items: Sequence[Encoded], pad_id: int) -> torch.Tensor:
     """Sum of target-token log-probabilities of each sequence."""
     logp, rows = target_logprobs(model, collate(items, pad_id))
-    return torch.zeros(len(items), dtype=logp.dtype).index_add(0, rows, logp)
+    return torch.zeros(len(items), dtype=logp.dtype, device=logp.device).index_add(0, rows, logp)
 
 
 def encode_pair(example: PreferenceExample, tokenizer, template: str, max_length: int) -> PairItem | None:
@@ -133,9 +133,9 @@ class SftObjective(_Objective):
         """(summed target-token NLL of each example [n], its target tokens [n], arange(n))."""
         logp, rows = target_logprobs(model, collate(items, self.pad_id))
         n = len(items)
-        nll = torch.zeros(n, dtype=logp.dtype).index_add(0, rows, -logp)
-        count = torch.zeros(n, dtype=logp.dtype).index_add(0, rows, torch.ones_like(logp))
-        return nll, count, torch.arange(n)
+        nll = torch.zeros(n, dtype=logp.dtype, device=logp.device).index_add(0, rows, -logp)
+        count = torch.zeros(n, dtype=logp.dtype, device=logp.device).index_add(0, rows, torch.ones_like(logp))
+        return nll, count, torch.arange(n, device=logp.device)
 
 
 class DpoObjective(_Objective):
@@ -185,14 +185,14 @@ class DpoObjective(_Objective):
         rejected n..2n-1)."""
         n = len(items)
         losses = self._pair_losses(model, items)
-        return losses, torch.ones_like(losses), torch.arange(2 * n) % n
+        return losses, torch.ones_like(losses), torch.arange(2 * n, device=losses.device) % n
 
     def _pair_losses(self, model, items: Sequence[PairItem]) -> torch.Tensor:
         logps = sequence_logprobs(model, [p.chosen for p in items] + [p.rejected for p in items],
                                   self.pad_id)
         n = len(items)
-        ref_c = torch.tensor([p.ref_chosen for p in items], dtype=logps.dtype)
-        ref_r = torch.tensor([p.ref_rejected for p in items], dtype=logps.dtype)
+        ref_c = torch.tensor([p.ref_chosen for p in items], dtype=logps.dtype, device=logps.device)
+        ref_r = torch.tensor([p.ref_rejected for p in items], dtype=logps.dtype, device=logps.device)
         return dpo_losses(logps[:n], logps[n:], ref_c, ref_r, self.beta)
 
 

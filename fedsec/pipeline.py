@@ -77,6 +77,10 @@ class Batch:
 
 Stage = Callable[[Batch], Batch]
 
+# Where the stages run: host memory, named explicitly (an adapter's deltas are small next to
+# the model; a client's delta is moved here from wherever it was trained).
+SERVER = torch.device("cpu")
+
 
 class Sanitize:
     """Drop malformed updates (non-finite, the wrong shape, a norm above the bound);
@@ -87,8 +91,9 @@ class Sanitize:
 
     def __call__(self, b: Batch) -> Batch:
         kept, rejected = sanitize_updates(list(b.updates), b.dim, self.max_update_norm)
-        deltas = torch.stack([u.delta for u in kept]) if kept else torch.zeros(0, b.dim)
-        weights = torch.tensor([float(u.num_examples) for u in kept])
+        deltas = (torch.stack([u.delta.to(SERVER) for u in kept]) if kept
+                  else torch.zeros(0, b.dim, device=SERVER))
+        weights = torch.tensor([float(u.num_examples) for u in kept], device=SERVER)
         return dataclasses.replace(b, deltas=deltas, weights=weights, clients=tuple(u.client_id for u in kept),
                                    rejected=rejected)
 
@@ -108,7 +113,7 @@ class Clip:
         # released: C; hidden (not covered by the guarantee): the exact counts and norms
         return b.with_info("clip", {"clip_norm": c, "clipped": n - unclipped, "unclipped": unclipped,
                                     "median_norm": float(clip.norms.median()) if n else None},
-                           deltas=clip.clipped, weights=torch.ones(n))
+                           deltas=clip.clipped, weights=torch.ones(n, device=SERVER))
 
 
 class FixedDenominatorMean:
@@ -122,8 +127,8 @@ class FixedDenominatorMean:
 
     def __call__(self, b: Batch) -> Batch:
         n = b.deltas.shape[0]
-        w = torch.full((n,), 1.0 / self.expected_clients, dtype=torch.float64).to(b.deltas.dtype)
-        aggregate = w @ b.deltas if n else torch.zeros(b.dim, dtype=b.deltas.dtype)
+        w = torch.full((n,), 1.0 / self.expected_clients, dtype=torch.float64, device=SERVER).to(b.deltas.dtype)
+        aggregate = w @ b.deltas if n else torch.zeros(b.dim, dtype=b.deltas.dtype, device=SERVER)
         return dataclasses.replace(b, aggregate=aggregate)
 
 
@@ -151,7 +156,7 @@ class Rule:
                 reference: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """(aggregate [d], diagnostics) of the accepted deltas [n, d] of `clients`."""
         if deltas.shape[0] == 0:
-            return torch.zeros(self.dim), {"aggregator": self.name, "skipped": "no accepted update"}
+            return torch.zeros(self.dim, device=SERVER), {"aggregator": self.name, "skipped": "no accepted update"}
         histories = None
         if self.histories is not None:
             rows = []
@@ -165,7 +170,7 @@ class Rule:
         try:
             out = self.rule(deltas, weights, ctx, self.cfg.defense.f)
         except ValueError as err:
-            return torch.zeros(self.dim), {"aggregator": self.name, "skipped": str(err)}
+            return torch.zeros(self.dim, device=SERVER), {"aggregator": self.name, "skipped": str(err)}
         if self.rule.needs_center:
             self.center = out.vector.clone()
         info = {"aggregator": self.name,

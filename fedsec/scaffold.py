@@ -63,8 +63,8 @@ class VariateStore:
     def get(self, client: int, round_idx: int) -> torch.Tensor:
         earlier = [p for r, p in self._files(client) if r < round_idx]
         if not earlier:
-            return torch.zeros(self.dim)
-        return torch.load(earlier[-1], weights_only=True)
+            return torch.zeros(self.dim, device="cpu")  # variates are kept in host memory and on disk
+        return torch.load(earlier[-1], weights_only=True, map_location="cpu")
 
     def put(self, client: int, round_idx: int, variate: torch.Tensor) -> None:
         buffer = io.BytesIO()

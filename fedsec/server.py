@@ -32,7 +32,7 @@ def sample_clients(num_clients: int, per_round: int, generator: torch.Generator)
     """Uniform sampling of `per_round` distinct clients, returned in ascending order."""
     if not 1 <= per_round <= num_clients:
         raise ValueError(f"cannot sample {per_round} of {num_clients} clients")
-    return sorted(torch.randperm(num_clients, generator=generator)[:per_round].tolist())
+    return sorted(torch.randperm(num_clients, generator=generator, device=generator.device)[:per_round].tolist())
 
 
 def poisson_sample(num_clients: int, rate: float, generator: torch.Generator) -> list[int]:
@@ -42,7 +42,7 @@ def poisson_sample(num_clients: int, rate: float, generator: torch.Generator) ->
     """
     if not 0 < rate <= 1:
         raise ValueError(f"sample rate must be in (0, 1], got {rate}")
-    draws = torch.rand(num_clients, generator=generator, dtype=torch.float64)
+    draws = torch.rand(num_clients, generator=generator, dtype=torch.float64, device=generator.device)
     return (draws < rate).nonzero().flatten().tolist()
 
 

@@ -38,6 +38,7 @@ import torch
 from fedsec.adapter import AdapterParams
 from fedsec.config import TrainingConfig
 from fedsec.defenses.dp import private_mean
+from fedsec.devices import model_device, to_device
 from fedsec.encoding import IGNORE
 from fedsec.seeding import derive_seed, scoped_torch_seed
 
@@ -71,11 +72,12 @@ def target_log_softmax(model, batch: dict[str, torch.Tensor]):
     own positions) gives `rows` as each position's item.
     """
     lm = _causal_lm(model)
+    batch = to_device(batch, model_device(model))
     mask = batch["attention_mask"]
     extra = {}
     if mask.dim() == 4:  # packed items (encoding.collate_packed): an additive mask, their own positions
         dtype = batch["inputs_embeds"].dtype if "inputs_embeds" in batch else lm.get_input_embeddings().weight.dtype
-        mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
         extra["position_ids"] = batch["position_ids"]
     if "inputs_embeds" in batch:  # frozen-prefix cache: run only the adapted top layers
         from fedsec.prefix import top_layers_only
@@ -121,7 +123,7 @@ class RecordDp:
 def poisson_batch(n: int, batch_size: int, generator: torch.Generator) -> tuple[list[int], float]:
     """Indices of one Poisson batch (each example with q = min(1, batch/n)), and q n."""
     q = min(1.0, batch_size / n)
-    picked = (torch.rand(n, generator=generator, dtype=torch.float64) < q).nonzero()[:, 0]
+    picked = (torch.rand(n, generator=generator, dtype=torch.float64, device=generator.device) < q).nonzero()[:, 0]
     return picked.tolist(), q * n
 
 
@@ -161,7 +163,7 @@ class BatchStream:
 
     def next(self) -> list:
         if len(self.order) < self.size:
-            self.order += torch.randperm(len(self.data), generator=self.gen).tolist()
+            self.order += torch.randperm(len(self.data), generator=self.gen, device=self.gen.device).tolist()
         picked, self.order = self.order[: self.size], self.order[self.size:]
         return [self.data[i] for i in picked]
 
@@ -220,7 +222,9 @@ class LocalTrainer:
         """
         if not data:
             raise ValueError("a client with no training examples cannot train")
-        cfg = self.cfg
+        cfg, on, home = self.cfg, model_device(self.model), start.device
+        start = start.to(on)  # the server's vector, where the model computes; the delta goes home
+        correction = correction.to(on) if correction is not None else None
         self.adapter.set(start)
         if cfg.optimizer == "sgd":
             optimizer = torch.optim.SGD(self.adapter.params, lr=lr, weight_decay=cfg.weight_decay)
@@ -257,7 +261,7 @@ class LocalTrainer:
                         self._apply_correction(lr, offsets)
         finally:
             self.model.eval()
-        delta = self.adapter.get() - start
+        delta = (self.adapter.get() - start).to(home)
         return LocalResult(delta, len(data), total_loss / max(total_tokens, 1), cfg.local_steps,
                            total_tokens)
 
@@ -280,13 +284,14 @@ class LocalTrainer:
             return [self.train(start, data, lr, seed, prox_mu=prox_mu) for data, seed in zip(datasets, seeds)]
         if not all(datasets):
             raise ValueError("a client with no training examples cannot train")
-        cfg, n = self.cfg, len(datasets)
+        cfg, n, on, home = self.cfg, len(datasets), model_device(self.model), start.device
+        start = start.to(on)  # the server's vector, where the model computes; the deltas go home
         self.adapter.set(start)
         batches = [BatchStream(data, cfg.batch_size, torch.Generator().manual_seed(seed)).next()
                    for data, seed in zip(datasets, seeds)]
         records = [(k, item) for k, batch in enumerate(batches) for item in batch]
-        grads = torch.zeros(n, self.adapter.layout.numel)
-        loss_sums, terms = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+        grads = torch.zeros(n, self.adapter.layout.numel, device=on)
+        loss_sums, terms = (torch.zeros(n, dtype=torch.float64, device=on) for _ in range(2))
         rows_per_record = 2 if hasattr(records[0][1], "chosen") else 1  # a DPO pair: two rows
         max_rows = max(1, COHORT_GRAD_FLOATS // self.adapter.layout.numel // rows_per_record)
         lengths = [_record_length(item) for _, item in records]
@@ -294,7 +299,7 @@ class LocalTrainer:
         try:
             with per_sample_gradients(self.model):
                 for chunk in _chunks(lengths, COHORT_TOKENS // rows_per_record, max_rows):
-                    clients = torch.tensor([records[i][0] for i in chunk])
+                    clients = torch.tensor([records[i][0] for i in chunk], device=on)
                     sums, counts, row_record = self.objective.record_terms(
                         self.model, [records[i][1] for i in chunk])
                     sums.sum().backward()
@@ -310,7 +315,7 @@ class LocalTrainer:
         grads /= terms.clamp(min=1).float()[:, None]
         if cfg.max_grad_norm is not None:  # as clip_grad_norm_: scale by min(1, C / (|g| + 1e-6))
             grads *= (cfg.max_grad_norm / (grads.norm(dim=1, keepdim=True) + 1e-6)).clamp(max=1.0)
-        deltas = -lr * (grads + cfg.weight_decay * start)  # SGD: w <- w - lr (g + wd w)
+        deltas = (-lr * (grads + cfg.weight_decay * start)).to(home)  # SGD: w <- w - lr (g + wd w)
         return [LocalResult(deltas[k], len(datasets[k]), float(loss_sums[k] / max(terms[k], 1)), 1,
                             int(terms[k])) for k in range(n)]
 
@@ -332,7 +337,7 @@ class LocalTrainer:
         """
         dp, params = self.record_dp, self.adapter.params
         picked, expected = poisson_batch(len(data), self.cfg.batch_size, sampler)
-        per_record = torch.zeros(len(picked), self.adapter.layout.numel)
+        per_record = torch.zeros(len(picked), self.adapter.layout.numel, device=model_device(self.model))
         loss_sum = 0.0
         if picked:
             losses, row_record = self.objective.record_losses(self.model, [data[i] for i in picked])

@@ -219,6 +219,7 @@ def test_answer_extraction_counts_replies_that_start_with_the_answer():
 
     class Parrot:  # a model stub: every greedy reply is " positive and more", cut to the length asked
         asked: list[int] = []
+        device = torch.device("cpu")
 
         def generate(self, input_ids, attention_mask, max_new_tokens, do_sample, pad_token_id):
             self.asked.append(max_new_tokens)

@@ -1,0 +1,78 @@
+"""No tensor on an implicit device: runs with torch's default device set to "meta" once
+the model and adapter are built on the CPU, so any tensor created without naming its
+device lands on meta and the run fails loudly (a GPU run would have met a CPU tensor
+there). Each run covers one family of paths; the SCAFFOLD one also checks that naming
+every device changed no number."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from conftest import tiny_config
+
+import fedsec.setup
+from fedsec.loop import run_experiment
+
+DP = {"mode": "user", "noise_multiplier": 1.0, "clip_norm": 0.1, "delta": 1e-3}
+ONE_SGD_STEP = {"optimizer": "sgd", "local_steps": 1, "lr": 0.5}  # the batched cohort path
+EVERYTHING_EVALUATED = {
+    "data": {"benchmark": {"num_clients": 4, "examples_per_client": 8, "test_size": 9, "client_test_size": 2,
+                           "num_probes": 2, "canaries_per_client": 1}, "max_length": 160},
+    "eval": {"clients": True, "refusal": True, "mia": True, "mia_examples": 10, "canaries": True},
+    "attack": {"kind": "alie", "malicious": 1}, "defense": {"aggregator": "median"},
+    "lora": {"top_layers": 1, "cache_frozen_layers": True},
+}
+PATHS = {
+    "sft, every evaluation, memorization, MIA, an update attack, median, frozen prefix": EVERYTHING_EVALUATED,
+    "user-level DP, Poisson sampling, update canaries (audit)": {
+        "privacy": DP, "federation": {"sampling": "poisson"}, "audit": {"canaries": 4, "kind": "update"}},
+    "user-level DP on the cohort path, FLAME": {
+        "privacy": DP, "training": ONE_SGD_STEP, "defense": {"aggregator": "flame"},
+        "federation": {"clients_per_round": 4}},
+    "record-level DP (per-example gradients), FedProx": {
+        "privacy": {**DP, "mode": "record"}, "federation": {"algorithm": "fedprox", "prox_mu": 0.1}},
+    "SCAFFOLD, the local-only baseline, secret canaries (audit)": {
+        "federation": {"algorithm": "scaffold", "clients_per_round": 4, "local_only_clients": 1},
+        "audit": {"canaries": 4, "guesses": 2, "repeats": 2}},
+    "DPO": {"task": "dpo"},
+    "DPO on the cohort path under user-level DP": {"task": "dpo", "training": ONE_SGD_STEP, "privacy": DP},
+}
+
+
+@contextlib.contextmanager
+def strict_default_device(monkeypatch):
+    """Build the model and adapter on the CPU as usual, then make "meta" the default."""
+    attach = fedsec.setup.attach_lora
+
+    def attach_then_meta(*args, **kwargs):
+        model = attach(*args, **kwargs)
+        torch.set_default_device("meta")
+        return model
+
+    with monkeypatch.context() as patch:
+        patch.setattr(fedsec.setup, "attach_lora", attach_then_meta)
+        try:
+            yield
+        finally:
+            torch.set_default_device(None)
+
+
+def _config(tmp_path, sections: dict):
+    base = {"federation": {"rounds": 2, "clients_per_round": 2, "local_only_clients": 0}, "eval": {"clients": False}}
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    return tiny_config(tmp_path, **base)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_a_run_creates_no_tensor_on_the_default_device(tmp_path, monkeypatch, path):
+    cfg = _config(tmp_path, PATHS[path])
+    with strict_default_device(monkeypatch):
+        result = run_experiment(cfg, out=tmp_path / "strict", progress=False, log=lambda _: None)
+    assert result.finished and result.rounds_done == 2
+    assert torch.empty(0).device.type == "cpu"  # the default is restored for the rest of the suite
+    if path.startswith("SCAFFOLD"):  # naming the devices changed no number
+        plain = run_experiment(cfg, out=tmp_path / "plain", progress=False, log=lambda _: None)
+        assert result.final == plain.final and result.untuned == plain.untuned
