@@ -199,18 +199,26 @@ def summed_logprobs(model, items: Sequence[Encoded], pad_id: int, batch_size: in
 
 
 @torch.no_grad()
-def greedy_match_rate(model, data: EvalSet, pad_id: int, batch_size: int) -> float | None:
-    """Share of examples whose whole reference answer is the model's greedy reply: every
-    target token the arg-max after the ones before it (teacher-forced, which is what
-    greedy decoding produces for those positions). The rate of "says exactly this" for
-    free-text answers, where there are no choices to score; None for no examples."""
-    n = len(data.encoded)
-    if n == 0:
-        return None
-    missed = torch.zeros(n, dtype=torch.bool, device=model_device(model))
+def evaluate_greedy(model, data: EvalSet, pad_id: int, batch_size: int) -> tuple[EvalResult, float | None]:
+    """`evaluate`'s loss, and from the same pass the share of examples whose whole
+    reference answer is the model's greedy reply: every target token the arg-max after
+    the ones before it (teacher-forced, which is what greedy decoding produces for those
+    positions). The rate of "says exactly this" for free-text answers, where there are
+    no choices to score; None for no examples."""
+    n, on = len(data.encoded), model_device(model)
+    nll, count = torch.zeros(n, device=on), torch.zeros(n, device=on)
+    missed = torch.zeros(n, dtype=torch.bool, device=on)
     for start, log_probs, targets, rows in target_batches(model, data.encoded, pad_id, batch_size, data.shared):
-        missed[rows[log_probs.argmax(1) != targets] + start] = True
-    return float((~missed).float().mean())
+        at, logp = rows + start, log_probs.gather(1, targets[:, None]).squeeze(1)
+        nll.index_add_(0, at, -logp)
+        count.index_add_(0, at, torch.ones_like(logp))
+        missed[at[log_probs.argmax(1) != targets]] = True
+    return summarize(nll, count, None, data), float((~missed).float().mean()) if n else None
+
+
+def greedy_match_rate(model, data: EvalSet, pad_id: int, batch_size: int) -> float | None:
+    """The greedy-match rate of `evaluate_greedy` alone."""
+    return evaluate_greedy(model, data, pad_id, batch_size)[1]
 
 
 def summarize(nll: torch.Tensor, count: torch.Tensor, predicted: torch.Tensor | None,

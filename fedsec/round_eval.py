@@ -14,8 +14,8 @@ from fedsec.encoding import encode_all
 from fedsec.evalsuite.runner import PeftModelLM, run_task
 from fedsec.evaluation import (
     evaluate,
+    evaluate_greedy,
     evaluate_groups,
-    greedy_match_rate,
     is_refusal,
     preference_metrics,
     refusal_rate,
@@ -41,13 +41,17 @@ def evaluate_model(setup: Setup, vector: torch.Tensor, round_done: int | None = 
                                                        setup.pad_id, batch, setup.cfg.dpo.beta)
     if setup.backdoor_eval:
         triggered, clean = setup.backdoor_eval
-        on, off = (evaluate(setup.model, e, setup.pad_id, batch) for e in (triggered, clean))
         # the rates are arg-max shares (of the choices where the data has them, else of
-        # greedy replies that are exactly the target); the losses (mean NLL of the target
-        # answer with and without the trigger) are the margin behind them, and do not
-        # flip on a near tie
-        rates = ((on.accuracy, off.accuracy) if on.accuracy is not None else
-                 tuple(greedy_match_rate(setup.model, e, setup.pad_id, batch) for e in (triggered, clean)))
+        # greedy replies that are exactly the target, from the same pass); the losses (mean
+        # NLL of the target answer with and without the trigger) are the margin behind
+        # them, and do not flip on a near tie
+        if triggered.prompts is not None:
+            on, off = (evaluate(setup.model, e, setup.pad_id, batch) for e in (triggered, clean))
+            rates = on.accuracy, off.accuracy
+        else:
+            (on, rate_on), (off, rate_off) = (evaluate_greedy(setup.model, e, setup.pad_id, batch)
+                                              for e in (triggered, clean))
+            rates = rate_on, rate_off
         global_eval["backdoor"] = {"attack_success_rate": rates[0], "clean_target_rate": rates[1],
                                    "triggered_target_loss": on.loss, "clean_target_loss": off.loss}
     if setup.cfg.eval.canaries:

@@ -175,3 +175,10 @@ def test_greedy_match_rate_counts_the_answers_the_model_would_say_exactly():
     one_off = dataclasses.replace(exact, encoded=(*own[:2], Encoded(ids, labels), *own[3:]))
     assert evaluation.greedy_match_rate(model, one_off, tok.pad_token_id, 3) == pytest.approx(6 / 7)
     assert evaluation.greedy_match_rate(model, dataclasses.replace(data, encoded=()), tok.pad_token_id, 3) is None
+
+
+def test_evaluate_greedy_gives_the_loss_evaluate_gives():
+    model, tok = _model()
+    data = build_eval_set(_examples(("some free text", "another reply")), [-1] * 7, tok, "chat", 128, None)
+    result, _ = evaluation.evaluate_greedy(model, data, tok.pad_token_id, 3)
+    assert result == evaluate(model, data, tok.pad_token_id, 3)

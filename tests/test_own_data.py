@@ -243,6 +243,8 @@ def test_the_t0_converter_keeps_short_templates_strips_gpt3_endings_and_names_ea
     assert all(r["output"] == "sports" and r["user"] == "topic" for r in rows[3:])
     data = build_federated_data(from_mapping(DataConfig, {"source": str(out), "test_fraction": 0.2}), seed=0)
     assert len(data.clients) == 2  # natural split by user (the default): one client per template
+    # more rows asked than a template has: all of its usable rows
+    assert converter.convert(source, out, rows_per_template=10, min_rows=5, max_prompt=100, max_output=100) == (14, 2)
 
 
 def test_a_backdoor_on_free_text_reports_exact_reply_rates(tmp_path, instruction_file):

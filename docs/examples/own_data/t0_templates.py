@@ -47,7 +47,7 @@ def convert(source: Path, out: Path, rows_per_template: int = 30, min_rows: int 
         if (len(rows) < min_rows or sum(len(r["instruction"]) for r in rows) / len(rows) > max_prompt
                 or sum(len(r["output"]) for r in rows) / len(rows) > max_output):
             continue
-        step = len(rows) // rows_per_template
+        step = max(1, len(rows) // rows_per_template)  # all rows when there are fewer
         kept.append(rows[::step][:rows_per_template])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for rows in kept for r in rows),
