@@ -236,11 +236,10 @@ def _lm_eval(args) -> int:
     cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, init_from=str(run / "adapter")))
     _quiet_libraries()
     from fedsec.evalsuite.lmeval import evaluate_tasks
-    from fedsec.models import attach_lora, load_base_model
+    from fedsec.models import load_model
     from fedsec.rundir import atomic_write_text
 
-    model, tokenizer = load_base_model(cfg.model)
-    model = attach_lora(model, cfg.lora, cfg.seed)
+    model, tokenizer = load_model(cfg)
     results = evaluate_tasks(model, tokenizer, args.tasks, args.include_path, args.limit, cfg.eval.batch_size)
     atomic_write_text(out, json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))

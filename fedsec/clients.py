@@ -17,8 +17,8 @@ from typing import Protocol
 import torch
 
 from fedsec.config import ExperimentConfig, to_mapping
-from fedsec.encoding import Encoded
-from fedsec.models import attach_lora, load_base_model
+from fedsec.encoding import DATA, Encoded
+from fedsec.models import load_model
 from fedsec.objectives import PairItem, objective_for
 from fedsec.results import ClientUpdate
 from fedsec.rundir import atomic_write_bytes
@@ -35,7 +35,7 @@ def client_update(setup: Setup, start: torch.Tensor, client: int, lr: float, rou
                                  derive_seed(setup.cfg.seed, stream, round_idx, client),
                                  prox_mu=prox_mu, correction=correction)
     return ClientUpdate(client, result.delta, result.num_examples,
-                        {"loss": result.loss, "loss_terms": result.loss_terms})
+                        {"loss": result.loss, "loss_terms": result.loss_terms, "tokens": result.tokens})
 
 
 def client_updates(setup: Setup, start: torch.Tensor, clients: list[int], lr: float, round_idx: int,
@@ -44,7 +44,8 @@ def client_updates(setup: Setup, start: torch.Tensor, clients: list[int], lr: fl
     seeds = [derive_seed(setup.cfg.seed, "client", round_idx, c) for c in clients]
     results = setup.trainer.train_clients(start, [setup.train_sets[c] for c in clients], lr, seeds,
                                           prox_mu=prox_mu)
-    return [ClientUpdate(c, r.delta, r.num_examples, {"loss": r.loss, "loss_terms": r.loss_terms})
+    return [ClientUpdate(c, r.delta, r.num_examples, {"loss": r.loss, "loss_terms": r.loss_terms,
+                                                       "tokens": r.tokens})
             for c, r in zip(clients, results)]
 
 
@@ -107,8 +108,7 @@ def prepare_clients(cfg: ExperimentConfig, hosted: Callable[[int], bool], record
     float bits.
     """
     federation = build_federation(cfg)
-    model, tokenizer = load_base_model(cfg.model)
-    model = attach_lora(model, cfg.lora, cfg.seed)
+    model, tokenizer = load_model(cfg)
     pad = tokenizer.pad_token_id
     objective = objective_for(cfg, pad)
     ids = [c for c in range(len(federation.data.clients)) if hosted(c) and (only is None or c in only)]
@@ -125,7 +125,7 @@ def prepare_clients(cfg: ExperimentConfig, hosted: Callable[[int], bool], record
         items = train_set(objective, federation.data.clients[c], tokenizer, cfg)
         if cfg.lora.cache_frozen_layers and items:
             first, model_key = prefix_args(model, cfg)
-            items = cache_train_sets(model, first, pad, cfg.eval.batch_size, model_key, [items])[0]
+            items = cache_train_sets(model, first, pad, cfg.eval.batch_size, model_key, [items], DATA)[0]
         items = objective.precompute(model, items, cfg.eval.batch_size)  # DPO: the reference log-probabilities
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)

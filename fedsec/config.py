@@ -24,7 +24,8 @@ __all__ = ["ExperimentConfig", "ConfigError", "load_config", "dump_config", "fro
            "apply_override", "read_yaml", "to_mapping"]
 
 QUANTIZATIONS = ("none", "8bit", "4bit")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+PRECISIONS = ("fp32", "bf16", "fp16")
 TEMPLATES = ("chat", "alpaca")
 PARTITIONS = ("natural", "iid", "dirichlet", "quantity")
 TASKS = ("sft", "dpo")
@@ -63,12 +64,29 @@ class ModelConfig:
         "smollm2-135m-instruct",
     )
     quantization: str = _help("none, 8bit or 4bit (NF4, bitsandbytes; runs on CPU too)", "none")
-    dtype: str = _help("dtype of the unquantized weights: float32, bfloat16 or float16", "float32")
+    dtype: str = _help(
+        "dtype of the frozen base weights: float32, bfloat16, float16, or auto (on a CUDA device "
+        "the dtype of training.precision, bf16 -> bfloat16; float32 elsewhere)", "auto")
+    device: str = _help(
+        "where the model trains and evaluates: auto (cuda when available, else cpu), cpu, cuda, "
+        "cuda:N or mps; batches, cached states and DPO references follow it", "auto")
 
     def __post_init__(self) -> None:
         _require(bool(self.name.strip()), "name", self.name, "give a model name or path")
         _one_of("quantization", self.quantization, QUANTIZATIONS)
         _one_of("dtype", self.dtype, DTYPES)
+        _require(_device_name(self.device), "device", self.device, "must be auto, cpu, cuda, cuda:N "
+                 "(N a device index) or mps")
+        _require(not (self.quantization != "none" and self.device == "mps"), "device", self.device,
+                 "bitsandbytes quantization runs on cpu or cuda, not mps; use another device or "
+                 "model.quantization: none")
+
+
+def _device_name(name: str) -> bool:
+    if name in ("auto", "cpu", "cuda", "mps"):
+        return True
+    kind, _, index = name.partition(":")
+    return kind == "cuda" and index.isdigit()
 
 
 @dataclass(frozen=True)
@@ -296,8 +314,16 @@ class TrainingConfig:
     lr_schedule: str = _help("cosine (across rounds, as OpenFedLLM) or constant", "cosine")
     weight_decay: float = _help("AdamW weight decay", 0.0)
     max_grad_norm: float | None = _help("clip the local gradient norm (null: off)", 1.0)
+    precision: str = _help(
+        "fp32, or mixed precision: bf16 or fp16 autocast around every forward (training, "
+        "evaluation, the frozen prefix, DPO's reference pass); the LoRA weights the optimizer "
+        "steps stay float32, fp16 adds dynamic loss scaling", "fp32")
+    gradient_checkpointing: bool = _help(
+        "recompute each layer's activations in the backward pass instead of keeping them: less "
+        "memory for long sequences or large models, about one more forward of time", False)
 
     def __post_init__(self) -> None:
+        _one_of("precision", self.precision, PRECISIONS)
         _require(self.local_steps >= 1, "local_steps", self.local_steps, "must be >= 1")
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
         _require(self.grad_accum >= 1, "grad_accum", self.grad_accum, "must be >= 1")
@@ -682,6 +708,12 @@ class ExperimentConfig:
                  "privacy.mode record certifies single training examples, not clients: audit a run with "
                  "privacy.mode user (or off), or set audit.canaries to 0")
         if self.privacy.mode == "record":
+            _require(not self.training.gradient_checkpointing, "training.gradient_checkpointing", True,
+                     "record-level DP takes per-example gradients from Opacus' hooks, which a recomputed "
+                     "forward would record twice; set it to false")
+            _require(self.training.precision != "fp16", "training.precision", "fp16",
+                     "record-level DP clips per-example gradients, which fp16's loss scaling does not "
+                     "cover; use bf16 (no loss scaling needed) or fp32")
             _require(self.training.grad_accum == 1, "training.grad_accum", self.training.grad_accum,
                      "record-level DP-SGD takes one Poisson batch per step; set it to 1")
         self._check_data_attack_task()

@@ -30,6 +30,7 @@ from fedsec.attacks.clients import attack_round, detection
 from fedsec.clients import ClientRunner, InProcessClients, client_update, scaffold_updates, server_reference
 from fedsec.config import ExperimentConfig
 from fedsec.console import round_line
+from fedsec.devices import PeakMemory, model_device
 from fedsec.disclosure import split_result
 from fedsec.errors import ConfigError
 from fedsec.pipeline import SERVER, build_pipeline
@@ -175,7 +176,10 @@ def play_round(setup: Setup, state: RunState, clients: ClientRunner, round_idx: 
     """One round: the sampled clients train, attackers replace their updates, the server
     pipeline aggregates, the ledger records the DP release, the server optimizer steps."""
     started = time.perf_counter()
+    memory = PeakMemory(model_device(setup.model))
+    memory.reset()
     updates, failed = _client_updates(setup, state, clients, sampled, lr, round_idx)
+    trained = time.perf_counter() - started
     outcome = None
     if setup.malicious:
         outcome = attack_round(setup.cfg.attack.kind, setup.cfg.attack.params, updates, set(setup.malicious),
@@ -203,8 +207,12 @@ def play_round(setup: Setup, state: RunState, clients: ClientRunner, round_idx: 
     kept = [u for u in updates if u.client_id not in rejected]
     terms = sum(u.metrics["loss_terms"] for u in kept)
     train_loss = sum(u.metrics["loss"] * u.metrics["loss_terms"] for u in kept) / max(terms, 1)
+    tokens = sum(u.metrics.get("tokens", 0) for u in updates)  # an audit's crafted canary trained none
+    compute = {"device": str(memory.device), "precision": setup.cfg.training.precision, "train_tokens": tokens,
+               "train_seconds": trained, "tokens_per_s": tokens / trained if trained > 0 else None,
+               "peak_memory_bytes": memory.read(), "peak_memory_kind": memory.kind}
     return RoundResult(round_idx + 1, lr, tuple(sampled), train_loss, batch.rejected, time.perf_counter() - started,
-                       global_eval, clients_eval, privacy, defended, attacked, failed)
+                       global_eval, clients_eval, privacy, defended, attacked, failed, compute)
 
 
 def _start(setup: Setup, run: RunDir, state: RunState, resume: bool, log: Callable[[str], None]) -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from fedsec.config import LoraConfig, ModelConfig
+from fedsec.devices import base_dtype, resolve_device, set_precision
 from fedsec.errors import ConfigError
 from fedsec.seeding import scoped_torch_seed
 
@@ -50,15 +51,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FEDSEC_CACHE", Path.home() / ".cache" / "fedsec"))
 
 
-def load_base_model(cfg: ModelConfig):
-    """(model, tokenizer) for a model config, quantized if asked, in eval mode."""
+def load_base_model(cfg: ModelConfig, precision: str = "fp32"):
+    """(model, tokenizer) for a model config, quantized if asked, in eval mode, on
+    `model.device` (resolved here: a device this machine lacks is a one-line ConfigError).
+    `precision` (training.precision) decides `model.dtype: auto` on CUDA."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = resolve_device(cfg.device)
+    dtype = _DTYPES[base_dtype(cfg.dtype, precision, device)]
     path = resolve_model_path(cfg.name)
-    kwargs: dict = {"dtype": _DTYPES[cfg.dtype]}
+    kwargs: dict = {"dtype": dtype}
     if cfg.quantization != "none":
-        kwargs["quantization_config"] = _bnb_config(cfg)
-        kwargs["device_map"] = "cuda" if torch.cuda.is_available() else "cpu"
+        kwargs["quantization_config"] = _bnb_config(cfg, dtype)
+        kwargs["device_map"] = {"": device}  # bitsandbytes quantizes as the weights land there
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -66,19 +71,40 @@ def load_base_model(cfg: ModelConfig):
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError("model.name", cfg.name, f"could not load it ({first[:160]}); use tiny, "
                           f"{SMOLLM2}, a local model folder, or a hub id with network access") from None
+    if cfg.quantization == "none":
+        model = model.to(device)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
 
 
-def _bnb_config(cfg: ModelConfig):
+def load_model(cfg):
+    """(model with its LoRA adapter, tokenizer) for an experiment: the base model on its
+    device, the adapter (float32 master weights whatever the base dtype), the forwards'
+    precision (training.precision) and, if asked, gradient checkpointing."""
+    model, tokenizer = load_base_model(cfg.model, cfg.training.precision)
+    if cfg.training.gradient_checkpointing:
+        # non-reentrant: gradients reach the adapters although the inputs need none
+        # (transformers 5 renamed it activation checkpointing; 4.x has only the old name)
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = attach_lora(model, cfg.lora, cfg.seed)
+    set_precision(model, cfg.training.precision)
+    return model, tokenizer
+
+
+def _bnb_config(cfg: ModelConfig, dtype: torch.dtype):
+    """QLoRA's quantization (Dettmers et al. 2023): 8-bit LLM.int8(), or 4-bit NF4 computing
+    in `dtype` (bf16 on a GPU under bf16 precision)."""
     from transformers import BitsAndBytesConfig
 
     if cfg.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                              bnb_4bit_compute_dtype=_DTYPES[cfg.dtype])
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
 
 
 def resolve_model_path(name: str) -> str:

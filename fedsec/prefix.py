@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 
 from fedsec import progress
-from fedsec.encoding import Encoded, collate
+from fedsec.devices import autocast, model_device, to_device
+from fedsec.encoding import DATA, Encoded, collate
+from fedsec.errors import ConfigError
 from fedsec.rundir import atomic_write_bytes
 
 
@@ -55,9 +57,12 @@ def top_layers_only(model, first: int) -> Iterator[None]:
 
 @torch.no_grad()
 def prefix_states(model, items: Sequence[Encoded], first: int, pad_id: int,
-                  batch_size: int = 32) -> list[torch.Tensor]:
-    """The hidden state entering layer `first` for each item, [T_i, hidden] each."""
+                  batch_size: int = 32, home: torch.device = DATA) -> list[torch.Tensor]:
+    """The hidden state entering layer `first` for each item, [T_i, hidden] each, kept on
+    `home` (host memory by default; see `plan_cache`)."""
     decoder = _decoder(model)
+    on = model_device(model)
+    pin = home.type == "cpu" and on.type == "cuda"
 
     def capture(_module, args, kwargs):
         raise _Captured(args[0] if args else kwargs["hidden_states"])
@@ -70,14 +75,15 @@ def prefix_states(model, items: Sequence[Encoded], first: int, pad_id: int,
     try:
         for start in range(0, len(order), batch_size):
             chunk = order[start: start + batch_size]
-            batch = collate([items[i] for i in chunk], pad_id)
+            batch = to_device(collate([items[i] for i in chunk], pad_id), on)
             try:
-                decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        use_cache=False)
+                with autocast(model):
+                    decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            use_cache=False)
                 raise RuntimeError("the decoder never reached the first adapted layer")
             except _Captured as hit:
                 for row, i in enumerate(chunk):
-                    out[i] = hit.hidden[row, : items[i].input_ids.numel()].clone()
+                    out[i] = _placed(hit.hidden[row, : items[i].input_ids.numel()], home, pin)
             shown.update(len(chunk))
     finally:
         handle.remove()
@@ -138,16 +144,19 @@ def _load(path: Path, count: int) -> list[torch.Tensor] | None:
 
 
 def cache_frozen_prefix(model, items: Sequence[Encoded], first: int, pad_id: int,
-                        batch_size: int = 32, model_key: str | None = None) -> list[Encoded]:
+                        batch_size: int = 32, model_key: str | None = None,
+                        home: torch.device = DATA) -> list[Encoded]:
     """The items with their frozen-prefix states attached (see module docstring).
 
     `model_key` names the frozen base model (name, dtype, quantization); given, states
     are reused from earlier calls with the same frozen weights (their digest), items
     (token ids: data and template), layer and batch size: from this process's memo, else
-    from the on-disk cache (prefix_cache_dir), where new states are stored.
+    from the on-disk cache (prefix_cache_dir), where new states are stored. `home`: where
+    the states are kept (`plan_cache`).
     """
+    pin = home.type == "cpu" and model_device(model).type == "cuda"
     if model_key is None:
-        states = prefix_states(model, items, first, pad_id, batch_size)
+        states = prefix_states(model, items, first, pad_id, batch_size, home)
         return [replace(item, hidden=h, hidden_layer=first) for item, h in zip(items, states)]
     key = _memo_key(f"{model_key}|{frozen_fingerprint(model, first)}", first, items, batch_size)
     states = _MEMO.get(key)
@@ -155,12 +164,13 @@ def cache_frozen_prefix(model, items: Sequence[Encoded], first: int, pad_id: int
     if states is None and path.is_file():
         states = _load(path, len(items))
         if states is not None:
+            states = [_placed(h, home, pin, copy=False) for h in states]
             progress.note(f"fedsec: frozen prefix of {len(items)} examples read from {path} "
                           f"({_size(path.stat().st_size)})")
     if states is None:
-        states = prefix_states(model, items, first, pad_id, batch_size)
+        states = prefix_states(model, items, first, pad_id, batch_size, home)
         buffer = io.BytesIO()
-        torch.save(states, buffer)
+        torch.save([h.to(DATA) for h in states], buffer)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(path, buffer.getvalue())
@@ -168,11 +178,65 @@ def cache_frozen_prefix(model, items: Sequence[Encoded], first: int, pad_id: int
                           f"({_size(buffer.tell())}; delete {path.parent} to free it)")
         except OSError as err:  # a full or read-only disk costs the reuse, not the run
             progress.note(f"fedsec: frozen prefix not cached on disk ({err})")
+    states = [_placed(h, home, pin, copy=False) for h in states]  # a memo entry another run kept elsewhere
     _MEMO[key] = states
     while len(_MEMO) > _MEMO_ENTRIES:
         _MEMO.pop(next(iter(_MEMO)))
     return [replace(item, hidden=h, hidden_layer=first) for item, h in zip(items, states)]
 
 
-def _size(n: int) -> str:
+def _placed(state: torch.Tensor, home: torch.device, pin: bool, copy: bool = True) -> torch.Tensor:
+    """`state` on `home` (a tensor of its own with `copy`, not a view into a batch), in pinned
+    host memory with `pin` (a CUDA model: page-locked memory copies to it asynchronously)."""
+    if state.device == home and (not pin or state.is_pinned()):
+        return state.clone() if copy else state
+    moved = state.to(home)
+    return moved.pin_memory() if pin else moved
+
+
+# Shares of free memory the frozen-prefix states may take: on the GPU they compete with the
+# model, its activations and the per-example gradients; in host memory with everything else.
+GPU_SHARE, HOST_SHARE = 0.25, 0.8
+
+
+def plan_cache(model, first: int, tokens: int, log=progress.note) -> torch.device:
+    """Where `tokens` positions of frozen-prefix states live, from their size: in GPU memory
+    while they take at most GPU_SHARE of its free bytes, else in (pinned) host memory while
+    they fit HOST_SHARE of what the machine has available; larger is a ConfigError. The size
+    and the choice are printed."""
+    decoder = _decoder(model)
+    width = decoder.embed_tokens.embedding_dim
+    per_position = width * decoder.embed_tokens.weight.element_size()
+    size = tokens * per_position
+    on, host = model_device(model), _host_available()
+    where, home = "host memory", DATA
+    if on.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(on)
+        if size <= GPU_SHARE * free:
+            where, home = f"{on} memory", on
+        else:
+            where = f"pinned host memory (above {GPU_SHARE:.0%} of the {_size(free)} free on {on})"
+    if home == DATA and host is not None and size > HOST_SHARE * host:
+        raise ConfigError("lora.cache_frozen_layers", True, f"the frozen-prefix states need {_size(size)} "
+                          f"({tokens:,} positions x {width} x {per_position // width} bytes), more than "
+                          f"{HOST_SHARE:.0%} of the {_size(host)} of memory available; set it to false, or "
+                          "lower data.max_length or the number of examples")
+    log(f"fedsec: frozen prefix: {tokens:,} positions, {_size(size)}, kept in {where}")
+    return home
+
+
+def _host_available() -> int | None:
+    """MemAvailable of this machine in bytes (Linux), else None (no check)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _size(n: float) -> str:
+    if n >= 2**30:
+        return f"{n / 2**30:.1f} GiB"
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"

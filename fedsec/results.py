@@ -40,6 +40,10 @@ class RoundResult:
     defense: dict | None = None  # robust aggregator: its name, excluded clients, diagnostics
     attack: dict | None = None  # malicious clients sampled; the defense's true/false positives
     failed: tuple[int, ...] = ()  # sampled clients whose update never came (a SuperNode down or late)
+    # where and how fast it ran: device, precision, training tokens and tokens/s (the clients'
+    # phase; on Flower the SuperNodes' time with transport), peak memory (CUDA: allocated bytes
+    # in the round; CPU: the process's peak resident set so far); under DP not covered (data-sized)
+    compute: dict | None = None
 
     def as_dict(self) -> dict:
         return {"phase": "federated", **asdict(self)}

@@ -20,6 +20,7 @@ from fedsec.canaries import AuditState, audit_canaries, start_audit, with_canary
 from fedsec.config import ExperimentConfig
 from fedsec.data import FederatedData, build_federated_data
 from fedsec.data.unsafe import draw, read_alignment, read_unsafe
+from fedsec.devices import model_device
 from fedsec.encoding import encode_prompt
 from fedsec.errors import ConfigError
 from fedsec.evalsuite.runner import PeftModelLM, load_tasks
@@ -31,9 +32,9 @@ from fedsec.evaluation import (
     packable_prefix,
     share_prefix,
 )
-from fedsec.models import attach_lora, load_base_model
+from fedsec.models import load_model
 from fedsec.objectives import OBJECTIVES, PairItem, objective_for
-from fedsec.prefix import cache_frozen_prefix
+from fedsec.prefix import cache_frozen_prefix, plan_cache
 from fedsec.privacy import (
     RecordPlan,
     dp_seed,
@@ -170,8 +171,7 @@ def prepare(cfg: ExperimentConfig) -> Setup:
     canaries, included = federation.canaries, federation.included
     num_clients = len(data.clients) - int(included.sum() if included is not None else 0)
     fed = cfg.federation
-    model, tokenizer = load_base_model(cfg.model)
-    model = attach_lora(model, cfg.lora, cfg.seed)
+    model, tokenizer = load_model(cfg)
     audit = None
     if cfg.audit.canaries:
         first_canary = population - cfg.audit.canaries  # the clients before them
@@ -208,15 +208,17 @@ def prepare(cfg: ExperimentConfig) -> Setup:
     backdoor_eval = _backdoor_eval(cfg, data, tokenizer) if cfg.attack.kind == "backdoor" else ()
     probe_prompts = ([encode_prompt(p, tokenizer, d.template) for p in data.probes]
                      if cfg.eval.refusal else [])
+    prefix = None
     if cfg.lora.cache_frozen_layers:
         first, model_key = prefix_args(model, cfg)
+        home = plan_cache(model, first, positions(*train_sets, global_eval, client_eval, preference_eval,
+                                                  *backdoor_eval))
+        prefix = (first, model_key, home)
         train_sets, global_eval, client_eval, preference_eval = _cache_prefix(
-            model, first, pad, cfg.eval.batch_size, model_key, train_sets, global_eval, client_eval,
-            preference_eval)
+            model, prefix, pad, cfg.eval.batch_size, train_sets, global_eval, client_eval, preference_eval)
         backdoor_eval = tuple(map_sequences(e, lambda items: cache_frozen_prefix(
-            model, items, first, pad, cfg.eval.batch_size, model_key)) for e in backdoor_eval)
-    tasks = _encode_tasks(model, tokenizer, cfg, tasks,
-                          prefix_args(model, cfg) if cfg.lora.cache_frozen_layers else None)
+            model, items, first, pad, cfg.eval.batch_size, model_key, home)) for e in backdoor_eval)
+    tasks = _encode_tasks(model, tokenizer, cfg, tasks, prefix)
     # the evaluation items' common opening (system prompt, instruction) computed once per forward
     global_eval = share_prefix(model, global_eval, pad)
     client_eval = share_prefix(model, client_eval, pad) if client_eval is not None else None
@@ -242,9 +244,9 @@ def record_secret(cfg: ExperimentConfig) -> int | None:
 
 
 def _encode_tasks(model, tokenizer, cfg: ExperimentConfig, tasks: tuple,
-                  prefix: tuple[int, str] | None) -> tuple:
+                  prefix: tuple[int, str, torch.device] | None) -> tuple:
     """The closed-answer benchmarks' scoring sequences, encoded once at setup: with
-    `prefix` (first adapted layer, memo key) their frozen-prefix states attached (exact;
+    `prefix` (first adapted layer, memo key, where states live) their frozen-prefix states attached (exact;
     each evaluation then runs only the adapted top layers), and their shared opening
     computed once per forward where that is exact on this model."""
     lm = PeftModelLM(model, tokenizer, cfg.data.template, cfg.eval.batch_size)
@@ -254,7 +256,7 @@ def _encode_tasks(model, tokenizer, cfg: ExperimentConfig, tasks: tuple,
             batch = lm.encode_choices(task.items)
             sequences = list(batch.sequences)
             if prefix is not None:
-                sequences = cache_frozen_prefix(model, sequences, prefix[0], pad, cfg.eval.batch_size, prefix[1])
+                sequences = cache_frozen_prefix(model, sequences, prefix[0], pad, cfg.eval.batch_size, *prefix[1:])
             task = dataclasses.replace(task, encoded=dataclasses.replace(
                 batch, sequences=tuple(sequences), shared=packable_prefix(model, sequences, pad)))
         out.append(task)
@@ -264,43 +266,64 @@ def _encode_tasks(model, tokenizer, cfg: ExperimentConfig, tasks: tuple,
 def prefix_args(model, cfg: ExperimentConfig) -> tuple[int, str]:
     """The first adapted layer and the memo key of the frozen-prefix cache."""
     return (model.config.num_hidden_layers - cfg.lora.top_layers,
-            f"{cfg.model.name}|{cfg.model.dtype}|{cfg.model.quantization}")
+            f"{cfg.model.name}|{cfg.model.dtype}|{cfg.model.quantization}|{model_device(model).type}|"
+            f"{cfg.training.precision}")
 
 
-def _cache_prefix(model, first: int, pad: int, batch_size: int, model_key: str, train_sets, *evals):
+def positions(*collections) -> int:
+    """Token positions in collections of items (Encoded, a DPO pair's two, an EvalSet's items
+    and scoring sequences; None counts 0): what their frozen-prefix states take."""
+    total = 0
+    for items in collections:
+        if items is None:
+            continue
+        if isinstance(items, EvalSet):
+            total += positions(items.encoded, items.pairs)
+            continue
+        for item in items:
+            total += (positions((item.chosen, item.rejected)) if isinstance(item, PairItem)
+                      else int(item.input_ids.numel()))
+    return total
+
+
+def _cache_prefix(model, prefix: tuple[int, str, torch.device], pad: int, batch_size: int, train_sets, *evals):
     """Attach frozen-prefix states (fedsec.prefix) to every training and evaluation item.
 
     Each collection is cached in one call (all clients' training items together), so a
     later run of a sweep on the same data finds it whole in the in-process memo.
     """
+    first, model_key, home = prefix
+
     def encoded(items):
-        return cache_frozen_prefix(model, list(items), first, pad, batch_size, model_key)
+        return cache_frozen_prefix(model, list(items), first, pad, batch_size, model_key, home)
 
     global_eval, client_eval, preference_eval = evals
-    train_sets = cache_train_sets(model, first, pad, batch_size, model_key, train_sets)
+    train_sets = cache_train_sets(model, first, pad, batch_size, model_key, train_sets, home)
     global_eval = map_sequences(global_eval, encoded)
     if client_eval is not None:
         client_eval = map_sequences(client_eval, encoded)
     if preference_eval:
-        preference_eval = _cache_pairs(model, first, pad, batch_size, model_key, preference_eval)
+        preference_eval = _cache_pairs(model, first, pad, batch_size, model_key, preference_eval, home)
     return train_sets, global_eval, client_eval, preference_eval
 
 
-def _cache_pairs(model, first: int, pad: int, batch_size: int, model_key: str, items: list) -> list:
+def _cache_pairs(model, first: int, pad: int, batch_size: int, model_key: str, items: list,
+                 home: torch.device) -> list:
     flat = cache_frozen_prefix(model, [p.chosen for p in items] + [p.rejected for p in items], first, pad,
-                               batch_size, model_key)
+                               batch_size, model_key, home)
     n = len(items)
     return [dataclasses.replace(p, chosen=flat[i], rejected=flat[n + i]) for i, p in enumerate(items)]
 
 
-def cache_train_sets(model, first: int, pad: int, batch_size: int, model_key: str, train_sets) -> list:
-    """Every client's training items with their frozen-prefix states, cached in one call."""
+def cache_train_sets(model, first: int, pad: int, batch_size: int, model_key: str, train_sets,
+                     home: torch.device) -> list:
+    """Every client's training items with their frozen-prefix states (kept on `home`), cached in one call."""
     sizes = [len(items) for items in train_sets]
     flat = [item for items in train_sets for item in items]
     if flat and isinstance(flat[0], PairItem):
-        flat = _cache_pairs(model, first, pad, batch_size, model_key, flat)
+        flat = _cache_pairs(model, first, pad, batch_size, model_key, flat, home)
     else:
-        flat = cache_frozen_prefix(model, flat, first, pad, batch_size, model_key)
+        flat = cache_frozen_prefix(model, flat, first, pad, batch_size, model_key, home)
     bounds = [0, *itertools.accumulate(sizes)]
     return [flat[bounds[k]: bounds[k + 1]] for k in range(len(sizes))]
 

@@ -38,7 +38,7 @@ import torch
 from fedsec.adapter import AdapterParams
 from fedsec.config import TrainingConfig
 from fedsec.defenses.dp import private_mean
-from fedsec.devices import model_device, to_device
+from fedsec.devices import autocast, model_device, to_device
 from fedsec.encoding import IGNORE
 from fedsec.seeding import derive_seed, scoped_torch_seed
 
@@ -79,18 +79,20 @@ def target_log_softmax(model, batch: dict[str, torch.Tensor]):
         dtype = batch["inputs_embeds"].dtype if "inputs_embeds" in batch else lm.get_input_embeddings().weight.dtype
         mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
         extra["position_ids"] = batch["position_ids"]
-    if "inputs_embeds" in batch:  # frozen-prefix cache: run only the adapted top layers
-        from fedsec.prefix import top_layers_only
+    with autocast(model):  # training.precision: the one place a forward's precision is applied
+        if "inputs_embeds" in batch:  # frozen-prefix cache: run only the adapted top layers
+            from fedsec.prefix import top_layers_only
 
-        with top_layers_only(lm, batch["start_layer"]):
-            hidden = lm.get_decoder()(inputs_embeds=batch["inputs_embeds"], attention_mask=mask,
+            with top_layers_only(lm, batch["start_layer"]):
+                hidden = lm.get_decoder()(inputs_embeds=batch["inputs_embeds"], attention_mask=mask,
+                                          use_cache=False, **extra).last_hidden_state
+        else:
+            hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=mask,
                                       use_cache=False, **extra).last_hidden_state
-    else:
-        hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=mask,
-                                  use_cache=False, **extra).last_hidden_state
-    targets = batch["labels"][:, 1:]
-    where = targets != IGNORE
-    logits = lm.get_output_embeddings()(hidden[:, :-1][where]).float()
+        targets = batch["labels"][:, 1:]
+        where = targets != IGNORE
+        logits = lm.get_output_embeddings()(hidden[:, :-1][where])
+    logits = logits.float()
     rows = batch["owner"][:, 1:][where] if "owner" in batch else where.nonzero()[:, 0]
     return logits.log_softmax(-1), targets[where], rows
 
@@ -152,6 +154,7 @@ class LocalResult:
     loss: float  # mean loss per term (target token for SFT, pair for DPO) over the steps
     steps: int
     loss_terms: int
+    tokens: int = 0  # token positions through the model's forward (a pair: both replies), padding excluded
 
 
 class BatchStream:
@@ -175,6 +178,12 @@ def _record_length(item) -> int:
     return max(_record_length(item.chosen), _record_length(item.rejected))
 
 
+def record_tokens(items) -> int:
+    """Token positions the items put through a forward (a pair: both replies), padding excluded."""
+    return sum(int(i.input_ids.numel()) if hasattr(i, "input_ids") else record_tokens((i.chosen, i.rejected))
+               for i in items)
+
+
 def _chunks(lengths: Sequence[int], tokens: int, max_rows: int) -> list[list[int]]:
     """Indices grouped into length-sorted chunks of at most `tokens` padded tokens and
     `max_rows` records (a record longer than `tokens` gets a chunk of its own)."""
@@ -196,6 +205,11 @@ def _chunks(lengths: Sequence[int], tokens: int, max_rows: int) -> list[list[int
 # malloc's reuse threshold and pay fresh page faults on every call (8,192: 1.4x slower).
 COHORT_TOKENS = 2048
 COHORT_GRAD_FLOATS = 2**26
+# fp16's first loss scale. Each client's scaler is fresh (shared state would couple clients and
+# break a resumed run's equality) and has only local_steps steps to find its scale; torch's
+# 2**16 overflows at the start and skips them (tiny model, 4 rounds of 4 steps: final loss 2.53
+# against fp32's 1.84), 2**12 does not (1.842). Overflow still halves it and skips that step.
+FP16_INIT_SCALE = 2.0**12
 
 
 class LocalTrainer:
@@ -234,7 +248,9 @@ class LocalTrainer:
         layout = self.adapter.layout
         anchors = list(layout.unflatten(start).values()) if prox_mu > 0 else None
         offsets = list(layout.unflatten(correction).values()) if correction is not None else None
-        total_loss, total_tokens = 0.0, 0
+        # fp16: dynamic loss scaling (Micikevicius et al. 2018) keeps small gradients above fp16's underflow
+        scaler = torch.amp.GradScaler(on.type, init_scale=FP16_INIT_SCALE) if cfg.precision == "fp16" else None
+        total_loss, total_terms, tokens = 0.0, 0, 0
         dp = self.record_dp
         sampler = stream.gen  # reproducible DP-SGD: the batch order's stream also draws the Poisson batches
         if dp is not None and dp.secret is not None:
@@ -244,34 +260,42 @@ class LocalTrainer:
             with scoped_torch_seed(seed), (per_sample_gradients(self.model) if dp else contextlib.nullcontext()):
                 for step in range(cfg.local_steps):
                     if dp is None:
-                        loss_sum, n = self._accumulate_gradient(stream)
+                        loss_sum, n, step_tokens = self._accumulate_gradient(stream, scaler)
                     else:
                         noise_root = (seed,) if dp.secret is None else (dp.secret, seed)
                         noise = torch.Generator().manual_seed(derive_seed(*noise_root, "record-noise", step))
-                        loss_sum, n = self._dp_sgd_gradient(data, sampler, noise)
+                        loss_sum, n, step_tokens = self._dp_sgd_gradient(data, sampler, noise)
                     total_loss += loss_sum
-                    total_tokens += n
+                    total_terms += n
+                    tokens += step_tokens
+                    if scaler is not None:
+                        scaler.unscale_(optimizer)  # the true gradient, for FedProx's term and the clip
                     if anchors is not None:
                         self._add_proximal_gradient(prox_mu, anchors)
                     if cfg.max_grad_norm is not None:
                         torch.nn.utils.clip_grad_norm_(self.adapter.params, cfg.max_grad_norm)
-                    optimizer.step()
+                    if scaler is not None:
+                        scaler.step(optimizer)  # skipped when the scaled gradient overflowed
+                        scaler.update()
+                    else:
+                        optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     if offsets is not None:
                         self._apply_correction(lr, offsets)
         finally:
             self.model.eval()
         delta = (self.adapter.get() - start).to(home)
-        return LocalResult(delta, len(data), total_loss / max(total_tokens, 1), cfg.local_steps,
-                           total_tokens)
+        return LocalResult(delta, len(data), total_loss / max(total_terms, 1), cfg.local_steps,
+                           total_terms, tokens)
 
     @property
     def one_step_batchable(self) -> bool:
         """Whether `train_clients` may batch clients: one plain SGD step each, no
-        record-level DP, nothing random in the forward (dropout)."""
+        record-level DP, nothing random in the forward (dropout), per-row gradients that
+        Opacus' hooks can take (no recomputed forward, no fp16 loss scaling)."""
         cfg, model = self.cfg, self.model
         return (cfg.local_steps == 1 and cfg.grad_accum == 1 and cfg.optimizer == "sgd"
-                and self.record_dp is None
+                and self.record_dp is None and not cfg.gradient_checkpointing and cfg.precision != "fp16"
                 and not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
                 and not getattr(getattr(model, "config", None), "attention_dropout", 0.0))
 
@@ -317,28 +341,33 @@ class LocalTrainer:
             grads *= (cfg.max_grad_norm / (grads.norm(dim=1, keepdim=True) + 1e-6)).clamp(max=1.0)
         deltas = (-lr * (grads + cfg.weight_decay * start)).to(home)  # SGD: w <- w - lr (g + wd w)
         return [LocalResult(deltas[k], len(datasets[k]), float(loss_sums[k] / max(terms[k], 1)), 1,
-                            int(terms[k])) for k in range(n)]
+                            int(terms[k]), record_tokens(batch)) for k, batch in enumerate(batches)]
 
-    def _accumulate_gradient(self, stream: BatchStream) -> tuple[float, int]:
-        """Backward `grad_accum` batches (loss per term); returns (summed loss, terms)."""
-        total, terms = 0.0, 0
+    def _accumulate_gradient(self, stream: BatchStream, scaler=None) -> tuple[float, int, int]:
+        """Backward `grad_accum` batches (loss per term, scaled by fp16's `scaler`); returns
+        (summed loss, terms, token positions)."""
+        total, terms, tokens = 0.0, 0, 0
         for _ in range(self.cfg.grad_accum):
-            loss_sum, n = self.objective.loss(self.model, stream.next())
-            (loss_sum / max(n, 1) / self.cfg.grad_accum).backward()
+            batch = stream.next()
+            tokens += record_tokens(batch)
+            loss_sum, n = self.objective.loss(self.model, batch)
+            loss = loss_sum / max(n, 1) / self.cfg.grad_accum
+            (scaler.scale(loss) if scaler is not None else loss).backward()
             total += float(loss_sum.detach())
             terms += n
-        return total, terms
+        return total, terms, tokens
 
     def _dp_sgd_gradient(self, data: Sequence, sampler: torch.Generator,
-                         noise: torch.Generator) -> tuple[float, int]:
+                         noise: torch.Generator) -> tuple[float, int, int]:
         """Set each parameter's .grad to one DP-SGD step's noisy clipped mean gradient.
 
-        Returns (sum of the sampled records' losses, number of records sampled).
+        Returns (sum of the sampled records' losses, number of records sampled, their token positions).
         """
         dp, params = self.record_dp, self.adapter.params
         picked, expected = poisson_batch(len(data), self.cfg.batch_size, sampler)
         per_record = torch.zeros(len(picked), self.adapter.layout.numel, device=model_device(self.model))
         loss_sum = 0.0
+        tokens = record_tokens([data[i] for i in picked])
         if picked:
             losses, row_record = self.objective.record_losses(self.model, [data[i] for i in picked])
             losses.sum().backward()
@@ -350,7 +379,7 @@ class LocalTrainer:
             for p, grad in zip(params, self.adapter.layout.unflatten(step).values()):
                 p.grad = grad.to(p.dtype).clone()
                 p.grad_sample = None
-        return loss_sum, len(picked)
+        return loss_sum, len(picked), tokens
 
     @torch.no_grad()
     def _add_proximal_gradient(self, prox_mu: float, anchors) -> None:

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import TINY
 from hypothesis import given, settings
@@ -89,6 +90,17 @@ CONFIG_CASES = [
     ("aggregator-unknown", {"defense.aggregator": "krumm"}, "defense.aggregator", "one of"),
     ("lora-rank-zero", {"lora.rank": 0}, "lora.rank", ">= 1"),
     ("quantization-unknown", {"model.quantization": "3bit"}, "model.quantization", "none, 8bit, 4bit"),
+    # this suite runs on machines without CUDA (a GPU machine skips the first: tests/test_precision.py)
+    *([("device-cuda-absent", {"model.device": "cuda"}, "model.device", "no CUDA device")]
+      if not torch.cuda.is_available() else []),
+    ("device-unknown", {"model.device": "gpu0"}, "model.device", "cuda:N"),
+    ("device-mps-quantized", {"model.device": "mps", "model.quantization": "4bit"}, "model.device", "not mps"),
+    ("precision-unknown", {"training.precision": "fp8"}, "training.precision", "fp32, bf16, fp16"),
+    ("record-dp-checkpointing", {"privacy.mode": "record", "privacy.epsilon": 8.0, "privacy.delta": 1e-3,
+                                 "training.gradient_checkpointing": True}, "training.gradient_checkpointing",
+     "twice"),
+    ("record-dp-fp16", {"privacy.mode": "record", "privacy.epsilon": 8.0, "privacy.delta": 1e-3,
+                        "training.precision": "fp16"}, "training.precision", "use bf16"),
     ("model-name-unknown", {"model.name": "no-such-model-xyz"}, "model.name", ""),
     ("seed-negative", {"seed": -1}, "seed", ">= 0"),
     ("name-with-slash", {"name": "a/b"}, "name", "letters"),

@@ -62,6 +62,7 @@ def _outcome(run: Path) -> dict:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     for row in rows:
         row.pop("seconds", None)
+        row.pop("compute", None)
     result = json.loads((run / "result.json").read_text())
     result.pop("run_dir")
     return {"adapter": load_file(run / "adapter" / "adapter_model.safetensors"), "metrics": rows,

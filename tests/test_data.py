@@ -258,7 +258,7 @@ def test_fltrust_without_a_root_set_is_refused_before_the_model_is_loaded(tmp_pa
                             for k in range(40)))
     cfg = tiny_config(tmp_path, data={"source": str(path), "partition": {"scheme": "natural", "by": "user"}},
                       defense={"aggregator": "fltrust"})
-    monkeypatch.setattr(fedsec.setup, "load_base_model", lambda *_: pytest.fail("the model was loaded first"))
+    monkeypatch.setattr(fedsec.setup, "load_model", lambda *_: pytest.fail("the model was loaded first"))
     with pytest.raises(ConfigError) as err:
         fedsec.setup.prepare(cfg)
     assert err.value.field == "defense.aggregator" and "root set" in str(err.value)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
-import fedsec.setup
+import fedsec.models
 from fedsec.loop import run_experiment
 
 DP = {"mode": "user", "noise_multiplier": 1.0, "clip_norm": 0.1, "delta": 1e-3}
@@ -38,13 +38,18 @@ PATHS = {
         "audit": {"canaries": 4, "guesses": 2, "repeats": 2}},
     "DPO": {"task": "dpo"},
     "DPO on the cohort path under user-level DP": {"task": "dpo", "training": ONE_SGD_STEP, "privacy": DP},
+    "bf16 autocast, gradient checkpointing, frozen prefix, refusal probes": {
+        "training": {"precision": "bf16", "gradient_checkpointing": True},
+        "lora": {"top_layers": 1, "cache_frozen_layers": True}, "eval": {"refusal": True}},
+    "fp16 loss scaling, DPO": {"task": "dpo", "training": {"precision": "fp16"}},
+    "record-level DP under bf16 autocast": {"privacy": {**DP, "mode": "record"}, "training": {"precision": "bf16"}},
 }
 
 
 @contextlib.contextmanager
 def strict_default_device(monkeypatch):
     """Build the model and adapter on the CPU as usual, then make "meta" the default."""
-    attach = fedsec.setup.attach_lora
+    attach = fedsec.models.attach_lora
 
     def attach_then_meta(*args, **kwargs):
         model = attach(*args, **kwargs)
@@ -52,7 +57,7 @@ def strict_default_device(monkeypatch):
         return model
 
     with monkeypatch.context() as patch:
-        patch.setattr(fedsec.setup, "attach_lora", attach_then_meta)
+        patch.setattr(fedsec.models, "attach_lora", attach_then_meta)
         try:
             yield
         finally:

@@ -184,6 +184,7 @@ def _metrics(run_dir) -> list[dict]:
     rows = RunDir(run_dir).read_metrics()  # a DP run's two files merged
     for row in rows:
         row.pop("seconds", None)
+        row.pop("compute", None)
         row.pop("privacy", None)
     return rows
 

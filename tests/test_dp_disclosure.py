@@ -19,7 +19,8 @@ from fedsec.rundir import RunDir
 
 # what must never appear in a DP run's published files or console lines
 HIDDEN_KEYS = {"clients", "rejected", "failed", "train_loss", "client_eval", "clipped", "unclipped",
-               "median_norm", "clients_sampled", "local_only", "membership", "memorization", "steps", "seconds"}
+               "median_norm", "clients_sampled", "local_only", "membership", "memorization", "steps", "seconds",
+               "compute", "tokens_per_s", "peak_memory_bytes"}
 
 
 def _keys(value) -> set[str]:

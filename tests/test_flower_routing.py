@@ -75,7 +75,8 @@ class FakeGrid:
         if mode == "liar":
             deltas[-1] = 1e6  # a forged update for client 2, which node 11 hosts
         info = ConfigRecord({"clients": clients, "num_examples": [8] * len(clients), "loss": [1.0] * len(clients),
-                             "loss_terms": [8] * len(clients), "partition": p, "partitions": count})
+                             "loss_terms": [8] * len(clients), "tokens": [64] * len(clients), "partition": p,
+                             "partitions": count})
         return _reply(RecordDict({"updates": ArrayRecord({"deltas": deltas}), "fedsec": info}))
 
 

@@ -221,9 +221,10 @@ def _train_message(node: int, start: torch.Tensor, clients: list[int], lr: float
 def _read_updates(reply: Message) -> list[ClientUpdate]:
     info = reply.content["fedsec"]
     deltas = reply.content["updates"].to_torch_state_dict()["deltas"]
-    return [ClientUpdate(int(c), deltas[k], int(n), {"loss": float(loss), "loss_terms": int(terms)})
-            for k, (c, n, loss, terms) in enumerate(zip(info["clients"], info["num_examples"], info["loss"],
-                                                        info["loss_terms"]))]
+    return [ClientUpdate(int(c), deltas[k], int(n), {"loss": float(loss), "loss_terms": int(terms),
+                                                     "tokens": int(tokens)})
+            for k, (c, n, loss, terms, tokens) in enumerate(zip(info["clients"], info["num_examples"], info["loss"],
+                                                                info["loss_terms"], info["tokens"]))]
 
 
 @server_app.main()
@@ -286,6 +287,7 @@ def train(message: Message, context: Context) -> Message:
                          "num_examples": [int(u.num_examples) for u in updates],
                          "loss": [float(u.metrics["loss"]) for u in updates],
                          "loss_terms": [int(u.metrics["loss_terms"]) for u in updates],
+                         "tokens": [int(u.metrics["tokens"]) for u in updates],
                          "partition": p, "partitions": count})
     return Message(RecordDict({"updates": ArrayRecord({"deltas": deltas.contiguous()}), "fedsec": info}),
                    reply_to=message)

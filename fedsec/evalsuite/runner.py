@@ -219,5 +219,5 @@ def _judge(spec, cfg):
     from fedsec.models import load_base_model
 
     name = spec.judge.removeprefix("model:")
-    model, tokenizer = load_base_model(ModelConfig(name=name))
+    model, tokenizer = load_base_model(ModelConfig(name=name, device=cfg.model.device))
     return openended.ModelJudge(PeftModelLM(model, tokenizer, cfg.data.template, cfg.eval.batch_size), name)

@@ -1,0 +1,31 @@
+"""benchmarks/gpu.py must be ready to run whenever a GPU is lent: every stage runs here on
+the CPU at toy size (--cpu-check), and without CUDA the plain command says so and exits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks import gpu
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the plain command measures")
+def test_without_cuda_it_says_so_and_measures_nothing(capsys):
+    assert gpu.main([]) == {}
+    assert "no CUDA device here" in capsys.readouterr().out
+
+
+def test_every_stage_runs_on_the_cpu_at_toy_size(tmp_path, monkeypatch):
+    stored = []
+    monkeypatch.setattr("benchmarks.store", stored.append)
+    figures = gpu.main(["--cpu-check", "--out", str(tmp_path)])
+    assert set(figures) == {"gpu_matmul_peak", "gpu_smollm2_fp32", "gpu_smollm2_bf16", "gpu_qlora_4bit_smollm2",
+                            "gpu_llama1b_bf16", "gpu_cohort_1024_clients"}
+    assert stored == []  # a check stores nothing
+    qlora = figures["gpu_qlora_4bit_smollm2"]
+    assert qlora["loss_falls"] and qlora["final_loss"] < qlora["untuned_loss"]
+    for key in ("gpu_smollm2_fp32", "gpu_smollm2_bf16", "gpu_llama1b_bf16"):
+        assert 0 < figures[key]["value"] < 2, key  # a FLOP/s fraction of the same run's peak
+    assert figures["gpu_smollm2_bf16"]["step_tokens"] > 0 and figures["gpu_smollm2_bf16"]["round_tokens_per_s"] > 0
+    assert figures["gpu_cohort_1024_clients"]["examples"] == 64 * 4  # 64 clients of 4 examples, one step each
+    assert all(v["device"] == "cpu (--cpu-check)" for v in figures.values())
