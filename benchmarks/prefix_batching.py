@@ -21,7 +21,7 @@ import torch
 from benchmarks import store
 from fedsec.config import load_config
 from fedsec.data import build_federated_data
-from fedsec.models import attach_lora, load_base_model
+from fedsec.models import load_model
 from fedsec.objectives import objective_for
 from fedsec.prefix import prefix_states
 from fedsec.setup import prefix_args, train_set
@@ -33,8 +33,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     cfg = load_config("experiments/dp_base.yaml", [f"data.benchmark.num_clients={args.clients}"])
     data = build_federated_data(cfg.data, cfg.seed, cfg.task)
-    model, tokenizer = load_base_model(cfg.model)
-    model = attach_lora(model, cfg.lora, cfg.seed)
+    model, tokenizer = load_model(cfg)
     pad, batch = tokenizer.pad_token_id, cfg.eval.batch_size
     objective = objective_for(cfg, pad)
     sets = [train_set(objective, c, tokenizer, cfg) for c in data.clients]

@@ -19,8 +19,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import itertools
+import shutil
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -55,14 +57,46 @@ def top_layers_only(model, first: int) -> Iterator[None]:
         decoder.layers = full
 
 
+# Where frozen-prefix states live (`plan_cache`): a device's memory, or a folder on disk whose
+# memory-mapped files the OS pages in as batches read them (`MappedStates`).
+Home = torch.device | Path
+
+
+class MappedStates:
+    """Frozen-prefix states in one memory-mapped file: item i's state is rows
+    offsets[i]:offsets[i + 1] of a [positions, width] tensor backed by `path`, so a federation
+    whose states exceed the host's memory keeps them on disk and reads what a batch needs."""
+
+    def __init__(self, path: Path, lengths: Sequence[int], width: int, dtype: torch.dtype):
+        self.offsets = [0, *itertools.accumulate(lengths)]
+        total = self.offsets[-1]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.flat = torch.from_file(str(path), shared=True, size=total * width, dtype=dtype).view(total, width)
+
+    def __call__(self, i: int, state: torch.Tensor) -> torch.Tensor:
+        """Write item i's state into the file; its rows there (a view) stand for it."""
+        if state.dtype != self.flat.dtype:
+            raise RuntimeError(f"a {state.dtype} state for a {self.flat.dtype} file")
+        rows = self.flat[self.offsets[i]: self.offsets[i + 1]]
+        rows.copy_(state)
+        return rows
+
+    def views(self) -> list[torch.Tensor]:
+        return [self.flat[a:b] for a, b in itertools.pairwise(self.offsets)]
+
+
 @torch.no_grad()
 def prefix_states(model, items: Sequence[Encoded], first: int, pad_id: int,
-                  batch_size: int = 32, home: torch.device = DATA) -> list[torch.Tensor]:
+                  batch_size: int = 32, home: torch.device = DATA,
+                  sink: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> list[torch.Tensor]:
     """The hidden state entering layer `first` for each item, [T_i, hidden] each, kept on
-    `home` (host memory by default; see `plan_cache`)."""
+    `home` (host memory by default; see `plan_cache`), or where `sink(i, state)` puts it."""
     decoder = _decoder(model)
     on = model_device(model)
     pin = home.type == "cpu" and on.type == "cuda"
+    if sink is None:
+        def sink(_i, state):
+            return _placed(state, home, pin)
 
     def capture(_module, args, kwargs):
         raise _Captured(args[0] if args else kwargs["hidden_states"])
@@ -83,7 +117,7 @@ def prefix_states(model, items: Sequence[Encoded], first: int, pad_id: int,
                 raise RuntimeError("the decoder never reached the first adapted layer")
             except _Captured as hit:
                 for row, i in enumerate(chunk):
-                    out[i] = _placed(hit.hidden[row, : items[i].input_ids.numel()], home, pin)
+                    out[i] = sink(i, hit.hidden[row, : items[i].input_ids.numel()])
             shown.update(len(chunk))
     finally:
         handle.remove()
@@ -145,15 +179,17 @@ def _load(path: Path, count: int) -> list[torch.Tensor] | None:
 
 def cache_frozen_prefix(model, items: Sequence[Encoded], first: int, pad_id: int,
                         batch_size: int = 32, model_key: str | None = None,
-                        home: torch.device = DATA) -> list[Encoded]:
+                        home: Home = DATA) -> list[Encoded]:
     """The items with their frozen-prefix states attached (see module docstring).
 
     `model_key` names the frozen base model (name, dtype, quantization); given, states
     are reused from earlier calls with the same frozen weights (their digest), items
     (token ids: data and template), layer and batch size: from this process's memo, else
     from the on-disk cache (prefix_cache_dir), where new states are stored. `home`: where
-    the states are kept (`plan_cache`).
+    the states are kept (`plan_cache`); a folder: memory-mapped there (`_mapped`).
     """
+    if isinstance(home, Path):
+        return _mapped(model, items, first, pad_id, batch_size, model_key or "unnamed", home)
     pin = home.type == "cpu" and model_device(model).type == "cuda"
     if model_key is None:
         states = prefix_states(model, items, first, pad_id, batch_size, home)
@@ -185,6 +221,28 @@ def cache_frozen_prefix(model, items: Sequence[Encoded], first: int, pad_id: int
     return [replace(item, hidden=h, hidden_layer=first) for item, h in zip(items, states)]
 
 
+def _mapped(model, items: Sequence[Encoded], first: int, pad_id: int, batch_size: int, model_key: str,
+            folder: Path) -> list[Encoded]:
+    """The items with their states in a memory-mapped file under `folder`, keyed like the
+    disk cache; a complete file (its marker names its shape) is reused, not recomputed."""
+    key = _memo_key(f"{model_key}|{frozen_fingerprint(model, first)}", first, items, batch_size)
+    path, marker = folder / f"{key[:40]}.bin", folder / f"{key[:40]}.done"
+    embed = _decoder(model).embed_tokens
+    lengths = [int(item.input_ids.numel()) for item in items]
+    shape = f"{sum(lengths)} {embed.embedding_dim} {embed.weight.dtype}"
+    complete = marker.is_file() and marker.read_text() == shape
+    if not complete:
+        marker.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+    mapped = MappedStates(path, lengths, embed.embedding_dim, embed.weight.dtype)
+    if complete:
+        progress.note(f"fedsec: frozen prefix of {len(items)} examples mapped from {path}")
+    else:
+        prefix_states(model, items, first, pad_id, batch_size, sink=mapped)
+        marker.write_text(shape)
+    return [replace(item, hidden=h, hidden_layer=first) for item, h in zip(items, mapped.views())]
+
+
 def _placed(state: torch.Tensor, home: torch.device, pin: bool, copy: bool = True) -> torch.Tensor:
     """`state` on `home` (a tensor of its own with `copy`, not a view into a batch), in pinned
     host memory with `pin` (a CUDA model: page-locked memory copies to it asynchronously)."""
@@ -199,11 +257,12 @@ def _placed(state: torch.Tensor, home: torch.device, pin: bool, copy: bool = Tru
 GPU_SHARE, HOST_SHARE = 0.25, 0.8
 
 
-def plan_cache(model, first: int, tokens: int, log=progress.note) -> torch.device:
+def plan_cache(model, first: int, tokens: int, log=progress.note) -> Home:
     """Where `tokens` positions of frozen-prefix states live, from their size: in GPU memory
     while they take at most GPU_SHARE of its free bytes, else in (pinned) host memory while
-    they fit HOST_SHARE of what the machine has available; larger is a ConfigError. The size
-    and the choice are printed."""
+    they fit HOST_SHARE of what the machine has available, else memory-mapped on disk
+    (prefix_cache_dir()/mapped) while they fit HOST_SHARE of its free space; larger is a
+    ConfigError. The size and the choice are printed."""
     decoder = _decoder(model)
     width = decoder.embed_tokens.embedding_dim
     per_position = width * decoder.embed_tokens.weight.element_size()
@@ -217,12 +276,26 @@ def plan_cache(model, first: int, tokens: int, log=progress.note) -> torch.devic
         else:
             where = f"pinned host memory (above {GPU_SHARE:.0%} of the {_size(free)} free on {on})"
     if home == DATA and host is not None and size > HOST_SHARE * host:
-        raise ConfigError("lora.cache_frozen_layers", True, f"the frozen-prefix states need {_size(size)} "
-                          f"({tokens:,} positions x {width} x {per_position // width} bytes), more than "
-                          f"{HOST_SHARE:.0%} of the {_size(host)} of memory available; set it to false, or "
-                          "lower data.max_length or the number of examples")
+        folder = prefix_cache_dir() / "mapped"
+        disk = _disk_free(folder)
+        if size > HOST_SHARE * disk:
+            raise ConfigError("lora.cache_frozen_layers", True, f"the frozen-prefix states need {_size(size)} "
+                              f"({tokens:,} positions x {width} x {per_position // width} bytes), more than "
+                              f"{HOST_SHARE:.0%} of the {_size(host)} of memory available and of the "
+                              f"{_size(disk)} free under {folder.parent}; set it to false, lower data.max_length "
+                              "or the number of examples, or point FEDSEC_CACHE at a larger disk")
+        where, home = (f"{folder} on disk, memory-mapped (above {HOST_SHARE:.0%} of the {_size(host)} of "
+                       "memory available)"), folder
     log(f"fedsec: frozen prefix: {tokens:,} positions, {_size(size)}, kept in {where}")
     return home
+
+
+def _disk_free(folder: Path) -> int:
+    """Free bytes on the file system that holds (or would hold) `folder`."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return shutil.disk_usage(existing).free
 
 
 def _host_available() -> int | None:

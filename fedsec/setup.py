@@ -34,7 +34,7 @@ from fedsec.evaluation import (
 )
 from fedsec.models import load_model
 from fedsec.objectives import OBJECTIVES, PairItem, objective_for
-from fedsec.prefix import cache_frozen_prefix, plan_cache
+from fedsec.prefix import Home, cache_frozen_prefix, plan_cache
 from fedsec.privacy import (
     RecordPlan,
     dp_seed,
@@ -244,7 +244,7 @@ def record_secret(cfg: ExperimentConfig) -> int | None:
 
 
 def _encode_tasks(model, tokenizer, cfg: ExperimentConfig, tasks: tuple,
-                  prefix: tuple[int, str, torch.device] | None) -> tuple:
+                  prefix: tuple[int, str, Home] | None) -> tuple:
     """The closed-answer benchmarks' scoring sequences, encoded once at setup: with
     `prefix` (first adapted layer, memo key, where states live) their frozen-prefix states attached (exact;
     each evaluation then runs only the adapted top layers), and their shared opening
@@ -286,7 +286,7 @@ def positions(*collections) -> int:
     return total
 
 
-def _cache_prefix(model, prefix: tuple[int, str, torch.device], pad: int, batch_size: int, train_sets, *evals):
+def _cache_prefix(model, prefix: tuple[int, str, Home], pad: int, batch_size: int, train_sets, *evals):
     """Attach frozen-prefix states (fedsec.prefix) to every training and evaluation item.
 
     Each collection is cached in one call (all clients' training items together), so a
@@ -308,7 +308,7 @@ def _cache_prefix(model, prefix: tuple[int, str, torch.device], pad: int, batch_
 
 
 def _cache_pairs(model, first: int, pad: int, batch_size: int, model_key: str, items: list,
-                 home: torch.device) -> list:
+                 home: Home) -> list:
     flat = cache_frozen_prefix(model, [p.chosen for p in items] + [p.rejected for p in items], first, pad,
                                batch_size, model_key, home)
     n = len(items)
@@ -316,7 +316,7 @@ def _cache_pairs(model, first: int, pad: int, batch_size: int, model_key: str, i
 
 
 def cache_train_sets(model, first: int, pad: int, batch_size: int, model_key: str, train_sets,
-                     home: torch.device) -> list:
+                     home: Home) -> list:
     """Every client's training items with their frozen-prefix states (kept on `home`), cached in one call."""
     sizes = [len(items) for items in train_sets]
     flat = [item for items in train_sets for item in items]

@@ -91,19 +91,24 @@ def test_gradient_checkpointing_recomputes_the_forward_and_gives_the_same_update
     assert torch.allclose(deltas[True], deltas[False], atol=1e-7, rtol=1e-5)
 
 
-def test_the_prefix_cache_says_its_size_and_refuses_what_cannot_fit(tmp_path, monkeypatch):
+def test_the_prefix_cache_says_its_size_and_where_and_refuses_what_cannot_fit(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path)
     model, _ = load_model(cfg)
     lines = []
     # tiny: hidden size 64, float32 -> 256 bytes a position; 1,000 positions are 250 KiB
     monkeypatch.setattr(prefix, "_host_available", lambda: 10**9)
     assert prefix.plan_cache(model, 1, 1000, log=lines.append) == DATA
-    assert lines == ["fedsec: frozen prefix: 1,000 positions, 250 KiB, kept in host memory"]
-    monkeypatch.setattr(prefix, "_host_available", lambda: 300_000)  # 80% of it is below 250 KiB... just
-    prefix.plan_cache(model, 1, 900, log=lines.append)  # 230,400 bytes <= 240,000 fits
+    assert lines[-1] == "fedsec: frozen prefix: 1,000 positions, 250 KiB, kept in host memory"
+    monkeypatch.setattr(prefix, "_host_available", lambda: 300_000)  # 80%: 240,000 bytes
+    assert prefix.plan_cache(model, 1, 900, log=lines.append) == DATA  # 230,400 bytes fit
+    monkeypatch.setattr(prefix, "_disk_free", lambda _folder: 10**9)
+    home = prefix.plan_cache(model, 1, 1000, log=lines.append)  # 256,000 bytes: to disk
+    assert home == prefix.prefix_cache_dir() / "mapped" and "on disk, memory-mapped" in lines[-1]
+    monkeypatch.setattr(prefix, "_disk_free", lambda _folder: 300_000)
     with pytest.raises(ConfigError) as err:
-        prefix.plan_cache(model, 1, 1000, log=lines.append)  # 256,000 > 240,000
+        prefix.plan_cache(model, 1, 1000, log=lines.append)  # fits neither
     assert err.value.field == "lora.cache_frozen_layers" and "250 KiB" in str(err.value)
+    assert "FEDSEC_CACHE" in str(err.value)
 
 
 def test_a_run_counts_its_training_tokens_and_peak_memory_each_round(tmp_path):
@@ -128,3 +133,24 @@ def test_model_device_resolves_here():
     assert resolve_device("cpu") == torch.device("cpu")
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device("auto").type == expected
+
+
+def test_states_beyond_the_hosts_memory_are_memory_mapped_on_disk_with_the_same_results(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, lora={"top_layers": 1, "cache_frozen_layers": True}, federation={"rounds": 2})
+    in_memory = run_experiment(cfg, out=tmp_path / "memory", progress=False, log=lambda _: None)
+    monkeypatch.setattr(prefix, "_host_available", lambda: 1000)  # no state set fits in memory now
+    mapped = run_experiment(cfg, out=tmp_path / "mapped", progress=False, log=lambda _: None)
+    files = sorted((prefix.prefix_cache_dir() / "mapped").glob("*.bin"))
+    assert files and all(f.with_suffix(".done").is_file() for f in files)
+    widths = {int(f.with_suffix(".done").read_text().split()[1]) for f in files}
+    assert widths == {64}  # tiny's hidden size; each file holds positions x 64 float32
+    assert all(f.stat().st_size == int(f.with_suffix(".done").read_text().split()[0]) * 64 * 4 for f in files)
+    assert mapped.final == in_memory.final and mapped.untuned == in_memory.untuned
+    assert torch.equal(_adapter(mapped), _adapter(in_memory))
+
+    def no_pass(*_args, **_kwargs):
+        raise AssertionError("a complete mapped file is read, not computed again")
+
+    monkeypatch.setattr(prefix, "prefix_states", no_pass)
+    again = run_experiment(cfg, out=tmp_path / "again", progress=False, log=lambda _: None)
+    assert torch.equal(_adapter(again), _adapter(in_memory))
