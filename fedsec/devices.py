@@ -41,7 +41,7 @@ def resolve_device(name: str) -> torch.device:
     """`model.device` on this machine: auto is cuda when torch sees a CUDA device, else cpu.
     A device this machine lacks is a ConfigError (one line), never a silent fallback."""
     if name == "auto":
-        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -51,6 +51,8 @@ def resolve_device(name: str) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ConfigError("model.device", name, f"this machine has {torch.cuda.device_count()} CUDA "
                               f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        if device.index is None:  # the current device, named: what its parameters will report
+            device = torch.device("cuda", torch.cuda.current_device())
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("model.device", name, "MPS is not available here; use auto or cpu")
     return device

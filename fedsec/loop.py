@@ -99,7 +99,7 @@ class RunState:
         cfg, dim = setup.cfg, setup.adapter.layout.numel
         self.dp, self.record = dp, record
         self.private = dp if dp is not None else record  # the run's privacy state, if any
-        self.global_vec = setup.adapter.get()
+        self.global_vec = setup.adapter.get().to(SERVER)  # the server's copy, beside the aggregates it meets
         self.server = make_server_optimizer(cfg.federation)
         self.pipeline = build_pipeline(cfg, run.path, dim, dp)  # sanitize -> (clip) -> rule -> (noise)
         self.local = {c: self.global_vec.clone() for c in setup.local_only}  # the local-only baseline

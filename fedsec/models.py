@@ -63,7 +63,7 @@ def load_base_model(cfg: ModelConfig, precision: str = "fp32"):
     kwargs: dict = {"dtype": dtype}
     if cfg.quantization != "none":
         kwargs["quantization_config"] = _bnb_config(cfg, dtype)
-        kwargs["device_map"] = {"": device}  # bitsandbytes quantizes as the weights land there
+        kwargs["device_map"] = {"": str(device)}  # bitsandbytes quantizes as the weights land there
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
