@@ -21,7 +21,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ORDER = ("accounting", "overhead", "many_clients", "memory_clients", "evaluation", "server_pipeline",
-         "prefix_batching")
+         "prefix_batching", "flower_round", "gpu")  # gpu: says so and exits 0 without CUDA
 ARGS = {"memory_clients": ["--clients", "10", "1000", "10000"]}
 HEADLINES = (  # key, what it is, target
     ("overhead_ratio_tiny", "fedsec round / bare PEFT loop, tiny, SFT", "<= 1.05"),
@@ -32,6 +32,7 @@ HEADLINES = (  # key, what it is, target
     ("many_clients_speedup", "examples/s, batched cached clients / plain path", "-"),
     ("memory_ratio_10_to_10000_clients", "peak RSS, 10,000 / 10 total clients", "<= 1.1"),
     ("eval_cost_fraction", "evaluation every eval.every rounds / round time, SmolLM2 quickstart", "<= 0.1"),
+    ("flower_round_ratio", "Flower round (2 SuperNodes) / in-process round, SmolLM2", "<= 1.5"),
 )
 BEGIN, END = "<!-- latest run: written by python -m benchmarks -->", "<!-- end of latest run -->"
 

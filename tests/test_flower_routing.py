@@ -177,7 +177,8 @@ def test_a_supernodes_data_path_replaces_the_experiments_data_source(tmp_path, m
     from conftest import TINY
 
     from fedsec.config import ExperimentConfig, dump_config, from_mapping
-    from fedsec.engine.flower import _node_setup
+    from fedsec.engine.flower_client import _request
+    from fedsec.engine.worker import Worker
 
     rows = "".join(f'{{"prompt": "q{k}", "response": "a{k}", "user": "u{k % 3}"}}\n' for k in range(30))
     own = tmp_path / "org1.jsonl"
@@ -186,8 +187,8 @@ def test_a_supernodes_data_path_replaces_the_experiments_data_source(tmp_path, m
                                                              "partition": {"scheme": "natural", "by": "user"}}})
     context = SimpleNamespace(run_config={"workdir": str(tmp_path), "config": dump_config(cfg)},
                               node_config={"partition-id": 1, "num-partitions": 3, "data-path": str(own)})
-    monkeypatch.chdir(tmp_path)  # _node_setup moves into the run's workdir; the test's cwd comes back after
-    mine, (p, count) = _node_setup(context)
+    monkeypatch.chdir(tmp_path)  # the worker moves into the run's workdir; the test's cwd comes back after
+    mine, (p, count) = Worker._config(_request("describe", context))
     assert mine.data.source == str(own) and (p, count) == (1, 3)
     assert mine.data.partition == cfg.data.partition  # everything else as the experiment says
     assert yaml.safe_load(dump_config(mine))["data"]["source"] == str(own)

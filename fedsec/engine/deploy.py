@@ -51,8 +51,8 @@ dependencies = []  # none installed at run time: fedsec's own environment runs t
 publisher = "fedsec"
 
 [tool.flwr.app.components]
-serverapp = "fedsec_flower_app:server_app"
-clientapp = "fedsec_flower_app:client_app"
+serverapp = "fedsec_server_app:server_app"
+clientapp = "fedsec_client_app:client_app"
 
 [tool.flwr.app.config]
 config = ""
@@ -62,16 +62,22 @@ resume = false
 stop-after = 0
 error-file = ""
 """
-APP_MODULE = ("from fedsec.engine import flower\n\n"
-              "server_app = flower.server_app\n"
-              "client_app = flower.client_app\n")
+# One module per side, so a ClientApp process (one per message) never imports torch: it
+# relays to the SuperNode's worker (fedsec.engine.flower_client, fedsec.engine.worker).
+# (Assignments: `flwr run` finds an app's names by reading the module, without importing it.)
+APP_MODULES = {"fedsec_server_app.py": "from fedsec.engine import flower\n\nserver_app = flower.server_app\n",
+               "fedsec_client_app.py": ("from fedsec.engine import flower_client\n\n"
+                                        "client_app = flower_client.client_app\n")}
 
 
 def flower_env(home: Path) -> dict[str, str]:
     """The environment of every Flower process fedsec starts."""
     env = dict(os.environ)
     env.update(FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
-               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
+               # a SuperExec looks for a message to start an app for every second by default;
+               # each round waits on it (the SuperNode's own 3 s pull interval is fixed in Flower)
+               FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.05")
     bin_dir = str(Path(sys.executable).parent)  # flower-superlink, flwr-serverapp, ... of this environment
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
     return env
@@ -358,11 +364,12 @@ def submit(cli_home: Path, app: Path, run_config: Path, echo: Callable[[str], No
 
 
 def write_app(folder: Path) -> Path:
-    """The Flower App: a pyproject and a module importing fedsec's ServerApp and ClientApp."""
+    """The Flower App: a pyproject and two modules importing fedsec's ServerApp and ClientApp."""
     app = folder / APP_NAME
     app.mkdir(parents=True, exist_ok=True)
     (app / "pyproject.toml").write_text(APP_PYPROJECT, encoding="utf-8")
-    (app / "fedsec_flower_app.py").write_text(APP_MODULE, encoding="utf-8")
+    for name, text in APP_MODULES.items():
+        (app / name).write_text(text, encoding="utf-8")
     return app
 
 

@@ -4,11 +4,13 @@ Flower carries the messages and starts the processes; every privacy and robustne
 decision stays in fedsec's own code, on the server, exactly as in-process:
 
     ServerApp (on the SuperLink's machine)       ClientApp (one process per message, on a SuperNode)
-      run_experiment(cfg, clients=FlowerClients)
-        sample clients -> one "train" message  ->  build the federation's data from the config,
-        per SuperNode hosting any of them            keep this node's partition, load the base model
-                                                     (fedsec's safetensors cache), train the asked
-                                                     clients from the global adapter
+      run_experiment(cfg, clients=FlowerClients)     relays the message to the SuperNode's worker
+        sample clients -> one "train" message  ->  (fedsec.engine.worker, started by the first
+        per SuperNode hosting any of them            message, alive while its SuperNode is): the
+                                                     federation's data from the config, this node's
+                                                     partition, the base model and the prepared
+                                                     clients, kept across rounds; it trains the
+                                                     asked clients from the global adapter
         sanitize, clip, aggregate, noise,       <-  their adapter deltas (and example counts, losses)
         server optimizer, accountant,
         evaluation, checkpoint, run directory
@@ -34,30 +36,18 @@ from collections.abc import Callable
 import torch
 import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedsec.config import ExperimentConfig, FlowerConfig, from_raw
+from fedsec.engine.flower_client import QUERY, TRAIN, client_app, partition  # noqa: F401 (the app's parts)
 from fedsec.errors import ConfigError, FedsecError
 from fedsec.results import ClientUpdate
 
-TRAIN, QUERY = "train", "query"
-
 server_app = ServerApp()
-client_app = ClientApp()
 
 
 def config_from_text(text: str) -> ExperimentConfig:
     return from_raw(yaml.safe_load(text))
-
-
-def partition(node_config) -> tuple[int, int]:
-    """(partition-id, num-partitions) of a SuperNode; (0, 1): it hosts every client."""
-    p, count = int(node_config.get("partition-id", 0)), int(node_config.get("num-partitions", 1))
-    if count < 1 or not 0 <= p < count:
-        raise ValueError(f"node config partition-id={p} num-partitions={count}: need 0 <= partition-id "
-                         "< num-partitions")
-    return p, count
 
 
 # ---------------------------------------------------------------------------
@@ -251,63 +241,3 @@ def serve(grid: Grid, context: Context) -> None:
                 f.write(str(err))
         return  # a normal end, so Flower delivers the log
     print("fedsec: run finished", flush=True)
-
-
-# ---------------------------------------------------------------------------
-# The client side.
-
-
-@client_app.query()
-def describe(message: Message, context: Context) -> Message:
-    """This node's partition and the client count it builds from the config."""
-    from fedsec.setup import build_federation
-
-    cfg, (p, count) = _node_setup(context)
-    clients = len(build_federation(cfg).data.clients)
-    return Message(RecordDict({"fedsec": ConfigRecord({"partition": p, "partitions": count, "clients": clients,
-                                                       "pid": os.getpid()})}), reply_to=message)
-
-
-@client_app.train()
-def train(message: Message, context: Context) -> Message:
-    """Train the asked clients (those this node hosts) from the global adapter."""
-    from fedsec.clients import client_cache_key, client_updates, prepare_clients
-    from fedsec.models import cache_dir
-
-    cfg, (p, count) = _node_setup(context)
-    ask = message.content["fedsec"]
-    clients = [int(c) for c in ask["clients"] if int(c) % count == p]
-    noise = float(ask["record_noise"])
-    side = prepare_clients(cfg, lambda c: c % count == p, noise if noise >= 0 else None, only=set(clients),
-                           cache=cache_dir() / "flower-clients" / client_cache_key(cfg))
-    start = message.content["global"].to_torch_state_dict()["adapter"]
-    updates = client_updates(side, start, clients, float(ask["lr"]), int(ask["round"]), float(ask["prox_mu"]))
-    deltas = torch.stack([u.delta for u in updates]) if updates else torch.zeros(0, start.numel())
-    info = ConfigRecord({"clients": [u.client_id for u in updates],
-                         "num_examples": [int(u.num_examples) for u in updates],
-                         "loss": [float(u.metrics["loss"]) for u in updates],
-                         "loss_terms": [int(u.metrics["loss_terms"]) for u in updates],
-                         "tokens": [int(u.metrics["tokens"]) for u in updates],
-                         "partition": p, "partitions": count})
-    return Message(RecordDict({"updates": ArrayRecord({"deltas": deltas.contiguous()}), "fedsec": info}),
-                   reply_to=message)
-
-
-def _node_setup(context: Context) -> tuple[ExperimentConfig, tuple[int, int]]:
-    from fedsec.cli import _quiet_libraries
-    from fedsec.models import require_converted
-
-    _quiet_libraries()
-    run_config = context.run_config
-    if os.path.isdir(str(run_config["workdir"])):
-        os.chdir(str(run_config["workdir"]))
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    data_path = context.node_config.get("data-path")
-    cfg = config_from_text(str(run_config["config"]))
-    if data_path:  # this organisation's own copy of the data (same clients, its partition): data.source
-        import dataclasses
-
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=str(data_path)))
-    require_converted(cfg.model.name)
-    return cfg, partition(context.node_config)
