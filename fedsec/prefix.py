@@ -188,13 +188,14 @@ def cache_frozen_prefix(model, items: Sequence[Encoded], first: int, pad_id: int
     from the on-disk cache (prefix_cache_dir), where new states are stored. `home`: where
     the states are kept (`plan_cache`); a folder: memory-mapped there (`_mapped`).
     """
-    if isinstance(home, Path):
-        return _mapped(model, items, first, pad_id, batch_size, model_key or "unnamed", home)
-    pin = home.type == "cpu" and model_device(model).type == "cuda"
-    if model_key is None:
+    mapped = isinstance(home, Path)
+    if model_key is None and not mapped:
         states = prefix_states(model, items, first, pad_id, batch_size, home)
         return [replace(item, hidden=h, hidden_layer=first) for item, h in zip(items, states)]
-    key = _memo_key(f"{model_key}|{frozen_fingerprint(model, first)}", first, items, batch_size)
+    key = _memo_key(f"{model_key or 'unnamed'}|{frozen_fingerprint(model, first)}", first, items, batch_size)
+    if mapped:
+        return _mapped(model, items, first, pad_id, batch_size, home / key[:40])
+    pin = home.type == "cpu" and model_device(model).type == "cuda"
     states = _MEMO.get(key)
     path = prefix_cache_dir() / f"{key[:40]}.pt"
     if states is None and path.is_file():
@@ -221,12 +222,12 @@ def cache_frozen_prefix(model, items: Sequence[Encoded], first: int, pad_id: int
     return [replace(item, hidden=h, hidden_layer=first) for item, h in zip(items, states)]
 
 
-def _mapped(model, items: Sequence[Encoded], first: int, pad_id: int, batch_size: int, model_key: str,
-            folder: Path) -> list[Encoded]:
-    """The items with their states in a memory-mapped file under `folder`, keyed like the
-    disk cache; a complete file (its marker names its shape) is reused, not recomputed."""
-    key = _memo_key(f"{model_key}|{frozen_fingerprint(model, first)}", first, items, batch_size)
-    path, marker = folder / f"{key[:40]}.bin", folder / f"{key[:40]}.done"
+def _mapped(model, items: Sequence[Encoded], first: int, pad_id: int, batch_size: int,
+            stem: Path) -> list[Encoded]:
+    """The items with their states in the memory-mapped file `stem`.bin (named by the disk
+    cache's key); a complete file (its marker `stem`.done names its shape) is reused, not
+    recomputed."""
+    path, marker = stem.with_suffix(".bin"), stem.with_suffix(".done")
     embed = _decoder(model).embed_tokens
     lengths = [int(item.input_ids.numel()) for item in items]
     shape = f"{sum(lengths)} {embed.embedding_dim} {embed.weight.dtype}"
@@ -257,12 +258,13 @@ def _placed(state: torch.Tensor, home: torch.device, pin: bool, copy: bool = Tru
 GPU_SHARE, HOST_SHARE = 0.25, 0.8
 
 
-def plan_cache(model, first: int, tokens: int, log=progress.note) -> Home:
+def plan_cache(model, first: int, tokens: int, private: bool = False, log=progress.note) -> Home:
     """Where `tokens` positions of frozen-prefix states live, from their size: in GPU memory
     while they take at most GPU_SHARE of its free bytes, else in (pinned) host memory while
     they fit HOST_SHARE of what the machine has available, else memory-mapped on disk
     (prefix_cache_dir()/mapped) while they fit HOST_SHARE of its free space; larger is a
-    ConfigError. The size and the choice are printed."""
+    ConfigError. The size and the choice are printed (under DP, `private`, only the choice:
+    the size follows the clients' data)."""
     decoder = _decoder(model)
     width = decoder.embed_tokens.embedding_dim
     per_position = width * decoder.embed_tokens.weight.element_size()
@@ -286,7 +288,10 @@ def plan_cache(model, first: int, tokens: int, log=progress.note) -> Home:
                               "or the number of examples, or point FEDSEC_CACHE at a larger disk")
         where, home = (f"{folder} on disk, memory-mapped (above {HOST_SHARE:.0%} of the {_size(host)} of "
                        "memory available)"), folder
-    log(f"fedsec: frozen prefix: {tokens:,} positions, {_size(size)}, kept in {where}")
+    if private:
+        log(f"fedsec: frozen prefix kept in {where} (its size follows the clients' data: not printed under DP)")
+    else:
+        log(f"fedsec: frozen prefix: {tokens:,} positions, {_size(size)}, kept in {where}")
     return home
 
 

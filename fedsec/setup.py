@@ -40,7 +40,7 @@ from fedsec.privacy import (
     dp_seed,
     plan_record_privacy,
 )
-from fedsec.training import LocalTrainer, RecordDp
+from fedsec.training import LocalTrainer, RecordDp, record_tokens
 
 GLOBAL = -1  # group id of the global test set
 
@@ -212,7 +212,7 @@ def prepare(cfg: ExperimentConfig) -> Setup:
     if cfg.lora.cache_frozen_layers:
         first, model_key = prefix_args(model, cfg)
         home = plan_cache(model, first, positions(*train_sets, global_eval, client_eval, preference_eval,
-                                                  *backdoor_eval))
+                                                  *backdoor_eval), private=cfg.privacy.mode != "off")
         prefix = (first, model_key, home)
         train_sets, global_eval, client_eval, preference_eval = _cache_prefix(
             model, prefix, pad, cfg.eval.batch_size, train_sets, global_eval, client_eval, preference_eval)
@@ -280,9 +280,7 @@ def positions(*collections) -> int:
         if isinstance(items, EvalSet):
             total += positions(items.encoded, items.pairs)
             continue
-        for item in items:
-            total += (positions((item.chosen, item.rejected)) if isinstance(item, PairItem)
-                      else int(item.input_ids.numel()))
+        total += record_tokens(items)
     return total
 
 

@@ -366,10 +366,10 @@ class LocalTrainer:
         dp, params = self.record_dp, self.adapter.params
         picked, expected = poisson_batch(len(data), self.cfg.batch_size, sampler)
         per_record = torch.zeros(len(picked), self.adapter.layout.numel, device=model_device(self.model))
-        loss_sum = 0.0
-        tokens = record_tokens([data[i] for i in picked])
+        loss_sum, records = 0.0, [data[i] for i in picked]
+        tokens = record_tokens(records)
         if picked:
-            losses, row_record = self.objective.record_losses(self.model, [data[i] for i in picked])
+            losses, row_record = self.objective.record_losses(self.model, records)
             losses.sum().backward()
             rows = torch.cat([p.grad_sample.reshape(p.grad_sample.shape[0], -1).float() for p in params], 1)
             per_record.index_add_(0, row_record, rows)

@@ -99,6 +99,9 @@ def test_the_prefix_cache_says_its_size_and_where_and_refuses_what_cannot_fit(tm
     monkeypatch.setattr(prefix, "_host_available", lambda: 10**9)
     assert prefix.plan_cache(model, 1, 1000, log=lines.append) == DATA
     assert lines[-1] == "fedsec: frozen prefix: 1,000 positions, 250 KiB, kept in host memory"
+    prefix.plan_cache(model, 1, 1000, private=True, log=lines.append)  # under DP: no data-derived size
+    assert lines[-1] == ("fedsec: frozen prefix kept in host memory (its size follows the clients' data: "
+                         "not printed under DP)")
     monkeypatch.setattr(prefix, "_host_available", lambda: 300_000)  # 80%: 240,000 bytes
     assert prefix.plan_cache(model, 1, 900, log=lines.append) == DATA  # 230,400 bytes fit
     monkeypatch.setattr(prefix, "_disk_free", lambda _folder: 10**9)

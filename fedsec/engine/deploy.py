@@ -30,6 +30,7 @@ from pathlib import Path
 
 from fedsec.config import ExperimentConfig, dump_config
 from fedsec.disclosure import UNCOVERED
+from fedsec.engine.worker import alive
 from fedsec.errors import ConfigError, FedsecError
 from fedsec.results import RunResult
 from fedsec.rundir import RunDir, default_run_dir, latest_run_dir, read_result
@@ -311,15 +312,6 @@ def _watching(parents: set[int], exclude: set[int]) -> list[int]:
                     found.append(int(entry.name))
                     found.extend(_descendants(int(entry.name)))
     return found
-
-
-def alive(pid: int) -> bool:
-    """Whether `pid` is a running process (a zombie awaiting its reaper counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def _signal(pids: list[int], sig: int) -> None:

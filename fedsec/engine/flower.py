@@ -39,7 +39,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedsec.config import ExperimentConfig, FlowerConfig, from_raw
-from fedsec.engine.flower_client import QUERY, TRAIN, client_app, partition  # noqa: F401 (the app's parts)
+from fedsec.engine.flower_client import QUERY, TRAIN
 from fedsec.errors import ConfigError, FedsecError
 from fedsec.results import ClientUpdate
 

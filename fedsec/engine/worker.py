@@ -148,13 +148,23 @@ def _start(path: Path, supernode: int) -> socket.socket:
 def _sweep(folder: Path) -> None:
     """Remove the files (socket, lock, log) of workers whose SuperNode is gone."""
     for lock in folder.glob("*.lock"):
-        if lock.stem.isdigit() and not _alive(int(lock.stem)):
+        if lock.stem.isdigit() and not alive(int(lock.stem)):
             for suffix in (".sock", ".lock", ".log"):
                 with contextlib.suppress(OSError):
                     lock.with_suffix(suffix).unlink()
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether `pid` is a running process (a zombie awaiting its reaper counts as gone;
+    without /proc, any process that exists)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        if os.path.isdir("/proc/self"):
+            return False
+    except (OSError, IndexError):
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -189,15 +199,12 @@ class Worker:
     def _config(meta: dict):
         import dataclasses
 
-        import yaml
-
-        from fedsec.config import from_raw
+        from fedsec.engine.flower import config_from_text
+        from fedsec.models import require_converted
 
         if os.path.isdir(meta["workdir"]):
             os.chdir(meta["workdir"])  # relative paths in the config mean what they meant there
-        from fedsec.models import require_converted
-
-        cfg = from_raw(yaml.safe_load(meta["config"]))
+        cfg = config_from_text(meta["config"])
         if meta.get("data_path"):  # this organisation's own copy of the data: data.source
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=str(meta["data_path"])))
         require_converted(cfg.model.name)
@@ -237,7 +244,7 @@ def serve(path: Path, supernode: int, idle: float = IDLE_SECONDS) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     def watch() -> None:  # the SuperNode gone (killed, stopped): so is its worker, at once
-        while _alive(supernode):
+        while alive(supernode):
             time.sleep(0.5)
         with contextlib.suppress(OSError):
             path.unlink()
