@@ -173,3 +173,25 @@ def adapt_clip_norm(clip_norm: float, num_unclipped: int, num_clipped: int, expe
     released = noisy_centred_count(num_unclipped, num_clipped, count_stddev, generator)
     fraction = released / expected_clients + 0.5
     return clip_norm * math.exp(-learning_rate * (fraction - target_quantile)), fraction
+
+
+def secagg_sensitivity(clip_norm: float, dim: int, clip_range: float, bits: int) -> float:
+    """The L2 sensitivity of a sum released through Flower's SecAgg+ when each node sends
+    the sum of its clients' deltas, each clipped to `clip_norm`.
+
+    SecAgg+ clips every coordinate of a node's vector to [-r, r] (r = `clip_range`) and
+    rounds it stochastically to a grid of step 2r / 2^bits; the masked integers then sum
+    exactly (mod 2^32). Removing one client changes its node's vector v by at most C in
+    L2. Coordinate clipping is 1-Lipschitz, so it keeps that bound. Stochastic rounding
+    is floor(y + U), U uniform on [0, 1) per coordinate: under one shared U the two
+    roundings differ from the exact difference by less than one grid step per
+    coordinate, so by less than sqrt(d) steps in L2, and the other nodes' roundings are
+    identical. For every U the released sum therefore has sensitivity at most
+    C + sqrt(d) * 2r / 2^bits; Gaussian noise at multiplier z on that bound is
+    (epsilon, delta)-DP for each U, hence for the mixture over U (the hockey-stick
+    divergence is jointly convex), the accountants' epsilon at z unchanged.
+    """
+    if clip_norm <= 0 or dim < 1 or clip_range <= 0 or bits < 1:
+        raise ValueError(f"need clip_norm > 0, dim >= 1, clip_range > 0, bits >= 1; got "
+                         f"{clip_norm}, {dim}, {clip_range}, {bits}")
+    return clip_norm + math.sqrt(dim) * 2.0 * clip_range / 2.0 ** bits

@@ -5,6 +5,7 @@ train the clients it hosts, and the server's own update on FLTrust's root set.""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -18,13 +19,24 @@ import torch
 
 from fedsec.config import ExperimentConfig, to_mapping
 from fedsec.encoding import DATA, Encoded
+from fedsec.evaluation import EvalResult, EvalSet, evaluate_groups, map_sequences, share_prefix
 from fedsec.models import load_model
 from fedsec.objectives import PairItem, objective_for
+from fedsec.prefix import cache_frozen_prefix
 from fedsec.results import ClientUpdate
 from fedsec.rundir import atomic_write_bytes
 from fedsec.scaffold import VariateStore, client_variate, server_variate
 from fedsec.seeding import derive_seed
-from fedsec.setup import Setup, build_federation, cache_train_sets, prefix_args, record_secret, train_set
+from fedsec.setup import (
+    Federation,
+    Setup,
+    build_federation,
+    cache_train_sets,
+    clients_eval_set,
+    prefix_args,
+    record_secret,
+    train_set,
+)
 from fedsec.training import LocalTrainer, RecordDp
 
 
@@ -65,7 +77,12 @@ def scaffold_updates(setup: Setup, variates: VariateStore, c: torch.Tensor, star
 
 class ClientRunner(Protocol):
     """Where the sampled clients train: `updates` returns their updates (in the order of
-    `clients`) and the ids of the clients that never answered (a crashed machine)."""
+    `clients`) and the ids of the clients that never answered (a crashed machine).
+
+    A runner whose clients' data is elsewhere (data.silos on Flower) also has
+    `discover(cfg, log)`, called before the Setup is built, returning the clients per
+    organisation (None: the data is here), and `evaluate(setup, vector)`, each client's
+    test metrics computed where its data is."""
 
     def start(self, setup: Setup, log: Callable[[str], None]) -> None: ...
 
@@ -93,12 +110,24 @@ class ClientSide:
     trainer: LocalTrainer
     train_sets: dict[int, list]
     population: int
+    client_eval: EvalSet | None = None  # the hosted clients' held-out examples (eval.clients), by client id
+    pad_id: int = 0
+
+    def evaluate(self, vector: torch.Tensor) -> dict[int, EvalResult]:
+        """Each hosted client's test metrics under the adapter `vector` (what the in-process
+        loop's per-client evaluation computes for these clients)."""
+        if self.client_eval is None:
+            return {}
+        self.trainer.adapter.set(vector)
+        return evaluate_groups(self.trainer.model, self.client_eval, self.pad_id, self.cfg.eval.batch_size)
 
 
 def prepare_clients(cfg: ExperimentConfig, hosted: Callable[[int], bool], record_noise: float | None = None,
-                    only: set[int] | None = None, cache: Path | None = None) -> ClientSide:
-    """The client side of a deployment: the federation's clients that `hosted` accepts
-    (and, if given, that are in `only`), ready to train.
+                    only: set[int] | None = None, cache: Path | None = None,
+                    federation: Federation | None = None) -> ClientSide:
+    """The client side of a deployment: the federation's clients (`federation`, by default
+    built from the config) that `hosted` accepts (and, if given, that are in `only`), ready
+    to train and, with eval.clients, to be evaluated on their held-out examples.
 
     Each client's items (tokens, frozen-prefix states, DPO reference log-probabilities)
     are computed from that client alone, so they do not depend on which clients a
@@ -107,11 +136,12 @@ def prepare_clients(cfg: ExperimentConfig, hosted: Callable[[int], bool], record
     they can differ from `prepare`'s, which batches all clients together, in the last
     float bits.
     """
-    federation = build_federation(cfg)
+    federation = build_federation(cfg) if federation is None else federation
     model, tokenizer = load_model(cfg)
     pad = tokenizer.pad_token_id
     objective = objective_for(cfg, pad)
-    ids = [c for c in range(len(federation.data.clients)) if hosted(c) and (only is None or c in only)]
+    by_id = {client.client_id: client for client in federation.data.clients}  # a silo's ids start at its first
+    ids = [c for c in by_id if hosted(c) and (only is None or c in only)]
     sets = {}
     for c in ids:
         path = cache / f"client-{c}.pt" if cache is not None else None
@@ -122,7 +152,7 @@ def prepare_clients(cfg: ExperimentConfig, hosted: Callable[[int], bool], record
             except Exception as err:  # a damaged file is computed again and replaced
                 print(f"fedsec: {path} is unreadable ({type(err).__name__}); preparing client {c} again",
                       file=sys.stderr)
-        items = train_set(objective, federation.data.clients[c], tokenizer, cfg)
+        items = train_set(objective, by_id[c], tokenizer, cfg)
         if cfg.lora.cache_frozen_layers and items:
             first, model_key = prefix_args(model, cfg)
             items = cache_train_sets(model, first, pad, cfg.eval.batch_size, model_key, [items], DATA)[0]
@@ -136,7 +166,18 @@ def prepare_clients(cfg: ExperimentConfig, hosted: Callable[[int], bool], record
     record_dp = (RecordDp(cfg.privacy.clip_norm, record_noise, record_secret(cfg)) if record_noise is not None
                  else None)
     trainer = LocalTrainer(model, cfg.training, objective, record_dp)
-    return ClientSide(cfg, trainer, sets, federation.population)
+    client_eval = None
+    if cfg.eval.clients:
+        kept = dataclasses.replace(federation.data, clients=tuple(c for c in federation.data.clients
+                                                                  if c.client_id in sets))
+        client_eval = clients_eval_set(kept, tokenizer, cfg)
+        if client_eval is not None and cfg.lora.cache_frozen_layers:
+            first, model_key = prefix_args(model, cfg)
+            client_eval = map_sequences(client_eval, lambda items: cache_frozen_prefix(
+                model, items, first, pad, cfg.eval.batch_size, model_key, DATA))
+        if client_eval is not None:
+            client_eval = share_prefix(model, client_eval, pad)
+    return ClientSide(cfg, trainer, sets, federation.population, client_eval, pad)
 
 
 def client_cache_key(cfg: ExperimentConfig) -> str:

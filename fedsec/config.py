@@ -228,6 +228,13 @@ class DataConfig:
     root: str | None = _help(
         "the server's own clean examples (FLTrust's root set), a file in the data's layout; the embedded "
         "benchmark makes its own (benchmark.root_size)", None)
+    silos: tuple[str, ...] = _help(
+        "cross-silo data: one file per organisation, each split into clients as `partition` says; the "
+        "federation is their clients in this order (on Flower, SuperNode k reads the k-th, or its "
+        "data-path). Nothing is carved from them for the global test set: give `test`", ())
+    test: str | None = _help(
+        "the global test set, a file in the data's layout held by whoever runs the server (no "
+        "test_fraction is then carved from the data); null with silos: no global test set", None)
 
     def __post_init__(self) -> None:
         _require(bool(self.source.strip()), "source", self.source, "name a source")
@@ -242,6 +249,15 @@ class DataConfig:
         _require(self.choices is None or len(set(self.choices)) >= 2, "choices", self.choices,
                  "list at least two distinct answers, or null")
         _require(self.alignment_per_client >= 1, "alignment_per_client", self.alignment_per_client, "must be >= 1")
+        if self.silos:
+            _require(self.source == "embedded", "source", self.source,
+                     "the data are the files in data.silos; remove data.source (or data.silos)")
+            _require(all(isinstance(s, str) and s.strip() for s in self.silos), "silos", list(self.silos),
+                     "list one file per organisation")
+            _require(len(set(self.silos)) == len(self.silos), "silos", list(self.silos),
+                     "names a file twice; list each organisation's file once")
+        _require(self.test is None or self.source != "embedded" or bool(self.silos), "test", self.test,
+                 "the embedded benchmark makes its own test set (benchmark.test_size); remove data.test")
 
 
 @dataclass(frozen=True)
@@ -652,9 +668,23 @@ class FlowerConfig:
         "count as failed for that round", 600.0)
     start_timeout: float = _help(
         "seconds the server waits for SuperNodes that together host every client before round 1", 300.0)
+    secagg: bool = _help(
+        "sum the clients' updates under Flower's SecAgg+: each SuperNode sends the masked sum of its "
+        "clients' deltas (clipped there under user-level DP) and the server sees only the total; the "
+        "aggregator must be the plain mean", False)
+    secagg_clip_range: float = _help(
+        "SecAgg+: each coordinate of a node's sum is clipped to [-r, r] before quantization", 8.0)
+    secagg_bits: int = _help("SecAgg+: quantization to 2^bits levels over [-r, r] (masks live mod 2^32)", 22)
+    secagg_threshold: float = _help(
+        "SecAgg+: the share of the round's SuperNodes whose key shares rebuild a dropped node's "
+        "masks (at least 2 nodes)", 0.5)
 
     def __post_init__(self) -> None:
         _require(self.supernodes >= 1, "supernodes", self.supernodes, "must be >= 1")
+        _require(self.secagg_clip_range > 0, "secagg_clip_range", self.secagg_clip_range, "must be > 0")
+        _require(1 <= self.secagg_bits <= 30, "secagg_bits", self.secagg_bits,
+                 "must be in [1, 30] (the masked sum of the nodes' values must stay below 2^32)")
+        _require(0 < self.secagg_threshold <= 1, "secagg_threshold", self.secagg_threshold, "must be in (0, 1]")
         _require(self.round_timeout > 0, "round_timeout", self.round_timeout, "must be > 0 seconds")
         _require(self.start_timeout > 0, "start_timeout", self.start_timeout, "must be > 0 seconds")
         _require(self.superlink == "" or (":" in self.superlink and self.superlink.rsplit(":", 1)[1].isdigit()),
@@ -694,6 +724,8 @@ class ExperimentConfig:
         _require(self.seed >= 0, "seed", self.seed, "must be an integer >= 0")
         _one_of("task", self.task, TASKS)
         _one_of("engine", self.engine, ENGINES)
+        _require(not self.flower.secagg or self.engine == "flower", "flower.secagg", True,
+                 "secure aggregation runs on Flower's SecAgg+; set engine: flower, or flower.secagg: false")
         if self.engine == "flower":
             _require(self.federation.algorithm != "scaffold", "federation.algorithm", "scaffold",
                      "SCAFFOLD keeps per-client state that the flower engine does not carry yet; "
@@ -701,6 +733,7 @@ class ExperimentConfig:
             _require(self.federation.local_only_clients == 0, "federation.local_only_clients",
                      self.federation.local_only_clients, "the local-only baseline is an in-process "
                      "simulation; set it to 0 with engine: flower")
+            self._check_flower_data()
         _require(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints,
                  "must be >= 1")
         _require(not (self.audit.canaries and self.privacy.mode == "record"), "audit.canaries",
@@ -724,6 +757,47 @@ class ExperimentConfig:
             _require(self.federation.sampling != "fixed", "federation.sampling",
                      self.federation.sampling, "user-level DP is accounted for Poisson sampling; "
                      "use poisson or auto")
+
+    def _check_flower_data(self) -> None:
+        """On Flower the server reads no client's data: a local file is one organisation's (data.silos);
+        with silos, what needs the clients' examples on the server is refused."""
+        from fedsec.data.loaders import is_local_file
+
+        d = self.data
+        _require(d.source == "embedded" or not is_local_file(d.source), "data.source", d.source,
+                 "on Flower the server never reads the clients' data: list each organisation's file in "
+                 "data.silos (SuperNode k reads the k-th, or its data-path) and the server's test set in "
+                 "data.test")
+        if self.flower.secagg:
+            self._check_secagg()
+        if not d.silos:
+            return
+        needs = (("eval.mia", self.eval.mia, "compares the clients' training examples with held-out ones"),
+                 ("eval.canaries", self.eval.canaries, "extracts canaries planted in the clients' data"),
+                 ("audit.canaries", self.audit.canaries, "appends canary clients the server would host"))
+        for field_name, value, why in needs:
+            _require(not value, field_name, value, f"{why}, which stay on their SuperNodes with data.silos; "
+                     "run it with engine: inprocess")
+        _require(self.privacy.mode != "record", "privacy.mode", "record",
+                 "the record-level plan needs every client's size, which stays on its SuperNode with "
+                 "data.silos; use privacy.mode user or engine: inprocess")
+
+    def _check_secagg(self) -> None:
+        """Under SecAgg+ the server sees one sum per round: whatever needs single updates is refused."""
+        from fedsec.registry import registry
+
+        fix = "; set flower.secagg: false to use it"
+        _require(self.defense.aggregator == "mean", "defense.aggregator", self.defense.aggregator,
+                 "robust rules need the individual updates, which secure aggregation hides" + fix)
+        _require(self.attack.kind not in registry("update_attack") or self.attack.kind == "none", "attack.kind",
+                 self.attack.kind, "update attacks replace single updates on the server, which secure "
+                 "aggregation hides (data attacks run on the nodes)" + fix)
+        _require(not self.privacy.adaptive_clipping, "privacy.adaptive_clipping", True,
+                 "the clipped-client count it needs is not summed securely" + fix)
+        _require(self.privacy.mode != "record", "privacy.mode", "record",
+                 "record-level DP with secure aggregation is not supported yet; use user-level DP" + fix)
+        _require(not self.audit.canaries, "audit.canaries", self.audit.canaries,
+                 "the audit's canary clients send crafted updates the server would have to see" + fix)
 
     def _check_data_attack_task(self) -> None:
         """A data attack poisons the data of the tasks it registered for (SFT examples, DPO pairs)."""

@@ -39,9 +39,10 @@ from fedsec.privacy import (
     UserLevelDp,
     plan_privacy,
     reproducible_warning,
+    secure_aggregation_terms,
 )
 from fedsec.progress import showing as progress_bars
-from fedsec.results import RoundResult, RunResult
+from fedsec.results import RoundResult, RunResult, SecureSum
 from fedsec.round_eval import audit_outcome, evaluate_model, membership_attack
 from fedsec.rundir import RunDir, claimed, default_run_dir, latest_run_dir
 from fedsec.scaffold import VariateStore
@@ -78,8 +79,10 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
         else:
             RunDir.check_free(path)
         try:
+            discover = getattr(clients, "discover", None)  # data.silos on Flower: the organisations' client counts
+            silos = discover(cfg, log) if discover is not None else None
             with progress_bars(progress):  # tokenizing, the frozen prefix, DPO's reference pass
-                setup = prepare(cfg)  # fails on bad data or model before any directory is made
+                setup = prepare(cfg, silos)  # fails on bad data or model before any directory is made
             # the sampling rate q = clients_per_round / population does not depend on which audit
             # canaries are in, so the mechanism (and its accounting) is the same in both worlds
             dp = UserLevelDp(cfg, plan_privacy(cfg, setup.population)) if cfg.privacy.mode == "user" else None
@@ -102,6 +105,8 @@ class RunState:
         self.global_vec = setup.adapter.get().to(SERVER)  # the server's copy, beside the aggregates it meets
         self.server = make_server_optimizer(cfg.federation)
         self.pipeline = build_pipeline(cfg, run.path, dim, dp)  # sanitize -> (clip) -> rule -> (noise)
+        if dp is not None and cfg.engine == "flower" and cfg.flower.secagg:
+            dp.secure = secure_aggregation_terms(cfg, dim)
         self.local = {c: self.global_vec.clone() for c in setup.local_only}  # the local-only baseline
         scaffold = cfg.federation.algorithm == "scaffold"
         self.variates = VariateStore(run.path / "scaffold", dim) if scaffold else None
@@ -141,6 +146,8 @@ def _rounds(setup: Setup, run: RunDir, dp: UserLevelDp | None, record: RecordLev
     _start(setup, run, state, resume, log)
     _write_federation(setup, run)
     clients.start(setup, log)
+    if setup.silos:  # the clients' held-out examples are on their nodes: evaluated there
+        setup = dataclasses.replace(setup, remote_eval=lambda vector: clients.evaluate(setup, vector))
     if state.rounds_done == 0 and not any(r.get("round") == 0 for r in run.read_covered_metrics()):
         untuned, clients_eval = evaluate_model(setup, state.global_vec, 0)
         run.append_metrics({"phase": "federated", "round": 0, "global_eval": untuned, "client_eval": clients_eval})
@@ -179,13 +186,16 @@ def play_round(setup: Setup, state: RunState, clients: ClientRunner, round_idx: 
     memory = PeakMemory(model_device(setup.model))
     memory.reset()
     updates, failed = _client_updates(setup, state, clients, sampled, lr, round_idx)
+    secure = None
+    if isinstance(updates, SecureSum):  # secure aggregation: the sum, and what the nodes said beside it
+        secure, updates = updates, list(updates.updates)
     trained = time.perf_counter() - started
     outcome = None
     if setup.malicious:
         outcome = attack_round(setup.cfg.attack.kind, setup.cfg.attack.params, updates, set(setup.malicious),
                                torch_generator(setup.cfg.seed, "attack", round_idx), setup.cfg.federation.server_lr)
         updates = outcome.updates
-    batch = state.pipeline(updates, round_idx, server_reference(setup, state.global_vec, lr, round_idx))
+    batch = state.pipeline(updates, round_idx, server_reference(setup, state.global_vec, lr, round_idx), secure)
     privacy = None
     if state.dp is not None:
         privacy = state.dp.record(batch)  # the round's DP release onto the ledger: epsilon so far
@@ -242,8 +252,8 @@ def _sample(setup: Setup, state: RunState, round_idx: int) -> list[int]:
     fed = setup.cfg.federation
     sampler = torch_generator(state.dp.root if state.dp is not None else setup.cfg.seed, "sample", round_idx)
     if setup.cfg.sampling == "poisson":
-        return poisson_sample(len(setup.train_sets), fed.clients_per_round / setup.population, sampler)
-    return sample_clients(len(setup.train_sets), fed.clients_per_round, sampler)
+        return poisson_sample(setup.trainable, fed.clients_per_round / setup.population, sampler)
+    return sample_clients(setup.trainable, fed.clients_per_round, sampler)
 
 
 def _client_updates(setup: Setup, state: RunState, clients: ClientRunner, sampled: list[int], lr: float,
@@ -286,6 +296,10 @@ def _write_federation(setup: Setup, run: RunDir) -> None:
     guarantee assume public); clients.json: each client's id, name, sizes and the user
     values its examples carry (data-derived: under DP it goes to the not-covered place)."""
     clients = setup.data.clients[: setup.federation_clients]
+    if setup.silos:  # the counts the organisations reported (public by the guarantee's assumption); no examples here
+        run.write_json("federation.json", {"num_clients": len(clients), "source": "silos",
+                                           "clients_per_silo": list(setup.silos)})
+        return
     run.write_json("federation.json", {"num_clients": len(clients), "source": setup.cfg.data.source})
     detail = {"clients": [{"client_id": c.client_id, "name": c.name, "train_examples": len(c.train),
                            "test_examples": len(c.test), "preference_pairs": len(c.preference),
@@ -366,7 +380,7 @@ def finish(setup: Setup, run: RunDir, global_vec: torch.Tensor, local: dict,
     if stopped is not None and not (last and last[-1].get("global_eval")):
         final, _ = evaluate_model(setup, global_vec)  # the adapter the run ends with, evaluated
     else:
-        final = next(r["global_eval"] for r in reversed(rows) if r.get("global_eval"))
+        final = next((r["global_eval"] for r in reversed(rows) if r.get("global_eval")), {})  # {}: nothing global
     local_only = None
     if local:
         per_client = {}

@@ -2,6 +2,7 @@
 
     no DP:           Sanitize -> Rule
     user-level DP:   Sanitize -> Clip -> Rule or FixedDenominatorMean -> Noise
+    SecAgg+ (Flower): SecureMean (-> Noise under user-level DP)
 
 Every stage is `stage(batch) -> batch` over one `Batch` (the round's updates, the
 stacked deltas and their weights, the aggregate, each stage's diagnostics); each calls
@@ -36,9 +37,9 @@ import torch
 
 from fedsec.config import ExperimentConfig
 from fedsec.defenses import sanitize_updates
-from fedsec.defenses.dp import COUNT_SENSITIVITY, clip_to_norm, gaussian_noise
+from fedsec.defenses.dp import COUNT_SENSITIVITY, clip_to_norm, gaussian_noise, secagg_sensitivity
 from fedsec.defenses.registry import Context
-from fedsec.results import ClientUpdate
+from fedsec.results import ClientUpdate, SecureSum
 from fedsec.scaffold import VariateStore
 from fedsec.seeding import torch_generator
 
@@ -70,6 +71,7 @@ class Batch:
     aggregate: torch.Tensor | None = None  # [d]: the rule's output (plus the noise, after Noise)
     release: DpRelease | None = None  # the noise stage's DP event
     info: dict = field(default_factory=dict)  # stage name -> its diagnostics
+    secure: SecureSum | None = None  # secure aggregation: the round's sum, all the server sees
 
     def with_info(self, stage: str, diagnostics: dict, **changes) -> Batch:
         return dataclasses.replace(self, info={**self.info, stage: diagnostics}, **changes)
@@ -130,6 +132,28 @@ class FixedDenominatorMean:
         w = torch.full((n,), 1.0 / self.expected_clients, dtype=torch.float64, device=SERVER).to(b.deltas.dtype)
         aggregate = w @ b.deltas if n else torch.zeros(b.dim, dtype=b.deltas.dtype, device=SERVER)
         return dataclasses.replace(b, aggregate=aggregate)
+
+
+class SecureMean:
+    """Secure aggregation: the clients' deltas arrive as one sum (clipped on their nodes
+    under user-level DP). With DP: DP-FedAvg's fixed denominator, sum / (q N), and the
+    noise stage scales to the sum's sensitivity (the clip norm plus SecAgg+'s rounding,
+    fedsec.defenses.dp.secagg_sensitivity). Without DP: each client weighs 1, sum / n
+    (an example-weighted mean would need each node's counts inside the secure sum)."""
+
+    def __init__(self, clip_norm: float | None = None, expected_clients: float | None = None,
+                 sensitivity: float | None = None):
+        self.clip_norm, self.expected_clients, self.sensitivity = clip_norm, expected_clients, sensitivity
+
+    def __call__(self, b: Batch) -> Batch:
+        s = b.secure
+        total = s.total.to(SERVER)
+        clients = tuple(u.client_id for u in s.updates)
+        if self.expected_clients is None:
+            aggregate = total / len(clients) if clients else torch.zeros(b.dim, device=SERVER)
+            return dataclasses.replace(b, aggregate=aggregate, clients=clients)
+        return b.with_info("clip", {"clip_norm": self.clip_norm, "sensitivity": self.sensitivity},
+                           aggregate=total / self.expected_clients, clients=clients)
 
 
 class Rule:
@@ -194,10 +218,11 @@ class Noise:
 
     def __call__(self, b: Batch) -> Batch:
         plan, c = self.dp.plan, b.info["clip"]["clip_norm"]
+        bound = b.info["clip"].get("sensitivity") or c  # SecAgg+: the clip norm plus the rounding
         aggregate = b.aggregate
         if plan.update_noise > 0:
-            noise = gaussian_noise(b.dim, plan.update_noise * c, torch_generator(self.dp.root, "dp-noise", b.round_idx),
-                                   aggregate.dtype)
+            noise = gaussian_noise(b.dim, plan.update_noise * bound,
+                                   torch_generator(self.dp.root, "dp-noise", b.round_idx), aggregate.dtype)
             aggregate = aggregate + noise / plan.expected_clients
         adaptive = self.dp.cfg.privacy.adaptive_clipping
         release = DpRelease(plan.noise_multiplier, plan.sample_rate, c, plan.update_noise,
@@ -213,8 +238,8 @@ class ServerPipeline:
         self.rule = rule  # the Rule stage (its state rides in the checkpoint); one is always built
 
     def __call__(self, updates: Sequence[ClientUpdate], round_idx: int,
-                 reference: torch.Tensor | None = None) -> Batch:
-        batch = Batch(round_idx, self.dim, tuple(updates), reference)
+                 reference: torch.Tensor | None = None, secure: SecureSum | None = None) -> Batch:
+        batch = Batch(round_idx, self.dim, tuple(updates), reference, secure=secure)
         for stage in self.stages:
             batch = stage(batch)
         return batch
@@ -226,6 +251,12 @@ class ServerPipeline:
 def build_pipeline(cfg: ExperimentConfig, folder: Path, dim: int, dp=None) -> ServerPipeline:
     """The run's server pipeline; `dp` the run's UserLevelDp (None: no user-level DP)."""
     rule = Rule(cfg, folder, dim)
+    if cfg.engine == "flower" and cfg.flower.secagg:
+        if dp is None:
+            return ServerPipeline([SecureMean()], dim, rule)
+        f = cfg.flower
+        bound = secagg_sensitivity(dp.clip_in_force(), dim, f.secagg_clip_range, f.secagg_bits)
+        return ServerPipeline([SecureMean(dp.clip_in_force(), dp.plan.expected_clients, bound), Noise(dp)], dim, rule)
     if dp is None:
         stages = [Sanitize(cfg.defense.max_update_norm), rule]
     else:

@@ -41,6 +41,7 @@ from fedsec.config import ExperimentConfig
 from fedsec.defenses.dp import (
     adapt_clip_norm,
     adaptive_update_noise,
+    secagg_sensitivity,
 )
 from fedsec.defenses.registry import NormBound
 from fedsec.errors import ConfigError
@@ -141,6 +142,7 @@ class UserLevelDp:
         self.cfg, self.plan = cfg, plan
         self.root = dp_seed(cfg) if root is None else root  # the DP streams' root (noise, sampling)
         self.clip_norm = cfg.privacy.clip_norm
+        self.secure: dict | None = None  # SecAgg+ on Flower: the sum's sensitivity and what the guarantee assumes
         self.ledger = PrivacyLedger(cfg.privacy.delta, ACCOUNTANTS, cfg.privacy.accountant,
                                     plan.certified, plan.reason)
 
@@ -177,8 +179,11 @@ class UserLevelDp:
                                                 torch_generator(self.root, "dp-clip-count", batch.round_idx))
         # what the mechanism releases (clip norm, noise, epsilon) and, under "hidden", what it
         # does not: the exact counts and norms, which go to the run's not-covered place only
-        return {"clip_norm": e.clip_norm, "noise_multiplier": e.noise_multiplier, "epsilon": entry.epsilon,
-                "hidden": {k: clip[k] for k in ("clipped", "unclipped", "median_norm")}}
+        row = {"clip_norm": e.clip_norm, "noise_multiplier": e.noise_multiplier, "epsilon": entry.epsilon,
+               "hidden": {k: clip[k] for k in ("clipped", "unclipped", "median_norm") if k in clip}}
+        if clip.get("sensitivity") is not None:  # SecAgg+: the noise is scaled to the sum's rounding-inclusive bound
+            row["sensitivity"] = clip["sensitivity"]
+        return row
 
     def _clip_for(self, clip_norm: float) -> float:
         """The clip norm in force: norm bounding is clipping too, and the tighter bound wins."""
@@ -193,7 +198,8 @@ class UserLevelDp:
                 "clip_norm": self.cfg.privacy.clip_norm, "adaptive_clipping":
                 self.cfg.privacy.adaptive_clipping, "rounds": len(self.ledger.entries),
                 "noise": noise_source(self.cfg), "released_again": len(self.ledger.released_again),
-                "unavailable": self.ledger.entries[-1].unavailable if self.ledger.entries else None}
+                "unavailable": self.ledger.entries[-1].unavailable if self.ledger.entries else None,
+                **({"secure_aggregation": self.secure} if self.secure is not None else {})}
 
     def public_ledger(self) -> dict:
         return self.ledger.to_dict()
@@ -309,3 +315,14 @@ class RecordLevelDp:
         if len(self.ledger.rounds) != rounds_done:
             raise ValueError(f"checkpoint ledger has {len(self.ledger.rounds)} rounds, expected "
                              f"{rounds_done}")
+
+
+def secure_aggregation_terms(cfg: ExperimentConfig, dim: int) -> dict:
+    """What a user-level DP guarantee under SecAgg+ rests on, for the run's privacy report."""
+    f = cfg.flower
+    return {"protocol": "SecAgg+ (Flower)", "clip_range": f.secagg_clip_range, "bits": f.secagg_bits,
+            "sensitivity": secagg_sensitivity(cfg.privacy.clip_norm, dim, f.secagg_clip_range, f.secagg_bits),
+            "assumes": "the server follows the protocol and adds the noise to the unmasked sum (honest but "
+                       "curious); every SuperNode clips each of its clients' deltas to clip_norm before the "
+                       "secure sum (the server cannot check it); the noise is scaled to the sensitivity, which "
+                       "includes SecAgg+'s stochastic rounding (fedsec.defenses.dp.secagg_sensitivity)"}

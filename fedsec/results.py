@@ -17,6 +17,16 @@ class ClientUpdate:
 
 
 @dataclass(frozen=True)
+class SecureSum:
+    """A round's updates as secure aggregation releases them: only their sum. `updates`
+    says which clients are in it and what their nodes reported beside it (example count,
+    loss); their deltas are empty, never seen by the server."""
+
+    total: torch.Tensor  # [d]: the sum of the clients' deltas (each clipped on its node under user-level DP)
+    updates: tuple[ClientUpdate, ...]
+
+
+@dataclass(frozen=True)
 class AttackContext:
     """What an update attack sees of its round beyond the deltas (fedsec.registry)."""
 

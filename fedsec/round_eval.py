@@ -76,10 +76,13 @@ def evaluate_model(setup: Setup, vector: torch.Tensor, round_done: int | None = 
         global_eval["benchmarks"] = {
             t.name: run_task(t, lm, setup.answers_dir / t.name if setup.answers_dir else None, round_done)
             for t in due}
-    if setup.client_eval is None:
+    if setup.client_eval is not None:
+        per_client = evaluate_groups(setup.model, setup.client_eval, setup.pad_id, batch)
+    elif setup.remote_eval is not None and setup.cfg.eval.clients:  # on the nodes holding the clients' data
+        per_client = setup.remote_eval(vector)
+    else:
         return global_eval, None
-    per_client = evaluate_groups(setup.model, setup.client_eval, setup.pad_id, batch)
-    return global_eval, client_summary(per_client)
+    return global_eval, client_summary(per_client) if per_client else None
 
 
 def write_probe_replies(path: Path, probes, replies: list[str]) -> Path:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from fedsec.attacks.clients import attack_params, malicious_clients, poison_data
 from fedsec.attacks.poisoning import with_trigger
 from fedsec.canaries import AuditState, audit_canaries, start_audit, with_canary_clients
 from fedsec.config import ExperimentConfig
-from fedsec.data import FederatedData, build_federated_data
+from fedsec.data import ClientData, FederatedData, build_federated_data, read_root, read_test, silo_clients
 from fedsec.data.unsafe import draw, read_alignment, read_unsafe
 from fedsec.devices import model_device
 from fedsec.encoding import encode_prompt
@@ -69,11 +70,19 @@ class Setup:
     population: int = 0  # clients the sampling rate is defined over (audit canaries in or out)
     tasks: tuple = ()  # eval.benchmarks, loaded (fedsec.evalsuite.Task)
     answers_dir: Path | None = None  # where open-ended answers go (the run directory's answers/)
+    silos: tuple[int, ...] = ()  # data.silos on Flower: clients per organisation, whose data stays with it
+    remote_eval: Callable | None = None  # per-client evaluation where the clients are (vector -> {id: EvalResult})
 
     @property
     def federation_clients(self) -> int:
         """Clients of the federation proper (the audit's canary clients come after them)."""
         return self.population - self.cfg.audit.canaries
+
+    @property
+    def trainable(self) -> int:
+        """The clients a round samples from (ids 0 .. trainable - 1): those with training
+        items here, or with data.silos on Flower those the organisations reported."""
+        return sum(self.silos) if self.silos else len(self.train_sets)
 
     @property
     def pad_id(self) -> int:
@@ -97,8 +106,12 @@ class Federation:
     included: object = None  # which canaries are in (numpy bool array), None without an audit
 
 
-def build_federation(cfg: ExperimentConfig) -> Federation:
-    data = build_federated_data(cfg.data, cfg.seed, cfg.task)
+def build_federation(cfg: ExperimentConfig, silos: tuple[int, ...] | None = None) -> Federation:
+    """The federation from the config; with `silos` (clients per organisation of data.silos,
+    as their SuperNodes reported them), the server's view of it: the clients' ids and names,
+    none of their examples (those stay on the nodes), the server's own files (data.test,
+    data.root, eval.probes)."""
+    data = build_federated_data(cfg.data, cfg.seed, cfg.task) if silos is None else server_view(cfg, silos)
     num_clients = len(data.clients)
     fed = cfg.federation
     if fed.local_only_clients > num_clients:
@@ -113,10 +126,8 @@ def build_federation(cfg: ExperimentConfig) -> Federation:
         if 0 < cfg.eval.max_probes < len(probes):
             probes = draw(probes, cfg.eval.max_probes, cfg.seed, "probes-file")
         data = dataclasses.replace(data, probes=probes)
-    if cfg.data.alignment is not None:  # before the poison: a malicious client's share is poisoned like the rest
-        data = with_alignment(data, cfg)
-    data = poison_data(data, cfg.attack.kind, attack_params(cfg.attack.kind, cfg.attack.params), malicious,
-                       cfg.seed)
+    if silos is None:  # with silos, each node aligns and poisons its own clients (`node_federation`)
+        data = _aligned_and_poisoned(data, cfg, malicious)
     # the checks that need only the data, before the model is loaded and anything is encoded
     if cfg.defense.rule.needs_reference and data.server_root is None:
         raise ConfigError("defense.aggregator", cfg.defense.aggregator,
@@ -137,6 +148,39 @@ def build_federation(cfg: ExperimentConfig) -> Federation:
         raise ConfigError("federation.clients_per_round", fed.clients_per_round,
                           f"the data has {len(data.clients)} clients; sample at most that many")
     return Federation(data, tuple(malicious), population, canaries, included)
+
+
+def _aligned_and_poisoned(data: FederatedData, cfg: ExperimentConfig, malicious: tuple[int, ...]) -> FederatedData:
+    if cfg.data.alignment is not None:  # before the poison: a malicious client's share is poisoned like the rest
+        data = with_alignment(data, cfg)
+    return poison_data(data, cfg.attack.kind, attack_params(cfg.attack.kind, cfg.attack.params), malicious,
+                       cfg.seed)
+
+
+def server_view(cfg: ExperimentConfig, silos: tuple[int, ...]) -> FederatedData:
+    """A data.silos federation as the server knows it: each client's id and name (from the
+    organisations' client counts), no examples; the global test set from data.test."""
+    clients, first = [], 0
+    for silo, count in enumerate(silos):
+        clients.extend(ClientData(first + k, f"silo{silo}-client{k:03d}", (), ()) for k in range(count))
+        first += count
+    test = read_test(cfg.data, cfg.task)
+    root = read_root(cfg.data, cfg.task) if cfg.data.root is not None else None
+    if cfg.task == "dpo":
+        return FederatedData(tuple(clients), (), None, preference_test=test, server_root=root)
+    return FederatedData(tuple(clients), test, cfg.data.choices, server_root=root)
+
+
+def node_federation(cfg: ExperimentConfig, silo: int, first: int, total: int,
+                    source: str | None = None) -> Federation:
+    """Organisation `silo`'s share of a data.silos federation, as its SuperNode builds it from
+    its own file (`source`, else data.silos[silo]): its clients with their global ids from
+    `first` on, aligned and poisoned as the in-process run does (the malicious identities
+    are drawn over all `total` clients)."""
+    clients = silo_clients(cfg.data, cfg.seed, cfg.task, silo, first, source)
+    malicious = malicious_clients(total, cfg.attack.count(total), cfg.seed)
+    data = _aligned_and_poisoned(FederatedData(clients, (), cfg.data.choices), cfg, malicious)
+    return Federation(data, tuple(malicious), total)
 
 
 def with_alignment(data: FederatedData, cfg: ExperimentConfig) -> FederatedData:
@@ -164,8 +208,11 @@ def train_set(objective, client, tokenizer, cfg: ExperimentConfig) -> list:
     return objective.encode(objective.records(client), tokenizer, cfg.data)
 
 
-def prepare(cfg: ExperimentConfig) -> Setup:
-    federation = build_federation(cfg)
+def prepare(cfg: ExperimentConfig, silos: tuple[int, ...] | None = None) -> Setup:
+    """The run's Setup. With `silos` (data.silos on Flower: clients per organisation, as
+    their SuperNodes reported them) the clients' examples stay on their nodes: nothing of
+    theirs is read, tokenized or evaluated here."""
+    federation = build_federation(cfg, silos)
     tasks = load_tasks(cfg)
     data, malicious, population = federation.data, federation.malicious, federation.population
     canaries, included = federation.canaries, federation.included
@@ -178,11 +225,12 @@ def prepare(cfg: ExperimentConfig) -> Setup:
         audit = start_audit(cfg, canaries, included, first_canary, model, tokenizer)
     d, pad = cfg.data, tokenizer.pad_token_id
     objective = objective_for(cfg, pad)
-    with progress.bar(len(data.clients), "tokenizing", "client") as shown:
-        train_sets = []
-        for client in data.clients:
-            train_sets.append(train_set(objective, client, tokenizer, cfg))
-            shown.update(1)
+    train_sets = []
+    if silos is None:
+        with progress.bar(len(data.clients), "tokenizing", "client") as shown:
+            for client in data.clients:
+                train_sets.append(train_set(objective, client, tokenizer, cfg))
+                shown.update(1)
     needs_root = cfg.defense.rule.needs_reference
     if needs_root:  # encoded and cached with the clients, then split off
         root = data.server_root
@@ -199,11 +247,7 @@ def prepare(cfg: ExperimentConfig) -> Setup:
                               f"client {client.client_id} has no example whose answer fits; raise it")
     global_eval = build_eval_set(data.global_test, [GLOBAL] * len(data.global_test), tokenizer,
                                  d.template, d.max_length, data.choices)
-    client_eval = None
-    if cfg.eval.clients and any(c.test for c in data.clients):
-        tests = [(ex, c.client_id) for c in data.clients for ex in c.test]
-        client_eval = build_eval_set([e for e, _ in tests], [g for _, g in tests], tokenizer,
-                                     d.template, d.max_length, data.choices)
+    client_eval = clients_eval_set(data, tokenizer, cfg) if cfg.eval.clients else None
     preference_eval = objective.encode(objective.eval_records(data), tokenizer, d)
     backdoor_eval = _backdoor_eval(cfg, data, tokenizer) if cfg.attack.kind == "backdoor" else ()
     probe_prompts = ([encode_prompt(p, tokenizer, d.template) for p in data.probes]
@@ -235,7 +279,17 @@ def prepare(cfg: ExperimentConfig) -> Setup:
     trainer = LocalTrainer(model, cfg.training, objective, record_dp)
     return Setup(cfg, model, tokenizer, trainer, data, train_sets, global_eval, client_eval, local_only,
                  preference_eval, probe_prompts, record_plan, server_root, malicious, backdoor_eval, audit,
-                 population, tasks)
+                 population, tasks, silos=tuple(silos or ()))
+
+
+def clients_eval_set(data: FederatedData, tokenizer, cfg: ExperimentConfig) -> EvalSet | None:
+    """The clients' held-out examples as one evaluation set grouped by client id (None if
+    none has any): what the in-process loop and a SuperNode evaluate per client."""
+    tests = [(ex, c.client_id) for c in data.clients for ex in c.test]
+    if not tests:
+        return None
+    return build_eval_set([e for e, _ in tests], [g for _, g in tests], tokenizer, cfg.data.template,
+                          cfg.data.max_length, data.choices)
 
 
 def record_secret(cfg: ExperimentConfig) -> int | None:

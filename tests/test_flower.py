@@ -146,32 +146,87 @@ def test_a_bad_setting_found_by_the_server_app_is_one_line_and_exit_status_2(tmp
     assert not (tmp_path / "run").exists()
 
 
-def test_each_supernode_trains_on_its_own_copy_of_the_data_named_by_data_path(tmp_path):
-    """Two SuperNodes started with `data-path` pointing at their organisation's file: the
-    clients train on those rows, not on the server's copy. The nodes' file has the same
-    users (so the same clients) with other answers, so the adapter equals the in-process
-    run on the nodes' file, bit for bit, and differs from the one on the server's."""
-    def rows(answer: str) -> str:
-        return "".join(f'{{"prompt": "q{k}?", "response": "{answer}{k}", "user": "u{k % 4}"}}\n' for k in range(32))
+def test_organisations_keep_their_data_on_their_supernodes_and_the_dp_run_equals_in_process(tmp_path, monkeypatch):
+    """Two organisations, each with its own file on its own SuperNode only (`data-path`); the
+    server's working directory holds just its test set. The server learns the client counts,
+    the nodes poison their malicious client and evaluate their clients; the DP run's adapter
+    and ledger equal the in-process run of the same federation, and the per-client metrics
+    it gathered from the nodes are the in-process ones, in the not-covered place."""
+    def rows(org: str, users: int, n: int) -> str:
+        return "".join(json.dumps({"prompt": f"{org} question {k}?", "response": f"{org} answer {k}.",
+                                   "user": f"{org}{k % users}"}) + "\n" for k in range(n))
 
-    (tmp_path / "server.jsonl").write_text(rows("server answer "))
-    (tmp_path / "org.jsonl").write_text(rows("the organisation's answer "))
-    data = {"source": str(tmp_path / "server.jsonl"), "partition": {"scheme": "natural", "by": "user"},
-            "test_fraction": 0.125}
-    cfg = tiny_config(tmp_path, data=data, engine="flower", eval={"every": 2, "clients": False},
-                      federation={"rounds": 2, "clients_per_round": 4},
+    files = {"hospital": (tmp_path / "hospital-node" / "hospital.jsonl", rows("hospital", 3, 18)),
+             "bank": (tmp_path / "bank-node" / "bank.jsonl", rows("bank", 2, 12))}
+    for path, text in files.values():
+        path.parent.mkdir()
+        path.write_text(text)
+    server = tmp_path / "server"
+    server.mkdir()
+    (server / "test.jsonl").write_text(rows("held-out", 1, 4))
+    monkeypatch.chdir(server)
+    data = {"silos": ["hospital.jsonl", "bank.jsonl"], "test": "test.jsonl", "max_length": 96,
+            "partition": {"scheme": "natural", "by": "user"}, "client_test_fraction": 0.25}
+    cfg = tiny_config(tmp_path, data=data, privacy=DP, engine="flower", attack={"kind": "backdoor", "malicious": 1},
+                      federation={"rounds": 2, "clients_per_round": 3}, eval={"every": 2},
                       flower={"round_timeout": 300, "start_timeout": 120})
+    lines: list[str] = []
+    with LocalDeployment(tmp_path / "flower") as deployment:
+        for k, (path, _) in enumerate(files.values()):
+            deployment.start_supernode(k, 2, threads=1, extra_config=f"data-path='{path}'")
+        flower = run_on_flower(cfg, out=tmp_path / "flower-run", echo=lines.append, deployment=deployment)
+    _all_stopped(deployment)
+    print("\n".join(lines))  # shown when an assertion fails
+    assert flower.finished
+    assert not [p.name for p in server.iterdir() if p.suffix == ".jsonl" and p.name != "test.jsonl"]
+    assert any("2 organisation(s) report 3, 2 clients" in x for x in lines)
+    local_cfg = dataclasses.replace(cfg, engine="inprocess", data=dataclasses.replace(
+        cfg.data, silos=tuple(str(path) for path, _ in files.values())))
+    local = run_experiment(local_cfg, out=tmp_path / "inprocess-run", progress=False, log=lambda _: None)
+    a, b = _adapter(local.run_dir), _adapter(flower.run_dir)
+    assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+    assert any(bool(a[k].abs().sum() > 0) for k in a if "lora_B" in k)  # it trained
+    ledgers = [json.loads(open(os.path.join(r.run_dir, "privacy_ledger.json")).read()) for r in (local, flower)]
+    assert ledgers[0] == ledgers[1] and len(ledgers[0]["entries"]) == 2 and flower.privacy["certified"]
+    on_nodes, here = ([r for r in _metrics(r.run_dir) if r.get("round") == 2][0] for r in (flower, local))
+    per_node, per_here = on_nodes["client_eval"]["per_client"], here["client_eval"]["per_client"]
+    assert sorted(per_node, key=int) == ["0", "1", "2", "3", "4"] and per_node.keys() == per_here.keys()
+    assert all(abs(per_node[c]["loss"] - per_here[c]["loss"]) < 1e-5 for c in per_node)
+    assert on_nodes["global_eval"]["loss"] == pytest.approx(here["global_eval"]["loss"], abs=1e-6)
+    with open(os.path.join(flower.run_dir, "metrics.jsonl")) as f:  # what the DP run publishes
+        assert not any("client_eval" in row and row["client_eval"] for row in map(json.loads, f))
+
+
+def test_secure_aggregation_on_supernodes_releases_the_plain_dp_round_up_to_secagg_rounding(tmp_path):
+    """Under flower.secagg two SuperNodes run SecAgg+ (Flower's mod and workflow): the server
+    unmasks only the sum of the clipped deltas and adds noise scaled to the sensitivity with
+    SecAgg+'s rounding. The adapter equals the in-process DP round up to that rounding and
+    that noise scale; the ledger (z, q, C) and the epsilon are the in-process ones."""
+    from fedsec.defenses.dp import secagg_sensitivity
+
+    cfg = tiny_config(tmp_path, data=DATA, privacy=DP, engine="flower", eval={"clients": False},
+                      federation={"rounds": 1, "clients_per_round": 3},
+                      flower={"secagg": True, "round_timeout": 120, "start_timeout": 120})
+    lines: list[str] = []
     with LocalDeployment(tmp_path / "flower") as deployment:
         for k in range(2):
-            deployment.start_supernode(k, 2, threads=1, extra_config=f"data-path='{tmp_path / 'org.jsonl'}'")
-        flower = run_on_flower(cfg, out=tmp_path / "flower-run", echo=lambda _: None, deployment=deployment)
+            deployment.start_supernode(k, 2, threads=1)
+        flower = run_on_flower(cfg, out=tmp_path / "secure", echo=lines.append, deployment=deployment)
+    print("\n".join(lines))  # shown when an assertion fails
     _all_stopped(deployment)
-    assert flower.finished
-    on = {}
-    for name in ("org", "server"):
-        local_cfg = dataclasses.replace(cfg, engine="inprocess", data=dataclasses.replace(
-            cfg.data, source=str(tmp_path / f"{name}.jsonl")))
-        on[name] = _adapter(run_experiment(local_cfg, out=tmp_path / name, progress=False, log=lambda _: None).run_dir)
-    got = _adapter(flower.run_dir)
-    assert all(bool((got[k] == on["org"][k]).all()) for k in got)
-    assert any(not bool((got[k] == on["server"][k]).all()) for k in got if "lora_B" in k)
+    assert flower.finished and flower.privacy["certified"]
+    plain = run_experiment(dataclasses.replace(cfg, engine="inprocess", flower=dataclasses.replace(
+        cfg.flower, secagg=False)), out=tmp_path / "plain", progress=False, log=lambda _: None)
+    assert flower.privacy["epsilons"] == plain.privacy["epsilons"]
+    ledgers = [json.loads(open(os.path.join(r.run_dir, "privacy_ledger.json")).read()) for r in (plain, flower)]
+    assert ledgers[0] == ledgers[1]
+    a, b = _adapter(plain.run_dir), _adapter(flower.run_dir)
+    dim = sum(v.numel() for k, v in a.items() if "lora_" in k)
+    terms = flower.privacy["secure_aggregation"]
+    bound = secagg_sensitivity(DP["clip_norm"], dim, 8.0, 22)
+    assert terms["sensitivity"] == bound and "honest but curious" in terms["assumes"]
+    step, q_n = 2 * 8.0 / 2 ** 22, 3  # one SecAgg+ level; the fixed denominator q N
+    # per coordinate: two nodes' rounding, and the noise (|xi| < 6 of its draws) scaled by bound / C
+    tolerance = (2 * step + 6 * DP["noise_multiplier"] * (bound - DP["clip_norm"])) / q_n + 1e-7
+    diffs = [float((a[k] - b[k]).abs().max()) for k in a if "lora_" in k]
+    assert max(diffs) <= tolerance and max(diffs) > 0

@@ -14,7 +14,7 @@ pytest.importorskip("flwr")
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict  # noqa: E402
 
 from fedsec.config import FlowerConfig  # noqa: E402
-from fedsec.engine.flower import QUERY, FlowerClients  # noqa: E402
+from fedsec.engine.flower import EVALUATE, QUERY, FlowerClients  # noqa: E402
 
 DIM = 3
 
@@ -70,6 +70,13 @@ class FakeGrid:
             seen = self.counts.get(message.metadata.dst_node_id, self.clients)
             return _reply(RecordDict({"fedsec": ConfigRecord({"partition": p, "partitions": count,
                                                               "clients": seen})}))
+        if message.metadata.message_type == EVALUATE:  # its own clients, from `first`; a liar adds client 0
+            first = int(ask["first"])
+            own = list(range(first, first + self.counts[message.metadata.dst_node_id]))
+            ids = own + ([0] if mode == "liar" else [])
+            return _reply(RecordDict({"fedsec": ConfigRecord({
+                "clients": ids, "loss": [float(c) for c in ids], "accuracy": [-1.0] * len(ids),
+                "n": [2] * len(ids), "partition": p, "partitions": count})}))
         clients = [int(c) for c in ask["clients"]] + ([2] if mode == "liar" else [])
         deltas = torch.stack([_delta(c, int(ask["round"])) for c in clients])
         if mode == "liar":
@@ -86,12 +93,12 @@ def _reply(content: RecordDict):
 
 def _runner(grid, lines):
     runner = FlowerClients(grid, FlowerConfig(round_timeout=0.3, start_timeout=5), poll_seconds=0.01)
-    runner.start(SimpleNamespace(train_sets=[[]] * grid.clients), lines.append)
+    runner.start(SimpleNamespace(population=grid.clients, trainable=grid.clients), lines.append)
     return runner
 
 
 def _round(runner, clients, round_idx, privacy="off"):
-    setup = SimpleNamespace(train_sets=[[]] * 6, record_plan=None,
+    setup = SimpleNamespace(population=6, trainable=6, record_plan=None,
                             cfg=SimpleNamespace(privacy=SimpleNamespace(mode=privacy)))
     return runner.updates(setup, torch.zeros(DIM), clients, 1e-3, round_idx, 0.0)
 
@@ -162,18 +169,40 @@ def test_a_node_building_other_data_is_left_out_and_the_start_waits_for_coverage
     from fedsec.errors import ConfigError
 
     with pytest.raises(ConfigError, match="flower.start_timeout .* no SuperNode hosts clients 1, 3, 5"):
-        runner.start(SimpleNamespace(train_sets=[[]] * 6), lines.append)
+        runner.start(SimpleNamespace(population=6, trainable=6), lines.append)
     odd = FakeGrid({11: (0, 2, "ok"), 12: (1, 2, "ok")}, clients=6)
     odd.counts[12] = 7  # node 12's data gives 7 clients
     runner = FlowerClients(odd, FlowerConfig(round_timeout=0.3, start_timeout=1.5), poll_seconds=0.01)
     with pytest.raises(ConfigError):
-        runner.start(SimpleNamespace(train_sets=[[]] * 6), lines.append)
+        runner.start(SimpleNamespace(population=6, trainable=6), lines.append)
     assert any("builds 7 clients from its data, the server 6" in x for x in lines)
 
 
-def test_a_supernodes_data_path_replaces_the_experiments_data_source(tmp_path, monkeypatch):
-    # the documented node option used to override data.path, a field that does not exist
-    import yaml
+def test_with_silos_each_organisation_hosts_the_clients_its_file_makes_and_evaluates_only_those():
+    """Organisations 0 and 1 report 3 and 2 clients: they host 0-2 and 3-4, train messages
+    carry each node's first id, evaluation comes from the nodes, and a node that claims
+    another organisation's client is not believed; one started for another number of
+    organisations is left out."""
+    lines: list[str] = []
+    grid = FakeGrid({11: (0, 2, "ok"), 12: (1, 2, "liar"), 13: (0, 3, "ok")}, clients=0)
+    grid.counts.update({11: 3, 12: 2, 13: 4})
+    runner = FlowerClients(grid, FlowerConfig(round_timeout=0.3, start_timeout=5), poll_seconds=0.01)
+    cfg = SimpleNamespace(data=SimpleNamespace(silos=("a.jsonl", "b.jsonl")))
+    assert runner.discover(cfg, lines.append) == (3, 2)
+    assert any("SuperNode 13 is one of 3 organisations, data.silos lists 2" in x for x in lines)
+    runner.start(SimpleNamespace(population=5, trainable=5), lines.append)
+    assert {c: runner._host(c) for c in range(5)} == {0: 11, 1: 11, 2: 11, 3: 12, 4: 12}
+    updates, failed = _round(runner, [1, 4], round_idx=1)
+    sent = {m.metadata.dst_node_id: m.content["fedsec"] for m in grid.sent.values()
+            if m.metadata.message_type == "train"}
+    assert (sent[11]["first"], sent[12]["first"], sent[12]["total"]) == (0, 3, 6)  # total: the setup's population
+    assert [u.client_id for u in updates] == [1, 4] and failed == ()  # the liar's client 2 is dropped
+    results = runner.evaluate(SimpleNamespace(population=5, trainable=5), torch.zeros(DIM))
+    assert sorted(results) == [0, 1, 2, 3, 4] and results[0].loss == 0.0  # node 12's "client 0" is ignored
+    assert results[4].loss == 4.0 and results[4].accuracy is None and results[4].num_examples == 2
+
+
+def test_a_data_path_is_this_organisations_file_and_needs_data_silos(tmp_path, monkeypatch):
     from conftest import TINY
 
     from fedsec.config import ExperimentConfig, dump_config, from_mapping
@@ -183,12 +212,15 @@ def test_a_supernodes_data_path_replaces_the_experiments_data_source(tmp_path, m
     rows = "".join(f'{{"prompt": "q{k}", "response": "a{k}", "user": "u{k % 3}"}}\n' for k in range(30))
     own = tmp_path / "org1.jsonl"
     own.write_text(rows)
-    cfg = from_mapping(ExperimentConfig, {**TINY, "data": {"source": str(tmp_path / "shared.jsonl"),
-                                                             "partition": {"scheme": "natural", "by": "user"}}})
+    data = {"silos": ["hospital.jsonl", "bank.jsonl"], "partition": {"scheme": "natural", "by": "user"}}
+    cfg = from_mapping(ExperimentConfig, {**TINY, "data": data})
     context = SimpleNamespace(run_config={"workdir": str(tmp_path), "config": dump_config(cfg)},
-                              node_config={"partition-id": 1, "num-partitions": 3, "data-path": str(own)})
+                              node_config={"partition-id": 1, "num-partitions": 2, "data-path": str(own)})
     monkeypatch.chdir(tmp_path)  # the worker moves into the run's workdir; the test's cwd comes back after
-    mine, (p, count) = Worker._config(_request("describe", context))
-    assert mine.data.source == str(own) and (p, count) == (1, 3)
-    assert mine.data.partition == cfg.data.partition  # everything else as the experiment says
-    assert yaml.safe_load(dump_config(mine))["data"]["source"] == str(own)
+    request = _request("describe", context)
+    mine, part = Worker._config(request)
+    assert part == (1, 2) and Worker._describe(mine, part, request) == 3  # three users in its own file
+    embedded = SimpleNamespace(run_config={"workdir": str(tmp_path), "config": dump_config(
+        from_mapping(ExperimentConfig, TINY))}, node_config=context.node_config)
+    with pytest.raises(ValueError, match="has no data.silos"):
+        Worker._config(_request("describe", embedded))

@@ -50,12 +50,17 @@ def test_the_worker_trains_as_the_in_process_client_side_and_ends_with_its_super
     start = here.trainer.adapter.get() + 0.01  # not the initial adapter: the start must travel
     asked = [0, 1, 3]  # client 0 is not this node's: it is not trained here
     reply, arrays = worker.call(supernode.pid, {"op": "train", **request, "clients": asked, "lr": 1e-3, "round": 2,
-                                                "prox_mu": 0.0, "record_noise": -1.0},
+                                                "prox_mu": 0.0, "record_noise": -1.0, "first": -1, "total": 4},
                                 {"global": start.numpy()})
     expected = client_updates(here, start, [1, 3], 1e-3, 2)
     assert reply["clients"] == [1, 3] and reply["num_examples"] == [u.num_examples for u in expected]
     assert reply["loss"] == [u.metrics["loss"] for u in expected]
     assert torch.equal(torch.from_numpy(arrays["deltas"].copy()), torch.stack([u.delta for u in expected]))
+    reply, _ = worker.call(supernode.pid, {"op": "evaluate", **request, "record_noise": -1.0, "first": -1,
+                                           "total": 4}, {"global": start.numpy()})
+    tested = here.evaluate(start)  # the hosted clients' held-out examples under the sent adapter
+    assert reply["clients"] == [1, 3] == list(tested) and reply["loss"] == [r.loss for r in tested.values()]
+    assert reply["accuracy"] == [r.accuracy for r in tested.values()] and reply["n"] == [2, 2]
     with pytest.raises(RuntimeError, match="unknown request 'explode'"):  # an error comes back as one message
         worker.call(supernode.pid, {"op": "explode", **request}, {})
     socket = worker.runtime_dir() / f"{supernode.pid}.sock"

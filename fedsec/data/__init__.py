@@ -26,7 +26,7 @@ from fedsec.data.schema import ClientData, FederatedData, SftExample
 from fedsec.errors import ConfigError
 from fedsec.seeding import numpy_generator
 
-__all__ = ["build_federated_data", "read_examples", "split_clients", "FederatedData", "ClientData"]
+__all__ = ["build_federated_data", "read_examples", "silo_clients", "split_clients", "FederatedData", "ClientData"]
 
 
 def read_examples(cfg: DataConfig, task: str = "sft", source: str | None = None, field: str = "data.source",
@@ -74,40 +74,82 @@ def read_root(cfg: DataConfig, task: str) -> ClientData:
 
 
 def _federated_data(cfg: DataConfig, seed: int, task: str) -> FederatedData:
+    if cfg.silos:
+        clients: list[ClientData] = []
+        for silo in range(len(cfg.silos)):
+            clients.extend(silo_clients(cfg, seed, task, silo, first=len(clients)))
+        return _federation(tuple(clients), read_test(cfg, task), cfg, task)
     if cfg.source == "embedded":
         return make_benchmark(cfg.benchmark, seed)
     examples = read_examples(cfg, task, max_examples=cfg.max_examples)
-    if len(examples) < 2:
-        raise ConfigError("data.source", cfg.source, f"has {len(examples)} usable examples; need >= 2")
-    rng = numpy_generator(seed, "global-split")
-    order = rng.permutation(len(examples))
-    n_test = max(1, int(round(cfg.test_fraction * len(examples))))
-    test = tuple(examples[i] for i in np.sort(order[:n_test]))
-    pool = [examples[i] for i in np.sort(order[n_test:])]
+    if cfg.test is not None:  # the test set is its own file: every example goes to the clients
+        test, pool = read_test(cfg, task), examples
+    else:
+        if len(examples) < 2:
+            raise ConfigError("data.source", cfg.source, f"has {len(examples)} usable examples; need >= 2")
+        rng = numpy_generator(seed, "global-split")
+        order = rng.permutation(len(examples))
+        n_test = max(1, int(round(cfg.test_fraction * len(examples))))
+        test = tuple(examples[i] for i in np.sort(order[:n_test]))
+        pool = [examples[i] for i in np.sort(order[n_test:])]
     shards = split_clients(pool, cfg, seed)
-    clients = []
-    for cid, idx in enumerate(shards):
-        local = [pool[i] for i in idx]
-        if not local:
-            raise ConfigError("data.partition", cfg.partition.scheme,
-                              f"client {cid} got no examples; use fewer clients or min_size >= 1")
-        n_local_test = int(round(cfg.client_test_fraction * len(local))) if len(local) > 1 else 0
-        perm = numpy_generator(seed, "client-split", cid).permutation(len(local))
-        held = set(perm[:n_local_test].tolist())
-        train = tuple(e for i, e in enumerate(local) if i not in held)
-        held_out = tuple(e for i, e in enumerate(local) if i in held)
-        if task == "dpo":
-            clients.append(ClientData(cid, f"client{cid:03d}", (), (), train))
-        else:
-            clients.append(ClientData(cid, f"client{cid:03d}", train, held_out))
+    clients = tuple(_client(pool, idx, cfg, task, cid, f"client{cid:03d}", numpy_generator(seed, "client-split", cid))
+                    for cid, idx in enumerate(shards))
+    return _federation(clients, test, cfg, task)
+
+
+def silo_clients(cfg: DataConfig, seed: int, task: str, silo: int, first: int,
+                 source: str | None = None) -> tuple[ClientData, ...]:
+    """One organisation's clients (data.silos): its file (or `source`, its own copy) split as
+    data.partition says, ids from `first` on. A function of that file alone, so the
+    organisation's SuperNode builds exactly the clients the in-process run builds."""
+    source = cfg.silos[silo] if source is None else source
+    field = f"data.silos[{silo}]"
+    pool = read_examples(cfg, task, source, field, max_examples=cfg.max_examples)
+    if not pool:
+        raise ConfigError(field, source, "holds no usable examples")
+    shards = split_clients(pool, cfg, seed, silo)
+    return tuple(_client(pool, idx, cfg, task, first + k, f"silo{silo}-client{k:03d}",
+                         numpy_generator(seed, "client-split", "silo", silo, k))
+                 for k, idx in enumerate(shards))
+
+
+def read_test(cfg: DataConfig, task: str) -> tuple:
+    """data.test: the global test set from its own file (none with silos and no file)."""
+    if cfg.test is None:
+        return ()
+    examples = tuple(read_examples(cfg, task, cfg.test, "data.test"))
+    if not examples:
+        raise ConfigError("data.test", cfg.test, "the file holds no examples")
+    return examples
+
+
+def _client(pool: list, idx: np.ndarray, cfg: DataConfig, task: str, cid: int, name: str,
+            rng: np.random.Generator) -> ClientData:
+    """A client from its shard of `pool`, client_test_fraction held out for its test."""
+    local = [pool[i] for i in idx]
+    if not local:
+        raise ConfigError("data.partition", cfg.partition.scheme,
+                          f"client {cid} got no examples; use fewer clients or min_size >= 1")
+    n_local_test = int(round(cfg.client_test_fraction * len(local))) if len(local) > 1 else 0
+    held = set(rng.permutation(len(local))[:n_local_test].tolist())
+    train = tuple(e for i, e in enumerate(local) if i not in held)
+    held_out = tuple(e for i, e in enumerate(local) if i in held)
     if task == "dpo":
-        return FederatedData(tuple(clients), (), None, preference_test=test)
-    return FederatedData(tuple(clients), test, cfg.choices)
+        return ClientData(cid, name, (), (), train)
+    return ClientData(cid, name, train, held_out)
 
 
-def split_clients(pool: list[SftExample], cfg: DataConfig, seed: int) -> list[np.ndarray]:
+def _federation(clients: tuple[ClientData, ...], test: tuple, cfg: DataConfig, task: str) -> FederatedData:
+    if task == "dpo":
+        return FederatedData(clients, (), None, preference_test=test)
+    return FederatedData(clients, test, cfg.choices)
+
+
+def split_clients(pool: list[SftExample], cfg: DataConfig, seed: int, silo: int | None = None) -> list[np.ndarray]:
+    """`pool` split into clients as data.partition says (one silo's pool: its own stream)."""
     part = cfg.partition
-    rng = numpy_generator(seed, "partition")
+    rng = numpy_generator(seed, "partition") if silo is None else numpy_generator(seed, "partition", "silo", silo)
     if part.scheme == "iid":
         return partition.iid(len(pool), part.num_clients, rng)
     if part.scheme == "quantity":

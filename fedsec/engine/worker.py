@@ -180,7 +180,7 @@ def alive(pid: int) -> bool:
 
 class Worker:
     """The prepared client sides of one SuperNode, by experiment (config text, data path,
-    working directory, partition, record-level noise)."""
+    working directory, partition, record-level noise, first client id)."""
 
     def __init__(self):
         self.sides: dict[tuple, object] = {}
@@ -188,16 +188,15 @@ class Worker:
     def handle(self, meta: dict, arrays: dict[str, np.ndarray]) -> tuple[dict, dict[str, np.ndarray]]:
         cfg, part = self._config(meta)
         if meta["op"] == "describe":
-            from fedsec.setup import build_federation
-
-            return {"clients": len(build_federation(cfg).data.clients)}, {}
+            return {"clients": self._describe(cfg, part, meta)}, {}
         if meta["op"] == "train":
             return self._train(cfg, part, meta, arrays["global"])
+        if meta["op"] == "evaluate":
+            return self._evaluate(cfg, part, meta, arrays["global"])
         raise ValueError(f"unknown request {meta['op']!r}")
 
     @staticmethod
     def _config(meta: dict):
-        import dataclasses
 
         from fedsec.engine.flower import config_from_text
         from fedsec.models import require_converted
@@ -205,36 +204,101 @@ class Worker:
         if os.path.isdir(meta["workdir"]):
             os.chdir(meta["workdir"])  # relative paths in the config mean what they meant there
         cfg = config_from_text(meta["config"])
-        if meta.get("data_path"):  # this organisation's own copy of the data: data.source
-            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=str(meta["data_path"])))
+        if meta.get("data_path") and not cfg.data.silos:
+            raise ValueError(f"data-path={meta['data_path']!r} names this organisation's file, but the experiment "
+                             "has no data.silos: list one file per organisation there")
         require_converted(cfg.model.name)
         return cfg, (int(meta["partition"]), int(meta["partitions"]))
+
+    @staticmethod
+    def _describe(cfg, part: tuple[int, int], meta: dict) -> int:
+        """How many clients this node builds: its organisation's (data.silos), else the federation's."""
+        from fedsec.data import silo_clients
+        from fedsec.setup import build_federation
+
+        if not cfg.data.silos:
+            return len(build_federation(cfg).data.clients)
+        p, count = part
+        if count != len(cfg.data.silos):
+            return 0  # the server names the mismatch (num-partitions against data.silos)
+        return len(silo_clients(cfg.data, cfg.seed, cfg.task, p, 0, meta.get("data_path") or None))
+
+    def _side(self, cfg, part: tuple[int, int], meta: dict):
+        """This node's clients, prepared once per experiment (a new one frees the last one's model)."""
+        from fedsec.clients import client_cache_key, prepare_clients
+        from fedsec.models import cache_dir
+        from fedsec.setup import node_federation
+
+        p, count = part
+        noise = float(meta.get("record_noise", -1.0))
+        first, total = int(meta["first"]), int(meta["total"])
+        key = (meta["config"], meta.get("data_path"), meta["workdir"], p, count, noise, first, total)
+        side = self.sides.get(key)
+        if side is not None:
+            return side
+        self.sides.clear()
+        if cfg.data.silos:  # this organisation's own file, its clients numbered from `first`
+            federation = node_federation(cfg, p, first, total, meta.get("data_path") or None)
+            hosted, cache_key = (lambda c: True), f"{client_cache_key(cfg)}-silo{p}-{first}-{total}"
+            cache_key += "-" + _file_key(Path(meta.get("data_path") or cfg.data.silos[p]))
+        else:
+            federation = None
+            hosted, cache_key = (lambda c: c % count == p), client_cache_key(cfg)
+        side = prepare_clients(cfg, hosted, noise if noise >= 0 else None,
+                               cache=cache_dir() / "flower-clients" / cache_key, federation=federation)
+        self.sides[key] = side
+        return side
 
     def _train(self, cfg, part: tuple[int, int], meta: dict, start: np.ndarray):
         import torch
 
-        from fedsec.clients import client_cache_key, client_updates, prepare_clients
-        from fedsec.models import cache_dir
+        from fedsec.clients import client_updates
 
-        p, count = part
-        noise = float(meta["record_noise"])
-        key = (meta["config"], meta.get("data_path"), meta["workdir"], p, count, noise)
-        side = self.sides.get(key)
-        if side is None:
-            self.sides.clear()  # one experiment at a time: a new run frees the last one's model
-            side = prepare_clients(cfg, lambda c: c % count == p, noise if noise >= 0 else None,
-                                   cache=cache_dir() / "flower-clients" / client_cache_key(cfg))
-            self.sides[key] = side
-        clients = [int(c) for c in meta["clients"] if int(c) % count == p]
+        side = self._side(cfg, part, meta)
+        clients = [int(c) for c in meta["clients"] if int(c) in side.train_sets]
         vector = torch.from_numpy(np.array(start, dtype=np.float32))
         updates = client_updates(side, vector, clients, float(meta["lr"]), int(meta["round"]), float(meta["prox_mu"]))
-        deltas = (torch.stack([u.delta for u in updates]) if updates
-                  else torch.zeros(0, vector.numel())).numpy()
+        if "secure" in meta:  # SecAgg+: the server sees no single update, so its sanitation runs here
+            from fedsec.defenses import sanitize_updates
+
+            updates, _ = sanitize_updates(updates, vector.numel(), cfg.defense.max_update_norm)
+        deltas = torch.stack([u.delta for u in updates]) if updates else torch.zeros(0, vector.numel())
         reply = {"clients": [u.client_id for u in updates], "num_examples": [int(u.num_examples) for u in updates],
                  "loss": [float(u.metrics["loss"]) for u in updates],
                  "loss_terms": [int(u.metrics["loss_terms"]) for u in updates],
                  "tokens": [int(u.metrics["tokens"]) for u in updates]}
-        return reply, {"deltas": deltas}
+        if "secure" in meta:  # SecAgg+: only the sum leaves, each delta clipped here under user-level DP
+            return reply, {"sum": secure_sum(deltas, float(meta["secure"]["clip"])).numpy()}
+        return reply, {"deltas": deltas.numpy()}
+
+    def _evaluate(self, cfg, part: tuple[int, int], meta: dict, start: np.ndarray):
+        import torch
+
+        side = self._side(cfg, part, meta)
+        results = side.evaluate(torch.from_numpy(np.array(start, dtype=np.float32)))
+        return {"clients": list(results), "loss": [r.loss for r in results.values()],
+                "accuracy": [-1.0 if r.accuracy is None else r.accuracy for r in results.values()],
+                "n": [r.num_examples for r in results.values()]}, {}
+
+
+def secure_sum(deltas, clip: float):
+    """What a node puts into the secure sum: its clients' deltas [n, d] summed, each clipped to
+    L2 norm `clip` first when it is > 0 (the server's Clip stage, run where the deltas are)."""
+    from fedsec.defenses.dp import clip_to_norm
+
+    if clip > 0 and deltas.shape[0]:
+        deltas = clip_to_norm(deltas, clip).clipped
+    return deltas.sum(dim=0)
+
+
+def _file_key(path: Path) -> str:
+    """A data file's identity for the prepared-clients cache: where it is, its size and when it
+    last changed (an edited file is prepared again)."""
+    import hashlib
+
+    stat = path.stat() if path.is_file() else None
+    text = f"{path.resolve()}|{stat.st_size if stat else -1}|{stat.st_mtime_ns if stat else -1}"
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def serve(path: Path, supernode: int, idle: float = IDLE_SECONDS) -> None:
