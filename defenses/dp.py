@@ -57,30 +57,44 @@ MARGIN = 1e-6
 _FAST_MIN_CLIP = 1e-30
 
 
-def row_norms(deltas: torch.Tensor) -> torch.Tensor:
-    """The L2 norm of each row in float64, one row at a time (no float64 copy of the matrix)."""
-    if deltas.dtype == torch.float64:
-        return torch.linalg.vector_norm(deltas, dim=1)
-    return torch.stack([torch.linalg.vector_norm(row.to(torch.float64)) for row in deltas]) if len(deltas) else \
-        torch.zeros(0, dtype=torch.float64, device=deltas.device)
+def row_norms(rows) -> torch.Tensor:
+    """The L2 norm of each row (of a matrix [n, d], or of a list of vectors of one length) in
+    float64: each row converted exactly into one reused float64 buffer, so no float64 copy of
+    the matrix is made and no memory is allocated per row. A row holding NaN or Inf has a
+    non-finite norm; a finite float32 row never does (its squares stay far below float64's range)."""
+    if isinstance(rows, torch.Tensor) and rows.dtype == torch.float64:
+        return torch.linalg.vector_norm(rows, dim=1)
+    if not len(rows):
+        device = rows.device if isinstance(rows, torch.Tensor) else "cpu"
+        return torch.zeros(0, dtype=torch.float64, device=device)
+    buffer = torch.empty(rows[0].shape, dtype=torch.float64, device=rows[0].device)
+    norms = torch.empty(len(rows), dtype=torch.float64, device=rows[0].device)
+    for i, row in enumerate(rows):
+        buffer.copy_(row)
+        norms[i] = torch.linalg.vector_norm(buffer)
+    return norms
 
 
-def clip_to_norm(deltas: torch.Tensor, clip_norm: float) -> ClipResult:
+def clip_to_norm(deltas: torch.Tensor, clip_norm: float, norms: torch.Tensor | None = None,
+                 in_place: bool = False) -> ClipResult:
     """Scale each row of `deltas` [n, d] to L2 norm at most `clip_norm` (inf: unchanged).
 
     Rows with norm <= C are returned unchanged; a longer row is scaled to norm just below C
     (by the factor 1 - MARGIN, so rounding can never take it above C; see the note above).
+    `norms`: the rows' float64 norms when already computed (`row_norms`); `in_place`: scale
+    `deltas` itself (the caller's own copy), the same values without a second matrix.
     """
     if not clip_norm > 0:
         raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
-    norms = row_norms(deltas)
+    norms = row_norms(deltas) if norms is None else norms
     unclipped = norms <= clip_norm
     if math.isinf(clip_norm) or bool(unclipped.all()):
         return ClipResult(deltas, norms, unclipped)
     scale = torch.where(unclipped, torch.ones_like(norms), clip_norm / norms * (1 - MARGIN))
     if (deltas.dtype in (torch.float32, torch.float64) and clip_norm >= _FAST_MIN_CLIP
             and float(scale.min()) >= torch.finfo(deltas.dtype).tiny):
-        return ClipResult(deltas * scale.to(deltas.dtype)[:, None], norms, unclipped)
+        factors = scale.to(deltas.dtype)[:, None]
+        return ClipResult(deltas.mul_(factors) if in_place else deltas * factors, norms, unclipped)
     # half precisions, absurdly small C or scale: scale in float64, cast, and shrink any row rounding pushed over
     clipped = (deltas.to(torch.float64) * scale[:, None]).to(deltas.dtype)
     over = torch.linalg.vector_norm(clipped.to(torch.float64), dim=1) > clip_norm

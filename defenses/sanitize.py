@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fedsec.defenses.dp import row_norms
+
 DTYPE = torch.float32  # the dtype of every adapter vector (fedsec.adapter.AdapterParams.get)
 
 
@@ -22,25 +24,34 @@ DTYPE = torch.float32  # the dtype of every adapter vector (fedsec.adapter.Adapt
 class SanitizeResult:
     kept: torch.Tensor  # indices of the accepted rows
     rejected: tuple[int, ...]  # indices of the rejected rows
+    norms: torch.Tensor | None = None  # [len(kept)] float64 L2 norms of the accepted rows
 
 
 def acceptable(d: object, dim: int, max_norm: float | None = None) -> bool:
     """Whether `d` is a finite float32 dense CPU vector of length `dim` with norm <= max_norm."""
-    if not (isinstance(d, torch.Tensor) and d.layout == torch.strided and d.device.type == "cpu"
-            and d.dtype == DTYPE and d.ndim == 1 and d.numel() == dim):
+    if not _shaped(d, dim):
         return False
-    if max_norm is None:
-        return bool(torch.isfinite(d).all())
-    norm = float(torch.linalg.vector_norm(d.double()))  # inf or nan for any non-finite entry
-    return math.isfinite(norm) and norm <= max_norm
+    norm = float(row_norms([d])[0])  # inf or nan for any non-finite entry
+    return math.isfinite(norm) and (max_norm is None or norm <= max_norm)
+
+
+def _shaped(d: object, dim: int) -> bool:
+    return (isinstance(d, torch.Tensor) and d.layout == torch.strided and d.device.type == "cpu"
+            and d.dtype == DTYPE and d.ndim == 1 and d.numel() == dim)
 
 
 def sanitize(deltas: list, dim: int, max_norm: float | None = None) -> SanitizeResult:
     """Accept the deltas that are finite float32 1-D tensors of length `dim` with L2 norm
-    at most `max_norm` (None: any norm)."""
-    ok = [i for i, d in enumerate(deltas) if acceptable(d, dim, max_norm)]
+    at most `max_norm` (None: any norm). One float64 norm per row decides both (a non-finite
+    entry makes it non-finite), and the accepted rows' norms come back for clipping."""
+    shaped = [i for i, d in enumerate(deltas) if _shaped(d, dim)]
+    norms = row_norms([deltas[i] for i in shaped]) if shaped else torch.zeros(0, dtype=torch.float64)
+    fine = [k for k, norm in enumerate(norms.tolist())
+            if math.isfinite(norm) and (max_norm is None or norm <= max_norm)]
+    ok = [shaped[k] for k in fine]
     bad = tuple(sorted(set(range(len(deltas))) - set(ok)))
-    return SanitizeResult(torch.tensor(ok, dtype=torch.long, device="cpu"), bad)  # host-side indices
+    return SanitizeResult(torch.tensor(ok, dtype=torch.long, device="cpu"), bad,  # host-side indices
+                          norms[torch.tensor(fine, dtype=torch.long)])
 
 
 def _counted(n: object) -> bool:
@@ -50,7 +61,15 @@ def _counted(n: object) -> bool:
 def sanitize_updates(updates: list, dim: int, max_norm: float | None = None) -> tuple[list, tuple[int, ...]]:
     """`sanitize` over ClientUpdates, also rejecting example counts that are not integers
     >= 1: (the accepted updates, the rejected clients' ids)."""
+    kept, rejected, _ = sanitize_updates_with_norms(updates, dim, max_norm)
+    return kept, rejected
+
+
+def sanitize_updates_with_norms(updates: list, dim: int,
+                                max_norm: float | None = None) -> tuple[list, tuple[int, ...], torch.Tensor]:
+    """`sanitize_updates` and the accepted deltas' float64 norms, in their order."""
     checked = sanitize([u.delta for u in updates], dim, max_norm)
+    norm_of = dict(zip(checked.kept.tolist(), checked.norms.tolist()))
     good = [i for i in checked.kept.tolist() if _counted(updates[i].num_examples)]
-    return ([updates[i] for i in good],
-            tuple(u.client_id for i, u in enumerate(updates) if i not in set(good)))
+    return ([updates[i] for i in good], tuple(u.client_id for i, u in enumerate(updates) if i not in set(good)),
+            torch.tensor([norm_of[i] for i in good], dtype=torch.float64))

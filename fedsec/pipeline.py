@@ -36,9 +36,9 @@ from pathlib import Path
 import torch
 
 from fedsec.config import ExperimentConfig
-from fedsec.defenses import sanitize_updates
 from fedsec.defenses.dp import COUNT_SENSITIVITY, clip_to_norm, gaussian_noise, secagg_sensitivity
 from fedsec.defenses.registry import Context
+from fedsec.defenses.sanitize import sanitize_updates_with_norms
 from fedsec.results import ClientUpdate, SecureSum
 from fedsec.scaffold import VariateStore
 from fedsec.seeding import torch_generator
@@ -72,6 +72,7 @@ class Batch:
     release: DpRelease | None = None  # the noise stage's DP event
     info: dict = field(default_factory=dict)  # stage name -> its diagnostics
     secure: SecureSum | None = None  # secure aggregation: the round's sum, all the server sees
+    norms: torch.Tensor | None = None  # [n] float64 norms of `deltas`, set by Sanitize (its own stacked copy)
 
     def with_info(self, stage: str, diagnostics: dict, **changes) -> Batch:
         return dataclasses.replace(self, info={**self.info, stage: diagnostics}, **changes)
@@ -92,12 +93,12 @@ class Sanitize:
         self.max_update_norm = max_update_norm
 
     def __call__(self, b: Batch) -> Batch:
-        kept, rejected = sanitize_updates(list(b.updates), b.dim, self.max_update_norm)
+        kept, rejected, norms = sanitize_updates_with_norms(list(b.updates), b.dim, self.max_update_norm)
         deltas = (torch.stack([u.delta.to(SERVER) for u in kept]) if kept
                   else torch.zeros(0, b.dim, device=SERVER))
         weights = torch.tensor([float(u.num_examples) for u in kept], device=SERVER)
         return dataclasses.replace(b, deltas=deltas, weights=weights, clients=tuple(u.client_id for u in kept),
-                                   rejected=rejected)
+                                   rejected=rejected, norms=norms)
 
 
 class Clip:
@@ -109,7 +110,8 @@ class Clip:
 
     def __call__(self, b: Batch) -> Batch:
         c = self.clip_norm()
-        clip = clip_to_norm(b.deltas, c)
+        # after Sanitize the deltas are the batch's own stacked copy, their norms known: scaled in place
+        clip = clip_to_norm(b.deltas, c, b.norms, in_place=b.norms is not None)
         unclipped = int(clip.unclipped.sum())
         n = len(b.clients)
         # released: C; hidden (not covered by the guarantee): the exact counts and norms

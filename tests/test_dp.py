@@ -305,3 +305,23 @@ def test_an_impossible_noise_split_is_refused_in_one_line(tmp_path, capsys):
     with pytest.raises(ConfigError) as err:
         plan_privacy(cfg, 20)
     assert err.value.field == "privacy.clip_count_stddev" and "\n" not in str(err.value)
+
+
+def test_the_pipeline_clips_with_sanitizes_norms_in_place_on_its_own_copy_and_equals_the_plain_computation():
+    """Sanitize computes each delta's float64 norm once (into one reused buffer) and Clip scales the
+    stacked copy in place: the same bits as the norms and clipping computed from scratch, and the
+    clients' own deltas untouched."""
+    from fedsec.pipeline import Batch, Clip, Sanitize
+    from fedsec.results import ClientUpdate
+
+    g = torch.Generator().manual_seed(5)
+    rows = [torch.randn(10_001, generator=g) * scale for scale in (1e-3, 0.2, 3.0, 50.0)]
+    originals = [r.clone() for r in rows]
+    updates = [ClientUpdate(k, r, 4) for k, r in enumerate(rows)]
+    batch = Clip(lambda: 1.0)(Sanitize(None)(Batch(0, 10_001, tuple(updates))))
+    by_hand = torch.stack([torch.linalg.vector_norm(r.to(torch.float64)) for r in originals])
+    assert torch.equal(batch.norms, by_hand)  # the norms of the old one-row-at-a-time float64 copies
+    assert torch.equal(batch.deltas, clip_to_norm(torch.stack(originals), 1.0).clipped)
+    assert all(torch.equal(r, o) for r, o in zip(rows, originals))
+    assert float(torch.linalg.vector_norm(batch.deltas.double(), dim=1).max()) <= 1.0
+    assert batch.info["clip"]["clipped"] == 3 and batch.info["clip"]["unclipped"] == 1  # norms 0.1, 20, 300, 5000
