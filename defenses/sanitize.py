@@ -45,13 +45,13 @@ def sanitize(deltas: list, dim: int, max_norm: float | None = None) -> SanitizeR
     at most `max_norm` (None: any norm). One float64 norm per row decides both (a non-finite
     entry makes it non-finite), and the accepted rows' norms come back for clipping."""
     shaped = [i for i, d in enumerate(deltas) if _shaped(d, dim)]
-    norms = row_norms([deltas[i] for i in shaped]) if shaped else torch.zeros(0, dtype=torch.float64)
+    norms = row_norms([deltas[i] for i in shaped]) if shaped else torch.zeros(0, dtype=torch.float64, device="cpu")
     fine = [k for k, norm in enumerate(norms.tolist())
             if math.isfinite(norm) and (max_norm is None or norm <= max_norm)]
     ok = [shaped[k] for k in fine]
     bad = tuple(sorted(set(range(len(deltas))) - set(ok)))
     return SanitizeResult(torch.tensor(ok, dtype=torch.long, device="cpu"), bad,  # host-side indices
-                          norms[torch.tensor(fine, dtype=torch.long)])
+                          norms[torch.tensor(fine, dtype=torch.long, device="cpu")])
 
 
 def _counted(n: object) -> bool:
@@ -72,4 +72,4 @@ def sanitize_updates_with_norms(updates: list, dim: int,
     norm_of = dict(zip(checked.kept.tolist(), checked.norms.tolist()))
     good = [i for i in checked.kept.tolist() if _counted(updates[i].num_examples)]
     return ([updates[i] for i in good], tuple(u.client_id for i, u in enumerate(updates) if i not in set(good)),
-            torch.tensor([norm_of[i] for i in good], dtype=torch.float64))
+            torch.tensor([norm_of[i] for i in good], dtype=torch.float64, device="cpu"))

@@ -203,9 +203,9 @@ class FlowerClients:
         if strategy.mean is None:
             self.log(f"flower: round {round_idx + 1}: secure aggregation did not complete (fewer SuperNodes "
                      "answered than its threshold); the round has no client update")
-            return SecureSum(torch.zeros(dim), ()), tuple(clients)
+            return SecureSum(torch.zeros(dim, device="cpu"), ()), tuple(clients)
         received: dict[int, ClientUpdate] = {}
-        empty = torch.zeros(0)
+        empty = torch.zeros(0, device="cpu")
         for node, report in strategy.reports:
             hosted = set(asked.get(node, ()))
             for c, n, loss, terms, tokens in zip(report["clients"], report["num_examples"], report["loss"],

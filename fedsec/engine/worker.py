@@ -262,7 +262,7 @@ class Worker:
             from fedsec.defenses import sanitize_updates
 
             updates, _ = sanitize_updates(updates, vector.numel(), cfg.defense.max_update_norm)
-        deltas = torch.stack([u.delta for u in updates]) if updates else torch.zeros(0, vector.numel())
+        deltas = torch.stack([u.delta for u in updates]) if updates else torch.zeros(0, vector.numel(), device="cpu")
         reply = {"clients": [u.client_id for u in updates], "num_examples": [int(u.num_examples) for u in updates],
                  "loss": [float(u.metrics["loss"]) for u in updates],
                  "loss_terms": [int(u.metrics["loss_terms"]) for u in updates],
