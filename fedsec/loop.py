@@ -146,7 +146,7 @@ def _rounds(setup: Setup, run: RunDir, dp: UserLevelDp | None, record: RecordLev
     _start(setup, run, state, resume, log)
     _write_federation(setup, run)
     clients.start(setup, log)
-    if setup.silos:  # the clients' held-out examples are on their nodes: evaluated there
+    if hasattr(clients, "evaluate"):  # Flower: each client's held-out examples are evaluated on its node
         setup = dataclasses.replace(setup, remote_eval=lambda vector: clients.evaluate(setup, vector))
     if state.rounds_done == 0 and not any(r.get("round") == 0 for r in run.read_covered_metrics()):
         untuned, clients_eval = evaluate_model(setup, state.global_vec, 0)

@@ -71,7 +71,7 @@ class Setup:
     tasks: tuple = ()  # eval.benchmarks, loaded (fedsec.evalsuite.Task)
     answers_dir: Path | None = None  # where open-ended answers go (the run directory's answers/)
     silos: tuple[int, ...] = ()  # data.silos on Flower: clients per organisation, whose data stays with it
-    remote_eval: Callable | None = None  # per-client evaluation where the clients are (vector -> {id: EvalResult})
+    remote_eval: Callable | None = None  # Flower: per-client evaluation on the nodes (vector -> {id: EvalResult})
 
     @property
     def federation_clients(self) -> int:
@@ -247,7 +247,8 @@ def prepare(cfg: ExperimentConfig, silos: tuple[int, ...] | None = None) -> Setu
                               f"client {client.client_id} has no example whose answer fits; raise it")
     global_eval = build_eval_set(data.global_test, [GLOBAL] * len(data.global_test), tokenizer,
                                  d.template, d.max_length, data.choices)
-    client_eval = clients_eval_set(data, tokenizer, cfg) if cfg.eval.clients else None
+    # on Flower each client's held-out examples are evaluated on its SuperNode ("evaluate" messages)
+    client_eval = clients_eval_set(data, tokenizer, cfg) if cfg.eval.clients and cfg.engine != "flower" else None
     preference_eval = objective.encode(objective.eval_records(data), tokenizer, d)
     backdoor_eval = _backdoor_eval(cfg, data, tokenizer) if cfg.attack.kind == "backdoor" else ()
     probe_prompts = ([encode_prompt(p, tokenizer, d.template) for p in data.probes]

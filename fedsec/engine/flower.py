@@ -13,8 +13,8 @@ decision stays in fedsec's own code, on the server, exactly as in-process:
                                                      asked clients from the global adapter
         sanitize, clip, aggregate, noise,       <-  their adapter deltas (and example counts, losses)
         server optimizer, accountant,
-        evaluation ("evaluate" messages: the    <-  data.silos: each client's test metrics
-        clients' test sets stay on their nodes),
+        evaluation ("evaluate" messages: the    <-  each client's test metrics, computed on
+        clients' test sets stay on their nodes),    its node with the global adapter
         checkpoint, run directory
 
 With data.silos, SuperNode p (partition-id=p) is organisation p: before round 1 the
