@@ -685,6 +685,8 @@ class FlowerConfig:
         _require(1 <= self.secagg_bits <= 30, "secagg_bits", self.secagg_bits,
                  "must be in [1, 30] (the masked sum of the nodes' values must stay below 2^32)")
         _require(0 < self.secagg_threshold <= 1, "secagg_threshold", self.secagg_threshold, "must be in (0, 1]")
+        _require(not self.secagg or self.superlink or self.supernodes >= 2, "supernodes", self.supernodes,
+                 "SecAgg+ sums over at least 2 SuperNodes; start 2 or more, or set secagg: false")
         _require(self.round_timeout > 0, "round_timeout", self.round_timeout, "must be > 0 seconds")
         _require(self.start_timeout > 0, "start_timeout", self.start_timeout, "must be > 0 seconds")
         _require(self.superlink == "" or (":" in self.superlink and self.superlink.rsplit(":", 1)[1].isdigit()),

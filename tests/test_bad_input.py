@@ -141,6 +141,8 @@ CONFIG_CASES = [
     ("secagg-with-a-robust-rule", {"engine": "flower", "flower.secagg": True, "defense.aggregator": "median"},
      "defense.aggregator", "secure aggregation hides"),
     ("secagg-in-process", {"flower.secagg": True}, "flower.secagg", "set engine: flower"),
+    ("secagg-one-supernode", {"engine": "flower", "flower.secagg": True, "flower.supernodes": 1},
+     "flower.supernodes", "at least 2 SuperNodes"),
     ("data-partition-unknown-field", lambda tmp: {**FILE_DATA, "data.partition": {"scheme": "natural", "by": "user"},
                                                   "data.source": _data_file(tmp, "rows2.jsonl", GOOD_ROWS)},
      "data.partition.by", ""),

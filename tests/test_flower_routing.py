@@ -224,3 +224,13 @@ def test_a_data_path_is_this_organisations_file_and_needs_data_silos(tmp_path, m
         from_mapping(ExperimentConfig, TINY))}, node_config=context.node_config)
     with pytest.raises(ValueError, match="has no data.silos"):
         Worker._config(_request("describe", embedded))
+
+
+def test_secure_aggregation_with_one_supernode_is_refused_at_the_start():
+    from fedsec.errors import ConfigError
+
+    grid = FakeGrid({11: (0, 1, "ok")}, clients=4)
+    runner = FlowerClients(grid, FlowerConfig(secagg=True, supernodes=2, round_timeout=0.3, start_timeout=2),
+                           poll_seconds=0.01)
+    with pytest.raises(ConfigError, match="flower.secagg = True: SecAgg.* needs at least 2 SuperNodes"):
+        runner.start(SimpleNamespace(population=4, trainable=4), lambda _: None)

@@ -103,6 +103,9 @@ class FlowerClients:
                    lambda missing: f"after that many seconds no SuperNode hosts clients {_ids(missing)}; "
                                    "start SuperNodes for the missing partitions or raise it", clients)
         log(f"flower: {len(self.routes)} SuperNode(s) host all {clients} clients")
+        if self.cfg.secagg and len(self.routes) < 2:
+            raise ConfigError("flower.secagg", True, f"SecAgg+ needs at least 2 SuperNodes and {len(self.routes)} "
+                              "hosts every client; start more SuperNodes (partitions) or set flower.secagg: false")
 
     def _wait(self, missing: Callable[[], list[int]], why: Callable[[list[int]], str], clients: int = 0) -> None:
         deadline = time.monotonic() + self.cfg.start_timeout
@@ -215,7 +218,7 @@ class FlowerClients:
                                                                           "loss_terms": int(terms),
                                                                           "tokens": int(tokens)})
         # SecAgg+ releases the mean over the nodes whose masked vectors it summed: times their count
-        total = torch.from_numpy(strategy.mean).to(torch.float32).reshape(dim) * len(strategy.reports)
+        total = torch.from_numpy(strategy.mean * len(strategy.reports)).to(torch.float32).reshape(dim)
         failed = tuple(c for c in clients if c not in received)
         return SecureSum(total, tuple(received[c] for c in clients if c in received)), failed
 
