@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from fedsec import progress
 from fedsec.data.schema import InstructionExample, PreferenceExample
-from fedsec.encoding import Encoded, collate, encode, encode_all
-from fedsec.training import completion_loss, target_logprobs
+from fedsec.encoding import Encoded, collate, collate_packed, encode, encode_all, shared_prefix_length
+from fedsec.training import completion_loss, record_tokens, target_logprobs
 
 
 @dataclass(frozen=True)
@@ -94,14 +94,36 @@ class _Objective:
 
 
 class SftObjective(_Objective):
-    """Supervised fine-tuning on instruction or chat examples."""
+    """Supervised fine-tuning on instruction or chat examples. With `pack` (training.pack)
+    a training batch whose examples share an opening runs as one packed sequence
+    (encoding.collate_packed) once a first batch showed that packing gives the plain
+    batch's numbers on this model (evaluation.packable_prefix)."""
 
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
+    def __init__(self, pad_id: int, pack: bool = False):
+        self.pad_id, self.pack = pad_id, pack
+        self._packable: bool | None = None  # decided on the first batch with a shared opening
 
     @classmethod
     def from_config(cls, cfg, pad_id: int) -> SftObjective:
-        return cls(pad_id)
+        return cls(pad_id, cfg.training.pack)
+
+    def shared_width(self, model, items: Sequence[Encoded]) -> int:
+        """The shared opening a training batch is packed behind (0: a plain batch)."""
+        if not self.pack:
+            return 0
+        shared = shared_prefix_length(items)
+        if shared < 1:
+            return 0
+        if self._packable is None:
+            from fedsec.evaluation import packable_prefix
+
+            self._packable = packable_prefix(model, items, self.pad_id) > 0
+        return shared if self._packable else 0
+
+    def positions(self, model, items: Sequence[Encoded]) -> int:
+        """Token positions a training batch puts through the forward (the shared opening once when packed)."""
+        shared = self.shared_width(model, items)
+        return record_tokens(items) - shared * (len(items) - 1) if shared else record_tokens(items)
 
     @staticmethod
     def records(client) -> tuple:
@@ -127,7 +149,8 @@ class SftObjective(_Objective):
         return items  # nothing fixed to compute ahead
 
     def loss(self, model, items: Sequence[Encoded]) -> tuple[torch.Tensor, int]:
-        return completion_loss(model, collate(items, self.pad_id))
+        shared = self.shared_width(model, items)
+        return completion_loss(model, collate_packed(items, shared) if shared else collate(items, self.pad_id))
 
     def record_terms(self, model, items: Sequence[Encoded]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(summed target-token NLL of each example [n], its target tokens [n], arange(n))."""

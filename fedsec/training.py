@@ -349,7 +349,8 @@ class LocalTrainer:
         total, terms, tokens = 0.0, 0, 0
         for _ in range(self.cfg.grad_accum):
             batch = stream.next()
-            tokens += record_tokens(batch)
+            positions = getattr(self.objective, "positions", None)  # SFT: a packed batch's shared opening once
+            tokens += positions(self.model, batch) if positions is not None else record_tokens(batch)
             loss_sum, n = self.objective.loss(self.model, batch)
             loss = loss_sum / max(n, 1) / self.cfg.grad_accum
             (scaler.scale(loss) if scaler is not None else loss).backward()

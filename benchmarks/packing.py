@@ -1,0 +1,104 @@
+"""Packed training (training.pack) against plain batches, in one process.
+
+The quickstart's shape (experiments/quickstart.yaml: SmolLM2-135M-Instruct, the frozen
+prefix cached, adapters on the top 6 layers, batches of 8) on its first clients: the
+token positions a local update puts through the adapted layers, the update's seconds
+(median of 3), and the largest difference between the two updates. The DP sweep's base
+(experiments/dp_base.yaml, batches of 4) is counted too: its positions per example-step
+with and without packing, from the same batches (its one-step clients take the batched
+cohort path, which keeps plain batches).
+
+    python -m benchmarks.packing [--clients 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import statistics
+import time
+
+import torch
+
+from benchmarks import store
+from fedsec.config import load_config
+from fedsec.encoding import shared_prefix_length
+from fedsec.models import load_model
+from fedsec.objectives import objective_for
+from fedsec.seeding import derive_seed
+from fedsec.setup import build_federation, prepare, train_set
+from fedsec.training import BatchStream, record_tokens
+
+
+def positions_ratio(path: str, clients: int = 64) -> dict:
+    """Plain / packed token positions over each client's first local steps' batches."""
+    cfg = load_config(path)
+    federation = build_federation(cfg)
+    _, tokenizer = load_model(cfg)
+    objective = objective_for(cfg, tokenizer.pad_token_id)
+    plain = packed = 0
+    for client in federation.data.clients[:clients]:
+        items = train_set(objective, client, tokenizer, cfg)
+        stream = BatchStream(items, cfg.training.batch_size, torch.Generator().manual_seed(0))
+        for _ in range(cfg.training.local_steps):
+            batch = stream.next()
+            shared, tokens = shared_prefix_length(batch), record_tokens(batch)
+            plain += tokens
+            packed += tokens - shared * (len(batch) - 1) if shared else tokens
+    return {"plain_positions": plain, "packed_positions": packed, "ratio": plain / packed}
+
+
+def timed_updates(clients: int) -> dict:
+    cfg = load_config("experiments/quickstart.yaml", [f"data.benchmark.num_clients={clients}",
+                                                      f"federation.clients_per_round={clients}",
+                                                      "federation.local_only_clients=0"])
+    setups = {}
+    for pack in (False, True):
+        setups[pack] = prepare(dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, pack=pack)))
+    start = setups[False].adapter.get()
+    row = {}
+    for pack, setup in setups.items():
+        seconds, tokens, deltas = [], 0, []
+        for c in range(clients):
+            seed = derive_seed(cfg.seed, "client", 0, c)
+            setup.trainer.train(start, setup.train_sets[c], cfg.training.lr, seed)  # warm-up (the packing check)
+            times = []
+            for _ in range(3):
+                began = time.perf_counter()
+                result = setup.trainer.train(start, setup.train_sets[c], cfg.training.lr, seed)
+                times.append(time.perf_counter() - began)
+            seconds.append(statistics.median(times))
+            tokens += result.tokens
+            deltas.append(result.delta)
+        row["packed" if pack else "plain"] = {"seconds": sum(seconds), "positions": tokens, "deltas": deltas}
+    plain, packed = row["plain"], row["packed"]
+    diff = max(float((a - b).abs().max()) for a, b in zip(plain["deltas"], packed["deltas"]))
+    scale = max(float(a.abs().max()) for a in plain["deltas"])
+    return {"clients": clients, "plain_seconds": plain["seconds"], "packed_seconds": packed["seconds"],
+            "speedup": plain["seconds"] / packed["seconds"], "plain_positions": plain["positions"],
+            "packed_positions": packed["positions"], "positions_ratio": plain["positions"] / packed["positions"],
+            "max_abs_delta_difference": diff, "max_abs_delta": scale, "threads": torch.get_num_threads()}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=2, help="quickstart clients whose updates are timed")
+    args = parser.parse_args(argv)
+    today = datetime.date.today().isoformat()
+    quick = positions_ratio("experiments/quickstart.yaml")
+    sweep = positions_ratio("experiments/dp_base.yaml")
+    timed = timed_updates(args.clients)
+    print(json.dumps({"quickstart": quick, "dp_sweep": sweep, "timed": timed}, indent=2))
+    results = {
+        "packed_positions_ratio_quickstart": {"value": quick["ratio"], **quick, "date": today},
+        "packed_positions_ratio_dp_sweep": {"value": sweep["ratio"], **sweep, "date": today},
+        "packed_update_speedup_quickstart": {"value": timed["speedup"], **timed, "date": today},
+    }
+    store(results)
+    return results
+
+
+if __name__ == "__main__":
+    main()
