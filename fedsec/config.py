@@ -338,8 +338,9 @@ class TrainingConfig:
         "recompute each layer's activations in the backward pass instead of keeping them: less "
         "memory for long sequences or large models, about one more forward of time", False)
     pack: bool = _help(
-        "SFT: run each batch as one sequence behind its examples' shared opening (system prompt, chat "
-        "template), computed once instead of per example, as the evaluation does; the loss and "
+        "run each training batch (SFT examples, DPO pairs' replies) as one sequence behind their shared "
+        "opening (system prompt, chat template), computed once instead of per sequence, as the evaluation "
+        "does; the loss and "
         "gradient are the plain batch's up to float rounding (the batched one-step path and "
         "record-level DP keep plain batches: their per-example gradients need one row per example)",
         False)
@@ -757,8 +758,6 @@ class ExperimentConfig:
                      "cover; use bf16 (no loss scaling needed) or fp32")
             _require(self.training.grad_accum == 1, "training.grad_accum", self.training.grad_accum,
                      "record-level DP-SGD takes one Poisson batch per step; set it to 1")
-        _require(not (self.training.pack and self.task == "dpo"), "training.pack", True,
-                 "packing is for task sft so far (DPO's pairs keep plain batches); set it to false")
         self._check_data_attack_task()
         violation = self.defense.rule.check(self.federation.clients_per_round, self.defense.f)
         _require(violation is None, "defense.f", self.defense.f,

@@ -55,9 +55,10 @@ def implicit_rewards(pi: torch.Tensor, ref: torch.Tensor, beta: float) -> torch.
     return beta * (pi - ref)
 
 
-def sequence_logprobs(model, items: Sequence[Encoded], pad_id: int) -> torch.Tensor:
-    """Sum of target-token log-probabilities of each sequence."""
-    logp, rows = target_logprobs(model, collate(items, pad_id))
+def sequence_logprobs(model, items: Sequence[Encoded], pad_id: int, shared: int = 0) -> torch.Tensor:
+    """Sum of target-token log-probabilities of each sequence (with `shared`: the sequences
+    packed behind their first `shared` tokens, encoding.collate_packed)."""
+    logp, rows = target_logprobs(model, collate_packed(items, shared) if shared else collate(items, pad_id))
     return torch.zeros(len(items), dtype=logp.dtype, device=logp.device).index_add(0, rows, logp)
 
 
@@ -87,43 +88,53 @@ def with_reference(model, pairs: Sequence[PairItem], pad_id: int, batch_size: in
 
 
 class _Objective:
+    """What SFT and DPO share: packing a training batch (training.pack) behind its
+    sequences' shared opening, once a first batch showed that packing gives the plain
+    batch's numbers on this model (evaluation.packable_prefix). Only `loss` packs: the
+    per-example terms (the batched cohort path, record-level DP) need one row per example."""
+
+    pad_id: int
+    pack: bool = False
+    _packable: bool | None = None  # decided on the first batch with a shared opening
+
     def record_losses(self, model, items) -> tuple[torch.Tensor, torch.Tensor]:
         """(each record's loss per term [n], the record of each forward row)."""
         sums, terms, row_record = self.record_terms(model, items)
         return sums / terms.clamp(min=1), row_record
 
+    def sequences(self, items) -> list[Encoded]:
+        """The sequences a batch of records puts through the forward."""
+        return list(items)
 
-class SftObjective(_Objective):
-    """Supervised fine-tuning on instruction or chat examples. With `pack` (training.pack)
-    a training batch whose examples share an opening runs as one packed sequence
-    (encoding.collate_packed) once a first batch showed that packing gives the plain
-    batch's numbers on this model (evaluation.packable_prefix)."""
-
-    def __init__(self, pad_id: int, pack: bool = False):
-        self.pad_id, self.pack = pad_id, pack
-        self._packable: bool | None = None  # decided on the first batch with a shared opening
-
-    @classmethod
-    def from_config(cls, cfg, pad_id: int) -> SftObjective:
-        return cls(pad_id, cfg.training.pack)
-
-    def shared_width(self, model, items: Sequence[Encoded]) -> int:
+    def shared_width(self, model, items) -> int:
         """The shared opening a training batch is packed behind (0: a plain batch)."""
         if not self.pack:
             return 0
-        shared = shared_prefix_length(items)
+        sequences = self.sequences(items)
+        shared = shared_prefix_length(sequences)
         if shared < 1:
             return 0
         if self._packable is None:
             from fedsec.evaluation import packable_prefix
 
-            self._packable = packable_prefix(model, items, self.pad_id) > 0
+            self._packable = packable_prefix(model, sequences, self.pad_id) > 0
         return shared if self._packable else 0
 
-    def positions(self, model, items: Sequence[Encoded]) -> int:
-        """Token positions a training batch puts through the forward (the shared opening once when packed)."""
+    def positions(self, model, items) -> int:
+        """Token positions a training batch puts through the forward (a packed batch's opening once)."""
         shared = self.shared_width(model, items)
-        return record_tokens(items) - shared * (len(items) - 1) if shared else record_tokens(items)
+        return record_tokens(items) - shared * (len(self.sequences(items)) - 1)
+
+
+class SftObjective(_Objective):
+    """Supervised fine-tuning on instruction or chat examples."""
+
+    def __init__(self, pad_id: int, pack: bool = False):
+        self.pad_id, self.pack = pad_id, pack
+
+    @classmethod
+    def from_config(cls, cfg, pad_id: int) -> SftObjective:
+        return cls(pad_id, cfg.training.pack)
 
     @staticmethod
     def records(client) -> tuple:
@@ -165,12 +176,15 @@ class DpoObjective(_Objective):
     """DPO on preference pairs, against a fixed reference policy: the base model with the
     adapter disabled (`reference: base`), or the adapter the run starts from."""
 
-    def __init__(self, pad_id: int, beta: float, reference: str = "base"):
-        self.pad_id, self.beta, self.reference = pad_id, beta, reference
+    def __init__(self, pad_id: int, beta: float, reference: str = "base", pack: bool = False):
+        self.pad_id, self.beta, self.reference, self.pack = pad_id, beta, reference, pack
 
     @classmethod
     def from_config(cls, cfg, pad_id: int) -> DpoObjective:
-        return cls(pad_id, cfg.dpo.beta, cfg.dpo.reference)
+        return cls(pad_id, cfg.dpo.beta, cfg.dpo.reference, cfg.training.pack)
+
+    def sequences(self, items) -> list[Encoded]:
+        return [p.chosen for p in items] + [p.rejected for p in items]
 
     @staticmethod
     def records(client) -> tuple:
@@ -201,7 +215,7 @@ class DpoObjective(_Objective):
             return with_reference(model, items, self.pad_id, batch_size)
 
     def loss(self, model, items: Sequence[PairItem]) -> tuple[torch.Tensor, int]:
-        return self._pair_losses(model, items).sum(), len(items)
+        return self._pair_losses(model, items, self.shared_width(model, items)).sum(), len(items)
 
     def record_terms(self, model, items: Sequence[PairItem]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(DPO loss of each pair [n], ones [n], the pair of each row: chosen rows 0..n-1,
@@ -210,9 +224,8 @@ class DpoObjective(_Objective):
         losses = self._pair_losses(model, items)
         return losses, torch.ones_like(losses), torch.arange(2 * n, device=losses.device) % n
 
-    def _pair_losses(self, model, items: Sequence[PairItem]) -> torch.Tensor:
-        logps = sequence_logprobs(model, [p.chosen for p in items] + [p.rejected for p in items],
-                                  self.pad_id)
+    def _pair_losses(self, model, items: Sequence[PairItem], shared: int = 0) -> torch.Tensor:
+        logps = sequence_logprobs(model, self.sequences(items), self.pad_id, shared)
         n = len(items)
         ref_c = torch.tensor([p.ref_chosen for p in items], dtype=logps.dtype, device=logps.device)
         ref_r = torch.tensor([p.ref_rejected for p in items], dtype=logps.dtype, device=logps.device)

@@ -1,25 +1,29 @@
-"""training.pack: an SFT batch run as one sequence behind its examples' shared opening
-(encoding.collate_packed, as the evaluation packs) gives the plain batch's loss, gradient
-and local update up to float rounding, with the shared tokens put through the model once."""
+"""training.pack: a training batch (SFT examples, DPO pairs' replies) run as one sequence
+behind their shared opening (encoding.collate_packed, as the evaluation packs) gives the
+plain batch's loss, gradient and local update up to float rounding, with the shared tokens
+put through the model once."""
 
 from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 from conftest import tiny_config
 
 from fedsec.setup import prepare
 
 
-def _both(tmp_path, **training):
-    cfg = tiny_config(tmp_path, training={"local_steps": 2, "batch_size": 4, "lr": 1e-3, "pack": True, **training})
+def _both(tmp_path, task: str = "sft", **training):
+    cfg = tiny_config(tmp_path, task=task,
+                      training={"local_steps": 2, "batch_size": 4, "lr": 1e-3, "pack": True, **training})
     plain = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, pack=False))
     return prepare(plain), prepare(cfg)
 
 
-def test_a_packed_batch_has_the_plain_loss_and_gradient_with_the_opening_computed_once(tmp_path):
-    plain, packed = _both(tmp_path)
+@pytest.mark.parametrize("task", ["sft", "dpo"])
+def test_a_packed_batch_has_the_plain_loss_and_gradient_with_the_opening_computed_once(tmp_path, task):
+    plain, packed = _both(tmp_path, task)
     items = plain.train_sets[0][:4]
     grads = []
     for setup in (plain, packed):
@@ -33,9 +37,11 @@ def test_a_packed_batch_has_the_plain_loss_and_gradient_with_the_opening_compute
     assert packed.trainer.objective._packable is True and n_a == n_b
     assert abs(a - b) <= 1e-5 * abs(a)
     assert torch.allclose(g_a, g_b, rtol=1e-4, atol=1e-6) and float(g_a.abs().max()) > 0
-    shared = packed.trainer.objective.shared_width(packed.model, items)
-    total = sum(int(i.input_ids.numel()) for i in items)
-    assert shared > 10 and packed.trainer.objective.positions(packed.model, items) == total - 3 * shared
+    objective = packed.trainer.objective
+    sequences = objective.sequences(items)  # a DPO pair: both replies
+    shared = objective.shared_width(packed.model, items)
+    total = sum(int(i.input_ids.numel()) for i in sequences)
+    assert shared > 10 and objective.positions(packed.model, items) == total - (len(sequences) - 1) * shared
 
 
 def test_a_packed_local_update_equals_the_plain_one_and_counts_fewer_positions(tmp_path):
