@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from fedsec.config import ExperimentConfig
-from fedsec.defenses.dp import COUNT_SENSITIVITY, clip_to_norm, gaussian_noise, secagg_sensitivity
+from fedsec.defenses.dp import COUNT_SENSITIVITY, clip_to_norm, gaussian_noise
 from fedsec.defenses.registry import Context
 from fedsec.defenses.sanitize import sanitize_updates_with_norms
 from fedsec.results import ClientUpdate, SecureSum
@@ -256,8 +256,9 @@ def build_pipeline(cfg: ExperimentConfig, folder: Path, dim: int, dp=None) -> Se
     if cfg.engine == "flower" and cfg.flower.secagg:
         if dp is None:
             return ServerPipeline([SecureMean()], dim, rule)
-        f = cfg.flower
-        bound = secagg_sensitivity(dp.clip_in_force(), dim, f.secagg_clip_range, f.secagg_bits)
+        from fedsec.privacy import secure_aggregation_terms  # the bound the privacy report states
+
+        bound = secure_aggregation_terms(cfg, dim)["sensitivity"]
         return ServerPipeline([SecureMean(dp.clip_in_force(), dp.plan.expected_clients, bound), Noise(dp)], dim, rule)
     if dp is None:
         stages = [Sanitize(cfg.defense.max_update_norm), rule]

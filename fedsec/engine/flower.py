@@ -208,15 +208,9 @@ class FlowerClients:
                      "answered than its threshold); the round has no client update")
             return SecureSum(torch.zeros(dim, device="cpu"), ()), tuple(clients)
         received: dict[int, ClientUpdate] = {}
-        empty = torch.zeros(0, device="cpu")
         for node, report in strategy.reports:
-            hosted = set(asked.get(node, ()))
-            for c, n, loss, terms, tokens in zip(report["clients"], report["num_examples"], report["loss"],
-                                                  report["loss_terms"], report["tokens"]):
-                if int(c) in hosted:
-                    received[int(c)] = ClientUpdate(int(c), empty, int(n), {"loss": float(loss),
-                                                                          "loss_terms": int(terms),
-                                                                          "tokens": int(tokens)})
+            hosted = set(asked.get(node, ()))  # a node speaks only for the clients it was asked to train
+            received.update({u.client_id: u for u in _reported(report) if u.client_id in hosted})
         # SecAgg+ releases the mean over the nodes whose masked vectors it summed: times their count
         total = torch.from_numpy(strategy.mean * len(strategy.reports)).to(torch.float32).reshape(dim)
         failed = tuple(c for c in clients if c not in received)
@@ -384,10 +378,15 @@ def _train_message(node: int, start: torch.Tensor, clients: list[int], lr: float
 
 
 def _read_updates(reply: Message) -> list[ClientUpdate]:
-    info = reply.content["fedsec"]
-    deltas = reply.content["updates"].to_torch_state_dict()["deltas"]
-    return [ClientUpdate(int(c), deltas[k], int(n), {"loss": float(loss), "loss_terms": int(terms),
-                                                     "tokens": int(tokens)})
+    return _reported(reply.content["fedsec"], reply.content["updates"].to_torch_state_dict()["deltas"])
+
+
+def _reported(info, deltas=None) -> list[ClientUpdate]:
+    """A node's report of the clients it trained, as updates: with their deltas, or (secure
+    aggregation, where only the sum leaves) with empty ones."""
+    empty = torch.zeros(0, device="cpu")
+    return [ClientUpdate(int(c), deltas[k] if deltas is not None else empty, int(n),
+                         {"loss": float(loss), "loss_terms": int(terms), "tokens": int(tokens)})
             for k, (c, n, loss, terms, tokens) in enumerate(zip(info["clients"], info["num_examples"], info["loss"],
                                                                 info["loss_terms"], info["tokens"]))]
 
