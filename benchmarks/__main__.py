@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ("accounting", "overhead", "many_clients", "memory_clients", "evaluation", "server_pipeline",
+ORDER = ("accounting", "overhead", "many_clients", "memory_clients", "file_clients", "evaluation", "server_pipeline",
          "prefix_batching", "flower_round", "gpu")  # gpu: says so and exits 0 without CUDA
 ARGS = {"memory_clients": ["--clients", "10", "1000", "10000"]}
 HEADLINES = (  # key, what it is, target
@@ -31,6 +31,8 @@ HEADLINES = (  # key, what it is, target
     ("flops_fraction_smollm2", "achieved FLOP/s of a SmolLM2 step / fp32 matmul peak", ">= 0.5"),
     ("many_clients_speedup", "examples/s, batched cached clients / plain path", "-"),
     ("memory_ratio_10_to_10000_clients", "peak RSS, 10,000 / 10 total clients", "<= 1.1"),
+    ("file_memory_ratio_100_to_100000_clients", "peak RSS, 100,000 / 100 clients from a file, natural split",
+     "<= 1.2"),
     ("eval_cost_fraction", "evaluation every eval.every rounds / round time, SmolLM2 quickstart", "<= 0.1"),
     ("flower_round_ratio", "Flower round (2 SuperNodes) / in-process round, SmolLM2", "<= 1.5"),
 )

@@ -551,7 +551,7 @@ class BenchmarkSpec:
         "mbpp (pass@1, the generated code run in a sandbox); open-ended: mt_bench, vicuna_bench (FastChat "
         "question.jsonl), fedllm_instructions (an instruction column), advbench (harmless rate, no judge)", "fpb")
     source: str = _help("a local file in the benchmark's published schema (.jsonl/.json/.csv/.parquet); "
-                        "empty: the dataset by name from the Hugging Face hub (needs network and the hub extra)",
+                        "empty: the dataset by name from the Hugging Face hub (needs network access)",
                         "")
     split: str = _help("split of the dataset by name (empty: the one the benchmark is reported on)", "")
     fields: Mapping[str, str] = _help("choice: prompt/choices/answer -> the file's columns", factory=dict)

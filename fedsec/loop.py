@@ -301,15 +301,12 @@ def _write_federation(setup: Setup, run: RunDir) -> None:
                                            "clients_per_silo": list(setup.silos)})
         return
     run.write_json("federation.json", {"num_clients": len(clients), "source": setup.cfg.data.source})
-    detail = {"clients": [{"client_id": c.client_id, "name": c.name, "train_examples": len(c.train),
-                           "test_examples": len(c.test), "preference_pairs": len(c.preference),
-                           "users": sorted({str(e.meta["user"]) for e in (*c.train, *c.test, *c.preference)
-                                            if e.meta.get("user") is not None})}
-                          for c in clients]}
-    if run.guarded:
-        run.write_uncovered_json("clients.json", detail)
-    else:
-        run.write_json("clients.json", detail)
+    detail = ({"client_id": c.client_id, "name": c.name, "train_examples": len(c.train),
+               "test_examples": len(c.test), "preference_pairs": len(c.preference),
+               "users": sorted({str(e.meta["user"]) for e in (*c.train, *c.test, *c.preference)
+                                if e.meta.get("user") is not None})}
+              for c in clients)
+    run.write_rows_json("clients.json", "clients", detail, uncovered=run.guarded)
 
 
 def _write_ledger(run: RunDir, private) -> None:

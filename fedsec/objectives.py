@@ -129,6 +129,8 @@ class _Objective:
 class SftObjective(_Objective):
     """Supervised fine-tuning on instruction or chat examples."""
 
+    fixed_terms = False  # precompute adds nothing: a client's items can be encoded whenever it is sampled
+
     def __init__(self, pad_id: int, pack: bool = False):
         self.pad_id, self.pack = pad_id, pack
 
@@ -175,6 +177,8 @@ class SftObjective(_Objective):
 class DpoObjective(_Objective):
     """DPO on preference pairs, against a fixed reference policy: the base model with the
     adapter disabled (`reference: base`), or the adapter the run starts from."""
+
+    fixed_terms = True  # the reference log-probabilities come from the model at setup
 
     def __init__(self, pad_id: int, beta: float, reference: str = "base", pack: bool = False):
         self.pad_id, self.beta, self.reference, self.pack = pad_id, beta, reference, pack

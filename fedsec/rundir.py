@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -222,6 +222,15 @@ class RunDir:
 
     def write_json(self, name: str, payload: dict) -> None:
         atomic_write_text(self.path / name, json.dumps(payload, indent=2) + "\n")
+
+    def write_rows_json(self, name: str, key: str, rows: Iterable[dict], uncovered: bool = False) -> None:
+        """{key: rows} as JSON with one row per line, built row by row (a federation's
+        100,000 clients cost their text, not a tree of Python objects); `uncovered`: into
+        the place the DP guarantee does not cover."""
+        if uncovered:
+            self._uncovered_dir()
+        text = f'{{\n  "{key}": [\n' + ",\n".join("    " + json.dumps(row) for row in rows) + "\n  ]\n}\n"
+        atomic_write_text((self.uncovered if uncovered else self.path) / name, text)
 
 
 def read_result(run_dir: Path) -> dict:

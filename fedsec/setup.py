@@ -5,9 +5,10 @@ sets (global, per client, preference pairs, probes, canaries, benchmark tasks)."
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,7 +57,7 @@ class Setup:
     tokenizer: object
     trainer: LocalTrainer
     data: FederatedData
-    train_sets: list[list]  # per client: Encoded (sft) or PairItem (dpo), tokenized once
+    train_sets: ClientSets  # per client: Encoded (sft) or PairItem (dpo)
     global_eval: EvalSet
     client_eval: EvalSet | None
     local_only: list[int] = field(default_factory=list)
@@ -208,6 +209,43 @@ def train_set(objective, client, tokenizer, cfg: ExperimentConfig) -> list:
     return objective.encode(objective.records(client), tokenizer, cfg.data)
 
 
+class ClientSets(Sequence):
+    """Every client's training items by client id. Given `ready`, all of them, computed at
+    setup; else each client's are encoded when a round first asks for them (`encode`) and
+    the `keep` most recently used are kept, so memory follows the clients per round, not
+    the federation. `sizes`: each client's number of items, known for all from setup."""
+
+    def __init__(self, sizes: Sequence[int], encode: Callable[[int], list] | None = None,
+                 ready: Sequence[list] | None = None, keep: int = 1024):
+        if (ready is None) == (encode is None):
+            raise ValueError("give the items (ready) or how to encode them (encode)")
+        self.sizes, self.encode, self.keep = tuple(sizes), encode, keep
+        self.ready = list(ready) if ready is not None else None
+        self.recent: collections.OrderedDict[int, list] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, c):
+        if isinstance(c, slice):
+            return [self[k] for k in range(len(self))[c]]
+        if self.ready is not None:
+            return self.ready[c]
+        c = range(len(self))[c]  # a negative id counts from the end, as in a list
+        if c in self.recent:
+            self.recent.move_to_end(c)
+            return self.recent[c]
+        items = self.encode(c)
+        self.recent[c] = items
+        while len(self.recent) > self.keep:
+            self.recent.popitem(last=False)
+        return items
+
+    @property
+    def lazy(self) -> bool:
+        return self.ready is None
+
+
 def prepare(cfg: ExperimentConfig, silos: tuple[int, ...] | None = None) -> Setup:
     """The run's Setup. With `silos` (data.silos on Flower: clients per organisation, as
     their SuperNodes reported them) the clients' examples stay on their nodes: nothing of
@@ -225,11 +263,21 @@ def prepare(cfg: ExperimentConfig, silos: tuple[int, ...] | None = None) -> Setu
         audit = start_audit(cfg, canaries, included, first_canary, model, tokenizer)
     d, pad = cfg.data, tokenizer.pad_token_id
     objective = objective_for(cfg, pad)
-    train_sets = []
+    # every client tokenized once here: a client none of whose examples fits is refused now,
+    # and every client's size is known; without a frozen prefix or fixed terms to compute
+    # (SFT) the items are then dropped and encoded again when a round samples the client
+    lazy = silos is None and not cfg.lora.cache_frozen_layers and not objective.fixed_terms
+    train_sets, sizes = [], []
     if silos is None:
         with progress.bar(len(data.clients), "tokenizing", "client") as shown:
             for client in data.clients:
-                train_sets.append(train_set(objective, client, tokenizer, cfg))
+                items = train_set(objective, client, tokenizer, cfg)
+                if not items:
+                    raise ConfigError("data.max_length", d.max_length,
+                                      f"client {client.client_id} has no example whose answer fits; raise it")
+                sizes.append(len(items))
+                if not lazy:
+                    train_sets.append(items)
                 shown.update(1)
     needs_root = cfg.defense.rule.needs_reference
     if needs_root:  # encoded and cached with the clients, then split off
@@ -241,10 +289,6 @@ def prepare(cfg: ExperimentConfig, silos: tuple[int, ...] | None = None) -> Setu
                                   "raise it or give longer-fitting examples")
             raise ConfigError("data.benchmark.root_size", cfg.data.benchmark.root_size,
                               "the server root set is empty; raise it")
-    for client, encoded in zip(data.clients, train_sets):
-        if not encoded:
-            raise ConfigError("data.max_length", d.max_length,
-                              f"client {client.client_id} has no example whose answer fits; raise it")
     global_eval = build_eval_set(data.global_test, [GLOBAL] * len(data.global_test), tokenizer,
                                  d.template, d.max_length, data.choices)
     # on Flower each client's held-out examples are evaluated on its SuperNode ("evaluate" messages)
@@ -275,9 +319,11 @@ def prepare(cfg: ExperimentConfig, silos: tuple[int, ...] | None = None) -> Setu
     local_only = list(range(num_clients if fed.local_only_clients == -1 else fed.local_only_clients))
     record_plan, record_dp = None, None
     if cfg.privacy.mode == "record":
-        record_plan = plan_record_privacy(cfg, [len(t) for t in train_sets])
+        record_plan = plan_record_privacy(cfg, sizes)
         record_dp = RecordDp(cfg.privacy.clip_norm, record_plan.noise_multiplier, record_secret(cfg))
     trainer = LocalTrainer(model, cfg.training, objective, record_dp)
+    train_sets = (ClientSets(sizes, encode=lambda c: train_set(objective, data.clients[c], tokenizer, cfg)) if lazy
+                  else ClientSets(sizes, ready=train_sets))
     return Setup(cfg, model, tokenizer, trainer, data, train_sets, global_eval, client_eval, local_only,
                  preference_eval, probe_prompts, record_plan, server_root, malicious, backdoor_eval, audit,
                  population, tasks, silos=tuple(silos or ()))

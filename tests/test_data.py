@@ -262,3 +262,41 @@ def test_fltrust_without_a_root_set_is_refused_before_the_model_is_loaded(tmp_pa
     with pytest.raises(ConfigError) as err:
         fedsec.setup.prepare(cfg)
     assert err.value.field == "defense.aggregator" and "root set" in str(err.value)
+
+
+def test_a_files_clients_are_rows_of_one_memory_mapped_table_read_once(tmp_path, monkeypatch):
+    """A file is parsed once into `datasets`' Arrow cache (under $FEDSEC_CACHE) and mapped
+    from there; clients hold row numbers into it, turned into examples only when read, and
+    equal to reading every row up front."""
+    from fedsec.data.loaders import datasets_cache, read_table
+    from fedsec.data.table import Examples
+
+    monkeypatch.setenv("FEDSEC_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "rows.jsonl"
+    rows = [{"prompt": f"q{i}", "response": f"a{i}", "user": f"u{i % 7}"} for i in range(70)]
+    _write_rows(path, rows)
+    cfg = from_mapping(DataConfig, {"source": str(path), "partition": {"scheme": "natural"},
+                                    "test_fraction": 0.1, "client_test_fraction": 0.25})
+    fed = build_federated_data(cfg, seed=3)
+    table = read_table(str(path))
+    files = [f["filename"] for f in table.cache_files]
+    assert files and all(f.startswith(str(datasets_cache())) for f in files)  # memory-mapped from the cache
+    assert [f["filename"] for f in read_table(str(path)).cache_files] == files  # the second read parses nothing
+    assert len(fed.clients) == 7 and all(isinstance(c.train, Examples) for c in fed.clients)
+    everything = to_sft_examples(rows, spec_for(str(path), "instruction", {}))
+    by_prompt = {e.prompt: e for e in everything}
+    read = [e for c in fed.clients for e in (*c.train, *c.test)] + list(fed.global_test)
+    assert sorted(e.prompt for e in read) == sorted(by_prompt)  # every row once
+    assert all(e == by_prompt[e.prompt] for e in read)  # the same examples as reading them up front
+    for client in fed.clients:
+        assert len({e.meta["user"] for e in (*client.train, *client.test)}) == 1
+        assert client.train[1] == list(client.train)[1] and client.train[-1] == tuple(client.train)[-1]
+
+
+def test_a_row_of_another_type_is_refused_with_its_record(tmp_path):
+    """Arrow keeps a column of mixed JSON types; the mapping names the record that is not text."""
+    path = tmp_path / "mixed.jsonl"
+    _write_rows(path, [{"prompt": "a", "response": "b"}, {"prompt": "c", "response": 4}])
+    cfg = from_mapping(DataConfig, {"source": str(path)})
+    with pytest.raises(ConfigError, match="record 1 holds int, not text"):
+        build_federated_data(cfg, seed=0)

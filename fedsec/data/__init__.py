@@ -8,6 +8,7 @@ set, whatever the source.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -17,12 +18,13 @@ from fedsec.data.benchmark import make_benchmark
 from fedsec.data.loaders import (
     KNOWN_DATASETS,
     infer_fields,
-    read_records,
+    preference_converter,
+    read_table,
+    sft_converter,
     spec_for,
-    to_preference_examples,
-    to_sft_examples,
 )
 from fedsec.data.schema import ClientData, FederatedData, SftExample
+from fedsec.data.table import Examples
 from fedsec.errors import ConfigError
 from fedsec.seeding import numpy_generator
 
@@ -30,11 +32,12 @@ __all__ = ["build_federated_data", "read_examples", "silo_clients", "split_clien
 
 
 def read_examples(cfg: DataConfig, task: str = "sft", source: str | None = None, field: str = "data.source",
-                  max_examples: int | None = None) -> list:
+                  max_examples: int | None = None) -> Examples:
     """A file's or dataset's examples (instruction or chat for sft, preference pairs for
     dpo), read with data.fields, else with the first common layout the records fit
     (fedsec.data.loaders.LAYOUTS). `source` defaults to data.source; `field` names the
-    config entry in errors."""
+    config entry in errors. The examples stay rows of the memory-mapped table (Examples),
+    every one read once here so that a row the mapping does not fit is refused now."""
     source = cfg.source if source is None else source
     kind = "preference" if task == "dpo" else "instruction"
     spec = spec_for(source, kind, cfg.fields)
@@ -42,18 +45,27 @@ def read_examples(cfg: DataConfig, task: str = "sft", source: str | None = None,
         raise ConfigError(field, source, f"is {spec.task} data, which task {task} "
                           "cannot train on; choose the matching task or dataset")
     try:
-        rows = read_records(source, cfg.split if cfg.split != "train" else spec.split)
+        table = read_table(source, cfg.split if cfg.split != "train" else spec.split)
     except ConfigError as err:
         if field == "data.source":
             raise
         raise ConfigError(field, source, err.fix) from None
-    if max_examples is not None:
-        rows = rows[:max_examples]
-    if kind == "instruction" and not cfg.fields and source not in KNOWN_DATASETS and rows:
-        inferred = infer_fields(rows[0])  # Alpaca's instruction/input/output and the other common layouts
+    if kind == "instruction" and not cfg.fields and source not in KNOWN_DATASETS and len(table):
+        inferred = infer_fields(_present(table[0]))  # Alpaca's instruction/input/output and the other common layouts
         if inferred is not None:
             spec = spec_for(source, kind, inferred)
-    return to_preference_examples(rows, spec) if task == "dpo" else to_sft_examples(rows, spec)
+    convert = preference_converter(spec) if task == "dpo" else sft_converter(spec)
+    examples = Examples(table, convert)
+    if max_examples is not None:
+        examples = examples[:max_examples]
+    for _ in examples:  # every row converts (else its one-line error); nothing is kept
+        pass
+    return examples
+
+
+def _present(row: dict) -> dict:
+    """A row's fields that hold a value (a table gives every row every column, None where absent)."""
+    return {k: v for k, v in row.items() if v is not None}
 
 
 def build_federated_data(cfg: DataConfig, seed: int, task: str = "sft") -> FederatedData:
@@ -90,8 +102,7 @@ def _federated_data(cfg: DataConfig, seed: int, task: str) -> FederatedData:
         rng = numpy_generator(seed, "global-split")
         order = rng.permutation(len(examples))
         n_test = max(1, int(round(cfg.test_fraction * len(examples))))
-        test = tuple(examples[i] for i in np.sort(order[:n_test]))
-        pool = [examples[i] for i in np.sort(order[n_test:])]
+        test, pool = examples.select(np.sort(order[:n_test])), examples.select(np.sort(order[n_test:]))
     shards = split_clients(pool, cfg, seed)
     clients = tuple(_client(pool, idx, cfg, task, cid, f"client{cid:03d}", numpy_generator(seed, "client-split", cid))
                     for cid, idx in enumerate(shards))
@@ -124,17 +135,17 @@ def read_test(cfg: DataConfig, task: str) -> tuple:
     return examples
 
 
-def _client(pool: list, idx: np.ndarray, cfg: DataConfig, task: str, cid: int, name: str,
+def _client(pool: Examples, idx: np.ndarray, cfg: DataConfig, task: str, cid: int, name: str,
             rng: np.random.Generator) -> ClientData:
     """A client from its shard of `pool`, client_test_fraction held out for its test."""
-    local = [pool[i] for i in idx]
-    if not local:
+    if not len(idx):
         raise ConfigError("data.partition", cfg.partition.scheme,
                           f"client {cid} got no examples; use fewer clients or min_size >= 1")
-    n_local_test = int(round(cfg.client_test_fraction * len(local))) if len(local) > 1 else 0
-    held = set(rng.permutation(len(local))[:n_local_test].tolist())
-    train = tuple(e for i, e in enumerate(local) if i not in held)
-    held_out = tuple(e for i, e in enumerate(local) if i in held)
+    n_local_test = int(round(cfg.client_test_fraction * len(idx))) if len(idx) > 1 else 0
+    held = np.zeros(len(idx), dtype=bool)
+    held[rng.permutation(len(idx))[:n_local_test]] = True
+    train = pool.select(idx[~held])  # rows of the table, read when used
+    held_out = pool.select(idx[held]) if n_local_test else ()
     if task == "dpo":
         return ClientData(cid, name, (), (), train)
     return ClientData(cid, name, train, held_out)
@@ -146,7 +157,7 @@ def _federation(clients: tuple[ClientData, ...], test: tuple, cfg: DataConfig, t
     return FederatedData(clients, test, cfg.choices)
 
 
-def split_clients(pool: list[SftExample], cfg: DataConfig, seed: int, silo: int | None = None) -> list[np.ndarray]:
+def split_clients(pool: Sequence[SftExample], cfg: DataConfig, seed: int, silo: int | None = None) -> list[np.ndarray]:
     """`pool` split into clients as data.partition says (one silo's pool: its own stream)."""
     part = cfg.partition
     rng = numpy_generator(seed, "partition") if silo is None else numpy_generator(seed, "partition", "silo", silo)

@@ -2,20 +2,23 @@
 
 A `DatasetSpec` says how a known dataset's columns map to fedsec's schema; any
 local json/jsonl/parquet/csv file works with a field mapping from the config
-(`data.fields`). Hub loading needs the `hub` extra and network access; the
-mapping code it feeds is the same one the local-file path uses and tests cover.
+(`data.fields`). Both load through Hugging Face `datasets` into memory-mapped Arrow
+tables (loading by name needs network access); the mapping code is the same for both.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import datasets
 
 from fedsec.data.schema import (
     ChatExample,
@@ -77,100 +80,133 @@ USER_KEY = "__user__"  # column added when a FedLLM-Bench {client: [records]} fi
 
 
 # ---------------------------------------------------------------------------
-# Raw records.
+# Raw records: Arrow tables through Hugging Face `datasets`.
 
 
-MAX_LINE = 16 << 20  # characters in one line of a JSONL file or one CSV field
+MAX_LINE = 16 << 20  # characters in one line of a JSONL file, one CSV field or one text value
 
 
 def is_local_file(source: str) -> bool:
     return source.endswith(FILE_SUFFIXES) or os.path.exists(source)
 
 
-def read_records(source: str, split: str = "train") -> list[dict[str, Any]]:
-    """Rows of a local file, or of a Hugging Face dataset by name."""
+def read_table(source: str, split: str = "train") -> datasets.Dataset:
+    """A local file's or a Hugging Face dataset's rows as an Arrow table, memory-mapped from
+    `datasets`' cache (under $FEDSEC_CACHE/datasets, keyed by the file's fingerprint: a
+    second read of an unchanged file maps the same table without parsing it again)."""
     if is_local_file(source):
-        return read_file(Path(source))
+        return read_file_table(Path(source))
     return _read_hub(source, split)
 
 
+def read_records(source: str, split: str = "train") -> list[dict[str, Any]]:
+    """Rows of a local file, or of a Hugging Face dataset by name, as dicts (small files:
+    benchmarks, probes; a federation's data stays in its table, fedsec.data.table)."""
+    return read_table(source, split).to_list()
+
+
 def read_file(path: Path) -> list[dict[str, Any]]:
+    return read_file_table(path).to_list()
+
+
+def read_file_table(path: Path) -> datasets.Dataset:
+    """A json/jsonl/csv/parquet file (.gz for the JSON ones) as an Arrow table. A file Arrow
+    cannot read is examined again to say where it breaks (line and column, as an editor counts)."""
     if not path.is_file():
         raise ConfigError("data.source", str(path), "no such file")
     name = path.name
+    if not name.endswith(FILE_SUFFIXES):
+        raise ConfigError("data.source", str(path), f"unknown file type; use one of {', '.join(FILE_SUFFIXES)}")
     try:
         if name.endswith((".jsonl", ".jsonl.gz")):
-            return _jsonl_rows(path)
-        if name.endswith((".json", ".json.gz")):
-            opener = gzip.open if name.endswith(".gz") else open
-            with opener(path, "rt", encoding="utf-8") as fh:  # one document: often a single line
-                return _json_rows(json.load(fh), path)
-        if name.endswith(".csv"):
-            csv.field_size_limit(MAX_LINE)
-            with path.open(encoding="utf-8", newline="") as fh:
-                try:
-                    return _csv_rows(csv.DictReader(fh), path)
-                except csv.Error as err:
-                    raise ConfigError("data.source", str(path), f"a field is longer than {MAX_LINE} characters or "
-                                      f"the CSV is malformed ({err}); check the file") from None
-        if name.endswith(".parquet"):
-            try:
-                import pyarrow.parquet as pq
-            except ImportError:
-                raise ConfigError("data.source", str(path),
-                                  "reading parquet needs pyarrow: pip install pyarrow") from None
-            return pq.read_table(path).to_pylist()
+            table = _empty() if _blank(path) else _load(path, "json")
+        elif name.endswith((".json", ".json.gz")):
+            table = _json_document(path)
+        elif name.endswith(".csv"):
+            header = _check_csv(path)
+            table = _load(path, "csv", features=datasets.Features({c: datasets.Value("string") for c in header}),
+                          keep_default_na=False, na_filter=False) if header else _empty()
+        else:
+            table = _load(path, "parquet")
     except UnicodeDecodeError:
         raise ConfigError("data.source", str(path), "is not UTF-8 text") from None
-    except json.JSONDecodeError as err:
-        raise ConfigError("data.source", str(path),
-                          f"invalid JSON at line {err.lineno}: {err.msg}") from None
-    raise ConfigError("data.source", str(path), f"unknown file type; use one of {', '.join(FILE_SUFFIXES)}")
+    except ConfigError:
+        raise
+    except Exception as err:  # Arrow refused the file: find the line that breaks it
+        if isinstance(err.__cause__, ConfigError):  # raised while `datasets` read the file
+            raise err.__cause__ from None
+        raise _diagnose(path, err) from None
+    _check_lengths(table, path)
+    return table
 
 
-def _jsonl_rows(path: Path) -> list[dict[str, Any]]:
-    """One JSON object per line; an error names the file's line, not the line's own."""
-    rows = []
-    for number, line in enumerate(_lines(path), start=1):
-        if not line.strip():
-            continue
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """`datasets` without its progress bars and log lines (fedsec reports its own errors)."""
+    shown, level = not datasets.are_progress_bars_disabled(), datasets.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(level)
+        if shown:
+            datasets.enable_progress_bars()
+
+
+def datasets_cache() -> Path:
+    from fedsec.models import cache_dir
+
+    return cache_dir() / "datasets"
+
+
+def _load(path: Path, builder: str, **options) -> datasets.Dataset:
+    with _quiet_datasets():
+        return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=str(datasets_cache()),
+                                     **options)
+
+
+def _empty() -> datasets.Dataset:
+    return datasets.Dataset.from_dict({})
+
+
+def _blank(path: Path) -> bool:
+    """Whether the file holds whitespace only (an empty table; Arrow finds no data to type)."""
+    with _open_text(path) as fh:
+        while chunk := fh.read(1 << 16):
+            if chunk.strip():
+                return False
+    return True
+
+
+def _open_text(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else path.open(encoding="utf-8")
+
+
+def _json_document(path: Path) -> datasets.Dataset:
+    """A .json file: one document, a list of records or FedLLM-Bench's {client: [records]}
+    (flattened, the client kept as a column), parsed once and kept as an Arrow table
+    (cached by the file's path, size and modification time)."""
+    stat = path.stat()
+    version = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    with _quiet_datasets():
+        table = datasets.Dataset.from_generator(_document_rows, gen_kwargs={"path": str(path), "version": version},
+                                                cache_dir=str(datasets_cache()))
+    return table
+
+
+def _document_rows(path: str, version: tuple) -> Iterator[dict[str, Any]]:
+    with _open_text(Path(path)) as fh:
         try:
-            obj = json.loads(line)
+            obj = json.load(fh)
         except json.JSONDecodeError as err:
-            raise ConfigError("data.source", str(path), f"invalid JSON at line {number}, column {err.colno}: "
-                              f"{err.msg}") from None
-        if not isinstance(obj, dict):
-            raise ConfigError("data.source", str(path), f"line {number} is not a JSON object; every record "
-                              "must be one")
-        rows.append(obj)
-    return rows
-
-
-def _csv_rows(reader: csv.DictReader, path: Path) -> list[dict[str, Any]]:
-    """The rows under the header; a row with more or fewer fields than the header is refused
-    with its line (csv would file the extras under None, or fill the gap with None)."""
-    rows = []
-    for row in reader:
-        width = len(reader.fieldnames or ())
-        if None in row or any(v is None for v in row.values()):
-            got = width + len(row.get(None) or ()) if None in row else sum(v is not None for v in row.values())
-            raise ConfigError("data.source", str(path), f"line {reader.line_num} has {got} fields, the header "
-                              f"{width}; quote fields that hold commas, or fix the row")
-        rows.append(row)
-    return rows
-
-
-def _lines(path: Path) -> Iterable[str]:
-    """The file's lines; a line longer than MAX_LINE characters is an error, not a record."""
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as fh:
-        number = 0
-        while line := fh.readline(MAX_LINE + 1):
-            number += 1
-            if len(line) > MAX_LINE:
-                raise ConfigError("data.source", str(path), f"line {number} is longer than {MAX_LINE} characters; "
-                                  "one record per line is expected (a file that size is not instruction data)")
-            yield line
+            raise ConfigError("data.source", path, f"invalid JSON at line {err.lineno}: {err.msg}") from None
+    if isinstance(obj, list):
+        yield from (_row(r, Path(path)) for r in obj)
+    elif isinstance(obj, dict) and obj and all(isinstance(v, list) for v in obj.values()):
+        yield from ({**_row(r, Path(path)), USER_KEY: str(uid)} for uid, records in obj.items() for r in records)
+    else:
+        raise ConfigError("data.source", path, "expected a JSON list of records or an object {client: [records]}")
 
 
 def _row(obj: Any, path: Path) -> dict[str, Any]:
@@ -179,24 +215,67 @@ def _row(obj: Any, path: Path) -> dict[str, Any]:
     return obj
 
 
-def _json_rows(obj: Any, path: Path) -> list[dict[str, Any]]:
-    if isinstance(obj, list):
-        return [_row(r, path) for r in obj]
-    if isinstance(obj, dict) and obj and all(isinstance(v, list) for v in obj.values()):
-        # FedLLM-Bench layout: {client_id: [records]}; keep the client as a column.
-        return [{**_row(r, path), USER_KEY: str(uid)} for uid, rows in obj.items() for r in rows]
-    raise ConfigError("data.source", str(path),
-                      "expected a JSON list of records or an object {client: [records]}")
+def _check_csv(path: Path) -> list[str]:
+    """The header of a CSV file whose every row has the header's number of fields, none
+    longer than MAX_LINE characters (else the line that breaks it, one error)."""
+    csv.field_size_limit(MAX_LINE)
+    with path.open(encoding="utf-8", newline="") as fh:
+        reader = csv.reader(fh)
+        try:
+            header = next(reader, None)
+            for row in reader:
+                if header is not None and len(row) != len(header) and row:
+                    raise ConfigError("data.source", str(path), f"line {reader.line_num} has {len(row)} fields, the "
+                                      f"header {len(header)}; quote fields that hold commas, or fix the row")
+        except csv.Error as err:
+            raise ConfigError("data.source", str(path), f"a field is longer than {MAX_LINE} characters or "
+                              f"the CSV is malformed ({err}); check the file") from None
+    return header or []
 
 
-def _read_hub(name: str, split: str) -> list[dict[str, Any]]:
+def _diagnose(path: Path, err: Exception) -> ConfigError:
+    """What breaks a JSON-lines file Arrow refused: its first line that is not one JSON
+    object, or (none found) Arrow's own first line of the error."""
+    if path.name.endswith((".jsonl", ".jsonl.gz")):
+        with _open_text(path) as fh:
+            number = 0
+            while line := fh.readline(MAX_LINE + 1):
+                number += 1
+                if len(line) > MAX_LINE:
+                    return ConfigError("data.source", str(path), f"line {number} is longer than {MAX_LINE} characters;"
+                                       " one record per line is expected (a file that size is not instruction data)")
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as bad:
+                    return ConfigError("data.source", str(path), f"invalid JSON at line {number}, column "
+                                       f"{bad.colno}: {bad.msg}")
+                if not isinstance(obj, dict):
+                    return ConfigError("data.source", str(path), f"line {number} is not a JSON object; every "
+                                       "record must be one")
+    cause = err.__cause__ or err
+    first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    return ConfigError("data.source", str(path), f"unreadable ({first}); check the file")
+
+
+def _check_lengths(table: datasets.Dataset, path: Path) -> None:
+    """No text value longer than MAX_LINE characters (a file that size is not instruction data)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    for column in table.data.table.columns:
+        if (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)) and len(column):
+            longest = pc.max(pc.utf8_length(column)).as_py()
+            if longest is not None and longest > MAX_LINE:
+                raise ConfigError("data.source", str(path), f"a value is longer than {MAX_LINE} characters; one "
+                                  "record per line is expected (a file that size is not instruction data)")
+
+
+def _read_hub(name: str, split: str) -> datasets.Dataset:
     try:
-        import datasets
-    except ImportError:
-        raise ConfigError("data.source", name, "loading by name needs the hub extra: "
-                          "pip install 'fedsec[hub]' (or give a local file)") from None
-    try:
-        return list(datasets.load_dataset(name, split=split))
+        with _quiet_datasets():
+            return datasets.load_dataset(name, split=split, cache_dir=str(datasets_cache()))
     except Exception as err:  # offline, unknown name, missing split: all user-fixable
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError("data.source", name, f"could not load it ({first}); check the name, "
@@ -251,10 +330,22 @@ def spec_for(source: str, task: str, fields: Mapping[str, str]) -> DatasetSpec:
                        user_field=user)
 
 
-def to_sft_examples(rows: list[dict[str, Any]], spec: DatasetSpec) -> list[SftExample]:
+def to_sft_examples(rows: Iterable[Mapping[str, Any]], spec: DatasetSpec) -> list[SftExample]:
+    convert = sft_converter(spec)
+    return [convert(r, i) for i, r in enumerate(rows)]
+
+
+def to_preference_examples(rows: Iterable[Mapping[str, Any]], spec: DatasetSpec) -> list[PreferenceExample]:
+    convert = preference_converter(spec)
+    return [convert(r, i) for i, r in enumerate(rows)]
+
+
+def sft_converter(spec: DatasetSpec) -> Callable[[Mapping[str, Any], int], SftExample]:
+    """Row i of an instruction or chat table -> its example (a one-line error names the
+    field and the record where a row does not fit the mapping)."""
     if spec.task == "chat":
         col = spec.fields["messages"]
-        return [ChatExample(_messages(_get(r, col, i), col, i), _meta(r, spec)) for i, r in enumerate(rows)]
+        return lambda r, i: ChatExample(_messages(_get(r, col, i), col, i), _meta(r, spec))
     if spec.task != "instruction":
         raise ConfigError("data.source", spec.name, f"is a {spec.task} dataset; task sft needs "
                           "instruction or chat data")
@@ -263,22 +354,23 @@ def to_sft_examples(rows: list[dict[str, Any]], spec: DatasetSpec) -> list[SftEx
     response_col = f.get("response")
     if prompt_col is None or response_col is None:
         raise ConfigError("data.fields", dict(f), "map both prompt (or instruction) and response")
-    out: list[SftExample] = []
-    for i, r in enumerate(rows):
+
+    def convert(r: Mapping[str, Any], i: int) -> SftExample:
         prompt = _text(_get(r, prompt_col, i), prompt_col, i)
         extra = r.get(f["input"]) if "input" in f else None
         if extra:
             prompt = f"{prompt}\n\n{_text(extra, f['input'], i)}"
         system = _text(r[f["system"]], f["system"], i) if "system" in f and r.get(f["system"]) else None
-        out.append(InstructionExample(prompt, _text(_get(r, response_col, i), response_col, i),
-                                      system, _meta(r, spec)))
-    return out
+        return InstructionExample(prompt, _text(_get(r, response_col, i), response_col, i), system, _meta(r, spec))
+
+    return convert
 
 
-def to_preference_examples(rows: list[dict[str, Any]], spec: DatasetSpec) -> list[PreferenceExample]:
+def preference_converter(spec: DatasetSpec) -> Callable[[Mapping[str, Any], int], PreferenceExample]:
+    """Row i of a preference table -> its pair."""
     f = spec.fields
-    out = []
-    for i, r in enumerate(rows):
+
+    def convert(r: Mapping[str, Any], i: int) -> PreferenceExample:
         if spec.fmt == "hh-rlhf":
             prompt, chosen, rejected = split_hh_rlhf(_text(_get(r, f["chosen"], i), f["chosen"], i),
                                                      _text(_get(r, f["rejected"], i), f["rejected"], i))
@@ -289,8 +381,9 @@ def to_preference_examples(rows: list[dict[str, Any]], spec: DatasetSpec) -> lis
         else:
             prompt, chosen, rejected = (_text(_get(r, f[k], i), f[k], i)
                                         for k in ("prompt", "chosen", "rejected"))
-        out.append(PreferenceExample(prompt, chosen, rejected, meta=_meta(r, spec)))
-    return out
+        return PreferenceExample(prompt, chosen, rejected, meta=_meta(r, spec))
+
+    return convert
 
 
 _ASSISTANT = "\n\nAssistant:"

@@ -7,7 +7,7 @@ analysis (label, user id, sector), never fed to the model.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 
@@ -60,11 +60,13 @@ class Canary:
 
 @dataclass(frozen=True)
 class ClientData:
+    """One client's examples: tuples, or rows of a file's table read when used (fedsec.data.table)."""
+
     client_id: int
     name: str
-    train: tuple[SftExample, ...]
-    test: tuple[SftExample, ...]
-    preference: tuple[PreferenceExample, ...] = ()
+    train: Sequence[SftExample]
+    test: Sequence[SftExample]
+    preference: Sequence[PreferenceExample] = ()
 
 
 @dataclass(frozen=True)

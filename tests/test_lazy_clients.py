@@ -1,0 +1,41 @@
+"""Clients encoded when a round samples them (fedsec.setup.ClientSets): memory follows the
+clients per round, not the federation, and the items are the ones an eager setup holds."""
+
+from __future__ import annotations
+
+import torch
+from conftest import tiny_config
+
+from fedsec.objectives import objective_for
+from fedsec.setup import ClientSets, prepare, train_set
+
+
+def _same(a, b) -> bool:
+    return all(torch.equal(x.input_ids, y.input_ids) and torch.equal(x.labels, y.labels)
+               for x, y in zip(a, b, strict=True))
+
+
+def test_an_sft_setup_without_a_frozen_prefix_encodes_each_client_when_first_asked(tmp_path):
+    cfg = tiny_config(tmp_path)
+    setup = prepare(cfg)
+    sets = setup.train_sets
+    assert sets.lazy and not sets.recent  # nothing kept from setup's pass over the clients
+    objective = objective_for(cfg, setup.pad_id)
+    eager = [train_set(objective, c, setup.tokenizer, cfg) for c in setup.data.clients]
+    assert list(sets.sizes) == [len(items) for items in eager] and len(sets) == len(eager) == setup.trainable
+    assert _same(sets[2], eager[2]) and _same(sets[-1], eager[-1]) and list(sets.recent) == [2, len(eager) - 1]
+    assert sets[2] is sets[2]  # kept, not encoded again
+
+
+def test_only_the_most_recently_used_clients_are_kept():
+    calls = []
+    sets = ClientSets([1, 1, 1, 1], encode=lambda c: calls.append(c) or [c], keep=2)
+    assert [sets[c] for c in (0, 1, 0, 2, 1, 3)] == [[0], [1], [0], [2], [1], [3]]
+    assert calls == [0, 1, 2, 1, 3] and list(sets.recent) == [1, 3]  # 1 was dropped after 0 and 2 came
+
+
+def test_a_frozen_prefix_or_dpo_prepares_every_client_at_setup(tmp_path):
+    cached = prepare(tiny_config(tmp_path, lora={"cache_frozen_layers": True, "top_layers": 1}))
+    assert not cached.train_sets.lazy and all(item.hidden is not None for item in cached.train_sets[0])
+    dpo = prepare(tiny_config(tmp_path, task="dpo"))
+    assert not dpo.train_sets.lazy and all(p.ref_chosen != 0.0 for p in dpo.train_sets[0])
