@@ -7,6 +7,8 @@ template; `alpaca` with the Alpaca prompt (OpenFedLLM's default for base models)
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -79,6 +81,16 @@ def encode_prompt(example: SftExample, tokenizer, template: str) -> list[int]:
     pieces = segments(example, tokenizer, template)
     text = "".join(t for t, _ in pieces[:-1])
     return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def encoding_key(tokenizer, template: str, max_length: int) -> str:
+    """What `encode` gives depends on: the tokenizer (its whole serialized state where it has
+    one: vocabulary, merges, normalizer; and its chat template), the template and max_length."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    state = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    digest = hashlib.sha256(state.encode())
+    digest.update(str(getattr(tokenizer, "chat_template", "")).encode())
+    return f"encode-v1|{digest.hexdigest()[:24]}|{template}|{max_length}"
 
 
 def encode_all(examples: Sequence[SftExample], tokenizer, template: str, max_length: int) -> list[Encoded]:

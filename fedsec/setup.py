@@ -21,9 +21,10 @@ from fedsec.attacks.poisoning import with_trigger
 from fedsec.canaries import AuditState, audit_canaries, start_audit, with_canary_clients
 from fedsec.config import ExperimentConfig
 from fedsec.data import ClientData, FederatedData, build_federated_data, read_root, read_test, silo_clients
+from fedsec.data.table import Examples, TokenTable
 from fedsec.data.unsafe import draw, read_alignment, read_unsafe
 from fedsec.devices import model_device
-from fedsec.encoding import encode_prompt
+from fedsec.encoding import encode, encode_prompt, encoding_key
 from fedsec.errors import ConfigError
 from fedsec.evalsuite.runner import PeftModelLM, load_tasks
 from fedsec.evalsuite.tasks import ChoiceItem
@@ -209,6 +210,39 @@ def train_set(objective, client, tokenizer, cfg: ExperimentConfig) -> list:
     return objective.encode(objective.records(client), tokenizer, cfg.data)
 
 
+class TokenTables:
+    """SFT clients' items from their file's rows encoded once (fedsec.data.table.TokenTable,
+    cached by fingerprint); a client whose examples are not a file's rows (the embedded
+    benchmark, a poisoned client, canaries) is encoded directly (`train_set`)."""
+
+    def __init__(self, objective, tokenizer, cfg: ExperimentConfig):
+        self.objective, self.tokenizer, self.cfg = objective, tokenizer, cfg
+        self.key = encoding_key(tokenizer, cfg.data.template, cfg.data.max_length)
+        self.tables: dict[int, TokenTable] = {}
+
+    def _table(self, records) -> TokenTable | None:
+        if not isinstance(records, Examples):
+            return None
+        if id(records.table) not in self.tables:
+            d = self.cfg.data
+            self.tables[id(records.table)] = TokenTable(
+                records, lambda example: encode(example, self.tokenizer, d.template, d.max_length), self.key)
+        return self.tables[id(records.table)]
+
+    def size(self, client) -> int:
+        """The client's number of items (examples whose answer fits)."""
+        records = self.objective.records(client)
+        table = self._table(records)
+        return table.size(records.rows) if table is not None else len(train_set(self.objective, client,
+                                                                                    self.tokenizer, self.cfg))
+
+    def items(self, client) -> list:
+        records = self.objective.records(client)
+        table = self._table(records)
+        return table.items(records.rows) if table is not None else train_set(self.objective, client,
+                                                                              self.tokenizer, self.cfg)
+
+
 class ClientSets(Sequence):
     """Every client's training items by client id. Given `ready`, all of them, computed at
     setup; else each client's are encoded when a round first asks for them (`encode`) and
@@ -267,15 +301,16 @@ def prepare(cfg: ExperimentConfig, silos: tuple[int, ...] | None = None) -> Setu
     # and every client's size is known; without a frozen prefix or fixed terms to compute
     # (SFT) the items are then dropped and encoded again when a round samples the client
     lazy = silos is None and not cfg.lora.cache_frozen_layers and not objective.fixed_terms
+    tokens = TokenTables(objective, tokenizer, cfg) if lazy else None
     train_sets, sizes = [], []
     if silos is None:
         with progress.bar(len(data.clients), "tokenizing", "client") as shown:
             for client in data.clients:
-                items = train_set(objective, client, tokenizer, cfg)
+                items = tokens.size(client) if lazy else train_set(objective, client, tokenizer, cfg)
                 if not items:
                     raise ConfigError("data.max_length", d.max_length,
                                       f"client {client.client_id} has no example whose answer fits; raise it")
-                sizes.append(len(items))
+                sizes.append(items if lazy else len(items))
                 if not lazy:
                     train_sets.append(items)
                 shown.update(1)
@@ -322,7 +357,7 @@ def prepare(cfg: ExperimentConfig, silos: tuple[int, ...] | None = None) -> Setu
         record_plan = plan_record_privacy(cfg, sizes)
         record_dp = RecordDp(cfg.privacy.clip_norm, record_plan.noise_multiplier, record_secret(cfg))
     trainer = LocalTrainer(model, cfg.training, objective, record_dp)
-    train_sets = (ClientSets(sizes, encode=lambda c: train_set(objective, data.clients[c], tokenizer, cfg)) if lazy
+    train_sets = (ClientSets(sizes, encode=lambda c: tokens.items(data.clients[c])) if lazy
                   else ClientSets(sizes, ready=train_sets))
     return Setup(cfg, model, tokenizer, trainer, data, train_sets, global_eval, client_eval, local_only,
                  preference_eval, probe_prompts, record_plan, server_root, malicious, backdoor_eval, audit,

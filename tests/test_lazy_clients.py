@@ -39,3 +39,38 @@ def test_a_frozen_prefix_or_dpo_prepares_every_client_at_setup(tmp_path):
     assert not cached.train_sets.lazy and all(item.hidden is not None for item in cached.train_sets[0])
     dpo = prepare(tiny_config(tmp_path, task="dpo"))
     assert not dpo.train_sets.lazy and all(p.ref_chosen != 0.0 for p in dpo.train_sets[0])
+
+
+def test_a_files_clients_are_tokenized_once_and_read_back_by_the_next_run(tmp_path, monkeypatch):
+    """SFT clients from a file: every row encoded once into a token table cached by
+    fingerprint (the file's, the tokenizer's, template, max_length, the mapping); a client's
+    items equal encoding its examples directly; the next setup tokenizes nothing."""
+    import json
+
+    import fedsec.setup
+    from fedsec.data.loaders import datasets_cache
+
+    monkeypatch.setenv("FEDSEC_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "rows.jsonl"
+    rows = [{"prompt": f"What is {i} plus {i}?" + " Explain." * (i % 4 * 12), "response": str(2 * i),
+             "user": f"u{i % 5}"} for i in range(40)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = {"source": str(path), "partition": {"scheme": "natural"}, "test_fraction": 0.1,
+            "client_test_fraction": 0.0, "max_length": 64}
+    cfg = tiny_config(tmp_path, data=data, federation={"rounds": 1, "clients_per_round": 2})
+    calls = []
+    encode = fedsec.setup.encode
+    monkeypatch.setattr(fedsec.setup, "encode", lambda *a: calls.append(1) or encode(*a))
+    setup = prepare(cfg)
+    assert len(calls) == len(rows) and setup.train_sets.lazy  # each row once, test rows included
+    objective = objective_for(cfg, setup.pad_id)
+    for c, client in enumerate(setup.data.clients):
+        direct = train_set(objective, client, setup.tokenizer, cfg)
+        assert setup.train_sets.sizes[c] == len(direct) and _same(setup.train_sets[c], direct)
+    assert any(len(train_set(objective, c, setup.tokenizer, cfg)) < len(c.train) for c in setup.data.clients)
+    assert len(list((datasets_cache() / "tokens").glob("*.arrow"))) == 1
+    calls.clear()
+    again = prepare(cfg)
+    assert calls == [] and _same(again.train_sets[1], setup.train_sets[1])  # read, not tokenized
+    prepare(tiny_config(tmp_path, data={**data, "max_length": 80}, federation={"rounds": 1, "clients_per_round": 2}))
+    assert len(calls) == len(rows) and len(list((datasets_cache() / "tokens").glob("*.arrow"))) == 2

@@ -55,7 +55,7 @@ def read_examples(cfg: DataConfig, task: str = "sft", source: str | None = None,
         if inferred is not None:
             spec = spec_for(source, kind, inferred)
     convert = preference_converter(spec) if task == "dpo" else sft_converter(spec)
-    examples = Examples(table, convert)
+    examples = Examples(table, convert, mapping=f"{task}|{spec!r}")
     if max_examples is not None:
         examples = examples[:max_examples]
     for _ in examples:  # every row converts (else its one-line error); nothing is kept

@@ -141,7 +141,7 @@ def read_file_table(path: Path) -> datasets.Dataset:
 
 
 @contextlib.contextmanager
-def _quiet_datasets() -> Iterator[None]:
+def quiet_datasets() -> Iterator[None]:
     """`datasets` without its progress bars and log lines (fedsec reports its own errors)."""
     shown, level = not datasets.are_progress_bars_disabled(), datasets.logging.get_verbosity()
     datasets.disable_progress_bars()
@@ -161,7 +161,7 @@ def datasets_cache() -> Path:
 
 
 def _load(path: Path, builder: str, **options) -> datasets.Dataset:
-    with _quiet_datasets():
+    with quiet_datasets():
         return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=str(datasets_cache()),
                                      **options)
 
@@ -189,7 +189,7 @@ def _json_document(path: Path) -> datasets.Dataset:
     (cached by the file's path, size and modification time)."""
     stat = path.stat()
     version = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
-    with _quiet_datasets():
+    with quiet_datasets():
         table = datasets.Dataset.from_generator(_document_rows, gen_kwargs={"path": str(path), "version": version},
                                                 cache_dir=str(datasets_cache()))
     return table
@@ -274,7 +274,7 @@ def _check_lengths(table: datasets.Dataset, path: Path) -> None:
 
 def _read_hub(name: str, split: str) -> datasets.Dataset:
     try:
-        with _quiet_datasets():
+        with quiet_datasets():
             return datasets.load_dataset(name, split=split, cache_dir=str(datasets_cache()))
     except Exception as err:  # offline, unknown name, missing split: all user-fixable
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -10,22 +10,27 @@ turned into examples and tokens.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import datasets
 import numpy as np
+import torch
 
 BATCH = 1024  # rows read from the table per step of an iteration
 
 
 class Examples(Sequence):
     """Rows `rows` of `table`, each read as `convert(row, index)` (index: the row's number
-    in the table, what an error names)."""
+    in the table, what an error names); `mapping` says in words what `convert` reads (the
+    task and field mapping: part of the key under which TokenTable caches their tokens)."""
+
+    __slots__ = ("table", "convert", "rows", "mapping")
 
     def __init__(self, table: datasets.Dataset, convert: Callable[[Mapping[str, Any], int], Any],
-                 rows: np.ndarray | None = None):
-        self.table, self.convert = table, convert
+                 rows: np.ndarray | None = None, mapping: str = ""):
+        self.table, self.convert, self.mapping = table, convert, mapping
         self.rows = np.arange(len(table), dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
 
     def __len__(self) -> int:
@@ -33,13 +38,13 @@ class Examples(Sequence):
 
     def __getitem__(self, k):
         if isinstance(k, slice):
-            return Examples(self.table, self.convert, self.rows[k])
+            return Examples(self.table, self.convert, self.rows[k], self.mapping)
         row = int(self.rows[k])
         return self.convert(self.table[row], row)
 
     def select(self, positions: Sequence[int] | np.ndarray) -> Examples:
         """The examples at `positions` of this sequence, in that order (still unread)."""
-        return Examples(self.table, self.convert, self.rows[np.asarray(positions, dtype=np.int64)])
+        return Examples(self.table, self.convert, self.rows[np.asarray(positions, dtype=np.int64)], self.mapping)
 
     def __iter__(self) -> Iterator[Any]:
         for start in range(0, len(self.rows), BATCH):
@@ -72,3 +77,52 @@ class Examples(Sequence):
 
     def __repr__(self) -> str:
         return f"Examples({len(self.rows)} rows of a {len(self.table)}-row table)"
+
+
+class TokenTable:
+    """Every row of a table encoded once, `encode(example)` -> Encoded or None (None: the
+    answer does not fit), kept as a memory-mapped Arrow table of its own. Cached by
+    fingerprint: the table's and `key` (what the encoding depends on: tokenizer,
+    template, max_length, the field mapping), so a later run on the same file and
+    settings, a sweep's next run, reads the tokens instead of tokenizing again."""
+
+    def __init__(self, examples: Examples, encode: Callable[[Any], Any], key: str):
+        from fedsec.data.loaders import datasets_cache, quiet_datasets
+
+        table, convert = examples.table, examples.convert
+        fingerprint = hashlib.sha256(f"{table._fingerprint}|{examples.mapping}|{key}".encode()).hexdigest()[:32]
+        path = datasets_cache() / "tokens" / f"{fingerprint}.arrow"
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+        def encode_batch(batch: dict, indices: list[int]) -> dict:
+            ids, labels = [], []
+            for values, i in zip(zip(*batch.values(), strict=True), indices, strict=True):
+                item = encode(convert(dict(zip(batch, values, strict=True)), i))
+                ids.append(item.input_ids.tolist() if item is not None else [])
+                labels.append(item.labels.tolist() if item is not None else [])
+            return {"input_ids": ids, "labels": labels}
+
+        column = datasets.List(datasets.Value("int32"))
+        with quiet_datasets():
+            self.tokens = table.map(encode_batch, batched=True, with_indices=True, remove_columns=table.column_names,
+                                    features=datasets.Features({"input_ids": column, "labels": column}),
+                                    new_fingerprint=fingerprint, cache_file_name=str(path))
+        import pyarrow.compute as pc
+
+        self.lengths = pc.list_value_length(self.tokens.data.table.column("input_ids")).to_numpy(zero_copy_only=False)
+
+    def size(self, rows: np.ndarray) -> int:
+        """How many of `rows` fit (have items)."""
+        return int((self.lengths[rows] > 0).sum())
+
+    def items(self, rows: np.ndarray) -> list:
+        """The items of `rows` that fit, in their order: what encoding their examples gives."""
+        from fedsec.encoding import DATA, Encoded
+
+        kept = [int(r) for r in rows if self.lengths[r] > 0]
+        if not kept:
+            return []
+        columns = self.tokens[kept]
+        return [Encoded(torch.tensor(ids, dtype=torch.int32, device=DATA),
+                        torch.tensor(labels, dtype=torch.int32, device=DATA))
+                for ids, labels in zip(columns["input_ids"], columns["labels"], strict=True)]
