@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 
 from fedsec.accountants.backends import ACCOUNTANTS, DpEvent, epsilon
@@ -79,6 +79,17 @@ class LedgerEntry:
     count_stddev: float | None = None
     count_sensitivity: float | None = None
     unavailable: dict[str, str] | None = None  # accountant -> why it gave no epsilon this round
+    # correlated noise (tree, banded_mf): the rounds so far are ONE Gaussian mechanism, whose
+    # multiplier is `noise_multiplier` (sample_rate 1); only the newest such entry is accounted.
+    # sensitivity: what one client can move the released C x by so far (clip norm included);
+    # noise_stddev: the std of each fresh noise coordinate
+    mechanism: str | None = None
+    sensitivity: float | None = None
+    noise_stddev: float | None = None
+
+    @property
+    def correlated(self) -> bool:
+        return self.mechanism not in (None, "dp_fedavg")
 
     @classmethod
     def from_dict(cls, data: dict) -> LedgerEntry:
@@ -108,13 +119,15 @@ class PrivacyLedger:
 
     @property
     def history(self) -> list[DpEvent]:
-        return [DpEvent(e.noise_multiplier, e.sample_rate) for e in self.entries + self.released_again]
+        return _events(self.entries) + [DpEvent(e.noise_multiplier, e.sample_rate) for e in self.released_again]
 
-    def epsilon_after(self, noise_multiplier: float, sample_rate: float) -> float | None:
+    def epsilon_after(self, noise_multiplier: float, sample_rate: float, mechanism: str | None = None) -> float | None:
         """Epsilon (primary accountant) if one more round ran with these parameters."""
         if not self.certified:
             return None
-        return epsilon(self.history + [DpEvent(noise_multiplier, sample_rate)], self.delta, self.primary)
+        nxt = LedgerEntry(len(self.entries) + 1, noise_multiplier, sample_rate, 0.0, None, mechanism=mechanism)
+        again = [DpEvent(e.noise_multiplier, e.sample_rate) for e in self.released_again]
+        return epsilon(_events([*self.entries, nxt]) + again, self.delta, self.primary)
 
     def charge_released(self, entry: LedgerEntry) -> None:
         """Count a round whose result was released once already (it is about to be redone
@@ -123,7 +136,8 @@ class PrivacyLedger:
 
     def record(self, round_idx: int, noise_multiplier: float, sample_rate: float, clip_norm: float,
                update_noise_multiplier: float | None = None, count_stddev: float | None = None,
-               count_sensitivity: float | None = None) -> LedgerEntry:
+               count_sensitivity: float | None = None, mechanism: str | None = None,
+               sensitivity: float | None = None, noise_stddev: float | None = None) -> LedgerEntry:
         """Add the event of finished round `round_idx` (1-based) and the epsilon so far.
 
         A secondary accountant that fails (a numerical limit of its backend) is recorded as
@@ -132,11 +146,12 @@ class PrivacyLedger:
         """
         if self.entries and round_idx != self.entries[-1].round + 1:
             raise ValueError(f"ledger has round {self.entries[-1].round}; cannot record round {round_idx}")
-        events = self.history + [DpEvent(noise_multiplier, sample_rate)]
-        eps, unavailable = self._epsilons(events) if self.certified else (None, None)
-        entry = LedgerEntry(round_idx, noise_multiplier, sample_rate, clip_norm, eps,
+        entry = LedgerEntry(round_idx, noise_multiplier, sample_rate, clip_norm, None,
                             noise_multiplier if update_noise_multiplier is None else update_noise_multiplier,
-                            count_stddev, count_sensitivity, unavailable)
+                            count_stddev, count_sensitivity, None, mechanism, sensitivity, noise_stddev)
+        again = [DpEvent(e.noise_multiplier, e.sample_rate) for e in self.released_again]
+        eps, unavailable = self._epsilons(_events([*self.entries, entry]) + again) if self.certified else (None, None)
+        entry = replace(entry, epsilon=eps, unavailable=unavailable)
         self.entries.append(entry)
         return entry
 
@@ -183,6 +198,14 @@ class PrivacyLedger:
         again = [LedgerEntry.from_dict(e) for e in data.get("released_again", [])]
         return cls(float(data["delta"]), tuple(data["accountants"]), data["primary"],
                    bool(data["certified"]), data.get("reason"), entries, again)
+
+
+def _events(entries: Sequence[LedgerEntry]) -> list[DpEvent]:
+    """What the accountants compose: each DP-FedAvg round's sampled Gaussian, and the newest
+    correlated entry's one Gaussian mechanism (it covers every round before it)."""
+    events = [DpEvent(e.noise_multiplier, e.sample_rate) for e in entries if not e.correlated]
+    correlated = [e for e in entries if e.correlated]
+    return events + ([DpEvent(correlated[-1].noise_multiplier, 1.0)] if correlated else [])
 
 
 def epsilons(history: Sequence[DpEvent], delta: float,

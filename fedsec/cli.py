@@ -100,8 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "are loaded by transformers as they are")
 
     privacy = sub.add_parser("privacy", help="epsilon of a DP setting, or the noise for a target",
-                             description="Accounting for the Poisson-subsampled Gaussian mechanism, "
-                                         "one event per round (user-level DP-FedAvg).")
+                             description="Accounting for user-level DP: DP-FedAvg's Poisson-subsampled "
+                                         "Gaussian mechanism, one event per round, or a correlated-noise "
+                                         "mechanism (tree, banded_mf) as one Gaussian mechanism at its "
+                                         "sensitivity.")
     which = privacy.add_subparsers(dest="privacy_command", metavar="epsilon|calibrate",
                                    parser_class=_Parser)
     eps = which.add_parser("epsilon", help="epsilon after ROUNDS rounds at a noise multiplier")
@@ -110,8 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     cal = which.add_parser("calibrate", help="the smallest noise multiplier reaching a target epsilon")
     cal.add_argument("--epsilon", type=float, required=True, help="target epsilon")
     for p in (eps, cal):
-        p.add_argument("--sample-rate", type=float, required=True, metavar="Q",
-                       help="probability that a client takes part in a round")
+        p.add_argument("--sample-rate", type=float, metavar="Q",
+                       help="dp_fedavg: probability that a client takes part in a round (required)")
+        p.add_argument("--mechanism", choices=("dp_fedavg", "tree", "banded_mf"), default="dp_fedavg",
+                       help="dp_fedavg (default), tree or banded_mf (noise correlated across rounds)")
+        p.add_argument("--bands", type=int, default=4, help="banded_mf: bands of its matrix (default 4)")
+        p.add_argument("--restart", type=int, help="tree: a new tree every so many rounds (default: one tree)")
+        p.add_argument("--period", type=int, default=1, metavar="K",
+                       help="tree, banded_mf: a client takes part every K-th round (cyclic cohorts; "
+                            "default 1: every round)")
         p.add_argument("--rounds", type=int, required=True, help="number of rounds (DP events)")
         p.add_argument("--delta", type=float, default=1e-5, help="target delta (default 1e-5)")
         p.add_argument("--accountant", choices=("rdp", "prv", "pld"), default="rdp",
@@ -345,6 +354,10 @@ def _privacy(args) -> int:
 
     if args.privacy_command is None:
         raise ConfigError("fedsec privacy", None, "name a command: epsilon or calibrate")
+    if args.mechanism != "dp_fedavg":
+        return _privacy_correlated(args)
+    if args.sample_rate is None:
+        raise ConfigError("--sample-rate", None, "dp_fedavg needs the sample rate q (clients per round / clients)")
     if not 0 < args.sample_rate <= 1:
         raise ConfigError("--sample-rate", args.sample_rate, "must be in (0, 1]")
     if args.rounds < 1:
@@ -383,6 +396,62 @@ def _privacy(args) -> int:
     print(f"  Poisson-subsampled Gaussian: noise multiplier {sigma:g}, sample rate {args.sample_rate:g}, "
           f"{args.rounds} rounds")
     print(f"  GDP/CLT approximation {gdp:.4f} (not a guarantee: it can under-estimate epsilon)")
+    return 0
+
+
+def _privacy_correlated(args) -> int:
+    """`fedsec privacy` for tree and banded_mf: the whole run is one Gaussian mechanism with
+    multiplier z at the factorization's sensitivity (fedsec.defenses.correlated)."""
+    import json
+    import math
+
+    from fedsec.accountants import DpEvent, calibrate, epsilon, format_epsilon
+    from fedsec.defenses.correlated import Participation, mechanism_matrix, sensitivity
+    from fedsec.errors import ConfigError
+
+    if args.rounds < 1:
+        raise ConfigError("--rounds", args.rounds, "must be >= 1")
+    if not 0 < args.delta < 0.5:
+        raise ConfigError("--delta", args.delta, "must be in (0, 0.5), e.g. 1e-5")
+    for flag, value in (("--bands", args.bands), ("--period", args.period), ("--restart", args.restart or 1)):
+        if value < 1:
+            raise ConfigError(flag, value, "must be >= 1")
+    if args.sample_rate is not None:
+        raise ConfigError("--sample-rate", args.sample_rate, f"{args.mechanism} is accounted without sampling; "
+                          "give --period (a client every K-th round) instead")
+    part = (Participation("every_round", args.rounds) if args.period == 1
+            else Participation("cyclic", args.rounds, period=args.period))
+    sens = sensitivity(mechanism_matrix(args.mechanism, args.rounds, args.bands, args.restart), part)
+    if args.privacy_command == "calibrate":
+        if not (args.epsilon > 0 and math.isfinite(args.epsilon)):
+            raise ConfigError("--epsilon", args.epsilon, "must be a finite number > 0")
+        try:
+            z = calibrate(args.epsilon, args.delta, 1.0, 1, args.accountant)
+        except ValueError as err:
+            raise ConfigError("--epsilon", args.epsilon, str(err)) from None
+    else:
+        z = args.noise_multiplier
+        if not (z >= 0 and math.isfinite(z)):
+            raise ConfigError("--noise-multiplier", z, "must be a finite number >= 0")
+    try:
+        eps = epsilon([DpEvent(z, 1.0)], args.delta, args.accountant)
+    except ValueError as err:
+        raise ConfigError("--accountant", args.accountant, f"{err}") from None
+    shape = (f"bands {args.bands}" if args.mechanism == "banded_mf"
+             else f"restart every {args.restart} rounds" if args.restart else "one tree")
+    who = "every round" if args.period == 1 else f"every {args.period}th round (cyclic cohorts)"
+    if args.json:
+        print(json.dumps({"epsilon": eps, "noise_multiplier": z, "accountant": args.accountant, "delta": args.delta,
+                          "mechanism": args.mechanism, "rounds": args.rounds, "period": args.period,
+                          "bands": args.bands, "restart": args.restart, "sensitivity": sens.value,
+                          "sensitivity_exact": sens.exact, "noise_std_per_clip_norm": z * sens.value}))
+        return 0
+    lead = (f"noise multiplier {z:.10g} reaches epsilon {format_epsilon(eps, 5)} <= {args.epsilon:g}"
+            if args.privacy_command == "calibrate" else f"epsilon {format_epsilon(eps, 5)}")
+    print(f"{lead} at delta {args.delta:g} ({args.accountant})")
+    print(f"  {args.mechanism} ({shape}), a client in {who} of {args.rounds}: sensitivity {sens.value:.6g} x C "
+          f"({'exact' if sens.exact else 'an upper bound'}); each noise draw has std {z * sens.value:.6g} x C")
+    print("  one Gaussian mechanism with multiplier z at that sensitivity (no amplification by sampling)")
     return 0
 
 

@@ -33,7 +33,9 @@ REFERENCES = ("base", "initial")
 # the built-in algorithms (plugins add server optimizers: fedsec.registry)
 ALGORITHMS = ("fedavg", "fedavgm", "fedadagrad", "fedyogi", "fedadam", "fedprox", "scaffold")
 LR_SCHEDULES = ("cosine", "constant")
-SAMPLINGS = ("auto", "fixed", "poisson")
+SAMPLINGS = ("auto", "fixed", "poisson", "cyclic")
+MECHANISMS = ("dp_fedavg", "tree", "banded_mf")
+PARTICIPATIONS = ("auto", "every_round", "cyclic", "separated")
 AUDIT_KINDS = ("secret", "update")
 LOCAL_OPTIMIZERS = ("adamw", "sgd")
 PRIVACY_MODES = ("off", "user", "record")
@@ -268,8 +270,9 @@ class FederationConfig:
         "(Poisson sampling, rate q = clients_per_round / clients)", 4)
     sampling: str = _help(
         "fixed (that many clients uniformly without replacement), poisson (each client "
-        "independently with rate q, what the DP accountants assume), or auto (poisson with "
-        "user-level DP, fixed otherwise)",
+        "independently with rate q, what DP-FedAvg's accounting assumes), cyclic (the clients in "
+        "cohorts of clients_per_round, by id, taken in turn: what privacy.participation cyclic "
+        "accounts for), or auto (poisson with user-level DP-FedAvg, fixed otherwise)",
         "auto",
     )
     algorithm: str = _help(
@@ -408,6 +411,25 @@ class PrivacyConfig:
         "run can be repeated exactly; anyone who holds the seed (config.resolved.yaml records it) can then "
         "recompute the noise and subtract it, so the epsilon holds only while the seed stays secret. "
         "false: fresh entropy from the operating system, never stored", False)
+    mechanism: str = _help(
+        "user-level DP's noise: dp_fedavg (fresh noise each round, epsilon from amplification by Poisson "
+        "sampling), tree (DP-FTRL's tree aggregation, Kairouz et al. 2021) or banded_mf (a banded matrix "
+        "factorization, the banded square root): noise correlated across rounds, for federations whose "
+        "clients take part in most rounds, accounted as one Gaussian mechanism (docs/privacy.md)",
+        "dp_fedavg")
+    bands: int = _help("banded_mf: bands b of its matrix (noises b or more rounds apart are independent)", 4)
+    restart: int | None = _help("tree: start a new tree every so many rounds (null: one tree for the run)",
+                                None)
+    participation: str = _help(
+        "tree and banded_mf: the participation their sensitivity is computed for: every_round (any "
+        "client in any round: holds under every sampling), cyclic (federation.sampling cyclic: a client "
+        "in every k-th round, k = clients / clients_per_round), separated (at most max_participations "
+        "rounds, at least min_separation apart; checked against the cyclic sampling), or auto (cyclic "
+        "under cyclic sampling, else every_round)", "auto")
+    max_participations: int | None = _help("participation separated: the most rounds one client takes part in",
+                                           None)
+    min_separation: int | None = _help("participation separated: the fewest rounds between two of a client's",
+                                       None)
     epsilon_budget: float | None = _help(
         "the most epsilon this run may spend (primary accountant); before a round that would exceed it "
         "the run stops or warns (on_budget). null: no budget", None)
@@ -434,6 +456,21 @@ class PrivacyConfig:
         _require(self.epsilon_budget is None or self.epsilon_budget > 0, "epsilon_budget", self.epsilon_budget,
                  "must be null (no budget) or > 0, e.g. 8")
         _one_of("on_budget", self.on_budget, ON_BUDGET)
+        _one_of("mechanism", self.mechanism, MECHANISMS)
+        _one_of("participation", self.participation, PARTICIPATIONS)
+        _require(self.bands >= 1, "bands", self.bands, "must be >= 1, e.g. 4")
+        _require(self.restart is None or self.restart >= 1, "restart", self.restart, "must be null or >= 1")
+        for name in ("max_participations", "min_separation"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, name, value, "must be null or >= 1")
+            _require(value is not None or self.participation != "separated", name, value,
+                     "participation separated needs max_participations and min_separation")
+        if self.mechanism != "dp_fedavg":
+            _require(self.mode == "user", "mechanism", self.mechanism,
+                     "correlated noise is a user-level DP mechanism; set privacy.mode: user or mechanism: dp_fedavg")
+            _require(not self.adaptive_clipping, "adaptive_clipping", self.adaptive_clipping,
+                     f"adaptive clipping's count is accounted with DP-FedAvg only; set it to false for "
+                     f"{self.mechanism}")
         _require(self.epsilon_budget is None or self.mode != "off", "epsilon_budget", self.epsilon_budget,
                  "a budget needs privacy.mode user or record; set it to null")
         if self.mode == "off":
@@ -762,10 +799,17 @@ class ExperimentConfig:
         violation = self.defense.rule.check(self.federation.clients_per_round, self.defense.f)
         _require(violation is None, "defense.f", self.defense.f,
                  f"{self.defense.aggregator} {violation}, n = federation.clients_per_round")
-        if self.privacy.mode == "user":
-            _require(self.federation.sampling != "fixed", "federation.sampling",
-                     self.federation.sampling, "user-level DP is accounted for Poisson sampling; "
-                     "use poisson or auto")
+        if self.privacy.mode == "user" and self.privacy.mechanism == "dp_fedavg":
+            _require(self.federation.sampling not in ("fixed", "cyclic"), "federation.sampling",
+                     self.federation.sampling, "user-level DP-FedAvg is accounted for Poisson sampling; "
+                     "use poisson or auto (or privacy.mechanism tree or banded_mf)")
+        if self.privacy.mode == "user" and self.privacy.mechanism != "dp_fedavg":
+            _require(not (self.engine == "flower" and self.flower.secagg), "flower.secagg", True,
+                     "secure aggregation is accounted with DP-FedAvg only; set it to false for "
+                     f"{self.privacy.mechanism}")
+            _require(self.privacy.participation not in ("cyclic", "separated") or self.sampling == "cyclic",
+                     "privacy.participation", self.privacy.participation,
+                     "holds only when federation.sampling is cyclic (fixed cohorts in turn); use every_round")
 
     def _check_flower_data(self) -> None:
         """On Flower the server reads no client's data: a local file is one organisation's (data.silos);
@@ -824,9 +868,9 @@ class ExperimentConfig:
 
     @property
     def sampling(self) -> str:
-        """The client sampling in force: poisson or fixed."""
+        """The client sampling in force: poisson, fixed or cyclic."""
         if self.federation.sampling == "auto":
-            return "poisson" if self.privacy.mode == "user" else "fixed"
+            return "poisson" if self.privacy.mode == "user" and self.privacy.mechanism == "dp_fedavg" else "fixed"
         return self.federation.sampling
 
 

@@ -47,7 +47,7 @@ from fedsec.round_eval import audit_outcome, evaluate_model, membership_attack
 from fedsec.rundir import RunDir, claimed, default_run_dir, latest_run_dir
 from fedsec.scaffold import VariateStore
 from fedsec.seeding import torch_generator
-from fedsec.server import make_server_optimizer, poisson_sample, sample_clients
+from fedsec.server import check_sampling, cyclic_cohort, make_server_optimizer, poisson_sample, sample_clients
 from fedsec.setup import Setup, prepare
 from fedsec.training import round_lr
 
@@ -85,6 +85,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
                 setup = prepare(cfg, silos)  # fails on bad data or model before any directory is made
             # the sampling rate q = clients_per_round / population does not depend on which audit
             # canaries are in, so the mechanism (and its accounting) is the same in both worlds
+            check_sampling(cfg, setup.trainable)
             dp = UserLevelDp(cfg, plan_privacy(cfg, setup.population)) if cfg.privacy.mode == "user" else None
             record = RecordLevelDp(cfg, setup.record_plan) if setup.record_plan is not None else None
             if run is None:
@@ -143,6 +144,14 @@ def _rounds(setup: Setup, run: RunDir, dp: UserLevelDp | None, record: RecordLev
     state = RunState(setup, run, dp, record)
     if state.private is not None and cfg.privacy.reproducible:
         log(reproducible_warning(cfg))
+    if state.private is not None and getattr(state.private.plan, "correlated", None) is not None:
+        c, p = state.private.plan.correlated, cfg.privacy
+        log(f"fedsec: {p.mechanism}, {c.participation.kind} participation over {fed.rounds} rounds: sensitivity "
+            f"{c.sensitivity * p.clip_norm:.6g} ({'exact' if c.exact else 'an upper bound'}), computed in "
+            f"{c.seconds:.2f} s")
+        log(f"fedsec: note: {run.path / 'checkpoints'} holds the {cfg.privacy.mechanism} noise's state (the "
+            "noise of the rounds to come depends on it): whoever reads it can subtract noise, so keep the "
+            "checkpoints as private as the data and publish the adapter, never the checkpoints")
     _start(setup, run, state, resume, log)
     _write_federation(setup, run)
     clients.start(setup, log)
@@ -253,6 +262,8 @@ def _sample(setup: Setup, state: RunState, round_idx: int) -> list[int]:
     sampler = torch_generator(state.dp.root if state.dp is not None else setup.cfg.seed, "sample", round_idx)
     if setup.cfg.sampling == "poisson":
         return poisson_sample(setup.trainable, fed.clients_per_round / setup.population, sampler)
+    if setup.cfg.sampling == "cyclic":
+        return cyclic_cohort(setup.trainable, fed.clients_per_round, round_idx)
     return sample_clients(setup.trainable, fed.clients_per_round, sampler)
 
 

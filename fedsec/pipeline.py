@@ -2,6 +2,7 @@
 
     no DP:           Sanitize -> Rule
     user-level DP:   Sanitize -> Clip -> Rule or FixedDenominatorMean -> Noise
+                     (Noise: fresh each round, or correlated across rounds: privacy.mechanism)
     SecAgg+ (Flower): SecureMean (-> Noise under user-level DP)
 
 Every stage is `stage(batch) -> batch` over one `Batch` (the round's updates, the
@@ -222,12 +223,17 @@ class Noise:
         plan, c = self.dp.plan, b.info["clip"]["clip_norm"]
         bound = b.info["clip"].get("sensitivity") or c  # SecAgg+: the clip norm plus the rounding
         aggregate = b.aggregate
-        if plan.update_noise > 0:
+        if plan.correlated is not None and plan.noise_multiplier > 0:  # tree, banded_mf: correlated across rounds
+            noise = self.dp.correlated_noise(b.dim, c, b.round_idx, aggregate.dtype)
+            aggregate = aggregate + noise / plan.expected_clients
+        elif plan.update_noise > 0:
             noise = gaussian_noise(b.dim, plan.update_noise * bound,
                                    torch_generator(self.dp.root, "dp-noise", b.round_idx), aggregate.dtype)
             aggregate = aggregate + noise / plan.expected_clients
         adaptive = self.dp.cfg.privacy.adaptive_clipping
-        release = DpRelease(plan.noise_multiplier, plan.sample_rate, c, plan.update_noise,
+        # correlated noise: the multiplier of the one Gaussian mechanism the rounds so far are
+        z = self.dp.round_multiplier(b.round_idx + 1)
+        release = DpRelease(z, plan.sample_rate, c, plan.update_noise if plan.correlated is None else z,
                             plan.count_stddev if adaptive else None, COUNT_SENSITIVITY if adaptive else None)
         return dataclasses.replace(b, aggregate=aggregate, release=release)
 

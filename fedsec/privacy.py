@@ -35,12 +35,22 @@ import math
 import secrets
 from dataclasses import dataclass
 
+import torch
+
 from fedsec.accountants import ACCOUNTANTS, DpEvent, PrivacyLedger, RecordLedger, calibrate, epsilon
 from fedsec.accountants.ledger import LedgerEntry
 from fedsec.config import ExperimentConfig
+from fedsec.defenses.correlated import (
+    BandedNoise,
+    Participation,
+    TreeNoise,
+    accounting,
+    banded_sqrt_coefficients,
+)
 from fedsec.defenses.dp import (
     adapt_clip_norm,
     adaptive_update_noise,
+    gaussian_noise,
     secagg_sensitivity,
 )
 from fedsec.defenses.registry import NormBound
@@ -72,13 +82,31 @@ def _same(field: str, recorded, now) -> None:
 
 @dataclass(frozen=True)
 class DpPlan:
-    noise_multiplier: float  # z, the accounted multiplier of each round's mechanism
+    noise_multiplier: float  # z, the accounted multiplier of each round's mechanism (correlated: the run's one)
     update_noise: float  # the multiplier on the delta sum (z_delta < z with adaptive clipping)
-    sample_rate: float  # q
-    expected_clients: float  # q N, the fixed denominator
+    sample_rate: float  # q (correlated noise: 1, no amplification)
+    expected_clients: float  # q N, the fixed denominator (correlated noise: clients_per_round)
     count_stddev: float | None  # adaptive clipping's sigma_b
     certified: bool
     reason: str | None
+    mechanism: str = "dp_fedavg"
+    correlated: CorrelatedPlan | None = None  # tree, banded_mf: the factorization's accounting
+
+
+@dataclass(frozen=True)
+class CorrelatedPlan:
+    """A correlated-noise mechanism's accounting (fedsec.defenses.correlated): the unit
+    sensitivity of the whole run for the participation, and of each prefix of rounds."""
+
+    participation: Participation
+    sensitivity: float  # sens_T at clip norm 1: each noise coordinate has std z * C * sens_T
+    exact: bool  # the max over the participation's patterns (else a proven upper bound)
+    prefix: tuple[float, ...]  # sens_t, t = 1..rounds
+    seconds: float = 0.0  # what computing them took (fedsec.defenses.correlated.accounting)
+
+    def round_multiplier(self, noise_multiplier: float, rounds_done: int) -> float:
+        """The multiplier of the one Gaussian mechanism the first `rounds_done` rounds release."""
+        return noise_multiplier * self.sensitivity / self.prefix[rounds_done - 1]
 
 
 def _noise_multiplier(p, sample_rate: float, steps: int) -> float:
@@ -112,6 +140,8 @@ def plan_privacy(cfg: ExperimentConfig, num_clients: int) -> DpPlan:
     if p.delta >= 1 / num_clients:
         raise ConfigError("privacy.delta", p.delta, f"must be below 1 / clients = {1 / num_clients:.3g} "
                           f"({num_clients} clients), e.g. 1e-5")
+    if p.mechanism != "dp_fedavg":
+        return _plan_correlated(cfg, num_clients)
     q = fed.clients_per_round / num_clients
     z = _noise_multiplier(p, q, fed.rounds)
     _check_horizon(p, z, q, fed.rounds)
@@ -135,6 +165,54 @@ def plan_privacy(cfg: ExperimentConfig, num_clients: int) -> DpPlan:
     return DpPlan(z, update_noise, q, q * num_clients, stddev, reason is None, reason)
 
 
+def participation_for(cfg: ExperimentConfig, num_clients: int) -> Participation:
+    """The participation a correlated mechanism is accounted for, checked against the
+    sampling: cyclic cohorts give a client every k-th round, k = clients / clients_per_round."""
+    p, fed = cfg.privacy, cfg.federation
+    kind = p.participation if p.participation != "auto" else (
+        "cyclic" if cfg.sampling == "cyclic" else "every_round")
+    if kind == "every_round":
+        return Participation("every_round", fed.rounds)
+    period = num_clients // fed.clients_per_round
+    if kind == "cyclic":
+        return Participation("cyclic", fed.rounds, period=period)
+    most = math.ceil(fed.rounds / period)
+    if period < p.min_separation:
+        raise ConfigError("privacy.min_separation", p.min_separation, f"cyclic sampling brings a client back "
+                          f"every {period} rounds ({num_clients} clients in cohorts of {fed.clients_per_round}); "
+                          f"lower it to {period} or fewer")
+    if most > p.max_participations:
+        raise ConfigError("privacy.max_participations", p.max_participations, f"cyclic sampling gives a client "
+                          f"up to {most} of the {fed.rounds} rounds; raise it to {most} or more")
+    return Participation("separated", fed.rounds, max_participations=p.max_participations,
+                         min_separation=p.min_separation)
+
+
+def _plan_correlated(cfg: ExperimentConfig, num_clients: int) -> DpPlan:
+    """tree or banded_mf: the factorization's sensitivity for the run's participation, and
+    z for the one Gaussian mechanism the whole run is (given, or calibrated to the target
+    epsilon at sample rate 1 and one step: no amplification)."""
+    p, fed = cfg.privacy, cfg.federation
+    participation = participation_for(cfg, num_clients)
+    try:
+        found = accounting(p.mechanism, fed.rounds, p.bands if p.mechanism == "banded_mf" else None,
+                           p.restart if p.mechanism == "tree" else None, participation)
+    except ValueError as err:
+        raise ConfigError("federation.rounds", fed.rounds, f"{err}; use fewer rounds or privacy.restart") from None
+    z = _noise_multiplier(p, 1.0, 1)
+    _check_horizon(p, z, 1.0, 1)
+    reason = None
+    if z == 0:
+        reason = "no noise (noise_multiplier 0): clipping alone gives no DP guarantee"
+    elif fed.algorithm == "scaffold":
+        reason = "SCAFFOLD's control variates reach the server without clipping or noise"
+    elif not cfg.defense.rule.dp_certified:
+        reason = (f"aggregator {cfg.defense.aggregator} has no proven sensitivity bound under DP "
+                  "(only mean and norm_bound do)")
+    correlated = CorrelatedPlan(participation, found.sensitivity, found.exact, found.prefix, found.seconds)
+    return DpPlan(z, z, 1.0, float(fed.clients_per_round), None, reason is None, reason, p.mechanism, correlated)
+
+
 class UserLevelDp:
     """DP-FedAvg's server side for one run: current clip norm + the privacy ledger."""
 
@@ -145,16 +223,44 @@ class UserLevelDp:
         self.secure: dict | None = None  # SecAgg+ on Flower: the sum's sensitivity and what the guarantee assumes
         self.ledger = PrivacyLedger(cfg.privacy.delta, ACCOUNTANTS, cfg.privacy.accountant,
                                     plan.certified, plan.reason)
+        self.noise: TreeNoise | BandedNoise | None = None  # correlated noise's state (secret: only in checkpoints)
+        self._noise_state: dict | None = None  # a checkpoint's, applied when the noise is first drawn
 
     def epsilon_after(self) -> float | None:
         """Epsilon after one more round (None: not certified)."""
-        return self.ledger.epsilon_after(self.plan.noise_multiplier, self.plan.sample_rate)
+        return self.ledger.epsilon_after(self.round_multiplier(len(self.ledger.entries) + 1),
+                                         self.plan.sample_rate, self._mechanism)
+
+    @property
+    def _mechanism(self) -> str | None:
+        return self.plan.mechanism if self.plan.correlated is not None else None
+
+    def round_multiplier(self, rounds_done: int) -> float:
+        """The accounted multiplier of the rounds so far: each round's under DP-FedAvg; under
+        correlated noise the one Gaussian mechanism's of the first `rounds_done` rounds."""
+        c = self.plan.correlated
+        if c is None or self.plan.noise_multiplier == 0:
+            return self.plan.noise_multiplier
+        return c.round_multiplier(self.plan.noise_multiplier, min(rounds_done, len(c.prefix)))
+
+    def correlated_noise(self, dim: int, clip_norm: float, round_idx: int, dtype: torch.dtype) -> torch.Tensor:
+        """Round `round_idx`'s correlated noise on the clipped sum: each fresh draw has std
+        z * C * sens_T (fedsec.defenses.correlated); the noise state rides in the checkpoint."""
+        plan = self.plan
+        if self.noise is None:
+            self.noise = (TreeNoise(dim, self.cfg.privacy.restart) if plan.mechanism == "tree"
+                          else BandedNoise(banded_sqrt_coefficients(self.cfg.privacy.bands), dim))
+            if self._noise_state is not None:
+                self.noise.load_state_dict(self._noise_state)
+        std = plan.noise_multiplier * clip_norm * plan.correlated.sensitivity
+        stream = torch_generator(self.root, "dp-noise", round_idx)
+        return self.noise.next(lambda: gaussian_noise(dim, std, stream, dtype))
 
     def charge_released(self, row: dict) -> None:
         """Count the round of metrics row `row` again (see the module note)."""
         p = row["privacy"]
         self.ledger.charge_released(LedgerEntry(row["round"], p["noise_multiplier"], self.plan.sample_rate,
-                                                p["clip_norm"], None))
+                                                p["clip_norm"], None, mechanism=self._mechanism))
 
     def clip_in_force(self) -> float:
         """The clip norm C of the coming round (fedsec.pipeline's Clip and Noise stages)."""
@@ -169,8 +275,12 @@ class UserLevelDp:
         does a sampled client whose update never came. Neither moves the adaptive count.
         """
         e, clip = batch.release, batch.info["clip"]
+        c = self.plan.correlated
+        correlated = {} if c is None else {
+            "mechanism": self.plan.mechanism, "sensitivity": c.prefix[batch.round_idx] * e.clip_norm,
+            "noise_stddev": self.plan.noise_multiplier * e.clip_norm * c.sensitivity}
         entry = self.ledger.record(batch.round_idx + 1, e.noise_multiplier, e.sample_rate, e.clip_norm,
-                                   e.update_noise, e.count_stddev, e.count_sensitivity)
+                                   e.update_noise, e.count_stddev, e.count_sensitivity, **correlated)
         if self.cfg.privacy.adaptive_clipping:
             p = self.cfg.privacy
             self.clip_norm, _ = adapt_clip_norm(self.clip_norm, clip["unclipped"], clip["clipped"],
@@ -180,6 +290,7 @@ class UserLevelDp:
         # what the mechanism releases (clip norm, noise, epsilon) and, under "hidden", what it
         # does not: the exact counts and norms, which go to the run's not-covered place only
         row = {"clip_norm": e.clip_norm, "noise_multiplier": e.noise_multiplier, "epsilon": entry.epsilon,
+               **({"mechanism": self.plan.mechanism, "sensitivity": correlated["sensitivity"]} if correlated else {}),
                "hidden": {k: clip[k] for k in ("clipped", "unclipped", "median_norm") if k in clip}}
         if clip.get("sensitivity") is not None:  # SecAgg+: the noise is scaled to the sum's rounding-inclusive bound
             row["sensitivity"] = clip["sensitivity"]
@@ -199,13 +310,31 @@ class UserLevelDp:
                 self.cfg.privacy.adaptive_clipping, "rounds": len(self.ledger.entries),
                 "noise": noise_source(self.cfg), "released_again": len(self.ledger.released_again),
                 "unavailable": self.ledger.entries[-1].unavailable if self.ledger.entries else None,
+                "mechanism": self.plan.mechanism, **self._correlated_report(),
                 **({"secure_aggregation": self.secure} if self.secure is not None else {})}
+
+    def _correlated_report(self) -> dict:
+        """tree, banded_mf: what the epsilon rests on (the participation, the sensitivity and
+        whether it is the exact max or a proven upper bound)."""
+        c = self.plan.correlated
+        if c is None:
+            return {}
+        part = c.participation
+        return {"participation": {"kind": part.kind, "rounds": part.rounds, "period": part.period,
+                                  "max_participations": part.max_participations,
+                                  "min_separation": part.min_separation},
+                "sensitivity": c.sensitivity * self.cfg.privacy.clip_norm, "sensitivity_exact": c.exact,
+                "bands": self.cfg.privacy.bands if self.plan.mechanism == "banded_mf" else None,
+                "restart": self.cfg.privacy.restart if self.plan.mechanism == "tree" else None}
 
     def public_ledger(self) -> dict:
         return self.ledger.to_dict()
 
     def state_dict(self) -> dict:
-        return {"clip_norm": self.clip_norm, "ledger": self.ledger.to_dict()}
+        state = {"clip_norm": self.clip_norm, "ledger": self.ledger.to_dict()}
+        if self.noise is not None:  # secret: whoever reads it can subtract the correlated noise
+            state["noise"] = self.noise.state_dict()
+        return state
 
     def load_state_dict(self, state: dict, rounds_done: int) -> None:
         """Continue from a checkpoint's state; refuses (ConfigError) a config whose privacy
@@ -215,12 +344,13 @@ class UserLevelDp:
         _same("privacy.delta", ledger.delta, p.delta)
         _same("privacy.accountant", ledger.primary, p.accountant)
         for e in ledger.entries:
-            _same("privacy.noise_multiplier", e.noise_multiplier, plan.noise_multiplier)
+            _same("privacy.noise_multiplier", e.noise_multiplier, self.round_multiplier(e.round))
             _same("federation.clients_per_round (sample rate)", e.sample_rate, plan.sample_rate)
             if not p.adaptive_clipping:
                 _same("privacy.clip_norm", e.clip_norm, self._clip_for(p.clip_norm))
         self.clip_norm = float(state["clip_norm"])
         self.ledger = ledger
+        self.noise, self._noise_state = None, state.get("noise")
         if len(self.ledger.entries) != rounds_done:
             raise ValueError(f"checkpoint ledger has {len(self.ledger.entries)} rounds, expected "
                              f"{rounds_done}")
@@ -295,6 +425,20 @@ class RecordLevelDp:
                 "clip_norm": self.cfg.privacy.clip_norm, "adaptive_clipping": False,
                 "rounds": len(self.ledger.rounds), "noise": noise_source(self.cfg),
                 "released_again": len(self.ledger.released_again)}
+
+    def _correlated_report(self) -> dict:
+        """tree, banded_mf: what the epsilon rests on (the participation, the sensitivity and
+        whether it is the exact max or a proven upper bound)."""
+        c = self.plan.correlated
+        if c is None:
+            return {}
+        part = c.participation
+        return {"participation": {"kind": part.kind, "rounds": part.rounds, "period": part.period,
+                                  "max_participations": part.max_participations,
+                                  "min_separation": part.min_separation},
+                "sensitivity": c.sensitivity * self.cfg.privacy.clip_norm, "sensitivity_exact": c.exact,
+                "bands": self.cfg.privacy.bands if self.plan.mechanism == "banded_mf" else None,
+                "restart": self.cfg.privacy.restart if self.plan.mechanism == "tree" else None}
 
     def public_ledger(self) -> dict:
         """The ledger without per-client step counts or per-round client counts (who trained)."""

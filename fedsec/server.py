@@ -35,6 +35,27 @@ def sample_clients(num_clients: int, per_round: int, generator: torch.Generator)
     return sorted(torch.randperm(num_clients, generator=generator, device=generator.device)[:per_round].tolist())
 
 
+def cyclic_cohort(num_clients: int, per_round: int, round_idx: int) -> list[int]:
+    """Fixed cohorts in turn: the clients in id order cut into cohorts of `per_round`, round r
+    taking cohort r mod (num_clients / per_round)."""
+    cohorts = num_clients // per_round
+    first = (round_idx % cohorts) * per_round
+    return list(range(first, first + per_round))
+
+
+def check_sampling(cfg, num_clients: int) -> None:
+    """Cyclic cohorts must cut the clients evenly (ConfigError before a run starts)."""
+    from fedsec.errors import ConfigError
+
+    per_round = cfg.federation.clients_per_round
+    if per_round > num_clients:
+        raise ConfigError("federation.clients_per_round", per_round, f"exceeds the {num_clients} clients")
+    if cfg.sampling == "cyclic" and num_clients % per_round:
+        divisors = [k for k in range(1, num_clients + 1) if num_clients % k == 0]
+        raise ConfigError("federation.clients_per_round", per_round, f"cyclic sampling cuts the {num_clients} "
+                          f"clients into equal cohorts; use a divisor of {num_clients} ({divisors[:8]}...)")
+
+
 def poisson_sample(num_clients: int, rate: float, generator: torch.Generator) -> list[int]:
     """Each client independently with probability `rate` (the DP accountants' assumption).
 

@@ -123,8 +123,9 @@ def test_under_dp_the_noise_is_scaled_to_the_sensitivity_with_rounding_and_the_l
     bound = secagg_sensitivity(CLIP, DIM, RANGE, BITS)
     assert bound == pytest.approx(0.5 + 8 * 2 / 65536)  # C + sqrt(64) * 2r / 2^16, by hand
     plan = SimpleNamespace(update_noise=1.3, noise_multiplier=1.3, sample_rate=0.5, expected_clients=2.0,
-                           count_stddev=None)
-    dp = SimpleNamespace(plan=plan, root=7, cfg=SimpleNamespace(privacy=SimpleNamespace(adaptive_clipping=False)))
+                           count_stddev=None, correlated=None)
+    dp = SimpleNamespace(plan=plan, root=7, cfg=SimpleNamespace(privacy=SimpleNamespace(adaptive_clipping=False)),
+                         round_multiplier=lambda rounds_done: plan.noise_multiplier)
     from fedsec.results import SecureSum
 
     batch = Batch(0, 500, (), secure=SecureSum(torch.zeros(500), ()))
