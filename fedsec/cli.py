@@ -354,17 +354,17 @@ def _privacy(args) -> int:
 
     if args.privacy_command is None:
         raise ConfigError("fedsec privacy", None, "name a command: epsilon or calibrate")
+    if args.rounds < 1:
+        raise ConfigError("--rounds", args.rounds, "must be >= 1")
+    if not 0 < args.delta < 0.5:
+        raise ConfigError("--delta", args.delta, "must be in (0, 0.5) (at delta >= 1/2 a guarantee means "
+                          "nothing), e.g. 1e-5")
     if args.mechanism != "dp_fedavg":
         return _privacy_correlated(args)
     if args.sample_rate is None:
         raise ConfigError("--sample-rate", None, "dp_fedavg needs the sample rate q (clients per round / clients)")
     if not 0 < args.sample_rate <= 1:
         raise ConfigError("--sample-rate", args.sample_rate, "must be in (0, 1]")
-    if args.rounds < 1:
-        raise ConfigError("--rounds", args.rounds, "must be >= 1")
-    if not 0 < args.delta < 0.5:
-        raise ConfigError("--delta", args.delta, "must be in (0, 0.5) (at delta >= 1/2 a guarantee means "
-                          "nothing), e.g. 1e-5")
     if args.privacy_command == "calibrate":
         if not (args.epsilon > 0 and math.isfinite(args.epsilon)):
             raise ConfigError("--epsilon", args.epsilon, "must be a finite number > 0")
@@ -400,8 +400,9 @@ def _privacy(args) -> int:
 
 
 def _privacy_correlated(args) -> int:
-    """`fedsec privacy` for tree and banded_mf: the whole run is one Gaussian mechanism with
-    multiplier z at the factorization's sensitivity (fedsec.defenses.correlated)."""
+    """`fedsec privacy` for tree and banded_mf (rounds and delta already checked): the whole run
+    is one Gaussian mechanism with multiplier z at the factorization's sensitivity
+    (fedsec.defenses.correlated)."""
     import json
     import math
 
@@ -409,10 +410,6 @@ def _privacy_correlated(args) -> int:
     from fedsec.defenses.correlated import Participation, mechanism_matrix, sensitivity
     from fedsec.errors import ConfigError
 
-    if args.rounds < 1:
-        raise ConfigError("--rounds", args.rounds, "must be >= 1")
-    if not 0 < args.delta < 0.5:
-        raise ConfigError("--delta", args.delta, "must be in (0, 0.5), e.g. 1e-5")
     for flag, value in (("--bands", args.bands), ("--period", args.period), ("--restart", args.restart or 1)):
         if value < 1:
             raise ConfigError(flag, value, "must be >= 1")

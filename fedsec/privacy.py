@@ -31,6 +31,7 @@ released round as one more mechanism.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import secrets
 from dataclasses import dataclass
@@ -319,10 +320,7 @@ class UserLevelDp:
         c = self.plan.correlated
         if c is None:
             return {}
-        part = c.participation
-        return {"participation": {"kind": part.kind, "rounds": part.rounds, "period": part.period,
-                                  "max_participations": part.max_participations,
-                                  "min_separation": part.min_separation},
+        return {"participation": dataclasses.asdict(c.participation),
                 "sensitivity": c.sensitivity * self.cfg.privacy.clip_norm, "sensitivity_exact": c.exact,
                 "bands": self.cfg.privacy.bands if self.plan.mechanism == "banded_mf" else None,
                 "restart": self.cfg.privacy.restart if self.plan.mechanism == "tree" else None}
@@ -425,20 +423,6 @@ class RecordLevelDp:
                 "clip_norm": self.cfg.privacy.clip_norm, "adaptive_clipping": False,
                 "rounds": len(self.ledger.rounds), "noise": noise_source(self.cfg),
                 "released_again": len(self.ledger.released_again)}
-
-    def _correlated_report(self) -> dict:
-        """tree, banded_mf: what the epsilon rests on (the participation, the sensitivity and
-        whether it is the exact max or a proven upper bound)."""
-        c = self.plan.correlated
-        if c is None:
-            return {}
-        part = c.participation
-        return {"participation": {"kind": part.kind, "rounds": part.rounds, "period": part.period,
-                                  "max_participations": part.max_participations,
-                                  "min_separation": part.min_separation},
-                "sensitivity": c.sensitivity * self.cfg.privacy.clip_norm, "sensitivity_exact": c.exact,
-                "bands": self.cfg.privacy.bands if self.plan.mechanism == "banded_mf" else None,
-                "restart": self.cfg.privacy.restart if self.plan.mechanism == "tree" else None}
 
     def public_ledger(self) -> dict:
         """The ledger without per-client step counts or per-round client counts (who trained)."""
