@@ -13,7 +13,9 @@ and line style as well as colour.
                                   data has closed answers, else the held-out loss),
                                   with the non-private, local-only and untuned
                                   references (metric="exposure" or "extraction_rate":
-                                  the canaries' memorization against epsilon)
+                                  the canaries' memorization against epsilon); a grid
+                                  sweep draws one curve per mechanism (or other axis
+                                  that leaves epsilon in place)
     epsilon_over_rounds(run_dir)  epsilon spent after each round, per accountant
     training_curves(run_dir)      global test accuracy (where measured) and loss per
                                   round, and the spread over clients' own test sets
@@ -47,6 +49,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import matplotlib.ticker  # noqa: E402
 
 STYLES = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-"), ("P", "--")]
+# privacy-utility series, clear of the reference lines' blue, orange and gray
+SERIES_COLORS = ["black", "tab:red", "tab:green", "tab:purple", "tab:brown", "tab:olive"]
 METRIC_LABELS = {"final_accuracy": "global test accuracy", "preference_accuracy": "preference accuracy",
                  "likelihood_accuracy": "likelihood accuracy", "refusal_rate": "harmless (refusal) rate",
                  "attack_success_rate": "backdoor attack success", "true_positive_rate": "malicious updates dropped",
@@ -118,59 +122,101 @@ def sweep_rows(sweep_dir: Path) -> list[dict]:
     return read_json(path) if path.is_file() else []
 
 
+def grid_axes(rows: list[dict]) -> list[str]:
+    """A grid sweep's axes: the results columns between `variant` and `seed` ([] if none)."""
+    keys = list(rows[0]) if rows else []
+    if "variant" not in keys or "seed" not in keys:
+        return []
+    return keys[keys.index("variant") + 1:keys.index("seed")]
+
+
 @dataclass(frozen=True)
 class PrivacyUtility:
     """What the privacy-utility figure draws, computed from a sweep's results."""
 
-    curve: list[tuple[str, float, Stat]]  # (variant, epsilon, metric over seeds), by epsilon
+    curves: dict[str, list[tuple[str, float, Stat]]]  # series -> (variant, epsilon, metric over seeds), by epsilon
     non_private: Stat | None
     local_only: Stat | None
     untuned: Stat | None
 
+    @property
+    def curve(self) -> list[tuple[str, float, Stat]]:
+        """Every certified point of every series, by epsilon."""
+        return sorted((p for c in self.curves.values() for p in c), key=lambda p: p[1])
+
+
+SINGLE_SERIES = "user-level DP"
+
+
+def _epsilon_axes(cells: dict[str, tuple[dict, float]], axes: list[str]) -> set[str]:
+    """The grid axes along which epsilon moves: two cells that differ in that axis alone
+    have epsilons more than 5% apart (a privacy budget axis, a noise axis), where the
+    other axes (mechanism, aggregator, clip) leave it at the same calibrated target."""
+    moving = set()
+    for axis in axes:
+        others = [a for a in axes if a != axis]
+        groups: dict[tuple, list[float]] = {}
+        for levels, eps in cells.values():
+            groups.setdefault(tuple(levels[a] for a in others), []).append(eps)
+        if any(max(g) > 1.05 * min(g) for g in groups.values() if len(g) > 1):
+            moving.add(axis)
+    return moving
+
 
 def privacy_utility_data(rows: list[dict], metric: str | None = None) -> PrivacyUtility:
-    """Certified DP runs become the curve; runs without privacy give the references.
+    """Certified DP runs become curves; runs without privacy give the references.
     `metric` defaults to the rows' headline utility.
 
-    Runs marked not certified (no noise, SCAFFOLD) have no epsilon and are left out of
-    the curve: fedsec never places a run at an epsilon it cannot prove.
+    A grid sweep draws one curve per level of the axes that leave epsilon where it is
+    (mechanism x budget: one curve per mechanism, along the budget); a sweep of plain
+    variants draws one curve. Runs marked not certified (no noise, SCAFFOLD) have no
+    epsilon and are left out: fedsec never places a run at an epsilon it cannot prove.
     """
     metric = metric or headline_metric(rows) or "final_loss"
+    axes = grid_axes(rows)
     by_variant: dict[str, list[dict]] = {}
     for row in rows:
         by_variant.setdefault(row["variant"], []).append(row)
-    curve, plain = [], []
+    points, cells, plain = [], {}, []
     for variant, mine in by_variant.items():
         if mine[0].get("certified") is True:
             stat = aggregate(r.get(metric) for r in mine)
             eps = aggregate(r.get("epsilon") for r in mine)
             if stat is not None and eps is not None:
-                curve.append((variant, eps.mean, stat))
+                points.append((variant, eps.mean, stat))
+                cells[variant] = ({a: mine[0].get(a) for a in axes}, eps.mean)
         elif mine[0].get("certified") is None:
             plain.extend(mine)
-    curve.sort(key=lambda c: c[1])
+    series_axes = [a for a in axes if a not in _epsilon_axes(cells, axes)]
+    curves: dict[str, list[tuple[str, float, Stat]]] = {}
+    for point in points:  # series in the sweep's order, each along epsilon
+        levels = cells[point[0]][0]
+        name = ", ".join(str(levels[a]) for a in series_axes) or SINGLE_SERIES
+        curves.setdefault(name, []).append(point)
+    curves = {name: sorted(curve, key=lambda p: p[1]) for name, curve in curves.items()}
     local = f"local_only_{metric.removeprefix('final_')}" if metric.startswith("final_") else None
-    return PrivacyUtility(curve, aggregate(r.get(metric) for r in plain),
+    return PrivacyUtility(curves, aggregate(r.get(metric) for r in plain),
                           aggregate(r.get(local) for r in rows) if local else None,
                           aggregate(r.get(f"untuned_{metric.removeprefix('final_')}") for r in rows))
 
 
 def privacy_utility(sweep_dir: Path, metric: str | None = None, title: str | None = None):
     """Epsilon (log scale) vs `metric` (default: the sweep's headline utility), mean and
-    spread over seeds, with reference lines."""
+    spread over seeds, one curve per series (privacy_utility_data), with reference lines."""
     rows = sweep_rows(sweep_dir)
     metric = metric or headline_metric(rows)
     if metric is None:
         return None
     data = privacy_utility_data(rows, metric)
-    if not data.curve:
+    if not data.curves:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
-    eps = [c[1] for c in data.curve]
-    means = [c[2].mean for c in data.curve]
-    stds = [c[2].std for c in data.curve]
-    ax.errorbar(eps, means, yerr=stds, marker="o", linestyle="-", color="black", capsize=3,
-                label=f"user-level DP ({max(c[2].n for c in data.curve)} seed(s))")
+    for i, (name, curve) in enumerate(data.curves.items()):
+        marker, style = STYLES[i % len(STYLES)]
+        seeds = max(c[2].n for c in curve)
+        ax.errorbar([c[1] for c in curve], [c[2].mean for c in curve], yerr=[c[2].std for c in curve],
+                    marker=marker, linestyle=style, color=SERIES_COLORS[i % len(SERIES_COLORS)], capsize=3,
+                    label=f"{name} ({seeds} seed(s))")
     refs = [(data.non_private, "non-private FL", "--", "tab:blue"),
             (data.local_only, "local-only", ":", "tab:orange"),
             (data.untuned, "untuned model", "-.", "tab:gray")]
@@ -179,8 +225,9 @@ def privacy_utility(sweep_dir: Path, metric: str | None = None, title: str | Non
             ax.axhline(stat.mean, linestyle=style, color=color, label=f"{name} ({stat.mean:.3f})")
             if stat.std > 0:
                 ax.axhspan(stat.mean - stat.std, stat.mean + stat.std, color=color, alpha=0.12)
+    ticks = {format_epsilon(c[1]): c[1] for c in data.curve}  # near-equal epsilons share a tick
     ax.set_xscale("log")
-    ax.set_xticks(eps, [format_epsilon(e) for e in eps])
+    ax.set_xticks(list(ticks.values()), list(ticks))
     ax.minorticks_off()
     ax.set_xlabel("epsilon (log scale)")
     ax.set_ylabel(label(metric))

@@ -10,6 +10,7 @@ import pytest
 from fedsec.reports.plots import (
     epsilon_by_round,
     epsilon_over_rounds,
+    grid_axes,
     privacy_utility,
     privacy_utility_data,
     save,
@@ -55,6 +56,41 @@ def test_privacy_utility_figure_draws_the_means(sweep_dir):
                   and len(set(line.get_ydata())) == 1 and len(line.get_ydata()) == 2)
     assert flat == pytest.approx([0.40, 0.40, 0.65])  # untuned, local-only, non-private
     assert ax.get_xscale() == "log"
+
+
+def _cell(variant, seed, loss, eps=None, **axes):
+    return {"variant": variant, **axes, "seed": seed, "final_loss": loss, "epsilon": eps,
+            "certified": None if eps is None else True, "untuned_loss": 4.0}
+
+
+def test_a_grid_draws_one_curve_per_mechanism_along_the_budget(tmp_path):
+    rows = [_cell("non-private", s, 0.3 + s / 10, mechanism=None, budget=None) for s in (0, 1)]
+    for mechanism, base in (("tree", 3.0), ("banded_mf", 2.0)):
+        for budget, eps in (("8", 7.99), ("2", 1.998)):
+            rows += [_cell(f"{mechanism}-{budget}", s, base + (eps < 2) + s / 10, eps,
+                           mechanism=mechanism, budget=budget) for s in (0, 1)]
+    (tmp_path / "results.json").write_text(json.dumps(rows))
+    assert grid_axes(rows) == ["mechanism", "budget"]
+    data = privacy_utility_data(rows, "final_loss")
+    assert list(data.curves) == ["tree", "banded_mf"]  # the sweep's order
+    assert [(v, e, s.mean) for v, e, s in data.curves["banded_mf"]] == [
+        ("banded_mf-2", 1.998, pytest.approx(3.05)), ("banded_mf-8", 7.99, pytest.approx(2.05))]
+    assert data.non_private.mean == pytest.approx(0.35) and data.untuned.mean == 4.0
+    fig = privacy_utility(tmp_path, "final_loss")
+    drawn = {line.get_marker(): list(line.get_ydata()) for line in fig.axes[0].lines if len(line.get_xdata()) == 2
+             and line.get_marker() in ("o", "s")}
+    assert drawn == {"o": pytest.approx([4.05, 3.05]), "s": pytest.approx([3.05, 2.05])}
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["2.00", "8.00"]  # rounded up, never down
+
+
+def test_series_are_the_axes_that_leave_epsilon_in_place(tmp_path):
+    rows = [_cell(f"{clip}-{noise}", 0, 1.0, eps, clip=clip, noise=noise)
+            for clip in ("c1", "c5") for noise, eps in (("z1", 6.0), ("z2", 2.0))]
+    assert list(privacy_utility_data(rows, "final_loss").curves) == ["c1", "c5"]  # noise moves epsilon
+    rows = [_cell(f"{v}", 0, 1.0, 4.0, aggregator=v) for v in ("mean", "median")]
+    assert list(privacy_utility_data(rows, "final_loss").curves) == ["mean", "median"]  # one point each
+    plain = [{"variant": "eps1", "seed": 0, "final_loss": 1.0, "epsilon": 1.0, "certified": True}]
+    assert list(privacy_utility_data(plain, "final_loss").curves) == ["user-level DP"]
 
 
 def test_figures_skip_what_the_directory_lacks(tmp_path):
