@@ -34,6 +34,12 @@ The two factorizations:
   root, BSR); w_t = (z_t - sum_{k=1}^{b-1} c_k w_{t-k}) / c_0 by forward substitution
   over the last b - 1 noises.
 
+Both are entries of the `dp_mechanism` registry (`MatrixMechanism`), and so is a
+researcher's own factorization: a frozen dataclass whose fields are `privacy.params`,
+with `matrix(rounds)` (C) and, where the generic forward substitution over every past
+round keeps too much, its own `noise(rounds, dim)`. fedsec derives the sensitivity and
+the epsilon from C; tests/contracts checks that the noise is C^-1 z and resumes exactly.
+
 `noise_multiplier` z of these mechanisms is that of the one Gaussian mechanism: each
 z coordinate has standard deviation z * clip * sens, and the epsilon after t rounds is
 the Gaussian mechanism's at multiplier z * sens / sens_t, where sens_t is the
@@ -42,17 +48,18 @@ sensitivity of the first t rounds' releases (`prefix_sensitivities`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
 
-MECHANISMS = ("dp_fedavg", "tree", "banded_mf")
+from fedsec.registry import register
 
 
 @dataclass(frozen=True)
@@ -138,15 +145,104 @@ def banded_matrix(rounds: int, bands: int) -> np.ndarray:
     return c
 
 
-def mechanism_matrix(mechanism: str, rounds: int, bands: int | None = None,
-                     restart: int | None = None) -> np.ndarray:
-    if mechanism == "tree":
-        return tree_matrix(rounds, restart)
-    if mechanism == "banded_mf":
-        if bands is None:
-            raise ValueError("banded_mf needs bands")
-        return banded_matrix(rounds, bands)
-    raise ValueError(f"unknown correlated mechanism {mechanism!r}; use tree or banded_mf")
+class Noise(Protocol):
+    """A correlated-noise state: round after round, the next noise vector."""
+
+    def next(self, draw: Callable[[], torch.Tensor]) -> torch.Tensor: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class MatrixMechanism:
+    """A correlated-noise mechanism given by its factorization C (module note). Subclasses
+    are frozen dataclasses registered with `@fedsec.register("dp_mechanism", name)`;
+    their fields are the mechanism's `privacy.params`, checked in __post_init__ (raise
+    ValueError("field: what is wrong"))."""
+
+    def matrix(self, rounds: int) -> np.ndarray:
+        """C for a run of `rounds` rounds: square, lower-triangular, C^T C >= 0."""
+        raise NotImplementedError
+
+    def noise(self, rounds: int, dim: int) -> Noise:
+        """The rounds' noises C^-1 z, one per round from one fresh draw each."""
+        return MatrixNoise(self.matrix(rounds), dim)
+
+    def describe(self) -> str:
+        """A few words on the shape, for the console and `fedsec privacy`."""
+        params = ", ".join(f"{f.name} {getattr(self, f.name)}" for f in dataclasses.fields(self))
+        return params or "no parameters"
+
+
+class MatrixNoise:
+    """C^-1 z for any square lower-triangular C, by forward substitution: round t's noise
+    w_t = (z_t - sum_{j<t} C[t, j] w_j) / C[t, t]. State: every past noise that a later
+    row still needs (all of them for a dense C: rounds x dim floats, secret)."""
+
+    def __init__(self, c: np.ndarray, dim: int):
+        self.c, self.dim = np.asarray(c, dtype=np.float64), dim
+        self.history: list[torch.Tensor] = []  # w_0 .. w_{t-1}
+
+    def next(self, draw: Callable[[], torch.Tensor]) -> torch.Tensor:
+        t = len(self.history)
+        if t >= self.c.shape[0]:
+            raise ValueError(f"the factorization covers {self.c.shape[0]} rounds; round {t + 1} has no row")
+        w = draw().clone()
+        for j, previous in enumerate(self.history):
+            if self.c[t, j] != 0.0:
+                w.sub_(previous, alpha=float(self.c[t, j]))
+        w.div_(float(self.c[t, t]))
+        self.history.append(w)
+        return w
+
+    def state_dict(self) -> dict:
+        return {"history": [h.clone() for h in self.history]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = [h.clone() for h in state["history"]]
+
+
+@register("dp_mechanism", "tree")
+@dataclass(frozen=True)
+class Tree(MatrixMechanism):
+    """DP-FTRL's binary-tree aggregation (Kairouz et al. 2021); `restart`: a new tree every
+    so many rounds (None: one tree for the run)."""
+
+    restart: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.restart is not None and (not isinstance(self.restart, int) or self.restart < 1):
+            raise ValueError("restart: must be null (one tree) or an integer >= 1")
+
+    def matrix(self, rounds: int) -> np.ndarray:
+        return tree_matrix(rounds, self.restart)
+
+    def noise(self, rounds: int, dim: int) -> Noise:
+        return TreeNoise(dim, self.restart)
+
+    def describe(self) -> str:
+        return f"restart every {self.restart} rounds" if self.restart else "one tree"
+
+
+@register("dp_mechanism", "banded_mf")
+@dataclass(frozen=True)
+class BandedMf(MatrixMechanism):
+    """The banded square root of the prefix-sum matrix (Kalinin and Lampert 2024), `bands`
+    b bands: noises b or more rounds apart are independent."""
+
+    bands: int = 4
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bands, int) or isinstance(self.bands, bool) or self.bands < 1:
+            raise ValueError("bands: must be an integer >= 1, e.g. 4")
+
+    def matrix(self, rounds: int) -> np.ndarray:
+        return banded_matrix(rounds, self.bands)
+
+    def noise(self, rounds: int, dim: int) -> Noise:
+        return BandedNoise(banded_sqrt_coefficients(self.bands), dim)
+
+    def describe(self) -> str:
+        return f"bands {self.bands}"
 
 
 class Sensitivity(NamedTuple):
@@ -222,15 +318,17 @@ MAX_ROUNDS = 5000  # C is rounds x rounds (200 MB of float64 at the bound); the 
 
 
 @functools.lru_cache(maxsize=32)
-def accounting(mechanism: str, rounds: int, bands: int | None, restart: int | None,
-               participation: Participation) -> Accounting:
-    """The sensitivities a run's epsilon rests on, computed once per (mechanism, rounds,
-    bands, restart, participation) in a process: O(rounds^2 k) for every_round and cyclic
-    (k patterns), O(rounds^3) for separated."""
+def accounting(mechanism: MatrixMechanism, rounds: int, participation: Participation) -> Accounting:
+    """The sensitivities a run's epsilon rests on, computed once per (mechanism with its
+    parameters, rounds, participation) in a process: O(rounds^2 k) for every_round and
+    cyclic (k patterns), O(rounds^3) for separated."""
     if rounds > MAX_ROUNDS:
         raise ValueError(f"{rounds} rounds: the factorization is computed for at most {MAX_ROUNDS}")
     started = time.perf_counter()
-    c = mechanism_matrix(mechanism, rounds, bands, restart)
+    c = np.asarray(mechanism.matrix(rounds), dtype=np.float64)
+    if c.shape != (rounds, rounds) or np.triu(c, 1).any() or not (np.diag(c) > 0).all():
+        raise ValueError(f"{type(mechanism).__name__}.matrix({rounds}) must be {rounds} x {rounds}, "
+                         f"lower-triangular with a positive diagonal; it is {c.shape}")
     prefix = prefix_sensitivities(c, participation)
     if participation.kind == "separated":
         whole = sensitivity(c, participation)

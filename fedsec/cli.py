@@ -114,10 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (eps, cal):
         p.add_argument("--sample-rate", type=float, metavar="Q",
                        help="dp_fedavg: probability that a client takes part in a round (required)")
-        p.add_argument("--mechanism", choices=("dp_fedavg", "tree", "banded_mf"), default="dp_fedavg",
-                       help="dp_fedavg (default), tree or banded_mf (noise correlated across rounds)")
-        p.add_argument("--bands", type=int, default=4, help="banded_mf: bands of its matrix (default 4)")
-        p.add_argument("--restart", type=int, help="tree: a new tree every so many rounds (default: one tree)")
+        p.add_argument("--mechanism", default="dp_fedavg",
+                       help="dp_fedavg (default), or a dp_mechanism (noise correlated across rounds): "
+                            "tree, banded_mf or a plugin's")
+        p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                       help="the correlated mechanism's parameter (privacy.params), e.g. bands=8 for "
+                            "banded_mf, restart=64 for tree; repeatable")
+        p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                       help="import this module first (its @fedsec.register entries); repeatable")
         p.add_argument("--period", type=int, default=1, metavar="K",
                        help="tree, banded_mf: a client takes part every K-th round (cyclic cohorts; "
                             "default 1: every round)")
@@ -359,8 +363,13 @@ def _privacy(args) -> int:
     if not 0 < args.delta < 0.5:
         raise ConfigError("--delta", args.delta, "must be in (0, 0.5) (at delta >= 1/2 a guarantee means "
                           "nothing), e.g. 1e-5")
+    from fedsec.registry import load_plugins
+
+    load_plugins(args.plugin)
     if args.mechanism != "dp_fedavg":
         return _privacy_correlated(args)
+    if args.param:
+        raise ConfigError("--param", args.param[0], "dp_fedavg takes no parameters; give --mechanism first")
     if args.sample_rate is None:
         raise ConfigError("--sample-rate", None, "dp_fedavg needs the sample rate q (clients per round / clients)")
     if not 0 < args.sample_rate <= 1:
@@ -403,22 +412,27 @@ def _privacy_correlated(args) -> int:
     """`fedsec privacy` for tree and banded_mf (rounds and delta already checked): the whole run
     is one Gaussian mechanism with multiplier z at the factorization's sensitivity
     (fedsec.defenses.correlated)."""
+    import dataclasses
     import json
     import math
 
     from fedsec.accountants import DpEvent, calibrate, epsilon, format_epsilon
-    from fedsec.defenses.correlated import Participation, mechanism_matrix, sensitivity
+    from fedsec.defenses.correlated import Participation, Sensitivity, accounting
     from fedsec.errors import ConfigError
 
-    for flag, value in (("--bands", args.bands), ("--period", args.period), ("--restart", args.restart or 1)):
-        if value < 1:
-            raise ConfigError(flag, value, "must be >= 1")
+    if args.period < 1:
+        raise ConfigError("--period", args.period, "must be >= 1")
     if args.sample_rate is not None:
         raise ConfigError("--sample-rate", args.sample_rate, f"{args.mechanism} is accounted without sampling; "
                           "give --period (a client every K-th round) instead")
+    mechanism = _mechanism_from_flags(args)
     part = (Participation("every_round", args.rounds) if args.period == 1
             else Participation("cyclic", args.rounds, period=args.period))
-    sens = sensitivity(mechanism_matrix(args.mechanism, args.rounds, args.bands, args.restart), part)
+    try:
+        found = accounting(mechanism, args.rounds, part)
+    except ValueError as err:
+        raise ConfigError("--rounds", args.rounds, str(err)) from None
+    sens = Sensitivity(found.sensitivity, found.exact)
     if args.privacy_command == "calibrate":
         if not (args.epsilon > 0 and math.isfinite(args.epsilon)):
             raise ConfigError("--epsilon", args.epsilon, "must be a finite number > 0")
@@ -434,13 +448,12 @@ def _privacy_correlated(args) -> int:
         eps = epsilon([DpEvent(z, 1.0)], args.delta, args.accountant)
     except ValueError as err:
         raise ConfigError("--accountant", args.accountant, f"{err}") from None
-    shape = (f"bands {args.bands}" if args.mechanism == "banded_mf"
-             else f"restart every {args.restart} rounds" if args.restart else "one tree")
+    shape = mechanism.describe()
     who = "every round" if args.period == 1 else f"every {args.period}th round (cyclic cohorts)"
     if args.json:
         print(json.dumps({"epsilon": eps, "noise_multiplier": z, "accountant": args.accountant, "delta": args.delta,
                           "mechanism": args.mechanism, "rounds": args.rounds, "period": args.period,
-                          "bands": args.bands, "restart": args.restart, "sensitivity": sens.value,
+                          "params": dataclasses.asdict(mechanism), "sensitivity": sens.value,
                           "sensitivity_exact": sens.exact, "noise_std_per_clip_norm": z * sens.value}))
         return 0
     lead = (f"noise multiplier {z:.10g} reaches epsilon {format_epsilon(eps, 5)} <= {args.epsilon:g}"
@@ -450,6 +463,26 @@ def _privacy_correlated(args) -> int:
           f"({'exact' if sens.exact else 'an upper bound'}); each noise draw has std {z * sens.value:.6g} x C")
     print("  one Gaussian mechanism with multiplier z at that sensitivity (no amplification by sampling)")
     return 0
+
+
+def _mechanism_from_flags(args):
+    """--mechanism and its --param KEY=VALUE flags -> the registered MatrixMechanism."""
+    import yaml
+
+    from fedsec.config import PrivacyConfig
+    from fedsec.errors import ConfigError
+
+    params = {}
+    for item in args.param:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError("--param", item, "give KEY=VALUE, e.g. --param bands=8")
+        params[key.strip()] = yaml.safe_load(value)
+    try:
+        return PrivacyConfig(mode="user", mechanism=args.mechanism, params=params, epsilon=1.0).matrix_mechanism
+    except ConfigError as err:
+        field = {"mechanism": "--mechanism"}.get(err.field, err.field.replace("params.", "--param "))
+        raise ConfigError(field, err.value, err.fix) from None
 
 
 def _datasets() -> int:

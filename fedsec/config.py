@@ -34,7 +34,6 @@ REFERENCES = ("base", "initial")
 ALGORITHMS = ("fedavg", "fedavgm", "fedadagrad", "fedyogi", "fedadam", "fedprox", "scaffold")
 LR_SCHEDULES = ("cosine", "constant")
 SAMPLINGS = ("auto", "fixed", "poisson", "cyclic")
-MECHANISMS = ("dp_fedavg", "tree", "banded_mf")
 PARTICIPATIONS = ("auto", "every_round", "cyclic", "separated")
 AUDIT_KINDS = ("secret", "update")
 LOCAL_OPTIMIZERS = ("adamw", "sgd")
@@ -413,13 +412,14 @@ class PrivacyConfig:
         "false: fresh entropy from the operating system, never stored", False)
     mechanism: str = _help(
         "user-level DP's noise: dp_fedavg (fresh noise each round, epsilon from amplification by Poisson "
-        "sampling), tree (DP-FTRL's tree aggregation, Kairouz et al. 2021) or banded_mf (a banded matrix "
-        "factorization, the banded square root): noise correlated across rounds, for federations whose "
-        "clients take part in most rounds, accounted as one Gaussian mechanism (docs/privacy.md)",
-        "dp_fedavg")
-    bands: int = _help("banded_mf: bands b of its matrix (noises b or more rounds apart are independent)", 4)
-    restart: int | None = _help("tree: start a new tree every so many rounds (null: one tree for the run)",
-                                None)
+        "sampling), or a dp_mechanism of the registry: tree (DP-FTRL's tree aggregation, Kairouz et al. "
+        "2021), banded_mf (a banded matrix factorization, the banded square root) or a plugin's: noise "
+        "correlated across rounds, for federations whose clients take part in most rounds, accounted as "
+        "one Gaussian mechanism (docs/privacy.md)", "dp_fedavg")
+    params: Mapping[str, Any] = _help(
+        "the correlated mechanism's own parameters: {bands: 4} for banded_mf (noises b or more rounds "
+        "apart are independent), {restart: 64} for tree (a new tree every so many rounds; null: one tree)",
+        factory=dict)
     participation: str = _help(
         "tree and banded_mf: the participation their sensitivity is computed for: every_round (any "
         "client in any round: holds under every sampling), cyclic (federation.sampling cyclic: a client "
@@ -456,10 +456,11 @@ class PrivacyConfig:
         _require(self.epsilon_budget is None or self.epsilon_budget > 0, "epsilon_budget", self.epsilon_budget,
                  "must be null (no budget) or > 0, e.g. 8")
         _one_of("on_budget", self.on_budget, ON_BUDGET)
-        _one_of("mechanism", self.mechanism, MECHANISMS)
+        _one_of("mechanism", self.mechanism, ("dp_fedavg", *registry("dp_mechanism")))
         _one_of("participation", self.participation, PARTICIPATIONS)
-        _require(self.bands >= 1, "bands", self.bands, "must be >= 1, e.g. 4")
-        _require(self.restart is None or self.restart >= 1, "restart", self.restart, "must be null or >= 1")
+        _require(not self.params or self.mechanism != "dp_fedavg", "params", dict(self.params),
+                 "dp_fedavg takes no params; set privacy.mechanism to the mechanism they belong to")
+        self.matrix_mechanism  # noqa: B018 - builds (and so validates) the mechanism's parameters
         for name in ("max_participations", "min_separation"):
             value = getattr(self, name)
             _require(value is None or value >= 1, name, value, "must be null or >= 1")
@@ -485,6 +486,22 @@ class PrivacyConfig:
                  "noise needs a finite clip norm (noise std = noise_multiplier * clip_norm)")
         _require(not (self.adaptive_clipping and self.clip_norm == float("inf")), "clip_norm",
                  self.clip_norm, "adaptive clipping needs a finite starting clip norm")
+
+    @property
+    def matrix_mechanism(self):
+        """The correlated mechanism (fedsec.defenses.correlated.MatrixMechanism) with its
+        parameters, or None for dp_fedavg."""
+        from fedsec.registry import registry
+
+        if self.mechanism == "dp_fedavg":
+            return None
+        try:
+            return from_mapping(registry("dp_mechanism")[self.mechanism], self.params, "params")
+        except ConfigError:
+            raise
+        except ValueError as err:  # the mechanism's own validation: "field: what is wrong"
+            name, _, fix = str(err).partition(": ")
+            raise ConfigError(f"params.{name}", self.params.get(name), fix) from None
 
 
 @dataclass(frozen=True)

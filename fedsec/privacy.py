@@ -41,13 +41,7 @@ import torch
 from fedsec.accountants import ACCOUNTANTS, DpEvent, PrivacyLedger, RecordLedger, calibrate, epsilon
 from fedsec.accountants.ledger import LedgerEntry
 from fedsec.config import ExperimentConfig
-from fedsec.defenses.correlated import (
-    BandedNoise,
-    Participation,
-    TreeNoise,
-    accounting,
-    banded_sqrt_coefficients,
-)
+from fedsec.defenses.correlated import Noise, Participation, accounting
 from fedsec.defenses.dp import (
     adapt_clip_norm,
     adaptive_update_noise,
@@ -190,16 +184,17 @@ def participation_for(cfg: ExperimentConfig, num_clients: int) -> Participation:
 
 
 def _plan_correlated(cfg: ExperimentConfig, num_clients: int) -> DpPlan:
-    """tree or banded_mf: the factorization's sensitivity for the run's participation, and
+    """A correlated mechanism (tree, banded_mf, a plugin's): the factorization's sensitivity
+    for the run's participation, and
     z for the one Gaussian mechanism the whole run is (given, or calibrated to the target
     epsilon at sample rate 1 and one step: no amplification)."""
     p, fed = cfg.privacy, cfg.federation
     participation = participation_for(cfg, num_clients)
     try:
-        found = accounting(p.mechanism, fed.rounds, p.bands if p.mechanism == "banded_mf" else None,
-                           p.restart if p.mechanism == "tree" else None, participation)
+        found = accounting(p.matrix_mechanism, fed.rounds, participation)
     except ValueError as err:
-        raise ConfigError("federation.rounds", fed.rounds, f"{err}; use fewer rounds or privacy.restart") from None
+        raise ConfigError("federation.rounds", fed.rounds, f"{err}; use fewer rounds or a tree with "
+                          "privacy.params.restart") from None
     z = _noise_multiplier(p, 1.0, 1)
     _check_horizon(p, z, 1.0, 1)
     reason = None
@@ -224,7 +219,7 @@ class UserLevelDp:
         self.secure: dict | None = None  # SecAgg+ on Flower: the sum's sensitivity and what the guarantee assumes
         self.ledger = PrivacyLedger(cfg.privacy.delta, ACCOUNTANTS, cfg.privacy.accountant,
                                     plan.certified, plan.reason)
-        self.noise: TreeNoise | BandedNoise | None = None  # correlated noise's state (secret: only in checkpoints)
+        self.noise: Noise | None = None  # correlated noise's state (secret: only in checkpoints)
         self._noise_state: dict | None = None  # a checkpoint's, applied when the noise is first drawn
 
     def epsilon_after(self) -> float | None:
@@ -249,8 +244,7 @@ class UserLevelDp:
         z * C * sens_T (fedsec.defenses.correlated); the noise state rides in the checkpoint."""
         plan = self.plan
         if self.noise is None:
-            self.noise = (TreeNoise(dim, self.cfg.privacy.restart) if plan.mechanism == "tree"
-                          else BandedNoise(banded_sqrt_coefficients(self.cfg.privacy.bands), dim))
+            self.noise = self.cfg.privacy.matrix_mechanism.noise(self.cfg.federation.rounds, dim)
             if self._noise_state is not None:
                 self.noise.load_state_dict(self._noise_state)
         std = plan.noise_multiplier * clip_norm * plan.correlated.sensitivity
@@ -315,15 +309,14 @@ class UserLevelDp:
                 **({"secure_aggregation": self.secure} if self.secure is not None else {})}
 
     def _correlated_report(self) -> dict:
-        """tree, banded_mf: what the epsilon rests on (the participation, the sensitivity and
-        whether it is the exact max or a proven upper bound)."""
+        """A correlated mechanism: what the epsilon rests on (its parameters, the participation,
+        the sensitivity and whether it is the exact max or a proven upper bound)."""
         c = self.plan.correlated
         if c is None:
             return {}
         return {"participation": dataclasses.asdict(c.participation),
                 "sensitivity": c.sensitivity * self.cfg.privacy.clip_norm, "sensitivity_exact": c.exact,
-                "bands": self.cfg.privacy.bands if self.plan.mechanism == "banded_mf" else None,
-                "restart": self.cfg.privacy.restart if self.plan.mechanism == "tree" else None}
+                "mechanism_params": dataclasses.asdict(self.cfg.privacy.matrix_mechanism)}
 
     def public_ledger(self) -> dict:
         return self.ledger.to_dict()
@@ -341,11 +334,16 @@ class UserLevelDp:
         p, plan = self.cfg.privacy, self.plan
         _same("privacy.delta", ledger.delta, p.delta)
         _same("privacy.accountant", ledger.primary, p.accountant)
+        for e in ledger.entries:  # the mechanism first: a change there moves every multiplier
+            _same("privacy.mechanism", e.mechanism or "dp_fedavg", plan.mechanism)
+            if not p.adaptive_clipping:
+                _same("privacy.clip_norm", e.clip_norm, self._clip_for(p.clip_norm))
+            if plan.correlated is not None:  # the same factorization (privacy.params) for the same participation
+                _same("privacy.params (the sensitivity so far)", e.sensitivity,
+                      plan.correlated.prefix[e.round - 1] * e.clip_norm)
         for e in ledger.entries:
             _same("privacy.noise_multiplier", e.noise_multiplier, self.round_multiplier(e.round))
             _same("federation.clients_per_round (sample rate)", e.sample_rate, plan.sample_rate)
-            if not p.adaptive_clipping:
-                _same("privacy.clip_norm", e.clip_norm, self._clip_for(p.clip_norm))
         self.clip_norm = float(state["clip_norm"])
         self.ledger = ledger
         self.noise, self._noise_state = None, state.get("noise")

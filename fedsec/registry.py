@@ -45,6 +45,11 @@ parameter in YAML, typed from its annotation):
                       global model measured at each evaluation (eval.metrics: {name: {params}});
                       `covered=True` claims it reads only the released model and data outside the
                       clients' (under DP it is then published; otherwise it goes to the not-covered place)
+    dp_mechanism      a frozen dataclass subclassing fedsec.defenses.correlated.MatrixMechanism (its
+                      fields are privacy.params): matrix(rounds) -> C, square lower-triangular with
+                      C^T C >= 0; noise(rounds, dim) -> the noise C^-1 z one round at a time (the
+                      default solves C w = z over every past round; override it to keep less).
+                      fedsec computes the sensitivity and epsilon from C (privacy.mechanism: name)
 
 `tests/contracts/` checks every entry of every registry; `FEDSEC_PLUGINS=my_rules
 pytest tests/contracts` checks a plugin's entries beside the built-ins.
@@ -70,6 +75,7 @@ BUILTINS = {
     "server_optimizer": "fedsec.server",
     "benchmark": "fedsec.evalsuite.tasks",
     "metric": "fedsec.metrics",
+    "dp_mechanism": "fedsec.defenses.correlated",
 }
 KINDS = tuple(BUILTINS)
 ATTACK_KINDS = ("update_attack", "data_attack")  # one namespace: attack.kind names either
@@ -83,6 +89,7 @@ OPTIONS = {
     "server_optimizer": {},
     "benchmark": {"hub": None},
     "metric": {"covered": False},
+    "dp_mechanism": {},
 }
 
 
@@ -231,12 +238,25 @@ def _server_optimizer(name: str, cls: Any, options: dict) -> tuple[Any, dict]:
     return cls, params
 
 
+def _dp_mechanism(name: str, cls: Any, options: dict) -> tuple[Any, dict]:
+    from fedsec.defenses.correlated import MatrixMechanism
+
+    if not (inspect.isclass(cls) and issubclass(cls, MatrixMechanism) and dataclasses.is_dataclass(cls)
+            and cls.__dataclass_params__.frozen):
+        raise ValueError(f"dp_mechanism {name!r}: register a frozen dataclass subclassing "
+                         f"fedsec.defenses.correlated.MatrixMechanism (its fields are privacy.params)")
+    bare = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+    if bare:
+        raise ValueError(f"dp_mechanism {name!r}: field(s) {bare} need a default (they become privacy.params)")
+    return cls, {f.name: f.default for f in dataclasses.fields(cls)}
+
+
 _FIXED = {"update_attack": 3, "data_attack": 2, "accountant": 2, "benchmark": 2,
           "metric": 1}  # the positional arguments before the params
 _ADAPT = {"aggregator": _aggregator, "update_attack": _function("update_attack"),
           "data_attack": _function("data_attack"), "accountant": _function("accountant"),
           "server_optimizer": _server_optimizer, "benchmark": _function("benchmark"),
-          "metric": _function("metric")}
+          "metric": _function("metric"), "dp_mechanism": _dp_mechanism}
 
 
 _entry_points_loaded = False

@@ -4,6 +4,7 @@ one-line refusals of a sampling the accounting does not cover."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -12,8 +13,16 @@ import pytest
 import torch
 from conftest import tiny_config
 
+import fedsec
 from fedsec.accountants import DpEvent, epsilon
-from fedsec.defenses.correlated import BandedNoise, banded_sqrt_coefficients, tree_matrix
+from fedsec.defenses.correlated import (
+    BandedNoise,
+    MatrixMechanism,
+    MatrixNoise,
+    banded_matrix,
+    banded_sqrt_coefficients,
+    tree_matrix,
+)
 from fedsec.defenses.dp import gaussian_noise
 from fedsec.errors import ConfigError
 from fedsec.loop import run_experiment
@@ -31,8 +40,8 @@ def _final(run_dir) -> dict:
 
 
 def test_the_server_adds_c_inverse_z_and_the_ledger_is_one_gaussian_mechanism(tmp_path):
-    cfg = tiny_config(tmp_path, privacy={"mode": "user", "mechanism": "banded_mf", "bands": 3, "noise_multiplier": 2.0,
-                                         "clip_norm": 0.5, "delta": 1e-3},
+    cfg = tiny_config(tmp_path, privacy={"mode": "user", "mechanism": "banded_mf", "params": {"bands": 3},
+                                         "noise_multiplier": 2.0, "clip_norm": 0.5, "delta": 1e-3},
                       federation={"rounds": 5, "clients_per_round": 4})
     plan = plan_privacy(cfg, 4)
     c = plan.correlated
@@ -56,6 +65,11 @@ def test_the_server_adds_c_inverse_z_and_the_ledger_is_one_gaussian_mechanism(tm
         one_gaussian = epsilon([DpEvent(entry.noise_multiplier, 1.0)], 1e-3, "rdp")
         assert entry.epsilon["rdp"] == pytest.approx(one_gaussian)  # not a composition of 5 rounds
     assert dp.ledger.entries[-1].epsilon["pld"] == pytest.approx(epsilon([DpEvent(2.0, 1.0)], 1e-3, "pld"))
+    other = tiny_config(tmp_path, privacy={**cfg.privacy.__dict__, "params": {"bands": 2}},
+                        federation={"rounds": 5, "clients_per_round": 4})
+    with pytest.raises(ConfigError) as err:  # the ledger's own check, under the config's
+        UserLevelDp(other, plan_privacy(other, 4), root=5).load_state_dict(dp.state_dict(), 5)
+    assert err.value.field == "privacy.params (the sensitivity so far)"
 
 
 def test_a_target_epsilon_calibrates_the_one_gaussian_mechanism_and_cyclic_cohorts_lower_the_sensitivity(tmp_path):
@@ -88,7 +102,7 @@ def test_correlated_noise_0_with_an_infinite_clip_equals_the_plain_run(tmp_path)
 @pytest.mark.parametrize("mechanism", ["tree", "banded_mf"])
 def test_a_resumed_correlated_run_gives_the_same_adapter_and_ledger(tmp_path, mechanism):
     privacy = {"mode": "user", "mechanism": mechanism, "reproducible": True, "noise_multiplier": 1.0,
-               "delta": 1e-3, "clip_norm": 0.05, "bands": 2}
+               "delta": 1e-3, "clip_norm": 0.05, "params": {"bands": 2} if mechanism == "banded_mf" else {}}
     cfg = tiny_config(tmp_path, privacy=privacy, federation={"rounds": 4, "clients_per_round": 4,
                                                              "local_only_clients": 0})
     whole = run_experiment(cfg, out=tmp_path / "whole", **_QUIET)
@@ -124,7 +138,7 @@ def test_a_participation_the_sampling_breaks_is_refused_before_the_run(tmp_path,
 def test_fedsec_privacy_accounts_a_correlated_mechanism_as_one_gaussian_at_its_sensitivity(capsys):
     from fedsec.cli import main
 
-    assert main(["privacy", "epsilon", "--mechanism", "banded_mf", "--bands", "2", "--rounds", "4",
+    assert main(["privacy", "epsilon", "--mechanism", "banded_mf", "--param", "bands=2", "--rounds", "4",
                  "--noise-multiplier", "1.0", "--delta", "1e-3", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["sensitivity"] == pytest.approx(math.sqrt(7.75)) and out["sensitivity_exact"]  # C 1 = (1, 1.5, 1.5, 1.5)
@@ -137,3 +151,55 @@ def test_fedsec_privacy_accounts_a_correlated_mechanism_as_one_gaussian_at_its_s
                  "--noise-multiplier", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--sample-rate" in err[0] and "--period" in err[0]
+
+
+@fedsec.register("dp_mechanism", "dense_bands_test")
+@dataclasses.dataclass(frozen=True)
+class DenseBands(MatrixMechanism):
+    """A researcher's mechanism: the banded square root as a dense matrix, with the generic
+    forward-substitution noise (no noise() of its own)."""
+
+    bands: int = 2
+
+    def __post_init__(self) -> None:
+        if self.bands < 1:
+            raise ValueError("bands: must be >= 1")
+
+    def matrix(self, rounds: int) -> np.ndarray:
+        return banded_matrix(rounds, self.bands)
+
+
+def test_a_plugin_mechanism_is_accounted_and_noised_from_its_matrix_alone(tmp_path):
+    def cfg(mechanism, **privacy):
+        return tiny_config(tmp_path, privacy={"mode": "user", "mechanism": mechanism, "params": {"bands": 2},
+                                              "reproducible": True, "noise_multiplier": 1.0, "delta": 1e-3,
+                                              "clip_norm": 0.05, **privacy},
+                           federation={"rounds": 3, "clients_per_round": 4, "local_only_clients": 0})
+
+    plugin = run_experiment(cfg("dense_bands_test"), out=tmp_path / "plugin", **_QUIET)
+    builtin = run_experiment(cfg("banded_mf"), out=tmp_path / "builtin", **_QUIET)
+    assert plugin.privacy["certified"] and plugin.privacy["epsilon"] == builtin.privacy["epsilon"]
+    assert plugin.privacy["mechanism_params"] == {"bands": 2}
+    ledgers = [json.loads((tmp_path / d / "privacy_ledger.json").read_text())["entries"] for d in ("plugin", "builtin")]
+    assert [e["sensitivity"] for e in ledgers[0]] == [e["sensitivity"] for e in ledgers[1]]
+    # with 2 bands the generic substitution does the built-in's arithmetic: the same adapter, bit for bit
+    assert torch.equal(_final(tmp_path / "plugin")["global"], _final(tmp_path / "builtin")["global"])
+    for params, field in (({"bands": 0}, "privacy.params.bands"), ({"band": 2}, "privacy.params.band")):
+        with pytest.raises(ConfigError) as err:
+            cfg("dense_bands_test", params=params)
+        assert err.value.field == field and "\n" not in str(err.value)
+    with pytest.raises(ConfigError) as err:  # the factorization cannot change midway
+        run_experiment(cfg("banded_mf", params={"bands": 3}), out=tmp_path / "builtin", resume=True, **_QUIET)
+    assert err.value.field == "--resume" and "'bands: 2' became 'bands: 3'" in str(err.value)
+
+
+def test_the_generic_noise_equals_the_banded_recursion():
+    rounds, dim = 7, 3
+    g = torch.Generator().manual_seed(1)
+    z = [torch.randn(dim, generator=g, dtype=torch.float64) for _ in range(rounds)]
+    generic, banded = MatrixNoise(banded_matrix(rounds, 3), dim), BandedNoise(banded_sqrt_coefficients(3), dim)
+    for zt in z:
+        torch.testing.assert_close(generic.next(lambda zt=zt: zt), banded.next(lambda zt=zt: zt),
+                                   rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="covers 7 rounds"):
+        generic.next(lambda: z[0])
