@@ -17,6 +17,18 @@ guesses, or any r), v of them right. Under (eps, delta)-DP
 and the bound is the largest eps whose p-value is still below 1 - confidence: every
 smaller eps is rejected by the observation.
 
+The same game under f-DP (Mahloujifar, Melis & Chaudhuri 2024, "Auditing f-differential
+privacy in one run"): instead of the (eps, delta) pair, test the whole trade-off curve
+of the Gaussian mechanism that is exactly (eps, delta)-DP (mu-GDP, mu = `gdp_mu`). Going
+from the last correct guess back to the first, the curve bounds how much probability
+the adversary's wrong guesses must carry for the right ones it made (`fdp_rejects`);
+the observation rejects the claim when the two together exceed what r guesses of m
+allow. Tighter than the (eps, delta) test (it uses the whole curve), but it tests a
+Gaussian-DP claim: it refutes an (eps, delta) claim only where the mechanism's
+guarantee is that Gaussian curve (every client in every round, or correlated noise:
+one Gaussian mechanism). For a Poisson-subsampled run it says how far the run is from
+the Gaussian mechanism of its epsilon, not that the accountant is wrong.
+
 Many runs (Jagielski, Ullman & Oprea 2020): a distinguishing test run on models
 trained with and without one target; its false positive and false negative rates,
 bounded above with Clopper-Pearson intervals, give
@@ -74,6 +86,55 @@ def one_run_bound(m: int, r: int, v: int, delta: float, confidence: float = 0.95
     while hi - lo > tol:
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if one_run_p_value(m, r, v, mid, delta) < level else (lo, mid)
+    return AuditBound(lo, confidence, m, r, v, delta)
+
+
+def fdp_rejects(m: int, r: int, v: int, mu: float, level: float) -> bool:
+    """Whether v right of r guesses on m canaries reject mu-GDP at significance `level`
+    (Mahloujifar et al. 2024, their bound for a capped number of guesses).
+
+    `right` and `wrong` are the probability masses the adversary's right and wrong guesses
+    must carry; walking back over the right guesses, each needs at least
+    f^-1(right) = Phi(Phi^-1(right) - mu) of wrong mass (the GDP curve), and each wrong
+    mass added lifts the right mass by i / (r - i). The claim falls when the masses sum to
+    more than r / m."""
+    from scipy.stats import norm
+
+    right, wrong = level * v / m, level * (r - v) / m
+    for i in range(v - 1, -1, -1):
+        floor = float(norm.cdf(norm.ppf(right) - mu))
+        if floor <= wrong:  # nothing moves again
+            break
+        right = min(right + i / (r - i) * (floor - wrong), 1.0)
+        wrong = floor
+    return right + wrong > r / m
+
+
+def one_run_fdp_bound(m: int, r: int, v: int, delta: float, confidence: float = 0.95,
+                      tol: float = 1e-6) -> AuditBound:
+    """The largest epsilon whose Gaussian curve (mu-GDP, exactly (epsilon, delta)-DP) the
+    guesses reject at `confidence` (bisection to `tol`: a larger epsilon is a weaker claim)."""
+    from fedsec.accountants.backends import gdp_mu
+
+    if not (m >= 1 and 1 <= r <= m and 0 <= v <= r):
+        raise ValueError(f"need 1 <= guesses <= canaries and 0 <= correct <= guesses (m {m}, r {r}, v {v})")
+    if not (0 < delta < 1 and 0 < confidence < 1):
+        raise ValueError(f"need 0 < delta < 1 and 0 < confidence < 1 (delta {delta}, confidence {confidence})")
+    level = 1.0 - confidence
+
+    def rejected(eps: float) -> bool:
+        return fdp_rejects(m, r, v, gdp_mu(eps, delta), level)
+
+    if v == 0 or not rejected(0.0):
+        return AuditBound(0.0, confidence, m, r, v, delta)
+    lo, hi = 0.0, 1.0
+    while rejected(hi):
+        lo, hi = hi, 2 * hi
+        if hi > 1e4:
+            return AuditBound(math.inf, confidence, m, r, v, delta)
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if rejected(mid) else (lo, mid)
     return AuditBound(lo, confidence, m, r, v, delta)
 
 

@@ -243,13 +243,36 @@ def gdp_epsilon(history: Sequence[DpEvent], delta: float) -> float:
     return _gdp_mu_to_epsilon(math.sqrt(mu_sq), delta)
 
 
-def _gdp_mu_to_epsilon(mu: float, delta: float) -> float:
-    """Smallest epsilon with delta(epsilon) <= delta for mu-GDP (Dong et al. 2019, Cor. 2.13)."""
+def gdp_delta(mu: float, eps: float) -> float:
+    """delta(eps) of mu-GDP, the Gaussian mechanism with sensitivity / sigma = mu (Dong et al.
+    2019, Cor. 2.13): Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2)."""
     from scipy.stats import norm
 
+    if mu <= 0:
+        return 0.0
+    # e^eps Phi(-eps/mu - mu/2) in log space: e^eps alone overflows for large mu
+    return float(norm.cdf(-eps / mu + mu / 2) - math.exp(min(eps + norm.logcdf(-eps / mu - mu / 2), 0.0)))
+
+
+def gdp_mu(eps: float, delta: float) -> float:
+    """The mu whose Gaussian mechanism is exactly (eps, delta)-DP: gdp_delta(mu, eps) = delta
+    (delta grows with mu; bisection to 1e-12 relative)."""
+    if not (eps >= 0 and 0 < delta < 1):
+        raise ValueError(f"need eps >= 0 and 0 < delta < 1 (eps {eps}, delta {delta})")
+    low, high = 0.0, 1.0
+    while gdp_delta(high, eps) < delta:
+        low, high = high, 2 * high
+    while high - low > 1e-12 * high:
+        mid = (low + high) / 2
+        low, high = (mid, high) if gdp_delta(mid, eps) < delta else (low, mid)
+    return (low + high) / 2
+
+
+def _gdp_mu_to_epsilon(mu: float, delta: float) -> float:
+    """Smallest epsilon with delta(epsilon) <= delta for mu-GDP (Dong et al. 2019, Cor. 2.13)."""
+
     def delta_of(eps: float) -> float:
-        # e^eps Phi(-eps/mu - mu/2) in log space: e^eps alone overflows for large mu
-        return norm.cdf(-eps / mu + mu / 2) - math.exp(min(eps + norm.logcdf(-eps / mu - mu / 2), 0.0))
+        return gdp_delta(mu, eps)
 
     low, high = 0.0, 1.0
     while delta_of(high) > delta:

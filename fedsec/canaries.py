@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fedsec.accountants.audit import guess_and_count, one_run_bound
+from fedsec.accountants.audit import guess_and_count, one_run_bound, one_run_fdp_bound
 from fedsec.data.benchmark import canary_example, draw_canary, random_pin
 from fedsec.data.schema import Canary, ClientData, FederatedData
 from fedsec.leakage import sequence_nll
@@ -82,14 +82,16 @@ def canary_direction(seed: int, index: int, dim: int) -> torch.Tensor:
 
 @dataclass
 class UpdateCanaries:
-    """audit.kind update: the crafted canary updates, and every canary's running score (the
-    largest inner product of its direction with a released aggregate so far)."""
+    """audit.kind update: the crafted canary updates, and every canary's running score: the
+    largest inner product of its direction with a released aggregate so far (statistic max),
+    or their sum over the rounds (statistic sum)."""
 
     seed: int
     members: dict[int, int]  # client id of an included canary -> its index among all canaries
     norm: float
     examples: int  # the example count a canary update reports (FedAvg weights by it)
-    scores: torch.Tensor  # [canaries], -inf until the first round
+    scores: torch.Tensor  # [canaries]: max: -inf until the first round; sum: 0
+    statistic: str = "max"
     _directions: torch.Tensor | None = field(default=None, repr=False)
 
     def trained(self, sampled: Sequence[int]) -> list[int]:
@@ -110,7 +112,8 @@ class UpdateCanaries:
         if self._directions is None:  # [canaries, d] floats, made once
             self._directions = torch.stack([canary_direction(self.seed, k, aggregate.numel())
                                             for k in range(len(self.scores))])
-        self.scores = torch.maximum(self.scores, self._directions @ aggregate.to(self._directions.device))
+        products = self._directions @ aggregate.to(self._directions.device)
+        self.scores = self.scores + products if self.statistic == "sum" else torch.maximum(self.scores, products)
 
 
 @dataclass
@@ -128,23 +131,32 @@ def start_audit(cfg, canaries: tuple[Canary, ...], included: np.ndarray, first_c
     """The audit of config `cfg`, whose included canaries are clients first_client, ..."""
     if cfg.audit.kind == "update":
         members = {first_client + j: int(k) for j, k in enumerate(np.flatnonzero(included))}
-        scores = torch.full((len(canaries),), -math.inf, device="cpu")
+        start = 0.0 if cfg.audit.statistic == "sum" else -math.inf
+        scores = torch.full((len(canaries),), start, device="cpu")
         return AuditState(canaries, included, updates=UpdateCanaries(cfg.seed, members, cfg.privacy.clip_norm,
-                                                                     cfg.audit.repeats, scores))
+                                                                     cfg.audit.repeats, scores, cfg.audit.statistic))
     # the adapter starts at zero: these are the base model's margins
     return AuditState(canaries, included, secret_margins(model, tokenizer, canaries, cfg.data.template,
                                                          cfg.eval.batch_size, cfg.seed))
 
 
 def audit_result(untuned: Sequence[float], final: Sequence[float], included: np.ndarray, guesses: int,
-                 delta: float, confidence: float, accountant_epsilon: float | None) -> dict:
-    """The score of a canary is how much training raised its margin; then the game."""
+                 delta: float, confidence: float, accountant_epsilon: float | None,
+                 gaussian: bool = False) -> dict:
+    """The score of a canary is how much training raised its margin; then the game, judged
+    twice: Steinke et al.'s (epsilon, delta) test and Mahloujifar et al.'s f-DP test of the
+    Gaussian curve (fedsec.accountants.audit). `gaussian`: the run's guarantee is exactly
+    that curve (every client every round, or correlated noise), so the f-DP bound too must
+    stay below the accountant's epsilon."""
     scores = [f - u for u, f in zip(untuned, final)]
     r, v = guess_and_count(scores, included, guesses or len(scores))
-    bound = one_run_bound(len(scores), r, v, delta, confidence)
+    bound = one_run_bound(len(scores), r, v, delta, confidence).epsilon_lower_bound
+    fdp = one_run_fdp_bound(len(scores), r, v, delta, confidence).epsilon_lower_bound if delta > 0 else None
+    comparable = max(bound, fdp if gaussian and fdp is not None else 0.0)
     return {"canaries": len(scores), "included": int(np.sum(included)), "guesses": r, "correct": v,
-            "delta": delta, "confidence": confidence, "epsilon_lower_bound": bound.epsilon_lower_bound,
+            "delta": delta, "confidence": confidence, "epsilon_lower_bound": bound,
+            "fdp_epsilon_lower_bound": fdp, "gaussian_mechanism": gaussian,
             "scores": [float(x) for x in scores], "included_canaries": [bool(x) for x in included],
             "accountant_epsilon": accountant_epsilon,
-            "bound_exceeds_accountant": (accountant_epsilon is not None
-                                         and bound.epsilon_lower_bound > accountant_epsilon)}
+            "tightness": comparable / accountant_epsilon if accountant_epsilon else None,
+            "bound_exceeds_accountant": accountant_epsilon is not None and comparable > accountant_epsilon}

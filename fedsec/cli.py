@@ -205,7 +205,7 @@ def _audit(args) -> int:
     import json
 
     from fedsec.accountants import format_lower_bound
-    from fedsec.accountants.audit import one_run_bound
+    from fedsec.accountants.audit import one_run_bound, one_run_fdp_bound
     from fedsec.errors import ConfigError
 
     if args.audit_command is None:
@@ -220,12 +220,17 @@ def _audit(args) -> int:
         raise ConfigError("--delta", args.delta, "must be in [0, 1), e.g. 1e-5")
     if not 0 < args.confidence < 1:
         raise ConfigError("--confidence", args.confidence, "must be in (0, 1), e.g. 0.95")
-    result = one_run_bound(args.canaries, args.guesses, args.correct, args.delta, args.confidence)
+    counts = (args.canaries, args.guesses, args.correct, args.delta, args.confidence)
+    result = one_run_bound(*counts)
+    fdp = one_run_fdp_bound(*counts).epsilon_lower_bound if args.delta > 0 else None
     if args.json:
-        print(json.dumps(result.as_dict()))
+        print(json.dumps({**result.as_dict(), "fdp_epsilon_lower_bound": fdp}))
         return 0
     print(f"epsilon >= {format_lower_bound(result.epsilon_lower_bound, 4)} with confidence {args.confidence:g} "
           f"({args.correct} of {args.guesses} guesses right on {args.canaries} canaries, delta {args.delta:g})")
+    if fdp is not None:
+        print(f"  f-DP test of the Gaussian curve (Mahloujifar et al. 2024): epsilon >= {format_lower_bound(fdp, 4)}, "
+              "for mechanisms whose guarantee is that curve (every client every round, correlated noise)")
     return 0
 
 

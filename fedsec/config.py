@@ -36,6 +36,7 @@ LR_SCHEDULES = ("cosine", "constant")
 SAMPLINGS = ("auto", "fixed", "poisson", "cyclic")
 PARTICIPATIONS = ("auto", "every_round", "cyclic", "separated")
 AUDIT_KINDS = ("secret", "update")
+AUDIT_STATISTICS = ("max", "sum")
 LOCAL_OPTIMIZERS = ("adamw", "sgd")
 PRIVACY_MODES = ("off", "user", "record")
 ENGINES = ("inprocess", "flower")
@@ -700,12 +701,18 @@ class AuditConfig:
         "secret")
     guesses: int = _help("guesses of the auditor: the top half by score 'in', the bottom half "
                          "'out' (0: every canary)", 0)
+    statistic: str = _help(
+        "kind update: a canary's score from the rounds' released aggregates: max (its direction's "
+        "largest inner product with one round's: for clients sampled in few rounds) or sum (the sum "
+        "over rounds: the likelihood-ratio test when a canary takes part in every round)", "max")
     repeats: int = _help("copies of its secret in each canary client's data (kind update: the example "
                          "count its update reports)", 4)
     confidence: float = _help("confidence of the lower bound on epsilon", 0.95)
 
     def __post_init__(self) -> None:
         _require(self.kind in AUDIT_KINDS, "kind", self.kind, f"use one of {', '.join(AUDIT_KINDS)}")
+        _require(self.statistic in AUDIT_STATISTICS, "statistic", self.statistic,
+                 f"use one of {', '.join(AUDIT_STATISTICS)}")
         _require(self.canaries >= 0, "canaries", self.canaries, "must be >= 0 (0: no audit)")
         _require(0 <= self.guesses <= self.canaries, "guesses", self.guesses,
                  f"must be in [0, canaries = {self.canaries}] (0: every canary)")

@@ -146,7 +146,9 @@ def summary_lines(result: RunResult) -> list[str]:
                      f"guesses right on {a['canaries']} canary "
                      f"clients ({a['included']} included): epsilon >= "
                      f"{format_lower_bound(a['epsilon_lower_bound'])} with "
-                     f"confidence {a['confidence']:g}{versus}")
+                     f"confidence {a['confidence']:g}"
+                     + (f" (f-DP, Gaussian curve: {format_lower_bound(a['fdp_epsilon_lower_bound'])})"
+                        if a.get("fdp_epsilon_lower_bound") is not None else "") + versus)
         if a["bound_exceeds_accountant"]:
             lines.append(audit_exceedance(a["confidence"]))
     if private:

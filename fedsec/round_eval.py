@@ -134,6 +134,9 @@ def audit_outcome(setup: Setup, privacy: dict | None) -> dict:
         after = secret_margins(setup.model, setup.tokenizer, state.canaries, cfg.data.template,
                                cfg.eval.batch_size, cfg.seed)
     certified = privacy is not None and privacy.get("certified")
+    # every client in every round, or one correlated-noise mechanism: a composition of Gaussians
+    gaussian = bool(certified and (privacy.get("mechanism", "dp_fedavg") != "dp_fedavg"
+                                   or privacy.get("sample_rate") == 1.0))
     return {"kind": cfg.audit.kind,
             **audit_result(before, after, state.included, cfg.audit.guesses, cfg.privacy.delta,
-                           cfg.audit.confidence, privacy["epsilon"] if certified else None)}
+                           cfg.audit.confidence, privacy["epsilon"] if certified else None, gaussian)}

@@ -44,11 +44,13 @@ def cyclic_cohort(num_clients: int, per_round: int, round_idx: int) -> list[int]
 
 
 def check_sampling(cfg, num_clients: int) -> None:
-    """Cyclic cohorts must cut the clients evenly (ConfigError before a run starts)."""
+    """A fixed or cyclic round fits in the clients, and cyclic cohorts cut them evenly
+    (ConfigError before a run starts); Poisson's rate is checked against the population
+    at setup (fedsec.setup)."""
     from fedsec.errors import ConfigError
 
     per_round = cfg.federation.clients_per_round
-    if per_round > num_clients:
+    if cfg.sampling != "poisson" and per_round > num_clients:
         raise ConfigError("federation.clients_per_round", per_round, f"exceeds the {num_clients} clients")
     if cfg.sampling == "cyclic" and num_clients % per_round:
         divisors = [k for k in range(1, num_clients + 1) if num_clients % k == 0]

@@ -146,9 +146,12 @@ def build_federation(cfg: ExperimentConfig, silos: tuple[int, ...] | None = None
     if cfg.audit.canaries:  # canary clients, appended after every other client
         canaries, included = audit_canaries(cfg.seed, cfg.audit.canaries)
         data = with_canary_clients(data, canaries, included, cfg.audit.repeats)
-    if fed.clients_per_round > len(data.clients):
+    # Poisson sampling's rate is clients_per_round / population (audit canaries in or out): q <= 1
+    most = population if cfg.sampling == "poisson" else len(data.clients)
+    if fed.clients_per_round > most:
+        counted = " (the audit's canaries counted, in or out)" if most == population and cfg.audit.canaries else ""
         raise ConfigError("federation.clients_per_round", fed.clients_per_round,
-                          f"the data has {len(data.clients)} clients; sample at most that many")
+                          f"the data has {most} clients{counted}; sample at most that many")
     return Federation(data, tuple(malicious), population, canaries, included)
 
 

@@ -230,7 +230,8 @@ METRICS = ("final_accuracy", "local_only_accuracy", "untuned_accuracy", "final_l
            "preference_accuracy",
            "likelihood_accuracy", "untuned_likelihood_accuracy", "refusal_rate", "untuned_refusal_rate",
            "attack_success_rate", "clean_target_rate", "true_positive_rate", "false_positive_rate",
-           "exposure", "untuned_exposure", "extraction_rate", "audit_bound", "mia_auc", "mia_reference_auc",
+           "exposure", "untuned_exposure", "extraction_rate", "audit_bound", "audit_bound_fdp", "mia_auc",
+           "mia_reference_auc",
            "answer_extraction", "held_out_answer_extraction")
 
 
@@ -290,6 +291,7 @@ def write_tables(root: Path, runs: list[SweepRun]) -> None:
             "untuned_exposure": (untuned.get("memorization") or {}).get("exposure_mean"),
             "extraction_rate": (final.get("memorization") or {}).get("extraction_rate"),
             "audit_bound": (result.get("audit") or {}).get("epsilon_lower_bound"),
+            "audit_bound_fdp": (result.get("audit") or {}).get("fdp_epsilon_lower_bound"),
             "mia_auc": ((result.get("membership") or {}).get("loss") or {}).get("auc"),
             "mia_reference_auc": ((result.get("membership") or {}).get("reference") or {}).get("auc"),
             "answer_extraction": ((result.get("membership") or {}).get("answer_extraction") or {}).get("members"),
@@ -380,6 +382,7 @@ HEADINGS = {"final_accuracy": "final accuracy", "local_only_accuracy": "local-on
             "true_positive_rate": "malicious dropped", "false_positive_rate": "honest dropped",
             "exposure": "exposure (bits)", "untuned_exposure": "untuned exposure",
             "extraction_rate": "extracted", "audit_bound": "audit epsilon >=",
+            "audit_bound_fdp": "audit epsilon >= (f-DP)",
             "mia_auc": "MIA AUC (loss)", "mia_reference_auc": "MIA AUC (reference)",
             "answer_extraction": "training answers extracted", "held_out_answer_extraction": "held-out reproduced"}
 

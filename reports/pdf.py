@@ -98,6 +98,7 @@ def run_table(runs: list[RunFiles]) -> list[dict]:
             "certified": p.get("certified") if p else None,
             **utility_columns(res.get("final") or {}, res.get("untuned") or {}, local or None),
             "audit_bound": (res.get("audit") or {}).get("epsilon_lower_bound"),
+            "audit_bound_fdp": (res.get("audit") or {}).get("fdp_epsilon_lower_bound"),
             "audit": _audit_cell(res.get("audit")),
             "finished": res.get("finished", False),
             "noise": p.get("noise") if p else None, "stopped": res.get("stopped"),
@@ -144,11 +145,13 @@ def audit_findings(runs: list[RunFiles]) -> list[str]:
         return []
     out = []
     plain = [a["epsilon_lower_bound"] for r, a in audited if a["accountant_epsilon"] is None]
+    plain_fdp = [a["fdp_epsilon_lower_bound"] for r, a in audited
+                 if a["accountant_epsilon"] is None and a.get("fdp_epsilon_lower_bound") is not None]
     kind = audited[0][1].get("kind", "secret")
     if plain:
         out.append(f"Privacy audit ({kind} canaries, {audited[0][1]['canaries']} per run): runs without a "
-                   f"certified epsilon show epsilon >= {format_lower_bound(min(plain))}"
-                   + (f" to {format_lower_bound(max(plain))}" if max(plain) > min(plain) else "") + ".")
+                   f"certified epsilon show epsilon >= {_span(plain)}"
+                   + (f" (f-DP test of the Gaussian curve: {_span(plain_fdp)})" if plain_fdp else "") + ".")
     certified = [(r, a) for r, a in audited if a["accountant_epsilon"] is not None]
     # each run's bound holds at its confidence c, so a correct implementation exceeds in about
     # (1 - c) of runs: over R runs the report flags only what exceeds at the corrected 1 - (1 - c) / R
@@ -165,26 +168,45 @@ def audit_findings(runs: list[RunFiles]) -> list[str]:
                    f"{format_lower_bound(corrected_bound(a, len(certified)))} (confidence "
                    f"{1 - (1 - a['confidence']) / len(certified):.4g}) exceeds the accountant's epsilon "
                    f"{format_epsilon(a['accountant_epsilon'])}; its privacy claim does not hold.")
-    if certified and not broken and max(a["epsilon_lower_bound"] for _, a in certified) == 0:
+    if certified and not broken and max(comparable_bound(a) for _, a in certified) == 0:
         out.append(f"On all {len(certified)} DP run(s) the audit's bound is 0: under the noise the guesses "
                    "are too close to chance to prove any epsilon.")
     elif certified and not broken:
-        r, a = max(certified, key=lambda ra: ra[1]["epsilon_lower_bound"] / ra[1]["accountant_epsilon"])
+        r, a = max(certified, key=lambda ra: comparable_bound(ra[1]) / ra[1]["accountant_epsilon"])
+        test = "f-DP" if comparable_bound(a) > a["epsilon_lower_bound"] else "(eps, delta)"
         out.append(f"On all {len(certified)} DP run(s) the audit's bound stays below the accountant's epsilon; "
-                   f"closest: epsilon >= {format_lower_bound(a['epsilon_lower_bound'])} against "
-                   f"{format_epsilon(a['accountant_epsilon'])} ({r.variant}).")
+                   f"closest: epsilon >= {format_lower_bound(comparable_bound(a))} ({test} test) against "
+                   f"{format_epsilon(a['accountant_epsilon'])} ({r.variant}: "
+                   f"{comparable_bound(a) / a['accountant_epsilon']:.0%} of it).")
     return out
 
 
-def corrected_bound(audit: dict, runs: int) -> float:
-    """The run's lower bound at confidence 1 - (1 - c) / runs (Bonferroni over `runs` audited runs)."""
-    from fedsec.accountants.audit import one_run_bound
+def _span(values: list[float]) -> str:
+    low, high = min(values), max(values)
+    return format_lower_bound(low) + (f" to {format_lower_bound(high)}" if high > low else "")
 
+
+def comparable_bound(audit: dict, confidence: float | None = None) -> float:
+    """The bound an accountant's epsilon must stay above: the (epsilon, delta) test's, and the
+    f-DP test's where the run's guarantee is the Gaussian curve it tests (at `confidence`,
+    default the audit's own)."""
+    from fedsec.accountants.audit import one_run_bound, one_run_fdp_bound
+
+    counts = (audit["canaries"], audit["guesses"], audit["correct"], audit["delta"])
+    if confidence is None or confidence == audit["confidence"]:
+        plain, fdp = audit["epsilon_lower_bound"], audit.get("fdp_epsilon_lower_bound")
+    else:
+        plain = one_run_bound(*counts, confidence).epsilon_lower_bound
+        fdp = one_run_fdp_bound(*counts, confidence).epsilon_lower_bound if audit["delta"] > 0 else None
+    return max(plain, fdp if audit.get("gaussian_mechanism") and fdp is not None else 0.0)
+
+
+def corrected_bound(audit: dict, runs: int) -> float:
+    """The run's comparable bound at confidence 1 - (1 - c) / runs (Bonferroni over `runs`
+    audited runs)."""
     if runs <= 1:
-        return audit["epsilon_lower_bound"]
-    level = 1 - (1 - audit["confidence"]) / runs
-    return one_run_bound(audit["canaries"], audit["guesses"], audit["correct"], audit["delta"],
-                         level).epsilon_lower_bound
+        return comparable_bound(audit)
+    return comparable_bound(audit, 1 - (1 - audit["confidence"]) / runs)
 
 
 def _mean(values) -> float | None:
@@ -491,7 +513,7 @@ def _styles():
 
 HEADERS = {"sample_rate": "q", "clip_norm": "C", "sigma": "sigma", "final_accuracy": "final acc",
            "local_only_accuracy": "local-only acc", "untuned_accuracy": "untuned acc",
-           "audit": "audit guesses", "audit_bound": "audit eps >=",
+           "audit": "audit guesses", "audit_bound": "audit eps >=", "audit_bound_fdp": "f-DP eps >=",
            "certified": "certified", "algorithm": "algorithm"}
 
 
@@ -585,7 +607,8 @@ def build_report(directory: Path, out: Path | None = None, force: bool = False) 
                "sample_rate", "certified", *shown]
     columns = [c for c in columns if not c.startswith("local_only") or any(r.get(c) is not None for r in table)]
     if any(row["audit"] for row in table):
-        columns += ["audit", "audit_bound"]
+        columns += ["audit", "audit_bound"] + (["audit_bound_fdp"] if any(
+            row.get("audit_bound_fdp") is not None for row in table) else [])
     story.append(_table(table, styles, columns, width=17.4 * cm, headers=headers))
     benchmarks = benchmark_rows(runs)
     if benchmarks:

@@ -524,9 +524,10 @@ class AuditBounds:
     non_private: Stat | None  # the bound where no epsilon is claimed
 
 
-def audit_bounds_data(rows: list[dict]) -> AuditBounds | None:
-    """None when no run of the sweep was audited."""
-    audited = [r for r in rows if r.get("audit_bound") is not None]
+def audit_bounds_data(rows: list[dict], key: str = "audit_bound") -> AuditBounds | None:
+    """None when no run of the sweep was audited. `key`: audit_bound (Steinke et al.'s
+    (epsilon, delta) test) or audit_bound_fdp (Mahloujifar et al.'s f-DP test)."""
+    audited = [r for r in rows if r.get(key) is not None]
     if not audited:
         return None
     points, plain = [], []
@@ -534,30 +535,37 @@ def audit_bounds_data(rows: list[dict]) -> AuditBounds | None:
         mine = [r for r in audited if r["variant"] == variant]
         if mine[0].get("certified") is True:
             points.append((variant, aggregate(r["epsilon"] for r in mine).mean,
-                           aggregate(r["audit_bound"] for r in mine)))
+                           aggregate(r[key] for r in mine)))
         elif mine[0].get("certified") is None:
             plain.extend(mine)
     points.sort(key=lambda p: p[1])
-    return AuditBounds(points, aggregate(r["audit_bound"] for r in plain))
+    return AuditBounds(points, aggregate(r[key] for r in plain))
 
 
 def audit_bounds(sweep_dir: Path):
-    """Accountant epsilon (x) vs the audit's lower bound (y), mean and spread over seeds,
-    the line y = x, and the non-private runs' bound as a reference line."""
-    data = audit_bounds_data(sweep_rows(sweep_dir))
-    if data is None:
+    """Accountant epsilon (x) vs the audit's lower bounds (y: the (epsilon, delta) test and,
+    where computed, the f-DP test), mean and spread over seeds, the line y = x, and the
+    non-private runs' bounds as reference lines."""
+    rows = sweep_rows(sweep_dir)
+    tests = [(audit_bounds_data(rows, key), name, marker, color)
+             for key, name, marker, color in (("audit_bound", "(eps, delta) test", "o", "black"),
+                                              ("audit_bound_fdp", "f-DP test", "s", "tab:red"))]
+    tests = [t for t in tests if t[0] is not None]
+    if not tests:
         return None
     fig, ax = plt.subplots(figsize=(5, 4.2))
-    top = max([p[1] for p in data.points] + [p[2].mean + p[2].std for p in data.points]
-              + ([data.non_private.mean] if data.non_private else []) + [1.0]) * 1.1
+    top = max([1.0] + [v for data, *_ in tests for v in
+                       [p[1] for p in data.points] + [p[2].mean + p[2].std for p in data.points]
+                       + ([data.non_private.mean] if data.non_private else [])]) * 1.1
     ax.plot([0, top], [0, top], color="gray", linestyle=":", label="y = x (the accountant's claim)")
-    if data.points:
-        ax.errorbar([p[1] for p in data.points], [p[2].mean for p in data.points],
-                    yerr=[p[2].std for p in data.points], marker="o", linestyle="-", color="black",
-                    capsize=3, label=f"DP runs ({max(p[2].n for p in data.points)} seed(s))")
-    if data.non_private is not None:
-        ax.axhline(data.non_private.mean, linestyle="--", color="tab:blue",
-                   label=f"non-private ({data.non_private.mean:.2f})")
+    for data, name, marker, color in tests:
+        if data.points:
+            ax.errorbar([p[1] for p in data.points], [p[2].mean for p in data.points],
+                        yerr=[p[2].std for p in data.points], marker=marker, linestyle="-", color=color,
+                        capsize=3, label=f"DP runs, {name} ({max(p[2].n for p in data.points)} seed(s))")
+        if data.non_private is not None:
+            ax.axhline(data.non_private.mean, linestyle="--", color=color,
+                       label=f"non-private, {name} ({data.non_private.mean:.2f})")
     ax.set_xlim(0, top)
     ax.set_ylim(-0.03 * top, top)  # a bound of 0 stays visible
     ax.set_xlabel("accountant's epsilon")

@@ -10,7 +10,16 @@ import sys
 import pytest
 from scipy import stats
 
-from fedsec.accountants.audit import clopper_pearson_upper, many_runs_bound, one_run_bound, one_run_p_value
+from fedsec.accountants.audit import (
+    clopper_pearson_upper,
+    fdp_rejects,
+    guess_and_count,
+    many_runs_bound,
+    one_run_bound,
+    one_run_fdp_bound,
+    one_run_p_value,
+)
+from fedsec.accountants.backends import _gdp_mu_to_epsilon, gdp_delta, gdp_mu
 
 
 def test_reference_value():
@@ -53,6 +62,63 @@ def test_monotone_in_correct_guesses_and_in_delta():
     assert all(a >= b for a, b in zip(by_delta, by_delta[1:])) and by_delta[0] > by_delta[-1]
     # higher confidence, weaker claim
     assert one_run_bound(1000, 100, 95, 0.0, 0.99).epsilon_lower_bound < by_delta[0]
+
+
+# jax-privacy 2.0.0's auditing._epsilon_one_run_fdp(0, m, r, v, 0.05, delta) (its implementation
+# of Mahloujifar et al. 2024), run with dp-accounting 0.6.0 on 2026-12-05; Steinke's bound of
+# the same counts (its _epsilon_one_run) beside it, equal to fedsec's one_run_bound
+FDP_REFERENCE = [  # (m, r, v, delta) -> (f-DP bound, Steinke bound)
+    ((1000, 100, 90, 1e-5), 2.4564050672094146, 1.6261436787042223),
+    ((1000, 100, 75, 1e-5), 1.0059159106249809, 0.6994669106155617),
+    ((1000, 1000, 700, 1e-5), 1.3719800500431791, 0.7317406384658977),
+    ((100, 50, 40, 1e-3), 1.0097897720881073, 0.71138542001327),
+    ((200, 20, 20, 1e-5), 2.892102871817154, 1.8164726132401656),
+    ((1000, 100, 55, 1e-5), 0.0, 0.0),
+    ((64, 64, 50, 1e-3), 1.1646723625046551, 0.7211965760302591),
+]
+
+
+@pytest.mark.parametrize("case, fdp, steinke", FDP_REFERENCE)
+def test_the_fdp_bound_matches_jax_privacy_and_is_the_tighter(case, fdp, steinke):
+    assert one_run_fdp_bound(*case).epsilon_lower_bound == pytest.approx(fdp, abs=1e-5)
+    assert one_run_bound(*case).epsilon_lower_bound == pytest.approx(steinke, abs=1e-5)
+    assert one_run_fdp_bound(*case).epsilon_lower_bound >= one_run_bound(*case).epsilon_lower_bound
+
+
+def test_gdp_mu_inverts_the_gaussian_mechanisms_delta():
+    for eps, delta in ((8.0, 1e-5), (2.0, 1e-3), (0.5, 1e-6), (0.0, 1e-2)):
+        mu = gdp_mu(eps, delta)
+        assert gdp_delta(mu, eps) == pytest.approx(delta, rel=1e-9)
+        if eps > 0:
+            assert _gdp_mu_to_epsilon(mu, delta) == pytest.approx(eps, abs=1e-6)
+    assert gdp_mu(8.0, 1e-3) == pytest.approx(2.0832, abs=1e-3)  # sigma 0.48 is (8, 1e-3)-DP
+
+
+def test_the_fdp_bound_is_monotone_and_sits_at_the_rejection_edge():
+    bounds = [one_run_fdp_bound(500, 100, v, 1e-5).epsilon_lower_bound for v in range(50, 101, 5)]
+    assert all(a <= b for a, b in zip(bounds, bounds[1:])) and bounds[0] == 0 and bounds[-1] > 3
+    b = one_run_fdp_bound(1000, 200, 170, 1e-5).epsilon_lower_bound
+    assert fdp_rejects(1000, 200, 170, gdp_mu(b, 1e-5), 0.05)
+    assert not fdp_rejects(1000, 200, 170, gdp_mu(b + 1e-4, 1e-5), 0.05)
+    assert one_run_fdp_bound(1000, 200, 170, 1e-5, 0.99).epsilon_lower_bound < b  # more confidence, less claim
+
+
+def test_the_fdp_bound_is_sound_on_a_mechanism_that_is_exactly_gaussian():
+    # each canary's score is N(mu * included, 1): releasing the scores is mu-GDP in each
+    # canary, so at 95% confidence at most about 5% of audits may exceed epsilon(mu)
+    import numpy as np
+
+    mu, delta, m, r = 1.5, 1e-3, 400, 100
+    truth = _gdp_mu_to_epsilon(mu, delta)
+    rng = np.random.default_rng(7)
+    bounds = []
+    for _ in range(40):
+        included = rng.random(m) < 0.5
+        scores = rng.normal(size=m) + mu * included
+        bounds.append(one_run_fdp_bound(m, *guess_and_count(list(scores), list(included), r), delta)
+                      .epsilon_lower_bound)
+    assert sum(b > truth for b in bounds) <= 4  # Binomial(40, 0.05) exceeds 4 with probability 0.05
+    assert float(np.median(bounds)) > 0.4 * truth  # and the test has power: the audit is not vacuous
 
 
 def test_bad_counts_are_refused():
@@ -111,7 +177,7 @@ def test_guess_and_count_by_hand():
         guess_and_count(scores, included, 7)
 
 
-def _audited_run(tmp_path, privacy, per_round, kind="secret"):
+def _audited_run(tmp_path, privacy, per_round, kind="secret", **audit):
     from conftest import tiny_config
 
     from fedsec.loop import run_experiment
@@ -124,7 +190,7 @@ def _audited_run(tmp_path, privacy, per_round, kind="secret"):
                       federation={"rounds": 6, "clients_per_round": per_round, "local_only_clients": 0},
                       training={"local_steps": 4, "batch_size": 4, "lr": 1e-2, "min_lr": 1e-2},
                       eval={"clients": False, "every": 6},
-                      audit={"canaries": 16, "guesses": 8, "repeats": 4, "kind": kind})
+                      audit={"canaries": 16, "guesses": 8, "repeats": 4, "kind": kind, **audit})
     return run_experiment(cfg, out=tmp_path / "run", progress=False, log=lambda _: None)
 
 
@@ -174,6 +240,13 @@ def test_update_canaries_are_unit_directions_inserted_in_sampled_order_and_score
     assert crafted.scores[1].item() == pytest.approx(1.0)  # the larger of +1 and -1
     expected = max(float(canary_direction(7, 0, dim) @ first), float(canary_direction(7, 0, dim) @ second))
     assert crafted.scores[0].item() == pytest.approx(expected)
+    summed = UpdateCanaries(seed=7, members={}, norm=0.5, examples=4, scores=torch.zeros(3), statistic="sum")
+    third = torch.linspace(-1, 1, dim)
+    for aggregate in (first, first, third):
+        summed.observe(aggregate)
+    for k in range(3):  # statistic sum: the inner product with the rounds' aggregates added up
+        assert summed.scores[k].item() == pytest.approx(float(canary_direction(7, k, dim) @ (2 * first + third)),
+                                                        abs=1e-6)
 
 
 def test_update_canaries_are_seen_without_dp_and_the_bound_stays_below_the_accountant_with_dp(tmp_path):
@@ -196,6 +269,28 @@ def test_update_canaries_are_seen_without_dp_and_the_bound_stays_below_the_accou
                            every, "update").audit
     assert private["accountant_epsilon"] <= 2.0 and private["epsilon_lower_bound"] <= private["accountant_epsilon"]
     assert not private["bound_exceeds_accountant"]
+
+
+def test_every_client_every_round_is_a_gaussian_mechanism_so_the_fdp_bound_is_held_to_the_accountant(tmp_path):
+    """q = 1 (every client, canaries included, in every round) under DP: the run is a
+    composition of Gaussian mechanisms, so the f-DP test's bound is compared with the
+    accountant too; with the sum statistic it must stay below it."""
+    population = 2 + 16  # the sample rate counts every canary, in or out
+    private = _audited_run(tmp_path / "dp", {"mode": "user", "epsilon": 2.0, "clip_norm": 0.05, "delta": 1e-3,
+                                             "reproducible": True},
+                           population, "update", statistic="sum").audit
+    assert private["gaussian_mechanism"] and private["accountant_epsilon"] <= 2.0
+    fdp = one_run_fdp_bound(16, 8, private["correct"], 1e-3).epsilon_lower_bound
+    assert private["fdp_epsilon_lower_bound"] == fdp <= private["accountant_epsilon"]
+    best = max(fdp, private["epsilon_lower_bound"])
+    assert private["tightness"] == pytest.approx(best / private["accountant_epsilon"])
+    assert not private["bound_exceeds_accountant"]
+    from fedsec.canaries import audit_canaries
+
+    present = 2 + int(audit_canaries(3, 16)[1].sum())  # without DP the sampling is fixed-size: all present
+    plain = _audited_run(tmp_path / "plain", {"clip_norm": 1.0}, present, "update", statistic="sum").audit
+    assert plain["correct"] == 8 and not plain["gaussian_mechanism"] and plain["tightness"] is None
+    assert plain["fdp_epsilon_lower_bound"] > plain["epsilon_lower_bound"] > 0.75  # the f-DP test is the tighter
 
 
 def test_an_update_audit_resumed_after_a_crash_ends_with_the_same_scores(tmp_path):

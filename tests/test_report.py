@@ -186,7 +186,7 @@ def test_audit_findings_and_columns_come_from_the_runs_and_a_violation_is_named(
     assert audit_findings(runs) == [
         "Privacy audit (update canaries, 200 per run): runs without a certified epsilon show epsilon >= 0.653.",
         "On all 2 DP run(s) the audit's bound stays below the accountant's epsilon; closest: epsilon >= 0.301 "
-        "against 2.00 (eps2)."]
+        "((eps, delta) test) against 2.00 (eps2: 15% of it)."]
     table = run_table(runs)
     assert [(r["audit"], r["audit_bound"]) for r in table] == [("60/80 update", 0.653), ("47/80 update", 0.0),
                                                                ("52/80 update", 0.3012)]
@@ -199,6 +199,15 @@ def test_audit_findings_and_columns_come_from_the_runs_and_a_violation_is_named(
                                          "are too close to chance to prove any epsilon."]
     _write_run(root / "unaudited", 0, 0.6)
     assert audit_findings(collect(root / "unaudited")[1]) == []
+    # the f-DP bound counts against the accountant only where the run is the Gaussian curve it tests
+    fdp = {"fdp_epsilon_lower_bound": 2.5, "gaussian_mechanism": False}
+    _write_run(root / "poisson", 0, 0.6, privacy=_privacy(2.0, 1.5), audit={**_audit(70, 1.5, 2.0), **fdp})
+    assert audit_findings(collect(root / "poisson")[1])[-1].endswith("epsilon >= 1.50 ((eps, delta) test) "
+                                                                      "against 2.00 (poisson: 75% of it).")
+    _write_run(root / "gaussian", 0, 0.6, privacy=_privacy(2.0, 1.5),
+               audit={**_audit(70, 1.5, 2.0), **fdp, "gaussian_mechanism": True, "bound_exceeds_accountant": True})
+    assert audit_findings(collect(root / "gaussian")[1])[-1].startswith(
+        "AUDIT VIOLATION in gaussian (seed 0): the lower bound 2.50 (confidence 0.95) exceeds")
 
 
 def test_a_sweep_flags_an_audit_only_after_correcting_for_its_number_of_runs(tmp_path):
