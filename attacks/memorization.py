@@ -110,3 +110,61 @@ def mia_metrics(members: Sequence[float], non_members: Sequence[float]) -> MiaRe
     auc = float(roc_auc_score(labels, np.r_[members, non_members]))
     return MiaResult(auc, tpr_at_fpr(members, non_members, 0.01), tpr_at_fpr(members, non_members, 0.001),
                      len(members), len(non_members))
+
+
+# The blind baseline (Das et al. 2024, "Blind baselines beat membership inference attacks
+# for foundation models"; Duan et al. 2024): a classifier that never sees the model and
+# tells members from non-members by their text alone. If it beats chance, the two sets
+# differ in kind (a shifted split), and an MIA's AUC measures that shift as much as any
+# memorization. Multinomial naive Bayes over hashed word unigrams and bigrams plus the
+# text's length and digit-share buckets, scored out of fold (each text by the classifier
+# fitted on the other folds), so it cannot have learned the texts it scores.
+BLIND_BUCKETS = 1 << 14
+BLIND_FOLDS = 5
+
+
+def blind_features(text: str) -> np.ndarray:
+    """Counts of the text's hashed features (BLIND_BUCKETS of them): lower-cased words,
+    word bigrams, its length in characters (log2 bucket) and share of digits (tenths)."""
+    import re
+
+    words = re.findall(r"\w+", text.lower())
+    tokens = words + [f"{a} {b}" for a, b in zip(words, words[1:])]
+    tokens += [f"<len {int(math.log2(len(text) + 1))}>",
+               f"<digits {int(10 * sum(ch.isdigit() for ch in text) / max(1, len(text)))}>"]
+    counts = np.zeros(BLIND_BUCKETS)
+    for token in tokens:  # crc32: the same bucket in every process (str hash is salted)
+        counts[zlib.crc32(token.encode("utf-8")) % BLIND_BUCKETS] += 1
+    return counts
+
+
+def blind_scores(members: Sequence[str], non_members: Sequence[str], seed: int,
+                 folds: int = BLIND_FOLDS) -> tuple[list[float], list[float]]:
+    """Out-of-fold log-odds of 'member' for every text (higher = member), from naive Bayes
+    fitted on the other folds (Laplace smoothing); the folds are a seeded shuffle."""
+    texts = [*members, *non_members]
+    labels = np.r_[np.ones(len(members), dtype=bool), np.zeros(len(non_members), dtype=bool)]
+    if len(members) < folds or len(non_members) < folds:
+        raise ValueError(f"the blind baseline needs at least {folds} members and non-members")
+    x = np.stack([blind_features(t) for t in texts])
+    fold = np.empty(len(texts), dtype=int)
+    fold[np.random.default_rng(seed).permutation(len(texts))] = np.arange(len(texts)) % folds
+    scores = np.empty(len(texts))
+    for k in range(folds):
+        train, test = fold != k, fold == k
+        counts_in = x[train & labels].sum(axis=0) + 1.0
+        counts_out = x[train & ~labels].sum(axis=0) + 1.0
+        weights = np.log(counts_in / counts_in.sum()) - np.log(counts_out / counts_out.sum())
+        scores[test] = x[test] @ weights
+    return scores[: len(members)].tolist(), scores[len(members):].tolist()
+
+
+def blind_baseline(members: Sequence[str], non_members: Sequence[str], seed: int) -> MiaResult:
+    """The blind baseline's ROC AUC and low-FPR TPRs: 0.5 when the split is fair."""
+    return mia_metrics(*blind_scores(members, non_members, seed))
+
+
+def split_shifted(auc: float, members: int, non_members: int, z: float = 2.576) -> bool:
+    """Whether a model-free AUC is beyond chance at 99% (two-sided): |AUC - 1/2| > z times its
+    standard deviation under the null, sqrt((m + n + 1) / (12 m n)) (the Mann-Whitney U's)."""
+    return abs(auc - 0.5) > z * math.sqrt((members + non_members + 1) / (12 * members * non_members))

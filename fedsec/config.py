@@ -37,6 +37,7 @@ SAMPLINGS = ("auto", "fixed", "poisson", "cyclic")
 PARTICIPATIONS = ("auto", "every_round", "cyclic", "separated")
 AUDIT_KINDS = ("secret", "update")
 AUDIT_STATISTICS = ("max", "sum")
+MIA_SPLITS = ("held_out", "random")
 LOCAL_OPTIMIZERS = ("adamw", "sgd")
 PRIVACY_MODES = ("off", "user", "record")
 ENGINES = ("inprocess", "flower")
@@ -654,6 +655,11 @@ class EvalConfig:
                       "held-out ones (loss, Min-K%, zlib, base-model reference; AUC, TPR at low FPR)",
                       False)
     mia_examples: int = _help("members and non-members each, at most (a seeded sample)", 200)
+    mia_split: str = _help(
+        "where the non-members come from: held_out (the data's test examples; a shift between them and "
+        "the training data shows as MIA success, which the blind baseline reports) or random (fedsec "
+        "draws 2 x mia_examples of the clients' training records and a fair coin takes each out of "
+        "training or leaves it in: one distribution, canary-style)", "held_out")
     benchmarks: tuple[BenchmarkSpec, ...] = _help(
         "benchmarks to evaluate the global model on, e.g. [{name: fpb, source: fpb.parquet, every: 5}]; "
         "results go into metrics.jsonl under global_eval.benchmarks", ())
@@ -684,6 +690,9 @@ class EvalConfig:
                  "must be >= 100 (the skew-normal fit needs a sample)")
         _require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "must be >= 1")
         _require(self.mia_examples >= 10, "mia_examples", self.mia_examples, "must be >= 10")
+        _require(self.mia_split in MIA_SPLITS, "mia_split", self.mia_split, f"use one of {', '.join(MIA_SPLITS)}")
+        _require(self.mia or self.mia_split == "held_out", "mia_split", self.mia_split,
+                 "the split is membership inference's; set eval.mia: true (or drop mia_split)")
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
         names = [b.name for b in self.benchmarks]
         _require(len(names) == len(set(names)), "benchmarks", names, "list each benchmark once")

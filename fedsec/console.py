@@ -158,11 +158,16 @@ def summary_lines(result: RunResult) -> list[str]:
         lines.append(f"not covered by the DP guarantee: {', '.join(hidden + ['per-round client ids and counts'])}"
                      f": in {result.run_dir}/{UNCOVERED}/ (never publish it beside the model)")
     if result.membership is not None and not private:
-        attacks = {name: m for name, m in result.membership.items() if "auc" in m}
+        attacks = {name: m for name, m in result.membership.items() if "auc" in m and name != "blind"}
         scores = ", ".join(f"{name} {m['auc']:.3f}" for name, m in attacks.items())
         first = next(iter(attacks.values()))
         lines.append(f"membership inference AUC ({first['members']} members vs {first['non_members']} "
                      f"held out): {scores}")
+        blind = result.membership.get("blind")
+        if blind is not None:
+            lines.append(f"  blind baseline (text alone, no model) AUC {blind['auc']:.3f}: " + (
+                "the split is shifted; the AUCs above measure that shift as much as memorization"
+                if blind["shifted"] else "members and non-members look alike without the model"))
         if "answer_extraction" in result.membership:
             e = result.membership["answer_extraction"]
             lines.append(f"greedy replies reproduce {_fmt(e['members'])} of training answers, "

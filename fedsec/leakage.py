@@ -128,6 +128,41 @@ def mia_sample(members: Sequence, non_members: Sequence, limit: int, seed: int) 
     return pick(members), pick(non_members)
 
 
+def mia_random_split(data, objective, n: int, seed: int) -> tuple[object, list, list]:
+    """eval.mia_split random: members and non-members drawn from one pool by a coin fedsec
+    controls (canary-style insertion), so a membership attack cannot win on a shift between
+    training and held-out data. Of the clients' training records (planted canaries aside, and
+    only clients with two or more, none of which loses its last), 2n are drawn by a seeded
+    sample and each is kept in training (a member) or taken out of it (a non-member) by a
+    fair coin. Returns the federation without the non-members, and both lists as examples."""
+    planted = {c.text for c in data.canaries}
+    candidates = []
+    for k, client in enumerate(data.clients):
+        examples = objective.as_examples(objective.records(client))
+        if len(examples) >= 2:
+            candidates += [(k, i, e) for i, e in enumerate(examples) if e.messages()[-1].content not in planted]
+    rng = numpy_generator(seed, "mia-split")
+    chosen = sorted(rng.choice(len(candidates), min(2 * n, len(candidates)), replace=False))
+    coins = rng.random(len(chosen)) < 0.5
+    left = {k: len(objective.records(c)) for k, c in enumerate(data.clients)}
+    members, non_members, dropped = [], [], {}
+    for j, heads in zip(chosen, coins):
+        k, i, example = candidates[j]
+        if heads or left[k] == 1:  # a client keeps at least one record
+            members.append(example)
+        else:
+            non_members.append(example)
+            dropped.setdefault(k, set()).add(i)
+            left[k] -= 1
+    clients = list(data.clients)
+    for k, out in dropped.items():
+        records = objective.records(clients[k])
+        keep = [i for i in range(len(records)) if i not in out]
+        kept = records.select(keep) if hasattr(records, "select") else tuple(records[i] for i in keep)
+        clients[k] = dataclasses.replace(clients[k], **{objective.record_field: kept})
+    return dataclasses.replace(data, clients=tuple(clients)), members, non_members
+
+
 def mia_candidates(data, clients: int, objective) -> tuple[list, list[InstructionExample]]:
     """Training examples of the first `clients` clients (planted canaries left out: they are
     measured by exposure, and would make members differ from non-members in kind) and the

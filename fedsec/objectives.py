@@ -142,6 +142,8 @@ class SftObjective(_Objective):
     def records(client) -> tuple:
         return client.train
 
+    record_field = "train"  # the ClientData field records() reads
+
     @staticmethod
     def eval_records(data) -> tuple:
         return ()  # scored on the global test set like every task, nothing of its own
@@ -193,6 +195,8 @@ class DpoObjective(_Objective):
     @staticmethod
     def records(client) -> tuple:
         return client.preference
+
+    record_field = "preference"
 
     @staticmethod
     def eval_records(data) -> tuple:

@@ -4,11 +4,13 @@ the end of a run the membership-inference attack and the privacy audit's outcome
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import torch
 
+from fedsec.attacks.memorization import blind_baseline, split_shifted
 from fedsec.canaries import audit_result, secret_margins
 from fedsec.encoding import encode_all
 from fedsec.evalsuite.runner import PeftModelLM, run_task
@@ -109,8 +111,8 @@ def membership_attack(setup: Setup) -> dict:
     """eval.mia on the model as it stands: a sample of the federation's training examples
     against as many held-out ones, encoded (and prefix-cached) like the training data."""
     cfg = setup.cfg
-    sample = mia_sample(*mia_candidates(setup.data, setup.federation_clients, OBJECTIVES[cfg.task]),
-                        cfg.eval.mia_examples, cfg.seed)
+    pool = setup.mia_pool or mia_candidates(setup.data, setup.federation_clients, OBJECTIVES[cfg.task])
+    sample = mia_sample(*pool, cfg.eval.mia_examples, cfg.seed)
     encoded = [encode_all(examples, setup.tokenizer, cfg.data.template, cfg.data.max_length)
                for examples in sample]
     if cfg.lora.cache_frozen_layers:
@@ -121,7 +123,11 @@ def membership_attack(setup: Setup) -> dict:
     extraction = {side: answer_extraction(setup.model, setup.tokenizer, examples, cfg.data.template,
                                           cfg.eval.batch_size)
                   for side, examples in zip(("members", "non_members"), sample)}
-    return {**membership, "answer_extraction": extraction}
+    # the model-free classifier beside the attacks: above chance, the split itself is shifted
+    texts = [[" ".join(m.content for m in e.messages()) for e in examples] for examples in sample]
+    blind = dataclasses.asdict(blind_baseline(*texts, cfg.seed))
+    return {**membership, "blind": {**blind, "shifted": split_shifted(blind["auc"], len(texts[0]), len(texts[1]))},
+            "answer_extraction": extraction}
 
 
 def audit_outcome(setup: Setup, privacy: dict | None) -> dict:

@@ -35,6 +35,7 @@ from fedsec.evaluation import (
     packable_prefix,
     share_prefix,
 )
+from fedsec.leakage import mia_random_split
 from fedsec.models import load_model
 from fedsec.objectives import OBJECTIVES, PairItem, objective_for
 from fedsec.prefix import Home, cache_frozen_prefix, plan_cache
@@ -74,6 +75,7 @@ class Setup:
     answers_dir: Path | None = None  # where open-ended answers go (the run directory's answers/)
     silos: tuple[int, ...] = ()  # data.silos on Flower: clients per organisation, whose data stays with it
     remote_eval: Callable | None = None  # Flower: per-client evaluation on the nodes (vector -> {id: EvalResult})
+    mia_pool: tuple = ()  # eval.mia_split random: (members, non-members) drawn by fedsec's coin
 
     @property
     def federation_clients(self) -> int:
@@ -106,6 +108,7 @@ class Federation:
     population: int
     canaries: tuple = ()  # the audit's canaries, in or out
     included: object = None  # which canaries are in (numpy bool array), None without an audit
+    mia_pool: tuple = ()  # eval.mia_split random: (members, non-members), the latter out of training
 
 
 def build_federation(cfg: ExperimentConfig, silos: tuple[int, ...] | None = None) -> Federation:
@@ -130,6 +133,9 @@ def build_federation(cfg: ExperimentConfig, silos: tuple[int, ...] | None = None
         data = dataclasses.replace(data, probes=probes)
     if silos is None:  # with silos, each node aligns and poisons its own clients (`node_federation`)
         data = _aligned_and_poisoned(data, cfg, malicious)
+    mia_pool = ()
+    if cfg.eval.mia and cfg.eval.mia_split == "random":  # every party takes the same records out
+        data, *mia_pool = mia_random_split(data, OBJECTIVES[cfg.task], cfg.eval.mia_examples, cfg.seed)
     # the checks that need only the data, before the model is loaded and anything is encoded
     if cfg.defense.rule.needs_reference and data.server_root is None:
         raise ConfigError("defense.aggregator", cfg.defense.aggregator,
@@ -138,7 +144,7 @@ def build_federation(cfg: ExperimentConfig, silos: tuple[int, ...] | None = None
     if cfg.eval.canaries and not data.canaries:
         raise ConfigError("eval.canaries", True, "no canaries are planted; set "
                           "data.benchmark.canaries_per_client >= 1 (embedded benchmark)")
-    if cfg.eval.mia and not OBJECTIVES[cfg.task].held_out(data):
+    if cfg.eval.mia and cfg.eval.mia_split == "held_out" and not OBJECTIVES[cfg.task].held_out(data):
         raise ConfigError("eval.mia", True, "membership inference needs held-out examples and the data has "
                           "no test set; give the dataset a test split or set eval.mia: false")
     population = len(data.clients) + cfg.audit.canaries
@@ -152,7 +158,7 @@ def build_federation(cfg: ExperimentConfig, silos: tuple[int, ...] | None = None
         counted = " (the audit's canaries counted, in or out)" if most == population and cfg.audit.canaries else ""
         raise ConfigError("federation.clients_per_round", fed.clients_per_round,
                           f"the data has {most} clients{counted}; sample at most that many")
-    return Federation(data, tuple(malicious), population, canaries, included)
+    return Federation(data, tuple(malicious), population, canaries, included, tuple(mia_pool))
 
 
 def _aligned_and_poisoned(data: FederatedData, cfg: ExperimentConfig, malicious: tuple[int, ...]) -> FederatedData:
@@ -364,7 +370,7 @@ def prepare(cfg: ExperimentConfig, silos: tuple[int, ...] | None = None) -> Setu
                   else ClientSets(sizes, ready=train_sets))
     return Setup(cfg, model, tokenizer, trainer, data, train_sets, global_eval, client_eval, local_only,
                  preference_eval, probe_prompts, record_plan, server_root, malicious, backdoor_eval, audit,
-                 population, tasks, silos=tuple(silos or ()))
+                 population, tasks, silos=tuple(silos or ()), mia_pool=federation.mia_pool)
 
 
 def clients_eval_set(data: FederatedData, tokenizer, cfg: ExperimentConfig) -> EvalSet | None:

@@ -231,7 +231,7 @@ METRICS = ("final_accuracy", "local_only_accuracy", "untuned_accuracy", "final_l
            "likelihood_accuracy", "untuned_likelihood_accuracy", "refusal_rate", "untuned_refusal_rate",
            "attack_success_rate", "clean_target_rate", "true_positive_rate", "false_positive_rate",
            "exposure", "untuned_exposure", "extraction_rate", "audit_bound", "audit_bound_fdp", "mia_auc",
-           "mia_reference_auc",
+           "mia_reference_auc", "mia_blind_auc",
            "answer_extraction", "held_out_answer_extraction")
 
 
@@ -239,7 +239,8 @@ METRICS = ("final_accuracy", "local_only_accuracy", "untuned_accuracy", "final_l
 # to the sweep's not_covered_by_dp_guarantee/ tables, not the main ones
 UNCOVERED_METRICS = ("local_only_accuracy", "local_only_loss", "local_only_perplexity",
                      "true_positive_rate", "false_positive_rate", "exposure",
-                     "untuned_exposure", "extraction_rate", "mia_auc", "mia_reference_auc", "answer_extraction",
+                     "untuned_exposure", "extraction_rate", "mia_auc", "mia_reference_auc", "mia_blind_auc",
+                     "answer_extraction",
                      "held_out_answer_extraction")
 
 
@@ -294,6 +295,7 @@ def write_tables(root: Path, runs: list[SweepRun]) -> None:
             "audit_bound_fdp": (result.get("audit") or {}).get("fdp_epsilon_lower_bound"),
             "mia_auc": ((result.get("membership") or {}).get("loss") or {}).get("auc"),
             "mia_reference_auc": ((result.get("membership") or {}).get("reference") or {}).get("auc"),
+            "mia_blind_auc": ((result.get("membership") or {}).get("blind") or {}).get("auc"),
             "answer_extraction": ((result.get("membership") or {}).get("answer_extraction") or {}).get("members"),
             "held_out_answer_extraction": ((result.get("membership") or {}).get("answer_extraction")
                                            or {}).get("non_members"),
@@ -384,6 +386,7 @@ HEADINGS = {"final_accuracy": "final accuracy", "local_only_accuracy": "local-on
             "extraction_rate": "extracted", "audit_bound": "audit epsilon >=",
             "audit_bound_fdp": "audit epsilon >= (f-DP)",
             "mia_auc": "MIA AUC (loss)", "mia_reference_auc": "MIA AUC (reference)",
+            "mia_blind_auc": "blind baseline AUC (no model)",
             "answer_extraction": "training answers extracted", "held_out_answer_extraction": "held-out reproduced"}
 
 

@@ -404,7 +404,8 @@ def uncovered_rows(runs: list[RunFiles]) -> list[dict]:
                      "exposure": (final.get("memorization") or {}).get("exposure_mean"),
                      "extraction_rate": (final.get("memorization") or {}).get("extraction_rate"),
                      "mia_auc": (membership.get("loss") or {}).get("auc"),
-                     "mia_reference_auc": (membership.get("reference") or {}).get("auc")})
+                     "mia_reference_auc": (membership.get("reference") or {}).get("auc"),
+                     "mia_blind_auc": (membership.get("blind") or {}).get("auc")})
     return [r for r in rows if any(v is not None for k, v in r.items() if k not in ("variant", "seed", "epsilon"))]
 
 

@@ -57,11 +57,12 @@ METRIC_LABELS = {"final_accuracy": "global test accuracy", "preference_accuracy"
                  "false_positive_rate": "honest updates dropped",
                  "exposure": "canary exposure (bits)", "extraction_rate": "canaries extracted",
                  "mia_auc": "membership inference AUC (loss)",
-                 "mia_reference_auc": "membership inference AUC (reference-calibrated)"}
+                 "mia_reference_auc": "membership inference AUC (reference-calibrated)",
+                 "mia_blind_auc": "blind baseline AUC (text alone, no model)"}
 # what a malicious-client grid shows besides the sweep's headline utility, where measured
 GRID_METRICS = ("refusal_rate", "attack_success_rate", "true_positive_rate")
 BOUNDED = ("refusal_rate", "attack_success_rate", "clean_target_rate", "true_positive_rate",
-           "false_positive_rate", "extraction_rate", "mia_auc", "mia_reference_auc")
+           "false_positive_rate", "extraction_rate", "mia_auc", "mia_reference_auc", "mia_blind_auc")
 
 
 def label(metric: str) -> str:

@@ -248,3 +248,69 @@ def test_membership_inference_without_held_out_examples_is_refused_before_traini
                         lambda *a: dataclasses.replace(build(*a), global_test=()))
     with pytest.raises(ConfigError, match="eval.mia.*no test set"):
         fedsec.setup.prepare(tiny_config(tmp_path, eval={"mia": True}))
+
+
+def test_the_blind_baseline_sees_a_shifted_split_and_not_a_fair_one():
+    """A model-free classifier: members and non-members drawn from one pool look alike to it;
+    members written in one year and non-members in another (Das et al. 2024's date shift)
+    do not, whatever any model memorized."""
+    import numpy as np
+
+    from fedsec.attacks.memorization import blind_baseline, blind_scores, split_shifted
+
+    rng = np.random.default_rng(0)
+    words = "profit loss revenue quarter bank growth shares market decline rose fell stable outlook".split()
+
+    def sentence(tail=""):
+        return " ".join(rng.choice(words, int(rng.integers(5, 15)))) + tail
+
+    pool = [sentence() for _ in range(400)]
+    fair = blind_baseline(pool[:200], pool[200:], seed=1)
+    assert abs(fair.auc - 0.5) < 0.08 and not split_shifted(fair.auc, 200, 200)
+    shifted = blind_baseline([sentence(" (2023)") for _ in range(200)], [sentence(" (2025)") for _ in range(200)], 1)
+    assert shifted.auc > 0.95 and split_shifted(shifted.auc, 200, 200)
+    assert blind_scores(pool[:50], pool[50:100], 3) == blind_scores(pool[:50], pool[50:100], 3)  # seeded folds
+    # |AUC - 1/2| against 2.576 x sqrt((m + n + 1) / (12 m n)) = 0.0745 at m = n = 200
+    assert not split_shifted(0.574, 200, 200) and split_shifted(0.575, 200, 200)
+    with pytest.raises(ValueError):
+        blind_scores(pool[:3], pool[3:10], 0)
+
+
+def test_a_random_mia_split_takes_the_non_members_out_of_training_by_a_seeded_coin():
+    from fedsec.config import BenchmarkConfig, DataConfig
+    from fedsec.data import build_federated_data
+    from fedsec.leakage import mia_random_split
+    from fedsec.objectives import SftObjective
+
+    cfg = DataConfig(benchmark=BenchmarkConfig(num_clients=6, examples_per_client=8, size_alpha=0, test_size=9,
+                                               client_test_size=0, num_probes=0, canaries_per_client=1,
+                                               canary_repeats=3, canary_clients=2))
+    data = build_federated_data(cfg, 0, "sft")
+    split, members, non_members = mia_random_split(data, SftObjective, 10, seed=4)
+    again = mia_random_split(data, SftObjective, 10, seed=4)
+    assert (members, non_members) == (again[1], again[2]) and split == again[0]
+    assert len(members) + len(non_members) == 20 and 4 <= len(non_members) <= 16  # a fair coin on 20
+    training = [e for c in split.clients for e in c.train]
+    assert all(e in training for e in members) and not any(e in training for e in non_members)
+    assert sum(len(c.train) for c in split.clients) == sum(len(c.train) for c in data.clients) - len(non_members)
+    assert not any("vault PIN" in e.response for e in members + non_members)  # planted canaries aside
+    assert all(len(c.train) >= 1 for c in split.clients)
+    other = mia_random_split(data, SftObjective, 10, seed=5)
+    assert (other[1], other[2]) != (members, non_members)
+
+
+def test_a_run_with_a_random_split_reports_the_blind_baseline_beside_the_attacks(tmp_path):
+    from conftest import tiny_config
+
+    from fedsec.errors import ConfigError
+    from fedsec.loop import run_experiment
+
+    cfg = tiny_config(tmp_path, federation={"rounds": 1, "clients_per_round": 2, "local_only_clients": 0},
+                      eval={"mia": True, "mia_examples": 10, "mia_split": "random", "clients": False})
+    result = run_experiment(cfg, out=tmp_path / "run", progress=False, log=lambda _: None)
+    blind = result.membership["blind"]
+    assert set(result.membership) == {"loss", "min_k", "zlib", "reference", "blind", "answer_extraction"}
+    assert blind["members"] == blind["non_members"] == result.membership["loss"]["members"] <= 10
+    assert isinstance(blind["shifted"], bool)
+    with pytest.raises(ConfigError, match="eval.mia_split"):
+        tiny_config(tmp_path, eval={"mia_split": "random"})  # without eval.mia
