@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,6 +180,11 @@ def audit_findings(runs: list[RunFiles]) -> list[str]:
                    f"{format_epsilon(a['accountant_epsilon'])} ({r.variant}: "
                    f"{comparable_bound(a) / a['accountant_epsilon']:.0%} of it).")
     return out
+
+
+def _slug(key: str) -> str:
+    """A results column as a file name: benchmark:fpb:accuracy -> benchmark_fpb_accuracy."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", key).strip("_")
 
 
 def _span(values: list[float]) -> str:
@@ -631,6 +637,13 @@ def build_report(directory: Path, out: Path | None = None, force: bool = False) 
         figures.append(("privacy_utility", plots.privacy_utility(directory)))
         if head is not None and head.key != "final_loss":  # the loss always, beside the headline
             figures.append(("privacy_utility_loss", plots.privacy_utility(directory, "final_loss")))
+        # and every other utility the full evaluation measured: each benchmark's metrics, the
+        # registered metrics, the harmless rate on the probes (AdvBench)
+        rows = plots.sweep_rows(directory)
+        for extra in [u.key for u in utility.present(rows)] + ["refusal_rate"]:
+            if extra not in (head.key if head else None, "final_loss") and any(r.get(extra) is not None
+                                                                              for r in rows):
+                figures.append((f"privacy_utility_{_slug(extra)}", plots.privacy_utility(directory, extra)))
         figures.append(("variants_by_round", plots.variant_curves(directory)))
         figures.append(("audit_bounds", plots.audit_bounds(directory)))
         figures.append(("attack_grid", plots.attack_grid(directory)))

@@ -292,3 +292,26 @@ def test_the_guarantee_names_its_unit_and_assumptions():
     assert "per person" in natural and "group privacy" not in natural
     record = guarantee_statement({"data": {}}, {"mode": "record"})
     assert "one training example" in record and "n_k is treated as public" in record
+
+
+def test_a_dp_sweep_draws_a_privacy_utility_figure_for_every_utility_it_measured(sweep, tmp_path):
+    """Beside the headline: each benchmark metric and the harmless rate, with error bars over
+    seeds and the untuned model's value as the reference."""
+    rows = json.loads((sweep / "results.json").read_text())
+    for row in rows:
+        eps4 = row["variant"] == "eps4"
+        row.update({"benchmark:fpb:accuracy": 0.5 + (0.1 if eps4 else 0.2) + 0.01 * row["seed"],
+                    "untuned_benchmark:fpb:accuracy": 0.4, "refusal_rate": 0.9 if eps4 else 0.8,
+                    "untuned_refusal_rate": 0.95})
+    (sweep / "results.json").write_text(json.dumps(rows))
+    out = tmp_path / "out" / "report.pdf"
+    assert main(["report", str(sweep), "-o", str(out)]) == 0
+    figures = {p.name for p in (out.parent / "report_files").glob("privacy_utility*.png")}
+    assert figures == {"privacy_utility.png", "privacy_utility_benchmark_fpb_accuracy.png",
+                       "privacy_utility_refusal_rate.png"}
+    from fedsec.reports.plots import privacy_utility_data
+
+    data = privacy_utility_data(rows, "benchmark:fpb:accuracy")
+    (variant, _, stat), = data.curve
+    assert variant == "eps4" and stat.mean == pytest.approx(0.605) and stat.n == 2
+    assert data.non_private.mean == pytest.approx(0.705) and data.untuned.mean == pytest.approx(0.4)
