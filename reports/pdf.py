@@ -348,6 +348,55 @@ def _grid_columns(grid: list[dict]) -> list[str]:
     return [c for c in columns if c != "cell" or not has_axes]
 
 
+def claims(rows: list[dict], runs: list[RunFiles]) -> list[dict]:
+    """The report's claims page: each comparison the summary makes, as paired differences over
+    seeds (a variant's seed s against the reference's seed s), mean +- sd, how many seeds
+    agree in sign with the mean (a claim that holds only on the mean says so), and the
+    command that reproduces it (the first run's, from env.json, at its git revision)."""
+    done = [r for r in rows if r["finished"]]
+    head = utility.headline(done)
+    if head is None:
+        return []
+    env = runs[0].env if runs else {}
+    words = [Path(w).name if i == 0 else w for i, w in enumerate(env.get("command") or [])]
+    reproduce = (" ".join(words) or "-") + (f" (git {env['git_revision'][:10]})" if env.get("git_revision") else "")
+    by_variant: dict[str, dict] = {}
+    for r in done:
+        by_variant.setdefault(r["variant"], {})[r["seed"]] = r
+    plain = next((mine for mine in by_variant.values() if next(iter(mine.values()))["certified"] is None), None)
+    out = []
+
+    def paired(mine: dict, reference) -> list[float]:
+        return [mine[s][head.key] - reference(s) for s in sorted(mine, key=str)
+                if mine[s].get(head.key) is not None and reference(s) is not None]
+
+    for variant, mine in by_variant.items():
+        first = next(iter(mine.values()))
+        if first["certified"] is not True:
+            continue
+        at = f"{variant} (epsilon {first['epsilon']})"
+        comparisons = [("non-private", lambda s: (plain.get(s) or {}).get(head.key))] if plain else []
+        comparisons.append(("the untuned model", lambda s, mine=mine: (mine.get(s) or {}).get(head.untuned)))
+        for name, reference in comparisons:
+            diffs = paired(mine, reference)
+            if not diffs:
+                continue
+            stat = plots.aggregate(diffs)
+            agree = sum((d > 0) == (stat.mean > 0) for d in diffs if d != 0)
+            out.append({"claim": f"{at}: {head.label} minus {name}'s",
+                        "value": f"{stat.mean:+.3f} +- {stat.std:.3f}", "seeds": stat.n,
+                        "holds": "every seed" if agree == stat.n else f"the mean only ({agree} of {stat.n} seeds)",
+                        "reproduce": reproduce})
+    audited = [r for r in done if r.get("audit_bound") is not None and r["certified"]]
+    if audited:
+        ratios = [max(r["audit_bound"], r.get("audit_bound_fdp") or 0.0) / float(r["epsilon"]) for r in audited]
+        out.append({"claim": "audited epsilon / accountant's epsilon (best applicable test)",
+                    "value": f"max {max(ratios):.2f}", "seeds": len(audited),
+                    "holds": "below 1 in every run" if max(ratios) < 1 else "NOT below 1 in every run",
+                    "reproduce": reproduce})
+    return out
+
+
 def grid_findings(data: plots.AttackGrid | None) -> list[str]:
     """Per attack at the largest fraction: what it does to the plain mean against the clean
     run, and the defense that holds up best, each on the metric the attack targets."""
@@ -606,6 +655,14 @@ def build_report(directory: Path, out: Path | None = None, force: bool = False) 
     if grid:
         story += [Paragraph(sentence, styles["body"])
                   for sentence in grid_findings(plots.attack_grid_data(plots.sweep_rows(directory)))]
+    claimed = claims(table, runs)
+    if claimed:
+        write_csv(files / "claims.csv", claimed)
+        story += [PageBreak(), Paragraph("Claims", styles["h"]),
+                  Paragraph("Each comparison as paired differences over seeds (a variant's seed s against the "
+                            "reference's seed s), mean +- sd; 'holds' says whether every seed agrees with the "
+                            "mean's sign, and the last column how to reproduce it.", styles["body"]),
+                  _table(claimed, styles, width=17.4 * cm)]
     story += [PageBreak(), Paragraph("Runs", styles["h"])]
     head = utility.headline(table)
     shown = [head.key, head.local_only, head.untuned] if head else []

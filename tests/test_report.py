@@ -315,3 +315,23 @@ def test_a_dp_sweep_draws_a_privacy_utility_figure_for_every_utility_it_measured
     (variant, _, stat), = data.curve
     assert variant == "eps4" and stat.mean == pytest.approx(0.605) and stat.n == 2
     assert data.non_private.mean == pytest.approx(0.705) and data.untuned.mean == pytest.approx(0.4)
+
+
+def test_the_claims_page_pairs_seeds_and_says_when_a_claim_holds_only_on_the_mean(sweep, tmp_path):
+    from fedsec.reports.pdf import claims, collect
+
+    _, runs = collect(sweep)
+    table = run_table(runs)
+    got = claims(table, runs)
+    # eps4: seeds 0, 1 at 0.60, 0.56 against non-private's 0.70, 0.66 and the untuned 0.44
+    assert [(c["claim"], c["value"], c["seeds"], c["holds"]) for c in got] == [
+        ("eps4 (epsilon 4.00): global accuracy minus non-private's", "-0.100 +- 0.000", 2, "every seed"),
+        ("eps4 (epsilon 4.00): global accuracy minus the untuned model's", "+0.140 +- 0.028", 2, "every seed")]
+    assert got[0]["reproduce"].endswith("(git abc123)")
+    for row in table:  # seed 1 of eps4 now above non-private's seed 1: the claim holds on the mean only
+        if row["variant"] == "eps4" and row["seed"] == 1:
+            row["final_accuracy"] = 0.67
+    assert claims(table, runs)[0]["holds"] == "the mean only (1 of 2 seeds)"
+    out = tmp_path / "out" / "report.pdf"
+    assert main(["report", str(sweep), "-o", str(out)]) == 0
+    assert "Claims" in _text(out) and (out.parent / "report_files" / "claims.csv").is_file()
