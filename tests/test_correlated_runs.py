@@ -203,3 +203,21 @@ def test_the_generic_noise_equals_the_banded_recursion():
                                    rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="covers 7 rounds"):
         generic.next(lambda: z[0])
+
+
+def test_without_correlation_every_round_is_dp_fedavg_at_q_1_with_the_same_epsilon(tmp_path):
+    """banded_mf with one band is C = I: each round's noise is independent with std z C sqrt(T)
+    (sensitivity sqrt(T) for a client in all T rounds), which is DP-FedAvg at sample rate 1
+    with multiplier z sqrt(T) per round: the same epsilon by every accountant."""
+    rounds, z = 6, 0.8
+    fed = {"rounds": rounds, "clients_per_round": 4, "sampling": "poisson"}
+    mf = plan_privacy(tiny_config(tmp_path, privacy={"mode": "user", "mechanism": "banded_mf", "params": {"bands": 1},
+                                                     "noise_multiplier": z, "delta": 1e-3},
+                                  federation={**fed, "sampling": "auto"}), 4)
+    avg = plan_privacy(tiny_config(tmp_path, privacy={"mode": "user", "noise_multiplier": z * math.sqrt(rounds),
+                                                      "delta": 1e-3}, federation=fed), 4)
+    assert mf.correlated.sensitivity == pytest.approx(math.sqrt(rounds)) and avg.sample_rate == 1.0
+    for accountant in ("rdp", "pld"):
+        one = epsilon([DpEvent(mf.noise_multiplier, 1.0)], 1e-3, accountant)
+        composed = epsilon([DpEvent(avg.noise_multiplier, 1.0)] * rounds, 1e-3, accountant)
+        assert one == pytest.approx(composed, rel=1e-3)
