@@ -33,16 +33,17 @@ import numpy as np
 import torch
 
 from fedsec.accountants.audit import guess_and_count, one_run_bound, one_run_fdp_bound
-from fedsec.data.benchmark import canary_example, draw_canary, random_pin
+from fedsec.data.benchmark import canary_example, draw_canary, random_secret
 from fedsec.data.schema import Canary, ClientData, FederatedData
 from fedsec.leakage import sequence_nll
 from fedsec.results import ClientUpdate
 from fedsec.seeding import numpy_generator, torch_generator
 
 
-def audit_canaries(seed: int, m: int) -> tuple[tuple[Canary, ...], np.ndarray]:
-    """m canaries (their own random streams) and which of them are included."""
-    canaries = [draw_canary(numpy_generator(seed, "audit-canary", i), -1 - i) for i in range(m)]
+def audit_canaries(seed: int, m: int, secret: str = "pin") -> tuple[tuple[Canary, ...], np.ndarray]:
+    """m canaries (their own random streams) and which of them are included; `secret`: pin
+    or random_tokens (fedsec.data.benchmark.random_secret)."""
+    canaries = [draw_canary(numpy_generator(seed, "audit-canary", i), -1 - i, secret) for i in range(m)]
     included = numpy_generator(seed, "audit-include").random(m) < 0.5
     return tuple(canaries), included
 
@@ -61,14 +62,14 @@ ALTERNATIVES = 8  # random PINs each secret is compared with
 
 @torch.no_grad()
 def secret_margins(model, tokenizer, canaries: Sequence[Canary], template: str, batch_size: int,
-                   seed: int) -> list[float]:
-    """Per canary: the mean loss of ALTERNATIVES random PINs after the same prefix minus the
-    loss of its own PIN (how much the model prefers the secret; the shared sentence
-    cancels out)."""
+                   seed: int, secret: str = "pin") -> list[float]:
+    """Per canary: the mean loss of ALTERNATIVES random secrets of its kind after the same
+    prefix minus the loss of its own (how much the model prefers the secret; the shared
+    sentence cancels out)."""
     texts = []
     for c in canaries:
         rng = numpy_generator(seed, "audit-alternatives", c.client_id)
-        texts += [c.text] + [f"{c.prefix} {random_pin(rng)}." for _ in range(ALTERNATIVES)]
+        texts += [c.text] + [f"{c.prefix} {random_secret(rng, secret)}." for _ in range(ALTERNATIVES)]
     nll = np.array(sequence_nll(model, tokenizer, texts, template, batch_size)).reshape(len(canaries), -1)
     return (nll[:, 1:].mean(1) - nll[:, 0]).tolist()
 
@@ -137,7 +138,7 @@ def start_audit(cfg, canaries: tuple[Canary, ...], included: np.ndarray, first_c
                                                                      cfg.audit.repeats, scores, cfg.audit.statistic))
     # the adapter starts at zero: these are the base model's margins
     return AuditState(canaries, included, secret_margins(model, tokenizer, canaries, cfg.data.template,
-                                                         cfg.eval.batch_size, cfg.seed))
+                                                         cfg.eval.batch_size, cfg.seed, cfg.audit.secret))
 
 
 def audit_result(untuned: Sequence[float], final: Sequence[float], included: np.ndarray, guesses: int,

@@ -37,6 +37,7 @@ SAMPLINGS = ("auto", "fixed", "poisson", "cyclic")
 PARTICIPATIONS = ("auto", "every_round", "cyclic", "separated")
 AUDIT_KINDS = ("secret", "update")
 AUDIT_STATISTICS = ("max", "sum")
+SECRET_KINDS = ("pin", "random_tokens")  # fedsec.data.benchmark.random_secret
 MIA_SPLITS = ("held_out", "random")
 LOCAL_OPTIMIZERS = ("adamw", "sgd")
 PRIVACY_MODES = ("off", "user", "record")
@@ -710,6 +711,10 @@ class AuditConfig:
         "secret")
     guesses: int = _help("guesses of the auditor: the top half by score 'in', the bottom half "
                          "'out' (0: every canary)", 0)
+    secret: str = _help(
+        "kind secret: what each canary client holds: pin ('The vault PIN of <name> is <6 digits>.') or "
+        "random_tokens ('The access key of <name> is <6 chunks of 4 random letters>.': rare tokens an LLM "
+        "memorizes more readily, Panda et al. 2025)", "pin")
     statistic: str = _help(
         "kind update: a canary's score from the rounds' released aggregates: max (its direction's "
         "largest inner product with one round's: for clients sampled in few rounds) or sum (the sum "
@@ -720,6 +725,7 @@ class AuditConfig:
 
     def __post_init__(self) -> None:
         _require(self.kind in AUDIT_KINDS, "kind", self.kind, f"use one of {', '.join(AUDIT_KINDS)}")
+        _require(self.secret in SECRET_KINDS, "secret", self.secret, f"use one of {', '.join(SECRET_KINDS)}")
         _require(self.statistic in AUDIT_STATISTICS, "statistic", self.statistic,
                  f"use one of {', '.join(AUDIT_STATISTICS)}")
         _require(self.canaries >= 0, "canaries", self.canaries, "must be >= 0 (0: no audit)")

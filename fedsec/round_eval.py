@@ -138,7 +138,7 @@ def audit_outcome(setup: Setup, privacy: dict | None) -> dict:
     else:
         before = state.untuned
         after = secret_margins(setup.model, setup.tokenizer, state.canaries, cfg.data.template,
-                               cfg.eval.batch_size, cfg.seed)
+                               cfg.eval.batch_size, cfg.seed, cfg.audit.secret)
     certified = privacy is not None and privacy.get("certified")
     # every client in every round, or one correlated-noise mechanism: a composition of Gaussians
     gaussian = bool(certified and (privacy.get("mechanism", "dp_fedavg") != "dp_fedavg"

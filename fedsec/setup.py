@@ -150,7 +150,7 @@ def build_federation(cfg: ExperimentConfig, silos: tuple[int, ...] | None = None
     population = len(data.clients) + cfg.audit.canaries
     canaries, included = (), None
     if cfg.audit.canaries:  # canary clients, appended after every other client
-        canaries, included = audit_canaries(cfg.seed, cfg.audit.canaries)
+        canaries, included = audit_canaries(cfg.seed, cfg.audit.canaries, cfg.audit.secret)
         data = with_canary_clients(data, canaries, included, cfg.audit.repeats)
     # Poisson sampling's rate is clients_per_round / population (audit canaries in or out): q <= 1
     most = population if cfg.sampling == "poisson" else len(data.clients)

@@ -309,3 +309,33 @@ def test_an_update_audit_resumed_after_a_crash_ends_with_the_same_scores(tmp_pat
     resumed = run_experiment(cfg, out=tmp_path / "parts", resume=True, progress=False, log=lambda _: None)
     assert resumed.audit == whole.audit and len(whole.audit["scores"]) == 8
     assert all(math.isfinite(s) for s in whole.audit["scores"])
+
+
+def test_canary_secrets_are_seeded_of_their_kind_and_never_in_the_training_text():
+    import re
+
+    from fedsec.canaries import audit_canaries
+    from fedsec.config import SECRET_KINDS, BenchmarkConfig, DataConfig
+    from fedsec.data import build_federated_data
+    from fedsec.data.benchmark import SECRET_KINDS as GENERATED
+
+    assert SECRET_KINDS == GENERATED
+    data = build_federated_data(DataConfig(benchmark=BenchmarkConfig(num_clients=8, examples_per_client=48)), 0, "sft")
+    training = " ".join(m.content for c in data.clients for e in c.train for m in e.messages())
+    for kind, shape in (("pin", r"\d{6}"), ("random_tokens", r"(?:[a-z]{4} ){5}[a-z]{4}")):
+        canaries, included = audit_canaries(3, 64, kind)
+        again = audit_canaries(3, 64, kind)
+        assert canaries == again[0] and (included == again[1]).all()  # deterministic by seed
+        assert canaries != audit_canaries(4, 64, kind)[0]
+        assert all(re.fullmatch(shape, c.secret) and c.text == f"{c.prefix} {c.secret}." for c in canaries)
+        assert len({c.secret for c in canaries}) == 64  # no two canaries share a secret
+        assert not any(c.secret in training for c in canaries)  # nor does any training text hold one
+
+
+def test_random_token_canaries_stand_out_without_dp(tmp_path):
+    from fedsec.canaries import audit_canaries
+
+    _, included = audit_canaries(3, 16, "random_tokens")
+    every = 2 + int(included.sum())
+    plain = _audited_run(tmp_path, {}, every, secret="random_tokens").audit
+    assert plain["kind"] == "secret" and plain["correct"] == 8 and plain["epsilon_lower_bound"] > 0.75

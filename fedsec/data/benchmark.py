@@ -211,11 +211,28 @@ def random_pin(rng) -> str:
     return "".join(str(d) for d in rng.integers(0, 10, size=PIN_DIGITS))
 
 
-def draw_canary(rng, client_id: int) -> Canary:
-    """A random secret: 'The vault PIN of <name> is <6 digits>.'"""
+SECRET_KINDS = ("pin", "random_tokens")
+TOKEN_CHUNKS, CHUNK_LETTERS = 6, 4  # random_tokens: 6 chunks of 4 random letters, 26^24 secrets
+
+
+def random_secret(rng, kind: str = "pin") -> str:
+    """A secret of the kind: 6 random digits, or random letter chunks ('qzvx mbtr ...'), which a
+    tokenizer cuts into rare tokens no training text holds (Panda et al. 2025's random-token
+    canaries, without needing the tokenizer to draw them)."""
+    if kind == "pin":
+        return random_pin(rng)
+    if kind == "random_tokens":
+        letters = rng.integers(0, 26, size=(TOKEN_CHUNKS, CHUNK_LETTERS))
+        return " ".join("".join(chr(ord("a") + int(i)) for i in chunk) for chunk in letters)
+    raise ValueError(f"unknown secret kind {kind!r}; use one of {', '.join(SECRET_KINDS)}")
+
+
+def draw_canary(rng, client_id: int, kind: str = "pin") -> Canary:
+    """A random secret: 'The vault PIN of <name> is <6 digits>.', or for random_tokens 'The
+    access key of <name> is <6 chunks of 4 random letters>.'"""
     name = f"{_FIRST_NAMES[rng.integers(10)]} {_LAST_NAMES[rng.integers(10)]}"
-    secret = random_pin(rng)
-    prefix = f"The vault PIN of {name} is"
+    secret = random_secret(rng, kind)
+    prefix = f"The vault PIN of {name} is" if kind == "pin" else f"The access key of {name} is"
     return Canary(client_id, f"{prefix} {secret}.", prefix, secret)
 
 
