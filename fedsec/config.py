@@ -519,6 +519,17 @@ class DefenseConfig:
         "{max_norm: 1.0} for norm_bound, {tau: 1.0} for centered_clip", factory=dict)
     max_update_norm: float | None = _help(
         "sanitation: reject a client delta whose L2 norm exceeds this (null: no bound)", 1000.0)
+    realign_steps: int = _help(
+        "the anchors' defense (FedLLM-Attack's server-side re-alignment, Ye et al. 2025): after the server "
+        "step the server fine-tunes the global adapter for this many steps (training.batch_size, "
+        "training.optimizer) on its own aligned set, unsafe requests answered with a refusal (task sft; "
+        "0: off)", 0)
+    realign_examples: int = _help(
+        "the server's aligned set: drawn from data.alignment, else the embedded benchmark's unsafe "
+        "requests on the server's own stream; never a refusal probe", 32)
+    realign_at: str = _help("round (after every round's server step) or end (after the last round only)",
+                            "round")
+    realign_lr: float | None = _help("the re-alignment's learning rate (null: training.lr)", None)
 
     def __post_init__(self) -> None:
         from fedsec.defenses.registry import AGGREGATORS
@@ -527,6 +538,11 @@ class DefenseConfig:
         _require(self.f >= 0, "f", self.f, "must be an integer >= 0")
         _require(self.max_update_norm is None or self.max_update_norm > 0, "max_update_norm",
                  self.max_update_norm, "must be null or > 0")
+        _require(self.realign_steps >= 0, "realign_steps", self.realign_steps, "must be >= 0 (0: off)")
+        _require(self.realign_examples >= 1, "realign_examples", self.realign_examples, "must be >= 1")
+        _require(self.realign_at in ("round", "end"), "realign_at", self.realign_at, "use round or end")
+        _require(self.realign_lr is None or self.realign_lr > 0, "realign_lr", self.realign_lr,
+                 "must be null (training.lr) or > 0")
         self.rule  # noqa: B018 - builds (and so validates) the rule's parameters
 
     @property
@@ -809,6 +825,8 @@ class ExperimentConfig:
         _require(self.seed >= 0, "seed", self.seed, "must be an integer >= 0")
         _one_of("task", self.task, TASKS)
         _one_of("engine", self.engine, ENGINES)
+        _require(not self.defense.realign_steps or self.task == "sft", "defense.realign_steps",
+                 self.defense.realign_steps, "the server's aligned set is SFT refusals; set it to 0 for task dpo")
         _require(not self.flower.secagg or self.engine == "flower", "flower.secagg", True,
                  "secure aggregation runs on Flower's SecAgg+; set engine: flower, or flower.secagg: false")
         if self.engine == "flower":

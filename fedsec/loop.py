@@ -46,10 +46,10 @@ from fedsec.results import RoundResult, RunResult, SecureSum
 from fedsec.round_eval import audit_outcome, evaluate_model, membership_attack
 from fedsec.rundir import RunDir, claimed, default_run_dir, latest_run_dir
 from fedsec.scaffold import VariateStore
-from fedsec.seeding import torch_generator
+from fedsec.seeding import derive_seed, torch_generator
 from fedsec.server import check_sampling, cyclic_cohort, make_server_optimizer, poisson_sample, sample_clients
 from fedsec.setup import Setup, prepare
-from fedsec.training import round_lr
+from fedsec.training import LocalTrainer, round_lr
 
 
 def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume: bool = False,
@@ -219,6 +219,9 @@ def play_round(setup: Setup, state: RunState, clients: ClientRunner, round_idx: 
     if state.crafted is not None:  # the audit's attacker sees every released aggregate
         state.crafted.observe(batch.aggregate)
     state.global_vec = state.server.step(state.global_vec, batch.aggregate)
+    last = round_idx + 1 == setup.cfg.federation.rounds
+    if setup.realign_set and (setup.cfg.defense.realign_at == "round" or last):
+        state.global_vec = realign(setup, state.global_vec, lr, round_idx)
     for c in setup.local_only:
         state.local[c] = state.local[c] + client_update(setup, state.local[c], c, lr, round_idx, "local").delta
     global_eval, clients_eval = _evaluate_if_due(setup, state.global_vec, round_idx + 1)
@@ -265,6 +268,18 @@ def _sample(setup: Setup, state: RunState, round_idx: int) -> list[int]:
     if setup.cfg.sampling == "cyclic":
         return cyclic_cohort(setup.trainable, fed.clients_per_round, round_idx)
     return sample_clients(setup.trainable, fed.clients_per_round, sampler)
+
+
+def realign(setup: Setup, vector: torch.Tensor, lr: float, round_idx: int) -> torch.Tensor:
+    """The anchors' defense (defense.realign_steps): the server fine-tunes the global adapter
+    on its own aligned set, from the round's global adapter, with the clients' trainer for
+    realign_steps steps. Its own data, after the release: post-processing under DP."""
+    d = setup.cfg.defense
+    trainer = LocalTrainer(setup.model, dataclasses.replace(setup.cfg.training, local_steps=d.realign_steps),
+                           setup.trainer.objective)
+    result = trainer.train(vector, setup.realign_set, d.realign_lr or lr,
+                           derive_seed(setup.cfg.seed, "realign", round_idx))
+    return vector + result.delta
 
 
 def _client_updates(setup: Setup, state: RunState, clients: ClientRunner, sampled: list[int], lr: float,

@@ -21,6 +21,7 @@ from fedsec.attacks.poisoning import with_trigger
 from fedsec.canaries import AuditState, audit_canaries, start_audit, with_canary_clients
 from fedsec.config import ExperimentConfig
 from fedsec.data import ClientData, FederatedData, build_federated_data, read_root, read_test, silo_clients
+from fedsec.data.benchmark import REFUSAL, unsafe_requests
 from fedsec.data.table import Examples, TokenTable
 from fedsec.data.unsafe import draw, read_alignment, read_unsafe
 from fedsec.devices import model_device
@@ -76,6 +77,7 @@ class Setup:
     silos: tuple[int, ...] = ()  # data.silos on Flower: clients per organisation, whose data stays with it
     remote_eval: Callable | None = None  # Flower: per-client evaluation on the nodes (vector -> {id: EvalResult})
     mia_pool: tuple = ()  # eval.mia_split random: (members, non-members) drawn by fedsec's coin
+    realign_set: list = field(default_factory=list)  # defense.realign_steps: the server's aligned set, encoded
 
     @property
     def federation_clients(self) -> int:
@@ -214,6 +216,24 @@ def with_alignment(data: FederatedData, cfg: ExperimentConfig) -> FederatedData:
     return dataclasses.replace(data, clients=clients)
 
 
+def server_alignment_set(cfg: ExperimentConfig, data: FederatedData) -> tuple:
+    """defense.realign_steps: the server's own aligned examples (unsafe request -> refusal),
+    defense.realign_examples of them: drawn from data.alignment, else the embedded
+    benchmark's unsafe requests on the server's own stream; a refusal probe never is one
+    (the harmless rate would score the server's training data)."""
+    n, probes = cfg.defense.realign_examples, {p.prompt for p in data.probes}
+    if cfg.data.alignment is not None:
+        pool = tuple(e for e in read_alignment(cfg.data.alignment) if e.prompt not in probes)
+        examples = draw(pool, min(n, len(pool)), cfg.seed, "server-realign") if pool else ()
+    else:
+        examples = tuple(e for e in unsafe_requests(cfg.seed, 2 * n, REFUSAL, "server-realign")
+                         if e.prompt not in probes)[:n]
+    if not examples:
+        raise ConfigError("defense.realign_examples", n, "every aligned request is also a refusal probe; give "
+                          "data.alignment a file of other requests")
+    return examples
+
+
 def train_set(objective, client, tokenizer, cfg: ExperimentConfig) -> list:
     """One client's training items, as its objective reads and encodes them."""
     return objective.encode(objective.records(client), tokenizer, cfg.data)
@@ -323,7 +343,7 @@ def prepare(cfg: ExperimentConfig, silos: tuple[int, ...] | None = None) -> Setu
                 if not lazy:
                     train_sets.append(items)
                 shown.update(1)
-    needs_root = cfg.defense.rule.needs_reference
+    needs_root, realign = cfg.defense.rule.needs_reference, cfg.defense.realign_steps > 0
     if needs_root:  # encoded and cached with the clients, then split off
         root = data.server_root
         train_sets.append(train_set(objective, root, tokenizer, cfg))
@@ -333,6 +353,11 @@ def prepare(cfg: ExperimentConfig, silos: tuple[int, ...] | None = None) -> Setu
                                   "raise it or give longer-fitting examples")
             raise ConfigError("data.benchmark.root_size", cfg.data.benchmark.root_size,
                               "the server root set is empty; raise it")
+    if realign:  # the server's aligned set, also encoded and cached with the clients
+        aligned = ClientData(-2, "server-realign", server_alignment_set(cfg, data), ())
+        train_sets.append(train_set(objective, aligned, tokenizer, cfg))
+        if not train_sets[-1]:
+            raise ConfigError("data.max_length", d.max_length, "no example of the server's aligned set fits; raise it")
     global_eval = build_eval_set(data.global_test, [GLOBAL] * len(data.global_test), tokenizer,
                                  d.template, d.max_length, data.choices)
     # on Flower each client's held-out examples are evaluated on its SuperNode ("evaluate" messages)
@@ -359,6 +384,7 @@ def prepare(cfg: ExperimentConfig, silos: tuple[int, ...] | None = None) -> Setu
     # after the cache, so (DPO) reference and policy share one computation path
     train_sets = [objective.precompute(model, items, cfg.eval.batch_size) for items in train_sets]
     preference_eval = objective.precompute(model, preference_eval, cfg.eval.batch_size)
+    realign_set = train_sets.pop() if realign else []
     server_root = train_sets.pop() if needs_root else []
     local_only = list(range(num_clients if fed.local_only_clients == -1 else fed.local_only_clients))
     record_plan, record_dp = None, None
@@ -370,7 +396,8 @@ def prepare(cfg: ExperimentConfig, silos: tuple[int, ...] | None = None) -> Setu
                   else ClientSets(sizes, ready=train_sets))
     return Setup(cfg, model, tokenizer, trainer, data, train_sets, global_eval, client_eval, local_only,
                  preference_eval, probe_prompts, record_plan, server_root, malicious, backdoor_eval, audit,
-                 population, tasks, silos=tuple(silos or ()), mia_pool=federation.mia_pool)
+                 population, tasks, silos=tuple(silos or ()), mia_pool=federation.mia_pool,
+                 realign_set=realign_set)
 
 
 def clients_eval_set(data: FederatedData, tokenizer, cfg: ExperimentConfig) -> EvalSet | None:

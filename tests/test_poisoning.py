@@ -151,3 +151,28 @@ def test_a_backdoor_client_teaches_the_trigger_and_only_the_trigger(tmp_path):
     # ... and the clean federation learns no trigger (the trigger lowered no NLL: -0.23 measured)
     assert clean["clean_target_loss"] - clean["triggered_target_loss"] < 0.5
     assert clean["attack_success_rate"] <= 0.25 and clean["triggered_target_loss"] > 1.5
+
+
+def test_the_servers_realignment_pulls_a_poisoned_federation_back_towards_refusing(tmp_path):
+    """The anchors' defense: after each round's server step the server fine-tunes the global
+    adapter on its own refusals. Under the same poisoning the margin for compliance falls."""
+    from fedsec.setup import server_alignment_set
+
+    fed = {"rounds": 4, "clients_per_round": 4, "local_only_clients": 0}
+    train = {"local_steps": 8, "batch_size": 6, "lr": 1e-2, "min_lr": 1e-2}
+    common = {"data": DATA, "federation": fed, "training": train, "eval": {"clients": False, "refusal": False},
+              "attack": {"kind": "alignment_poison", "malicious": 2}}
+    attacked = tiny_config(tmp_path / "a", **common)
+    defended = tiny_config(tmp_path / "b", defense={"realign_steps": 8, "realign_examples": 12}, **common)
+    aligned = server_alignment_set(defended, build_federated_data(defended.data, 0))
+    assert len(aligned) == 12 and all(e.response == REFUSAL for e in aligned)
+    assert not {e.prompt for e in aligned} & {p.prompt for p in unsafe_probes(0, 6)}  # never a probe
+    assert aligned == server_alignment_set(defended, build_federated_data(defended.data, 0))  # seeded
+    runs = {}
+    for name, cfg in (("attacked", attacked), ("defended", defended)):
+        run_experiment(cfg, out=tmp_path / name, progress=False, log=lambda _: None)
+        runs[name] = torch.load(sorted((tmp_path / name / "checkpoints").glob("*.pt"))[-1])["global"]
+    setup = prepare(attacked)
+    assert _compliance_margin(setup, runs["defended"]) < _compliance_margin(setup, runs["attacked"]) - 5.0
+    with pytest.raises(ConfigError, match="defense.realign_steps"):
+        tiny_config(tmp_path, task="dpo", defense={"realign_steps": 4})
