@@ -243,12 +243,12 @@ def test_a_dp_runs_uncovered_measurements_are_on_their_own_labelled_page(tmp_pat
     (run / UNCOVERED).mkdir()
     (run / UNCOVERED / "result.json").write_text(json.dumps({
         "local_only": {"mean_accuracy": 0.4321, "mean_loss": 1.2345, "per_client": {}},
-        "membership": {"loss": {"auc": 0.5432}, "reference": {"auc": 0.6543}},
+        "membership": {"loss": {"auc": 0.5432}, "reference": {"auc": 0.6543}, "blind": {"auc": 0.5123}},
         "final": {"memorization": {"exposure_mean": 7.25, "extraction_rate": 0.125}}}))
     assert uncovered_rows(collect(run)[1]) == [
         {"variant": "dp", "seed": 0, "epsilon": "4.00", "local_only_accuracy": 0.4321, "local_only_loss": 1.2345,
          "exposure": 7.25,
-         "extraction_rate": 0.125, "mia_auc": 0.5432, "mia_reference_auc": 0.6543}]
+         "extraction_rate": 0.125, "mia_auc": 0.5432, "mia_reference_auc": 0.6543, "mia_blind_auc": 0.5123}]
     out = build_report(run)
     reader = pypdf.PdfReader(str(out))
     pages = [page.extract_text() for page in reader.pages]
