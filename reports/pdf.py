@@ -182,6 +182,16 @@ def audit_findings(runs: list[RunFiles]) -> list[str]:
     return out
 
 
+def _section(csv_path: Path, rows: list[dict], heading: str, text: str, styles, columns=None) -> list:
+    """A table of the report with its heading and explanation, its rows also written as CSV."""
+    from reportlab.lib.units import cm
+    from reportlab.platypus import Paragraph
+
+    write_csv(csv_path, rows)
+    return [Paragraph(heading, styles["h"]), Paragraph(text, styles["body"]),
+            _table(rows, styles, columns, width=17.4 * cm)]
+
+
 def _slug(key: str) -> str:
     """A results column as a file name: benchmark:fpb:accuracy -> benchmark_fpb_accuracy."""
     return re.sub(r"[^A-Za-z0-9]+", "_", key).strip("_")
@@ -658,12 +668,11 @@ def build_report(directory: Path, out: Path | None = None, force: bool = False) 
                   for sentence in grid_findings(plots.attack_grid_data(plots.sweep_rows(directory)))]
     claimed = claims(table, runs)
     if claimed:
-        write_csv(files / "claims.csv", claimed)
-        story += [PageBreak(), Paragraph("Claims", styles["h"]),
-                  Paragraph("Each comparison as paired differences over seeds (a variant's seed s against the "
-                            "reference's seed s), mean +- sd; 'holds' says whether every seed agrees with the "
-                            "mean's sign, and the last column how to reproduce it.", styles["body"]),
-                  _table(claimed, styles, width=17.4 * cm)]
+        story += [PageBreak(), *_section(files / "claims.csv", claimed, "Claims",
+                                         "Each comparison as paired differences over seeds (a variant's seed s "
+                                         "against the reference's seed s), mean +- sd; 'holds' says whether every "
+                                         "seed agrees with the mean's sign, and the last column how to reproduce "
+                                         "it.", styles)]
     story += [PageBreak(), Paragraph("Runs", styles["h"])]
     head = utility.headline(table)
     shown = [head.key, head.local_only, head.untuned] if head else []
@@ -677,18 +686,14 @@ def build_report(directory: Path, out: Path | None = None, force: bool = False) 
     story.append(_table(table, styles, columns, width=17.4 * cm, headers=headers))
     benchmarks = benchmark_rows(runs)
     if benchmarks:
-        write_csv(files / "benchmarks.csv", benchmarks)
-        story += [Spacer(1, 0.5 * cm), Paragraph("Benchmarks", styles["h"]),
-                  Paragraph("eval.benchmarks of each run: the untuned model (before round 1) and the final "
-                            "global adapter, from metrics.jsonl.", styles["body"]),
-                  _table(benchmarks, styles, width=17.4 * cm)]
+        story += [Spacer(1, 0.5 * cm), *_section(files / "benchmarks.csv", benchmarks, "Benchmarks",
+                                                 "eval.benchmarks of each run: the untuned model (before round "
+                                                 "1) and the final global adapter, from metrics.jsonl.", styles)]
     if grid:
-        write_csv(files / "grid.csv", grid)
-        story += [PageBreak(), Paragraph("Malicious-client grid", styles["h"]),
-                  Paragraph("One row per cell, mean ± standard deviation over seeds. Dropped: the share "
-                            "of sampled malicious (honest) updates the defense excluded, scored against "
-                            "the known identities.", styles["body"]),
-                  _table(grid, styles, _grid_columns(grid), width=17.4 * cm)]
+        story += [PageBreak(), *_section(files / "grid.csv", grid, "Malicious-client grid",
+                                         "One row per cell, mean ± standard deviation over seeds. Dropped: the "
+                                         "share of sampled malicious (honest) updates the defense excluded, "
+                                         "scored against the known identities.", styles, _grid_columns(grid))]
 
     figures = []
     if kind == "sweep":
