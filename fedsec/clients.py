@@ -132,9 +132,9 @@ def prepare_clients(cfg: ExperimentConfig, hosted: Callable[[int], bool], record
     Each client's items (tokens, frozen-prefix states, DPO reference log-probabilities)
     are computed from that client alone, so they do not depend on which clients a
     message asks for; with `cache` they are stored there and read back by later
-    messages (a Flower ClientApp is a new process each round). Computed per client,
-    they can differ from `prepare`'s, which batches all clients together, in the last
-    float bits.
+    messages (a Flower ClientApp is a new process each round). They are `prepare`'s
+    items bit for bit: both encode with `train_set`, `cache_train_sets` (batches inside
+    one client) and the objective's `precompute`.
     """
     federation = build_federation(cfg) if federation is None else federation
     model, tokenizer = load_model(cfg)

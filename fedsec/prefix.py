@@ -85,12 +85,31 @@ class MappedStates:
         return [self.flat[a:b] for a, b in itertools.pairwise(self.offsets)]
 
 
+def _batches(items: Sequence[Encoded], batch_size: int, groups: Sequence[int] | None) -> Iterator[list[int]]:
+    """Item indices in batches of at most `batch_size`, within each group, by length
+    (batches of similar length waste little on padding)."""
+    bounds = [0, *itertools.accumulate(groups if groups is not None else [len(items)])]
+    if bounds[-1] != len(items) or any(b < a for a, b in itertools.pairwise(bounds)):
+        raise ValueError(f"groups {list(groups or ())} do not partition {len(items)} items")
+    for a, b in itertools.pairwise(bounds):
+        order = sorted(range(a, b), key=lambda i: items[i].input_ids.numel())
+        for start in range(0, len(order), batch_size):
+            yield order[start: start + batch_size]
+
+
 @torch.no_grad()
 def prefix_states(model, items: Sequence[Encoded], first: int, pad_id: int,
                   batch_size: int = 32, home: torch.device = DATA,
-                  sink: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> list[torch.Tensor]:
+                  sink: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+                  groups: Sequence[int] | None = None) -> list[torch.Tensor]:
     """The hidden state entering layer `first` for each item, [T_i, hidden] each, kept on
-    `home` (host memory by default; see `plan_cache`), or where `sink(i, state)` puts it."""
+    `home` (host memory by default; see `plan_cache`), or where `sink(i, state)` puts it.
+
+    `groups`: the sizes of consecutive runs of items (e.g. one per client) that batches
+    never cross. A group's states are then bit for bit what a call on that group alone
+    gives (float products batched differently differ in the last bits): the in-process
+    setup, which computes all clients in one call, and a Flower SuperNode, which computes
+    its own clients, start from the same states."""
     decoder = _decoder(model)
     on = model_device(model)
     pin = home.type == "cpu" and on.type == "cuda"
@@ -102,13 +121,10 @@ def prefix_states(model, items: Sequence[Encoded], first: int, pad_id: int,
         raise _Captured(args[0] if args else kwargs["hidden_states"])
 
     handle = decoder.layers[first].register_forward_pre_hook(capture, with_kwargs=True)
-    # batches of similar length waste little on padding; results go back in item order
-    order = sorted(range(len(items)), key=lambda i: items[i].input_ids.numel())
     out: list[torch.Tensor | None] = [None] * len(items)
     shown = progress.bar(len(items), "frozen prefix", "example")
     try:
-        for start in range(0, len(order), batch_size):
-            chunk = order[start: start + batch_size]
+        for chunk in _batches(items, batch_size, groups):
             batch = to_device(collate([items[i] for i in chunk], pad_id), on)
             try:
                 with autocast(model):
@@ -150,11 +166,12 @@ def frozen_fingerprint(model, first: int) -> str:
     return _FINGERPRINTS[model][first]
 
 
-def _memo_key(model_key: str, first: int, items: Sequence[Encoded], batch_size: int) -> str:
-    # the batch size and the threads shape the kernels' float sums: states computed under
-    # others could differ in the last bits, so they are another entry
+def _memo_key(model_key: str, first: int, items: Sequence[Encoded], batch_size: int,
+              groups: Sequence[int] | None = None) -> str:
+    # the batches (size, groups) and the threads shape the kernels' float sums: states
+    # computed under others could differ in the last bits, so they are another entry
     digest = hashlib.sha256(f"{model_key}|{first}|{len(items)}|{batch_size}|{torch.__version__}|"
-                            f"{torch.get_num_threads()}".encode())
+                            f"{torch.get_num_threads()}|{list(groups) if groups is not None else ''}".encode())
     for item in items:
         digest.update(item.input_ids.numpy().tobytes())
         digest.update(b"|")
@@ -179,8 +196,9 @@ def _load(path: Path, count: int) -> list[torch.Tensor] | None:
 
 def cache_frozen_prefix(model, items: Sequence[Encoded], first: int, pad_id: int,
                         batch_size: int = 32, model_key: str | None = None,
-                        home: Home = DATA) -> list[Encoded]:
-    """The items with their frozen-prefix states attached (see module docstring).
+                        home: Home = DATA, groups: Sequence[int] | None = None) -> list[Encoded]:
+    """The items with their frozen-prefix states attached (see module docstring), computed
+    in batches that never cross `groups` (see `prefix_states`).
 
     `model_key` names the frozen base model (name, dtype, quantization); given, states
     are reused from earlier calls with the same frozen weights (their digest), items
@@ -190,11 +208,12 @@ def cache_frozen_prefix(model, items: Sequence[Encoded], first: int, pad_id: int
     """
     mapped = isinstance(home, Path)
     if model_key is None and not mapped:
-        states = prefix_states(model, items, first, pad_id, batch_size, home)
+        states = prefix_states(model, items, first, pad_id, batch_size, home, groups=groups)
         return [replace(item, hidden=h, hidden_layer=first) for item, h in zip(items, states)]
-    key = _memo_key(f"{model_key or 'unnamed'}|{frozen_fingerprint(model, first)}", first, items, batch_size)
+    key = _memo_key(f"{model_key or 'unnamed'}|{frozen_fingerprint(model, first)}", first, items, batch_size,
+                    groups)
     if mapped:
-        return _mapped(model, items, first, pad_id, batch_size, home / key[:40])
+        return _mapped(model, items, first, pad_id, batch_size, home / key[:40], groups)
     pin = home.type == "cpu" and model_device(model).type == "cuda"
     states = _MEMO.get(key)
     path = prefix_cache_dir() / f"{key[:40]}.pt"
@@ -205,7 +224,7 @@ def cache_frozen_prefix(model, items: Sequence[Encoded], first: int, pad_id: int
             progress.note(f"fedsec: frozen prefix of {len(items)} examples read from {path} "
                           f"({_size(path.stat().st_size)})")
     if states is None:
-        states = prefix_states(model, items, first, pad_id, batch_size, home)
+        states = prefix_states(model, items, first, pad_id, batch_size, home, groups=groups)
         buffer = io.BytesIO()
         torch.save([h.to(DATA) for h in states], buffer)
         try:
@@ -223,7 +242,7 @@ def cache_frozen_prefix(model, items: Sequence[Encoded], first: int, pad_id: int
 
 
 def _mapped(model, items: Sequence[Encoded], first: int, pad_id: int, batch_size: int,
-            stem: Path) -> list[Encoded]:
+            stem: Path, groups: Sequence[int] | None = None) -> list[Encoded]:
     """The items with their states in the memory-mapped file `stem`.bin (named by the disk
     cache's key); a complete file (its marker `stem`.done names its shape) is reused, not
     recomputed."""
@@ -239,7 +258,7 @@ def _mapped(model, items: Sequence[Encoded], first: int, pad_id: int, batch_size
     if complete:
         progress.note(f"fedsec: frozen prefix of {len(items)} examples mapped from {path}")
     else:
-        prefix_states(model, items, first, pad_id, batch_size, sink=mapped)
+        prefix_states(model, items, first, pad_id, batch_size, sink=mapped, groups=groups)
         marker.write_text(shape)
     return [replace(item, hidden=h, hidden_layer=first) for item, h in zip(items, mapped.views())]
 

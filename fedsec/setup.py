@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -487,15 +486,25 @@ def _cache_pairs(model, first: int, pad: int, batch_size: int, model_key: str, i
 
 def cache_train_sets(model, first: int, pad: int, batch_size: int, model_key: str, train_sets,
                      home: Home) -> list:
-    """Every client's training items with their frozen-prefix states (kept on `home`), cached in one call."""
-    sizes = [len(items) for items in train_sets]
-    flat = [item for items in train_sets for item in items]
-    if flat and isinstance(flat[0], PairItem):
-        flat = _cache_pairs(model, first, pad, batch_size, model_key, flat, home)
-    else:
-        flat = cache_frozen_prefix(model, flat, first, pad, batch_size, model_key, home)
-    bounds = [0, *itertools.accumulate(sizes)]
-    return [flat[bounds[k]: bounds[k + 1]] for k in range(len(sizes))]
+    """Every client's training items with their frozen-prefix states (kept on `home`): one
+    cached call whose batches stay inside a client, so each client's states are what the
+    same call on that client alone computes, as a Flower SuperNode does (fedsec.clients).
+    A DPO client's items are its chosen then its rejected sequences."""
+    pairs = any(items and isinstance(items[0], PairItem) for items in train_sets)
+    flat = [seq for items in train_sets
+            for seq in ([p.chosen for p in items] + [p.rejected for p in items] if pairs else items)]
+    groups = [(2 if pairs else 1) * len(items) for items in train_sets]
+    flat = cache_frozen_prefix(model, flat, first, pad, batch_size, model_key, home, groups=groups)
+    out, at = [], 0
+    for items in train_sets:
+        n = len(items)
+        if pairs:
+            out.append([dataclasses.replace(p, chosen=flat[at + i], rejected=flat[at + n + i])
+                        for i, p in enumerate(items)])
+        else:
+            out.append(flat[at: at + n])
+        at += (2 if pairs else 1) * n
+    return out
 
 
 def _backdoor_eval(cfg: ExperimentConfig, data: FederatedData, tokenizer) -> tuple[EvalSet, EvalSet]:

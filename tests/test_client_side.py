@@ -3,6 +3,7 @@ ClientApp trains on must be what the in-process loop trains on."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import tiny_config
 
@@ -46,6 +47,26 @@ def test_a_node_trains_its_partition_exactly_as_the_inprocess_loop(tmp_path):
         assert u.client_id == v.client_id and u.num_examples == v.num_examples
         assert torch.equal(u.delta, v.delta) and u.metrics == v.metrics
     assert any(bool(u.delta.abs().sum() > 0) for u in here)
+
+
+@pytest.mark.parametrize("task", ["sft", "dpo"])
+def test_with_the_frozen_prefix_a_node_starts_from_the_inprocess_states_bit_for_bit(tmp_path, task):
+    """One encoder for both engines: the in-process setup computes every client's
+    frozen-prefix states in one call, a node only its own clients', and the states (and
+    DPO's reference log-probabilities from them) are equal bit for bit, because batches
+    never cross a client. Batches of 3 cut the clients' 8 examples (16 DPO sequences)
+    unevenly, so a batch mixing two clients would show."""
+    cfg = tiny_config(tmp_path, task=task, data={"benchmark": {"num_clients": 5, "examples_per_client": 8}},
+                      eval={"batch_size": 3},
+                      lora={"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "top_layers": 1,
+                            "cache_frozen_layers": True})
+    setup = prepare(cfg)
+    node = prepare_clients(cfg, lambda c: c in (1, 4))
+    for c in (1, 4):
+        mine, theirs = setup.train_sets[c], node.train_sets[c]
+        first = mine[0].chosen if task == "dpo" else mine[0]
+        assert first.hidden is not None
+        assert all(_same_items(a, b) for a, b in zip(mine, theirs, strict=True))
 
 
 def test_cached_prefix_states_and_dpo_references_read_back_unchanged(tmp_path):
