@@ -38,7 +38,7 @@ PARTICIPATIONS = ("auto", "every_round", "cyclic", "separated")
 AUDIT_KINDS = ("secret", "update")
 AUDIT_STATISTICS = ("max", "sum")
 SECRET_KINDS = ("pin", "random_tokens")  # fedsec.data.benchmark.random_secret
-MIA_SPLITS = ("held_out", "random")
+MIA_SPLITS = ("held_out", "random", "user")
 LOCAL_OPTIMIZERS = ("adamw", "sgd")
 PRIVACY_MODES = ("off", "user", "record")
 ENGINES = ("inprocess", "flower")
@@ -671,12 +671,16 @@ class EvalConfig:
     mia: bool = _help("membership inference on the final model: clients' training examples against "
                       "held-out ones (loss, Min-K%, zlib, base-model reference; AUC, TPR at low FPR)",
                       False)
-    mia_examples: int = _help("members and non-members each, at most (a seeded sample)", 200)
+    mia_examples: int = _help("members and non-members each, at most (a seeded sample): records, or "
+                              "users with mia_split user", 200)
     mia_split: str = _help(
         "where the non-members come from: held_out (the data's test examples; a shift between them and "
-        "the training data shows as MIA success, which the blind baseline reports) or random (fedsec "
+        "the training data shows as MIA success, which the blind baseline reports), random (fedsec "
         "draws 2 x mia_examples of the clients' training records and a fair coin takes each out of "
-        "training or leaves it in: one distribution, canary-style)", "held_out")
+        "training or leaves it in: one distribution, canary-style) or user (user-level inference, the "
+        "game user-level DP bounds: fedsec draws 2 x mia_examples clients, attackers and canary holders "
+        "aside, and takes a seeded half of them out of the federation; each client is scored by the mean "
+        "of its records' scores)", "held_out")
     benchmarks: tuple[BenchmarkSpec, ...] = _help(
         "benchmarks to evaluate the global model on, e.g. [{name: fpb, source: fpb.parquet, every: 5}]; "
         "results go into metrics.jsonl under global_eval.benchmarks", ())

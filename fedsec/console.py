@@ -161,8 +161,12 @@ def summary_lines(result: RunResult) -> list[str]:
         attacks = {name: m for name, m in result.membership.items() if "auc" in m and name != "blind"}
         scores = ", ".join(f"{name} {m['auc']:.3f}" for name, m in attacks.items())
         first = next(iter(attacks.values()))
-        lines.append(f"membership inference AUC ({first['members']} members vs {first['non_members']} "
-                     f"held out): {scores}")
+        if result.membership.get("level") == "user":
+            lines.append(f"user-level inference AUC ({first['members']} clients in the federation vs "
+                         f"{first['non_members']} kept out): {scores}")
+        else:
+            lines.append(f"membership inference AUC ({first['members']} members vs {first['non_members']} "
+                         f"held out): {scores}")
         blind = result.membership.get("blind")
         if blind is not None:
             lines.append(f"  blind baseline (text alone, no model) AUC {blind['auc']:.3f}: " + (

@@ -99,22 +99,50 @@ def token_logprobs(model, items: Sequence[Encoded], pad_id: int, batch_size: int
     return out
 
 
-def membership_inference(model, tokenizer, members: Sequence[Encoded], non_members: Sequence[Encoded],
-                         batch_size: int) -> dict:
-    """Loss, Min-K% (k = 20%), zlib and base-model-calibrated scores of members against
-    non-members, each as {auc, tpr_at_1pct_fpr, tpr_at_01pct_fpr, members, non_members}."""
-    items = [*members, *non_members]
+def membership_scores(model, tokenizer, items: Sequence[Encoded], batch_size: int) -> dict[str, list[float]]:
+    """Each item's loss, Min-K% (k = 20%), zlib and base-model-calibrated score (higher =
+    member), computed on its answer tokens."""
     pad = tokenizer.pad_token_id
     target = token_logprobs(model, items, pad, batch_size)
     with model.disable_adapter():
         reference = token_logprobs(model, items, pad, batch_size)
     texts = [tokenizer.decode(e.labels[e.labels != IGNORE].tolist(), skip_special_tokens=True) for e in items]
-    scores = {"loss": [loss_score(t) for t in target],
-              "min_k": [min_k_score(t, 0.2) for t in target],
-              "zlib": [zlib_score(t, text) for t, text in zip(target, texts)],
-              "reference": [reference_score(t, r) for t, r in zip(target, reference)]}
+    return {"loss": [loss_score(t) for t in target],
+            "min_k": [min_k_score(t, 0.2) for t in target],
+            "zlib": [zlib_score(t, text) for t, text in zip(target, texts)],
+            "reference": [reference_score(t, r) for t, r in zip(target, reference)]}
+
+
+def membership_inference(model, tokenizer, members: Sequence[Encoded], non_members: Sequence[Encoded],
+                         batch_size: int) -> dict:
+    """Loss, Min-K% (k = 20%), zlib and base-model-calibrated scores of members against
+    non-members, each as {auc, tpr_at_1pct_fpr, tpr_at_01pct_fpr, members, non_members}."""
+    scores = membership_scores(model, tokenizer, [*members, *non_members], batch_size)
     m = len(members)
     return {name: dataclasses.asdict(mia_metrics(s[:m], s[m:])) for name, s in scores.items()}
+
+
+def user_scores(scores: Sequence[float], owners: Sequence[int]) -> list[float]:
+    """One score per user: the mean of its records' scores (`owners[i]`: record i's user,
+    users numbered 0.. in order of first appearance)."""
+    sums: dict[int, list[float]] = {}
+    for score, owner in zip(scores, owners, strict=True):
+        sums.setdefault(owner, []).append(score)
+    return [statistics.fmean(sums[u]) for u in sorted(sums)]
+
+
+def user_membership_inference(model, tokenizer, members: Sequence[Sequence[Encoded]],
+                              non_members: Sequence[Sequence[Encoded]], batch_size: int) -> dict:
+    """User-level inference (is this client's data in the federation?): each user's score is
+    the mean of its records' scores (`membership_scores`); members' users against
+    non-members', each score as {auc, tpr_at_1pct_fpr, tpr_at_01pct_fpr, members, non_members}
+    counted in users."""
+    users = [*members, *non_members]
+    owners = [u for u, records in enumerate(users) for _ in records]
+    scores = membership_scores(model, tokenizer, [e for records in users for e in records], batch_size)
+    m = len(members)
+    per_user = {name: user_scores(s, owners) for name, s in scores.items()}
+    return {name: dataclasses.asdict(mia_metrics(s[:m], s[m:])) for name, s in per_user.items()}
 
 
 def mia_sample(members: Sequence, non_members: Sequence, limit: int, seed: int) -> tuple[list, list]:
@@ -161,6 +189,40 @@ def mia_random_split(data, objective, n: int, seed: int) -> tuple[object, list, 
         kept = records.select(keep) if hasattr(records, "select") else tuple(records[i] for i in keep)
         clients[k] = dataclasses.replace(clients[k], **{objective.record_field: kept})
     return dataclasses.replace(data, clients=tuple(clients)), members, non_members
+
+
+MIA_USERS_MIN = 5  # users on each side: the blind baseline's folds need as many
+
+
+def mia_user_split(data, objective, n: int, seed: int,
+                   protected: Sequence[int] = ()) -> tuple[object, dict, list, list]:
+    """eval.mia_split user: whole clients in or out of the federation, by fedsec's draw. Of the
+    clients with records (planted canaries aside) that are not `protected` (attackers, canary
+    holders), 2m are drawn by a seeded sample, m = min(n, half of them), and a seeded half
+    of those is taken out of the federation. Returns the federation without them (client ids
+    renumbered 0.. in order), the old -> new id map of those kept, and the members' and
+    non-members' records as one list of examples per user."""
+    planted = {c.text for c in data.canaries}
+
+    def records(client) -> list:
+        return [e for e in objective.as_examples(objective.records(client)) if e.messages()[-1].content not in planted]
+
+    keep_out = set(protected)
+    candidates = [k for k, c in enumerate(data.clients) if k not in keep_out and records(c)]
+    m = min(n, len(candidates) // 2)
+    if m < MIA_USERS_MIN:
+        raise ValueError(f"user-level inference needs at least {2 * MIA_USERS_MIN} clients with records outside "
+                         f"the attackers and canary holders; the federation has {len(candidates)}")
+    rng = numpy_generator(seed, "mia-user-split")
+    chosen = [candidates[i] for i in rng.choice(len(candidates), 2 * m, replace=False)]
+    members, out = sorted(chosen[:m]), sorted(chosen[m:])
+    inside = [records(data.clients[k]) for k in members]
+    outside = [records(data.clients[k]) for k in out]
+    kept = [k for k in range(len(data.clients)) if k not in set(out)]
+    renumber = {old: new for new, old in enumerate(kept)}
+    clients = tuple(dataclasses.replace(data.clients[k], client_id=renumber[k]) for k in kept)
+    canaries = tuple(dataclasses.replace(c, client_id=renumber[c.client_id]) for c in data.canaries)
+    return dataclasses.replace(data, clients=clients, canaries=canaries), renumber, inside, outside
 
 
 def mia_candidates(data, clients: int, objective) -> tuple[list, list[InstructionExample]]:

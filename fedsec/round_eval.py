@@ -5,6 +5,7 @@ the end of a run the membership-inference attack and the privacy audit's outcome
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from pathlib import Path
 
@@ -22,7 +23,14 @@ from fedsec.evaluation import (
     preference_metrics,
     refusal_rate,
 )
-from fedsec.leakage import answer_extraction, membership_inference, memorization_metrics, mia_candidates, mia_sample
+from fedsec.leakage import (
+    answer_extraction,
+    membership_inference,
+    memorization_metrics,
+    mia_candidates,
+    mia_sample,
+    user_membership_inference,
+)
 from fedsec.metrics import MetricContext, measure
 from fedsec.objectives import OBJECTIVES
 from fedsec.prefix import cache_frozen_prefix
@@ -111,6 +119,8 @@ def membership_attack(setup: Setup) -> dict:
     """eval.mia on the model as it stands: a sample of the federation's training examples
     against as many held-out ones, encoded (and prefix-cached) like the training data."""
     cfg = setup.cfg
+    if cfg.eval.mia_split == "user":
+        return user_membership_attack(setup)
     pool = setup.mia_pool or mia_candidates(setup.data, setup.federation_clients, OBJECTIVES[cfg.task])
     sample = mia_sample(*pool, cfg.eval.mia_examples, cfg.seed)
     encoded = [encode_all(examples, setup.tokenizer, cfg.data.template, cfg.data.max_length)
@@ -128,6 +138,29 @@ def membership_attack(setup: Setup) -> dict:
     blind = dataclasses.asdict(blind_baseline(*texts, cfg.seed))
     return {**membership, "blind": {**blind, "shifted": split_shifted(blind["auc"], len(texts[0]), len(texts[1]))},
             "answer_extraction": extraction}
+
+
+def user_membership_attack(setup: Setup) -> dict:
+    """eval.mia_split user: the clients fedsec kept in the federation against those it took
+    out, each scored by the mean of its records' scores; the blind baseline on each user's
+    records joined into one text."""
+    cfg = setup.cfg
+    encoded = []
+    for users in setup.mia_pool:  # (members, non-members), a user's records that fit data.max_length
+        users = [items for records in users
+                 if (items := encode_all(records, setup.tokenizer, cfg.data.template, cfg.data.max_length))]
+        flat = [item for items in users for item in items]
+        if cfg.lora.cache_frozen_layers:
+            first, model_key = prefix_args(setup.model, cfg)
+            flat = cache_frozen_prefix(setup.model, flat, first, setup.pad_id, cfg.eval.batch_size, model_key)
+        bounds = [0, *itertools.accumulate(len(items) for items in users)]
+        encoded.append([flat[a:b] for a, b in itertools.pairwise(bounds)])
+    membership = user_membership_inference(setup.model, setup.tokenizer, *encoded, cfg.eval.batch_size)
+    texts = [[" ".join(m.content for e in records for m in e.messages()) for records in users]
+             for users in setup.mia_pool]
+    blind = dataclasses.asdict(blind_baseline(*texts, cfg.seed))
+    return {"level": "user", **membership,
+            "blind": {**blind, "shifted": split_shifted(blind["auc"], len(texts[0]), len(texts[1]))}}
 
 
 def audit_outcome(setup: Setup, privacy: dict | None) -> dict:

@@ -35,7 +35,7 @@ from fedsec.evaluation import (
     packable_prefix,
     share_prefix,
 )
-from fedsec.leakage import mia_random_split
+from fedsec.leakage import mia_random_split, mia_user_split
 from fedsec.models import load_model
 from fedsec.objectives import OBJECTIVES, PairItem, objective_for
 from fedsec.prefix import Home, cache_frozen_prefix, plan_cache
@@ -75,7 +75,7 @@ class Setup:
     answers_dir: Path | None = None  # where open-ended answers go (the run directory's answers/)
     silos: tuple[int, ...] = ()  # data.silos on Flower: clients per organisation, whose data stays with it
     remote_eval: Callable | None = None  # Flower: per-client evaluation on the nodes (vector -> {id: EvalResult})
-    mia_pool: tuple = ()  # eval.mia_split random: (members, non-members) drawn by fedsec's coin
+    mia_pool: tuple = ()  # eval.mia_split random: (members, non-members) drawn by fedsec's coin; user: per user
     realign_set: list = field(default_factory=list)  # defense.realign_steps: the server's aligned set, encoded
 
     @property
@@ -109,7 +109,7 @@ class Federation:
     population: int
     canaries: tuple = ()  # the audit's canaries, in or out
     included: object = None  # which canaries are in (numpy bool array), None without an audit
-    mia_pool: tuple = ()  # eval.mia_split random: (members, non-members), the latter out of training
+    mia_pool: tuple = ()  # eval.mia_split random/user: (members, non-members), the latter out of training
 
 
 def build_federation(cfg: ExperimentConfig, silos: tuple[int, ...] | None = None) -> Federation:
@@ -137,6 +137,17 @@ def build_federation(cfg: ExperimentConfig, silos: tuple[int, ...] | None = None
     mia_pool = ()
     if cfg.eval.mia and cfg.eval.mia_split == "random":  # every party takes the same records out
         data, *mia_pool = mia_random_split(data, OBJECTIVES[cfg.task], cfg.eval.mia_examples, cfg.seed)
+    if cfg.eval.mia and cfg.eval.mia_split == "user":  # and the same clients
+        if silos is not None:
+            raise ConfigError("eval.mia_split", "user", "user-level inference takes clients out of the federation "
+                              "before it starts, which data.silos leaves to the organisations; use random")
+        holders = {c.client_id for c in data.canaries}
+        try:
+            data, renumber, *mia_pool = mia_user_split(data, OBJECTIVES[cfg.task], cfg.eval.mia_examples, cfg.seed,
+                                                       (*malicious, *holders))
+        except ValueError as err:
+            raise ConfigError("eval.mia_split", "user", f"{err}; use random or held_out") from None
+        malicious = [renumber[k] for k in malicious]
     # the checks that need only the data, before the model is loaded and anything is encoded
     if cfg.defense.rule.needs_reference and data.server_root is None:
         raise ConfigError("defense.aggregator", cfg.defense.aggregator,

@@ -314,3 +314,95 @@ def test_a_run_with_a_random_split_reports_the_blind_baseline_beside_the_attacks
     assert isinstance(blind["shifted"], bool)
     with pytest.raises(ConfigError, match="eval.mia_split"):
         tiny_config(tmp_path, eval={"mia_split": "random"})  # without eval.mia
+
+
+def test_a_users_score_is_the_mean_of_its_records_scores():
+    from fedsec.leakage import user_scores
+
+    assert user_scores([1.0, 2.0, 3.0, 10.0, -4.0], [0, 0, 1, 1, 2]) == [1.5, 6.5, -4.0]
+    assert user_scores([5.0, 1.0, 3.0], [1, 0, 1]) == [1.0, 4.0]  # by user number, not by order
+    with pytest.raises(ValueError):
+        user_scores([1.0, 2.0], [0])
+
+
+def test_a_user_split_takes_whole_clients_out_keeping_attackers_and_canary_holders():
+    from fedsec.config import BenchmarkConfig, DataConfig
+    from fedsec.data import build_federated_data
+    from fedsec.leakage import mia_user_split
+    from fedsec.objectives import SftObjective
+
+    cfg = DataConfig(benchmark=BenchmarkConfig(num_clients=24, examples_per_client=4, size_alpha=0, test_size=9,
+                                               client_test_size=0, num_probes=0, canaries_per_client=1,
+                                               canary_repeats=2, canary_clients=2))
+    data = build_federated_data(cfg, 0, "sft")
+    holders = {c.client_id for c in data.canaries}
+    protected = (3, 7, *holders)
+    split, renumber, members, non_members = mia_user_split(data, SftObjective, 6, 4, protected)
+    again = mia_user_split(data, SftObjective, 6, 4, protected)
+    assert (members, non_members, renumber) == (again[2], again[3], again[1]) and split == again[0]
+    assert len(members) == len(non_members) == 6 and len(split.clients) == 24 - 6
+    assert [c.client_id for c in split.clients] == list(range(18))
+    names = {c.name for c in split.clients}
+    assert all(data.clients[k].name in names for k in protected)  # never taken out
+    assert {old: split.clients[new].name for old, new in renumber.items()} == {
+        old: data.clients[old].name for old in renumber}
+    for canary in split.canaries:  # a canary still points at the client that holds it
+        assert canary.text in [e.response for e in split.clients[canary.client_id].train]
+    training = [list(c.train) for c in split.clients]
+    assert all(user in training for user in [list(u) for u in members])
+    gone = [c for c in data.clients if c.name not in names]
+    assert len(gone) == 6 and [list(u) for u in non_members] == [list(c.train) for c in gone]
+    assert not any("vault PIN" in e.response for user in members + non_members for e in user)
+    other = mia_user_split(data, SftObjective, 6, 5, protected)
+    assert (other[2], other[3]) != (members, non_members)
+    assert len(mia_user_split(data, SftObjective, 100, 4, protected)[2]) == (24 - 4) // 2  # m capped at half
+    with pytest.raises(ValueError, match="at least 10 clients"):
+        mia_user_split(data, SftObjective, 6, 4, tuple(range(15)))
+
+
+def test_user_level_inference_with_one_record_per_user_is_record_level_inference(tmp_path):
+    """The degenerate case: one record per user, the user's mean is the record's score, so
+    every score's AUC and TPRs equal the record-level attack's."""
+    from conftest import tiny_config
+
+    from fedsec.data import build_federated_data
+    from fedsec.encoding import encode_all
+    from fedsec.leakage import membership_inference, user_membership_inference
+    from fedsec.models import load_model
+
+    cfg = tiny_config(tmp_path)
+    model, tokenizer = load_model(cfg)
+    data = build_federated_data(cfg.data, cfg.seed, cfg.task)
+    items = encode_all([e for c in data.clients for e in c.train][:12], tokenizer, "chat", 160)
+    members, non_members = items[:6], items[6:12]
+    record = membership_inference(model, tokenizer, members, non_members, 4)
+    user = user_membership_inference(model, tokenizer, [[e] for e in members], [[e] for e in non_members], 4)
+    assert user == record
+    two = user_membership_inference(model, tokenizer, [members[:3], members[3:]], [non_members[:3], non_members[3:]],
+                                    4)
+    assert two["loss"]["members"] == 2 and two["loss"]["non_members"] == 2
+
+
+def test_a_run_with_a_user_split_attacks_clients_and_trains_without_the_kept_out(tmp_path):
+    import json
+
+    from conftest import tiny_config
+
+    from fedsec.errors import ConfigError
+    from fedsec.loop import run_experiment
+
+    cfg = tiny_config(tmp_path, data={"benchmark": {"num_clients": 14, "examples_per_client": 4, "test_size": 9,
+                                                    "client_test_size": 0, "num_probes": 0}},
+                      federation={"rounds": 1, "clients_per_round": 3, "local_only_clients": 0},
+                      eval={"mia": True, "mia_examples": 10, "mia_split": "user", "clients": False})
+    result = run_experiment(cfg, out=tmp_path / "run", progress=False, log=lambda _: None)
+    membership = result.membership
+    assert membership["level"] == "user"
+    assert set(membership) == {"level", "loss", "min_k", "zlib", "reference", "blind"}
+    # 10 asked, at most half of the 14 clients: 7 in, 7 out
+    assert membership["loss"]["members"] == membership["loss"]["non_members"] == 7
+    assert membership["blind"]["members"] == 7 and 0 <= membership["reference"]["auc"] <= 1
+    assert json.loads((tmp_path / "run" / "federation.json").read_text())["num_clients"] == 14 - 7
+    with pytest.raises(ConfigError, match="eval.mia_split"):  # 4 clients: too few to split
+        run_experiment(tiny_config(tmp_path, eval={"mia": True, "mia_split": "user", "clients": False}),
+                       out=tmp_path / "few", progress=False, log=lambda _: None)
