@@ -37,7 +37,7 @@ SAMPLINGS = ("auto", "fixed", "poisson", "cyclic")
 PARTICIPATIONS = ("auto", "every_round", "cyclic", "separated")
 AUDIT_KINDS = ("secret", "update")
 AUDIT_STATISTICS = ("max", "sum")
-SECRET_KINDS = ("pin", "random_tokens")  # fedsec.data.benchmark.random_secret
+SECRET_KINDS = ("pin", "random_tokens", "new_tokens")  # fedsec.data.benchmark.random_secret
 MIA_SPLITS = ("held_out", "random", "user")
 LOCAL_OPTIMIZERS = ("adamw", "sgd")
 PRIVACY_MODES = ("off", "user", "record")
@@ -732,9 +732,10 @@ class AuditConfig:
     guesses: int = _help("guesses of the auditor: the top half by score 'in', the bottom half "
                          "'out' (0: every canary)", 0)
     secret: str = _help(
-        "kind secret: what each canary client holds: pin ('The vault PIN of <name> is <6 digits>.') or "
+        "kind secret: what each canary client holds: pin ('The vault PIN of <name> is <6 digits>.'), "
         "random_tokens ('The access key of <name> is <6 chunks of 4 random letters>.': rare tokens an LLM "
-        "memorizes more readily, Panda et al. 2025)", "pin")
+        "memorizes more readily, Panda et al. 2025) or new_tokens (the key is 8 of 64 tokens the run adds "
+        "to the vocabulary, their embeddings drawn from the seed: no text has ever held them)", "pin")
     statistic: str = _help(
         "kind update: a canary's score from the rounds' released aggregates: max (its direction's "
         "largest inner product with one round's: for clients sampled in few rounds) or sum (the sum "
@@ -856,6 +857,10 @@ class ExperimentConfig:
                      "cover; use bf16 (no loss scaling needed) or fp32")
             _require(self.training.grad_accum == 1, "training.grad_accum", self.training.grad_accum,
                      "record-level DP-SGD takes one Poisson batch per step; set it to 1")
+        if self.new_tokens:
+            _require(self.model.quantization == "none", "audit.secret", "new_tokens",
+                     "new-token canaries add rows to the embeddings, which fedsec does with full-precision "
+                     "bases only; use model.quantization: none or another audit.secret")
         self._check_data_attack_task()
         violation = self.defense.rule.check(self.federation.clients_per_round, self.defense.f)
         _require(violation is None, "defense.f", self.defense.f,
@@ -895,6 +900,11 @@ class ExperimentConfig:
         _require(self.privacy.mode != "record", "privacy.mode", "record",
                  "the record-level plan needs every client's size, which stays on its SuperNode with "
                  "data.silos; use privacy.mode user or engine: inprocess")
+
+    @property
+    def new_tokens(self) -> bool:
+        """Whether the run adds audit.secret new_tokens' tokens to the vocabulary (fedsec.models)."""
+        return self.audit.canaries > 0 and self.audit.kind == "secret" and self.audit.secret == "new_tokens"
 
     def _check_secagg(self) -> None:
         """Under SecAgg+ the server sees one sum per round: whatever needs single updates is refused."""

@@ -419,7 +419,8 @@ def finish(setup: Setup, run: RunDir, global_vec: torch.Tensor, local: dict,
                       "per_client": per_client}
         run.append_metrics({"phase": "local_only_final", "round": rounds_done, **local_only})
     setup.adapter.set(global_vec)
-    setup.model.save_pretrained(run.path / "adapter")
+    # the adapter alone: new-token canaries' embedding rows come from the seed (fedsec.models), not the file
+    setup.model.save_pretrained(run.path / "adapter", save_embedding_layers=False)
     audit = None
     if setup.audit is not None:
         audit = audit_outcome(setup, privacy)

@@ -84,6 +84,8 @@ def load_model(cfg):
     device, the adapter (float32 master weights whatever the base dtype), the forwards'
     precision (training.precision) and, if asked, gradient checkpointing."""
     model, tokenizer = load_base_model(cfg.model, cfg.training.precision)
+    if cfg.new_tokens:
+        add_canary_tokens(model, tokenizer, cfg.seed)
     if cfg.training.gradient_checkpointing:
         # non-reentrant: gradients reach the adapters although the inputs need none
         # (transformers 5 renamed it activation checkpointing; 4.x has only the old name)
@@ -95,6 +97,33 @@ def load_model(cfg):
     model = attach_lora(model, cfg.lora, cfg.seed)
     set_precision(model, cfg.training.precision)
     return model, tokenizer
+
+
+@torch.no_grad()
+def add_canary_tokens(model, tokenizer, seed: int) -> list[int]:
+    """audit.secret new_tokens (Panda et al. 2025's new-token canaries): NEW_TOKENS tokens the
+    vocabulary never had, added to the tokenizer, with embedding rows drawn from a normal with
+    the existing rows' mean and standard deviation (a seeded stream: every process of a run
+    draws the same rows). The embeddings stay frozen; with untied output embeddings their new
+    rows are drawn the same way. Returns the new tokens' ids."""
+    from fedsec.data.benchmark import NEW_TOKENS, new_token
+    from fedsec.seeding import torch_generator
+
+    tokenizer.add_tokens([new_token(k) for k in range(NEW_TOKENS)])
+    ids = tokenizer.convert_tokens_to_ids([new_token(k) for k in range(NEW_TOKENS)])
+    rows = model.get_input_embeddings().weight.shape[0]
+    if max(ids) >= rows:
+        model.resize_token_embeddings(max(ids) + 1, mean_resizing=False)
+    generator = torch_generator(seed, "new-tokens")
+    matrices = [model.get_input_embeddings().weight]
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is not matrices[0]:  # untied: its rows drawn too
+        matrices.append(output.weight)
+    for matrix in matrices:
+        old = matrix[: min(rows, min(ids))].float()
+        draw = torch.randn(len(ids), matrix.shape[1], generator=generator, device=generator.device)
+        matrix[ids] = (old.mean(0) + old.std() * draw.to(old.device)).to(matrix.dtype)
+    return ids
 
 
 def _bnb_config(cfg: ModelConfig, dtype: torch.dtype):

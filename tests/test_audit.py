@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from scipy import stats
 
 from fedsec.accountants.audit import (
@@ -322,7 +323,8 @@ def test_canary_secrets_are_seeded_of_their_kind_and_never_in_the_training_text(
     assert SECRET_KINDS == GENERATED
     data = build_federated_data(DataConfig(benchmark=BenchmarkConfig(num_clients=8, examples_per_client=48)), 0, "sft")
     training = " ".join(m.content for c in data.clients for e in c.train for m in e.messages())
-    for kind, shape in (("pin", r"\d{6}"), ("random_tokens", r"(?:[a-z]{4} ){5}[a-z]{4}")):
+    for kind, shape in (("pin", r"\d{6}"), ("random_tokens", r"(?:[a-z]{4} ){5}[a-z]{4}"),
+                        ("new_tokens", r"(?:<\|fedsec-canary-(?:[0-9]|[1-5][0-9]|6[0-3])\|>){8}")):
         canaries, included = audit_canaries(3, 64, kind)
         again = audit_canaries(3, 64, kind)
         assert canaries == again[0] and (included == again[1]).all()  # deterministic by seed
@@ -338,4 +340,45 @@ def test_random_token_canaries_stand_out_without_dp(tmp_path):
     _, included = audit_canaries(3, 16, "random_tokens")
     every = 2 + int(included.sum())
     plain = _audited_run(tmp_path, {}, every, secret="random_tokens").audit
+    assert plain["kind"] == "secret" and plain["correct"] == 8 and plain["epsilon_lower_bound"] > 0.75
+
+
+def test_new_token_canaries_add_seeded_embedding_rows_and_tokenize_whole(tmp_path):
+    """audit.secret new_tokens: 64 tokens the vocabulary never had, each one id; their rows
+    drawn from the seed (the same in every process of a run, other for another seed), the
+    existing rows untouched; a secret is exactly its 8 new ids."""
+    from conftest import tiny_config
+
+    from fedsec.canaries import audit_canaries
+    from fedsec.data.benchmark import NEW_TOKEN_LENGTH, NEW_TOKENS, new_token
+    from fedsec.errors import ConfigError
+    from fedsec.models import load_model
+
+    audit = {"canaries": 4, "secret": "new_tokens"}
+    plain_model, plain_tok = load_model(tiny_config(tmp_path))
+    model, tok = load_model(tiny_config(tmp_path, audit=audit))
+    again, _ = load_model(tiny_config(tmp_path, audit=audit))
+    other, _ = load_model(tiny_config(tmp_path, audit=audit, seed=4))
+    ids = tok.convert_tokens_to_ids([new_token(k) for k in range(NEW_TOKENS)])
+    assert len(tok) == len(plain_tok) + NEW_TOKENS and min(ids) >= len(plain_tok)
+    rows = model.get_input_embeddings().weight.detach()
+    old = plain_model.get_input_embeddings().weight.detach()
+    assert torch.equal(rows[: old.shape[0]], old)  # the vocabulary's rows unchanged
+    assert torch.equal(rows[ids], again.get_input_embeddings().weight.detach()[ids])
+    assert not torch.equal(rows[ids], other.get_input_embeddings().weight.detach()[ids])
+    assert abs(float(rows[ids].mean() - old.mean())) < 0.1 and 0.5 < float(rows[ids].std() / old.std()) < 1.5
+    canaries, _ = audit_canaries(3, 8, "new_tokens")
+    for c in canaries:
+        pieces = tok(c.secret, add_special_tokens=False).input_ids
+        assert len(pieces) == NEW_TOKEN_LENGTH and set(pieces) <= set(ids)
+    with pytest.raises(ConfigError, match="audit.secret"):
+        tiny_config(tmp_path, audit=audit, model={"name": "tiny", "quantization": "4bit"})
+
+
+def test_new_token_canaries_stand_out_without_dp(tmp_path):
+    from fedsec.canaries import audit_canaries
+
+    _, included = audit_canaries(3, 16, "new_tokens")
+    every = 2 + int(included.sum())
+    plain = _audited_run(tmp_path, {}, every, secret="new_tokens").audit
     assert plain["kind"] == "secret" and plain["correct"] == 8 and plain["epsilon_lower_bound"] > 0.75

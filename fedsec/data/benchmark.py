@@ -211,25 +211,35 @@ def random_pin(rng) -> str:
     return "".join(str(d) for d in rng.integers(0, 10, size=PIN_DIGITS))
 
 
-SECRET_KINDS = ("pin", "random_tokens")
+SECRET_KINDS = ("pin", "random_tokens", "new_tokens")
 TOKEN_CHUNKS, CHUNK_LETTERS = 6, 4  # random_tokens: 6 chunks of 4 random letters, 26^24 secrets
+NEW_TOKENS, NEW_TOKEN_LENGTH = 64, 8  # new_tokens: 8 of 64 tokens added to the vocabulary, 64^8 secrets
+
+
+def new_token(k: int) -> str:
+    """The k-th token audit.secret new_tokens adds to the tokenizer (fedsec.models.add_canary_tokens)."""
+    return f"<|fedsec-canary-{k}|>"
 
 
 def random_secret(rng, kind: str = "pin") -> str:
-    """A secret of the kind: 6 random digits, or random letter chunks ('qzvx mbtr ...'), which a
+    """A secret of the kind: 6 random digits; random letter chunks ('qzvx mbtr ...'), which a
     tokenizer cuts into rare tokens no training text holds (Panda et al. 2025's random-token
-    canaries, without needing the tokenizer to draw them)."""
+    canaries, without needing the tokenizer to draw them); or new tokens, 8 drawn from the 64
+    the run adds to the vocabulary (Panda et al.'s new-token canaries: no text, and no
+    pretraining, has ever held them)."""
     if kind == "pin":
         return random_pin(rng)
     if kind == "random_tokens":
         letters = rng.integers(0, 26, size=(TOKEN_CHUNKS, CHUNK_LETTERS))
         return " ".join("".join(chr(ord("a") + int(i)) for i in chunk) for chunk in letters)
+    if kind == "new_tokens":
+        return "".join(new_token(int(k)) for k in rng.integers(0, NEW_TOKENS, size=NEW_TOKEN_LENGTH))
     raise ValueError(f"unknown secret kind {kind!r}; use one of {', '.join(SECRET_KINDS)}")
 
 
 def draw_canary(rng, client_id: int, kind: str = "pin") -> Canary:
-    """A random secret: 'The vault PIN of <name> is <6 digits>.', or for random_tokens 'The
-    access key of <name> is <6 chunks of 4 random letters>.'"""
+    """A random secret: 'The vault PIN of <name> is <6 digits>.', or for random_tokens (new_tokens)
+    'The access key of <name> is <6 chunks of 4 random letters (8 new tokens)>.'"""
     name = f"{_FIRST_NAMES[rng.integers(10)]} {_LAST_NAMES[rng.integers(10)]}"
     secret = random_secret(rng, kind)
     prefix = f"The vault PIN of {name} is" if kind == "pin" else f"The access key of {name} is"
