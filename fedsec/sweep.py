@@ -113,8 +113,9 @@ def expand(spec_path: str | Path) -> tuple[Path, list[SweepRun], Path | None, di
         raise ConfigError("sweep.variants", None, "give variants (name -> list of key=value), epsilons "
                           "or a grid")
     root = Path(spec.get("output_dir", "runs")) / name
+    # seed by seed: a sweep stopped part-way has its first seeds' whole grid, not a few cells' spread
     runs = [SweepRun(v, seed, tuple(common + o + [f"seed={seed}"]), root / f"{v}-s{seed}", cell)
-            for v, (o, cell) in variants.items() for seed in seeds]
+            for seed in seeds for v, (o, cell) in variants.items()]
     return root, runs, base_file, base_raw
 
 

@@ -442,6 +442,42 @@ def grid_findings(data: plots.AttackGrid | None) -> list[str]:
     return out
 
 
+def dp_robustness_findings(data: plots.DpRobustness | None) -> list[str]:
+    """What the DP x robustness grid answers, in numbers: per attack, what it costs the
+    plain mean (clean minus attacked headline) at each privacy setting (does clipping and
+    noise blunt it?), and per detecting rule the share of malicious updates it dropped at
+    each setting (do they blind it?)."""
+    if data is None:
+        return []
+    metric = next((m for m in data.cells if m not in plots.DETECTION), None)
+    if metric is None:
+        return []
+    out, name = [], plots.label(metric)
+
+    def show(st: plots.Stat) -> str:
+        return f"{st.mean:.3f}" + (f" +- {st.std:.3f}" if st.n > 1 else "")
+
+    mean = "mean" if "mean" in data.aggregators else data.aggregators[0]
+    for attack in [a for a in data.attacks if a != "no attack"]:
+        costs = []
+        for p in data.privacy:
+            hit, clean = data.get(metric, attack, p, mean), data.get(metric, "no attack", p, mean)
+            if hit is not None and clean is not None:
+                costs.append(f"{p}: {show(clean)} -> {show(hit)}")
+        if costs:
+            out.append(f"{attack} against the {mean} ({name}, clean -> attacked): " + "; ".join(costs) + ".")
+        for rule in [a for a in data.aggregators if a != mean]:
+            caught = [(p, st) for p in data.privacy if (st := data.get("true_positive_rate", attack, p, rule))]
+            if caught:
+                out.append(f"{rule} under {attack} dropped " + ", ".join(f"{show(st)} of the malicious updates "
+                                                                        f"({p})" for p, st in caught) + ".")
+    if out and any(v is not None for v in data.certified.values()):
+        out.append("Detection rates of DP runs are not covered by the DP guarantee (read from "
+                   f"{UNCOVERED}/); a rule other than the mean or norm_bound gets the mean's noise but no "
+                   "certified epsilon.")
+    return out
+
+
 def stale_findings(runs: list[RunFiles]) -> list[str]:
     """Runs whose epsilon was accounted by an older fedsec for a weaker mechanism."""
     stale = [r for r in runs if predates_centred_count(r.privacy, _read(r.path / LEDGER, "json"))]
@@ -664,8 +700,11 @@ def build_report(directory: Path, out: Path | None = None, force: bool = False) 
     story += [Paragraph(sentence, styles["body"]) for sentence in audit_findings(runs)]
     story += [Paragraph(sentence, styles["body"]) for sentence in stale_findings(runs)]
     if grid:
+        rows = plots.sweep_rows(directory)
         story += [Paragraph(sentence, styles["body"])
-                  for sentence in grid_findings(plots.attack_grid_data(plots.sweep_rows(directory)))]
+                  for sentence in grid_findings(plots.attack_grid_data(rows))]
+        story += [Paragraph(sentence, styles["body"]) for sentence in dp_robustness_findings(
+            plots.dp_robustness_data(rows, plots.sweep_rows(directory / UNCOVERED)))]
     claimed = claims(table, runs)
     if claimed:
         story += [PageBreak(), *_section(files / "claims.csv", claimed, "Claims",
@@ -710,6 +749,8 @@ def build_report(directory: Path, out: Path | None = None, force: bool = False) 
         figures.append(("variants_by_round", plots.variant_curves(directory)))
         figures.append(("audit_bounds", plots.audit_bounds(directory)))
         figures.append(("attack_grid", plots.attack_grid(directory)))
+        figures.append(("dp_robustness", plots.dp_robustness(directory)))
+        figures.append(("dp_detection", plots.dp_detection(directory)))
         figures.append(("attack_fractions", plots.attack_fractions(directory)))
     done = [r for r in runs if r.result and r.result.get("finished")]
     seen = set()

@@ -25,6 +25,12 @@ and line style as well as colour.
                                   the largest fraction of malicious clients
     attack_fractions(sweep_dir)   each metric over the fraction of malicious clients,
                                   one curve per defense, one panel per attack
+    dp_robustness(sweep_dir)      a sweep crossing privacy with attacks and aggregators:
+                                  per attack, a privacy x aggregator heatmap of the
+                                  headline utility (mean +- sd over seeds)
+    dp_detection(sweep_dir)       the same grid's detection rates (malicious and honest
+                                  updates dropped), labelled as not covered by the DP
+                                  guarantee where the runs are private
     audit_bounds(sweep_dir)       the privacy audit's empirical lower bound on epsilon
                                   against the accountant's epsilon, with y = x (a point
                                   above it would refute the privacy claim)
@@ -420,8 +426,11 @@ class AttackGrid:
 
 
 def attack_grid_data(rows: list[dict]) -> AttackGrid | None:
-    """None when no run of the sweep had malicious clients."""
+    """None when no run of the sweep had malicious clients. A sweep that also crosses
+    privacy settings keeps its non-private runs here (see `dp_robustness_data`)."""
     rows = [r for r in rows if r.get("malicious_count") is not None and r.get("num_clients")]
+    if len({privacy_label(r, rows) for r in rows}) > 1:  # privacy crossed in: its page is dp_robustness
+        rows = [r for r in rows if r.get("certified") is None]
     attacked = [r for r in rows if r["malicious_count"] > 0]
     if not attacked:
         return None
@@ -515,6 +524,152 @@ def attack_fractions(sweep_dir: Path, metric: str | None = None):
             if i == len(metrics) - 1:
                 ax.set_xlabel("malicious clients (%)", fontsize=8)
     axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def privacy_label(row: dict, rows: list[dict]) -> str:
+    """A run's privacy setting as a grid level: non-private, clip only (clipping, no
+    noise), or its noise multiplier, named by the epsilon it certifies. A rule without a
+    sensitivity bound (Krum, FLAME, ...) gets the same noise as the mean at that target
+    but no epsilon of its own: it borrows the label of a certified run with its sigma."""
+    if row.get("certified") is None:
+        return "non-private"
+    sigma = row.get("noise_multiplier")
+    if not sigma:
+        return "clip only"
+    certified = [r["epsilon"] for r in rows if r.get("certified") is True and r.get("epsilon") is not None
+                 and r.get("noise_multiplier") is not None and math.isclose(r["noise_multiplier"], sigma)]
+    return f"eps {statistics.fmean(certified):.3g} (sigma {sigma:.2f})" if certified else f"sigma {sigma:.2f}"
+
+
+def attack_label(row: dict) -> str:
+    if not row.get("malicious_count"):
+        return "no attack"
+    return f"{row['attack_kind']} {row['malicious_count'] / row['num_clients']:.0%}"
+
+
+@dataclass(frozen=True)
+class DpRobustness:
+    """A sweep crossing privacy settings with attacks and aggregators: metric -> (attack,
+    privacy, aggregator) -> the metric over seeds. Levels in display order: no attack
+    first; non-private, clip only, then by growing noise; aggregators as the sweep lists them."""
+
+    attacks: list[str]
+    privacy: list[str]
+    aggregators: list[str]
+    cells: dict[str, dict[tuple[str, str, str], Stat]]
+    certified: dict[tuple[str, str, str], bool | None]  # None: non-private
+
+    def get(self, metric: str, attack: str, privacy: str, aggregator: str) -> Stat | None:
+        return self.cells.get(metric, {}).get((attack, privacy, aggregator))
+
+
+DETECTION = ("true_positive_rate", "false_positive_rate")
+
+
+def dp_robustness_data(rows: list[dict], hidden: list[dict] | None = None) -> DpRobustness | None:
+    """None unless the sweep has malicious clients and at least two privacy settings.
+    `hidden`: the rows with the metrics the DP guarantee does not cover filled in (the
+    sweep's not_covered_by_dp_guarantee/results.json); the detection rates come from there."""
+    rows = [r for r in rows if r.get("malicious_count") is not None and r.get("num_clients")]
+    if not any(r["malicious_count"] > 0 for r in rows):
+        return None
+    labels = {r["run_dir"]: privacy_label(r, rows) for r in rows}
+
+    def noise(label: str) -> float:
+        sigma = next(r.get("noise_multiplier") or 0.0 for r in rows if labels[r["run_dir"]] == label)
+        return -1.0 if label == "non-private" else sigma
+
+    privacy = sorted(dict.fromkeys(labels.values()), key=noise)
+    if len(privacy) < 2:
+        return None
+    attacks = sorted(dict.fromkeys(attack_label(r) for r in rows), key=lambda a: a != "no attack")
+    aggregators = list(dict.fromkeys(r["aggregator"] for r in rows))
+    full = {r["run_dir"]: r for r in (hidden or [])}
+    groups: dict[tuple[str, str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((attack_label(r), labels[r["run_dir"]], r["aggregator"]), []).append(r)
+    head = headline_metric(rows)
+    cells = {}
+    for metric in [m for m in (head, "final_loss", "refusal_rate") if m]:
+        cells[metric] = {k: st for k, mine in groups.items() if (st := aggregate(r.get(metric) for r in mine))}
+    for metric in DETECTION:  # where the rows leave them empty (DP runs), from the hidden tables
+        cells[metric] = {k: st for k, mine in groups.items() if k[0] != "no attack" and (st := aggregate(
+            r.get(metric) if r.get(metric) is not None else full.get(r["run_dir"], {}).get(metric)
+            for r in mine))}
+    cells = {m: c for m, c in cells.items() if c}
+    certified = {k: mine[0].get("certified") for k, mine in groups.items()}
+    return DpRobustness(attacks, privacy, aggregators, cells, certified)
+
+
+def _heatmap(ax, grid: list[list[Stat | None]], metric: str, rows: list[str], columns: list[str],
+             title: str, marks: list[list[str]] | None = None) -> None:
+    """One annotated heatmap panel: mean over seeds, +- sd below it where seeds > 1."""
+    means = [[st.mean if st else math.nan for st in row] for row in grid]
+    finite = [v for row in means for v in row if not math.isnan(v)]
+    low, high = (0.0, 1.0) if bounded(metric) else (min(finite, default=0.0), max(finite, default=1.0))
+    high = high if high > low else low + 1.0
+    image = ax.imshow(means, cmap="Greys", vmin=low, vmax=high, aspect="auto")
+    for i, row in enumerate(grid):
+        for j, st in enumerate(row):
+            if st is None:
+                ax.text(j, i, "-", ha="center", va="center", fontsize=7)
+                continue
+            text = f"{st.mean:.2f}" + (f"\n±{st.std:.2f}" if st.n > 1 else "") + (marks[i][j] if marks else "")
+            dark = (st.mean - low) / (high - low) > 0.55
+            ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if dark else "black")
+    ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right", fontsize=7)
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    ax.set_title(title, fontsize=8)
+    ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+
+
+def _hidden_rows(sweep_dir: Path) -> list[dict]:
+    from fedsec.disclosure import UNCOVERED
+
+    return sweep_rows(Path(sweep_dir) / UNCOVERED)
+
+
+def dp_robustness(sweep_dir: Path, metric: str | None = None):
+    """Per attack (panels), privacy setting (rows) x aggregator (columns) of `metric`
+    (default: the headline utility), mean +- sd over seeds. A cell marked * is a DP run
+    without a certified epsilon (its rule has no sensitivity bound): same noise, no claim."""
+    rows = sweep_rows(sweep_dir)
+    data = dp_robustness_data(rows, _hidden_rows(sweep_dir))
+    metric = metric or headline_metric(rows) or "final_loss"
+    if data is None or metric not in data.cells:
+        return None
+    fig, axes = plt.subplots(1, len(data.attacks), figsize=(3.4 * len(data.attacks) + 1,
+                                                            0.55 * len(data.privacy) + 2.4), squeeze=False)
+    for ax, attack in zip(axes[0], data.attacks):
+        grid = [[data.get(metric, attack, p, a) for a in data.aggregators] for p in data.privacy]
+        marks = [["*" if data.certified.get((attack, p, a)) is False and "sigma" in p else "" for a in data.aggregators]
+                 for p in data.privacy]
+        _heatmap(ax, grid, metric, data.privacy, data.aggregators, attack, marks)
+    fig.suptitle(f"{Path(sweep_dir).name}: {label(metric)} (* same noise, not certified)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def dp_detection(sweep_dir: Path):
+    """The detection rates of the attacked cells: per attack (a row of panels), malicious
+    (left) and honest (right) updates each rule dropped, over privacy x aggregator. Under DP these are not
+    what the mechanism releases (the title says so)."""
+    rows = sweep_rows(sweep_dir)
+    data = dp_robustness_data(rows, _hidden_rows(sweep_dir))
+    if data is None or not all(m in data.cells for m in DETECTION):
+        return None
+    attacks = [a for a in data.attacks if a != "no attack"]
+    fig, axes = plt.subplots(len(attacks), 2, figsize=(8.2, (0.55 * len(data.privacy) + 2.2) * len(attacks)),
+                             squeeze=False)
+    for i, attack in enumerate(attacks):
+        for j, metric in enumerate(DETECTION):
+            grid = [[data.get(metric, attack, p, a) for a in data.aggregators] for p in data.privacy]
+            _heatmap(axes[i][j], grid, metric, data.privacy, data.aggregators, f"{attack}: {label(metric)}")
+    private = any(v is not None for v in data.certified.values())
+    fig.suptitle(f"{Path(sweep_dir).name}: detection" + (" (DP rows: not covered by the DP guarantee)"
+                                                         if private else ""), fontsize=9)
     fig.tight_layout()
     return fig
 

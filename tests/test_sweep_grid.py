@@ -195,3 +195,64 @@ def test_a_grid_over_a_file_dataset_knows_its_clients_and_keeps_its_cells(tmp_pa
     # the defense's detection is scored on file data too (no accuracy here: utility heatmaps on
     # the loss are issue 25's next step)
     assert grid.get("true_positive_rate", "sign_flip", "mean", round(2 / 6, 6)) is not None
+
+
+def test_a_dp_x_robustness_grid_separates_privacy_settings_and_reads_detection_from_the_hidden_tables(tmp_path):
+    """attack x privacy x aggregator in one sweep: the DP x robustness data keeps the three
+    privacy settings apart (non-private, clipping alone, noise), names the noise by the
+    epsilon the mean certifies at that sigma, takes the DP runs' detection rates from
+    not_covered_by_dp_guarantee/ (the public table leaves them empty), and the plain
+    attack grid keeps the non-private runs only."""
+    from fedsec.disclosure import UNCOVERED
+    from fedsec.reports.pdf import build_report, dp_robustness_findings
+    from fedsec.reports.plots import attack_grid_data, dp_robustness_data
+
+    grid = {"attack": {"none": ["attack.kind=none"],
+                       "flip": ["attack.kind=sign_flip", "attack.fraction=0.33", "attack.params={scale: 20}"]},
+            "privacy": {"off": [], "clip": ["privacy.mode=user", "privacy.epsilon=.inf"],
+                        "noise": ["privacy.mode=user", "privacy.noise_multiplier=0.5"]},
+            "defense": {"mean": ["defense.aggregator=mean"],
+                           "krum": ["defense.aggregator=krum", "defense.f=1"]}}
+    spec = _spec(tmp_path)
+    raw = yaml.safe_load(spec.read_text())
+    raw["grid"] = grid
+    raw["base"]["federation"]["sampling"] = "poisson"
+    raw["base"]["privacy"] = {"delta": 1.0e-3, "clip_norm": 0.5}
+    spec.write_text(yaml.safe_dump(raw, sort_keys=False))
+    root = run_sweep(spec, progress=False, log=lambda _: None)
+    rows = json.loads((root / "results.json").read_text())
+    hidden = json.loads((root / UNCOVERED / "results.json").read_text())
+    assert len(rows) == 12
+    by = {r["variant"]: r for r in rows}
+    eps = by["none-noise-mean"]["epsilon"]
+    assert by["none-noise-mean"]["certified"] is True and by["none-noise-krum"]["certified"] is False
+    assert by["flip-noise-krum"]["true_positive_rate"] is None  # a DP run's detection is not public
+
+    data = dp_robustness_data(rows, hidden)
+    noise = f"eps {eps:.3g} (sigma 0.50)"
+    assert data.privacy == ["non-private", "clip only", noise]
+    assert data.attacks == ["no attack", "sign_flip 33%"] and data.aggregators == ["mean", "krum"]
+    for variant, (attack, privacy) in {"none-off-krum": ("no attack", "non-private"),
+                                       "flip-clip-mean": ("sign_flip 33%", "clip only"),
+                                       "flip-noise-krum": ("sign_flip 33%", noise)}.items():
+        cell = data.get("final_accuracy", attack, privacy, variant.split("-")[-1])
+        assert (cell.mean, cell.n) == (by[variant]["final_accuracy"], 1)
+    secret = {r["variant"]: r for r in hidden}["flip-noise-krum"]["true_positive_rate"]
+    assert secret is not None
+    assert data.get("true_positive_rate", "sign_flip 33%", noise, "krum").mean == secret
+    assert data.get("true_positive_rate", "sign_flip 33%", "non-private", "krum").mean > 0  # x20 flips stand out
+    assert data.get("true_positive_rate", "sign_flip 33%", "clip only", "mean").mean == 0.0  # the mean drops none
+    assert data.get("true_positive_rate", "no attack", "non-private", "krum") is None
+    lines = dp_robustness_findings(data)
+    off, clip = by["none-off-mean"]["final_accuracy"], by["flip-off-mean"]["final_accuracy"]
+    assert lines[0].startswith(f"sign_flip 33% against the mean (global test accuracy, clean -> attacked): "
+                               f"non-private: {off:.3f} -> {clip:.3f}; clip only: ")
+    assert "not covered by the DP guarantee" in lines[-1]
+
+    plain = attack_grid_data(rows)  # non-private runs only
+    cell = plain.get("final_accuracy", "sign_flip", "krum", round(2 / 6, 6))
+    assert (cell.mean, cell.n) == (by["flip-off-krum"]["final_accuracy"], 1)
+
+    build_report(root)
+    files = root / "report_files"
+    assert (files / "dp_robustness.png").is_file() and (files / "dp_detection.png").is_file()
