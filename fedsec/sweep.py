@@ -280,7 +280,8 @@ def write_tables(root: Path, runs: list[SweepRun]) -> None:
             "run_dir": str(run.out), "attack_kind": cfg["attack"]["kind"],
             "malicious_count": len((result.get("attack") or {}).get("malicious", [])),
             "num_clients": federation_size(run.out, cfg),
-            "aggregator": cfg["defense"]["aggregator"],
+            # the server's defense: the rule, and its re-alignment on its own refusals where on
+            "aggregator": cfg["defense"]["aggregator"] + ("+realign" if cfg["defense"].get("realign_steps") else ""),
             **utility_columns(final, untuned, local),
             "preference_accuracy": pref.get("preference_accuracy"),
             "reward_margin": pref.get("reward_margin"),

@@ -256,3 +256,28 @@ def test_a_dp_x_robustness_grid_separates_privacy_settings_and_reads_detection_f
     build_report(root)
     files = root / "report_files"
     assert (files / "dp_robustness.png").is_file() and (files / "dp_detection.png").is_file()
+
+
+def test_the_servers_realignment_is_part_of_the_defense_in_the_tables(tmp_path):
+    """A run whose server re-aligns (defense.realign_steps) is its own column of the attack
+    grid: 'mean+realign' beside 'mean', not pooled with it."""
+    from fedsec.reports.plots import attack_grid_data
+
+    grid = {"fraction": {"0.33": ["attack.kind=alignment_poison", "attack.fraction=0.33"]},
+            "defense": {"mean": ["defense.aggregator=mean"],
+                        "realign": ["defense.aggregator=mean", "defense.realign_steps=1",
+                                    "defense.realign_examples=4"]}}
+    spec = _spec(tmp_path)
+    raw = yaml.safe_load(spec.read_text())
+    raw["grid"] = grid
+    raw["base"]["federation"]["rounds"] = 1
+    raw["variants"] = {"clean": []}
+    spec.write_text(yaml.safe_dump(raw, sort_keys=False))
+    root = run_sweep(spec, progress=False, log=lambda _: None)
+    rows = {r["variant"]: r for r in json.loads((root / "results.json").read_text())}
+    assert [rows[v]["aggregator"] for v in ("clean", "0.33-mean", "0.33-realign")] == ["mean", "mean",
+                                                                                       "mean+realign"]
+    data = attack_grid_data(list(rows.values()))
+    assert data.defenses == ["mean", "mean+realign"]
+    assert data.get("final_accuracy", "alignment_poison", "mean+realign", round(2 / 6, 6)).mean == \
+        rows["0.33-realign"]["final_accuracy"]
