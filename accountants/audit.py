@@ -167,3 +167,10 @@ def many_runs_bound(false_positives: int, negatives: int, false_negatives: int, 
         if b > 0 and 1 - delta - a > 0:
             candidates.append(math.log((1 - delta - a) / b))
     return max(candidates)
+
+
+def comparable_bound(plain: float, fdp: float | None, gaussian: bool) -> float:
+    """The audited epsilon an accountant's must stay above: the (epsilon, delta) test's bound,
+    and the f-DP test's too where the run's guarantee is the Gaussian curve that test
+    assumes (`gaussian`: every client every round, or correlated noise)."""
+    return max(plain, fdp if gaussian and fdp is not None else 0.0)

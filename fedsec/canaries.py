@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fedsec.accountants.audit import guess_and_count, one_run_bound, one_run_fdp_bound
+from fedsec.accountants.audit import comparable_bound, guess_and_count, one_run_bound, one_run_fdp_bound
 from fedsec.data.benchmark import canary_example, draw_canary, random_secret
 from fedsec.data.schema import Canary, ClientData, FederatedData
 from fedsec.leakage import sequence_nll
@@ -153,7 +153,7 @@ def audit_result(untuned: Sequence[float], final: Sequence[float], included: np.
     r, v = guess_and_count(scores, included, guesses or len(scores))
     bound = one_run_bound(len(scores), r, v, delta, confidence).epsilon_lower_bound
     fdp = one_run_fdp_bound(len(scores), r, v, delta, confidence).epsilon_lower_bound if delta > 0 else None
-    comparable = max(bound, fdp if gaussian and fdp is not None else 0.0)
+    comparable = comparable_bound(bound, fdp, gaussian)
     return {"canaries": len(scores), "included": int(np.sum(included)), "guesses": r, "correct": v,
             "delta": delta, "confidence": confidence, "epsilon_lower_bound": bound,
             "fdp_epsilon_lower_bound": fdp, "gaussian_mechanism": gaussian,

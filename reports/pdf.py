@@ -206,15 +206,15 @@ def comparable_bound(audit: dict, confidence: float | None = None) -> float:
     """The bound an accountant's epsilon must stay above: the (epsilon, delta) test's, and the
     f-DP test's where the run's guarantee is the Gaussian curve it tests (at `confidence`,
     default the audit's own)."""
-    from fedsec.accountants.audit import one_run_bound, one_run_fdp_bound
+    from fedsec.accountants import audit as bounds
 
     counts = (audit["canaries"], audit["guesses"], audit["correct"], audit["delta"])
     if confidence is None or confidence == audit["confidence"]:
         plain, fdp = audit["epsilon_lower_bound"], audit.get("fdp_epsilon_lower_bound")
     else:
-        plain = one_run_bound(*counts, confidence).epsilon_lower_bound
-        fdp = one_run_fdp_bound(*counts, confidence).epsilon_lower_bound if audit["delta"] > 0 else None
-    return max(plain, fdp if audit.get("gaussian_mechanism") and fdp is not None else 0.0)
+        plain = bounds.one_run_bound(*counts, confidence).epsilon_lower_bound
+        fdp = bounds.one_run_fdp_bound(*counts, confidence).epsilon_lower_bound if audit["delta"] > 0 else None
+    return bounds.comparable_bound(plain, fdp, bool(audit.get("gaussian_mechanism")))
 
 
 def corrected_bound(audit: dict, runs: int) -> float:

@@ -382,3 +382,11 @@ def test_new_token_canaries_stand_out_without_dp(tmp_path):
     every = 2 + int(included.sum())
     plain = _audited_run(tmp_path, {}, every, secret="new_tokens").audit
     assert plain["kind"] == "secret" and plain["correct"] == 8 and plain["epsilon_lower_bound"] > 0.75
+
+
+def test_the_comparable_bound_takes_the_fdp_test_only_for_a_gaussian_guarantee():
+    from fedsec.accountants.audit import comparable_bound
+
+    assert comparable_bound(1.2, 2.5, True) == 2.5 and comparable_bound(3.0, 2.5, True) == 3.0
+    assert comparable_bound(1.2, 2.5, False) == 1.2  # Poisson-subsampled: not the curve the f-DP test tests
+    assert comparable_bound(1.2, None, True) == 1.2  # delta 0: no f-DP bound
