@@ -198,7 +198,13 @@ def privacy_utility_data(rows: list[dict], metric: str | None = None) -> Privacy
     curves: dict[str, list[tuple[str, float, Stat]]] = {}
     for point in points:  # series in the sweep's order, each along epsilon
         levels = cells[point[0]][0]
-        name = ", ".join(str(levels[a]) for a in series_axes) or SINGLE_SERIES
+        named = [str(levels[a]) for a in series_axes if levels[a] is not None]
+        if named:
+            name = ", ".join(named)
+        elif axes and all(levels[a] is None for a in axes):  # a plain variant beside a grid: by its name
+            name = point[0]
+        else:
+            name = SINGLE_SERIES
         curves.setdefault(name, []).append(point)
     curves = {name: sorted(curve, key=lambda p: p[1]) for name, curve in curves.items()}
     local = f"local_only_{metric.removeprefix('final_')}" if metric.startswith("final_") else None

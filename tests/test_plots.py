@@ -91,6 +91,10 @@ def test_series_are_the_axes_that_leave_epsilon_in_place(tmp_path):
     assert list(privacy_utility_data(rows, "final_loss").curves) == ["mean", "median"]  # one point each
     plain = [{"variant": "eps1", "seed": 0, "final_loss": 1.0, "epsilon": 1.0, "certified": True}]
     assert list(privacy_utility_data(plain, "final_loss").curves) == ["user-level DP"]
+    # a plain variant beside a grid (no levels of its own) is its own series, by its name
+    rows = [_cell("clean-eps8", 0, 1.0, 8.0, attack=None, defense=None),
+            _cell("ipm-mean", 0, 2.0, 8.0, attack="ipm", defense="mean")]
+    assert list(privacy_utility_data(rows, "final_loss").curves) == ["clean-eps8", "ipm, mean"]
 
 
 def test_figures_skip_what_the_directory_lacks(tmp_path):
