@@ -403,6 +403,10 @@ def test_a_run_with_a_user_split_attacks_clients_and_trains_without_the_kept_out
     assert membership["loss"]["members"] == membership["loss"]["non_members"] == 7
     assert membership["blind"]["members"] == 7 and 0 <= membership["reference"]["auc"] <= 1
     assert json.loads((tmp_path / "run" / "federation.json").read_text())["num_clients"] == 14 - 7
+    from fedsec.console import summary_lines
+
+    line = next(x for x in summary_lines(result) if "inference AUC" in x)
+    assert line.startswith("user-level inference AUC (7 clients in the federation vs 7 kept out): loss ")
     with pytest.raises(ConfigError, match="eval.mia_split"):  # 4 clients: too few to split
         run_experiment(tiny_config(tmp_path, eval={"mia": True, "mia_split": "user", "clients": False}),
                        out=tmp_path / "few", progress=False, log=lambda _: None)
