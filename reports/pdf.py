@@ -103,6 +103,7 @@ def run_table(runs: list[RunFiles]) -> list[dict]:
             "audit": _audit_cell(res.get("audit")),
             "finished": res.get("finished", False),
             "noise": p.get("noise") if p else None, "stopped": res.get("stopped"),
+            "attackers": len((res.get("attack") or {}).get("malicious", [])),
         })
     return rows
 
@@ -249,7 +250,9 @@ def findings(rows: list[dict]) -> list[str]:
         return out + _notes(done, unfinished)
     name, key = head.label, head.key
     untuned = _mean(r.get(head.untuned) for r in done)
-    plain = [r for r in done if r["certified"] is None]
+    compared = plots.without_attacks(done, "attackers")  # like for like: attacks have their own sentences
+    by_variant = {v: mine for v, mine in by_variant.items() if mine[0] in compared}
+    plain = [r for r in compared if r["certified"] is None]
     plain_value = _mean(r.get(key) for r in plain)
     local = _mean(r.get(head.local_only) for r in done)
     private = sorted(((_mean(r["epsilon"] for r in mine), v, mine) for v, mine in by_variant.items()
@@ -363,7 +366,7 @@ def claims(rows: list[dict], runs: list[RunFiles]) -> list[dict]:
     seeds (a variant's seed s against the reference's seed s), mean +- sd, how many seeds
     agree in sign with the mean (a claim that holds only on the mean says so), and the
     command that reproduces it (the first run's, from env.json, at its git revision)."""
-    done = [r for r in rows if r["finished"]]
+    done = plots.without_attacks([r for r in rows if r["finished"]], "attackers")
     head = utility.headline(done)
     if head is None:
         return []
@@ -750,6 +753,8 @@ def build_report(directory: Path, out: Path | None = None, force: bool = False) 
         figures.append(("audit_bounds", plots.audit_bounds(directory)))
         figures.append(("attack_grid", plots.attack_grid(directory)))
         figures.append(("dp_robustness", plots.dp_robustness(directory)))
+        if head is not None and head.key != "final_loss":  # an attack that derails training shows in the loss
+            figures.append(("dp_robustness_loss", plots.dp_robustness(directory, "final_loss")))
         figures.append(("dp_detection", plots.dp_detection(directory)))
         figures.append(("attack_fractions", plots.attack_fractions(directory)))
     done = [r for r in runs if r.result and r.result.get("finished")]

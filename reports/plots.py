@@ -170,9 +170,18 @@ def _epsilon_axes(cells: dict[str, tuple[dict, float]], axes: list[str]) -> set[
     return moving
 
 
+def without_attacks(rows: list[dict], key: str = "malicious_count") -> list[dict]:
+    """The runs without attackers, where a sweep has both: its privacy comparisons (the
+    non-private reference, the curves) stay like for like, and the attacked runs have the
+    attack pages (`attack_grid`, `dp_robustness`)."""
+    clean = [r for r in rows if not r.get(key)]
+    return clean if clean and len(clean) < len(rows) else rows
+
+
 def privacy_utility_data(rows: list[dict], metric: str | None = None) -> PrivacyUtility:
     """Certified DP runs become curves; runs without privacy give the references.
-    `metric` defaults to the rows' headline utility.
+    `metric` defaults to the rows' headline utility. Where some runs have attackers, only
+    those without are drawn (`without_attacks`).
 
     A grid sweep draws one curve per level of the axes that leave epsilon where it is
     (mechanism x budget: one curve per mechanism, along the budget); a sweep of plain
@@ -181,6 +190,7 @@ def privacy_utility_data(rows: list[dict], metric: str | None = None) -> Privacy
     """
     metric = metric or headline_metric(rows) or "final_loss"
     axes = grid_axes(rows)
+    rows = without_attacks(rows)
     by_variant: dict[str, list[dict]] = {}
     for row in rows:
         by_variant.setdefault(row["variant"], []).append(row)
@@ -610,11 +620,13 @@ def dp_robustness_data(rows: list[dict], hidden: list[dict] | None = None) -> Dp
 
 
 def _heatmap(ax, grid: list[list[Stat | None]], metric: str, rows: list[str], columns: list[str],
-             title: str, marks: list[list[str]] | None = None) -> None:
-    """One annotated heatmap panel: mean over seeds, +- sd below it where seeds > 1."""
+             title: str, marks: list[list[str]] | None = None, scale: tuple[float, float] | None = None) -> None:
+    """One annotated heatmap panel: mean over seeds, +- sd below it where seeds > 1. `scale`:
+    the colour range (panels of one figure share it), by default [0, 1] for a rate, else the
+    panel's own."""
     means = [[st.mean if st else math.nan for st in row] for row in grid]
     finite = [v for row in means for v in row if not math.isnan(v)]
-    low, high = (0.0, 1.0) if bounded(metric) else (min(finite, default=0.0), max(finite, default=1.0))
+    low, high = scale or ((0.0, 1.0) if bounded(metric) else (min(finite, default=0.0), max(finite, default=1.0)))
     high = high if high > low else low + 1.0
     image = ax.imshow(means, cmap="Greys", vmin=low, vmax=high, aspect="auto")
     for i, row in enumerate(grid):
@@ -646,13 +658,19 @@ def dp_robustness(sweep_dir: Path, metric: str | None = None):
     metric = metric or headline_metric(rows) or "final_loss"
     if data is None or metric not in data.cells:
         return None
-    fig, axes = plt.subplots(1, len(data.attacks), figsize=(3.4 * len(data.attacks) + 1,
-                                                            0.55 * len(data.privacy) + 2.4), squeeze=False)
-    for ax, attack in zip(axes[0], data.attacks):
-        grid = [[data.get(metric, attack, p, a) for a in data.aggregators] for p in data.privacy]
-        marks = [["*" if data.certified.get((attack, p, a)) is False and "sigma" in p else "" for a in data.aggregators]
+    widths = [max(1, sum(any(data.get(metric, a, p, r) for p in data.privacy) for r in data.aggregators))
+              for a in data.attacks]
+    fig, axes = plt.subplots(1, len(data.attacks), figsize=(0.9 * sum(widths) + 2.2 * len(data.attacks) + 1,
+                                                            0.55 * len(data.privacy) + 2.4), squeeze=False,
+                             gridspec_kw={"width_ratios": widths})
+    values = [st.mean for st in data.cells[metric].values()]
+    scale = (0.0, 1.0) if bounded(metric) else (min(values), max(values))  # one colour scale for all panels
+    for ax, attack in zip(axes[0], data.attacks):  # each panel with the rules its attack was run against
+        rules = [a for a in data.aggregators if any(data.get(metric, attack, p, a) for p in data.privacy)]
+        grid = [[data.get(metric, attack, p, a) for a in rules] for p in data.privacy]
+        marks = [["*" if data.certified.get((attack, p, a)) is False and "sigma" in p else "" for a in rules]
                  for p in data.privacy]
-        _heatmap(ax, grid, metric, data.privacy, data.aggregators, attack, marks)
+        _heatmap(ax, grid, metric, data.privacy, rules, attack, marks, scale)
     fig.suptitle(f"{Path(sweep_dir).name}: {label(metric)} (* same noise, not certified)", fontsize=9)
     fig.tight_layout()
     return fig

@@ -174,3 +174,19 @@ def test_audit_bounds_by_hand_and_the_figure_draws_y_equals_x(tmp_path):
     assert list(diagonal.get_xdata()) == list(diagonal.get_ydata())  # y = x
     assert ax.get_xlabel() == "accountant's epsilon"
     assert audit_bounds_data([_row("eps8", 0, 0.5, 8.0, True)]) is None
+
+
+def test_privacy_comparisons_leave_out_attacked_runs_where_clean_ones_exist():
+    """A DP x robustness sweep: the non-private reference is the clean run, not the mean of
+    clean and attacked ones; the attacked DP runs are the attack pages' business."""
+    from fedsec.reports.plots import without_attacks
+
+    rows = [{**_cell("clean-off", 0, 0.55, None), "certified": None, "malicious_count": 0},
+            {**_cell("ipm-off", 0, 0.41, None), "certified": None, "malicious_count": 16},
+            {**_cell("clean-eps8", 0, 0.47, 8.0), "malicious_count": 0},
+            {**_cell("ipm-eps8", 0, 0.48, 8.0), "malicious_count": 16}]
+    assert [r["variant"] for r in without_attacks(rows)] == ["clean-off", "clean-eps8"]
+    data = privacy_utility_data(rows, "final_loss")
+    assert data.non_private.mean == 0.55 and [p[0] for p in data.curve] == ["clean-eps8"]
+    attacked = [r for r in rows if r["malicious_count"]]
+    assert without_attacks(attacked) == attacked  # all attacked: nothing to leave out

@@ -335,3 +335,22 @@ def test_the_claims_page_pairs_seeds_and_says_when_a_claim_holds_only_on_the_mea
     out = tmp_path / "out" / "report.pdf"
     assert main(["report", str(sweep), "-o", str(out)]) == 0
     assert "Claims" in _text(out) and (out.parent / "report_files" / "claims.csv").is_file()
+
+
+def test_findings_and_claims_compare_privacy_on_the_runs_without_attackers(sweep):
+    """Where some runs have attackers (a DP x robustness grid), epsilon is compared with the
+    clean non-private run, not the mean of clean and attacked ones: here the non-private
+    seed 1 gets 3 attackers (its 0.66 leaves the non-private reference at 0.70)."""
+    from fedsec.reports.pdf import claims, collect
+
+    result = sweep / "non-private-s1" / "result.json"
+    data = json.loads(result.read_text())
+    result.write_text(json.dumps({**data, "attack": {"malicious": [1, 2, 3]}}))
+    _, runs = collect(sweep)
+    table = run_table(runs)
+    assert [r["attackers"] for r in table] == [0, 3, 0, 0, 0]
+    text = " ".join(findings(table))
+    assert "the global accuracy is 0.580, 0.120 below non-private (0.700)" in text
+    pages = claims(table, runs)
+    versus = next(c for c in pages if c["claim"].endswith("minus non-private's"))
+    assert versus["seeds"] == 1 and versus["value"] == "-0.100 +- 0.000"  # seed 0 alone: 0.60 - 0.70
