@@ -265,6 +265,8 @@ def write_tables(root: Path, runs: list[SweepRun]) -> None:
     from fedsec.config import read_yaml
 
     axes = list(dict.fromkeys(axis for run in runs for axis, _ in run.cell))
+    order = {v: k for k, v in enumerate(dict.fromkeys(run.variant for run in runs))}
+    runs = sorted(runs, key=lambda run: order[run.variant])  # the tables by variant, its seeds together
     rows = []
     for run in runs:
         result = read_result(run.out)
