@@ -218,7 +218,8 @@ def mia_user_split(data, objective, n: int, seed: int,
     members, out = sorted(chosen[:m]), sorted(chosen[m:])
     inside = [records(data.clients[k]) for k in members]
     outside = [records(data.clients[k]) for k in out]
-    kept = [k for k in range(len(data.clients)) if k not in set(out)]
+    gone = set(out)
+    kept = [k for k in range(len(data.clients)) if k not in gone]
     renumber = {old: new for new, old in enumerate(kept)}
     clients = tuple(dataclasses.replace(data.clients[k], client_id=renumber[k]) for k in kept)
     canaries = tuple(dataclasses.replace(c, client_id=renumber[c.client_id]) for c in data.canaries)
