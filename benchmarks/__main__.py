@@ -69,9 +69,11 @@ def latest_table(results: dict, seconds: float, chosen: list[str]) -> str:
             rows.append(f"| {what} (`{key}`) | {results[key]['value']:.3f} | {target} | {results[key]['date']} |")
     server = results.get("server_seconds_n100_d4m")
     if server:
+        targets = server.get("targets", {})
         for rule, s in server["value"].items():
+            target = f"<= {targets[rule]} passes" if rule in targets else "-"
             rows.append(f"| server pipeline, {rule}, n 100, d 4M (`server_seconds_n100_d4m`) | {s:.2f} s "
-                        f"({server['passes'][rule]:.0f} passes) | - | {server['date']} |")
+                        f"({server['passes'][rule]:.1f} passes) | {target} | {server['date']} |")
     for key in sorted(k for k in results if k.startswith("calibration_seconds_")):
         rows.append(f"| {key.replace('_', ' ')} (`{key}`) | {results[key]['value']:.2f} s | - | "
                     f"{results[key]['date']} |")

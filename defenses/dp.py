@@ -57,22 +57,46 @@ MARGIN = 1e-6
 _FAST_MIN_CLIP = 1e-30
 
 
+NORM_BLOCK = 1 << 18  # float64 elements per block of a row's norm: 2 MB, so the conversion stays in cache
+
+
+def squared_norm(row: torch.Tensor, buffer: torch.Tensor, copy_to: torch.Tensor | None = None) -> float:
+    """sum(row^2) in float64, block by block: each block converted exactly into `buffer` (float64,
+    NORM_BLOCK long, reused), so the row is read once and no float64 copy of it is made. With
+    `copy_to` (a float32 row of the same length) the row is copied there on the way and the
+    squares are taken from that copy while it is in cache: stacking and norm in one read.
+    A row holding NaN or Inf gives a non-finite sum; a finite float32 row never does (its
+    squares stay far below float64's range). Summed in blocks, the float64 rounding is still at
+    most d 2^-53 relative (the bound clip_to_norm's margin allows for)."""
+    total = 0.0
+    for start in range(0, row.numel(), NORM_BLOCK):
+        part = row[start: start + NORM_BLOCK]
+        if copy_to is not None:
+            target = copy_to[start: start + NORM_BLOCK]
+            target.copy_(part)
+            part = target
+        block = buffer[: part.numel()]
+        block.copy_(part)
+        total += float(torch.dot(block, block))
+    return total
+
+
+def norm_buffer(length: int, device) -> torch.Tensor:
+    """The float64 block buffer `squared_norm` converts through."""
+    return torch.empty(min(NORM_BLOCK, max(length, 1)), dtype=torch.float64, device=device)
+
+
 def row_norms(rows) -> torch.Tensor:
     """The L2 norm of each row (of a matrix [n, d], or of a list of vectors of one length) in
-    float64: each row converted exactly into one reused float64 buffer, so no float64 copy of
-    the matrix is made and no memory is allocated per row. A row holding NaN or Inf has a
-    non-finite norm; a finite float32 row never does (its squares stay far below float64's range)."""
+    float64 (`squared_norm`: one read of each row, no float64 copy of the matrix)."""
     if isinstance(rows, torch.Tensor) and rows.dtype == torch.float64:
         return torch.linalg.vector_norm(rows, dim=1)
     if not len(rows):
         device = rows.device if isinstance(rows, torch.Tensor) else "cpu"
         return torch.zeros(0, dtype=torch.float64, device=device)
-    buffer = torch.empty(rows[0].shape, dtype=torch.float64, device=rows[0].device)
-    norms = torch.empty(len(rows), dtype=torch.float64, device=rows[0].device)
-    for i, row in enumerate(rows):
-        buffer.copy_(row)
-        norms[i] = torch.linalg.vector_norm(buffer)
-    return norms
+    buffer = norm_buffer(rows[0].numel(), rows[0].device)
+    return torch.tensor([math.sqrt(squared_norm(row, buffer)) for row in rows], dtype=torch.float64,
+                        device=rows[0].device)
 
 
 def clip_to_norm(deltas: torch.Tensor, clip_norm: float, norms: torch.Tensor | None = None,
@@ -90,9 +114,8 @@ def clip_to_norm(deltas: torch.Tensor, clip_norm: float, norms: torch.Tensor | N
     unclipped = norms <= clip_norm
     if math.isinf(clip_norm) or bool(unclipped.all()):
         return ClipResult(deltas, norms, unclipped)
-    scale = torch.where(unclipped, torch.ones_like(norms), clip_norm / norms * (1 - MARGIN))
-    if (deltas.dtype in (torch.float32, torch.float64) and clip_norm >= _FAST_MIN_CLIP
-            and float(scale.min()) >= torch.finfo(deltas.dtype).tiny):
+    scale = clip_factors(norms, clip_norm)
+    if fast_scaling(scale, clip_norm, deltas.dtype):
         factors = scale.to(deltas.dtype)[:, None]
         return ClipResult(deltas.mul_(factors) if in_place else deltas * factors, norms, unclipped)
     # half precisions, absurdly small C or scale: scale in float64, cast, and shrink any row rounding pushed over
@@ -104,12 +127,26 @@ def clip_to_norm(deltas: torch.Tensor, clip_norm: float, norms: torch.Tensor | N
     return ClipResult(clipped, norms, unclipped)
 
 
+def clip_factors(norms: torch.Tensor, clip_norm: float) -> torch.Tensor:
+    """Each row's clipping factor (float64): 1 within C, else C / ||d|| (1 - MARGIN)."""
+    return torch.where(norms <= clip_norm, torch.ones_like(norms), clip_norm / norms * (1 - MARGIN))
+
+
+def fast_scaling(factors: torch.Tensor, clip_norm: float, dtype: torch.dtype) -> bool:
+    """Whether rows of `dtype` may be scaled by `factors` cast to `dtype` with no check (the
+    note above MARGIN); otherwise clip_to_norm scales in float64 and checks."""
+    return (dtype in (torch.float32, torch.float64) and clip_norm >= _FAST_MIN_CLIP
+            and (not len(factors) or float(factors.min()) >= torch.finfo(dtype).tiny))
+
+
 def gaussian_noise(dim: int, std: float, generator: torch.Generator,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """N(0, std^2 I_dim) from `generator` (drawn in float64, returned in `dtype`)."""
+    """N(0, std^2 I_dim) from `generator` (drawn in float64, returned in `dtype`; the same
+    values as randn(dim) * std, drawn in one pass)."""
     if std == 0:
         return torch.zeros(dim, dtype=dtype, device=generator.device)
-    return (torch.randn(dim, generator=generator, dtype=torch.float64, device=generator.device) * std).to(dtype)
+    draw = torch.empty(dim, dtype=torch.float64, device=generator.device)
+    return draw.normal_(0.0, std, generator=generator).to(dtype)
 
 
 @dataclass(frozen=True)

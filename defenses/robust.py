@@ -34,11 +34,13 @@ chunks so memory stays O(n^2 + n * chunk) beyond the deltas themselves.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-CHUNK = 1 << 20  # columns per chunk in coordinate-wise and Gram computations
+CHUNK = 1 << 20  # columns per chunk in the Gram and distance computations
 
 
 def weighted_mean(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -134,45 +136,113 @@ def mean(deltas: torch.Tensor, weights: torch.Tensor | None = None) -> Aggregate
     return Aggregated(weighted_mean(deltas, w), w / w.sum())
 
 
-def _median_columns(x: torch.Tensor) -> torch.Tensor:
-    """Coordinate-wise median (the mean of the two middle values when n is even)."""
-    s = x.sort(0).values
-    n = x.shape[0]
-    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+# The coordinate-wise rules work on blocks of SELECT_BLOCK columns: a block's transposed copy
+# [SELECT_BLOCK, n] (one row per coordinate) stays in cache, and numpy's vectorized sort of each
+# short row, on torch's threads, costs a few passes over the deltas where torch's sort along
+# the clients' axis cost about 200 (benchmarks/server_pipeline.py). Order statistics are
+# read from the sorted rows; each client's share of the coordinates comes from values, not
+# sort positions, so tied values share a position (`_window_shares`).
+SELECT_BLOCK = 4096
+
+
+def _by_column_blocks(deltas: torch.Tensor, work, rows: torch.Tensor | None = None) -> np.ndarray:
+    """Sum of `work(start, values, ordered)` over the column blocks of deltas[rows]: `values`
+    the block transposed ([B, k] numpy, k rows in `rows` order), `ordered` each of its rows
+    sorted. `work` writes its part of the aggregate and returns each row's share [k]."""
+    x = deltas.detach().cpu().numpy()
+    picked = None if rows is None else rows.cpu().numpy()
+
+    def one(start: int) -> np.ndarray:
+        block = x[:, start: start + SELECT_BLOCK] if picked is None else x[picked, start: start + SELECT_BLOCK]
+        values = np.ascontiguousarray(block.T)
+        return work(start, values, np.sort(values, axis=1))
+
+    starts = range(0, x.shape[1], SELECT_BLOCK)
+    threads = max(1, min(torch.get_num_threads(), len(starts)))
+    if threads == 1:
+        parts = [one(start) for start in starts]
+    else:
+        with ThreadPoolExecutor(threads) as pool:  # numpy releases the GIL in sort and compare
+            parts = list(pool.map(one, starts))
+    return np.sum(parts, axis=0, dtype=np.float64)
+
+
+def _window_shares(values: np.ndarray, ordered: np.ndarray, lo, hi) -> np.ndarray:
+    """How many of each row's sorted positions lo <= p < hi (ints, or one per row) each client
+    holds, summed over the rows ([k] float64). A value strictly inside the window holds one
+    position; the positions a value at the window's edge has inside it are shared equally
+    among all its copies (ties across the edge), so no tie is settled by the sort's order."""
+    rows, k = np.arange(len(ordered)), ordered.shape[1]
+    lo, hi = np.broadcast_to(lo, rows.shape), np.broadcast_to(hi, rows.shape)
+    first, last = ordered[rows, lo], ordered[rows, hi - 1]
+    inside = (values >= first[:, None]) & (values <= last[:, None])
+    shares = inside.sum(0, dtype=np.float64)
+    crosses = (((lo > 0) & (ordered[rows, np.maximum(lo - 1, 0)] == first))
+               | ((hi < k) & (ordered[rows, np.minimum(hi, k - 1)] == last)))
+    if crosses.any():  # rare: re-count those rows exactly
+        v, o, a, b, lo_v, hi_v = (values[crosses], ordered[crosses], lo[crosses], hi[crosses],
+                                  first[crosses, None], last[crosses, None])
+        at_lo, at_hi = v == lo_v, v == hi_v
+        lo_in = np.minimum(b, (o <= lo_v).sum(1)) - a  # copies of the first value inside the window
+        hi_in = b - np.maximum(a, (o < hi_v).sum(1))
+        hi_in = np.where(lo_v[:, 0] == hi_v[:, 0], 0, hi_in)  # one value fills the window: counted once
+        exact = (((v > lo_v) & (v < hi_v)).sum(0, dtype=np.float64)
+                 + (lo_in / at_lo.sum(1)) @ at_lo + (hi_in / at_hi.sum(1)) @ at_hi)
+        shares += exact - inside[crosses].sum(0, dtype=np.float64)
+    return shares
+
+
+def _middle(ordered: np.ndarray) -> np.ndarray:
+    """Each sorted row's median (the mean of the two middle values when the length is even)."""
+    n = ordered.shape[1]
+    return ordered[:, n // 2] if n % 2 else (ordered[:, n // 2 - 1] + ordered[:, n // 2]) / 2
+
+
+def _middle_shares(values: np.ndarray, ordered: np.ndarray) -> np.ndarray:
+    n = ordered.shape[1]
+    middle = [n // 2] if n % 2 else [n // 2 - 1, n // 2]  # the one or two positions the median reads
+    return sum(_window_shares(values, ordered, p, p + 1) for p in middle) / len(middle)
 
 
 def median(deltas: torch.Tensor, weights: torch.Tensor | None = None) -> Aggregated:
     """Coordinate-wise median (Yin et al. 2018); client weights are not used."""
     _check(deltas, weights)
-    n, d = deltas.shape
-    out = torch.empty(d, dtype=deltas.dtype, device=deltas.device)
-    share = torch.zeros(n, dtype=torch.float64, device=deltas.device)
-    for start in range(0, d, CHUNK):
-        values, order = deltas[:, start: start + CHUNK].sort(0)
-        middle = order[n // 2: n // 2 + 1] if n % 2 else order[n // 2 - 1: n // 2 + 1]
-        out[start: start + CHUNK] = values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2
-        share.index_add_(0, middle.reshape(-1), torch.full((middle.numel(),), 1.0 / middle.shape[0],
-                                                          dtype=torch.float64, device=deltas.device))
-    return Aggregated(out, share / d)
+    out = np.empty(deltas.shape[1], dtype=_numpy_dtype(deltas))
+
+    def work(start, values, ordered):
+        out[start: start + len(values)] = _middle(ordered)
+        return _middle_shares(values, ordered)
+
+    share = _by_column_blocks(deltas, work)
+    return Aggregated(_back(out, deltas), _back(share / deltas.shape[1], deltas, torch.float64))
 
 
 def trimmed_mean(deltas: torch.Tensor, weights: torch.Tensor | None = None, beta: float = 0.1) -> Aggregated:
     """Coordinate-wise beta-trimmed mean (Yin et al. 2018): per coordinate drop the
-    k = floor(beta n) largest and k smallest values, average the rest. Needs 2k < n;
-    tolerates f <= k attackers. Client weights are not used."""
+    k = floor(beta n) largest and k smallest values, average the rest (summed in float64).
+    Needs 2k < n; tolerates f <= k attackers. Client weights are not used."""
     _check(deltas, weights)
     n, d = deltas.shape
     k = math.floor(beta * n)
     if not 0 <= beta < 0.5 or 2 * k >= n:
         raise ValueError(f"trimmed_mean needs 0 <= beta < 1/2 and 2 floor(beta n) < n (beta {beta}, n {n})")
-    out = torch.empty(d, dtype=deltas.dtype, device=deltas.device)
-    kept = torch.zeros(n, dtype=torch.float64, device=deltas.device)
-    for start in range(0, d, CHUNK):
-        values, order = deltas[:, start: start + CHUNK].sort(0)
-        out[start: start + CHUNK] = values[k: n - k].mean(0)
-        kept.index_add_(0, order[k: n - k].reshape(-1),
-                        torch.ones(order[k: n - k].numel(), dtype=torch.float64, device=deltas.device))
-    return Aggregated(out, kept / (d * (n - 2 * k)), {"trimmed_per_side": k})
+    out = np.empty(d, dtype=_numpy_dtype(deltas))
+
+    def work(start, values, ordered):
+        out[start: start + len(values)] = ordered[:, k: n - k].mean(1, dtype=np.float64)
+        return _window_shares(values, ordered, k, n - k)
+
+    kept = _by_column_blocks(deltas, work)
+    return Aggregated(_back(out, deltas), _back(kept / (d * (n - 2 * k)), deltas, torch.float64),
+                      {"trimmed_per_side": k})
+
+
+def _numpy_dtype(deltas: torch.Tensor):
+    return torch.empty(0, dtype=deltas.dtype, device="cpu").numpy().dtype
+
+
+def _back(array: np.ndarray, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return torch.from_numpy(array).to(device=like.device, dtype=dtype or like.dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -220,16 +290,22 @@ def bulyan(deltas: torch.Tensor, weights: torch.Tensor | None = None, f: int = 0
         selected.append(best)
         remaining.remove(best)
     chosen = torch.tensor(sorted(selected), device=deltas.device)
-    beta = len(chosen) - 2 * f
-    out = torch.empty(d, dtype=deltas.dtype, device=deltas.device)
+    theta, beta = len(selected), len(selected) - 2 * f
+    out = np.empty(d, dtype=_numpy_dtype(deltas))
+    span = np.arange(beta)
+
+    def work(start, values, ordered):
+        # the beta values closest to the median are a window of the sorted row: the one whose
+        # farther end is nearest the median (its first such window on a tie)
+        centre = _middle(ordered)[:, None]
+        first = np.maximum(centre - ordered[:, : theta - beta + 1], ordered[:, beta - 1:] - centre).argmin(1)
+        window = np.take_along_axis(ordered, first[:, None] + span, 1)
+        out[start: start + len(values)] = window.mean(1, dtype=np.float64)
+        return _window_shares(values, ordered, first, first + beta)
+
     used = torch.zeros(n, dtype=torch.float64, device=deltas.device)
-    for start in range(0, d, CHUNK):
-        block = deltas[chosen, start: start + CHUNK]
-        closest = (block - _median_columns(block)).abs().topk(beta, dim=0, largest=False).indices
-        out[start: start + CHUNK] = block.gather(0, closest).mean(0)
-        used.index_add_(0, chosen[closest.reshape(-1)],
-                        torch.ones(closest.numel(), dtype=torch.float64, device=deltas.device))
-    return Aggregated(out, used / (d * beta), {"selected": chosen.tolist(), "beta": beta})
+    used[chosen] = _back(_by_column_blocks(deltas, work, chosen), deltas, torch.float64)
+    return Aggregated(_back(out, deltas), used / (d * beta), {"selected": chosen.tolist(), "beta": beta})
 
 
 # ---------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedsec.defenses.dp import row_norms
+from fedsec.defenses.dp import norm_buffer, row_norms, squared_norm
 
 DTYPE = torch.float32  # the dtype of every adapter vector (fedsec.adapter.AdapterParams.get)
 
@@ -25,6 +25,16 @@ class SanitizeResult:
     kept: torch.Tensor  # indices of the accepted rows
     rejected: tuple[int, ...]  # indices of the rejected rows
     norms: torch.Tensor | None = None  # [len(kept)] float64 L2 norms of the accepted rows
+
+
+@dataclass(frozen=True)
+class Stacked:
+    """The accepted updates, stacked: what the server pipeline's Sanitize stage hands on."""
+
+    kept: list  # the accepted ClientUpdates, in their order
+    rejected: tuple[int, ...]  # the rejected updates' client ids
+    deltas: torch.Tensor  # [len(kept), dim] float32: the accepted deltas, a copy (rows of `out` when given)
+    norms: torch.Tensor  # [len(kept)] their float64 L2 norms
 
 
 def acceptable(d: object, dim: int, max_norm: float | None = None) -> bool:
@@ -73,3 +83,30 @@ def sanitize_updates_with_norms(updates: list, dim: int,
     good = [i for i in checked.kept.tolist() if _counted(updates[i].num_examples)]
     return ([updates[i] for i in good], tuple(u.client_id for i, u in enumerate(updates) if i not in set(good)),
             torch.tensor([norm_of[i] for i in good], dtype=torch.float64, device="cpu"))
+
+
+def stack_sanitized(updates: list, dim: int, max_norm: float | None = None,
+                    out: torch.Tensor | None = None) -> Stacked:
+    """`sanitize_updates_with_norms` and the stacking in one read of each delta: every delta of the
+    right shape and example count is copied into the next row of `out` block by block, its float64
+    norm taken from the copy while it is in cache (fedsec.defenses.dp.squared_norm); a row that
+    fails (non-finite, over the bound) is overwritten by the next. `out`: [>= len(updates), dim]
+    float32, reused round after round by the caller (a fresh n x d matrix costs its page faults,
+    several passes' time); None allocates one. The same accepted set, order and norms as
+    `sanitize_updates_with_norms`; the clients' deltas are never written."""
+    if out is None:
+        out = torch.empty(len(updates), dim, dtype=DTYPE, device="cpu")
+    if out.dtype != DTYPE or out.shape[0] < len(updates) or out.shape[1] != dim:
+        raise ValueError(f"out must be float32 [>= {len(updates)}, {dim}], got {out.dtype} {tuple(out.shape)}")
+    buffer = norm_buffer(dim, out.device)
+    kept, norms = [], []
+    for i, u in enumerate(updates):
+        if not (_shaped(u.delta, dim) and _counted(u.num_examples)):
+            continue
+        norm = math.sqrt(squared_norm(u.delta, buffer, copy_to=out[len(kept)]))
+        if math.isfinite(norm) and (max_norm is None or norm <= max_norm):
+            kept.append(i)
+            norms.append(norm)
+    accepted = set(kept)
+    return Stacked([updates[i] for i in kept], tuple(u.client_id for i, u in enumerate(updates) if i not in accepted),
+                   out[: len(kept)], torch.tensor(norms, dtype=torch.float64, device=out.device))

@@ -37,9 +37,9 @@ from pathlib import Path
 import torch
 
 from fedsec.config import ExperimentConfig
-from fedsec.defenses.dp import COUNT_SENSITIVITY, clip_to_norm, gaussian_noise
+from fedsec.defenses.dp import COUNT_SENSITIVITY, clip_factors, clip_to_norm, fast_scaling, gaussian_noise, row_norms
 from fedsec.defenses.registry import Context
-from fedsec.defenses.sanitize import sanitize_updates_with_norms
+from fedsec.defenses.sanitize import stack_sanitized
 from fedsec.results import ClientUpdate, SecureSum
 from fedsec.scaffold import VariateStore
 from fedsec.seeding import torch_generator
@@ -65,7 +65,7 @@ class Batch:
     dim: int  # the adapter's length
     updates: tuple[ClientUpdate, ...]  # as the clients (or attackers) sent them
     reference: torch.Tensor | None = None  # FLTrust: the server's update on its root set
-    deltas: torch.Tensor | None = None  # [n, d]: the accepted deltas (clipped, after Clip)
+    deltas: torch.Tensor | None = None  # [n, d]: the accepted deltas (clipped, after Clip); Sanitize's buffer
     weights: torch.Tensor | None = None  # [n]: each row's weight in the rule
     clients: tuple[int, ...] = ()  # the client id of each row
     rejected: tuple[int, ...] = ()  # ids whose update sanitation refused
@@ -88,42 +88,64 @@ SERVER = torch.device("cpu")
 
 class Sanitize:
     """Drop malformed updates (non-finite, the wrong shape, a norm above the bound);
-    stack the rest with their example counts as weights (fedsec.defenses.sanitize)."""
+    stack the rest with their example counts as weights (fedsec.defenses.sanitize), each
+    delta read once: copied into the stack with its float64 norm taken on the way.
+
+    The stack is this stage's own buffer, reused round after round (a fresh n x d matrix
+    costs its page faults, several passes' time), so `Batch.deltas` holds until the next
+    round; the pipeline copies an aggregate that is a view of it."""
 
     def __init__(self, max_update_norm: float | None):
         self.max_update_norm = max_update_norm
+        self.rows: torch.Tensor | None = None  # [>= n, d] float32: the stacked deltas' buffer
 
     def __call__(self, b: Batch) -> Batch:
-        kept, rejected, norms = sanitize_updates_with_norms(list(b.updates), b.dim, self.max_update_norm)
-        deltas = (torch.stack([u.delta.to(SERVER) for u in kept]) if kept
-                  else torch.zeros(0, b.dim, device=SERVER))
-        weights = torch.tensor([float(u.num_examples) for u in kept], device=SERVER)
-        return dataclasses.replace(b, deltas=deltas, weights=weights, clients=tuple(u.client_id for u in kept),
-                                   rejected=rejected, norms=norms)
+        n = len(b.updates)
+        if self.rows is None or self.rows.shape[0] < n or self.rows.shape[1] != b.dim:
+            self.rows = None  # the old buffer goes before the new one is allocated
+            self.rows = torch.empty(n, b.dim, dtype=torch.float32, device=SERVER)
+        stacked = stack_sanitized(list(b.updates), b.dim, self.max_update_norm, self.rows)
+        weights = torch.tensor([float(u.num_examples) for u in stacked.kept], device=SERVER)
+        return dataclasses.replace(b, deltas=stacked.deltas, weights=weights,
+                                   clients=tuple(u.client_id for u in stacked.kept),
+                                   rejected=stacked.rejected, norms=stacked.norms)
 
 
 class Clip:
     """User-level DP: each client's delta clipped to L2 norm C (float64 norms, never above
-    C), each client one unit (weight 1). `clip_norm()` is the C in force (adaptive)."""
+    C), each client one unit. `clip_norm()` is the C in force (adaptive).
 
-    def __init__(self, clip_norm: Callable[[], float]):
-        self.clip_norm = clip_norm
+    `scale_rows`: the deltas are scaled in place (a robust rule reads the clipped rows);
+    False (DP-FedAvg's mean, which only sums them): the rows stay and each row's weight is
+    its clipping factor, which the fixed-denominator mean applies in its one product, a pass
+    over the deltas saved. Either way one client moves the sum by at most C (the note on
+    MARGIN in fedsec.defenses.dp: the factor is rounded once more, inside the margin)."""
+
+    def __init__(self, clip_norm: Callable[[], float], scale_rows: bool = True):
+        self.clip_norm, self.scale_rows = clip_norm, scale_rows
 
     def __call__(self, b: Batch) -> Batch:
         c = self.clip_norm()
-        # after Sanitize the deltas are the batch's own stacked copy, their norms known: scaled in place
-        clip = clip_to_norm(b.deltas, c, b.norms, in_place=b.norms is not None)
-        unclipped = int(clip.unclipped.sum())
         n = len(b.clients)
+        norms = b.norms if b.norms is not None else row_norms(b.deltas)
+        factors = clip_factors(norms, c)
+        if self.scale_rows or not fast_scaling(factors, c, b.deltas.dtype):
+            # after Sanitize the deltas are the batch's own stacked copy: scaled in place
+            deltas = clip_to_norm(b.deltas, c, norms, in_place=b.norms is not None).clipped
+            weights = torch.ones(n, device=SERVER)
+        else:
+            deltas, weights = b.deltas, factors
+        unclipped = int((norms <= c).sum())
         # released: C; hidden (not covered by the guarantee): the exact counts and norms
         return b.with_info("clip", {"clip_norm": c, "clipped": n - unclipped, "unclipped": unclipped,
-                                    "median_norm": float(clip.norms.median()) if n else None},
-                           deltas=clip.clipped, weights=torch.ones(n, device=SERVER))
+                                    "median_norm": float(norms.median()) if n else None},
+                           deltas=deltas, weights=weights)
 
 
 class FixedDenominatorMean:
-    """DP-FedAvg's mean: sum_k d_k / (q N), a fixed denominator (dividing by the actual
-    count would leak it and need about twice the noise)."""
+    """DP-FedAvg's mean: sum_k w_k d_k / (q N), a fixed denominator (dividing by the actual
+    count would leak it and need about twice the noise); w_k is 1 for a clipped row, or the
+    row's clipping factor when Clip left the rows as they were."""
 
     def __init__(self, expected_clients: float):
         if not expected_clients > 0:
@@ -132,7 +154,7 @@ class FixedDenominatorMean:
 
     def __call__(self, b: Batch) -> Batch:
         n = b.deltas.shape[0]
-        w = torch.full((n,), 1.0 / self.expected_clients, dtype=torch.float64, device=SERVER).to(b.deltas.dtype)
+        w = (b.weights.to(torch.float64) / self.expected_clients).to(b.deltas.dtype)
         aggregate = w @ b.deltas if n else torch.zeros(b.dim, dtype=b.deltas.dtype, device=SERVER)
         return dataclasses.replace(b, aggregate=aggregate)
 
@@ -229,7 +251,7 @@ class Noise:
         elif plan.update_noise > 0:
             noise = gaussian_noise(b.dim, plan.update_noise * bound,
                                    torch_generator(self.dp.root, "dp-noise", b.round_idx), aggregate.dtype)
-            aggregate = aggregate + noise / plan.expected_clients
+            aggregate = aggregate + noise.div_(plan.expected_clients)
         adaptive = self.dp.cfg.privacy.adaptive_clipping
         # correlated noise: the multiplier of the one Gaussian mechanism the rounds so far are
         z = self.dp.round_multiplier(b.round_idx + 1)
@@ -250,10 +272,17 @@ class ServerPipeline:
         batch = Batch(round_idx, self.dim, tuple(updates), reference, secure=secure)
         for stage in self.stages:
             batch = stage(batch)
+        if _views(batch.aggregate, batch.deltas):  # a rule that returned a row: Sanitize's buffer is reused
+            batch = dataclasses.replace(batch, aggregate=batch.aggregate.clone())
         return batch
 
     def __repr__(self) -> str:
         return " -> ".join(type(s).__name__ for s in self.stages)
+
+
+def _views(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return (a is not None and b is not None and b.numel() > 0
+            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
 
 
 def build_pipeline(cfg: ExperimentConfig, folder: Path, dim: int, dp=None) -> ServerPipeline:
@@ -269,6 +298,8 @@ def build_pipeline(cfg: ExperimentConfig, folder: Path, dim: int, dp=None) -> Se
     if dp is None:
         stages = [Sanitize(cfg.defense.max_update_norm), rule]
     else:
-        combine = FixedDenominatorMean(dp.plan.expected_clients) if rule.rule.dp_certified else rule
-        stages = [Sanitize(cfg.defense.max_update_norm), Clip(dp.clip_in_force), combine, Noise(dp)]
+        certified = rule.rule.dp_certified  # DP-FedAvg's mean, which needs no clipped rows, only their sum
+        combine = FixedDenominatorMean(dp.plan.expected_clients) if certified else rule
+        stages = [Sanitize(cfg.defense.max_update_norm), Clip(dp.clip_in_force, scale_rows=not certified), combine,
+                  Noise(dp)]
     return ServerPipeline(stages, dim, rule)

@@ -308,20 +308,72 @@ def test_an_impossible_noise_split_is_refused_in_one_line(tmp_path, capsys):
 
 
 def test_the_pipeline_clips_with_sanitizes_norms_in_place_on_its_own_copy_and_equals_the_plain_computation():
-    """Sanitize computes each delta's float64 norm once (into one reused buffer) and Clip scales the
-    stacked copy in place: the same bits as the norms and clipping computed from scratch, and the
-    clients' own deltas untouched."""
+    """Sanitize reads each delta once, copying it into its stack with its float64 norm taken on
+    the way (block by block: rows longer than one block here), and Clip scales the stacked copy
+    in place: the norms within float64's summation bound d 2^-53 of the plain ones, the rows
+    exactly what clipping with those norms gives, the clients' own deltas untouched."""
+    from fedsec.defenses.dp import NORM_BLOCK
     from fedsec.pipeline import Batch, Clip, Sanitize
     from fedsec.results import ClientUpdate
 
+    d = NORM_BLOCK + 17
     g = torch.Generator().manual_seed(5)
-    rows = [torch.randn(10_001, generator=g) * scale for scale in (1e-3, 0.2, 3.0, 50.0)]
+    rows = [torch.randn(d, generator=g) * scale for scale in (1e-3, 0.2, 3.0, 50.0)]
     originals = [r.clone() for r in rows]
     updates = [ClientUpdate(k, r, 4) for k, r in enumerate(rows)]
-    batch = Clip(lambda: 1.0)(Sanitize(None)(Batch(0, 10_001, tuple(updates))))
+    batch = Clip(lambda: 1.0)(Sanitize(None)(Batch(0, d, tuple(updates))))
     by_hand = torch.stack([torch.linalg.vector_norm(r.to(torch.float64)) for r in originals])
-    assert torch.equal(batch.norms, by_hand)  # the norms of the old one-row-at-a-time float64 copies
-    assert torch.equal(batch.deltas, clip_to_norm(torch.stack(originals), 1.0).clipped)
+    assert torch.allclose(batch.norms, by_hand, rtol=d * 2.0 ** -53, atol=0)
+    assert torch.equal(batch.deltas, clip_to_norm(torch.stack(originals), 1.0, batch.norms).clipped)
     assert all(torch.equal(r, o) for r, o in zip(rows, originals))
     assert float(torch.linalg.vector_norm(batch.deltas.double(), dim=1).max()) <= 1.0
-    assert batch.info["clip"]["clipped"] == 3 and batch.info["clip"]["unclipped"] == 1  # norms 0.1, 20, 300, 5000
+    assert batch.info["clip"]["clipped"] == 3 and batch.info["clip"]["unclipped"] == 1  # norms 0.5, 100, 1500, 26000
+
+
+def test_sanitize_reuses_its_stack_across_rounds_and_an_aggregate_that_is_a_row_survives_the_next_round():
+    import dataclasses
+
+    from fedsec.pipeline import Sanitize, ServerPipeline
+    from fedsec.results import ClientUpdate
+
+    def first_row(b):  # a rule that returns one client's delta as it is: a view of the stack
+        return dataclasses.replace(b, aggregate=b.deltas[0])
+
+    pipeline = ServerPipeline([Sanitize(None), first_row], 5, None)
+    g = torch.Generator().manual_seed(0)
+    rounds = [[torch.randn(5, generator=g) for _ in range(k)] for k in (3, 2, 4)]
+    batches = [pipeline([ClientUpdate(c, d, 1) for c, d in enumerate(r)], t) for t, r in enumerate(rounds)]
+    assert [b.deltas.shape[0] for b in batches] == [3, 2, 4]
+    assert batches[1].deltas.data_ptr() == batches[0].deltas.data_ptr()  # the same buffer, round after round
+    for b, r in zip(batches, rounds):
+        assert torch.equal(b.aggregate, r[0])  # copied out of the buffer before the next round overwrote it
+    assert torch.equal(batches[2].deltas, torch.stack(rounds[2]))
+
+
+def test_dp_fedavgs_mean_weights_unscaled_rows_by_their_clipping_factors_within_the_bound():
+    """The certified path leaves the stacked rows as they are (Clip with scale_rows=False) and
+    the fixed-denominator mean applies each row's clipping factor in its one product: the same
+    aggregate as summing the clipped rows (to float32 rounding), and one client's term
+    w_k d_k is still within C / (q N)."""
+    from fedsec.pipeline import Batch, Clip, FixedDenominatorMean, Sanitize
+    from fedsec.results import ClientUpdate
+
+    g = torch.Generator().manual_seed(8)
+    rows = [torch.randn(5000, generator=g) * scale for scale in (1e-3, 0.5, 4.0, 70.0, 2.0)]
+    updates = tuple(ClientUpdate(k, r, 3) for k, r in enumerate(rows))
+    mean = FixedDenominatorMean(4.0)
+    lazy = Clip(lambda: 1.5, scale_rows=False)(Sanitize(None)(Batch(0, 5000, updates)))
+    assert all(torch.equal(a, b) for a, b in zip(lazy.deltas, rows))  # the rows untouched
+    terms = (lazy.weights / 4.0).float()[:, None] * lazy.deltas
+    assert float(torch.linalg.vector_norm(terms.double(), dim=1).max()) <= 1.5 / 4.0
+    got = mean(lazy).aggregate
+    scaled = mean(Clip(lambda: 1.5)(Sanitize(None)(Batch(0, 5000, updates)))).aggregate
+    plain = private_mean(torch.stack(rows), 1.5, 0.0, 4.0, torch.Generator()).aggregate
+    torch.testing.assert_close(got, plain, rtol=1e-6, atol=1e-7)
+    assert torch.equal(scaled, plain)  # the scaled path is DP-FedAvg's formula bit for bit
+
+
+def test_gaussian_noise_draws_the_values_of_randn_times_std():
+    for std in (0.3, 2.0, 1e-3):
+        old = (torch.randn(10_000, generator=torch.Generator().manual_seed(9), dtype=torch.float64) * std).float()
+        assert torch.equal(gaussian_noise(10_000, std, torch.Generator().manual_seed(9)), old)

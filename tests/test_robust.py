@@ -249,3 +249,68 @@ def test_rules_refuse_too_many_attackers():
         multi_krum(x, f=2)
     with pytest.raises(ValueError, match="beta"):
         trimmed_mean(x, beta=0.5)
+
+
+def _by_sorting(x: torch.Tensor, name: str, f: int = 0, beta: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """The coordinate-wise rules from a full sort of each column (float64): (aggregate, shares)."""
+    n, d = x.shape
+    values, order = x.double().sort(0)
+    share = torch.zeros(n, dtype=torch.float64)
+    if name == "median":
+        middle = [n // 2] if n % 2 else [n // 2 - 1, n // 2]
+        for p in middle:
+            share.index_add_(0, order[p], torch.full((d,), 1 / len(middle), dtype=torch.float64))
+        return values[middle].mean(0), share / d
+    k = math.floor(beta * n)
+    share.index_add_(0, order[k: n - k].reshape(-1), torch.ones((n - 2 * k) * d, dtype=torch.float64))
+    return values[k: n - k].mean(0), share / (d * (n - 2 * k))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n", [7, 10])
+def test_coordinate_wise_rules_by_selection_equal_a_full_sort(monkeypatch, threads, n):
+    """Median and trimmed mean read from numpy's row sorts of transposed column blocks (several
+    blocks here, on one and on two threads): the aggregate and each client's share of the
+    coordinates equal those of a full sort of every column (continuous values: no ties)."""
+    monkeypatch.setattr(robust, "SELECT_BLOCK", 64)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    x = torch.randn(n, 1000, generator=_gen(n))
+    x[0] *= 50
+    for name, out in [("median", median(x)), ("trimmed_mean", trimmed_mean(x, beta=0.2))]:
+        vector, share = _by_sorting(x, name)
+        torch.testing.assert_close(out.vector, vector.float(), rtol=0, atol=1e-6)
+        torch.testing.assert_close(out.weights, share, rtol=0, atol=1e-12)
+    # Bulyan: per coordinate the mean of the beta selected values closest to their median
+    out = bulyan(x, f=1)
+    chosen = torch.tensor(out.info["selected"])
+    block = x[chosen].double()
+    theta = len(chosen)
+    centre = block.sort(0).values[(theta - 1) // 2: theta // 2 + 1].mean(0)  # the middle one or two
+    closest = (block - centre).abs().topk(out.info["beta"], dim=0, largest=False).indices
+    torch.testing.assert_close(out.vector, block.gather(0, closest).mean(0).float(), rtol=0, atol=1e-6)
+    used = torch.zeros(n, dtype=torch.float64).index_add_(0, chosen[closest.reshape(-1)],
+                                                          torch.ones(closest.numel(), dtype=torch.float64))
+    torch.testing.assert_close(out.weights, used / used.sum(), rtol=0, atol=1e-12)
+
+
+def test_tied_values_share_their_positions_equally():
+    """10 clients, 50 coordinates. Columns 0-9: clients 0-2 hold 1, the others 0; columns 10-19:
+    all 0; columns 20-49: client 5 holds -2, the others 0. The median (positions 4 and 5 of 10)
+    is 0 everywhere, held by 7, 10 and 9 clients: each holder gets 1/7, 1/10, 1/9 of a column."""
+    x = torch.zeros(10, 50)
+    x[:3, :10] = 1.0
+    x[5, 20:] = -2.0
+    out = median(x)
+    assert torch.equal(out.vector, torch.zeros(50))
+    by_hand = torch.full((10,), 10 / 7 + 1 + 30 / 9, dtype=torch.float64)
+    by_hand[:3] = 1 + 30 / 9  # holding 1 in columns 0-9
+    by_hand[5] = 10 / 7 + 1  # holding -2 in columns 20-49
+    torch.testing.assert_close(out.weights, by_hand / 50, rtol=0, atol=1e-12)
+    # trimmed mean, k = 2 per side, 6 positions kept: columns 0-9 keep 1 of the three 1s (1/3 each)
+    # and 5 of the seven 0s (5/7 each); columns 10-19 6 of 10 zeros; columns 20-49 6 of 9 zeros
+    trimmed = trimmed_mean(x, beta=0.2)
+    by_hand = torch.full((10,), 10 * 5 / 7 + 10 * 6 / 10 + 30 * 6 / 9, dtype=torch.float64)
+    by_hand[:3] = 10 / 3 + 10 * 6 / 10 + 30 * 6 / 9
+    by_hand[5] = 10 * 5 / 7 + 10 * 6 / 10
+    torch.testing.assert_close(trimmed.weights, by_hand / (50 * 6), rtol=0, atol=1e-12)
+    torch.testing.assert_close(trimmed.vector, torch.cat([torch.full((10,), 1 / 6), torch.zeros(40)]))
