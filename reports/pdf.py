@@ -445,17 +445,20 @@ def grid_findings(data: plots.AttackGrid | None) -> list[str]:
     return out
 
 
-def dp_robustness_findings(data: plots.DpRobustness | None) -> list[str]:
+def dp_robustness_findings(data: plots.DpRobustness | None) -> tuple[list[str], list[str]]:
     """What the DP x robustness grid answers, in numbers: per attack, what it costs the
     plain mean (clean minus attacked headline) at each privacy setting (does clipping and
     noise blunt it?), and per detecting rule the share of malicious updates it dropped at
-    each setting (do they blind it?)."""
+    each setting (do they blind it?). Returns (the summary's sentences, the sentences for
+    the page of what the DP guarantee does not cover): a DP run releases its model, not
+    which updates its rule dropped, so the detection rates at private settings go there."""
     if data is None:
-        return []
+        return [], []
     metric = next((m for m in data.cells if m not in plots.DETECTION), None)
     if metric is None:
-        return []
-    out, name = [], plots.label(metric)
+        return [], []
+    out, hidden, name = [], [], plots.label(metric)
+    private = {p for (_, p, _), certified in data.certified.items() if certified is not None}
 
     def show(st: plots.Stat) -> str:
         return f"{st.mean:.3f}" + (f" +- {st.std:.3f}" if st.n > 1 else "")
@@ -470,15 +473,16 @@ def dp_robustness_findings(data: plots.DpRobustness | None) -> list[str]:
         if costs:
             out.append(f"{attack} against the {mean} ({name}, clean -> attacked): " + "; ".join(costs) + ".")
         for rule in [a for a in data.aggregators if a != mean]:
-            caught = [(p, st) for p in data.privacy if (st := data.get("true_positive_rate", attack, p, rule))]
-            if caught:
-                out.append(f"{rule} under {attack} dropped " + ", ".join(f"{show(st)} of the malicious updates "
-                                                                        f"({p})" for p, st in caught) + ".")
-    if out and any(v is not None for v in data.certified.values()):
-        out.append("Detection rates of DP runs are not covered by the DP guarantee (read from "
-                   f"{UNCOVERED}/); a rule other than the mean or norm_bound gets the mean's noise but no "
-                   "certified epsilon.")
-    return out
+            for where, levels in ((out, [p for p in data.privacy if p not in private]),
+                                  (hidden, [p for p in data.privacy if p in private])):
+                caught = [(p, st) for p in levels if (st := data.get("true_positive_rate", attack, p, rule))]
+                if caught:
+                    where.append(f"{rule} under {attack} dropped " + ", ".join(
+                        f"{show(st)} of the malicious updates ({p})" for p, st in caught) + ".")
+    if hidden:
+        hidden.append(f"These detection rates of DP runs are read from {UNCOVERED}/; a rule other than the "
+                      "mean or norm_bound gets the mean's noise but no certified epsilon.")
+    return out, hidden
 
 
 def stale_findings(runs: list[RunFiles]) -> list[str]:
@@ -514,24 +518,28 @@ def uncovered_rows(runs: list[RunFiles]) -> list[dict]:
     return [r for r in rows if any(v is not None for k, v in r.items() if k not in ("variant", "seed", "epsilon"))]
 
 
-def _uncovered_page(directory: Path, kind: str, runs: list[RunFiles], files: Path, styles) -> list:
-    """The report's page of what the DP guarantee does not cover (nothing without DP runs)."""
+def _uncovered_page(directory: Path, kind: str, runs: list[RunFiles], files: Path, styles,
+                    sentences: list[str] = (), extra_figures: list = ()) -> list:
+    """The report's page of what the DP guarantee does not cover (nothing without DP runs):
+    the hidden table and figures, and the `sentences` and `extra_figures` (name, figure)
+    other sections keep off their pages (the DP runs' detection rates)."""
     from reportlab.lib.units import cm
     from reportlab.platypus import Image, PageBreak, Paragraph, Spacer
 
     rows = uncovered_rows(runs)
     hidden_sweep = directory / UNCOVERED if kind == "sweep" else None
-    figures = []
+    figures = [(name, fig) for name, fig in extra_figures if fig is not None]
     if hidden_sweep is not None and hidden_sweep.is_dir():
         for name, metric in (("exposure", "exposure"), ("extraction", "extraction_rate"),
                              ("mia", "mia_reference_auc")):
             fig = plots.privacy_utility(hidden_sweep, metric, title=directory.name)
             if fig is not None:
-                figures.append((name, fig))
-    if not rows and not figures:
+                figures.append((f"privacy_{name}", fig))
+    if not rows and not figures and not sentences:
         return []
     story = [PageBreak(), Paragraph("Not covered by the DP guarantee", styles["h"]),
              Paragraph(HEADER + " Read from each DP run's " + UNCOVERED + "/ folder.", styles["body"])]
+    story += [Paragraph(sentence, styles["body"]) for sentence in sentences]
     if rows:
         write_csv(files / "not_covered_by_dp_guarantee.csv", rows)
         columns = ["variant", "seed", "epsilon"] + [c for c in ("local_only_accuracy", "local_only_loss", "exposure",
@@ -540,7 +548,7 @@ def _uncovered_page(directory: Path, kind: str, runs: list[RunFiles], files: Pat
         story.append(_table(rows, styles, columns, width=17.4 * cm))
     for name, fig in figures:
         width, height = fig.get_size_inches()
-        png, _ = plots.save(fig, files / f"privacy_{name}")
+        png, _ = plots.save(fig, files / name)
         w = 16 * cm
         story += [Spacer(1, 0.3 * cm), Image(str(png), width=w, height=w * height / width)]
     return story
@@ -699,6 +707,7 @@ def build_report(directory: Path, out: Path | None = None, force: bool = False) 
     story.append(_table([{"field": k, "value": v} for k, v in facts], styles))
     story += [Spacer(1, 0.5 * cm), Paragraph("Summary", styles["h"])]
     grid = grid_table(directory) if kind == "sweep" else []
+    dp_grid, hidden_findings = None, []
     story += [Paragraph(sentence, styles["body"]) for sentence in findings(table)]
     story += [Paragraph(sentence, styles["body"]) for sentence in audit_findings(runs)]
     story += [Paragraph(sentence, styles["body"]) for sentence in stale_findings(runs)]
@@ -706,8 +715,9 @@ def build_report(directory: Path, out: Path | None = None, force: bool = False) 
         rows = plots.sweep_rows(directory)
         story += [Paragraph(sentence, styles["body"])
                   for sentence in grid_findings(plots.attack_grid_data(rows))]
-        story += [Paragraph(sentence, styles["body"]) for sentence in dp_robustness_findings(
-            plots.dp_robustness_data(rows, plots.sweep_rows(directory / UNCOVERED)))]
+        dp_grid = plots.dp_robustness_data(rows, plots.sweep_rows(directory / UNCOVERED))
+        public, hidden_findings = dp_robustness_findings(dp_grid)
+        story += [Paragraph(sentence, styles["body"]) for sentence in public]
     claimed = claims(table, runs)
     if claimed:
         story += [PageBreak(), *_section(files / "claims.csv", claimed, "Claims",
@@ -755,7 +765,8 @@ def build_report(directory: Path, out: Path | None = None, force: bool = False) 
         figures.append(("dp_robustness", plots.dp_robustness(directory)))
         if head is not None and head.key != "final_loss":  # an attack that derails training shows in the loss
             figures.append(("dp_robustness_loss", plots.dp_robustness(directory, "final_loss")))
-        figures.append(("dp_detection", plots.dp_detection(directory)))
+        if dp_grid is None or all(v is None for v in dp_grid.certified.values()):
+            figures.append(("dp_detection", plots.dp_detection(directory)))  # else on the uncovered page
         figures.append(("attack_fractions", plots.attack_fractions(directory)))
     done = [r for r in runs if r.result and r.result.get("finished")]
     seen = set()
@@ -787,7 +798,10 @@ def build_report(directory: Path, out: Path | None = None, force: bool = False) 
                             "clients sampled is not recorded (the fixed denominator q N keeps it hidden). "
                             "Epsilons are rounded up.", styles["body"]),
                   _table(ledger, styles, width=17.4 * cm)]
-    story += _uncovered_page(directory, kind, runs, files, styles)
+    hidden_figures = []
+    if dp_grid is not None and any(v is not None for v in dp_grid.certified.values()):
+        hidden_figures.append(("dp_detection", plots.dp_detection(directory)))
+    story += _uncovered_page(directory, kind, runs, files, styles, hidden_findings, hidden_figures)
     story += [PageBreak(), Paragraph("Config (first run)", styles["h"]),
               Preformatted(yaml.safe_dump(cfg, sort_keys=False), styles["mono"])]
 
