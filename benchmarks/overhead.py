@@ -11,7 +11,8 @@ overhead  wall time of a fedsec round (sampling, client training, sanitize, aggr
           evaluation.
 flops     achieved FLOP/s of one local training step (forward and backward as run,
           counted by torch.utils.flop_counter) over the FLOP/s of a 2048 x 2048 fp32
-          matrix product measured in the same run (the machine's practical peak).
+          matrix product measured just before it (the machine's practical peak), the
+          median over 5 interleaved repetitions.
 
     python -m benchmarks.overhead [--models tiny,smollm2] [--tasks sft,dpo]
 """
@@ -122,8 +123,10 @@ def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
     return 2 * n ** 3 / statistics.median(times)
 
 
-def step_flops(cfg, setup) -> tuple[float, float]:
-    """(FLOPs of one local step, its median seconds) for client 0."""
+def step_flops(cfg, setup, repeats: int = 5) -> dict:
+    """One local step of client 0: its FLOPs, and per repetition its seconds and the matmul
+    peak measured just before it (interleaved, so a change of the machine's clock moves
+    both); the fraction is the median of the repetitions' own ratios."""
     from torch.utils.flop_counter import FlopCounterMode
 
     trainer = setup.trainer
@@ -132,13 +135,17 @@ def step_flops(cfg, setup) -> tuple[float, float]:
     seed = derive_seed(cfg.seed, "client", 0, 0)
     with FlopCounterMode(display=False) as counter:
         trainer.train(start, setup.train_sets[0], cfg.training.lr, seed)
-    times = []
-    for _ in range(3):
+    flops = float(counter.get_total_flops())
+    times, peaks = [], []
+    for _ in range(repeats):
+        peaks.append(matmul_peak(repeats=5))
         began = time.perf_counter()
         trainer.train(start, setup.train_sets[0], cfg.training.lr, seed)
         times.append(time.perf_counter() - began)
     trainer.cfg = cfg.training
-    return float(counter.get_total_flops()), statistics.median(times)
+    fractions = [flops / t / p for t, p in zip(times, peaks)]
+    return {"value": statistics.median(fractions), "fractions": fractions, "step_flops": flops,
+            "step_seconds": times, "peak_flops": peaks}
 
 
 def main(argv=None) -> dict:
@@ -164,12 +171,13 @@ def main(argv=None) -> dict:
             results[key] = row
             print(f"{model} {task}: fedsec round {fed:.2f} s, bare PEFT loop {bare:.2f} s, ratio {ratio:.3f}")
             if model == "smollm2" and task == "sft":
-                flops, seconds = step_flops(cfg, setup)
-                fraction = flops / seconds / peak
-                results["flops_fraction_smollm2"] = {"value": fraction, "step_flops": flops,
-                                                     "step_seconds": seconds, "peak_flops": peak, "date": today}
-                print(f"smollm2 sft step: {flops / 1e9:.1f} GFLOP in {seconds:.2f} s = "
-                      f"{flops / seconds / 1e9:.1f} GFLOP/s, {fraction:.2f} of the matmul peak")
+                step = step_flops(cfg, setup)
+                results["flops_fraction_smollm2"] = {**step, "date": today}
+                seconds, peaks = statistics.median(step["step_seconds"]), statistics.median(step["peak_flops"])
+                print(f"smollm2 sft step: {step['step_flops'] / 1e9:.1f} GFLOP in {seconds:.2f} s (median) = "
+                      f"{step['step_flops'] / seconds / 1e9:.1f} GFLOP/s against peaks of {peaks / 1e9:.1f} "
+                      f"GFLOP/s (median) measured before each step: {step['value']:.2f} of the peak "
+                      f"(median of {', '.join(f'{f:.2f}' for f in step['fractions'])})")
     store(results)
     return results
 
