@@ -346,8 +346,9 @@ class TrainingConfig:
         "run each training batch (SFT examples, DPO pairs' replies) as one sequence behind their shared "
         "opening (system prompt, chat template), computed once instead of per sequence, as the evaluation "
         "does; the loss and "
-        "gradient are the plain batch's up to float rounding (the batched one-step path and "
-        "record-level DP keep plain batches: their per-example gradients need one row per example)",
+        "gradient are the plain batch's up to float rounding. The batched one-step path packs each "
+        "client's batch into its own row (its per-row gradient is the client's); record-level DP keeps "
+        "plain batches (a record's gradient would flow through the opening the others share)",
         False)
 
     def __post_init__(self) -> None:

@@ -143,14 +143,15 @@ def collate_packed(batch: Sequence[Encoded], shared: int) -> dict[str, torch.Ten
     """The items as one sequence: their shared first `shared` tokens once, then each
     item's own suffix, which attends to the shared tokens and causally to itself only
     (a [1, 1, L, L] boolean mask) at its own positions. Exactly the computation of the
-    items run one by one, with the shared tokens computed once instead of per item.
+    items run one by one, with the shared tokens computed once instead of per item
+    (`shared` 0: the items side by side, each attending to itself only).
 
     `owner` gives each position's item; `labels` are laid out so that position k
     predicts labels[k + 1] within one item, as in `collate`.
     """
     suffixes = [e.input_ids.numel() - shared for e in batch]
     head = batch[0].input_ids[:shared]
-    if shared < 1 or min(suffixes) < 1 or any(not torch.equal(e.input_ids[:shared], head) for e in batch):
+    if shared < 0 or min(suffixes) < 1 or any(not torch.equal(e.input_ids[:shared], head) for e in batch):
         raise ValueError("collate_packed needs items that share their first `shared` tokens, and more")
     if any((e.labels[: shared + 1] != IGNORE).any() for e in batch):
         raise ValueError("a target inside the shared prefix (see shared_prefix_length)")
@@ -184,4 +185,39 @@ def collate_packed(batch: Sequence[Encoded], shared: int) -> dict[str, torch.Ten
            "position_ids": positions[None], "owner": owner[None]}
     if hidden is not None:
         out["inputs_embeds"], out["start_layer"] = hidden[None], batch[0].hidden_layer
+    return out
+
+
+def collate_packed_rows(groups: Sequence[tuple[Sequence[Encoded], int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Several packed sequences as one batch, a row each: every (items, shared) group
+    packed by `collate_packed`, the rows padded to the longest. A padding position attends
+    to itself only and predicts nothing; `owner` numbers the items across the rows in
+    order, so a row's items are rows' items of the plain batch of all of them."""
+    packed = [collate_packed(items, shared) for items, shared in groups]
+    width, on = max(p["input_ids"].shape[1] for p in packed), packed[0]["input_ids"].device
+    n = len(packed)
+    ids = torch.full((n, width), pad_id, dtype=torch.long, device=on)
+    labels = torch.full((n, width), IGNORE, dtype=torch.long, device=on)
+    owner = torch.full((n, width), -1, dtype=torch.long, device=on)
+    positions = torch.zeros(n, width, dtype=torch.long, device=on)
+    allowed = torch.eye(width, dtype=torch.bool, device=on).repeat(n, 1, 1, 1)
+    hidden = None
+    if "inputs_embeds" in packed[0]:
+        if len({p.get("start_layer") for p in packed}) != 1:
+            raise ValueError("a batch mixes examples with and without the same cached prefix")
+        first = packed[0]["inputs_embeds"]
+        hidden = torch.zeros(n, width, first.shape[-1], dtype=first.dtype, device=first.device)
+    base = 0
+    for r, (p, (items, _)) in enumerate(zip(packed, groups)):
+        length = p["input_ids"].shape[1]
+        ids[r, :length], labels[r, :length] = p["input_ids"][0], p["labels"][0]
+        positions[r, :length] = p["position_ids"][0]
+        owner[r, :length] = torch.where(p["owner"][0] >= 0, p["owner"][0] + base, -1)
+        allowed[r, 0, :length, :length] = p["attention_mask"][0, 0]
+        if hidden is not None:
+            hidden[r, :length] = p["inputs_embeds"][0]
+        base += len(items)
+    out = {"input_ids": ids, "labels": labels, "attention_mask": allowed, "position_ids": positions, "owner": owner}
+    if hidden is not None:
+        out["inputs_embeds"], out["start_layer"] = hidden, packed[0]["start_layer"]
     return out

@@ -32,7 +32,15 @@ import torch.nn.functional as F
 
 from fedsec import progress
 from fedsec.data.schema import InstructionExample, PreferenceExample
-from fedsec.encoding import Encoded, collate, collate_packed, encode, encode_all, shared_prefix_length
+from fedsec.encoding import (
+    Encoded,
+    collate,
+    collate_packed,
+    collate_packed_rows,
+    encode,
+    encode_all,
+    shared_prefix_length,
+)
 from fedsec.training import completion_loss, record_tokens, target_logprobs
 
 
@@ -90,8 +98,10 @@ def with_reference(model, pairs: Sequence[PairItem], pad_id: int, batch_size: in
 class _Objective:
     """What SFT and DPO share: packing a training batch (training.pack) behind its
     sequences' shared opening, once a first batch showed that packing gives the plain
-    batch's numbers on this model (evaluation.packable_prefix). Only `loss` packs: the
-    per-example terms (the batched cohort path, record-level DP) need one row per example."""
+    batch's numbers on this model (evaluation.packable_prefix). `loss` packs a batch;
+    `group_terms` packs each client's batch into its own row for the batched cohort path,
+    whose gradients are per client. Record-level DP needs each record's own gradient: a
+    record's gradient flows through the opening it would share, so it keeps one row per record."""
 
     pad_id: int
     pack: bool = False
@@ -124,6 +134,25 @@ class _Objective:
         """Token positions a training batch puts through the forward (a packed batch's opening once)."""
         shared = self.shared_width(model, items)
         return record_tokens(items) - shared * (len(self.sequences(items)) - 1)
+
+    def packs(self, model, groups) -> bool:
+        """Whether `group_terms` may run these batches packed: training.pack is on, some
+        batch has a shared opening, and packing gives the plain numbers on this model."""
+        return self.pack and any(self.shared_width(model, g) > 0 for g in groups)
+
+    def group_terms(self, model, groups) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`record_terms` of all the groups' records, each group one packed row of the
+        forward (its sequences behind their shared opening: one client's batch in the batched
+        cohort path, whose per-row gradients are then per client). Returns (each record's
+        summed terms [R], its term count [R], the row of each record [R]), records in group order."""
+        sequences = [self.sequences(g) for g in groups]
+        shared = [shared_prefix_length(s) for s in sequences]
+        logp, rows = target_logprobs(model, collate_packed_rows(list(zip(sequences, shared)), self.pad_id))
+        total = sum(len(s) for s in sequences)
+        summed = torch.zeros(total, dtype=logp.dtype, device=logp.device).index_add(0, rows, logp)
+        count = torch.zeros(total, dtype=logp.dtype, device=logp.device).index_add(0, rows, torch.ones_like(logp))
+        row = torch.tensor([r for r, g in enumerate(groups) for _ in g], device=logp.device)
+        return (*self._terms(groups, summed, count), row)
 
 
 class SftObjective(_Objective):
@@ -166,6 +195,10 @@ class SftObjective(_Objective):
     def loss(self, model, items: Sequence[Encoded]) -> tuple[torch.Tensor, int]:
         shared = self.shared_width(model, items)
         return completion_loss(model, collate_packed(items, shared) if shared else collate(items, self.pad_id))
+
+    @staticmethod
+    def _terms(groups, logps: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return -logps, counts  # a sequence per example
 
     def record_terms(self, model, items: Sequence[Encoded]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(summed target-token NLL of each example [n], its target tokens [n], arange(n))."""
@@ -233,11 +266,22 @@ class DpoObjective(_Objective):
         return losses, torch.ones_like(losses), torch.arange(2 * n, device=losses.device) % n
 
     def _pair_losses(self, model, items: Sequence[PairItem], shared: int = 0) -> torch.Tensor:
-        logps = sequence_logprobs(model, self.sequences(items), self.pad_id, shared)
+        return self._losses(items, sequence_logprobs(model, self.sequences(items), self.pad_id, shared))
+
+    def _losses(self, items: Sequence[PairItem], logps: torch.Tensor) -> torch.Tensor:
+        """Each pair's DPO loss from its replies' log-probabilities (all chosen, then all rejected)."""
         n = len(items)
         ref_c = torch.tensor([p.ref_chosen for p in items], dtype=logps.dtype, device=logps.device)
         ref_r = torch.tensor([p.ref_rejected for p in items], dtype=logps.dtype, device=logps.device)
         return dpo_losses(logps[:n], logps[n:], ref_c, ref_r, self.beta)
+
+    def _terms(self, groups, logps: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        losses, at = [], 0
+        for group in groups:  # a group's sequences: its chosen replies, then its rejected
+            losses.append(self._losses(group, logps[at: at + 2 * len(group)]))
+            at += 2 * len(group)
+        losses = torch.cat(losses)
+        return losses, torch.ones_like(losses)
 
 
 OBJECTIVES = {"sft": SftObjective, "dpo": DpoObjective}  # ExperimentConfig.task -> objective

@@ -313,35 +313,49 @@ class LocalTrainer:
         self.adapter.set(start)
         batches = [BatchStream(data, cfg.batch_size, torch.Generator().manual_seed(seed)).next()
                    for data, seed in zip(datasets, seeds)]
-        records = [(k, item) for k, batch in enumerate(batches) for item in batch]
         grads = torch.zeros(n, self.adapter.layout.numel, device=on)
         loss_sums, terms = (torch.zeros(n, dtype=torch.float64, device=on) for _ in range(2))
-        rows_per_record = 2 if hasattr(records[0][1], "chosen") else 1  # a DPO pair: two rows
-        max_rows = max(1, COHORT_GRAD_FLOATS // self.adapter.layout.numel // rows_per_record)
-        lengths = [_record_length(item) for _, item in records]
+        # training.pack: each client's batch one forward row behind its shared opening, so a row's
+        # gradient is the client's; else one row per sequence, summed into the client's
+        packed = self.objective.packs(self.model, batches)
+        if packed:
+            units = [(k, batch) for k, batch in enumerate(batches)]
+            lengths = [self.objective.positions(self.model, batch) for batch in batches]
+            rows_per_unit = 1
+        else:
+            units = [(k, [item]) for k, batch in enumerate(batches) for item in batch]
+            lengths = [_record_length(item[0]) for _, item in units]
+            rows_per_unit = 2 if hasattr(units[0][1][0], "chosen") else 1  # a DPO pair: two rows
+        max_rows = max(1, COHORT_GRAD_FLOATS // self.adapter.layout.numel // rows_per_unit)
         self.model.train()
         try:
             with per_sample_gradients(self.model):
-                for chunk in _chunks(lengths, COHORT_TOKENS // rows_per_record, max_rows):
-                    clients = torch.tensor([records[i][0] for i in chunk], device=on)
-                    sums, counts, row_record = self.objective.record_terms(
-                        self.model, [records[i][1] for i in chunk])
+                for chunk in _chunks(lengths, COHORT_TOKENS // rows_per_unit, max_rows):
+                    owners = torch.tensor([units[i][0] for i in chunk], device=on)
+                    if packed:
+                        sums, counts, record_unit = self.objective.group_terms(
+                            self.model, [units[i][1] for i in chunk])
+                        row_owner = owners
+                    else:
+                        sums, counts, row_record = self.objective.record_terms(
+                            self.model, [units[i][1][0] for i in chunk])
+                        record_unit, row_owner = torch.arange(len(chunk), device=on), owners[row_record]
                     sums.sum().backward()
                     rows = torch.cat([p.grad_sample.reshape(p.grad_sample.shape[0], -1).float()
                                       for p in self.adapter.params], 1)
                     for p in self.adapter.params:
                         p.grad, p.grad_sample = None, None
-                    grads.index_add_(0, clients[row_record], rows)
-                    loss_sums.index_add_(0, clients, sums.detach().double())
-                    terms.index_add_(0, clients, counts.double())
+                    grads.index_add_(0, row_owner, rows)
+                    loss_sums.index_add_(0, owners[record_unit], sums.detach().double())
+                    terms.index_add_(0, owners[record_unit], counts.double())
         finally:
             self.model.eval()
         grads /= terms.clamp(min=1).float()[:, None]
         if cfg.max_grad_norm is not None:  # as clip_grad_norm_: scale by min(1, C / (|g| + 1e-6))
             grads *= (cfg.max_grad_norm / (grads.norm(dim=1, keepdim=True) + 1e-6)).clamp(max=1.0)
         deltas = (-lr * (grads + cfg.weight_decay * start)).to(home)  # SGD: w <- w - lr (g + wd w)
-        return [LocalResult(deltas[k], len(datasets[k]), float(loss_sums[k] / max(terms[k], 1)), 1,
-                            int(terms[k]), record_tokens(batch)) for k, batch in enumerate(batches)]
+        return [LocalResult(deltas[k], len(datasets[k]), float(loss_sums[k] / max(terms[k], 1)), 1, int(terms[k]),
+                            lengths[k] if packed else record_tokens(batch)) for k, batch in enumerate(batches)]
 
     def _accumulate_gradient(self, stream: BatchStream, scaler=None) -> tuple[float, int, int]:
         """Backward `grad_accum` batches (loss per term, scaled by fp16's `scaler`); returns

@@ -32,8 +32,11 @@ def _one_at_a_time(trainer, start, datasets, seeds):
     return [trainer.train(start, data, 0.5, seed) for data, seed in zip(datasets, seeds)]
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("task,cached", [("sft", False), ("sft", True), ("dpo", False), ("dpo", True)])
-def test_batched_one_step_clients_equal_one_client_at_a_time(tmp_path, monkeypatch, task, cached):
+def test_batched_one_step_clients_equal_one_client_at_a_time(tmp_path, monkeypatch, task, cached, packed):
+    """packed (training.pack): each client's batch is one row of the batched forward, behind
+    its examples' shared opening, and that row's per-sample gradient is the client's."""
     setup, start = _setup(tmp_path, task, cached)
     trainer, datasets = setup.trainer, setup.train_sets
     seeds = [11 * k + 1 for k in range(len(datasets))]
@@ -44,7 +47,14 @@ def test_batched_one_step_clients_equal_one_client_at_a_time(tmp_path, monkeypat
     norms = torch.stack([r.delta.norm() / 0.5 for r in plain])
     trainer.cfg = dataclasses.replace(trainer.cfg, max_grad_norm=float(norms.median()))
     plain = _one_at_a_time(trainer, start, datasets, seeds)
+    trainer.objective.pack = packed
+    if packed:
+        monkeypatch.setattr(training, "COHORT_TOKENS", 2 * max(trainer.objective.positions(setup.model, d[:3])
+                                                               for d in datasets))  # two clients a chunk at most
     batched = trainer.train_clients(start, datasets, 0.5, seeds)
+    if packed:  # the opening once per client: fewer positions than its sequences hold
+        assert trainer.objective.packs(setup.model, [d[:3] for d in datasets])
+        assert all(b.tokens < a.tokens for a, b in zip(plain, batched))
     assert len(batched) == len(datasets)
     for a, b in zip(plain, batched):
         # batched sums round differently: entries near zero after cancellation (DPO's most)

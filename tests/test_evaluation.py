@@ -95,6 +95,25 @@ def test_collate_packed_layout_by_hand():
         collate_packed([a, b], 3)
 
 
+def test_packed_rows_layout_by_hand():
+    """Two packed groups as a batch of two rows: the second (one item, nothing shared) padded
+    to the first's width, its padding attending to itself only, items numbered across rows."""
+    from fedsec.encoding import collate_packed_rows
+
+    a = Encoded(torch.tensor([1, 2, 3, 4]), torch.tensor([IGNORE, IGNORE, IGNORE, 4]))
+    b = Encoded(torch.tensor([1, 2, 7, 8, 9]), torch.tensor([IGNORE, IGNORE, IGNORE, 8, 9]))
+    c = Encoded(torch.tensor([5, 6, 7]), torch.tensor([IGNORE, 6, 7]))
+    batch = collate_packed_rows([([a, b], 2), ([c], 0)], pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 7, 8, 9], [5, 6, 7, 0, 0, 0, 0]]
+    assert batch["owner"].tolist() == [[-1, -1, 0, 0, 1, 1, 1], [2, 2, 2, -1, -1, -1, -1]]
+    assert batch["labels"].tolist()[1] == [IGNORE, 6, 7, IGNORE, IGNORE, IGNORE, IGNORE]
+    assert batch["position_ids"].tolist()[1] == [0, 1, 2, 0, 0, 0, 0]
+    seen = batch["attention_mask"][1, 0]
+    assert [seen[row].nonzero().flatten().tolist() for row in range(7)] == [
+        [0], [0, 1], [0, 1, 2], [3], [4], [5], [6]]
+    assert torch.equal(batch["attention_mask"][0, 0], collate_packed([a, b], 2)["attention_mask"][0, 0])
+
+
 @pytest.mark.parametrize("top_layers", [None, 1])
 @pytest.mark.parametrize("choices", [("a", "b", "c"), ("rose", "fell", "flat")])
 def test_packed_evaluation_equals_plain_batches(monkeypatch, top_layers, choices):
