@@ -348,8 +348,9 @@ class TrainingConfig:
         "does; the loss and "
         "gradient are the plain batch's up to float rounding. The batched one-step path packs each "
         "client's batch into its own row (its per-row gradient is the client's); record-level DP keeps "
-        "plain batches (a record's gradient would flow through the opening the others share)",
-        False)
+        "plain batches (a record's gradient would flow through the opening the others share). Checked "
+        "once per run on the first batch: a model whose numbers packing would change trains plain",
+        True)
 
     def __post_init__(self) -> None:
         _one_of("precision", self.precision, PRECISIONS)

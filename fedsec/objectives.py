@@ -95,6 +95,21 @@ def with_reference(model, pairs: Sequence[PairItem], pad_id: int, batch_size: in
     return out
 
 
+def _packing_is_exact(model, sequences: Sequence[Encoded], pad_id: int) -> bool:
+    """evaluation.packable_prefix, with no effect on the training around it: in eval mode
+    (no dropout), without gradients, on a copy of the random state, so a run resumed in
+    another process draws what the uninterrupted run drew."""
+    from fedsec.evaluation import packable_prefix
+
+    training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            return packable_prefix(model, sequences, pad_id) > 0
+    finally:
+        model.train(training)
+
+
 class _Objective:
     """What SFT and DPO share: packing a training batch (training.pack) behind its
     sequences' shared opening, once a first batch showed that packing gives the plain
@@ -125,9 +140,7 @@ class _Objective:
         if shared < 1:
             return 0
         if self._packable is None:
-            from fedsec.evaluation import packable_prefix
-
-            self._packable = packable_prefix(model, sequences, self.pad_id) > 0
+            self._packable = _packing_is_exact(model, sequences, self.pad_id)
         return shared if self._packable else 0
 
     def positions(self, model, items) -> int:

@@ -42,6 +42,7 @@ def test_batched_one_step_clients_equal_one_client_at_a_time(tmp_path, monkeypat
     seeds = [11 * k + 1 for k in range(len(datasets))]
     assert trainer.one_step_batchable
     monkeypatch.setattr(training, "COHORT_TOKENS", 300)  # several chunks, clients split across them
+    trainer.objective.pack = False  # the reference: plain batches, one client at a time
     plain = _one_at_a_time(trainer, start, datasets, seeds)
     # clip at the median gradient norm: some clients are clipped, some are not
     norms = torch.stack([r.delta.norm() / 0.5 for r in plain])

@@ -76,7 +76,8 @@ def prepare_data(cfg):
 def test_gradient_checkpointing_recomputes_the_forward_and_gives_the_same_update(tmp_path):
     deltas, calls = {}, {}
     for checkpointing in (False, True):
-        cfg = tiny_config(tmp_path, training={"gradient_checkpointing": checkpointing, "local_steps": 3})
+        cfg = tiny_config(tmp_path, training={"gradient_checkpointing": checkpointing, "local_steps": 3,
+                                              "pack": False})  # packing's first-batch check runs forwards too
         model, tokenizer = load_model(cfg)
         objective = objective_for(cfg, tokenizer.pad_token_id)
         items = train_set(objective, prepare_data(cfg).clients[0], tokenizer, cfg)
@@ -114,12 +115,18 @@ def test_the_prefix_cache_says_its_size_and_where_and_refuses_what_cannot_fit(tm
     assert "FEDSEC_CACHE" in str(err.value)
 
 
-def test_a_run_counts_its_training_tokens_and_peak_memory_each_round(tmp_path):
-    # every client every round, each step's batch its whole data: 2 steps x all tokens
+@pytest.mark.parametrize("pack", [False, True])
+def test_a_run_counts_its_training_tokens_and_peak_memory_each_round(tmp_path, pack):
+    # every client every round, each step's batch its whole data: 2 steps x all tokens (packed:
+    # each batch's shared opening once)
     cfg = tiny_config(tmp_path, federation={"rounds": 2, "clients_per_round": 4},
-                      training={"batch_size": 64, "local_steps": 2})
+                      training={"batch_size": 64, "local_steps": 2, "pack": pack})
     setup = prepare(cfg)
     expected = 2 * positions(*setup.train_sets)
+    if pack:
+        packed = 2 * sum(setup.trainer.objective.positions(setup.model, data) for data in setup.train_sets)
+        assert packed < expected
+        expected = packed
     result = run_experiment(cfg, out=tmp_path / "run", progress=False, log=lambda _: None)
     rows = [json.loads(line) for line in open(f"{result.run_dir}/metrics.jsonl")]
     federated = [r for r in rows if r.get("phase") == "federated" and r["round"] >= 1]
