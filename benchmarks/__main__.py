@@ -29,6 +29,8 @@ HEADLINES = (  # key, what it is, target
     ("overhead_ratio_smollm2", "fedsec round / bare PEFT loop, SmolLM2, SFT", "<= 1.05"),
     ("overhead_ratio_smollm2_dpo", "fedsec round / bare PEFT loop, SmolLM2, DPO", "<= 1.05"),
     ("flops_fraction_smollm2", "achieved FLOP/s of a SmolLM2 step / fp32 matmul peak", ">= 0.8"),
+    ("flops_fraction_dp_cohort_packed", "the same, the DP sweep's batched cohort call (128 clients, packed)",
+     ">= 0.8"),
     ("many_clients_speedup", "examples/s, batched cached clients / plain path", "-"),
     ("memory_ratio_10_to_10000_clients", "peak RSS, 10,000 / 10 total clients", "<= 1.1"),
     ("file_memory_ratio_100_to_100000_clients", "peak RSS, 100,000 / 100 clients from a file, natural split",

@@ -12,7 +12,8 @@ overhead  wall time of a fedsec round (sampling, client training, sanitize, aggr
 flops     achieved FLOP/s of one local training step (forward and backward as run,
           counted by torch.utils.flop_counter) over the FLOP/s of a 2048 x 2048 fp32
           matrix product measured just before it (the machine's practical peak), the
-          median over 5 interleaved repetitions.
+          median over 5 interleaved repetitions. The same for the DP sweep's batched cohort
+          call (128 one-step clients), plain and packed.
 
     python -m benchmarks.overhead [--models tiny,smollm2] [--tasks sft,dpo]
 """
@@ -148,11 +149,45 @@ def step_flops(cfg, setup, repeats: int = 5) -> dict:
             "step_seconds": times, "peak_flops": peaks}
 
 
+def cohort_flops(clients: int = 128, repeats: int = 3) -> dict:
+    """The DP sweep's batched cohort call (experiments/dp_base.yaml, `clients` one-step clients
+    of 4 examples in one `train_clients`), plain rows and packed: FLOPs as run (the
+    per-sample gradients included), seconds, and the fraction of a matmul peak measured just
+    before each call (median of the repetitions' ratios)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    out = {}
+    for pack in (False, True):
+        cfg = load_config("experiments/dp_base.yaml", [f"data.benchmark.num_clients={clients}",
+                                                       f"federation.clients_per_round={clients}",
+                                                       f"training.pack={str(pack).lower()}"])
+        setup = prepare(cfg)
+        start = setup.adapter.get()
+        seeds = [derive_seed(cfg.seed, "client", 0, c) for c in range(clients)]
+        datasets = [setup.train_sets[c] for c in range(clients)]
+        with FlopCounterMode(display=False) as counter:
+            setup.trainer.train_clients(start, datasets, cfg.training.lr, seeds)
+        flops, fractions, times = float(counter.get_total_flops()), [], []
+        for _ in range(repeats):
+            peak = matmul_peak(repeats=5)
+            began = time.perf_counter()
+            setup.trainer.train_clients(start, datasets, cfg.training.lr, seeds)
+            times.append(time.perf_counter() - began)
+            fractions.append(flops / times[-1] / peak)
+        out["packed" if pack else "plain"] = {"value": statistics.median(fractions), "fractions": fractions,
+                                              "flops": flops, "seconds": times}
+        print(f"dp cohort ({clients} clients, {'packed' if pack else 'plain'}): {flops / 1e9:.1f} GFLOP in "
+              f"{statistics.median(times):.2f} s: {out['packed' if pack else 'plain']['value']:.2f} of the peak "
+              f"(median of {', '.join(f'{f:.2f}' for f in fractions)})", flush=True)
+    return out
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny,smollm2")
     parser.add_argument("--tasks", default="sft,dpo")
     parser.add_argument("--out", default="/tmp/fedsec-bench-overhead")
+    parser.add_argument("--cohort", type=int, default=128, help="clients in the DP cohort FLOP/s call (0: skip)")
     args = parser.parse_args(argv)
     today = datetime.date.today().isoformat()
     results: dict = {}
@@ -178,6 +213,10 @@ def main(argv=None) -> dict:
                       f"{step['step_flops'] / seconds / 1e9:.1f} GFLOP/s against peaks of {peaks / 1e9:.1f} "
                       f"GFLOP/s (median) measured before each step: {step['value']:.2f} of the peak "
                       f"(median of {', '.join(f'{f:.2f}' for f in step['fractions'])})")
+    if args.cohort:
+        cohort = cohort_flops(args.cohort)
+        for kind, row in cohort.items():
+            results[f"flops_fraction_dp_cohort_{kind}"] = {**row, "clients": args.cohort, "date": today}
     store(results)
     return results
 
