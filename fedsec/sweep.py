@@ -204,6 +204,8 @@ def run_sweep(spec_path: str | Path, progress: bool = True,
             # on its engine: here, or each run on its own local Flower deployment (or flower.superlink)
             run_one(cfg, out=run.out, resume=resume, progress=False, log=lambda line: log("    " + line))
         bar.update(1)
+        # the tables of the runs finished so far: a sweep stopped halfway can be reported on
+        write_tables(root, [r for r in runs if (r.out / "result.json").is_file()])
     bar.close()
     write_tables(root, runs)
     return root

@@ -292,3 +292,26 @@ def test_the_servers_realignment_is_part_of_the_defense_in_the_tables(tmp_path):
     assert data.defenses == ["mean", "mean+realign"]
     assert data.get("final_accuracy", "alignment_poison", "mean+realign", round(2 / 6, 6)).mean == \
         rows["0.33-realign"]["final_accuracy"]
+
+
+def test_a_sweep_stopped_halfway_has_the_tables_of_its_finished_runs(tmp_path, monkeypatch):
+    """The tables are rewritten after every run, so `fedsec report` works on a sweep that was
+    stopped (here: interrupted as its second run starts) with the runs it finished."""
+    import fedsec.api
+
+    real, calls = fedsec.api.run, []
+
+    def run_then_stop(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fedsec.api, "run", run_then_stop)
+    spec = _spec(tmp_path, grid={"defense": {"mean": ["defense.aggregator=mean"],
+                                             "median": ["defense.aggregator=median"]}})
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(spec, progress=False, log=lambda _: None)
+    rows = json.loads((tmp_path / "runs" / "g" / "results.json").read_text())
+    assert [(r["variant"], r["seed"]) for r in rows] == [("mean", 0)]
+    assert rows[0]["final_accuracy"] is not None
