@@ -524,7 +524,7 @@ def _uncovered_page(directory: Path, kind: str, runs: list[RunFiles], files: Pat
     the hidden table and figures, and the `sentences` and `extra_figures` (name, figure)
     other sections keep off their pages (the DP runs' detection rates)."""
     from reportlab.lib.units import cm
-    from reportlab.platypus import Image, PageBreak, Paragraph, Spacer
+    from reportlab.platypus import PageBreak, Paragraph, Spacer
 
     rows = uncovered_rows(runs)
     hidden_sweep = directory / UNCOVERED if kind == "sweep" else None
@@ -547,11 +547,20 @@ def _uncovered_page(directory: Path, kind: str, runs: list[RunFiles], files: Pat
                                                      if any(r[c] is not None for r in rows)]
         story.append(_table(rows, styles, columns, width=17.4 * cm))
     for name, fig in figures:
-        width, height = fig.get_size_inches()
-        png, _ = plots.save(fig, files / name)
-        w = 16 * cm
-        story += [Spacer(1, 0.3 * cm), Image(str(png), width=w, height=w * height / width)]
+        story += [Spacer(1, 0.3 * cm), _figure(fig, files / name)]
     return story
+
+
+def _figure(fig, path: Path):
+    """The figure saved at `path` (.png, .svg) as a flowable 16 cm wide, or less where a tall
+    figure (a grid of panels) would not fit a page: scaled to 22 cm high, proportions kept."""
+    from reportlab.lib.units import cm
+    from reportlab.platypus import Image
+
+    width, height = fig.get_size_inches()
+    png, _ = plots.save(fig, path)
+    scale = min(16 * cm / width, 22 * cm / height)
+    return Image(str(png), width=width * scale, height=height * scale)
 
 
 def ledger_rows(run: RunFiles) -> list[dict]:
@@ -670,7 +679,6 @@ def build_report(directory: Path, out: Path | None = None, force: bool = False) 
     from reportlab.lib.pagesizes import A4
     from reportlab.lib.units import cm
     from reportlab.platypus import (
-        Image,
         PageBreak,
         Paragraph,
         Preformatted,
@@ -781,10 +789,7 @@ def build_report(directory: Path, out: Path | None = None, force: bool = False) 
     if figures:
         story += [PageBreak(), Paragraph("Figures", styles["h"])]
     for fig_name, fig in figures:
-        width, height = fig.get_size_inches()
-        png, _ = plots.save(fig, files / fig_name)
-        w = 16 * cm
-        story += [Image(str(png), width=w, height=w * height / width), Spacer(1, 0.3 * cm)]
+        story += [_figure(fig, files / fig_name), Spacer(1, 0.3 * cm)]
 
     if private is not None:
         ledger = ledger_rows(private)

@@ -354,3 +354,20 @@ def test_findings_and_claims_compare_privacy_on_the_runs_without_attackers(sweep
     pages = claims(table, runs)
     versus = next(c for c in pages if c["claim"].endswith("minus non-private's"))
     assert versus["seeds"] == 1 and versus["value"] == "-0.100 +- 0.000"  # seed 0 alone: 0.60 - 0.70
+
+
+def test_a_figure_taller_than_a_page_is_scaled_to_fit_it(tmp_path):
+    """A grid of panels (the attack-fraction figure of a 4-defense grid was 24 cm high at
+    16 cm wide) is scaled down, proportions kept, instead of failing the whole report."""
+    import matplotlib.pyplot as plt
+    from reportlab.lib.units import cm
+
+    from fedsec.reports.pdf import _figure
+
+    tall, wide = plt.figure(figsize=(6.0, 12.0)), plt.figure(figsize=(8.0, 4.0))
+    image = _figure(tall, tmp_path / "tall")
+    assert image.drawHeight == pytest.approx(22 * cm) and image.drawWidth == pytest.approx(11 * cm)
+    image = _figure(wide, tmp_path / "wide")
+    assert image.drawWidth == pytest.approx(16 * cm) and image.drawHeight == pytest.approx(8 * cm)
+    assert (tmp_path / "tall.png").is_file()
+    plt.close("all")
