@@ -70,30 +70,21 @@ def _counted(n: object) -> bool:
 
 def sanitize_updates(updates: list, dim: int, max_norm: float | None = None) -> tuple[list, tuple[int, ...]]:
     """`sanitize` over ClientUpdates, also rejecting example counts that are not integers
-    >= 1: (the accepted updates, the rejected clients' ids)."""
-    kept, rejected, _ = sanitize_updates_with_norms(updates, dim, max_norm)
-    return kept, rejected
-
-
-def sanitize_updates_with_norms(updates: list, dim: int,
-                                max_norm: float | None = None) -> tuple[list, tuple[int, ...], torch.Tensor]:
-    """`sanitize_updates` and the accepted deltas' float64 norms, in their order."""
-    checked = sanitize([u.delta for u in updates], dim, max_norm)
-    norm_of = dict(zip(checked.kept.tolist(), checked.norms.tolist()))
-    good = [i for i in checked.kept.tolist() if _counted(updates[i].num_examples)]
-    return ([updates[i] for i in good], tuple(u.client_id for i, u in enumerate(updates) if i not in set(good)),
-            torch.tensor([norm_of[i] for i in good], dtype=torch.float64, device="cpu"))
+    >= 1: (the accepted updates, the rejected clients' ids). The rules are `stack_sanitized`'s."""
+    stacked = stack_sanitized(updates, dim, max_norm)
+    return stacked.kept, stacked.rejected
 
 
 def stack_sanitized(updates: list, dim: int, max_norm: float | None = None,
                     out: torch.Tensor | None = None) -> Stacked:
-    """`sanitize_updates_with_norms` and the stacking in one read of each delta: every delta of the
+    """Sanitize ClientUpdates and stack the accepted deltas in one read of each: every delta of the
     right shape and example count is copied into the next row of `out` block by block, its float64
     norm taken from the copy while it is in cache (fedsec.defenses.dp.squared_norm); a row that
     fails (non-finite, over the bound) is overwritten by the next. `out`: [>= len(updates), dim]
     float32, reused round after round by the caller (a fresh n x d matrix costs its page faults,
-    several passes' time); None allocates one. The same accepted set, order and norms as
-    `sanitize_updates_with_norms`; the clients' deltas are never written."""
+    several passes' time); None allocates one. A delta is accepted on `sanitize`'s rules with an
+    example count that is an integer >= 1; the accepted keep their order. The clients' deltas are
+    never written."""
     if out is None:
         out = torch.empty(len(updates), dim, dtype=DTYPE, device="cpu")
     if out.dtype != DTYPE or out.shape[0] < len(updates) or out.shape[1] != dim:

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedsec.clients import InProcessClients
-from fedsec.defenses.sanitize import sanitize
+from fedsec.defenses.sanitize import sanitize, sanitize_updates, stack_sanitized
 from fedsec.loop import run_experiment
 from fedsec.pipeline import Rule, build_pipeline
 from fedsec.privacy import UserLevelDp, plan_privacy
@@ -54,6 +54,30 @@ def test_sanitize_keeps_exactly_the_finite_fp32_vectors_within_the_bound(deltas,
     assert kept == sorted(kept) and set(kept).isdisjoint(result.rejected)
     assert sorted(kept + list(result.rejected)) == list(range(len(deltas)))
     assert kept == [i for i, d in enumerate(deltas) if _independent_ok(d, DIM, max_norm)]
+
+
+_count = st.sampled_from([1, 4, 4, 4, 0, -2, 2.5, True, None])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.one_of(_vector, _vector, _misshapen, _junk), _count), max_size=10),
+       st.sampled_from([None, MAX_NORM, 1.0]))
+def test_stacking_sanitized_updates_keeps_the_same_clients_as_sanitize_with_their_deltas_and_norms(pairs, max_norm):
+    """stack_sanitized (the server's Sanitize stage, and sanitize_updates) accepts exactly the
+    updates that `sanitize`'s contract and an integer example count >= 1 accept, in order,
+    with a bit-equal copy of each delta and its float64 norm."""
+    updates = [ClientUpdate(10 + i, d, n) for i, (d, n) in enumerate(pairs)]
+    ok = [i for i, (d, n) in enumerate(pairs) if _independent_ok(d, DIM, max_norm)
+          and isinstance(n, int) and not isinstance(n, bool) and n >= 1]
+    stacked = stack_sanitized(updates, DIM, max_norm)
+    assert [u.client_id for u in stacked.kept] == [10 + i for i in ok]
+    assert stacked.rejected == tuple(10 + i for i in range(len(pairs)) if i not in ok)
+    assert stacked.deltas.shape == (len(ok), DIM)
+    for row, i in enumerate(ok):
+        assert torch.equal(stacked.deltas[row], pairs[i][0])
+        x = np.asarray(pairs[i][0].tolist(), dtype=np.float64)
+        assert math.isclose(float(stacked.norms[row]), float(np.sqrt((x * x).sum())), rel_tol=1e-12, abs_tol=1e-300)
+    assert sanitize_updates(updates, DIM, max_norm) == (stacked.kept, stacked.rejected)
 
 
 def _hostile(rng: random.Random, dim: int) -> tuple[object, object]:

@@ -259,10 +259,14 @@ class Worker:
         vector = torch.from_numpy(np.array(start, dtype=np.float32))
         updates = client_updates(side, vector, clients, float(meta["lr"]), int(meta["round"]), float(meta["prox_mu"]))
         if "secure" in meta:  # SecAgg+: the server sees no single update, so its sanitation runs here
-            from fedsec.defenses import sanitize_updates
+            from fedsec.defenses.sanitize import stack_sanitized
 
-            updates, _ = sanitize_updates(updates, vector.numel(), cfg.defense.max_update_norm)
-        deltas = torch.stack([u.delta for u in updates]) if updates else torch.zeros(0, vector.numel(), device="cpu")
+            stacked = stack_sanitized(updates, vector.numel(), cfg.defense.max_update_norm)
+            updates, deltas = stacked.kept, stacked.deltas
+        elif updates:
+            deltas = torch.stack([u.delta for u in updates])
+        else:
+            deltas = torch.zeros(0, vector.numel(), device="cpu")
         reply = {"clients": [u.client_id for u in updates], "num_examples": [int(u.num_examples) for u in updates],
                  "loss": [float(u.metrics["loss"]) for u in updates],
                  "loss_terms": [int(u.metrics["loss_terms"]) for u in updates],
