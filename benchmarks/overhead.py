@@ -134,6 +134,9 @@ def step_flops(cfg, setup, repeats: int = 5) -> dict:
     trainer.cfg = dataclasses.replace(cfg.training, local_steps=1)
     start = setup.adapter.get()
     seed = derive_seed(cfg.seed, "client", 0, 0)
+    # once uncounted: a trainer's first step also runs the one-time packing check (two more
+    # forwards), which are not the step's FLOPs
+    trainer.train(start, setup.train_sets[0], cfg.training.lr, seed)
     with FlopCounterMode(display=False) as counter:
         trainer.train(start, setup.train_sets[0], cfg.training.lr, seed)
     flops = float(counter.get_total_flops())
@@ -165,6 +168,7 @@ def cohort_flops(clients: int = 128, repeats: int = 3) -> dict:
         start = setup.adapter.get()
         seeds = [derive_seed(cfg.seed, "client", 0, c) for c in range(clients)]
         datasets = [setup.train_sets[c] for c in range(clients)]
+        setup.trainer.train_clients(start, datasets, cfg.training.lr, seeds)  # uncounted: one-time checks
         with FlopCounterMode(display=False) as counter:
             setup.trainer.train_clients(start, datasets, cfg.training.lr, seeds)
         flops, fractions, times = float(counter.get_total_flops()), [], []
@@ -206,13 +210,18 @@ def main(argv=None) -> dict:
             results[key] = row
             print(f"{model} {task}: fedsec round {fed:.2f} s, bare PEFT loop {bare:.2f} s, ratio {ratio:.3f}")
             if model == "smollm2" and task == "sft":
-                step = step_flops(cfg, setup)
-                results["flops_fraction_smollm2"] = {**step, "date": today}
-                seconds, peaks = statistics.median(step["step_seconds"]), statistics.median(step["peak_flops"])
-                print(f"smollm2 sft step: {step['step_flops'] / 1e9:.1f} GFLOP in {seconds:.2f} s (median) = "
-                      f"{step['step_flops'] / seconds / 1e9:.1f} GFLOP/s against peaks of {peaks / 1e9:.1f} "
-                      f"GFLOP/s (median) measured before each step: {step['value']:.2f} of the peak "
-                      f"(median of {', '.join(f'{f:.2f}' for f in step['fractions'])})")
+                for pack in (True, False):  # packed is the default; unpacked rows beside it
+                    if not pack:
+                        cfg = load_config(None, shape(model, task, args.out) + ["training.pack=false"])
+                        setup = prepare(cfg)
+                    step = step_flops(cfg, setup)
+                    results["flops_fraction_smollm2" + ("" if pack else "_unpacked")] = {**step, "date": today}
+                    seconds, peaks = statistics.median(step["step_seconds"]), statistics.median(step["peak_flops"])
+                    print(f"smollm2 sft step ({'packed' if pack else 'unpacked'}): {step['step_flops'] / 1e9:.1f} "
+                          f"GFLOP in {seconds:.2f} s (median) = {step['step_flops'] / seconds / 1e9:.1f} GFLOP/s "
+                          f"against peaks of {peaks / 1e9:.1f} GFLOP/s (median) measured before each step: "
+                          f"{step['value']:.2f} of the peak (median of "
+                          f"{', '.join(f'{f:.2f}' for f in step['fractions'])})")
     if args.cohort:
         cohort = cohort_flops(args.cohort)
         for kind, row in cohort.items():
