@@ -149,15 +149,20 @@ def plan_privacy(cfg: ExperimentConfig, num_clients: int) -> DpPlan:
         except ValueError as err:
             raise ConfigError("privacy.clip_count_stddev", stddev, f"{err}; raise it or clients_per_round") \
                 from None
-    reason = None
-    if z == 0:
-        reason = "no noise (noise_multiplier 0): clipping alone gives no DP guarantee"
-    elif fed.algorithm == "scaffold":
-        reason = "SCAFFOLD's control variates reach the server without clipping or noise"
-    elif not cfg.defense.rule.dp_certified:
-        reason = (f"aggregator {cfg.defense.aggregator} has no proven sensitivity bound under DP "
-                  "(only mean and norm_bound do)")
+    reason = _uncertified(cfg, z)
     return DpPlan(z, update_noise, q, q * num_clients, stddev, reason is None, reason)
+
+
+def _uncertified(cfg: ExperimentConfig, z: float) -> str | None:
+    """Why a run with noise multiplier z cannot be certified, or None when it can."""
+    if z == 0:
+        return "no noise (noise_multiplier 0): clipping alone gives no DP guarantee"
+    if cfg.federation.algorithm == "scaffold":
+        return "SCAFFOLD's control variates reach the server without clipping or noise"
+    if not cfg.defense.rule.dp_certified:
+        return (f"aggregator {cfg.defense.aggregator} has no proven sensitivity bound under DP "
+                "(only mean and norm_bound do)")
+    return None
 
 
 def participation_for(cfg: ExperimentConfig, num_clients: int) -> Participation:
@@ -197,14 +202,7 @@ def _plan_correlated(cfg: ExperimentConfig, num_clients: int) -> DpPlan:
                           "privacy.params.restart") from None
     z = _noise_multiplier(p, 1.0, 1)
     _check_horizon(p, z, 1.0, 1)
-    reason = None
-    if z == 0:
-        reason = "no noise (noise_multiplier 0): clipping alone gives no DP guarantee"
-    elif fed.algorithm == "scaffold":
-        reason = "SCAFFOLD's control variates reach the server without clipping or noise"
-    elif not cfg.defense.rule.dp_certified:
-        reason = (f"aggregator {cfg.defense.aggregator} has no proven sensitivity bound under DP "
-                  "(only mean and norm_bound do)")
+    reason = _uncertified(cfg, z)
     correlated = CorrelatedPlan(participation, found.sensitivity, found.exact, found.prefix, found.seconds)
     return DpPlan(z, z, 1.0, float(fed.clients_per_round), None, reason is None, reason, p.mechanism, correlated)
 
