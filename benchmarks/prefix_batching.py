@@ -1,7 +1,9 @@
 """The frozen-prefix states in one call whose batches stay inside a client (what
 in-process `prepare` computes), against one call per client (what a Flower SuperNode
 computes for the clients it hosts), and against batches that cross clients (what
-`prepare` computed before the two engines shared one encoder).
+`prepare` computed before the two engines shared one encoder), and against the same
+per-client batches packed behind their shared chat-template opening (training.pack, on by
+default: the opening goes through the frozen layers once per row of up to 8 examples).
 
 The DP sweep's shape (experiments/dp_base.yaml: SmolLM2-135M-Instruct, 4 examples per
 client, the 28 frozen layers below the top 2) on `--clients` clients. Prints the three
@@ -39,7 +41,7 @@ def main(argv=None) -> dict:
     pad, batch = tokenizer.pad_token_id, cfg.eval.batch_size
     objective = objective_for(cfg, pad)
     sets = [train_set(objective, c, tokenizer, cfg) for c in data.clients]
-    first, _ = prefix_args(model, cfg)
+    first, _, _ = prefix_args(model, cfg)
     flat = [item for items in sets for item in items]
     with torch.inference_mode():
         prefix_states(model, flat[:batch], first, pad, batch)  # warm up
@@ -52,21 +54,36 @@ def main(argv=None) -> dict:
         began = time.perf_counter()
         crossing = prefix_states(model, flat, first, pad, batch)
         across = time.perf_counter() - began
+        prefix_states(model, flat[:batch], first, pad, batch, pack=True)  # its one check against plain
+        began = time.perf_counter()
+        packed = prefix_states(model, flat, first, pad, batch, groups=[len(items) for items in sets], pack=True)
+        packed_seconds = time.perf_counter() - began
+        packed_alone = [h for items in sets for h in prefix_states(model, items, first, pad, batch, pack=True)]
 
     def same(states):
         return sum(bool(torch.equal(a, b)) for a, b in zip(states, alone, strict=True))
 
     worst = max(float((a - b).abs().max()) for a, b in zip(crossing, alone))
+    packed_worst = max(float((a - b).abs().max()) for a, b in zip(packed, alone))
+    packed_same = sum(bool(torch.equal(a, b)) for a, b in zip(packed, packed_alone, strict=True))
+    scale = max(float(h.abs().max()) for h in alone)
     print(f"{len(flat)} examples of {len(sets)} clients, batch {batch}: one call in per-client batches "
           f"{one_call:.1f} s ({same(grouped)}/{len(flat)} states bit-identical to per-client calls), "
           f"per-client calls {per_client:.1f} s, batches across clients {across:.1f} s "
           f"({same(crossing)}/{len(flat)} identical, largest difference {worst:.2e}); "
-          f"per-client batches / across {one_call / across:.2f}x")
+          f"per-client batches / across {one_call / across:.2f}x; packed per-client batches "
+          f"{packed_seconds:.1f} s ({packed_same}/{len(flat)} bit-identical to packed per-client calls, "
+          f"largest difference to plain {packed_worst:.2e} of states up to {scale:.0f}): "
+          f"plain / packed {one_call / packed_seconds:.2f}x")
     today = datetime.date.today().isoformat()
     results = {"prefix_per_client_over_batched": {"value": one_call / across, "date": today,
                                                   "examples": len(flat), "identical_states": same(grouped),
                                                   "identical_states_across_clients": same(crossing),
-                                                  "largest_difference_across_clients": worst}}
+                                                  "largest_difference_across_clients": worst},
+               "prefix_plain_over_packed": {"value": one_call / packed_seconds, "date": today,
+                                            "examples": len(flat), "identical_to_per_client_packed": packed_same,
+                                            "largest_difference_to_plain": packed_worst,
+                                            "largest_state": scale}}
     store(results)
     return results
 

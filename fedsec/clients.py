@@ -154,8 +154,8 @@ def prepare_clients(cfg: ExperimentConfig, hosted: Callable[[int], bool], record
                       file=sys.stderr)
         items = train_set(objective, by_id[c], tokenizer, cfg)
         if cfg.lora.cache_frozen_layers and items:
-            first, model_key = prefix_args(model, cfg)
-            items = cache_train_sets(model, first, pad, cfg.eval.batch_size, model_key, [items], DATA)[0]
+            first, model_key, pack = prefix_args(model, cfg)
+            items = cache_train_sets(model, first, pad, cfg.eval.batch_size, model_key, [items], DATA, pack)[0]
         items = objective.precompute(model, items, cfg.eval.batch_size)  # DPO: the reference log-probabilities
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -172,9 +172,9 @@ def prepare_clients(cfg: ExperimentConfig, hosted: Callable[[int], bool], record
                                                                   if c.client_id in sets))
         client_eval = clients_eval_set(kept, tokenizer, cfg)
         if client_eval is not None and cfg.lora.cache_frozen_layers:
-            first, model_key = prefix_args(model, cfg)
+            first, model_key, pack = prefix_args(model, cfg)
             client_eval = map_sequences(client_eval, lambda items: cache_frozen_prefix(
-                model, items, first, pad, cfg.eval.batch_size, model_key, DATA))
+                model, items, first, pad, cfg.eval.batch_size, model_key, DATA, pack=pack))
         if client_eval is not None:
             client_eval = share_prefix(model, client_eval, pad)
     return ClientSide(cfg, trainer, sets, federation.population, client_eval, pad)

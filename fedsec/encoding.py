@@ -134,9 +134,16 @@ def shared_prefix_length(items: Sequence[Encoded]) -> int:
     same = torch.ones(width, dtype=torch.bool, device=first.device)
     for e in items[1:]:
         same &= e.input_ids[:width] == first[:width]
-    common = int(same.cumprod(0).sum())
-    first_target = min(int((e.labels != IGNORE).nonzero()[0, 0]) for e in items)
+    common = min(int(same.cumprod(0).sum()), width - 1)  # every item keeps a token of its own
+    first_target = min((int((e.labels != IGNORE).nonzero()[0, 0]) for e in items if (e.labels != IGNORE).any()),
+                       default=width)
     return max(0, min(common, first_target - 1))
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask (True: may attend) as the additive float mask a decoder
+    takes with custom masks: 0 where allowed, the dtype's lowest value elsewhere."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def collate_packed(batch: Sequence[Encoded], shared: int) -> dict[str, torch.Tensor]:

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from fedsec import progress
-from fedsec.devices import autocast, model_device, to_device
-from fedsec.encoding import DATA, Encoded, collate
+from fedsec.devices import autocast, autocast_dtype, model_device, to_device
+from fedsec.encoding import DATA, Encoded, additive_mask, collate, collate_packed_rows, shared_prefix_length
 from fedsec.errors import ConfigError
 from fedsec.rundir import atomic_write_bytes
 
@@ -97,11 +97,80 @@ def _batches(items: Sequence[Encoded], batch_size: int, groups: Sequence[int] | 
             yield order[start: start + batch_size]
 
 
+# Items per packed row when the prefix is computed packed: the row's attention is dense over
+# its length, so rows of many items would spend on masked-out pairs what packing saves
+PACK_ROW = 8
+
+
+def _forward_to(decoder, first: int, batch: dict[str, torch.Tensor], model) -> torch.Tensor:
+    """The hidden state entering layer `first` for a collated batch ([rows, width, hidden]):
+    the decoder run until that layer's input, then stopped."""
+    def capture(_module, args, kwargs):
+        raise _Captured(args[0] if args else kwargs["hidden_states"])
+
+    extra, mask = {}, batch["attention_mask"]
+    if mask.dim() == 4:  # packed rows (encoding.collate_packed_rows): their own mask and positions
+        mask = additive_mask(mask, decoder.embed_tokens.weight.dtype)
+        extra["position_ids"] = batch["position_ids"]
+    handle = decoder.layers[first].register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        with autocast(model):
+            decoder(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False, **extra)
+        raise RuntimeError("the decoder never reached the first adapted layer")
+    except _Captured as hit:
+        return hit.hidden
+    finally:
+        handle.remove()
+
+
+def _chunk_states(decoder, model, first: int, chunk: list[Encoded], pad_id: int, pack: bool) -> list[torch.Tensor]:
+    """Each item's state entering layer `first` ([T_i, hidden] each). With `pack`, the items
+    go through in rows of PACK_ROW behind their shared opening (computed once per row, then
+    copied to each item's state), the plain batch's numbers up to float rounding."""
+    on = model_device(model)
+    shared = shared_prefix_length(chunk) if pack else 0
+    if shared < 1:
+        hidden = _forward_to(decoder, first, to_device(collate(chunk, pad_id), on), model)
+        return [hidden[row, : item.input_ids.numel()] for row, item in enumerate(chunk)]
+    rows = [chunk[k: k + PACK_ROW] for k in range(0, len(chunk), PACK_ROW)]
+    batch = to_device(collate_packed_rows([(row, shared) for row in rows], pad_id), on)
+    hidden = _forward_to(decoder, first, batch, model)
+    out, owner = [], batch["owner"]
+    for r, row in enumerate(rows):
+        for _ in row:
+            out.append(torch.cat([hidden[r, :shared], hidden[r, owner[r] == len(out)]]))
+    return out
+
+
+# Whether packing the prefix gives the plain batch's states on a model, by first layer: checked
+# once per process on the first packed batch (an architecture that ignored custom masks or
+# position ids would not), as training and evaluation check theirs (evaluation.packable_prefix)
+_PACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _packed_states(decoder, model, first: int, chunk: list[Encoded], pad_id: int) -> list[torch.Tensor]:
+    """The chunk's states packed, or plain on a model where packing was seen to change them
+    (`_PACKS`; the first packed chunk decides, and the check's plain states stand in then)."""
+    known = _PACKS.setdefault(model, {})
+    if known.get(first) is False:
+        return _chunk_states(decoder, model, first, chunk, pad_id, pack=False)
+    packed = _chunk_states(decoder, model, first, chunk, pad_id, pack=True)
+    if first not in known:
+        plain = _chunk_states(decoder, model, first, chunk, pad_id, pack=False)
+        # half-precision products round to 8 (bf16) or 11 (fp16) bits; fp32 to rounding
+        rtol = 1e-4 if autocast_dtype(model) is None else 2e-2
+        known[first] = all(torch.allclose(a.float(), b.float(), rtol=rtol, atol=rtol * float(b.abs().max()))
+                           for a, b in zip(packed, plain))
+        if not known[first]:
+            return plain
+    return packed
+
+
 @torch.no_grad()
 def prefix_states(model, items: Sequence[Encoded], first: int, pad_id: int,
                   batch_size: int = 32, home: torch.device = DATA,
                   sink: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
-                  groups: Sequence[int] | None = None) -> list[torch.Tensor]:
+                  groups: Sequence[int] | None = None, pack: bool = False) -> list[torch.Tensor]:
     """The hidden state entering layer `first` for each item, [T_i, hidden] each, kept on
     `home` (host memory by default; see `plan_cache`), or where `sink(i, state)` puts it.
 
@@ -109,34 +178,30 @@ def prefix_states(model, items: Sequence[Encoded], first: int, pad_id: int,
     never cross. A group's states are then bit for bit what a call on that group alone
     gives (float products batched differently differ in the last bits): the in-process
     setup, which computes all clients in one call, and a Flower SuperNode, which computes
-    its own clients, start from the same states."""
+    its own clients, start from the same states.
+
+    `pack` (training.pack): each batch runs in packed rows behind its items' shared opening
+    (the chat template, an instruction), which then goes through the frozen layers once per
+    row instead of once per item, where a first batch shows that gives the plain states up
+    to float rounding on this model."""
     decoder = _decoder(model)
-    on = model_device(model)
-    pin = home.type == "cpu" and on.type == "cuda"
+    pin = home.type == "cpu" and model_device(model).type == "cuda"
     if sink is None:
         def sink(_i, state):
             return _placed(state, home, pin)
 
-    def capture(_module, args, kwargs):
-        raise _Captured(args[0] if args else kwargs["hidden_states"])
-
-    handle = decoder.layers[first].register_forward_pre_hook(capture, with_kwargs=True)
     out: list[torch.Tensor | None] = [None] * len(items)
     shown = progress.bar(len(items), "frozen prefix", "example")
     try:
         for chunk in _batches(items, batch_size, groups):
-            batch = to_device(collate([items[i] for i in chunk], pad_id), on)
-            try:
-                with autocast(model):
-                    decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            use_cache=False)
-                raise RuntimeError("the decoder never reached the first adapted layer")
-            except _Captured as hit:
-                for row, i in enumerate(chunk):
-                    out[i] = sink(i, hit.hidden[row, : items[i].input_ids.numel()])
+            members = [items[i] for i in chunk]
+            states = (_packed_states(decoder, model, first, members, pad_id)
+                      if pack and shared_prefix_length(members) > 0
+                      else _chunk_states(decoder, model, first, members, pad_id, pack=False))
+            for i, state in zip(chunk, states):
+                out[i] = sink(i, state)
             shown.update(len(chunk))
     finally:
-        handle.remove()
         shown.close()
     return out
 
@@ -167,11 +232,12 @@ def frozen_fingerprint(model, first: int) -> str:
 
 
 def _memo_key(model_key: str, first: int, items: Sequence[Encoded], batch_size: int,
-              groups: Sequence[int] | None = None) -> str:
-    # the batches (size, groups) and the threads shape the kernels' float sums: states
+              groups: Sequence[int] | None = None, pack: bool = False) -> str:
+    # the batches (size, groups, packing) and the threads shape the kernels' float sums: states
     # computed under others could differ in the last bits, so they are another entry
+    packed = f"|packed{PACK_ROW}" if pack else ""  # unpacked keys stay what they were
     digest = hashlib.sha256(f"{model_key}|{first}|{len(items)}|{batch_size}|{torch.__version__}|"
-                            f"{torch.get_num_threads()}|{list(groups) if groups is not None else ''}".encode())
+                            f"{torch.get_num_threads()}|{list(groups) if groups is not None else ''}{packed}".encode())
     for item in items:
         digest.update(item.input_ids.numpy().tobytes())
         digest.update(b"|")
@@ -196,9 +262,11 @@ def _load(path: Path, count: int) -> list[torch.Tensor] | None:
 
 def cache_frozen_prefix(model, items: Sequence[Encoded], first: int, pad_id: int,
                         batch_size: int = 32, model_key: str | None = None,
-                        home: Home = DATA, groups: Sequence[int] | None = None) -> list[Encoded]:
+                        home: Home = DATA, groups: Sequence[int] | None = None,
+                        pack: bool = False) -> list[Encoded]:
     """The items with their frozen-prefix states attached (see module docstring), computed
-    in batches that never cross `groups` (see `prefix_states`).
+    in batches that never cross `groups`, packed behind their shared opening with `pack`
+    (see `prefix_states`).
 
     `model_key` names the frozen base model (name, dtype, quantization); given, states
     are reused from earlier calls with the same frozen weights (their digest), items
@@ -208,12 +276,12 @@ def cache_frozen_prefix(model, items: Sequence[Encoded], first: int, pad_id: int
     """
     mapped = isinstance(home, Path)
     if model_key is None and not mapped:
-        states = prefix_states(model, items, first, pad_id, batch_size, home, groups=groups)
+        states = prefix_states(model, items, first, pad_id, batch_size, home, groups=groups, pack=pack)
         return [replace(item, hidden=h, hidden_layer=first) for item, h in zip(items, states)]
     key = _memo_key(f"{model_key or 'unnamed'}|{frozen_fingerprint(model, first)}", first, items, batch_size,
-                    groups)
+                    groups, pack)
     if mapped:
-        return _mapped(model, items, first, pad_id, batch_size, home / key[:40], groups)
+        return _mapped(model, items, first, pad_id, batch_size, home / key[:40], groups, pack)
     pin = home.type == "cpu" and model_device(model).type == "cuda"
     states = _MEMO.get(key)
     path = prefix_cache_dir() / f"{key[:40]}.pt"
@@ -224,7 +292,7 @@ def cache_frozen_prefix(model, items: Sequence[Encoded], first: int, pad_id: int
             progress.note(f"fedsec: frozen prefix of {len(items)} examples read from {path} "
                           f"({_size(path.stat().st_size)})")
     if states is None:
-        states = prefix_states(model, items, first, pad_id, batch_size, home, groups=groups)
+        states = prefix_states(model, items, first, pad_id, batch_size, home, groups=groups, pack=pack)
         buffer = io.BytesIO()
         torch.save([h.to(DATA) for h in states], buffer)
         try:
@@ -242,7 +310,7 @@ def cache_frozen_prefix(model, items: Sequence[Encoded], first: int, pad_id: int
 
 
 def _mapped(model, items: Sequence[Encoded], first: int, pad_id: int, batch_size: int,
-            stem: Path, groups: Sequence[int] | None = None) -> list[Encoded]:
+            stem: Path, groups: Sequence[int] | None = None, pack: bool = False) -> list[Encoded]:
     """The items with their states in the memory-mapped file `stem`.bin (named by the disk
     cache's key); a complete file (its marker `stem`.done names its shape) is reused, not
     recomputed."""
@@ -258,7 +326,7 @@ def _mapped(model, items: Sequence[Encoded], first: int, pad_id: int, batch_size
     if complete:
         progress.note(f"fedsec: frozen prefix of {len(items)} examples mapped from {path}")
     else:
-        prefix_states(model, items, first, pad_id, batch_size, sink=mapped, groups=groups)
+        prefix_states(model, items, first, pad_id, batch_size, sink=mapped, groups=groups, pack=pack)
         marker.write_text(shape)
     return [replace(item, hidden=h, hidden_layer=first) for item, h in zip(items, mapped.views())]
 

@@ -126,9 +126,9 @@ def membership_attack(setup: Setup) -> dict:
     encoded = [encode_all(examples, setup.tokenizer, cfg.data.template, cfg.data.max_length)
                for examples in sample]
     if cfg.lora.cache_frozen_layers:
-        first, model_key = prefix_args(setup.model, cfg)
-        encoded = [cache_frozen_prefix(setup.model, items, first, setup.pad_id, cfg.eval.batch_size, model_key)
-                   for items in encoded]
+        first, model_key, pack = prefix_args(setup.model, cfg)
+        encoded = [cache_frozen_prefix(setup.model, items, first, setup.pad_id, cfg.eval.batch_size, model_key,
+                                       pack=pack) for items in encoded]
     membership = membership_inference(setup.model, setup.tokenizer, *encoded, cfg.eval.batch_size)
     extraction = {side: answer_extraction(setup.model, setup.tokenizer, examples, cfg.data.template,
                                           cfg.eval.batch_size)
@@ -151,8 +151,9 @@ def user_membership_attack(setup: Setup) -> dict:
                  if (items := encode_all(records, setup.tokenizer, cfg.data.template, cfg.data.max_length))]
         flat = [item for items in users for item in items]
         if cfg.lora.cache_frozen_layers:
-            first, model_key = prefix_args(setup.model, cfg)
-            flat = cache_frozen_prefix(setup.model, flat, first, setup.pad_id, cfg.eval.batch_size, model_key)
+            first, model_key, pack = prefix_args(setup.model, cfg)
+            flat = cache_frozen_prefix(setup.model, flat, first, setup.pad_id, cfg.eval.batch_size, model_key,
+                                       pack=pack)
         bounds = [0, *itertools.accumulate(len(items) for items in users)]
         encoded.append([flat[a:b] for a, b in itertools.pairwise(bounds)])
     membership = user_membership_inference(setup.model, setup.tokenizer, *encoded, cfg.eval.batch_size)

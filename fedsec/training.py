@@ -39,7 +39,7 @@ from fedsec.adapter import AdapterParams
 from fedsec.config import TrainingConfig
 from fedsec.defenses.dp import private_mean
 from fedsec.devices import autocast, model_device, to_device
-from fedsec.encoding import IGNORE
+from fedsec.encoding import IGNORE, additive_mask
 from fedsec.seeding import derive_seed, scoped_torch_seed
 
 
@@ -77,7 +77,7 @@ def target_log_softmax(model, batch: dict[str, torch.Tensor]):
     extra = {}
     if mask.dim() == 4:  # packed items (encoding.collate_packed): an additive mask, their own positions
         dtype = batch["inputs_embeds"].dtype if "inputs_embeds" in batch else lm.get_input_embeddings().weight.dtype
-        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        mask = additive_mask(mask, dtype)
         extra["position_ids"] = batch["position_ids"]
     with autocast(model):  # training.precision: the one place a forward's precision is applied
         if "inputs_embeds" in batch:  # frozen-prefix cache: run only the adapted top layers

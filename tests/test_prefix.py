@@ -156,3 +156,70 @@ def test_the_frozen_fingerprint_follows_the_weights_not_the_name(tmp_path):
     with torch.no_grad():
         again.get_decoder().layers[0].mlp.up_proj.weight[0, 0] += 1e-3
     assert frozen_fingerprint(again, 2) != frozen_fingerprint(model, 2)  # one weight below layer 2 moved
+
+
+def test_packed_prefix_states_are_the_plain_states_with_the_opening_computed_once_per_row(tmp_path, monkeypatch):
+    """training.pack computes the frozen prefix behind the items' shared opening: each item's
+    state is the plain batch's to float rounding, its opening rows are one row's (bit for bit
+    the same across a packed row's items), and a group's states are what a call on it alone
+    gives, as a Flower SuperNode computes them."""
+    import fedsec.prefix
+    from fedsec.encoding import shared_prefix_length
+    from fedsec.prefix import PACK_ROW, prefix_states
+
+    model, tok, _ = _model_and_items(tmp_path, top_layers=1)
+    first, pad = model.config.num_hidden_layers - 1, tok.pad_token_id
+    data = build_federated_data(tiny_config(tmp_path).data, 0, "sft")
+    items = [e for c in data.clients for e in encode_all(c.train, tok, "chat", 160)][:12]
+    shared = shared_prefix_length(items)
+    assert shared > 4 and len(items) > PACK_ROW  # two rows: the check covers the row split
+    forwards = []
+    decoder = fedsec.prefix._decoder(model)
+    monkeypatch.setattr(fedsec.prefix, "_PACKS", fedsec.prefix.weakref.WeakKeyDictionary())
+    decoder.layers[0].register_forward_pre_hook(lambda _m, args, kwargs: forwards.append(
+        (args[0] if args else kwargs["hidden_states"]).shape[:2]), with_kwargs=True)
+    plain = prefix_states(model, items, first, pad, batch_size=len(items))
+    forwards.clear()
+    packed = prefix_states(model, items, first, pad, batch_size=len(items), pack=True)
+    # the first packed batch is checked once against its plain batch, then trusted
+    assert [f[0] for f in forwards] == [2, len(items)]  # two packed rows, the check's plain batch
+    rows, width = forwards[0]
+    assert rows == 2 and width < max(len(i.input_ids) for i in items) * PACK_ROW
+    positions = sum(int(f[0] * f[1]) for f in forwards[:1])
+    assert positions < sum(len(i.input_ids) for i in items)  # fewer positions through the frozen layers
+    for a, b, item in zip(packed, plain, items):
+        assert a.shape == b.shape == (len(item.input_ids), model.config.hidden_size)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))  # the batch's rows, by length
+    row = [packed[i] for i in order[:PACK_ROW]]
+    assert all(torch.equal(r[:shared], row[0][:shared]) for r in row)
+    # a second call trusts the first check: one packed forward, no plain one
+    forwards.clear()
+    again = prefix_states(model, items, first, pad, batch_size=len(items), pack=True)
+    assert len(forwards) == 1 and all(torch.equal(a, b) for a, b in zip(again, packed))
+    # groups: bit for bit what each group alone gives
+    grouped = prefix_states(model, items, first, pad, batch_size=4, groups=[5, 7], pack=True)
+    alone = (prefix_states(model, items[:5], first, pad, batch_size=4, pack=True)
+             + prefix_states(model, items[5:], first, pad, batch_size=4, pack=True))
+    assert all(torch.equal(a, b) for a, b in zip(grouped, alone))
+    for a, b in zip(grouped, plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_whose_states_packing_would_change_computes_the_prefix_plain(tmp_path, monkeypatch):
+    import fedsec.prefix
+    from fedsec.prefix import prefix_states
+
+    model, tok, items = _model_and_items(tmp_path, top_layers=1)
+    first, pad = model.config.num_hidden_layers - 1, tok.pad_token_id
+    monkeypatch.setattr(fedsec.prefix, "_PACKS", fedsec.prefix.weakref.WeakKeyDictionary())
+    plain = prefix_states(model, items[:6], first, pad, batch_size=6)
+    real = fedsec.prefix._chunk_states
+
+    def ignores_the_mask(decoder, model, first, chunk, pad_id, pack):  # as an architecture might
+        states = real(decoder, model, first, chunk, pad_id, pack)
+        return [s + 1.0 for s in states] if pack else states
+
+    monkeypatch.setattr(fedsec.prefix, "_chunk_states", ignores_the_mask)
+    fallback = prefix_states(model, items[:6], first, pad, batch_size=6, pack=True)
+    assert all(torch.equal(a, b) for a, b in zip(fallback, plain))
