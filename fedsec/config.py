@@ -137,7 +137,9 @@ class LoraConfig:
 @dataclass(frozen=True)
 class BenchmarkConfig:
     num_clients: int = _help("number of clients (one finance sector each, cycling)", 8)
-    examples_per_client: int = _help("mean number of training examples per client", 48)
+    examples_per_client: int = _help(
+        "mean number of training examples per client (with size_alpha > 0 no client gets fewer than "
+        "min(4, examples_per_client))", 48)
     label_alpha: float = _help(
         "Dirichlet concentration of each client's label mix (small: strong label skew)", 0.5
     )
@@ -157,8 +159,8 @@ class BenchmarkConfig:
 
     def __post_init__(self) -> None:
         _require(self.num_clients >= 1, "num_clients", self.num_clients, "must be >= 1")
-        _require(self.examples_per_client >= 4, "examples_per_client",
-                 self.examples_per_client, "must be >= 4")
+        _require(self.examples_per_client >= 1, "examples_per_client",
+                 self.examples_per_client, "must be >= 1")
         _require(self.label_alpha > 0, "label_alpha", self.label_alpha, "must be > 0 (e.g. 0.5)")
         _require(self.size_alpha >= 0, "size_alpha", self.size_alpha,
                  "must be >= 0 (0 gives equal client sizes)")
@@ -286,6 +288,11 @@ class FederationConfig:
     server_lr: float | None = _help(
         "server learning rate on the averaged delta (null: 1.0, or 1e-3 for the adaptive ones)", None
     )
+    server_min_lr: float | None = _help(
+        "with a value, the server optimizer's step decays by cosine from server_lr in the first round "
+        "to server_min_lr in the last (as training.lr does inside clients): a late round's step is scaled "
+        "by lr_t / server_lr, which settles the global model where constant steps keep it moving; under "
+        "DP this is post-processing of what the mechanism released (null: constant)", None)
     server_momentum: float = _help("FedAvgM momentum beta", 0.9)
     beta1: float = _help("adaptive server optimizers: first-moment decay", 0.9)
     beta2: float = _help("FedYogi/FedAdam: second-moment decay", 0.99)
@@ -311,6 +318,8 @@ class FederationConfig:
             default = optimizers.entry(server_optimizer_name(self.algorithm)).params.get("server_lr", 1.0)
             object.__setattr__(self, "server_lr", default)
         _require(self.server_lr > 0, "server_lr", self.server_lr, "must be > 0 (FedAvg: 1.0)")
+        _require(self.server_min_lr is None or 0 <= self.server_min_lr <= self.server_lr, "server_min_lr",
+                 self.server_min_lr, f"must be null (constant) or in [0, server_lr = {self.server_lr:g}]")
         _require(0 <= self.server_momentum < 1, "server_momentum", self.server_momentum,
                  "must be in [0, 1)")
         _require(0 <= self.beta1 < 1, "beta1", self.beta1, "must be in [0, 1)")

@@ -47,7 +47,14 @@ from fedsec.round_eval import audit_outcome, evaluate_model, membership_attack
 from fedsec.rundir import RunDir, claimed, default_run_dir, latest_run_dir
 from fedsec.scaffold import VariateStore
 from fedsec.seeding import derive_seed, torch_generator
-from fedsec.server import check_sampling, cyclic_cohort, make_server_optimizer, poisson_sample, sample_clients
+from fedsec.server import (
+    check_sampling,
+    cyclic_cohort,
+    make_server_optimizer,
+    poisson_sample,
+    sample_clients,
+    server_step_scale,
+)
 from fedsec.setup import Setup, prepare
 from fedsec.training import LocalTrainer, round_lr
 
@@ -218,7 +225,10 @@ def play_round(setup: Setup, state: RunState, clients: ClientRunner, round_idx: 
             attacked["note"] = outcome.note
     if state.crafted is not None:  # the audit's attacker sees every released aggregate
         state.crafted.observe(batch.aggregate)
-    state.global_vec = state.server.step(state.global_vec, batch.aggregate)
+    fed = setup.cfg.federation
+    stepped = state.server.step(state.global_vec, batch.aggregate)
+    scale = server_step_scale(round_idx, fed.rounds, fed.server_lr, fed.server_min_lr)
+    state.global_vec = stepped if scale == 1.0 else state.global_vec + scale * (stepped - state.global_vec)
     last = round_idx + 1 == setup.cfg.federation.rounds
     if setup.realign_set and (setup.cfg.defense.realign_at == "round" or last):
         state.global_vec = realign(setup, state.global_vec, lr, round_idx)

@@ -69,6 +69,18 @@ def poisson_sample(num_clients: int, rate: float, generator: torch.Generator) ->
     return (draws < rate).nonzero().flatten().tolist()
 
 
+def server_step_scale(round_idx: int, rounds: int, server_lr: float, server_min_lr: float | None) -> float:
+    """What a round's server step is multiplied by (federation.server_min_lr): cosine from 1 in
+    the first round to server_min_lr / server_lr in the last, as training.cosine_lr decays a
+    client's lr; 1 with no schedule. A server optimizer's state (momentum, moments) does not
+    depend on its lr, so scaling the step is running that round at lr_t."""
+    if server_min_lr is None:
+        return 1.0
+    from fedsec.training import cosine_lr
+
+    return cosine_lr(round_idx, max(rounds - 1, 1), server_lr, server_min_lr) / server_lr
+
+
 @register("server_optimizer", "fedavg")
 class FedAvgServer:
     """x <- x + server_lr * Delta (FedAvg when server_lr = 1). Stateless."""

@@ -10,6 +10,7 @@ from conftest import tiny_config
 
 from fedsec.config import (
     ALGORITHMS,
+    ConfigError,
     FederationConfig,
     LoraConfig,
     ModelConfig,
@@ -24,6 +25,7 @@ from fedsec.server import (
     FedAvgMServer,
     FedAvgServer,
     make_server_optimizer,
+    server_step_scale,
 )
 from fedsec.training import LocalTrainer
 
@@ -85,6 +87,27 @@ def test_config_resolves_server_lr_per_algorithm():
     assert FederationConfig(algorithm="fedadam").server_lr == 1e-3
     assert FederationConfig(algorithm="fedavgm").server_lr == 1.0
     assert isinstance(make_server_optimizer(FederationConfig(algorithm="fedyogi")), AdaptiveServer)
+
+
+def test_server_lr_schedule_by_hand_and_as_the_optimizer_run_at_each_rounds_lr():
+    assert server_step_scale(5, 30, 1e-2, None) == 1.0  # no schedule: constant
+    assert server_step_scale(0, 3, 1e-2, 1e-3) == pytest.approx(1.0)
+    assert server_step_scale(1, 3, 1e-2, 1e-3) == pytest.approx((1e-3 + 0.5 * 9e-3) / 1e-2)  # cos(pi / 2) = 0
+    assert server_step_scale(2, 3, 1e-2, 1e-3) == pytest.approx(0.1)  # the last round reaches server_min_lr
+    assert server_step_scale(0, 1, 1e-2, 1e-3) == pytest.approx(1.0)  # one round: its lr is server_lr
+    # scaling each round's step is running the optimizer at that round's lr: its state
+    # (momentum, moments) does not depend on the lr
+    fed = FederationConfig(algorithm="fedadam", server_lr=1e-2, server_min_lr=1e-3, rounds=3)
+    scaled, at_lr = make_server_optimizer(fed), make_server_optimizer(fed)
+    x = y = X0
+    for t, d in enumerate((D1, D2, D1)):
+        scale = server_step_scale(t, fed.rounds, fed.server_lr, fed.server_min_lr)
+        x = x + scale * (scaled.step(x, d) - x)
+        at_lr.server_lr = fed.server_lr * scale
+        y = at_lr.step(y, d)
+        torch.testing.assert_close(x, y)
+    with pytest.raises(ConfigError, match="server_min_lr"):
+        FederationConfig(algorithm="fedadam", server_lr=1e-2, server_min_lr=0.1)
 
 
 def test_scaffold_variates_by_hand():

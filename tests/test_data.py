@@ -300,3 +300,20 @@ def test_a_row_of_another_type_is_refused_with_its_record(tmp_path):
     cfg = from_mapping(DataConfig, {"source": str(path)})
     with pytest.raises(ConfigError, match="record 1 holds int, not text"):
         build_federated_data(cfg, seed=0)
+
+
+def test_benchmark_clients_as_small_as_asked():
+    """examples_per_client below 4 (many users of few records each, as user-level DP wants):
+    equal sizes with size_alpha 0; with Dirichlet sizes no client gets fewer than
+    min(4, examples_per_client), and a config of 48 keeps its floor of 4."""
+    equal = make_benchmark(BenchmarkConfig(num_clients=30, examples_per_client=2, size_alpha=0,
+                                           client_test_size=0), seed=0)
+    assert [len(c.train) for c in equal.clients] == [2] * 30
+    skewed = make_benchmark(BenchmarkConfig(num_clients=30, examples_per_client=2, size_alpha=0.5,
+                                            client_test_size=0), seed=0)
+    assert min(len(c.train) for c in skewed.clients) == 2
+    usual = make_benchmark(BenchmarkConfig(num_clients=30, examples_per_client=48, size_alpha=0.5,
+                                           client_test_size=0), seed=0)
+    assert min(len(c.train) for c in usual.clients) == 4
+    with pytest.raises(ConfigError, match="examples_per_client"):
+        BenchmarkConfig(examples_per_client=0)

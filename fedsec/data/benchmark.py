@@ -162,7 +162,7 @@ def _client_sizes(rng: np.random.Generator, cfg: BenchmarkConfig) -> np.ndarray:
     if cfg.size_alpha == 0:
         return np.full(cfg.num_clients, cfg.examples_per_client)
     shares = rng.dirichlet(np.full(cfg.num_clients, cfg.size_alpha))
-    return np.maximum(4, np.round(shares * total)).astype(int)
+    return np.maximum(min(4, cfg.examples_per_client), np.round(shares * total)).astype(int)
 
 
 def balanced_label_counts(mixes: np.ndarray, sizes: np.ndarray, iters: int = 200) -> np.ndarray:
