@@ -2,8 +2,8 @@
 
 Each writes its figures into benchmarks/results.json (with the date measured); this
 runner then prints the headline ratios and rewrites the "Latest run" table at the top
-of benchmarks/RESULTS.md (the analysis below it is kept). About 14 minutes on a
-2-core CPU.
+of benchmarks/RESULTS.md (the analysis below it is kept). About 30 minutes on a
+2-core CPU, half of it `make demo` from a fresh clone (benchmarks.demo; `--only` skips it).
 
     python -m benchmarks [--only overhead,accounting]
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ORDER = ("accounting", "overhead", "many_clients", "memory_clients", "file_clients", "evaluation", "server_pipeline",
-         "prefix_batching", "flower_round", "gpu")  # gpu: says so and exits 0 without CUDA
+         "prefix_batching", "flower_round", "demo", "gpu")  # gpu: says so and exits 0 without CUDA
 ARGS = {"memory_clients": ["--clients", "10", "1000", "10000"]}
 HEADLINES = (  # key, what it is, target
     ("overhead_ratio_tiny", "fedsec round / bare PEFT loop, tiny, SFT", "<= 1.05"),
@@ -39,6 +39,7 @@ HEADLINES = (  # key, what it is, target
      "<= 1.2"),
     ("eval_cost_fraction", "evaluation every eval.every rounds / round time, SmolLM2 quickstart", "<= 0.1"),
     ("flower_round_ratio", "Flower round (2 SuperNodes) / in-process round, SmolLM2", "<= 1.5"),
+    ("demo_minutes", "make demo from a fresh clone, minutes", "<= 15"),
 )
 BEGIN, END = "<!-- latest run: written by python -m benchmarks -->", "<!-- end of latest run -->"
 
