@@ -229,7 +229,7 @@ def play_round(setup: Setup, state: RunState, clients: ClientRunner, round_idx: 
     stepped = state.server.step(state.global_vec, batch.aggregate)
     scale = server_step_scale(round_idx, fed.rounds, fed.server_lr, fed.server_min_lr)
     state.global_vec = stepped if scale == 1.0 else state.global_vec + scale * (stepped - state.global_vec)
-    last = round_idx + 1 == setup.cfg.federation.rounds
+    last = round_idx + 1 == fed.rounds
     if setup.realign_set and (setup.cfg.defense.realign_at == "round" or last):
         state.global_vec = realign(setup, state.global_vec, lr, round_idx)
     for c in setup.local_only:

@@ -123,12 +123,12 @@ def _forward_to(decoder, first: int, batch: dict[str, torch.Tensor], model) -> t
         handle.remove()
 
 
-def _chunk_states(decoder, model, first: int, chunk: list[Encoded], pad_id: int, pack: bool) -> list[torch.Tensor]:
-    """Each item's state entering layer `first` ([T_i, hidden] each). With `pack`, the items
-    go through in rows of PACK_ROW behind their shared opening (computed once per row, then
-    copied to each item's state), the plain batch's numbers up to float rounding."""
+def _chunk_states(decoder, model, first: int, chunk: list[Encoded], pad_id: int, shared: int) -> list[torch.Tensor]:
+    """Each item's state entering layer `first` ([T_i, hidden] each). With `shared` > 0 (their
+    shared opening, encoding.shared_prefix_length), the items go through in rows of PACK_ROW
+    behind it (computed once per row, then copied to each item's state), the plain batch's
+    numbers up to float rounding; 0: a plain batch."""
     on = model_device(model)
-    shared = shared_prefix_length(chunk) if pack else 0
     if shared < 1:
         hidden = _forward_to(decoder, first, to_device(collate(chunk, pad_id), on), model)
         return [hidden[row, : item.input_ids.numel()] for row, item in enumerate(chunk)]
@@ -148,15 +148,16 @@ def _chunk_states(decoder, model, first: int, chunk: list[Encoded], pad_id: int,
 _PACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _packed_states(decoder, model, first: int, chunk: list[Encoded], pad_id: int) -> list[torch.Tensor]:
-    """The chunk's states packed, or plain on a model where packing was seen to change them
-    (`_PACKS`; the first packed chunk decides, and the check's plain states stand in then)."""
+def _packed_states(decoder, model, first: int, chunk: list[Encoded], pad_id: int, shared: int) -> list[torch.Tensor]:
+    """The chunk's states packed behind its `shared` opening, or plain on a model where
+    packing was seen to change them (`_PACKS`; the first packed chunk decides, and the
+    check's plain states stand in then)."""
     known = _PACKS.setdefault(model, {})
     if known.get(first) is False:
-        return _chunk_states(decoder, model, first, chunk, pad_id, pack=False)
-    packed = _chunk_states(decoder, model, first, chunk, pad_id, pack=True)
+        return _chunk_states(decoder, model, first, chunk, pad_id, 0)
+    packed = _chunk_states(decoder, model, first, chunk, pad_id, shared)
     if first not in known:
-        plain = _chunk_states(decoder, model, first, chunk, pad_id, pack=False)
+        plain = _chunk_states(decoder, model, first, chunk, pad_id, 0)
         # half-precision products round to 8 (bf16) or 11 (fp16) bits; fp32 to rounding. Each
         # position against its own largest entry: a few positions carry entries in the tens of
         # thousands (massive activations), which would hide an error elsewhere in one scale
@@ -197,9 +198,9 @@ def prefix_states(model, items: Sequence[Encoded], first: int, pad_id: int,
     try:
         for chunk in _batches(items, batch_size, groups):
             members = [items[i] for i in chunk]
-            states = (_packed_states(decoder, model, first, members, pad_id)
-                      if pack and shared_prefix_length(members) > 0
-                      else _chunk_states(decoder, model, first, members, pad_id, pack=False))
+            shared = shared_prefix_length(members) if pack else 0
+            states = (_packed_states(decoder, model, first, members, pad_id, shared) if shared > 0
+                      else _chunk_states(decoder, model, first, members, pad_id, 0))
             for i, state in zip(chunk, states):
                 out[i] = sink(i, state)
             shown.update(len(chunk))

@@ -216,9 +216,9 @@ def test_a_model_whose_states_packing_would_change_computes_the_prefix_plain(tmp
     plain = prefix_states(model, items[:6], first, pad, batch_size=6)
     real = fedsec.prefix._chunk_states
 
-    def ignores_the_mask(decoder, model, first, chunk, pad_id, pack):  # as an architecture might
-        states = real(decoder, model, first, chunk, pad_id, pack)
-        return [s + 1.0 for s in states] if pack else states
+    def ignores_the_mask(decoder, model, first, chunk, pad_id, shared):  # as an architecture might
+        states = real(decoder, model, first, chunk, pad_id, shared)
+        return [s + 1.0 for s in states] if shared else states
 
     monkeypatch.setattr(fedsec.prefix, "_chunk_states", ignores_the_mask)
     fallback = prefix_states(model, items[:6], first, pad, batch_size=6, pack=True)
