@@ -28,7 +28,7 @@ from fedsec.data import build_federated_data
 from fedsec.models import load_model
 from fedsec.objectives import objective_for
 from fedsec.prefix import prefix_states
-from fedsec.setup import prefix_args, train_set
+from fedsec.setup import frozen_prefix, train_set
 
 
 def main(argv=None) -> dict:
@@ -41,7 +41,7 @@ def main(argv=None) -> dict:
     pad, batch = tokenizer.pad_token_id, cfg.eval.batch_size
     objective = objective_for(cfg, pad)
     sets = [train_set(objective, c, tokenizer, cfg) for c in data.clients]
-    first, _, _ = prefix_args(model, cfg)
+    first = frozen_prefix(model, cfg).first
     flat = [item for items in sets for item in items]
     with torch.inference_mode():
         prefix_states(model, flat[:batch], first, pad, batch)  # warm up

@@ -18,11 +18,10 @@ from typing import Protocol
 import torch
 
 from fedsec.config import ExperimentConfig, to_mapping
-from fedsec.encoding import DATA, Encoded
+from fedsec.encoding import Encoded
 from fedsec.evaluation import EvalResult, EvalSet, evaluate_groups, map_sequences, share_prefix
 from fedsec.models import load_model
 from fedsec.objectives import PairItem, objective_for
-from fedsec.prefix import cache_frozen_prefix
 from fedsec.results import ClientUpdate
 from fedsec.rundir import atomic_write_bytes
 from fedsec.scaffold import VariateStore, client_variate, server_variate
@@ -33,7 +32,7 @@ from fedsec.setup import (
     build_federation,
     cache_train_sets,
     clients_eval_set,
-    prefix_args,
+    frozen_prefix,
     record_secret,
     train_set,
 )
@@ -154,8 +153,7 @@ def prepare_clients(cfg: ExperimentConfig, hosted: Callable[[int], bool], record
                       file=sys.stderr)
         items = train_set(objective, by_id[c], tokenizer, cfg)
         if cfg.lora.cache_frozen_layers and items:
-            first, model_key, pack = prefix_args(model, cfg)
-            items = cache_train_sets(model, first, pad, cfg.eval.batch_size, model_key, [items], DATA, pack)[0]
+            items = cache_train_sets(model, frozen_prefix(model, cfg), pad, cfg.eval.batch_size, [items])[0]
         items = objective.precompute(model, items, cfg.eval.batch_size)  # DPO: the reference log-probabilities
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -172,9 +170,9 @@ def prepare_clients(cfg: ExperimentConfig, hosted: Callable[[int], bool], record
                                                                   if c.client_id in sets))
         client_eval = clients_eval_set(kept, tokenizer, cfg)
         if client_eval is not None and cfg.lora.cache_frozen_layers:
-            first, model_key, pack = prefix_args(model, cfg)
-            client_eval = map_sequences(client_eval, lambda items: cache_frozen_prefix(
-                model, items, first, pad, cfg.eval.batch_size, model_key, DATA, pack=pack))
+            prefix = frozen_prefix(model, cfg)
+            client_eval = map_sequences(client_eval, lambda items: prefix.attach(model, items, pad,
+                                                                                 cfg.eval.batch_size))
         if client_eval is not None:
             client_eval = share_prefix(model, client_eval, pad)
     return ClientSide(cfg, trainer, sets, federation.population, client_eval, pad)

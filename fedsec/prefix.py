@@ -23,7 +23,7 @@ import itertools
 import shutil
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -261,6 +261,25 @@ def _load(path: Path, count: int) -> list[torch.Tensor] | None:
         progress.note(f"fedsec: frozen-prefix cache {path} is unreadable ({type(err).__name__}); computing it again")
         return None
     return states if isinstance(states, list) and len(states) == count else None
+
+
+@dataclass(frozen=True)
+class FrozenPrefix:
+    """How a run caches the frozen layers below its adapters (`fedsec.setup.frozen_prefix`):
+    the first adapted layer, the memo key naming the frozen base (`cache_frozen_prefix`),
+    whether states are computed packed behind the items' shared opening (training.pack),
+    and where they live (`plan_cache`)."""
+
+    first: int
+    model_key: str
+    pack: bool = False
+    home: Home = DATA
+
+    def attach(self, model, items: Sequence[Encoded], pad_id: int, batch_size: int,
+               groups: Sequence[int] | None = None) -> list[Encoded]:
+        """`items` with their frozen-prefix states (`cache_frozen_prefix`)."""
+        return cache_frozen_prefix(model, list(items), self.first, pad_id, batch_size, self.model_key, self.home,
+                                   groups=groups, pack=self.pack)
 
 
 def cache_frozen_prefix(model, items: Sequence[Encoded], first: int, pad_id: int,

@@ -33,9 +33,8 @@ from fedsec.leakage import (
 )
 from fedsec.metrics import MetricContext, measure
 from fedsec.objectives import OBJECTIVES
-from fedsec.prefix import cache_frozen_prefix
 from fedsec.rundir import atomic_write_text
-from fedsec.setup import Setup, prefix_args
+from fedsec.setup import Setup, frozen_prefix
 
 
 def evaluate_model(setup: Setup, vector: torch.Tensor, round_done: int | None = None) -> tuple[dict, dict | None]:
@@ -126,9 +125,8 @@ def membership_attack(setup: Setup) -> dict:
     encoded = [encode_all(examples, setup.tokenizer, cfg.data.template, cfg.data.max_length)
                for examples in sample]
     if cfg.lora.cache_frozen_layers:
-        first, model_key, pack = prefix_args(setup.model, cfg)
-        encoded = [cache_frozen_prefix(setup.model, items, first, setup.pad_id, cfg.eval.batch_size, model_key,
-                                       pack=pack) for items in encoded]
+        prefix = frozen_prefix(setup.model, cfg)
+        encoded = [prefix.attach(setup.model, items, setup.pad_id, cfg.eval.batch_size) for items in encoded]
     membership = membership_inference(setup.model, setup.tokenizer, *encoded, cfg.eval.batch_size)
     extraction = {side: answer_extraction(setup.model, setup.tokenizer, examples, cfg.data.template,
                                           cfg.eval.batch_size)
@@ -151,9 +149,7 @@ def user_membership_attack(setup: Setup) -> dict:
                  if (items := encode_all(records, setup.tokenizer, cfg.data.template, cfg.data.max_length))]
         flat = [item for items in users for item in items]
         if cfg.lora.cache_frozen_layers:
-            first, model_key, pack = prefix_args(setup.model, cfg)
-            flat = cache_frozen_prefix(setup.model, flat, first, setup.pad_id, cfg.eval.batch_size, model_key,
-                                       pack=pack)
+            flat = frozen_prefix(setup.model, cfg).attach(setup.model, flat, setup.pad_id, cfg.eval.batch_size)
         bounds = [0, *itertools.accumulate(len(items) for items in users)]
         encoded.append([flat[a:b] for a, b in itertools.pairwise(bounds)])
     membership = user_membership_inference(setup.model, setup.tokenizer, *encoded, cfg.eval.batch_size)

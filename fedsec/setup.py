@@ -38,7 +38,7 @@ from fedsec.evaluation import (
 from fedsec.leakage import mia_random_split, mia_user_split
 from fedsec.models import load_model
 from fedsec.objectives import OBJECTIVES, PairItem, objective_for
-from fedsec.prefix import Home, cache_frozen_prefix, plan_cache
+from fedsec.prefix import FrozenPrefix, plan_cache
 from fedsec.privacy import (
     RecordPlan,
     dp_seed,
@@ -378,14 +378,14 @@ def prepare(cfg: ExperimentConfig, silos: tuple[int, ...] | None = None) -> Setu
                      if cfg.eval.refusal else [])
     prefix = None
     if cfg.lora.cache_frozen_layers:
-        first, model_key, pack = prefix_args(model, cfg)
-        home = plan_cache(model, first, positions(*train_sets, global_eval, client_eval, preference_eval,
-                                                  *backdoor_eval), private=cfg.privacy.mode != "off")
-        prefix = (first, model_key, home, pack)
+        prefix = frozen_prefix(model, cfg)
+        prefix = dataclasses.replace(prefix, home=plan_cache(
+            model, prefix.first, positions(*train_sets, global_eval, client_eval, preference_eval, *backdoor_eval),
+            private=cfg.privacy.mode != "off"))
         train_sets, global_eval, client_eval, preference_eval = _cache_prefix(
             model, prefix, pad, cfg.eval.batch_size, train_sets, global_eval, client_eval, preference_eval)
-        backdoor_eval = tuple(map_sequences(e, lambda items: cache_frozen_prefix(
-            model, items, first, pad, cfg.eval.batch_size, model_key, home, pack=pack)) for e in backdoor_eval)
+        backdoor_eval = tuple(map_sequences(e, lambda items: prefix.attach(model, items, pad, cfg.eval.batch_size))
+                              for e in backdoor_eval)
     tasks = _encode_tasks(model, tokenizer, cfg, tasks, prefix)
     # the evaluation items' common opening (system prompt, instruction) computed once per forward
     global_eval = share_prefix(model, global_eval, pad)
@@ -426,12 +426,11 @@ def record_secret(cfg: ExperimentConfig) -> int | None:
 
 
 def _encode_tasks(model, tokenizer, cfg: ExperimentConfig, tasks: tuple,
-                  prefix: tuple[int, str, Home, bool] | None) -> tuple:
+                  prefix: FrozenPrefix | None) -> tuple:
     """The closed-answer benchmarks' scoring sequences, encoded once at setup: with
-    `prefix` (first adapted layer, memo key, where states live, packed or not) their
-    frozen-prefix states attached (exact; each evaluation then runs only the adapted top
-    layers), and their shared opening
-    computed once per forward where that is exact on this model."""
+    `prefix` their frozen-prefix states attached (exact; each evaluation then runs only the
+    adapted top layers), and their shared opening computed once per forward where that is
+    exact on this model."""
     lm = PeftModelLM(model, tokenizer, cfg.data.template, cfg.eval.batch_size)
     pad, out = tokenizer.pad_token_id, []
     for task in tasks:
@@ -439,21 +438,21 @@ def _encode_tasks(model, tokenizer, cfg: ExperimentConfig, tasks: tuple,
             batch = lm.encode_choices(task.items)
             sequences = list(batch.sequences)
             if prefix is not None:
-                first, model_key, home, pack = prefix
-                sequences = cache_frozen_prefix(model, sequences, first, pad, cfg.eval.batch_size, model_key, home,
-                                                pack=pack)
+                sequences = prefix.attach(model, sequences, pad, cfg.eval.batch_size)
             task = dataclasses.replace(task, encoded=dataclasses.replace(
                 batch, sequences=tuple(sequences), shared=packable_prefix(model, sequences, pad)))
         out.append(task)
     return tuple(out)
 
 
-def prefix_args(model, cfg: ExperimentConfig) -> tuple[int, str, bool]:
-    """The first adapted layer, the memo key of the frozen-prefix cache, and whether the
-    prefix is computed packed behind the items' shared opening (training.pack)."""
-    return (model.config.num_hidden_layers - cfg.lora.top_layers,
-            f"{cfg.model.name}|{cfg.model.dtype}|{cfg.model.quantization}|{model_device(model).type}|"
-            f"{cfg.training.precision}", cfg.training.pack)
+def frozen_prefix(model, cfg: ExperimentConfig) -> FrozenPrefix:
+    """How this run caches the frozen layers below its adapters (lora.top_layers): the
+    memo key names the frozen base as the run computes it (model, dtype, quantization,
+    device, precision); states packed with training.pack, kept in host memory (setup
+    moves them where `plan_cache` says)."""
+    return FrozenPrefix(model.config.num_hidden_layers - cfg.lora.top_layers,
+                        f"{cfg.model.name}|{cfg.model.dtype}|{cfg.model.quantization}|{model_device(model).type}|"
+                        f"{cfg.training.precision}", cfg.training.pack)
 
 
 def positions(*collections) -> int:
@@ -470,38 +469,33 @@ def positions(*collections) -> int:
     return total
 
 
-def _cache_prefix(model, prefix: tuple[int, str, Home, bool], pad: int, batch_size: int, train_sets, *evals):
+def _cache_prefix(model, prefix: FrozenPrefix, pad: int, batch_size: int, train_sets, *evals):
     """Attach frozen-prefix states (fedsec.prefix) to every training and evaluation item.
 
     Each collection is cached in one call (all clients' training items together), so a
     later run of a sweep on the same data finds it whole in the in-process memo.
     """
-    first, model_key, home, pack = prefix
-
     def encoded(items):
-        return cache_frozen_prefix(model, list(items), first, pad, batch_size, model_key, home, pack=pack)
+        return prefix.attach(model, items, pad, batch_size)
 
     global_eval, client_eval, preference_eval = evals
-    train_sets = cache_train_sets(model, first, pad, batch_size, model_key, train_sets, home, pack)
+    train_sets = cache_train_sets(model, prefix, pad, batch_size, train_sets)
     global_eval = map_sequences(global_eval, encoded)
     if client_eval is not None:
         client_eval = map_sequences(client_eval, encoded)
     if preference_eval:
-        preference_eval = _cache_pairs(model, first, pad, batch_size, model_key, preference_eval, home, pack)
+        preference_eval = _cache_pairs(model, prefix, pad, batch_size, preference_eval)
     return train_sets, global_eval, client_eval, preference_eval
 
 
-def _cache_pairs(model, first: int, pad: int, batch_size: int, model_key: str, items: list,
-                 home: Home, pack: bool = False) -> list:
-    flat = cache_frozen_prefix(model, [p.chosen for p in items] + [p.rejected for p in items], first, pad,
-                               batch_size, model_key, home, pack=pack)
+def _cache_pairs(model, prefix: FrozenPrefix, pad: int, batch_size: int, items: list) -> list:
+    flat = prefix.attach(model, [p.chosen for p in items] + [p.rejected for p in items], pad, batch_size)
     n = len(items)
     return [dataclasses.replace(p, chosen=flat[i], rejected=flat[n + i]) for i, p in enumerate(items)]
 
 
-def cache_train_sets(model, first: int, pad: int, batch_size: int, model_key: str, train_sets,
-                     home: Home, pack: bool = False) -> list:
-    """Every client's training items with their frozen-prefix states (kept on `home`): one
+def cache_train_sets(model, prefix: FrozenPrefix, pad: int, batch_size: int, train_sets) -> list:
+    """Every client's training items with their frozen-prefix states (`prefix`): one
     cached call whose batches stay inside a client, so each client's states are what the
     same call on that client alone computes, as a Flower SuperNode does (fedsec.clients).
     A DPO client's items are its chosen then its rejected sequences."""
@@ -509,7 +503,7 @@ def cache_train_sets(model, first: int, pad: int, batch_size: int, model_key: st
     flat = [seq for items in train_sets
             for seq in ([p.chosen for p in items] + [p.rejected for p in items] if pairs else items)]
     groups = [(2 if pairs else 1) * len(items) for items in train_sets]
-    flat = cache_frozen_prefix(model, flat, first, pad, batch_size, model_key, home, groups=groups, pack=pack)
+    flat = prefix.attach(model, flat, pad, batch_size, groups=groups)
     out, at = [], 0
     for items in train_sets:
         n = len(items)
