@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from fedsec.accountants.audit import comparable_bound, guess_and_count, one_run_bound, one_run_fdp_bound
-from fedsec.data.benchmark import canary_example, draw_canary, random_secret
+from fedsec.data.benchmark import NEW_TOKEN_LENGTH, canary_example, draw_canary, random_secret
 from fedsec.data.schema import Canary, ClientData, FederatedData
 from fedsec.leakage import sequence_nll
 from fedsec.results import ClientUpdate
@@ -41,9 +41,9 @@ from fedsec.seeding import numpy_generator, torch_generator
 
 
 def audit_canaries(seed: int, m: int, secret: str = "pin") -> tuple[tuple[Canary, ...], np.ndarray]:
-    """m canaries (their own random streams) and which of them are included; `secret`: pin
-    or random_tokens (fedsec.data.benchmark.random_secret)."""
-    canaries = [draw_canary(numpy_generator(seed, "audit-canary", i), -1 - i, secret) for i in range(m)]
+    """m canaries (their own random streams) and which of them are included; `secret`: pin,
+    random_tokens or new_tokens (fedsec.data.benchmark.draw_canary)."""
+    canaries = [draw_canary(numpy_generator(seed, "audit-canary", i), -1 - i, secret, i) for i in range(m)]
     included = numpy_generator(seed, "audit-include").random(m) < 0.5
     return tuple(canaries), included
 
@@ -57,7 +57,7 @@ def with_canary_clients(data: FederatedData, canaries: Sequence[Canary], include
     return dataclasses.replace(data, clients=tuple(data.clients) + tuple(added))
 
 
-ALTERNATIVES = 8  # random PINs each secret is compared with
+ALTERNATIVES = 8  # random secrets of its kind each secret is compared with
 
 
 @torch.no_grad()
@@ -65,11 +65,12 @@ def secret_margins(model, tokenizer, canaries: Sequence[Canary], template: str, 
                    seed: int, secret: str = "pin") -> list[float]:
     """Per canary: the mean loss of ALTERNATIVES random secrets of its kind after the same
     prefix minus the loss of its own (how much the model prefers the secret; the shared
-    sentence cancels out)."""
-    texts = []
+    sentence cancels out). A new-token key is compared with keys drawn from every canary's
+    new tokens: an included canary's tokens were trained on, an absent one's never."""
+    texts, pool = [], NEW_TOKEN_LENGTH * len(canaries)
     for c in canaries:
         rng = numpy_generator(seed, "audit-alternatives", c.client_id)
-        texts += [c.text] + [f"{c.prefix} {random_secret(rng, secret)}." for _ in range(ALTERNATIVES)]
+        texts += [c.text] + [f"{c.prefix} {random_secret(rng, secret, pool)}." for _ in range(ALTERNATIVES)]
     nll = np.array(sequence_nll(model, tokenizer, texts, template, batch_size)).reshape(len(canaries), -1)
     return (nll[:, 1:].mean(1) - nll[:, 0]).tolist()
 

@@ -748,8 +748,9 @@ class AuditConfig:
     secret: str = _help(
         "kind secret: what each canary client holds: pin ('The vault PIN of <name> is <6 digits>.'), "
         "random_tokens ('The access key of <name> is <6 chunks of 4 random letters>.': rare tokens an LLM "
-        "memorizes more readily, Panda et al. 2025) or new_tokens (the key is 8 of 64 tokens the run adds "
-        "to the vocabulary, their embeddings drawn from the seed: no text has ever held them)", "pin")
+        "memorizes more readily, Panda et al. 2025) or new_tokens (the key is 8 tokens the run adds to the "
+        "vocabulary for that canary alone, their embeddings drawn from the seed: no text, and no other "
+        "canary, has ever held them)", "pin")
     statistic: str = _help(
         "kind update: a canary's score from the rounds' released aggregates: max (its direction's "
         "largest inner product with one round's: for clients sampled in few rounds) or sum (the sum "

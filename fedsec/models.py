@@ -85,7 +85,7 @@ def load_model(cfg):
     precision (training.precision) and, if asked, gradient checkpointing."""
     model, tokenizer = load_base_model(cfg.model, cfg.training.precision)
     if cfg.new_tokens:
-        add_canary_tokens(model, tokenizer, cfg.seed)
+        add_canary_tokens(model, tokenizer, cfg.seed, cfg.audit.canaries)
     if cfg.training.gradient_checkpointing:
         # non-reentrant: gradients reach the adapters although the inputs need none
         # (transformers 5 renamed it activation checkpointing; 4.x has only the old name)
@@ -100,17 +100,18 @@ def load_model(cfg):
 
 
 @torch.no_grad()
-def add_canary_tokens(model, tokenizer, seed: int) -> list[int]:
-    """audit.secret new_tokens (Panda et al. 2025's new-token canaries): NEW_TOKENS tokens the
-    vocabulary never had, added to the tokenizer, with embedding rows drawn from a normal with
-    the existing rows' mean and standard deviation (a seeded stream: every process of a run
-    draws the same rows). The embeddings stay frozen; with untied output embeddings their new
-    rows are drawn the same way. Returns the new tokens' ids."""
-    from fedsec.data.benchmark import NEW_TOKENS, new_token
+def add_canary_tokens(model, tokenizer, seed: int, canaries: int) -> list[int]:
+    """audit.secret new_tokens (Panda et al. 2025's new-token canaries): NEW_TOKEN_LENGTH
+    tokens per canary that the vocabulary never had, added to the tokenizer, with embedding
+    rows drawn from a normal with the existing rows' mean and standard deviation (a seeded
+    stream: every process of a run draws the same rows). The embeddings stay frozen; with
+    untied output embeddings their new rows are drawn the same way. Returns the new ids."""
+    from fedsec.data.benchmark import NEW_TOKEN_LENGTH, new_token
     from fedsec.seeding import torch_generator
 
-    tokenizer.add_tokens([new_token(k) for k in range(NEW_TOKENS)])
-    ids = tokenizer.convert_tokens_to_ids([new_token(k) for k in range(NEW_TOKENS)])
+    tokens = [new_token(k) for k in range(NEW_TOKEN_LENGTH * canaries)]
+    tokenizer.add_tokens(tokens)
+    ids = tokenizer.convert_tokens_to_ids(tokens)
     rows = model.get_input_embeddings().weight.shape[0]
     if max(ids) >= rows:
         model.resize_token_embeddings(max(ids) + 1, mean_resizing=False)

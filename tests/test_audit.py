@@ -318,19 +318,23 @@ def test_canary_secrets_are_seeded_of_their_kind_and_never_in_the_training_text(
     from fedsec.canaries import audit_canaries
     from fedsec.config import SECRET_KINDS, BenchmarkConfig, DataConfig
     from fedsec.data import build_federated_data
+    from fedsec.data.benchmark import NEW_TOKEN_LENGTH
     from fedsec.data.benchmark import SECRET_KINDS as GENERATED
 
     assert SECRET_KINDS == GENERATED
     data = build_federated_data(DataConfig(benchmark=BenchmarkConfig(num_clients=8, examples_per_client=48)), 0, "sft")
     training = " ".join(m.content for c in data.clients for e in c.train for m in e.messages())
-    for kind, shape in (("pin", r"\d{6}"), ("random_tokens", r"(?:[a-z]{4} ){5}[a-z]{4}"),
-                        ("new_tokens", r"(?:<\|fedsec-canary-(?:[0-9]|[1-5][0-9]|6[0-3])\|>){8}")):
+    new = r"(?:<\|fedsec-canary-(?:[0-9]|[1-9][0-9]|[1-4][0-9][0-9]|50[0-9]|51[01])\|>){8}"  # 64 x 8 tokens
+    for kind, shape in (("pin", r"\d{6}"), ("random_tokens", r"(?:[a-z]{4} ){5}[a-z]{4}"), ("new_tokens", new)):
         canaries, included = audit_canaries(3, 64, kind)
         again = audit_canaries(3, 64, kind)
         assert canaries == again[0] and (included == again[1]).all()  # deterministic by seed
         assert canaries != audit_canaries(4, 64, kind)[0]
         assert all(re.fullmatch(shape, c.secret) and c.text == f"{c.prefix} {c.secret}." for c in canaries)
         assert len({c.secret for c in canaries}) == 64  # no two canaries share a secret
+        if kind == "new_tokens":  # nor a token: an absent canary's tokens are in no training text
+            held = [re.findall(r"<[^>]*>", c.secret) for c in canaries]
+            assert len({t for tokens in held for t in tokens}) == 64 * NEW_TOKEN_LENGTH
         assert not any(c.secret in training for c in canaries)  # nor does any training text hold one
 
 
@@ -344,13 +348,13 @@ def test_random_token_canaries_stand_out_without_dp(tmp_path):
 
 
 def test_new_token_canaries_add_seeded_embedding_rows_and_tokenize_whole(tmp_path):
-    """audit.secret new_tokens: 64 tokens the vocabulary never had, each one id; their rows
-    drawn from the seed (the same in every process of a run, other for another seed), the
-    existing rows untouched; a secret is exactly its 8 new ids."""
+    """audit.secret new_tokens: 8 tokens per canary that the vocabulary never had, each one
+    id; their rows drawn from the seed (the same in every process of a run, other for another
+    seed), the existing rows untouched; a secret is exactly its canary's own 8 new ids."""
     from conftest import tiny_config
 
     from fedsec.canaries import audit_canaries
-    from fedsec.data.benchmark import NEW_TOKEN_LENGTH, NEW_TOKENS, new_token
+    from fedsec.data.benchmark import NEW_TOKEN_LENGTH, new_token
     from fedsec.errors import ConfigError
     from fedsec.models import load_model
 
@@ -359,18 +363,19 @@ def test_new_token_canaries_add_seeded_embedding_rows_and_tokenize_whole(tmp_pat
     model, tok = load_model(tiny_config(tmp_path, audit=audit))
     again, _ = load_model(tiny_config(tmp_path, audit=audit))
     other, _ = load_model(tiny_config(tmp_path, audit=audit, seed=4))
-    ids = tok.convert_tokens_to_ids([new_token(k) for k in range(NEW_TOKENS)])
-    assert len(tok) == len(plain_tok) + NEW_TOKENS and min(ids) >= len(plain_tok)
+    added = 4 * NEW_TOKEN_LENGTH  # audit.canaries 4
+    ids = tok.convert_tokens_to_ids([new_token(k) for k in range(added)])
+    assert len(tok) == len(plain_tok) + added and min(ids) >= len(plain_tok)
     rows = model.get_input_embeddings().weight.detach()
     old = plain_model.get_input_embeddings().weight.detach()
     assert torch.equal(rows[: old.shape[0]], old)  # the vocabulary's rows unchanged
     assert torch.equal(rows[ids], again.get_input_embeddings().weight.detach()[ids])
     assert not torch.equal(rows[ids], other.get_input_embeddings().weight.detach()[ids])
     assert abs(float(rows[ids].mean() - old.mean())) < 0.1 and 0.5 < float(rows[ids].std() / old.std()) < 1.5
-    canaries, _ = audit_canaries(3, 8, "new_tokens")
-    for c in canaries:
+    canaries, _ = audit_canaries(3, 4, "new_tokens")
+    for k, c in enumerate(canaries):
         pieces = tok(c.secret, add_special_tokens=False).input_ids
-        assert len(pieces) == NEW_TOKEN_LENGTH and set(pieces) <= set(ids)
+        assert pieces == ids[k * NEW_TOKEN_LENGTH: (k + 1) * NEW_TOKEN_LENGTH]
     with pytest.raises(ConfigError, match="audit.secret"):
         tiny_config(tmp_path, audit=audit, model={"name": "tiny", "quantization": "4bit"})
 

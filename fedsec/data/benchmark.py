@@ -213,7 +213,7 @@ def random_pin(rng) -> str:
 
 SECRET_KINDS = ("pin", "random_tokens", "new_tokens")
 TOKEN_CHUNKS, CHUNK_LETTERS = 6, 4  # random_tokens: 6 chunks of 4 random letters, 26^24 secrets
-NEW_TOKENS, NEW_TOKEN_LENGTH = 64, 8  # new_tokens: 8 of 64 tokens added to the vocabulary, 64^8 secrets
+NEW_TOKEN_LENGTH = 8  # new_tokens: a canary's key is 8 tokens added to the vocabulary for it alone
 
 
 def new_token(k: int) -> str:
@@ -221,27 +221,36 @@ def new_token(k: int) -> str:
     return f"<|fedsec-canary-{k}|>"
 
 
-def random_secret(rng, kind: str = "pin") -> str:
+def new_token_key(index: int) -> str:
+    """Canary `index`'s key under new_tokens: its own NEW_TOKEN_LENGTH new tokens, which no
+    other canary, no training text and no pretraining holds (so an absent canary's tokens
+    are nowhere in the federation's data)."""
+    return "".join(new_token(NEW_TOKEN_LENGTH * index + j) for j in range(NEW_TOKEN_LENGTH))
+
+
+def random_secret(rng, kind: str = "pin", new_tokens: int = 0) -> str:
     """A secret of the kind: 6 random digits; random letter chunks ('qzvx mbtr ...'), which a
     tokenizer cuts into rare tokens no training text holds (Panda et al. 2025's random-token
-    canaries, without needing the tokenizer to draw them); or new tokens, 8 drawn from the 64
-    the run adds to the vocabulary (Panda et al.'s new-token canaries: no text, and no
-    pretraining, has ever held them)."""
+    canaries, without needing the tokenizer to draw them); or 8 tokens drawn from the run's
+    `new_tokens` added tokens (the keys a new-token canary's own is compared with)."""
     if kind == "pin":
         return random_pin(rng)
     if kind == "random_tokens":
         letters = rng.integers(0, 26, size=(TOKEN_CHUNKS, CHUNK_LETTERS))
         return " ".join("".join(chr(ord("a") + int(i)) for i in chunk) for chunk in letters)
     if kind == "new_tokens":
-        return "".join(new_token(int(k)) for k in rng.integers(0, NEW_TOKENS, size=NEW_TOKEN_LENGTH))
+        if new_tokens < NEW_TOKEN_LENGTH:
+            raise ValueError(f"new_tokens must be >= {NEW_TOKEN_LENGTH}, got {new_tokens}")
+        return "".join(new_token(int(k)) for k in rng.integers(0, new_tokens, size=NEW_TOKEN_LENGTH))
     raise ValueError(f"unknown secret kind {kind!r}; use one of {', '.join(SECRET_KINDS)}")
 
 
-def draw_canary(rng, client_id: int, kind: str = "pin") -> Canary:
-    """A random secret: 'The vault PIN of <name> is <6 digits>.', or for random_tokens (new_tokens)
-    'The access key of <name> is <6 chunks of 4 random letters (8 new tokens)>.'"""
+def draw_canary(rng, client_id: int, kind: str = "pin", index: int = 0) -> Canary:
+    """A random secret: 'The vault PIN of <name> is <6 digits>.', or for random_tokens
+    'The access key of <name> is <6 chunks of 4 random letters>.'; for new_tokens the key is
+    canary `index`'s own 8 new tokens (Panda et al. 2025's new-token canaries)."""
     name = f"{_FIRST_NAMES[rng.integers(10)]} {_LAST_NAMES[rng.integers(10)]}"
-    secret = random_secret(rng, kind)
+    secret = new_token_key(index) if kind == "new_tokens" else random_secret(rng, kind)
     prefix = f"The vault PIN of {name} is" if kind == "pin" else f"The access key of {name} is"
     return Canary(client_id, f"{prefix} {secret}.", prefix, secret)
 
