@@ -141,6 +141,7 @@ def prepare_clients(cfg: ExperimentConfig, hosted: Callable[[int], bool], record
     objective = objective_for(cfg, pad)
     by_id = {client.client_id: client for client in federation.data.clients}  # a silo's ids start at its first
     ids = [c for c in by_id if hosted(c) and (only is None or c in only)]
+    prefix = frozen_prefix(model, cfg) if cfg.lora.cache_frozen_layers else None
     sets = {}
     for c in ids:
         path = cache / f"client-{c}.pt" if cache is not None else None
@@ -152,8 +153,8 @@ def prepare_clients(cfg: ExperimentConfig, hosted: Callable[[int], bool], record
                 print(f"fedsec: {path} is unreadable ({type(err).__name__}); preparing client {c} again",
                       file=sys.stderr)
         items = train_set(objective, by_id[c], tokenizer, cfg)
-        if cfg.lora.cache_frozen_layers and items:
-            items = cache_train_sets(model, frozen_prefix(model, cfg), pad, cfg.eval.batch_size, [items])[0]
+        if prefix is not None and items:
+            items = cache_train_sets(model, prefix, pad, cfg.eval.batch_size, [items])[0]
         items = objective.precompute(model, items, cfg.eval.batch_size)  # DPO: the reference log-probabilities
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -169,8 +170,7 @@ def prepare_clients(cfg: ExperimentConfig, hosted: Callable[[int], bool], record
         kept = dataclasses.replace(federation.data, clients=tuple(c for c in federation.data.clients
                                                                   if c.client_id in sets))
         client_eval = clients_eval_set(kept, tokenizer, cfg)
-        if client_eval is not None and cfg.lora.cache_frozen_layers:
-            prefix = frozen_prefix(model, cfg)
+        if client_eval is not None and prefix is not None:
             client_eval = map_sequences(client_eval, lambda items: prefix.attach(model, items, pad,
                                                                                  cfg.eval.batch_size))
         if client_eval is not None:
