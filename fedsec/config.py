@@ -293,6 +293,12 @@ class FederationConfig:
         "to server_min_lr in the last (as training.lr does inside clients): a late round's step is scaled "
         "by lr_t / server_lr, which settles the global model where constant steps keep it moving; under "
         "DP this is post-processing of what the mechanism released (null: constant)", None)
+    ema_decay: float = _help(
+        "with a value in (0, 1), the model the run evaluates, saves and reports is the exponential moving "
+        "average of the rounds' global models, sum_t d^(T-t) w_t / sum_t d^(T-t) (bias-corrected, so round 1 "
+        "is its own average), while training goes on from the last global. It smooths a noisy DP run's "
+        "round-to-round lean and is post-processing of what the mechanism released, so it costs no "
+        "privacy (0: the last global model)", 0.0)
     server_momentum: float = _help("FedAvgM momentum beta", 0.9)
     beta1: float = _help("adaptive server optimizers: first-moment decay", 0.9)
     beta2: float = _help("FedYogi/FedAdam: second-moment decay", 0.99)
@@ -320,6 +326,8 @@ class FederationConfig:
         _require(self.server_lr > 0, "server_lr", self.server_lr, "must be > 0 (FedAvg: 1.0)")
         _require(self.server_min_lr is None or 0 <= self.server_min_lr <= self.server_lr, "server_min_lr",
                  self.server_min_lr, f"must be null (constant) or in [0, server_lr = {self.server_lr:g}]")
+        _require(0 <= self.ema_decay < 1, "ema_decay", self.ema_decay,
+                 "must be in [0, 1): 0 releases the last global model, e.g. 0.8 averages about the last 5")
         _require(0 <= self.server_momentum < 1, "server_momentum", self.server_momentum,
                  "must be in [0, 1)")
         _require(0 <= self.beta1 < 1, "beta1", self.beta1, "must be in [0, 1)")

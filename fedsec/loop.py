@@ -50,6 +50,7 @@ from fedsec.seeding import derive_seed, torch_generator
 from fedsec.server import (
     check_sampling,
     cyclic_cohort,
+    ema_step,
     make_server_optimizer,
     poisson_sample,
     sample_clients,
@@ -120,14 +121,27 @@ class RunState:
         self.variates = VariateStore(run.path / "scaffold", dim) if scaffold else None
         self.server_c = torch.zeros(dim, device=SERVER) if scaffold else None
         self.crafted = setup.audit.updates if setup.audit is not None else None  # audit.kind update
+        self.average, self.ema_weight = None, 0.0  # federation.ema_decay: the released average of the globals
         self.rounds_done = 0
+
+    @property
+    def released(self) -> torch.Tensor:
+        """The model the run evaluates and saves: the last global, or their moving average."""
+        return self.global_vec if self.average is None else self.average
+
+    def smooth(self, decay: float) -> None:
+        """The round's global model into the moving average (federation.ema_decay; 0: none)."""
+        if decay > 0:
+            start = self.global_vec if self.average is None else self.average
+            self.average, self.ema_weight = ema_step(start, self.ema_weight, self.global_vec, decay)
 
     def state_dict(self, row: dict) -> dict:
         return {"global": self.global_vec, "server": self.server.state_dict(),
                 "local_only": {str(c): v for c, v in self.local.items()}, "scaffold_c": self.server_c,
                 "defense": self.pipeline.rule.state_dict(),
                 "privacy": self.private.state_dict() if self.private is not None else None,
-                "audit_scores": self.crafted.scores if self.crafted is not None else None, "row": row}
+                "audit_scores": self.crafted.scores if self.crafted is not None else None,
+                "ema": (self.average, self.ema_weight) if self.average is not None else None, "row": row}
 
     def load_state_dict(self, checkpoint: dict) -> None:
         self.rounds_done = int(checkpoint["rounds_done"])
@@ -140,6 +154,8 @@ class RunState:
             self.private.load_state_dict(checkpoint["privacy"], self.rounds_done)
         if self.crafted is not None:
             self.crafted.scores = checkpoint["audit_scores"]
+        if checkpoint.get("ema") is not None:
+            self.average, self.ema_weight = checkpoint["ema"]
 
 
 def _rounds(setup: Setup, run: RunDir, dp: UserLevelDp | None, record: RecordLevelDp | None, resume: bool,
@@ -176,7 +192,7 @@ def _rounds(setup: Setup, run: RunDir, dp: UserLevelDp | None, record: RecordLev
         sampled = _sample(setup, state, round_idx)
         if state.private is not None and budget.exceeded(round_idx, state.private, sampled):
             bar.close()
-            return finish(setup, run, state.global_vec, state.local, state.private.report(), attack,
+            return finish(setup, run, state.released, state.local, state.private.report(), attack,
                           rounds_done=round_idx, stopped=budget.stopped)
         result = play_round(setup, state, clients, round_idx, sampled, lr)
         _save_round(run, state, result, cfg.keep_checkpoints)
@@ -190,7 +206,7 @@ def _rounds(setup: Setup, run: RunDir, dp: UserLevelDp | None, record: RecordLev
             return RunResult(str(run.path), round_idx + 1, False, None, None, None, fed.algorithm,
                              state.private.report() if state.private is not None else None, attack)
     bar.close()
-    return finish(setup, run, state.global_vec, state.local,
+    return finish(setup, run, state.released, state.local,
                   state.private.report() if state.private is not None else None, attack)
 
 
@@ -229,12 +245,17 @@ def play_round(setup: Setup, state: RunState, clients: ClientRunner, round_idx: 
     stepped = state.server.step(state.global_vec, batch.aggregate)
     scale = server_step_scale(round_idx, fed.rounds, fed.server_lr, fed.server_min_lr)
     state.global_vec = stepped if scale == 1.0 else state.global_vec + scale * (stepped - state.global_vec)
-    last = round_idx + 1 == fed.rounds
-    if setup.realign_set and (setup.cfg.defense.realign_at == "round" or last):
+    if setup.realign_set and setup.cfg.defense.realign_at == "round":
         state.global_vec = realign(setup, state.global_vec, lr, round_idx)
+    state.smooth(fed.ema_decay)
+    if setup.realign_set and setup.cfg.defense.realign_at != "round" and round_idx + 1 == fed.rounds:
+        if state.average is None:  # at the end: the model the run releases is re-aligned
+            state.global_vec = realign(setup, state.global_vec, lr, round_idx)
+        else:
+            state.average = realign(setup, state.average, lr, round_idx)
     for c in setup.local_only:
         state.local[c] = state.local[c] + client_update(setup, state.local[c], c, lr, round_idx, "local").delta
-    global_eval, clients_eval = _evaluate_if_due(setup, state.global_vec, round_idx + 1)
+    global_eval, clients_eval = _evaluate_if_due(setup, state.released, round_idx + 1)
     rejected = set(batch.rejected)
     kept = [u for u in updates if u.client_id not in rejected]
     terms = sum(u.metrics["loss_terms"] for u in kept)

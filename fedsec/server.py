@@ -81,6 +81,14 @@ def server_step_scale(round_idx: int, rounds: int, server_lr: float, server_min_
     return cosine_lr(round_idx, max(rounds - 1, 1), server_lr, server_min_lr) / server_lr
 
 
+def ema_step(average: torch.Tensor, weight: float, vector: torch.Tensor, decay: float) -> tuple[torch.Tensor, float]:
+    """One more vector into the bias-corrected exponential moving average (federation.ema_decay):
+    sum_t decay^(T-t) v_t / sum_t decay^(T-t) over the vectors so far, where `weight` is the
+    denominator before this one (0: `vector` is the first, and its own average)."""
+    weight = decay * weight + 1.0
+    return average + (vector - average) / weight, weight
+
+
 @register("server_optimizer", "fedavg")
 class FedAvgServer:
     """x <- x + server_lr * Delta (FedAvg when server_lr = 1). Stateless."""

@@ -182,3 +182,42 @@ def test_bad_data_leaves_no_run_directory(tmp_path):
     with pytest.raises(ConfigError, match="clients_per_round"):
         run_experiment(cfg, out=tmp_path / "run", progress=False, log=lambda s: None)
     assert not (tmp_path / "run").exists()
+
+
+def test_ema_step_by_hand():
+    from fedsec.server import ema_step
+
+    v1, v2, v3 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0]), torch.tensor([4.0, 4.0])
+    average, weight = ema_step(torch.zeros(2), 0.0, v1, 0.5)  # the first vector is its own average
+    assert torch.equal(average, v1) and weight == 1.0
+    for v in (v2, v3):
+        average, weight = ema_step(average, weight, v, 0.5)
+    torch.testing.assert_close(average, (0.25 * v1 + 0.5 * v2 + v3) / 1.75)
+    assert weight == 1.75
+
+
+def test_ema_release_averages_the_globals_and_leaves_training_alone(tmp_path):
+    import dataclasses
+
+    common = dict(federation={"rounds": 3, "clients_per_round": 2}, keep_checkpoints=3)
+    plain = run_experiment(tiny_config(tmp_path, **common), out=tmp_path / "plain", progress=False,
+                           log=lambda s: None)
+    cfg = tiny_config(tmp_path, federation={**common["federation"], "ema_decay": 0.5}, keep_checkpoints=3)
+    smoothed = run_experiment(cfg, out=tmp_path / "ema", progress=False, log=lambda s: None)
+    ckpts = [torch.load(tmp_path / "ema" / "checkpoints" / f"round_{t:04d}.pt", weights_only=True)
+             for t in (1, 2, 3)]
+    g1, g2, g3 = (c["global"] for c in ckpts)
+    assert torch.equal(g3, _final(tmp_path / "plain"))  # training goes on from the last global
+    expected = (0.25 * g1 + 0.5 * g2 + g3) / 1.75
+    torch.testing.assert_close(ckpts[-1]["ema"][0], expected)
+    # the saved adapter and the final evaluation are the average's, not the last global's
+    model, _ = load_base_model(cfg.model)
+    model = attach_lora(model, dataclasses.replace(cfg.lora, init_from=str(tmp_path / "ema" / "adapter")), cfg.seed)
+    torch.testing.assert_close(AdapterParams(model).get(), expected)
+    assert smoothed.final["loss"] != plain.final["loss"]
+    # resumed from its checkpoint, the average goes on as in the uninterrupted run
+    run_experiment(cfg, out=tmp_path / "part", stop_after=2, progress=False, log=lambda s: None)
+    resumed = run_experiment(cfg, out=tmp_path / "part", resume=True, progress=False, log=lambda s: None)
+    assert resumed.final == smoothed.final
+    with pytest.raises(ConfigError, match="ema_decay"):
+        tiny_config(tmp_path, federation={"ema_decay": 1.0})
