@@ -131,11 +131,8 @@ def membership_attack(setup: Setup) -> dict:
     extraction = {side: answer_extraction(setup.model, setup.tokenizer, examples, cfg.data.template,
                                           cfg.eval.batch_size)
                   for side, examples in zip(("members", "non_members"), sample)}
-    # the model-free classifier beside the attacks: above chance, the split itself is shifted
     texts = [[" ".join(m.content for m in e.messages()) for e in examples] for examples in sample]
-    blind = dataclasses.asdict(blind_baseline(*texts, cfg.seed))
-    return {**membership, "blind": {**blind, "shifted": split_shifted(blind["auc"], len(texts[0]), len(texts[1]))},
-            "answer_extraction": extraction}
+    return {**membership, "blind": _blind(texts, cfg.seed), "answer_extraction": extraction}
 
 
 def user_membership_attack(setup: Setup) -> dict:
@@ -155,9 +152,14 @@ def user_membership_attack(setup: Setup) -> dict:
     membership = user_membership_inference(setup.model, setup.tokenizer, *encoded, cfg.eval.batch_size)
     texts = [[" ".join(m.content for e in records for m in e.messages()) for records in users]
              for users in setup.mia_pool]
-    blind = dataclasses.asdict(blind_baseline(*texts, cfg.seed))
-    return {"level": "user", **membership,
-            "blind": {**blind, "shifted": split_shifted(blind["auc"], len(texts[0]), len(texts[1]))}}
+    return {"level": "user", **membership, "blind": _blind(texts, cfg.seed)}
+
+
+def _blind(texts: list[list[str]], seed: int) -> dict:
+    """The model-free classifier beside every MIA, on (members' texts, non-members' texts):
+    above chance, the split itself is shifted."""
+    blind = dataclasses.asdict(blind_baseline(*texts, seed))
+    return {**blind, "shifted": split_shifted(blind["auc"], len(texts[0]), len(texts[1]))}
 
 
 def audit_outcome(setup: Setup, privacy: dict | None) -> dict:
