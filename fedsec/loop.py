@@ -129,6 +129,13 @@ class RunState:
         """The model the run evaluates and saves: the last global, or their moving average."""
         return self.global_vec if self.average is None else self.average
 
+    @released.setter
+    def released(self, vector: torch.Tensor) -> None:
+        if self.average is None:
+            self.global_vec = vector
+        else:
+            self.average = vector
+
     def smooth(self, decay: float) -> None:
         """The round's global model into the moving average (federation.ema_decay; 0: none)."""
         if decay > 0:
@@ -248,11 +255,8 @@ def play_round(setup: Setup, state: RunState, clients: ClientRunner, round_idx: 
     if setup.realign_set and setup.cfg.defense.realign_at == "round":
         state.global_vec = realign(setup, state.global_vec, lr, round_idx)
     state.smooth(fed.ema_decay)
-    if setup.realign_set and setup.cfg.defense.realign_at != "round" and round_idx + 1 == fed.rounds:
-        if state.average is None:  # at the end: the model the run releases is re-aligned
-            state.global_vec = realign(setup, state.global_vec, lr, round_idx)
-        else:
-            state.average = realign(setup, state.average, lr, round_idx)
+    if setup.realign_set and setup.cfg.defense.realign_at == "end" and round_idx + 1 == fed.rounds:
+        state.released = realign(setup, state.released, lr, round_idx)  # the model the run releases
     for c in setup.local_only:
         state.local[c] = state.local[c] + client_update(setup, state.local[c], c, lr, round_idx, "local").delta
     global_eval, clients_eval = _evaluate_if_due(setup, state.released, round_idx + 1)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -197,8 +198,6 @@ def test_ema_step_by_hand():
 
 
 def test_ema_release_averages_the_globals_and_leaves_training_alone(tmp_path):
-    import dataclasses
-
     common = dict(federation={"rounds": 3, "clients_per_round": 2}, keep_checkpoints=3)
     plain = run_experiment(tiny_config(tmp_path, **common), out=tmp_path / "plain", progress=False,
                            log=lambda s: None)
