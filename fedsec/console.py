@@ -29,11 +29,14 @@ def _privacy_cell(privacy: dict) -> str:
 
 
 def round_line(done: int, total: int, result: RoundResult | None, global_eval: dict | None,
-               clients_eval: dict | None, private: bool = False) -> str:
+               clients_eval: dict | None, private: bool = False, averaged: bool = False) -> str:
     """One round's progress line. `private` (a DP run): only what the mechanism releases,
     the schedule, the privacy cell and the global evaluation without canary exposure (the
-    rest is in the run's not_covered_by_dp_guarantee/ folder)."""
+    rest is in the run's not_covered_by_dp_guarantee/ folder). `averaged`
+    (federation.ema_decay): the evaluation is of the moving average of the globals, which
+    the line says before it."""
     parts = [f"round {done:>3}/{total}"]
+    averaged = averaged and result is not None  # round 0 evaluates the untuned model itself
     if private:
         if result is None:
             parts.append("untuned model")
@@ -42,7 +45,8 @@ def round_line(done: int, total: int, result: RoundResult | None, global_eval: d
             if result.privacy is not None:
                 parts.append(_privacy_cell(result.privacy))
         if global_eval is not None:
-            parts += _global_parts({k: v for k, v in global_eval.items() if k not in COVERED_GLOBAL_EVAL_DROP})
+            parts += _global_parts({k: v for k, v in global_eval.items() if k not in COVERED_GLOBAL_EVAL_DROP},
+                                   averaged)
         return "  ".join(parts)
     if result is None:
         parts.append("untuned model")
@@ -62,7 +66,7 @@ def round_line(done: int, total: int, result: RoundResult | None, global_eval: d
         if result.privacy is not None:
             parts.append(_privacy_cell(result.privacy))
     if global_eval is not None:
-        parts += _global_parts(global_eval)
+        parts += _global_parts(global_eval, averaged)
     if clients_eval is not None:
         if clients_eval["mean_accuracy"] is not None:
             parts.append(f"client acc mean {_fmt(clients_eval['mean_accuracy'])} "
@@ -74,12 +78,12 @@ def round_line(done: int, total: int, result: RoundResult | None, global_eval: d
     return "  ".join(parts)
 
 
-def _global_parts(global_eval: dict) -> list[str]:
-    parts = []
+def _global_parts(global_eval: dict, averaged: bool = False) -> list[str]:
+    parts, who = [], "global (moving average)" if averaged else "global"
     if global_eval.get("accuracy") is not None:
-        parts.append(f"global acc {_fmt(global_eval['accuracy'])} loss {_fmt(global_eval['loss'])}")
+        parts.append(f"{who} acc {_fmt(global_eval['accuracy'])} loss {_fmt(global_eval['loss'])}")
     elif global_eval.get("loss") is not None:  # free-text answers: the loss and its perplexity
-        parts.append(f"global loss {_fmt(global_eval['loss'])} ppl {perplexity(global_eval['loss']):.4g}")
+        parts.append(f"{who} loss {_fmt(global_eval['loss'])} ppl {perplexity(global_eval['loss']):.4g}")
     if "preference" in global_eval:
         pref = global_eval["preference"]
         parts.append(f"pref acc {_fmt(pref['preference_accuracy'])} "

@@ -206,7 +206,7 @@ def _rounds(setup: Setup, run: RunDir, dp: UserLevelDp | None, record: RecordLev
         bar.update(1)
         bar.clear()
         log(round_line(round_idx + 1, fed.rounds, result, result.global_eval, result.client_eval,
-                       state.private is not None))
+                       state.private is not None, averaged=fed.ema_decay > 0))
         bar.refresh()
         if stop_after is not None and round_idx + 1 >= stop_after and round_idx + 1 < fed.rounds:
             bar.close()

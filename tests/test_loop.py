@@ -199,10 +199,15 @@ def test_ema_step_by_hand():
 
 def test_ema_release_averages_the_globals_and_leaves_training_alone(tmp_path):
     common = dict(federation={"rounds": 3, "clients_per_round": 2}, keep_checkpoints=3)
+    plain_lines, lines = [], []
     plain = run_experiment(tiny_config(tmp_path, **common), out=tmp_path / "plain", progress=False,
-                           log=lambda s: None)
+                           log=plain_lines.append)
     cfg = tiny_config(tmp_path, federation={**common["federation"], "ema_decay": 0.5}, keep_checkpoints=3)
-    smoothed = run_experiment(cfg, out=tmp_path / "ema", progress=False, log=lambda s: None)
+    smoothed = run_experiment(cfg, out=tmp_path / "ema", progress=False, log=lines.append)
+    # the round lines say whose evaluation they print: the average's after a round, the untuned model's before
+    assert "global (moving average) acc" in next(x for x in lines if x.startswith("round   3/3"))
+    assert "moving average" not in next(x for x in lines if x.startswith("round   0/3"))
+    assert not any("moving average" in x for x in plain_lines)
     ckpts = [torch.load(tmp_path / "ema" / "checkpoints" / f"round_{t:04d}.pt", weights_only=True)
              for t in (1, 2, 3)]
     g1, g2, g3 = (c["global"] for c in ckpts)
