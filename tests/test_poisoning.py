@@ -176,3 +176,34 @@ def test_the_servers_realignment_pulls_a_poisoned_federation_back_towards_refusi
     assert _compliance_margin(setup, runs["defended"]) < _compliance_margin(setup, runs["attacked"]) - 5.0
     with pytest.raises(ConfigError, match="defense.realign_steps"):
         tiny_config(tmp_path, task="dpo", defense={"realign_steps": 4})
+
+
+@pytest.mark.parametrize("ema_decay", [0.0, 0.5])
+def test_realignment_at_the_end_touches_only_the_released_model(tmp_path, ema_decay):
+    """defense.realign_at: end: the rounds run as without the defense, and after the last one
+    the server re-aligns the model the run releases (the last global, or with
+    federation.ema_decay the moving average, which training never continues from)."""
+    from fedsec.loop import realign
+    from fedsec.training import round_lr
+
+    fed = {"rounds": 2, "clients_per_round": 4, "local_only_clients": 0, "ema_decay": ema_decay}
+    common = {"data": DATA, "federation": fed, "keep_checkpoints": 2,
+              "training": {"local_steps": 2, "batch_size": 6, "lr": 1e-2, "min_lr": 1e-2},
+              "eval": {"clients": False, "refusal": False}}
+    plain = tiny_config(tmp_path / "a", **common)
+    at_end = tiny_config(tmp_path / "b", defense={"realign_steps": 3, "realign_examples": 6, "realign_at": "end"},
+                         **common)
+    ckpts = {}
+    for name, cfg in (("plain", plain), ("end", at_end)):
+        run_experiment(cfg, out=tmp_path / name, progress=False, log=lambda _: None)
+        ckpts[name] = [torch.load(tmp_path / name / "checkpoints" / f"round_{t:04d}.pt", weights_only=True)
+                       for t in (1, 2)]
+    assert torch.equal(ckpts["end"][0]["global"], ckpts["plain"][0]["global"])  # round 1: no re-alignment
+    released = ckpts["plain"][1]["global"] if ema_decay == 0 else ckpts["plain"][1]["ema"][0]
+    expected = realign(prepare(at_end), released, round_lr(at_end.training, 1, 2), 1)
+    assert not torch.equal(expected, released)
+    if ema_decay == 0:
+        torch.testing.assert_close(ckpts["end"][1]["global"], expected)
+    else:  # the average is re-aligned; training's last global is the plain run's
+        assert torch.equal(ckpts["end"][1]["global"], ckpts["plain"][1]["global"])
+        torch.testing.assert_close(ckpts["end"][1]["ema"][0], expected)
