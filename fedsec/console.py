@@ -33,8 +33,8 @@ def round_line(done: int, total: int, result: RoundResult | None, global_eval: d
     """One round's progress line. `private` (a DP run): only what the mechanism releases,
     the schedule, the privacy cell and the global evaluation without canary exposure (the
     rest is in the run's not_covered_by_dp_guarantee/ folder). `averaged`
-    (federation.ema_decay): the evaluation is of the moving average of the globals, which
-    the line says before it."""
+    (federation.ema_decay): the evaluations are of the moving average of the globals, and
+    the global one is labelled so ("global (moving average) acc")."""
     parts = [f"round {done:>3}/{total}"]
     averaged = averaged and result is not None  # round 0 evaluates the untuned model itself
     if private:
