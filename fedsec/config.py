@@ -549,8 +549,8 @@ class DefenseConfig:
     realign_examples: int = _help(
         "the server's aligned set: drawn from data.alignment, else the embedded benchmark's unsafe "
         "requests on the server's own stream; never a refusal probe", 32)
-    realign_at: str = _help("round (after every round's server step) or end (after the last round only)",
-                            "round")
+    realign_at: str = _help("round (after every round's server step) or end (after the last round only, "
+                            "or the last before privacy.epsilon_budget stopped the run)", "round")
     realign_lr: float | None = _help("the re-alignment's learning rate (null: training.lr)", None)
 
     def __post_init__(self) -> None:

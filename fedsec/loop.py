@@ -199,8 +199,9 @@ def _rounds(setup: Setup, run: RunDir, dp: UserLevelDp | None, record: RecordLev
         sampled = _sample(setup, state, round_idx)
         if state.private is not None and budget.exceeded(round_idx, state.private, sampled):
             bar.close()
+            realigned = _realign_at_end(setup, state, round_idx - 1) if round_idx > 0 else False
             return finish(setup, run, state.released, state.local, state.private.report(), attack,
-                          rounds_done=round_idx, stopped=budget.stopped)
+                          rounds_done=round_idx, stopped=budget.stopped, evaluate=realigned)
         result = play_round(setup, state, clients, round_idx, sampled, lr)
         _save_round(run, state, result, cfg.keep_checkpoints)
         bar.update(1)
@@ -255,8 +256,8 @@ def play_round(setup: Setup, state: RunState, clients: ClientRunner, round_idx: 
     if setup.realign_set and setup.cfg.defense.realign_at == "round":
         state.global_vec = realign(setup, state.global_vec, lr, round_idx)
     state.smooth(fed.ema_decay)
-    if setup.realign_set and setup.cfg.defense.realign_at == "end" and round_idx + 1 == fed.rounds:
-        state.released = realign(setup, state.released, lr, round_idx)  # the model the run releases
+    if round_idx + 1 == fed.rounds:
+        _realign_at_end(setup, state, round_idx)
     for c in setup.local_only:
         state.local[c] = state.local[c] + client_update(setup, state.local[c], c, lr, round_idx, "local").delta
     global_eval, clients_eval = _evaluate_if_due(setup, state.released, round_idx + 1)
@@ -303,6 +304,16 @@ def _sample(setup: Setup, state: RunState, round_idx: int) -> list[int]:
     if setup.cfg.sampling == "cyclic":
         return cyclic_cohort(setup.trainable, fed.clients_per_round, round_idx)
     return sample_clients(setup.trainable, fed.clients_per_round, sampler)
+
+
+def _realign_at_end(setup: Setup, state: RunState, last_round: int) -> bool:
+    """defense.realign_at: end: the model the run releases re-aligned after its last round,
+    the planned last or the one before the epsilon budget stopped it. Whether it did."""
+    if not (setup.realign_set and setup.cfg.defense.realign_at == "end"):
+        return False
+    lr = round_lr(setup.cfg.training, last_round, setup.cfg.federation.rounds)
+    state.released = realign(setup, state.released, lr, last_round)
+    return True
 
 
 def realign(setup: Setup, vector: torch.Tensor, lr: float, round_idx: int) -> torch.Tensor:
@@ -428,14 +439,15 @@ class Budget:
 
 def finish(setup: Setup, run: RunDir, global_vec: torch.Tensor, local: dict,
            privacy: dict | None = None, attack: dict | None = None, rounds_done: int | None = None,
-           stopped: str | None = None) -> RunResult:
+           stopped: str | None = None, evaluate: bool = False) -> RunResult:
     """Local-only evaluation, final adapter, result.json. `stopped`: why the run ended after
-    `rounds_done` rounds, before the planned ones (the epsilon budget)."""
+    `rounds_done` rounds, before the planned ones (the epsilon budget). `evaluate`: the
+    adapter changed after its round's evaluation (re-aligned at the stop), evaluate it again."""
     rounds_done = setup.cfg.federation.rounds if rounds_done is None else rounds_done
     rows = run.read_metrics()
     untuned = next(r["global_eval"] for r in rows if r.get("round") == 0)
     last = [r for r in rows if r.get("phase") == "federated" and r.get("round") == rounds_done]
-    if stopped is not None and not (last and last[-1].get("global_eval")):
+    if evaluate or (stopped is not None and not (last and last[-1].get("global_eval"))):
         final, _ = evaluate_model(setup, global_vec)  # the adapter the run ends with, evaluated
     else:
         final = next((r["global_eval"] for r in reversed(rows) if r.get("global_eval")), {})  # {}: nothing global

@@ -207,3 +207,39 @@ def test_realignment_at_the_end_touches_only_the_released_model(tmp_path, ema_de
     else:  # the average is re-aligned; training's last global is the plain run's
         assert torch.equal(ckpts["end"][1]["global"], ckpts["plain"][1]["global"])
         torch.testing.assert_close(ckpts["end"][1]["ema"][0], expected)
+
+
+def test_a_run_the_epsilon_budget_stops_is_released_re_aligned(tmp_path):
+    """defense.realign_at: end under user-level DP with an epsilon budget: the run that stops
+    before its planned last round still releases the re-aligned model (post-processing), and
+    its final evaluation is that model's, not the last round's."""
+    from safetensors.torch import load_file
+
+    from fedsec.accountants.backends import DpEvent, epsilon
+    from fedsec.loop import realign
+    from fedsec.round_eval import evaluate_model
+    from fedsec.training import round_lr
+
+    eps = [epsilon([DpEvent(0.8, 2 / 4, k)], 1e-5, "rdp") for k in (2, 3)]
+    cfg = tiny_config(tmp_path, data=DATA, keep_checkpoints=4,
+                      federation={"rounds": 4, "clients_per_round": 2, "local_only_clients": 0},
+                      training={"local_steps": 2, "batch_size": 6, "lr": 1e-2, "min_lr": 1e-3},
+                      privacy={"mode": "user", "noise_multiplier": 0.8, "clip_norm": 0.5,
+                               "epsilon_budget": sum(eps) / 2},  # room for two rounds, not three
+                      defense={"realign_steps": 3, "realign_examples": 6, "realign_at": "end"},
+                      eval={"clients": False, "refusal": False})
+    result = run_experiment(cfg, out=tmp_path / "run", progress=False, log=lambda _: None)
+    assert result.rounds_done == 2 and result.stopped
+    last = torch.load(tmp_path / "run" / "checkpoints" / "round_0002.pt", weights_only=True)["global"]
+    setup = prepare(cfg)
+    expected = realign(setup, last, round_lr(cfg.training, 1, 4), 1)  # round 2's lr, not the planned last's
+    assert not torch.equal(expected, last)
+    setup.adapter.set(expected)
+    setup.model.save_pretrained(tmp_path / "expected", save_embedding_layers=False)
+    saved = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    want = load_file(tmp_path / "expected" / "adapter_model.safetensors")
+    assert saved.keys() == want.keys()
+    for key in saved:
+        torch.testing.assert_close(saved[key], want[key])
+    assert result.final["loss"] == pytest.approx(evaluate_model(setup, expected)[0]["loss"], rel=1e-6)
+    assert result.final["loss"] != pytest.approx(evaluate_model(setup, last)[0]["loss"], rel=1e-6)
