@@ -97,6 +97,12 @@ class LedgerEntry:
         return cls(**{k: v for k, v in data.items() if k in known})  # older ledgers: clients_sampled dropped
 
 
+# The ledger computes its other accountants beside the primary one up to this epsilon: above
+# it no accountant's number is a guarantee anyone would claim, and at the small sigmas that
+# get there PRV can take 20 s a round (sigma 0.05, q 0.1, 30 rounds; it returns inf)
+SIDE_BY_SIDE_UP_TO = 100.0
+
+
 @dataclass
 class PrivacyLedger:
     delta: float
@@ -156,15 +162,21 @@ class PrivacyLedger:
         return entry
 
     def _epsilons(self, events: list[DpEvent]) -> tuple[dict[str, float], dict[str, str] | None]:
-        eps, unavailable = {}, {}
+        """Epsilon by each accountant, the primary first; the others are skipped (unavailable,
+        with the reason) where the primary's is above SIDE_BY_SIDE_UP_TO."""
+        eps, unavailable = {self.primary: epsilon(events, self.delta, self.primary)}, {}
         for a in self.accountants:
+            if a == self.primary:
+                continue
+            if eps[self.primary] > SIDE_BY_SIDE_UP_TO:
+                unavailable[a] = (f"not computed: the primary accountant's epsilon "
+                                  f"{format_epsilon(eps[self.primary])} is above {SIDE_BY_SIDE_UP_TO:g}")
+                continue
             try:
                 eps[a] = epsilon(events, self.delta, a)
             except (ValueError, ArithmeticError, MemoryError, RuntimeError) as err:
-                if a == self.primary:
-                    raise
                 unavailable[a] = f"{type(err).__name__}: {err}"
-        return eps, unavailable or None
+        return {a: eps[a] for a in self.accountants if a in eps}, unavailable or None
 
     def report(self, accountant: str | None = None) -> PrivacyReport:
         accountant = accountant or self.primary

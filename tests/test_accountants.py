@@ -235,3 +235,45 @@ def test_a_secondary_accountant_that_fails_is_recorded_unavailable_and_the_run_g
     # the primary's failure is not hidden
     with pytest.raises(ValueError):
         PrivacyLedger(1e-16, ("rdp", "prv"), "prv").record(1, 1.0, 0.1, 0.5)
+
+
+def test_a_small_sigma_gives_numbers_quickly_without_warnings_or_a_traceback(capsys):
+    """sigma 0.01-0.1 (epsilons in the hundreds to tens of thousands): GDP is infinite rather
+    than an overflow, PRV's far-tail overflows stay inside the backend, PLD's grid grows with
+    epsilon (a fixed 1e-3 grid took 90 s at sigma 0.01), and the CLI prints one answer."""
+    import time
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert gdp_epsilon([DpEvent(0.01, 0.1, 30)], 1e-5) == math.inf
+        history = [DpEvent(0.1, 0.1, 30)]
+        pld = epsilon(history, 1e-5, "pld")
+        with pytest.raises(ValueError, match="prv accountant failed here .FloatingPointError"):
+            epsilon(history, 1e-5, "prv")  # NaNs in its far tail: refused, not printed
+        prv = epsilon([DpEvent(0.15, 0.1, 30)], 1e-5, "prv")
+        began = time.perf_counter()
+        tiny = epsilon([DpEvent(0.01, 0.1, 30)], 1e-5, "pld")
+        seconds = time.perf_counter() - began
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert pld == pytest.approx(579.98, rel=1e-4)
+    assert prv == pytest.approx(epsilon([DpEvent(0.15, 0.1, 30)], 1e-5, "pld"), rel=1e-3)  # two methods agree
+    # the grid scaled to epsilon: the 0.1-grid value (59,889.0) to 1e-4, below RDP's 164,352
+    assert tiny == pytest.approx(59889.0, rel=1e-4) and tiny < epsilon([DpEvent(0.01, 0.1, 30)], 1e-5, "rdp")
+    assert seconds < 30  # 90 s on the fixed grid; about 2 s here (most of it RDP's)
+    assert main(["privacy", "epsilon", "--noise-multiplier", "0.01", "--sample-rate", "0.1", "--rounds", "30"]) == 0
+    out = capsys.readouterr().out
+    assert "epsilon 164360 at delta 1e-05 (rdp)" in out  # 164,351.9 rounded up and "GDP/CLT approximation inf" in out
+
+
+def test_the_ledger_computes_its_other_accountants_only_up_to_epsilon_100():
+    from fedsec.accountants.ledger import SIDE_BY_SIDE_UP_TO
+
+    ledger = PrivacyLedger(1e-5, ("rdp", "prv", "pld"), "rdp")
+    entry = ledger.record(1, 0.8, 0.1, 1.0)
+    assert set(entry.epsilon) == {"rdp", "prv", "pld"} and entry.unavailable is None
+    far = PrivacyLedger(1e-5, ("rdp", "prv", "pld"), "pld").record(1, 0.05, 0.5, 1.0)
+    assert far.epsilon["pld"] > SIDE_BY_SIDE_UP_TO and set(far.epsilon) == {"pld"}
+    assert far.epsilon["pld"] == pytest.approx(epsilon([DpEvent(0.05, 0.5)], 1e-5, "pld"))
+    assert set(far.unavailable) == {"rdp", "prv"}
+    assert all("above 100" in why for why in far.unavailable.values())
