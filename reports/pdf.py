@@ -276,6 +276,13 @@ def findings(rows: list[dict]) -> list[str]:
                          f"untuned model ({untuned:.3f}): "
                          "at this epsilon the noise costs more than federated training gains")
             out.append(text + ".")
+        shown = [v for v, mine in by_variant.items() if mine[0]["certified"] or mine[0]["certified"] is None]
+        single = [v for v in shown if len(by_variant[v]) == 1]
+        if single:
+            who = "Every variant compared here" if len(single) == len(shown) else ", ".join(single)
+            out.append(f"{who} ran one seed: each such number is one draw (of the data, the client sample "
+                       "and, under DP, the noise) with no spread, and one draw can land far from the "
+                       "variant's mean; run more seeds before reading a difference as an effect.")
     elif len(by_variant) > 0:
         scored = [(_mean(r.get(key) for r in mine), v) for v, mine in by_variant.items()]
         scored = sorted([t for t in scored if t[0] is not None], key=lambda t: -sign * t[0])

@@ -371,3 +371,18 @@ def test_a_figure_taller_than_a_page_is_scaled_to_fit_it(tmp_path):
     assert image.drawWidth == pytest.approx(16 * cm) and image.drawHeight == pytest.approx(8 * cm)
     assert (tmp_path / "tall.png").is_file()
     plt.close("all")
+
+
+def test_a_comparison_of_single_seed_runs_says_each_number_is_one_draw(sweep):
+    from fedsec.reports.pdf import collect
+
+    _, runs = collect(sweep)
+    table = run_table(runs)
+    said = " ".join(findings(table))
+    assert "ran one seed" not in said  # non-private and eps4 ran two seeds each (epsinf is not compared)
+    one = [r for r in table if r["seed"] == 0]
+    said = " ".join(findings(one))
+    assert "Every variant compared here ran one seed: each such number is one draw" in said
+    assert "it keeps" in said  # the comparison itself is still made
+    mixed = [r for r in table if not (r["variant"] == "eps4" and r["seed"] == 1)]
+    assert "eps4 ran one seed" in " ".join(findings(mixed))
