@@ -210,11 +210,9 @@ def main(argv=None) -> dict:
             results[key] = row
             print(f"{model} {task}: fedsec round {fed:.2f} s, bare PEFT loop {bare:.2f} s, ratio {ratio:.3f}")
             if model == "smollm2" and task == "sft":
+                unpacked = load_config(None, shape(model, task, args.out) + ["training.pack=false"])
                 for pack in (True, False):  # packed is the default; unpacked rows beside it
-                    if not pack:
-                        cfg = load_config(None, shape(model, task, args.out) + ["training.pack=false"])
-                        setup = prepare(cfg)
-                    step = step_flops(cfg, setup)
+                    step = step_flops(cfg, setup) if pack else step_flops(unpacked, prepare(unpacked))
                     results["flops_fraction_smollm2" + ("" if pack else "_unpacked")] = {**step, "date": today}
                     seconds, peaks = statistics.median(step["step_seconds"]), statistics.median(step["peak_flops"])
                     print(f"smollm2 sft step ({'packed' if pack else 'unpacked'}): {step['step_flops'] / 1e9:.1f} "
