@@ -16,10 +16,11 @@ Pareto front of those pairs needs an accountant call.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from fedsec.accountants.backends import DpEvent, epsilon
-from fedsec.accountants.ledger import PrivacyReport
+from fedsec.accountants.ledger import SIDE_BY_SIDE_UP_TO, PrivacyReport, format_epsilon
 from fedsec.registry import registry
 
 
@@ -89,6 +90,25 @@ class RecordLedger:
     def epsilon(self, accountant: str) -> float:
         return worst_record_epsilon(self.noise_multiplier, self.sample_rates, self.steps, self.delta,
                                     accountant)
+
+    def epsilons(self, accountants: Sequence[str]) -> tuple[dict[str, float], dict[str, str] | None]:
+        """The worst record's epsilon by each accountant, as PrivacyLedger's side by side: the
+        primary's failure raises, another's is recorded unavailable with the reason, and
+        above SIDE_BY_SIDE_UP_TO the others are not computed."""
+        primary = self.epsilon(self.primary)
+        eps, unavailable = {self.primary: primary}, {}
+        for a in accountants:
+            if a == self.primary:
+                continue
+            if primary > SIDE_BY_SIDE_UP_TO:
+                unavailable[a] = (f"not computed: the primary accountant's epsilon {format_epsilon(primary)} "
+                                  f"is above {SIDE_BY_SIDE_UP_TO:g}")
+                continue
+            try:
+                eps[a] = self.epsilon(a)
+            except (ValueError, ArithmeticError, MemoryError, RuntimeError) as err:
+                unavailable[a] = f"{type(err).__name__}: {err}"
+        return eps, unavailable or None
 
     def report(self, accountant: str | None = None) -> PrivacyReport:
         accountant = accountant or self.primary

@@ -411,9 +411,10 @@ class RecordLevelDp:
 
     def report(self) -> dict:
         rep = self.ledger.report()
-        epsilons = ({a: self.ledger.epsilon(a) for a in ACCOUNTANTS} if rep.certified else None)
+        epsilons, unavailable = self.ledger.epsilons(ACCOUNTANTS) if rep.certified else (None, None)
         return {"mode": "record", "certified": rep.certified, "reason": rep.reason, "delta": rep.delta,
                 "accountant": rep.accountant, "epsilon": rep.epsilon, "epsilons": epsilons,
+                "unavailable": unavailable,
                 "noise_multiplier": self.plan.noise_multiplier,
                 "sample_rate": max(self.plan.sample_rates.values()),
                 "clip_norm": self.cfg.privacy.clip_norm, "adaptive_clipping": False,

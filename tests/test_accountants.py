@@ -278,3 +278,22 @@ def test_the_ledger_computes_its_other_accountants_only_up_to_epsilon_100():
     assert far.epsilon["pld"] == pytest.approx(epsilon([DpEvent(0.05, 0.5)], 1e-5, "pld"))
     assert set(far.unavailable) == {"rdp", "prv"}
     assert all("above 100" in why for why in far.unavailable.values())
+
+
+def test_the_record_level_report_keeps_a_failing_or_far_accountant_out_instead_of_failing():
+    """A record-level run's report computes every accountant at the end: one that fails (PRV at
+    delta 1e-16) is recorded unavailable instead of failing the finished run, and above epsilon
+    100 the others are not computed, as in the user-level ledger."""
+    from fedsec.accountants.record import RecordLedger
+
+    ledger = RecordLedger(1e-16, 1.0, {0: 0.1, 1: 0.2}, "rdp")
+    ledger.record(1, {0: 3, 1: 2})
+    eps, unavailable = ledger.epsilons(("rdp", "prv", "pld"))
+    assert set(eps) == {"rdp", "pld"} and set(unavailable) == {"prv"} and "delta" in unavailable["prv"].lower()
+    assert eps["rdp"] == pytest.approx(max(epsilon([DpEvent(1.0, 0.1, 3)], 1e-16, "rdp"),
+                                           epsilon([DpEvent(1.0, 0.2, 2)], 1e-16, "rdp")))
+    far = RecordLedger(1e-5, 0.1, {0: 0.1}, "pld")
+    far.record(1, {0: 30})
+    eps, unavailable = far.epsilons(("rdp", "prv", "pld"))
+    assert eps == {"pld": pytest.approx(epsilon([DpEvent(0.1, 0.1, 30)], 1e-5, "pld"))}
+    assert set(unavailable) == {"rdp", "prv"} and all("above 100" in w for w in unavailable.values())
