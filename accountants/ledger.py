@@ -14,7 +14,7 @@ prove.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 
@@ -162,21 +162,7 @@ class PrivacyLedger:
         return entry
 
     def _epsilons(self, events: list[DpEvent]) -> tuple[dict[str, float], dict[str, str] | None]:
-        """Epsilon by each accountant, the primary first; the others are skipped (unavailable,
-        with the reason) where the primary's is above SIDE_BY_SIDE_UP_TO."""
-        eps, unavailable = {self.primary: epsilon(events, self.delta, self.primary)}, {}
-        for a in self.accountants:
-            if a == self.primary:
-                continue
-            if eps[self.primary] > SIDE_BY_SIDE_UP_TO:
-                unavailable[a] = (f"not computed: the primary accountant's epsilon "
-                                  f"{format_epsilon(eps[self.primary])} is above {SIDE_BY_SIDE_UP_TO:g}")
-                continue
-            try:
-                eps[a] = epsilon(events, self.delta, a)
-            except (ValueError, ArithmeticError, MemoryError, RuntimeError) as err:
-                unavailable[a] = f"{type(err).__name__}: {err}"
-        return {a: eps[a] for a in self.accountants if a in eps}, unavailable or None
+        return side_by_side(lambda a: epsilon(events, self.delta, a), self.primary, self.accountants)
 
     def report(self, accountant: str | None = None) -> PrivacyReport:
         accountant = accountant or self.primary
@@ -210,6 +196,27 @@ class PrivacyLedger:
         again = [LedgerEntry.from_dict(e) for e in data.get("released_again", [])]
         return cls(float(data["delta"]), tuple(data["accountants"]), data["primary"],
                    bool(data["certified"]), data.get("reason"), entries, again)
+
+
+def side_by_side(epsilon_of: Callable[[str], float], primary: str,
+                 accountants: Sequence[str]) -> tuple[dict[str, float], dict[str, str] | None]:
+    """Epsilon by each accountant (in `accountants`' order), and why any is unavailable: the
+    primary's failure raises; another's failure is recorded with its reason, and above
+    SIDE_BY_SIDE_UP_TO by the primary the others are not computed."""
+    eps, unavailable = {primary: epsilon_of(primary)}, {}
+    for a in accountants:
+        if a == primary:
+            continue
+        if eps[primary] > SIDE_BY_SIDE_UP_TO:
+            unavailable[a] = (f"not computed: the primary accountant's epsilon {format_epsilon(eps[primary])} "
+                              f"is above {SIDE_BY_SIDE_UP_TO:g}")
+            continue
+        try:
+            eps[a] = epsilon_of(a)
+        except (ValueError, ArithmeticError, MemoryError, RuntimeError) as err:
+            unavailable[a] = f"{type(err).__name__}: {err}"
+    order = accountants if primary in accountants else (primary, *accountants)
+    return {a: eps[a] for a in order if a in eps}, unavailable or None
 
 
 def _events(entries: Sequence[LedgerEntry]) -> list[DpEvent]:

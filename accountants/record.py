@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from fedsec.accountants.backends import DpEvent, epsilon
-from fedsec.accountants.ledger import SIDE_BY_SIDE_UP_TO, PrivacyReport, format_epsilon
+from fedsec.accountants.ledger import PrivacyReport, side_by_side
 from fedsec.registry import registry
 
 
@@ -92,23 +92,8 @@ class RecordLedger:
                                     accountant)
 
     def epsilons(self, accountants: Sequence[str]) -> tuple[dict[str, float], dict[str, str] | None]:
-        """The worst record's epsilon by each accountant, as PrivacyLedger's side by side: the
-        primary's failure raises, another's is recorded unavailable with the reason, and
-        above SIDE_BY_SIDE_UP_TO the others are not computed."""
-        primary = self.epsilon(self.primary)
-        eps, unavailable = {self.primary: primary}, {}
-        for a in accountants:
-            if a == self.primary:
-                continue
-            if primary > SIDE_BY_SIDE_UP_TO:
-                unavailable[a] = (f"not computed: the primary accountant's epsilon {format_epsilon(primary)} "
-                                  f"is above {SIDE_BY_SIDE_UP_TO:g}")
-                continue
-            try:
-                eps[a] = self.epsilon(a)
-            except (ValueError, ArithmeticError, MemoryError, RuntimeError) as err:
-                unavailable[a] = f"{type(err).__name__}: {err}"
-        return eps, unavailable or None
+        """The worst record's epsilon by each accountant, side by side as in PrivacyLedger."""
+        return side_by_side(self.epsilon, self.primary, accountants)
 
     def report(self, accountant: str | None = None) -> PrivacyReport:
         accountant = accountant or self.primary
