@@ -84,7 +84,9 @@ def epsilon(history: Sequence[DpEvent], delta: float, accountant: str = "rdp") -
     try:
         eps = float(table[accountant](segments, delta))
     except (RuntimeError, ArithmeticError, MemoryError) as err:  # the backend's own failure
-        raise ValueError(f"the {accountant} accountant failed here ({type(err).__name__}: {err})") from None
+        others = " or ".join(a for a in ACCOUNTANTS if a != accountant)
+        raise ValueError(f"the {accountant} accountant failed here ({type(err).__name__}: {err}); "
+                         f"use another accountant ({others})") from None
     if math.isnan(eps) or eps < 0:
         raise ValueError(f"the {accountant} accountant returned epsilon {eps:g} at delta {delta:g}, which no "
                          "mechanism has: numerically unreliable here; use another accountant")
