@@ -18,9 +18,10 @@ Every function is pure: a history in, a number out. Nothing here reads training 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,6 +94,15 @@ def epsilon(history: Sequence[DpEvent], delta: float, accountant: str = "rdp") -
     return eps
 
 
+@contextlib.contextmanager
+def _backend_numerics(kind: str) -> Iterator[None]:
+    """Opacus' numerics for `kind`: tightness warnings silenced, PRV's NaNs raised (_opacus)."""
+    invalid = "raise" if kind == "prv" else "warn"
+    with warnings.catch_warnings(), np.errstate(divide="ignore", over="ignore", invalid=invalid):
+        warnings.simplefilter("ignore", UserWarning)
+        yield
+
+
 def _opacus(kind: str, segments: list[DpEvent], delta: float) -> float:
     from opacus.accountants import PRVAccountant, RDPAccountant
 
@@ -102,9 +112,7 @@ def _opacus(kind: str, segments: list[DpEvent], delta: float) -> float:
     # domain search at a small sigma (the privacy loss's far tail), are warnings about
     # tightness, not validity: the bound returned is still safe. A NaN inside PRV's sums (inf
     # x 0 in the far tail, sigma about 0.1 and below) is not: it raises, and epsilon() refuses
-    invalid = "raise" if kind == "prv" else "warn"
-    with warnings.catch_warnings(), np.errstate(divide="ignore", over="ignore", invalid=invalid):
-        warnings.simplefilter("ignore", UserWarning)
+    with _backend_numerics(kind):
         if kind == "prv":  # size the grid once, refuse a hopeless one, and let get_epsilon reuse it
             domain = _prv_domain(acc, delta)
             _check_prv_grid(domain.size)
@@ -137,7 +145,8 @@ def prv_grid_points(segments: list[DpEvent], delta: float) -> int:
 
     acc = PRVAccountant()
     acc.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in segments]
-    return _prv_domain(acc, delta).size
+    with _backend_numerics("prv"):
+        return _prv_domain(acc, delta).size
 
 
 def _check_prv_grid(points: int) -> None:
