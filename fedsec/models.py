@@ -73,10 +73,24 @@ def load_base_model(cfg: ModelConfig, precision: str = "fp32"):
                           f"{SMOLLM2}, a local model folder, or a hub id with network access") from None
     if cfg.quantization == "none":
         model = model.to(device)
+    else:
+        _no_inference_repacking(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
+
+
+def _no_inference_repacking(model) -> None:
+    """bitsandbytes (0.50) repacks a CPU Linear4bit's weight for its AVX512-BF16 kernel the
+    first time the layer runs in eval mode without gradients, and from then on computes every
+    forward with that kernel, which has no backward: after a run's first evaluation no
+    gradient reached the adapters, and a 4-bit run on such a CPU trained nothing (its adapter
+    stayed as initialised, silently). fedsec evaluates and trains one model, so the
+    repacking is turned off."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def load_model(cfg):

@@ -137,3 +137,45 @@ def test_one_sgd_step_moves_the_adapter_by_minus_lr_times_the_clipped_gradient()
     clipped = grad * min(1.0, 0.01 / float(grad.norm()))
     torch.testing.assert_close(result.delta, -0.5 * clipped, rtol=1e-4, atol=1e-8)
     assert float(result.delta.norm()) <= 0.5 * 0.01 * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+def test_an_evaluation_pass_leaves_the_quantized_models_gradients_as_they_were(quantization):
+    """bitsandbytes repacks a CPU 4-bit layer for an inference kernel without a backward the
+    first time it runs in eval mode without gradients (on CPUs with AVX512-BF16, like this
+    project's): after that no gradient reached the adapters. fedsec turns the repacking off."""
+    model, tok = _tiny(quantization)
+    batch = collate(_data(tok)[:4], tok.pad_token_id)
+
+    def gradients():
+        model.train()
+        model.zero_grad(set_to_none=True)
+        loss_sum, n = completion_loss(model, batch)
+        (loss_sum / n).backward()
+        model.eval()
+        return {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
+
+    before = gradients()
+    with torch.no_grad():  # what a run's evaluation does between rounds
+        completion_loss(model, batch)
+    after = gradients()
+    assert before.keys() == after.keys() and any(g.abs().sum() > 0 for g in before.values())
+    for key, grad in before.items():
+        assert after[key] is not None, key
+        torch.testing.assert_close(after[key], grad, rtol=1e-5, atol=1e-7)
+
+
+def test_a_4bit_run_trains_its_adapter(tmp_path):
+    """The whole loop on the 4-bit tiny model: the round-0 evaluation comes first, and the
+    adapter still moves (it stayed as initialised before the repacking was turned off)."""
+    from conftest import tiny_config
+
+    from fedsec.loop import run_experiment
+
+    cfg = tiny_config(tmp_path, model={"name": "tiny", "quantization": "4bit"}, keep_checkpoints=3,
+                      federation={"rounds": 2, "clients_per_round": 2})
+    result = run_experiment(cfg, out=tmp_path / "run", progress=False, log=lambda _: None)
+    checkpoints = sorted((tmp_path / "run" / "checkpoints").glob("*.pt"))
+    first, last = (torch.load(p, weights_only=True)["global"] for p in checkpoints)
+    assert not torch.equal(first, last)
+    assert result.final["loss"] != pytest.approx(result.untuned["loss"], rel=1e-6)
