@@ -276,8 +276,8 @@ def findings(rows: list[dict]) -> list[str]:
                          f"untuned model ({untuned:.3f}): "
                          "at this epsilon the noise costs more than federated training gains")
             out.append(text + ".")
-        shown = [v for v, mine in by_variant.items() if mine[0]["certified"] or mine[0]["certified"] is None]
-        single = [v for v in shown if len(by_variant[v]) == 1]
+        shown = {r["variant"] for r in plain} | {v for _, v, _ in private}  # the variants compared above
+        single = [v for v, mine in by_variant.items() if v in shown and len(mine) == 1]
         if single:
             who = "Every variant compared here" if len(single) == len(shown) else ", ".join(single)
             out.append(f"{who} ran one seed: each such number is one draw (of the data, the client sample "
