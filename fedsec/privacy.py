@@ -410,10 +410,11 @@ class RecordLevelDp:
                 "epsilon": None if eps is None else {self.cfg.privacy.accountant: eps}}
 
     def report(self) -> dict:
-        rep = self.ledger.report()
-        epsilons, unavailable = self.ledger.epsilons(ACCOUNTANTS) if rep.certified else (None, None)
-        return {"mode": "record", "certified": rep.certified, "reason": rep.reason, "delta": rep.delta,
-                "accountant": rep.accountant, "epsilon": rep.epsilon, "epsilons": epsilons,
+        ledger = self.ledger  # the primary's epsilon is computed once, in the side-by-side table
+        epsilons, unavailable = ledger.epsilons(ACCOUNTANTS) if ledger.certified else (None, None)
+        return {"mode": "record", "certified": ledger.certified, "reason": ledger.reason, "delta": ledger.delta,
+                "accountant": ledger.primary, "epsilon": epsilons[ledger.primary] if epsilons else None,
+                "epsilons": epsilons,
                 "unavailable": unavailable,
                 "noise_multiplier": self.plan.noise_multiplier,
                 "sample_rate": max(self.plan.sample_rates.values()),
