@@ -19,6 +19,7 @@ Every function is pure: a history in, a number out. Nothing here reads training 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 from collections.abc import Iterator, Sequence
@@ -104,20 +105,50 @@ def _backend_numerics(kind: str) -> Iterator[None]:
 
 
 def _opacus(kind: str, segments: list[DpEvent], delta: float) -> float:
-    from opacus.accountants import PRVAccountant, RDPAccountant
+    from opacus.accountants import PRVAccountant
 
-    acc = RDPAccountant() if kind == "rdp" else PRVAccountant()
-    acc.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in segments]
+    history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in segments]
     # "optimal order is the largest alpha" (RDP), and log(0) and exp overflowing inside PRV's
     # domain search at a small sigma (the privacy loss's far tail), are warnings about
     # tightness, not validity: the bound returned is still safe. A NaN inside PRV's sums (inf
     # x 0 in the far tail, sigma about 0.1 and below) is not: it raises, and epsilon() refuses
     with _backend_numerics(kind):
-        if kind == "prv":  # size the grid once, refuse a hopeless one, and let get_epsilon reuse it
-            domain = _prv_domain(acc, delta)
-            _check_prv_grid(domain.size)
-            acc._get_domain = lambda **_: domain
+        if kind == "rdp":
+            return _rdp_epsilon(history, delta)
+        acc = PRVAccountant()
+        acc.history = history
+        domain = _prv_domain(history, delta)  # sized once; a hopeless grid is refused before it is built
+        _check_prv_grid(domain.size)
+        acc._get_domain = lambda **_: domain
         return acc.get_epsilon(delta=delta)
+
+
+@functools.lru_cache(maxsize=256)
+def _rdp_per_round(sample_rate: float, noise_multiplier: float, invalid: str) -> np.ndarray:
+    """Opacus' RDP curve of one round at RDPAccountant's default orders (read-only), computed
+    under numpy's `invalid` setting of the caller (`_backend_numerics`: PRV raises on a NaN)."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as analysis
+
+    curve = analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
+                                 orders=RDPAccountant.DEFAULT_ALPHAS)
+    curve.setflags(write=False)
+    return curve
+
+
+def _rdp_epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> float:
+    """Opacus' RDPAccountant.get_epsilon for `history` ((sigma, q, steps) each), bit for bit.
+
+    Opacus' compute_rdp is `steps` times the one-round curve, so each (q, sigma)'s curve is
+    computed once per process (`_rdp_per_round`): a ledger asks again every round, and the
+    curve was most of the time of RDP and of PRV's grid sizing (a test checks equality)."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as analysis
+
+    invalid = np.geterr()["invalid"]
+    rdp = sum([_rdp_per_round(q, sigma, invalid) * steps for sigma, q, steps in history])
+    eps, _ = analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
+    return float(eps)
 
 
 # The PRV grid holds 2 L / mesh points (float64, a few arrays of it): past this many the
@@ -129,24 +160,26 @@ MAX_PRV_POINTS = 3e7
 PRV_EPS_ERROR, PRV_DELTA_ERROR = 0.01, 1e-3
 
 
-def _prv_domain(acc, delta: float):
-    """The grid Opacus' PRVAccountant.get_epsilon builds for its history (its own sizing;
-    the Domain only records the size, nothing is allocated)."""
-    from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
+def _prv_domain(history: Sequence[tuple[float, float, int]], delta: float):
+    """The grid Opacus' PRVAccountant.get_epsilon builds for `history` (its `_get_domain` with
+    `compute_safe_domain_size`, Gopi et al. 2021 remark 5.6), its RDP bounds from
+    `_rdp_epsilon`; a test checks it is Opacus' grid. The Domain only records the size."""
+    from opacus.accountants.analysis.prv import Domain
 
-    prvs = [PoissonSubsampledGaussianPRV(q, sigma) for sigma, q, _ in acc.history]
-    return acc._get_domain(prvs=prvs, num_self_compositions=[steps for _, _, steps in acc.history],
-                           eps_error=PRV_EPS_ERROR, delta_error=delta * PRV_DELTA_ERROR)
+    eps_error, delta_error = PRV_EPS_ERROR, delta * PRV_DELTA_ERROR
+    total = sum(steps for _, _, steps in history)
+    size = _rdp_epsilon(history, delta_error / 4)
+    for sigma, q, _ in history:
+        size = max(size, _rdp_epsilon([(sigma, q, 1)], delta_error / (8 * total)))
+    size = max(size, eps_error) + 3
+    mesh = eps_error / np.sqrt(total * np.log(12 / delta_error) / 2)
+    return Domain.create_aligned(-size, size, mesh)
 
 
 def prv_grid_points(segments: list[DpEvent], delta: float) -> int:
     """The number of points of the grid the PRV accountant would build for `segments`."""
-    from opacus.accountants import PRVAccountant
-
-    acc = PRVAccountant()
-    acc.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in segments]
     with _backend_numerics("prv"):
-        return _prv_domain(acc, delta).size
+        return _prv_domain([(e.noise_multiplier, e.sample_rate, e.steps) for e in segments], delta).size
 
 
 def _check_prv_grid(points: int) -> None:

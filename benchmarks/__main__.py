@@ -82,6 +82,13 @@ def latest_table(results: dict, seconds: float, chosen: list[str]) -> str:
     for key in sorted(k for k in results if k.startswith("calibration_seconds_")):
         rows.append(f"| {key.replace('_', ' ')} (`{key}`) | {results[key]['value']:.2f} s | - | "
                     f"{results[key]['date']} |")
+    ledger = results.get("ledger_round_seconds")
+    if ledger:
+        ours = sum(ledger[a] for a in ("rdp", "prv", "pld"))
+        theirs = ledger["opacus_rdp"] + ledger["opacus_prv"] + ledger["pld"]
+        rows.append(f"| a DP ledger's round, rdp + prv + pld side by side, sigma 0.729, q 0.1 "
+                    f"(`ledger_round_seconds`) | {ours * 1e3:.0f} ms (Opacus' accountants asked directly: "
+                    f"{theirs * 1e3:.0f} ms) | - | {ledger['date']} |")
     stamp = datetime.date.today().isoformat()
     which = "" if list(chosen) == list(ORDER) else f" --only {','.join(chosen)}"
     return (f"{BEGIN}\n## Latest run\n\n`python -m benchmarks{which}` on {stamp}, {os.cpu_count()} CPU cores, "

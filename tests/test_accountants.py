@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
 
 from fedsec.accountants import (
     DpEvent,
@@ -58,6 +60,32 @@ def test_wrappers_agree_with_the_libraries_called_directly():
     # the PLD wrapper may use a coarser (pessimistic) grid: never below, and within 0.1%
     ours, theirs = epsilon(history, 1e-5, "pld"), pld.get_epsilon(1e-5)
     assert theirs <= ours <= theirs * 1.001
+
+
+@pytest.mark.parametrize("history", [[(0.729, 0.1, 30)], [(1.1, 0.05, 60), (0.9, 0.1, 40)], [(4.0, 0.01, 10_000)],
+                                     [(0.3, 0.2, 1), (0.3, 0.2, 1)]])
+def test_rdp_and_the_prv_grid_are_opacus_bit_for_bit_round_after_round(history):
+    """The one-round RDP curve is computed once per (q, sigma) and scaled by the rounds, as
+    Opacus' compute_rdp does: every round of a ledger's growing history gives Opacus' own
+    RDP epsilon and PRV grid exactly, the repeated (cached) asks included."""
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    from fedsec.accountants.backends import PRV_DELTA_ERROR, PRV_EPS_ERROR, _prv_domain
+
+    for last in (1, 2, history[-1][2]) * 2:
+        events = [DpEvent(*h) for h in [*history[:-1], (*history[-1][:2], last)]]
+        grown = [(e.noise_multiplier, e.sample_rate, e.steps) for e in compress(events)]  # what epsilon() composes
+        rdp, prv = RDPAccountant(), PRVAccountant()
+        rdp.history = prv.history = grown
+        assert epsilon(events, 1e-5, "rdp") == rdp.get_epsilon(1e-5)
+        with np.errstate(divide="ignore", over="ignore"):
+            theirs = prv._get_domain(prvs=[PoissonSubsampledGaussianPRV(q, s) for s, q, _ in grown],
+                                     num_self_compositions=[n for *_, n in grown], eps_error=PRV_EPS_ERROR,
+                                     delta_error=1e-5 * PRV_DELTA_ERROR)
+            ours = _prv_domain(grown, 1e-5)
+        assert ours == theirs  # t_min, t_max, size, shifts
+        if sum(n for *_, n in grown) <= 100:
+            assert epsilon(events, 1e-5, "prv") == prv.get_epsilon(1e-5)
 
 
 def test_prv_and_pld_agree_and_gdp_underestimates_in_the_fl_regime():
