@@ -209,15 +209,25 @@ def _pld(segments: list[DpEvent], delta: float) -> float:
 
 
 def _pld_at(segments: list[DpEvent], delta: float, interval: float) -> float:
-    import dp_accounting
-    from dp_accounting.pld import pld_privacy_accountant
+    """dp-accounting's PLDAccountant for `segments` at this grid, bit for bit: its
+    composition, with each (sigma, q)'s one-round PLD discretised once per process
+    (`_pld_per_round`: most of the time, and the same every round of a ledger)."""
+    from dp_accounting.pld import privacy_loss_distribution
 
-    acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=interval)
+    pld = privacy_loss_distribution.identity(value_discretization_interval=interval)
     for e in segments:
-        event = dp_accounting.PoissonSampledDpEvent(e.sample_rate,
-                                                    dp_accounting.GaussianDpEvent(e.noise_multiplier))
-        acc.compose(event, e.steps)
-    return acc.get_epsilon(delta)
+        pld = pld.compose(_pld_per_round(e.noise_multiplier, e.sample_rate, interval).self_compose(e.steps))
+    return pld.get_epsilon_for_delta(delta)
+
+
+@functools.lru_cache(maxsize=8)  # a few MB each at most (PLD_FIXED_GRID_SIGMA); a ledger needs one or two
+def _pld_per_round(noise_multiplier: float, sample_rate: float, interval: float):
+    """One round's PLD as PLDAccountant builds it (add-or-remove neighbours); compose and
+    self_compose return new distributions, so the cached one is never changed."""
+    from dp_accounting.pld import privacy_loss_distribution
+
+    return privacy_loss_distribution.from_gaussian_mechanism(
+        standard_deviation=noise_multiplier, value_discretization_interval=interval, sampling_prob=sample_rate)
 
 
 # The built-in accountants in the registry (fedsec.registry), each fn(history, delta) -> epsilon.

@@ -8,8 +8,9 @@ epsilon 4 at delta 1e-5; the same bisection for every accountant
 
 Ledger rounds: after each of 30 rounds at the DP demo's sigma 0.729 and q 0.1 the ledger
 computes epsilon so far by every accountant; the seconds per round of each, against
-Opacus' RDPAccountant and PRVAccountant asked the same (fedsec computes each (q, sigma)'s
-one-round RDP curve once and scales it, as Opacus' compute_rdp does: the same numbers).
+Opacus' RDPAccountant and PRVAccountant and dp-accounting's PLDAccountant asked the same
+(fedsec computes each (q, sigma)'s one-round RDP curve and PLD once and composes them as
+the libraries do: the same numbers).
 
     python -m benchmarks.accounting [--rounds 10000]
 """
@@ -64,8 +65,17 @@ def ledger_rounds(sigma: float = 0.729, q: float = 0.1, rounds: int = 30, delta:
                 return acc.get_epsilon(delta)
         return ask
 
+    def dp_accounting_pld(t):  # at the grid fedsec's wrapper uses at this sigma (epsilon above 2)
+        import dp_accounting
+        from dp_accounting.pld import pld_privacy_accountant
+
+        acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3)
+        acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), t)
+        return acc.get_epsilon(delta)
+
     out = {a: per_round(lambda t, a=a: epsilon([DpEvent(sigma, q, t)], delta, a)) for a in ACCOUNTANTS}
     out.update({f"opacus_{k}": per_round(opacus(k)) for k in ("rdp", "prv")})
+    out["dp_accounting_pld"] = per_round(dp_accounting_pld)
     for k, v in out.items():
         print(f"ledger round, {k}: {v * 1e3:.2f} ms")
     return out

@@ -64,13 +64,16 @@ def test_wrappers_agree_with_the_libraries_called_directly():
 
 @pytest.mark.parametrize("history", [[(0.729, 0.1, 30)], [(1.1, 0.05, 60), (0.9, 0.1, 40)], [(4.0, 0.01, 10_000)],
                                      [(0.3, 0.2, 1), (0.3, 0.2, 1)]])
-def test_rdp_and_the_prv_grid_are_opacus_bit_for_bit_round_after_round(history):
-    """The one-round RDP curve is computed once per (q, sigma) and scaled by the rounds, as
-    Opacus' compute_rdp does: every round of a ledger's growing history gives Opacus' own
-    RDP epsilon and PRV grid exactly, the repeated (cached) asks included."""
+def test_rdp_prv_grid_and_pld_are_the_libraries_bit_for_bit_round_after_round(history):
+    """The one-round RDP curve and PLD are computed once per (q, sigma) and composed over the
+    rounds, as Opacus and dp-accounting do: every round of a ledger's growing history gives
+    Opacus' own RDP epsilon and PRV grid and dp-accounting's PLD epsilon exactly, the
+    repeated (cached) asks included."""
+    import dp_accounting
+    from dp_accounting.pld import pld_privacy_accountant
     from opacus.accountants import PRVAccountant, RDPAccountant
 
-    from fedsec.accountants.backends import PRV_DELTA_ERROR, PRV_EPS_ERROR, _prv_domain
+    from fedsec.accountants.backends import PRV_DELTA_ERROR, PRV_EPS_ERROR, _pld_at, _prv_domain
 
     for last in (1, 2, history[-1][2]) * 2:
         events = [DpEvent(*h) for h in [*history[:-1], (*history[-1][:2], last)]]
@@ -86,6 +89,10 @@ def test_rdp_and_the_prv_grid_are_opacus_bit_for_bit_round_after_round(history):
         assert ours == theirs  # t_min, t_max, size, shifts
         if sum(n for *_, n in grown) <= 100:
             assert epsilon(events, 1e-5, "prv") == prv.get_epsilon(1e-5)
+        pld = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3)
+        for s, q, n in grown:
+            pld.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(s)), n)
+        assert _pld_at(compress(events), 1e-5, 1e-3) == pld.get_epsilon(1e-5)
 
 
 def test_prv_and_pld_agree_and_gdp_underestimates_in_the_fl_regime():
