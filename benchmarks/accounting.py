@@ -6,7 +6,8 @@ Calibration: one DP event per round (Poisson-subsampled Gaussian, q = 0.01), tar
 epsilon 4 at delta 1e-5; the same bisection for every accountant
 (fedsec.accountants.backends.calibrate), so the time is the accountant's epsilon evaluations.
 
-Ledger rounds: after each of 30 rounds at the DP demo's sigma 0.729 and q 0.1 the ledger
+Ledger rounds: after each of 30 rounds at sigma 0.729 and q 0.1 (the DP demo's epsilon 8
+by PLD) the ledger
 computes epsilon so far by every accountant; the seconds per round of each, against
 Opacus' RDPAccountant and PRVAccountant and dp-accounting's PLDAccountant asked the same
 (fedsec computes each (q, sigma)'s one-round RDP curve and PLD once and composes them as
