@@ -209,10 +209,21 @@ def prefix_states(model, items: Sequence[Encoded], first: int, pad_id: int,
     return out
 
 
+@dataclass
+class _Entry:
+    """A memo entry: a call's states, and where each of its groups' states lie in them (by
+    the key of a call on that group alone, `_group_keys`)."""
+
+    states: list[torch.Tensor]
+    groups: dict[str, tuple[int, int]]
+
+
 # States computed in this process, by (model, layer, token ids): the runs of a sweep share
 # their base model and often their data (an epsilon sweep differs only in the noise), so
-# the frozen prefix is computed once per sweep, not once per run. Bounded: oldest out.
-_MEMO: dict[str, list[torch.Tensor]] = {}
+# the frozen prefix is computed once per sweep, not once per run; a run whose clients
+# differ in a few (an attack's, the server's own set) computes only those (`_reuse_groups`).
+# Bounded: oldest out.
+_MEMO: dict[str, _Entry] = {}
 _MEMO_ENTRIES = 8
 _FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -293,8 +304,10 @@ def cache_frozen_prefix(model, items: Sequence[Encoded], first: int, pad_id: int
     `model_key` names the frozen base model (name, dtype, quantization); given, states
     are reused from earlier calls with the same frozen weights (their digest), items
     (token ids: data and template), layer and batch size: from this process's memo, else
-    from the on-disk cache (prefix_cache_dir), where new states are stored. `home`: where
-    the states are kept (`plan_cache`); a folder: memory-mapped there (`_mapped`).
+    from the on-disk cache (prefix_cache_dir), where new states are stored. With `groups`,
+    a call that misses both still takes each group an earlier call of this process holds
+    from the memo and computes only the others (`_reuse_groups`). `home`: where the states
+    are kept (`plan_cache`); a folder: memory-mapped there (`_mapped`).
     """
     mapped = isinstance(home, Path)
     if model_key is None and not mapped:
@@ -305,7 +318,9 @@ def cache_frozen_prefix(model, items: Sequence[Encoded], first: int, pad_id: int
     if mapped:
         return _mapped(model, items, first, pad_id, batch_size, home / key[:40], groups, pack)
     pin = home.type == "cpu" and model_device(model).type == "cuda"
-    states = _MEMO.get(key)
+    entry = _MEMO.get(key)
+    states = entry.states if entry is not None else None
+    spans = _group_spans(model_key, model, first, items, batch_size, groups, pack)
     path = prefix_cache_dir() / f"{key[:40]}.pt"
     if states is None and path.is_file():
         states = _load(path, len(items))
@@ -314,7 +329,7 @@ def cache_frozen_prefix(model, items: Sequence[Encoded], first: int, pad_id: int
             progress.note(f"fedsec: frozen prefix of {len(items)} examples read from {path} "
                           f"({_size(path.stat().st_size)})")
     if states is None:
-        states = prefix_states(model, items, first, pad_id, batch_size, home, groups=groups, pack=pack)
+        states = _reuse_groups(model, items, first, pad_id, batch_size, home, spans, pack)
         buffer = io.BytesIO()
         torch.save([h.to(DATA) for h in states], buffer)
         try:
@@ -325,10 +340,42 @@ def cache_frozen_prefix(model, items: Sequence[Encoded], first: int, pad_id: int
         except OSError as err:  # a full or read-only disk costs the reuse, not the run
             progress.note(f"fedsec: frozen prefix not cached on disk ({err})")
     states = [_placed(h, home, pin, copy=False) for h in states]  # a memo entry another run kept elsewhere
-    _MEMO[key] = states
+    _MEMO[key] = _Entry(states, {k: (a, b) for k, a, b in reversed(spans)})  # a repeated group: its first span
     while len(_MEMO) > _MEMO_ENTRIES:
         _MEMO.pop(next(iter(_MEMO)))
     return [replace(item, hidden=h, hidden_layer=first) for item, h in zip(items, states)]
+
+
+def _group_spans(model_key: str | None, model, first: int, items: Sequence[Encoded], batch_size: int,
+                 groups: Sequence[int] | None, pack: bool) -> list[tuple[str, int, int]]:
+    """Each group's span of `items` with the memo key a call on that group alone would have
+    (none without `groups`: batches that cross the items make no group's states its own)."""
+    if groups is None:
+        return []
+    base = f"{model_key or 'unnamed'}|{frozen_fingerprint(model, first)}"
+    return [(_memo_key(base, first, items[a:b], batch_size, [b - a], pack), a, b)
+            for a, b in itertools.pairwise([0, *itertools.accumulate(groups)])]
+
+
+def _reuse_groups(model, items: Sequence[Encoded], first: int, pad_id: int, batch_size: int, home: Home,
+                  spans: list[tuple[str, int, int]], pack: bool) -> list[torch.Tensor]:
+    """The items' states: a group a memo entry holds is taken from it (bit for bit what
+    computing it gives, since batches never cross a group), the other groups are computed
+    in one call, each distinct group once. Without groups (`spans` empty) all are computed."""
+    if not spans:
+        return prefix_states(model, items, first, pad_id, batch_size, home, pack=pack)
+    found = {k: entry.states[a:b] for entry in _MEMO.values() for k, (a, b) in entry.groups.items()}
+    todo = {}
+    for k, a, b in spans:
+        if k not in found and k not in todo:
+            todo[k] = (a, b)
+    if todo:
+        computed = prefix_states(model, [items[i] for a, b in todo.values() for i in range(a, b)], first, pad_id,
+                                 batch_size, home, groups=[b - a for a, b in todo.values()], pack=pack)
+        at = 0
+        for k, (a, b) in todo.items():
+            found[k], at = computed[at: at + b - a], at + b - a
+    return [state for k, _, _ in spans for state in found[k]]
 
 
 def _mapped(model, items: Sequence[Encoded], first: int, pad_id: int, batch_size: int,

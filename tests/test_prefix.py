@@ -223,3 +223,33 @@ def test_a_model_whose_states_packing_would_change_computes_the_prefix_plain(tmp
     monkeypatch.setattr(fedsec.prefix, "_chunk_states", ignores_the_mask)
     fallback = prefix_states(model, items[:6], first, pad, batch_size=6, pack=True)
     assert all(torch.equal(a, b) for a, b in zip(fallback, plain))
+
+
+def test_a_call_reuses_the_groups_an_earlier_call_computed_bit_for_bit(tmp_path, monkeypatch):
+    """A sweep's runs that differ in a few clients (an attack's, the server's own set):
+    the second call computes only the groups no memo entry holds, each distinct group
+    once, and gives what a fresh computation of the whole call gives, bit for bit."""
+    import fedsec.prefix
+
+    model, tok, items = _model_and_items(tmp_path, top_layers=1)
+    first, pad = model.config.num_hidden_layers - 1, tok.pad_token_id
+    monkeypatch.setattr(fedsec.prefix, "_MEMO", {})
+    monkeypatch.setenv("FEDSEC_CACHE", str(tmp_path / "cache"))
+    asked = []
+    compute = fedsec.prefix.prefix_states
+    monkeypatch.setattr(fedsec.prefix, "prefix_states",
+                        lambda m, xs, *a, **k: asked.append(len(xs)) or compute(m, xs, *a, **k))
+    a, b, c, d = items[:2], items[2:4], items[4:5], [items[1], items[4]]
+    changed = b[::-1]  # another client, unlike any of the first call's
+    first_call = cache_frozen_prefix(model, a + b + c, first, pad, 4, "tiny", groups=[2, 2, 1], pack=True)
+    assert asked == [5]
+    groups = [2, 2, 1, 2, 2]
+    second = cache_frozen_prefix(model, a + changed + c + d + a, first, pad, 4, "tiny", groups=groups, pack=True)
+    assert asked == [5, 4]  # the changed client and d; a and c from the first call, a's repeat with it
+    fresh = compute(model, a + changed + c + d + a, first, pad, 4, groups=groups, pack=True)
+    assert all(torch.equal(x.hidden, y) for x, y in zip(second, fresh))
+    reused = zip(second[:2] + second[4:5] + second[7:], first_call[:2] + first_call[4:] + first_call[:2])
+    assert all(x.hidden is y.hidden for x, y in reused)  # the first call's tensors themselves
+    # without groups (batches across the items) nothing is taken from another call
+    cache_frozen_prefix(model, a + c, first, pad, 4, "tiny", pack=True)
+    assert asked == [5, 4, 3]
