@@ -212,7 +212,7 @@ def prefix_states(model, items: Sequence[Encoded], first: int, pad_id: int,
 @dataclass
 class _Entry:
     """A memo entry: a call's states, and where each of its groups' states lie in them (by
-    the key of a call on that group alone, `_group_keys`)."""
+    the key of a call on that group alone, `_group_spans`)."""
 
     states: list[torch.Tensor]
     groups: dict[str, tuple[int, int]]
@@ -320,7 +320,7 @@ def cache_frozen_prefix(model, items: Sequence[Encoded], first: int, pad_id: int
     pin = home.type == "cpu" and model_device(model).type == "cuda"
     entry = _MEMO.get(key)
     states = entry.states if entry is not None else None
-    spans = _group_spans(model_key, model, first, items, batch_size, groups, pack)
+    spans = _group_spans(model_key, model, first, items, batch_size, groups, pack) if entry is None else []
     path = prefix_cache_dir() / f"{key[:40]}.pt"
     if states is None and path.is_file():
         states = _load(path, len(items))
@@ -340,7 +340,8 @@ def cache_frozen_prefix(model, items: Sequence[Encoded], first: int, pad_id: int
         except OSError as err:  # a full or read-only disk costs the reuse, not the run
             progress.note(f"fedsec: frozen prefix not cached on disk ({err})")
     states = [_placed(h, home, pin, copy=False) for h in states]  # a memo entry another run kept elsewhere
-    _MEMO[key] = _Entry(states, {k: (a, b) for k, a, b in reversed(spans)})  # a repeated group: its first span
+    # a memo hit keeps its groups; a repeated group is found at its first span
+    _MEMO[key] = _Entry(states, entry.groups if entry is not None else {k: (a, b) for k, a, b in reversed(spans)})
     while len(_MEMO) > _MEMO_ENTRIES:
         _MEMO.pop(next(iter(_MEMO)))
     return [replace(item, hidden=h, hidden_layer=first) for item, h in zip(items, states)]

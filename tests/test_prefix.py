@@ -250,6 +250,10 @@ def test_a_call_reuses_the_groups_an_earlier_call_computed_bit_for_bit(tmp_path,
     assert all(torch.equal(x.hidden, y) for x, y in zip(second, fresh))
     reused = zip(second[:2] + second[4:5] + second[7:], first_call[:2] + first_call[4:] + first_call[:2])
     assert all(x.hidden is y.hidden for x, y in reused)  # the first call's tensors themselves
+    # a memo hit keeps the entry's groups for later calls
+    cache_frozen_prefix(model, a + changed + c + d + a, first, pad, 4, "tiny", groups=groups, pack=True)
+    alone = cache_frozen_prefix(model, d, first, pad, 4, "tiny", groups=[2], pack=True)
+    assert asked == [5, 4] and alone[0].hidden is second[5].hidden
     # without groups (batches across the items) nothing is taken from another call
     cache_frozen_prefix(model, a + c, first, pad, 4, "tiny", pack=True)
     assert asked == [5, 4, 3]
