@@ -23,5 +23,7 @@ class ConfigError(FedsecError, ValueError):
 
 
 def _show(value: object) -> str:
+    """The value's repr, at most 80 characters: a longer one keeps both ends (a long path
+    still names its file) around "..."."""
     text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    return text if len(text) <= 80 else text[:38] + "..." + text[-39:]

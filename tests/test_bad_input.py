@@ -279,6 +279,17 @@ def test_an_unknown_key_with_control_characters_is_named_on_one_line(key):
     assert str(err).splitlines() == [str(err)] and "unknown key" in str(err)
 
 
+def test_a_long_value_keeps_both_ends_in_its_one_line():
+    """A long path is cut in the middle: the message still names the file (under a deep
+    temporary directory the old cut at 77 characters dropped "nope.yaml")."""
+    path = "/tmp/" + "deep/" * 30 + "nope.yaml"
+    message = str(ConfigError("config", path, "no such file"))
+    shown = message.removeprefix("config = ").removesuffix(": no such file")
+    assert len(shown) == 80 and shown.startswith("'/tmp/deep/") and shown.endswith("/nope.yaml'")
+    assert shown == repr(path)[:38] + "..." + repr(path)[-39:]
+    assert str(ConfigError("config", "short.yaml", "x")) == "config = 'short.yaml': x"  # kept whole
+
+
 @settings(max_examples=400, deadline=None)
 @given(_near_configs())
 def test_the_parser_returns_a_valid_config_or_one_config_error_naming_a_field(raw):
