@@ -762,41 +762,45 @@ def build_report(directory: Path, out: Path | None = None, force: bool = False) 
                                          "share of sampled malicious (honest) updates the defense excluded, "
                                          "scored against the known identities.", styles, _grid_columns(grid))]
 
+    # (name, draw): each figure is drawn when its turn comes and closed once saved, so a
+    # grid of many variants never holds more than one open (matplotlib warns past 20)
     figures = []
     if kind == "sweep":
-        figures.append(("privacy_utility", plots.privacy_utility(directory)))
+        figures.append(("privacy_utility", lambda: plots.privacy_utility(directory)))
         if head is not None and head.key != "final_loss":  # the loss always, beside the headline
-            figures.append(("privacy_utility_loss", plots.privacy_utility(directory, "final_loss")))
+            figures.append(("privacy_utility_loss", lambda: plots.privacy_utility(directory, "final_loss")))
         # and every other utility the full evaluation measured: each benchmark's metrics, the
         # registered metrics, the harmless rate on the probes (AdvBench); perplexity is the loss again
         rows = plots.sweep_rows(directory)
         for extra in [u.key for u in utility.present(rows)] + ["refusal_rate"]:
             drawn = (head.key if head else None, "final_loss", "final_perplexity")
             if extra not in drawn and any(r.get(extra) is not None for r in rows):
-                figures.append((f"privacy_utility_{_slug(extra)}", plots.privacy_utility(directory, extra)))
-        figures.append(("variants_by_round", plots.variant_curves(directory)))
-        figures.append(("audit_bounds", plots.audit_bounds(directory)))
-        figures.append(("attack_grid", plots.attack_grid(directory)))
-        figures.append(("dp_robustness", plots.dp_robustness(directory)))
+                figures.append((f"privacy_utility_{_slug(extra)}",
+                                lambda extra=extra: plots.privacy_utility(directory, extra)))
+        figures.append(("variants_by_round", lambda: plots.variant_curves(directory)))
+        figures.append(("audit_bounds", lambda: plots.audit_bounds(directory)))
+        figures.append(("attack_grid", lambda: plots.attack_grid(directory)))
+        figures.append(("dp_robustness", lambda: plots.dp_robustness(directory)))
         if head is not None and head.key != "final_loss":  # an attack that derails training shows in the loss
-            figures.append(("dp_robustness_loss", plots.dp_robustness(directory, "final_loss")))
+            figures.append(("dp_robustness_loss", lambda: plots.dp_robustness(directory, "final_loss")))
         if dp_grid is None or all(v is None for v in dp_grid.certified.values()):
-            figures.append(("dp_detection", plots.dp_detection(directory)))  # else on the uncovered page
-        figures.append(("attack_fractions", plots.attack_fractions(directory)))
+            figures.append(("dp_detection", lambda: plots.dp_detection(directory)))  # else on the uncovered page
+        figures.append(("attack_fractions", lambda: plots.attack_fractions(directory)))
     done = [r for r in runs if r.result and r.result.get("finished")]
     seen = set()
     for run in done:  # one training curve per experiment (its first seed), up to 8
         if run.path not in seen and len(seen) < 8:
             seen.add(run.path)
-            figures.append((f"training_{run.variant}", plots.training_curves(run.path)))
+            figures.append((f"training_{run.variant}", lambda path=run.path: plots.training_curves(path)))
     private = next((r for r in done if r.privacy.get("certified")), None)
     if private is not None:
-        figures.append((f"epsilon_{private.variant}", plots.epsilon_over_rounds(private.path)))
-    figures = [(n, f) for n, f in figures if f is not None]
-    if figures:
-        story += [PageBreak(), Paragraph("Figures", styles["h"])]
-    for fig_name, fig in figures:
-        story += [_figure(fig, files / fig_name), Spacer(1, 0.3 * cm)]
+        figures.append((f"epsilon_{private.variant}", lambda: plots.epsilon_over_rounds(private.path)))
+    heading = [PageBreak(), Paragraph("Figures", styles["h"])]
+    for fig_name, draw in figures:
+        fig = draw()
+        if fig is not None:  # a figure without data to draw is left out
+            story += heading + [_figure(fig, files / fig_name), Spacer(1, 0.3 * cm)]
+            heading = []
 
     if private is not None:
         ledger = ledger_rows(private)

@@ -317,6 +317,26 @@ def test_a_dp_sweep_draws_a_privacy_utility_figure_for_every_utility_it_measured
     assert data.non_private.mean == pytest.approx(0.705) and data.untuned.mean == pytest.approx(0.4)
 
 
+def test_a_report_holds_one_figure_open_at_a_time_and_leaves_none(sweep, tmp_path, monkeypatch):
+    """Each figure is drawn when it is saved: a grid of many variants drew them all first
+    and matplotlib warned past 20 open figures."""
+    import matplotlib.pyplot as plt
+
+    from fedsec.reports import plots
+
+    plt.close("all")
+    real, open_at_save = plots.save, []
+
+    def save(fig, stem):
+        open_at_save.append(len(plt.get_fignums()))
+        return real(fig, stem)
+
+    monkeypatch.setattr(plots, "save", save)
+    assert main(["report", str(sweep), "-o", str(tmp_path / "report.pdf")]) == 0
+    assert len(open_at_save) >= 3 and max(open_at_save) == 1
+    assert plt.get_fignums() == []
+
+
 def test_the_claims_page_pairs_seeds_and_says_when_a_claim_holds_only_on_the_mean(sweep, tmp_path):
     from fedsec.reports.pdf import claims, collect
 
