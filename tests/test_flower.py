@@ -17,6 +17,10 @@ from safetensors.torch import load_file
 
 pytest.importorskip("flwr")
 
+# `make test` runs the suite in two processes (pytest-xdist): these deployments, a few
+# processes each, run one after another in one of them, never two at once
+pytestmark = pytest.mark.xdist_group("flower-deployments")
+
 from fedsec.engine.deploy import LocalDeployment, alive, make_node_key, run_on_flower  # noqa: E402
 from fedsec.loop import run_experiment  # noqa: E402
 
