@@ -129,14 +129,19 @@ def test_killed_supernode_fails_its_clients_and_a_restarted_one_rejoins(tmp_path
     assert result.privacy["epsilons"] == planned.privacy["epsilons"]
 
 
-def test_a_bad_setting_found_by_the_server_app_is_one_line_and_exit_status_2(tmp_path, capsys):
+def test_a_bad_setting_found_by_the_server_app_is_one_line_and_exit_status_2(tmp_path, capsys, monkeypatch):
     """The config passes the launcher's checks but the data has no canaries: the
     ServerApp's error comes back as the CLI's one line, no run directory is left, and
-    the local deployment is gone."""
+    the local deployment is gone, its temporary folder too."""
+    import tempfile
+
     import yaml
     from conftest import TINY
 
     from fedsec.cli import main
+
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where the deployment's folder goes
 
     spec = tmp_path / "bad.yaml"
     spec.write_text(yaml.safe_dump({**TINY, "engine": "flower", "eval": {"canaries": True},
@@ -148,6 +153,7 @@ def test_a_bad_setting_found_by_the_server_app_is_one_line_and_exit_status_2(tmp
     assert err[-1].startswith("fedsec: error: eval.canaries = True: no canaries are planted")
     assert "Traceback" not in "\n".join(err)
     assert not (tmp_path / "run").exists()
+    assert not list((tmp_path / "tmp").glob("fedsec-flower-*"))
 
 
 def test_organisations_keep_their_data_on_their_supernodes_and_the_dp_run_equals_in_process(tmp_path, monkeypatch):

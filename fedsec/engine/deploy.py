@@ -407,7 +407,8 @@ def run_on_flower(cfg: ExperimentConfig, out: str | Path | None = None, resume: 
     if not remote:
         resolve_model_path(cfg.model.name)  # convert once here, so the ClientApps only read the cache
     own = deployment is None and not cfg.flower.superlink
-    home = Path(tempfile.mkdtemp(prefix="fedsec-flower-")) if deployment is None else deployment.home
+    made_home = deployment is None  # a temporary folder of this call's: removed unless the run broke off
+    home = Path(tempfile.mkdtemp(prefix="fedsec-flower-")) if made_home else deployment.home
     try:
         if own:
             echo(f"flower: starting a SuperLink and {cfg.flower.supernodes} SuperNode(s) on 127.0.0.1 "
@@ -433,11 +434,25 @@ def run_on_flower(cfg: ExperimentConfig, out: str | Path | None = None, resume: 
               if "fedsec: error: " in line]
     if (home / "error.txt").exists():
         errors.append((home / "error.txt").read_text(encoding="utf-8").strip())
+    outcome = _outcome(cfg, path, errors, lines, remote, stop_after)
+    if made_home and outcome is not None:  # its logs are in the run directory (_keep_logs) or said in one line
+        shutil.rmtree(home, ignore_errors=True)
+    if isinstance(outcome, FedsecError):
+        raise outcome
+    if outcome is not None:
+        return outcome
+    raise FedsecError(f"the Flower run ended (flwr run exit status {status}) before the experiment finished; "
+                      f"see the server's log above and the logs in {home}")
+
+
+def _outcome(cfg: ExperimentConfig, path: Path, errors: list[str], lines: list[str], remote: bool,
+             stop_after: int | None) -> RunResult | FedsecError | None:
+    """How a Flower run ended: its result, the one-line error it reported, or None when it
+    broke off before the experiment finished."""
     if errors:
-        raise FedsecError(errors[-1])
+        return FedsecError(errors[-1])
     finished = any("fedsec: run finished" in x for x in lines)
-    result = path / "result.json"
-    if result.exists() and (stop_after is None or finished):
+    if (path / "result.json").exists() and (stop_after is None or finished):
         return RunResult(**read_result(path))  # a DP run's not-covered part merged back in
     if remote and finished:  # the numbers are in the run directory on the SuperLink's machine
         return RunResult(str(path), cfg.federation.rounds, True, None, None, None, cfg.federation.algorithm)
@@ -445,8 +460,7 @@ def run_on_flower(cfg: ExperimentConfig, out: str | Path | None = None, resume: 
     done = max((r["round"] for r in rows if r.get("phase") == "federated"), default=0)
     if stop_after is not None and done >= stop_after:
         return RunResult(str(path), done, False, None, None, None, cfg.federation.algorithm)
-    raise FedsecError(f"the Flower run ended (flwr run exit status {status}) before the experiment finished; "
-                      f"see the server's log above and the logs in {home}")
+    return None
 
 
 def _server_lines(echo: Callable[[str], None]) -> Callable[[str], None]:
