@@ -42,6 +42,7 @@ from fedsec.privacy import (
     secure_aggregation_terms,
 )
 from fedsec.progress import showing as progress_bars
+from fedsec.progress import shown as setup_bars_shown
 from fedsec.results import RoundResult, RunResult, SecureSum
 from fedsec.round_eval import audit_outcome, evaluate_model, membership_attack
 from fedsec.rundir import RunDir, claimed, default_run_dir, latest_run_dir
@@ -89,7 +90,9 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
         try:
             discover = getattr(clients, "discover", None)  # data.silos on Flower: the organisations' client counts
             silos = discover(cfg, log) if discover is not None else None
-            with progress_bars(progress):  # tokenizing, the frozen prefix, DPO's reference pass
+            # tokenizing, the frozen prefix, DPO's reference pass; also when a caller showing its
+            # own progress turned them on (a sweep, whose runs have no round bars of their own)
+            with progress_bars(progress or setup_bars_shown()):
                 setup = prepare(cfg, silos)  # fails on bad data or model before any directory is made
             # the sampling rate q = clients_per_round / population does not depend on which audit
             # canaries are in, so the mechanism (and its accounting) is the same in both worlds

@@ -26,6 +26,11 @@ def showing(enabled: bool) -> Iterator[None]:
         _SHOW.reset(token)
 
 
+def shown() -> bool:
+    """Whether setup progress bars are on here (a sweep turns them on around its runs)."""
+    return _SHOW.get()
+
+
 def bar(total: int, desc: str, unit: str) -> tqdm:
     """A bar of `total` `unit`s, or a silent one when progress is off or the step is tiny."""
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=False,

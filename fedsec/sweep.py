@@ -170,6 +170,7 @@ def run_sweep(spec_path: str | Path, progress: bool = True,
 
     from fedsec.api import run as run_one
     from fedsec.config import apply_override, from_raw
+    from fedsec.progress import showing as progress_bars
 
     root, runs, base_file, base_raw = expand(spec_path)
     configs = []
@@ -201,8 +202,10 @@ def run_sweep(spec_path: str | Path, progress: bool = True,
         else:
             resume = (run.out / CONFIG).is_file()
             log(f"[sweep] {run.variant} seed {run.seed}: {'resuming' if resume else 'starting'}")
-            # on its engine: here, or each run on its own local Flower deployment (or flower.superlink)
-            run_one(cfg, out=run.out, resume=resume, progress=False, log=lambda line: log("    " + line))
+            # on its engine: here, or each run on its own local Flower deployment (or flower.superlink);
+            # no round bar under the sweep's, but the setup's bars (minutes of frozen prefix)
+            with progress_bars(progress):
+                run_one(cfg, out=run.out, resume=resume, progress=False, log=lambda line: log("    " + line))
         bar.update(1)
         # the tables of the runs finished so far: a sweep stopped halfway can be reported on
         write_tables(root, [r for r in runs if (r.out / "result.json").is_file()])

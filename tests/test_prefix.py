@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 from conftest import tiny_config
 
@@ -101,6 +103,33 @@ def test_setup_shows_its_progress_with_counts_only_when_the_run_does(tmp_path, c
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)  # into a file or pipe: no bar, the error stays one line
     run_experiment(cfg, out=tmp_path / "piped", progress=True, log=lambda _: None)
     assert "tokenizing" not in capsys.readouterr().err
+
+
+def test_a_sweep_shows_its_runs_setup_progress_but_no_round_bars(tmp_path, capsys, monkeypatch):
+    """A sweep's runs have no round bar of their own (the sweep's bar counts runs), but their
+    setup (minutes of frozen prefix on a real model) shows its bars, as `fedsec run` does."""
+    import sys
+
+    import yaml
+    from conftest import TINY
+
+    import fedsec.prefix
+    from fedsec.sweep import run_sweep
+
+    monkeypatch.setattr(fedsec.prefix, "_MEMO", {})
+    monkeypatch.setattr(fedsec.prefix, "prefix_cache_dir", lambda: tmp_path / "prefix")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    base = {**TINY, "lora": {**TINY["lora"], "cache_frozen_layers": True, "top_layers": 1},
+            "federation": {"rounds": 1, "clients_per_round": 2}}
+    for name, progress in (("shown", True), ("quiet", False)):
+        spec = tmp_path / f"{name}.yaml"
+        spec.write_text(yaml.safe_dump({"name": name, "base": base, "output_dir": str(tmp_path / "runs"),
+                                        "variants": {"a": []}}))
+        run_sweep(spec, progress=progress, log=lambda _: None)
+        err = capsys.readouterr().err.replace("\r", "\n")
+        assert bool(re.search(r"tokenizing: .* \d+/4 ", err)) is progress, err
+        assert "rounds:" not in err
+        monkeypatch.setattr(fedsec.prefix, "_MEMO", {})
 
 
 def test_the_prefix_cache_on_disk_is_reused_by_a_later_run_and_keyed_by_what_the_states_depend_on(
