@@ -33,6 +33,7 @@ from fedsec.console import round_line
 from fedsec.devices import PeakMemory, model_device
 from fedsec.disclosure import split_result
 from fedsec.errors import ConfigError
+from fedsec.models import quiet_transformers
 from fedsec.pipeline import SERVER, build_pipeline
 from fedsec.privacy import (
     RecordLevelDp,
@@ -470,7 +471,8 @@ def finish(setup: Setup, run: RunDir, global_vec: torch.Tensor, local: dict,
         run.append_metrics({"phase": "local_only_final", "round": rounds_done, **local_only})
     setup.adapter.set(global_vec)
     # the adapter alone: new-token canaries' embedding rows come from the seed (fedsec.models), not the file
-    setup.model.save_pretrained(run.path / "adapter", save_embedding_layers=False)
+    with quiet_transformers():
+        setup.model.save_pretrained(run.path / "adapter", save_embedding_layers=False)
     audit = None
     if setup.audit is not None:
         audit = audit_outcome(setup, privacy)

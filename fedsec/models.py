@@ -17,16 +17,19 @@ CPU. The cache lives in $FEDSEC_CACHE, else ~/.cache/fedsec.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 
+from fedsec import progress
 from fedsec.config import LoraConfig, ModelConfig
 from fedsec.devices import base_dtype, resolve_device, set_precision
 from fedsec.errors import ConfigError
@@ -65,8 +68,9 @@ def load_base_model(cfg: ModelConfig, precision: str = "fp32"):
         kwargs["quantization_config"] = _bnb_config(cfg, dtype)
         kwargs["device_map"] = {"": str(device)}  # bitsandbytes quantizes as the weights land there
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError("model.name", cfg.name, f"could not load it ({first[:160]}); use tiny, "
@@ -79,6 +83,22 @@ def load_base_model(cfg: ModelConfig, precision: str = "fp32"):
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' own bars ("Loading weights", "Writing model shards") only where fedsec
+    shows its setup bars (fedsec.progress): a library call with progress off prints nothing."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    if was_on and not progress.shown():
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def _no_inference_repacking(model) -> None:
@@ -223,8 +243,9 @@ def _convert_smollm2(out: Path) -> None:
     if unexpected or [k for k in missing if k != "lm_head.weight"]:
         raise RuntimeError(f"GGUF conversion mismatch: missing {missing}, unexpected {unexpected}")
     fresh.tie_weights()
-    fresh.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    with quiet_transformers():
+        fresh.save_pretrained(out)
+        tokenizer.save_pretrained(out)
 
 
 # Whole tokens in the tiny tokenizer: the embedded benchmark's labels. Spelt out byte by
@@ -269,8 +290,9 @@ def _build_tiny(out: Path) -> None:
         # the default std 0.02 no logit can pass ~1.3, so no adapter could make a token
         # likely (the loss floors near log(vocab)). At std 0.25 logits reach ~16.
         torch.nn.init.normal_(model.lm_head.weight, std=0.25)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
+    with quiet_transformers():
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
 
 
 def attach_lora(model, cfg: LoraConfig, seed: int):
@@ -294,7 +316,9 @@ def attach_lora(model, cfg: LoraConfig, seed: int):
                               target_modules=list(cfg.target_modules), layers_to_transform=layers,
                               bias="none", task_type="CAUSAL_LM")
     try:
-        with scoped_torch_seed(derive_seed(seed, "lora-init")):
+        with scoped_torch_seed(derive_seed(seed, "lora-init")), warnings.catch_warnings():
+            # peft reads transformers' deprecated is_gradient_checkpointing: their matter, not the user's
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             peft_model = get_peft_model(model, peft_cfg)
     except ValueError as err:
         raise ConfigError("lora.target_modules", list(cfg.target_modules),

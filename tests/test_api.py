@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import yaml
@@ -36,6 +37,26 @@ def test_a_notebook_runs_an_experiment_with_overrides_and_gets_a_typed_result(tm
     assert pdf == tmp_path / "x" / "report.pdf" and pdf.is_file()
     with pytest.raises(fedsec.ConfigError, match="already exists"):
         fedsec.report(tmp_path / "x")
+
+
+def test_a_library_run_with_progress_off_prints_nothing_of_its_libraries(tmp_path, capfd):
+    """No bar from transformers (loading the model, saving the adapter) and no FutureWarning
+    that peft triggers; the caller's own transformers settings are left as they were."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()  # as in a fresh interpreter (the CLI turns it off for its process)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fedsec.run(_yaml(tmp_path), overrides=["federation.rounds=1"], out=tmp_path / "x", progress=False,
+                       log=lambda _: None)
+        assert hf_logging.is_progress_bar_enabled()
+    finally:
+        (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "Writing model shards" not in err
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
 
 
 def test_the_cli_runs_through_fedsec_run(tmp_path, monkeypatch):
