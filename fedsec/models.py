@@ -172,10 +172,19 @@ def _bnb_config(cfg: ModelConfig, dtype: torch.dtype):
 
 
 def resolve_model_path(name: str) -> str:
+    """Where transformers loads model.name from: the built-in models' cached folders, else the
+    name itself (a local folder or a hub id). A name written as a path (absolute, ./, ../, ~)
+    must be a folder here: transformers would read it as a malformed hub id."""
     if name == TINY:
         return str(_cached(cache_dir() / "models" / "tiny-v2", _build_tiny))
     if name == SMOLLM2:
         return str(_cached(smollm2_cache(), _convert_smollm2))
+    if name.startswith(("/", "./", "../", "~")):
+        folder = Path(name).expanduser()
+        if not folder.is_dir():
+            raise ConfigError("model.name", name, f"no such folder{' (it is a file)' if folder.exists() else ''}; "
+                              f"give a model folder (config.json and weights), {TINY}, {SMOLLM2} or a hub id")
+        return str(folder)
     return name
 
 

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import shutil
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from fedsec.config import ModelConfig
 from fedsec.errors import ConfigError
@@ -19,6 +22,20 @@ def test_unknown_model_is_a_one_line_config_error():
     with pytest.raises(ConfigError) as info:
         load_base_model(ModelConfig(name="/nonexistent/model-folder"))
     assert info.value.field == "model.name" and "\n" not in str(info.value)
+
+
+def test_a_model_folder_of_your_own_runs_as_its_built_in_twin(tmp_path):
+    """model.name as a folder (config.json and weights, as save_pretrained writes them): the
+    researcher's own model. A copy of the tiny model's folder gives the built-in's numbers."""
+    import fedsec
+
+    folder = tmp_path / "my-model"
+    shutil.copytree(resolve_model_path("tiny"), folder)
+    cfg = tiny_config(tmp_path, federation={"rounds": 1})
+    builtin = fedsec.run(cfg, out=tmp_path / "builtin", progress=False, log=lambda _: None)
+    own = fedsec.run(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=str(folder))),
+                     out=tmp_path / "own", progress=False, log=lambda _: None)
+    assert own.final == builtin.final and own.final["accuracy"] is not None
 
 
 def test_tiny_model_is_deterministic():
