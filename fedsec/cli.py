@@ -48,7 +48,7 @@ SWEEP_EXAMPLE = """\
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedsec", description=(
-        "Federated fine-tuning of LLMs (SFT on LoRA adapters) with the instruments to measure "
+        "Federated fine-tuning of LLMs (SFT and DPO on LoRA adapters) with the instruments to measure "
         "what it costs and risks. One YAML file is one experiment; results go to a run directory."))
     parser.add_argument("--version", action="version", version=f"fedsec {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
