@@ -94,7 +94,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume:
             # tokenizing, the frozen prefix, DPO's reference pass; also when a caller showing its
             # own progress turned them on (a sweep, whose runs have no round bars of their own)
             with progress_bars(progress or setup_bars_shown()):
-                setup = prepare(cfg, silos)  # fails on bad data or model before any directory is made
+                setup = prepare(cfg, silos, remote=discover is not None)  # bad data or model: fails here
             # the sampling rate q = clients_per_round / population does not depend on which audit
             # canaries are in, so the mechanism (and its accounting) is the same in both worlds
             check_sampling(cfg, setup.trainable)

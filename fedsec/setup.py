@@ -319,10 +319,11 @@ class ClientSets(Sequence):
         return self.ready is None
 
 
-def prepare(cfg: ExperimentConfig, silos: tuple[int, ...] | None = None) -> Setup:
+def prepare(cfg: ExperimentConfig, silos: tuple[int, ...] | None = None, remote: bool = False) -> Setup:
     """The run's Setup. With `silos` (data.silos on Flower: clients per organisation, as
     their SuperNodes reported them) the clients' examples stay on their nodes: nothing of
-    theirs is read, tokenized or evaluated here."""
+    theirs is read, tokenized or evaluated here. `remote` (the clients train elsewhere, on
+    Flower's SuperNodes): the clients' items are counted here, nothing more."""
     federation = build_federation(cfg, silos)
     tasks = load_tasks(cfg)
     data, malicious, population = federation.data, federation.malicious, federation.population
@@ -338,8 +339,10 @@ def prepare(cfg: ExperimentConfig, silos: tuple[int, ...] | None = None) -> Setu
     objective = objective_for(cfg, pad)
     # every client tokenized once here: a client none of whose examples fits is refused now,
     # and every client's size is known; without a frozen prefix or fixed terms to compute
-    # (SFT) the items are then dropped and encoded again when a round samples the client
-    lazy = silos is None and not cfg.lora.cache_frozen_layers and not objective.fixed_terms
+    # (SFT) the items are then dropped and encoded again when a round samples the client.
+    # `remote`: the clients train on Flower's SuperNodes (fedsec.clients.prepare_clients there), so
+    # the server keeps only their sizes, and computes no frozen prefix or DPO reference of theirs
+    lazy = silos is None and (remote or (not cfg.lora.cache_frozen_layers and not objective.fixed_terms))
     tokens = TokenTables(objective, tokenizer, cfg) if lazy else None
     train_sets, sizes = [], []
     if silos is None:
@@ -402,12 +405,19 @@ def prepare(cfg: ExperimentConfig, silos: tuple[int, ...] | None = None) -> Setu
         record_plan = plan_record_privacy(cfg, sizes)
         record_dp = RecordDp(cfg.privacy.clip_norm, record_plan.noise_multiplier, record_secret(cfg))
     trainer = LocalTrainer(model, cfg.training, objective, record_dp)
-    train_sets = (ClientSets(sizes, encode=lambda c: tokens.items(data.clients[c])) if lazy
-                  else ClientSets(sizes, ready=train_sets))
+    if lazy:
+        train_sets = ClientSets(sizes, encode=_on_their_supernodes if remote
+                                else lambda c: tokens.items(data.clients[c]))
+    else:
+        train_sets = ClientSets(sizes, ready=train_sets)
     return Setup(cfg, model, tokenizer, trainer, data, train_sets, global_eval, client_eval, local_only,
                  preference_eval, probe_prompts, record_plan, server_root, malicious, backdoor_eval, audit,
                  population, tasks, silos=tuple(silos or ()), mia_pool=federation.mia_pool,
                  realign_set=realign_set)
+
+
+def _on_their_supernodes(client: int) -> list:
+    raise RuntimeError(f"client {client} trains on its SuperNode: the Flower server holds the clients' sizes only")
 
 
 def clients_eval_set(data: FederatedData, tokenizer, cfg: ExperimentConfig) -> EvalSet | None:

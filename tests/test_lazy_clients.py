@@ -3,6 +3,7 @@ clients per round, not the federation, and the items are the ones an eager setup
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import tiny_config
 
@@ -39,6 +40,37 @@ def test_a_frozen_prefix_or_dpo_prepares_every_client_at_setup(tmp_path):
     assert not cached.train_sets.lazy and all(item.hidden is not None for item in cached.train_sets[0])
     dpo = prepare(tiny_config(tmp_path, task="dpo"))
     assert not dpo.train_sets.lazy and all(p.ref_chosen != 0.0 for p in dpo.train_sets[0])
+
+
+@pytest.mark.parametrize("sections", [{"lora": {"cache_frozen_layers": True, "top_layers": 1}}, {"task": "dpo"}],
+                         ids=["frozen-prefix", "dpo"])
+def test_the_flower_server_counts_the_clients_items_and_computes_nothing_else_of_theirs(tmp_path, monkeypatch,
+                                                                                         sections):
+    """On Flower the clients train on their SuperNodes: the server's setup has every client's
+    size (the in-process setup's), and neither their frozen-prefix states nor DPO's reference
+    pass; its global evaluation set is the in-process one's."""
+    import fedsec.setup
+
+    prefixed, precomputed = [], []  # items through the frozen prefix / the objective's precompute, per setup
+    real_cache = fedsec.setup.cache_train_sets
+    monkeypatch.setattr(fedsec.setup, "cache_train_sets", lambda model, prefix, pad, batch, sets: (
+        prefixed.append(sum(map(len, sets))), real_cache(model, prefix, pad, batch, sets))[1])
+    cfg = tiny_config(tmp_path, engine="flower", **sections)  # run in-process unless Flower's clients run it
+    objective = type(objective_for(cfg, 0))
+    real_precompute = objective.precompute
+    monkeypatch.setattr(objective, "precompute", lambda self, model, items, batch: (
+        precomputed.append(len(items)), real_precompute(self, model, items, batch))[1])
+    on_flower = prepare(cfg, remote=True)  # what run_experiment builds on Flower's ServerApp
+    flower_counts = (sum(prefixed), sum(precomputed))
+    here = prepare(cfg)
+    sizes = [len(items) for items in here.train_sets]
+    assert list(on_flower.train_sets.sizes) == sizes and on_flower.trainable == here.trainable == len(sizes)
+    assert flower_counts == (0, sum(precomputed) - flower_counts[1] - sum(sizes))
+    assert sum(prefixed) == (sum(sizes) if "lora" in sections else 0)
+    assert all(torch.equal(a.input_ids, b.input_ids) and (a.hidden is None or torch.equal(a.hidden, b.hidden))
+               for a, b in zip(on_flower.global_eval.encoded, here.global_eval.encoded, strict=True))
+    with pytest.raises(RuntimeError, match="SuperNode"):
+        on_flower.train_sets[0]
 
 
 def test_a_files_clients_are_tokenized_once_and_read_back_by_the_next_run(tmp_path, monkeypatch):
