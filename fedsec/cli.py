@@ -472,9 +472,8 @@ def _privacy_correlated(args) -> int:
 
 def _mechanism_from_flags(args):
     """--mechanism and its --param KEY=VALUE flags -> the registered MatrixMechanism."""
-    import yaml
-
     from fedsec.config import PrivacyConfig
+    from fedsec.configfile import load_yaml
     from fedsec.errors import ConfigError
 
     params = {}
@@ -482,7 +481,7 @@ def _mechanism_from_flags(args):
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError("--param", item, "give KEY=VALUE, e.g. --param bands=8")
-        params[key.strip()] = yaml.safe_load(value)
+        params[key.strip()] = load_yaml(value)
     try:
         return PrivacyConfig(mode="user", mechanism=args.mechanism, params=params, epsilon=1.0).matrix_mechanism
     except ConfigError as err:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -110,6 +111,23 @@ def to_mapping(obj: Any) -> Any:
 # YAML files and --set overrides.
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as 1.2 reads it: only true and false are booleans. YAML 1.1 (PyYAML's default) also
+    reads on, off, yes and no as booleans, so `privacy.mode: off` or `--set privacy.mode=off`
+    became False, refused as "must be a string"."""
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL]
+                                   for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def load_yaml(text: str) -> Any:
+    """YAML text as fedsec reads every config, sweep and --set value (YAML 1.2's booleans)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
+
+
 def apply_override(raw: dict, assignment: str) -> dict:
     """Return a copy of `raw` with `a.b.c=value` applied (value parsed as YAML)."""
     if "=" not in assignment:
@@ -119,7 +137,7 @@ def apply_override(raw: dict, assignment: str) -> dict:
     if not all(parts):
         raise ConfigError("--set", assignment, "the key must be a dotted path, e.g. lora.rank")
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = load_yaml(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
     out = _deep_copy(raw)
@@ -148,7 +166,7 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError("config", str(path), "no such file; give the path of a YAML experiment")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = load_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise ConfigError("config", str(path), "is not UTF-8 text") from None
     except yaml.YAMLError as err:

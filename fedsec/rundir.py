@@ -319,9 +319,10 @@ def _same_experiment(stored: str, cfg: ExperimentConfig) -> bool:
     import yaml
 
     from fedsec.config import from_raw
+    from fedsec.configfile import load_yaml
 
     try:
-        return dump_config(from_raw(yaml.safe_load(stored))) == dump_config(cfg)
+        return dump_config(from_raw(load_yaml(stored))) == dump_config(cfg)
     except (ConfigError, yaml.YAMLError, TypeError, ValueError):
         return False
 

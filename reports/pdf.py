@@ -25,6 +25,7 @@ import yaml
 
 from fedsec import utility
 from fedsec.accountants import format_epsilon, format_lower_bound
+from fedsec.configfile import load_yaml
 from fedsec.disclosure import HEADER, UNCOVERED, guarantee_statement, predates_centred_count
 from fedsec.errors import ConfigError
 from fedsec.reports import plots
@@ -53,7 +54,7 @@ def _read(path: Path, kind: str):
     if not path.is_file():
         return None
     text = path.read_text(encoding="utf-8")
-    return yaml.safe_load(text) if kind == "yaml" else plots.json.loads(text)
+    return load_yaml(text) if kind == "yaml" else plots.json.loads(text)
 
 
 def load_run(path: Path, variant: str | None = None, seed: int | None = None) -> RunFiles:

@@ -61,6 +61,26 @@ def test_bad_values_name_field_value_and_fix(raw, field, words):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("word", ["off", "on", "yes", "no", "Off", "NO"])
+def test_only_true_and_false_are_booleans_in_files_and_overrides(tmp_path, word):
+    """YAML 1.2: `mode: off` is the string "off" (YAML 1.1 made it False, refused as "must be a
+    string"); a boolean field given such a word is refused naming it and the word."""
+    spec = tmp_path / "exp.yaml"
+    spec.write_text(f"privacy: {{mode: {word}}}\neval: {{clients: false}}\n")
+    for source in (lambda: load_config(spec), lambda: load_config(None, [f"privacy.mode={word}"])):
+        if word == "off":
+            assert source().privacy.mode == "off"
+        else:
+            with pytest.raises(ConfigError) as err:
+                source()
+            assert err.value.field == "privacy.mode" and err.value.value == word
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"eval.clients={word}"])
+    assert err.value.field == "eval.clients" and err.value.value == word and "true or false" in str(err.value)
+    assert load_config(None, ["eval.clients=True"]).eval.clients is True
+    assert load_config(None, ["eval.clients=false"]).eval.clients is False
+
+
 def test_yaml_syntax_error_reports_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("training:\n  lr: [1, 2\n")

@@ -43,11 +43,11 @@ import time
 from collections.abc import Callable
 
 import torch
-import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedsec.config import ExperimentConfig, FlowerConfig, from_raw
+from fedsec.configfile import load_yaml
 from fedsec.engine.flower_client import EVALUATE, QUERY, TRAIN
 from fedsec.errors import ConfigError, FedsecError
 from fedsec.results import ClientUpdate, SecureSum
@@ -56,7 +56,7 @@ server_app = ServerApp()
 
 
 def config_from_text(text: str) -> ExperimentConfig:
-    return from_raw(yaml.safe_load(text))
+    return from_raw(load_yaml(text))
 
 
 # ---------------------------------------------------------------------------
