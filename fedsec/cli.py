@@ -197,8 +197,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fedsec: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("fedsec: interrupted; continue with --resume", file=sys.stderr)
+        print(f"fedsec: interrupted{_continue_with(args)}", file=sys.stderr)
         return 130
+
+
+def _continue_with(args) -> str:
+    """How to pick up what Ctrl-C stopped: a run resumes from its last checkpoint (the newest
+    run of its name, or its --out), a sweep skips its finished runs and resumes the others."""
+    import shlex
+
+    if args.command == "run":
+        return f"; continue with: {_resume_command(args, args.out)}"
+    if args.command == "sweep":
+        return (f"; continue with: {shlex.join(['fedsec', 'sweep', str(args.spec)])} (it skips the finished "
+                "runs and resumes the unfinished one)")
+    return ""
 
 
 def _audit(args) -> int:
@@ -273,9 +286,10 @@ def _report(args) -> int:
     return 0
 
 
-def _resume_command(args, run_dir: str) -> str:
+def _resume_command(args, run_dir: str | None) -> str:
     """The command that continues this run: the same config and overrides (a resumed run
-    must have the config it started with), its directory, --resume; quoted for a shell."""
+    must have the config it started with), its directory (None: the newest run of its
+    name), --resume; quoted for a shell."""
     import shlex
 
     words = ["fedsec", "run", str(args.config)]
@@ -283,7 +297,7 @@ def _resume_command(args, run_dir: str) -> str:
         words += ["--set", assignment]
     if args.engine:
         words += ["--engine", args.engine]
-    return shlex.join([*words, "--out", str(run_dir), "--resume"])
+    return shlex.join([*words, *(["--out", str(run_dir)] if run_dir is not None else []), "--resume"])
 
 
 def _run(args) -> int:

@@ -36,6 +36,39 @@ def test_cli_run_stop_and_resume_end_to_end(tmp_path):
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
+def test_ctrl_c_prints_the_command_that_continues_the_run_or_the_sweep(tmp_path, capsys, monkeypatch):
+    """A run stopped by Ctrl-C (here in its second round) names the command that resumes it:
+    its config, its --set, --resume (the newest run of its name), which, run as printed,
+    finishes it; a sweep names itself (finished runs skipped, this one resumed)."""
+    import fedsec.loop
+    from fedsec.cli import main
+
+    monkeypatch.chdir(tmp_path)  # the sweep's runs/
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "output_dir": str(tmp_path / "runs")}))
+    real = fedsec.loop.play_round
+
+    def ctrl_c_in_round_two(setup, state, clients, round_idx, *args):
+        if round_idx == 1:
+            raise KeyboardInterrupt
+        return real(setup, state, clients, round_idx, *args)
+
+    monkeypatch.setattr(fedsec.loop, "play_round", ctrl_c_in_round_two)
+    assert main(["run", str(config), "--set", "federation.rounds=3", "--no-progress"]) == 130
+    hint = shlex.split(capsys.readouterr().err.strip().splitlines()[-1].split(
+        "fedsec: interrupted; continue with: ")[1])
+    assert hint == ["fedsec", "run", str(config), "--set", "federation.rounds=3", "--resume"]
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(yaml.safe_dump({"name": "ctrl-c", "base": str(config), "seeds": [0], "variants": {"a": []}}))
+    assert main(["sweep", str(spec), "--no-progress"]) == 130
+    line = capsys.readouterr().err.strip().splitlines()[-1]  # (that it resumes: tests/test_sweep_grid.py)
+    assert line.startswith(f"fedsec: interrupted; continue with: fedsec sweep {shlex.quote(str(spec))} (")
+    monkeypatch.setattr(fedsec.loop, "play_round", real)
+    assert main([*hint[1:], "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming" in out and "round   3/3" in out and "round   1/3" not in out
+
+
 def test_sweep_runs_skips_finished_and_writes_tables(tmp_path):
     import csv
 
