@@ -234,3 +234,23 @@ def test_secure_aggregation_with_one_supernode_is_refused_at_the_start():
                            poll_seconds=0.01)
     with pytest.raises(ConfigError, match="flower.secagg = True: SecAgg.* needs at least 2 SuperNodes"):
         runner.start(SimpleNamespace(population=4, trainable=4), lambda _: None)
+
+
+def test_the_launcher_shows_the_server_apps_lines_without_flowers_bookkeeping():
+    """What `fedsec run --engine flower` echoes of the server's stream (lines as seen at the end
+    of a real run): fedsec's lines, errors and Flower's informative records pass; Flower's
+    DEBUG records, its empty records (colored or not) and its log-stream notes do not."""
+    from fedsec.engine.deploy import _server_lines
+
+    passed: list[str] = []
+    show = _server_lines(passed.append)
+    kept = ["flower: 2 SuperNode(s) host all 20 clients", "round   1/3  lr 3.00e-04  C 0.1",
+            "fedsec: run finished", "fedsec: error: eval.canaries = True: no canaries are planted",
+            "Traceback (most recent call last):", "12/06/2026 12:27:14:INFO:Received 2 results"]
+    dropped = ["12/06/2026 12:27:14:DEBUG:ServerApp finished running.", "\x1b[92mINFO \x1b[0m:      ",
+               "12/06/2026 12:27:14:INFO:",
+               "12/06/2026 12:27:14:DEBUG:[flwr-serverapp] Will push ServerApp task output",
+               "\x1b[92mINFO \x1b[0m:      Starting logstream for run_id `1`", "   "]
+    for line in dropped[:3] + kept[:3] + dropped[3:] + kept[3:]:
+        show(line)
+    assert passed == kept

@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -463,12 +464,21 @@ def _outcome(cfg: ExperimentConfig, path: Path, errors: list[str], lines: list[s
     return None
 
 
+# Flower's own log records as `flwr run --stream` shows them: "12/06/2026 12:27:14:DEBUG:...",
+# and its level prefixes, colored or not, with nothing after them ("INFO :", "12/06/2026 ...:INFO:")
+_FLOWER_DEBUG = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:DEBUG:")
+_FLOWER_EMPTY = re.compile(r"^(?:\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:)?(?:DEBUG|INFO|WARNING)\s*:\s*$")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _server_lines(echo: Callable[[str], None]) -> Callable[[str], None]:
-    """Pass the ServerApp's lines through; drop Flower's own bookkeeping chatter."""
+    """Pass the ServerApp's lines through; drop Flower's own bookkeeping chatter (its log
+    stream's notes, its DEBUG records and empty records; all of it stays in the logs)."""
     def show(line: str) -> None:
-        if "INFO" in line and ("logstream" in line.lower() or "Start `flwr-serverapp`" in line):
+        plain = _ANSI.sub("", line).strip()
+        if "INFO" in plain and ("logstream" in plain.lower() or "Start `flwr-serverapp`" in plain):
             return
-        if line.strip():
+        if plain and not _FLOWER_DEBUG.match(plain) and not _FLOWER_EMPTY.match(plain):
             echo(line)
     return show
 
