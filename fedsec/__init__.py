@@ -16,12 +16,12 @@ data, models, local training and the round loop; `fedsec.defenses`,
 
 __version__ = "0.1.0"
 
-__all__ = ["ConfigError", "FedsecError", "RunResult", "__version__", "load_config", "register", "report", "run",
-           "sweep"]
+__all__ = ["ConfigError", "FedsecError", "RunResult", "SweepResult", "__version__", "load_config", "register",
+           "report", "run", "sweep"]
 
 _PUBLIC = {"load_config": "fedsec.api", "run": "fedsec.api", "sweep": "fedsec.api", "report": "fedsec.api",
            "register": "fedsec.registry", "ConfigError": "fedsec.errors", "FedsecError": "fedsec.errors",
-           "RunResult": "fedsec.results"}
+           "RunResult": "fedsec.results", "SweepResult": "fedsec.results"}
 
 
 def __getattr__(name: str):

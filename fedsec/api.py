@@ -5,8 +5,9 @@
     cfg = fedsec.load_config("experiments/quickstart.yaml", ["federation.rounds=3"])
     result = fedsec.run(cfg, out="runs/x")          # or fedsec.run("exp.yaml", overrides=[...])
     result.run_dir, result.final["accuracy"], result.privacy
-    root = fedsec.sweep("experiments/demo_dp.yaml")  # the sweep directory
-    pdf = fedsec.report(root)                         # its report.pdf
+    swept = fedsec.sweep("experiments/demo_dp.yaml")  # its tables, a path to its directory
+    swept.variant("eps8")["final_accuracy_mean"], swept.runs[0]["run_dir"]
+    pdf = fedsec.report(swept)                        # its report.pdf
 
 `run` runs on the configured engine (`engine: inprocess` here, `engine: flower` on
 Flower SuperNodes) and returns the typed `fedsec.results.RunResult`. Bad input
@@ -24,7 +25,7 @@ from pathlib import Path
 from fedsec.config import ExperimentConfig
 from fedsec.config import load_config as _load_config
 from fedsec.errors import ConfigError
-from fedsec.results import RunResult
+from fedsec.results import RunResult, SweepResult
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
@@ -63,12 +64,12 @@ def run(config: str | Path | ExperimentConfig, overrides: Sequence[str] = (), ou
     return run_experiment(cfg, out=out, resume=resume, stop_after=stop_after, progress=progress, log=log)
 
 
-def sweep(spec: str | Path, progress: bool = True, log: Callable[[str], None] = print) -> Path:
+def sweep(spec: str | Path, progress: bool = True, log: Callable[[str], None] = print) -> SweepResult:
     """Run every run of a sweep file (skipping finished ones), write its tables; returns
-    the sweep directory."""
-    from fedsec.sweep import run_sweep
+    them (`fedsec.results.SweepResult`: per run, per variant), a path to the sweep directory."""
+    from fedsec.sweeps import run_sweep
 
-    return run_sweep(spec, progress=progress, log=log)
+    return SweepResult.read(run_sweep(spec, progress=progress, log=log))
 
 
 def report(directory: str | Path, out: str | Path | None = None, force: bool = False) -> Path:

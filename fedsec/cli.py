@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("config", nargs="?", help="experiment YAML (default: all defaults)")
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
-    from fedsec.sweep import SWEEP_KEYS
+    from fedsec.sweeps import SWEEP_KEYS
 
     keys = "\n".join(textwrap.fill(v, 96, initial_indent=f"  {k:<13} ", subsequent_indent=" " * 16)
                      for k, v in SWEEP_KEYS.items())
@@ -322,16 +322,16 @@ def _run(args) -> int:
 
 def _sweep(args) -> int:
     from fedsec.api import sweep
-    from fedsec.sweep import summary_table
+    from fedsec.sweeps import summary_table
 
     _quiet_libraries()
-    root = sweep(args.spec, progress=not args.no_progress)
+    root = sweep(args.spec, progress=not args.no_progress).directory
     print(f"sweep directory: {root}")
     print(summary_table(root))
     import json
 
     from fedsec.disclosure import UNCOVERED
-    from fedsec.sweep import UNCOVERED_METRICS
+    from fedsec.sweeps import UNCOVERED_METRICS
 
     hidden = root / UNCOVERED / "results.json"
     rows = json.loads(hidden.read_text(encoding="utf-8")) if hidden.is_file() else []

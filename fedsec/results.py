@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -73,3 +74,37 @@ class RunResult:
     audit: dict | None = None  # privacy audit: guesses, correct, the epsilon lower bound
     membership: dict | None = None  # eval.mia: per score, AUC and TPR at low FPR
     stopped: str | None = None  # why the run ended before its planned rounds (privacy.epsilon_budget)
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """A sweep's tables, as `fedsec.sweep` returns them: `runs`, one row per run (variant x
+    seed; results.json), and `summary`, one per variant or grid cell (summary.json: each
+    metric's `<column>_mean` and `<column>_std` over the seeds). Under DP the rows hold
+    only what the DP runs may publish; the full tables are in `directory /
+    not_covered_by_dp_guarantee`. The result is a path to its directory, so
+    `fedsec.report(result)` and `Path(result)` work."""
+
+    directory: Path
+    runs: tuple[dict, ...]
+    summary: tuple[dict, ...]
+
+    def __fspath__(self) -> str:
+        return str(self.directory)
+
+    def variant(self, name: str) -> dict:
+        """The summary row of one variant (a grid cell's name)."""
+        for row in self.summary:
+            if row["variant"] == name:
+                return row
+        raise KeyError(f"no variant {name!r} in {self.directory}; it has {[r['variant'] for r in self.summary]}")
+
+    @classmethod
+    def read(cls, directory: str | Path) -> SweepResult:
+        """The tables a sweep wrote in `directory`."""
+        import json
+
+        root = Path(directory)
+        runs = json.loads((root / "results.json").read_text(encoding="utf-8"))
+        summary = json.loads((root / "summary.json").read_text(encoding="utf-8"))
+        return cls(root, tuple(runs), tuple(summary))

@@ -29,7 +29,7 @@ from fedsec.configfile import load_yaml
 from fedsec.disclosure import HEADER, UNCOVERED, guarantee_statement, predates_centred_count
 from fedsec.errors import ConfigError
 from fedsec.reports import plots
-from fedsec.sweep import federation_size, utility_columns
+from fedsec.sweeps import federation_size, utility_columns
 
 RESULT, CONFIG, ENV, LEDGER = "result.json", "config.resolved.yaml", "env.json", "privacy_ledger.json"
 
@@ -83,7 +83,7 @@ def collect(directory: Path) -> tuple[str, list[RunFiles]]:
 
 def run_table(runs: list[RunFiles]) -> list[dict]:
     """One row per run; every value is read from that run's files. Its utility columns
-    are those of the sweep tables (fedsec.sweep.utility_columns: final, untuned and
+    are those of the sweep tables (fedsec.sweeps.utility_columns: final, untuned and
     local-only accuracy, loss and perplexity, benchmarks' and plugins' metrics)."""
     rows = []
     for run in runs:

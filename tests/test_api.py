@@ -59,6 +59,20 @@ def test_a_library_run_with_progress_off_prints_nothing_of_its_libraries(tmp_pat
     assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
 
 
+def test_the_public_names_stay_themselves_after_every_fedsec_module_is_imported():
+    """A submodule named like a public call would replace it once imported (the sweep module
+    did: after fedsec.report, `fedsec.sweep(...)` was a module, not callable)."""
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.walk_packages(fedsec.__path__, "fedsec."):
+        if not module.name.endswith("__main__"):
+            importlib.import_module(module.name)
+    for name in fedsec.__all__:
+        if name != "__version__":
+            assert getattr(fedsec, name) is getattr(importlib.import_module(fedsec._PUBLIC[name]), name), name
+
+
 def test_the_cli_runs_through_fedsec_run(tmp_path, monkeypatch):
     import fedsec.api
 
@@ -270,3 +284,37 @@ def peek_clients(ctx):
     with pytest.raises(fedsec.ConfigError, match="eval.metrics.peek_client .*peek_clients"):
         fedsec.load_config(spec, ["eval.metrics={peek_client: {}}"])
     sys.modules.pop("peek", None)
+
+
+def test_a_notebook_sweeps_and_gets_its_tables_per_run_and_per_variant(tmp_path, monkeypatch):
+    """fedsec.sweep returns a SweepResult: one row per run and the per-variant means and
+    standard deviations over the seeds (checked against the rows), the same numbers as the
+    CSV tables, under DP only what the DP runs publish; it is a path to the directory."""
+    import csv
+    import os
+    import statistics
+
+    monkeypatch.chdir(tmp_path)
+    base = _yaml(tmp_path, federation={"rounds": 1, "clients_per_round": 2, "sampling": "poisson",
+                                       "local_only_clients": 1})
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(yaml.safe_dump({"name": "nb", "base": str(base), "seeds": [0, 1],
+                                    "variants": {"plain": []}, "epsilons": [8],
+                                    "set": ["privacy.delta=1e-2"]}))
+    swept = fedsec.sweep(spec, progress=False, log=lambda _: None)
+    assert isinstance(swept, fedsec.SweepResult) and os.fspath(swept) == str(swept.directory)
+    assert swept.directory.resolve() == (tmp_path / "runs" / "nb").resolve()
+    assert [(r["variant"], r["seed"]) for r in swept.runs] == [("plain", 0), ("plain", 1), ("eps8", 0), ("eps8", 1)]
+    for name in ("plain", "eps8"):
+        values = [r["final_loss"] for r in swept.runs if r["variant"] == name]
+        row = swept.variant(name)
+        assert row["seeds"] == 2 and row["final_loss_mean"] == statistics.fmean(values)
+        assert row["final_loss_std"] == statistics.stdev(values)
+    assert swept.variant("plain")["local_only_loss_mean"] is not None
+    assert all(r["local_only_loss"] is None for r in swept.runs if r["variant"] == "eps8")  # not covered under DP
+    with open(swept.directory / "summary.csv") as f:
+        written = {r["variant"]: r for r in csv.DictReader(f)}
+    assert float(written["eps8"]["final_loss_mean"]) == swept.variant("eps8")["final_loss_mean"]
+    with pytest.raises(KeyError, match="plain"):
+        swept.variant("eps2")
+    assert fedsec.report(swept) == swept.directory / "report.pdf"

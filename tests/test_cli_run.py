@@ -72,7 +72,7 @@ def test_ctrl_c_prints_the_command_that_continues_the_run_or_the_sweep(tmp_path,
 def test_sweep_runs_skips_finished_and_writes_tables(tmp_path):
     import csv
 
-    from fedsec.sweep import run_sweep
+    from fedsec.sweeps import run_sweep
 
     spec = tmp_path / "sweep.yaml"
     base = {**TINY, "federation": {"rounds": 1, "clients_per_round": 2}}
@@ -98,7 +98,7 @@ def test_dp_sweep_over_epsilons_writes_epsilon_and_sigma(tmp_path):
     import math
 
     from fedsec.accountants import DpEvent, epsilon
-    from fedsec.sweep import run_sweep, summary_table
+    from fedsec.sweeps import run_sweep, summary_table
 
     spec = tmp_path / "dp.yaml"
     base = {**TINY, "federation": {"rounds": 2, "clients_per_round": 2, "sampling": "poisson",
@@ -156,7 +156,7 @@ def test_every_sweep_key_is_documented_in_docs_and_in_sweep_help(capsys):
     import pytest
 
     from fedsec.cli import main
-    from fedsec.sweep import SWEEP_KEYS
+    from fedsec.sweeps import SWEEP_KEYS
 
     docs = (Path(__file__).resolve().parents[1] / "docs" / "sweeps.md").read_text(encoding="utf-8")
     with pytest.raises(SystemExit):

@@ -123,7 +123,7 @@ def test_cli_datasets_lists_the_anchor_sets():
 
 
 def test_sweep_expands_variants_times_seeds_and_validates(tmp_path):
-    from fedsec.sweep import expand
+    from fedsec.sweeps import expand
 
     root, runs, base_file, _ = expand("experiments/algorithms.yaml")
     assert len(runs) == 7 * 3 and base_file.name == "quickstart.yaml"
@@ -139,7 +139,7 @@ def test_every_shipped_experiment_and_sweep_validates():
     """Each file in experiments/ is a config or a sweep whose every run's config loads."""
     from pathlib import Path
 
-    from fedsec.sweep import expand
+    from fedsec.sweeps import expand
 
     checked = 0
     for path in sorted(Path("experiments").glob("*.yaml")):

@@ -204,7 +204,7 @@ def test_sweep_over_record_level_epsilons(tmp_path):
     import yaml
     from conftest import TINY
 
-    from fedsec.sweep import run_sweep
+    from fedsec.sweeps import run_sweep
 
     spec = tmp_path / "dp.yaml"
     base = {**TINY, "federation": {"rounds": 1, "clients_per_round": 2},

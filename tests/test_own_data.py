@@ -15,7 +15,7 @@ from conftest import TINY
 
 from fedsec.reports import plots
 from fedsec.reports.pdf import build_report
-from fedsec.sweep import run_sweep, summary_table
+from fedsec.sweeps import run_sweep, summary_table
 
 USERS = ("ana", "ben", "chen", "dara", "eli", "fay")
 TOPICS = ("a recipe", "a poem", "a letter", "a summary")

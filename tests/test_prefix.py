@@ -114,7 +114,7 @@ def test_a_sweep_shows_its_runs_setup_progress_but_no_round_bars(tmp_path, capsy
     from conftest import TINY
 
     import fedsec.prefix
-    from fedsec.sweep import run_sweep
+    from fedsec.sweeps import run_sweep
 
     monkeypatch.setattr(fedsec.prefix, "_MEMO", {})
     monkeypatch.setattr(fedsec.prefix, "prefix_cache_dir", lambda: tmp_path / "prefix")

@@ -11,7 +11,7 @@ from conftest import TINY
 
 from fedsec.attacks.clients import detection_rates
 from fedsec.errors import ConfigError
-from fedsec.sweep import expand, run_sweep, summary_table
+from fedsec.sweeps import expand, run_sweep, summary_table
 
 GRID = {
     "attack": {"sign_flip": ["attack.kind=sign_flip", "attack.params={scale: 20}"],

@@ -354,8 +354,18 @@ def metric_columns(rows: list[dict]) -> list[str]:
 
 
 def _write_results(root: Path, rows: list[dict], axes: list[str]) -> None:
+    """results.json/csv (the rows) and summary.json/csv (`summarize`)."""
     atomic_write_text(root / "results.json", json.dumps(rows, indent=2) + "\n")
     _write_csv(root / "results.csv", rows)
+    summary = summarize(rows, axes)
+    atomic_write_text(root / "summary.json", json.dumps(summary, indent=2) + "\n")
+    _write_csv(root / "summary.csv", summary)
+
+
+def summarize(rows: list[dict], axes: list[str]) -> list[dict]:
+    """One row per variant (a grid's cell, with its `axes`), in the rows' order: its seeds,
+    the settings every seed shares, and each metric's mean and standard deviation over the
+    seeds (None where no seed has it; std 0 for one seed)."""
     summary = []
     for variant in dict.fromkeys(r["variant"] for r in rows):
         mine = [r for r in rows if r["variant"] == variant]
@@ -368,7 +378,7 @@ def _write_results(root: Path, rows: list[dict], axes: list[str]) -> None:
             entry[f"{key}_mean"] = statistics.fmean(values) if values else None
             entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else (0.0 if values else None)
         summary.append(entry)
-    _write_csv(root / "summary.csv", summary)
+    return summary
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
