@@ -39,7 +39,7 @@ def test_cli_run_stop_and_resume_end_to_end(tmp_path):
 def test_ctrl_c_prints_the_command_that_continues_the_run_or_the_sweep(tmp_path, capsys, monkeypatch):
     """A run stopped by Ctrl-C (here in its second round) names the command that resumes it:
     its config, its --set, --resume (the newest run of its name), which, run as printed,
-    finishes it; a sweep names itself (finished runs skipped, this one resumed)."""
+    finishes it; a sweep names itself, which resumes its run and prints its table."""
     import fedsec.loop
     from fedsec.cli import main
 
@@ -61,12 +61,15 @@ def test_ctrl_c_prints_the_command_that_continues_the_run_or_the_sweep(tmp_path,
     spec = tmp_path / "sweep.yaml"
     spec.write_text(yaml.safe_dump({"name": "ctrl-c", "base": str(config), "seeds": [0], "variants": {"a": []}}))
     assert main(["sweep", str(spec), "--no-progress"]) == 130
-    line = capsys.readouterr().err.strip().splitlines()[-1]  # (that it resumes: tests/test_sweep_grid.py)
+    line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith(f"fedsec: interrupted; continue with: fedsec sweep {shlex.quote(str(spec))} (")
     monkeypatch.setattr(fedsec.loop, "play_round", real)
     assert main([*hint[1:], "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "resuming" in out and "round   3/3" in out and "round   1/3" not in out
+    assert main(["sweep", str(spec), "--no-progress"]) == 0  # the sweep's command, as printed
+    out = capsys.readouterr().out
+    assert "a seed 0: resuming" in out and "sweep directory: runs/ctrl-c" in out and "| a | 1 |" in out
 
 
 def test_sweep_runs_skips_finished_and_writes_tables(tmp_path):
