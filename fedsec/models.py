@@ -91,13 +91,13 @@ def quiet_transformers():
     shows its setup bars (fedsec.progress): a library call with progress off prints nothing."""
     from transformers.utils import logging as hf_logging
 
-    was_on = hf_logging.is_progress_bar_enabled()
-    if was_on and not progress.shown():
+    silenced = hf_logging.is_progress_bar_enabled() and not progress.shown()
+    if silenced:
         hf_logging.disable_progress_bar()
     try:
         yield
     finally:
-        if was_on:
+        if silenced:  # only what this block turned off is turned back on
             hf_logging.enable_progress_bar()
 
 
