@@ -70,10 +70,3 @@ def tiny_config(tmp_path: Path, **sections):
             raw[key] = value
     raw["output_dir"] = str(tmp_path / "runs")
     return from_mapping(ExperimentConfig, raw)
-
-
-def pytest_collection_modifyitems(config, items):
-    """Grouped tests first (the Flower deployments, about 6 minutes in one process under
-    `make test`'s two): the other process runs the rest beside them, instead of one process
-    starting them late while the other has run out of tests."""
-    items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)  # stable: file order kept
