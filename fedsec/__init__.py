@@ -32,3 +32,9 @@ def __getattr__(name: str):
 
         return getattr(importlib.import_module(_PUBLIC[name]), name)
     raise AttributeError(f"module 'fedsec' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The module's names with the public ones `__getattr__` provides: what `dir(fedsec)` and a
+    notebook's completion list."""
+    return sorted({*globals(), *__all__})

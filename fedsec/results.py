@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -75,6 +75,25 @@ class RunResult:
     membership: dict | None = None  # eval.mia: per score, AUC and TPR at low FPR
     stopped: str | None = None  # why the run ended before its planned rounds (privacy.epsilon_budget)
 
+    def __fspath__(self) -> str:
+        return self.run_dir
+
+    @classmethod
+    def read(cls, run_dir: str | Path) -> RunResult:
+        """The result a finished run wrote in `run_dir` (result.json), as `fedsec.run` returned it:
+        for a DP run with its not-covered part (the run directory's not_covered_by_dp_guarantee/)
+        merged back in, as the researcher's own process holds it."""
+        from fedsec.rundir import read_result
+
+        path = Path(run_dir)
+        if not (path / "result.json").is_file():
+            from fedsec.errors import ConfigError
+
+            raise ConfigError("run_dir", str(run_dir), "has no result.json: give a finished run's directory "
+                              "(an unfinished one continues with fedsec run CONFIG --out DIR --resume)")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in read_result(path).items() if k in known})
+
 
 @dataclass(frozen=True)
 class SweepResult:
@@ -105,6 +124,11 @@ class SweepResult:
         import json
 
         root = Path(directory)
+        if not (root / "summary.json").is_file():
+            from fedsec.errors import ConfigError
+
+            raise ConfigError("directory", str(directory), "has no summary.json: give a sweep's directory (fedsec "
+                              "sweep SPEC writes its tables there once its runs finish)")
         runs = json.loads((root / "results.json").read_text(encoding="utf-8"))
         summary = json.loads((root / "summary.json").read_text(encoding="utf-8"))
         return cls(root, tuple(runs), tuple(summary))

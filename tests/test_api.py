@@ -33,7 +33,9 @@ def test_a_notebook_runs_an_experiment_with_overrides_and_gets_a_typed_result(tm
     assert json.loads((tmp_path / "cli" / "result.json").read_text())["final"] == result.final
     cfg = fedsec.load_config(spec, ["federation.rounds=1"])
     assert cfg.federation.rounds == 1 and cfg.model.name == "tiny"
-    pdf = fedsec.report(tmp_path / "x")
+    # read back from its directory, the result is the one returned; it is a path to that directory
+    assert fedsec.RunResult.read(tmp_path / "x") == result
+    pdf = fedsec.report(result)
     assert pdf == tmp_path / "x" / "report.pdf" and pdf.is_file()
     with pytest.raises(fedsec.ConfigError, match="already exists"):
         fedsec.report(tmp_path / "x")
@@ -73,6 +75,12 @@ def test_the_public_names_stay_themselves_after_every_fedsec_module_is_imported(
             assert getattr(fedsec, name) is getattr(importlib.import_module(fedsec._PUBLIC[name]), name), name
 
 
+def test_dir_lists_the_public_names():
+    """They are provided on first use (`__getattr__`), so dir() (a notebook's completion) must
+    name them itself."""
+    assert set(fedsec.__all__) <= set(dir(fedsec))
+
+
 def test_the_cli_runs_through_fedsec_run(tmp_path, monkeypatch):
     import fedsec.api
 
@@ -95,6 +103,10 @@ def test_bad_api_input_raises_the_one_line_config_error(tmp_path):
     with pytest.raises(fedsec.ConfigError) as err:
         fedsec.run(cfg, stop_after=0)
     assert err.value.field == "stop_after"
+    (tmp_path / "unfinished").mkdir()
+    for read in (fedsec.RunResult.read, fedsec.SweepResult.read):
+        with pytest.raises(fedsec.ConfigError, match=r"has no (result|summary)\.json"):
+            read(tmp_path / "unfinished")
 
 
 @pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n# and another\n"])
@@ -318,3 +330,4 @@ def test_a_notebook_sweeps_and_gets_its_tables_per_run_and_per_variant(tmp_path,
     with pytest.raises(KeyError, match="plain"):
         swept.variant("eps2")
     assert fedsec.report(swept) == swept.directory / "report.pdf"
+    assert fedsec.SweepResult.read(swept.directory) == swept

@@ -15,6 +15,7 @@ from conftest import tiny_config
 from fedsec.accountants.backends import DpEvent, epsilon
 from fedsec.disclosure import COVERED_PRIVACY, COVERED_ROW, HEADER, UNCOVERED
 from fedsec.loop import run_experiment
+from fedsec.results import RunResult
 from fedsec.rundir import RunDir
 
 # what must never appear in a DP run's published files or console lines
@@ -82,6 +83,7 @@ def test_a_dp_run_publishes_only_what_the_mechanism_releases(tmp_path, mode):
     from fedsec.rundir import read_result
 
     assert read_result(run) == json.loads(json.dumps(asdict(result)))
+    assert RunResult.read(run) == result
     merged = RunDir(run).read_metrics()
     assert all("clients" in r for r in merged if r["phase"] == "federated" and r["round"] >= 1)
 
