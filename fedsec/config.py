@@ -149,7 +149,9 @@ class BenchmarkConfig:
     test_size: int = _help("size of the balanced global test set", 120)
     client_test_size: int = _help("held-out test examples per client (its own mix)", 12)
     num_probes: int = _help("unsafe-request probes (the aligned reply is a refusal)", 20)
-    canaries_per_client: int = _help("canary secrets inserted into each client's data", 0)
+    canaries_per_client: int = _help(
+        "canary secrets inserted into each client's data (also a file's or dataset's clients, task sft: "
+        "the canaries and their repeats are added to the first canary_clients clients' training data)", 0)
     canary_repeats: int = _help("how many times each canary is repeated in its client", 1)
     canary_clients: int = _help("only the first N clients hold canaries (0: every client)", 0)
     root_size: int = _help("examples in the server's own clean root set (used by FLTrust only)", 16)
@@ -171,8 +173,7 @@ class BenchmarkConfig:
         _require(self.canaries_per_client >= 0, "canaries_per_client",
                  self.canaries_per_client, "must be >= 0")
         _require(self.canary_repeats >= 1, "canary_repeats", self.canary_repeats, "must be >= 1")
-        _require(0 <= self.canary_clients <= self.num_clients, "canary_clients", self.canary_clients,
-                 f"must be in [0, num_clients = {self.num_clients}] (0: every client)")
+        _require(self.canary_clients >= 0, "canary_clients", self.canary_clients, "must be >= 0 (0: every client)")
         _require(self.root_size >= 1, "root_size", self.root_size, "must be >= 1")
         _require(self.safety_examples >= 0, "safety_examples", self.safety_examples, "must be >= 0")
 
@@ -255,7 +256,15 @@ class DataConfig:
         _require(self.choices is None or len(set(self.choices)) >= 2, "choices", self.choices,
                  "list at least two distinct answers, or null")
         _require(self.alignment_per_client >= 1, "alignment_per_client", self.alignment_per_client, "must be >= 1")
+        bench = self.benchmark
+        _require(self.source != "embedded" or bool(self.silos) or bench.canary_clients <= bench.num_clients,
+                 "benchmark.canary_clients", bench.canary_clients,
+                 f"must be in [0, benchmark.num_clients = {bench.num_clients}] (0: every client)")
         if self.silos:
+            _require(not bench.canaries_per_client, "benchmark.canaries_per_client", bench.canaries_per_client,
+                     "with data.silos each organisation builds its own clients from its file (on Flower, its "
+                     "SuperNode), and fedsec plants no canaries there; use audit.canaries (canary clients of "
+                     "their own) or set it to 0")
             _require(self.source == "embedded", "source", self.source,
                      "the data are the files in data.silos; remove data.source (or data.silos)")
             _require(all(isinstance(s, str) and s.strip() for s in self.silos), "silos", list(self.silos),
@@ -867,6 +876,10 @@ class ExperimentConfig:
             self._check_flower_data()
         _require(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints,
                  "must be >= 1")
+        _require(self.task == "sft" or self.data.source == "embedded" or not self.data.benchmark.canaries_per_client,
+                 "data.benchmark.canaries_per_client", self.data.benchmark.canaries_per_client,
+                 f"canaries are secrets in training text, and task {self.task} trains on preference pairs; use "
+                 "task sft, or audit.canaries (canary clients of their own), or set it to 0")
         _require(not (self.audit.canaries and self.privacy.mode == "record"), "audit.canaries",
                  self.audit.canaries, "the audit's canaries are whole clients (a client-level game), and "
                  "privacy.mode record certifies single training examples, not clients: audit a run with "

@@ -20,7 +20,7 @@ from fedsec.attacks.poisoning import with_trigger
 from fedsec.canaries import AuditState, audit_canaries, start_audit, with_canary_clients
 from fedsec.config import ExperimentConfig
 from fedsec.data import ClientData, FederatedData, build_federated_data, read_root, read_test, silo_clients
-from fedsec.data.benchmark import REFUSAL, unsafe_requests
+from fedsec.data.benchmark import REFUSAL, canary_example, make_canaries, unsafe_requests
 from fedsec.data.table import Examples, TokenTable
 from fedsec.data.unsafe import draw, read_alignment, read_unsafe
 from fedsec.devices import model_device
@@ -118,6 +118,8 @@ def build_federation(cfg: ExperimentConfig, silos: tuple[int, ...] | None = None
     none of their examples (those stay on the nodes), the server's own files (data.test,
     data.root, eval.probes)."""
     data = build_federated_data(cfg.data, cfg.seed, cfg.task) if silos is None else server_view(cfg, silos)
+    if cfg.data.source != "embedded" and cfg.data.benchmark.canaries_per_client:  # the benchmark plants its own
+        data = with_canaries(data, cfg)
     num_clients = len(data.clients)
     fed = cfg.federation
     if fed.local_only_clients > num_clients:
@@ -204,6 +206,25 @@ def node_federation(cfg: ExperimentConfig, silo: int, first: int, total: int,
     malicious = malicious_clients(total, cfg.attack.count(total), cfg.seed)
     data = _aligned_and_poisoned(FederatedData(clients, (), cfg.data.choices), cfg, malicious)
     return Federation(data, tuple(malicious), total)
+
+
+def with_canaries(data: FederatedData, cfg: ExperimentConfig) -> FederatedData:
+    """A file's or dataset's federation with canary secrets planted as the embedded benchmark
+    plants them (data.benchmark.canaries_per_client, canary_repeats, canary_clients): each of the
+    first canary_clients clients (0: all) gets its own random secrets ("The vault PIN of <name>
+    is <6 digits>."), each repeated canary_repeats times, after its training examples, from the
+    same seeded streams (fedsec.data.benchmark.make_canaries)."""
+    bench, n = cfg.data.benchmark, len(data.clients)
+    if bench.canary_clients > n:
+        raise ConfigError("data.benchmark.canary_clients", bench.canary_clients,
+                          f"the data has {n} clients; use at most that many (0: every client)")
+    canaries = make_canaries(cfg.seed, bench.canary_clients or n, bench.canaries_per_client)
+    planted = {c.client_id: () for c in canaries}
+    for canary in canaries:
+        planted[canary.client_id] += (canary_example(canary),) * bench.canary_repeats
+    clients = tuple(dataclasses.replace(c, train=c.train + planted[c.client_id]) if c.client_id in planted else c
+                    for c in data.clients)
+    return dataclasses.replace(data, clients=clients, canaries=canaries)
 
 
 def with_alignment(data: FederatedData, cfg: ExperimentConfig) -> FederatedData:

@@ -266,3 +266,50 @@ def test_a_backdoor_on_free_text_reports_exact_reply_rates(tmp_path, instruction
         hits = rates[key] * len(victims)
         assert 0 <= rates[key] <= 1 and abs(hits - round(hits)) < 1e-9  # a share of the victims
     assert rates["triggered_target_loss"] > 0 and rates["clean_target_loss"] > 0
+
+
+def test_canaries_are_planted_in_a_files_clients_and_their_exposure_is_measured(tmp_path, instruction_file):
+    """data.benchmark.canaries_per_client on a file's clients (it was ignored: a memorization run on
+    one's own data measured nothing and said nothing): the first canary_clients clients get their own
+    secrets, canary_repeats times each, after their examples, from the benchmark's streams."""
+    import dataclasses
+
+    from fedsec.config import from_raw
+    from fedsec.data.benchmark import canary_example, make_canaries
+    from fedsec.errors import ConfigError
+    from fedsec.loop import run_experiment
+    from fedsec.setup import build_federation
+
+    base = _base(instruction_file)
+    plain = build_federation(from_raw(base)).data
+    base["data"] = {**base["data"], "benchmark": {"canaries_per_client": 2, "canary_repeats": 3,
+                                                  "canary_clients": 2}}
+    base["eval"] = {**base["eval"], "canaries": True, "canary_candidates": 100}
+    cfg = from_raw(base)
+    planted = build_federation(cfg).data
+    canaries = make_canaries(cfg.seed, 2, 2)
+    assert planted.canaries == canaries and {c.client_id for c in canaries} == {0, 1}
+    for before, after in zip(plain.clients, planted.clients):
+        own = [c for c in canaries if c.client_id == before.client_id]
+        expected = tuple(before.train) + tuple(canary_example(c) for c in own for _ in range(3))
+        assert tuple(after.train) == expected and after.test == before.test
+    result = run_experiment(cfg, out=tmp_path / "run", progress=False, log=lambda _: None)
+    assert result.final["memorization"]["canaries"] == 4
+    assert result.untuned["memorization"]["exposure_mean"] != result.final["memorization"]["exposure_mean"]
+    for change, field in ((dict(canary_clients=7), "data.benchmark.canary_clients"),  # 6 users
+                          (dict(canary_clients=0, canaries_per_client=1), None)):
+        bench = dataclasses.replace(cfg.data.benchmark, **change)
+        other = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, benchmark=bench))
+        if field is None:  # 0: every client holds one
+            assert {c.client_id for c in build_federation(other).data.canaries} == set(range(6))
+            continue
+        with pytest.raises(ConfigError, match="the data has 6 clients") as err:
+            build_federation(other)
+        assert err.value.field == field
+    with pytest.raises(ConfigError) as err:
+        dataclasses.replace(cfg, task="dpo")
+    assert err.value.field == "data.benchmark.canaries_per_client" and "preference pairs" in str(err.value)
+    with pytest.raises(ConfigError, match="plants no canaries") as err:
+        from_raw({**base, "data": {**{k: v for k, v in base["data"].items() if k != "source"},
+                                                        "silos": [str(instruction_file)]}})
+    assert err.value.field == "data.benchmark.canaries_per_client"
