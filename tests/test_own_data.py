@@ -268,12 +268,13 @@ def test_a_backdoor_on_free_text_reports_exact_reply_rates(tmp_path, instruction
     assert rates["triggered_target_loss"] > 0 and rates["clean_target_loss"] > 0
 
 
-def test_canaries_are_planted_in_a_files_clients_and_their_exposure_is_measured(tmp_path, instruction_file):
+def test_canaries_are_planted_in_a_files_clients_and_their_exposure_is_measured(tmp_path, instruction_file, capsys):
     """data.benchmark.canaries_per_client on a file's clients (it was ignored: a memorization run on
     one's own data measured nothing and said nothing): the first canary_clients clients get their own
     secrets, canary_repeats times each, after their examples, from the benchmark's streams."""
     import dataclasses
 
+    from fedsec import progress
     from fedsec.config import from_raw
     from fedsec.data.benchmark import canary_example, make_canaries
     from fedsec.errors import ConfigError
@@ -282,6 +283,12 @@ def test_canaries_are_planted_in_a_files_clients_and_their_exposure_is_measured(
 
     base = _base(instruction_file)
     plain = build_federation(from_raw(base)).data
+    # the benchmark's other fields do not apply to a file: said, not silently dropped
+    shaped = from_raw({**base, "data": {**base["data"], "benchmark": {"num_clients": 3, "test_size": 50}}})
+    with progress.showing(True):
+        assert build_federation(shaped).data == plain
+    assert capsys.readouterr().err == ("fedsec: data.benchmark.num_clients, data.benchmark.test_size shape the "
+                                       "embedded benchmark only and the data come from files here: not used\n")
     base["data"] = {**base["data"], "benchmark": {"canaries_per_client": 2, "canary_repeats": 3,
                                                   "canary_clients": 2}}
     base["eval"] = {**base["eval"], "canaries": True, "canary_candidates": 100}
