@@ -150,8 +150,9 @@ class BenchmarkConfig:
     client_test_size: int = _help("held-out test examples per client (its own mix)", 12)
     num_probes: int = _help("unsafe-request probes (the aligned reply is a refusal)", 20)
     canaries_per_client: int = _help(
-        "canary secrets inserted into each client's data (also a file's or dataset's clients, task sft: "
-        "the canaries and their repeats are added to the first canary_clients clients' training data)", 0)
+        "canary secrets inserted into each client's data (also a file's, dataset's or data.silos' clients, "
+        "task sft: the canaries and their repeats are added to the first canary_clients clients' training "
+        "data)", 0)
     canary_repeats: int = _help("how many times each canary is repeated in its client", 1)
     canary_clients: int = _help("only the first N clients hold canaries (0: every client)", 0)
     root_size: int = _help("examples in the server's own clean root set (used by FLTrust only)", 16)
@@ -261,10 +262,6 @@ class DataConfig:
                  "benchmark.canary_clients", bench.canary_clients,
                  f"must be in [0, benchmark.num_clients = {bench.num_clients}] (0: every client)")
         if self.silos:
-            _require(not bench.canaries_per_client, "benchmark.canaries_per_client", bench.canaries_per_client,
-                     "with data.silos each organisation builds its own clients from its file (on Flower, its "
-                     "SuperNode), and fedsec plants no canaries there; use audit.canaries (canary clients of "
-                     "their own) or set it to 0")
             _require(self.source == "embedded", "source", self.source,
                      "the data are the files in data.silos; remove data.source (or data.silos)")
             _require(all(isinstance(s, str) and s.strip() for s in self.silos), "silos", list(self.silos),
@@ -928,7 +925,6 @@ class ExperimentConfig:
         if not d.silos:
             return
         needs = (("eval.mia", self.eval.mia, "compares the clients' training examples with held-out ones"),
-                 ("eval.canaries", self.eval.canaries, "extracts canaries planted in the clients' data"),
                  ("audit.canaries", self.audit.canaries, "appends canary clients the server would host"))
         for field_name, value, why in needs:
             _require(not value, field_name, value, f"{why}, which stay on their SuperNodes with data.silos; "

@@ -125,7 +125,7 @@ def build_federation(cfg: ExperimentConfig, silos: tuple[int, ...] | None = None
             progress.note(f"fedsec: {', '.join(unused)} shape{'s' if len(unused) == 1 else ''} the embedded "
                           "benchmark only and the data come from files here: not used")
         if cfg.data.benchmark.canaries_per_client:  # the benchmark plants its own
-            data = with_canaries(data, cfg)
+            data = with_canaries(data, cfg, len(data.clients), plant=silos is None)  # Flower's server: no data
     num_clients = len(data.clients)
     fed = cfg.federation
     if fed.local_only_clients > num_clients:
@@ -210,7 +210,10 @@ def node_federation(cfg: ExperimentConfig, silo: int, first: int, total: int,
     are drawn over all `total` clients)."""
     clients = silo_clients(cfg.data, cfg.seed, cfg.task, silo, first, source)
     malicious = malicious_clients(total, cfg.attack.count(total), cfg.seed)
-    data = _aligned_and_poisoned(FederatedData(clients, (), cfg.data.choices), cfg, malicious)
+    data = FederatedData(clients, (), cfg.data.choices)
+    if cfg.data.benchmark.canaries_per_client:  # in the holders among its clients, as the in-process run
+        data = with_canaries(data, cfg, total)
+    data = _aligned_and_poisoned(data, cfg, malicious)
     return Federation(data, tuple(malicious), total)
 
 
@@ -218,22 +221,25 @@ def node_federation(cfg: ExperimentConfig, silo: int, first: int, total: int,
 CANARY_FIELDS = ("canaries_per_client", "canary_repeats", "canary_clients")
 
 
-def with_canaries(data: FederatedData, cfg: ExperimentConfig) -> FederatedData:
-    """A file's or dataset's federation with canary secrets planted as the embedded benchmark
-    plants them (data.benchmark.canaries_per_client, canary_repeats, canary_clients): each of the
-    first canary_clients clients (0: all) gets its own random secrets ("The vault PIN of <name>
-    is <6 digits>."), each repeated canary_repeats times, after its training examples, from the
-    same seeded streams (fedsec.data.benchmark.make_canaries)."""
-    bench, n = cfg.data.benchmark, len(data.clients)
-    if bench.canary_clients > n:
+def with_canaries(data: FederatedData, cfg: ExperimentConfig, total: int, plant: bool = True) -> FederatedData:
+    """A file's, dataset's or organisations' federation of `total` clients with canary secrets
+    planted as the embedded benchmark plants them (data.benchmark.canaries_per_client,
+    canary_repeats, canary_clients): each of the first canary_clients clients (0: all) gets its
+    own random secrets ("The vault PIN of <name> is <6 digits>."), each repeated canary_repeats
+    times, after its training examples, from the same seeded streams (fedsec.data.benchmark.
+    make_canaries). `data` may hold some of them (an organisation's SuperNode: the holders among
+    its clients get theirs); without `plant` (Flower's server, which holds no examples) only the
+    secrets are recorded, for eval.canaries."""
+    bench = cfg.data.benchmark
+    if bench.canary_clients > total:
         raise ConfigError("data.benchmark.canary_clients", bench.canary_clients,
-                          f"the data has {n} clients; use at most that many (0: every client)")
-    canaries = make_canaries(cfg.seed, bench.canary_clients or n, bench.canaries_per_client)
-    planted = {c.client_id: () for c in canaries}
+                          f"the data has {total} clients; use at most that many (0: every client)")
+    canaries = make_canaries(cfg.seed, bench.canary_clients or total, bench.canaries_per_client)
+    planted: dict[int, tuple] = {}
     for canary in canaries:
-        planted[canary.client_id] += (canary_example(canary),) * bench.canary_repeats
-    clients = tuple(dataclasses.replace(c, train=c.train + planted[c.client_id]) if c.client_id in planted else c
-                    for c in data.clients)
+        planted[canary.client_id] = planted.get(canary.client_id, ()) + (canary_example(canary),) * bench.canary_repeats
+    clients = tuple(dataclasses.replace(c, train=c.train + planted[c.client_id])
+                    if plant and c.client_id in planted else c for c in data.clients)
     return dataclasses.replace(data, clients=clients, canaries=canaries)
 
 

@@ -175,10 +175,13 @@ def test_organisations_keep_their_data_on_their_supernodes_and_the_dp_run_equals
     server.mkdir()
     (server / "test.jsonl").write_text(rows("held-out", 1, 4))
     monkeypatch.chdir(server)
+    # canaries in 4 of the 5 clients, so in both organisations' (3 and 2 clients): each node plants its own
     data = {"silos": ["hospital.jsonl", "bank.jsonl"], "test": "test.jsonl", "max_length": 96,
-            "partition": {"scheme": "natural", "by": "user"}, "client_test_fraction": 0.25}
+            "partition": {"scheme": "natural", "by": "user"}, "client_test_fraction": 0.25,
+            "benchmark": {"canaries_per_client": 1, "canary_repeats": 2, "canary_clients": 4}}
     cfg = tiny_config(tmp_path, data=data, privacy=DP, engine="flower", attack={"kind": "backdoor", "malicious": 1},
-                      federation={"rounds": 2, "clients_per_round": 3}, eval={"every": 2},
+                      federation={"rounds": 2, "clients_per_round": 3},
+                      eval={"every": 2, "canaries": True, "canary_candidates": 100},
                       flower={"round_timeout": 300, "start_timeout": 120})
     lines: list[str] = []
     with LocalDeployment(tmp_path / "flower") as deployment:
@@ -203,6 +206,9 @@ def test_organisations_keep_their_data_on_their_supernodes_and_the_dp_run_equals
     assert sorted(per_node, key=int) == ["0", "1", "2", "3", "4"] and per_node.keys() == per_here.keys()
     assert all(abs(per_node[c]["loss"] - per_here[c]["loss"]) < 1e-5 for c in per_node)
     assert on_nodes["global_eval"]["loss"] == pytest.approx(here["global_eval"]["loss"], abs=1e-6)
+    memorized = [r.final["memorization"] for r in (flower, local)]  # the same secrets, planted alike
+    assert memorized[0]["canaries"] == memorized[1]["canaries"] == 4
+    assert memorized[0]["exposure_mean"] == pytest.approx(memorized[1]["exposure_mean"], abs=1e-4)
     with open(os.path.join(flower.run_dir, "metrics.jsonl")) as f:  # what the DP run publishes
         assert not any("client_eval" in row and row["client_eval"] for row in map(json.loads, f))
 

@@ -316,7 +316,9 @@ def test_canaries_are_planted_in_a_files_clients_and_their_exposure_is_measured(
     with pytest.raises(ConfigError) as err:
         dataclasses.replace(cfg, task="dpo")
     assert err.value.field == "data.benchmark.canaries_per_client" and "preference pairs" in str(err.value)
-    with pytest.raises(ConfigError, match="plants no canaries") as err:
-        from_raw({**base, "data": {**{k: v for k, v in base["data"].items() if k != "source"},
-                                                        "silos": [str(instruction_file)]}})
-    assert err.value.field == "data.benchmark.canaries_per_client"
+    # an organisation's file (data.silos) gets them too (on Flower each SuperNode plants its own: test_flower)
+    kept = {k: v for k, v in base["data"].items() if k not in ("source", "test_fraction")}
+    siloed = from_raw({**base, "data": {**kept, "silos": [str(instruction_file)]}})
+    clients = build_federation(siloed).data.clients
+    assert [tuple(c.train[-3:]) for c in clients[:2]] == [(canary_example(c),) * 3 for c in canaries[1::2]]
+    assert all(not any(e.meta.get("canary") for e in c.train) for c in clients[2:])
