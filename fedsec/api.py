@@ -58,7 +58,7 @@ def run(config: str | Path | ExperimentConfig, overrides: Sequence[str] = (), ou
             raise ConfigError("engine", "flower", "Flower is not installed; pip install 'fedsec[flower]'")
         from fedsec.engine.deploy import run_on_flower
 
-        return run_on_flower(cfg, out=out, resume=resume, stop_after=stop_after, echo=log)
+        return run_on_flower(cfg, out=out, resume=resume, stop_after=stop_after, echo=log, progress=progress)
     from fedsec.loop import run_experiment
 
     return run_experiment(cfg, out=out, resume=resume, stop_after=stop_after, progress=progress, log=log)

@@ -180,8 +180,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _datasets()
         if args.command == "cache-model":
             from fedsec.models import resolve_model_path
+            from fedsec.progress import showing
 
-            print(f"cached: {resolve_model_path(args.model)}")
+            with showing(True):  # the conversion's line
+                print(f"cached: {resolve_model_path(args.model)}")
             return 0
         if args.command == "privacy":
             return _privacy(args)

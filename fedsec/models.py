@@ -22,7 +22,6 @@ import importlib.util
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -239,11 +238,10 @@ def _convert_smollm2(out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     gguf = smollm2_gguf_path()
-    print(f"fedsec: converting {gguf.name} to safetensors (once; cached in {out.parent})",
-          file=sys.stderr)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                  dtype=torch.float32)
+    progress.note(f"fedsec: converting {gguf.name} to safetensors (once; cached in {out.parent})")
+    with quiet_transformers():  # its de-quantizing bar too: a library call with progress off prints nothing
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config

@@ -383,10 +383,12 @@ def _toml(value) -> str:
 
 def run_on_flower(cfg: ExperimentConfig, out: str | Path | None = None, resume: bool = False,
                   stop_after: int | None = None, echo: Callable[[str], None] = print,
-                  deployment: LocalDeployment | None = None) -> RunResult:
+                  deployment: LocalDeployment | None = None, progress: bool = True) -> RunResult:
     """Run `cfg` on Flower: on `deployment`, on cfg.flower.superlink, or on a local
-    deployment of cfg.flower.supernodes SuperNodes started and stopped here."""
+    deployment of cfg.flower.supernodes SuperNodes started and stopped here. `progress`:
+    the one-time model conversion says so on stderr."""
     from fedsec.models import resolve_model_path
+    from fedsec.progress import showing
 
     remote = deployment is None and bool(cfg.flower.superlink)
     if remote:  # the run directory lives on the SuperLink's machine, which checks it
@@ -406,7 +408,8 @@ def run_on_flower(cfg: ExperimentConfig, out: str | Path | None = None, resume: 
         RunDir.check_free(path)
         path = path.resolve()
     if not remote:
-        resolve_model_path(cfg.model.name)  # convert once here, so the ClientApps only read the cache
+        with showing(progress):
+            resolve_model_path(cfg.model.name)  # convert once here, so the ClientApps only read the cache
     own = deployment is None and not cfg.flower.superlink
     made_home = deployment is None  # a temporary folder of this call's: removed unless the run broke off
     home = Path(tempfile.mkdtemp(prefix="fedsec-flower-")) if made_home else deployment.home
