@@ -302,6 +302,17 @@ def _build_tiny(out: Path) -> None:
         tok.save_pretrained(out)
 
 
+def linear_module_names(model) -> list[str]:
+    """The distinct last names of the layers LoRA can adapt (torch Linear, and transformers'
+    Conv1D as GPT-2 uses), the output head left out: what lora.target_modules may name."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear | Conv1D) and module is not head}
+    return sorted(names)
+
+
 def attach_lora(model, cfg: LoraConfig, seed: int):
     """Wrap `model` with a LoRA adapter; base weights are frozen by peft.
 
@@ -328,8 +339,10 @@ def attach_lora(model, cfg: LoraConfig, seed: int):
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             peft_model = get_peft_model(model, peft_cfg)
     except ValueError as err:
-        raise ConfigError("lora.target_modules", list(cfg.target_modules),
-                          f"not found in the model ({str(err).splitlines()[0][:120]})") from None
+        names = linear_module_names(model)
+        found = (f"this model's linear layers are named {', '.join(names)}: list some of them, e.g. [{names[0]}]"
+                 if names else f"not found in the model ({str(err).splitlines()[0][:120]})")
+        raise ConfigError("lora.target_modules", list(cfg.target_modules), found) from None
     if cfg.init_from is not None:
         _load_adapter(peft_model, Path(cfg.init_from))
     if cfg.freeze_a:  # FFA-LoRA: A stays at its (seed-shared) random init

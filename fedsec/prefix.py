@@ -169,6 +169,47 @@ def _packed_states(decoder, model, first: int, chunk: list[Encoded], pad_id: int
     return packed
 
 
+# Whether the adapted layers run from cached states reproduce the model's own forward, by first
+# layer: checked once per process on the first item (`_check_reproduces`)
+_EXACT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def check_architecture(model) -> None:
+    """The frozen-prefix cache cuts the decoder's `layers` and feeds states as `inputs_embeds`
+    (Llama, Mistral, Qwen2 and their kin); a model built otherwise (GPT-2's `h` and position
+    table) is refused in one line."""
+    decoder = _decoder(model)
+    if not isinstance(getattr(decoder, "layers", None), torch.nn.ModuleList) or not hasattr(decoder, "embed_tokens"):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        raise ConfigError("lora.cache_frozen_layers", True,
+                          f"needs a decoder with a `layers` list and `embed_tokens` (Llama, Mistral, Qwen2 and their "
+                          f"kin); {type(base).__name__} is built otherwise: set it to false")
+
+
+@torch.no_grad()
+def _check_reproduces(decoder, model, first: int, item: Encoded, pad_id: int, state: torch.Tensor) -> None:
+    """Once per model and first layer: the top layers run from `state` (the item's cached
+    input of layer `first`) give the full forward's last hidden state, else a ConfigError.
+    A model whose forward transforms what it is given as input embeddings (a scale, a
+    position table) would otherwise train and evaluate on wrong numbers without a word."""
+    known = _EXACT.setdefault(model, {})
+    if known.get(first):
+        return
+    batch = to_device(collate([item], pad_id), model_device(model))
+    with autocast(model):
+        full = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       use_cache=False).last_hidden_state[0]
+        with top_layers_only(model, first):
+            top = decoder(inputs_embeds=state[None].to(full.device), attention_mask=batch["attention_mask"],
+                          use_cache=False).last_hidden_state[0]
+    rtol = 1e-4 if autocast_dtype(model) is None else 2e-2
+    if not bool(((top.float() - full.float()).abs() <= rtol * full.float().abs().amax(-1, keepdim=True)).all()):
+        raise ConfigError("lora.cache_frozen_layers", True,
+                          f"the adapted layers run from cached states do not reproduce this model's forward "
+                          f"({type(decoder).__name__} changes what it is given as input embeddings): set it to false")
+    known[first] = True
+
+
 @torch.no_grad()
 def prefix_states(model, items: Sequence[Encoded], first: int, pad_id: int,
                   batch_size: int = 32, home: torch.device = DATA,
@@ -288,9 +329,14 @@ class FrozenPrefix:
 
     def attach(self, model, items: Sequence[Encoded], pad_id: int, batch_size: int,
                groups: Sequence[int] | None = None) -> list[Encoded]:
-        """`items` with their frozen-prefix states (`cache_frozen_prefix`)."""
-        return cache_frozen_prefix(model, list(items), self.first, pad_id, batch_size, self.model_key, self.home,
-                                   groups=groups, pack=self.pack)
+        """`items` with their frozen-prefix states (`cache_frozen_prefix`), the first checked
+        against the model's own forward once per process (`_check_reproduces`), wherever the
+        states came from (computed, the memo, the disk cache)."""
+        out = cache_frozen_prefix(model, list(items), self.first, pad_id, batch_size, self.model_key, self.home,
+                                  groups=groups, pack=self.pack)
+        if out:
+            _check_reproduces(_decoder(model), model, self.first, out[0], pad_id, out[0].hidden)
+        return out
 
 
 def cache_frozen_prefix(model, items: Sequence[Encoded], first: int, pad_id: int,

@@ -38,7 +38,7 @@ from fedsec.evaluation import (
 from fedsec.leakage import mia_random_split, mia_user_split
 from fedsec.models import load_model
 from fedsec.objectives import OBJECTIVES, PairItem, objective_for
-from fedsec.prefix import FrozenPrefix, plan_cache
+from fedsec.prefix import FrozenPrefix, check_architecture, plan_cache
 from fedsec.privacy import (
     RecordPlan,
     dp_seed,
@@ -497,6 +497,7 @@ def frozen_prefix(model, cfg: ExperimentConfig) -> FrozenPrefix:
     memo key names the frozen base as the run computes it (model, dtype, quantization,
     device, precision); states packed with training.pack, kept in host memory (setup
     moves them where `plan_cache` says)."""
+    check_architecture(model)
     return FrozenPrefix(model.config.num_hidden_layers - cfg.lora.top_layers,
                         f"{cfg.model.name}|{cfg.model.dtype}|{cfg.model.quantization}|{model_device(model).type}|"
                         f"{cfg.training.precision}", cfg.training.pack)

@@ -67,3 +67,29 @@ def test_smollm2_conversion_matches_the_gguf_model():
     # a real instruct model: greedy reply to a factual question names the answer
     out = model.generate(**ids, max_new_tokens=12, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
+
+
+def test_another_architecture_gets_its_own_layer_names_and_a_refused_prefix_cache_in_one_line(tmp_path):
+    """A GPT-2 folder of one's own: lora.target_modules that it lacks names the layers it has, and
+    the frozen-prefix cache (built on Llama's `layers` and `embed_tokens`) is refused in one line,
+    where it crashed in the middle of setup; with its own names and no cache it trains."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    import fedsec
+
+    folder = tmp_path / "gpt2"
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("tiny"))
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=512, n_embd=32, n_layer=2,
+                               n_head=2)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    cfg = tiny_config(tmp_path, model={"name": str(folder)}, federation={"rounds": 1})
+    with pytest.raises(fedsec.ConfigError) as err:
+        fedsec.run(cfg, out=tmp_path / "a", progress=False, log=lambda _: None)
+    assert err.value.field == "lora.target_modules" and "named c_attn, c_fc, c_proj" in str(err.value)
+    lora = dataclasses.replace(cfg.lora, target_modules=("c_attn",))
+    with pytest.raises(fedsec.ConfigError) as err:
+        fedsec.run(dataclasses.replace(cfg, lora=dataclasses.replace(lora, top_layers=1, cache_frozen_layers=True)),
+                   out=tmp_path / "b", progress=False, log=lambda _: None)
+    assert err.value.field == "lora.cache_frozen_layers" and "GPT2LMHeadModel" in str(err.value)
+    result = fedsec.run(dataclasses.replace(cfg, lora=lora), out=tmp_path / "c", progress=False, log=lambda _: None)
+    assert result.finished and result.final["loss"] != result.untuned["loss"]

@@ -286,3 +286,25 @@ def test_a_call_reuses_the_groups_an_earlier_call_computed_bit_for_bit(tmp_path,
     # without groups (batches across the items) nothing is taken from another call
     cache_frozen_prefix(model, a + c, first, pad, 4, "tiny", pack=True)
     assert asked == [5, 4, 3]
+
+
+def test_a_model_whose_forward_changes_its_input_embeddings_is_refused_not_cached_wrong(tmp_path):
+    """The cache feeds the frozen layers' output as `inputs_embeds`: a decoder that transforms
+    them (here scaled by 2, as some architectures scale their embeddings in the forward)
+    would train on wrong numbers; the first item's check against the full forward refuses it."""
+    import pytest
+
+    from fedsec.errors import ConfigError
+    from fedsec.prefix import FrozenPrefix
+
+    model, tok, items = _model_and_items(tmp_path, top_layers=1)
+    first = model.config.num_hidden_layers - 1
+    assert len(FrozenPrefix(first, "plain").attach(model, items[:2], tok.pad_token_id, 2)) == 2
+    other, _, _ = _model_and_items(tmp_path, top_layers=1)  # a model of its own: checked once per model
+    decoder = other.get_base_model().get_decoder()
+    forward = decoder.forward
+    decoder.forward = lambda *a, inputs_embeds=None, **k: forward(
+        *a, inputs_embeds=None if inputs_embeds is None else 2 * inputs_embeds, **k)
+    with pytest.raises(ConfigError, match="do not reproduce this model's forward") as err:
+        FrozenPrefix(first, "scaled").attach(other, items[:2], tok.pad_token_id, 2)
+    assert err.value.field == "lora.cache_frozen_layers"
