@@ -616,6 +616,12 @@ class AttackConfig:
         _require(self.malicious >= 0, "malicious", self.malicious, "must be an integer >= 0")
         _require(self.fraction is None or 0 <= self.fraction <= 1, "fraction", self.fraction,
                  "must be null or in [0, 1]")
+        # without an attack, "malicious" clients would train honestly and still be scored as caught or missed
+        for name in ("fraction", "malicious"):
+            value = getattr(self, name)
+            _require(self.kind != "none" or not value, name, value,
+                     f"attack.kind is none, so these clients would be labelled malicious and train honestly; name "
+                     f"an attack in attack.kind, or set attack.{name}: 0")
         known = next((t.entry(self.kind).params for t in tables if self.kind in t), {})
         for key, value in self.params.items():
             near = difflib.get_close_matches(key, list(known), n=1)

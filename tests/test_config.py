@@ -52,6 +52,10 @@ def test_override_creates_missing_sections_without_touching_input():
     ({"training": {"lrr": 0.1}}, "training.lrr", "did you mean 'lr'"),
     ({"trainig": {}}, "trainig", "did you mean 'training'"),
     ({"lora": [1, 2]}, "lora", "mapping"),
+    # without an attack, labelled "malicious" clients would train honestly and be scored as caught or missed
+    ({"attack": {"kind": "none", "fraction": 0.3}}, "attack.fraction", "set attack.fraction: 0"),
+    ({"attack": {"malicious": 2}}, "attack.malicious", "name an attack in attack.kind"),
+    ({"data": {"benchmark": {"canary_clients": 9}}}, "data.benchmark.canary_clients", "num_clients = 8"),
 ])
 def test_bad_values_name_field_value_and_fix(raw, field, words):
     with pytest.raises(ConfigError) as info:
