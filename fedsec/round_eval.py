@@ -5,14 +5,17 @@ the end of a run the membership-inference attack and the privacy audit's outcome
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import json
+import weakref
 from pathlib import Path
 
 import torch
 
 from fedsec.attacks.memorization import blind_baseline, split_shifted
 from fedsec.canaries import audit_result, secret_margins
+from fedsec.devices import autocast_dtype, model_device
 from fedsec.encoding import encode_all
 from fedsec.evalsuite.runner import PeftModelLM, run_task
 from fedsec.evaluation import (
@@ -69,8 +72,7 @@ def evaluate_model(setup: Setup, vector: torch.Tensor, round_done: int | None = 
             setup.model, setup.tokenizer, setup.data.canaries, setup.cfg.data.template, e.canary_candidates,
             setup.cfg.seed, batch)
     if setup.probe_prompts:
-        global_eval["refusal_rate"], replies = refusal_rate(setup.model, setup.tokenizer, setup.probe_prompts,
-                                                            setup.cfg.eval.max_new_tokens, batch)
+        global_eval["refusal_rate"], replies = probe_replies(setup, vector)
         if setup.answers_dir is not None and round_done is not None:
             path = write_probe_replies(setup.answers_dir / "refusal_probes" / f"round_{round_done:04d}.jsonl",
                                        setup.data.probes, replies)
@@ -92,6 +94,57 @@ def evaluate_model(setup: Setup, vector: torch.Tensor, round_done: int | None = 
     else:
         return global_eval, None
     return global_eval, client_summary(per_client) if per_client else None
+
+
+# The refusal probes' greedy replies by everything they are a function of (`_replies_key`): a
+# sweep's runs share their base model and, with one seed, their untuned adapter, so the round-0
+# probes (greedy generation, most of an untuned evaluation: 11.8 of 13.7 s on the malicious grid's
+# SmolLM2 run, a 2-core CPU) run once per sweep instead of once per run. Bounded: oldest out.
+_REPLIES: dict[str, tuple[float, list[str]]] = {}
+_REPLIES_ENTRIES = 8
+_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def weights_fingerprint(model) -> str:
+    """A digest of the model's weights other than the adapter's (its base, quantized or not, and
+    any rows added at setup): frozen during a run, so computed once per model object."""
+    if model not in _WEIGHTS:
+        digest = hashlib.sha256()
+        for name, tensor in model.state_dict().items():
+            if "lora_" in name:
+                continue
+            flat = tensor.detach().cpu().contiguous()
+            digest.update(f"{name}|{flat.dtype}|{tuple(flat.shape)}".encode())
+            digest.update(memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else b"")
+        _WEIGHTS[model] = digest.hexdigest()
+    return _WEIGHTS[model]
+
+
+def _replies_key(setup: Setup, vector: torch.Tensor) -> str:
+    """The base weights, the adapter, the prompts' tokens, the reply budget, the batches (their
+    padding shapes the float sums), the precision, the threads and the decoding settings."""
+    model, tokenizer, e = setup.model, setup.tokenizer, setup.cfg.eval
+    digest = hashlib.sha256(weights_fingerprint(model).encode())
+    digest.update(memoryview(vector.detach().to("cpu", torch.float32).contiguous().numpy()))
+    for prompt in setup.probe_prompts:
+        digest.update(f"{list(prompt)}|".encode())
+    digest.update(f"{e.max_new_tokens}|{e.batch_size}|{autocast_dtype(model)}|{model_device(model)}|"
+                  f"{torch.get_num_threads()}|{tokenizer.name_or_path}|{len(tokenizer)}|"
+                  f"{model.generation_config.to_json_string()}".encode())
+    return digest.hexdigest()
+
+
+def probe_replies(setup: Setup, vector: torch.Tensor) -> tuple[float, list[str]]:
+    """The refusal rate on the unsafe probes and the greedy replies behind it (`refusal_rate`),
+    taken from an earlier evaluation of this process with the same key (`_REPLIES`)."""
+    key = _replies_key(setup, vector)
+    if key not in _REPLIES:
+        _REPLIES[key] = refusal_rate(setup.model, setup.tokenizer, setup.probe_prompts,
+                                     setup.cfg.eval.max_new_tokens, setup.cfg.eval.batch_size)
+        while len(_REPLIES) > _REPLIES_ENTRIES:
+            _REPLIES.pop(next(iter(_REPLIES)))
+    rate, replies = _REPLIES[key]
+    return rate, list(replies)
 
 
 def write_probe_replies(path: Path, probes, replies: list[str]) -> Path:

@@ -143,3 +143,31 @@ def test_probe_replies_are_saved_beside_the_harmless_rate_they_make(tmp_path):
         assert len(saved) == setup_probes and all(s["refused"] == is_refusal(s["reply"]) for s in saved)
         assert ge["refusal_rate"] == sum(s["refused"] for s in saved) / len(saved)  # the rate is the file's share
         assert all(s["request"] for s in saved)
+
+
+def test_a_second_run_of_the_same_untuned_model_takes_its_probe_replies_from_the_first(tmp_path, monkeypatch):
+    """A sweep's runs share their base model and, with one seed, their untuned adapter: the
+    round-0 probes (greedy generation) run once, and the second run's harmless rate and saved
+    replies are the first run's. A trained adapter, or another seed's, is generated anew."""
+    import fedsec.round_eval as round_eval
+    from fedsec.loop import run_experiment
+    from fedsec.rundir import RunDir
+
+    calls = []
+    real = round_eval.refusal_rate
+    monkeypatch.setattr(round_eval, "_REPLIES", {})
+    monkeypatch.setattr(round_eval, "refusal_rate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    runs = {}
+    for name, seed, lr in (("a", 0, 1e-3), ("b", 0, 5e-3), ("c", 1, 1e-3)):
+        cfg = tiny_config(tmp_path, seed=seed, eval={"refusal": True, "every": 1, "max_new_tokens": 4},
+                          federation={"rounds": 1, "clients_per_round": 2, "local_only_clients": 0},
+                          training={"lr": lr})
+        before = len(calls)
+        run_experiment(cfg, out=tmp_path / name, progress=False, log=lambda _: None)
+        runs[name] = (len(calls) - before, [r["global_eval"] for r in RunDir(tmp_path / name).read_metrics()
+                                            if r.get("phase") == "federated"])
+    assert [runs[k][0] for k in "abc"] == [2, 1, 2]  # b's round 0 is a's; c's adapter starts elsewhere
+    (a0, a1), (b0, b1) = runs["a"][1], runs["b"][1]
+    assert b0["refusal_rate"] == a0["refusal_rate"]
+    assert (tmp_path / "b" / b0["refusal_replies"]).read_text() == (tmp_path / "a" / a0["refusal_replies"]).read_text()
+    assert b1["loss"] != a1["loss"]  # the runs trained differently after it
