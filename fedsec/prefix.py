@@ -169,8 +169,8 @@ def _packed_states(decoder, model, first: int, chunk: list[Encoded], pad_id: int
     return packed
 
 
-# Whether the adapted layers run from cached states reproduce the model's own forward, by first
-# layer: checked once per process on the first item (`_check_reproduces`)
+# Whether the adapted layers run from cached states reproduce the model's own forward, by model
+# and first layer: checked once on the first item a run attaches states to (`_check_reproduces`)
 _EXACT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -330,7 +330,7 @@ class FrozenPrefix:
     def attach(self, model, items: Sequence[Encoded], pad_id: int, batch_size: int,
                groups: Sequence[int] | None = None) -> list[Encoded]:
         """`items` with their frozen-prefix states (`cache_frozen_prefix`), the first checked
-        against the model's own forward once per process (`_check_reproduces`), wherever the
+        against the model's own forward once per model (`_check_reproduces`), wherever the
         states came from (computed, the memo, the disk cache)."""
         out = cache_frozen_prefix(model, list(items), self.first, pad_id, batch_size, self.model_key, self.home,
                                   groups=groups, pack=self.pack)
