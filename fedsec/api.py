@@ -19,7 +19,7 @@ quick.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from fedsec.config import ExperimentConfig
@@ -28,18 +28,20 @@ from fedsec.errors import ConfigError
 from fedsec.results import RunResult, SweepResult
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """The validated, frozen experiment of a YAML file with `key=value` overrides applied
-    (no path: every default)."""
+def load_config(path: str | Path | Mapping | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """The validated, frozen experiment of a YAML file (or of its content as a mapping of
+    sections) with `key=value` overrides applied (no path: every default)."""
     return _load_config(path, list(overrides))
 
 
-def run(config: str | Path | ExperimentConfig, overrides: Sequence[str] = (), out: str | Path | None = None,
+def run(config: str | Path | Mapping | ExperimentConfig, overrides: Sequence[str] = (),
+        out: str | Path | None = None,
         resume: bool = False, stop_after: int | None = None, progress: bool = True,
         log: Callable[[str], None] = print) -> RunResult:
     """Run (or with `resume`, continue) one experiment on its engine; returns its result.
 
-    `config` is a YAML path or an ExperimentConfig (then `overrides` must be empty).
+    `config` is a YAML path, the YAML's content as a mapping of sections ({"model": {"name":
+    "tiny"}, ...}), or an ExperimentConfig (then `overrides` must be empty).
     `out` is the run directory (default: <output_dir>/<name>-<timestamp>); `stop_after`
     ends after that many rounds, leaving a checkpoint `resume=True` continues; `log`
     receives the round lines (and, on Flower, the server's log).

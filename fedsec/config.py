@@ -9,6 +9,7 @@ they get the same checks as the file.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -987,9 +988,14 @@ class ExperimentConfig:
 # Loading.
 
 
-def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | list[str] = ()) -> ExperimentConfig:
-    """Read a YAML experiment, apply `key=value` overrides, validate, return it frozen."""
-    raw = read_yaml(path) if path is not None else {}
+def load_config(path: str | Path | Mapping | None = None,
+                overrides: tuple[str, ...] | list[str] = ()) -> ExperimentConfig:
+    """Read a YAML experiment (or take its content as a mapping of sections, as a notebook
+    writes it), apply `key=value` overrides, validate, return it frozen."""
+    if isinstance(path, Mapping):
+        raw = copy.deepcopy(dict(path))  # the caller's mapping stays as it was
+    else:
+        raw = read_yaml(path) if path is not None else {}
     for assignment in overrides:
         raw = apply_override(raw, assignment)
     return from_raw(raw)

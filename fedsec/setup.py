@@ -140,6 +140,11 @@ def build_federation(cfg: ExperimentConfig, silos: tuple[int, ...] | None = None
         if 0 < cfg.eval.max_probes < len(probes):
             probes = draw(probes, cfg.eval.max_probes, cfg.seed, "probes-file")
         data = dataclasses.replace(data, probes=probes)
+    if cfg.eval.refusal and not data.probes:  # else the harmless rate would be missing without a word
+        embedded = cfg.data.source == "embedded" and not cfg.data.silos
+        raise ConfigError("eval.refusal", True, "the data has no unsafe probes to score; give eval.probes (a file "
+                          "of unsafe requests, e.g. AdvBench's goals)"
+                          + (" or raise data.benchmark.num_probes" if embedded else "") + ", or set it to false")
     if silos is None:  # with silos, each node aligns and poisons its own clients (`node_federation`)
         data = _aligned_and_poisoned(data, cfg, malicious)
     mia_pool = ()

@@ -33,6 +33,12 @@ def test_a_notebook_runs_an_experiment_with_overrides_and_gets_a_typed_result(tm
     assert json.loads((tmp_path / "cli" / "result.json").read_text())["final"] == result.final
     cfg = fedsec.load_config(spec, ["federation.rounds=1"])
     assert cfg.federation.rounds == 1 and cfg.model.name == "tiny"
+    # the YAML's content as a mapping of sections, as a notebook writes it: the same experiment
+    content = yaml.safe_load(spec.read_text())
+    assert fedsec.load_config(content, ["federation.rounds=1"]) == cfg
+    assert content == yaml.safe_load(spec.read_text())  # the overrides left the caller's mapping alone
+    with pytest.raises(fedsec.ConfigError, match="federation.rounds"):
+        fedsec.load_config({**content, "federation": {"rounds": 0}})
     # read back from its directory, the result is the one returned; it is a path to that directory
     assert fedsec.RunResult.read(tmp_path / "x") == result
     pdf = fedsec.report(result)

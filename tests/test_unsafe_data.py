@@ -171,3 +171,15 @@ def test_a_second_run_of_the_same_untuned_model_takes_its_probe_replies_from_the
     assert b0["refusal_rate"] == a0["refusal_rate"]
     assert (tmp_path / "b" / b0["refusal_replies"]).read_text() == (tmp_path / "a" / a0["refusal_replies"]).read_text()
     assert b1["loss"] != a1["loss"]  # the runs trained differently after it
+
+
+def test_a_refusal_evaluation_without_probes_is_refused_not_skipped(tmp_path):
+    """eval.refusal with no probe to score (the benchmark's num_probes 0, or a file's data without
+    eval.probes): the harmless rate was left out of the run without a word."""
+    from fedsec.setup import build_federation
+
+    cfg = tiny_config(tmp_path, data={"benchmark": {**DATA["benchmark"], "num_probes": 0}}, eval={"refusal": True})
+    with pytest.raises(ConfigError, match="no unsafe probes to score.*num_probes") as err:
+        build_federation(cfg)
+    assert err.value.field == "eval.refusal"
+    assert len(build_federation(tiny_config(tmp_path, data=DATA, eval={"refusal": True})).data.probes) == 4
