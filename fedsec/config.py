@@ -506,7 +506,11 @@ class PrivacyConfig:
                      f"{self.mechanism}")
         _require(self.epsilon_budget is None or self.mode != "off", "epsilon_budget", self.epsilon_budget,
                  "a budget needs privacy.mode user or record; set it to null")
-        if self.mode == "off":
+        if self.mode == "off":  # a DP setting without DP would leave a run that looks private without a word
+            for name, value in (("epsilon", self.epsilon), ("noise_multiplier", self.noise_multiplier),
+                                ("adaptive_clipping", self.adaptive_clipping or None)):
+                _require(value is None, name, value, "privacy.mode is off, so nothing is clipped, noised or "
+                         "certified; set privacy.mode: user (or record), or remove it")
             return
         _require((self.epsilon is None) != (self.noise_multiplier is None), "epsilon",
                  self.epsilon, f"with mode: {self.mode} give exactly one of epsilon and noise_multiplier")
