@@ -7,7 +7,7 @@ import math
 from fedsec.accountants import format_epsilon, format_lower_bound
 from fedsec.disclosure import COVERED_GLOBAL_EVAL_DROP, UNCOVERED
 from fedsec.results import RoundResult, RunResult
-from fedsec.utility import perplexity
+from fedsec.utility import BENCHMARK_METRICS, perplexity
 
 
 def _fmt(value: float | None, spec: str = ".3f") -> str:
@@ -97,11 +97,24 @@ def _global_parts(global_eval: dict, averaged: bool = False) -> list[str]:
     if "memorization" in global_eval:
         m = global_eval["memorization"]
         parts.append(f"exposure {m['exposure_mean']:.1f} bits extracted {_fmt(m['extraction_rate'])}")
+    for task, metric, value in _benchmark_scores(global_eval):
+        parts.append(f"{task} {metric} {_fmt(value)}")
     for block in ("metrics", "metrics_uncovered"):  # plugins' metrics, a number or a few per metric
         for name, value in global_eval.get(block, {}).items():
             values = value if isinstance(value, dict) else {"": value}
             parts.append(f"{name} " + " ".join(f"{k} {v:.4g}".strip() for k, v in values.items()))
     return parts
+
+
+def _benchmark_scores(global_eval: dict) -> list[tuple[str, str, float]]:
+    """(task, metric, value) of each eval.benchmarks task evaluated: its headline metric, the
+    first of fedsec.utility.BENCHMARK_METRICS it reports (accuracy, exact match, pass@1, ...)."""
+    out = []
+    for task, metrics in (global_eval.get("benchmarks") or {}).items():
+        metric = next((m for m in BENCHMARK_METRICS if isinstance(metrics.get(m), (int, float))), None)
+        if metric is not None:
+            out.append((task, metric.replace("_", " "), float(metrics[metric])))
+    return out
 
 
 def audit_exceedance(confidence: float) -> str:
@@ -142,6 +155,11 @@ def summary_lines(result: RunResult) -> list[str]:
         if "refusal_rate" in before:
             lines.append(f"refusal rate (unsafe probes): untuned {_fmt(before['refusal_rate'])} -> "
                          f"{name} {_fmt(after['refusal_rate'])}")
+        untuned = {(task, metric): value for task, metric, value in _benchmark_scores(before)}
+        for task, metric, value in _benchmark_scores(after):
+            if (task, metric) in untuned:
+                lines.append(f"{task} {metric} (eval.benchmarks): untuned {_fmt(untuned[task, metric])} -> "
+                             f"{name} {_fmt(value)}")
     if result.audit is not None:
         a = result.audit
         versus = (f"; the accountant's epsilon is {format_epsilon(a['accountant_epsilon'], 4)}"

@@ -242,14 +242,26 @@ def test_benchmarks_run_in_a_federated_run_every_k_rounds(tmp_path):
                           {"name": "humaneval", "source": he, "max_new_tokens": 8, "timeout": 5},
                           {"name": "vicuna_bench", "source": vicuna, "max_new_tokens": 4},
                           {"name": "advbench", "source": adv, "max_new_tokens": 4}]})
+    from fedsec.console import summary_lines
     from fedsec.loop import run_experiment
 
-    run_experiment(cfg, out=tmp_path / "run", progress=False, log=lambda _: None)
+    lines: list[str] = []
+    result = run_experiment(cfg, out=tmp_path / "run", progress=False, log=lines.append)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     got = {r["round"]: sorted((r.get("global_eval") or {}).get("benchmarks", {})) for r in rows}
     everything = ["advbench", "fpb", "gsm8k", "humaneval", "vicuna_bench"]
     assert got == {0: everything, 1: [], 2: ["fpb"], 3: everything}
     final = rows[-1]["global_eval"]["benchmarks"]
+    # the round lines and the summary show each scored task's headline metric (vicuna_bench without a judge has none)
+    by_round = {int(line.split()[1].split("/")[0]): line for line in lines if line.startswith("round")}
+    fpb_acc = f"fpb accuracy {final['fpb']['accuracy']:.3f}"
+    assert f"fpb accuracy {rows[2]['global_eval']['benchmarks']['fpb']['accuracy']:.3f}" in by_round[2]
+    assert "gsm8k" not in by_round[2] and fpb_acc in by_round[3] and "vicuna" not in by_round[3]
+    assert all(f"{task} {metric}" in by_round[3] for task, metric in (
+        ("gsm8k", "exact match"), ("humaneval", "pass at 1"), ("advbench", "harmless rate")))
+    untuned = rows[0]["global_eval"]["benchmarks"]["fpb"]["accuracy"]
+    assert (f"fpb accuracy (eval.benchmarks): untuned {untuned:.3f} -> fedavg {final['fpb']['accuracy']:.3f}"
+            in summary_lines(result))
     assert final["fpb"]["n"] == 6 and 0 <= final["fpb"]["accuracy"] <= 1 and not math.isnan(final["fpb"]["macro_f1"])
     assert final["gsm8k"]["n"] == 2 and final["humaneval"]["n"] == 1 and 0 <= final["advbench"]["harmless_rate"] <= 1
     assert final["vicuna_bench"]["answers"] == "answers/vicuna_bench/round_0003.jsonl"
