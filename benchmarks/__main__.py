@@ -39,6 +39,8 @@ HEADLINES = (  # key, what it is, target
      "<= 1.2"),
     ("eval_cost_fraction", "evaluation every eval.every rounds / round time, SmolLM2 quickstart", "<= 0.1"),
     ("flower_round_ratio", "Flower round (2 SuperNodes) / in-process round, SmolLM2", "<= 1.5"),
+    ("untuned_eval_second_run_fraction", "a sweep's second run's untuned evaluation / its first's, "
+     "malicious grid base (refusal probes)", "-"),
     ("demo_minutes", "make demo from a fresh clone, minutes", "<= 15"),
 )
 BEGIN, END = "<!-- latest run: written by python -m benchmarks -->", "<!-- end of latest run -->"

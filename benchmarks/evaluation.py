@@ -14,7 +14,14 @@ adapters on the top 6 layers over the cached frozen prefix) times, in one proces
 
 Prints each and the share of a round they cost when run every k rounds.
 
-    python -m benchmarks.evaluation
+Then the untuned evaluation a sweep's runs repeat (`untuned_eval_second_run_fraction`): two
+runs of the malicious grid's base (experiments/malicious_base.yaml: 40 refusal probes answered
+greedily, 120 test headlines), set up one after the other in one process as a sweep does and
+differing in their training only, each evaluate their untuned model at round 0; the second
+takes the probes' replies from the first (fedsec.round_eval.probe_replies). The figure is
+the second evaluation's time over the first's.
+
+    python -m benchmarks.evaluation [--part cost,untuned]
 """
 
 from __future__ import annotations
@@ -44,7 +51,37 @@ def _timed(fn, repeats: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def main() -> None:
+def untuned_repeat() -> dict:
+    """Seconds of the round-0 evaluation in a sweep's first and second run (see the docstring)."""
+    seconds, rates = [], []
+    for lr in ("1e-3", "5e-4"):
+        cfg = load_config("experiments/malicious_base.yaml", ["training.pack=true", f"training.lr={lr}"])
+        setup = prepare(cfg)
+        started = time.perf_counter()
+        global_eval, _ = evaluate_model(setup, setup.adapter.get(), 0)
+        seconds.append(time.perf_counter() - started)
+        rates.append(global_eval["refusal_rate"])
+    assert rates[0] == rates[1], rates  # the same untuned model: the same replies
+    row = {"first_run_seconds": round(seconds[0], 2), "second_run_seconds": round(seconds[1], 2),
+           "probes": len(setup.probe_prompts), "threads": torch.get_num_threads()}
+    print(json.dumps(row, indent=2))
+    return {"value": round(seconds[1] / seconds[0], 3), **row}
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", default="cost,untuned")
+    parts = parser.parse_args(argv).part.split(",")
+    today = datetime.date.today().isoformat()
+    if "untuned" in parts:
+        store({"untuned_eval_second_run_fraction": {**untuned_repeat(), "date": today}})
+    if "cost" in parts:
+        eval_cost()
+
+
+def eval_cost() -> None:
     base = ["name=eval_cost", "federation.local_only_clients=0"]
     cfg = load_config("experiments/quickstart.yaml", base)
     data = build_federation(cfg).data
