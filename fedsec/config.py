@@ -884,6 +884,14 @@ class ExperimentConfig:
             self._check_flower_data()
         _require(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints,
                  "must be >= 1")
+        # DPO trains on preference pairs: a secret in an SFT record is never trained on, so its exposure
+        # would read as "DPO does not memorise" and a canary client would have nothing to train
+        _require(self.task == "sft" or not self.eval.canaries, "eval.canaries", self.eval.canaries,
+                 f"the canaries are secrets in SFT records, and task {self.task} trains on preference pairs only, "
+                 "so none is ever trained on; use task sft, or set it to false")
+        _require(self.task == "sft" or not self.audit.canaries, "audit.canaries", self.audit.canaries,
+                 f"the audit's canary clients hold SFT records (or send update directions beside them), which "
+                 f"task {self.task} cannot train or host; audit a task sft run, or set it to 0")
         _require(self.task == "sft" or self.data.source == "embedded" or not self.data.benchmark.canaries_per_client,
                  "data.benchmark.canaries_per_client", self.data.benchmark.canaries_per_client,
                  f"canaries are secrets in training text, and task {self.task} trains on preference pairs; use "

@@ -56,6 +56,9 @@ def test_override_creates_missing_sections_without_touching_input():
     ({"attack": {"kind": "none", "fraction": 0.3}}, "attack.fraction", "set attack.fraction: 0"),
     ({"attack": {"malicious": 2}}, "attack.malicious", "name an attack in attack.kind"),
     ({"data": {"benchmark": {"canary_clients": 9}}}, "data.benchmark.canary_clients", "num_clients = 8"),
+    # DPO never trains on an SFT record: its canaries' exposure would measure nothing
+    ({"task": "dpo", "eval": {"canaries": True}}, "eval.canaries", "none is ever trained on"),
+    ({"task": "dpo", "audit": {"canaries": 4}}, "audit.canaries", "audit a task sft run"),
     # a DP setting without a DP mode: the run would look private and be plain FedAvg
     ({"privacy": {"epsilon": 8}}, "privacy.epsilon", "privacy.mode is off"),
     ({"privacy": {"noise_multiplier": 1.0}}, "privacy.noise_multiplier", "set privacy.mode: user"),
