@@ -313,8 +313,8 @@ def test_canaries_are_planted_in_a_files_clients_and_their_exposure_is_measured(
         with pytest.raises(ConfigError, match="the data has 6 clients") as err:
             build_federation(other)
         assert err.value.field == field
-    with pytest.raises(ConfigError) as err:
-        dataclasses.replace(cfg, task="dpo")
+    with pytest.raises(ConfigError) as err:  # DPO trains on pairs: planted secrets would never be trained on
+        dataclasses.replace(cfg, task="dpo", eval=dataclasses.replace(cfg.eval, canaries=False))
     assert err.value.field == "data.benchmark.canaries_per_client" and "preference pairs" in str(err.value)
     # an organisation's file (data.silos) gets them too (on Flower each SuperNode plants its own: test_flower)
     kept = {k: v for k, v in base["data"].items() if k not in ("source", "test_fraction")}
