@@ -22,7 +22,7 @@ import io
 import itertools
 import shutil
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -275,15 +275,20 @@ def frozen_fingerprint(model, first: int) -> str:
     if model in _FINGERPRINTS and first in _FINGERPRINTS[model]:
         return _FINGERPRINTS[model][first]
     decoder = _decoder(model)
-    digest = hashlib.sha256()
     modules = [("embed", decoder.embed_tokens), *((f"layer{k}", decoder.layers[k]) for k in range(first))]
-    for name, module in modules:
-        for pname, param in module.state_dict().items():
-            tensor = param.detach().cpu().contiguous()
-            digest.update(f"{name}.{pname}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-            digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    _FINGERPRINTS.setdefault(model, {})[first] = digest.hexdigest()
+    _FINGERPRINTS.setdefault(model, {})[first] = tensors_digest(
+        (f"{name}.{pname}", param) for name, module in modules for pname, param in module.state_dict().items())
     return _FINGERPRINTS[model][first]
+
+
+def tensors_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """SHA-256 over named tensors: each name, dtype and shape, then its bytes (read in place)."""
+    digest = hashlib.sha256()
+    for name, tensor in named:
+        flat = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{flat.dtype}|{tuple(flat.shape)}".encode())
+        digest.update(memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else b"")
+    return digest.hexdigest()
 
 
 def _memo_key(model_key: str, first: int, items: Sequence[Encoded], batch_size: int,

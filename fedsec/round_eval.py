@@ -36,6 +36,7 @@ from fedsec.leakage import (
 )
 from fedsec.metrics import MetricContext, measure
 from fedsec.objectives import OBJECTIVES
+from fedsec.prefix import tensors_digest
 from fedsec.rundir import atomic_write_text
 from fedsec.setup import Setup, frozen_prefix
 
@@ -109,14 +110,7 @@ def weights_fingerprint(model) -> str:
     """A digest of the model's weights other than the adapter's (its base, quantized or not, and
     any rows added at setup): frozen during a run, so computed once per model object."""
     if model not in _WEIGHTS:
-        digest = hashlib.sha256()
-        for name, tensor in model.state_dict().items():
-            if "lora_" in name:
-                continue
-            flat = tensor.detach().cpu().contiguous()
-            digest.update(f"{name}|{flat.dtype}|{tuple(flat.shape)}".encode())
-            digest.update(memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else b"")
-        _WEIGHTS[model] = digest.hexdigest()
+        _WEIGHTS[model] = tensors_digest((name, t) for name, t in model.state_dict().items() if "lora_" not in name)
     return _WEIGHTS[model]
 
 

@@ -34,7 +34,7 @@ from fedsec.disclosure import UNCOVERED
 from fedsec.engine.worker import alive
 from fedsec.errors import ConfigError, FedsecError
 from fedsec.results import RunResult
-from fedsec.rundir import RunDir, default_run_dir, latest_run_dir, read_result
+from fedsec.rundir import RunDir, default_run_dir, latest_run_dir
 
 APP_NAME = "fedsecapp"
 CONNECTION = "fedsec"
@@ -457,7 +457,7 @@ def _outcome(cfg: ExperimentConfig, path: Path, errors: list[str], lines: list[s
         return FedsecError(errors[-1])
     finished = any("fedsec: run finished" in x for x in lines)
     if (path / "result.json").exists() and (stop_after is None or finished):
-        return RunResult(**read_result(path))  # a DP run's not-covered part merged back in
+        return RunResult.read(path)  # a DP run's not-covered part merged back in
     if remote and finished:  # the numbers are in the run directory on the SuperLink's machine
         return RunResult(str(path), cfg.federation.rounds, True, None, None, None, cfg.federation.algorithm)
     rows = RunDir.reopen(path, cfg).read_metrics() if (path / "metrics.jsonl").exists() else []
