@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import store
+from fedsec import evaluation
 from fedsec.clients import client_updates
 from fedsec.config import load_config
 from fedsec.round_eval import evaluate_model
@@ -49,6 +51,15 @@ def _timed(fn, repeats: int = 3) -> float:
         fn()
         times.append(time.perf_counter() - started)
     return sorted(times)[len(times) // 2]
+
+
+def head_per_forward(fn):
+    """fn() with the LM head run once per forward (evaluation.HEAD_ROWS 1), as before 2026-12-06."""
+    rows, evaluation.HEAD_ROWS = evaluation.HEAD_ROWS, 1
+    try:
+        return fn()
+    finally:
+        evaluation.HEAD_ROWS = rows
 
 
 def untuned_repeat() -> dict:
@@ -95,17 +106,27 @@ def eval_cost() -> None:
     start, clients = setup.adapter.get(), list(range(len(setup.train_sets)))
     lr = round_lr(cfg.training, 0, cfg.federation.rounds)
     client_updates(setup, start, clients, lr, 0)  # warm-up
-    t_round = _timed(lambda: client_updates(setup, start, clients, lr, 0))
-    t_eval = _timed(lambda: evaluate_model(setup, start))
-    t_both = _timed(lambda: evaluate_model(setup, start, 0))  # round 0: the benchmark is due
-    t_bench = t_both - t_eval
+    evaluate_model(setup, start, 0)
+    # round, evaluation and the evaluation with the benchmark in turn, 5 times: this machine's
+    # speed drifts by a third within minutes, so the share is the median of each turn's own
+    # ratio, never a ratio of times taken minutes apart
+    turns = [(_timed(lambda: client_updates(setup, start, clients, lr, 0), 1),
+              _timed(lambda: evaluate_model(setup, start), 1),
+              _timed(lambda: evaluate_model(setup, start, 0), 1),  # round 0: the benchmark is due
+              _timed(lambda: head_per_forward(lambda: evaluate_model(setup, start)), 1))
+             for _ in range(5)]
+    t_round, t_eval, t_both, _ = (statistics.median(t[k] for t in turns) for k in range(4))
     every = cfg.eval.every
+    shares = sorted(e / every / r for r, e, _, _ in turns)
     row = {"round_seconds": round(t_round, 2), "eval_seconds": round(t_eval, 2),
-           "benchmark_seconds": round(t_bench, 2), "benchmark_items": len(setup.tasks[0].items),
+           "benchmark_seconds": round(t_both - t_eval, 2), "benchmark_items": len(setup.tasks[0].items),
            "eval_every": every, "threads": torch.get_num_threads(),
-           "eval_fraction_every_k": round(t_eval / every / t_round, 4),
-           "eval_fraction_every_round": round(t_eval / t_round, 4),
-           "benchmark_fraction_every_k": round(t_bench / every / t_round, 4)}
+           "eval_fraction_every_k": round(statistics.median(shares), 4),
+           "eval_fraction_every_k_range": [round(shares[0], 4), round(shares[-1], 4)],
+           "eval_fraction_every_round": round(statistics.median(e / r for r, e, _, _ in turns), 4),
+           "benchmark_fraction_every_k": round(statistics.median((b - e) / every / r for r, e, b, _ in turns), 4),
+           # the same evaluation with one LM-head call per forward (before 2026-12-06's HEAD_ROWS)
+           "eval_over_head_per_forward": round(statistics.median(e / h for _, e, _, h in turns), 4)}
     print(json.dumps(row, indent=2))
     store({"eval_cost_fraction": {"value": row["eval_fraction_every_k"], **row,
                                   "date": datetime.date.today().isoformat()}})

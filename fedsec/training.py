@@ -71,6 +71,14 @@ def target_log_softmax(model, batch: dict[str, torch.Tensor]):
     batch (encoding.collate_packed: one sequence, a [1, 1, L, L] mask, each item at its
     own positions) gives `rows` as each position's item.
     """
+    hidden, targets, rows = target_hidden(model, batch)
+    return head_log_softmax(model, hidden), targets, rows
+
+
+def target_hidden(model, batch: dict[str, torch.Tensor]):
+    """`target_log_softmax` before the LM head: (the last hidden states at the target
+    positions [N, hidden], targets [N], rows [N]). Evaluation gathers several batches'
+    states and runs the head on them at once (`head_log_softmax`), a larger product."""
     lm = _causal_lm(model)
     batch = to_device(batch, model_device(model))
     mask = batch["attention_mask"]
@@ -89,12 +97,17 @@ def target_log_softmax(model, batch: dict[str, torch.Tensor]):
         else:
             hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=mask,
                                       use_cache=False, **extra).last_hidden_state
-        targets = batch["labels"][:, 1:]
-        where = targets != IGNORE
-        logits = lm.get_output_embeddings()(hidden[:, :-1][where])
-    logits = logits.float()
+    targets = batch["labels"][:, 1:]
+    where = targets != IGNORE
     rows = batch["owner"][:, 1:][where] if "owner" in batch else where.nonzero()[:, 0]
-    return logits.log_softmax(-1), targets[where], rows
+    return hidden[:, :-1][where], targets[where], rows
+
+
+def head_log_softmax(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head's next-token log-distributions [N, vocab] (float32) for hidden states [N, hidden]."""
+    with autocast(model):
+        logits = _causal_lm(model).get_output_embeddings()(hidden)
+    return logits.float().log_softmax(-1)
 
 
 def target_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

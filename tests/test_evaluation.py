@@ -145,6 +145,35 @@ def test_packed_evaluation_equals_plain_batches(monkeypatch, top_layers, choices
                                    rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_one_head_call_for_several_forwards_gives_each_forwards_numbers(monkeypatch, shared):
+    """The LM head runs on the target positions of several forwards at once (HEAD_ROWS): cut
+    anywhere, inside a forward's positions or between them, each item gets what a head call
+    per forward gives it (loss, counts, picks, greedy matches, full label scores)."""
+    model, tok = load_base_model(ModelConfig(name="tiny"))
+    model = _perturbed(attach_lora(model, LoraConfig(rank=4, alpha=8), seed=0))
+    pad, choices = tok.pad_token_id, ("a", "b", "c")
+    data = build_eval_set(_varied(choices), [i % 3 for i in range(11)], tok, "chat", 160, choices)
+    if shared:
+        data = share_prefix(model, data, pad)
+        assert data.shared > 0
+
+    def numbers():
+        nll, count, picks = per_example(model, data, pad, 3)
+        greedy = evaluation.evaluate_greedy(model, data, pad, 3)[1]
+        return nll, count, picks, greedy, evaluation._full_scores(model, data, pad, 3)
+
+    monkeypatch.setattr(evaluation, "HEAD_ROWS", 1)  # one head call per forward
+    alone = numbers()
+    assert len(set(alone[2].tolist())) > 1
+    for rows in (5, 13, 10_000):
+        monkeypatch.setattr(evaluation, "HEAD_ROWS", rows)
+        nll, count, picks, greedy, full = numbers()
+        torch.testing.assert_close(nll, alone[0], rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(full, alone[4], rtol=1e-6, atol=1e-5)
+        assert torch.equal(count, alone[1]) and torch.equal(picks, alone[2]) and greedy == alone[3]
+
+
 def test_packing_is_refused_where_it_would_change_the_numbers(monkeypatch):
     """An architecture that ignored the items' own positions (here: positions counted along
     the packed sequence) gives other log-probabilities; the check keeps plain batches."""
