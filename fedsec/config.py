@@ -311,6 +311,10 @@ class FederationConfig:
     beta2: float = _help("FedYogi/FedAdam: second-moment decay", 0.99)
     tau: float = _help("adaptive server optimizers: adaptivity (epsilon) tau", 1e-3)
     prox_mu: float = _help("FedProx: weight mu of (mu/2)||w - w_global||^2 on the adapter", 0.01)
+    params: Mapping[str, Any] = _help(
+        "the server optimizer's own parameters: a registered optimizer's constructor parameters that are "
+        "not federation fields (docs/extending.md), e.g. {gamma: 1.0e-8}; the built-ins take theirs from the "
+        "fields above", factory=dict)
     local_only_clients: int = _help(
         "baseline: train this many clients (the first ones) alone for all rounds and "
         "report their accuracy beside FedAvg's (0: off, -1: every client)",
@@ -343,6 +347,9 @@ class FederationConfig:
         _require(self.prox_mu >= 0, "prox_mu", self.prox_mu, "must be >= 0")
         _require(self.local_only_clients >= -1, "local_only_clients", self.local_only_clients,
                  "must be -1 (all), 0 (off) or a positive count")
+        from fedsec.server import optimizer_kwargs
+
+        optimizer_kwargs(self, optimizers.entry(server_optimizer_name(self.algorithm)))  # federation.params
 
 
 @dataclass(frozen=True)

@@ -35,9 +35,10 @@ parameter in YAML, typed from its annotation):
     accountant        fn(history: list[DpEvent], delta) -> epsilon, an upper bound for the
                       composed Poisson-subsampled Gaussian mechanism (the contract suite
                       checks it against the exact Gaussian mechanism)
-    server_optimizer  a class: __init__(**params) whose parameters are federation fields
-                      (server_lr, server_momentum, beta1, beta2, tau), step(params, delta)
-                      -> params, state_dict(), load_state_dict(state)
+    server_optimizer  a class: __init__(**params), step(params, delta) -> params, state_dict(),
+                      load_state_dict(state); a parameter named like a federation field
+                      (server_lr, server_momentum, beta1, beta2, tau) takes that field's value,
+                      any other is the optimizer's own (federation.params)
     benchmark         fn(rows, fields) -> items (fedsec.evalsuite.tasks: ChoiceItem, GenerationItem,
                       CodeItem, or fedsec.evalsuite.openended's OpenItem), the rows read from
                       eval.benchmarks[].source; `hub=("dataset", "split")`: its default source
@@ -225,17 +226,9 @@ def _aggregator(name: str, obj: Any, options: dict) -> tuple[Any, dict]:
 
 
 def _server_optimizer(name: str, cls: Any, options: dict) -> tuple[Any, dict]:
-    from fedsec.config import FederationConfig
-
     if not inspect.isclass(cls):
         raise ValueError(f"server_optimizer {name!r}: register a class (step, state_dict, load_state_dict)")
-    params = keyword_defaults("server_optimizer", name, cls.__init__, 1)
-    fields = {f.name for f in dataclasses.fields(FederationConfig)}
-    alien = sorted(set(params) - fields)
-    if alien:
-        raise ValueError(f"server_optimizer {name!r}: parameters {alien} are not federation fields "
-                         f"(server_lr, server_momentum, beta1, beta2, tau)")
-    return cls, params
+    return cls, keyword_defaults("server_optimizer", name, cls.__init__, 1)
 
 
 def _dp_mechanism(name: str, cls: Any, options: dict) -> tuple[Any, dict]:

@@ -187,6 +187,35 @@ def server_optimizer_name(algorithm: str) -> str:
 
 
 def make_server_optimizer(fed):
-    """The server optimizer a FederationConfig names, its parameters from fed's fields."""
+    """The server optimizer a FederationConfig names: a parameter named like a federation field
+    takes that field's value, the others `fed.params` (or their defaults), typed from the
+    constructor's annotations."""
     entry = registry("server_optimizer").entry(server_optimizer_name(fed.algorithm))
-    return entry.obj(**{key: getattr(fed, key) for key in entry.params})
+    return entry.obj(**optimizer_kwargs(fed, entry))
+
+
+def optimizer_kwargs(fed, entry) -> dict:
+    """The keyword arguments of `entry`'s constructor from the federation config (ConfigError
+    naming federation.params.<key> for an unknown or mistyped parameter of its own)."""
+    import dataclasses
+    import difflib
+    import typing
+
+    from fedsec.configfile import _coerce
+    from fedsec.errors import ConfigError
+
+    fields = {f.name for f in dataclasses.fields(fed)}
+    own = {key: default for key, default in entry.params.items() if key not in fields}
+    for key, value in fed.params.items():
+        if key in fields:
+            raise ConfigError(f"params.{key}", value, f"{key} is a federation field; set federation.{key} instead")
+        if key not in own:
+            near = difflib.get_close_matches(key, list(own), n=1)
+            raise ConfigError(f"params.{key}", value, f"unknown for server optimizer {entry.name}; " + (
+                f"did you mean '{near[0]}'?" if near else f"its own parameters: {', '.join(own) or 'none'}"))
+    hints = typing.get_type_hints(entry.obj.__init__)
+    kwargs = {key: getattr(fed, key) for key in entry.params if key in fields}
+    for key, default in own.items():
+        value = fed.params.get(key, default)
+        kwargs[key] = _coerce(hints[key], value, f"params.{key}") if key in hints and key in fed.params else value
+    return kwargs

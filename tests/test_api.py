@@ -219,6 +219,69 @@ def test_a_plugin_update_attack_and_aggregator_run_together_from_yaml(tmp_path, 
     sys.modules.pop("my_rules", None)
 
 
+OPTIMIZER_PLUGIN = """
+import torch
+
+import fedsec
+
+BUILT, STEPS = [], []
+
+
+@fedsec.register("server_optimizer", "clipped_step")
+class ClippedStep:
+    \"\"\"x <- x + server_lr * clamp(delta, -limit, limit) (a test plugin: limit is its own parameter).\"\"\"
+
+    def __init__(self, server_lr: float = 1.0, limit: float = 1.0):
+        self.server_lr, self.limit = server_lr, limit
+        BUILT.append((server_lr, limit))
+
+    def step(self, params, delta):
+        out = params + self.server_lr * delta.clamp(-self.limit, self.limit)
+        STEPS.append((params.clone(), delta.clone(), out.clone()))
+        return out
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+"""
+
+
+def test_a_plugin_server_optimizer_takes_its_own_parameters_from_federation_params(tmp_path, monkeypatch):
+    """A server optimizer with a parameter of its own (not a federation field) is set from
+    federation.params, beside the federation fields it shares (server_lr); its parameter is
+    checked and typed like an aggregator's."""
+    import importlib
+    import sys
+
+    import torch
+
+    (tmp_path / "plugs").mkdir()
+    (tmp_path / "plugs" / "my_server.py").write_text(OPTIMIZER_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path / "plugs"))
+    sys.modules.pop("my_server", None)
+    spec = _yaml(tmp_path, plugins=["my_server"],
+                 federation={"rounds": 2, "clients_per_round": 2, "local_only_clients": 0,
+                             "algorithm": "clipped_step", "server_lr": 0.5, "params": {"limit": 1.0e-4}})
+    result = fedsec.run(spec, out=tmp_path / "run", progress=False, log=lambda _: None)
+    plugin = importlib.import_module("my_server")
+    assert result.finished and plugin.BUILT == [(0.5, 1.0e-4)] and len(plugin.STEPS) == 2
+    for params, delta, out in plugin.STEPS:
+        assert float(delta.abs().max()) > 1.0e-4  # the limit binds
+        torch.testing.assert_close(out, params + 0.5 * delta.clamp(-1.0e-4, 1.0e-4), rtol=0, atol=0)
+    assert fedsec.load_config(spec, ["federation.params.limit=0.01"]).federation.params == {"limit": 0.01}
+    for override, field, words in (("federation.params.limt=0.01", "federation.params.limt", "did you mean 'limit'"),
+                                   ("federation.params.limit=big", "federation.params.limit", "must be a number"),
+                                   ("federation.params.tau=0.1", "federation.params.tau", "set federation.tau")):
+        with pytest.raises(fedsec.ConfigError, match=words) as err:
+            fedsec.load_config(spec, [override])
+        assert err.value.field == field
+    with pytest.raises(fedsec.ConfigError, match="its own parameters: none"):  # FedAdam has none
+        fedsec.load_config(spec, ["federation.algorithm=fedadam"])
+    sys.modules.pop("my_server", None)
+
+
 def test_a_plugin_that_cannot_be_imported_is_one_line(tmp_path, capsys):
     spec = _yaml(tmp_path, plugins=["no_such_plugin_module"])
     assert main(["run", str(spec), "--out", str(tmp_path / "run")]) == 2

@@ -9,14 +9,13 @@ import torch
 
 from fedsec.config import FederationConfig
 from fedsec.registry import registry
+from fedsec.server import make_server_optimizer
 
 OPTIMIZERS = registry("server_optimizer")
 
 
 def _build(name: str):
-    fed = FederationConfig(algorithm=name)
-    entry = OPTIMIZERS.entry(name)
-    return entry.obj(**{key: getattr(fed, key) for key in entry.params})
+    return make_server_optimizer(FederationConfig(algorithm=name))
 
 
 def _deltas(steps: int = 5, d: int = 12) -> list[torch.Tensor]:
