@@ -24,15 +24,16 @@ import numpy as np
 import torch
 
 from fedsec.data.schema import FederatedData
-from fedsec.registry import registry
+from fedsec.registry import registry, typed_params
 from fedsec.results import AttackContext, ClientUpdate
 
 
 def attack_params(kind: str, given: Mapping[str, Any]) -> dict[str, Any]:
-    """The attack's parameters: its registered defaults, overridden by the config's."""
+    """The attack's parameters: its registered defaults, overridden by the config's (typed from
+    the attack's annotations, fedsec.registry.typed_params)."""
     for table in (registry("update_attack"), registry("data_attack")):
         if kind in table:
-            return {**table.entry(kind).params, **given}
+            return typed_params(table.entry(kind), given, "attack.params")
     return dict(given)
 
 

@@ -619,9 +619,7 @@ class AttackConfig:
         "trigger, target}", factory=dict)
 
     def __post_init__(self) -> None:
-        import difflib
-
-        from fedsec.registry import registry
+        from fedsec.registry import registry, typed_params
 
         tables = (registry("update_attack"), registry("data_attack"))
         _one_of("kind", self.kind, ("none", *tables[0], *tables[1]))
@@ -634,12 +632,11 @@ class AttackConfig:
             _require(self.kind != "none" or not value, name, value,
                      f"attack.kind is none, so these clients would be labelled malicious and train honestly; name "
                      f"an attack in attack.kind, or set attack.{name}: 0")
-        known = next((t.entry(self.kind).params for t in tables if self.kind in t), {})
+        entry = next((t.entry(self.kind) for t in tables if self.kind in t), None)
         for key, value in self.params.items():
-            near = difflib.get_close_matches(key, list(known), n=1)
-            _require(key in known, f"params.{key}", value,
-                     f"unknown for {self.kind}; " + (f"did you mean '{near[0]}'?" if near else
-                                                     f"known: {', '.join(known) or 'none'}"))
+            _require(entry is not None, f"params.{key}", value, "attack.kind none takes no params")
+        if entry is not None:
+            typed_params(entry, self.params, "params")  # unknown keys and wrong types
         direction = self.params.get("direction", "unit")
         _require(direction in ("unit", "std", "sign"), "params.direction", direction,
                  "must be unit, std or sign")
@@ -736,19 +733,12 @@ class EvalConfig:
         "(docs/extending.md)", factory=dict)
 
     def __post_init__(self) -> None:
-        import difflib
-
-        from fedsec.registry import registry
+        from fedsec.registry import registry, typed_params
 
         table = registry("metric")
         for name, params in self.metrics.items():
             _one_of(f"metrics.{name}", name, tuple(table))
-            known = table.entry(name).params
-            for key, value in params.items():
-                near = difflib.get_close_matches(key, list(known), n=1)
-                _require(key in known, f"metrics.{name}.{key}", value,
-                         f"unknown for {name}; " + (f"did you mean '{near[0]}'?" if near else
-                                                    f"known: {', '.join(known) or 'none'}"))
+            typed_params(table.entry(name), params, f"metrics.{name}")  # unknown keys and wrong types
         _require(self.every >= 1, "every", self.every, "must be >= 1")
         _require(self.probes is None or self.refusal, "probes", self.probes,
                  "probes are used by the refusal evaluation; set eval.refusal: true")

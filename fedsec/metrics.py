@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fedsec.registry import register, registry
+from fedsec.registry import register, registry, typed_params
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ def measure(ctx: MetricContext, configured: Mapping[str, Mapping[str, Any]]) -> 
     covered, uncovered = {}, {}
     for name, params in configured.items():
         entry = table.entry(name)
-        value = entry.obj(ctx, **{**entry.params, **params})
+        value = entry.obj(ctx, **typed_params(entry, params, f"eval.metrics.{name}"))
         (covered if entry.options["covered"] else uncovered)[name] = checked(name, value)
     return covered, uncovered
 

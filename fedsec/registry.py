@@ -206,6 +206,33 @@ def keyword_defaults(kind: str, name: str, fn: Callable, skip: int) -> dict[str,
     return out
 
 
+def typed_params(entry: Entry, given: Mapping[str, Any], path: str, skip: set[str] = frozenset()) -> dict[str, Any]:
+    """`entry`'s params: its defaults, overridden by `given`, each given value checked and typed
+    from the annotation of its parameter (or its default's type) as a config field is; an unknown
+    key or a wrong type is a ConfigError naming `<path>.<key>` (keys in `skip` are not params)."""
+    from fedsec.configfile import _coerce
+    from fedsec.errors import ConfigError
+
+    known = {key: value for key, value in entry.params.items() if key not in skip}
+    fn = entry.obj.__init__ if inspect.isclass(entry.obj) else getattr(entry.obj, "plugin", entry.obj)
+    try:
+        hints = inspect.get_annotations(fn, eval_str=True)
+    except Exception:  # noqa: BLE001 - an annotation that does not evaluate: the values stay untyped
+        hints = {}
+    out = dict(known)
+    for key, value in given.items():
+        if key not in known:
+            near = difflib.get_close_matches(str(key), list(known), n=1)
+            raise ConfigError(f"{path}.{key}", value, f"unknown for {entry.kind} {entry.name}; " + (
+                f"did you mean '{near[0]}'?" if near else f"its parameters: {', '.join(known) or 'none'}"))
+        tp = hints.get(key, Any if known[key] is None else type(known[key]))
+        try:
+            out[key] = _coerce(tp, value, f"{path}.{key}")
+        except TypeError:  # a type configs do not have (a tensor, a callable): passed as given
+            out[key] = value
+    return out
+
+
 def _function(kind: str) -> Callable:
     """A plain function entry: its parameters after the fixed ones (_FIXED[kind]) are params."""
     def adapt(name: str, fn: Callable, options: dict) -> tuple[Any, dict]:

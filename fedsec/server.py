@@ -195,27 +195,17 @@ def make_server_optimizer(fed):
 
 
 def optimizer_kwargs(fed, entry) -> dict:
-    """The keyword arguments of `entry`'s constructor from the federation config (ConfigError
-    naming federation.params.<key> for an unknown or mistyped parameter of its own)."""
+    """The keyword arguments of `entry`'s constructor from the federation config: the federation
+    fields it names, and its own parameters from `fed.params` (ConfigError naming
+    federation.params.<key> for an unknown or mistyped one, or a federation field set there)."""
     import dataclasses
-    import difflib
-    import typing
 
-    from fedsec.configfile import _coerce
     from fedsec.errors import ConfigError
+    from fedsec.registry import typed_params
 
     fields = {f.name for f in dataclasses.fields(fed)}
-    own = {key: default for key, default in entry.params.items() if key not in fields}
     for key, value in fed.params.items():
         if key in fields:
             raise ConfigError(f"params.{key}", value, f"{key} is a federation field; set federation.{key} instead")
-        if key not in own:
-            near = difflib.get_close_matches(key, list(own), n=1)
-            raise ConfigError(f"params.{key}", value, f"unknown for server optimizer {entry.name}; " + (
-                f"did you mean '{near[0]}'?" if near else f"its own parameters: {', '.join(own) or 'none'}"))
-    hints = typing.get_type_hints(entry.obj.__init__)
-    kwargs = {key: getattr(fed, key) for key in entry.params if key in fields}
-    for key, default in own.items():
-        value = fed.params.get(key, default)
-        kwargs[key] = _coerce(hints[key], value, f"params.{key}") if key in hints and key in fed.params else value
-    return kwargs
+    return {**{key: getattr(fed, key) for key in entry.params if key in fields},
+            **typed_params(entry, fed.params, "params", skip=fields)}

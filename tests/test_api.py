@@ -216,6 +216,11 @@ def test_a_plugin_update_attack_and_aggregator_run_together_from_yaml(tmp_path, 
     assert all(any(torch.equal(row, h) for row in deltas) for h in honest)
     with pytest.raises(fedsec.ConfigError, match="did you mean 'offset'"):
         fedsec.load_config(spec, ["attack.params.ofset=1"])
+    # typed from the plugin's annotation (offset: float) at load time, not a TypeError rounds later
+    with pytest.raises(fedsec.ConfigError, match="must be a number") as err:
+        fedsec.load_config(spec, ["attack.params.offset=big"])
+    assert err.value.field == "attack.params.offset"
+    assert fedsec.load_config(spec, ["attack.params.offset=1"]).attack.params == {"offset": 1}
     sys.modules.pop("my_rules", None)
 
 
@@ -277,7 +282,7 @@ def test_a_plugin_server_optimizer_takes_its_own_parameters_from_federation_para
         with pytest.raises(fedsec.ConfigError, match=words) as err:
             fedsec.load_config(spec, [override])
         assert err.value.field == field
-    with pytest.raises(fedsec.ConfigError, match="its own parameters: none"):  # FedAdam has none
+    with pytest.raises(fedsec.ConfigError, match="fedadam; its parameters: none"):  # none of its own
         fedsec.load_config(spec, ["federation.algorithm=fedadam"])
     sys.modules.pop("my_server", None)
 
@@ -341,9 +346,9 @@ import fedsec
 
 
 @fedsec.register("metric", "peek_clients")
-def peek_clients(ctx):
+def peek_clients(ctx, *, scale: int = 1):
     """The clients' training examples, counted: it reads client data, so it is not covered."""
-    return sum(len(c.train) for c in ctx.data.clients)
+    return scale * sum(len(c.train) for c in ctx.data.clients)
 ''')
     monkeypatch.syspath_prepend(str(tmp_path / "plugs"))
     sys.modules.pop("peek", None)
@@ -364,6 +369,9 @@ def peek_clients(ctx):
     assert all(r["global_eval"]["metrics_uncovered"]["peek_clients"] > 0 for r in merged if r.get("global_eval"))
     with pytest.raises(fedsec.ConfigError, match="eval.metrics.peek_client .*peek_clients"):
         fedsec.load_config(spec, ["eval.metrics={peek_client: {}}"])
+    with pytest.raises(fedsec.ConfigError, match="must be an integer") as err:  # peek_clients(scale: int)
+        fedsec.load_config(spec, ["eval.metrics={peek_clients: {scale: 0.5}}"])
+    assert err.value.field == "eval.metrics.peek_clients.scale"
     sys.modules.pop("peek", None)
 
 
