@@ -985,6 +985,38 @@ class ExperimentConfig:
                  f"{self.attack.kind} poisons {' and '.join(what.get(t, t) for t in tasks)}; for task "
                  f"{self.task} use {' or '.join(others) or 'an update attack'}")
 
+    def unused_fields(self) -> dict[str, str]:
+        """Fields set away from their defaults that this run never reads, each with the setting that
+        leaves it unread: another server optimizer's hyperparameters, FedProx's mu without FedProx,
+        dpo.* for task sft, the re-alignment's settings without its steps, adaptive clipping's
+        without it. A note at setup, not an error: a sweep's base may set them for some of its
+        variants. (A DP sweep's base keeps its delta, C and accountant in its non-private variant:
+        not noted; the privacy fields that would change the run are refused with privacy off.)"""
+        from fedsec.registry import registry
+        from fedsec.server import server_optimizer_name
+
+        fed, privacy = self.federation, self.privacy
+        optimizer = registry("server_optimizer").entry(server_optimizer_name(fed.algorithm)).params
+        unread = [(FederationConfig, "federation", [n for n in ("server_momentum", "beta1", "beta2", "tau")
+                                                    if n not in optimizer], f"federation.algorithm {fed.algorithm}"),
+                  (FederationConfig, "federation", [] if fed.algorithm == "fedprox" else ["prox_mu"],
+                   f"federation.algorithm {fed.algorithm}"),
+                  (DpoConfig, "dpo", [] if self.task == "dpo" else [f.name for f in dataclasses.fields(DpoConfig)],
+                   f"task {self.task}"),
+                  (DefenseConfig, "defense", [] if self.defense.realign_steps else
+                   ["realign_examples", "realign_at", "realign_lr"], "defense.realign_steps 0"),
+                  (PrivacyConfig, "privacy", ["target_quantile", "clip_lr", "clip_count_stddev"]
+                   if not privacy.adaptive_clipping else [], "privacy.adaptive_clipping false")]
+        out = {}
+        for cls, section, names, reason in unread:
+            fields = {f.name: f for f in dataclasses.fields(cls)}
+            for name in names:
+                f = fields[name]
+                default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+                if getattr(getattr(self, section), name) != default:
+                    out[f"{section}.{name}"] = reason
+        return out
+
     @property
     def sampling(self) -> str:
         """The client sampling in force: poisson, fixed or cyclic."""

@@ -126,6 +126,10 @@ def build_federation(cfg: ExperimentConfig, silos: tuple[int, ...] | None = None
                           "benchmark only and the data come from files here: not used")
         if cfg.data.benchmark.canaries_per_client:  # the benchmark plants its own
             data = with_canaries(data, cfg, len(data.clients), plant=silos is None)  # Flower's server: no data
+    unread = cfg.unused_fields()
+    if unread and silos is None:
+        progress.note("fedsec: set but not used by this run: "
+                      + ", ".join(f"{name} ({reason})" for name, reason in unread.items()))
     num_clients = len(data.clients)
     fed = cfg.federation
     if fed.local_only_clients > num_clients:

@@ -164,3 +164,33 @@ def test_every_shipped_experiment_and_sweep_validates():
             load_config(path)
             checked += 1
     assert checked > 50  # the grids alone hold 35 runs
+
+
+def test_settings_the_run_never_reads_are_named_with_what_leaves_them_unread(capsys):
+    """FedProx's mu under FedAvg, FedAdam's tau under FedAvgM, dpo.beta for task sft, the
+    re-alignment's rate without its steps: each was dropped without a word. They are noted at
+    setup (a sweep's base may set them for some variants), and the ones in use are not."""
+    from fedsec import progress
+    from fedsec.setup import build_federation
+
+    base = {"model": {"name": "tiny"}, "data": {"benchmark": {"num_clients": 4, "examples_per_client": 2}}}
+    cfg = load_config(base, ["federation.prox_mu=0.5", "federation.tau=0.1", "federation.algorithm=fedavgm",
+                             "federation.server_momentum=0.5", "dpo.beta=0.5", "defense.realign_lr=0.1",
+                             "privacy.clip_lr=0.1"])
+    assert cfg.unused_fields() == {"federation.tau": "federation.algorithm fedavgm",
+                                   "federation.prox_mu": "federation.algorithm fedavgm",
+                                   "dpo.beta": "task sft", "defense.realign_lr": "defense.realign_steps 0",
+                                   "privacy.clip_lr": "privacy.adaptive_clipping false"}
+    with progress.showing(True):
+        build_federation(cfg)
+    assert capsys.readouterr().err == (
+        "fedsec: set but not used by this run: federation.tau (federation.algorithm fedavgm), federation.prox_mu "
+        "(federation.algorithm fedavgm), dpo.beta (task sft), defense.realign_lr (defense.realign_steps 0), "
+        "privacy.clip_lr (privacy.adaptive_clipping false)\n")
+    # in use: FedProx reads mu, FedAdam tau, DPO beta; defaults are never named
+    used = load_config(base, ["federation.algorithm=fedprox", "federation.prox_mu=0.5"])
+    assert used.unused_fields() == {} and load_config(base).unused_fields() == {}
+    assert load_config(base, ["federation.algorithm=fedadam", "federation.tau=0.1"]).unused_fields() == {}
+    assert load_config(base, ["task=dpo", "dpo.beta=0.5"]).unused_fields() == {}
+    # a plugin's federation fields count as read when its constructor names them
+    assert "federation.server_momentum" not in cfg.unused_fields()
