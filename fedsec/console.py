@@ -131,7 +131,8 @@ def summary_lines(result: RunResult) -> list[str]:
     membership inference, local-only baselines) is named, not printed: it is in the run's
     not_covered_by_dp_guarantee/ folder."""
     lines = [f"run directory: {result.run_dir}"]
-    name = result.algorithm
+    # the federated model's label: the algorithm, and the server's rule where it is not the mean
+    name = result.algorithm if result.aggregator == "mean" else f"{result.algorithm} with {result.aggregator}"
     private = result.privacy is not None
     if result.untuned and result.final:
         before, after = result.untuned, result.final

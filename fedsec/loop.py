@@ -216,7 +216,8 @@ def _rounds(setup: Setup, run: RunDir, dp: UserLevelDp | None, record: RecordLev
         if stop_after is not None and round_idx + 1 >= stop_after and round_idx + 1 < fed.rounds:
             bar.close()
             return RunResult(str(run.path), round_idx + 1, False, None, None, None, fed.algorithm,
-                             state.private.report() if state.private is not None else None, attack)
+                             state.private.report() if state.private is not None else None, attack,
+                             aggregator=setup.cfg.defense.aggregator)
     bar.close()
     return finish(setup, run, state.released, state.local,
                   state.private.report() if state.private is not None else None, attack)
@@ -480,7 +481,8 @@ def finish(setup: Setup, run: RunDir, global_vec: torch.Tensor, local: dict,
     if setup.cfg.eval.mia:
         membership = membership_attack(setup)
     result = RunResult(str(run.path), rounds_done, True, untuned, final, local_only,
-                       setup.cfg.federation.algorithm, privacy, attack, audit, membership, stopped)
+                       setup.cfg.federation.algorithm, privacy, attack, audit, membership, stopped,
+                       setup.cfg.defense.aggregator)
     if run.guarded:
         covered, hidden = split_result(asdict(result))
         run.write_uncovered_json("result.json", hidden)

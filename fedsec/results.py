@@ -74,6 +74,7 @@ class RunResult:
     audit: dict | None = None  # privacy audit: guesses, correct, the epsilon lower bound
     membership: dict | None = None  # eval.mia: per score, AUC and TPR at low FPR
     stopped: str | None = None  # why the run ended before its planned rounds (privacy.epsilon_budget)
+    aggregator: str = "mean"  # defense.aggregator: the server's rule over the clients' deltas
 
     def __fspath__(self) -> str:
         return self.run_dir

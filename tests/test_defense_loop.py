@@ -11,6 +11,7 @@ from conftest import tiny_config
 from fedsec.defenses.registry import AGGREGATORS
 from fedsec.errors import ConfigError
 from fedsec.loop import run_experiment
+from fedsec.results import RunResult
 from fedsec.rundir import RunDir
 
 SMALL = {"benchmark": {"num_clients": 8, "examples_per_client": 6, "size_alpha": 0, "test_size": 6,
@@ -41,6 +42,12 @@ def test_every_aggregator_runs_by_name_and_reports_its_diagnostics(tmp_path, agg
     out = tmp_path / "run"
     result = run_experiment(_config(tmp_path, aggregator), out=out, progress=False, log=lambda _: None)
     assert result.finished and bool(torch.isfinite(_final(out)).all())
+    # the summary names the server's rule beside the algorithm (it said "fedavg" for every rule)
+    from fedsec.console import summary_lines
+
+    label = "fedavg" if aggregator == "mean" else f"fedavg with {aggregator}"
+    assert result.aggregator == aggregator and RunResult.read(out).aggregator == aggregator
+    assert any(line.startswith("global test loss:") and f"-> {label} " in line for line in summary_lines(result))
     rounds = [r for r in _rows(out) if r.get("phase") == "federated" and r["round"] > 0]
     if aggregator == "mean":
         assert all(r["defense"] is None for r in rounds)
