@@ -313,8 +313,8 @@ class FederationConfig:
     prox_mu: float = _help("FedProx: weight mu of (mu/2)||w - w_global||^2 on the adapter", 0.01)
     params: Mapping[str, Any] = _help(
         "the server optimizer's own parameters: a registered optimizer's constructor parameters that are "
-        "not federation fields (docs/extending.md), e.g. {gamma: 1.0e-8}; the built-ins take theirs from the "
-        "fields above", factory=dict)
+        "not federation fields (docs/extending.md), e.g. a plugin's {limit: 1.0e-4}; the built-ins take "
+        "theirs from the fields above", factory=dict)
     local_only_clients: int = _help(
         "baseline: train this many clients (the first ones) alone for all rounds and "
         "report their accuracy beside FedAvg's (0: off, -1: every client)",
