@@ -285,14 +285,7 @@ def findings(rows: list[dict]) -> list[str]:
                        "and, under DP, the noise) with no spread, and one draw can land far from the "
                        "variant's mean; run more seeds before reading a difference as an effect.")
     elif len(by_variant) > 0:
-        scored = [(_mean(r.get(key) for r in mine), v) for v, mine in by_variant.items()]
-        scored = sorted([t for t in scored if t[0] is not None], key=lambda t: -sign * t[0])
-        if scored:
-            best_value, best = scored[0]
-            text = f"The best variant is {best} with {name} {best_value:.3f}"
-            if len(scored) > 1:
-                text += f"; the weakest is {scored[-1][1]} with {scored[-1][0]:.3f}"
-            out.append(text + ".")
+        out += _ranking(by_variant, key, name, sign)
     if local is not None:
         text = f"Clients training alone (local-only) reach {local:.3f}"
         if plain_value is not None:
@@ -302,6 +295,30 @@ def findings(rows: list[dict]) -> list[str]:
     if untuned is not None:
         out.append(f"The untuned model scores {untuned:.3f}.")
     return out + _notes(done, unfinished)
+
+
+def _ranking(by_variant: dict[str, list[dict]], key: str, name: str, sign: float) -> list[str]:
+    """The best and the weakest variant by their mean over seeds, with the seeds' spread: a tie is
+    said to be one, and a gap within the spread (or between single draws) is not called a ranking."""
+    scored = [(stat, v) for v, mine in by_variant.items() if (stat := plots.aggregate(r.get(key) for r in mine))]
+    scored.sort(key=lambda t: -sign * t[0].mean)
+    if not scored:
+        return []
+
+    def shown(stat) -> str:
+        return f"{stat.mean:.3f} ± {stat.std:.3f} ({stat.n} seeds)" if stat.n > 1 else f"{stat.mean:.3f} (one seed)"
+
+    (best, top), (worst, bottom) = scored[0], scored[-1]
+    if len(scored) == 1:
+        return [f"The one variant, {top}, has {name} {shown(best)}."]
+    if f"{best.mean:.3f}" == f"{worst.mean:.3f}":
+        return [f"Every variant has {name} {best.mean:.3f}: it does not tell them apart here."]
+    text = f"The best variant is {top} with {name} {shown(best)}; the weakest is {bottom} with {shown(worst)}"
+    if best.n == 1 or worst.n == 1:
+        text += ": one draw on either side, no spread to weigh the gap against; run more seeds before reading it"
+    elif abs(best.mean - worst.mean) <= best.std + worst.std:
+        text += ": the gap is within the seeds' spread"
+    return [text + "."]
 
 
 def _notes(done: list[dict], unfinished: list[dict]) -> list[str]:

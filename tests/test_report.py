@@ -406,3 +406,30 @@ def test_a_comparison_of_single_seed_runs_says_each_number_is_one_draw(sweep):
     assert "it keeps" in said  # the comparison itself is still made
     mixed = [r for r in table if not (r["variant"] == "eps4" and r["seed"] == 1)]
     assert "eps4 ran one seed" in " ".join(findings(mixed))
+
+
+def test_the_variant_ranking_says_ties_spreads_and_single_draws():
+    """The best and weakest variants carry their seeds' spread; a tie is called a tie, and a gap
+    inside the spread or between single draws is not read as a ranking (a report on a sweep whose
+    variants all scored 0.889 said 'the best variant is fedavg ... the weakest is signsgd')."""
+    from fedsec.reports.pdf import _ranking
+
+    def runs(*values):
+        return [{"acc": v} for v in values]
+
+    assert _ranking({"a": runs(0.889, 0.889), "b": runs(0.889, 0.889)}, "acc", "accuracy", 1.0) == [
+        "Every variant has accuracy 0.889: it does not tell them apart here."]
+    assert _ranking({"a": runs(0.5, 0.7), "b": runs(0.55, 0.65)}, "acc", "accuracy", 1.0) == [
+        "Every variant has accuracy 0.600: it does not tell them apart here."]  # equal means, unequal spreads
+    within = _ranking({"a": runs(0.60, 0.70), "b": runs(0.58, 0.66)}, "acc", "accuracy", 1.0)
+    assert within == ["The best variant is a with accuracy 0.650 ± 0.071 (2 seeds); the weakest is b with "
+                      "0.620 ± 0.057 (2 seeds): the gap is within the seeds' spread."]
+    clear = _ranking({"a": runs(0.80, 0.82), "b": runs(0.50, 0.52)}, "acc", "accuracy", 1.0)
+    assert clear == ["The best variant is a with accuracy 0.810 ± 0.014 (2 seeds); the weakest is b with "
+                     "0.510 ± 0.014 (2 seeds)."]
+    single = _ranking({"a": runs(0.8), "b": runs(0.5)}, "loss", "held-out loss", -1.0)
+    assert single == []  # no value under the key
+    lower = _ranking({"a": [{"loss": 2.0}], "b": [{"loss": 3.0}]}, "loss", "held-out loss", -1.0)
+    assert lower == ["The best variant is a with held-out loss 2.000 (one seed); the weakest is b with 3.000 "
+                     "(one seed): one draw on either side, no spread to weigh the gap against; run more seeds "
+                     "before reading it."]
