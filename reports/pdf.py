@@ -254,20 +254,21 @@ def findings(rows: list[dict]) -> list[str]:
     compared = plots.without_attacks(done, "attackers")  # like for like: attacks have their own sentences
     by_variant = {v: mine for v, mine in by_variant.items() if mine[0] in compared}
     plain = [r for r in compared if r["certified"] is None]
-    plain_value = _mean(r.get(key) for r in plain)
+    plain_stat = plots.aggregate(r.get(key) for r in plain)
+    plain_value = plain_stat.mean if plain_stat else None
     local = _mean(r.get(head.local_only) for r in done)
     private = sorted(((_mean(r["epsilon"] for r in mine), v, mine) for v, mine in by_variant.items()
                       if mine[0]["certified"]), key=lambda t: t[0])
     sign = 1.0 if head.higher_is_better else -1.0  # a gain is a rise in accuracy, a fall in loss
     if private and plain_value is not None:
         for eps, variant, mine in private:
-            value = _mean(r.get(key) for r in mine)
-            if value is None:
+            stat = plots.aggregate(r.get(key) for r in mine)
+            if stat is None:
                 continue
-            gap = plain_value - value
+            value, gap = stat.mean, plain_value - stat.mean
             text = (f"At epsilon {format_epsilon(eps)} (delta {mine[0]['delta']:g}, {variant}) the {name} is "
-                    f"{value:.3f}, {abs(gap):.3f} {'below' if gap >= 0 else 'above'} non-private "
-                    f"({plain_value:.3f})")
+                    f"{_spread(stat)}, {abs(gap):.3f} {'below' if gap >= 0 else 'above'} non-private "
+                    f"({_spread(plain_stat)})")
             gain = sign * (plain_value - untuned) if untuned is not None else None
             if gain is not None and gain > 0 and sign * (value - untuned) >= 0:
                 text += f"; it keeps {sign * (value - untuned) / gain:.0%} of the non-private gain"
@@ -297,6 +298,11 @@ def findings(rows: list[dict]) -> list[str]:
     return out + _notes(done, unfinished)
 
 
+def _spread(stat) -> str:
+    """A mean with its seeds' standard deviation where there are several seeds."""
+    return f"{stat.mean:.3f} ± {stat.std:.3f} over {stat.n} seeds" if stat.n > 1 else f"{stat.mean:.3f}"
+
+
 def _ranking(by_variant: dict[str, list[dict]], key: str, name: str, sign: float) -> list[str]:
     """The best and the weakest variant by their mean over seeds, with the seeds' spread: a tie is
     said to be one, and a gap within the spread (or between single draws) is not called a ranking."""
@@ -306,7 +312,7 @@ def _ranking(by_variant: dict[str, list[dict]], key: str, name: str, sign: float
         return []
 
     def shown(stat) -> str:
-        return f"{stat.mean:.3f} ± {stat.std:.3f} ({stat.n} seeds)" if stat.n > 1 else f"{stat.mean:.3f} (one seed)"
+        return _spread(stat) if stat.n > 1 else f"{stat.mean:.3f} (one seed)"
 
     (best, top), (worst, bottom) = scored[0], scored[-1]
     if len(scored) == 1:

@@ -85,8 +85,9 @@ def test_findings_are_computed_from_the_runs(sweep):
     assert [r["epsilon"] for r in table] == [None, None, "4.00", "4.00", None]  # rounded up, never down
     text = " ".join(findings(table))
     # eps4 mean 0.58, non-private mean 0.68, untuned 0.44: 0.100 below, keeps (0.58-0.44)/(0.68-0.44) = 58%
-    assert "At epsilon 4.00 (delta 1e-05, eps4) the global accuracy is 0.580, 0.100 below non-private " \
-           "(0.680); it keeps 58% of the non-private gain over the untuned model (0.440)." in text
+    assert "At epsilon 4.00 (delta 1e-05, eps4) the global accuracy is 0.580 ± 0.028 over 2 seeds, 0.100 below " \
+           "non-private (0.680 ± 0.028 over 2 seeds); it keeps 58% of the non-private gain over the untuned " \
+           "model (0.440)." in text  # sd of (0.60, 0.56) and of (0.70, 0.66): 0.02 * sqrt(2)
     assert "local-only) reach 0.380, 0.300 below the non-private federated runs" in text
     assert "1 run(s) carry no epsilon" in text
 
@@ -164,8 +165,8 @@ def test_findings_say_when_dp_falls_below_the_untuned_model(sweep):
     text = " ".join(findings(run_table(collect(sweep)[1])))
     # non-private mean 0.68; 0.40 is 0.280 below it and 0.040 below the untuned 0.44
     assert "At epsilon 1.00 (delta 1e-05, eps1) the global accuracy is 0.400, 0.280 below non-private " \
-           "(0.680), and 0.040 below the untuned model (0.440): at this epsilon the noise costs more " \
-           "than federated training gains." in text
+           "(0.680 ± 0.028 over 2 seeds), and 0.040 below the untuned model (0.440): at this epsilon the noise " \
+           "costs more than federated training gains." in text
     assert "keeps -" not in text
 
 
@@ -370,7 +371,7 @@ def test_findings_and_claims_compare_privacy_on_the_runs_without_attackers(sweep
     table = run_table(runs)
     assert [r["attackers"] for r in table] == [0, 3, 0, 0, 0]
     text = " ".join(findings(table))
-    assert "the global accuracy is 0.580, 0.120 below non-private (0.700)" in text
+    assert "the global accuracy is 0.580 ± 0.028 over 2 seeds, 0.120 below non-private (0.700)" in text
     pages = claims(table, runs)
     versus = next(c for c in pages if c["claim"].endswith("minus non-private's"))
     assert versus["seeds"] == 1 and versus["value"] == "-0.100 +- 0.000"  # seed 0 alone: 0.60 - 0.70
@@ -422,11 +423,11 @@ def test_the_variant_ranking_says_ties_spreads_and_single_draws():
     assert _ranking({"a": runs(0.5, 0.7), "b": runs(0.55, 0.65)}, "acc", "accuracy", 1.0) == [
         "Every variant has accuracy 0.600: it does not tell them apart here."]  # equal means, unequal spreads
     within = _ranking({"a": runs(0.60, 0.70), "b": runs(0.58, 0.66)}, "acc", "accuracy", 1.0)
-    assert within == ["The best variant is a with accuracy 0.650 ± 0.071 (2 seeds); the weakest is b with "
-                      "0.620 ± 0.057 (2 seeds): the gap is within the seeds' spread."]
+    assert within == ["The best variant is a with accuracy 0.650 ± 0.071 over 2 seeds; the weakest is b with "
+                      "0.620 ± 0.057 over 2 seeds: the gap is within the seeds' spread."]
     clear = _ranking({"a": runs(0.80, 0.82), "b": runs(0.50, 0.52)}, "acc", "accuracy", 1.0)
-    assert clear == ["The best variant is a with accuracy 0.810 ± 0.014 (2 seeds); the weakest is b with "
-                     "0.510 ± 0.014 (2 seeds)."]
+    assert clear == ["The best variant is a with accuracy 0.810 ± 0.014 over 2 seeds; the weakest is b with "
+                     "0.510 ± 0.014 over 2 seeds."]
     single = _ranking({"a": runs(0.8), "b": runs(0.5)}, "loss", "held-out loss", -1.0)
     assert single == []  # no value under the key
     lower = _ranking({"a": [{"loss": 2.0}], "b": [{"loss": 3.0}]}, "loss", "held-out loss", -1.0)
