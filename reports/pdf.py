@@ -256,7 +256,8 @@ def findings(rows: list[dict]) -> list[str]:
     plain = [r for r in compared if r["certified"] is None]
     plain_stat = plots.aggregate(r.get(key) for r in plain)
     plain_value = plain_stat.mean if plain_stat else None
-    local = _mean(r.get(head.local_only) for r in done)
+    local_stat = plots.aggregate(r.get(head.local_only) for r in done)
+    local = local_stat.mean if local_stat else None
     private = sorted(((_mean(r["epsilon"] for r in mine), v, mine) for v, mine in by_variant.items()
                       if mine[0]["certified"]), key=lambda t: t[0])
     sign = 1.0 if head.higher_is_better else -1.0  # a gain is a rise in accuracy, a fall in loss
@@ -288,7 +289,7 @@ def findings(rows: list[dict]) -> list[str]:
     elif len(by_variant) > 0:
         out += _ranking(by_variant, key, name, sign)
     if local is not None:
-        text = f"Clients training alone (local-only) reach {local:.3f}"
+        text = f"Clients training alone (local-only) reach {_spread(local_stat)}"
         if plain_value is not None:
             where = "below" if plain_value >= local else "above"
             text += f", {abs(plain_value - local):.3f} {where} the non-private federated runs"

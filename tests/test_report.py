@@ -88,7 +88,7 @@ def test_findings_are_computed_from_the_runs(sweep):
     assert "At epsilon 4.00 (delta 1e-05, eps4) the global accuracy is 0.580 ± 0.028 over 2 seeds, 0.100 below " \
            "non-private (0.680 ± 0.028 over 2 seeds); it keeps 58% of the non-private gain over the untuned " \
            "model (0.440)." in text  # sd of (0.60, 0.56) and of (0.70, 0.66): 0.02 * sqrt(2)
-    assert "local-only) reach 0.380, 0.300 below the non-private federated runs" in text
+    assert "local-only) reach 0.380 ± 0.028 over 2 seeds, 0.300 below the non-private federated runs" in text
     assert "1 run(s) carry no epsilon" in text
 
 
