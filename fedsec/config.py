@@ -989,8 +989,9 @@ class ExperimentConfig:
         """Fields set away from their defaults that this run never reads, each with the setting that
         leaves it unread: another server optimizer's hyperparameters, FedProx's mu without FedProx,
         dpo.* for task sft, the re-alignment's settings without its steps, adaptive clipping's
-        without it. A note at setup, not an error: a sweep's base may set them for some of its
-        variants. (A DP sweep's base keeps its delta, C and accountant in its non-private variant:
+        without it, the cosine schedule's floor with a constant rate, the canaries' and membership
+        inference's sample sizes without them. A note at setup, not an error: a sweep's base may set
+        them for some of its variants. (A DP sweep's base keeps its delta, C and accountant in its non-private variant:
         not noted; the privacy fields that would change the run are refused with privacy off.)"""
         from fedsec.registry import registry
         from fedsec.server import server_optimizer_name
@@ -1006,7 +1007,11 @@ class ExperimentConfig:
                   (DefenseConfig, "defense", [] if self.defense.realign_steps else
                    ["realign_examples", "realign_at", "realign_lr"], "defense.realign_steps 0"),
                   (PrivacyConfig, "privacy", ["target_quantile", "clip_lr", "clip_count_stddev"]
-                   if not privacy.adaptive_clipping else [], "privacy.adaptive_clipping false")]
+                   if not privacy.adaptive_clipping else [], "privacy.adaptive_clipping false"),
+                  (TrainingConfig, "training", ["min_lr"] if self.training.lr_schedule == "constant" else [],
+                   "training.lr_schedule constant"),
+                  (EvalConfig, "eval", [] if self.eval.canaries else ["canary_candidates"], "eval.canaries false"),
+                  (EvalConfig, "eval", [] if self.eval.mia else ["mia_examples"], "eval.mia false")]
         out = {}
         for cls, section, names, reason in unread:
             fields = {f.name: f for f in dataclasses.fields(cls)}

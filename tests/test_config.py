@@ -194,3 +194,9 @@ def test_settings_the_run_never_reads_are_named_with_what_leaves_them_unread(cap
     assert load_config(base, ["task=dpo", "dpo.beta=0.5"]).unused_fields() == {}
     # a plugin's federation fields count as read when its constructor names them
     assert "federation.server_momentum" not in cfg.unused_fields()
+    more = load_config(base, ["training.lr_schedule=constant", "training.min_lr=1e-6", "eval.canary_candidates=500",
+                              "eval.mia_examples=50"])
+    assert more.unused_fields() == {"training.min_lr": "training.lr_schedule constant",
+                                    "eval.canary_candidates": "eval.canaries false",
+                                    "eval.mia_examples": "eval.mia false"}
+    assert load_config(base, ["training.min_lr=1e-6"]).unused_fields() == {}  # the cosine schedule's floor
