@@ -991,30 +991,29 @@ class ExperimentConfig:
         dpo.* for task sft, the re-alignment's settings without its steps, adaptive clipping's
         without it, the cosine schedule's floor with a constant rate, the canaries' and membership
         inference's sample sizes without them. A note at setup, not an error: a sweep's base may set
-        them for some of its variants. (A DP sweep's base keeps its delta, C and accountant in its non-private variant:
-        not noted; the privacy fields that would change the run are refused with privacy off.)"""
+        them for some of its variants. (A DP sweep's base keeps its delta, C and accountant in its
+        non-private variant: not noted; the privacy fields that would change the run are refused
+        with privacy off.)"""
         from fedsec.registry import registry
         from fedsec.server import server_optimizer_name
 
-        fed, privacy = self.federation, self.privacy
+        fed = self.federation
         optimizer = registry("server_optimizer").entry(server_optimizer_name(fed.algorithm)).params
-        unread = [(FederationConfig, "federation", [n for n in ("server_momentum", "beta1", "beta2", "tau")
-                                                    if n not in optimizer], f"federation.algorithm {fed.algorithm}"),
-                  (FederationConfig, "federation", [] if fed.algorithm == "fedprox" else ["prox_mu"],
-                   f"federation.algorithm {fed.algorithm}"),
-                  (DpoConfig, "dpo", [] if self.task == "dpo" else [f.name for f in dataclasses.fields(DpoConfig)],
-                   f"task {self.task}"),
-                  (DefenseConfig, "defense", [] if self.defense.realign_steps else
-                   ["realign_examples", "realign_at", "realign_lr"], "defense.realign_steps 0"),
-                  (PrivacyConfig, "privacy", ["target_quantile", "clip_lr", "clip_count_stddev"]
-                   if not privacy.adaptive_clipping else [], "privacy.adaptive_clipping false"),
-                  (TrainingConfig, "training", ["min_lr"] if self.training.lr_schedule == "constant" else [],
-                   "training.lr_schedule constant"),
-                  (EvalConfig, "eval", [] if self.eval.canaries else ["canary_candidates"], "eval.canaries false"),
-                  (EvalConfig, "eval", [] if self.eval.mia else ["mia_examples"], "eval.mia false")]
+        unread = [  # (section, its fields left unread, the setting that leaves them unread)
+            ("federation", [n for n in ("server_momentum", "beta1", "beta2", "tau") if n not in optimizer]
+             + ([] if fed.algorithm == "fedprox" else ["prox_mu"]), f"federation.algorithm {fed.algorithm}"),
+            ("dpo", [] if self.task == "dpo" else [f.name for f in dataclasses.fields(DpoConfig)], f"task {self.task}"),
+            ("defense", [] if self.defense.realign_steps else ["realign_examples", "realign_at", "realign_lr"],
+             "defense.realign_steps 0"),
+            ("privacy", [] if self.privacy.adaptive_clipping else ["target_quantile", "clip_lr", "clip_count_stddev"],
+             "privacy.adaptive_clipping false"),
+            ("training", ["min_lr"] if self.training.lr_schedule == "constant" else [],
+             "training.lr_schedule constant"),
+            ("eval", [] if self.eval.canaries else ["canary_candidates"], "eval.canaries false"),
+            ("eval", [] if self.eval.mia else ["mia_examples"], "eval.mia false")]
         out = {}
-        for cls, section, names, reason in unread:
-            fields = {f.name: f for f in dataclasses.fields(cls)}
+        for section, names, reason in unread:
+            fields = {f.name: f for f in dataclasses.fields(getattr(self, section))}
             for name in names:
                 f = fields[name]
                 default = f.default_factory() if f.default is dataclasses.MISSING else f.default
