@@ -322,7 +322,7 @@ def _ranking(by_variant: dict[str, list[dict]], key: str, name: str, sign: float
         return [f"Every variant has {name} {best.mean:.3f}: it does not tell them apart here."]
     text = f"The best variant is {top} with {name} {shown(best)}; the weakest is {bottom} with {shown(worst)}"
     if best.n == 1 or worst.n == 1:
-        text += ": one draw on either side, no spread to weigh the gap against; run more seeds before reading it"
+        text += ": a single draw on at least one side, no spread to weigh the gap against; run more seeds first"
     elif abs(best.mean - worst.mean) <= best.std + worst.std:
         text += ": the gap is within the seeds' spread"
     return [text + "."]

@@ -432,5 +432,5 @@ def test_the_variant_ranking_says_ties_spreads_and_single_draws():
     assert single == []  # no value under the key
     lower = _ranking({"a": [{"loss": 2.0}], "b": [{"loss": 3.0}]}, "loss", "held-out loss", -1.0)
     assert lower == ["The best variant is a with held-out loss 2.000 (one seed); the weakest is b with 3.000 "
-                     "(one seed): one draw on either side, no spread to weigh the gap against; run more seeds "
-                     "before reading it."]
+                     "(one seed): a single draw on at least one side, no spread to weigh the gap against; run more "
+                     "seeds first."]
