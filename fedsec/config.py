@@ -225,7 +225,9 @@ class DataConfig:
     max_length: int = _help("tokens per example after formatting; longer ones are cut", 256)
     max_examples: int | None = _help("use at most this many examples of a file or dataset", None)
     test_fraction: float = _help("fraction held out as the global test set (files)", 0.1)
-    client_test_fraction: float = _help("fraction of each client held out for its test", 0.2)
+    client_test_fraction: float = _help("task sft: fraction of each client held out for its test (eval.clients, "
+                                        "membership inference's held-out split); a DPO client trains on all "
+                                        "its pairs", 0.2)
     partition: PartitionConfig = _help("how a file or dataset is split into clients",
                                        factory=PartitionConfig)
     benchmark: BenchmarkConfig = _help("the embedded benchmark's shape", factory=BenchmarkConfig)

@@ -123,6 +123,15 @@ def test_dpo_on_a_local_preference_file(tmp_path):
                       federation={"rounds": 1, "clients_per_round": 3}, eval={"clients": False})
     result = run_experiment(cfg, out=tmp_path / "run", progress=False, log=lambda s: None)
     assert result.final["preference"]["n"] == 3  # 10% held out
+    # every other pair trains: a DPO client held out data.client_test_fraction of its pairs and
+    # dropped them unread (nothing evaluates a client's pairs), 20% of the federation's data
+    from fedsec.data import build_federated_data
+
+    data = build_federated_data(cfg.data, cfg.seed, "dpo")
+    assert sum(len(c.preference) for c in data.clients) == 27 and len(data.preference_test) == 3
+    held = {(p.prompt, p.chosen) for c in data.clients for p in c.preference} | {
+        (p.prompt, p.chosen) for p in data.preference_test}
+    assert len(held) == 30
 
 
 def test_refusal_rule_and_generation():

@@ -137,17 +137,18 @@ def read_test(cfg: DataConfig, task: str) -> tuple:
 
 def _client(pool: Examples, idx: np.ndarray, cfg: DataConfig, task: str, cid: int, name: str,
             rng: np.random.Generator) -> ClientData:
-    """A client from its shard of `pool`, client_test_fraction held out for its test."""
+    """A client from its shard of `pool`, client_test_fraction held out for its test (task sft; a
+    DPO client trains on all its pairs: it was dropping that share of them unread)."""
     if not len(idx):
         raise ConfigError("data.partition", cfg.partition.scheme,
                           f"client {cid} got no examples; use fewer clients or min_size >= 1")
+    if task == "dpo":  # nothing reads a client's held-out pairs (preference metrics use the global test)
+        return ClientData(cid, name, (), (), pool.select(idx))
     n_local_test = int(round(cfg.client_test_fraction * len(idx))) if len(idx) > 1 else 0
     held = np.zeros(len(idx), dtype=bool)
     held[rng.permutation(len(idx))[:n_local_test]] = True
     train = pool.select(idx[~held])  # rows of the table, read when used
     held_out = pool.select(idx[held]) if n_local_test else ()
-    if task == "dpo":
-        return ClientData(cid, name, (), (), train)
     return ClientData(cid, name, train, held_out)
 
 
