@@ -130,6 +130,12 @@ def build_federation(cfg: ExperimentConfig, silos: tuple[int, ...] | None = None
     if unread and silos is None:
         progress.note("fedsec: set but not used by this run: "
                       + ", ".join(f"{name} ({reason})" for name, reason in unread.items()))
+    held = cfg.data.client_test_fraction
+    if (held and silos is None and cfg.task == "sft" and (cfg.data.source != "embedded" or cfg.data.silos)
+            and not cfg.eval.clients and not (cfg.eval.mia and cfg.eval.mia_split == "held_out")):
+        progress.note(f"fedsec: data.client_test_fraction {held:g} holds out that share of each client's examples "
+                      "and nothing reads it (eval.clients false, no membership inference on held-out records), "
+                      "so it is not trained on either; set it to 0 to train on it")
     num_clients = len(data.clients)
     fed = cfg.federation
     if fed.local_only_clients > num_clients:

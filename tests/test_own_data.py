@@ -322,3 +322,26 @@ def test_canaries_are_planted_in_a_files_clients_and_their_exposure_is_measured(
     clients = build_federation(siloed).data.clients
     assert [tuple(c.train[-3:]) for c in clients[:2]] == [(canary_example(c),) * 3 for c in canaries[1::2]]
     assert all(not any(e.meta.get("canary") for e in c.train) for c in clients[2:])
+
+
+def test_a_held_out_share_nothing_reads_is_said_at_setup(instruction_file, capsys):
+    """data.client_test_fraction (0.2 by default) takes a share of each client's examples out of
+    training; with eval.clients off and no membership inference on held-out records nothing reads
+    it, which was silent. Said in one line at setup; not said where it is read or is 0."""
+    from fedsec import progress
+    from fedsec.config import from_raw
+    from fedsec.setup import build_federation
+
+    base = _base(instruction_file)
+    held = {**base, "data": {**base["data"], "client_test_fraction": 0.2}}
+    with progress.showing(True):
+        data = build_federation(from_raw(held)).data
+    assert sum(len(c.test) for c in data.clients) > 0
+    assert capsys.readouterr().err == (
+        "fedsec: data.client_test_fraction 0.2 holds out that share of each client's examples and nothing reads it "
+        "(eval.clients false, no membership inference on held-out records), so it is not trained on either; set it "
+        "to 0 to train on it\n")
+    for quiet in (base, {**held, "eval": {"clients": True}}, {**held, "eval": {"clients": False, "mia": True}}):
+        with progress.showing(True):
+            build_federation(from_raw(quiet))
+        assert capsys.readouterr().err == ""
