@@ -992,10 +992,10 @@ class ExperimentConfig:
         leaves it unread: another server optimizer's hyperparameters, FedProx's mu without FedProx,
         dpo.* for task sft, the re-alignment's settings without its steps, adaptive clipping's
         without it, the cosine schedule's floor with a constant rate, the canaries' and membership
-        inference's sample sizes without them. A note at setup, not an error: a sweep's base may set
-        them for some of its variants. (A DP sweep's base keeps its delta, C and accountant in its
-        non-private variant: not noted; the privacy fields that would change the run are refused
-        with privacy off.)"""
+        inference's sample sizes without them, a file's split settings for the embedded benchmark.
+        A note at setup, not an error: a sweep's base may set them for some of its variants. (A DP
+        sweep's base keeps its delta, C and accountant in its non-private variant: not noted; the
+        privacy fields that would change the run are refused with privacy off.)"""
         from fedsec.registry import registry
         from fedsec.server import server_optimizer_name
 
@@ -1012,7 +1012,11 @@ class ExperimentConfig:
             ("training", ["min_lr"] if self.training.lr_schedule == "constant" else [],
              "training.lr_schedule constant"),
             ("eval", [] if self.eval.canaries else ["canary_candidates"], "eval.canaries false"),
-            ("eval", [] if self.eval.mia else ["mia_examples"], "eval.mia false")]
+            ("eval", [] if self.eval.mia else ["mia_examples"], "eval.mia false"),
+            ("data", ["split", "fields", "max_examples", "test_fraction", "client_test_fraction", "partition"]
+             if self.data.source == "embedded" and not self.data.silos else [], "data.source embedded"),
+            ("data", ["test_fraction"] if self.data.source != "embedded" and (self.data.test or self.data.silos)
+             else [], "data.test or data.silos: nothing is carved for the global test set")]
         out = {}
         for section, names, reason in unread:
             fields = {f.name: f for f in dataclasses.fields(getattr(self, section))}

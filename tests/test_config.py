@@ -200,3 +200,10 @@ def test_settings_the_run_never_reads_are_named_with_what_leaves_them_unread(cap
                                     "eval.canary_candidates": "eval.canaries false",
                                     "eval.mia_examples": "eval.mia false"}
     assert load_config(base, ["training.min_lr=1e-6"]).unused_fields() == {}  # the cosine schedule's floor
+    # a file's split settings do nothing to the embedded benchmark, and test_fraction nothing beside data.test
+    split = load_config(base, ["data.test_fraction=0.3", "data.partition={scheme: iid, num_clients: 3}"])
+    assert split.unused_fields() == {"data.test_fraction": "data.source embedded",
+                                     "data.partition": "data.source embedded"}
+    beside = load_config(base, ["data.source=mine.jsonl", "data.test=test.jsonl", "data.test_fraction=0.3"])
+    assert beside.unused_fields() == {"data.test_fraction": "data.test or data.silos: nothing is carved for the "
+                                                            "global test set"}
