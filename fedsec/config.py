@@ -635,10 +635,11 @@ class AttackConfig:
                      f"attack.kind is none, so these clients would be labelled malicious and train honestly; name "
                      f"an attack in attack.kind, or set attack.{name}: 0")
         entry = next((t.entry(self.kind) for t in tables if self.kind in t), None)
-        for key, value in self.params.items():
-            _require(entry is not None, f"params.{key}", value, "attack.kind none takes no params")
         if entry is not None:
             typed_params(entry, self.params, "params")  # unknown keys and wrong types
+        elif self.params:
+            key = next(iter(self.params))
+            _require(False, f"params.{key}", self.params[key], "attack.kind none takes no params")
         direction = self.params.get("direction", "unit")
         _require(direction in ("unit", "std", "sign"), "params.direction", direction,
                  "must be unit, std or sign")

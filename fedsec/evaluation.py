@@ -160,12 +160,14 @@ def target_batches(model, items: Sequence[Encoded], pad_id: int, batch_size: int
     sequence behind one copy of the items' first `shared` tokens (encoding.collate_packed).
     The LM head runs once for up to HEAD_ROWS positions of consecutive batches."""
     held: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    rows = 0  # target positions held
     for start, stop in _batches(items, shared, batch_size):
         chunk = items[start:stop]
         held.append((start, *target_hidden(model, collate_packed(chunk, shared) if shared else collate(chunk, pad_id))))
-        if sum(len(h[2]) for h in held) >= HEAD_ROWS:
+        rows += len(held[-1][2])
+        if rows >= HEAD_ROWS:
             yield from _with_head(model, held)
-            held = []
+            held, rows = [], 0
     yield from _with_head(model, held)
 
 
