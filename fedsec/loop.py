@@ -56,6 +56,7 @@ from fedsec.server import (
     make_server_optimizer,
     poisson_sample,
     sample_clients,
+    server_step,
     server_step_scale,
 )
 from fedsec.setup import Setup, prepare
@@ -255,7 +256,11 @@ def play_round(setup: Setup, state: RunState, clients: ClientRunner, round_idx: 
     if state.crafted is not None:  # the audit's attacker sees every released aggregate
         state.crafted.observe(batch.aggregate)
     fed = setup.cfg.federation
-    stepped = state.server.step(state.global_vec, batch.aggregate)
+    # the DP noise in each coordinate of the aggregate, for a server optimizer that takes it:
+    # record-level DP's is inside the clients' own steps, of no one known level (None)
+    noise_std = (batch.release.noise_stddev if batch.release is not None
+                 else None if state.record is not None else 0.0)
+    stepped = server_step(state.server, state.global_vec, batch.aggregate, noise_std)
     scale = server_step_scale(round_idx, fed.rounds, fed.server_lr, fed.server_min_lr)
     state.global_vec = stepped if scale == 1.0 else state.global_vec + scale * (stepped - state.global_vec)
     if setup.realign_set and setup.cfg.defense.realign_at == "round":

@@ -55,6 +55,10 @@ class DpRelease:
     update_noise: float  # the multiplier on the delta sum (z_delta < z with adaptive clipping)
     count_stddev: float | None = None  # adaptive clipping: the count's noise sigma_b
     count_sensitivity: float | None = None  # and its sensitivity (1/2, the centred count)
+    # the standard deviation of each coordinate of the noise on the released aggregate (the
+    # fixed-denominator mean): z_delta C / (q N), 0 without noise; None under correlated noise,
+    # whose rounds' noises are not independent. Public (from the row's z, C and the plan's q N)
+    noise_stddev: float | None = None
 
 
 @dataclass(frozen=True)
@@ -255,8 +259,11 @@ class Noise:
         adaptive = self.dp.cfg.privacy.adaptive_clipping
         # correlated noise: the multiplier of the one Gaussian mechanism the rounds so far are
         z = self.dp.round_multiplier(b.round_idx + 1)
-        release = DpRelease(z, plan.sample_rate, c, plan.update_noise if plan.correlated is None else z,
-                            plan.count_stddev if adaptive else None, COUNT_SENSITIVITY if adaptive else None)
+        independent = plan.correlated is None
+        release = DpRelease(z, plan.sample_rate, c, plan.update_noise if independent else z,
+                            plan.count_stddev if adaptive else None, COUNT_SENSITIVITY if adaptive else None,
+                            plan.update_noise * bound / plan.expected_clients if independent
+                            else 0.0 if plan.noise_multiplier == 0 else None)
         return dataclasses.replace(b, aggregate=aggregate, release=release)
 
 

@@ -38,7 +38,9 @@ parameter in YAML, typed from its annotation):
     server_optimizer  a class: __init__(**params), step(params, delta) -> params, state_dict(),
                       load_state_dict(state); a parameter named like a federation field
                       (server_lr, server_momentum, beta1, beta2, tau) takes that field's value,
-                      any other is the optimizer's own (federation.params)
+                      any other is the optimizer's own (federation.params); a step that takes
+                      `noise_std` is told each round's DP noise level per coordinate of delta
+                      (fedsec.server's module note)
     benchmark         fn(rows, fields) -> items (fedsec.evalsuite.tasks: ChoiceItem, GenerationItem,
                       CodeItem, or fedsec.evalsuite.openended's OpenItem), the rows read from
                       eval.benchmarks[].source; `hub=("dataset", "split")`: its default source

@@ -11,6 +11,13 @@ Optimization", Alg. 2):
     FedAdam     m <- b1 m + (1 - b1) Delta;  v <- b2 v + (1 - b2) Delta^2
                 (adaptive ones) x <- x + eta * m / (sqrt(v) + tau),  m_0 = 0, v_0 = tau^2
 
+Under user-level DP, Delta_t carries Gaussian noise of a known standard deviation per
+coordinate (DP-FedAvg's z C / (q N), public: the ledger's z and C over the plan's
+expected cohort). An optimizer whose `step` takes a `noise_std` parameter is given it
+each round (0.0 without noise; None where no one level is known: record-level DP's
+noise is inside the clients' steps, correlated noise's rounds are not independent); one
+whose `step` does not is called as before. docs/examples/my_rules.py's adam_bc is one.
+
 Where OpenFedLLM differs: it feeds the *unweighted* mean to the adaptive
 optimizers, squares the momentum instead of Delta in FedYogi/FedAdam, and starts
 m at Delta; fedsec follows the paper. Every optimizer has state_dict /
@@ -20,6 +27,8 @@ constructor's parameters filled from the federation fields of the same name.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 
@@ -179,6 +188,19 @@ class FedAdam(AdaptiveServer):
 
     def __init__(self, server_lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3):
         super().__init__("adam", server_lr, beta1, beta2, tau)
+
+
+def takes_noise(optimizer) -> bool:
+    """Whether a server optimizer's `step` takes the round's DP noise level (`noise_std`)."""
+    return "noise_std" in inspect.signature(optimizer.step).parameters
+
+
+def server_step(optimizer, params: torch.Tensor, delta: torch.Tensor, noise_std: float | None) -> torch.Tensor:
+    """The server optimizer's step on the round's aggregate, told the standard deviation of the
+    DP noise in each coordinate of `delta` where its step takes it (see the module note)."""
+    if takes_noise(optimizer):
+        return optimizer.step(params, delta, noise_std=noise_std)
+    return optimizer.step(params, delta)
 
 
 def server_optimizer_name(algorithm: str) -> str:

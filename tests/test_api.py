@@ -287,6 +287,66 @@ def test_a_plugin_server_optimizer_takes_its_own_parameters_from_federation_para
     sys.modules.pop("my_server", None)
 
 
+NOISE_AWARE_PLUGIN = """
+import fedsec
+
+TOLD = []
+
+
+@fedsec.register("server_optimizer", "noise_aware")
+class NoiseAware:
+    \"\"\"FedAvg that records the noise level each round's step is told (a test plugin).\"\"\"
+
+    def __init__(self, server_lr: float = 1.0):
+        self.server_lr = server_lr
+
+    def step(self, params, delta, noise_std=None):
+        TOLD.append(noise_std)
+        return params + self.server_lr * delta
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+"""
+
+
+def test_a_noise_aware_server_optimizer_is_told_each_rounds_dp_noise_level(tmp_path, monkeypatch):
+    """A server optimizer whose step takes noise_std gets, each round, the standard deviation of
+    the DP noise in each coordinate of the aggregate: z C / (q N) from the round's published
+    privacy row under user-level DP, 0.0 without DP, None under record-level DP (the noise is
+    inside the clients' steps) and under correlated noise (its rounds are not independent)."""
+    import importlib
+    import sys
+
+    (tmp_path / "plugs").mkdir()
+    (tmp_path / "plugs" / "noise_aware.py").write_text(NOISE_AWARE_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path / "plugs"))
+    sys.modules.pop("noise_aware", None)
+    spec = _yaml(tmp_path, plugins=["noise_aware"],
+                 federation={"rounds": 2, "clients_per_round": 2, "local_only_clients": 0,
+                             "algorithm": "noise_aware"})
+    told = importlib.import_module("noise_aware").TOLD
+    cases = {"plain": [], "user": ["privacy.mode=user", "privacy.noise_multiplier=0.7", "privacy.clip_norm=0.3"],
+             "record": ["privacy.mode=record", "privacy.noise_multiplier=0.7", "privacy.clip_norm=0.3"],
+             "tree": ["privacy.mode=user", "privacy.noise_multiplier=0.7", "privacy.clip_norm=0.3",
+                      "privacy.mechanism=tree", "federation.sampling=cyclic"]}
+    for case, overrides in cases.items():
+        told.clear()
+        fedsec.run(spec, overrides=overrides, out=tmp_path / case, progress=False, log=lambda _: None)
+        rows = [json.loads(line) for line in (tmp_path / case / "metrics.jsonl").read_text().splitlines()]
+        rounds = [r for r in rows if r.get("phase") == "federated" and r["round"] >= 1]
+        assert len(told) == len(rounds) == 2, case
+        if case == "user":  # 2 of 4 clients a round: q N = 2
+            assert told == [pytest.approx(r["privacy"]["noise_multiplier"] * r["privacy"]["clip_norm"] / 2,
+                                          rel=1e-12) for r in rounds]
+            assert told[0] == pytest.approx(0.7 * 0.3 / 2, rel=1e-12)
+        else:
+            assert told == ([0.0, 0.0] if case == "plain" else [None, None]), case
+    sys.modules.pop("noise_aware", None)
+
+
 def test_a_plugin_that_cannot_be_imported_is_one_line(tmp_path, capsys):
     spec = _yaml(tmp_path, plugins=["no_such_plugin_module"])
     assert main(["run", str(spec), "--out", str(tmp_path / "run")]) == 2
@@ -296,12 +356,15 @@ def test_a_plugin_that_cannot_be_imported_is_one_line(tmp_path, capsys):
 
 def test_the_extending_guide_example_runs_from_yaml_and_passes_the_contract_suites(tmp_path, monkeypatch):
     """docs/extending.md's worked example, as a researcher runs it: the module outside the
-    repo, the experiment from YAML, then fedsec's contract suites over its two entries."""
+    repo, the experiment from YAML, then fedsec's contract suites over its entries."""
+    import importlib
     import os
     import shutil
     import subprocess
     import sys
     from pathlib import Path
+
+    import torch
 
     root = Path(__file__).resolve().parents[1]
     examples = root / "docs" / "examples"
@@ -325,12 +388,29 @@ def test_the_extending_guide_example_runs_from_yaml_and_passes_the_contract_suit
     assert rows[0]["global_eval"]["metrics"]["lora_norm"] == 0.0  # the untuned adapter: B starts at zero
     env = {**os.environ, "FEDSEC_PLUGINS": "my_rules", "PYTHONPATH": str(plugs)}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           str(root / "tests" / "contracts"), "-k", "norm_trimmed_mean or mean_shift or lora_norm"],
+                           str(root / "tests" / "contracts"), "-k",
+                           "norm_trimmed_mean or mean_shift or lora_norm or adam_bc"],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:]
     passed = int(proc.stdout.strip().splitlines()[-1].split(" passed")[0].split()[-1])
-    # 5 aggregator contracts, 4 update-attack ones (the fifth is for shared attacks), 3 metric ones
-    assert passed == 12
+    # 5 aggregator contracts, 4 update-attack ones (the fifth is for shared attacks), 3 metric
+    # ones, 5 server-optimizer ones (the noise-aware one included)
+    assert passed == 17
+    # adam_bc: without noise it is fedsec's FedAdam bit for bit; told a noise level, one step
+    # by hand (the noise's share 0.01 phi^2 out of v, floored at 0.3^2 of that share)
+    from fedsec.server import FedAdam
+
+    plugin = importlib.import_module("my_rules")
+    d, x = torch.tensor([0.3, -0.02, 0.001, -0.5]), torch.tensor([1.0, 2.0, 3.0, 4.0])
+    ours, theirs = plugin.AdamBC(server_lr=0.1, tau=1e-4), FedAdam(server_lr=0.1, tau=1e-4)
+    for k in range(3):
+        torch.testing.assert_close(ours.step(x, d * (k + 1), noise_std=0.0), theirs.step(x, d * (k + 1)),
+                                   rtol=0, atol=0)
+    phi, bc = 0.1, plugin.AdamBC(server_lr=0.1, tau=1e-4)
+    share = 0.01 * phi ** 2
+    v = torch.clamp(0.99 * 1e-8 + 0.01 * d * d - share, min=0.09 * share)
+    assert bool((0.01 * d * d - share < 0.09 * share).any())  # the floor binds on some coordinates
+    torch.testing.assert_close(bc.step(x, d, noise_std=phi), x + 0.1 * (0.1 * d) / (v.sqrt() + 1e-4))
     sys.modules.pop("my_rules", None)
 
 

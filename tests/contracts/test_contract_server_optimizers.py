@@ -9,7 +9,7 @@ import torch
 
 from fedsec.config import FederationConfig
 from fedsec.registry import registry
-from fedsec.server import make_server_optimizer
+from fedsec.server import make_server_optimizer, server_step, takes_noise
 
 OPTIMIZERS = registry("server_optimizer")
 
@@ -48,16 +48,34 @@ def test_the_first_step_moves_the_model_along_the_clients_update(name):
 def test_a_checkpointed_optimizer_resumes_exactly(name):
     deltas = _deltas()
     whole, x = _build(name), torch.zeros(12)
-    for d in deltas:
-        x = whole.step(x, d)
+    for d in deltas:  # as the loop calls it under DP (a noise-aware step is told the noise level)
+        x = server_step(whole, x, d, 0.05)
     first, y = _build(name), torch.zeros(12)
     for d in deltas[:3]:
-        y = first.step(y, d)
+        y = server_step(first, y, d, 0.05)
     buffer = io.BytesIO()
     torch.save(first.state_dict(), buffer)  # the checkpoint's format: tensors and plain values
     buffer.seek(0)
     resumed = _build(name)
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     for d in deltas[3:]:
-        y = resumed.step(y, d)
+        y = server_step(resumed, y, d, 0.05)
     torch.testing.assert_close(y, x, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_every_noise_level_the_loop_passes_gives_a_finite_step(name):
+    """The loop tells a step that takes noise_std 0.0 without DP, the level under user-level DP,
+    and None where none is known (record-level or correlated noise): each gives a finite step
+    of the same shape that leaves its inputs alone. A step that does not take it is called
+    as it always was, whatever the level."""
+    for level in (0.0, 0.05, None):
+        optimizer, plain, x = _build(name), _build(name), torch.zeros(12)
+        for d in _deltas(3):
+            before = (x.clone(), d.clone())
+            out = server_step(optimizer, x, d, level)
+            assert out.shape == x.shape and out.dtype == x.dtype and bool(torch.isfinite(out).all())
+            assert torch.equal(x, before[0]) and torch.equal(d, before[1])
+            if not takes_noise(optimizer):
+                torch.testing.assert_close(out, plain.step(x, d), rtol=0, atol=0)
+            x = out
