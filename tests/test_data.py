@@ -181,6 +181,53 @@ def test_hh_rlhf_mapping_on_the_real_test_split():
     assert sum(p.chosen != p.rejected for p in pairs) > 290
 
 
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_a_local_file_of_preference_pairs_is_read_by_its_layout_without_data_fields(tmp_path):
+    """task dpo on a local file: prompt/chosen/rejected as text, UltraFeedback's replies as
+    {role, content} lists beside the prompt, and HH-RLHF's whole dialogues in chosen/rejected
+    alone (the last Assistant turn split off), each read without data.fields."""
+    from fedsec.data import read_examples
+
+    dialogues = [{"chosen": f"\n\nHuman: Q{i}?\n\nAssistant: Yes {i}.",
+                  "rejected": f"\n\nHuman: Q{i}?\n\nAssistant: No."} for i in range(3)]
+    pairs = list(read_examples(DataConfig(source=str(_jsonl(tmp_path / "hh.jsonl", dialogues))), "dpo"))
+    assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [
+        (f"\n\nHuman: Q{i}?\n\nAssistant:", f"Yes {i}.", "No.") for i in range(3)]
+    asked = {"role": "user", "content": "Why?"}
+    turns = [{"prompt": "Why?", "chosen": [asked, {"role": "assistant", "content": "Because."}],
+              "rejected": [asked, {"role": "assistant", "content": "No idea."}]}]
+    (pair,) = read_examples(DataConfig(source=str(_jsonl(tmp_path / "uf.jsonl", turns))), "dpo")
+    assert (pair.prompt, pair.chosen, pair.rejected) == ("Why?", "Because.", "No idea.")
+    plain = [{"prompt": "2+2?", "chosen": "4", "rejected": "5"}]
+    (pair,) = read_examples(DataConfig(source=str(_jsonl(tmp_path / "plain.jsonl", plain))), "dpo")
+    assert (pair.prompt, pair.chosen, pair.rejected) == ("2+2?", "4", "5")
+    # a later dialogue without an Assistant turn: one line naming the record
+    broken = _jsonl(tmp_path / "broken.jsonl", [*dialogues, {"chosen": "just text", "rejected": "other text"}])
+    with pytest.raises(ConfigError, match="record 3 is read as an HH-RLHF dialogue") as err:
+        read_examples(DataConfig(source=str(broken)), "dpo")
+    assert err.value.field == "data.fields" and "\n" not in str(err.value)
+    # neither layout: the missing column is named, as before
+    with pytest.raises(ConfigError, match="no such column"):
+        read_examples(DataConfig(source=str(_jsonl(tmp_path / "odd.jsonl", [{"a": "x", "b": "y"}]))), "dpo")
+
+
+def test_the_real_hh_rlhf_file_reads_as_the_dataset_by_name_does(tmp_path):
+    """../shared/data's HH-RLHF test split, given as a local file without data.fields: the same
+    pairs as the mapping of Anthropic/hh-rlhf by name."""
+    from fedsec.data import read_examples
+
+    path = shared_file("hh-rlhf-harmless-base-test.jsonl.gz")
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        rows = [json.loads(line) for _, line in zip(range(200), fh)]
+    by_name = to_preference_examples(rows, KNOWN_DATASETS["Anthropic/hh-rlhf"])
+    local = list(read_examples(DataConfig(source=str(path)), "dpo", max_examples=200))
+    assert [(p.prompt, p.chosen, p.rejected) for p in local] == [(p.prompt, p.chosen, p.rejected) for p in by_name]
+
+
 def test_ultrafeedback_messages_mapping():
     rows = [{"prompt": "Why?", "chosen": [{"role": "user", "content": "Why?"},
                                           {"role": "assistant", "content": "Because."}],

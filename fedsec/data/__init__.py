@@ -18,6 +18,7 @@ from fedsec.data.benchmark import make_benchmark
 from fedsec.data.loaders import (
     KNOWN_DATASETS,
     infer_fields,
+    infer_preference_spec,
     preference_converter,
     read_table,
     sft_converter,
@@ -54,6 +55,8 @@ def read_examples(cfg: DataConfig, task: str = "sft", source: str | None = None,
         inferred = infer_fields(_present(table[0]))  # Alpaca's instruction/input/output and the other common layouts
         if inferred is not None:
             spec = spec_for(source, kind, inferred)
+    if kind == "preference" and not cfg.fields and source not in KNOWN_DATASETS and len(table):
+        spec = infer_preference_spec(source, _present(table[0])) or spec  # HH-RLHF's dialogues, UltraFeedback's lists
     convert = preference_converter(spec) if task == "dpo" else sft_converter(spec)
     examples = Examples(table, convert, mapping=f"{task}|{spec!r}")
     if max_examples is not None:

@@ -310,6 +310,22 @@ def infer_fields(row: Mapping[str, Any]) -> dict[str, str] | None:
     return None
 
 
+def infer_preference_spec(source: str, row: Mapping[str, Any]) -> DatasetSpec | None:
+    """The layout a file of preference pairs is read by without data.fields, from its first
+    record: `prompt`/`chosen`/`rejected` as text, or with the replies as `{role, content}`
+    lists (UltraFeedback's), or `chosen`/`rejected` alone as whole dialogues (HH-RLHF's
+    "\n\nHuman: ... \n\nAssistant: ..."; the last Assistant turn is split off). None if
+    none fits."""
+    if all(column in row for column in ("prompt", "chosen", "rejected")):
+        fmt = "messages" if isinstance(row["chosen"], list) else "fields"
+        return DatasetSpec(source, "preference", {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"},
+                           fmt=fmt)
+    if isinstance(row.get("chosen"), str) and isinstance(row.get("rejected"), str) and _ASSISTANT in row["chosen"]:
+        return DatasetSpec(source, "preference", {"chosen": "chosen", "rejected": "rejected"}, fmt="hh-rlhf",
+                           note="dialogues; the last Assistant turn is split off")
+    return None
+
+
 def spec_for(source: str, task: str, fields: Mapping[str, str]) -> DatasetSpec:
     """The known spec for a dataset name, or one built from the config's field map."""
     known = KNOWN_DATASETS.get(source)
@@ -372,8 +388,13 @@ def preference_converter(spec: DatasetSpec) -> Callable[[Mapping[str, Any], int]
 
     def convert(r: Mapping[str, Any], i: int) -> PreferenceExample:
         if spec.fmt == "hh-rlhf":
-            prompt, chosen, rejected = split_hh_rlhf(_text(_get(r, f["chosen"], i), f["chosen"], i),
-                                                     _text(_get(r, f["rejected"], i), f["rejected"], i))
+            try:
+                prompt, chosen, rejected = split_hh_rlhf(_text(_get(r, f["chosen"], i), f["chosen"], i),
+                                                         _text(_get(r, f["rejected"], i), f["rejected"], i))
+            except ValueError:
+                raise ConfigError("data.fields", f["chosen"], f"record {i} is read as an HH-RLHF dialogue but has "
+                                  "no '\\n\\nAssistant:' turn; give prompt, chosen and rejected columns "
+                                  "(or map them with data.fields)") from None
         elif spec.fmt == "messages":
             prompt = _text(_get(r, f["prompt"], i), f["prompt"], i)
             chosen = _last_assistant(_get(r, f["chosen"], i), f["chosen"], i)
