@@ -276,7 +276,6 @@ def write_tables(root: Path, runs: list[SweepRun]) -> None:
     for run in runs:
         result = read_result(run.out)
         final, untuned, local = result["final"] or {}, result["untuned"] or {}, result["local_only"]
-        pref, pref_before = final.get("preference") or {}, untuned.get("preference") or {}
         backdoor = final.get("backdoor") or {}
         privacy = result.get("privacy") or {}
         cfg = read_yaml(run.out / CONFIG)
@@ -290,10 +289,7 @@ def write_tables(root: Path, runs: list[SweepRun]) -> None:
             # the server's defense: the rule, and its re-alignment on its own refusals where on
             "aggregator": cfg["defense"]["aggregator"] + ("+realign" if cfg["defense"].get("realign_steps") else ""),
             **utility_columns(final, untuned, local),
-            "preference_accuracy": pref.get("preference_accuracy"),
-            "reward_margin": pref.get("reward_margin"),
-            "likelihood_accuracy": pref.get("likelihood_accuracy"),
-            "untuned_likelihood_accuracy": pref_before.get("likelihood_accuracy"),
+            "reward_margin": (final.get("preference") or {}).get("reward_margin"),
             "refusal_rate": final.get("refusal_rate"), "untuned_refusal_rate": untuned.get("refusal_rate"),
             "attack_success_rate": backdoor.get("attack_success_rate"),
             "clean_target_rate": backdoor.get("clean_target_rate"),
@@ -333,14 +329,19 @@ EXTRA = ("benchmark:", "metric:", "untuned_benchmark:", "untuned_metric:")
 
 def utility_columns(final: dict, untuned: dict, local: dict | None) -> dict:
     """The run's utility columns (fedsec.utility): the final model's, the untuned model's
-    (`untuned_` + column) and the local-only clients' mean accuracy, loss and perplexity."""
+    (`untuned_` + column) and the local-only clients' mean accuracy, loss and perplexity; for
+    DPO the preference and likelihood accuracies (the untuned model has no preference
+    accuracy: as its own reference its implicit reward is 0 on every pair)."""
     after, before = evaluation_values(final), evaluation_values(untuned)
     local_loss = (local or {}).get("mean_loss")
     out = {"untuned_accuracy": before.get("final_accuracy"), "final_accuracy": after.get("final_accuracy"),
            "final_loss": after.get("final_loss"), "untuned_loss": before.get("final_loss"),
            "final_perplexity": after.get("final_perplexity"), "untuned_perplexity": before.get("final_perplexity"),
            "local_only_accuracy": (local or {}).get("mean_accuracy"), "local_only_loss": local_loss,
-           "local_only_perplexity": perplexity(local_loss) if local_loss is not None else None}
+           "local_only_perplexity": perplexity(local_loss) if local_loss is not None else None,
+           "preference_accuracy": after.get("preference_accuracy"),
+           "likelihood_accuracy": after.get("likelihood_accuracy"),
+           "untuned_likelihood_accuracy": before.get("likelihood_accuracy")}
     for key, value in after.items():
         if key.startswith(EXTRA):
             out[key] = value

@@ -92,6 +92,35 @@ def test_findings_are_computed_from_the_runs(sweep):
     assert "1 run(s) carry no epsilon" in text
 
 
+def test_a_dpo_sweeps_findings_speak_of_its_preference_accuracy(tmp_path):
+    """A DPO sweep's summary compares epsilon 8 with non-private on the preference accuracy (its
+    report's table once lost the column, and the summary said nothing); no share of a gain over
+    the untuned model, which has no preference accuracy (its own reference: every reward 0)."""
+    root = tmp_path / "dpo"
+    rows = []
+    for variant, seed, accuracy, private in (("non-private", 0, 0.70, False), ("non-private", 1, 0.60, False),
+                                             ("eps8", 0, 0.55, True), ("eps8", 1, 0.45, True)):
+        path = root / f"{variant}-s{seed}"
+        _write_run(path, seed, 0.0, privacy=_privacy(7.9993, 0.7) if private else None,
+                   ledger=_ledger(7.9993) if private else None)
+        result = json.loads((path / "result.json").read_text())
+        result["untuned"] = {"preference": {"preference_accuracy": 0.0, "reward_margin": 0.0,
+                                            "likelihood_accuracy": 0.5}}
+        result["final"] = {"preference": {"preference_accuracy": accuracy, "reward_margin": 0.1,
+                                          "likelihood_accuracy": 0.55}}
+        (path / "result.json").write_text(json.dumps(result))
+        rows.append({"variant": variant, "seed": seed, "run_dir": str(path)})
+    (root / "results.json").write_text(json.dumps(rows))
+    table = run_table(collect(root)[1])
+    assert [r["preference_accuracy"] for r in table] == [0.70, 0.60, 0.55, 0.45]
+    assert {r["untuned_likelihood_accuracy"] for r in table} == {0.5}
+    text = " ".join(findings(table))
+    # means 0.65 and 0.50, each sd 0.05 * sqrt(2)
+    assert "At epsilon 8.00 (delta 1e-05, eps8) the preference accuracy is 0.500 ± 0.071 over 2 seeds, 0.150 " \
+           "below non-private (0.650 ± 0.071 over 2 seeds)." in text
+    assert "keeps" not in text
+
+
 def test_report_pdf_holds_the_summary_tables_and_figures(sweep, tmp_path, capsys):
     out = tmp_path / "out" / "report.pdf"
     assert main(["report", str(sweep), "-o", str(out)]) == 0
