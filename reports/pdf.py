@@ -459,17 +459,22 @@ def grid_findings(data: plots.AttackGrid | None) -> list[str]:
         # higher is the attacker's win for the backdoor's success, and a loss
         worse_up = metric == "attack_success_rate" or (
             metric not in plots.BOUNDED and utility.describe(metric).higher_is_better is False)
-        scores = {d: (data.get(metric, attack, d, top), data.get(metric, attack, d, 0.0)) for d in data.defenses}
-        scores = {d: (a.mean, c.mean) for d, (a, c) in scores.items() if a is not None and c is not None}
+        # a defense without a clean run of its own (a grid whose one clean run is under the plain
+        # mean) is compared on its attacked value, beside the clean run there is
+        own = {d: data.get(metric, attack, d, 0.0) for d in data.defenses}
+        shared = next((own[d] for d in data.defenses if own[d] is not None), None)
+        scores = {d: (a.mean, (own[d] or shared).mean, own[d] is not None) for d in data.defenses
+                  if (a := data.get(metric, attack, d, top)) is not None and (own[d] or shared) is not None}
         if not scores:
             continue
         first = data.defenses[0] if data.defenses[0] in scores else next(iter(scores))
-        attacked, clean = scores[first]
+        attacked, clean, _ = scores[first]
         text = (f"{attack} at {top:.0%} malicious clients: {label} {attacked:.3f} under {first} "
                 f"against {clean:.3f} without attackers")
         best = (min if worse_up else max)(scores, key=lambda d: scores[d][0])
         if best != first:
-            text += f"; {best} holds it at {scores[best][0]:.3f} (its clean run: {scores[best][1]:.3f})"
+            text += f"; {best} holds it at {scores[best][0]:.3f}"
+            text += f" (its clean run: {scores[best][1]:.3f})" if scores[best][2] else ""
         elif len(scores) > 1:
             others = ", ".join(f"{d} {scores[d][0]:.3f}" for d in scores if d != first)
             text += f"; no other defense does better ({others})"

@@ -164,6 +164,26 @@ def test_attack_grid_data_counts_clean_runs_once_per_attack():
                         "against 0.900 without attackers; median holds it at 0.200 (its clean run: 0.800).")
 
 
+def test_grid_findings_compare_every_defense_when_the_one_clean_run_is_under_the_mean():
+    """make demo's grid shape: one clean run (under the plain mean) beside the attack under the
+    mean, the median and the re-alignment. Every defense is weighed on its attacked value (the
+    summary once named the mean alone: the others had no clean run of their own)."""
+    from fedsec.reports.pdf import grid_findings
+    from fedsec.reports.plots import attack_grid_data
+
+    rows = [_row(0, "none", 0, "mean", 0.6, "clean", 0.15),
+            _row(0, "alignment_poison", 3, "mean", 0.58, "p-mean", 0.0),
+            _row(0, "alignment_poison", 3, "median", 0.57, "p-median", 0.0),
+            _row(0, "alignment_poison", 3, "mean+realign", 0.55, "p-realign", 1.0)]
+    assert grid_findings(attack_grid_data(rows)) == [
+        "alignment_poison at 30% malicious clients: harmless (refusal) rate 0.000 under mean against 0.150 "
+        "without attackers; mean+realign holds it at 1.000."]
+    rows[3]["refusal_rate"] = 0.0  # nothing holds: every defense's value is said
+    assert grid_findings(attack_grid_data(rows)) == [
+        "alignment_poison at 30% malicious clients: harmless (refusal) rate 0.000 under mean against 0.150 "
+        "without attackers; no other defense does better (median 0.000, mean+realign 0.000)."]
+
+
 def test_a_grid_over_a_file_dataset_knows_its_clients_and_keeps_its_cells(tmp_path):
     """Attack grids on a researcher's own file: the true client count comes from the run
     (federation.json), so the table's count, the fractions and the grid's cells are there."""
