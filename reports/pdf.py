@@ -776,7 +776,9 @@ def build_report(directory: Path, out: Path | None = None, force: bool = False) 
     headers = dict(zip(shown, (f"{w} {head.short}" for w in ("final", "local-only", "untuned")))) if head else {}
     columns = ["variant", "seed", "algorithm", "rounds", "privacy", "epsilon", "sigma", "clip_norm",
                "sample_rate", "certified", *shown]
-    columns = [c for c in columns if not c.startswith("local_only") or any(r.get(c) is not None for r in table)]
+    # local-only and untuned values only where measured (a DPO run's untuned model has no preference accuracy)
+    columns = [c for c in columns
+               if not c.startswith(("local_only", "untuned")) or any(r.get(c) is not None for r in table)]
     if any(row["audit"] for row in table):
         columns += ["audit", "audit_bound"] + (["audit_bound_fdp"] if any(
             row.get("audit_bound_fdp") is not None for row in table) else [])

@@ -119,6 +119,10 @@ def test_a_dpo_sweeps_findings_speak_of_its_preference_accuracy(tmp_path):
     assert "At epsilon 8.00 (delta 1e-05, eps8) the preference accuracy is 0.500 ± 0.071 over 2 seeds, 0.150 " \
            "below non-private (0.650 ± 0.071 over 2 seeds)." in text
     assert "keeps" not in text
+    # the PDF says it, and its runs table has no column of dashes for the untuned preference accuracy
+    pdf = " ".join(_text(build_report(root, tmp_path / "dpo.pdf")).split())
+    assert "the preference accuracy is 0.500 ± 0.071" in pdf and "final preference accuracy" in pdf
+    assert "untuned preference" not in pdf
 
 
 def test_report_pdf_holds_the_summary_tables_and_figures(sweep, tmp_path, capsys):
