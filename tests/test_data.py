@@ -289,6 +289,20 @@ def test_a_csv_row_with_more_or_fewer_fields_than_the_header_is_refused_with_its
     assert read_records(str(path))[0]["instruction"] == "q, with a comma"  # a quoted comma is one field
 
 
+def test_a_split_by_a_column_the_file_lacks_names_the_column_and_the_fix(tmp_path):
+    """dirichlet needs class labels and natural a user column: a file without them is one line
+    saying which column is missing and what to set (it once suggested a user mapping for labels)."""
+    rows = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(20)]
+    source = str(_jsonl(tmp_path / "plain.jsonl", rows))
+    for scheme, column, words in (("dirichlet", "label", "a column of class labels"),
+                                  ("natural", "user", "the column that names each example's user")):
+        partition = {"scheme": scheme, **({"num_clients": 4} if scheme != "natural" else {})}
+        with pytest.raises(ConfigError, match=words) as err:
+            build_federated_data(from_mapping(DataConfig, {"source": source, "partition": partition}), seed=0)
+        assert err.value.field == "data.partition.by" and f"no '{column}' column" in str(err.value)
+        assert "\n" not in str(err.value)
+
+
 def test_num_clients_under_the_natural_scheme_is_refused_not_ignored():
     with pytest.raises(ConfigError) as err:
         from_mapping(DataConfig, {"source": "x.jsonl", "partition": {"scheme": "natural", "num_clients": 5}})

@@ -172,8 +172,11 @@ def split_clients(pool: Sequence[SftExample], cfg: DataConfig, seed: int, silo: 
     key = part.by or ("user" if part.scheme == "natural" else "label")
     values = [ex.meta.get(key) for ex in pool]
     if any(v is None for v in values):
-        raise ConfigError("data.partition.by", key, f"some examples have no '{key}' field; map it "
-                          "in data.fields (e.g. user: user_id) or choose another scheme")
+        fix = ("set data.partition.by to the column that names each example's user (natural: one client "
+               "per value), or choose scheme iid or quantity" if part.scheme == "natural" else
+               "set data.partition.by to a column of class labels (dirichlet: each client's label mix is "
+               "skewed), or choose scheme iid or quantity")
+        raise ConfigError("data.partition.by", key, f"some examples have no '{key}' column; {fix}")
     if part.scheme == "dirichlet":
         return partition.dirichlet(values, part.num_clients, part.alpha, rng, part.min_size)
     return partition.natural(values)
