@@ -34,10 +34,11 @@ deviation across seeds per variant), which the report builder can read.
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,9 +74,17 @@ class SweepRun:
     cell: tuple[tuple[str, str], ...] = ()  # grid sweeps: (axis, level) per axis
 
 
-def expand(spec_path: str | Path) -> tuple[Path, list[SweepRun], Path | None, dict]:
-    """(sweep directory, runs, base config file or None, inline base mapping)."""
-    spec = read_yaml(spec_path)
+def expand(spec_path: str | Path | Mapping) -> tuple[Path, list[SweepRun], Path | None, dict]:
+    """(sweep directory, runs, base config file or None, inline base mapping). `spec_path` is
+    a sweep file, or its content as a mapping (a notebook's; a `base` path is then relative to
+    the working directory)."""
+    if isinstance(spec_path, Mapping):
+        spec, spec_path = copy.deepcopy(dict(spec_path)), Path("sweep.yaml")  # the caller's mapping stays as it was
+    elif isinstance(spec_path, (str, Path)):
+        spec = read_yaml(spec_path)
+    else:
+        raise ConfigError("sweep", type(spec_path).__name__, "give a sweep file's path or its content as a mapping "
+                          "of sweep keys (name, base, set, seeds, variants, epsilons, grid)")
     for key in spec:
         if key not in SWEEP_KEYS:
             raise ConfigError(f"sweep.{key}", spec[key], f"unknown key; use {', '.join(SWEEP_KEYS)} "
@@ -164,7 +173,7 @@ def _overrides(value, field: str) -> list[str]:
     return list(value)
 
 
-def run_sweep(spec_path: str | Path, progress: bool = True,
+def run_sweep(spec_path: str | Path | Mapping, progress: bool = True,
               log: Callable[[str], None] = print) -> Path:
     from tqdm import tqdm
 

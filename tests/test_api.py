@@ -488,3 +488,11 @@ def test_a_notebook_sweeps_and_gets_its_tables_per_run_and_per_variant(tmp_path,
         swept.variant("eps2")
     assert fedsec.report(swept) == swept.directory / "report.pdf"
     assert fedsec.SweepResult.read(swept.directory) == swept
+    # the sweep file's content as a mapping, as a notebook writes it: the same runs, all finished
+    content = yaml.safe_load(spec.read_text())
+    said: list[str] = []
+    assert fedsec.sweep(content, progress=False, log=said.append) == swept
+    assert sum("finished earlier, skipped" in line for line in said) == 4
+    assert content == yaml.safe_load(spec.read_text())  # the caller's mapping left as it was
+    with pytest.raises(fedsec.ConfigError, match="a sweep file's path or its content as a mapping"):
+        fedsec.sweep(["not", "a", "sweep"], progress=False)
