@@ -21,7 +21,7 @@ from fedsec.canaries import AuditState, audit_canaries, start_audit, with_canary
 from fedsec.config import BenchmarkConfig, ExperimentConfig
 from fedsec.data import ClientData, FederatedData, build_federated_data, read_root, read_test, silo_clients
 from fedsec.data.benchmark import REFUSAL, canary_example, make_canaries, unsafe_requests
-from fedsec.data.table import Examples, TokenTable
+from fedsec.data.table import Examples, Extended, TokenTable
 from fedsec.data.unsafe import draw, read_alignment, read_unsafe
 from fedsec.devices import model_device
 from fedsec.encoding import encode, encode_prompt, encoding_key
@@ -311,27 +311,33 @@ class TokenTables:
         self.key = encoding_key(tokenizer, cfg.data.template, cfg.data.max_length)
         self.tables: dict[int, TokenTable] = {}
 
-    def _table(self, records) -> TokenTable | None:
-        if not isinstance(records, Examples):
-            return None
+    def _table(self, records: Examples) -> TokenTable:
         if id(records.table) not in self.tables:
             d = self.cfg.data
             self.tables[id(records.table)] = TokenTable(
                 records, lambda example: encode(example, self.tokenizer, d.template, d.max_length), self.key)
         return self.tables[id(records.table)]
 
+    def _parts(self, client) -> tuple[Examples | None, Sequence]:
+        """The client's table rows (None: not a file's) and the examples encoded directly: a
+        file client's planted canaries or alignment data (fedsec.data.table.Extended)."""
+        records = self.objective.records(client)
+        if isinstance(records, Examples):
+            return records, ()
+        if isinstance(records, Extended):
+            return records.rows, records.extra
+        return None, records
+
     def size(self, client) -> int:
         """The client's number of items (examples whose answer fits)."""
-        records = self.objective.records(client)
-        table = self._table(records)
-        return table.size(records.rows) if table is not None else len(train_set(self.objective, client,
-                                                                                    self.tokenizer, self.cfg))
+        rows, extra = self._parts(client)
+        direct = len(self.objective.encode(extra, self.tokenizer, self.cfg.data)) if extra else 0
+        return direct + (self._table(rows).size(rows.rows) if rows is not None else 0)
 
     def items(self, client) -> list:
-        records = self.objective.records(client)
-        table = self._table(records)
-        return table.items(records.rows) if table is not None else train_set(self.objective, client,
-                                                                              self.tokenizer, self.cfg)
+        rows, extra = self._parts(client)
+        direct = self.objective.encode(extra, self.tokenizer, self.cfg.data) if extra else []
+        return (self._table(rows).items(rows.rows) if rows is not None else []) + list(direct)
 
 
 class ClientSets(Sequence):

@@ -106,3 +106,52 @@ def test_a_files_clients_are_tokenized_once_and_read_back_by_the_next_run(tmp_pa
     assert calls == [] and _same(again.train_sets[1], setup.train_sets[1])  # read, not tokenized
     prepare(tiny_config(tmp_path, data={**data, "max_length": 80}, federation={"rounds": 1, "clients_per_round": 2}))
     assert len(calls) == len(rows) and len(list((datasets_cache() / "tokens").glob("*.arrow"))) == 2
+
+
+def test_alignment_data_and_canaries_planted_in_file_clients_leave_their_rows_unread(tmp_path, monkeypatch):
+    """data.alignment (every client) and canaries (data.benchmark.canaries_per_client) on a file's
+    clients: each client's training data is its table rows, still unread, then the planted
+    examples (fedsec.data.table.Extended), so a federation of many file clients keeps the memory
+    of its table; its items are the rows' from the token table, then the planted ones, equal to
+    encoding the whole client directly. (The rows were read into tuples of every client.)"""
+    import json
+
+    import fedsec.data.table
+    from fedsec.data.table import Examples, Extended
+
+    monkeypatch.setenv("FEDSEC_CACHE", str(tmp_path / "cache"))
+    path, aligned = tmp_path / "rows.jsonl", tmp_path / "aligned.jsonl"
+    rows = [{"prompt": f"What is {i} plus {i}?", "response": str(2 * i), "user": f"u{i % 4}"} for i in range(32)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    aligned.write_text("".join(json.dumps({"prompt": f"Help me do harm number {i}."}) + "\n" for i in range(10)))
+    data = {"source": str(path), "partition": {"scheme": "natural"}, "test_fraction": 0.1, "client_test_fraction": 0.0,
+            "max_length": 64, "alignment": str(aligned), "alignment_per_client": 2,
+            "benchmark": {"canaries_per_client": 1, "canary_repeats": 2, "canary_clients": 2}}
+    cfg = tiny_config(tmp_path, data=data, federation={"rounds": 1, "clients_per_round": 2})
+    converted = []
+    getitem = Examples.__getitem__
+    monkeypatch.setattr(Examples, "__getitem__", lambda self, k: converted.append(k) or getitem(self, k))
+    from fedsec.setup import build_federation
+
+    federation = build_federation(cfg)
+    assert converted == []  # building the federation read no client's row
+    clients = federation.data.clients
+    assert all(isinstance(c.train, Extended) and isinstance(c.train.rows, Examples) for c in clients)
+    # two alignment examples each, and the first two clients their canary twice
+    assert [len(c.train.extra) for c in clients] == [4, 4, 2, 2]
+    first = clients[0].train.extra
+    assert first[0] == first[1] and "harm" not in first[0].prompt  # the canary twice, then the alignment data
+    monkeypatch.setattr(Examples, "__getitem__", getitem)
+    setup = prepare(cfg)
+    assert setup.train_sets.lazy
+    objective = objective_for(cfg, setup.pad_id)
+    for c, client in enumerate(setup.data.clients):
+        direct = train_set(objective, client, setup.tokenizer, cfg)  # every example encoded directly
+        assert len(direct) == len(client.train) and setup.train_sets.sizes[c] == len(direct)
+        assert _same(setup.train_sets[c], direct)
+    whole = setup.data.clients[0].train
+    assert list(whole) == [*whole.rows, *whole.extra] == [whole[i] for i in range(len(whole))]
+    assert whole[-1] == whole.extra[-1] and whole[1:3] == (whole[1], whole[2]) and whole == tuple(whole)
+    with pytest.raises(IndexError):
+        whole[len(whole)]
+    assert fedsec.data.table.Extended(whole.rows, ()) + whole.extra == whole

@@ -69,14 +69,55 @@ class Examples(Sequence):
     def __hash__(self) -> int:
         return hash(tuple(self))
 
-    def __add__(self, other) -> tuple:
-        return (*self, *other)
+    def __add__(self, other) -> Extended:
+        """These rows, then `other`'s examples (a few: canaries, alignment data), still unread."""
+        return Extended(self, tuple(other))
 
     def __radd__(self, other) -> tuple:
         return (*other, *self)
 
     def __repr__(self) -> str:
         return f"Examples({len(self.rows)} rows of a {len(self.table)}-row table)"
+
+
+class Extended(Sequence):
+    """A client's table rows (`rows`, Examples) followed by examples of its own (`extra`: the
+    canaries or alignment data planted in it), the rows still unread: a federation of many
+    file clients with alignment data keeps the memory of its table, and its rows' tokens stay
+    the token table's (fedsec.setup.TokenTables)."""
+
+    __slots__ = ("rows", "extra")
+
+    def __init__(self, rows: Examples, extra: tuple):
+        self.rows, self.extra = rows, extra
+
+    def __len__(self) -> int:
+        return len(self.rows) + len(self.extra)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return tuple(self[i] for i in range(len(self))[k])
+        k = range(len(self))[k]  # a negative index counts from the end; out of range raises IndexError
+        return self.rows[k] if k < len(self.rows) else self.extra[k - len(self.rows)]
+
+    def __iter__(self) -> Iterator[Any]:
+        yield from self.rows
+        yield from self.extra
+
+    def __add__(self, other) -> Extended:
+        return Extended(self.rows, self.extra + tuple(other))
+
+    def __radd__(self, other) -> tuple:
+        return (*other, *self)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, (Sequence, tuple)) and tuple(self) == tuple(other)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __repr__(self) -> str:
+        return f"Extended({self.rows!r} + {len(self.extra)} examples)"
 
 
 class TokenTable:
