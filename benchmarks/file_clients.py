@@ -8,7 +8,11 @@ comparing peak resident memory. The rows stay in `datasets`' memory-mapped Arrow
 and clients are encoded when a round samples them (fedsec.setup.ClientSets), so what
 grows with N is one small index array per client.
 
-    python -m benchmarks.file_clients [--clients 100 100000] [--per-client 3]
+    python -m benchmarks.file_clients [--clients 100 100000] [--per-client 3] [--alignment K]
+
+`--alignment K`: every client also gets K alignment examples (data.alignment, unsafe
+request -> refusal, from a file of the embedded generator's requests), planted after its
+rows without reading them (fedsec.data.table.Extended).
 """
 
 from __future__ import annotations
@@ -52,12 +56,25 @@ def data_file(users: int, per_client: int) -> tuple[Path, Path]:
     return path, test
 
 
-def child(users: int, per_client: int, out: str) -> None:
+def alignment_file() -> Path:
+    """Unsafe requests of the embedded generator, one per row (the refusal is fedsec's standard one)."""
+    from fedsec.data.benchmark import REFUSAL, unsafe_requests
+    from fedsec.models import cache_dir
+
+    path = cache_dir() / "benchmarks" / "file_clients" / "alignment.jsonl"
+    if not path.is_file():
+        rows = unsafe_requests(0, 64, REFUSAL, "file-clients-alignment")
+        path.write_text("".join(json.dumps({"prompt": r.prompt}) + "\n" for r in rows))
+    return path
+
+
+def child(users: int, per_client: int, out: str, alignment: int = 0) -> None:
     from fedsec.config import load_config
     from fedsec.loop import run_experiment
 
     path, test = data_file(users, per_client)
-    cfg = load_config(None, [
+    aligned = [f"data.alignment={alignment_file()}", f"data.alignment_per_client={alignment}"] if alignment else []
+    cfg = load_config(None, [*aligned,
         "name=file-clients", f"data.source={path}", f"data.test={test}", "data.partition.scheme=natural",
         "data.client_test_fraction=0", "eval.clients=false", "federation.rounds=2",
         "federation.clients_per_round=10", "training.local_steps=1", "training.batch_size=2",
@@ -74,11 +91,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, nargs=2, default=[100, 100_000])
     parser.add_argument("--per-client", type=int, default=3)
+    parser.add_argument("--alignment", type=int, default=0, help="alignment examples planted in every client")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        child(args.child, args.per_client, args.out)
+        child(args.child, args.per_client, args.out, args.alignment)
         return
     import tempfile
 
@@ -87,7 +105,8 @@ def main() -> None:
         for n in args.clients:
             data_file(n, args.per_client)  # written before the measured process starts
             proc = subprocess.run([sys.executable, "-m", "benchmarks.file_clients", "--child", str(n),
-                                   "--per-client", str(args.per_client), "--out", os.path.join(tmp, f"run{n}")],
+                                   "--per-client", str(args.per_client), "--alignment", str(args.alignment),
+                                   "--out", os.path.join(tmp, f"run{n}")],
                                   capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
             if proc.returncode != 0:
                 sys.exit(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode)
@@ -96,8 +115,10 @@ def main() -> None:
                   f"({rows[-1]['seconds']:.0f} s)", flush=True)
     ratio = rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]
     print(f"peak RSS ratio {rows[0]['clients']} -> {rows[-1]['clients']} clients: {ratio:.3f} (target <= 1.2)")
-    store({f"file_memory_ratio_{args.clients[0]}_to_{args.clients[1]}_clients": {
-        "value": ratio, "rows": rows, "per_client": args.per_client, "model": "smollm2-135m-instruct",
+    aligned = f"_alignment{args.alignment}" if args.alignment else ""
+    store({f"file_memory_ratio_{args.clients[0]}_to_{args.clients[1]}_clients{aligned}": {
+        "value": ratio, "rows": rows, "per_client": args.per_client, "alignment_per_client": args.alignment,
+        "model": "smollm2-135m-instruct",
         "date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPU cores"}})
 
 

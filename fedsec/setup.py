@@ -301,6 +301,9 @@ def train_set(objective, client, tokenizer, cfg: ExperimentConfig) -> list:
     return objective.encode(objective.records(client), tokenizer, cfg.data)
 
 
+PLANTED_KEEP = 4096  # planted examples whose items TokenTables keeps (most recently used)
+
+
 class TokenTables:
     """SFT clients' items from their file's rows encoded once (fedsec.data.table.TokenTable,
     cached by fingerprint); a client whose examples are not a file's rows (the embedded
@@ -310,6 +313,7 @@ class TokenTables:
         self.objective, self.tokenizer, self.cfg = objective, tokenizer, cfg
         self.key = encoding_key(tokenizer, cfg.data.template, cfg.data.max_length)
         self.tables: dict[int, TokenTable] = {}
+        self.encoded: collections.OrderedDict[str, list] = collections.OrderedDict()  # planted examples' items
 
     def _table(self, records: Examples) -> TokenTable:
         if id(records.table) not in self.tables:
@@ -328,16 +332,33 @@ class TokenTables:
             return records.rows, records.extra
         return None, records
 
+    def _planted(self, extra: Sequence) -> list:
+        """The items of a file client's planted examples, each distinct example encoded once (the
+        same few alignment examples are planted in many clients)."""
+        out = []
+        for example in extra:
+            key = repr(example)
+            if key in self.encoded:
+                self.encoded.move_to_end(key)
+            else:
+                self.encoded[key] = self.objective.encode([example], self.tokenizer, self.cfg.data)
+                if len(self.encoded) > PLANTED_KEEP:  # bounded: each client's own canaries would grow it with N
+                    self.encoded.popitem(last=False)
+            out += self.encoded[key]
+        return out
+
     def size(self, client) -> int:
         """The client's number of items (examples whose answer fits)."""
         rows, extra = self._parts(client)
-        direct = len(self.objective.encode(extra, self.tokenizer, self.cfg.data)) if extra else 0
-        return direct + (self._table(rows).size(rows.rows) if rows is not None else 0)
+        if rows is None:
+            return len(self.objective.encode(extra, self.tokenizer, self.cfg.data))
+        return self._table(rows).size(rows.rows) + len(self._planted(extra))
 
     def items(self, client) -> list:
         rows, extra = self._parts(client)
-        direct = self.objective.encode(extra, self.tokenizer, self.cfg.data) if extra else []
-        return (self._table(rows).items(rows.rows) if rows is not None else []) + list(direct)
+        if rows is None:
+            return self.objective.encode(extra, self.tokenizer, self.cfg.data)
+        return self._table(rows).items(rows.rows) + self._planted(extra)
 
 
 class ClientSets(Sequence):
