@@ -201,6 +201,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"fedsec: interrupted{_continue_with(args)}", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # its reader went away (fedsec datasets | head): end quietly, as a shell tool does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # else the interpreter's final flush raises it again
+        return 128 + 13  # SIGPIPE's status
 
 
 def _continue_with(args) -> str:

@@ -36,6 +36,17 @@ def test_cli_run_stop_and_resume_end_to_end(tmp_path):
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
+def test_a_reader_that_stops_early_ends_the_cli_quietly():
+    """fedsec datasets | head, fedsec config ... | head: the reader closes the pipe after a few
+    lines, and fedsec ends with SIGPIPE's status and no traceback (it printed one)."""
+    proc = subprocess.Popen([sys.executable, "-m", "fedsec", "datasets"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # gone before fedsec writes (its imports take a second): every write fails
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 141
+    assert "Traceback" not in err and "BrokenPipeError" not in err and "Exception ignored" not in err, err
+
+
 def test_ctrl_c_prints_the_command_that_continues_the_run_or_the_sweep(tmp_path, capsys, monkeypatch):
     """A run stopped by Ctrl-C (here in its second round) names the command that resumes it:
     its config, its --set, --resume (the newest run of its name), which, run as printed,
