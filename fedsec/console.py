@@ -143,9 +143,11 @@ def summary_lines(result: RunResult) -> list[str]:
             lines.append(f"global test loss:     untuned {before['loss']:.3f} -> {name} "
                          f"{after['loss']:.3f}")
         if "preference" in before:
-            u, f = (before["preference"]["preference_accuracy"], after["preference"]["preference_accuracy"])
-            lines.append(f"preference accuracy:  untuned {_fmt(u)} -> {name} {_fmt(f)} "
-                         "(implicit reward of chosen > rejected)")
+            # the untuned model is its own reference: its implicit reward is 0 on every pair, a tie
+            # everywhere, so it has no preference accuracy to compare with (its 0.0 is the ties)
+            f = after["preference"]["preference_accuracy"]
+            lines.append(f"preference accuracy:  {name} {_fmt(f)} (implicit reward of chosen > rejected; "
+                         "the untuned model, its own reference, ties every pair)")
             u, f = (before["preference"]["likelihood_accuracy"], after["preference"]["likelihood_accuracy"])
             lines.append(f"likelihood accuracy:  untuned {_fmt(u)} -> {name} {_fmt(f)} "
                          "(policy prefers chosen, no reference)")

@@ -145,3 +145,18 @@ def test_refusal_rule_and_generation():
     # left padding in a batch must not change a reply: compare with unbatched generation
     alone = [refusal_rate(model, tok, [p], max_new_tokens=5, batch_size=1)[1][0] for p in prompts]
     assert replies == alone
+
+
+def test_the_closing_summary_gives_no_untuned_preference_accuracy():
+    """The untuned model is its own reference: its implicit reward is 0 on every pair, so its
+    preference accuracy is all ties (0.0), nothing to compare with; the summary says so and
+    compares the likelihood accuracy, which has an untuned value."""
+    from fedsec.console import summary_lines
+    from fedsec.results import RunResult
+
+    untuned = {"preference": {"preference_accuracy": 0.0, "reward_margin": 0.0, "likelihood_accuracy": 0.5}}
+    final = {"preference": {"preference_accuracy": 0.7, "reward_margin": 0.2, "likelihood_accuracy": 0.6}}
+    lines = summary_lines(RunResult("runs/x", 2, True, untuned, final, None))
+    assert "preference accuracy:  fedavg 0.700 (implicit reward of chosen > rejected; the untuned model, its own " \
+           "reference, ties every pair)" in lines
+    assert "likelihood accuracy:  untuned 0.500 -> fedavg 0.600 (policy prefers chosen, no reference)" in lines
