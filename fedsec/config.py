@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -993,7 +994,8 @@ class ExperimentConfig:
         leaves it unread: another server optimizer's hyperparameters, FedProx's mu without FedProx,
         dpo.* for task sft, the re-alignment's settings without its steps, adaptive clipping's
         without it, the cosine schedule's floor with a constant rate, the canaries' and membership
-        inference's sample sizes without them, a file's split settings for the embedded benchmark.
+        inference's sample sizes without them, a file's split settings for the embedded benchmark,
+        the canaries for task dpo (planted in SFT records).
         A note at setup, not an error: a sweep's base may set them for some of its variants. (A DP
         sweep's base keeps its delta, C and accountant in its non-private variant: not noted; the
         privacy fields that would change the run are refused with privacy off.)"""
@@ -1017,14 +1019,17 @@ class ExperimentConfig:
             ("data", ["split", "fields", "max_examples", "test_fraction", "client_test_fraction", "partition"]
              if self.data.source == "embedded" and not self.data.silos else [], "data.source embedded"),
             ("data", ["test_fraction"] if self.data.source != "embedded" and (self.data.test or self.data.silos)
-             else [], "data.test or data.silos: nothing is carved for the global test set")]
+             else [], "data.test or data.silos: nothing is carved for the global test set"),
+            ("data.benchmark", ["canaries_per_client", "canary_repeats", "canary_clients"] if self.task == "dpo"
+             else [], "task dpo: canaries are planted in SFT records, which DPO never trains on")]
         out = {}
         for section, names, reason in unread:
-            fields = {f.name: f for f in dataclasses.fields(getattr(self, section))}
+            config = functools.reduce(getattr, section.split("."), self)
+            fields = {f.name: f for f in dataclasses.fields(config)}
             for name in names:
                 f = fields[name]
                 default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-                if getattr(getattr(self, section), name) != default:
+                if getattr(config, name) != default:
                     out[f"{section}.{name}"] = reason
         return out
 

@@ -204,6 +204,13 @@ def test_settings_the_run_never_reads_are_named_with_what_leaves_them_unread(cap
     split = load_config(base, ["data.test_fraction=0.3", "data.partition={scheme: iid, num_clients: 3}"])
     assert split.unused_fields() == {"data.test_fraction": "data.source embedded",
                                      "data.partition": "data.source embedded"}
+    # canaries are SFT records: DPO trains on none of them (eval.canaries is refused outright)
+    planted = load_config(base, ["task=dpo", "data.benchmark.canaries_per_client=1", "data.benchmark.canary_repeats=3"])
+    assert planted.unused_fields() == {
+        "data.benchmark.canaries_per_client": "task dpo: canaries are planted in SFT records, which DPO never "
+                                              "trains on",
+        "data.benchmark.canary_repeats": "task dpo: canaries are planted in SFT records, which DPO never trains on"}
+    assert load_config(base, ["data.benchmark.canaries_per_client=1"]).unused_fields() == {}
     beside = load_config(base, ["data.source=mine.jsonl", "data.test=test.jsonl", "data.test_fraction=0.3"])
     assert beside.unused_fields() == {"data.test_fraction": "data.test or data.silos: nothing is carved for the "
                                                             "global test set"}
