@@ -136,6 +136,10 @@ class LoraConfig:
                  self.cache_frozen_layers, "needs lora.top_layers (the layers below them are frozen)")
 
 
+# the benchmark's fields that apply to a file's or dataset's clients too (fedsec.setup.with_canaries)
+CANARIES = ("canaries_per_client", "canary_repeats", "canary_clients")
+
+
 @dataclass(frozen=True)
 class BenchmarkConfig:
     num_clients: int = _help("number of clients (one finance sector each, cycling)", 8)
@@ -1020,8 +1024,11 @@ class ExperimentConfig:
              if self.data.source == "embedded" and not self.data.silos else [], "data.source embedded"),
             ("data", ["test_fraction"] if self.data.source != "embedded" and (self.data.test or self.data.silos)
              else [], "data.test or data.silos: nothing is carved for the global test set"),
-            ("data.benchmark", ["canaries_per_client", "canary_repeats", "canary_clients"] if self.task == "dpo"
-             else [], "task dpo: canaries are planted in SFT records, which DPO never trains on")]
+            ("data.benchmark", list(CANARIES) if self.task == "dpo" else [],
+             "task dpo: canaries are planted in SFT records, which DPO never trains on"),
+            ("data.benchmark", [f.name for f in dataclasses.fields(BenchmarkConfig) if f.name not in CANARIES]
+             if self.data.source != "embedded" or self.data.silos else [],
+             "the data come from files: it shapes the embedded benchmark only")]
         out = {}
         for section, names, reason in unread:
             config = functools.reduce(getattr, section.split("."), self)

@@ -18,7 +18,7 @@ from fedsec.adapter import AdapterParams
 from fedsec.attacks.clients import attack_params, malicious_clients, poison_data
 from fedsec.attacks.poisoning import with_trigger
 from fedsec.canaries import AuditState, audit_canaries, start_audit, with_canary_clients
-from fedsec.config import BenchmarkConfig, ExperimentConfig
+from fedsec.config import ExperimentConfig
 from fedsec.data import ClientData, FederatedData, build_federated_data, read_root, read_test, silo_clients
 from fedsec.data.benchmark import REFUSAL, canary_example, make_canaries, unsafe_requests
 from fedsec.data.table import Examples, Extended, TokenTable
@@ -118,14 +118,9 @@ def build_federation(cfg: ExperimentConfig, silos: tuple[int, ...] | None = None
     none of their examples (those stay on the nodes), the server's own files (data.test,
     data.root, eval.probes)."""
     data = build_federated_data(cfg.data, cfg.seed, cfg.task) if silos is None else server_view(cfg, silos)
-    if cfg.data.source != "embedded" or cfg.data.silos:
-        unused = [f"data.benchmark.{f.name}" for f in dataclasses.fields(BenchmarkConfig)
-                  if f.name not in CANARY_FIELDS and getattr(cfg.data.benchmark, f.name) != f.default]
-        if unused and silos is None:
-            progress.note(f"fedsec: {', '.join(unused)} shape{'s' if len(unused) == 1 else ''} the embedded "
-                          "benchmark only and the data come from files here: not used")
-        if cfg.data.benchmark.canaries_per_client:  # the benchmark plants its own
-            data = with_canaries(data, cfg, len(data.clients), plant=silos is None)  # Flower's server: no data
+    if (cfg.data.source != "embedded" or cfg.data.silos) and cfg.data.benchmark.canaries_per_client:
+        # the benchmark plants its own; Flower's server holds no data, so it records the secrets only
+        data = with_canaries(data, cfg, len(data.clients), plant=silos is None)
     unread = cfg.unused_fields()
     if unread and silos is None:
         progress.note("fedsec: set but not used by this run: "
@@ -230,10 +225,6 @@ def node_federation(cfg: ExperimentConfig, silo: int, first: int, total: int,
         data = with_canaries(data, cfg, total)
     data = _aligned_and_poisoned(data, cfg, malicious)
     return Federation(data, tuple(malicious), total)
-
-
-# the benchmark's fields that apply to a file's or dataset's clients too (`with_canaries`)
-CANARY_FIELDS = ("canaries_per_client", "canary_repeats", "canary_clients")
 
 
 def with_canaries(data: FederatedData, cfg: ExperimentConfig, total: int, plant: bool = True) -> FederatedData:

@@ -212,5 +212,8 @@ def test_settings_the_run_never_reads_are_named_with_what_leaves_them_unread(cap
         "data.benchmark.canary_repeats": "task dpo: canaries are planted in SFT records, which DPO never trains on"}
     assert load_config(base, ["data.benchmark.canaries_per_client=1"]).unused_fields() == {}
     beside = load_config(base, ["data.source=mine.jsonl", "data.test=test.jsonl", "data.test_fraction=0.3"])
+    files = "the data come from files: it shapes the embedded benchmark only"
     assert beside.unused_fields() == {"data.test_fraction": "data.test or data.silos: nothing is carved for the "
-                                                            "global test set"}
+                                                            "global test set",
+                                      "data.benchmark.num_clients": files,  # the base's, for the embedded benchmark
+                                      "data.benchmark.examples_per_client": files}

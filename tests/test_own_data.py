@@ -287,8 +287,9 @@ def test_canaries_are_planted_in_a_files_clients_and_their_exposure_is_measured(
     shaped = from_raw({**base, "data": {**base["data"], "benchmark": {"num_clients": 3, "test_size": 50}}})
     with progress.showing(True):
         assert build_federation(shaped).data == plain
-    assert capsys.readouterr().err == ("fedsec: data.benchmark.num_clients, data.benchmark.test_size shape the "
-                                       "embedded benchmark only and the data come from files here: not used\n")
+    why = "the data come from files: it shapes the embedded benchmark only"
+    assert capsys.readouterr().err == (f"fedsec: set but not used by this run: data.benchmark.num_clients ({why}), "
+                                       f"data.benchmark.test_size ({why})\n")
     base["data"] = {**base["data"], "benchmark": {"canaries_per_client": 2, "canary_repeats": 3,
                                                   "canary_clients": 2}}
     base["eval"] = {**base["eval"], "canaries": True, "canary_candidates": 100}
