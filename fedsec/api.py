@@ -66,14 +66,16 @@ def run(config: str | Path | Mapping | ExperimentConfig, overrides: Sequence[str
     return run_experiment(cfg, out=out, resume=resume, stop_after=stop_after, progress=progress, log=log)
 
 
-def sweep(spec: str | Path | Mapping, progress: bool = True, log: Callable[[str], None] = print) -> SweepResult:
+def sweep(spec: str | Path | Mapping, progress: bool = True, log: Callable[[str], None] = print,
+          out: str | Path | None = None) -> SweepResult:
     """Run every run of a sweep file (skipping finished ones), write its tables; returns
     them (`fedsec.results.SweepResult`: per run, per variant), a path to the sweep directory.
     `spec` is the file's path or its content as a mapping ({"name": ..., "base": {...} or a
-    path relative to the working directory, "seeds": [...], "variants": {...}, ...})."""
+    path relative to the working directory, "seeds": [...], "variants": {...}, ...}); `out`
+    the sweep directory (default <output_dir>/<name>)."""
     from fedsec.sweeps import run_sweep
 
-    return SweepResult.read(run_sweep(spec, progress=progress, log=log))
+    return SweepResult.read(run_sweep(spec, progress=progress, log=log, out=out))
 
 
 def report(directory: str | Path, out: str | Path | None = None, force: bool = False) -> Path:

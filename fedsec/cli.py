@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                            epilog=f"sweep file keys:\n{keys}\n\nexample:\n{SWEEP_EXAMPLE}\n"
                                   "More in docs/sweeps.md.")
     sweep.add_argument("spec", help="sweep YAML, e.g. experiments/algorithms.yaml")
+    sweep.add_argument("--out", help="the sweep directory (default: <output_dir>/<name> from the file)")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     sub.add_parser("datasets", help="list the datasets fedsec knows by name")
@@ -215,8 +216,9 @@ def _continue_with(args) -> str:
     if args.command == "run":
         return f"; continue with: {_resume_command(args, args.out)}"
     if args.command == "sweep":
-        return (f"; continue with: {shlex.join(['fedsec', 'sweep', str(args.spec)])} (it skips the finished "
-                "runs and resumes the unfinished one)")
+        where = ["--out", str(args.out)] if args.out else []
+        return (f"; continue with: {shlex.join(['fedsec', 'sweep', str(args.spec), *where])} (it skips the "
+                "finished runs and resumes the unfinished one)")
     return ""
 
 
@@ -331,7 +333,7 @@ def _sweep(args) -> int:
     from fedsec.sweeps import summary_table
 
     _quiet_libraries()
-    root = sweep(args.spec, progress=not args.no_progress).directory
+    root = sweep(args.spec, progress=not args.no_progress, out=args.out).directory
     print(f"sweep directory: {root}")
     print(summary_table(root))
     import json

@@ -74,10 +74,11 @@ class SweepRun:
     cell: tuple[tuple[str, str], ...] = ()  # grid sweeps: (axis, level) per axis
 
 
-def expand(spec_path: str | Path | Mapping) -> tuple[Path, list[SweepRun], Path | None, dict]:
+def expand(spec_path: str | Path | Mapping, out: str | Path | None = None
+           ) -> tuple[Path, list[SweepRun], Path | None, dict]:
     """(sweep directory, runs, base config file or None, inline base mapping). `spec_path` is
     a sweep file, or its content as a mapping (a notebook's; a `base` path is then relative to
-    the working directory)."""
+    the working directory). `out`: the sweep directory (default <output_dir>/<name>)."""
     if isinstance(spec_path, Mapping):
         spec, spec_path = copy.deepcopy(dict(spec_path)), Path("sweep.yaml")  # the caller's mapping stays as it was
     elif isinstance(spec_path, (str, Path)):
@@ -121,7 +122,7 @@ def expand(spec_path: str | Path | Mapping) -> tuple[Path, list[SweepRun], Path 
     if not variants:
         raise ConfigError("sweep.variants", None, "give variants (name -> list of key=value), epsilons "
                           "or a grid")
-    root = Path(spec.get("output_dir", "runs")) / name
+    root = Path(out) if out is not None else Path(spec.get("output_dir", "runs")) / name
     # seed by seed: a sweep stopped part-way has its first seeds' whole grid, not a few cells' spread
     runs = [SweepRun(v, seed, tuple(common + o + [f"seed={seed}"]), root / f"{v}-s{seed}", cell)
             for seed in seeds for v, (o, cell) in variants.items()]
@@ -174,14 +175,14 @@ def _overrides(value, field: str) -> list[str]:
 
 
 def run_sweep(spec_path: str | Path | Mapping, progress: bool = True,
-              log: Callable[[str], None] = print) -> Path:
+              log: Callable[[str], None] = print, out: str | Path | None = None) -> Path:
     from tqdm import tqdm
 
     from fedsec.api import run as run_one
     from fedsec.config import apply_override, from_raw
     from fedsec.progress import showing as progress_bars
 
-    root, runs, base_file, base_raw = expand(spec_path)
+    root, runs, base_file, base_raw = expand(spec_path, out)
     configs = []
     for run in runs:  # validate every run before starting any
         if base_file is not None:

@@ -4,6 +4,7 @@ import json
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import yaml
 from conftest import TINY
@@ -105,6 +106,26 @@ def test_sweep_runs_skips_finished_and_writes_tables(tmp_path):
     again = []
     run_sweep(spec, progress=False, log=again.append)
     assert sum("skipped" in line for line in again) == 4
+
+
+def test_sweep_out_puts_the_sweep_where_it_is_told(tmp_path, monkeypatch, capsys):
+    """fedsec sweep SPEC --out DIR, as fedsec run --out: the same sweep file into another
+    directory, without editing its output_dir."""
+    from fedsec.cli import main
+    from fedsec.sweeps import expand
+
+    monkeypatch.chdir(tmp_path)
+    spec = tmp_path / "one.yaml"
+    spec.write_text(yaml.safe_dump({"name": "s1", "base": {**TINY, "federation": {"rounds": 1, "clients_per_round": 2}},
+                                    "variants": {"avg": [], "adam": ["federation.algorithm=fedadam"]}}))
+    elsewhere = tmp_path / "elsewhere"
+    root, runs, _, _ = expand(spec, out=elsewhere)
+    assert root == elsewhere and {r.out for r in runs} == {elsewhere / "avg-s0", elsewhere / "adam-s0"}
+    assert expand(spec)[0] == Path("runs") / "s1"  # the file's default
+    assert main(["sweep", str(spec), "--out", str(elsewhere), "--no-progress"]) == 0
+    assert f"sweep directory: {elsewhere}" in capsys.readouterr().out
+    assert (elsewhere / "avg-s0" / "result.json").is_file() and (elsewhere / "results.csv").is_file()
+    assert not (tmp_path / "runs").exists()
 
 
 def test_dp_sweep_over_epsilons_writes_epsilon_and_sigma(tmp_path):
