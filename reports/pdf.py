@@ -269,7 +269,7 @@ def findings(rows: list[dict]) -> list[str]:
             value, gap = stat.mean, plain_value - stat.mean
             text = (f"At epsilon {format_epsilon(eps)} (delta {mine[0]['delta']:g}, {variant}) the {name} is "
                     f"{_spread(stat)}, {abs(gap):.3f} {'below' if gap >= 0 else 'above'} non-private "
-                    f"({_spread(plain_stat)})")
+                    f"({_spread(plain_stat, len({r['variant'] for r in plain if r.get(key) is not None}))})")
             gain = sign * (plain_value - untuned) if untuned is not None else None
             if gain is not None and gain > 0 and sign * (value - untuned) >= 0:
                 text += f"; it keeps {sign * (value - untuned) / gain:.0%} of the non-private gain"
@@ -289,7 +289,8 @@ def findings(rows: list[dict]) -> list[str]:
     elif len(by_variant) > 0:
         out += _ranking(by_variant, key, name, sign)
     if local is not None:
-        text = f"Clients training alone (local-only) reach {_spread(local_stat)}"
+        text = (f"Clients training alone (local-only) reach "
+                f"{_spread(local_stat, len({r['variant'] for r in done if r.get(head.local_only) is not None}))}")
         if plain_value is not None:
             where = "below" if plain_value >= local else "above"
             text += f", {abs(plain_value - local):.3f} {where} the non-private federated runs"
@@ -299,9 +300,13 @@ def findings(rows: list[dict]) -> list[str]:
     return out + _notes(done, unfinished)
 
 
-def _spread(stat) -> str:
-    """A mean with its seeds' standard deviation where there are several seeds."""
-    return f"{stat.mean:.3f} ± {stat.std:.3f} over {stat.n} seeds" if stat.n > 1 else f"{stat.mean:.3f}"
+def _spread(stat, variants: int = 1) -> str:
+    """A mean with its seeds' standard deviation where there are several seeds; over the runs of
+    several variants (a grid's non-private cells) it says so, not seeds."""
+    if stat.n <= 1:
+        return f"{stat.mean:.3f}"
+    over = f"{stat.n} seeds" if variants <= 1 else f"{stat.n} runs of {variants} variants"
+    return f"{stat.mean:.3f} ± {stat.std:.3f} over {over}"
 
 
 def _ranking(by_variant: dict[str, list[dict]], key: str, name: str, sign: float) -> list[str]:

@@ -125,6 +125,20 @@ def test_a_dpo_sweeps_findings_speak_of_its_preference_accuracy(tmp_path):
     assert "untuned preference" not in pdf
 
 
+def test_a_grids_non_private_cells_are_said_to_be_runs_of_variants_not_seeds(tmp_path):
+    """A DP x defense grid's non-private baseline is the runs of several cells (mean, median) of
+    one seed: its spread is over those runs, not over seeds (the summary said '2 seeds')."""
+    root = tmp_path / "grid"
+    rows = []
+    for variant, final, private in (("off-mean", 0.70, False), ("off-median", 0.60, False), ("eps8-mean", 0.55, True)):
+        _write_run(root / f"{variant}-s0", 0, final, privacy=_privacy(7.9993, 0.7) if private else None,
+                   ledger=_ledger(7.9993) if private else None)
+        rows.append({"variant": variant, "seed": 0, "run_dir": str(root / f"{variant}-s0")})
+    (root / "results.json").write_text(json.dumps(rows))
+    text = " ".join(findings(run_table(collect(root)[1])))
+    assert "below non-private (0.650 ± 0.071 over 2 runs of 2 variants)" in text and "seeds)" not in text
+
+
 def test_report_pdf_holds_the_summary_tables_and_figures(sweep, tmp_path, capsys):
     out = tmp_path / "out" / "report.pdf"
     assert main(["report", str(sweep), "-o", str(out)]) == 0
