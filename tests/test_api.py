@@ -19,6 +19,18 @@ def _yaml(tmp_path, name="exp.yaml", **extra):
     return path
 
 
+def _plugin(tmp_path, monkeypatch, name: str, source: str) -> None:
+    """`source` as the module `name` in a folder on the path, as a researcher's plugin outside
+    the repository, imported afresh by the next run."""
+    import sys
+
+    plugs = tmp_path / "plugs"
+    plugs.mkdir(exist_ok=True)
+    (plugs / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(plugs))
+    sys.modules.pop(name, None)
+
+
 def test_a_notebook_runs_an_experiment_with_overrides_and_gets_a_typed_result(tmp_path):
     spec = _yaml(tmp_path)
     result = fedsec.run(spec, overrides=["federation.rounds=1"], out=tmp_path / "x", progress=False,
@@ -160,9 +172,7 @@ def test_a_plugin_aggregator_outside_the_repo_is_named_from_yaml_and_its_output_
 
     import torch
 
-    (tmp_path / "plugs").mkdir()
-    (tmp_path / "plugs" / "my_rules.py").write_text(PLUGIN)
-    monkeypatch.syspath_prepend(str(tmp_path / "plugs"))
+    _plugin(tmp_path, monkeypatch, "my_rules", PLUGIN)
     spec = _yaml(tmp_path, plugins=["my_rules"], keep_checkpoints=5,
                  federation={"rounds": 2, "clients_per_round": 2, "local_only_clients": 0},
                  defense={"aggregator": "scaled_mean", "params": {"scale": 0.5}})
@@ -196,10 +206,7 @@ def test_a_plugin_update_attack_and_aggregator_run_together_from_yaml(tmp_path, 
 
     import torch
 
-    (tmp_path / "plugs").mkdir()
-    (tmp_path / "plugs" / "my_rules.py").write_text(PLUGIN)
-    monkeypatch.syspath_prepend(str(tmp_path / "plugs"))
-    sys.modules.pop("my_rules", None)
+    _plugin(tmp_path, monkeypatch, "my_rules", PLUGIN)
     spec = _yaml(tmp_path, plugins=["my_rules"],
                  federation={"rounds": 1, "clients_per_round": 4, "local_only_clients": 0},
                  attack={"kind": "push", "malicious": 1, "params": {"offset": 0.25}},
@@ -262,10 +269,7 @@ def test_a_plugin_server_optimizer_takes_its_own_parameters_from_federation_para
 
     import torch
 
-    (tmp_path / "plugs").mkdir()
-    (tmp_path / "plugs" / "my_server.py").write_text(OPTIMIZER_PLUGIN)
-    monkeypatch.syspath_prepend(str(tmp_path / "plugs"))
-    sys.modules.pop("my_server", None)
+    _plugin(tmp_path, monkeypatch, "my_server", OPTIMIZER_PLUGIN)
     spec = _yaml(tmp_path, plugins=["my_server"],
                  federation={"rounds": 2, "clients_per_round": 2, "local_only_clients": 0,
                              "algorithm": "clipped_step", "server_lr": 0.5, "params": {"limit": 1.0e-4}})
@@ -320,10 +324,7 @@ def test_a_noise_aware_server_optimizer_is_told_each_rounds_dp_noise_level(tmp_p
     import importlib
     import sys
 
-    (tmp_path / "plugs").mkdir()
-    (tmp_path / "plugs" / "noise_aware.py").write_text(NOISE_AWARE_PLUGIN)
-    monkeypatch.syspath_prepend(str(tmp_path / "plugs"))
-    sys.modules.pop("noise_aware", None)
+    _plugin(tmp_path, monkeypatch, "noise_aware", NOISE_AWARE_PLUGIN)
     spec = _yaml(tmp_path, plugins=["noise_aware"],
                  federation={"rounds": 2, "clients_per_round": 2, "local_only_clients": 0,
                              "algorithm": "noise_aware"})
