@@ -260,6 +260,13 @@ UNCOVERED_METRICS = ("local_only_accuracy", "local_only_loss", "local_only_perpl
                      "held_out_answer_extraction")
 
 
+def defense_label(cfg: Mapping) -> str:
+    """A run's server defense as tables name it: the rule, and "+realign" where the server
+    also re-aligns on its own refusals (a resolved config's `defense` section)."""
+    defense = cfg.get("defense") or {}
+    return defense.get("aggregator", "mean") + ("+realign" if defense.get("realign_steps") else "")
+
+
 def federation_size(run_dir: Path, cfg: dict) -> int | None:
     """The run's number of clients: federation.json (written by every run since it was
     added), else, for older runs, the embedded benchmark's configured count."""
@@ -296,8 +303,7 @@ def write_tables(root: Path, runs: list[SweepRun]) -> None:
             "run_dir": str(run.out), "attack_kind": cfg["attack"]["kind"],
             "malicious_count": len((result.get("attack") or {}).get("malicious", [])),
             "num_clients": federation_size(run.out, cfg),
-            # the server's defense: the rule, and its re-alignment on its own refusals where on
-            "aggregator": cfg["defense"]["aggregator"] + ("+realign" if cfg["defense"].get("realign_steps") else ""),
+            "aggregator": defense_label(cfg),
             **utility_columns(final, untuned, local),
             "reward_margin": (final.get("preference") or {}).get("reward_margin"),
             "refusal_rate": final.get("refusal_rate"), "untuned_refusal_rate": untuned.get("refusal_rate"),

@@ -29,7 +29,7 @@ from fedsec.configfile import load_yaml
 from fedsec.disclosure import HEADER, UNCOVERED, guarantee_statement, predates_centred_count
 from fedsec.errors import ConfigError
 from fedsec.reports import plots
-from fedsec.sweeps import federation_size, utility_columns
+from fedsec.sweeps import defense_label, federation_size, utility_columns
 
 RESULT, CONFIG, ENV, LEDGER = "result.json", "config.resolved.yaml", "env.json", "privacy_ledger.json"
 
@@ -92,6 +92,7 @@ def run_table(runs: list[RunFiles]) -> list[dict]:
         rows.append({
             "variant": run.variant, "seed": run.seed,
             "algorithm": res.get("algorithm") or run.config.get("federation", {}).get("algorithm"),
+            "defense": defense_label(run.config),
             "rounds": res.get("rounds_done"),
             "privacy": p.get("mode", "user") if p else "off",
             "epsilon": format_epsilon(p["epsilon"]) if p.get("certified") else None,
@@ -266,11 +267,13 @@ def findings(rows: list[dict]) -> list[str]:
             stat = plots.aggregate(r.get(key) for r in mine)
             if stat is None:
                 continue
-            value, gap = stat.mean, plain_value - stat.mean
+            reference, under = _baseline(mine, plain, key)
+            ref_stat = plots.aggregate(r.get(key) for r in reference)
+            value, gap = stat.mean, ref_stat.mean - stat.mean
             text = (f"At epsilon {format_epsilon(eps)} (delta {mine[0]['delta']:g}, {variant}) the {name} is "
-                    f"{_spread(stat)}, {abs(gap):.3f} {'below' if gap >= 0 else 'above'} non-private "
-                    f"({_spread(plain_stat, len({r['variant'] for r in plain if r.get(key) is not None}))})")
-            gain = sign * (plain_value - untuned) if untuned is not None else None
+                    f"{_spread(stat)}, {abs(gap):.3f} {'below' if gap >= 0 else 'above'} non-private{under} "
+                    f"({_spread(ref_stat, len({r['variant'] for r in reference if r.get(key) is not None}))})")
+            gain = sign * (ref_stat.mean - untuned) if untuned is not None else None
             if gain is not None and gain > 0 and sign * (value - untuned) >= 0:
                 text += f"; it keeps {sign * (value - untuned) / gain:.0%} of the non-private gain"
                 text += f" over the untuned model ({untuned:.3f})"
@@ -298,6 +301,18 @@ def findings(rows: list[dict]) -> list[str]:
     if untuned is not None:
         out.append(f"The untuned model scores {untuned:.3f}.")
     return out + _notes(done, unfinished)
+
+
+def _baseline(mine: list[dict], plain: list[dict], key: str) -> tuple[list[dict], str]:
+    """The non-private runs a private variant is compared with, like for like: those under the
+    same server defense where the sweep ran it without DP (a DP x defense grid), else all of
+    them. Returns (the runs, the words naming the defense where the sweep's non-private runs
+    span several)."""
+    measured = [r for r in plain if r.get(key) is not None]
+    same = [r for r in measured if r.get("defense") == mine[0].get("defense")]
+    if not same or len({r.get("defense") for r in measured}) == 1:
+        return measured, ""
+    return same, f" under {mine[0]['defense']}"
 
 
 def _spread(stat, variants: int = 1) -> str:
@@ -413,7 +428,7 @@ def claims(rows: list[dict], runs: list[RunFiles]) -> list[dict]:
     by_variant: dict[str, dict] = {}
     for r in done:
         by_variant.setdefault(r["variant"], {})[r["seed"]] = r
-    plain = next((mine for mine in by_variant.values() if next(iter(mine.values()))["certified"] is None), None)
+    plain_variants = [mine for mine in by_variant.values() if next(iter(mine.values()))["certified"] is None]
     out = []
 
     def paired(mine: dict, reference) -> list[float]:
@@ -425,7 +440,13 @@ def claims(rows: list[dict], runs: list[RunFiles]) -> list[dict]:
         if first["certified"] is not True:
             continue
         at = f"{variant} (epsilon {first['epsilon']})"
-        comparisons = [("non-private", lambda s: (plain.get(s) or {}).get(head.key))] if plain else []
+        # like for like, as the summary: the non-private variant under the same defense where there is one
+        plain = next((p for p in plain_variants if next(iter(p.values())).get("defense") == first.get("defense")),
+                     plain_variants[0] if plain_variants else None)
+        comparisons = []
+        if plain:  # named by its variant where the sweep has several non-private ones
+            versus = "non-private" if len(plain_variants) == 1 else next(iter(plain.values()))["variant"]
+            comparisons.append((versus, lambda s, plain=plain: (plain.get(s) or {}).get(head.key)))
         comparisons.append(("the untuned model", lambda s, mine=mine: (mine.get(s) or {}).get(head.untuned)))
         for name, reference in comparisons:
             diffs = paired(mine, reference)

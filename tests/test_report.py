@@ -15,11 +15,12 @@ pypdf = pytest.importorskip("pypdf")
 
 
 def _write_run(path, seed, final, untuned=0.44, privacy=None, local=None, ledger=None, finished=True,
-               audit=None):
+               audit=None, defense="mean"):
     path.mkdir(parents=True)
     cfg = {"name": "fx", "seed": seed, "task": "sft", "model": {"name": "tiny"},
            "data": {"source": "embedded", "benchmark": {"num_clients": 16}},
-           "federation": {"rounds": 2, "clients_per_round": 4, "algorithm": "fedavg"}}
+           "federation": {"rounds": 2, "clients_per_round": 4, "algorithm": "fedavg"},
+           "defense": {"aggregator": defense}}
     (path / "config.resolved.yaml").write_text(yaml.safe_dump(cfg))
     (path / "env.json").write_text(json.dumps({"versions": {"fedsec": "0.1.0"}, "git_revision": "abc123",
                                                "started": "2026-11-22T08:00:00+0000"}))
@@ -126,17 +127,47 @@ def test_a_dpo_sweeps_findings_speak_of_its_preference_accuracy(tmp_path):
 
 
 def test_a_grids_non_private_cells_are_said_to_be_runs_of_variants_not_seeds(tmp_path):
-    """A DP x defense grid's non-private baseline is the runs of several cells (mean, median) of
-    one seed: its spread is over those runs, not over seeds (the summary said '2 seeds')."""
+    """A DP x defense grid's non-private baseline is the runs of several cells of one seed: its
+    spread is over those runs, not over seeds (the summary said '2 seeds')."""
     root = tmp_path / "grid"
     rows = []
-    for variant, final, private in (("off-mean", 0.70, False), ("off-median", 0.60, False), ("eps8-mean", 0.55, True)):
+    for variant, final, private in (("off-a", 0.70, False), ("off-b", 0.60, False), ("eps8-a", 0.55, True)):
         _write_run(root / f"{variant}-s0", 0, final, privacy=_privacy(7.9993, 0.7) if private else None,
                    ledger=_ledger(7.9993) if private else None)
         rows.append({"variant": variant, "seed": 0, "run_dir": str(root / f"{variant}-s0")})
     (root / "results.json").write_text(json.dumps(rows))
     text = " ".join(findings(run_table(collect(root)[1])))
     assert "below non-private (0.650 ± 0.071 over 2 runs of 2 variants)" in text and "seeds)" not in text
+
+
+def test_a_dp_x_defense_grid_compares_each_private_cell_with_its_own_defense_without_dp(tmp_path):
+    """Like for like: epsilon 8 under the median is compared with the median without DP, not
+    with the mean of the non-private mean and median runs (0.650), in the summary and on the
+    claims page; a defense never run without DP falls back to all non-private runs."""
+    from fedsec.reports.pdf import claims
+
+    root = tmp_path / "grid"
+    rows = []
+    for variant, final, defense, private in (("off-mean", 0.70, "mean", False), ("off-median", 0.60, "median", False),
+                                             ("eps8-mean", 0.55, "mean", True), ("eps8-median", 0.52, "median", True),
+                                             ("eps8-krum", 0.40, "krum", True)):
+        _write_run(root / f"{variant}-s0", 0, final, privacy=_privacy(7.9993, 0.7) if private else None,
+                   ledger=_ledger(7.9993) if private else None, defense=defense)
+        rows.append({"variant": variant, "seed": 0, "run_dir": str(root / f"{variant}-s0")})
+    (root / "results.json").write_text(json.dumps(rows))
+    table = run_table(collect(root)[1])
+    assert [r["defense"] for r in table] == ["mean", "median", "mean", "median", "krum"]
+    text = " ".join(findings(table))
+    # (0.55 - 0.44) / (0.70 - 0.44) = 42%; (0.52 - 0.44) / (0.60 - 0.44) = 50%; krum: (0.40 - 0.44) < 0
+    assert ("eps8-mean) the global accuracy is 0.550, 0.150 below non-private under mean (0.700); "
+            "it keeps 42% of the non-private gain") in text
+    assert ("eps8-median) the global accuracy is 0.520, 0.080 below non-private under median (0.600); "
+            "it keeps 50% of the non-private gain") in text
+    assert "eps8-krum) the global accuracy is 0.400, 0.250 below non-private (0.650 ± 0.071 over 2 runs" in text
+    said = {c["claim"]: c["value"] for c in claims(table, collect(root)[1])}
+    assert said["eps8-mean (epsilon 8.00): global accuracy minus off-mean's"] == "-0.150 +- 0.000"
+    assert said["eps8-median (epsilon 8.00): global accuracy minus off-median's"] == "-0.080 +- 0.000"
+    assert said["eps8-krum (epsilon 8.00): global accuracy minus off-mean's"] == "-0.300 +- 0.000"
 
 
 def test_report_pdf_holds_the_summary_tables_and_figures(sweep, tmp_path, capsys):
