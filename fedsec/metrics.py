@@ -10,7 +10,8 @@ At every evaluation (eval.every, and the untuned model at round 0) each configur
 metric is called with a `MetricContext`: the model with the global adapter in place,
 the tokenizer, the federation's data and the round. It returns a finite number or a
 mapping of names to finite numbers, written to the round's row under
-`global_eval.metrics.<name>`.
+`global_eval.metrics.<name>`. `higher_is_better=True` (or False, or {key: bool}) at
+registration lets the tables and reports weigh it (fedsec.utility.declared_direction).
 
 Under DP a metric is published only if it is registered `covered=True`: its author
 claims it reads the released model and nothing of the clients' data beyond what the

@@ -47,7 +47,9 @@ parameter in YAML, typed from its annotation):
     metric            fn(ctx: fedsec.metrics.MetricContext, **params) -> float or {name: float}, the
                       global model measured at each evaluation (eval.metrics: {name: {params}});
                       `covered=True` claims it reads only the released model and data outside the
-                      clients' (under DP it is then published; otherwise it goes to the not-covered place)
+                      clients' (under DP it is then published; otherwise it goes to the not-covered place);
+                      `higher_is_better=True` or False (or {key: bool} for a mapping's values) lets the
+                      tables and reports weigh it: a run without accuracy then speaks of it
     dp_mechanism      a frozen dataclass subclassing fedsec.defenses.correlated.MatrixMechanism (its
                       fields are privacy.params): matrix(rounds) -> C, square lower-triangular with
                       C^T C >= 0; noise(rounds, dim) -> the noise C^-1 z one round at a time (the
@@ -91,7 +93,7 @@ OPTIONS = {
     "accountant": {},
     "server_optimizer": {},
     "benchmark": {"hub": None},
-    "metric": {"covered": False},
+    "metric": {"covered": False, "higher_is_better": None},
     "dp_mechanism": {},
 }
 
@@ -175,6 +177,11 @@ def register(kind: str, name: str, **options: Any) -> Callable:
         raise ValueError(f"register({kind!r}): unknown option(s) {sorted(unknown)}; "
                          f"{kind} takes {', '.join(OPTIONS[kind]) or 'none'}")
     declared = {**OPTIONS[kind], **options}
+    direction = declared.get("higher_is_better")
+    if direction is not None and not isinstance(direction, bool) and not (
+            isinstance(direction, Mapping) and all(isinstance(v, bool) for v in direction.values())):
+        raise ValueError(f"register({kind!r}, {name!r}): higher_is_better={direction!r}; give True, False, "
+                         "None (not known) or a mapping of the metric's keys to True or False")
 
     def add(obj: Any) -> Any:
         for other in ATTACK_KINDS if kind in ATTACK_KINDS else ():

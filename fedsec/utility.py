@@ -31,7 +31,7 @@ from dataclasses import dataclass
 class Utility:
     key: str  # the results-table column of the final model's value
     label: str
-    higher_is_better: bool | None  # None: not known (a plugin's metric)
+    higher_is_better: bool | None  # None: not known (a plugin's metric that declares none)
     bounded: bool  # a share, within [0, 1]
 
     @property
@@ -67,8 +67,22 @@ def describe(key: str) -> Utility:
         _, task, metric = key.split(":", 2)
         return Utility(key, f"{task} {metric.replace('_', ' ')}", True, BENCHMARK_METRICS.get(metric, False))
     if key.startswith("metric:"):
-        return Utility(key, key.removeprefix("metric:").replace(":", " "), None, False)
+        return Utility(key, key.removeprefix("metric:").replace(":", " "), declared_direction(key), False)
     raise KeyError(f"{key} is not a utility column")
+
+
+def declared_direction(key: str) -> bool | None:
+    """Whether a higher value of an eval.metrics column is better, as its registration declares
+    (`higher_is_better`; a mapping gives each key of a metric returning several); None where the
+    metric is not registered in this process (a report built without its plugin) or says nothing."""
+    from fedsec.registry import registry
+
+    name, _, part = key.removeprefix("metric:").partition(":")
+    table = registry("metric")
+    if name not in table:
+        return None
+    declared = table.entry(name).options.get("higher_is_better")
+    return declared.get(part) if isinstance(declared, Mapping) else declared
 
 
 def evaluation_values(evaluation: Mapping | None) -> dict[str, float]:

@@ -28,6 +28,7 @@ from fedsec.accountants import format_epsilon, format_lower_bound
 from fedsec.configfile import load_yaml
 from fedsec.disclosure import HEADER, UNCOVERED, guarantee_statement, predates_centred_count
 from fedsec.errors import ConfigError
+from fedsec.registry import load_plugins, registry
 from fedsec.reports import plots
 from fedsec.sweeps import defense_label, federation_size, utility_columns
 
@@ -79,6 +80,25 @@ def collect(directory: Path) -> tuple[str, list[RunFiles]]:
 
 # ---------------------------------------------------------------------------
 # What the report says: tables and findings, pure functions of the run files.
+
+
+def load_run_plugins(runs: list[RunFiles]) -> list[str]:
+    """Import the `plugins` the runs' configs name, as the runs did, so that their registrations
+    (a metric's higher_is_better) are known here. Returns the summary's note where that fails
+    and a metric the runs measured is left unknown."""
+    failed = {}
+    for module in dict.fromkeys(m for run in runs for m in run.config.get("plugins") or ()):
+        try:
+            load_plugins([module])
+        except ConfigError as err:
+            failed[module] = err.fix.split(";")[0]
+    measured = dict.fromkeys(name for run in runs for name in (run.config.get("eval") or {}).get("metrics") or {})
+    unknown = [name for name in measured if name not in registry("metric")]
+    if not failed or not unknown:
+        return []
+    return [f"The runs' plugins ({'; '.join(f'{m} {why}' for m, why in failed.items())}) are not importable "
+            f"here, so {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} shown without a declared "
+            "direction (higher_is_better), and never as the utility this summary speaks of."]
 
 
 def run_table(runs: list[RunFiles]) -> list[dict]:
@@ -751,6 +771,7 @@ def build_report(directory: Path, out: Path | None = None, force: bool = False) 
 
     directory = Path(directory)
     kind, runs = collect(directory)
+    plugin_notes = load_run_plugins(runs)  # their metrics' declared directions pick what the summary speaks of
     out = Path(out) if out is not None else directory / "report.pdf"
     if out.exists() and not force:
         raise ConfigError("-o", str(out), "already exists; choose another path or pass --force")
@@ -779,6 +800,7 @@ def build_report(directory: Path, out: Path | None = None, force: bool = False) 
     story += [Spacer(1, 0.5 * cm), Paragraph("Summary", styles["h"])]
     grid = grid_table(directory) if kind == "sweep" else []
     dp_grid, hidden_findings = None, []
+    story += [Paragraph(sentence, styles["body"]) for sentence in plugin_notes]
     story += [Paragraph(sentence, styles["body"]) for sentence in findings(table)]
     story += [Paragraph(sentence, styles["body"]) for sentence in audit_findings(runs)]
     story += [Paragraph(sentence, styles["body"]) for sentence in stale_findings(runs)]
