@@ -61,6 +61,7 @@ from fedsec.server import (
 )
 from fedsec.setup import Setup, prepare
 from fedsec.training import LocalTrainer, round_lr
+from fedsec.utility import metric_directions
 
 
 def run_experiment(cfg: ExperimentConfig, out: str | Path | None = None, resume: bool = False,
@@ -487,7 +488,7 @@ def finish(setup: Setup, run: RunDir, global_vec: torch.Tensor, local: dict,
         membership = membership_attack(setup)
     result = RunResult(str(run.path), rounds_done, True, untuned, final, local_only,
                        setup.cfg.federation.algorithm, privacy, attack, audit, membership, stopped,
-                       setup.cfg.defense.aggregator)
+                       setup.cfg.defense.aggregator, metric_directions(setup.cfg.eval.metrics) or None)
     if run.guarded:
         covered, hidden = split_result(asdict(result))
         run.write_uncovered_json("result.json", hidden)

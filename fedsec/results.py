@@ -75,6 +75,8 @@ class RunResult:
     membership: dict | None = None  # eval.mia: per score, AUC and TPR at low FPR
     stopped: str | None = None  # why the run ended before its planned rounds (privacy.epsilon_budget)
     aggregator: str = "mean"  # defense.aggregator: the server's rule over the clients' deltas
+    # eval.metrics' registered higher_is_better, by name (those that declare one): what the tables weigh
+    metric_directions: dict | None = None
 
     def __fspath__(self) -> str:
         return self.run_dir

@@ -23,8 +23,11 @@ mean `local_only_<column>` (accuracy, loss and perplexity).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -73,16 +76,43 @@ def describe(key: str) -> Utility:
 
 def declared_direction(key: str) -> bool | None:
     """Whether a higher value of an eval.metrics column is better, as its registration declares
-    (`higher_is_better`; a mapping gives each key of a metric returning several); None where the
-    metric is not registered in this process (a report built without its plugin) or says nothing."""
+    (`higher_is_better`; a mapping gives each key of a metric returning several). Inside
+    `recorded_directions` (a report) as the runs' result.json recorded it, else from this
+    process's registry; None where the metric declares nothing or is not known."""
+    name, _, part = key.removeprefix("metric:").partition(":")
+    recorded = _RECORDED.get()
+    if recorded is not None:
+        declared = recorded.get(name)
+    else:
+        from fedsec.registry import registry
+
+        table = registry("metric")
+        declared = table.entry(name).options.get("higher_is_better") if name in table else None
+    return declared.get(part) if isinstance(declared, Mapping) else declared
+
+
+def metric_directions(names: Iterable[str]) -> dict[str, bool | dict[str, bool]]:
+    """The declared directions of these metrics (eval.metrics' names), for result.json: a
+    report reads them there, never from a live registry."""
     from fedsec.registry import registry
 
-    name, _, part = key.removeprefix("metric:").partition(":")
     table = registry("metric")
-    if name not in table:
-        return None
-    declared = table.entry(name).options.get("higher_is_better")
-    return declared.get(part) if isinstance(declared, Mapping) else declared
+    declared = {name: table.entry(name).options.get("higher_is_better") for name in names if name in table}
+    return {name: dict(d) if isinstance(d, Mapping) else d for name, d in declared.items() if d is not None}
+
+
+_RECORDED: ContextVar[Mapping[str, Any] | None] = ContextVar("recorded_directions", default=None)
+
+
+@contextmanager
+def recorded_directions(directions: Mapping[str, Any]) -> Iterator[None]:
+    """Within: metrics' directions are the runs' recorded ones (result.json's
+    metric_directions), as `fedsec report` reads them."""
+    token = _RECORDED.set(dict(directions))
+    try:
+        yield
+    finally:
+        _RECORDED.reset(token)
 
 
 def evaluation_values(evaluation: Mapping | None) -> dict[str, float]:

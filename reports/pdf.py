@@ -28,7 +28,6 @@ from fedsec.accountants import format_epsilon, format_lower_bound
 from fedsec.configfile import load_yaml
 from fedsec.disclosure import HEADER, UNCOVERED, guarantee_statement, predates_centred_count
 from fedsec.errors import ConfigError
-from fedsec.registry import load_plugins, registry
 from fedsec.reports import plots
 from fedsec.sweeps import defense_label, federation_size, utility_columns
 
@@ -80,25 +79,6 @@ def collect(directory: Path) -> tuple[str, list[RunFiles]]:
 
 # ---------------------------------------------------------------------------
 # What the report says: tables and findings, pure functions of the run files.
-
-
-def load_run_plugins(runs: list[RunFiles]) -> list[str]:
-    """Import the `plugins` the runs' configs name, as the runs did, so that their registrations
-    (a metric's higher_is_better) are known here. Returns the summary's note where that fails
-    and a metric the runs measured is left unknown."""
-    failed = {}
-    for module in dict.fromkeys(m for run in runs for m in run.config.get("plugins") or ()):
-        try:
-            load_plugins([module])
-        except ConfigError as err:
-            failed[module] = err.fix.split(";")[0]
-    measured = dict.fromkeys(name for run in runs for name in (run.config.get("eval") or {}).get("metrics") or {})
-    unknown = [name for name in measured if name not in registry("metric")]
-    if not failed or not unknown:
-        return []
-    return [f"The runs' plugins ({'; '.join(f'{m} {why}' for m, why in failed.items())}) are not importable "
-            f"here, so {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} shown without a declared "
-            "direction (higher_is_better), and never as the utility this summary speaks of."]
 
 
 def run_table(runs: list[RunFiles]) -> list[dict]:
@@ -758,7 +738,19 @@ def _table(rows: list[dict], styles, columns: list[str] | None = None, width: fl
 
 
 def build_report(directory: Path, out: Path | None = None, force: bool = False) -> Path:
-    """Write the PDF (default DIR/report.pdf) and its figures and tables; returns its path."""
+    """Write the PDF (default DIR/report.pdf) and its figures and tables; returns its path.
+    Every value is read from the directory, plugin metrics' directions too (result.json's
+    metric_directions), never from this process's registry."""
+    directory = Path(directory)
+    kind, runs = collect(directory)
+    recorded: dict = {}
+    for run in runs:
+        recorded.update((run.result or {}).get("metric_directions") or {})
+    with utility.recorded_directions(recorded):
+        return _build(directory, kind, runs, out, force)
+
+
+def _build(directory: Path, kind: str, runs: list[RunFiles], out: Path | None, force: bool) -> Path:
     from reportlab.lib.pagesizes import A4
     from reportlab.lib.units import cm
     from reportlab.platypus import (
@@ -769,9 +761,6 @@ def build_report(directory: Path, out: Path | None = None, force: bool = False) 
         Spacer,
     )
 
-    directory = Path(directory)
-    kind, runs = collect(directory)
-    plugin_notes = load_run_plugins(runs)  # their metrics' declared directions pick what the summary speaks of
     out = Path(out) if out is not None else directory / "report.pdf"
     if out.exists() and not force:
         raise ConfigError("-o", str(out), "already exists; choose another path or pass --force")
@@ -800,7 +789,6 @@ def build_report(directory: Path, out: Path | None = None, force: bool = False) 
     story += [Spacer(1, 0.5 * cm), Paragraph("Summary", styles["h"])]
     grid = grid_table(directory) if kind == "sweep" else []
     dp_grid, hidden_findings = None, []
-    story += [Paragraph(sentence, styles["body"]) for sentence in plugin_notes]
     story += [Paragraph(sentence, styles["body"]) for sentence in findings(table)]
     story += [Paragraph(sentence, styles["body"]) for sentence in audit_findings(runs)]
     story += [Paragraph(sentence, styles["body"]) for sentence in stale_findings(runs)]

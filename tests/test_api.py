@@ -426,7 +426,7 @@ def test_under_dp_a_plugin_metric_is_published_only_if_it_is_covered(tmp_path, m
 import fedsec
 
 
-@fedsec.register("metric", "peek_clients")
+@fedsec.register("metric", "peek_clients", higher_is_better=False)
 def peek_clients(ctx, *, scale: int = 1):
     """The clients' training examples, counted: it reads client data, so it is not covered."""
     return scale * sum(len(c.train) for c in ctx.data.clients)
@@ -443,6 +443,8 @@ def peek_clients(ctx, *, scale: int = 1):
     assert all("adapter_norm" in r["global_eval"]["metrics"] for r in rows if r.get("global_eval"))
     assert "peek_clients" not in published and not any("peek_clients" in line for line in lines)
     assert any("adapter_norm" in line for line in lines)
+    # its declared direction is the code's, not the data's: result.json records it for the report
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["metric_directions"] == {"peek_clients": False}
     hidden = (tmp_path / "run" / UNCOVERED / "metrics.jsonl").read_text()
     merged = RunDir(tmp_path / "run").read_metrics()
     total = sum(1 for line in hidden.splitlines() if "peek_clients" in line)

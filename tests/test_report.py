@@ -517,12 +517,12 @@ def test_the_variant_ranking_says_ties_spreads_and_single_draws():
 def test_a_plugin_metric_that_declares_its_direction_is_what_the_summary_speaks_of(tmp_path, monkeypatch):
     """Own data has no accuracy: a registered metric with higher_is_better=True becomes the
     summary's utility (its share of the non-private gain, by hand), where one that declares
-    nothing never is; the report imports the runs' plugins to know, and says so where it cannot."""
+    nothing never is. The report reads the direction the run recorded in result.json, not this
+    process's registry: a metric registered here but recorded by no run stays unweighed."""
     import sys
-    from pathlib import Path
 
     import fedsec
-    from fedsec.utility import describe
+    from fedsec.utility import describe, metric_directions
 
     (tmp_path / "plugs").mkdir()
     (tmp_path / "plugs" / "scored.py").write_text('''
@@ -537,44 +537,43 @@ def report_score(ctx):
 @fedsec.register("metric", "report_pair", covered=True, higher_is_better={"hits": True, "misses": False})
 def report_pair(ctx):
     return {"hits": 0.0, "misses": 0.0}
+
+
+@fedsec.register("metric", "report_unrecorded", covered=True, higher_is_better=True)
+def report_unrecorded(ctx):
+    return 0.0
 ''')
     monkeypatch.syspath_prepend(str(tmp_path / "plugs"))
     sys.modules.pop("scored", None)
+    import scored  # noqa: F401 - registers them in this process
+
+    assert describe("metric:report_score").higher_is_better is True
+    assert describe("metric:adapter_norm").higher_is_better is None  # declares nothing
+    assert describe("metric:report_pair:misses").higher_is_better is False
+    assert describe("metric:report_pair:hits").higher_is_better is True
+    assert metric_directions(["report_score", "adapter_norm", "report_pair"]) == {
+        "report_score": True, "report_pair": {"hits": True, "misses": False}}
     root, rows = tmp_path / "own", []
     for variant, score, private in (("non-private", 0.80, False), ("eps8", 0.60, True)):
         path = root / f"{variant}-s0"
         _write_run(path, 0, None, privacy=_privacy(7.9993, 0.7) if private else None,
                    ledger=_ledger(7.9993) if private else None)
-        cfg = yaml.safe_load((path / "config.resolved.yaml").read_text())
-        cfg.update(plugins=["scored"], eval={"metrics": {"report_score": {}, "adapter_norm": {}}})
-        (path / "config.resolved.yaml").write_text(yaml.safe_dump(cfg))
         result = json.loads((path / "result.json").read_text())
-        result["untuned"] = {"loss": 4.0, "metrics": {"report_score": 0.40, "adapter_norm": 0.0}}
-        result["final"] = {"loss": 0.5, "metrics": {"report_score": score, "adapter_norm": 3.0}}
+        values = {"report_score": score, "report_unrecorded": score, "adapter_norm": 3.0}
+        result.update(untuned={"loss": 4.0, "metrics": {**values, "report_score": 0.40}},
+                      final={"loss": 0.5, "metrics": values}, metric_directions={"report_score": True})
         (path / "result.json").write_text(json.dumps(result))
         rows.append({"variant": variant, "seed": 0, "run_dir": str(path)})
     (root / "results.json").write_text(json.dumps(rows))
-    pdf = " ".join(_text(build_report(root, tmp_path / "own.pdf")).split())  # imports scored, as the runs did
-    assert describe("metric:report_score").higher_is_better is True
-    assert describe("metric:adapter_norm").higher_is_better is None  # declares nothing
-    assert describe("metric:report_pair:misses").higher_is_better is False
-    assert describe("metric:report_pair:hits").higher_is_better is True
+    pdf = " ".join(_text(build_report(root, tmp_path / "own.pdf")).split())
     # (0.60 - 0.40) / (0.80 - 0.40) = 50%
     assert ("the report_score is 0.600, 0.200 below non-private (0.800); it keeps 50% of the non-private "
             "gain over the untuned model (0.400)") in pdf
-    assert "not importable" not in pdf
-    # the same runs where the plugin is gone: the held-out loss is the summary's utility, and it says why
-    for row in rows:
-        cfg_path = Path(row["run_dir"]) / "config.resolved.yaml"
-        cfg = yaml.safe_load(cfg_path.read_text())
-        cfg.update(plugins=["gone_plugin"], eval={"metrics": {"gone_metric": {}}})
-        cfg_path.write_text(yaml.safe_dump(cfg))
-    from fedsec.reports.pdf import load_run_plugins
-
-    note = load_run_plugins(collect(root)[1])
-    assert note == ["The runs' plugins (gone_plugin cannot be imported (ModuleNotFoundError: No module named "
-                    "'gone_plugin')) are not importable here, so gone_metric is shown without a declared "
-                    "direction (higher_is_better), and never as the utility this summary speaks of."]
+    for path in root.glob("*/result.json"):  # the runs recorded nothing: the held-out loss is the utility
+        result = json.loads(path.read_text())
+        path.write_text(json.dumps({**result, "metric_directions": None}))
+    pdf = " ".join(_text(build_report(root, tmp_path / "unrecorded.pdf")).split())
+    assert "report_score is" not in pdf and "report_unrecorded is" not in pdf and "the held-out loss is" in pdf
     with pytest.raises(ValueError, match="higher_is_better='yes'"):
         fedsec.register("metric", "report_bad", higher_is_better="yes")
     sys.modules.pop("scored", None)
