@@ -810,8 +810,9 @@ def _build(directory: Path, kind: str, runs: list[RunFiles], out: Path | None, f
     head = utility.headline(table)
     shown = [head.key, head.local_only, head.untuned] if head else []
     headers = dict(zip(shown, (f"{w} {head.short}" for w in ("final", "local-only", "untuned")))) if head else {}
-    columns = ["variant", "seed", "algorithm", "rounds", "privacy", "epsilon", "sigma", "clip_norm",
-               "sample_rate", "certified", *shown]
+    several = len({r["defense"] for r in table}) > 1  # the server's rule where the runs differ in it
+    columns = ["variant", "seed", "algorithm", *(["defense"] if several else []), "rounds", "privacy", "epsilon",
+               "sigma", "clip_norm", "sample_rate", "certified", *shown]
     # local-only and untuned values only where measured (a DPO run's untuned model has no preference accuracy)
     columns = [c for c in columns
                if not c.startswith(("local_only", "untuned")) or any(r.get(c) is not None for r in table)]

@@ -164,6 +164,9 @@ def test_a_dp_x_defense_grid_compares_each_private_cell_with_its_own_defense_wit
     assert ("eps8-median) the global accuracy is 0.520, 0.080 below non-private under median (0.600); "
             "it keeps 50% of the non-private gain") in text
     assert "eps8-krum) the global accuracy is 0.400, 0.250 below non-private (0.650 ± 0.071 over 2 runs" in text
+    pdf = " ".join(_text(build_report(root, tmp_path / "grid.pdf")).split())
+    runs_table = pdf[pdf.index("Runs variant"):pdf.index("Figures")]
+    assert "defense" in runs_table and "krum" in runs_table  # each run's rule, where the runs differ in it
     said = {c["claim"]: c["value"] for c in claims(table, collect(root)[1])}
     assert said["eps8-mean (epsilon 8.00): global accuracy minus off-mean's"] == "-0.150 +- 0.000"
     assert said["eps8-median (epsilon 8.00): global accuracy minus off-median's"] == "-0.080 +- 0.000"
