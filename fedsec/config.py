@@ -409,16 +409,49 @@ class TrainingConfig:
 
 @dataclass(frozen=True)
 class DpoConfig:
-    beta: float = _help("DPO temperature beta (Rafailov et al. 2023)", 0.1)
+    beta: float = _help("DPO temperature beta (Rafailov et al. 2023); the preference loss's beta", 0.1)
     reference: str = _help(
         "reference policy: base (the base model, adapter disabled, as OpenFedLLM) or initial "
         "(the adapter the run starts from, e.g. lora.init_from for SFT then DPO)",
         "base",
     )
+    loss: str = _help("the preference loss of each pair (fedsec/preference.py): dpo (sigmoid), ipo, slic "
+                      "(hinge), rdpo (robust to flipped preferences), or a plugin's", "dpo")
+    params: Mapping[str, Any] = _help("the loss's own parameters, e.g. {label_noise: 0.2} for rdpo", factory=dict)
 
     def __post_init__(self) -> None:
+        from fedsec.registry import registry
+
         _require(self.beta > 0, "beta", self.beta, "must be > 0 (e.g. 0.1)")
         _one_of("reference", self.reference, REFERENCES)
+        _one_of("loss", self.loss, tuple(registry("preference_loss")))
+        _ = self.preference_loss  # its parameters, checked on one pair
+
+    @property
+    def preference_loss(self):
+        """The loss with its parameters: fn(fedsec.preference.PairLogps) -> one loss per pair.
+        Built (and checked on one pair of zeros: the loss's own "field: what is wrong" is the
+        one-line error naming dpo.params.field) from `loss`, `beta` and `params`."""
+        import functools
+
+        import torch
+
+        from fedsec.preference import PairLogps
+        from fedsec.registry import registry, typed_params
+
+        entry = registry("preference_loss").entry(self.loss)
+        if "beta" in self.params:
+            raise ConfigError("params.beta", self.params["beta"], "beta is a dpo field; set dpo.beta instead")
+        kwargs = {**({"beta": self.beta} if "beta" in entry.params else {}),
+                  **typed_params(entry, self.params, "params", skip={"beta"})}
+        fn = functools.partial(entry.obj, **kwargs)
+        zero, one = torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+        try:
+            fn(PairLogps(zero, zero, zero, zero, one, one))
+        except ValueError as err:  # the loss's own validation: "field: what is wrong"
+            name, _, fix = str(err).partition(": ")
+            raise ConfigError(f"params.{name}", self.params.get(name), fix) from None
+        return fn
 
 
 @dataclass(frozen=True)

@@ -16,23 +16,25 @@ log-probabilities; nothing for SFT). `OBJECTIVES` names them by `task`.
 - SFT: completion-only cross-entropy, summed over target tokens.
 - DPO (Rafailov et al. 2023, "Direct Preference Optimization", eq. 7):
       L = -log sigmoid(beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))])
-  summed over pairs. Reference log-probabilities are fixed for the whole run (the
-  base model with the adapter disabled, or the adapter the run starts from), so
-  they are computed once at setup, never per step.
+  summed over pairs, or another preference loss of each pair by name (dpo.loss:
+  fedsec.preference's ipo, slic, rdpo, or a plugin's). Reference log-probabilities are
+  fixed for the whole run (the base model with the adapter disabled, or the adapter the
+  run starts from), so they are computed once at setup, never per step.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from fedsec import progress
+from fedsec import preference, progress
 from fedsec.data.schema import InstructionExample, PreferenceExample
 from fedsec.encoding import (
+    IGNORE,
     Encoded,
     collate,
     collate_packed,
@@ -41,6 +43,7 @@ from fedsec.encoding import (
     encode_all,
     shared_prefix_length,
 )
+from fedsec.preference import PairLogps
 from fedsec.training import completion_loss, record_tokens, target_logprobs
 
 
@@ -52,10 +55,9 @@ class PairItem:
     ref_rejected: float = 0.0
 
 
-def dpo_losses(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-               ref_rejected: torch.Tensor, beta: float) -> torch.Tensor:
-    """Per-pair DPO loss from sequence log-probabilities (eq. 7)."""
-    return -F.logsigmoid(beta * ((pi_chosen - ref_chosen) - (pi_rejected - ref_rejected)))
+def target_count(item: Encoded) -> int:
+    """The number of target tokens (the reply's) of an encoded sequence."""
+    return int((item.labels != IGNORE).sum())
 
 
 def implicit_rewards(pi: torch.Tensor, ref: torch.Tensor, beta: float) -> torch.Tensor:
@@ -228,12 +230,15 @@ class DpoObjective(_Objective):
 
     fixed_terms = True  # the reference log-probabilities come from the model at setup
 
-    def __init__(self, pad_id: int, beta: float, reference: str = "base", pack: bool = False):
+    def __init__(self, pad_id: int, beta: float, reference: str = "base", pack: bool = False,
+                 pair_loss: Callable[[PairLogps], torch.Tensor] | None = None):
         self.pad_id, self.beta, self.reference, self.pack = pad_id, beta, reference, pack
+        # each pair's loss (dpo.loss, fedsec.preference): DPO's own by default
+        self.pair_loss = pair_loss or functools.partial(preference.dpo, beta=beta)
 
     @classmethod
     def from_config(cls, cfg, pad_id: int) -> DpoObjective:
-        return cls(pad_id, cfg.dpo.beta, cfg.dpo.reference, cfg.training.pack)
+        return cls(pad_id, cfg.dpo.beta, cfg.dpo.reference, cfg.training.pack, cfg.dpo.preference_loss)
 
     def sequences(self, items) -> list[Encoded]:
         return [p.chosen for p in items] + [p.rejected for p in items]
@@ -282,11 +287,16 @@ class DpoObjective(_Objective):
         return self._losses(items, sequence_logprobs(model, self.sequences(items), self.pad_id, shared))
 
     def _losses(self, items: Sequence[PairItem], logps: torch.Tensor) -> torch.Tensor:
-        """Each pair's DPO loss from its replies' log-probabilities (all chosen, then all rejected)."""
+        """Each pair's preference loss (dpo.loss) from its replies' log-probabilities (all
+        chosen, then all rejected)."""
         n = len(items)
-        ref_c = torch.tensor([p.ref_chosen for p in items], dtype=logps.dtype, device=logps.device)
-        ref_r = torch.tensor([p.ref_rejected for p in items], dtype=logps.dtype, device=logps.device)
-        return dpo_losses(logps[:n], logps[n:], ref_c, ref_r, self.beta)
+
+        def column(values) -> torch.Tensor:
+            return torch.tensor(values, dtype=logps.dtype, device=logps.device)
+
+        return self.pair_loss(PairLogps(
+            logps[:n], logps[n:], column([p.ref_chosen for p in items]), column([p.ref_rejected for p in items]),
+            column([target_count(p.chosen) for p in items]), column([target_count(p.rejected) for p in items])))
 
     def _terms(self, groups, logps: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         losses, at = [], 0

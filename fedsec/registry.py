@@ -55,6 +55,9 @@ parameter in YAML, typed from its annotation):
                       C^T C >= 0; noise(rounds, dim) -> the noise C^-1 z one round at a time (the
                       default solves C w = z over every past round; override it to keep less).
                       fedsec computes the sensitivity and epsilon from C (privacy.mechanism: name)
+    preference_loss   fn(pairs: fedsec.preference.PairLogps, **params) -> one loss per pair [n] (task
+                      dpo: dpo.loss, dpo.params; a parameter named beta takes dpo.beta); a pair's
+                      loss depends on that pair alone (per-record gradients under DP)
 
 `tests/contracts/` checks every entry of every registry; `FEDSEC_PLUGINS=my_rules
 pytest tests/contracts` checks a plugin's entries beside the built-ins.
@@ -81,6 +84,7 @@ BUILTINS = {
     "benchmark": "fedsec.evalsuite.tasks",
     "metric": "fedsec.metrics",
     "dp_mechanism": "fedsec.defenses.correlated",
+    "preference_loss": "fedsec.preference",
 }
 KINDS = tuple(BUILTINS)
 ATTACK_KINDS = ("update_attack", "data_attack")  # one namespace: attack.kind names either
@@ -95,6 +99,7 @@ OPTIONS = {
     "benchmark": {"hub": None},
     "metric": {"covered": False, "higher_is_better": None},
     "dp_mechanism": {},
+    "preference_loss": {},
 }
 
 
@@ -281,11 +286,12 @@ def _dp_mechanism(name: str, cls: Any, options: dict) -> tuple[Any, dict]:
 
 
 _FIXED = {"update_attack": 3, "data_attack": 2, "accountant": 2, "benchmark": 2,
-          "metric": 1}  # the positional arguments before the params
+          "metric": 1, "preference_loss": 1}  # the positional arguments before the params
 _ADAPT = {"aggregator": _aggregator, "update_attack": _function("update_attack"),
           "data_attack": _function("data_attack"), "accountant": _function("accountant"),
           "server_optimizer": _server_optimizer, "benchmark": _function("benchmark"),
-          "metric": _function("metric"), "dp_mechanism": _dp_mechanism}
+          "metric": _function("metric"), "dp_mechanism": _dp_mechanism,
+          "preference_loss": _function("preference_loss")}
 
 
 _entry_points_loaded = False

@@ -390,13 +390,13 @@ def test_the_extending_guide_example_runs_from_yaml_and_passes_the_contract_suit
     env = {**os.environ, "FEDSEC_PLUGINS": "my_rules", "PYTHONPATH": str(plugs)}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            str(root / "tests" / "contracts"), "-k",
-                           "norm_trimmed_mean or mean_shift or lora_norm or adam_bc"],
+                           "norm_trimmed_mean or mean_shift or lora_norm or adam_bc or simpo"],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:]
     passed = int(proc.stdout.strip().splitlines()[-1].split(" passed")[0].split()[-1])
     # 5 aggregator contracts, 4 update-attack ones (the fifth is for shared attacks), 3 metric
-    # ones, 5 server-optimizer ones (the noise-aware one included)
-    assert passed == 17
+    # ones, 5 server-optimizer ones (the noise-aware one included), 4 preference-loss ones
+    assert passed == 21
     # adam_bc: without noise it is fedsec's FedAdam bit for bit; told a noise level, one step
     # by hand (the noise's share 0.01 phi^2 out of v, floored at 0.3^2 of that share)
     from fedsec.server import FedAdam
@@ -412,6 +412,18 @@ def test_the_extending_guide_example_runs_from_yaml_and_passes_the_contract_suit
     v = torch.clamp(0.99 * 1e-8 + 0.01 * d * d - share, min=0.09 * share)
     assert bool((0.01 * d * d - share < 0.09 * share).any())  # the floor binds on some coordinates
     torch.testing.assert_close(bc.step(x, d, noise_std=phi), x + 0.1 * (0.1 * d) / (v.sqrt() + 1e-4))
+    # simpo: one pair by hand (per-token log-probabilities -2 and -3), then task dpo trains with it
+    import math
+
+    from fedsec.preference import PairLogps
+
+    pairs = PairLogps(*(torch.tensor([v], dtype=torch.float64) for v in (-6.0, -12.0, -1.0, -1.0, 3.0, 4.0)))
+    assert float(plugin.simpo(pairs, beta=2.0, gamma=0.5)) == pytest.approx(math.log1p(math.exp(-1.5)))
+    dpo = fedsec.run(examples / "my_experiment.yaml", out=tmp_path / "dpo", progress=False, log=lambda _: None,
+                     overrides=["task=dpo", "dpo.loss=simpo", "dpo.beta=2.0", "dpo.params={gamma: 0.5}"])
+    assert dpo.finished and dpo.final["preference"]["n"] > 0
+    with pytest.raises(fedsec.ConfigError, match="dpo.params.gama .*gamma"):
+        fedsec.load_config(examples / "my_experiment.yaml", ["task=dpo", "dpo.loss=simpo", "dpo.params={gama: 1}"])
     sys.modules.pop("my_rules", None)
 
 

@@ -17,21 +17,78 @@ from fedsec.loop import run_experiment
 from fedsec.models import attach_lora, load_base_model
 from fedsec.objectives import (
     DpoObjective,
-    dpo_losses,
     encode_pair,
     sequence_logprobs,
     with_reference,
 )
+from fedsec.preference import PairLogps
 
 DPO = {"task": "dpo", "dpo": {"beta": 0.5, "reference": "base"}}
 
 
+def _pairs(chosen, rejected, ref_chosen, ref_rejected, chosen_tokens=(1.0, 1.0), rejected_tokens=(1.0, 1.0)):
+    return PairLogps(*(torch.tensor(v, dtype=torch.float64) for v in (
+        chosen, rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens)))
+
+
 def test_dpo_loss_on_hand_computed_log_probabilities():
-    loss = dpo_losses(torch.tensor([-2.0, -1.0]), torch.tensor([-3.0, -1.0]),
-                      torch.tensor([-2.5, -4.0]), torch.tensor([-2.5, -1.0]), beta=0.1)
+    from fedsec.preference import dpo
+
+    loss = dpo(_pairs([-2.0, -1.0], [-3.0, -1.0], [-2.5, -4.0], [-2.5, -1.0]), beta=0.1)
     # pair 1: 0.1 * ((-2 + 2.5) - (-3 + 2.5)) = 0.1;  pair 2: 0.1 * ((-1 + 4) - 0) = 0.3
-    expected = torch.tensor([math.log1p(math.exp(-0.1)), math.log1p(math.exp(-0.3))])
+    expected = torch.tensor([math.log1p(math.exp(-0.1)), math.log1p(math.exp(-0.3))], dtype=torch.float64)
     torch.testing.assert_close(loss, expected)
+
+
+def test_the_other_preference_losses_on_hand_computed_log_probabilities():
+    """One pair: the policy gains 1 nat on the chosen reply (2 tokens) and loses 1 on the
+    rejected (4 tokens) against the reference, so h = 2 and the per-token margin is
+    1/2 + 1/4 = 0.75; beta 0.5."""
+    from fedsec import preference
+
+    pairs = _pairs([-3.0], [-5.0], [-4.0], [-4.0], [2.0], [4.0])
+    softplus = lambda x: math.log1p(math.exp(x))  # noqa: E731 - -log sigmoid(z) = softplus(-z)
+    expected = {
+        "dpo": softplus(-1.0),                                   # -log sigmoid(0.5 * 2)
+        "ipo": (0.75 - 1 / (2 * 0.5)) ** 2,                      # (0.75 - 1)^2 = 0.0625
+        "slic": 0.0,                                             # max(0, 1 - 0.5 * 2)
+        "rdpo": (0.75 * softplus(-1.0) - 0.25 * softplus(1.0)) / 0.5,
+    }
+    for name, value in expected.items():
+        params = {"label_noise": 0.25} if name == "rdpo" else {}
+        got = getattr(preference, name)(pairs, beta=0.5, **params)
+        torch.testing.assert_close(got, torch.tensor([value], dtype=torch.float64), msg=name)
+    assert float(preference.slic(_pairs([-4.0], [-4.0], [-4.0], [-4.0]), beta=0.5)) == 1.0  # h = 0: the full hinge
+    # rdpo without flipped labels is dpo, to the bit
+    wide = _pairs([-2.0, -9.0], [-3.0, -1.0], [-2.5, -4.0], [-2.5, -1.0])
+    assert torch.equal(preference.rdpo(wide, beta=0.3, label_noise=0.0), preference.dpo(wide, beta=0.3))
+
+
+def test_a_preference_loss_is_chosen_by_name_and_its_bad_parameter_is_one_line(tmp_path):
+    """dpo.loss picks the loss; rdpo at label_noise 0 trains the same adapter as dpo bit for bit,
+    ipo another one; a bad parameter is a ConfigError naming dpo.params.<field>."""
+    from fedsec.config import ExperimentConfig, from_mapping
+    from fedsec.errors import ConfigError
+
+    def run(name, **dpo):
+        cfg = tiny_config(tmp_path / name, **DPO, federation={"rounds": 1, "clients_per_round": 2})
+        cfg = dataclasses.replace(cfg, dpo=dataclasses.replace(cfg.dpo, **dpo))
+        result = run_experiment(cfg, out=tmp_path / name / "run", progress=False, log=lambda _: None)
+        from safetensors.torch import load_file
+
+        return load_file(str(tmp_path / name / "run" / "adapter" / "adapter_model.safetensors")), result
+
+    import dataclasses
+
+    base, _ = run("dpo")
+    same, _ = run("rdpo", loss="rdpo", params={"label_noise": 0.0})
+    other, result = run("ipo", loss="ipo")
+    assert base.keys() == same.keys() and all(torch.equal(base[k], same[k]) for k in base)
+    assert any(not torch.equal(base[k], other[k]) for k in base) and result.finished
+    raw = {**DPO, "dpo": {**DPO["dpo"], "loss": "rdpo", "params": {"label_noise": 0.5}}}
+    with pytest.raises(ConfigError, match="must be in") as err:
+        from_mapping(ExperimentConfig, raw)
+    assert err.value.field == "dpo.params.label_noise"
 
 
 def _tiny():

@@ -1,6 +1,6 @@
 """A plugin module of the kind docs/extending.md walks through: an aggregator, an update
-attack, an evaluation metric and a DP-aware server optimizer, registered by name, used from
-YAML (my_experiment.yaml) and checked with fedsec's contract suites
+attack, an evaluation metric, a DP-aware server optimizer and a preference loss, registered
+by name, used from YAML (my_experiment.yaml) and checked with fedsec's contract suites
 (FEDSEC_PLUGINS=my_rules pytest tests/contracts)."""
 
 import torch
@@ -64,3 +64,12 @@ class AdamBC:
 
     def load_state_dict(self, state: dict) -> None:
         self.m, self.v, self.noise = state["m"], state["v"], state["noise"]
+
+
+@fedsec.register("preference_loss", "simpo")
+def simpo(pairs, *, beta: float = 2.0, gamma: float = 0.5) -> torch.Tensor:
+    """SimPO (Meng et al. 2024): reference-free, on the replies' per-token log-probabilities,
+    -log sigmoid(beta (log pi(y_w|x) / |y_w| - log pi(y_l|x) / |y_l|) - gamma). Its beta is
+    dpo.beta (the paper's 2.0 to 2.5), gamma a dpo.params entry (task dpo, dpo.loss: simpo)."""
+    margin = pairs.chosen / pairs.chosen_tokens - pairs.rejected / pairs.rejected_tokens
+    return -torch.nn.functional.logsigmoid(beta * margin - gamma)
