@@ -416,8 +416,10 @@ class DpoConfig:
         "base",
     )
     loss: str = _help("the preference loss of each pair (fedsec/preference.py): dpo (sigmoid), ipo, slic "
-                      "(hinge), rdpo (robust to flipped preferences), or a plugin's", "dpo")
-    params: Mapping[str, Any] = _help("the loss's own parameters, e.g. {label_noise: 0.2} for rdpo", factory=dict)
+                      "(hinge), cdpo (conservative, smoothed labels), rdpo (unbiased under random flips), "
+                      "or a plugin's", "dpo")
+    params: Mapping[str, Any] = _help("the loss's own parameters, e.g. {label_smoothing: 0.1} for cdpo, "
+                                      "{label_noise: 0.2} for rdpo", factory=dict)
 
     def __post_init__(self) -> None:
         from fedsec.registry import registry

@@ -18,11 +18,16 @@ Built-ins, with h the DPO margin (log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|
     ipo    (h_avg - 1 / (2 beta))^2, h_avg the margin of     Azar et al. 2024, eq. 17; per-token
            per-token log-ratios                              as TRL and the paper's authors
     slic   max(0, 1 - beta h)                                SLiC-HF's hinge (Zhao et al. 2023)
-    rdpo   [(1 - e) l(h) - e l(-h)] / (1 - 2 e),             Chowdhury et al. 2024: unbiased under
-           l(h) = -log sigmoid(beta h), e = label_noise      preferences flipped with probability e
+    cdpo   (1 - e) l(h) + e l(-h),                           conservative DPO (Mitchell 2023): each
+           l(h) = -log sigmoid(beta h), e = label_smoothing  pair's pull stops at beta h = log((1 - e) / e)
+    rdpo   [(1 - e) l(h) - e l(-h)] / (1 - 2 e),             Chowdhury et al. 2024: unbiased when each
+           e = label_noise                                   preference was flipped independently with
+                                                             probability e
 
-rdpo is a client-side answer to flipped preferences (fedsec's preference_flip attack):
-e = 0 is dpo exactly.
+Both cdpo and rdpo model noisy annotators, each pair flipped independently; fedsec's
+preference_flip attack flips every pair of its malicious clients instead, which neither
+loss assumes (cdpo bounds how far any one pair, poisoned or not, pushes its margin; rdpo
+never stops pushing). At e = 0 both are dpo to the bit.
 """
 
 from __future__ import annotations
@@ -71,6 +76,16 @@ def ipo(pairs: PairLogps, *, beta: float = 0.1) -> torch.Tensor:
 def slic(pairs: PairLogps, *, beta: float = 0.1) -> torch.Tensor:
     """SLiC-HF's hinge on the DPO margin (Zhao et al. 2023): zero once beta h reaches 1."""
     return torch.relu(1 - beta * pairs.margin)
+
+
+@register("preference_loss", "cdpo")
+def cdpo(pairs: PairLogps, *, beta: float = 0.1, label_smoothing: float = 0.1) -> torch.Tensor:
+    """Conservative DPO (Mitchell 2023): DPO against labels smoothed by `label_smoothing`, so
+    the loss is least at a finite margin instead of pushing it without bound."""
+    if not 0 <= label_smoothing < 0.5:
+        raise ValueError("label_smoothing: must be in [0, 0.5): the probability that a preference is wrong")
+    h = beta * pairs.margin
+    return (1 - label_smoothing) * -F.logsigmoid(h) + label_smoothing * -F.logsigmoid(-h)
 
 
 @register("preference_loss", "rdpo")

@@ -53,15 +53,22 @@ def test_the_other_preference_losses_on_hand_computed_log_probabilities():
         "ipo": (0.75 - 1 / (2 * 0.5)) ** 2,                      # (0.75 - 1)^2 = 0.0625
         "slic": 0.0,                                             # max(0, 1 - 0.5 * 2)
         "rdpo": (0.75 * softplus(-1.0) - 0.25 * softplus(1.0)) / 0.5,
+        "cdpo": 0.75 * softplus(-1.0) + 0.25 * softplus(1.0),
     }
     for name, value in expected.items():
-        params = {"label_noise": 0.25} if name == "rdpo" else {}
+        params = {"rdpo": {"label_noise": 0.25}, "cdpo": {"label_smoothing": 0.25}}.get(name, {})
         got = getattr(preference, name)(pairs, beta=0.5, **params)
         torch.testing.assert_close(got, torch.tensor([value], dtype=torch.float64), msg=name)
     assert float(preference.slic(_pairs([-4.0], [-4.0], [-4.0], [-4.0]), beta=0.5)) == 1.0  # h = 0: the full hinge
-    # rdpo without flipped labels is dpo, to the bit
+    # rdpo and cdpo without flipped labels are dpo, to the bit
     wide = _pairs([-2.0, -9.0], [-3.0, -1.0], [-2.5, -4.0], [-2.5, -1.0])
     assert torch.equal(preference.rdpo(wide, beta=0.3, label_noise=0.0), preference.dpo(wide, beta=0.3))
+    assert torch.equal(preference.cdpo(wide, beta=0.3, label_smoothing=0.0), preference.dpo(wide, beta=0.3))
+    # cdpo's pull stops where sigmoid(beta h) = 1 - e: at beta h = log(3) for e = 0.25
+    h = torch.tensor([math.log(3.0) / 0.5], dtype=torch.float64, requires_grad=True)
+    zero = torch.zeros(1, dtype=torch.float64)
+    preference.cdpo(PairLogps(h, zero, zero, zero, zero + 1, zero + 1), beta=0.5, label_smoothing=0.25).backward()
+    assert abs(float(h.grad)) < 1e-12
 
 
 def test_a_preference_loss_is_chosen_by_name_and_its_bad_parameter_is_one_line(tmp_path):
