@@ -17,7 +17,7 @@ log-probabilities; nothing for SFT). `OBJECTIVES` names them by `task`.
 - DPO (Rafailov et al. 2023, "Direct Preference Optimization", eq. 7):
       L = -log sigmoid(beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))])
   summed over pairs, or another preference loss of each pair by name (dpo.loss:
-  fedsec.preference's ipo, slic, rdpo, or a plugin's). Reference log-probabilities are
+  fedsec.preference's ipo, slic, cdpo, rdpo, or a plugin's). Reference log-probabilities are
   fixed for the whole run (the base model with the adapter disabled, or the adapter the
   run starts from), so they are computed once at setup, never per step.
 """
