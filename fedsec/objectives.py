@@ -204,7 +204,7 @@ class SftObjective(_Objective):
         """The examples whose answer fits `max_length`, encoded (prompt tokens unscored)."""
         return encode_all(records, tokenizer, data_cfg.template, data_cfg.max_length)
 
-    def precompute(self, model, items: list, batch_size: int) -> list:
+    def precompute(self, model, items: list, batch_size: int, evaluation: bool = False) -> list:
         return items  # nothing fixed to compute ahead
 
     def loss(self, model, items: Sequence[Encoded]) -> tuple[torch.Tensor, int]:
@@ -228,17 +228,20 @@ class DpoObjective(_Objective):
     """DPO on preference pairs, against a fixed reference policy: the base model with the
     adapter disabled (`reference: base`), or the adapter the run starts from."""
 
-    fixed_terms = True  # the reference log-probabilities come from the model at setup
-
     def __init__(self, pad_id: int, beta: float, reference: str = "base", pack: bool = False,
-                 pair_loss: Callable[[PairLogps], torch.Tensor] | None = None):
+                 pair_loss: Callable[[PairLogps], torch.Tensor] | None = None, uses_reference: bool = True):
         self.pad_id, self.beta, self.reference, self.pack = pad_id, beta, reference, pack
         # each pair's loss (dpo.loss, fedsec.preference): DPO's own by default
         self.pair_loss = pair_loss or functools.partial(preference.dpo, beta=beta)
+        # the reference log-probabilities come from the model at setup, unless the loss reads none
+        self.uses_reference = self.fixed_terms = uses_reference
 
     @classmethod
     def from_config(cls, cfg, pad_id: int) -> DpoObjective:
-        return cls(pad_id, cfg.dpo.beta, cfg.dpo.reference, cfg.training.pack, cfg.dpo.preference_loss)
+        from fedsec.registry import registry
+
+        uses = registry("preference_loss").entry(cfg.dpo.loss).options["reference"]
+        return cls(pad_id, cfg.dpo.beta, cfg.dpo.reference, cfg.training.pack, cfg.dpo.preference_loss, uses)
 
     def sequences(self, items) -> list[Encoded]:
         return [p.chosen for p in items] + [p.rejected for p in items]
@@ -267,8 +270,12 @@ class DpoObjective(_Objective):
         pairs = (encode_pair(e, tokenizer, data_cfg.template, data_cfg.max_length) for e in records)
         return [p for p in pairs if p]
 
-    def precompute(self, model, items: list[PairItem], batch_size: int) -> list[PairItem]:
-        """The pairs with the reference policy's log-probabilities (fixed for the run)."""
+    def precompute(self, model, items: list[PairItem], batch_size: int, evaluation: bool = False) -> list[PairItem]:
+        """The pairs with the reference policy's log-probabilities (fixed for the run): always
+        for the held-out pairs (`evaluation`: the preference metrics are DPO's implicit reward
+        whatever the loss), for training pairs only where the loss reads them."""
+        if not (self.uses_reference or evaluation):
+            return items  # the loss reads no reference: its log-probabilities stay 0.0
         policy = model.disable_adapter() if self.reference == "base" else contextlib.nullcontext()
         with policy:
             return with_reference(model, items, self.pad_id, batch_size)

@@ -57,7 +57,9 @@ parameter in YAML, typed from its annotation):
                       fedsec computes the sensitivity and epsilon from C (privacy.mechanism: name)
     preference_loss   fn(pairs: fedsec.preference.PairLogps, **params) -> one loss per pair [n] (task
                       dpo: dpo.loss, dpo.params; a parameter named beta takes dpo.beta); a pair's
-                      loss depends on that pair alone (per-record gradients under DP)
+                      loss depends on that pair alone (per-record gradients under DP);
+                      `reference=False`: it reads no reference log-probabilities (zeros), so the
+                      training pairs get no reference pass
 
 `tests/contracts/` checks every entry of every registry; `FEDSEC_PLUGINS=my_rules
 pytest tests/contracts` checks a plugin's entries beside the built-ins.
@@ -99,7 +101,7 @@ OPTIONS = {
     "benchmark": {"hub": None},
     "metric": {"covered": False, "higher_is_better": None},
     "dp_mechanism": {},
-    "preference_loss": {},
+    "preference_loss": {"reference": True},
 }
 
 

@@ -466,7 +466,7 @@ def prepare(cfg: ExperimentConfig, silos: tuple[int, ...] | None = None, remote:
     backdoor_eval = tuple(share_prefix(model, e, pad) for e in backdoor_eval)
     # after the cache, so (DPO) reference and policy share one computation path
     train_sets = [objective.precompute(model, items, cfg.eval.batch_size) for items in train_sets]
-    preference_eval = objective.precompute(model, preference_eval, cfg.eval.batch_size)
+    preference_eval = objective.precompute(model, preference_eval, cfg.eval.batch_size, evaluation=True)
     realign_set = train_sets.pop() if realign else []
     server_root = train_sets.pop() if needs_root else []
     local_only = list(range(num_clients if fed.local_only_clients == -1 else fed.local_only_clients))

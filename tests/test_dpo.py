@@ -224,3 +224,19 @@ def test_the_closing_summary_gives_no_untuned_preference_accuracy():
     assert "preference accuracy:  fedavg 0.700 (implicit reward of chosen > rejected; the untuned model, its own " \
            "reference, ties every pair)" in lines
     assert "likelihood accuracy:  untuned 0.500 -> fedavg 0.600 (policy prefers chosen, no reference)" in lines
+
+
+def test_a_reference_free_loss_skips_the_reference_pass_over_training_pairs_only():
+    """A loss registered reference=False gets zeros for the reference, so the training pairs
+    get no reference pass (and may be encoded lazily); the held-out pairs still get it, so
+    the preference metrics stay DPO's implicit reward whatever the loss."""
+    model, tok = _tiny()
+    bench = make_benchmark(BenchmarkConfig(num_clients=1, examples_per_client=6), 0)
+    pairs = [encode_pair(p, tok, "chat", 256) for p in bench.clients[0].preference]
+    free = DpoObjective(tok.pad_token_id, beta=0.1, uses_reference=False)
+    assert free.precompute(model, pairs, 4) == pairs and all(p.ref_chosen == p.ref_rejected == 0.0 for p in pairs)
+    with model.disable_adapter():
+        expected = with_reference(model, pairs, tok.pad_token_id, 4)
+    assert free.precompute(model, pairs, 4, evaluation=True) == expected
+    assert any(p.ref_chosen != 0.0 for p in expected)
+    assert not free.fixed_terms and DpoObjective(tok.pad_token_id, beta=0.1).fixed_terms

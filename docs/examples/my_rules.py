@@ -66,7 +66,7 @@ class AdamBC:
         self.m, self.v, self.noise = state["m"], state["v"], state["noise"]
 
 
-@fedsec.register("preference_loss", "simpo")
+@fedsec.register("preference_loss", "simpo", reference=False)  # no reference pass over the training pairs
 def simpo(pairs, *, beta: float = 2.0, gamma: float = 0.5) -> torch.Tensor:
     """SimPO (Meng et al. 2024): reference-free, on the replies' per-token log-probabilities,
     -log sigmoid(beta (log pi(y_w|x) / |y_w| - log pi(y_l|x) / |y_l|) - gamma). Its beta is

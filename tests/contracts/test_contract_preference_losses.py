@@ -73,3 +73,13 @@ def test_a_tie_at_the_reference_is_not_rewarded_more_than_preferring_the_chosen_
     chosen = zero.clone().requires_grad_(True)
     _loss(name, PairLogps(chosen, zero, zero, zero, tokens, tokens)).sum().backward()
     assert bool((chosen.grad <= 0).all())
+
+
+@pytest.mark.parametrize("name", [n for n in LOSSES if not LOSSES.entry(n).options["reference"]])
+def test_a_loss_that_declares_no_reference_reads_none(name):
+    """reference=False skips the reference pass: such a loss must not depend on the reference
+    (the built-ins all read it; a plugin's reference-free loss, SimPO's, is checked here)."""
+    pairs = _batch()
+    moved = PairLogps(pairs.chosen, pairs.rejected, pairs.ref_chosen + 3.0, pairs.ref_rejected - 2.0,
+                      pairs.chosen_tokens, pairs.rejected_tokens)
+    assert torch.equal(_loss(name, pairs), _loss(name, moved))
