@@ -447,7 +447,8 @@ class DpoConfig:
         kwargs = {**({"beta": self.beta} if "beta" in entry.params else {}),
                   **typed_params(entry, self.params, "params", skip={"beta"})}
         fn = functools.partial(entry.obj, **kwargs)
-        zero, one = torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+        zero = torch.zeros(1, dtype=torch.float64, device="cpu")  # on the host, whatever the model's device
+        one = zero + 1
         try:
             fn(PairLogps(zero, zero, zero, zero, one, one))
         except ValueError as err:  # the loss's own validation: "field: what is wrong"
