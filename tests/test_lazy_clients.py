@@ -58,8 +58,8 @@ def test_the_flower_server_counts_the_clients_items_and_computes_nothing_else_of
     cfg = tiny_config(tmp_path, engine="flower", **sections)  # run in-process unless Flower's clients run it
     objective = type(objective_for(cfg, 0))
     real_precompute = objective.precompute
-    monkeypatch.setattr(objective, "precompute", lambda self, model, items, batch: (
-        precomputed.append(len(items)), real_precompute(self, model, items, batch))[1])
+    monkeypatch.setattr(objective, "precompute", lambda self, model, items, batch, **kw: (
+        precomputed.append(len(items)), real_precompute(self, model, items, batch, **kw))[1])
     on_flower = prepare(cfg, remote=True)  # what run_experiment builds on Flower's ServerApp
     flower_counts = (sum(prefixed), sum(precomputed))
     here = prepare(cfg)
