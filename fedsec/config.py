@@ -852,7 +852,9 @@ class FlowerConfig:
         "seconds the server waits for a round's updates; clients that have not answered by then "
         "count as failed for that round", 600.0)
     start_timeout: float = _help(
-        "seconds the server waits for SuperNodes that together host every client before round 1", 300.0)
+        "seconds the server waits for SuperNodes that together host every client before round 1, and "
+        "for each SuperNode's first train or evaluate answer (its worker loads the model and prepares "
+        "its clients then) where that is longer than round_timeout", 300.0)
     secagg: bool = _help(
         "sum the clients' updates under Flower's SecAgg+: each SuperNode sends the masked sum of its "
         "clients' deltas (clipped there under user-level DP) and the server sees only the total; the "

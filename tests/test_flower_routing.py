@@ -254,3 +254,41 @@ def test_the_launcher_shows_the_server_apps_lines_without_flowers_bookkeeping():
     for line in dropped[:3] + kept[:3] + dropped[3:] + kept[3:]:
         show(line)
     assert passed == kept
+
+
+class SlowGrid(FakeGrid):
+    """Train and evaluate replies become visible `delay` seconds after they are sent (a worker
+    still loading its model); queries are answered at once."""
+
+    def __init__(self, nodes, clients, delay: float):
+        super().__init__(nodes, clients)
+        self.delay, self.ready = delay, {}
+
+    def push_messages(self, messages):
+        import time
+
+        ids = super().push_messages(messages)
+        for mid in ids:
+            slow = self.sent[mid].metadata.message_type != QUERY
+            self.ready[mid] = time.monotonic() + (self.delay if slow else 0.0)
+        return ids
+
+    def pull_messages(self, ids):
+        import time
+
+        now = time.monotonic()
+        return [self.replies.pop(i) for i in list(ids) if i in self.replies and self.ready[i] <= now]
+
+
+def test_a_supernodes_first_work_message_gets_the_start_timeout_and_later_ones_the_round_timeout():
+    """A SuperNode's first train message also builds its worker (the model, its clients): it is
+    given flower.start_timeout (5 s here), not the round's 0.3 s; once it has answered, a reply
+    as slow (1 s) is past the round's deadline and its clients fail."""
+    lines: list[str] = []
+    grid = SlowGrid({11: (0, 1, "ok")}, clients=6, delay=1.0)
+    runner = _runner(grid, lines)
+    updates, failed = _round(runner, [0, 1], round_idx=1)
+    assert failed == () and [u.client_id for u in updates] == [0, 1]
+    updates, failed = _round(runner, [2], round_idx=2)
+    assert updates == [] and failed == (2,)
+    assert any("SuperNode 11 did not answer" in line for line in lines)

@@ -73,6 +73,9 @@ class FlowerClients:
         self.routes: dict[int, tuple[int, int]] = {}  # node id -> (partition, partitions)
         self.late: dict[str, int] = {}  # unanswered message id -> node id
         self.refused: set[int] = set()  # nodes whose data does not match the server's
+        # nodes whose worker has answered a train or evaluate message: before that, a node's first
+        # such message also builds its worker (the model, its clients' items) and gets start_timeout
+        self.working: set[int] = set()
         self.log: Callable[[str], None] = print
         self.silos: tuple[int, ...] | None = None  # data.silos: clients per organisation, once all reported
         self.offsets: list[int] = []  # data.silos: organisation p hosts the clients offsets[p] <= c < offsets[p + 1]
@@ -268,7 +271,7 @@ class FlowerClients:
             return
         queries = {n: Message(RecordDict({"fedsec": ConfigRecord({"clients": clients})}), dst_node_id=n,
                               message_type=QUERY) for n in new}
-        replies, _ = self._exchange(queries, self.cfg.round_timeout)
+        replies, _ = self._exchange(queries, self.cfg.round_timeout, work=False)
         for node, reply in replies.items():
             if reply.has_error():
                 self.refused.add(node)
@@ -319,27 +322,34 @@ class FlowerClients:
                 self._admit(node, (int(info["partition"]), int(info["partitions"])))
                 self.log(f"flower: SuperNode {node} answered late and is back")
 
-    def _exchange(self, messages: dict[int, Message], timeout: float) -> tuple[dict[int, Message], list[int]]:
+    def _exchange(self, messages: dict[int, Message], timeout: float,
+                  work: bool = True) -> tuple[dict[int, Message], list[int]]:
         """Send, then collect replies until all are in or `timeout` passes; returns the
-        replies by node and the nodes that stayed silent."""
+        replies by node and the nodes that stayed silent. `work` (train, evaluate): a node
+        whose worker has not answered yet is given flower.start_timeout if that is longer,
+        since its first such message loads the model and prepares its clients."""
         if not messages:
             return {}, []
         nodes = list(messages)
         ids = list(self.grid.push_messages([messages[n] for n in nodes]))
         node_of = dict(zip(ids, nodes))
         pending, replies = set(ids), {}
-        deadline = time.monotonic() + timeout
+        start = time.monotonic()
+        limit = {mid: timeout if not work or node_of[mid] in self.working else max(timeout, self.cfg.start_timeout)
+                 for mid in ids}
         while pending:
             for reply in self.grid.pull_messages(list(pending)):
                 mid = reply.metadata.reply_to_message_id
                 if mid in pending:
                     pending.discard(mid)
                     replies[node_of[mid]] = reply
-            if not pending or time.monotonic() > deadline:
+            if not pending or all(time.monotonic() - start > limit[mid] for mid in pending):
                 break
             time.sleep(self.poll)
         for mid in pending:
             self.late[mid] = node_of[mid]
+        if work:
+            self.working.update(node for node, reply in replies.items() if not reply.has_error())
         return replies, [node_of[mid] for mid in pending]
 
 
