@@ -54,10 +54,11 @@ class PairItem:
     ref_chosen: float = 0.0  # log ref(y_w | x), summed over response tokens
     ref_rejected: float = 0.0
 
-
-def target_count(item: Encoded) -> int:
-    """The number of target tokens (the reply's) of an encoded sequence."""
-    return int((item.labels != IGNORE).sum())
+    @functools.cached_property
+    def tokens(self) -> tuple[int, int]:
+        """The chosen and rejected replies' target-token counts, counted once per pair (not
+        per training step: a preference loss may normalise by them)."""
+        return int((self.chosen.labels != IGNORE).sum()), int((self.rejected.labels != IGNORE).sum())
 
 
 def implicit_rewards(pi: torch.Tensor, ref: torch.Tensor, beta: float) -> torch.Tensor:
@@ -303,7 +304,7 @@ class DpoObjective(_Objective):
 
         return self.pair_loss(PairLogps(
             logps[:n], logps[n:], column([p.ref_chosen for p in items]), column([p.ref_rejected for p in items]),
-            column([target_count(p.chosen) for p in items]), column([target_count(p.rejected) for p in items])))
+            column([p.tokens[0] for p in items]), column([p.tokens[1] for p in items])))
 
     def _terms(self, groups, logps: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         losses, at = [], 0
