@@ -3,7 +3,8 @@
 A client's work is: load the starting adapter, run `local_steps` optimizer steps (AdamW or SGD) on
 random batches of its (pre-tokenized) data, return the adapter delta. The loss is
 completion-only cross-entropy; logits are computed only at target positions (the
-LM head is a large share of a small model's compute). Randomness (batch order,
+LM head is a large share of a small model's compute), and so is the last decoder layer's
+work after its attention (fedsec.readout). Randomness (batch order,
 dropout) comes from one seed per (round, client), so a run is reproducible and a
 resumed run equals an uninterrupted one.
 
@@ -38,8 +39,9 @@ import torch
 from fedsec.adapter import AdapterParams
 from fedsec.config import TrainingConfig
 from fedsec.defenses.dp import private_mean
-from fedsec.devices import autocast, model_device, to_device
+from fedsec.devices import autocast, autocast_dtype, model_device, to_device
 from fedsec.encoding import IGNORE, additive_mask
+from fedsec.readout import trimmed
 from fedsec.seeding import derive_seed, scoped_torch_seed
 
 
@@ -87,18 +89,25 @@ def target_hidden(model, batch: dict[str, torch.Tensor]):
         dtype = batch["inputs_embeds"].dtype if "inputs_embeds" in batch else lm.get_input_embeddings().weight.dtype
         mask = additive_mask(mask, dtype)
         extra["position_ids"] = batch["position_ids"]
-    with autocast(model):  # training.precision: the one place a forward's precision is applied
-        if "inputs_embeds" in batch:  # frozen-prefix cache: run only the adapted top layers
-            from fedsec.prefix import top_layers_only
+    decoder = lm.get_decoder()
 
-            with top_layers_only(lm, batch["start_layer"]):
-                hidden = lm.get_decoder()(inputs_embeds=batch["inputs_embeds"], attention_mask=mask,
-                                          use_cache=False, **extra).last_hidden_state
-        else:
-            hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=mask,
-                                      use_cache=False, **extra).last_hidden_state
+    def forward() -> torch.Tensor:
+        with autocast(model):  # training.precision: the one place a forward's precision is applied
+            if "inputs_embeds" in batch:  # frozen-prefix cache: run only the adapted top layers
+                from fedsec.prefix import top_layers_only
+
+                with top_layers_only(lm, batch["start_layer"]):
+                    return decoder(inputs_embeds=batch["inputs_embeds"], attention_mask=mask,
+                                   use_cache=False, **extra).last_hidden_state
+            return decoder(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False,
+                           **extra).last_hidden_state
+
     targets = batch["labels"][:, 1:]
     where = targets != IGNORE
+    read = torch.nn.functional.pad(where, (0, 1))  # position p's state predicts token p + 1
+    rtol = 1e-4 if autocast_dtype(model) is None else 2e-2
+    with trimmed(lm, decoder, read, forward, rtol):  # the last layer's MLP where the loss reads only
+        hidden = forward()
     rows = batch["owner"][:, 1:][where] if "owner" in batch else where.nonzero()[:, 0]
     return hidden[:, :-1][where], targets[where], rows
 
