@@ -261,10 +261,17 @@ UNCOVERED_METRICS = ("local_only_accuracy", "local_only_loss", "local_only_perpl
 
 
 def defense_label(cfg: Mapping) -> str:
-    """A run's server defense as tables name it: the rule, and "+realign" where the server
-    also re-aligns on its own refusals (a resolved config's `defense` section)."""
+    """A run's defense as tables name it (from a resolved config): the server's rule, "+realign"
+    where the server also re-aligns on its own refusals, and, under task dpo, a preference loss
+    other than DPO's with its parameters ("mean+cdpo(label_smoothing=0.2)": the clients' own
+    defense against flipped pairs), so that runs differing in it are never pooled."""
     defense = cfg.get("defense") or {}
-    return defense.get("aggregator", "mean") + ("+realign" if defense.get("realign_steps") else "")
+    label = defense.get("aggregator", "mean") + ("+realign" if defense.get("realign_steps") else "")
+    dpo = cfg.get("dpo") or {}
+    if cfg.get("task") == "dpo" and dpo.get("loss", "dpo") != "dpo":
+        params = ", ".join(f"{key}={value}" for key, value in sorted((dpo.get("params") or {}).items()))
+        label += f"+{dpo['loss']}" + (f"({params})" if params else "")
+    return label
 
 
 def federation_size(run_dir: Path, cfg: dict) -> int | None:

@@ -335,3 +335,28 @@ def test_a_sweep_stopped_halfway_has_the_tables_of_its_finished_runs(tmp_path, m
     rows = json.loads((tmp_path / "runs" / "g" / "results.json").read_text())
     assert [(r["variant"], r["seed"]) for r in rows] == [("mean", 0)]
     assert rows[0]["final_accuracy"] is not None
+
+
+def test_a_preference_loss_is_part_of_the_defense_so_its_runs_are_not_pooled_with_dpos():
+    """experiments/flip_losses.yaml's shape: flipped pairs under dpo, cdpo and rdpo, all with the
+    server's plain mean. Each loss is its own column of the attack grid (before, the three
+    flipped runs were one 'mean' cell: their mean)."""
+    from fedsec.reports.plots import attack_grid_data
+    from fedsec.sweeps import defense_label
+
+    def cfg(loss, params=None, task="dpo", aggregator="mean"):
+        return {"task": task, "defense": {"aggregator": aggregator, "realign_steps": 0},
+                "dpo": {"loss": loss, "params": params or {}}}
+
+    assert defense_label(cfg("dpo")) == "mean"
+    assert defense_label(cfg("cdpo", {"label_smoothing": 0.2})) == "mean+cdpo(label_smoothing=0.2)"
+    assert defense_label(cfg("ipo", aggregator="median")) == "median+ipo"
+    assert defense_label(cfg("cdpo", {"label_smoothing": 0.2}, task="sft")) == "mean"  # not used under sft
+    labels = [defense_label(cfg("dpo")), defense_label(cfg("cdpo", {"label_smoothing": 0.2})),
+              defense_label(cfg("rdpo", {"label_noise": 0.2}))]
+    rows = [_row(0, "none", 0, labels[0], 0.7, "clean"),
+            *(_row(0, "preference_flip", 3, label, acc, f"flip-{k}")
+              for k, (label, acc) in enumerate(zip(labels, (0.4, 0.5, 0.6))))]
+    data = attack_grid_data(rows)
+    assert data.defenses == labels
+    assert [data.get("final_accuracy", "preference_flip", label, 0.3).mean for label in labels] == [0.4, 0.5, 0.6]
