@@ -99,9 +99,9 @@ def trimmed(model, decoder, read: torch.Tensor, forward: Callable[[], torch.Tens
     [rows, positions, hidden]) both ways, in eval mode, without gradients and on a copy of the
     random state (a resumed run draws what the uninterrupted one drew), and compares the read
     states, each position against its own largest entry within `rtol`. Skipped where nothing
-    would be saved (every position read) and under gradient checkpointing, whose backward
+    would be saved (every position read, or none) and under gradient checkpointing, whose backward
     recomputes the layer without the block."""
-    if bool(read.all()) or _EXACT.get(model) is False:
+    if bool(read.all()) or not bool(read.any()) or _EXACT.get(model) is False:
         return contextlib.nullcontext()
     if not isinstance(getattr(decoder, "layers", None), torch.nn.ModuleList):  # GPT-2's `h`: not handled
         _EXACT[model] = False
