@@ -13,8 +13,9 @@ layer's attention.
 The rows stay rows (each row's read positions, padded to the longest), so per-row gradients
 (Opacus' hooks for DP-SGD and the batched cohort path) stay per row. Whether it gives the full
 forward's states on a model is checked once per model, on its first batch (`trimmed`), as
-packing is: a model whose last layer names its MLP otherwise, returns more than a tensor from
-it (a mixture of experts' router logits), or mixes positions there runs the plain forward.
+packing is. A last layer that names its MLP otherwise (Mixtral's `block_sparse_moe`) keeps it
+whole; one whose MLP returns more than a tensor (a mixture of experts' router logits) or mixes
+positions runs the plain forward.
 """
 
 from __future__ import annotations
