@@ -3,7 +3,10 @@ in-process `prepare` computes), against one call per client (what a Flower Super
 computes for the clients it hosts), and against batches that cross clients (what
 `prepare` computed before the two engines shared one encoder), and against the same
 per-client batches packed behind their shared chat-template opening (training.pack, on by
-default: the opening goes through the frozen layers once per row of up to 8 examples).
+default: the opening goes through the frozen layers once per row of up to 8 examples), and
+those packed batches one forward at a time on all of torch's threads (fedsec until
+2026-12-07) against one thread per forward, as many forwards at once as torch has threads
+(`fedsec.prefix._forward_threads`, now on the CPU).
 
 The DP sweep's shape (experiments/dp_base.yaml: SmolLM2-135M-Instruct, 4 examples per
 client, the 28 frozen layers below the top 2) on `--clients` clients. Prints the three
@@ -17,11 +20,14 @@ difference on).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import time
+from unittest import mock
 
 import torch
 
+import fedsec.prefix
 from benchmarks import store
 from fedsec.config import load_config
 from fedsec.data import build_federated_data
@@ -59,6 +65,13 @@ def main(argv=None) -> dict:
         packed = prefix_states(model, flat, first, pad, batch, groups=[len(items) for items in sets], pack=True)
         packed_seconds = time.perf_counter() - began
         packed_alone = [h for items in sets for h in prefix_states(model, items, first, pad, batch, pack=True)]
+        with mock.patch.object(fedsec.prefix, "_forward_threads", lambda _model: contextlib.nullcontext(1)):
+            began = time.perf_counter()
+            one_at_a_time = prefix_states(model, flat, first, pad, batch, groups=[len(items) for items in sets],
+                                          pack=True)
+            serial_seconds = time.perf_counter() - began
+
+    side_same = sum(bool(torch.equal(a, b)) for a, b in zip(packed, one_at_a_time, strict=True))
 
     def same(states):
         return sum(bool(torch.equal(a, b)) for a, b in zip(states, alone, strict=True))
@@ -74,7 +87,9 @@ def main(argv=None) -> dict:
           f"per-client batches / across {one_call / across:.2f}x; packed per-client batches "
           f"{packed_seconds:.1f} s ({packed_same}/{len(flat)} bit-identical to packed per-client calls, "
           f"largest difference to plain {packed_worst:.2e} of states up to {scale:.0f}): "
-          f"plain / packed {one_call / packed_seconds:.2f}x")
+          f"plain / packed {one_call / packed_seconds:.2f}x; packed one forward at a time on "
+          f"{torch.get_num_threads()} threads {serial_seconds:.1f} s, side by side on one thread each "
+          f"{serial_seconds / packed_seconds:.2f}x faster ({side_same}/{len(flat)} states the same bits)")
     today = datetime.date.today().isoformat()
     results = {"prefix_per_client_over_batched": {"value": one_call / across, "date": today,
                                                   "examples": len(flat), "identical_states": same(grouped),
@@ -83,7 +98,10 @@ def main(argv=None) -> dict:
                "prefix_plain_over_packed": {"value": one_call / packed_seconds, "date": today,
                                             "examples": len(flat), "identical_to_per_client_packed": packed_same,
                                             "largest_difference_to_plain": packed_worst,
-                                            "largest_state": scale}}
+                                            "largest_state": scale},
+               "prefix_side_by_side_speedup": {"value": serial_seconds / packed_seconds, "date": today,
+                                               "examples": len(flat), "threads": torch.get_num_threads(),
+                                               "identical_states": side_same}}
     store(results)
     return results
 

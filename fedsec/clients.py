@@ -142,7 +142,7 @@ def prepare_clients(cfg: ExperimentConfig, hosted: Callable[[int], bool], record
     by_id = {client.client_id: client for client in federation.data.clients}  # a silo's ids start at its first
     ids = [c for c in by_id if hosted(c) and (only is None or c in only)]
     prefix = frozen_prefix(model, cfg) if cfg.lora.cache_frozen_layers else None
-    sets = {}
+    sets, todo = {}, {}
     for c in ids:
         path = cache / f"client-{c}.pt" if cache is not None else None
         if path is not None and path.is_file():
@@ -152,9 +152,12 @@ def prepare_clients(cfg: ExperimentConfig, hosted: Callable[[int], bool], record
             except Exception as err:  # a damaged file is computed again and replaced
                 print(f"fedsec: {path} is unreadable ({type(err).__name__}); preparing client {c} again",
                       file=sys.stderr)
-        items = train_set(objective, by_id[c], tokenizer, cfg)
-        if prefix is not None and items:
-            items = cache_train_sets(model, prefix, pad, cfg.eval.batch_size, [items])[0]
+        todo[c] = train_set(objective, by_id[c], tokenizer, cfg)
+    if prefix is not None and any(todo.values()):  # one call for the node's clients, batches inside each
+        cached = iter(cache_train_sets(model, prefix, pad, cfg.eval.batch_size, [x for x in todo.values() if x]))
+        todo = {c: next(cached) if items else items for c, items in todo.items()}
+    for c, items in todo.items():
+        path = cache / f"client-{c}.pt" if cache is not None else None
         items = objective.precompute(model, items, cfg.eval.batch_size)  # DPO: the reference log-probabilities
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -162,6 +165,7 @@ def prepare_clients(cfg: ExperimentConfig, hosted: Callable[[int], bool], record
             torch.save([_item_to_dict(item) for item in items], buffer)
             atomic_write_bytes(path, buffer.getvalue())
         sets[c] = items
+    sets = {c: sets[c] for c in ids}  # the federation's order, wherever each came from
     record_dp = (RecordDp(cfg.privacy.clip_norm, record_noise, record_secret(cfg)) if record_noise is not None
                  else None)
     trainer = LocalTrainer(model, cfg.training, objective, record_dp)

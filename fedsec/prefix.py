@@ -22,7 +22,9 @@ import io
 import itertools
 import shutil
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -102,39 +104,48 @@ def _batches(items: Sequence[Encoded], batch_size: int, groups: Sequence[int] | 
 PACK_ROW = 8
 
 
-def _forward_to(decoder, first: int, batch: dict[str, torch.Tensor], model) -> torch.Tensor:
-    """The hidden state entering layer `first` for a collated batch ([rows, width, hidden]):
-    the decoder run until that layer's input, then stopped."""
+@contextlib.contextmanager
+def _stopping_at(decoder, first: int) -> Iterator[None]:
+    """Inside the block, every forward of `decoder` (in any thread) stops at the input of layer
+    `first`, raising `_Captured` with it: one hook for a whole `prefix_states` call, whose
+    forwards may run on several threads at once (`_in_order`)."""
     def capture(_module, args, kwargs):
         raise _Captured(args[0] if args else kwargs["hidden_states"])
 
-    extra, mask = {}, batch["attention_mask"]
-    if mask.dim() == 4:  # packed rows (encoding.collate_packed_rows): their own mask and positions
-        mask = additive_mask(mask, decoder.embed_tokens.weight.dtype)
-        extra["position_ids"] = batch["position_ids"]
     handle = decoder.layers[first].register_forward_pre_hook(capture, with_kwargs=True)
     try:
-        with autocast(model):
-            decoder(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False, **extra)
-        raise RuntimeError("the decoder never reached the first adapted layer")
-    except _Captured as hit:
-        return hit.hidden
+        yield
     finally:
         handle.remove()
 
 
-def _chunk_states(decoder, model, first: int, chunk: list[Encoded], pad_id: int, shared: int) -> list[torch.Tensor]:
-    """Each item's state entering layer `first` ([T_i, hidden] each). With `shared` > 0 (their
+def _forward_to(decoder, batch: dict[str, torch.Tensor], model) -> torch.Tensor:
+    """The hidden state entering the layer `_stopping_at` names for a collated batch ([rows,
+    width, hidden]): the decoder run until that layer's input, then stopped."""
+    extra, mask = {}, batch["attention_mask"]
+    if mask.dim() == 4:  # packed rows (encoding.collate_packed_rows): their own mask and positions
+        mask = additive_mask(mask, decoder.embed_tokens.weight.dtype)
+        extra["position_ids"] = batch["position_ids"]
+    try:
+        with torch.no_grad(), autocast(model):  # grad and autocast modes are per thread
+            decoder(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False, **extra)
+    except _Captured as hit:
+        return hit.hidden
+    raise RuntimeError("the decoder never reached the first adapted layer")
+
+
+def _chunk_states(decoder, model, chunk: list[Encoded], pad_id: int, shared: int) -> list[torch.Tensor]:
+    """Each item's state entering the layer `_stopping_at` names ([T_i, hidden] each). With `shared` > 0 (their
     shared opening, encoding.shared_prefix_length), the items go through in rows of PACK_ROW
     behind it (computed once per row, then copied to each item's state), the plain batch's
     numbers up to float rounding; 0: a plain batch."""
     on = model_device(model)
     if shared < 1:
-        hidden = _forward_to(decoder, first, to_device(collate(chunk, pad_id), on), model)
+        hidden = _forward_to(decoder, to_device(collate(chunk, pad_id), on), model)
         return [hidden[row, : item.input_ids.numel()] for row, item in enumerate(chunk)]
     rows = [chunk[k: k + PACK_ROW] for k in range(0, len(chunk), PACK_ROW)]
     batch = to_device(collate_packed_rows([(row, shared) for row in rows], pad_id), on)
-    hidden = _forward_to(decoder, first, batch, model)
+    hidden = _forward_to(decoder, batch, model)
     out, owner = [], batch["owner"]
     for r, row in enumerate(rows):
         for _ in row:
@@ -154,10 +165,10 @@ def _packed_states(decoder, model, first: int, chunk: list[Encoded], pad_id: int
     check's plain states stand in then)."""
     known = _PACKS.setdefault(model, {})
     if known.get(first) is False:
-        return _chunk_states(decoder, model, first, chunk, pad_id, 0)
-    packed = _chunk_states(decoder, model, first, chunk, pad_id, shared)
+        return _chunk_states(decoder, model, chunk, pad_id, 0)
+    packed = _chunk_states(decoder, model, chunk, pad_id, shared)
     if first not in known:
-        plain = _chunk_states(decoder, model, first, chunk, pad_id, 0)
+        plain = _chunk_states(decoder, model, chunk, pad_id, 0)
         # half-precision products round to 8 (bf16) or 11 (fp16) bits; fp32 to rounding. Each
         # position against its own largest entry: a few positions carry entries in the tens of
         # thousands (massive activations), which would hide an error elsewhere in one scale
@@ -234,20 +245,74 @@ def prefix_states(model, items: Sequence[Encoded], first: int, pad_id: int,
         def sink(_i, state):
             return _placed(state, home, pin)
 
+    def states(chunk: list[int]) -> list[torch.Tensor]:
+        members = [items[i] for i in chunk]
+        shared = shared_prefix_length(members) if pack else 0
+        return (_packed_states(decoder, model, first, members, pad_id, shared) if shared > 0
+                else _chunk_states(decoder, model, members, pad_id, 0))
+
     out: list[torch.Tensor | None] = [None] * len(items)
+    batches = list(_batches(items, batch_size, groups))
     shown = progress.bar(len(items), "frozen prefix", "example")
     try:
-        for chunk in _batches(items, batch_size, groups):
-            members = [items[i] for i in chunk]
-            shared = shared_prefix_length(members) if pack else 0
-            states = (_packed_states(decoder, model, first, members, pad_id, shared) if shared > 0
-                      else _chunk_states(decoder, model, first, members, pad_id, 0))
-            for i, state in zip(chunk, states):
-                out[i] = sink(i, state)
-            shown.update(len(chunk))
+        with _stopping_at(decoder, first), _forward_threads(model) as workers:
+            for chunk, computed in zip(batches, _in_order(states, batches, workers)):
+                for i, state in zip(chunk, computed):
+                    out[i] = sink(i, state)
+                shown.update(len(chunk))
     finally:
         shown.close()
     return out
+
+
+def forward_threads(model) -> int:
+    """The intra-op threads each frozen-prefix forward runs on: one on the CPU (`_forward_threads`),
+    the process's setting elsewhere. Part of a state's memo key: float sums split over threads
+    differ in the last bits."""
+    return 1 if model_device(model).type == "cpu" else torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def _forward_threads(model) -> Iterator[int]:
+    """On the CPU, every forward of the block on one torch thread, and as many forwards at once
+    as torch had threads (the number yielded): a batch's states are then the same bits whichever
+    thread computes them and however many the process has, so a SuperNode given one core and an
+    in-process run given all of them start from the same states. A forward of one client's few
+    rows runs its products far from the CPU's peak; side by side, one per core, they come closer
+    (1.2x on 2 cores for the DP sweep's clients of 4). Elsewhere one forward at a time (1)."""
+    if model_device(model).type != "cpu":
+        yield 1
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _in_order(fn: Callable, work: Sequence, workers: int) -> Iterator:
+    """fn over `work`, in order: the first in this thread (a one-time check that it runs, as
+    `_packed_states`' does, runs once), the rest on `workers` threads, at most two each ahead of
+    what has been taken; an error cancels what has not started."""
+    if not work:
+        return
+    yield fn(work[0])
+    if workers < 2:
+        yield from map(fn, work[1:])
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque = deque()
+        try:
+            for unit in work[1:]:
+                pending.append(pool.submit(fn, unit))
+                if len(pending) > 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 @dataclass
@@ -291,13 +356,14 @@ def tensors_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
     return digest.hexdigest()
 
 
-def _memo_key(model_key: str, first: int, items: Sequence[Encoded], batch_size: int,
+def _memo_key(model_key: str, first: int, items: Sequence[Encoded], batch_size: int, threads: int,
               groups: Sequence[int] | None = None, pack: bool = False) -> str:
-    # the batches (size, groups, packing) and the threads shape the kernels' float sums: states
-    # computed under others could differ in the last bits, so they are another entry
+    # the batches (size, groups, packing) and each forward's threads (`forward_threads`) shape the
+    # kernels' float sums: states computed under others could differ in the last bits, so they
+    # are another entry
     packed = f"|packed{PACK_ROW}" if pack else ""  # unpacked keys stay what they were
     digest = hashlib.sha256(f"{model_key}|{first}|{len(items)}|{batch_size}|{torch.__version__}|"
-                            f"{torch.get_num_threads()}|{list(groups) if groups is not None else ''}{packed}".encode())
+                            f"{threads}|{list(groups) if groups is not None else ''}{packed}".encode())
     for item in items:
         digest.update(item.input_ids.numpy().tobytes())
         digest.update(b"|")
@@ -365,7 +431,7 @@ def cache_frozen_prefix(model, items: Sequence[Encoded], first: int, pad_id: int
         states = prefix_states(model, items, first, pad_id, batch_size, home, groups=groups, pack=pack)
         return [replace(item, hidden=h, hidden_layer=first) for item, h in zip(items, states)]
     key = _memo_key(f"{model_key or 'unnamed'}|{frozen_fingerprint(model, first)}", first, items, batch_size,
-                    groups, pack)
+                    forward_threads(model), groups, pack)
     if mapped:
         return _mapped(model, items, first, pad_id, batch_size, home / key[:40], groups, pack)
     pin = home.type == "cpu" and model_device(model).type == "cuda"
@@ -405,7 +471,7 @@ def _group_spans(model_key: str | None, model, first: int, items: Sequence[Encod
     if groups is None:
         return []
     base = f"{model_key or 'unnamed'}|{frozen_fingerprint(model, first)}"
-    return [(_memo_key(base, first, items[a:b], batch_size, [b - a], pack), a, b)
+    return [(_memo_key(base, first, items[a:b], batch_size, forward_threads(model), [b - a], pack), a, b)
             for a, b in itertools.pairwise([0, *itertools.accumulate(groups)])]
 
 

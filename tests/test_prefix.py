@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import torch
 from conftest import tiny_config
 
@@ -245,13 +246,80 @@ def test_a_model_whose_states_packing_would_change_computes_the_prefix_plain(tmp
     plain = prefix_states(model, items[:6], first, pad, batch_size=6)
     real = fedsec.prefix._chunk_states
 
-    def ignores_the_mask(decoder, model, first, chunk, pad_id, shared):  # as an architecture might
-        states = real(decoder, model, first, chunk, pad_id, shared)
+    def ignores_the_mask(decoder, model, chunk, pad_id, shared):  # as an architecture might
+        states = real(decoder, model, chunk, pad_id, shared)
         return [s + 1.0 for s in states] if shared else states
 
     monkeypatch.setattr(fedsec.prefix, "_chunk_states", ignores_the_mask)
     fallback = prefix_states(model, items[:6], first, pad, batch_size=6, pack=True)
     assert all(torch.equal(a, b) for a, b in zip(fallback, plain))
+
+
+def _clients_items(tmp_path, tok, count):
+    data = build_federated_data(tiny_config(tmp_path).data, 0, "sft")
+    return [e for c in data.clients for e in encode_all(c.train, tok, "chat", 160)][:count]
+
+
+def test_prefix_forwards_run_side_by_side_on_one_thread_each_and_give_a_one_core_nodes_bits(tmp_path):
+    """On the CPU every frozen-prefix forward runs on one torch thread, as many at once as the
+    process has threads: each client's states are bit for bit what a process given one core
+    computes for that client alone (a Flower SuperNode), and torch's setting is restored."""
+    import threading
+
+    import fedsec.prefix
+    from fedsec.prefix import prefix_states
+
+    model, tok, _ = _model_and_items(tmp_path, top_layers=1)
+    first, pad = model.config.num_hidden_layers - 1, tok.pad_token_id
+    items, groups = _clients_items(tmp_path, tok, 12), [2, 3, 2, 3, 2]
+    bounds = [0, 2, 5, 7, 10, 12]
+    seen = []
+    decoder = fedsec.prefix._decoder(model)
+    handle = decoder.layers[0].register_forward_pre_hook(
+        lambda *_: seen.append((threading.get_ident(), torch.get_num_threads())))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = [h for a, b in zip(bounds, bounds[1:])
+                 for h in prefix_states(model, items[a:b], first, pad, batch_size=2, pack=True)]
+        seen.clear()
+        torch.set_num_threads(3)
+        side_by_side = prefix_states(model, items, first, pad, batch_size=2, groups=groups, pack=True)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
+        handle.remove()
+    assert all(torch.equal(a, b) for a, b in zip(side_by_side, alone, strict=True))
+    assert {n for _, n in seen} == {1}  # every forward on one thread
+    assert threading.get_ident() in {t for t, _ in seen} and len({t for t, _ in seen}) > 1
+
+
+def test_an_error_in_a_side_by_side_prefix_forward_reaches_the_caller_and_restores_the_threads(
+        tmp_path, monkeypatch):
+    import fedsec.prefix
+    from fedsec.prefix import prefix_states
+
+    model, tok, _ = _model_and_items(tmp_path, top_layers=1)
+    first, pad = model.config.num_hidden_layers - 1, tok.pad_token_id
+    items = _clients_items(tmp_path, tok, 8)
+    real, calls = fedsec.prefix._chunk_states, []
+
+    def fails_third(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise MemoryError("the third batch")
+        return real(*args)
+
+    monkeypatch.setattr(fedsec.prefix, "_chunk_states", fails_third)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(MemoryError, match="the third batch"):
+            prefix_states(model, items, first, pad, batch_size=1)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert not fedsec.prefix._decoder(model).layers[first]._forward_pre_hooks  # the stop removed
 
 
 def test_a_call_reuses_the_groups_an_earlier_call_computed_bit_for_bit(tmp_path, monkeypatch):
