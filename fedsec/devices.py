@@ -85,6 +85,20 @@ def autocast(model):
     return torch.autocast(model_device(model).type, dtype=dtype)
 
 
+# How far two computations of the same hidden states may differ, relative to each position's
+# largest entry, and still be one computation (packing, the frozen-prefix cache, the trimmed last
+# layer; each checked once per model): fp32 to rounding; half precision rounds every product to
+# 8 (bf16) or 11 (fp16) bits and the layers carry that on: SmolLM2's 30 layers under bf16
+# autocast on a CPU put a position 2.4-3.1% of its largest entry off (2026-12-07). A structural
+# difference (an ignored mask, a scaled input) is off by its whole size.
+AGREEMENT_RTOL = {None: 1e-4, torch.bfloat16: 0.1, torch.float16: 2e-2}
+
+
+def agreement_rtol(model) -> float:
+    """`AGREEMENT_RTOL` for the precision `set_precision` gave the model."""
+    return AGREEMENT_RTOL[autocast_dtype(model)]
+
+
 def _causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 

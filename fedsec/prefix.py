@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from fedsec import progress
-from fedsec.devices import autocast, autocast_dtype, model_device, to_device
+from fedsec.devices import agreement_rtol, autocast, model_device, to_device
 from fedsec.encoding import DATA, Encoded, additive_mask, collate, collate_packed_rows, shared_prefix_length
 from fedsec.errors import ConfigError
 from fedsec.rundir import atomic_write_bytes
@@ -169,10 +169,10 @@ def _packed_states(decoder, model, first: int, chunk: list[Encoded], pad_id: int
     packed = _chunk_states(decoder, model, chunk, pad_id, shared)
     if first not in known:
         plain = _chunk_states(decoder, model, chunk, pad_id, 0)
-        # half-precision products round to 8 (bf16) or 11 (fp16) bits; fp32 to rounding. Each
-        # position against its own largest entry: a few positions carry entries in the tens of
-        # thousands (massive activations), which would hide an error elsewhere in one scale
-        rtol = 1e-4 if autocast_dtype(model) is None else 2e-2
+        # each position against its own largest entry (devices.agreement_rtol): a few positions
+        # carry entries in the tens of thousands (massive activations), which would hide an
+        # error elsewhere in one scale
+        rtol = agreement_rtol(model)
         known[first] = all(bool(((a.float() - b.float()).abs() <= rtol * b.float().abs().amax(-1, keepdim=True)).all())
                            for a, b in zip(packed, plain))
         if not known[first]:
@@ -213,7 +213,7 @@ def _check_reproduces(decoder, model, first: int, item: Encoded, pad_id: int, st
         with top_layers_only(model, first):
             top = decoder(inputs_embeds=state[None].to(full.device), attention_mask=batch["attention_mask"],
                           use_cache=False).last_hidden_state[0]
-    rtol = 1e-4 if autocast_dtype(model) is None else 2e-2
+    rtol = agreement_rtol(model)
     if not bool(((top.float() - full.float()).abs() <= rtol * full.float().abs().amax(-1, keepdim=True)).all()):
         raise ConfigError("lora.cache_frozen_layers", True,
                           f"the adapted layers run from cached states do not reproduce this model's forward "
