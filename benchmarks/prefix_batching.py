@@ -6,7 +6,7 @@ per-client batches packed behind their shared chat-template opening (training.pa
 default: the opening goes through the frozen layers once per row of up to 8 examples), and
 those packed batches one forward at a time on all of torch's threads (fedsec until
 2026-12-07) against one thread per forward, as many forwards at once as torch has threads
-(`fedsec.prefix._forward_threads`, now on the CPU).
+(`fedsec.prefix._side_by_side`, now on the CPU).
 
 The DP sweep's shape (experiments/dp_base.yaml: SmolLM2-135M-Instruct, 4 examples per
 client, the 28 frozen layers below the top 2) on `--clients` clients. Prints the three
@@ -65,7 +65,7 @@ def main(argv=None) -> dict:
         packed = prefix_states(model, flat, first, pad, batch, groups=[len(items) for items in sets], pack=True)
         packed_seconds = time.perf_counter() - began
         packed_alone = [h for items in sets for h in prefix_states(model, items, first, pad, batch, pack=True)]
-        with mock.patch.object(fedsec.prefix, "_forward_threads", lambda _model: contextlib.nullcontext(1)):
+        with mock.patch.object(fedsec.prefix, "_side_by_side", lambda _model: contextlib.nullcontext(1)):
             began = time.perf_counter()
             one_at_a_time = prefix_states(model, flat, first, pad, batch, groups=[len(items) for items in sets],
                                           pack=True)

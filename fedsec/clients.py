@@ -143,8 +143,9 @@ def prepare_clients(cfg: ExperimentConfig, hosted: Callable[[int], bool], record
     ids = [c for c in by_id if hosted(c) and (only is None or c in only)]
     prefix = frozen_prefix(model, cfg) if cfg.lora.cache_frozen_layers else None
     sets, todo = {}, {}
+    paths = {c: cache / f"client-{c}.pt" if cache is not None else None for c in ids}
     for c in ids:
-        path = cache / f"client-{c}.pt" if cache is not None else None
+        path = paths[c]
         if path is not None and path.is_file():
             try:
                 sets[c] = [_item_from_dict(d) for d in torch.load(path, weights_only=True)]
@@ -157,7 +158,7 @@ def prepare_clients(cfg: ExperimentConfig, hosted: Callable[[int], bool], record
         cached = iter(cache_train_sets(model, prefix, pad, cfg.eval.batch_size, [x for x in todo.values() if x]))
         todo = {c: next(cached) if items else items for c, items in todo.items()}
     for c, items in todo.items():
-        path = cache / f"client-{c}.pt" if cache is not None else None
+        path = paths[c]
         items = objective.precompute(model, items, cfg.eval.batch_size)  # DPO: the reference log-probabilities
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -94,9 +94,13 @@ def autocast(model):
 AGREEMENT_RTOL = {None: 1e-4, torch.bfloat16: 0.1, torch.float16: 2e-2}
 
 
-def agreement_rtol(model) -> float:
-    """`AGREEMENT_RTOL` for the precision `set_precision` gave the model."""
-    return AGREEMENT_RTOL[autocast_dtype(model)]
+def agrees(a: torch.Tensor, b: torch.Tensor, model) -> bool:
+    """Whether `a` is `b` as `model` computes (packed, cached or trimmed against plain): every
+    position (last dimension) within `AGREEMENT_RTOL` of the model's precision times `b`'s largest
+    entry there. Per position: a few positions carry entries in the tens of thousands (massive
+    activations), which would hide an error elsewhere in one scale."""
+    a, b = a.float(), b.float()
+    return bool(((a - b).abs() <= AGREEMENT_RTOL[autocast_dtype(model)] * b.abs().amax(-1, keepdim=True)).all())
 
 
 def _causal_lm(model):

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from fedsec import progress
-from fedsec.devices import agreement_rtol, autocast, model_device, to_device
+from fedsec.devices import agrees, autocast, model_device, to_device
 from fedsec.encoding import DATA, Encoded, additive_mask, collate, collate_packed_rows, shared_prefix_length
 from fedsec.errors import ConfigError
 from fedsec.rundir import atomic_write_bytes
@@ -169,12 +169,7 @@ def _packed_states(decoder, model, first: int, chunk: list[Encoded], pad_id: int
     packed = _chunk_states(decoder, model, chunk, pad_id, shared)
     if first not in known:
         plain = _chunk_states(decoder, model, chunk, pad_id, 0)
-        # each position against its own largest entry (devices.agreement_rtol): a few positions
-        # carry entries in the tens of thousands (massive activations), which would hide an
-        # error elsewhere in one scale
-        rtol = agreement_rtol(model)
-        known[first] = all(bool(((a.float() - b.float()).abs() <= rtol * b.float().abs().amax(-1, keepdim=True)).all())
-                           for a, b in zip(packed, plain))
+        known[first] = all(agrees(a, b, model) for a, b in zip(packed, plain))
         if not known[first]:
             return plain
     return packed
@@ -213,8 +208,7 @@ def _check_reproduces(decoder, model, first: int, item: Encoded, pad_id: int, st
         with top_layers_only(model, first):
             top = decoder(inputs_embeds=state[None].to(full.device), attention_mask=batch["attention_mask"],
                           use_cache=False).last_hidden_state[0]
-    rtol = agreement_rtol(model)
-    if not bool(((top.float() - full.float()).abs() <= rtol * full.float().abs().amax(-1, keepdim=True)).all()):
+    if not agrees(top, full, model):
         raise ConfigError("lora.cache_frozen_layers", True,
                           f"the adapted layers run from cached states do not reproduce this model's forward "
                           f"({type(decoder).__name__} changes what it is given as input embeddings): set it to false")
@@ -255,7 +249,7 @@ def prefix_states(model, items: Sequence[Encoded], first: int, pad_id: int,
     batches = list(_batches(items, batch_size, groups))
     shown = progress.bar(len(items), "frozen prefix", "example")
     try:
-        with _stopping_at(decoder, first), _forward_threads(model) as workers:
+        with _stopping_at(decoder, first), _side_by_side(model) as workers:
             for chunk, computed in zip(batches, _in_order(states, batches, workers)):
                 for i, state in zip(chunk, computed):
                     out[i] = sink(i, state)
@@ -265,15 +259,15 @@ def prefix_states(model, items: Sequence[Encoded], first: int, pad_id: int,
     return out
 
 
-def forward_threads(model) -> int:
-    """The intra-op threads each frozen-prefix forward runs on: one on the CPU (`_forward_threads`),
+def _threads_per_forward(model) -> int:
+    """The intra-op threads each frozen-prefix forward runs on: one on the CPU (`_side_by_side`),
     the process's setting elsewhere. Part of a state's memo key: float sums split over threads
     differ in the last bits."""
     return 1 if model_device(model).type == "cpu" else torch.get_num_threads()
 
 
 @contextlib.contextmanager
-def _forward_threads(model) -> Iterator[int]:
+def _side_by_side(model) -> Iterator[int]:
     """On the CPU, every forward of the block on one torch thread, and as many forwards at once
     as torch had threads (the number yielded): a batch's states are then the same bits whichever
     thread computes them and however many the process has, so a SuperNode given one core and an
@@ -358,7 +352,7 @@ def tensors_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
 
 def _memo_key(model_key: str, first: int, items: Sequence[Encoded], batch_size: int, threads: int,
               groups: Sequence[int] | None = None, pack: bool = False) -> str:
-    # the batches (size, groups, packing) and each forward's threads (`forward_threads`) shape the
+    # the batches (size, groups, packing) and each forward's threads (`_threads_per_forward`) shape the
     # kernels' float sums: states computed under others could differ in the last bits, so they
     # are another entry
     packed = f"|packed{PACK_ROW}" if pack else ""  # unpacked keys stay what they were
@@ -431,7 +425,7 @@ def cache_frozen_prefix(model, items: Sequence[Encoded], first: int, pad_id: int
         states = prefix_states(model, items, first, pad_id, batch_size, home, groups=groups, pack=pack)
         return [replace(item, hidden=h, hidden_layer=first) for item, h in zip(items, states)]
     key = _memo_key(f"{model_key or 'unnamed'}|{frozen_fingerprint(model, first)}", first, items, batch_size,
-                    forward_threads(model), groups, pack)
+                    _threads_per_forward(model), groups, pack)
     if mapped:
         return _mapped(model, items, first, pad_id, batch_size, home / key[:40], groups, pack)
     pin = home.type == "cpu" and model_device(model).type == "cuda"
@@ -470,8 +464,8 @@ def _group_spans(model_key: str | None, model, first: int, items: Sequence[Encod
     (none without `groups`: batches that cross the items make no group's states its own)."""
     if groups is None:
         return []
-    base = f"{model_key or 'unnamed'}|{frozen_fingerprint(model, first)}"
-    return [(_memo_key(base, first, items[a:b], batch_size, forward_threads(model), [b - a], pack), a, b)
+    base, threads = f"{model_key or 'unnamed'}|{frozen_fingerprint(model, first)}", _threads_per_forward(model)
+    return [(_memo_key(base, first, items[a:b], batch_size, threads, [b - a], pack), a, b)
             for a, b in itertools.pairwise([0, *itertools.accumulate(groups)])]
 
 

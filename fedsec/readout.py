@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from fedsec.devices import agrees
+
 # The position-wise modules of a decoder layer that follow its attention, by attribute path
 # (Llama, Mistral, Qwen, Phi-3, Gemma-2 and OLMo-2 all name them so)
 POSITIONWISE = ("self_attn.o_proj", "mlp")
@@ -93,13 +95,13 @@ def read_positions_only(decoder, read: torch.Tensor) -> Iterator[None]:
 _EXACT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def trimmed(model, decoder, read: torch.Tensor, forward: Callable[[], torch.Tensor],
-            rtol: float) -> contextlib.AbstractContextManager:
+def trimmed(model, decoder, read: torch.Tensor, forward: Callable[[], torch.Tensor]
+            ) -> contextlib.AbstractContextManager:
     """`read_positions_only(decoder, read)` where it is exact on `model`, else a block that
     changes nothing. The first call on a model runs `forward` (the decoder's last hidden state,
     [rows, positions, hidden]) both ways, in eval mode, without gradients and on a copy of the
     random state (a resumed run draws what the uninterrupted one drew), and compares the read
-    states, each position against its own largest entry within `rtol`. Skipped where nothing
+    states (`devices.agrees`). Skipped where nothing
     would be saved (every position read, or none) and under gradient checkpointing, whose backward
     recomputes the layer without the block."""
     if bool(read.all()) or not bool(read.any()) or _EXACT.get(model) is False:
@@ -118,7 +120,7 @@ def trimmed(model, decoder, read: torch.Tensor, forward: Callable[[], torch.Tens
                 try:
                     with read_positions_only(decoder, read):
                         cut = forward()[read].float()
-                    _EXACT[model] = bool(((cut - plain).abs() <= rtol * plain.abs().amax(-1, keepdim=True)).all())
+                    _EXACT[model] = agrees(cut, plain, model)
                 except _NotPositionwise:
                     _EXACT[model] = False
         finally:

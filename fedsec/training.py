@@ -39,7 +39,7 @@ import torch
 from fedsec.adapter import AdapterParams
 from fedsec.config import TrainingConfig
 from fedsec.defenses.dp import private_mean
-from fedsec.devices import agreement_rtol, autocast, model_device, to_device
+from fedsec.devices import autocast, model_device, to_device
 from fedsec.encoding import IGNORE, additive_mask
 from fedsec.readout import trimmed
 from fedsec.seeding import derive_seed, scoped_torch_seed
@@ -105,7 +105,7 @@ def target_hidden(model, batch: dict[str, torch.Tensor]):
     targets = batch["labels"][:, 1:]
     where = targets != IGNORE
     read = torch.nn.functional.pad(where, (0, 1))  # position p's state predicts token p + 1
-    with trimmed(lm, decoder, read, forward, agreement_rtol(model)):  # the last layer's MLP only where it is read
+    with trimmed(lm, decoder, read, forward):  # the last layer's MLP only where it is read
         hidden = forward()
     rows = batch["owner"][:, 1:][where] if "owner" in batch else where.nonzero()[:, 0]
     return hidden[:, :-1][where], targets[where], rows

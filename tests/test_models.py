@@ -108,7 +108,7 @@ def test_smollm2_under_bf16_autocast_keeps_its_frozen_prefix_cache_and_a_wrong_s
     AMX the top layers run from cached states put a position 2.4-3.1% of its largest entry off
     the model's own forward, over the 2% the check once allowed, so every bf16 run with the
     cache was refused as a model that changes its input embeddings. The check accepts bf16's
-    rounding (devices.agreement_rtol) and still refuses a state that is not the model's."""
+    rounding (devices.AGREEMENT_RTOL) and still refuses a state that is not the model's."""
     from fedsec.config import load_config
     from fedsec.data import build_federated_data
     from fedsec.models import load_model
