@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ("accounting", "overhead", "many_clients", "memory_clients", "file_clients", "evaluation", "server_pipeline",
+ORDER = ("accounting", "overhead", "packing", "many_clients", "memory_clients", "file_clients", "evaluation", "server_pipeline",
          "prefix_batching", "flower_round", "demo", "gpu")  # gpu: says so and exits 0 without CUDA
 ARGS = {"memory_clients": ["--clients", "10", "1000", "10000"]}
 HEADLINES = (  # key, what it is, target
@@ -33,6 +33,10 @@ HEADLINES = (  # key, what it is, target
     ("flops_fraction_smollm2_unpacked", "the same, one example per row", ">= 0.8"),
     ("flops_fraction_dp_cohort_packed", "the same, the DP sweep's batched cohort call (128 clients, packed)",
      ">= 0.8"),
+    ("packed_positions_ratio_quickstart", "token positions through the adapted layers, plain / packed, quickstart",
+     ">= 1.5"),
+    ("packed_positions_ratio_dp_sweep", "the same, the DP sweep's base", ">= 1.5"),
+    ("packed_long_items_speedup", "a batch of 8 long examples: one packed row's time / the planned rows'", "-"),
     ("many_clients_speedup", "examples/s, batched cached clients / plain path", "-"),
     ("memory_ratio_10_to_10000_clients", "peak RSS, 10,000 / 10 total clients", "<= 1.1"),
     ("file_memory_ratio_100_to_100000_clients", "peak RSS, 100,000 / 100 clients from a file, natural split",

@@ -381,14 +381,15 @@ class TrainingConfig:
         "recompute each layer's activations in the backward pass instead of keeping them: less "
         "memory for long sequences or large models, about one more forward of time", False)
     pack: bool = _help(
-        "run each training batch (SFT examples, DPO pairs' replies) as one sequence behind their shared "
-        "opening (system prompt, chat template), computed once instead of per sequence, as the evaluation "
-        "does; the loss and "
+        "run each training batch (SFT examples, DPO pairs' replies) in packed rows behind their shared "
+        "opening (system prompt, chat template), computed once per row instead of per sequence, as the "
+        "evaluation does; as many rows as make the forward cheapest on the model (a row's attention is "
+        "dense: long examples stay a plain batch); the loss and "
         "gradient are the plain batch's up to float rounding. The batched one-step path packs each "
-        "client's batch into its own row (its per-row gradient is the client's); record-level DP keeps "
+        "client's batch into rows of its own (their gradients sum to the client's); record-level DP keeps "
         "plain batches (a record's gradient would flow through the opening the others share). Checked "
         "once per run on the first batch: a model whose numbers packing would change trains plain. "
-        "With lora.cache_frozen_layers the frozen prefix is computed packed too (rows of 8 items "
+        "With lora.cache_frozen_layers the frozen prefix is computed packed too (rows of at most 8 items "
         "behind their opening, about 1.4x fewer positions through the frozen layers), also under "
         "record-level DP (no gradient flows there)",
         True)

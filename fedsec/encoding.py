@@ -195,6 +195,50 @@ def collate_packed(batch: Sequence[Encoded], shared: int) -> dict[str, torch.Ten
     return out
 
 
+def attention_weight(config) -> float:
+    """What one (query, key) position pair costs a decoder layer's attention, in units of
+    what one position costs its projections and MLP (forward FLOPs, a gated MLP as Llama's):
+    4 q / (2 (2 h q + 2 h kv + 3 h i)), with h the hidden size, q and kv the query and
+    key-value widths, i the MLP's. SmolLM2-135M: 3.3e-4; a 64-wide test model: 3.5e-3."""
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    query, kv = heads * head_dim, (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+    mlp = getattr(config, "intermediate_size", None) or 4 * hidden
+    per_position = 2 * (2 * hidden * query + 2 * hidden * kv + 3 * hidden * mlp)
+    return 4 * query / per_position
+
+
+def pack_rows(lengths: Sequence[int], shared: int, weight: float) -> list[int]:
+    """How many consecutive items each packed row holds, for the cheapest forward: items of
+    `lengths` tokens sharing their first `shared`, in k rows of as equal counts as can be,
+    each row its shared opening once and then its items' suffixes, the rows padded to the
+    widest. A row's attention is dense over its length (a custom mask computes every pair,
+    masked or not), so k rows of width W cost about k W (1 + `weight` W) (attention_weight),
+    W taken as the widest a row of ceil(n / k) of these items can be, so that the choice
+    depends on the lengths, not their order. The k that minimises it wins, the fewest rows
+    on a tie; k = n is the plain batch (a row per item): long items stay plain, where one
+    packed row would spend on masked-out pairs far more than it saves on the opening."""
+    n = len(lengths)
+    suffixes = sorted((length - shared for length in lengths), reverse=True)
+    best, best_cost = n, float("inf")
+    for k in range(1, n + 1):
+        width = shared + sum(suffixes[: -(-n // k)])
+        cost = k * width * (1 + weight * width)
+        if cost < best_cost:
+            best, best_cost = k, cost
+    return [n // best + (r < n % best) for r in range(best)]
+
+
+def split_rows(items: Sequence, sizes: Sequence[int]) -> list[list]:
+    """`items` cut into consecutive runs of `sizes` (pack_rows)."""
+    out, at = [], 0
+    for size in sizes:
+        out.append(list(items[at: at + size]))
+        at += size
+    return out
+
+
 def collate_packed_rows(groups: Sequence[tuple[Sequence[Encoded], int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Several packed sequences as one batch, a row each: every (items, shared) group
     packed by `collate_packed`, the rows padded to the longest. A padding position attends

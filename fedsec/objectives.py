@@ -36,15 +36,17 @@ from fedsec.data.schema import InstructionExample, PreferenceExample
 from fedsec.encoding import (
     IGNORE,
     Encoded,
+    attention_weight,
     collate,
-    collate_packed,
     collate_packed_rows,
     encode,
     encode_all,
+    pack_rows,
     shared_prefix_length,
+    split_rows,
 )
 from fedsec.preference import PairLogps
-from fedsec.training import completion_loss, record_tokens, target_logprobs
+from fedsec.training import completion_loss, target_logprobs
 
 
 @dataclass(frozen=True)
@@ -66,10 +68,24 @@ def implicit_rewards(pi: torch.Tensor, ref: torch.Tensor, beta: float) -> torch.
     return beta * (pi - ref)
 
 
-def sequence_logprobs(model, items: Sequence[Encoded], pad_id: int, shared: int = 0) -> torch.Tensor:
-    """Sum of target-token log-probabilities of each sequence (with `shared`: the sequences
-    packed behind their first `shared` tokens, encoding.collate_packed)."""
-    logp, rows = target_logprobs(model, collate_packed(items, shared) if shared else collate(items, pad_id))
+# How a batch's sequences go through the forward: (their shared opening, the sequences in
+# each packed row, encoding.pack_rows), or None: a plain batch, a row per sequence
+Packing = tuple[int, list[int]] | None
+
+
+def collate_as(items: Sequence[Encoded], pad_id: int, packing: Packing) -> dict[str, torch.Tensor]:
+    """The batch of `items` laid out as `packing` says (encoding.collate_packed_rows: each
+    row's items behind one copy of their shared opening), or plain (encoding.collate)."""
+    if packing is None:
+        return collate(items, pad_id)
+    shared, sizes = packing
+    return collate_packed_rows([(row, shared) for row in split_rows(items, sizes)], pad_id)
+
+
+def sequence_logprobs(model, items: Sequence[Encoded], pad_id: int, packing: Packing = None) -> torch.Tensor:
+    """Sum of target-token log-probabilities of each sequence (with `packing`: the sequences
+    in packed rows, `collate_as`)."""
+    logp, rows = target_logprobs(model, collate_as(items, pad_id, packing))
     return torch.zeros(len(items), dtype=logp.dtype, device=logp.device).index_add(0, rows, logp)
 
 
@@ -116,10 +132,12 @@ def _packing_is_exact(model, sequences: Sequence[Encoded], pad_id: int) -> bool:
 class _Objective:
     """What SFT and DPO share: packing a training batch (training.pack) behind its
     sequences' shared opening, once a first batch showed that packing gives the plain
-    batch's numbers on this model (evaluation.packable_prefix). `loss` packs a batch;
-    `group_terms` packs each client's batch into its own row for the batched cohort path,
-    whose gradients are per client. Record-level DP needs each record's own gradient: a
-    record's gradient flows through the opening it would share, so it keeps one row per record."""
+    batch's numbers on this model (evaluation.packable_prefix), in as many rows as make the
+    forward cheapest (encoding.pack_rows: one row for short items, a row per item, i.e. a
+    plain batch, for long ones). `loss` packs a batch; `group_terms` packs each client's
+    batch into rows of its own for the batched cohort path, whose gradients are per client.
+    Record-level DP needs each record's own gradient: a record's gradient flows through the
+    opening it would share, so it keeps one row per record."""
 
     pad_id: int
     pack: bool = False
@@ -146,29 +164,54 @@ class _Objective:
             self._packable = _packing_is_exact(model, sequences, self.pad_id)
         return shared if self._packable else 0
 
-    def positions(self, model, items) -> int:
-        """Token positions a training batch puts through the forward (a packed batch's opening once)."""
+    def packing(self, model, items) -> Packing:
+        """How a training batch goes through the forward: (its shared opening, the sequences
+        in each packed row) where packing is on, exact here and cheaper than a row per
+        sequence on this model (encoding.pack_rows); else None, a plain batch."""
         shared = self.shared_width(model, items)
-        return record_tokens(items) - shared * (len(self.sequences(items)) - 1)
+        if shared < 1:
+            return None
+        lengths = [int(s.input_ids.numel()) for s in self.sequences(items)]
+        sizes = pack_rows(lengths, shared, attention_weight(model.config))
+        return (shared, sizes) if len(sizes) < len(lengths) else None
+
+    def row_lengths(self, model, items) -> list[int]:
+        """The token positions of each forward row a training batch runs in (`packing`: a
+        packed row's opening once), padding excluded."""
+        lengths = [int(s.input_ids.numel()) for s in self.sequences(items)]
+        packing = self.packing(model, items)
+        if packing is None:
+            return lengths
+        shared, sizes = packing
+        return [sum(row) - shared * (len(row) - 1) for row in split_rows(lengths, sizes)]
+
+    def positions(self, model, items) -> int:
+        """Token positions a training batch puts through the forward (a packed row's opening once)."""
+        return sum(self.row_lengths(model, items))
 
     def packs(self, model, groups) -> bool:
-        """Whether `group_terms` may run these batches packed: training.pack is on, some
-        batch has a shared opening, and packing gives the plain numbers on this model."""
-        return self.pack and any(self.shared_width(model, g) > 0 for g in groups)
+        """Whether `group_terms` may run these batches packed: some batch packs (`packing`)."""
+        return any(self.packing(model, g) is not None for g in groups)
 
-    def group_terms(self, model, groups) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`record_terms` of all the groups' records, each group one packed row of the
-        forward (its sequences behind their shared opening: one client's batch in the batched
-        cohort path, whose per-row gradients are then per client). Returns (each record's
-        summed terms [R], its term count [R], the row of each record [R]), records in group order."""
+    def group_terms(self, model, groups) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`record_terms` of all the groups' records, each group in forward rows of its own
+        (one client's batch in the batched cohort path, whose per-row gradients then sum to
+        the client's): its sequences packed as `packing` says, or a row each. Returns (each
+        record's summed terms [R], its term count [R], the group of each record [R], the
+        group of each row), records in group order."""
         sequences = [self.sequences(g) for g in groups]
-        shared = [shared_prefix_length(s) for s in sequences]
-        logp, rows = target_logprobs(model, collate_packed_rows(list(zip(sequences, shared)), self.pad_id))
+        rows, row_group = [], []
+        for k, (group, seqs) in enumerate(zip(groups, sequences)):
+            shared, sizes = self.packing(model, group) or (0, [1] * len(seqs))
+            rows += [(row, shared) for row in split_rows(seqs, sizes)]
+            row_group += [k] * len(sizes)
+        logp, owner = target_logprobs(model, collate_packed_rows(rows, self.pad_id))
         total = sum(len(s) for s in sequences)
-        summed = torch.zeros(total, dtype=logp.dtype, device=logp.device).index_add(0, rows, logp)
-        count = torch.zeros(total, dtype=logp.dtype, device=logp.device).index_add(0, rows, torch.ones_like(logp))
-        row = torch.tensor([r for r, g in enumerate(groups) for _ in g], device=logp.device)
-        return (*self._terms(groups, summed, count), row)
+        summed = torch.zeros(total, dtype=logp.dtype, device=logp.device).index_add(0, owner, logp)
+        count = torch.zeros(total, dtype=logp.dtype, device=logp.device).index_add(0, owner, torch.ones_like(logp))
+        record_group = torch.tensor([k for k, g in enumerate(groups) for _ in g], device=logp.device)
+        return (*self._terms(groups, summed, count), record_group,
+                torch.tensor(row_group, device=logp.device))
 
 
 class SftObjective(_Objective):
@@ -209,8 +252,7 @@ class SftObjective(_Objective):
         return items  # nothing fixed to compute ahead
 
     def loss(self, model, items: Sequence[Encoded]) -> tuple[torch.Tensor, int]:
-        shared = self.shared_width(model, items)
-        return completion_loss(model, collate_packed(items, shared) if shared else collate(items, self.pad_id))
+        return completion_loss(model, collate_as(items, self.pad_id, self.packing(model, items)))
 
     @staticmethod
     def _terms(groups, logps: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,7 +324,7 @@ class DpoObjective(_Objective):
             return with_reference(model, items, self.pad_id, batch_size)
 
     def loss(self, model, items: Sequence[PairItem]) -> tuple[torch.Tensor, int]:
-        return self._pair_losses(model, items, self.shared_width(model, items)).sum(), len(items)
+        return self._pair_losses(model, items, self.packing(model, items)).sum(), len(items)
 
     def record_terms(self, model, items: Sequence[PairItem]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(DPO loss of each pair [n], ones [n], the pair of each row: chosen rows 0..n-1,
@@ -291,8 +333,8 @@ class DpoObjective(_Objective):
         losses = self._pair_losses(model, items)
         return losses, torch.ones_like(losses), torch.arange(2 * n, device=losses.device) % n
 
-    def _pair_losses(self, model, items: Sequence[PairItem], shared: int = 0) -> torch.Tensor:
-        return self._losses(items, sequence_logprobs(model, self.sequences(items), self.pad_id, shared))
+    def _pair_losses(self, model, items: Sequence[PairItem], packing: Packing = None) -> torch.Tensor:
+        return self._losses(items, sequence_logprobs(model, self.sequences(items), self.pad_id, packing))
 
     def _losses(self, items: Sequence[PairItem], logps: torch.Tensor) -> torch.Tensor:
         """Each pair's preference loss (dpo.loss) from its replies' log-probabilities (all

@@ -32,7 +32,17 @@ import torch
 
 from fedsec import progress
 from fedsec.devices import agrees, autocast, model_device, to_device
-from fedsec.encoding import DATA, Encoded, additive_mask, collate, collate_packed_rows, shared_prefix_length
+from fedsec.encoding import (
+    DATA,
+    Encoded,
+    additive_mask,
+    attention_weight,
+    collate,
+    collate_packed_rows,
+    pack_rows,
+    shared_prefix_length,
+    split_rows,
+)
 from fedsec.errors import ConfigError
 from fedsec.rundir import atomic_write_bytes
 
@@ -99,8 +109,9 @@ def _batches(items: Sequence[Encoded], batch_size: int, groups: Sequence[int] | 
             yield order[start: start + batch_size]
 
 
-# Items per packed row when the prefix is computed packed: the row's attention is dense over
-# its length, so rows of many items would spend on masked-out pairs what packing saves
+# Items per packed row when the prefix is computed packed, at most (fewer where
+# encoding.pack_rows finds it cheaper): the row's attention is dense over its length, so rows
+# of many items would spend on masked-out pairs what packing saves
 PACK_ROW = 8
 
 
@@ -136,14 +147,18 @@ def _forward_to(decoder, batch: dict[str, torch.Tensor], model) -> torch.Tensor:
 
 def _chunk_states(decoder, model, chunk: list[Encoded], pad_id: int, shared: int) -> list[torch.Tensor]:
     """Each item's state entering the layer `_stopping_at` names ([T_i, hidden] each). With `shared` > 0 (their
-    shared opening, encoding.shared_prefix_length), the items go through in rows of PACK_ROW
-    behind it (computed once per row, then copied to each item's state), the plain batch's
-    numbers up to float rounding; 0: a plain batch."""
+    shared opening, encoding.shared_prefix_length), the items go through in rows of PACK_ROW,
+    or fewer where that is cheaper (encoding.pack_rows: long items), behind it (computed once
+    per row, then copied to each item's state), the plain batch's numbers up to float
+    rounding; 0: a plain batch."""
     on = model_device(model)
     if shared < 1:
         hidden = _forward_to(decoder, to_device(collate(chunk, pad_id), on), model)
         return [hidden[row, : item.input_ids.numel()] for row, item in enumerate(chunk)]
-    rows = [chunk[k: k + PACK_ROW] for k in range(0, len(chunk), PACK_ROW)]
+    weight = attention_weight(model.config)
+    rows = [row for k in range(0, len(chunk), PACK_ROW)
+            for row in split_rows(chunk[k: k + PACK_ROW], pack_rows(
+                [item.input_ids.numel() for item in chunk[k: k + PACK_ROW]], shared, weight))]
     batch = to_device(collate_packed_rows([(row, shared) for row in rows], pad_id), on)
     hidden = _forward_to(decoder, batch, model)
     out, owner = [], batch["owner"]

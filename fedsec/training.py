@@ -336,13 +336,14 @@ class LocalTrainer:
                    for data, seed in zip(datasets, seeds)]
         grads = torch.zeros(n, self.adapter.layout.numel, device=on)
         loss_sums, terms = (torch.zeros(n, dtype=torch.float64, device=on) for _ in range(2))
-        # training.pack: each client's batch one forward row behind its shared opening, so a row's
-        # gradient is the client's; else one row per sequence, summed into the client's
+        # training.pack: each client's batch in forward rows of its own behind its shared opening
+        # (objective.packing), whose gradients sum to the client's; else one row per sequence,
+        # summed into the client's
         packed = self.objective.packs(self.model, batches)
         if packed:
             units = [(k, batch) for k, batch in enumerate(batches)]
-            lengths = [self.objective.positions(self.model, batch) for batch in batches]
-            rows_per_unit = 1
+            unit_rows = [self.objective.row_lengths(self.model, batch) for batch in batches]
+            lengths, rows_per_unit = [max(r) for r in unit_rows], max(len(r) for r in unit_rows)
         else:
             units = [(k, [item]) for k, batch in enumerate(batches) for item in batch]
             lengths = [_record_length(item[0]) for _, item in units]
@@ -354,9 +355,9 @@ class LocalTrainer:
                 for chunk in _chunks(lengths, COHORT_TOKENS // rows_per_unit, max_rows):
                     owners = torch.tensor([units[i][0] for i in chunk], device=on)
                     if packed:
-                        sums, counts, record_unit = self.objective.group_terms(
+                        sums, counts, record_unit, row_unit = self.objective.group_terms(
                             self.model, [units[i][1] for i in chunk])
-                        row_owner = owners
+                        row_owner = owners[row_unit]
                     else:
                         sums, counts, row_record = self.objective.record_terms(
                             self.model, [units[i][1][0] for i in chunk])
@@ -376,7 +377,7 @@ class LocalTrainer:
             grads *= (cfg.max_grad_norm / (grads.norm(dim=1, keepdim=True) + 1e-6)).clamp(max=1.0)
         deltas = (-lr * (grads + cfg.weight_decay * start)).to(home)  # SGD: w <- w - lr (g + wd w)
         return [LocalResult(deltas[k], len(datasets[k]), float(loss_sums[k] / max(terms[k], 1)), 1, int(terms[k]),
-                            lengths[k] if packed else record_tokens(batch)) for k, batch in enumerate(batches)]
+                            sum(unit_rows[k]) if packed else record_tokens(batch)) for k, batch in enumerate(batches)]
 
     def _accumulate_gradient(self, stream: BatchStream, scaler=None) -> tuple[float, int, int]:
         """Backward `grad_accum` batches (loss per term, scaled by fp16's `scaler`); returns

@@ -35,8 +35,9 @@ def _one_at_a_time(trainer, start, datasets, seeds):
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("task,cached", [("sft", False), ("sft", True), ("dpo", False), ("dpo", True)])
 def test_batched_one_step_clients_equal_one_client_at_a_time(tmp_path, monkeypatch, task, cached, packed):
-    """packed (training.pack): each client's batch is one row of the batched forward, behind
-    its examples' shared opening, and that row's per-sample gradient is the client's."""
+    """packed (training.pack): each client's batch is in rows of its own in the batched
+    forward, behind its examples' shared opening, and those rows' per-sample gradients sum
+    to the client's."""
     setup, start = _setup(tmp_path, task, cached)
     trainer, datasets = setup.trainer, setup.train_sets
     seeds = [11 * k + 1 for k in range(len(datasets))]
@@ -55,6 +56,10 @@ def test_batched_one_step_clients_equal_one_client_at_a_time(tmp_path, monkeypat
     batched = trainer.train_clients(start, datasets, 0.5, seeds)
     if packed:  # the opening once per client: fewer positions than its sequences hold
         assert trainer.objective.packs(setup.model, [d[:3] for d in datasets])
+        # SFT: a client's 3 examples in one row; DPO: its 6 replies in rows of 2, whose
+        # per-row gradients sum to the client's
+        rows = {len(trainer.objective.row_lengths(setup.model, d[:3])) for d in datasets}
+        assert rows == ({1} if task == "sft" else {3})
         assert all(b.tokens < a.tokens for a, b in zip(plain, batched))
     assert len(batched) == len(datasets)
     for a, b in zip(plain, batched):

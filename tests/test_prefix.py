@@ -194,7 +194,7 @@ def test_packed_prefix_states_are_the_plain_states_with_the_opening_computed_onc
     the same across a packed row's items), and a group's states are what a call on it alone
     gives, as a Flower SuperNode computes them."""
     import fedsec.prefix
-    from fedsec.encoding import shared_prefix_length
+    from fedsec.encoding import attention_weight, pack_rows, shared_prefix_length
     from fedsec.prefix import PACK_ROW, prefix_states
 
     model, tok, _ = _model_and_items(tmp_path, top_layers=1)
@@ -211,17 +211,23 @@ def test_packed_prefix_states_are_the_plain_states_with_the_opening_computed_onc
     plain = prefix_states(model, items, first, pad, batch_size=len(items))
     forwards.clear()
     packed = prefix_states(model, items, first, pad, batch_size=len(items), pack=True)
+    # the batch's rows: by length, PACK_ROW items at most, fewer where pack_rows finds it
+    # cheaper (on this 64-wide model, items of about 130 tokens go two to a row)
+    order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
+    lengths = [len(items[i].input_ids) for i in order]
+    sizes = [size for k in range(0, len(items), PACK_ROW)
+             for size in pack_rows(lengths[k: k + PACK_ROW], shared, attention_weight(model.config))]
+    assert sizes == [2] * 6
     # the first packed batch is checked once against its plain batch, then trusted
-    assert [f[0] for f in forwards] == [2, len(items)]  # two packed rows, the check's plain batch
-    rows, width = forwards[0]
-    assert rows == 2 and width < max(len(i.input_ids) for i in items) * PACK_ROW
+    assert [f[0] for f in forwards] == [len(sizes), len(items)]  # the packed rows, the check's plain batch
+    width = forwards[0][1]
+    assert width == max(shared + sum(lengths[k: k + 2]) - 2 * shared for k in range(0, len(items), 2))
     positions = sum(int(f[0] * f[1]) for f in forwards[:1])
     assert positions < sum(len(i.input_ids) for i in items)  # fewer positions through the frozen layers
     for a, b, item in zip(packed, plain, items):
         assert a.shape == b.shape == (len(item.input_ids), model.config.hidden_size)
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))  # the batch's rows, by length
-    row = [packed[i] for i in order[:PACK_ROW]]
+    row = [packed[i] for i in order[: sizes[0]]]
     assert all(torch.equal(r[:shared], row[0][:shared]) for r in row)
     # a second call trusts the first check: one packed forward, no plain one
     forwards.clear()
