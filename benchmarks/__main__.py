@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ("accounting", "overhead", "packing", "many_clients", "memory_clients", "file_clients", "evaluation", "server_pipeline",
-         "prefix_batching", "flower_round", "demo", "gpu")  # gpu: says so and exits 0 without CUDA
+ORDER = ("accounting", "overhead", "packing", "many_clients", "memory_clients", "file_clients", "evaluation",
+         "server_pipeline", "prefix_batching", "flower_round", "demo", "gpu")  # gpu: says so and exits 0 without CUDA
 ARGS = {"memory_clients": ["--clients", "10", "1000", "10000"]}
 HEADLINES = (  # key, what it is, target
     ("overhead_ratio_tiny", "fedsec round / bare PEFT loop, tiny, SFT", "<= 1.05"),
@@ -31,6 +31,8 @@ HEADLINES = (  # key, what it is, target
     ("flops_fraction_smollm2", "achieved FLOP/s of a SmolLM2 step (packed, the default) / fp32 matmul peak",
      ">= 0.8"),
     ("flops_fraction_smollm2_unpacked", "the same, one example per row", ">= 0.8"),
+    ("flops_fraction_smollm2_bare_loop", "the same batch's step in the bare PEFT loop (the plain way, for reference)",
+     "-"),
     ("flops_fraction_dp_cohort_packed", "the same, the DP sweep's batched cohort call (128 clients, packed)",
      ">= 0.8"),
     ("packed_positions_ratio_quickstart", "token positions through the adapted layers, plain / packed, quickstart",

@@ -12,8 +12,10 @@ overhead  wall time of a fedsec round (sampling, client training, sanitize, aggr
 flops     achieved FLOP/s of one local training step (forward and backward as run,
           counted by torch.utils.flop_counter) over the FLOP/s of a 2048 x 2048 fp32
           matrix product measured just before it (the machine's practical peak), the
-          median over 5 interleaved repetitions. The same for the DP sweep's batched cohort
-          call (128 one-step clients), plain and packed.
+          median over 5 interleaved repetitions; fedsec's step packed and unpacked, and
+          the bare PEFT loop's step on the same batch (what the plain way reaches here).
+          The same for the DP sweep's batched cohort call (128 one-step clients), plain
+          and packed.
 
     python -m benchmarks.overhead [--models tiny,smollm2] [--tasks sft,dpo]
 """
@@ -152,6 +154,49 @@ def step_flops(cfg, setup, repeats: int = 5) -> dict:
             "step_seconds": times, "peak_flops": peaks}
 
 
+def bare_step_flops(cfg, setup, repeats: int = 5) -> dict:
+    """`step_flops` for the bare PEFT loop's step on the same batch (client 0's first: the
+    model's own forward with `labels`, every position through the LM head, backward, AdamW):
+    what the plain way reaches on this CPU, beside fedsec's step."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, pad = setup.model, setup.pad_id
+    params = [p for p in model.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in params]
+    batch = BatchStream(setup.train_sets[0], cfg.training.batch_size,
+                        torch.Generator().manual_seed(derive_seed(cfg.seed, "client", 0, 0))).next()
+
+    def step() -> None:
+        with torch.no_grad():
+            for p, s in zip(params, start):
+                p.copy_(s)
+        optimizer = torch.optim.AdamW(params, lr=cfg.training.lr, weight_decay=cfg.training.weight_decay)
+        _sft_loss(model, batch, pad).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    model.train()
+    try:
+        step()  # warm-up
+        with FlopCounterMode(display=False) as counter:
+            step()
+        flops = float(counter.get_total_flops())
+        times, peaks = [], []
+        for _ in range(repeats):
+            peaks.append(matmul_peak(repeats=5))
+            began = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - began)
+    finally:
+        model.eval()
+        with torch.no_grad():
+            for p, s in zip(params, start):
+                p.copy_(s)
+    fractions = [flops / t / p for t, p in zip(times, peaks)]
+    return {"value": statistics.median(fractions), "fractions": fractions, "step_flops": flops,
+            "step_seconds": times, "peak_flops": peaks}
+
+
 def cohort_flops(clients: int = 128, repeats: int = 3) -> dict:
     """The DP sweep's batched cohort call (experiments/dp_base.yaml, `clients` one-step clients
     of 4 examples in one `train_clients`), plain rows and packed: FLOPs as run (the
@@ -211,11 +256,14 @@ def main(argv=None) -> dict:
             print(f"{model} {task}: fedsec round {fed:.2f} s, bare PEFT loop {bare:.2f} s, ratio {ratio:.3f}")
             if model == "smollm2" and task == "sft":
                 unpacked = load_config(None, shape(model, task, args.out) + ["training.pack=false"])
-                for pack in (True, False):  # packed is the default; unpacked rows beside it
-                    step = step_flops(cfg, setup) if pack else step_flops(unpacked, prepare(unpacked))
-                    results["flops_fraction_smollm2" + ("" if pack else "_unpacked")] = {**step, "date": today}
+                # packed is the default; unpacked rows and the bare loop's step beside it
+                for kind in ("packed", "unpacked", "bare_loop"):
+                    step = (step_flops(cfg, setup) if kind == "packed" else bare_step_flops(cfg, setup)
+                            if kind == "bare_loop" else step_flops(unpacked, prepare(unpacked)))
+                    key = "flops_fraction_smollm2" + ("" if kind == "packed" else f"_{kind}")
+                    results[key] = {**step, "date": today}
                     seconds, peaks = statistics.median(step["step_seconds"]), statistics.median(step["peak_flops"])
-                    print(f"smollm2 sft step ({'packed' if pack else 'unpacked'}): {step['step_flops'] / 1e9:.1f} "
+                    print(f"smollm2 sft step ({kind}): {step['step_flops'] / 1e9:.1f} "
                           f"GFLOP in {seconds:.2f} s (median) = {step['step_flops'] / seconds / 1e9:.1f} GFLOP/s "
                           f"against peaks of {peaks / 1e9:.1f} GFLOP/s (median) measured before each step: "
                           f"{step['value']:.2f} of the peak (median of "
