@@ -370,7 +370,8 @@ def _memo_key(model_key: str, first: int, items: Sequence[Encoded], batch_size: 
     # the batches (size, groups, packing) and each forward's threads (`_threads_per_forward`) shape the
     # kernels' float sums: states computed under others could differ in the last bits, so they
     # are another entry
-    packed = f"|packed{PACK_ROW}" if pack else ""  # unpacked keys stay what they were
+    # unpacked keys stay what they were; packed rows of at most PACK_ROW items, split as pack_rows says
+    packed = f"|packed{PACK_ROW}|planned" if pack else ""
     digest = hashlib.sha256(f"{model_key}|{first}|{len(items)}|{batch_size}|{torch.__version__}|"
                             f"{threads}|{list(groups) if groups is not None else ''}{packed}".encode())
     for item in items:
