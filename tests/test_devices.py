@@ -81,3 +81,23 @@ def test_a_run_creates_no_tensor_on_the_default_device(tmp_path, monkeypatch, pa
     if path.startswith("SCAFFOLD"):  # naming the devices changed no number
         plain = run_experiment(cfg, out=tmp_path / "plain", progress=False, log=lambda _: None)
         assert result.final == plain.final and result.untuned == plain.untuned
+
+
+def test_one_computation_allows_rounding_across_processes_and_refuses_a_structural_error():
+    """devices.agrees in fp32: a position 3.7e-4 of its largest entry off (what frozen-prefix
+    states from the disk cache were, read in another process) is the same computation; a
+    position 5% off (measured against its own largest entry, so a massive activation at another
+    position hides nothing) or a scaled input is not."""
+    from fedsec.config import ModelConfig
+    from fedsec.devices import agrees
+    from fedsec.models import load_base_model
+
+    model, _ = load_base_model(ModelConfig(name="tiny"))
+    b = torch.randn(41, 576, generator=torch.Generator().manual_seed(0))
+    b[0, 7] = 24_000.0  # a massive activation at position 0
+    off = torch.zeros_like(b)
+    off[5, 3] = 3.7e-4 * float(b[5].abs().max())
+    assert agrees(b + off, b, model)
+    off[5, 3] = 0.05 * float(b[5].abs().max())
+    assert not agrees(b + off, b, model)
+    assert not agrees(1.5 * b, b, model)
