@@ -25,8 +25,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -126,50 +128,56 @@ def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
     return 2 * n ** 3 / statistics.median(times)
 
 
-def step_flops(cfg, setup, repeats: int = 5) -> dict:
-    """One local step of client 0: its FLOPs, and per repetition its seconds and the matmul
-    peak measured just before it (interleaved, so a change of the machine's clock moves
-    both); the fraction is the median of the repetitions' own ratios."""
+def fraction_of_peak(run: Callable[[], object], repeats: int) -> dict:
+    """`run` once uncounted (one-time checks, e.g. a trainer's first packed step runs the packing
+    check's two more forwards, which are not the step's FLOPs), once under the FLOP counter, then
+    `repeats` times each just after a matmul peak (interleaved, so a change of the machine's
+    clock moves both); the fraction is the median of the repetitions' own ratios."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    run()
+    with FlopCounterMode(display=False) as counter:
+        run()
+    flops, times, peaks = float(counter.get_total_flops()), [], []
+    for _ in range(repeats):
+        peaks.append(matmul_peak(repeats=5))
+        began = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - began)
+    fractions = [flops / t / p for t, p in zip(times, peaks)]
+    return {"value": statistics.median(fractions), "fractions": fractions, "step_flops": flops,
+            "step_seconds": times, "peak_flops": peaks}
+
+
+def step_flops(cfg, setup, repeats: int = 5) -> dict:
+    """One local step of client 0 (`fraction_of_peak`)."""
     trainer = setup.trainer
     trainer.cfg = dataclasses.replace(cfg.training, local_steps=1)
     start = setup.adapter.get()
     seed = derive_seed(cfg.seed, "client", 0, 0)
-    # once uncounted: a trainer's first step also runs the one-time packing check (two more
-    # forwards), which are not the step's FLOPs
-    trainer.train(start, setup.train_sets[0], cfg.training.lr, seed)
-    with FlopCounterMode(display=False) as counter:
-        trainer.train(start, setup.train_sets[0], cfg.training.lr, seed)
-    flops = float(counter.get_total_flops())
-    times, peaks = [], []
-    for _ in range(repeats):
-        peaks.append(matmul_peak(repeats=5))
-        began = time.perf_counter()
-        trainer.train(start, setup.train_sets[0], cfg.training.lr, seed)
-        times.append(time.perf_counter() - began)
-    trainer.cfg = cfg.training
-    fractions = [flops / t / p for t, p in zip(times, peaks)]
-    return {"value": statistics.median(fractions), "fractions": fractions, "step_flops": flops,
-            "step_seconds": times, "peak_flops": peaks}
+    try:
+        return fraction_of_peak(lambda: trainer.train(start, setup.train_sets[0], cfg.training.lr, seed), repeats)
+    finally:
+        trainer.cfg = cfg.training
 
 
 def bare_step_flops(cfg, setup, repeats: int = 5) -> dict:
     """`step_flops` for the bare PEFT loop's step on the same batch (client 0's first: the
     model's own forward with `labels`, every position through the LM head, backward, AdamW):
     what the plain way reaches on this CPU, beside fedsec's step."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     model, pad = setup.model, setup.pad_id
     params = [p for p in model.parameters() if p.requires_grad]
     start = [p.detach().clone() for p in params]
     batch = BatchStream(setup.train_sets[0], cfg.training.batch_size,
                         torch.Generator().manual_seed(derive_seed(cfg.seed, "client", 0, 0))).next()
 
-    def step() -> None:
+    def restore() -> None:
         with torch.no_grad():
             for p, s in zip(params, start):
                 p.copy_(s)
+
+    def step() -> None:
+        restore()
         optimizer = torch.optim.AdamW(params, lr=cfg.training.lr, weight_decay=cfg.training.weight_decay)
         _sft_loss(model, batch, pad).backward()
         optimizer.step()
@@ -177,33 +185,17 @@ def bare_step_flops(cfg, setup, repeats: int = 5) -> dict:
 
     model.train()
     try:
-        step()  # warm-up
-        with FlopCounterMode(display=False) as counter:
-            step()
-        flops = float(counter.get_total_flops())
-        times, peaks = [], []
-        for _ in range(repeats):
-            peaks.append(matmul_peak(repeats=5))
-            began = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - began)
+        return fraction_of_peak(step, repeats)
     finally:
         model.eval()
-        with torch.no_grad():
-            for p, s in zip(params, start):
-                p.copy_(s)
-    fractions = [flops / t / p for t, p in zip(times, peaks)]
-    return {"value": statistics.median(fractions), "fractions": fractions, "step_flops": flops,
-            "step_seconds": times, "peak_flops": peaks}
+        restore()
 
 
 def cohort_flops(clients: int = 128, repeats: int = 3) -> dict:
     """The DP sweep's batched cohort call (experiments/dp_base.yaml, `clients` one-step clients
     of 4 examples in one `train_clients`), plain rows and packed: FLOPs as run (the
     per-sample gradients included), seconds, and the fraction of a matmul peak measured just
-    before each call (median of the repetitions' ratios)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+    before each call (`fraction_of_peak`)."""
     out = {}
     for pack in (False, True):
         cfg = load_config("experiments/dp_base.yaml", [f"data.benchmark.num_clients={clients}",
@@ -213,21 +205,13 @@ def cohort_flops(clients: int = 128, repeats: int = 3) -> dict:
         start = setup.adapter.get()
         seeds = [derive_seed(cfg.seed, "client", 0, c) for c in range(clients)]
         datasets = [setup.train_sets[c] for c in range(clients)]
-        setup.trainer.train_clients(start, datasets, cfg.training.lr, seeds)  # uncounted: one-time checks
-        with FlopCounterMode(display=False) as counter:
-            setup.trainer.train_clients(start, datasets, cfg.training.lr, seeds)
-        flops, fractions, times = float(counter.get_total_flops()), [], []
-        for _ in range(repeats):
-            peak = matmul_peak(repeats=5)
-            began = time.perf_counter()
-            setup.trainer.train_clients(start, datasets, cfg.training.lr, seeds)
-            times.append(time.perf_counter() - began)
-            fractions.append(flops / times[-1] / peak)
-        out["packed" if pack else "plain"] = {"value": statistics.median(fractions), "fractions": fractions,
-                                              "flops": flops, "seconds": times}
-        print(f"dp cohort ({clients} clients, {'packed' if pack else 'plain'}): {flops / 1e9:.1f} GFLOP in "
-              f"{statistics.median(times):.2f} s: {out['packed' if pack else 'plain']['value']:.2f} of the peak "
-              f"(median of {', '.join(f'{f:.2f}' for f in fractions)})", flush=True)
+        m = fraction_of_peak(functools.partial(setup.trainer.train_clients, start, datasets, cfg.training.lr, seeds),
+                             repeats)
+        row = out["packed" if pack else "plain"] = {"value": m["value"], "fractions": m["fractions"],
+                                                    "flops": m["step_flops"], "seconds": m["step_seconds"]}
+        print(f"dp cohort ({clients} clients, {'packed' if pack else 'plain'}): {row['flops'] / 1e9:.1f} GFLOP in "
+              f"{statistics.median(row['seconds']):.2f} s: {row['value']:.2f} of the peak "
+              f"(median of {', '.join(f'{f:.2f}' for f in row['fractions'])})", flush=True)
     return out
 
 

@@ -175,11 +175,10 @@ class _Objective:
         sizes = pack_rows(lengths, shared, attention_weight(model.config))
         return (shared, sizes) if len(sizes) < len(lengths) else None
 
-    def row_lengths(self, model, items) -> list[int]:
-        """The token positions of each forward row a training batch runs in (`packing`: a
-        packed row's opening once), padding excluded."""
+    def row_lengths(self, items, packing: Packing) -> list[int]:
+        """The token positions of each forward row a training batch runs in, laid out as its
+        `packing` says (a packed row's opening once), padding excluded."""
         lengths = [int(s.input_ids.numel()) for s in self.sequences(items)]
-        packing = self.packing(model, items)
         if packing is None:
             return lengths
         shared, sizes = packing
@@ -187,22 +186,19 @@ class _Objective:
 
     def positions(self, model, items) -> int:
         """Token positions a training batch puts through the forward (a packed row's opening once)."""
-        return sum(self.row_lengths(model, items))
+        return sum(self.row_lengths(items, self.packing(model, items)))
 
-    def packs(self, model, groups) -> bool:
-        """Whether `group_terms` may run these batches packed: some batch packs (`packing`)."""
-        return any(self.packing(model, g) is not None for g in groups)
-
-    def group_terms(self, model, groups) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def group_terms(self, model, groups, packings: Sequence[Packing]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """`record_terms` of all the groups' records, each group in forward rows of its own
         (one client's batch in the batched cohort path, whose per-row gradients then sum to
-        the client's): its sequences packed as `packing` says, or a row each. Returns (each
-        record's summed terms [R], its term count [R], the group of each record [R], the
-        group of each row), records in group order."""
+        the client's): its sequences packed as its `packing` (given, computed once per round by
+        the caller) says, or a row each. Returns (each record's summed terms [R], its term count
+        [R], the group of each record [R], the group of each row), records in group order."""
         sequences = [self.sequences(g) for g in groups]
         rows, row_group = [], []
-        for k, (group, seqs) in enumerate(zip(groups, sequences)):
-            shared, sizes = self.packing(model, group) or (0, [1] * len(seqs))
+        for k, (seqs, packing) in enumerate(zip(sequences, packings)):
+            shared, sizes = packing or (0, [1] * len(seqs))
             rows += [(row, shared) for row in split_rows(seqs, sizes)]
             row_group += [k] * len(sizes)
         logp, owner = target_logprobs(model, collate_packed_rows(rows, self.pad_id))

@@ -339,10 +339,11 @@ class LocalTrainer:
         # training.pack: each client's batch in forward rows of its own behind its shared opening
         # (objective.packing), whose gradients sum to the client's; else one row per sequence,
         # summed into the client's
-        packed = self.objective.packs(self.model, batches)
+        packings = [self.objective.packing(self.model, batch) for batch in batches]  # once per client and round
+        packed = any(p is not None for p in packings)
         if packed:
             units = [(k, batch) for k, batch in enumerate(batches)]
-            unit_rows = [self.objective.row_lengths(self.model, batch) for batch in batches]
+            unit_rows = [self.objective.row_lengths(batch, p) for batch, p in zip(batches, packings)]
             lengths, rows_per_unit = [max(r) for r in unit_rows], max(len(r) for r in unit_rows)
         else:
             units = [(k, [item]) for k, batch in enumerate(batches) for item in batch]
@@ -356,7 +357,7 @@ class LocalTrainer:
                     owners = torch.tensor([units[i][0] for i in chunk], device=on)
                     if packed:
                         sums, counts, record_unit, row_unit = self.objective.group_terms(
-                            self.model, [units[i][1] for i in chunk])
+                            self.model, [units[i][1] for i in chunk], [packings[i] for i in chunk])
                         row_owner = owners[row_unit]
                     else:
                         sums, counts, row_record = self.objective.record_terms(

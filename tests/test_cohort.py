@@ -55,10 +55,11 @@ def test_batched_one_step_clients_equal_one_client_at_a_time(tmp_path, monkeypat
                                                                for d in datasets))  # two clients a chunk at most
     batched = trainer.train_clients(start, datasets, 0.5, seeds)
     if packed:  # the opening once per client: fewer positions than its sequences hold
-        assert trainer.objective.packs(setup.model, [d[:3] for d in datasets])
+        assert any(trainer.objective.packing(setup.model, d[:3]) is not None for d in datasets)
         # SFT: a client's 3 examples in one row; DPO: its 6 replies in rows of 2, whose
         # per-row gradients sum to the client's
-        rows = {len(trainer.objective.row_lengths(setup.model, d[:3])) for d in datasets}
+        rows = {len(trainer.objective.row_lengths(d[:3], trainer.objective.packing(setup.model, d[:3])))
+                for d in datasets}
         assert rows == ({1} if task == "sft" else {3})
         assert all(b.tokens < a.tokens for a, b in zip(plain, batched))
     assert len(batched) == len(datasets)
