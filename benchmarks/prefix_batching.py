@@ -6,7 +6,9 @@ per-client batches packed behind their shared chat-template opening (training.pa
 default: the opening goes through the frozen layers once per row of up to 8 examples), and
 those packed batches one forward at a time on all of torch's threads (fedsec until
 2026-12-07) against one thread per forward, as many forwards at once as torch has threads
-(`fedsec.prefix._side_by_side`, now on the CPU).
+(`fedsec.prefix._side_by_side`, now on the CPU); then clients whose examples pack into one row
+of the same width joined in one forward (`fedsec.prefix._join`, since 2026-12-07) against a
+forward per client.
 
 The DP sweep's shape (experiments/dp_base.yaml: SmolLM2-135M-Instruct, 4 examples per
 client, the 28 frozen layers below the top 2) on `--clients` clients. Prints the three
@@ -71,7 +73,14 @@ def main(argv=None) -> dict:
                                           pack=True)
             serial_seconds = time.perf_counter() - began
 
+        # one-row clients of one width joined in a forward (fedsec.prefix._join) against a forward per client
+        with mock.patch.object(fedsec.prefix, "_join", lambda _m, _items, chunks, _size: [[c] for c in chunks]):
+            began = time.perf_counter()
+            unjoined = prefix_states(model, flat, first, pad, batch, groups=[len(items) for items in sets], pack=True)
+            unjoined_seconds = time.perf_counter() - began
+
     side_same = sum(bool(torch.equal(a, b)) for a, b in zip(packed, one_at_a_time, strict=True))
+    joined_same = sum(bool(torch.equal(a, b)) for a, b in zip(packed, unjoined, strict=True))
 
     def same(states):
         return sum(bool(torch.equal(a, b)) for a, b in zip(states, alone, strict=True))
@@ -89,7 +98,9 @@ def main(argv=None) -> dict:
           f"largest difference to plain {packed_worst:.2e} of states up to {scale:.0f}): "
           f"plain / packed {one_call / packed_seconds:.2f}x; packed one forward at a time on "
           f"{torch.get_num_threads()} threads {serial_seconds:.1f} s, side by side on one thread each "
-          f"{serial_seconds / packed_seconds:.2f}x faster ({side_same}/{len(flat)} states the same bits)")
+          f"{serial_seconds / packed_seconds:.2f}x faster ({side_same}/{len(flat)} states the same bits); "
+          f"one-row clients of one width joined {unjoined_seconds / packed_seconds:.2f}x faster than a forward "
+          f"per client ({joined_same}/{len(flat)} the same bits)")
     today = datetime.date.today().isoformat()
     results = {"prefix_per_client_over_batched": {"value": one_call / across, "date": today,
                                                   "examples": len(flat), "identical_states": same(grouped),
@@ -101,7 +112,9 @@ def main(argv=None) -> dict:
                                             "largest_state": scale},
                "prefix_side_by_side_speedup": {"value": serial_seconds / packed_seconds, "date": today,
                                                "examples": len(flat), "threads": torch.get_num_threads(),
-                                               "identical_states": side_same}}
+                                               "identical_states": side_same},
+               "prefix_joined_rows_speedup": {"value": unjoined_seconds / packed_seconds, "date": today,
+                                              "examples": len(flat), "identical_states": joined_same}}
     store(results)
     return results
 

@@ -151,21 +151,76 @@ def _chunk_states(decoder, model, chunk: list[Encoded], pad_id: int, shared: int
     or fewer where that is cheaper (encoding.pack_rows: long items), behind it (computed once
     per row, then copied to each item's state), the plain batch's numbers up to float
     rounding; 0: a plain batch."""
-    on = model_device(model)
     if shared < 1:
-        hidden = _forward_to(decoder, to_device(collate(chunk, pad_id), on), model)
+        hidden = _forward_to(decoder, to_device(collate(chunk, pad_id), model_device(model)), model)
         return [hidden[row, : item.input_ids.numel()] for row, item in enumerate(chunk)]
+    return _rows_states(decoder, model, [(row, shared) for row in _row_plan(model, chunk, shared)], pad_id)
+
+
+def _row_plan(model, chunk: Sequence[Encoded], shared: int) -> list[list[Encoded]]:
+    """The packed rows `_chunk_states` runs `chunk` in: PACK_ROW items at most, fewer where
+    encoding.pack_rows finds that cheaper."""
     weight = attention_weight(model.config)
-    rows = [row for k in range(0, len(chunk), PACK_ROW)
+    return [row for k in range(0, len(chunk), PACK_ROW)
             for row in split_rows(chunk[k: k + PACK_ROW], pack_rows(
                 [item.input_ids.numel() for item in chunk[k: k + PACK_ROW]], shared, weight))]
-    batch = to_device(collate_packed_rows([(row, shared) for row in rows], pad_id), on)
+
+
+def _rows_states(decoder, model, rows: list[tuple[list[Encoded], int]], pad_id: int) -> list[torch.Tensor]:
+    """Each item's state from one forward of packed rows, a row per (items, shared opening)."""
+    batch = to_device(collate_packed_rows(rows, pad_id), model_device(model))
     hidden = _forward_to(decoder, batch, model)
     out, owner = [], batch["owner"]
-    for r, row in enumerate(rows):
+    for r, (row, shared) in enumerate(rows):
         for _ in row:
             out.append(torch.cat([hidden[r, :shared], hidden[r, owner[r] == len(out)]]))
     return out
+
+
+# Single-row chunks of one width (a client's few examples each) that go through the frozen
+# layers together, at most: one forward of a few rows runs its products nearer the CPU's peak
+# than a forward per row (1.10-1.14x on the DP sweep's clients of 4, benchmarks/RESULTS.md)
+JOIN_ROWS = 4
+
+# Whether rows joined in one forward give each row's states bit for bit as its own forward does
+# (`_joined_states`), by model and first layer: checked once per process on the first joined rows
+_JOINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _joined_states(decoder, model, first: int, chunks: list[list[Encoded]], pad_id: int) -> list[torch.Tensor]:
+    """The states of single-row chunks of one width (`_join`: no padding), in one forward, where
+    the first joined forward showed that gives every row's own forward's bits; else a forward per
+    chunk. Bit for bit, not up to rounding: a group's states must not depend on which others share
+    its call, so that a Flower SuperNode and the in-process setup start from the same states."""
+    known = _JOINS.setdefault(model, {})
+    if known.get(first) is False or _PACKS.get(model, {}).get(first) is False:
+        return [s for c in chunks for s in _packed_states(decoder, model, first, c, pad_id, shared_prefix_length(c))]
+    joined = _rows_states(decoder, model, [(c, shared_prefix_length(c)) for c in chunks], pad_id)
+    if first not in known:
+        alone = [s for c in chunks for s in _packed_states(decoder, model, first, c, pad_id, shared_prefix_length(c))]
+        known[first] = all(torch.equal(a, b) for a, b in zip(joined, alone, strict=True))
+        if not known[first]:
+            return alone
+    return joined
+
+
+def _join(model, items: Sequence[Encoded], batches: list[list[int]], batch_size: int) -> list[list[list[int]]]:
+    """`batches` as units of work: a unit of up to JOIN_ROWS batches that each pack into one row
+    of the same width (`_joined_states`), or a batch alone."""
+    units, open_rows = [], {}
+    for chunk in batches:
+        members = [items[i] for i in chunk]
+        shared = shared_prefix_length(members)
+        if shared < 1 or len(_row_plan(model, members, shared)) != 1:
+            units.append([chunk])
+            continue
+        width = shared + sum(item.input_ids.numel() - shared for item in members)
+        unit = open_rows.setdefault(width, [])
+        if unit and (len(unit) == JOIN_ROWS or sum(map(len, unit)) + len(chunk) > batch_size):
+            units.append(unit)
+            unit = open_rows[width] = []
+        unit.append(chunk)
+    return units + [unit for unit in open_rows.values() if unit]
 
 
 # Whether packing the prefix gives the plain batch's states on a model, by first layer: checked
@@ -242,7 +297,9 @@ def prefix_states(model, items: Sequence[Encoded], first: int, pad_id: int,
     never cross. A group's states are then bit for bit what a call on that group alone
     gives (float products batched differently differ in the last bits): the in-process
     setup, which computes all clients in one call, and a Flower SuperNode, which computes
-    its own clients, start from the same states.
+    its own clients, start from the same states. Packed, groups whose batch is one row of
+    the same width share a forward (`_join`), where the first such forward showed that gives
+    each row's own bits (`_joined_states`).
 
     `pack` (training.pack): each batch runs in packed rows behind its items' shared opening
     (the chat template, an instruction), which then goes through the frozen layers once per
@@ -254,19 +311,23 @@ def prefix_states(model, items: Sequence[Encoded], first: int, pad_id: int,
         def sink(_i, state):
             return _placed(state, home, pin)
 
-    def states(chunk: list[int]) -> list[torch.Tensor]:
-        members = [items[i] for i in chunk]
+    def states(unit: list[list[int]]) -> list[torch.Tensor]:
+        if len(unit) > 1:
+            return _joined_states(decoder, model, first, [[items[i] for i in chunk] for chunk in unit], pad_id)
+        members = [items[i] for i in unit[0]]
         shared = shared_prefix_length(members) if pack else 0
         return (_packed_states(decoder, model, first, members, pad_id, shared) if shared > 0
                 else _chunk_states(decoder, model, members, pad_id, 0))
 
     out: list[torch.Tensor | None] = [None] * len(items)
     batches = list(_batches(items, batch_size, groups))
+    units = _join(model, items, batches, batch_size) if pack and groups is not None else [[b] for b in batches]
     shown = progress.bar(len(items), "frozen prefix", "example")
     try:
         with _stopping_at(decoder, first), _side_by_side(model) as workers:
-            for chunk, computed in zip(batches, _in_order(states, batches, workers)):
-                for i, state in zip(chunk, computed):
+            for unit, computed in zip(units, _in_order(states, units, workers)):
+                chunk = [i for batch in unit for i in batch]
+                for i, state in zip(chunk, computed, strict=True):
                     out[i] = sink(i, state)
                 shown.update(len(chunk))
     finally:
@@ -488,7 +549,7 @@ def _group_spans(model_key: str | None, model, first: int, items: Sequence[Encod
 def _reuse_groups(model, items: Sequence[Encoded], first: int, pad_id: int, batch_size: int, home: Home,
                   spans: list[tuple[str, int, int]], pack: bool) -> list[torch.Tensor]:
     """The items' states: a group a memo entry holds is taken from it (bit for bit what
-    computing it gives, since batches never cross a group), the other groups are computed
+    computing it gives, `prefix_states`), the other groups are computed
     in one call, each distinct group once. Without groups (`spans` empty) all are computed."""
     if not spans:
         return prefix_states(model, items, first, pad_id, batch_size, home, pack=pack)

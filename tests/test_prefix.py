@@ -382,3 +382,92 @@ def test_a_model_whose_forward_changes_its_input_embeddings_is_refused_not_cache
     with pytest.raises(ConfigError, match="do not reproduce this model's forward") as err:
         FrozenPrefix(first, "scaled").attach(other, items[:2], tok.pad_token_id, 2)
     assert err.value.field == "lora.cache_frozen_layers"
+
+
+def _equal_width_clients(vocab: int, clients: int, seed: int = 0):
+    """`clients` groups of 2 items behind one 12-token opening, every group's packed row 12 +
+    2 x 20 tokens wide, the tokens otherwise random: rows `_join` may put in one forward."""
+    from fedsec.encoding import IGNORE, Encoded
+
+    gen = torch.Generator().manual_seed(seed)
+    opening = torch.randint(3, vocab, (12,), generator=gen, dtype=torch.int32)
+    items, groups = [], []
+    for c in range(clients):
+        own = (17, 23) if c % 2 else (20, 20)  # the same width, two shapes of row
+        for n in own:
+            ids = torch.cat([opening, torch.randint(3, vocab, (n,), generator=gen, dtype=torch.int32)])
+            labels = torch.full_like(ids, IGNORE)
+            labels[-3:] = ids[-3:]
+            items.append(Encoded(ids, labels))
+        groups.append(2)
+    return items, groups
+
+
+def test_one_row_groups_of_one_width_share_a_forward_and_keep_their_own_bits(tmp_path, monkeypatch):
+    """Packed, groups whose batch is one row (a DP client's few examples) of the same width go
+    through the frozen layers JOIN_ROWS rows at a time, without padding; each group's states
+    are bit for bit what a call on that group alone computes (a Flower SuperNode)."""
+    import fedsec.prefix
+    from fedsec.prefix import JOIN_ROWS, prefix_states
+
+    model, tok, _ = _model_and_items(tmp_path, top_layers=1)
+    first, pad = model.config.num_hidden_layers - 1, tok.pad_token_id
+    items, groups = _equal_width_clients(model.config.vocab_size, 10)
+    monkeypatch.setattr(fedsec.prefix, "_JOINS", fedsec.prefix.weakref.WeakKeyDictionary())
+    forwards = []
+    handle = fedsec.prefix._decoder(model).layers[0].register_forward_pre_hook(
+        lambda _m, args, kwargs: forwards.append(tuple((args[0] if args else kwargs["hidden_states"]).shape[:2])),
+        with_kwargs=True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # one forward at a time: the order of the forwards is the test's
+        joined = prefix_states(model, items, first, pad, batch_size=32, groups=groups, pack=True)
+        first_call, forwards[:] = list(forwards), []
+        again = prefix_states(model, items, first, pad, batch_size=32, groups=groups, pack=True)
+        second_call, forwards[:] = list(forwards), []
+        alone = [h for k in range(0, len(items), 2)
+                 for h in prefix_states(model, items[k: k + 2], first, pad, batch_size=32, pack=True)]
+        lone_calls = list(forwards)
+    finally:
+        torch.set_num_threads(threads)
+        handle.remove()
+    assert fedsec.prefix._JOINS[model][first] is True
+    # 10 rows of 52 positions: 4 + 4 + 2 a forward once the first joined forward was checked
+    assert second_call == [(JOIN_ROWS, 52), (JOIN_ROWS, 52), (2, 52)]
+    assert lone_calls == [(1, 52)] * 10
+    # the first call checked its first joined forward against its rows alone, once
+    assert first_call.count((1, 52)) == JOIN_ROWS and len(first_call) == 3 + JOIN_ROWS + 1  # the pack check's
+    assert all(torch.equal(a, b) for a, b in zip(joined, alone, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(again, alone, strict=True))
+
+
+def test_rows_a_joined_forward_would_change_go_through_one_at_a_time(tmp_path, monkeypatch):
+    """Where the first joined forward gives any row other bits than its own forward (a CPU whose
+    products depend on how many rows they carry), the process computes a forward per group from
+    then on, and the states are the lone forwards' bits."""
+    import fedsec.prefix
+    from fedsec.prefix import prefix_states
+
+    model, tok, _ = _model_and_items(tmp_path, top_layers=1)
+    first, pad = model.config.num_hidden_layers - 1, tok.pad_token_id
+    items, groups = _equal_width_clients(model.config.vocab_size, 6, seed=1)
+    monkeypatch.setattr(fedsec.prefix, "_JOINS", fedsec.prefix.weakref.WeakKeyDictionary())
+    real, rows_seen = fedsec.prefix._rows_states, []
+
+    def last_bit_off(decoder, model, rows, pad_id):  # as such a CPU's products would be
+        rows_seen.append(len(rows))
+        states = real(decoder, model, rows, pad_id)
+        return [torch.nextafter(s, s + 1) for s in states] if len(rows) > 1 else states
+
+    monkeypatch.setattr(fedsec.prefix, "_rows_states", last_bit_off)
+    alone = [h for k in range(0, len(items), 2)
+             for h in prefix_states(model, items[k: k + 2], first, pad, batch_size=32, pack=True)]
+    rows_seen.clear()
+    grouped = prefix_states(model, items, first, pad, batch_size=32, groups=groups, pack=True)
+    assert fedsec.prefix._JOINS[model][first] is False
+    assert all(torch.equal(a, b) for a, b in zip(grouped, alone, strict=True))
+    assert max(rows_seen) > 1 and rows_seen.count(1) == len(groups)  # one joined try, then a row each
+    rows_seen.clear()
+    assert all(torch.equal(a, b) for a, b in zip(
+        prefix_states(model, items, first, pad, batch_size=32, groups=groups, pack=True), alone, strict=True))
+    assert rows_seen == [1] * len(groups)
