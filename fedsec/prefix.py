@@ -183,30 +183,35 @@ def _rows_states(decoder, model, rows: list[tuple[list[Encoded], int]], pad_id: 
 JOIN_ROWS = 4
 
 # Whether rows joined in one forward give each row's states bit for bit as its own forward does
-# (`_joined_states`), by model and first layer: checked once per process on the first joined rows
+# (`_joined_states`), by model, first layer and number of rows (a product's kernel may depend on
+# how many rows it carries): checked once per process on the first such forward
 _JOINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _joined_states(decoder, model, first: int, chunks: list[list[Encoded]], pad_id: int) -> list[torch.Tensor]:
     """The states of single-row chunks of one width (`_join`: no padding), in one forward, where
-    the first joined forward showed that gives every row's own forward's bits; else a forward per
-    chunk. Bit for bit, not up to rounding: a group's states must not depend on which others share
-    its call, so that a Flower SuperNode and the in-process setup start from the same states."""
-    known = _JOINS.setdefault(model, {})
-    if known.get(first) is False or _PACKS.get(model, {}).get(first) is False:
+    the first joined forward of as many rows showed that gives every row's own forward's bits; else
+    a forward per chunk. Bit for bit, not up to rounding: a group's states must not depend on which
+    others share its call, so that a Flower SuperNode and the in-process setup start from the same
+    states."""
+    known, key = _JOINS.setdefault(model, {}), (first, len(chunks))
+    if known.get(key) is False or _PACKS.get(model, {}).get(first) is False:
         return [s for c in chunks for s in _packed_states(decoder, model, first, c, pad_id, shared_prefix_length(c))]
     joined = _rows_states(decoder, model, [(c, shared_prefix_length(c)) for c in chunks], pad_id)
-    if first not in known:
+    if key not in known:
         alone = [s for c in chunks for s in _packed_states(decoder, model, first, c, pad_id, shared_prefix_length(c))]
-        known[first] = all(torch.equal(a, b) for a, b in zip(joined, alone, strict=True))
-        if not known[first]:
+        known[key] = all(torch.equal(a, b) for a, b in zip(joined, alone, strict=True))
+        if not known[key]:
             return alone
     return joined
 
 
 def _join(model, items: Sequence[Encoded], batches: list[list[int]], batch_size: int) -> list[list[list[int]]]:
-    """`batches` as units of work: a unit of up to JOIN_ROWS batches that each pack into one row
-    of the same width (`_joined_states`), or a batch alone."""
+    """`batches` as units of work: on the CPU (one thread a forward, `_side_by_side`), a unit of up
+    to JOIN_ROWS batches that each pack into one row of the same width (`_joined_states`), or a
+    batch alone."""
+    if model_device(model).type != "cpu":
+        return [[chunk] for chunk in batches]
     units, open_rows = [], {}
     for chunk in batches:
         members = [items[i] for i in chunk]

@@ -431,12 +431,12 @@ def test_one_row_groups_of_one_width_share_a_forward_and_keep_their_own_bits(tmp
     finally:
         torch.set_num_threads(threads)
         handle.remove()
-    assert fedsec.prefix._JOINS[model][first] is True
-    # 10 rows of 52 positions: 4 + 4 + 2 a forward once the first joined forward was checked
+    assert fedsec.prefix._JOINS[model] == {(first, JOIN_ROWS): True, (first, 2): True}
+    # 10 rows of 52 positions: 4 + 4 + 2 a forward once the joined forwards were checked
     assert second_call == [(JOIN_ROWS, 52), (JOIN_ROWS, 52), (2, 52)]
     assert lone_calls == [(1, 52)] * 10
-    # the first call checked its first joined forward against its rows alone, once
-    assert first_call.count((1, 52)) == JOIN_ROWS and len(first_call) == 3 + JOIN_ROWS + 1  # the pack check's
+    # the first call checked the first joined forward of 4 rows and of 2 against their rows alone
+    assert first_call.count((1, 52)) == JOIN_ROWS + 2 and len(first_call) == 3 + JOIN_ROWS + 2 + 1  # + packing's
     assert all(torch.equal(a, b) for a, b in zip(joined, alone, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(again, alone, strict=True))
 
@@ -464,7 +464,7 @@ def test_rows_a_joined_forward_would_change_go_through_one_at_a_time(tmp_path, m
              for h in prefix_states(model, items[k: k + 2], first, pad, batch_size=32, pack=True)]
     rows_seen.clear()
     grouped = prefix_states(model, items, first, pad, batch_size=32, groups=groups, pack=True)
-    assert fedsec.prefix._JOINS[model][first] is False
+    assert set(fedsec.prefix._JOINS[model].values()) == {False}
     assert all(torch.equal(a, b) for a, b in zip(grouped, alone, strict=True))
     assert max(rows_seen) > 1 and rows_seen.count(1) == len(groups)  # one joined try, then a row each
     rows_seen.clear()
