@@ -179,7 +179,7 @@ def _rows_states(decoder, model, rows: list[tuple[list[Encoded], int]], pad_id: 
 
 # Single-row chunks of one width (a client's few examples each) that go through the frozen
 # layers together, at most: one forward of a few rows runs its products nearer the CPU's peak
-# than a forward per row (1.10-1.14x on the DP sweep's clients of 4, benchmarks/RESULTS.md)
+# than a forward per row (1.12-1.16x on the DP sweep's clients of 4, benchmarks/RESULTS.md)
 JOIN_ROWS = 4
 
 # Whether rows joined in one forward give each row's states bit for bit as its own forward does
@@ -194,15 +194,18 @@ def _joined_states(decoder, model, first: int, chunks: list[list[Encoded]], pad_
     a forward per chunk. Bit for bit, not up to rounding: a group's states must not depend on which
     others share its call, so that a Flower SuperNode and the in-process setup start from the same
     states."""
+    def alone() -> list[torch.Tensor]:
+        return [s for c in chunks for s in _packed_states(decoder, model, first, c, pad_id, shared_prefix_length(c))]
+
     known, key = _JOINS.setdefault(model, {}), (first, len(chunks))
     if known.get(key) is False or _PACKS.get(model, {}).get(first) is False:
-        return [s for c in chunks for s in _packed_states(decoder, model, first, c, pad_id, shared_prefix_length(c))]
+        return alone()
     joined = _rows_states(decoder, model, [(c, shared_prefix_length(c)) for c in chunks], pad_id)
     if key not in known:
-        alone = [s for c in chunks for s in _packed_states(decoder, model, first, c, pad_id, shared_prefix_length(c))]
-        known[key] = all(torch.equal(a, b) for a, b in zip(joined, alone, strict=True))
+        own = alone()
+        known[key] = all(torch.equal(a, b) for a, b in zip(joined, own, strict=True))
         if not known[key]:
-            return alone
+            return own
     return joined
 
 
