@@ -40,6 +40,8 @@ HEADLINES = (  # key, what it is, target
     ("packed_positions_ratio_dp_sweep", "the same, the DP sweep's base", ">= 1.5"),
     ("packed_long_items_speedup", "a batch of 8 long examples: one packed row's time / the planned rows'", "-"),
     ("many_clients_speedup", "examples/s, batched cached clients / plain path", "-"),
+    ("prefix_joined_rows_speedup", "frozen prefix of the DP sweep's clients: a forward each / one-row clients of "
+     "one width joined", "-"),
     ("memory_ratio_10_to_10000_clients", "peak RSS, 10,000 / 10 total clients", "<= 1.1"),
     ("file_memory_ratio_100_to_100000_clients", "peak RSS, 100,000 / 100 clients from a file, natural split",
      "<= 1.2"),

@@ -179,7 +179,7 @@ def _rows_states(decoder, model, rows: list[tuple[list[Encoded], int]], pad_id: 
 
 # Single-row chunks of one width (a client's few examples each) that go through the frozen
 # layers together, at most: one forward of a few rows runs its products nearer the CPU's peak
-# than a forward per row (1.12-1.16x on the DP sweep's clients of 4, benchmarks/RESULTS.md)
+# than a forward per row (1.11-1.16x on the DP sweep's clients of 4, benchmarks/RESULTS.md)
 JOIN_ROWS = 4
 
 # Whether rows joined in one forward give each row's states bit for bit as its own forward does
