@@ -70,6 +70,13 @@ def test_smollm2_conversion_matches_the_gguf_model():
         ours = model(**ids).logits
         theirs = reference(**ids).logits
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    # fedsec reads the GGUF's weights and config itself (faster): transformers' bits and values
+    mine, its = model.state_dict(), reference.state_dict()
+    assert mine.keys() == its.keys() and all(torch.equal(mine[k], its[k]) for k in its)
+    cosmetic = {"_name_or_path", "_model_name_or_path", "dtype", "transformers_version", "architectures"}
+    config, expected = model.config.to_dict(), reference.config.to_dict()
+    assert {k: v for k, v in config.items() if k not in cosmetic} == {
+        k: v for k, v in expected.items() if k not in cosmetic and k != "quantization_config"}
     assert model.config.num_hidden_layers == 30 and model.config.vocab_size == 49152
     # a real instruct model: greedy reply to a factual question names the answer
     out = model.generate(**ids, max_new_tokens=12, do_sample=False)
