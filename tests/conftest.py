@@ -32,7 +32,8 @@ if os.environ.get("FEDSEC_PLUGINS"):
 
 @pytest.fixture(scope="session", autouse=True)
 def _fedsec_cache(tmp_path_factory):
-    """Tests build the tiny model into a private cache; SmolLM2 reuses the user cache."""
+    """Without FEDSEC_CACHE set, the session builds its models (the tiny one, SmolLM2's conversion)
+    and frozen-prefix states in a private cache of its own, as a fresh machine would."""
     if "FEDSEC_CACHE" not in os.environ:
         os.environ["FEDSEC_CACHE"] = str(tmp_path_factory.mktemp("fedsec-cache"))
     yield
