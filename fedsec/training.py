@@ -36,10 +36,11 @@ from dataclasses import dataclass
 
 import torch
 
+from fedsec import lmhead
 from fedsec.adapter import AdapterParams
 from fedsec.config import TrainingConfig
 from fedsec.defenses.dp import private_mean
-from fedsec.devices import autocast, model_device, to_device
+from fedsec.devices import autocast, autocast_dtype, model_device, to_device
 from fedsec.encoding import IGNORE, additive_mask
 from fedsec.readout import trimmed
 from fedsec.seeding import derive_seed, scoped_torch_seed
@@ -119,9 +120,14 @@ def head_log_softmax(model, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def target_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probability of every target token, and the batch row each belongs to."""
-    log_probs, targets, rows = target_log_softmax(model, batch)
-    return log_probs.gather(1, targets[:, None]).squeeze(1), rows
+    """Log-probability of every target token, and the batch row each belongs to. A plain
+    float32 head takes the vocabulary in blocks (fedsec.lmhead: the same numbers, without
+    the [N, vocab] log-distributions)."""
+    hidden, targets, rows = target_hidden(model, batch)
+    head = _causal_lm(model).get_output_embeddings()
+    if lmhead.blockable(head, hidden, autocast_dtype(model)):
+        return lmhead.target_logprobs(hidden, head.weight, targets), rows
+    return head_log_softmax(model, hidden).gather(1, targets[:, None]).squeeze(1), rows
 
 
 def completion_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:

@@ -1,0 +1,89 @@
+"""The LM head's log-probability of each target token, in blocks of the vocabulary.
+
+Training needs log p(target) at a few positions, and the gradient of its sum with respect
+to the hidden states. `log_softmax(h W^T).gather(targets)` computes it by writing the
+[N, vocab] logits, then their log-distributions (autograd keeps both), then reading them
+back in the backward: about five passes over N x vocab floats (200 MB at 1,024 positions
+of SmolLM2's 49,152 words), each taken from memory, not cache. Here each block of
+`HEAD_BLOCK` words is one product whose [N, block] logits stay in cache while they become
+exponentials: their maximum and sum per position, the target's logit where it falls in
+the block, and the block's exp(z - max) written once for the backward, which reads them
+once:
+
+    log p(t) = z_t - lse,  lse = M + log sum_b s_b exp(m_b - M)
+    d log p(t) / dh = W_t - sum_b (exp(z_b - m_b) exp(m_b - lse)) W_b
+
+(m_b, s_b: block b's maximum and sum of exp(z - m_b); M: the largest m_b). The same
+numbers to float rounding, in 0.75-0.8 of the time on SmolLM2's head at 200-512
+positions (benchmarks/RESULTS.md), and half the memory autograd holds.
+
+Only a plain float32 head that is not trained takes this path (`blockable`); any other
+(a bias, a trained or adapted head, half precision, hooks on the head) is the plain
+computation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Words per block: a block's logits at 200-512 positions (3-8 MB) sit in a core's cache.
+HEAD_BLOCK = 4096
+
+
+def blockable(head: torch.nn.Module, hidden: torch.Tensor, precision: torch.dtype | None) -> bool:
+    """Whether `target_logprobs` may take `head`'s blocks: a bias-free float32 nn.Linear, not
+    trained (no gradient for its weight), no hooks on it, fp32 forwards (`precision` None),
+    and at least one position."""
+    return (type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
+            and head.weight.dtype == torch.float32 and hidden.dtype == torch.float32
+            and precision is None and hidden.shape[0] > 0
+            and not (head._forward_hooks or head._forward_pre_hooks or head._backward_hooks))
+
+
+def target_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                    block: int = HEAD_BLOCK) -> torch.Tensor:
+    """log softmax(hidden weight^T)[i, targets[i]] for hidden [N, d], weight [vocab, d],
+    targets [N]: [N], differentiable in `hidden` (the weight is taken as frozen)."""
+    return _BlockedTargetLogSoftmax.apply(hidden, weight, targets, block)
+
+
+def _blocks(vocab: int, block: int) -> list[tuple[int, int]]:
+    return [(b, min(b + block, vocab)) for b in range(0, vocab, block)]
+
+
+class _BlockedTargetLogSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, block):
+        n, vocab = hidden.shape[0], weight.shape[0]
+        spans = _blocks(vocab, block)
+        keep = ctx.needs_input_grad[0]
+        # the blocks' exp(z - m_b), [N, b1 - b0] each: one tensor per block, a size malloc
+        # keeps and reuses, where one [N, vocab] buffer is mapped afresh by every call
+        kept = []
+        m = torch.empty(len(spans), n, dtype=hidden.dtype, device=hidden.device)
+        s = torch.empty_like(m)
+        picked = torch.empty(n, dtype=hidden.dtype, device=hidden.device)
+        for i, (b0, b1) in enumerate(spans):
+            z = torch.mm(hidden, weight[b0:b1].t())
+            here = ((targets >= b0) & (targets < b1)).nonzero().squeeze(1)
+            picked[here] = z[here, targets[here] - b0]
+            torch.amax(z, 1, out=m[i])
+            z.sub_(m[i][:, None]).exp_()
+            torch.sum(z, 1, out=s[i])
+            if keep:
+                kept.append(z)
+        top = m.amax(0)
+        lse = top + (s * (m - top).exp()).sum(0).log()
+        if keep:
+            ctx.save_for_backward(weight, targets, m, lse, *kept)
+            ctx.spans = spans
+        return picked - lse
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, targets, m, lse, *kept = ctx.saved_tensors
+        scale = (m - lse).exp() * grad  # [blocks, N]: exp(m_b - lse) times each position's gradient
+        grad_hidden = grad[:, None] * weight[targets]
+        for (b0, b1), exps, row_scale in zip(ctx.spans, kept, scale):  # the saved blocks stay as they are
+            grad_hidden = torch.addmm(grad_hidden, exps * row_scale[:, None], weight[b0:b1], alpha=-1)
+        return grad_hidden, None, None, None
