@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import store
-from fedsec import evaluation
+from fedsec import evaluation, lmhead
 from fedsec.clients import client_updates
 from fedsec.config import load_config
 from fedsec.round_eval import evaluate_model
@@ -60,6 +60,16 @@ def head_per_forward(fn):
         return fn()
     finally:
         evaluation.HEAD_ROWS = rows
+
+
+def plain_head(fn):
+    """fn() with the LM head's [N, vocab] log-distributions computed whole (training.head_scores
+    without fedsec.lmhead's blocks), as before 2026-12-07."""
+    blockable, lmhead.blockable = lmhead.blockable, lambda *args: False
+    try:
+        return fn()
+    finally:
+        lmhead.blockable = blockable
 
 
 def untuned_repeat() -> dict:
@@ -113,20 +123,23 @@ def eval_cost() -> None:
     turns = [(_timed(lambda: client_updates(setup, start, clients, lr, 0), 1),
               _timed(lambda: evaluate_model(setup, start), 1),
               _timed(lambda: evaluate_model(setup, start, 0), 1),  # round 0: the benchmark is due
-              _timed(lambda: head_per_forward(lambda: evaluate_model(setup, start)), 1))
+              _timed(lambda: head_per_forward(lambda: evaluate_model(setup, start)), 1),
+              _timed(lambda: plain_head(lambda: evaluate_model(setup, start)), 1))
              for _ in range(5)]
-    t_round, t_eval, t_both, _ = (statistics.median(t[k] for t in turns) for k in range(4))
+    t_round, t_eval, t_both = (statistics.median(t[k] for t in turns) for k in range(3))
     every = cfg.eval.every
-    shares = sorted(e / every / r for r, e, _, _ in turns)
+    shares = sorted(e / every / r for r, e, *_ in turns)
     row = {"round_seconds": round(t_round, 2), "eval_seconds": round(t_eval, 2),
            "benchmark_seconds": round(t_both - t_eval, 2), "benchmark_items": len(setup.tasks[0].items),
            "eval_every": every, "threads": torch.get_num_threads(),
            "eval_fraction_every_k": round(statistics.median(shares), 4),
            "eval_fraction_every_k_range": [round(shares[0], 4), round(shares[-1], 4)],
-           "eval_fraction_every_round": round(statistics.median(e / r for r, e, _, _ in turns), 4),
-           "benchmark_fraction_every_k": round(statistics.median((b - e) / every / r for r, e, b, _ in turns), 4),
+           "eval_fraction_every_round": round(statistics.median(e / r for r, e, *_ in turns), 4),
+           "benchmark_fraction_every_k": round(statistics.median((b - e) / every / r for r, e, b, *_ in turns), 4),
            # the same evaluation with one LM-head call per forward (before 2026-12-06's HEAD_ROWS)
-           "eval_over_head_per_forward": round(statistics.median(e / h for _, e, _, h in turns), 4)}
+           "eval_over_head_per_forward": round(statistics.median(e / h for _, e, _, h, _ in turns), 4),
+           # the same evaluation with the head's log-distributions whole (before 2026-12-07's blocks)
+           "eval_over_plain_head": round(statistics.median(e / p for _, e, _, _, p in turns), 4)}
     print(json.dumps(row, indent=2))
     store({"eval_cost_fraction": {"value": row["eval_fraction_every_k"], **row,
                                   "date": datetime.date.today().isoformat()}})

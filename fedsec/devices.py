@@ -4,7 +4,7 @@ Encoded data stays in host memory (fedsec.encoding.DATA); the model's computatio
 their results are made on the model's own device, named explicitly at every construction
 so that nothing lands on an implicit default. `model.device` picks that device once
 (`resolve_device`), and `training.precision` the autocast dtype of every forward: one
-context, `autocast(model)`, entered where the model runs (training.target_log_softmax,
+context, `autocast(model)`, entered where the model runs (training.target_hidden,
 the frozen-prefix pass, generation).
 """
 

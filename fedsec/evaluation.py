@@ -30,7 +30,8 @@ from fedsec.encoding import (
     encode_prompt,
     shared_prefix_length,
 )
-from fedsec.training import head_log_softmax, target_hidden
+from fedsec.lmhead import TargetScores
+from fedsec.training import head_scores, target_hidden
 
 
 @dataclass(frozen=True)
@@ -102,13 +103,12 @@ def per_example(model, data: EvalSet, pad_id: int, batch_size: int,
               and not force_full_scoring)
     first_ids = torch.tensor([c[0] for c in data.choice_ids], device=on) if single else None
     scores = torch.zeros(n, len(data.choice_ids), device=on) if single else None
-    for start, log_probs, targets, rows in target_batches(model, data.encoded, pad_id, batch_size, data.shared):
-        logp = log_probs.gather(1, targets[:, None]).squeeze(1)
-        nll.index_add_(0, rows + start, -logp)
-        count.index_add_(0, rows + start, torch.ones_like(logp))
+    for start, head, _, rows in target_batches(model, data.encoded, pad_id, batch_size, data.shared):
+        nll.index_add_(0, rows + start, -head.target)
+        count.index_add_(0, rows + start, torch.ones_like(head.target))
         if single:
             first = first_target_mask(rows)
-            scores[rows[first] + start] = log_probs[first][:, first_ids]
+            scores[rows[first] + start] = head.words(first, first_ids)
     if data.prompts is None:
         return nll, count, None
     if not single:
@@ -147,18 +147,19 @@ def _batches(items: Sequence[Encoded], shared: int, batch_size: int) -> list[tup
 
 # Target positions per LM-head call: the head's product over the whole vocabulary runs about
 # 1.5x faster per row at a few hundred rows than at one packed forward's 69 (SmolLM2, a
-# 2-core CPU), so the head waits for several forwards' states. 1,024 rows of a 49,152-word
-# vocabulary hold 200 MB of float32 log-probabilities.
+# 2-core CPU), so the head waits for several forwards' states (a plain float32 head in blocks of
+# the vocabulary, fedsec.lmhead; any other holds 1,024 x 49,152 float32 log-probabilities, 200 MB).
 HEAD_ROWS = 1024
 
 
 def target_batches(model, items: Sequence[Encoded], pad_id: int, batch_size: int,
-                   shared: int = 0) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(offset, log_probs, targets, rows) per batch of consecutive items: the next-token
-    log-distributions at their target positions (training.target_log_softmax; `rows` is
-    each position's item index from `offset`). With `shared`, each batch is one packed
-    sequence behind one copy of the items' first `shared` tokens (encoding.collate_packed).
-    The LM head runs once for up to HEAD_ROWS positions of consecutive batches."""
+                   shared: int = 0) -> Iterator[tuple[int, TargetScores, torch.Tensor, torch.Tensor]]:
+    """(offset, scores, targets, rows) per batch of consecutive items: the LM head at their
+    target positions (training.head_scores: each target's log-probability, the arg-max,
+    given words' log-probabilities; `rows` is each position's item index from `offset`).
+    With `shared`, each batch is one packed sequence behind one copy of the items' first
+    `shared` tokens (encoding.collate_packed). The LM head runs once for up to HEAD_ROWS
+    positions of consecutive batches."""
     held: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     rows = 0  # target positions held
     for start, stop in _batches(items, shared, batch_size):
@@ -171,14 +172,15 @@ def target_batches(model, items: Sequence[Encoded], pad_id: int, batch_size: int
     yield from _with_head(model, held)
 
 
-def _with_head(model, held) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The held batches' (offset, log_probs, targets, rows), from one LM-head call."""
+def _with_head(model, held) -> Iterator[tuple[int, TargetScores, torch.Tensor, torch.Tensor]]:
+    """The held batches' (offset, scores, targets, rows), from one LM-head call."""
     if not held:
         return
-    log_probs = head_log_softmax(model, torch.cat([hidden for _, hidden, _, _ in held]))
+    scores = head_scores(model, torch.cat([hidden for _, hidden, _, _ in held]),
+                         torch.cat([targets for _, _, targets, _ in held]))
     at = 0
     for start, _, targets, rows in held:
-        yield start, log_probs[at: at + len(targets)], targets, rows
+        yield start, scores[at: at + len(targets)], targets, rows
         at += len(targets)
 
 
@@ -222,8 +224,8 @@ def summed_logprobs(model, items: Sequence[Encoded], pad_id: int, batch_size: in
                     shared: int = 0) -> torch.Tensor:
     """Each item's summed log-probability of its target tokens (a label's score after its prompt)."""
     total = torch.zeros(len(items), device=model_device(model))
-    for start, log_probs, targets, rows in target_batches(model, items, pad_id, batch_size, shared):
-        total.index_add_(0, rows + start, log_probs.gather(1, targets[:, None]).squeeze(1))
+    for start, head, _, rows in target_batches(model, items, pad_id, batch_size, shared):
+        total.index_add_(0, rows + start, head.target)
     return total
 
 
@@ -237,11 +239,11 @@ def evaluate_greedy(model, data: EvalSet, pad_id: int, batch_size: int) -> tuple
     n, on = len(data.encoded), model_device(model)
     nll, count = torch.zeros(n, device=on), torch.zeros(n, device=on)
     missed = torch.zeros(n, dtype=torch.bool, device=on)
-    for start, log_probs, targets, rows in target_batches(model, data.encoded, pad_id, batch_size, data.shared):
-        at, logp = rows + start, log_probs.gather(1, targets[:, None]).squeeze(1)
-        nll.index_add_(0, at, -logp)
-        count.index_add_(0, at, torch.ones_like(logp))
-        missed[at[log_probs.argmax(1) != targets]] = True
+    for start, head, targets, rows in target_batches(model, data.encoded, pad_id, batch_size, data.shared):
+        at = rows + start
+        nll.index_add_(0, at, -head.target)
+        count.index_add_(0, at, torch.ones_like(head.target))
+        missed[at[head.argmax != targets]] = True
     return summarize(nll, count, None, data), float((~missed).float().mean()) if n else None
 
 

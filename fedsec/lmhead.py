@@ -17,12 +17,19 @@ once:
 numbers to float rounding, in 0.75-0.8 of the time on SmolLM2's head at 200-512
 positions (benchmarks/RESULTS.md), and half the memory autograd holds.
 
-Only a plain float32 head that is not trained takes this path (`blockable`); any other
+Evaluation reads a little more, without a gradient (`target_scores`, a `TargetScores`):
+the targets' log-probabilities, each position's arg-max word (the blocks' maxima), and the
+log-probabilities of given words (a label's first token) as their logits less the kept
+log-sum-exp.
+
+Only a plain float32 head that is not trained takes these paths (`blockable`); any other
 (a bias, a trained or adapted head, half precision, hooks on the head) is the plain
 computation.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -87,3 +94,65 @@ class _BlockedTargetLogSoftmax(torch.autograd.Function):
         for (b0, b1), exps, row_scale in zip(ctx.spans, kept, scale):  # the saved blocks stay as they are
             grad_hidden = torch.addmm(grad_hidden, exps * row_scale[:, None], weight[b0:b1], alpha=-1)
         return grad_hidden, None, None, None
+
+
+@dataclass(frozen=True)
+class TargetScores:
+    """The LM head at N target positions as evaluation reads it: each position's target
+    log-probability and arg-max word, and on request the log-probabilities of given words
+    (`words`). From `target_scores` in blocks (the positions' hidden states and log-sum-exps
+    kept, [N, d] and [N]) or from full log-distributions (`from_log_probs`, [N, vocab])."""
+
+    target: torch.Tensor  # [N] log p(target)
+    argmax: torch.Tensor  # [N] the most likely word
+    log_probs: torch.Tensor | None = None  # [N, vocab]: the plain head's
+    hidden: torch.Tensor | None = None  # [N, d], with weight and lse: the blocked head's
+    weight: torch.Tensor | None = None
+    lse: torch.Tensor | None = None
+
+    @classmethod
+    def from_log_probs(cls, log_probs: torch.Tensor, targets: torch.Tensor) -> TargetScores:
+        return cls(log_probs.gather(1, targets[:, None]).squeeze(1), log_probs.argmax(1), log_probs=log_probs)
+
+    def __len__(self) -> int:
+        return len(self.target)
+
+    def __getitem__(self, rows: slice) -> TargetScores:
+        """The scores of a run of consecutive positions."""
+        return TargetScores(self.target[rows], self.argmax[rows],
+                            *(None if t is None else t[rows] for t in (self.log_probs, self.hidden)),
+                            self.weight, None if self.lse is None else self.lse[rows])
+
+    def words(self, positions: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """log p(word) at `positions` (indices or a mask over the N) for `ids`: [k] (the same
+        words at each position) or [P, k] (a row of words per position); [P, k]."""
+        if self.log_probs is not None:
+            at = self.log_probs[positions]
+            return at[:, ids] if ids.dim() == 1 else at.gather(1, ids)
+        hidden = self.hidden[positions]
+        logits = hidden @ self.weight[ids].t() if ids.dim() == 1 else (hidden[:, None] * self.weight[ids]).sum(-1)
+        return logits - self.lse[positions][:, None]
+
+
+@torch.no_grad()
+def target_scores(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                  block: int = HEAD_BLOCK) -> TargetScores:
+    """`TargetScores` of hidden [N, d] under the head `weight` [vocab, d], the vocabulary in
+    blocks: the target's logit less the log-sum-exp, the arg-max (the first of equal
+    maxima, as torch.argmax), no [N, vocab] tensor."""
+    n = hidden.shape[0]
+    spans = _blocks(weight.shape[0], block)
+    m = torch.empty(len(spans), n, dtype=hidden.dtype, device=hidden.device)
+    s, arg = torch.empty_like(m), torch.empty(len(spans), n, dtype=torch.long, device=hidden.device)
+    picked = torch.empty(n, dtype=hidden.dtype, device=hidden.device)
+    z = torch.empty(n * min(block, weight.shape[0]), dtype=hidden.dtype, device=hidden.device)
+    for i, (b0, b1) in enumerate(spans):
+        logits = torch.mm(hidden, weight[b0:b1].t(), out=z[: n * (b1 - b0)].view(n, b1 - b0))
+        here = ((targets >= b0) & (targets < b1)).nonzero().squeeze(1)
+        picked[here] = logits[here, targets[here] - b0]
+        torch.max(logits, 1, out=(m[i], arg[i]))
+        torch.sum(logits.sub_(m[i][:, None]).exp_(), 1, out=s[i])
+    top, best = m.max(0)  # the first block holding the maximum: torch.argmax's first index
+    lse = top + (s * (m - top).exp()).sum(0).log()
+    argmax = arg.gather(0, best[None]).squeeze(0) + torch.tensor([b0 for b0, _ in spans], device=hidden.device)[best]
+    return TargetScores(picked - lse, argmax, hidden=hidden, weight=weight, lse=lse)

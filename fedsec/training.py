@@ -65,23 +65,14 @@ def _causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def target_log_softmax(model, batch: dict[str, torch.Tensor]):
-    """Next-token log-distributions at every target position.
-
-    Returns (log_probs [N, vocab], targets [N], rows [N]) for the N positions whose
-    next token is a target, in row-major order. Runs the decoder, then the LM head
-    only on those positions, which skips most of the vocabulary projection. A packed
-    batch (encoding.collate_packed: one sequence, a [1, 1, L, L] mask, each item at its
-    own positions) gives `rows` as each position's item.
-    """
-    hidden, targets, rows = target_hidden(model, batch)
-    return head_log_softmax(model, hidden), targets, rows
-
-
 def target_hidden(model, batch: dict[str, torch.Tensor]):
-    """`target_log_softmax` before the LM head: (the last hidden states at the target
-    positions [N, hidden], targets [N], rows [N]). Evaluation gathers several batches'
-    states and runs the head on them at once (`head_log_softmax`), a larger product."""
+    """The last hidden states at every target position, before the LM head: (hidden [N, d],
+    targets [N], rows [N]) for the N positions whose next token is a target, in row-major
+    order. Runs the decoder only (the head then runs on those positions alone, which skips
+    most of the vocabulary projection). A packed batch (encoding.collate_packed: one
+    sequence, a [1, 1, L, L] mask, each item at its own positions) gives `rows` as each
+    position's item. Evaluation gathers several batches' states and runs the head on them
+    at once (`head_scores`), a larger product."""
     lm = _causal_lm(model)
     batch = to_device(batch, model_device(model))
     mask = batch["attention_mask"]
@@ -128,6 +119,16 @@ def target_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     if lmhead.blockable(head, hidden, autocast_dtype(model)):
         return lmhead.target_logprobs(hidden, head.weight, targets), rows
     return head_log_softmax(model, hidden).gather(1, targets[:, None]).squeeze(1), rows
+
+
+def head_scores(model, hidden: torch.Tensor, targets: torch.Tensor) -> lmhead.TargetScores:
+    """What evaluation reads from the LM head at these positions (lmhead.TargetScores): the
+    targets' log-probabilities, the arg-max words, given words' log-probabilities; a plain
+    float32 head in blocks of the vocabulary, any other through `head_log_softmax`."""
+    head = _causal_lm(model).get_output_embeddings()
+    if lmhead.blockable(head, hidden, autocast_dtype(model)):
+        return lmhead.target_scores(hidden, head.weight, targets)
+    return lmhead.TargetScores.from_log_probs(head_log_softmax(model, hidden), targets)
 
 
 def completion_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:

@@ -106,3 +106,29 @@ def test_only_a_plain_frozen_fp32_head_is_blocked():
     hooked = torch.nn.Linear(4, 10, bias=False).requires_grad_(False)
     hooked.register_forward_hook(lambda *a: None)
     assert not lmhead.blockable(hooked, hidden, None)
+
+
+@pytest.mark.parametrize("block", [7, 100, 4096])
+def test_blocked_scores_equal_the_full_log_distributions(block):
+    """Evaluation's reads: the targets' log-probabilities, the arg-max (the first of equal
+    maxima, as torch.argmax), given words at given positions, and a run of positions."""
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(29, 16, generator=g)
+    weight = torch.randn(1000, 16, generator=g) * 0.6
+    hidden[4], weight[500], weight[505] = 0, 0, 0  # position 4's two largest logits exactly equal (50),
+    hidden[4, 0], weight[500, 0], weight[505, 0] = 1, 50, 50  # in two blocks of 7 and one of 100
+    targets = torch.randint(0, 1000, (29,), generator=g)
+    full = lmhead.TargetScores.from_log_probs(torch.nn.functional.linear(hidden, weight).log_softmax(-1), targets)
+    got = lmhead.target_scores(hidden, weight, targets, block)
+    assert torch.allclose(got.target, full.target, rtol=1e-5, atol=1e-5) and float(full.target.min()) < -10
+    assert torch.equal(got.argmax, full.argmax) and int(got.argmax[4]) == 500
+    same, per_row = torch.tensor([3, 999, 0]), torch.randint(0, 1000, (5, 2), generator=g)
+    mask = torch.zeros(29, dtype=torch.bool)
+    mask[[1, 4, 8]] = True
+    assert torch.allclose(got.words(mask, same), full.words(mask, same), rtol=1e-5, atol=1e-5)
+    rows = torch.tensor([0, 2, 4, 6, 28])
+    assert torch.allclose(got.words(rows, per_row), full.words(rows, per_row), rtol=1e-5, atol=1e-5)
+    part, part_full = got[5:12], full[5:12]
+    assert len(part) == 7 and torch.equal(part.argmax, full.argmax[5:12])
+    assert torch.allclose(part.words(torch.tensor([0, 6]), same), part_full.words(torch.tensor([0, 6]), same),
+                          rtol=1e-5, atol=1e-5)

@@ -21,7 +21,7 @@ import torch
 
 from fedsec.encoding import IGNORE, Encoded, collate
 from fedsec.evaluation import greedy_replies
-from fedsec.training import target_log_softmax
+from fedsec.training import head_scores, target_hidden
 
 
 def split_tokens(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -45,9 +45,9 @@ def continuation_logprobs(model, pad_id: int, pairs: Sequence[tuple[list[int], l
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start: start + batch_size]
         items = [Encoded(torch.tensor(c + k), torch.tensor([IGNORE] * len(c) + k)) for c, k in chunk]
-        log_probs, targets, rows = target_log_softmax(model, collate(items, pad_id))
-        picked = log_probs.gather(1, targets[:, None]).squeeze(1).double()
-        greedy = log_probs.argmax(1) == targets
+        hidden, targets, rows = target_hidden(model, collate(items, pad_id))
+        head = head_scores(model, hidden, targets)
+        picked, greedy = head.target.double(), head.argmax == targets
         for i in range(len(chunk)):
             mine = rows == i
             out.append((float(picked[mine].sum()), bool(greedy[mine].all())))

@@ -153,10 +153,11 @@ class PeftModelLM:
         seqs, pad = batch.sequences, self.tokenizer.pad_token_id
         if batch.first_tokens is not None:
             picks = [0] * len(seqs)
-            for start, log_probs, _, rows in target_batches(self.model, seqs, pad, self.batch_size, batch.shared):
-                first = first_target_mask(rows)
-                for row, lp in zip(rows[first].tolist(), log_probs[first]):
-                    picks[start + row] = int(lp[list(batch.first_tokens[start + row])].argmax())
+            for start, head, _, rows in target_batches(self.model, seqs, pad, self.batch_size, batch.shared):
+                first = first_target_mask(rows).nonzero().squeeze(1)
+                for row, at in zip(rows[first].tolist(), first.tolist()):
+                    ids = torch.tensor(batch.first_tokens[start + row], device=first.device)
+                    picks[start + row] = int(head.words(torch.tensor([at], device=first.device), ids)[0].argmax())
             return picks
         totals = summed_logprobs(self.model, seqs, pad, self.batch_size, batch.shared)
         picks, at = [], 0
