@@ -58,6 +58,14 @@ def _blocks(vocab: int, block: int) -> list[tuple[int, int]]:
     return [(b, min(b + block, vocab)) for b in range(0, vocab, block)]
 
 
+def _pick(picked: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, b0: int) -> None:
+    """picked[i] = logits[i, targets[i] - b0] where the target falls in this block [N, width]
+    starting at word b0 (by a mask, not an index list: no host sync on a GPU)."""
+    column = (targets - b0).clamp(0, logits.shape[1] - 1)
+    inside = (targets >= b0) & (targets < b0 + logits.shape[1])
+    torch.where(inside, logits.gather(1, column[:, None]).squeeze(1), picked, out=picked)
+
+
 class _BlockedTargetLogSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, block):
@@ -72,8 +80,7 @@ class _BlockedTargetLogSoftmax(torch.autograd.Function):
         picked = torch.empty(n, dtype=hidden.dtype, device=hidden.device)
         for i, (b0, b1) in enumerate(spans):
             z = torch.mm(hidden, weight[b0:b1].t())
-            here = ((targets >= b0) & (targets < b1)).nonzero().squeeze(1)
-            picked[here] = z[here, targets[here] - b0]
+            _pick(picked, z, targets, b0)
             torch.amax(z, 1, out=m[i])
             z.sub_(m[i][:, None]).exp_()
             torch.sum(z, 1, out=s[i])
@@ -148,8 +155,7 @@ def target_scores(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     z = torch.empty(n * min(block, weight.shape[0]), dtype=hidden.dtype, device=hidden.device)
     for i, (b0, b1) in enumerate(spans):
         logits = torch.mm(hidden, weight[b0:b1].t(), out=z[: n * (b1 - b0)].view(n, b1 - b0))
-        here = ((targets >= b0) & (targets < b1)).nonzero().squeeze(1)
-        picked[here] = logits[here, targets[here] - b0]
+        _pick(picked, logits, targets, b0)
         torch.max(logits, 1, out=(m[i], arg[i]))
         torch.sum(logits.sub_(m[i][:, None]).exp_(), 1, out=s[i])
     top, best = m.max(0)  # the first block holding the maximum: torch.argmax's first index
