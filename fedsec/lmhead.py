@@ -14,7 +14,7 @@ once:
     d log p(t) / dh = W_t - sum_b (exp(z_b - m_b) exp(m_b - lse)) W_b
 
 (m_b, s_b: block b's maximum and sum of exp(z - m_b); M: the largest m_b). The same
-numbers to float rounding, in 0.75-0.8 of the time on SmolLM2's head at 200-512
+numbers to float rounding, in about 0.7 of the time on SmolLM2's head at 228-1,024
 positions (benchmarks/RESULTS.md), and half the memory autograd holds.
 
 Evaluation reads a little more, without a gradient (`target_scores`, a `TargetScores`):
@@ -66,32 +66,46 @@ def _pick(picked: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, b0:
     torch.where(inside, logits.gather(1, column[:, None]).squeeze(1), picked, out=picked)
 
 
+def _scan(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, block: int, keep: bool,
+          argmax: bool):
+    """One pass over the vocabulary's blocks: (log p(target) [N], the log-sum-exp [N], the
+    blocks' maxima m [blocks, N], each block's exp(z - m_b) if `keep`, the arg-max word [N]
+    if `argmax` (the first of equal maxima, as torch.argmax), the blocks' spans)."""
+    n, spans = hidden.shape[0], _blocks(weight.shape[0], block)
+    m = torch.empty(len(spans), n, dtype=hidden.dtype, device=hidden.device)
+    s = torch.empty_like(m)
+    arg = torch.empty(len(spans), n, dtype=torch.long, device=hidden.device) if argmax else None
+    picked = torch.empty(n, dtype=hidden.dtype, device=hidden.device)
+    # [N, b1 - b0] each: one tensor per block, a size malloc keeps and reuses, where one
+    # [N, vocab] buffer is mapped afresh by every call
+    kept = []
+    for i, (b0, b1) in enumerate(spans):
+        z = torch.mm(hidden, weight[b0:b1].t())
+        _pick(picked, z, targets, b0)
+        if argmax:
+            torch.max(z, 1, out=(m[i], arg[i]))
+        else:
+            torch.amax(z, 1, out=m[i])
+        torch.sum(z.sub_(m[i][:, None]).exp_(), 1, out=s[i])
+        if keep:
+            kept.append(z)
+    top, best = m.max(0)  # the first block holding the maximum: torch.argmax's first index
+    lse = top + (s * (m - top).exp()).sum(0).log()
+    word = None
+    if argmax:
+        word = arg.gather(0, best[None]).squeeze(0) + torch.tensor([b0 for b0, _ in spans], device=hidden.device)[best]
+    return picked - lse, lse, m, kept, word, spans
+
+
 class _BlockedTargetLogSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, block):
-        n, vocab = hidden.shape[0], weight.shape[0]
-        spans = _blocks(vocab, block)
         keep = ctx.needs_input_grad[0]
-        # the blocks' exp(z - m_b), [N, b1 - b0] each: one tensor per block, a size malloc
-        # keeps and reuses, where one [N, vocab] buffer is mapped afresh by every call
-        kept = []
-        m = torch.empty(len(spans), n, dtype=hidden.dtype, device=hidden.device)
-        s = torch.empty_like(m)
-        picked = torch.empty(n, dtype=hidden.dtype, device=hidden.device)
-        for i, (b0, b1) in enumerate(spans):
-            z = torch.mm(hidden, weight[b0:b1].t())
-            _pick(picked, z, targets, b0)
-            torch.amax(z, 1, out=m[i])
-            z.sub_(m[i][:, None]).exp_()
-            torch.sum(z, 1, out=s[i])
-            if keep:
-                kept.append(z)
-        top = m.amax(0)
-        lse = top + (s * (m - top).exp()).sum(0).log()
+        logp, lse, m, kept, _, spans = _scan(hidden, weight, targets, block, keep, argmax=False)
         if keep:
             ctx.save_for_backward(weight, targets, m, lse, *kept)
             ctx.spans = spans
-        return picked - lse
+        return logp
 
     @staticmethod
     def backward(ctx, grad):
@@ -147,18 +161,5 @@ def target_scores(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     """`TargetScores` of hidden [N, d] under the head `weight` [vocab, d], the vocabulary in
     blocks: the target's logit less the log-sum-exp, the arg-max (the first of equal
     maxima, as torch.argmax), no [N, vocab] tensor."""
-    n = hidden.shape[0]
-    spans = _blocks(weight.shape[0], block)
-    m = torch.empty(len(spans), n, dtype=hidden.dtype, device=hidden.device)
-    s, arg = torch.empty_like(m), torch.empty(len(spans), n, dtype=torch.long, device=hidden.device)
-    picked = torch.empty(n, dtype=hidden.dtype, device=hidden.device)
-    z = torch.empty(n * min(block, weight.shape[0]), dtype=hidden.dtype, device=hidden.device)
-    for i, (b0, b1) in enumerate(spans):
-        logits = torch.mm(hidden, weight[b0:b1].t(), out=z[: n * (b1 - b0)].view(n, b1 - b0))
-        _pick(picked, logits, targets, b0)
-        torch.max(logits, 1, out=(m[i], arg[i]))
-        torch.sum(logits.sub_(m[i][:, None]).exp_(), 1, out=s[i])
-    top, best = m.max(0)  # the first block holding the maximum: torch.argmax's first index
-    lse = top + (s * (m - top).exp()).sum(0).log()
-    argmax = arg.gather(0, best[None]).squeeze(0) + torch.tensor([b0 for b0, _ in spans], device=hidden.device)[best]
-    return TargetScores(picked - lse, argmax, hidden=hidden, weight=weight, lse=lse)
+    logp, lse, _, _, word, _ = _scan(hidden, weight, targets, block, keep=False, argmax=True)
+    return TargetScores(logp, word, hidden=hidden, weight=weight, lse=lse)

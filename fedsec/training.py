@@ -115,9 +115,9 @@ def target_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     float32 head takes the vocabulary in blocks (fedsec.lmhead: the same numbers, without
     the [N, vocab] log-distributions)."""
     hidden, targets, rows = target_hidden(model, batch)
-    head = _causal_lm(model).get_output_embeddings()
-    if lmhead.blockable(head, hidden, autocast_dtype(model)):
-        return lmhead.target_logprobs(hidden, head.weight, targets), rows
+    weight = _blockable_head(model, hidden)
+    if weight is not None:
+        return lmhead.target_logprobs(hidden, weight, targets), rows
     return head_log_softmax(model, hidden).gather(1, targets[:, None]).squeeze(1), rows
 
 
@@ -125,10 +125,16 @@ def head_scores(model, hidden: torch.Tensor, targets: torch.Tensor) -> lmhead.Ta
     """What evaluation reads from the LM head at these positions (lmhead.TargetScores): the
     targets' log-probabilities, the arg-max words, given words' log-probabilities; a plain
     float32 head in blocks of the vocabulary, any other through `head_log_softmax`."""
-    head = _causal_lm(model).get_output_embeddings()
-    if lmhead.blockable(head, hidden, autocast_dtype(model)):
-        return lmhead.target_scores(hidden, head.weight, targets)
+    weight = _blockable_head(model, hidden)
+    if weight is not None:
+        return lmhead.target_scores(hidden, weight, targets)
     return lmhead.TargetScores.from_log_probs(head_log_softmax(model, hidden), targets)
+
+
+def _blockable_head(model, hidden: torch.Tensor) -> torch.Tensor | None:
+    """The LM head's weight where fedsec.lmhead may take it in blocks (lmhead.blockable), else None."""
+    head = _causal_lm(model).get_output_embeddings()
+    return head.weight if lmhead.blockable(head, hidden, autocast_dtype(model)) else None
 
 
 def completion_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
