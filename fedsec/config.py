@@ -744,7 +744,8 @@ class BenchmarkSpec:
 class EvalConfig:
     every: int = _help("evaluate the global model every N rounds (and after the last)", 1)
     clients: bool = _help("also evaluate on each client's own test set", True)
-    batch_size: int = _help("examples per evaluation forward pass", 32)
+    batch_size: int = _help("examples per evaluation forward pass (greedy generation: at least this "
+                            "many prompts per call, more within evaluation.GENERATE_TOKENS)", 32)
     refusal: bool = _help(
         "refusal rate on the unsafe-request probes (greedy replies, keyword rule as AdvBench)", False
     )

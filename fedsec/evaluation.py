@@ -326,14 +326,39 @@ def is_refusal(reply: str) -> bool:
     return any(marker.lower() in reply.lower() for marker in REFUSAL_MARKERS)
 
 
+# Greedy decoding reads every weight once per new token whatever the batch, so a step's time
+# grows far slower than its batch: a generation batch holds at least batch_size prompts, and
+# more while its padded prompts and replies stay within GENERATE_TOKENS positions (the bound on
+# its KV cache). The 40 refusal probes of about 46 tokens in one call: 5.5 s against 7.3 s as
+# 32 and 8 (SmolLM2, a 2-core CPU; the same replies).
+GENERATE_TOKENS = 8192
+
+
+def generation_batches(lengths: Sequence[int], max_new_tokens: int, batch_size: int) -> list[tuple[int, int]]:
+    """Consecutive [start, stop) runs of prompts of `lengths` tokens: at least batch_size
+    prompts each (or the rest), more while (prompts) x (widest + max_new_tokens) <= GENERATE_TOKENS."""
+    out, start = [], 0
+    while start < len(lengths):
+        stop, width = start, 0
+        while stop < len(lengths):
+            wider = max(width, lengths[stop])
+            if stop - start >= batch_size and (stop - start + 1) * (wider + max_new_tokens) > GENERATE_TOKENS:
+                break
+            stop, width = stop + 1, wider
+        out.append((start, stop))
+        start = stop
+    return out
+
+
 @torch.no_grad()
 def greedy_replies(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                    batch_size: int) -> list[str]:
-    """The greedy reply to each encoded prompt (batched, left-padded), special tokens dropped."""
+    """The greedy reply to each encoded prompt (batched, left-padded: generation_batches),
+    special tokens dropped."""
     replies: list[str] = []
     pad, on = tokenizer.pad_token_id, model_device(model)
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start: start + batch_size]
+    for start, stop in generation_batches([len(p) for p in prompts], max_new_tokens, batch_size):
+        chunk = prompts[start: stop]
         width = max(len(p) for p in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long, device=on)
         mask = torch.zeros((len(chunk), width), dtype=torch.long, device=on)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
+from fedsec import evaluation
 from fedsec.config import ALGORITHMS, BenchmarkConfig, LoraConfig, ModelConfig
 from fedsec.data.benchmark import make_benchmark
 from fedsec.encoding import encode_prompt
@@ -209,6 +210,15 @@ def test_refusal_rule_and_generation():
     # left padding in a batch must not change a reply: compare with unbatched generation
     alone = [refusal_rate(model, tok, [p], max_new_tokens=5, batch_size=1)[1][0] for p in prompts]
     assert replies == alone
+
+
+def test_generation_batches_fill_the_token_budget(monkeypatch):
+    monkeypatch.setattr(evaluation, "GENERATE_TOKENS", 40)
+    # 2 x (10 + 6) fits in 40, a third prompt of 30 does not; each batch holds at least batch_size
+    assert evaluation.generation_batches([10, 10, 30, 5], 6, 1) == [(0, 2), (2, 3), (3, 4)]
+    assert evaluation.generation_batches([10, 10, 30, 5], 6, 3) == [(0, 3), (3, 4)]
+    assert evaluation.generation_batches([4, 4, 4, 4, 4], 6, 1) == [(0, 4), (4, 5)]
+    assert evaluation.generation_batches([], 6, 2) == []
 
 
 def test_the_closing_summary_gives_no_untuned_preference_accuracy():

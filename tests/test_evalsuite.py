@@ -224,7 +224,10 @@ def test_label_scoring_equals_brute_force_on_the_tiny_model(tmp_path):
              for i in range(5)]
     assert all(len(tokenizer(c, add_special_tokens=False).input_ids) == 1 for c in single[0].choices)
     assert any(len(tokenizer(c, add_special_tokens=False).input_ids) > 1 for c in multi[0].choices)
-    for items in (single, multi):
+    # single-token labels, two or three of them, interleaved (one head product per label count)
+    mixed = [ChoiceItem(f"Headline {i}: prices fell.", ("A", "B", "C") if i % 3 else ("C", "A"), 0)
+             for i in range(8)]
+    for items in (single, multi, mixed):
         assert lm.choose(items) == [_brute_force(model, tokenizer, lm, it) for it in items]
 
 

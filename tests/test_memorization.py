@@ -207,9 +207,10 @@ def test_console_summary_names_each_membership_score():
         summary_lines(result)
 
 
-def test_answer_extraction_counts_replies_that_start_with_the_answer():
+def test_answer_extraction_counts_replies_that_start_with_the_answer(monkeypatch):
     import torch
 
+    from fedsec import evaluation
     from fedsec.data.schema import InstructionExample
     from fedsec.leakage import answer_extraction
     from fedsec.models import tiny_tokenizer
@@ -229,6 +230,7 @@ def test_answer_extraction_counts_replies_that_start_with_the_answer():
     examples = [InstructionExample("q1", "positive"), InstructionExample("q2", "negative"),
                 InstructionExample("q3", " positive "), InstructionExample("q4", "positive and more than that")]
     parrot = Parrot()
+    monkeypatch.setattr(evaluation, "GENERATE_TOKENS", 1)  # batches of batch_size prompts exactly
     assert answer_extraction(parrot, tok, examples, "chat", batch_size=3) == 0.5
     longest = len(tok("positive and more than that", add_special_tokens=False).input_ids)
     assert parrot.asked == [longest + 1, longest + 1]  # two batches, the longest answer plus one

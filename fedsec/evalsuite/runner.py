@@ -155,9 +155,16 @@ class PeftModelLM:
             picks = [0] * len(seqs)
             for start, head, _, rows in target_batches(self.model, seqs, pad, self.batch_size, batch.shared):
                 first = first_target_mask(rows).nonzero().squeeze(1)
-                for row, at in zip(rows[first].tolist(), first.tolist()):
-                    ids = torch.tensor(batch.first_tokens[start + row], device=first.device)
-                    picks[start + row] = int(head.words(torch.tensor([at], device=first.device), ids)[0].argmax())
+                owners = [start + row for row in rows[first].tolist()]
+                # one head product per number of labels: each position's own labels' first tokens
+                by_count: dict[int, list[int]] = {}
+                for k, item in enumerate(owners):
+                    by_count.setdefault(len(batch.first_tokens[item]), []).append(k)
+                for ks in by_count.values():
+                    ids = torch.tensor([batch.first_tokens[owners[k]] for k in ks], device=first.device)
+                    best = head.words(first[torch.tensor(ks, device=first.device)], ids).argmax(1)
+                    for k, label in zip(ks, best.tolist()):
+                        picks[owners[k]] = label
             return picks
         totals = summed_logprobs(self.model, seqs, pad, self.batch_size, batch.shared)
         picks, at = [], 0
