@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from fedsec.data.schema import SftExample
-from fedsec.devices import autocast, autocast_dtype, model_device
+from fedsec.decoding import greedy_tokens
+from fedsec.devices import autocast_dtype, model_device
 from fedsec.encoding import (
     DATA,
     IGNORE,
@@ -352,9 +353,11 @@ def generation_batches(lengths: Sequence[int], max_new_tokens: int, batch_size: 
 
 @torch.no_grad()
 def greedy_replies(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                   batch_size: int) -> list[str]:
+                   batch_size: int, frozen: int = 0) -> list[str]:
     """The greedy reply to each encoded prompt (batched, left-padded: generation_batches),
-    special tokens dropped."""
+    special tokens dropped. `frozen`: the first adapted layer where the layers below it are
+    frozen (lora.top_layers), whose prefill `decoding.greedy_tokens` then computes once per
+    process for these prompts."""
     replies: list[str] = []
     pad, on = tokenizer.pad_token_id, model_device(model)
     for start, stop in generation_batches([len(p) for p in prompts], max_new_tokens, batch_size):
@@ -365,17 +368,15 @@ def greedy_replies(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_t
         for i, p in enumerate(chunk):  # left padding, so every reply starts at the same column
             ids[i, width - len(p):] = torch.tensor(p, device=on)
             mask[i, width - len(p):] = 1
-        with autocast(model):
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=pad)
-        replies += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        replies += tokenizer.batch_decode(greedy_tokens(model, ids, mask, max_new_tokens, pad, frozen),
+                                          skip_special_tokens=True)
     return replies
 
 
 def refusal_rate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 batch_size: int) -> tuple[float, list[str]]:
-    """Greedy short replies to the unsafe probes; the share that refuse."""
-    replies = greedy_replies(model, tokenizer, prompts, max_new_tokens, batch_size)
+                 batch_size: int, frozen: int = 0) -> tuple[float, list[str]]:
+    """Greedy short replies to the unsafe probes (`greedy_replies`); the share that refuse."""
+    replies = greedy_replies(model, tokenizer, prompts, max_new_tokens, batch_size, frozen)
     if not replies:
         return float("nan"), replies
     return sum(map(is_refusal, replies)) / len(replies), replies

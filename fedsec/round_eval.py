@@ -84,7 +84,7 @@ def evaluate_model(setup: Setup, vector: torch.Tensor, round_done: int | None = 
         global_eval.update({k: v for k, v in (("metrics", covered), ("metrics_uncovered", uncovered)) if v})
     due = [t for t in setup.tasks if round_done is not None and t.due(round_done, setup.cfg.federation.rounds)]
     if due:
-        lm = PeftModelLM(setup.model, setup.tokenizer, setup.cfg.data.template, batch)
+        lm = PeftModelLM(setup.model, setup.tokenizer, setup.cfg.data.template, batch, frozen=frozen_layers(setup))
         global_eval["benchmarks"] = {
             t.name: run_task(t, lm, setup.answers_dir / t.name if setup.answers_dir else None, round_done)
             for t in due}
@@ -128,13 +128,19 @@ def _replies_key(setup: Setup, vector: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
+def frozen_layers(setup: Setup) -> int:
+    """The run's first adapted layer where it caches the frozen layers below (else 0): greedy
+    decoding then keeps those layers' prefill of a batch of prompts (fedsec.decoding)."""
+    return frozen_prefix(setup.model, setup.cfg).first if setup.cfg.lora.cache_frozen_layers else 0
+
+
 def probe_replies(setup: Setup, vector: torch.Tensor) -> tuple[float, list[str]]:
     """The refusal rate on the unsafe probes and the greedy replies behind it (`refusal_rate`),
     taken from an earlier evaluation of this process with the same key (`_REPLIES`)."""
     key = _replies_key(setup, vector)
     if key not in _REPLIES:
-        _REPLIES[key] = refusal_rate(setup.model, setup.tokenizer, setup.probe_prompts,
-                                     setup.cfg.eval.max_new_tokens, setup.cfg.eval.batch_size)
+        _REPLIES[key] = refusal_rate(setup.model, setup.tokenizer, setup.probe_prompts, setup.cfg.eval.max_new_tokens,
+                                     setup.cfg.eval.batch_size, frozen_layers(setup))
         while len(_REPLIES) > _REPLIES_ENTRIES:
             _REPLIES.pop(next(iter(_REPLIES)))
     rate, replies = _REPLIES[key]

@@ -113,9 +113,10 @@ def program(item: CodeItem, reply: str) -> str:
 class PeftModelLM:
     """The run's model as a LanguageModel (greedy decoding, the run's prompt template)."""
 
-    def __init__(self, model, tokenizer, template: str, batch_size: int, raw: bool = False):
+    def __init__(self, model, tokenizer, template: str, batch_size: int, raw: bool = False, frozen: int = 0):
         self.model, self.tokenizer, self.template, self.batch_size = model, tokenizer, template, batch_size
         self.raw = raw  # plain text prompts, each choice after a space (lm-eval's multiple-choice format)
+        self.frozen = frozen  # the first adapted layer, the ones below frozen (evaluation.greedy_replies)
 
     def _prompt(self, text: str) -> list[int]:
         if self.raw:
@@ -184,7 +185,7 @@ class PeftModelLM:
             roles = ["user" if k % 2 == 0 else "assistant" for k in range(len(turns))]
             chat = ChatExample(tuple(Message(r, t) for r, t in zip(roles, turns)) + (Message("assistant", ""),))
             encoded.append(encode_prompt(chat, self.tokenizer, self.template))
-        return greedy_replies(self.model, self.tokenizer, encoded, max_new_tokens, self.batch_size)
+        return greedy_replies(self.model, self.tokenizer, encoded, max_new_tokens, self.batch_size, self.frozen)
 
 
 def load_tasks(cfg) -> tuple[Task, ...]:
