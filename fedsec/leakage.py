@@ -68,22 +68,24 @@ def canary_exposure(model, tokenizer, canary: Canary, template: str, candidates:
     return min(exposure_extrapolated(secret, others), PIN_DIGITS * math.log2(10))
 
 
-def extracted(model, tokenizer, canaries: Sequence[Canary], template: str, batch_size: int) -> list[bool]:
+def extracted(model, tokenizer, canaries: Sequence[Canary], template: str, batch_size: int,
+              frozen: int = 0) -> list[bool]:
     """Per canary: does greedy decoding after the request and the canary's prefix start
-    with its PIN?"""
+    with its PIN? (`frozen`: evaluation.greedy_replies)"""
     from fedsec.evaluation import greedy_replies
 
     prompts = [encode_prompt(InstructionExample(REQUEST, c.text), tokenizer, template)
                + tokenizer(c.prefix, add_special_tokens=False).input_ids for c in canaries]
-    replies = greedy_replies(model, tokenizer, prompts, 12, batch_size)
+    replies = greedy_replies(model, tokenizer, prompts, 12, batch_size, frozen)
     return [reply.strip().startswith(c.secret) for reply, c in zip(replies, canaries)]
 
 
 def memorization_metrics(model, tokenizer, canaries: Sequence[Canary], template: str, candidates: int,
-                         seed: int, batch_size: int) -> dict:
-    """Mean and largest exposure and the extraction rate over the canaries."""
+                         seed: int, batch_size: int, frozen: int = 0) -> dict:
+    """Mean and largest exposure and the extraction rate over the canaries (`frozen`: the
+    first adapted layer, for the extraction's greedy replies, evaluation.greedy_replies)."""
     exposures = [canary_exposure(model, tokenizer, c, template, candidates, seed, batch_size) for c in canaries]
-    hits = extracted(model, tokenizer, canaries, template, batch_size)
+    hits = extracted(model, tokenizer, canaries, template, batch_size, frozen)
     return {"exposure_mean": statistics.fmean(exposures), "exposure_max": max(exposures),
             "extraction_rate": sum(hits) / len(hits), "canaries": len(canaries)}
 

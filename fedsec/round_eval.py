@@ -71,7 +71,7 @@ def evaluate_model(setup: Setup, vector: torch.Tensor, round_done: int | None = 
         e = setup.cfg.eval
         global_eval["memorization"] = memorization_metrics(
             setup.model, setup.tokenizer, setup.data.canaries, setup.cfg.data.template, e.canary_candidates,
-            setup.cfg.seed, batch)
+            setup.cfg.seed, batch, frozen_layers(setup))
     if setup.probe_prompts:
         global_eval["refusal_rate"], replies = probe_replies(setup, vector)
         if setup.answers_dir is not None and round_done is not None:

@@ -116,3 +116,17 @@ def test_a_generation_config_that_changes_the_arg_max_goes_through_generate(tiny
     expected = _generate(model, ids, mask, 10, pad)
     monkeypatch.setattr(decoding, "_frozen", None)  # not reached: generate decodes
     assert torch.equal(greedy_tokens(model, ids, mask, 10, pad, 1), expected)
+
+
+def test_canary_extraction_decodes_over_the_frozen_prefill(tiny, monkeypatch):
+    from fedsec import evaluation
+    from fedsec.data.schema import Canary
+    from fedsec.leakage import extracted
+
+    model, tok = tiny
+    first = model.config.num_hidden_layers - 1
+    canaries = [Canary(i, f"My PIN is {pin}.", "My PIN is", pin) for i, pin in enumerate(("4821", "0937", "5560"))]
+    seen, real = [], evaluation.greedy_tokens
+    monkeypatch.setattr(evaluation, "greedy_tokens", lambda *args: seen.append(args[-1]) or real(*args))
+    assert extracted(model, tok, canaries, "chat", 4, first) == extracted(model, tok, canaries, "chat", 4)
+    assert seen == [first, 0]  # one batch each: the frozen layers' prefill kept, then the plain way
