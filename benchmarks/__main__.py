@@ -21,7 +21,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ORDER = ("accounting", "overhead", "packing", "many_clients", "memory_clients", "file_clients", "evaluation",
-         "server_pipeline", "prefix_batching", "flower_round", "demo", "gpu")  # gpu: says so and exits 0 without CUDA
+         "generation", "server_pipeline", "prefix_batching", "flower_round", "demo",
+         "gpu")  # gpu: says so and exits 0 without CUDA
 ARGS = {"memory_clients": ["--clients", "10", "1000", "10000"]}
 HEADLINES = (  # key, what it is, target
     ("overhead_ratio_tiny", "fedsec round / bare PEFT loop, tiny, SFT", "<= 1.05"),
@@ -46,6 +47,8 @@ HEADLINES = (  # key, what it is, target
     ("file_memory_ratio_100_to_100000_clients", "peak RSS, 100,000 / 100 clients from a file, natural split",
      "<= 1.2"),
     ("eval_cost_fraction", "evaluation every eval.every rounds / round time, SmolLM2 quickstart", "<= 0.1"),
+    ("generation_kept_prefill_speedup", "the refusal probes' greedy replies, SmolLM2: generate in batches of "
+     "eval.batch_size / fedsec.decoding with the frozen layers' prefill kept (the same replies)", "-"),
     ("flower_round_ratio", "Flower round (2 SuperNodes) / in-process round, SmolLM2", "<= 1.5"),
     ("untuned_eval_second_run_fraction", "a sweep's second run's untuned evaluation / its first's, "
      "malicious grid base (refusal probes)", "-"),
