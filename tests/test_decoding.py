@@ -130,3 +130,17 @@ def test_canary_extraction_decodes_over_the_frozen_prefill(tiny, monkeypatch):
     monkeypatch.setattr(evaluation, "greedy_tokens", lambda *args: seen.append(args[-1]) or real(*args))
     assert extracted(model, tok, canaries, "chat", 4, first) == extracted(model, tok, canaries, "chat", 4)
     assert seen == [first, 0]  # one batch each: the frozen layers' prefill kept, then the plain way
+
+
+def test_the_eval_suites_open_ended_replies_decode_over_the_frozen_prefill(tiny, monkeypatch):
+    from fedsec import evaluation
+    from fedsec.evalsuite.runner import PeftModelLM
+
+    model, tok = tiny
+    first = model.config.num_hidden_layers - 1
+    seen, real = [], evaluation.greedy_tokens
+    monkeypatch.setattr(evaluation, "greedy_tokens", lambda *args: seen.append(args[-1]) or real(*args))
+    prompts = ["Write a press release.", "Explain the news."]
+    kept = PeftModelLM(model, tok, "chat", 4, frozen=first).complete(prompts, 6)
+    assert kept == PeftModelLM(model, tok, "chat", 4).complete(prompts, 6)
+    assert seen == [first, 0]
