@@ -14,7 +14,8 @@ finished row fed the pad token), so its tokens are `generate`'s (tests: token fo
 padded batches, with and without a frozen bottom). A model whose generation config changes
 the arg-max (a repetition penalty, suppressed or forced tokens, a minimum length), or whose
 cache is not one plain key-value layer per decoder layer (sliding windows, recurrent
-layers), goes through `generate` itself.
+layers), or that is in training mode (dropout, and a checkpointed model keeps no cache), goes
+through `generate` itself.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def greedy_tokens(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: 
     lm = _causal_lm(model)
     if max_new_tokens < 1:
         return ids.new_empty(len(ids), 0)
-    if not plain_greedy(model) or not _plain_cache(lm):
+    if not plain_greedy(model) or lm.training or not _plain_cache(lm):  # training mode: dropout, no cache
         with autocast(model):
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=pad_id)

@@ -144,3 +144,16 @@ def test_the_eval_suites_open_ended_replies_decode_over_the_frozen_prefill(tiny,
     kept = PeftModelLM(model, tok, "chat", 4, frozen=first).complete(prompts, 6)
     assert kept == PeftModelLM(model, tok, "chat", 4).complete(prompts, 6)
     assert seen == [first, 0]
+
+
+def test_a_model_in_training_mode_goes_through_generate(tiny, monkeypatch):
+    model, tok = tiny
+    ids, mask = _left_padded(tok, TEXTS)
+    monkeypatch.setattr(decoding, "_frozen", None)  # not reached: generate decodes
+    model.train()
+    try:
+        expected = _generate(model, ids, mask, 5, tok.pad_token_id)
+        assert torch.equal(greedy_tokens(model, ids, mask, 5, tok.pad_token_id, model.config.num_hidden_layers - 1),
+                           expected)
+    finally:
+        model.eval()
