@@ -162,3 +162,24 @@ def test_a_model_in_training_mode_goes_through_generate(tiny, monkeypatch):
     finally:
         model.eval()
     assert asked == [5] and (out == 7).all()
+
+
+def test_kept_prefills_stay_within_their_byte_budget(tiny, monkeypatch):
+    model, tok = tiny
+    first, pad = model.config.num_hidden_layers - 1, tok.pad_token_id
+    monkeypatch.setattr(decoding, "_FROZEN", {})
+    ids, mask = _left_padded(tok, TEXTS)
+    expected = _generate(model, ids, mask, 4, pad)
+    monkeypatch.setattr(decoding, "FROZEN_BYTES", 1)  # below one batch's: used, then not kept
+    assert torch.equal(greedy_tokens(model, ids, mask, 4, pad, first), expected)
+    assert decoding._FROZEN == {}
+    monkeypatch.setattr(decoding, "FROZEN_BYTES", 2 ** 30)
+    for texts in (TEXTS, TEXTS[:2], TEXTS[1:]):
+        greedy_tokens(model, *_left_padded(tok, texts), 4, pad, first)
+    sizes = [entry.nbytes for entry in decoding._FROZEN.values()]
+    assert len(sizes) == 3
+    oldest = next(iter(decoding._FROZEN))
+    monkeypatch.setattr(decoding, "FROZEN_BYTES", sum(sizes[1:]))  # the next batch evicts the oldest first
+    greedy_tokens(model, *_left_padded(tok, TEXTS[:3]), 4, pad, first)
+    assert oldest not in decoding._FROZEN and len(decoding._FROZEN) in (2, 3)
+    assert sum(e.nbytes for e in decoding._FROZEN.values()) <= sum(sizes[1:])
