@@ -416,6 +416,31 @@ def test_lm_eval_on_a_local_task_equals_fedsecs_own_scorer(tmp_path, monkeypatch
     assert 0 < mine["accuracy"] < 1  # not a degenerate agreement
 
 
+def test_lm_eval_generation_batches_the_requests_and_cuts_at_the_stop_strings(tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval")
+    from fedsec import evaluation
+    from fedsec.evalsuite.lmeval import fedsec_lm
+
+    model, tokenizer = _perturbed_tiny(tmp_path, 3)
+
+    class Request:
+        def __init__(self, context, **kwargs):
+            self.args = (context, kwargs)
+
+    contexts = ["Item 1: the market", "Why did the shares of the mining company fall", "Hi", "Tell me"]
+    lengths = (6, 6, 4, 4)
+    full = [evaluation.greedy_replies(model, tokenizer, [tokenizer(c, add_special_tokens=False).input_ids], n, 1)[0]
+            for c, n in zip(contexts, lengths)]
+    stop = next(ch for ch in full[0][1:] if not ch.isspace())  # cuts the first reply after its first character
+    requests = [Request(c, until=[stop], max_gen_toks=n) for c, n in zip(contexts[:2], lengths)]
+    requests += [Request(c, until="no such text", max_gen_toks=n) for c, n in zip(contexts[2:], lengths[2:])]
+    together = fedsec_lm(model, tokenizer, batch_size=4).generate_until(requests)
+    assert together == [full[0].split(stop)[0], full[1].split(stop)[0], full[2], full[3]]
+    assert len(together[0]) < len(full[0])
+    monkeypatch.setattr(evaluation, "GENERATE_TOKENS", 1)  # one request a call
+    assert fedsec_lm(model, tokenizer, batch_size=1).generate_until(requests) == together
+
+
 def test_fedsec_lm_eval_scores_a_finished_runs_adapter(tmp_path, capsys):
     pytest.importorskip("lm_eval")
     from fedsec.cli import main

@@ -89,17 +89,23 @@ def _lm_class():
             return [lp for lp, _ in continuation_logprobs(self.model, self.pad_id, pairs, self.batch_size)]
 
         def generate_until(self, requests) -> list[str]:
-            out = []
+            """Greedy replies cut at the first stop string, the requests of one reply length
+            decoded together (evaluation.greedy_replies' batches)."""
+            prompts, stops, lengths = [], [], []
             for req in requests:
                 context, kwargs = req.args
                 until = kwargs.get("until") or []
-                until = [until] if isinstance(until, str) else list(until)
-                prompt = self.tokenizer(context, add_special_tokens=False).input_ids
-                reply = greedy_replies(self.model, self.tokenizer, [prompt],
-                                       int(kwargs.get("max_gen_toks", self.max_gen_toks)), 1)[0]
-                cut = min([reply.find(u) for u in until if u and u in reply], default=len(reply))
-                out.append(reply[:cut])
-            return out
+                stops.append([until] if isinstance(until, str) else list(until))
+                prompts.append(self.tokenizer(context, add_special_tokens=False).input_ids)
+                lengths.append(int(kwargs.get("max_gen_toks", self.max_gen_toks)))
+            replies = [""] * len(prompts)
+            for length in dict.fromkeys(lengths):
+                asked = [i for i, n in enumerate(lengths) if n == length]
+                done = greedy_replies(self.model, self.tokenizer, [prompts[i] for i in asked], length, self.batch_size)
+                for i, reply in zip(asked, done):
+                    replies[i] = reply
+            return [reply[:min([reply.find(u) for u in until if u and u in reply], default=len(reply))]
+                    for reply, until in zip(replies, stops)]
 
     return FedsecLM
 
