@@ -22,8 +22,8 @@ import torch
 
 from benchmarks import store
 from fedsec.config import load_config
-from fedsec.devices import autocast
-from fedsec.evaluation import greedy_replies
+from fedsec.devices import autocast, model_device
+from fedsec.evaluation import greedy_replies, left_padded
 from fedsec.setup import frozen_prefix, prepare
 
 
@@ -31,16 +31,11 @@ def generate_replies(model, tokenizer, prompts, max_new_tokens: int, batch_size:
     """transformers' generate on left-padded batches of `batch_size` prompts."""
     pad, replies = tokenizer.pad_token_id, []
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start: start + batch_size]
-        width = max(map(len, chunk))
-        ids = torch.full((len(chunk), width), pad)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(chunk):
-            ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
+        ids, mask = left_padded(prompts[start: start + batch_size], pad, model_device(model))
         with autocast(model):
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=pad)
-        replies += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        replies += tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
     return replies
 
 

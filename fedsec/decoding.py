@@ -29,6 +29,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from fedsec.devices import autocast, autocast_dtype
 from fedsec.prefix import _Captured, _stopping_at, frozen_fingerprint, top_layers_only
+from fedsec.training import _causal_lm
 
 # Generation settings that change which token greedy decoding picks: with any of them away
 # from its default, decoding goes through generate and its logits processors.
@@ -36,10 +37,6 @@ _PROCESSORS = ("repetition_penalty", "encoder_repetition_penalty", "no_repeat_ng
                "min_length", "min_new_tokens", "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id",
                "forced_eos_token_id", "sequence_bias", "exponential_decay_length_penalty", "renormalize_logits",
                "guidance_scale", "stop_strings", "max_time", "watermarking_config")
-
-
-def _causal_lm(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def plain_greedy(model) -> bool:
@@ -50,12 +47,11 @@ def plain_greedy(model) -> bool:
                                       for name in _PROCESSORS)
 
 
-def _plain_cache(lm) -> bool:
+def _plain_cache(lm, cache: DynamicCache) -> bool:
     """Whether the model's forward takes a cache and the logits to keep as `generate` passes
-    them, and its cache is one plain key-value layer per decoder layer."""
+    them, and its cache (`cache`, new) is one plain key-value layer per decoder layer."""
     takes = inspect.signature(lm.forward).parameters
-    return ("cache" in takes and "logits_to_keep" in takes
-            and all(type(layer) is DynamicLayer for layer in DynamicCache(config=lm.config).layers))
+    return "cache" in takes and "logits_to_keep" in takes and all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
 @dataclass(frozen=True)
@@ -112,7 +108,9 @@ def greedy_tokens(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: 
     lm = _causal_lm(model)
     if max_new_tokens < 1:
         return ids.new_empty(len(ids), 0)
-    if not plain_greedy(model) or lm.training or not _plain_cache(lm):  # training mode: dropout, no cache
+    # training mode: dropout, and no cache under gradient checkpointing
+    cache = DynamicCache(config=lm.config) if plain_greedy(model) and not lm.training else None
+    if cache is None or not _plain_cache(lm, cache):
         with autocast(model):
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=pad_id)
@@ -122,7 +120,6 @@ def greedy_tokens(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: 
                        device=ids.device)
     position = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
     attention = None if bool(mask.all()) else mask  # as generate: no mask when nothing is padded
-    cache = DynamicCache(config=lm.config)
     tokens, live = [], torch.ones(len(ids), dtype=torch.bool, device=ids.device)
     with autocast(model):
         if first:

@@ -351,6 +351,18 @@ def generation_batches(lengths: Sequence[int], max_new_tokens: int, batch_size: 
     return out
 
 
+def left_padded(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts as one left-padded batch (every reply then starts at the same column): token ids
+    [B, widest] and the attention mask (1 on the prompts' tokens)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, device=device)
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def greedy_replies(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                    batch_size: int, frozen: int = 0) -> list[str]:
@@ -361,13 +373,7 @@ def greedy_replies(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_t
     replies: list[str] = []
     pad, on = tokenizer.pad_token_id, model_device(model)
     for start, stop in generation_batches([len(p) for p in prompts], max_new_tokens, batch_size):
-        chunk = prompts[start: stop]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long, device=on)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long, device=on)
-        for i, p in enumerate(chunk):  # left padding, so every reply starts at the same column
-            ids[i, width - len(p):] = torch.tensor(p, device=on)
-            mask[i, width - len(p):] = 1
+        ids, mask = left_padded(prompts[start: stop], pad, on)
         replies += tokenizer.batch_decode(greedy_tokens(model, ids, mask, max_new_tokens, pad, frozen),
                                           skip_special_tokens=True)
     return replies

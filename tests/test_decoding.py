@@ -8,6 +8,7 @@ import torch
 from fedsec import decoding
 from fedsec.config import LoraConfig, ModelConfig
 from fedsec.decoding import greedy_tokens, plain_greedy
+from fedsec.evaluation import left_padded
 from fedsec.models import attach_lora, load_base_model
 
 
@@ -29,13 +30,7 @@ def tiny():
 
 
 def _left_padded(tok, texts):
-    prompts = [tok(t, add_special_tokens=False).input_ids for t in texts]
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), tok.pad_token_id)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
-    return ids, mask
+    return left_padded([tok(t, add_special_tokens=False).input_ids for t in texts], tok.pad_token_id, "cpu")
 
 
 def _generate(model, ids, mask, new, pad):
