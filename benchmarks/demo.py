@@ -60,7 +60,8 @@ def story(clone: Path) -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", action="store_true", help="keep the clone (its runs/ and .venv)")
-    parser.add_argument("--log", type=Path, help="copy make demo's output (the README's real output) here")
+    parser.add_argument("--log", type=Path,
+                        help="copy make demo's output here (the real output README.md and docs/privacy.md quote)")
     args = parser.parse_args(argv)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                           check=True).stdout.strip()
