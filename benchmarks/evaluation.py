@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import store
-from fedsec import evaluation, lmhead
+from fedsec import evaluation, lmhead, merged
 from fedsec.clients import client_updates
 from fedsec.config import load_config
 from fedsec.round_eval import evaluate_model
@@ -70,6 +70,16 @@ def plain_head(fn):
         return fn()
     finally:
         lmhead.blockable = blockable
+
+
+def unmerged(fn):
+    """fn() with the adapted layers' LoRA branches run at every call (fedsec.merged off), as
+    before 2026-12-07's merged evaluation."""
+    budget, merged.MERGE_BYTES = merged.MERGE_BYTES, 0
+    try:
+        return fn()
+    finally:
+        merged.MERGE_BYTES = budget
 
 
 def untuned_repeat() -> dict:
@@ -124,7 +134,8 @@ def eval_cost() -> None:
               _timed(lambda: evaluate_model(setup, start), 1),
               _timed(lambda: evaluate_model(setup, start, 0), 1),  # round 0: the benchmark is due
               _timed(lambda: head_per_forward(lambda: evaluate_model(setup, start)), 1),
-              _timed(lambda: plain_head(lambda: evaluate_model(setup, start)), 1))
+              _timed(lambda: plain_head(lambda: evaluate_model(setup, start)), 1),
+              _timed(lambda: unmerged(lambda: evaluate_model(setup, start)), 1))
              for _ in range(5)]
     t_round, t_eval, t_both = (statistics.median(t[k] for t in turns) for k in range(3))
     every = cfg.eval.every
@@ -137,9 +148,11 @@ def eval_cost() -> None:
            "eval_fraction_every_round": round(statistics.median(e / r for r, e, *_ in turns), 4),
            "benchmark_fraction_every_k": round(statistics.median((b - e) / every / r for r, e, b, *_ in turns), 4),
            # the same evaluation with one LM-head call per forward (before 2026-12-06's HEAD_ROWS)
-           "eval_over_head_per_forward": round(statistics.median(e / h for _, e, _, h, _ in turns), 4),
+           "eval_over_head_per_forward": round(statistics.median(e / h for _, e, _, h, *_ in turns), 4),
            # the same evaluation with the head's log-distributions whole (before 2026-12-07's blocks)
-           "eval_over_plain_head": round(statistics.median(e / p for _, e, _, _, p in turns), 4)}
+           "eval_over_plain_head": round(statistics.median(e / p for _, e, _, _, p, _ in turns), 4),
+           # the same evaluation with the LoRA branches run at every call (before 2026-12-07's merging)
+           "eval_over_unmerged": round(statistics.median(e / u for _, e, *_, u in turns), 4)}
     print(json.dumps(row, indent=2))
     store({"eval_cost_fraction": {"value": row["eval_fraction_every_k"], **row,
                                   "date": datetime.date.today().isoformat()}})

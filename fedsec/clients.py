@@ -20,6 +20,7 @@ import torch
 from fedsec.config import ExperimentConfig, to_mapping
 from fedsec.encoding import Encoded
 from fedsec.evaluation import EvalResult, EvalSet, evaluate_groups, map_sequences, share_prefix
+from fedsec.merged import merged_lora
 from fedsec.models import load_model
 from fedsec.objectives import PairItem, objective_for
 from fedsec.results import ClientUpdate
@@ -118,7 +119,8 @@ class ClientSide:
         if self.client_eval is None:
             return {}
         self.trainer.adapter.set(vector)
-        return evaluate_groups(self.trainer.model, self.client_eval, self.pad_id, self.cfg.eval.batch_size)
+        with merged_lora(self.trainer.model):
+            return evaluate_groups(self.trainer.model, self.client_eval, self.pad_id, self.cfg.eval.batch_size)
 
 
 def prepare_clients(cfg: ExperimentConfig, hosted: Callable[[int], bool], record_noise: float | None = None,

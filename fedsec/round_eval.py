@@ -34,6 +34,7 @@ from fedsec.leakage import (
     mia_sample,
     user_membership_inference,
 )
+from fedsec.merged import merged_lora
 from fedsec.metrics import MetricContext, measure
 from fedsec.objectives import OBJECTIVES
 from fedsec.prefix import tensors_digest
@@ -43,8 +44,14 @@ from fedsec.setup import Setup, frozen_prefix
 
 def evaluate_model(setup: Setup, vector: torch.Tensor, round_done: int | None = None) -> tuple[dict, dict | None]:
     """Global (and alignment) evaluation and per-client evaluation of the adapter `vector`;
-    with `round_done`, also the eval.benchmarks due after that round."""
+    with `round_done`, also the eval.benchmarks due after that round. The adapted layers run
+    through merged weights where they merge at fp32's rounding (fedsec.merged)."""
     setup.adapter.set(vector)
+    with merged_lora(setup.model):
+        return _evaluate_model(setup, vector, round_done)
+
+
+def _evaluate_model(setup: Setup, vector: torch.Tensor, round_done: int | None) -> tuple[dict, dict | None]:
     batch = setup.cfg.eval.batch_size
     global_eval: dict = {}
     if setup.global_eval.encoded:
