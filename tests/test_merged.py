@@ -57,6 +57,8 @@ def test_the_merged_forward_is_the_lora_branch_up_to_fp32_rounding(tmp_path, bud
     assert count == 3 * setup.model.config.num_hidden_layers == len(_lora_layers(setup))
     assert not torch.equal(got, plain)  # a different computation, not the same one ...
     assert torch.allclose(got, plain, rtol=1e-5, atol=1e-5)  # ... with the same values
+    with torch.inference_mode(), merged.merged_lora(setup.model):
+        assert torch.equal(_logits(setup, batch), got)
 
 
 def test_the_base_weights_and_state_dict_are_untouched(tmp_path):
