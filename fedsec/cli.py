@@ -526,7 +526,13 @@ def _datasets() -> int:
 
 def _quiet_libraries() -> None:
     """Keep the run's output readable: library progress bars and advice off."""
+    import logging
     import warnings
+
+    # importing peft imports bitsandbytes, which on CPUs with AVX512-BF16 asks the `kernels`
+    # package for its 4-bit kernel; offline (as make and the tests run) that package warns, on
+    # every command, that it skipped the hub's publisher check. Its errors still show.
+    logging.getLogger("kernels").setLevel(logging.ERROR)
 
     warnings.filterwarnings("ignore", message=".*inputs will be cast.*")
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -199,3 +199,24 @@ def test_every_sweep_key_is_documented_in_docs_and_in_sweep_help(capsys):
     shown = capsys.readouterr().out
     for key in SWEEP_KEYS:
         assert f"| `{key}` |" in docs and f"\n  {key} " in shown
+
+
+def test_the_cli_keeps_the_kernels_packages_offline_advice_out_of_the_output(caplog):
+    """`fedsec run` and `sweep` quiet the `kernels` package (bitsandbytes' kernel loader), which
+    warns on every command run offline that it skipped the hub's publisher check; its errors
+    still show."""
+    import logging
+
+    from fedsec.cli import _quiet_libraries
+
+    hub = logging.getLogger("kernels._internals.hf_hub")  # where the warning comes from
+    root = logging.getLogger("kernels")
+    level = root.level
+    try:
+        _quiet_libraries()
+        with caplog.at_level(logging.NOTSET):  # the capture takes every level the loggers let through
+            hub.warning("Skipping publisher trust check for 'kernels-community/x' because the Hub is offline.")
+            hub.error("a kernel failed to load")
+        assert [r.getMessage() for r in caplog.records] == ["a kernel failed to load"]
+    finally:
+        root.setLevel(level)
