@@ -117,13 +117,17 @@ def fedsec_lm(model, tokenizer, batch_size: int = 16, max_gen_toks: int = 256):
 
 def evaluate_tasks(model, tokenizer, tasks: Sequence[str], include_path: str | None = None,
                    limit: int | None = None, batch_size: int = 16) -> dict:
-    """lm-eval's results for `tasks` on the model: {task: {metric: value}}."""
+    """lm-eval's results for `tasks` on the model: {task: {metric: value}}, the adapted layers
+    through merged weights where they merge at fp32's rounding (fedsec.merged)."""
     lm = fedsec_lm(model, tokenizer, batch_size)
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
+    from fedsec.merged import merged_lora
+
     manager = TaskManager(include_path=include_path, include_defaults=include_path is None)
-    results = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
-                              bootstrap_iters=0, log_samples=False)
+    with merged_lora(model):
+        results = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                                  bootstrap_iters=0, log_samples=False)
     return {name: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
             for name, metrics in results["results"].items()}
