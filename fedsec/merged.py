@@ -19,7 +19,7 @@ branch. The copies are bounded (`MERGE_BYTES`): past it nothing is merged.
 A call under autograd, in training mode, with the adapters disabled (`disable_adapter()`, a
 DPO reference) or with extra arguments runs PEFT's own forward, so the context is safe around
 any code. A layer's merged weight is rebuilt when its adapter or base tensors are written in
-place (their version counters: `AdapterState.set` inside the block takes effect); a write
+place (their version counters: `AdapterParams.set` inside the block takes effect); a write
 through `.data`, which moves no counter, is not seen until the block ends.
 """
 
@@ -59,7 +59,7 @@ def mergeable(module: torch.nn.Module) -> bool:
 
 def _key(*tensors: torch.Tensor) -> tuple:
     """What a merged weight was built from: each tensor's storage and version counter, which
-    every in-place write through the tensor moves (`AdapterState.set`'s copy_, an optimizer
+    every in-place write through the tensor moves (`AdapterParams.set`'s copy_, an optimizer
     step), without reading the values (no device sync on a GPU)."""
     return tuple((t.data_ptr(), t._version) for t in tensors)
 
