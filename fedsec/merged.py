@@ -69,10 +69,11 @@ def _forward(module, cache: dict, x: torch.Tensor, *args, **kwargs) -> torch.Ten
         return type(module).forward(module, x, *args, **kwargs)
     name = module.active_adapters[0]
     a, b, base = module.lora_A[name].weight, module.lora_B[name].weight, module.base_layer.weight
-    key = _key(a, b, base), module.scaling[name]
+    scale = module.scaling[name]
+    key = _key(a, b, base), scale
     hit = cache.get(module)
     if hit is None or hit[0] != key:
-        hit = cache[module] = key, torch.addmm(base, b, a, alpha=module.scaling[name])
+        hit = cache[module] = key, torch.addmm(base, b, a, alpha=scale)
     return F.linear(x, hit[1], module.base_layer.bias)
 
 
