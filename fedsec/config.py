@@ -393,6 +393,14 @@ class TrainingConfig:
         "behind their opening, about 1.4x fewer positions through the frozen layers), also under "
         "record-level DP (no gradient flows there)",
         True)
+    lockstep: bool = _help(
+        "train the round's clients side by side: at each local step all their batches go through one "
+        "forward and backward (larger products), each client with its own copy of the adapter and its own "
+        "optimizer state (fedsec.lockstep). The per-client results up to float rounding, so off by default "
+        "(published tables keep their last digits). Clients that take one plain SGD step each use the "
+        "batched one-step path instead; with dropout, record-level DP, fp16, gradient checkpointing or a "
+        "LoRA variant (DoRA, a quantized base) the clients train one at a time",
+        False)
 
     def __post_init__(self) -> None:
         _one_of("precision", self.precision, PRECISIONS)

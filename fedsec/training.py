@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedsec import lmhead
+from fedsec import lmhead, lockstep
 from fedsec.adapter import AdapterParams
 from fedsec.config import TrainingConfig
 from fedsec.defenses.dp import private_mean
@@ -218,6 +218,12 @@ def record_tokens(items) -> int:
                for i in items)
 
 
+def _dropout(model) -> bool:
+    """Whether the model's forward draws random numbers (dropout with p > 0 anywhere)."""
+    return (any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+            or bool(getattr(getattr(model, "config", None), "attention_dropout", 0.0)))
+
+
 def _chunks(lengths: Sequence[int], tokens: int, max_rows: int) -> list[list[int]]:
     """Indices grouped into length-sorted chunks of at most `tokens` padded tokens and
     `max_rows` records (a record longer than `tokens` gets a chunk of its own)."""
@@ -330,14 +336,25 @@ class LocalTrainer:
         cfg, model = self.cfg, self.model
         return (cfg.local_steps == 1 and cfg.grad_accum == 1 and cfg.optimizer == "sgd"
                 and self.record_dp is None and not cfg.gradient_checkpointing and cfg.precision != "fp16"
-                and not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
-                and not getattr(getattr(model, "config", None), "attention_dropout", 0.0))
+                and not _dropout(model))
+
+    @property
+    def lockstep_batchable(self) -> bool:
+        """Whether `train_clients` may train clients in lockstep (training.lockstep, fedsec.lockstep):
+        nothing random in the forward, no record-level DP, no fp16 loss scaling, no recomputed
+        forward, and an adapter of plain LoRA layers."""
+        cfg, model = self.cfg, self.model
+        return (cfg.lockstep and self.record_dp is None and not cfg.gradient_checkpointing
+                and cfg.precision != "fp16" and not _dropout(model)
+                and lockstep.lora_layers(model, self.adapter) is not None)
 
     def train_clients(self, start: torch.Tensor, datasets: Sequence[Sequence], lr: float,
                       seeds: Sequence[int], prox_mu: float = 0.0) -> list[LocalResult]:
         """`train(start, data, lr, seed, prox_mu)` for each client; one batched computation
         when `one_step_batchable` (FedProx's gradient mu (w - w_start) is 0 at the only
-        step, so prox_mu changes nothing there)."""
+        step, so prox_mu changes nothing there), else in lockstep when `lockstep_batchable`."""
+        if datasets and not self.one_step_batchable and len(datasets) > 1 and self.lockstep_batchable:
+            return self._train_lockstep(start, datasets, lr, seeds, prox_mu)
         if not self.one_step_batchable or not datasets:  # nobody sampled (a Poisson round can be empty): []
             return [self.train(start, data, lr, seed, prox_mu=prox_mu) for data, seed in zip(datasets, seeds)]
         if not all(datasets):
@@ -392,6 +409,73 @@ class LocalTrainer:
         deltas = (-lr * (grads + cfg.weight_decay * start)).to(home)  # SGD: w <- w - lr (g + wd w)
         return [LocalResult(deltas[k], len(datasets[k]), float(loss_sums[k] / max(terms[k], 1)), 1, int(terms[k]),
                             sum(unit_rows[k]) if packed else record_tokens(batch)) for k, batch in enumerate(batches)]
+
+    def _train_lockstep(self, start: torch.Tensor, datasets: Sequence[Sequence], lr: float,
+                        seeds: Sequence[int], prox_mu: float) -> list[LocalResult]:
+        """`train` for every client at once (fedsec.lockstep): each client's batches are the ones
+        `train` draws with its seed, its rows in chunks of the batched forward, its gradient the
+        slice of its own adapter copy; FedProx's term, the clip and the optimizer act per client."""
+        if not all(datasets):
+            raise ValueError("a client with no training examples cannot train")
+        cfg, n, on, home = self.cfg, len(datasets), model_device(self.model), start.device
+        start = start.to(on)
+        self.adapter.set(start)  # what a layer the clients do not train (FFA-LoRA's A) computes with
+        clients = lockstep.ClientAdapters(self.model, self.adapter, start, n)
+        if cfg.optimizer == "sgd":
+            optimizer = torch.optim.SGD(clients.params, lr=lr, weight_decay=cfg.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(clients.params, lr=lr, weight_decay=cfg.weight_decay)
+        streams = [BatchStream(data, cfg.batch_size, torch.Generator().manual_seed(seed))
+                   for data, seed in zip(datasets, seeds)]
+        anchors = [p.detach().clone() for p in clients.params] if prox_mu > 0 else None
+        loss_sums, terms = (torch.zeros(n, dtype=torch.float64, device=on) for _ in range(2))
+        tokens = [0] * n
+        positions = getattr(self.objective, "positions", None)
+        self.model.train()
+        try:
+            with clients.active():
+                for _step in range(cfg.local_steps):
+                    for _ in range(cfg.grad_accum):
+                        batches = [stream.next() for stream in streams]
+                        for k, batch in enumerate(batches):
+                            tokens[k] += positions(self.model, batch) if positions is not None else record_tokens(batch)
+                        self._lockstep_backward(clients, batches, loss_sums, terms)
+                    with torch.no_grad():
+                        grads = [p.grad for p in clients.params]
+                        if anchors is not None:  # FedProx: + mu (w - w_start), per client as `train` adds it
+                            for g, p, anchor in zip(grads, clients.params, anchors):
+                                g.add_(p - anchor, alpha=prox_mu)
+                        if cfg.max_grad_norm is not None:  # as clip_grad_norm_, each client's own norm
+                            norms = torch.stack([g.reshape(n, -1).norm(dim=1) for g in grads], 1).norm(dim=1)
+                            scale = (cfg.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+                            for g in grads:
+                                g.mul_(scale.view(n, *([1] * (g.dim() - 1))).to(g.dtype))
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+        finally:
+            self.model.eval()
+        deltas = (clients.vectors() - start).to(home)
+        return [LocalResult(deltas[k], len(datasets[k]), float(loss_sums[k] / max(float(terms[k]), 1)),
+                            cfg.local_steps, int(terms[k]), tokens[k]) for k in range(n)]
+
+    def _lockstep_backward(self, clients, batches: list, loss_sums: torch.Tensor, terms: torch.Tensor) -> None:
+        """One batch per client through the model in length-sorted chunks of clients; backward of
+        each client's mean loss over its terms (over grad_accum, as `_accumulate_gradient`)."""
+        objective, on = self.objective, loss_sums.device
+        packings = [objective.packing(self.model, batch) for batch in batches]
+        widths = [objective.row_lengths(batch, p) for batch, p in zip(batches, packings)]
+        rows_per_client = max(len(w) for w in widths)
+        for chunk in _chunks([max(w) for w in widths], COHORT_TOKENS // rows_per_client, len(batches)):
+            group, group_packings = [batches[i] for i in chunk], [packings[i] for i in chunk]
+            _, row_group = objective.forward_rows(group, group_packings)
+            owners = torch.tensor(chunk, device=on)
+            with clients.routed(owners[torch.tensor(row_group, device=on)]):
+                sums, counts, record_group, _ = objective.group_terms(self.model, group, group_packings)
+                per_client = torch.zeros(len(chunk), dtype=sums.dtype, device=on).index_add(0, record_group, sums)
+                per_terms = torch.zeros(len(chunk), dtype=counts.dtype, device=on).index_add(0, record_group, counts)
+                (per_client / per_terms.clamp(min=1) / self.cfg.grad_accum).sum().backward()
+            loss_sums.index_add_(0, owners, per_client.detach().double())
+            terms.index_add_(0, owners, per_terms.double())
 
     def _accumulate_gradient(self, stream: BatchStream, scaler=None) -> tuple[float, int, int]:
         """Backward `grad_accum` batches (loss per term, scaled by fp16's `scaler`); returns

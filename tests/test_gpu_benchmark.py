@@ -20,7 +20,7 @@ def test_every_stage_runs_on_the_cpu_at_toy_size(tmp_path, monkeypatch):
     monkeypatch.setattr("benchmarks.store", stored.append)
     figures = gpu.main(["--cpu-check", "--out", str(tmp_path)])
     assert set(figures) == {"gpu_matmul_peak", "gpu_smollm2_fp32", "gpu_smollm2_bf16", "gpu_qlora_4bit_smollm2",
-                            "gpu_llama1b_bf16", "gpu_cohort_1024_clients"}
+                            "gpu_llama1b_bf16", "gpu_cohort_1024_clients", "gpu_lockstep_quickstart"}
     assert stored == []  # a check stores nothing
     qlora = figures["gpu_qlora_4bit_smollm2"]
     assert qlora["loss_falls"] and qlora["final_loss"] < qlora["untuned_loss"]
@@ -34,4 +34,9 @@ def test_every_stage_runs_on_the_cpu_at_toy_size(tmp_path, monkeypatch):
         assert row["value"] == pytest.approx(row["step_flops"] / row["step_seconds"] / peak, rel=1e-12), key
     assert figures["gpu_smollm2_bf16"]["step_tokens"] > 0 and figures["gpu_smollm2_bf16"]["round_tokens_per_s"] > 0
     assert figures["gpu_cohort_1024_clients"]["examples"] == 64 * 4  # 64 clients of 4 examples, one step each
+    lockstep = figures["gpu_lockstep_quickstart"]
+    assert lockstep["clients"] == 8 and lockstep["lockstep_seconds"] > 0
+    # no bound on how far apart: on the tiny model bf16 alone puts AdamW's deltas 1.19 of the largest entry
+    # from fp32's (lockstep in bf16: 0.59 from one at a time in bf16); tests/test_lockstep.py checks fp32
+    assert lockstep["largest_difference_over_largest_entry"] > 0 and lockstep["speedup"] > 0
     assert all(v["device"] == "cpu (--cpu-check)" for v in figures.values())

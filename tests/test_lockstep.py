@@ -1,0 +1,122 @@
+"""Clients in lockstep (training.lockstep): the round's clients trained side by side, one forward
+per local step, equal one client at a time up to float rounding."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from fedsec import lockstep, training
+from fedsec.setup import prepare
+
+STEPS = {"optimizer": "adamw", "local_steps": 3, "batch_size": 3, "lr": 0.01, "min_lr": 0.01,
+         "max_grad_norm": None, "lockstep": True}
+
+
+def _setup(tmp_path, task="sft", cached=False, lora=None, training_cfg=None):
+    spec = {"rank": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj", "down_proj"], **(lora or {})}
+    if cached:
+        spec.update(top_layers=1, cache_frozen_layers=True)
+    setup = prepare(tiny_config(tmp_path, task=task, lora=spec, training={**STEPS, **(training_cfg or {})},
+                                data={"benchmark": {"num_clients": 5, "examples_per_client": 6,
+                                                    "size_alpha": 0.5, "test_size": 3,
+                                                    "client_test_size": 0, "num_probes": 0}}))
+    start = setup.adapter.get()
+    start = start + 0.05 * torch.randn(start.shape, generator=torch.Generator().manual_seed(0))
+    return setup, start  # B != 0, so every LoRA matrix has a gradient
+
+
+def _one_at_a_time(trainer, start, datasets, seeds, prox_mu=0.0):
+    return [trainer.train(start, data, trainer.cfg.lr, seed, prox_mu=prox_mu) for data, seed in zip(datasets, seeds)]
+
+
+def _assert_same(together, alone, rtol=1e-3):
+    assert len(together) == len(alone)
+    for a, b in zip(alone, together):
+        # the products are shaped otherwise, so they round otherwise; AdamW divides by the root of
+        # small second moments, which magnifies that in near-zero coordinates: compare against the
+        # largest entry. A wrong client's delta is off by about its own size.
+        torch.testing.assert_close(b.delta, a.delta, rtol=rtol, atol=rtol * float(a.delta.abs().max()))
+        assert (b.num_examples, b.loss_terms, b.steps, b.tokens) == (a.num_examples, a.loss_terms, a.steps, a.tokens)
+        assert b.loss == pytest.approx(a.loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("task,cached", [("sft", False), ("sft", True), ("dpo", False), ("dpo", True)])
+def test_lockstep_clients_equal_one_client_at_a_time(tmp_path, monkeypatch, task, cached, packed):
+    setup, start = _setup(tmp_path, task, cached)
+    trainer, datasets = setup.trainer, setup.train_sets
+    trainer.objective.pack = packed
+    seeds = [7 * k + 3 for k in range(len(datasets))]
+    assert trainer.lockstep_batchable and not trainer.one_step_batchable
+    alone = _one_at_a_time(trainer, start, datasets, seeds)
+    monkeypatch.setattr(training, "COHORT_TOKENS", 2 * max(max(trainer.objective.row_lengths(
+        d[:3], trainer.objective.packing(setup.model, d[:3]))) for d in datasets) * (2 if task == "dpo" else 3))
+    together = trainer.train_clients(start, datasets, trainer.cfg.lr, seeds)  # a few clients a chunk
+    _assert_same(together, alone)
+    assert all(float(a.delta.abs().max()) > 1e-4 for a in alone)  # every client did move
+
+
+def test_lockstep_with_the_clip_fedprox_sgd_and_accumulation(tmp_path):
+    setup, start = _setup(tmp_path, training_cfg={"grad_accum": 2})
+    trainer, datasets = setup.trainer, setup.train_sets
+    seeds = list(range(len(datasets)))
+    for change in ({}, {"optimizer": "sgd", "lr": 0.5}):
+        trainer.cfg = dataclasses.replace(trainer.cfg, max_grad_norm=None, **change)
+        free = _one_at_a_time(trainer, start, datasets, seeds)
+        # clip at the median first-step gradient size: some clients are clipped, some are not
+        trainer.cfg = dataclasses.replace(trainer.cfg, local_steps=1, optimizer="sgd", lr=1.0)
+        norms = sorted(float(r.delta.norm()) for r in _one_at_a_time(trainer, start, datasets, seeds))
+        trainer.cfg = dataclasses.replace(setup.cfg.training, grad_accum=2, max_grad_norm=norms[len(norms) // 2],
+                                          **change)
+        alone = _one_at_a_time(trainer, start, datasets, seeds, prox_mu=0.3)
+        assert any((a.delta - b.delta).abs().max() > 1e-3 * b.delta.abs().max() for a, b in zip(alone, free))
+        _assert_same(trainer.train_clients(start, datasets, trainer.cfg.lr, seeds, prox_mu=0.3), alone)
+
+
+def test_lockstep_trains_only_b_under_ffa_lora(tmp_path):
+    setup, start = _setup(tmp_path, lora={"freeze_a": True})
+    trainer, datasets = setup.trainer, setup.train_sets
+    layers = lockstep.lora_layers(setup.model, trainer.adapter)
+    assert layers and all(a is None and b is not None for _, a, b in layers)
+    seeds = list(range(len(datasets)))
+    _assert_same(trainer.train_clients(start, datasets, trainer.cfg.lr, seeds),
+                 _one_at_a_time(trainer, start, datasets, seeds))
+
+
+def test_lockstep_leaves_the_model_as_it_found_it(tmp_path):
+    setup, start = _setup(tmp_path)
+    trainer = setup.trainer
+    trainer.train_clients(start, setup.train_sets, trainer.cfg.lr, [1, 2, 3, 4, 5])
+    assert torch.equal(trainer.adapter.get(), start)  # the model holds the start; the clients' copies are gone
+    assert not any("forward" in vars(m) for m in setup.model.modules())
+    assert not setup.model.training
+
+
+def test_lockstep_is_refused_where_it_would_change_the_result(tmp_path):
+    setup, start = _setup(tmp_path)
+    trainer = setup.trainer
+    assert trainer.lockstep_batchable
+    for change in ({"lockstep": False}, {"precision": "fp16"}, {"gradient_checkpointing": True}):
+        trainer.cfg = dataclasses.replace(setup.cfg.training, **change)
+        assert not trainer.lockstep_batchable, change
+    trainer.cfg = setup.cfg.training
+    trainer.record_dp = training.RecordDp(1.0, 1.0)
+    assert not trainer.lockstep_batchable
+    trainer.record_dp = None
+    config = setup.model.config
+    config.attention_dropout = 0.1
+    assert not trainer.lockstep_batchable
+    config.attention_dropout = 0.0
+    # an unsupported trained parameter (not a LoRA A or B): the clients train one at a time
+    extra = torch.nn.Parameter(torch.zeros(3))
+    trainer.adapter.params.append(extra)
+    assert lockstep.lora_layers(setup.model, trainer.adapter) is None and not trainer.lockstep_batchable
+    trainer.adapter.params.pop()
+    # one sampled client: nothing to batch, `train` itself
+    seeds = [4]
+    assert torch.equal(trainer.train_clients(start, setup.train_sets[:1], trainer.cfg.lr, seeds)[0].delta,
+                       trainer.train(start, setup.train_sets[0], trainer.cfg.lr, 4).delta)
