@@ -245,6 +245,10 @@ def _chunks(lengths: Sequence[int], tokens: int, max_rows: int) -> list[list[int
 # malloc's reuse threshold and pay fresh page faults on every call (8,192: 1.4x slower).
 COHORT_TOKENS = 2048
 COHORT_GRAD_FLOATS = 2**26
+# Clients in lockstep at once, at most: their adapter copies, gradients and AdamW's two moments
+# (4 floats an adapter entry a client) within 2**27 floats (512 MB in fp32): the quickstart's 8
+# clients of 0.49M entries take 16M; a 1B model's rank-16 adapter on every layer (12M) goes two at a time
+LOCKSTEP_FLOATS = 2**27
 # fp16's first loss scale. Each client's scaler is fresh (shared state would couple clients and
 # break a resumed run's equality) and has only local_steps steps to find its scale; torch's
 # 2**16 overflows at the start and skips them (tiny model, 4 rounds of 4 steps: final loss 2.53
@@ -354,7 +358,10 @@ class LocalTrainer:
         when `one_step_batchable` (FedProx's gradient mu (w - w_start) is 0 at the only
         step, so prox_mu changes nothing there), else in lockstep when `lockstep_batchable`."""
         if datasets and not self.one_step_batchable and len(datasets) > 1 and self.lockstep_batchable:
-            return self._train_lockstep(start, datasets, lr, seeds, prox_mu)
+            # groups whose adapter copies, gradients and AdamW moments fit LOCKSTEP_FLOATS
+            group = max(1, LOCKSTEP_FLOATS // (4 * self.adapter.layout.numel))
+            return [result for k in range(0, len(datasets), group)
+                    for result in self._train_lockstep(start, datasets[k: k + group], lr, seeds[k: k + group], prox_mu)]
         if not self.one_step_batchable or not datasets:  # nobody sampled (a Poisson round can be empty): []
             return [self.train(start, data, lr, seed, prox_mu=prox_mu) for data, seed in zip(datasets, seeds)]
         if not all(datasets):

@@ -77,6 +77,22 @@ def test_lockstep_with_the_clip_fedprox_sgd_and_accumulation(tmp_path):
         _assert_same(trainer.train_clients(start, datasets, trainer.cfg.lr, seeds, prox_mu=0.3), alone)
 
 
+def test_lockstep_goes_in_groups_that_fit_its_memory_bound(tmp_path, monkeypatch):
+    setup, start = _setup(tmp_path)
+    trainer, datasets = setup.trainer, setup.train_sets
+    seeds = list(range(len(datasets)))
+    whole = trainer.train_clients(start, datasets, trainer.cfg.lr, seeds)
+    groups = []
+    monkeypatch.setattr(training, "LOCKSTEP_FLOATS", 4 * trainer.adapter.layout.numel * 2)  # two clients a group
+    inner = training.LocalTrainer._train_lockstep
+    monkeypatch.setattr(training.LocalTrainer, "_train_lockstep",
+                        lambda self, start, data, *rest: groups.append(len(data)) or inner(self, start, data, *rest))
+    split = trainer.train_clients(start, datasets, trainer.cfg.lr, seeds)
+    assert groups == [2, 2, 1]
+    for a, b in zip(whole, split):
+        torch.testing.assert_close(b.delta, a.delta, rtol=1e-3, atol=1e-3 * float(a.delta.abs().max()))
+
+
 def test_lockstep_trains_only_b_under_ffa_lora(tmp_path):
     setup, start = _setup(tmp_path, lora={"freeze_a": True})
     trainer, datasets = setup.trainer, setup.train_sets
