@@ -115,7 +115,7 @@ def _forward(module, clients: ClientAdapters, a: int | None, b: int | None, x: t
              **kwargs) -> torch.Tensor:
     """PEFT's LoRA forward, x W^T + s (x A^T) B^T, with each row's own client's A and B."""
     owner, name = clients.owner, module.active_adapters[0]
-    if owner is None:
+    if owner is None or module.disable_adapters:  # a check's forward, or the base alone (a DPO reference)
         return type(module).forward(module, x, *args, **kwargs)
     if x.dim() != 3 or x.shape[0] != owner.numel():
         raise RuntimeError(f"lockstep: a LoRA layer got input {tuple(x.shape)} for {owner.numel()} routed rows")

@@ -136,3 +136,26 @@ def test_lockstep_is_refused_where_it_would_change_the_result(tmp_path):
     seeds = [4]
     assert torch.equal(trainer.train_clients(start, setup.train_sets[:1], trainer.cfg.lr, seeds)[0].delta,
                        trainer.train(start, setup.train_sets[0], trainer.cfg.lr, 4).delta)
+
+
+def test_a_routed_forward_with_the_adapter_disabled_is_the_base_model(tmp_path):
+    """A DPO reference pass (`disable_adapter()`) inside a routed forward sees the base alone."""
+    setup, start = _setup(tmp_path)
+    model, trainer = setup.model, setup.trainer
+    trainer.adapter.set(start)
+    ids = torch.randint(3, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), model.disable_adapter():
+        base = model(input_ids=ids).logits
+    clients = lockstep.ClientAdapters(model, trainer.adapter, start + 0.1, 2)  # copies unlike the model's
+    with torch.no_grad(), clients.active(), clients.routed(torch.tensor([0, 1])):
+        routed = model(input_ids=ids).logits
+        with model.disable_adapter():
+            disabled = model(input_ids=ids).logits
+    assert torch.equal(disabled, base)
+    with torch.no_grad():
+        own = model(input_ids=ids).logits
+    assert not torch.allclose(routed, own, atol=1e-4)  # the routed rows used the clients' copies
+    trainer.adapter.set(start + 0.1)
+    with torch.no_grad():
+        theirs = model(input_ids=ids).logits
+    torch.testing.assert_close(routed, theirs, rtol=1e-5, atol=1e-5)
