@@ -63,15 +63,24 @@ def client_updates(setup: Setup, start: torch.Tensor, clients: list[int], lr: fl
 
 def scaffold_updates(setup: Setup, variates: VariateStore, c: torch.Tensor, start: torch.Tensor,
                      sampled: list[int], lr: float, round_idx: int) -> tuple[list[ClientUpdate], torch.Tensor]:
-    """SCAFFOLD's client side for one round; returns the updates and the new server variate."""
+    """SCAFFOLD's client side for one round; returns the updates and the new server variate.
+    Clients train one at a time, or in lockstep groups (training.lockstep), each group's
+    variates read before and written after it."""
     updates, variate_deltas = [], []
-    for client in sampled:
-        c_i = variates.get(client, round_idx)
-        update = client_update(setup, start, client, lr, round_idx, correction=c - c_i)
-        new_c_i = client_variate(c_i, c, start, start + update.delta, setup.cfg.training.local_steps, lr)
-        variates.put(client, round_idx, new_c_i)
-        variate_deltas.append(new_c_i - c_i)
-        updates.append(update)
+    group = setup.trainer.lockstep_group
+    for k in range(0, len(sampled), group):
+        clients = sampled[k: k + group]
+        held = [variates.get(client, round_idx) for client in clients]
+        seeds = [derive_seed(setup.cfg.seed, "client", round_idx, client) for client in clients]
+        results = setup.trainer.train_clients(start, [setup.train_sets[client] for client in clients], lr, seeds,
+                                              corrections=[c - c_i for c_i in held])
+        for client, c_i, result in zip(clients, held, results):
+            update = ClientUpdate(client, result.delta, result.num_examples,
+                                  {"loss": result.loss, "loss_terms": result.loss_terms, "tokens": result.tokens})
+            new_c_i = client_variate(c_i, c, start, start + update.delta, setup.cfg.training.local_steps, lr)
+            variates.put(client, round_idx, new_c_i)
+            variate_deltas.append(new_c_i - c_i)
+            updates.append(update)
     return updates, server_variate(c, variate_deltas, len(setup.train_sets))
 
 

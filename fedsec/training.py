@@ -29,6 +29,7 @@ against the one-client-at-a-time path.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import warnings
 from collections.abc import Iterator, Sequence
@@ -352,18 +353,28 @@ class LocalTrainer:
                 and cfg.precision != "fp16" and not _dropout(model)
                 and lockstep.lora_layers(model, self.adapter) is not None)
 
+    @property
+    def lockstep_group(self) -> int:
+        """How many clients `train_clients` trains in lockstep at once: as many as their adapter
+        copies, gradients and AdamW moments fit LOCKSTEP_FLOATS; 1 where lockstep does not apply."""
+        return max(1, LOCKSTEP_FLOATS // (4 * self.adapter.layout.numel)) if self.lockstep_batchable else 1
+
     def train_clients(self, start: torch.Tensor, datasets: Sequence[Sequence], lr: float,
-                      seeds: Sequence[int], prox_mu: float = 0.0) -> list[LocalResult]:
-        """`train(start, data, lr, seed, prox_mu)` for each client; one batched computation
-        when `one_step_batchable` (FedProx's gradient mu (w - w_start) is 0 at the only
-        step, so prox_mu changes nothing there), else in lockstep when `lockstep_batchable`."""
-        if datasets and not self.one_step_batchable and len(datasets) > 1 and self.lockstep_batchable:
-            # groups whose adapter copies, gradients and AdamW moments fit LOCKSTEP_FLOATS
-            group = max(1, LOCKSTEP_FLOATS // (4 * self.adapter.layout.numel))
+                      seeds: Sequence[int], prox_mu: float = 0.0,
+                      corrections: Sequence[torch.Tensor] | None = None) -> list[LocalResult]:
+        """`train(start, data, lr, seed, prox_mu, correction)` for each client; one batched
+        computation when `one_step_batchable` and no SCAFFOLD `corrections` (FedProx's gradient
+        mu (w - w_start) is 0 at the only step, so prox_mu changes nothing there), else in
+        lockstep groups of `lockstep_group` when `lockstep_batchable`."""
+        group = self.lockstep_group
+        if len(datasets) > 1 and group > 1 and (corrections is not None or not self.one_step_batchable):
             return [result for k in range(0, len(datasets), group)
-                    for result in self._train_lockstep(start, datasets[k: k + group], lr, seeds[k: k + group], prox_mu)]
-        if not self.one_step_batchable or not datasets:  # nobody sampled (a Poisson round can be empty): []
-            return [self.train(start, data, lr, seed, prox_mu=prox_mu) for data, seed in zip(datasets, seeds)]
+                    for result in self._train_lockstep(start, datasets[k: k + group], lr, seeds[k: k + group], prox_mu,
+                                                       None if corrections is None else corrections[k: k + group])]
+        if corrections is not None or not self.one_step_batchable or not datasets:  # a Poisson round can be empty
+            return [self.train(start, data, lr, seed, prox_mu=prox_mu,
+                               correction=None if corrections is None else corrections[k])
+                    for k, (data, seed) in enumerate(zip(datasets, seeds))]
         if not all(datasets):
             raise ValueError("a client with no training examples cannot train")
         cfg, n, on, home = self.cfg, len(datasets), model_device(self.model), start.device
@@ -418,10 +429,12 @@ class LocalTrainer:
                             sum(unit_rows[k]) if packed else record_tokens(batch)) for k, batch in enumerate(batches)]
 
     def _train_lockstep(self, start: torch.Tensor, datasets: Sequence[Sequence], lr: float,
-                        seeds: Sequence[int], prox_mu: float) -> list[LocalResult]:
+                        seeds: Sequence[int], prox_mu: float,
+                        corrections: Sequence[torch.Tensor] | None = None) -> list[LocalResult]:
         """`train` for every client at once (fedsec.lockstep): each client's batches are the ones
         `train` draws with its seed, its rows in chunks of the batched forward, its gradient the
-        slice of its own adapter copy; FedProx's term, the clip and the optimizer act per client."""
+        slice of its own adapter copy; FedProx's term, the clip, the optimizer and SCAFFOLD's
+        correction act per client."""
         if not all(datasets):
             raise ValueError("a client with no training examples cannot train")
         cfg, n, on, home = self.cfg, len(datasets), model_device(self.model), start.device
@@ -435,6 +448,12 @@ class LocalTrainer:
         streams = [BatchStream(data, cfg.batch_size, torch.Generator().manual_seed(seed))
                    for data, seed in zip(datasets, seeds)]
         anchors = [p.detach().clone() for p in clients.params] if prox_mu > 0 else None
+        offsets = None
+        if corrections is not None:  # each client's (c - c_i), as [n, *shape] per parameter
+            stacked = torch.stack([c.to(on) for c in corrections])
+            bounds = [0, *itertools.accumulate(int(torch.Size(shape).numel()) for shape in self.adapter.layout.shapes)]
+            offsets = [stacked[:, a:b].reshape(n, *shape).to(p.dtype)
+                       for a, b, shape, p in zip(bounds, bounds[1:], self.adapter.layout.shapes, clients.params)]
         loss_sums, terms = (torch.zeros(n, dtype=torch.float64, device=on) for _ in range(2))
         tokens = [0] * n
         positions = getattr(self.objective, "positions", None)
@@ -459,6 +478,10 @@ class LocalTrainer:
                                 g.mul_(scale.view(n, *([1] * (g.dim() - 1))).to(g.dtype))
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
+                    if offsets is not None:  # SCAFFOLD: y <- y - lr (c - c_i), as `train` applies it
+                        with torch.no_grad():
+                            for p, offset in zip(clients.params, offsets):
+                                p.sub_(lr * offset)
         finally:
             self.model.eval()
         deltas = (clients.vectors() - start).to(home)
