@@ -467,11 +467,12 @@ class LocalTrainer:
                             tokens[k] += positions(self.model, batch) if positions is not None else record_tokens(batch)
                         self._lockstep_backward(clients, batches, loss_sums, terms)
                     with torch.no_grad():
-                        grads = [p.grad for p in clients.params]
                         if anchors is not None:  # FedProx: + mu (w - w_start), per client as `train` adds it
-                            for g, p, anchor in zip(grads, clients.params, anchors):
-                                g.add_(p - anchor, alpha=prox_mu)
-                        if cfg.max_grad_norm is not None:  # as clip_grad_norm_, each client's own norm
+                            for p, anchor in zip(clients.params, anchors):
+                                extra = prox_mu * (p - anchor)
+                                p.grad = extra if p.grad is None else p.grad.add_(extra)
+                        grads = [p.grad for p in clients.params if p.grad is not None]  # as clip_grad_norm_
+                        if cfg.max_grad_norm is not None and grads:  # as clip_grad_norm_, each client's own norm
                             norms = torch.stack([g.reshape(n, -1).norm(dim=1) for g in grads], 1).norm(dim=1)
                             scale = (cfg.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
                             for g in grads:
