@@ -24,6 +24,11 @@ computation. Their batches go through the model together, in length-sorted chunk
 batch's), Opacus' per-row gradients are summed per client, and each client's
 gradient is clipped and stepped exactly as `train` would. A test checks the deltas
 against the one-client-at-a-time path.
+
+Many clients of several steps (`training.lockstep`, opt-in): every local step of the round's
+clients is one forward and backward, each client's LoRA branch computed with its own copy of
+the adapter (fedsec.lockstep), FedProx's term, the clip, the optimizer and SCAFFOLD's
+correction applied per client, in groups whose copies fit LOCKSTEP_FLOATS.
 """
 
 from __future__ import annotations
