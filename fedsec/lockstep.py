@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 from collections.abc import Iterator
 
 import torch
@@ -68,7 +69,8 @@ def lora_layers(model: torch.nn.Module, adapter: AdapterParams
 
 class ClientAdapters:
     """K copies of the adapter, one per client, each parameter as a [K, *shape] tensor
-    (`params`, the leaves an optimizer steps), all starting at `start`. Inside `active()`, the
+    (`params`, the leaves an optimizer steps), starting at `start` (one adapter vector for all,
+    or [K, numel]: each client's own, as the local-only baseline's). Inside `active()`, the
     layers of `lora_layers` compute their LoRA branch with the copy of each input row's client
     (`routed`)."""
 
@@ -77,8 +79,10 @@ class ClientAdapters:
         if layers is None:
             raise ValueError("the adapter is not plain LoRA on linear layers; clients cannot train in lockstep")
         self.layers, self.clients = layers, clients
-        self.params = [value.to(p.dtype).unsqueeze(0).repeat(clients, *([1] * value.dim())).requires_grad_()
-                       for p, value in zip(adapter.params, adapter.layout.unflatten(start).values())]
+        starts = start.expand(clients, -1)
+        bounds = [0, *itertools.accumulate(int(torch.Size(shape).numel()) for shape in adapter.layout.shapes)]
+        self.params = [starts[:, a:b].reshape(clients, *shape).to(p.dtype).clone().requires_grad_()
+                       for a, b, shape, p in zip(bounds, bounds[1:], adapter.layout.shapes, adapter.params)]
         self.owner: torch.Tensor | None = None
 
     @contextlib.contextmanager

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from fedsec.accountants.ledger import format_epsilon
 from fedsec.attacks.clients import attack_round, detection
-from fedsec.clients import ClientRunner, InProcessClients, client_update, scaffold_updates, server_reference
+from fedsec.clients import ClientRunner, InProcessClients, scaffold_updates, server_reference
 from fedsec.config import ExperimentConfig
 from fedsec.console import round_line
 from fedsec.devices import PeakMemory, model_device
@@ -269,8 +269,13 @@ def play_round(setup: Setup, state: RunState, clients: ClientRunner, round_idx: 
     state.smooth(fed.ema_decay)
     if round_idx + 1 == fed.rounds:
         _realign_at_end(setup, state, round_idx)
-    for c in setup.local_only:
-        state.local[c] = state.local[c] + client_update(setup, state.local[c], c, lr, round_idx, "local").delta
+    if setup.local_only:  # the local-only baseline: each from its own adapter (in lockstep where it applies)
+        own = setup.local_only
+        alone = setup.trainer.train_clients(torch.stack([state.local[c] for c in own]),
+                                            [setup.train_sets[c] for c in own], lr,
+                                            [derive_seed(setup.cfg.seed, "local", round_idx, c) for c in own])
+        for c, result in zip(own, alone):
+            state.local[c] = state.local[c] + result.delta
     global_eval, clients_eval = _evaluate_if_due(setup, state.released, round_idx + 1)
     rejected = set(batch.rejected)
     kept = [u for u in updates if u.client_id not in rejected]

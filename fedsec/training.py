@@ -370,14 +370,17 @@ class LocalTrainer:
         """`train(start, data, lr, seed, prox_mu, correction)` for each client; one batched
         computation when `one_step_batchable` and no SCAFFOLD `corrections` (FedProx's gradient
         mu (w - w_start) is 0 at the only step, so prox_mu changes nothing there), else in
-        lockstep groups of `lockstep_group` when `lockstep_batchable`."""
+        lockstep groups of `lockstep_group` when `lockstep_batchable`. `start`: the adapter
+        every client starts from, or [clients, numel], each its own (the local-only baseline)."""
+        own = start.dim() == 2  # each client from its own adapter: never the one-step path (one shared start)
         group = self.lockstep_group
-        if len(datasets) > 1 and group > 1 and (corrections is not None or not self.one_step_batchable):
+        if len(datasets) > 1 and group > 1 and (own or corrections is not None or not self.one_step_batchable):
             return [result for k in range(0, len(datasets), group)
-                    for result in self._train_lockstep(start, datasets[k: k + group], lr, seeds[k: k + group], prox_mu,
+                    for result in self._train_lockstep(start[k: k + group] if own else start, datasets[k: k + group],
+                                                       lr, seeds[k: k + group], prox_mu,
                                                        None if corrections is None else corrections[k: k + group])]
-        if corrections is not None or not self.one_step_batchable or not datasets:  # a Poisson round can be empty
-            return [self.train(start, data, lr, seed, prox_mu=prox_mu,
+        if own or corrections is not None or not self.one_step_batchable or not datasets:  # a Poisson round: none
+            return [self.train(start[k] if own else start, data, lr, seed, prox_mu=prox_mu,
                                correction=None if corrections is None else corrections[k])
                     for k, (data, seed) in enumerate(zip(datasets, seeds))]
         if not all(datasets):
@@ -444,7 +447,8 @@ class LocalTrainer:
             raise ValueError("a client with no training examples cannot train")
         cfg, n, on, home = self.cfg, len(datasets), model_device(self.model), start.device
         start = start.to(on)
-        self.adapter.set(start)  # what a layer the clients do not train (FFA-LoRA's A) computes with
+        # the model's own adapter: what a one-time check's forward runs (the clients share the frozen rest)
+        self.adapter.set(start if start.dim() == 1 else start[0])
         clients = lockstep.ClientAdapters(self.model, self.adapter, start, n)
         if cfg.optimizer == "sgd":
             optimizer = torch.optim.SGD(clients.params, lr=lr, weight_decay=cfg.weight_decay)

@@ -125,6 +125,20 @@ def test_scaffold_and_fedprox_runs_in_lockstep_equal_one_client_at_a_time(tmp_pa
             assert torch.equal(final(part)["scaffold_c"], b["scaffold_c"])
 
 
+def test_lockstep_clients_from_their_own_adapters(tmp_path):
+    """The local-only baseline: each client from its own adapter ([clients, numel] starts)."""
+    setup, start = _setup(tmp_path)
+    trainer, datasets = setup.trainer, setup.train_sets
+    seeds = list(range(len(datasets)))
+    gen = torch.Generator().manual_seed(2)
+    starts = torch.stack([start + 0.05 * torch.randn(start.shape, generator=gen) for _ in datasets])
+    alone = [trainer.train(s, data, trainer.cfg.lr, seed) for s, data, seed in zip(starts, datasets, seeds)]
+    _assert_same(trainer.train_clients(starts, datasets, trainer.cfg.lr, seeds), alone)
+    trainer.cfg = dataclasses.replace(trainer.cfg, lockstep=False)  # one at a time: train's own bits
+    assert all(torch.equal(a.delta, b.delta)
+               for a, b in zip(alone, trainer.train_clients(starts, datasets, trainer.cfg.lr, seeds)))
+
+
 def test_lockstep_goes_in_groups_that_fit_its_memory_bound(tmp_path, monkeypatch):
     setup, start = _setup(tmp_path)
     trainer, datasets = setup.trainer, setup.train_sets
