@@ -12,8 +12,9 @@ overhead  wall time of a fedsec round (sampling, client training, sanitize, aggr
 flops     achieved FLOP/s of one local training step (forward and backward as run,
           counted by torch.utils.flop_counter) over the FLOP/s of a 2048 x 2048 fp32
           matrix product measured just before it (the machine's practical peak), the
-          median over 5 interleaved repetitions; fedsec's step packed and unpacked, and
-          the bare PEFT loop's step on the same batch (what the plain way reaches here).
+          median over 5 interleaved repetitions; fedsec's step packed and unpacked, one
+          step of the shape's 4 clients in lockstep (training.lockstep), and the bare PEFT
+          loop's step on the same batch (what the plain way reaches here).
           The same for the DP sweep's batched cohort call (128 one-step clients), plain
           and packed.
 
