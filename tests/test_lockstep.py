@@ -10,6 +10,7 @@ import torch
 from conftest import tiny_config
 
 from fedsec import lockstep, training
+from fedsec.seeding import derive_seed
 from fedsec.setup import prepare
 
 STEPS = {"optimizer": "adamw", "local_steps": 3, "batch_size": 3, "lr": 0.01, "min_lr": 0.01,
@@ -221,3 +222,21 @@ def test_a_routed_forward_with_the_adapter_disabled_is_the_base_model(tmp_path):
     with torch.no_grad():
         theirs = model(input_ids=ids).logits
     torch.testing.assert_close(routed, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_a_flower_node_trains_its_clients_in_lockstep_as_the_inprocess_loop(tmp_path):
+    """A SuperNode's worker trains its clients through the same `client_updates`: in lockstep, its
+    updates for clients 1 and 3 are the in-process loop's bit for bit."""
+    from fedsec.clients import client_updates, prepare_clients
+
+    setup, start = _setup(tmp_path)
+    node = prepare_clients(setup.cfg, lambda c: c % 2 == 1)
+    assert node.trainer.lockstep_batchable
+    here = client_updates(setup, start, [1, 3], setup.cfg.training.lr, 2)
+    there = client_updates(node, start, [1, 3], setup.cfg.training.lr, 2)
+    for u, v in zip(here, there, strict=True):
+        assert u.client_id == v.client_id and torch.equal(u.delta, v.delta) and u.metrics == v.metrics
+    alone = [setup.trainer.train(start, setup.train_sets[c], setup.cfg.training.lr, seed)
+             for c, seed in zip([1, 3], [derive_seed(setup.cfg.seed, "client", 2, c) for c in (1, 3)])]
+    _assert_same([training.LocalResult(u.delta, u.num_examples, u.metrics["loss"], STEPS["local_steps"],
+                                       u.metrics["loss_terms"], u.metrics["tokens"]) for u in here], alone)
