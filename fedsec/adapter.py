@@ -21,10 +21,12 @@ class AdapterLayout:
         return sum(int(torch.Size(s).numel()) for s in self.shapes)
 
     def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
-        out, offset = {}, 0
+        """Named tensors of a flat vector [numel], or of stacked ones [..., numel] (each tensor
+        then [..., *shape], e.g. one row per client)."""
+        out, offset, lead = {}, 0, vector.shape[:-1]
         for name, shape in zip(self.names, self.shapes):
             n = int(torch.Size(shape).numel())
-            out[name] = vector[offset: offset + n].view(shape)
+            out[name] = vector[..., offset: offset + n].reshape(*lead, *shape)
             offset += n
         return out
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 from collections.abc import Iterator
 
 import torch
@@ -79,10 +78,8 @@ class ClientAdapters:
         if layers is None:
             raise ValueError("the adapter is not plain LoRA on linear layers; clients cannot train in lockstep")
         self.layers, self.clients = layers, clients
-        starts = start.expand(clients, -1)
-        bounds = [0, *itertools.accumulate(int(torch.Size(shape).numel()) for shape in adapter.layout.shapes)]
-        self.params = [starts[:, a:b].reshape(clients, *shape).to(p.dtype).clone().requires_grad_()
-                       for a, b, shape, p in zip(bounds, bounds[1:], adapter.layout.shapes, adapter.params)]
+        starts = adapter.layout.unflatten(start.expand(clients, -1))
+        self.params = [value.to(p.dtype).clone().requires_grad_() for p, value in zip(adapter.params, starts.values())]
         self.owner: torch.Tensor | None = None
 
     @contextlib.contextmanager

@@ -188,17 +188,6 @@ class _Objective:
         """Token positions a training batch puts through the forward (a packed row's opening once)."""
         return sum(self.row_lengths(items, self.packing(model, items)))
 
-    def forward_rows(self, groups, packings: Sequence[Packing]) -> tuple[list[tuple[list, int]], list[int]]:
-        """The forward rows `group_terms` runs the groups in, (sequences, shared opening) each,
-        and the group of each row."""
-        rows, row_group = [], []
-        for k, (group, packing) in enumerate(zip(groups, packings)):
-            seqs = self.sequences(group)
-            shared, sizes = packing or (0, [1] * len(seqs))
-            rows += [(row, shared) for row in split_rows(seqs, sizes)]
-            row_group += [k] * len(sizes)
-        return rows, row_group
-
     def group_terms(self, model, groups, packings: Sequence[Packing]
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """`record_terms` of all the groups' records, each group in forward rows of its own
@@ -206,9 +195,14 @@ class _Objective:
         the client's): its sequences packed as its `packing` (given, computed once per round by
         the caller) says, or a row each. Returns (each record's summed terms [R], its term count
         [R], the group of each record [R], the group of each row), records in group order."""
-        rows, row_group = self.forward_rows(groups, packings)
+        sequences = [self.sequences(g) for g in groups]
+        rows, row_group = [], []
+        for k, (seqs, packing) in enumerate(zip(sequences, packings)):
+            shared, sizes = packing or (0, [1] * len(seqs))
+            rows += [(row, shared) for row in split_rows(seqs, sizes)]
+            row_group += [k] * len(sizes)
         logp, owner = target_logprobs(model, collate_packed_rows(rows, self.pad_id))
-        total = sum(len(self.sequences(g)) for g in groups)
+        total = sum(len(s) for s in sequences)
         summed = torch.zeros(total, dtype=logp.dtype, device=logp.device).index_add(0, owner, logp)
         count = torch.zeros(total, dtype=logp.dtype, device=logp.device).index_add(0, owner, torch.ones_like(logp))
         record_group = torch.tensor([k for k, g in enumerate(groups) for _ in g], device=logp.device)

@@ -34,7 +34,6 @@ correction applied per client, in groups whose copies fit LOCKSTEP_FLOATS.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 import warnings
 from collections.abc import Iterator, Sequence
@@ -459,22 +458,16 @@ class LocalTrainer:
         anchors = [p.detach().clone() for p in clients.params] if prox_mu > 0 else None
         offsets = None
         if corrections is not None:  # each client's (c - c_i), as [n, *shape] per parameter
-            stacked = torch.stack([c.to(on) for c in corrections])
-            bounds = [0, *itertools.accumulate(int(torch.Size(shape).numel()) for shape in self.adapter.layout.shapes)]
-            offsets = [stacked[:, a:b].reshape(n, *shape).to(p.dtype)
-                       for a, b, shape, p in zip(bounds, bounds[1:], self.adapter.layout.shapes, clients.params)]
-        loss_sums, terms = (torch.zeros(n, dtype=torch.float64, device=on) for _ in range(2))
-        tokens = [0] * n
-        positions = getattr(self.objective, "positions", None)
+            stacked = self.adapter.layout.unflatten(torch.stack([c.to(on) for c in corrections]))
+            offsets = [value.to(p.dtype) for p, value in zip(clients.params, stacked.values())]
+        loss_sums, terms, tokens = (torch.zeros(n, dtype=torch.float64, device=on) for _ in range(3))
         self.model.train()
         try:
             with clients.active():
                 for _step in range(cfg.local_steps):
                     for _ in range(cfg.grad_accum):
-                        batches = [stream.next() for stream in streams]
-                        for k, batch in enumerate(batches):
-                            tokens[k] += positions(self.model, batch) if positions is not None else record_tokens(batch)
-                        self._lockstep_backward(clients, batches, loss_sums, terms)
+                        self._lockstep_backward(clients, [stream.next() for stream in streams], loss_sums, terms,
+                                                tokens)
                     with torch.no_grad():
                         if anchors is not None:  # FedProx: + mu (w - w_start), per client as `train` adds it
                             for p, anchor in zip(clients.params, anchors):
@@ -496,20 +489,24 @@ class LocalTrainer:
             self.model.eval()
         deltas = (clients.vectors() - start).to(home)
         return [LocalResult(deltas[k], len(datasets[k]), float(loss_sums[k] / max(float(terms[k]), 1)),
-                            cfg.local_steps, int(terms[k]), tokens[k]) for k in range(n)]
+                            cfg.local_steps, int(terms[k]), int(tokens[k])) for k in range(n)]
 
-    def _lockstep_backward(self, clients, batches: list, loss_sums: torch.Tensor, terms: torch.Tensor) -> None:
+    def _lockstep_backward(self, clients, batches: list, loss_sums: torch.Tensor, terms: torch.Tensor,
+                           tokens: torch.Tensor) -> None:
         """One batch per client through the model in length-sorted chunks of clients; backward of
-        each client's mean loss over its terms (over grad_accum, as `_accumulate_gradient`)."""
+        each client's mean loss over its terms (over grad_accum, as `_accumulate_gradient`); adds
+        each client's summed loss, terms and token positions (`objective.positions`'s count)."""
         objective, on = self.objective, loss_sums.device
         packings = [objective.packing(self.model, batch) for batch in batches]
-        widths = [objective.row_lengths(batch, p) for batch, p in zip(batches, packings)]
+        widths = [objective.row_lengths(batch, p) for batch, p in zip(batches, packings)]  # a client's rows
+        tokens += torch.tensor([sum(w) for w in widths], dtype=tokens.dtype, device=on)
         rows_per_client = max(len(w) for w in widths)
         for chunk in _chunks([max(w) for w in widths], COHORT_TOKENS // rows_per_client, len(batches)):
             group, group_packings = [batches[i] for i in chunk], [packings[i] for i in chunk]
-            _, row_group = objective.forward_rows(group, group_packings)
             owners = torch.tensor(chunk, device=on)
-            with clients.routed(owners[torch.tensor(row_group, device=on)]):
+            # group_terms runs a client's rows in order, as many as row_lengths counts
+            row_owner = torch.tensor([i for i in chunk for _ in widths[i]], device=on)
+            with clients.routed(row_owner):
                 sums, counts, record_group, _ = objective.group_terms(self.model, group, group_packings)
                 per_client = torch.zeros(len(chunk), dtype=sums.dtype, device=on).index_add(0, record_group, sums)
                 per_terms = torch.zeros(len(chunk), dtype=counts.dtype, device=on).index_add(0, record_group, counts)
