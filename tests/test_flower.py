@@ -70,6 +70,10 @@ def test_flower_run_equals_inprocess_run_with_tls_and_authentication(tmp_path):
         refused = deployment.processes["unregistered"]
         assert refused.wait(timeout=60) != 0
         assert "Failed to activate SuperNode" in deployment.log("unregistered")
+        # fedsec's entry to Flower's SuperNode (its idle waits capped), which warns where it cannot cap them
+        assert all(p.args[1:3] == ["-m", "fedsec.engine.supernode"] for p in
+                   (deployment.processes[f"supernode-{k}"] for k in range(3)))
+        assert "keeps Flower's own waits" not in deployment.log("supernode-0")
         listed = deployment.flwr(["supernode", "list", "fedsec", "--format", "json"], timeout=60)
     _all_stopped(deployment)
     assert flower.finished and any("3 SuperNode(s) host all 6 clients" in x for x in lines)

@@ -77,9 +77,10 @@ def flower_env(home: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
-               # a SuperExec looks for a message to start an app for every second by default;
-               # each round waits on it (the SuperNode's own 3 s pull interval is fixed in Flower)
-               FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.05")
+               # a SuperExec looks for a message to start an app for every second by default, and
+               # each round waits on it; each look costs the SuperLink CPU time, so not much less
+               # (the SuperNodes' own waits: fedsec.engine.supernode)
+               FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.2")
     bin_dir = str(Path(sys.executable).parent)  # flower-superlink, flwr-serverapp, ... of this environment
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
     return env
@@ -235,7 +236,9 @@ class LocalDeployment:
         """Start SuperNode `partition` of `partitions`; `threads` caps torch's threads in its
         ClientApps (SuperNodes sharing one machine should split its cores)."""
         name = name or f"supernode-{partition}"
-        argv = [_tool("flower-supernode"), "--superlink", self.address, "--port", str(free_port()),
+        _tool("flower-supernode")  # Flower is installed; its SuperNode runs with shorter idle waits
+        argv = [sys.executable, "-m", "fedsec.engine.supernode", "--superlink", self.address,
+                "--port", str(free_port()),
                 "--node-config", f"partition-id={partition} num-partitions={partitions} {extra_config}".strip()]
         argv += ["--root-certificates", str(self.tls.ca)] if self.tls else ["--insecure"]
         if key is not None:
