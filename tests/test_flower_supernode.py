@@ -35,10 +35,12 @@ def test_the_supernode_loop_sleeps_at_most_the_cap_and_keeps_the_rest_of_time(lo
     assert slept[-1] == 0.2
 
 
-def test_this_flower_sleeps_through_the_module_it_shortens(loop_module):
-    """The pinned Flower's loop calls time.sleep(3) when a pull finds nothing: what the cap acts
-    on. A Flower that sleeps elsewhere makes shorten_waits a no-op (and this test fail)."""
+def test_the_cap_reaches_exactly_the_idle_pull_and_the_reply_polls(loop_module):
+    """Every call the pinned Flower's SuperNode loop makes to its `time`: the 3 s sleep after a
+    pull that found nothing and the two 0.5 s polls for a reply. A Flower that sleeps elsewhere,
+    or waits on `time` for something else (a heartbeat, a back-off), fails here first."""
     import inspect
+    import re
 
-    source = inspect.getsource(loop_module)
-    assert "time.sleep(3)" in source and "time.sleep(0.5)" in source
+    calls = re.findall(r"\btime\.(\w+)\(([^)]*)\)", inspect.getsource(loop_module))
+    assert calls == [("sleep", "3"), ("sleep", "0.5"), ("sleep", "0.5")]
