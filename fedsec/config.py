@@ -398,8 +398,9 @@ class TrainingConfig:
         "forward and backward (larger products), each client with its own copy of the adapter and its own "
         "optimizer state (fedsec.lockstep). The per-client results up to float rounding, so off by default "
         "(published tables keep their last digits). Clients that take one plain SGD step each use the "
-        "batched one-step path instead; with dropout, record-level DP, fp16, gradient checkpointing or a "
-        "LoRA variant (DoRA, a quantized base) the clients train one at a time",
+        "batched one-step path instead; with dropout, record-level DP, fp16, gradient checkpointing, an "
+        "8-bit base (LLM.int8's rows depend on each other) or a LoRA variant (DoRA) the clients train one "
+        "at a time; over a 4-bit base (QLoRA) they share its dequantized products",
         False)
 
     def __post_init__(self) -> None:

@@ -16,7 +16,11 @@ shapes, so a published table's figures would move by a last digit; it is therefo
 and the one-step path (`LocalTrainer.train_clients`' batched cohort) comes first where it
 applies. Supported where the per-client path is deterministic given the batches (no dropout,
 no record-level DP, no fp16 loss scaling, no recomputed forward) and the adapter is plain LoRA
-on `nn.Linear` layers (`lora_layers`); elsewhere the clients train one at a time.
+(`lora_layers`) on `nn.Linear` layers or on bitsandbytes' 4-bit ones (QLoRA: the quantized
+base's product, dequantizing included, then carries every client's rows at once); elsewhere
+the clients train one at a time. Not on 8-bit layers: LLM.int8 computes in higher precision the
+input columns where any row of the batch has an outlier, so a client's numbers would depend on
+the other clients' rows.
 """
 
 from __future__ import annotations
@@ -26,15 +30,22 @@ import functools
 from collections.abc import Iterator
 
 import torch
+from peft.tuners.lora import bnb as lora_bnb
 from peft.tuners.lora.layer import Linear as LoraLinear
+from peft.tuners.lora.layer import LoraLayer
 
 from fedsec.adapter import AdapterParams
+
+# PEFT's LoRA layers whose forward is base_layer(x) + s B A x, the input cast to the adapter's dtype
+# outside autocast (`_forward`), and whose base computes each row on its own: over nn.Linear and,
+# where bitsandbytes is installed (PEFT defines the class only then), over its 4-bit layers
+LINEAR_TYPES = (LoraLinear, *([lora_bnb.Linear4bit] if hasattr(lora_bnb, "Linear4bit") else []))
 
 
 def _plain(module: torch.nn.Module) -> bool:
     """A vanilla LoRA linear layer with one active adapter: no variant (DoRA), no bias on A or B,
     no dropout, not merged into its base."""
-    if type(module) is not LoraLinear or module.merged or len(module.active_adapters) != 1:
+    if type(module) not in LINEAR_TYPES or module.merged or len(module.active_adapters) != 1:
         return False
     name = module.active_adapters[0]
     if name not in module.lora_A or name in getattr(module, "lora_variant", {}):
@@ -52,7 +63,7 @@ def lora_layers(model: torch.nn.Module, adapter: AdapterParams
     index = {id(p): i for i, p in enumerate(adapter.params)}
     layers, seen = [], set()
     for module in model.modules():
-        if not isinstance(module, LoraLinear):
+        if not isinstance(module, LoraLayer):
             continue
         name = module.active_adapters[0] if module.active_adapters else None
         weights = [module.lora_A[name].weight, module.lora_B[name].weight] if name in module.lora_A else []
@@ -114,7 +125,9 @@ class ClientAdapters:
 
 def _forward(module, clients: ClientAdapters, a: int | None, b: int | None, x: torch.Tensor, *args,
              **kwargs) -> torch.Tensor:
-    """PEFT's LoRA forward, x W^T + s (x A^T) B^T, with each row's own client's A and B."""
+    """PEFT's LoRA forward, x W^T + s (x A^T) B^T, with each row's own client's A and B (x cast
+    to their dtype and the branch to the base's, as PEFT does outside autocast; under autocast
+    the products run in its dtype either way)."""
     owner, name = clients.owner, module.active_adapters[0]
     if owner is None or module.disable_adapters:  # a check's forward, or the base alone (a DPO reference)
         return type(module).forward(module, x, *args, **kwargs)

@@ -287,6 +287,12 @@ def _check_reproduces(decoder, model, first: int, item: Encoded, pad_id: int, st
             top = decoder(inputs_embeds=state[None].to(full.device), attention_mask=batch["attention_mask"],
                           use_cache=False).last_hidden_state[0]
     if not agrees(top, full, model):
+        if any(type(m).__name__ == "Linear8bitLt" for m in decoder.layers[first].modules()):
+            raise ConfigError("lora.cache_frozen_layers", True,
+                              "the states cached below the adapters differ with the examples computed beside them: "
+                              "bitsandbytes' 8-bit layers (LLM.int8) compute in higher precision every input column "
+                              "where any row of a batch has an outlier; set it to false, or use model.quantization: "
+                              "4bit, whose rows do not depend on each other")
         raise ConfigError("lora.cache_frozen_layers", True,
                           f"the adapted layers run from cached states do not reproduce this model's forward "
                           f"({type(decoder).__name__} changes what it is given as input embeddings): set it to false")

@@ -17,11 +17,12 @@ STEPS = {"optimizer": "adamw", "local_steps": 3, "batch_size": 3, "lr": 0.01, "m
          "max_grad_norm": None, "lockstep": True}
 
 
-def _setup(tmp_path, task="sft", cached=False, lora=None, training_cfg=None):
+def _setup(tmp_path, task="sft", cached=False, lora=None, training_cfg=None, quantization="none"):
     spec = {"rank": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj", "down_proj"], **(lora or {})}
     if cached:
         spec.update(top_layers=1, cache_frozen_layers=True)
     setup = prepare(tiny_config(tmp_path, task=task, lora=spec, training={**STEPS, **(training_cfg or {})},
+                                model={"name": "tiny", "quantization": quantization},
                                 data={"benchmark": {"num_clients": 5, "examples_per_client": 6,
                                                     "size_alpha": 0.5, "test_size": 3,
                                                     "client_test_size": 0, "num_probes": 0}}))
@@ -59,6 +60,22 @@ def test_lockstep_clients_equal_one_client_at_a_time(tmp_path, monkeypatch, task
     together = trainer.train_clients(start, datasets, trainer.cfg.lr, seeds)  # a few clients a chunk
     _assert_same(together, alone)
     assert all(float(a.delta.abs().max()) > 1e-4 for a in alone)  # every client did move
+
+
+def test_lockstep_over_a_4bit_base_equals_one_client_at_a_time(tmp_path):
+    """QLoRA: the LoRA layers are PEFT's bitsandbytes Linear4bit; the clients' rows share the
+    quantized product and each keeps its own adapter."""
+    from peft.tuners.lora import bnb as lora_bnb
+
+    setup, start = _setup(tmp_path, quantization="4bit")
+    trainer, datasets = setup.trainer, setup.train_sets
+    layers = lockstep.lora_layers(setup.model, trainer.adapter)
+    assert layers and all(type(module) is lora_bnb.Linear4bit for module, _, _ in layers)
+    assert trainer.lockstep_batchable
+    seeds = [7 * k + 3 for k in range(len(datasets))]
+    alone = _one_at_a_time(trainer, start, datasets, seeds)
+    _assert_same(trainer.train_clients(start, datasets, trainer.cfg.lr, seeds), alone)
+    assert all(float(a.delta.abs().max()) > 1e-4 for a in alone)
 
 
 def test_lockstep_with_the_clip_fedprox_sgd_and_accumulation(tmp_path):
@@ -195,6 +212,9 @@ def test_lockstep_is_refused_where_it_would_change_the_result(tmp_path):
     trainer.adapter.params.append(extra)
     assert lockstep.lora_layers(setup.model, trainer.adapter) is None and not trainer.lockstep_batchable
     trainer.adapter.params.pop()
+    # LLM.int8 picks its outlier columns from the whole batch: a client's result would depend on the others'
+    eight, _ = _setup(tmp_path / "8bit", quantization="8bit")
+    assert lockstep.lora_layers(eight.model, eight.trainer.adapter) is None and not eight.trainer.lockstep_batchable
     # one sampled client: nothing to batch, `train` itself
     seeds = [4]
     assert torch.equal(trainer.train_clients(start, setup.train_sets[:1], trainer.cfg.lr, seeds)[0].delta,
