@@ -107,6 +107,18 @@ def agrees(a: torch.Tensor, b: torch.Tensor, model) -> bool:
     return bool(((a - b).abs() <= AGREEMENT_RTOL[autocast_dtype(model)] * b.abs().amax(-1, keepdim=True)).all())
 
 
+def rows_independent(model) -> bool:
+    """Whether `model` computes each row of a batch on its own, up to float rounding. Not with
+    bitsandbytes' 8-bit layers under an outlier threshold (LLM.int8; transformers' default 6.0):
+    they compute in higher precision every input column where any row of the batch has an entry
+    over it, so a row's numbers depend on the rows beside it (SmolLM2's last hidden state moved by
+    5% of a position's largest entry; 4-bit NF4 2e-6, fp32 1e-6). Where they do, one party's data
+    must not share a forward with another's: a client's update, or under record-level DP a
+    record's gradient, would move with data its clipping does not bound."""
+    return not any(type(m).__name__ == "Linear8bitLt" and getattr(getattr(m, "state", None), "threshold", 0.0) > 0
+                   for m in model.modules())
+
+
 def _causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from fedsec import progress
-from fedsec.devices import agrees, autocast, model_device, to_device
+from fedsec.devices import agrees, autocast, model_device, rows_independent, to_device
 from fedsec.encoding import (
     DATA,
     Encoded,
@@ -260,14 +260,20 @@ _EXACT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def check_architecture(model) -> None:
     """The frozen-prefix cache cuts the decoder's `layers` and feeds states as `inputs_embeds`
-    (Llama, Mistral, Qwen2 and their kin); a model built otherwise (GPT-2's `h` and position
-    table) is refused in one line."""
+    (Llama, Mistral, Qwen2 and their kin) and computes several examples per forward; a model
+    built otherwise (GPT-2's `h` and position table), or one whose rows depend on each other
+    (devices.rows_independent), is refused in one line."""
     decoder = _decoder(model)
     if not isinstance(getattr(decoder, "layers", None), torch.nn.ModuleList) or not hasattr(decoder, "embed_tokens"):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         raise ConfigError("lora.cache_frozen_layers", True,
                           f"needs a decoder with a `layers` list and `embed_tokens` (Llama, Mistral, Qwen2 and their "
                           f"kin); {type(base).__name__} is built otherwise: set it to false")
+    if not rows_independent(model):  # a state would depend on the examples (other clients') beside it
+        raise ConfigError("lora.cache_frozen_layers", True,
+                          "bitsandbytes' 8-bit layers (LLM.int8) compute in higher precision every input column "
+                          "where any row of a batch has an outlier, so a cached state would depend on the examples "
+                          "computed beside it; set it to false, or use model.quantization: 4bit")
 
 
 @torch.no_grad()
@@ -287,12 +293,6 @@ def _check_reproduces(decoder, model, first: int, item: Encoded, pad_id: int, st
             top = decoder(inputs_embeds=state[None].to(full.device), attention_mask=batch["attention_mask"],
                           use_cache=False).last_hidden_state[0]
     if not agrees(top, full, model):
-        if any(type(m).__name__ == "Linear8bitLt" for m in decoder.layers[first].modules()):
-            raise ConfigError("lora.cache_frozen_layers", True,
-                              "the states cached below the adapters differ with the examples computed beside them: "
-                              "bitsandbytes' 8-bit layers (LLM.int8) compute in higher precision every input column "
-                              "where any row of a batch has an outlier; set it to false, or use model.quantization: "
-                              "4bit, whose rows do not depend on each other")
         raise ConfigError("lora.cache_frozen_layers", True,
                           f"the adapted layers run from cached states do not reproduce this model's forward "
                           f"({type(decoder).__name__} changes what it is given as input embeddings): set it to false")

@@ -45,7 +45,7 @@ from fedsec import lmhead, lockstep
 from fedsec.adapter import AdapterParams
 from fedsec.config import TrainingConfig
 from fedsec.defenses.dp import private_mean
-from fedsec.devices import autocast, autocast_dtype, model_device, to_device
+from fedsec.devices import autocast, autocast_dtype, model_device, rows_independent, to_device
 from fedsec.encoding import IGNORE, additive_mask
 from fedsec.readout import trimmed
 from fedsec.seeding import derive_seed, scoped_torch_seed
@@ -341,20 +341,23 @@ class LocalTrainer:
     def one_step_batchable(self) -> bool:
         """Whether `train_clients` may batch clients: one plain SGD step each, no
         record-level DP, nothing random in the forward (dropout), per-row gradients that
-        Opacus' hooks can take (no recomputed forward, no fp16 loss scaling)."""
+        Opacus' hooks can take (no recomputed forward, no fp16 loss scaling), and a model whose
+        rows do not depend on each other (devices.rows_independent: not LLM.int8), so that no
+        client's update moves with another's data."""
         cfg, model = self.cfg, self.model
         return (cfg.local_steps == 1 and cfg.grad_accum == 1 and cfg.optimizer == "sgd"
                 and self.record_dp is None and not cfg.gradient_checkpointing and cfg.precision != "fp16"
-                and not _dropout(model))
+                and not _dropout(model) and rows_independent(model))
 
     @property
     def lockstep_batchable(self) -> bool:
         """Whether `train_clients` may train clients in lockstep (training.lockstep, fedsec.lockstep):
         nothing random in the forward, no record-level DP, no fp16 loss scaling, no recomputed
-        forward, and an adapter of plain LoRA layers."""
+        forward, rows that do not depend on each other (not LLM.int8) and an adapter of plain
+        LoRA layers."""
         cfg, model = self.cfg, self.model
         return (cfg.lockstep and self.record_dp is None and not cfg.gradient_checkpointing
-                and cfg.precision != "fp16" and not _dropout(model)
+                and cfg.precision != "fp16" and not _dropout(model) and rows_independent(model)
                 and lockstep.lora_layers(model, self.adapter) is not None)
 
     @property
