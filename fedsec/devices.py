@@ -107,6 +107,11 @@ def agrees(a: torch.Tensor, b: torch.Tensor, model) -> bool:
     return bool(((a - b).abs() <= AGREEMENT_RTOL[autocast_dtype(model)] * b.abs().amax(-1, keepdim=True)).all())
 
 
+# Why a model fails rows_independent, for the one-line refusals that follow from it
+ROWS_DEPEND = ("bitsandbytes' 8-bit layers (LLM.int8) compute in higher precision every input column where any "
+               "row of a batch has an outlier")
+
+
 def rows_independent(model) -> bool:
     """Whether `model` computes each row of a batch on its own, up to float rounding. Not with
     bitsandbytes' 8-bit layers under an outlier threshold (LLM.int8; transformers' default 6.0):

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from fedsec import progress
-from fedsec.devices import agrees, autocast, model_device, rows_independent, to_device
+from fedsec.devices import ROWS_DEPEND, agrees, autocast, model_device, rows_independent, to_device
 from fedsec.encoding import (
     DATA,
     Encoded,
@@ -271,9 +271,8 @@ def check_architecture(model) -> None:
                           f"kin); {type(base).__name__} is built otherwise: set it to false")
     if not rows_independent(model):  # a state would depend on the examples (other clients') beside it
         raise ConfigError("lora.cache_frozen_layers", True,
-                          "bitsandbytes' 8-bit layers (LLM.int8) compute in higher precision every input column "
-                          "where any row of a batch has an outlier, so a cached state would depend on the examples "
-                          "computed beside it; set it to false, or use model.quantization: 4bit")
+                          f"{ROWS_DEPEND}, so a cached state would depend on the examples computed beside it; "
+                          "set it to false, or use model.quantization: 4bit")
 
 
 @torch.no_grad()

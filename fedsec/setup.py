@@ -23,7 +23,7 @@ from fedsec.data import ClientData, FederatedData, build_federated_data, read_ro
 from fedsec.data.benchmark import REFUSAL, canary_example, make_canaries, unsafe_requests
 from fedsec.data.table import Examples, Extended, TokenTable
 from fedsec.data.unsafe import draw, read_alignment, read_unsafe
-from fedsec.devices import model_device, rows_independent
+from fedsec.devices import ROWS_DEPEND, model_device, rows_independent
 from fedsec.encoding import encode, encode_prompt, encoding_key
 from fedsec.errors import ConfigError
 from fedsec.evalsuite.runner import PeftModelLM, load_tasks
@@ -401,6 +401,9 @@ def prepare(cfg: ExperimentConfig, silos: tuple[int, ...] | None = None, remote:
     num_clients = len(data.clients) - int(included.sum() if included is not None else 0)
     fed = cfg.federation
     model, tokenizer = load_model(cfg)
+    if cfg.privacy.mode == "record" and not rows_independent(model):  # records batched per-example gradients
+        raise ConfigError("privacy.mode", "record", f"{ROWS_DEPEND}, so a record's gradient would depend on the "
+                          "records beside it, which its clipping does not bound; use model.quantization: 4bit or none")
     audit = None
     if cfg.audit.canaries:
         first_canary = population - cfg.audit.canaries  # the clients before them
@@ -472,11 +475,6 @@ def prepare(cfg: ExperimentConfig, silos: tuple[int, ...] | None = None, remote:
     local_only = list(range(num_clients if fed.local_only_clients == -1 else fed.local_only_clients))
     record_plan, record_dp = None, None
     if cfg.privacy.mode == "record":
-        if not rows_independent(model):
-            raise ConfigError("privacy.mode", "record", "bitsandbytes' 8-bit layers (LLM.int8) compute in higher "
-                              "precision every input column where any row of a batch has an outlier, so a record's "
-                              "gradient would depend on the records beside it, which its clipping does not bound; "
-                              "use model.quantization: 4bit or none")
         record_plan = plan_record_privacy(cfg, sizes)
         record_dp = RecordDp(cfg.privacy.clip_norm, record_plan.noise_multiplier, record_secret(cfg))
     trainer = LocalTrainer(model, cfg.training, objective, record_dp)
